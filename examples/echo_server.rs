@@ -1,0 +1,45 @@
+//! A raw-QUIC echo server (ALPN `echo`): every bidirectional stream a client opens is echoed
+//! back byte for byte, and finished when the client finishes its side.
+//!
+//!     cargo run --release --example echo_server -- --listen 127.0.0.1:4433 --cert cert.pem --key key.pem
+//!
+//! Without `--cert`/`--key` it generates a development certificate and prints where its CA
+//! is. `--no-retry` turns off address validation.
+
+mod support;
+
+use tower_quiche::quic::{Config, Listener, echo};
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let args = support::Args::parse(&["--no-retry"]);
+    let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
+    let (cert, key) = support::server_identity(&args);
+    let config = Config::builder()
+        .alpn([echo::ALPN])
+        .cert_chain_pem_file(cert)
+        .private_key_pem_file(key)
+        .retry(!args.has("--no-retry"))
+        .keylog_from_env()
+        .build()
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let mut listener = Listener::bind(listen, config).await.unwrap_or_else(|e| support::fail(&e.to_string()));
+    eprintln!("echo server listening on {} (ALPN echo)", listener.local_addr());
+    loop {
+        tokio::select! {
+            incoming = listener.accept() => match incoming {
+                Some(incoming) => {
+                    tracing::info!(peer = %incoming.peer_addr(), "new connection");
+                    incoming.start(echo::EchoServer::new());
+                }
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    eprintln!("echo server stopped");
+}

@@ -1,0 +1,579 @@
+//! QUIC settings: one [`ConfigBuilder`] with documented defaults, validated when built.
+//!
+//! A [`Config`] is cheap to clone and shared by endpoints; each endpoint turns it into the
+//! `quiche::Config` it owns.
+
+use std::fmt;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::endpoint::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
+use crate::error::Error;
+use crate::metrics::{Metrics, NoopMetrics};
+use crate::tls::{PemSource, TlsMaterial};
+
+/// Congestion control algorithms quiche offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CongestionControl {
+    /// CUBIC (RFC 9438); the default, as in most TCP stacks.
+    #[default]
+    Cubic,
+    /// NewReno (RFC 9002 §7).
+    Reno,
+    /// BBRv2.
+    Bbr2,
+}
+
+/// QUIC and TLS settings for an endpoint. Build one with [`Config::builder`].
+#[derive(Clone)]
+pub struct Config {
+    pub(crate) inner: Arc<ConfigInner>,
+}
+
+pub(crate) struct ConfigInner {
+    pub(crate) s: Settings,
+    pub(crate) tls: TlsMaterial,
+    pub(crate) alpn: Vec<Vec<u8>>,
+    pub(crate) keylog: Option<Arc<Mutex<File>>>,
+    #[cfg_attr(not(feature = "qlog"), allow(dead_code))]
+    pub(crate) qlog_dir: Option<PathBuf>,
+    pub(crate) metrics: Arc<dyn Metrics>,
+    pub(crate) cid_generator: Arc<dyn ConnectionIdGenerator>,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Settings {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) initial_max_data: u64,
+    pub(crate) initial_max_stream_data_bidi_local: u64,
+    pub(crate) initial_max_stream_data_bidi_remote: u64,
+    pub(crate) initial_max_stream_data_uni: u64,
+    pub(crate) max_streams_bidi: u64,
+    pub(crate) max_streams_uni: u64,
+    pub(crate) max_connection_window: u64,
+    pub(crate) max_stream_window: u64,
+    pub(crate) max_recv_udp_payload: usize,
+    pub(crate) max_send_udp_payload: usize,
+    pub(crate) congestion_control: CongestionControl,
+    pub(crate) pacing: bool,
+    pub(crate) datagrams: Option<usize>,
+    pub(crate) retry: bool,
+    pub(crate) early_data: bool,
+    pub(crate) accept_backlog: usize,
+    pub(crate) inbound_queue: usize,
+    pub(crate) active_connection_id_limit: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            idle_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(10),
+            initial_max_data: 16 * 1024 * 1024,
+            initial_max_stream_data_bidi_local: 1024 * 1024,
+            initial_max_stream_data_bidi_remote: 1024 * 1024,
+            initial_max_stream_data_uni: 1024 * 1024,
+            max_streams_bidi: 128,
+            max_streams_uni: 16,
+            max_connection_window: 24 * 1024 * 1024,
+            max_stream_window: 16 * 1024 * 1024,
+            max_recv_udp_payload: 65527,
+            max_send_udp_payload: 1350,
+            congestion_control: CongestionControl::Cubic,
+            pacing: true,
+            datagrams: None,
+            retry: true,
+            early_data: false,
+            accept_backlog: 1024,
+            inbound_queue: 256,
+            active_connection_id_limit: 4,
+        }
+    }
+}
+
+/// Builds a [`Config`]. Every setting has a default (given on its method); only a server's
+/// certificate and key have none.
+pub struct ConfigBuilder {
+    s: Settings,
+    cert_chain: Option<PemSource>,
+    private_key: Option<PemSource>,
+    ca: Vec<PemSource>,
+    system_roots: bool,
+    verify_server: bool,
+    client_ca: Option<PemSource>,
+    alpn: Vec<Vec<u8>>,
+    keylog: Option<PathBuf>,
+    qlog_dir: Option<PathBuf>,
+    metrics: Arc<dyn Metrics>,
+    cid_generator: Arc<dyn ConnectionIdGenerator>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("settings", &self.inner.s)
+            .field("alpn", &self.inner.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConfigBuilder").field("settings", &self.s).finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// A builder with every setting at its default.
+    pub fn builder() -> ConfigBuilder {
+        ConfigBuilder {
+            s: Settings::default(),
+            cert_chain: None,
+            private_key: None,
+            ca: Vec::new(),
+            system_roots: true,
+            verify_server: true,
+            client_ca: None,
+            alpn: Vec::new(),
+            keylog: None,
+            qlog_dir: None,
+            metrics: Arc::new(NoopMetrics),
+            cid_generator: Arc::new(RandomConnectionIdGenerator),
+        }
+    }
+
+    /// The application protocols (ALPN) offered, in order of preference.
+    pub fn alpn(&self) -> impl Iterator<Item = &[u8]> {
+        self.inner.alpn.iter().map(Vec::as_slice)
+    }
+
+    pub(crate) fn has_certificate(&self) -> bool {
+        !self.inner.tls.chain.is_empty()
+    }
+
+    /// The quiche configuration one endpoint owns.
+    pub(crate) fn quiche_config(&self, server: bool) -> Result<quiche::Config, Error> {
+        let inner = &*self.inner;
+        let s = &inner.s;
+        let ctx = inner.tls.context_builder(server)?;
+        let quiche_err =
+            |what: &str, e: quiche::Error| Error::config(format!("quiche rejected {what}: {e}"));
+        let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, ctx)
+            .map_err(|e| quiche_err("the TLS context", e))?;
+        let alpn: Vec<&[u8]> = inner.alpn.iter().map(Vec::as_slice).collect();
+        c.set_application_protos(&alpn).map_err(|e| quiche_err("the ALPN list", e))?;
+        c.set_max_idle_timeout(s.idle_timeout.as_millis() as u64);
+        c.set_initial_max_data(s.initial_max_data);
+        c.set_initial_max_stream_data_bidi_local(s.initial_max_stream_data_bidi_local);
+        c.set_initial_max_stream_data_bidi_remote(s.initial_max_stream_data_bidi_remote);
+        c.set_initial_max_stream_data_uni(s.initial_max_stream_data_uni);
+        c.set_initial_max_streams_bidi(s.max_streams_bidi);
+        c.set_initial_max_streams_uni(s.max_streams_uni);
+        c.set_max_connection_window(s.max_connection_window);
+        c.set_max_stream_window(s.max_stream_window);
+        c.set_max_recv_udp_payload_size(s.max_recv_udp_payload);
+        c.set_max_send_udp_payload_size(s.max_send_udp_payload);
+        c.set_cc_algorithm(match s.congestion_control {
+            CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
+            CongestionControl::Reno => quiche::CongestionControlAlgorithm::Reno,
+            CongestionControl::Bbr2 => quiche::CongestionControlAlgorithm::Bbr2Gcongestion,
+        });
+        c.enable_pacing(s.pacing);
+        c.set_active_connection_id_limit(s.active_connection_id_limit);
+        if let Some(queue) = s.datagrams {
+            c.enable_dgram(true, queue, queue);
+        }
+        if s.early_data {
+            c.enable_early_data();
+        }
+        if inner.keylog.is_some() {
+            c.log_keys();
+        }
+        Ok(c)
+    }
+
+    pub(crate) fn keylog_writer(&self) -> Option<Box<dyn Write + Send + Sync>> {
+        self.inner.keylog.as_ref().map(|file| {
+            Box::new(SharedFile(Arc::clone(file))) as Box<dyn Write + Send + Sync>
+        })
+    }
+}
+
+/// Appends to one key-log file from every connection.
+struct SharedFile(Arc<Mutex<File>>);
+
+impl Write for SharedFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        file.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).flush()
+    }
+}
+
+impl ConfigBuilder {
+    /// How long a connection may stay silent before it is closed. Defaults to 30 s.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.s.idle_timeout = timeout;
+        self
+    }
+
+    /// How long a handshake may take before the connection is abandoned. Defaults to 10 s,
+    /// long enough for lossy paths and short enough to free abandoned state.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.s.handshake_timeout = timeout;
+        self
+    }
+
+    /// Connection-level flow-control window announced to the peer, in bytes. Defaults to
+    /// 16 MiB. quiche grows windows automatically up to
+    /// [`max_connection_window`](Self::max_connection_window).
+    pub fn initial_max_data(mut self, bytes: u64) -> Self {
+        self.s.initial_max_data = bytes;
+        self
+    }
+
+    /// Per-stream flow-control window for every stream kind, in bytes. Defaults to 1 MiB.
+    /// This bounds how much a peer can send on one stream that nobody reads.
+    pub fn initial_max_stream_data(mut self, bytes: u64) -> Self {
+        self.s.initial_max_stream_data_bidi_local = bytes;
+        self.s.initial_max_stream_data_bidi_remote = bytes;
+        self.s.initial_max_stream_data_uni = bytes;
+        self
+    }
+
+    /// The largest windows quiche's flow-control auto-tuning may reach (connection, stream).
+    /// Defaults to 24 MiB and 16 MiB: enough for about 1 GB/s at 15 ms of RTT.
+    pub fn max_windows(mut self, connection: u64, stream: u64) -> Self {
+        self.s.max_connection_window = connection;
+        self.s.max_stream_window = stream;
+        self
+    }
+
+    /// The largest connection-level window auto-tuning may reach. Defaults to 24 MiB.
+    pub fn max_connection_window(mut self, bytes: u64) -> Self {
+        self.s.max_connection_window = bytes;
+        self
+    }
+
+    /// How many bidirectional streams the peer may have open at once. Defaults to 128.
+    pub fn max_concurrent_bidi_streams(mut self, streams: u64) -> Self {
+        self.s.max_streams_bidi = streams;
+        self
+    }
+
+    /// How many unidirectional streams the peer may have open at once. Defaults to 16
+    /// (HTTP/3 needs 3: control and two QPACK streams).
+    pub fn max_concurrent_uni_streams(mut self, streams: u64) -> Self {
+        self.s.max_streams_uni = streams;
+        self
+    }
+
+    /// The largest UDP payload we accept. Defaults to 65527 (anything the peer sends).
+    pub fn max_recv_udp_payload(mut self, bytes: usize) -> Self {
+        self.s.max_recv_udp_payload = bytes;
+        self
+    }
+
+    /// The largest UDP payload we send. Defaults to 1350, which fits the common 1500-byte
+    /// Ethernet MTU with room for tunnels; 1200 is the minimum QUIC allows.
+    pub fn max_send_udp_payload(mut self, bytes: usize) -> Self {
+        self.s.max_send_udp_payload = bytes;
+        self
+    }
+
+    /// The congestion controller. Defaults to [`CongestionControl::Cubic`].
+    pub fn congestion_control(mut self, algorithm: CongestionControl) -> Self {
+        self.s.congestion_control = algorithm;
+        self
+    }
+
+    /// Whether packets are paced. Defaults to on: bursts on a fast link cause loss.
+    pub fn pacing(mut self, enabled: bool) -> Self {
+        self.s.pacing = enabled;
+        self
+    }
+
+    /// Enables unreliable datagrams (RFC 9221), queueing up to `queue_len` each way. Defaults
+    /// to off.
+    pub fn datagrams(mut self, queue_len: usize) -> Self {
+        self.s.datagrams = Some(queue_len);
+        self
+    }
+
+    /// Whether a server validates client addresses with a Retry before keeping any state.
+    /// Defaults to on: it costs one round trip and defeats address spoofing floods.
+    pub fn retry(mut self, enabled: bool) -> Self {
+        self.s.retry = enabled;
+        self
+    }
+
+    /// Whether 0-RTT data is accepted (server) or attempted (client). Defaults to off: 0-RTT
+    /// data can be replayed, so only idempotent requests belong there.
+    pub fn early_data(mut self, enabled: bool) -> Self {
+        self.s.early_data = enabled;
+        self
+    }
+
+    /// How many new connections may wait for the application to accept them. Defaults to
+    /// 1024; beyond it new Initials are dropped (the client retries), so a slow acceptor
+    /// cannot make the server hoard state.
+    pub fn accept_backlog(mut self, connections: usize) -> Self {
+        self.s.accept_backlog = connections.max(1);
+        self
+    }
+
+    /// How many received datagrams may queue for one connection. Defaults to 256 (about
+    /// 350 KB): enough to absorb one full batched read of a busy socket; when a connection
+    /// falls further behind, datagrams are dropped as a congested network would.
+    pub fn inbound_queue(mut self, datagrams: usize) -> Self {
+        self.s.inbound_queue = datagrams.max(1);
+        self
+    }
+
+    /// How many connection IDs we accept from the peer (active_connection_id_limit).
+    /// Defaults to 4.
+    pub fn active_connection_id_limit(mut self, limit: u64) -> Self {
+        self.s.active_connection_id_limit = limit.max(2);
+        self
+    }
+
+    /// The certificate chain (leaf first) from a PEM file. Required for servers; optional for
+    /// clients (mutual TLS).
+    pub fn cert_chain_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.cert_chain = Some(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// The certificate chain (leaf first) as PEM in memory.
+    pub fn cert_chain_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.cert_chain = Some(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// The private key of the certificate, from a PEM file.
+    pub fn private_key_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.private_key = Some(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// The private key of the certificate, as PEM in memory.
+    pub fn private_key_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.private_key = Some(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Clients: also trust the CA certificate(s) in this PEM file, besides the system roots.
+    pub fn ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca.push(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Clients: also trust the CA certificate(s) in this PEM, besides the system roots.
+    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.ca.push(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Clients: whether the system's trusted roots are used. Defaults to true.
+    pub fn system_roots(mut self, enabled: bool) -> Self {
+        self.system_roots = enabled;
+        self
+    }
+
+    /// Clients: accept any server certificate, unverified. **Insecure**: anyone on the path
+    /// can impersonate the server. For tests and development only. Defaults to false.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.verify_server = !accept;
+        self
+    }
+
+    /// Servers: require a client certificate signed by a CA in this PEM file (mutual TLS).
+    pub fn client_ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.client_ca = Some(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Servers: require a client certificate signed by a CA in this PEM (mutual TLS).
+    pub fn client_ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.client_ca = Some(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// The application protocols (ALPN), in order of preference, e.g. `[b"h3"]`. Required:
+    /// QUIC has no default application protocol.
+    pub fn alpn<I, P>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: AsRef<[u8]>,
+    {
+        self.alpn = protocols.into_iter().map(|p| p.as_ref().to_vec()).collect();
+        self
+    }
+
+    /// Writes TLS secrets to this file in the NSS key-log format (for Wireshark).
+    pub fn keylog_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.keylog = Some(path.as_ref().to_path_buf());
+        self
+    }
+
+    /// Writes TLS secrets to the file named by the `SSLKEYLOGFILE` environment variable, when
+    /// it is set.
+    pub fn keylog_from_env(mut self) -> Self {
+        if let Some(path) = std::env::var_os("SSLKEYLOGFILE") {
+            self.keylog = Some(PathBuf::from(path));
+        }
+        self
+    }
+
+    /// Writes a qlog trace per connection into this directory (needs the `qlog` feature).
+    pub fn qlog_dir(mut self, dir: impl AsRef<Path>) -> Self {
+        self.qlog_dir = Some(dir.as_ref().to_path_buf());
+        self
+    }
+
+    /// Where endpoint events are counted. Defaults to [`NoopMetrics`].
+    pub fn metrics(mut self, metrics: impl Metrics) -> Self {
+        self.metrics = Arc::new(metrics);
+        self
+    }
+
+    /// How source connection IDs are made. Defaults to [`RandomConnectionIdGenerator`].
+    pub fn connection_id_generator(mut self, generator: impl ConnectionIdGenerator) -> Self {
+        self.cid_generator = Arc::new(generator);
+        self
+    }
+
+    /// Checks every setting, reads and parses the certificates, and builds the [`Config`].
+    pub fn build(self) -> Result<Config, Error> {
+        if self.alpn.is_empty() {
+            return Err(Error::config(
+                "the ALPN list is empty: set the application protocol(s) with ConfigBuilder::alpn, e.g. alpn([\"h3\"])",
+            ));
+        }
+        if let Some(p) = self.alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            return Err(Error::config(format!(
+                "ALPN protocol names must be 1 to 255 bytes long; {:?} is {} bytes",
+                String::from_utf8_lossy(p),
+                p.len()
+            )));
+        }
+        let s = &self.s;
+        if s.max_send_udp_payload < 1200 {
+            return Err(Error::config(format!(
+                "max_send_udp_payload is {} bytes, below QUIC's minimum of 1200: raise it",
+                s.max_send_udp_payload
+            )));
+        }
+        if s.max_recv_udp_payload < 1200 {
+            return Err(Error::config(format!(
+                "max_recv_udp_payload is {} bytes, below QUIC's minimum of 1200: raise it",
+                s.max_recv_udp_payload
+            )));
+        }
+        if s.idle_timeout.is_zero() || s.handshake_timeout.is_zero() {
+            return Err(Error::config("idle_timeout and handshake_timeout must be greater than zero"));
+        }
+        let id_len = self.cid_generator.id_len();
+        if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
+            return Err(Error::config(format!(
+                "the connection ID generator makes {id_len}-byte IDs; QUIC allows 4 to 20 here"
+            )));
+        }
+        if self.qlog_dir.is_some() && !cfg!(feature = "qlog") {
+            return Err(Error::config(
+                "qlog_dir is set but tower-quiche was built without the `qlog` feature: enable it in Cargo.toml",
+            ));
+        }
+        if let Some(dir) = &self.qlog_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display()))
+            })?;
+        }
+        let keylog = match &self.keylog {
+            Some(path) => Some(Arc::new(Mutex::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                    Error::config(format!("cannot open the key-log file '{}': {e}", path.display()))
+                })?,
+            ))),
+            None => None,
+        };
+        let tls = TlsMaterial::load(
+            self.cert_chain.as_ref(),
+            self.private_key.as_ref(),
+            &self.ca,
+            self.system_roots,
+            self.verify_server,
+            self.client_ca.as_ref(),
+        )?;
+        Ok(Config {
+            inner: Arc::new(ConfigInner {
+                s: self.s,
+                tls,
+                alpn: self.alpn,
+                keylog,
+                qlog_dir: self.qlog_dir,
+                metrics: self.metrics,
+                cid_generator: self.cid_generator,
+            }),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tls::DevCa;
+
+    #[test]
+    fn empty_alpn_is_refused_with_advice() {
+        let err = Config::builder().build().unwrap_err();
+        assert!(err.is_config());
+        assert!(err.to_string().contains("ALPN"), "{err}");
+    }
+
+    #[test]
+    fn missing_certificate_file_names_the_file() {
+        let err = Config::builder()
+            .alpn(["h3"])
+            .cert_chain_pem_file("/nonexistent/cert.pem")
+            .private_key_pem_file("/nonexistent/key.pem")
+            .build()
+            .unwrap_err();
+        assert!(err.is_config());
+        assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_certificate_is_refused() {
+        let ca = DevCa::new("test").unwrap();
+        let a = ca.issue(&["localhost"]).unwrap();
+        let b = ca.issue(&["localhost"]).unwrap();
+        let err = Config::builder()
+            .alpn(["echo"])
+            .cert_chain_pem(&a.cert_pem)
+            .private_key_pem(&b.key_pem)
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        Config::builder()
+            .alpn(["echo"])
+            .cert_chain_pem(&a.cert_pem)
+            .private_key_pem(&a.key_pem)
+            .build()
+            .expect("matching pair");
+    }
+
+    #[test]
+    fn tiny_payload_sizes_are_refused() {
+        let err = Config::builder().alpn(["h3"]).max_send_udp_payload(1000).build().unwrap_err();
+        assert!(err.to_string().contains("1200"), "{err}");
+    }
+}

@@ -1,0 +1,446 @@
+//! The connection task ("driver"): the sole owner of one `quiche::Connection`.
+//!
+//! It is a hand-written future rather than an `async fn` with `select!`, so that one poll
+//! does a whole turn without intermediate futures: take in commands and received datagrams
+//! (bounded per turn), fire quiche's timer, let the application act, flush packets in GSO
+//! batches. It repeats while there is progress, up to [`MAX_TURNS`] per poll, then yields so
+//! one busy connection cannot starve the others on its worker thread.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Sleep;
+use tracing::Instrument;
+
+use super::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
+use crate::endpoint::{Datagram, Registration, Shared, cid};
+use crate::error::{self, Error};
+use crate::socket::Socket;
+
+/// Turns per poll before the task yields to its neighbours (hyper bounds its loop likewise).
+const MAX_TURNS: usize = 16;
+
+/// Datagrams fed to quiche per turn, so the application and the sender get their share
+/// between bursts of input.
+const MAX_DATAGRAMS_PER_TURN: usize = 64;
+
+/// tokio's timers tick in milliseconds: a packet due within one tick is sent now.
+const PACING_GRANULARITY: Duration = Duration::from_millis(1);
+
+/// Most GSO segments in one send (the Linux limit).
+const MAX_GSO_SEGMENTS: usize = 64;
+
+/// How commands reach the driver; one pending close is all there can usefully be.
+const COMMAND_QUEUE: usize = 4;
+
+thread_local! {
+    /// The GSO batch being assembled. Flushing never yields mid-way, so one buffer per
+    /// worker thread serves every connection: an idle connection holds no send buffer.
+    static SEND_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The application of a connection: running, or (client connects) waiting to be handed over
+/// once the handshake has completed.
+pub(crate) enum AppSlot<A> {
+    Running(A),
+    Waiting(oneshot::Receiver<A>),
+    Gone,
+}
+
+/// Packets the socket could not take yet (full buffer), or that pacing holds back.
+struct Held {
+    data: Vec<u8>,
+    to: SocketAddr,
+    segment: Option<usize>,
+    release: Option<Instant>,
+}
+
+struct Driver<A> {
+    conn: quiche::Connection,
+    app: AppSlot<A>,
+    app_started: bool,
+    rx: mpsc::Receiver<Datagram>,
+    commands: mpsc::Receiver<Command>,
+    shared: Arc<Shared>,
+    registration: Registration,
+    state: watch::Sender<State>,
+    timer: Pin<Box<Sleep>>,
+    armed: Option<Instant>,
+    handshake_deadline: Option<Instant>,
+    handshake_timed_out: bool,
+    established: bool,
+    started: Instant,
+    held: VecDeque<Held>,
+    verify_error: Option<String>,
+    local: SocketAddr,
+}
+
+// The driver never pins the application in place: it only calls `&mut` methods on it.
+impl<A> Unpin for Driver<A> {}
+
+pub(crate) fn spawn<A: Application>(
+    mut conn: quiche::Connection,
+    rx: mpsc::Receiver<Datagram>,
+    registration: Registration,
+    app: AppSlot<A>,
+    started: Instant,
+) -> ConnectionHandle {
+    let shared = Arc::clone(registration.shared());
+    let config = &shared.config;
+    if let Some(writer) = config.keylog_writer() {
+        conn.set_keylog(writer);
+    }
+    #[cfg(feature = "qlog")]
+    if let Some(dir) = &config.inner.qlog_dir {
+        let role = if conn.is_server() { "server" } else { "client" };
+        let path = dir.join(format!("{}-{role}.sqlog", conn.trace_id()));
+        match std::fs::File::create(&path) {
+            Ok(file) => conn.set_qlog(
+                Box::new(std::io::BufWriter::new(file)),
+                "tower-quiche".to_string(),
+                format!("{role} connection {}", conn.trace_id()),
+            ),
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
+        }
+    }
+    let (state_tx, state_rx) = watch::channel(State::Handshaking);
+    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+    let peer_addr = Socket::canonical(conn.path_stats().next().map(|p| p.peer_addr).unwrap_or(shared.socket.local_addr()));
+    let trace_id: Arc<str> = conn.trace_id().into();
+    let handle = ConnectionHandle { state: state_rx, commands: command_tx, peer_addr, trace_id: Arc::clone(&trace_id) };
+    let span = tracing::debug_span!("quic_conn", id = %trace_id, peer = %peer_addr, server = conn.is_server());
+    config.inner.metrics.connection_opened();
+    if !conn.is_server() {
+        config.inner.metrics.handshake_started();
+    }
+    let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
+    let local = shared.socket.local_addr();
+    let driver = Driver {
+        conn,
+        app,
+        app_started: false,
+        rx,
+        commands: command_rx,
+        shared,
+        registration,
+        state: state_tx,
+        timer: Box::pin(tokio::time::sleep_until(started.into())),
+        armed: None,
+        handshake_deadline,
+        handshake_timed_out: false,
+        established: false,
+        started,
+        held: VecDeque::new(),
+        verify_error: None,
+        local,
+    };
+    tokio::spawn(driver.instrument(span));
+    handle
+}
+
+enum Turn {
+    Busy,
+    Idle,
+    Closed,
+}
+
+impl<A: Application> Future for Driver<A> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        for _ in 0..MAX_TURNS {
+            match this.turn(cx) {
+                Turn::Busy => continue,
+                Turn::Closed => {
+                    this.finish();
+                    return Poll::Ready(());
+                }
+                Turn::Idle => {
+                    if this.arm_timer(cx) {
+                        continue;
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+        // Out of budget with work left: let the other tasks of this thread run first.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+impl<A: Application> Driver<A> {
+    fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
+        let mut busy = false;
+        while let Poll::Ready(Some(command)) = self.commands.poll_recv(cx) {
+            match command {
+                Command::Close { code, reason } => {
+                    let _ = self.conn.close(true, code, &reason);
+                }
+            }
+            busy = true;
+        }
+        for _ in 0..MAX_DATAGRAMS_PER_TURN {
+            let Poll::Ready(Some(mut datagram)) = self.rx.poll_recv(cx) else { break };
+            busy = true;
+            let info = quiche::RecvInfo { from: datagram.from, to: self.local };
+            if let Err(e) = self.conn.recv(&mut datagram.data, info) {
+                tracing::trace!(error = %e, "packet not accepted");
+            }
+            if !self.established {
+                if let Some(reason) = crate::tls::take_verify_error() {
+                    self.verify_error = Some(reason);
+                }
+            }
+        }
+        let now = Instant::now();
+        if self.conn.timeout_instant().is_some_and(|t| t <= now) {
+            self.conn.on_timeout();
+            busy = true;
+        }
+        if self.handshake_deadline.is_some_and(|d| d <= now) {
+            self.handshake_timed_out = true;
+            return Turn::Closed;
+        }
+        if !self.established && self.conn.is_established() {
+            self.established = true;
+            self.handshake_deadline = None;
+            self.shared.config.inner.metrics.handshake_completed(self.started.elapsed());
+            tracing::debug!(alpn = %String::from_utf8_lossy(self.conn.application_proto()), "handshake complete");
+            self.state.send_replace(State::Established);
+            self.issue_connection_ids();
+        }
+        if self.established && !self.conn.is_draining() && !self.conn.is_closed() {
+            if let Err(e) = self.run_app(cx) {
+                tracing::debug!(error = %e, "application closes the connection");
+                let reason = e.to_string();
+                let _ = self.conn.close(true, e.code().unwrap_or(0x1), reason.as_bytes());
+            }
+        }
+        let mut retired = false;
+        while let Some(id) = self.conn.retired_scid_next() {
+            self.registration.remove(&id);
+            retired = true;
+        }
+        if retired {
+            self.issue_connection_ids();
+        }
+        let sent = self.flush(cx);
+        if self.conn.is_closed() {
+            Turn::Closed
+        } else if busy || sent > 0 {
+            Turn::Busy
+        } else {
+            Turn::Idle
+        }
+    }
+
+    fn run_app(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        if let AppSlot::Waiting(rx) = &mut self.app {
+            match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(app)) => self.app = AppSlot::Running(app),
+                Poll::Ready(Err(_)) => {
+                    // The connect attempt was abandoned after the handshake.
+                    self.app = AppSlot::Gone;
+                    let _ = self.conn.close(true, 0, b"");
+                }
+                Poll::Pending => {}
+            }
+        }
+        let AppSlot::Running(app) = &mut self.app else { return Ok(()) };
+        if !self.app_started {
+            self.app_started = true;
+            app.on_established(&mut self.conn)?;
+        }
+        app.process(cx, &mut self.conn)
+    }
+
+    /// Offers the peer as many spare connection IDs as it accepts, each routed to us before
+    /// the NEW_CONNECTION_ID frame that announces it is sent.
+    fn issue_connection_ids(&mut self) {
+        let generator = Arc::clone(&self.shared.config.inner.cid_generator);
+        // The peer's limit bounds this; the cap keeps a silly limit from costing much.
+        for _ in 0..8 {
+            if self.conn.scids_left() == 0 {
+                break;
+            }
+            let id = cid::new_id(&*generator);
+            let token = self.shared.reset_key.token(&id);
+            if self.conn.new_scid(&id, token, false).is_err() {
+                break;
+            }
+            self.registration.add(&id);
+        }
+    }
+
+    /// Sends what quiche has to send; returns the number of packets it produced.
+    fn flush(&mut self, cx: &mut Context<'_>) -> usize {
+        if !drain_held(&self.shared, &mut self.held, cx) {
+            return 0;
+        }
+        SEND_BUF.with_borrow_mut(|buf| self.flush_into(buf, cx))
+    }
+
+    fn flush_into(&mut self, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> usize {
+        let shared = &*self.shared;
+        let mtu = self.conn.max_send_udp_payload_size();
+        let max_segments = shared.socket.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS);
+        if buf.len() < mtu * max_segments {
+            buf.resize(mtu * max_segments, 0);
+        }
+        let pacing = shared.config.inner.s.pacing;
+        let (mut len, mut segment, mut count) = (0, 0, 0);
+        let mut to = self.local;
+        let mut packets = 0;
+        loop {
+            if count == max_segments {
+                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                    return packets;
+                }
+                (len, count) = (0, 0);
+            }
+            let (n, info) = match self.conn.send(&mut buf[len..len + mtu]) {
+                Ok(sent) => sent,
+                Err(quiche::Error::Done) => break,
+                Err(e) => {
+                    // quiche has closed the connection for a fatal error; its
+                    // CONNECTION_CLOSE goes out on the next call.
+                    tracing::debug!(error = %e, "send failed");
+                    break;
+                }
+            };
+            packets += 1;
+            if pacing && info.at > Instant::now() + PACING_GRANULARITY {
+                // Send what is due, and hold this packet until its release time.
+                if count > 0 {
+                    send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx);
+                }
+                self.held.push_back(Held {
+                    data: buf[len..len + n].to_vec(),
+                    to: info.to,
+                    segment: None,
+                    release: Some(info.at),
+                });
+                return packets;
+            }
+            if count > 0 && (info.to != to || n > segment) {
+                // It cannot join this GSO batch: send the batch, then start the next with it.
+                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                    self.held.push_back(Held { data: buf[len..len + n].to_vec(), to: info.to, segment: None, release: None });
+                    return packets;
+                }
+                buf.copy_within(len..len + n, 0);
+                (len, count) = (0, 0);
+            }
+            if count == 0 {
+                (segment, to) = (n, info.to);
+            }
+            len += n;
+            count += 1;
+            if n < segment {
+                // A short datagram can only end a GSO batch.
+                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                    return packets;
+                }
+                (len, count) = (0, 0);
+            }
+        }
+        if count > 0 {
+            send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx);
+        }
+        packets
+    }
+
+    /// Arms the timer for the earliest deadline; returns true if that deadline has passed.
+    fn arm_timer(&mut self, cx: &mut Context<'_>) -> bool {
+        let release = self.held.front().and_then(|h| h.release);
+        let deadline = [self.conn.timeout_instant(), self.handshake_deadline, release].into_iter().flatten().min();
+        let Some(deadline) = deadline else {
+            self.armed = None;
+            return false;
+        };
+        if self.armed != Some(deadline) {
+            self.timer.as_mut().reset(deadline.into());
+            self.armed = Some(deadline);
+        }
+        self.timer.as_mut().poll(cx).is_ready()
+    }
+
+    fn finish(&mut self) {
+        let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
+        let stats = ConnectionStats::of(&self.conn);
+        let metrics = &self.shared.config.inner.metrics;
+        if !self.established {
+            metrics.handshake_failed(self.started.elapsed());
+        }
+        metrics.connection_closed(&stats);
+        if let AppSlot::Running(app) = &mut self.app {
+            app.on_closed(&self.conn, error.as_ref());
+        }
+        tracing::debug!(
+            error = error.as_ref().map(tracing::field::display),
+            rtt_us = stats.rtt.as_micros() as u64,
+            cwnd = stats.cwnd,
+            bytes_sent = stats.bytes_sent,
+            bytes_received = stats.bytes_received,
+            packets_lost = stats.packets_lost,
+            "connection closed"
+        );
+        self.state.send_replace(State::Closed(Arc::new(Closed { error, stats })));
+    }
+}
+
+/// Sends one datagram or GSO batch; if the socket buffer is full, keeps a copy to send when
+/// it drains. Returns false when the data was held (stop producing more).
+fn send_or_hold(
+    shared: &Shared,
+    held: &mut VecDeque<Held>,
+    data: &[u8],
+    to: SocketAddr,
+    segment: usize,
+    count: usize,
+    cx: &mut Context<'_>,
+) -> bool {
+    let segment = (count > 1).then_some(segment);
+    match shared.socket.try_send(to, data, segment) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            held.push_back(Held { data: data.to_vec(), to, segment, release: None });
+            if shared.socket.poll_send_ready(cx).is_ready() {
+                cx.waker().wake_by_ref();
+            }
+            false
+        }
+        // Anything else is lost as a network would lose it; QUIC recovers.
+        _ => true,
+    }
+}
+
+/// Sends held packets in order. Returns true when nothing is held any more.
+fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
+    while let Some(front) = held.front() {
+        if front.release.is_some_and(|at| at > Instant::now() + PACING_GRANULARITY) {
+            return false;
+        }
+        match shared.socket.try_send(front.to, &front.data, front.segment) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if shared.socket.poll_send_ready(cx).is_ready() {
+                    cx.waker().wake_by_ref();
+                }
+                return false;
+            }
+            _ => {
+                held.pop_front();
+            }
+        }
+    }
+    true
+}

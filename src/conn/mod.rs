@@ -1,0 +1,212 @@
+//! Connections: the [`Application`] seam through which a protocol drives a QUIC connection,
+//! the [`ConnectionHandle`] other tasks hold, and [`ConnectionStats`].
+//!
+//! Each connection runs in one task (the driver) that is the sole owner of its
+//! `quiche::Connection`: no lock guards it. Each turn the driver takes in received datagrams,
+//! fires quiche's timer, lets the application act, and flushes packets in GSO batches.
+
+pub(crate) mod driver;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::task::Context;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Error;
+
+/// A protocol over QUIC, driven by the connection's task.
+///
+/// The connection task calls [`process`](Self::process) on every turn of its loop once the
+/// handshake is complete: after it has fed received packets to quiche and before it sends
+/// packets. The application reads what is readable, writes what the streams can take, and
+/// returns; whatever it wrote is sent at once, in batches.
+///
+/// Work that arrives from other tasks (a request to send, a handle dropped) must wake the
+/// connection task: register `cx`'s waker with whatever those tasks signal through (a
+/// channel's `poll_recv`, for instance), exactly as in [`Future::poll`].
+///
+/// Every method runs on the connection's task, so none may block.
+pub trait Application: Send + 'static {
+    /// Called once, when the handshake has completed.
+    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        let _ = conn;
+        Ok(())
+    }
+
+    /// Lets the application act on the connection. An error closes the connection, with the
+    /// error's [`code`](Error::code) as the application error code (or 0x1 when it has
+    /// none).
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error>;
+
+    /// Called once when the connection has closed; `error` says why, when it was not a clean
+    /// close.
+    fn on_closed(&mut self, conn: &quiche::Connection, error: Option<&Error>) {
+        let _ = (conn, error);
+    }
+}
+
+/// Statistics of a connection and its active path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ConnectionStats {
+    /// Smoothed round-trip time.
+    pub rtt: Duration,
+    /// Smallest round-trip time seen.
+    pub min_rtt: Option<Duration>,
+    /// Congestion window, in bytes.
+    pub cwnd: usize,
+    /// Path MTU in use, in bytes.
+    pub pmtu: usize,
+    /// Bytes sent (including retransmissions).
+    pub bytes_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Bytes lost.
+    pub bytes_lost: u64,
+    /// QUIC packets sent.
+    pub packets_sent: usize,
+    /// QUIC packets received.
+    pub packets_received: usize,
+    /// QUIC packets lost.
+    pub packets_lost: usize,
+    /// Packets retransmitted.
+    pub packets_retransmitted: usize,
+}
+
+impl ConnectionStats {
+    /// Reads the statistics of a quiche connection (what an [`Application`] has at hand).
+    pub fn of(conn: &quiche::Connection) -> Self {
+        let s = conn.stats();
+        let mut stats = ConnectionStats {
+            bytes_sent: s.sent_bytes,
+            bytes_received: s.recv_bytes,
+            bytes_lost: s.lost_bytes,
+            packets_sent: s.sent,
+            packets_received: s.recv,
+            packets_lost: s.lost,
+            packets_retransmitted: s.retrans,
+            ..Default::default()
+        };
+        if let Some(path) = conn.path_stats().find(|p| p.active) {
+            stats.rtt = path.rtt;
+            stats.min_rtt = path.min_rtt;
+            stats.cwnd = path.cwnd;
+            stats.pmtu = path.pmtu;
+        }
+        stats
+    }
+}
+
+/// Where a connection is in its life, as its handle sees it.
+#[derive(Clone)]
+pub(crate) enum State {
+    Handshaking,
+    Established,
+    Closed(Arc<Closed>),
+}
+
+/// How a connection ended.
+pub struct Closed {
+    error: Option<Error>,
+    stats: ConnectionStats,
+}
+
+impl Closed {
+    /// Why the connection closed, or `None` for a clean close (no error code, or the
+    /// application protocol's "no error").
+    pub fn error(&self) -> Option<&Error> {
+        self.error.as_ref()
+    }
+
+    /// The connection's final statistics.
+    pub fn stats(&self) -> &ConnectionStats {
+        &self.stats
+    }
+}
+
+impl fmt::Debug for Closed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Closed").field("error", &self.error).field("stats", &self.stats).finish()
+    }
+}
+
+pub(crate) enum Command {
+    Close { code: u64, reason: Bytes },
+}
+
+/// A handle to a running connection: wait for its handshake or its end, or close it.
+///
+/// Cheap to clone. Dropping every handle does not close the connection: its
+/// [`Application`] decides that.
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    state: watch::Receiver<State>,
+    commands: mpsc::Sender<Command>,
+    peer_addr: SocketAddr,
+    trace_id: Arc<str>,
+}
+
+impl fmt::Debug for ConnectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionHandle")
+            .field("trace_id", &self.trace_id)
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConnectionHandle {
+    /// The peer's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.peer_addr
+    }
+
+    /// quiche's trace ID of the connection, as in logs and qlog files.
+    pub fn trace_id(&self) -> &str {
+        &self.trace_id
+    }
+
+    /// Waits until the handshake has completed; fails with the reason it did not.
+    pub async fn established(&self) -> Result<(), Error> {
+        let mut state = self.state.clone();
+        let result = state.wait_for(|s| !matches!(s, State::Handshaking)).await;
+        match result.as_deref() {
+            Ok(State::Established) => Ok(()),
+            Ok(State::Closed(closed)) => Err(closed
+                .error
+                .as_ref()
+                .map(Error::duplicate)
+                .unwrap_or_else(|| Error::new(crate::error::Kind::Closed).with_message("closed during the handshake"))),
+            _ => Err(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+        }
+    }
+
+    /// Waits until the connection has closed.
+    pub async fn closed(&self) -> Arc<Closed> {
+        let mut state = self.state.clone();
+        let result = state.wait_for(|s| matches!(s, State::Closed(_))).await;
+        match result.as_deref() {
+            Ok(State::Closed(closed)) => Arc::clone(closed),
+            _ => Arc::new(Closed {
+                error: Some(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+                stats: ConnectionStats::default(),
+            }),
+        }
+    }
+
+    /// Whether the connection has closed.
+    pub fn is_closed(&self) -> bool {
+        matches!(*self.state.borrow(), State::Closed(_))
+    }
+
+    /// Closes the connection with an application error code and reason, which the peer
+    /// receives in CONNECTION_CLOSE.
+    pub fn close(&self, code: u64, reason: impl Into<Bytes>) {
+        // A full queue means a close is already on its way.
+        let _ = self.commands.try_send(Command::Close { code, reason: reason.into() });
+    }
+}

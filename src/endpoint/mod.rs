@@ -1,0 +1,422 @@
+//! Endpoints: the UDP sockets, the router task that owns each socket's receive side, and the
+//! public faces of both roles — [`Listener`] (server) and [`Endpoint`] (client).
+//!
+//! Datagrams are routed by destination connection ID to per-connection tasks over bounded
+//! queues. Connections register every source ID they issue in the socket's route map and
+//! remove them when they retire them or close ([`Registration`]).
+
+pub(crate) mod cid;
+mod router;
+pub(crate) mod token;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::sync::{Notify, mpsc};
+
+use crate::config::Config;
+use crate::conn::{Application, ConnectionHandle, driver};
+use crate::error::Error;
+use crate::socket::Socket;
+
+/// A received datagram on its way to its connection.
+pub(crate) struct Datagram {
+    pub(crate) data: BytesMut,
+    pub(crate) from: SocketAddr,
+}
+
+pub(crate) type Route = mpsc::Sender<Datagram>;
+
+/// What a socket's router, its connections and the endpoint handles share.
+pub(crate) struct Shared {
+    pub(crate) socket: Socket,
+    pub(crate) config: Config,
+    routes: Mutex<HashMap<Box<[u8]>, Route>>,
+    pub(crate) reset_key: cid::ResetKey,
+    /// Set when every handle to the endpoint is gone: the router stops once the last
+    /// connection has left the route map.
+    closing: AtomicBool,
+    router_wake: Notify,
+}
+
+impl Shared {
+    fn new(socket: Socket, config: Config) -> Arc<Self> {
+        Arc::new(Shared {
+            socket,
+            config,
+            routes: Mutex::new(HashMap::new()),
+            reset_key: cid::ResetKey::random(),
+            closing: AtomicBool::new(false),
+            router_wake: Notify::new(),
+        })
+    }
+
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
+        // The map stays consistent even if a holder panicked: every operation on it is a
+        // single insert or remove.
+        self.routes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.router_wake.notify_one();
+    }
+
+    /// The number of live connections routed through this socket.
+    pub(crate) fn route_count(&self) -> usize {
+        self.routes().len()
+    }
+}
+
+/// The connection IDs one connection has in its socket's route map; removes them all when
+/// dropped, so a connection that ends in any way leaves no route behind.
+pub(crate) struct Registration {
+    shared: Arc<Shared>,
+    ids: Vec<Box<[u8]>>,
+    route: Route,
+}
+
+impl Registration {
+    pub(crate) fn new(shared: Arc<Shared>, route: Route) -> Self {
+        Registration { shared, ids: Vec::new(), route }
+    }
+
+    pub(crate) fn add(&mut self, id: &[u8]) {
+        let key: Box<[u8]> = id.into();
+        self.shared.routes().insert(key.clone(), self.route.clone());
+        self.ids.push(key);
+    }
+
+    pub(crate) fn remove(&mut self, id: &[u8]) {
+        if let Some(pos) = self.ids.iter().position(|k| &**k == id) {
+            let key = self.ids.swap_remove(pos);
+            self.shared.routes().remove(&key);
+        }
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let now_empty = {
+            let mut routes = self.shared.routes();
+            for key in self.ids.drain(..) {
+                routes.remove(&key);
+            }
+            routes.is_empty()
+        };
+        if now_empty && self.shared.closing.load(Ordering::Acquire) {
+            self.shared.router_wake.notify_one();
+        }
+    }
+}
+
+/// Closes its sockets' routers when the last clone of the owning handle is dropped.
+struct CloseOnDrop(Vec<Arc<Shared>>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        for shared in &self.0 {
+            shared.close();
+        }
+    }
+}
+
+/// A QUIC server endpoint: one or more UDP sockets whose new connections arrive here.
+///
+/// Each socket has a router task that answers unknown versions with version negotiation,
+/// validates client addresses with Retry (unless turned off), and hands out [`Incoming`]
+/// connections through a bounded backlog. `Listener` is a [`Stream`](futures_core::Stream)
+/// of them; [`Listener::accept`] takes one.
+///
+/// Dropping the listener stops accepting; connections already started run on until they
+/// close.
+pub struct Listener {
+    incoming: mpsc::Receiver<Incoming>,
+    local_addrs: Vec<SocketAddr>,
+    _close: CloseOnDrop,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener").field("local_addrs", &self.local_addrs).finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    /// Binds a server endpoint on `addr` (e.g. `127.0.0.1:4433` or `[::]:443`).
+    ///
+    /// The configuration must have a certificate chain and key.
+    pub async fn bind(addr: SocketAddr, config: Config) -> Result<Listener, Error> {
+        Self::bind_all(&[addr], config).await
+    }
+
+    /// Binds a server endpoint on several addresses (say, an IPv4 and an IPv6 one); new
+    /// connections from all of them arrive on this one listener.
+    pub async fn bind_all(addrs: &[SocketAddr], config: Config) -> Result<Listener, Error> {
+        let sockets = addrs
+            .iter()
+            .map(|addr| {
+                Socket::bind(*addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_sockets(sockets, config)
+    }
+
+    /// Serves on sockets the caller already bound (e.g. inherited from a supervisor).
+    pub fn from_std(sockets: Vec<std::net::UdpSocket>, config: Config) -> Result<Listener, Error> {
+        let sockets = sockets
+            .into_iter()
+            .map(|s| Socket::from_std(s).map_err(|e| Error::io("cannot use the UDP socket", e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_sockets(sockets, config)
+    }
+
+    fn from_sockets(sockets: Vec<Socket>, config: Config) -> Result<Listener, Error> {
+        if !config.has_certificate() {
+            return Err(Error::config(
+                "a server needs a certificate: set ConfigBuilder::cert_chain_pem_file and private_key_pem_file \
+                 (or their in-memory forms)",
+            ));
+        }
+        if sockets.is_empty() {
+            return Err(Error::config("no address to listen on"));
+        }
+        let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
+        let mut shareds = Vec::new();
+        let mut local_addrs = Vec::new();
+        for socket in sockets {
+            let quiche_config = config.quiche_config(true)?;
+            local_addrs.push(socket.local_addr());
+            let shared = Shared::new(socket, config.clone());
+            router::spawn(Arc::clone(&shared), Some(router::Accept::new(quiche_config, tx.clone())));
+            shareds.push(shared);
+        }
+        Ok(Listener { incoming: rx, local_addrs, _close: CloseOnDrop(shareds) })
+    }
+
+    /// The first bound address (with the port the OS chose for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addrs[0]
+    }
+
+    /// Every bound address.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Waits for the next new connection. Returns `None` only if every router stopped.
+    pub async fn accept(&mut self) -> Option<Incoming> {
+        self.incoming.recv().await
+    }
+
+    /// Polls for the next new connection.
+    pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        self.incoming.poll_recv(cx)
+    }
+}
+
+impl futures_core::Stream for Listener {
+    type Item = Incoming;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
+        self.get_mut().incoming.poll_recv(cx)
+    }
+}
+
+/// A new server-side connection, not yet started: its first packets are queued. Call
+/// [`Incoming::start`] with the [`Application`] that will drive it; dropping it refuses the
+/// connection (the client times out).
+pub struct Incoming {
+    pub(crate) conn: quiche::Connection,
+    pub(crate) rx: mpsc::Receiver<Datagram>,
+    pub(crate) registration: Registration,
+    pub(crate) started: Instant,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming").field("peer_addr", &self.peer_addr()).finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// The client's address.
+    pub fn peer_addr(&self) -> SocketAddr {
+        Socket::canonical(self.conn.path_stats().next().map(|p| p.peer_addr).unwrap_or_else(|| self.local_addr()))
+    }
+
+    /// The local address the connection arrived on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.registration.shared().socket.local_addr()
+    }
+
+    /// Spawns the connection's task, which completes the handshake and then drives `app`.
+    pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
+        driver::spawn(self.conn, self.rx, self.registration, driver::AppSlot::Running(app), self.started)
+    }
+}
+
+/// A QUIC client endpoint: one UDP socket that many connections share.
+///
+/// Cheap to clone. The socket closes when the last clone is dropped and its last connection
+/// has closed.
+#[derive(Clone)]
+pub struct Endpoint {
+    shared: Arc<Shared>,
+    quiche_config: Arc<Mutex<quiche::Config>>,
+    _close: Arc<CloseOnDrop>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint").field("local_addr", &self.local_addr()).finish_non_exhaustive()
+    }
+}
+
+impl Endpoint {
+    /// A client endpoint on a wildcard address: a dual-stack IPv6 socket where the system
+    /// allows one (reaching IPv4 and IPv6 servers), else an IPv4 socket.
+    pub fn client(config: Config) -> Result<Endpoint, Error> {
+        let socket = Socket::bind("[::]:0".parse().expect("literal address"))
+            .or_else(|_| Socket::bind("0.0.0.0:0".parse().expect("literal address")))
+            .map_err(|e| Error::io("cannot bind a UDP socket for the client", e))?;
+        Self::with_socket(socket, config)
+    }
+
+    /// A client endpoint bound to `addr` (e.g. `127.0.0.1:0`).
+    pub fn client_bound(addr: SocketAddr, config: Config) -> Result<Endpoint, Error> {
+        let socket =
+            Socket::bind(addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?;
+        Self::with_socket(socket, config)
+    }
+
+    fn with_socket(socket: Socket, config: Config) -> Result<Endpoint, Error> {
+        let quiche_config = config.quiche_config(false)?;
+        let shared = Shared::new(socket, config);
+        router::spawn(Arc::clone(&shared), None);
+        Ok(Endpoint {
+            shared: Arc::clone(&shared),
+            quiche_config: Arc::new(Mutex::new(quiche_config)),
+            _close: Arc::new(CloseOnDrop(vec![shared])),
+        })
+    }
+
+    /// The socket's local address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.socket.local_addr()
+    }
+
+    /// How many connections currently use this endpoint's socket.
+    pub fn open_connections(&self) -> usize {
+        self.shared.route_count()
+    }
+
+    /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
+    /// connection with `app` once the handshake completes.
+    ///
+    /// The name is resolved with the system resolver; when it has several addresses they are
+    /// tried in turn (alternating IPv6 and IPv4) until a handshake completes. The host name
+    /// is sent as SNI and the server's certificate must be valid for it (unless verification
+    /// is turned off). A TLS failure is final: it would fail the same way elsewhere.
+    pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
+        let (host, _) = split_authority(authority)?;
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
+            .await
+            .map_err(|e| Error::io(format!("cannot resolve '{authority}'"), e))?
+            .collect();
+        let mut last_error = Error::io(
+            format!("'{authority}' resolved to no address"),
+            std::io::ErrorKind::NotFound.into(),
+        );
+        for addr in interleave_families(addrs) {
+            let (handle, hand_over) = self.start_connection(addr, Some(host))?;
+            match handle.established().await {
+                Ok(()) => {
+                    // The driver waits for the app; if it is gone, nobody can use the
+                    // connection anyway.
+                    let _ = hand_over.send(app);
+                    return Ok(handle);
+                }
+                Err(e) if e.is_tls() => return Err(e),
+                Err(e) => last_error = e,
+            }
+        }
+        Err(last_error)
+    }
+
+    /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
+    /// certificate (a literal IP address is checked against the certificate's IP SANs).
+    /// Returns once the handshake has completed.
+    pub async fn connect_addr<A: Application>(
+        &self,
+        addr: SocketAddr,
+        server_name: Option<&str>,
+        app: A,
+    ) -> Result<ConnectionHandle, Error> {
+        let (handle, hand_over) = self.start_connection(addr, server_name)?;
+        handle.established().await?;
+        let _ = hand_over.send(app);
+        Ok(handle)
+    }
+
+    /// Starts a connection whose application is handed over once the handshake completes,
+    /// so that a failed attempt does not consume it.
+    fn start_connection<A: Application>(
+        &self,
+        addr: SocketAddr,
+        server_name: Option<&str>,
+    ) -> Result<(ConnectionHandle, tokio::sync::oneshot::Sender<A>), Error> {
+        let shared = &self.shared;
+        let peer = shared.socket.peer_address_for(addr);
+        let scid = cid::new_id(&*shared.config.inner.cid_generator);
+        let conn = {
+            let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
+            quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
+                .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
+        };
+        let (tx, rx) = mpsc::channel(shared.config.inner.s.inbound_queue);
+        let mut registration = Registration::new(Arc::clone(shared), tx);
+        registration.add(&scid);
+        let (hand_over, app) = tokio::sync::oneshot::channel();
+        let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
+        Ok((handle, hand_over))
+    }
+}
+
+/// Orders addresses IPv6, IPv4, IPv6, … keeping the resolver's order within each family
+/// (RFC 8305 §4), so a broken family costs one attempt, not all of them.
+fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
+    let (v6, v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv6);
+    let mut out = Vec::with_capacity(v6.len() + v4.len());
+    let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
+    loop {
+        match (a.next(), b.next()) {
+            (None, None) => return out,
+            (x, y) => out.extend(x.into_iter().chain(y)),
+        }
+    }
+}
+
+/// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
+pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
+    let bad = || {
+        Error::config(format!("'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"))
+    };
+    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host, port))
+}

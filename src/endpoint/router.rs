@@ -1,0 +1,252 @@
+//! The router task: the only reader of one UDP socket.
+//!
+//! It reads datagrams in batches, finds each one's connection by destination connection ID
+//! and forwards it over that connection's bounded queue (dropping it when the queue is full,
+//! as a congested network would). For IDs it does not know, a server router answers with
+//! version negotiation, Retry or a stateless reset, or creates the connection for a valid
+//! Initial and offers it to the listener's backlog.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::{Datagram, Incoming, Registration, Route, Shared, cid};
+use crate::metrics::DropReason;
+
+/// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
+/// one allocation serves about 48 full-size datagrams, and is reused as soon as the
+/// connections have consumed them all.
+const ARENA_BYTES: usize = 64 * 1024;
+
+/// QUIC clients pad Initials to 1200 bytes (RFC 9000 §14.1); smaller ones are not answered,
+/// which also keeps us from amplifying spoofed traffic.
+const MIN_INITIAL_LEN: usize = 1200;
+
+/// A stateless reset must be shorter than the packet that caused it (so two endpoints cannot
+/// loop) and at least 21 bytes long to look like a short-header packet (RFC 9000 §10.3).
+const MIN_RESET_LEN: usize = 21;
+const MAX_RESET_LEN: usize = 43;
+
+/// What a server router needs to accept connections.
+pub(crate) struct Accept {
+    config: quiche::Config,
+    token_key: super::token::TokenKey,
+    backlog: mpsc::Sender<Incoming>,
+}
+
+impl Accept {
+    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>) -> Self {
+        Accept { config, token_key: super::token::TokenKey::random(), backlog }
+    }
+}
+
+pub(crate) fn spawn(shared: Arc<Shared>, accept: Option<Accept>) {
+    tokio::spawn(run(shared, accept));
+}
+
+async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
+    let max_datagram = shared.config.inner.s.max_recv_udp_payload;
+    let mut bufs = shared.socket.recv_buffers(max_datagram);
+    let mut arena = BytesMut::with_capacity(ARENA_BYTES);
+    let mut out = vec![0u8; 1500];
+    let span = tracing::debug_span!("quic_router", local = %shared.socket.local_addr());
+    let _enter = span.enter();
+    let mut accepted: Vec<Incoming> = Vec::new();
+    loop {
+        if shared.closing.load(Ordering::Acquire) {
+            // Every handle is gone: accept nothing new, and linger only while connections
+            // still use the socket.
+            accept = None;
+            if shared.route_count() == 0 {
+                tracing::debug!("endpoint closed; router stops");
+                return;
+            }
+        }
+        let filled = tokio::select! {
+            biased;
+            _ = shared.router_wake.notified() => continue,
+            r = std::future::poll_fn(|cx| shared.socket.poll_recv(cx, &mut bufs)) => r,
+        };
+        let filled = match filled {
+            Ok(n) => n,
+            Err(e) => {
+                // ICMP errors (port unreachable from a vanished peer) surface here; they
+                // concern one peer, not the socket.
+                tracing::debug!(error = %e, "UDP receive error");
+                continue;
+            }
+        };
+        {
+            let mut routes = shared.routes();
+            bufs.for_each(filled, |datagram, from| {
+                dispatch(&shared, &mut routes, accept.as_mut(), &mut arena, &mut out, datagram, from, &mut accepted)
+            });
+        }
+        // Offered outside the route lock: a refused Incoming unregisters itself on drop.
+        if let Some(accept) = &accept {
+            for incoming in accepted.drain(..) {
+                if accept.backlog.try_send(incoming).is_err() {
+                    shared.config.inner.metrics.datagram_dropped(DropReason::BacklogFull);
+                }
+            }
+        }
+        accepted.clear();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dispatch(
+    shared: &Arc<Shared>,
+    routes: &mut HashMap<Box<[u8]>, Route>,
+    accept: Option<&mut Accept>,
+    arena: &mut BytesMut,
+    out: &mut [u8],
+    datagram: &mut [u8],
+    from: SocketAddr,
+    accepted: &mut Vec<Incoming>,
+) {
+    let metrics = &*shared.config.inner.metrics;
+    let id_len = shared.config.inner.cid_generator.id_len();
+    let hdr = match quiche::Header::from_slice(datagram, id_len) {
+        Ok(hdr) => hdr,
+        Err(_) => {
+            metrics.datagram_dropped(DropReason::ParseError);
+            return;
+        }
+    };
+    if let Some(route) = routes.get(&*hdr.dcid) {
+        if arena.capacity() < datagram.len() {
+            // Reclaims the arena's memory if every datagram cut from it is gone.
+            arena.reserve(ARENA_BYTES.max(datagram.len()));
+        }
+        arena.extend_from_slice(datagram);
+        let data = arena.split();
+        match route.try_send(Datagram { data, from }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) => metrics.datagram_dropped(DropReason::QueueFull),
+            Err(TrySendError::Closed(_)) => {
+                // The connection is gone; its registration removes the rest of its IDs.
+                let key: Box<[u8]> = (&*hdr.dcid).into();
+                routes.remove(&key);
+                metrics.datagram_dropped(DropReason::UnknownConnection);
+            }
+        }
+        return;
+    }
+    let Some(accept) = accept else {
+        metrics.datagram_dropped(DropReason::UnknownConnection);
+        return;
+    };
+    if hdr.ty == quiche::Type::Short {
+        send_stateless_reset(shared, out, datagram.len(), &hdr.dcid, from);
+        return;
+    }
+    if !quiche::version_is_supported(hdr.version) {
+        if datagram.len() >= MIN_INITIAL_LEN {
+            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
+                let _ = shared.socket.try_send(from, &out[..n], None);
+                metrics.version_negotiation_sent();
+            }
+        } else {
+            metrics.datagram_dropped(DropReason::ParseError);
+        }
+        return;
+    }
+    if hdr.ty != quiche::Type::Initial || datagram.len() < MIN_INITIAL_LEN {
+        metrics.datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
+    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr) {
+        accepted.push(incoming);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn accept_initial(
+    shared: &Arc<Shared>,
+    routes: &mut HashMap<Box<[u8]>, Route>,
+    accept: &mut Accept,
+    arena: &mut BytesMut,
+    out: &mut [u8],
+    datagram: &[u8],
+    from: SocketAddr,
+    hdr: &quiche::Header<'_>,
+) -> Option<Incoming> {
+    let inner = &*shared.config.inner;
+    let metrics = &*inner.metrics;
+    let token = hdr.token.as_deref().unwrap_or_default();
+    let (scid, odcid) = if inner.s.retry {
+        if token.is_empty() {
+            let new_scid = cid::new_id(&*inner.cid_generator);
+            let token = accept.token_key.mint(&from, &hdr.dcid);
+            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
+                let _ = shared.socket.try_send(from, &out[..n], None);
+                metrics.retry_sent();
+            }
+            return None;
+        }
+        match accept.token_key.validate(&from, token) {
+            // The client now addresses us by the ID our Retry chose; it must have our length.
+            Some(odcid) if hdr.dcid.len() == inner.cid_generator.id_len() => {
+                (quiche::ConnectionId::from_vec(hdr.dcid.to_vec()), Some(quiche::ConnectionId::from_vec(odcid)))
+            }
+            _ => {
+                metrics.datagram_dropped(DropReason::InvalidToken);
+                return None;
+            }
+        }
+    } else {
+        (cid::new_id(&*inner.cid_generator), None)
+    };
+    if accept.backlog.capacity() == 0 {
+        // The application is not accepting fast enough: keep no state; the client retries.
+        metrics.datagram_dropped(DropReason::BacklogFull);
+        return None;
+    }
+    accept.config.set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
+    let local = shared.socket.local_addr();
+    let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut accept.config) {
+        Ok(conn) => conn,
+        Err(e) => {
+            tracing::debug!(error = %e, %from, "quiche refused a new connection");
+            metrics.datagram_dropped(DropReason::ParseError);
+            return None;
+        }
+    };
+    metrics.handshake_started();
+    let (tx, rx) = mpsc::channel(inner.s.inbound_queue);
+    arena.reserve(datagram.len());
+    arena.extend_from_slice(datagram);
+    let _ = tx.try_send(Datagram { data: arena.split(), from });
+    // Registered directly in the map we hold locked: the Registration records the IDs and
+    // removes them when the connection ends.
+    let mut registration = Registration::new(Arc::clone(shared), tx.clone());
+    for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)].into_iter().flatten() {
+        let key: Box<[u8]> = id.into();
+        routes.insert(key.clone(), tx.clone());
+        registration.ids.push(key);
+    }
+    tracing::debug!(%from, trace_id = conn.trace_id(), "new connection");
+    Some(Incoming { conn, rx, registration, started: Instant::now() })
+}
+
+fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: &[u8], to: SocketAddr) {
+    let len = (received - 1).min(MAX_RESET_LEN);
+    if received <= MIN_RESET_LEN || dcid.is_empty() {
+        shared.config.inner.metrics.datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
+    let reset = &mut out[..len];
+    cid::fill_random(reset);
+    // A short header: fixed bit set, long-header bit clear.
+    reset[0] = 0x40 | (reset[0] & 0x3f);
+    reset[len - 16..].copy_from_slice(&shared.reset_key.token(dcid).to_be_bytes());
+    let _ = shared.socket.try_send(to, reset, None);
+    shared.config.inner.metrics.stateless_reset_sent();
+}

@@ -1,0 +1,316 @@
+//! The crate's one public error type, [`Error`], and the conversions into it.
+//!
+//! `Error` is opaque on purpose: callers ask it questions (`is_timeout`, `is_tls`, …) and read
+//! the protocol error code with [`Error::code`], so the internal layers can change how they
+//! fail without breaking anyone.
+
+use std::fmt;
+
+/// A boxed error, as tower and http-body use them.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// An error from tower-quiche.
+///
+/// Use the predicates to decide what to do with it, and [`Error::code`] for the QUIC or
+/// application error code when the peer (or we) closed a connection or stream with one.
+pub struct Error {
+    inner: Box<Inner>,
+}
+
+struct Inner {
+    kind: Kind,
+    code: Option<u64>,
+    message: Option<String>,
+    source: Option<BoxError>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// A setting is wrong; the message says which and what to change.
+    Config,
+    /// The operating system refused a socket operation.
+    Io,
+    /// The TLS handshake failed (certificate not trusted, wrong name, no common ALPN, …).
+    Tls,
+    /// The handshake or the connection timed out.
+    Timeout,
+    /// The connection was closed, by us or by the peer.
+    Closed,
+    /// The connection was closed because the peer broke the protocol.
+    Protocol,
+    /// A stream was reset by the peer.
+    Reset,
+    /// An application-level error (raised by an [`Application`](crate::quic::Application)).
+    Application,
+}
+
+impl Error {
+    pub(crate) fn new(kind: Kind) -> Self {
+        Error { inner: Box::new(Inner { kind, code: None, message: None, source: None }) }
+    }
+
+    pub(crate) fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.inner.message = Some(message.into());
+        self
+    }
+
+    pub(crate) fn with_code(mut self, code: u64) -> Self {
+        self.inner.code = Some(code);
+        self
+    }
+
+    pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.inner.source = Some(source.into());
+        self
+    }
+
+    pub(crate) fn config(message: impl Into<String>) -> Self {
+        Error::new(Kind::Config).with_message(message)
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::new(Kind::Io).with_message(context).with_source(source)
+    }
+
+    /// An error an [`Application`](crate::quic::Application) raises to close its connection
+    /// with `code` (an application protocol error code, sent to the peer in CONNECTION_CLOSE).
+    pub fn application(code: u64, message: impl Into<String>) -> Self {
+        Error::new(Kind::Application).with_code(code).with_message(message)
+    }
+
+    /// A copy for a second reader (the source is kept as text: boxed errors do not clone).
+    pub(crate) fn duplicate(&self) -> Self {
+        let mut message = self.inner.message.clone();
+        if let Some(source) = &self.inner.source {
+            message = Some(match message {
+                Some(m) => format!("{m}: {source}"),
+                None => source.to_string(),
+            });
+        }
+        Error {
+            inner: Box::new(Inner { kind: self.inner.kind, code: self.inner.code, message, source: None }),
+        }
+    }
+
+    #[allow(dead_code)]
+    pub(crate) fn kind(&self) -> Kind {
+        self.inner.kind
+    }
+
+    /// A setting is wrong: the message says which one and what to change.
+    pub fn is_config(&self) -> bool {
+        self.inner.kind == Kind::Config
+    }
+
+    /// A socket operation failed.
+    pub fn is_io(&self) -> bool {
+        self.inner.kind == Kind::Io
+    }
+
+    /// The TLS handshake failed: the peer's certificate did not verify, the name did not
+    /// match, no application protocol (ALPN) was in common, or the peer refused ours.
+    pub fn is_tls(&self) -> bool {
+        self.inner.kind == Kind::Tls
+    }
+
+    /// The handshake, or an idle connection, timed out.
+    pub fn is_timeout(&self) -> bool {
+        self.inner.kind == Kind::Timeout
+    }
+
+    /// The connection is closed (by either side, for any reason, including a timeout or a
+    /// TLS failure).
+    pub fn is_closed(&self) -> bool {
+        matches!(
+            self.inner.kind,
+            Kind::Closed | Kind::Timeout | Kind::Tls | Kind::Protocol | Kind::Application
+        )
+    }
+
+    /// The peer broke the QUIC or application protocol.
+    pub fn is_protocol(&self) -> bool {
+        self.inner.kind == Kind::Protocol
+    }
+
+    /// A stream was reset by the peer; [`code`](Self::code) holds the reset code.
+    pub fn is_reset(&self) -> bool {
+        self.inner.kind == Kind::Reset
+    }
+
+    /// The error carries an application error code (set by an application or sent by the
+    /// peer's application in CONNECTION_CLOSE).
+    pub fn is_application(&self) -> bool {
+        self.inner.kind == Kind::Application
+    }
+
+    /// The QUIC transport or application error code, where there is one.
+    pub fn code(&self) -> Option<u64> {
+        self.inner.code
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("tower_quiche::Error");
+        d.field("kind", &self.inner.kind);
+        if let Some(code) = self.inner.code {
+            d.field("code", &format_args!("{code:#x}"));
+        }
+        if let Some(message) = &self.inner.message {
+            d.field("message", message);
+        }
+        if let Some(source) = &self.inner.source {
+            d.field("source", source);
+        }
+        d.finish()
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.inner.kind {
+            Kind::Config => "invalid configuration",
+            Kind::Io => "socket error",
+            Kind::Tls => "TLS handshake failed",
+            Kind::Timeout => "timed out",
+            Kind::Closed => "connection closed",
+            Kind::Protocol => "protocol error",
+            Kind::Reset => "stream reset by peer",
+            Kind::Application => "application error",
+        };
+        f.write_str(what)?;
+        if let Some(message) = &self.inner.message {
+            write!(f, ": {message}")?;
+        }
+        if let Some(code) = self.inner.code {
+            write!(f, " (code {code:#x})")?;
+        }
+        if let Some(source) = &self.inner.source {
+            write!(f, ": {source}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.inner.source.as_ref().map(|s| &**s as _)
+    }
+}
+
+/// Builds the error that describes why a QUIC connection closed, from quiche's view of it.
+///
+/// `verify_error` is what our certificate verifier recorded, if anything: BoringSSL only
+/// sends an alert number, and "unable to get local issuer certificate" is what a user needs.
+pub(crate) fn from_close(
+    conn: &quiche::Connection,
+    handshake_timed_out: bool,
+    verify_error: Option<String>,
+) -> Option<Error> {
+    if handshake_timed_out {
+        return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
+    }
+    if conn.is_timed_out() {
+        let message = if conn.is_established() {
+            "the connection was idle for longer than its idle timeout"
+        } else {
+            "no answer from the peer during the handshake (idle timeout)"
+        };
+        return Some(Error::new(Kind::Timeout).with_message(message));
+    }
+    let (local, err) = match (conn.local_error(), conn.peer_error()) {
+        (Some(e), _) => (true, e),
+        (None, Some(e)) => (false, e),
+        (None, None) => return None,
+    };
+    let who = if local { "closed by us" } else { "closed by the peer" };
+    let reason = String::from_utf8_lossy(&err.reason);
+    let detail = if reason.is_empty() { who.to_string() } else { format!("{who}: {reason}") };
+    if err.is_app {
+        if err.error_code == 0 || (err.error_code == 0x100 && conn.application_proto() == b"h3") {
+            // APPLICATION_CLOSE with "no error": a clean close.
+            return Some(Error::new(Kind::Closed).with_code(err.error_code).with_message(detail));
+        }
+        return Some(Error::new(Kind::Application).with_code(err.error_code).with_message(detail));
+    }
+    match err.error_code {
+        0 => Some(Error::new(Kind::Closed).with_code(0).with_message(detail)),
+        // CRYPTO_ERROR: 0x0100 + the TLS alert (RFC 9001 §4.8).
+        code @ 0x100..=0x1ff => {
+            let alert = (code - 0x100) as u8;
+            let mut message = format!("{who} with TLS alert {alert} ({})", alert_name(alert));
+            if let Some(verify) = verify_error {
+                message = format!("{message}: {verify}");
+            }
+            Some(Error::new(Kind::Tls).with_code(code).with_message(message))
+        }
+        code => Some(Error::new(Kind::Protocol).with_code(code).with_message(format!(
+            "{detail} ({})",
+            transport_error_name(code)
+        ))),
+    }
+}
+
+fn alert_name(alert: u8) -> &'static str {
+    match alert {
+        40 => "handshake_failure",
+        42 => "bad_certificate: the certificate did not verify",
+        43 => "unsupported_certificate",
+        44 => "certificate_revoked",
+        45 => "certificate_expired",
+        46 => "certificate_unknown",
+        48 => "unknown_ca: the certificate is not signed by a trusted authority",
+        50 => "decode_error",
+        51 => "decrypt_error",
+        70 => "protocol_version",
+        80 => "internal_error",
+        109 => "missing_extension",
+        112 => "unrecognized_name",
+        116 => "certificate_required",
+        120 => "no_application_protocol: no ALPN protocol in common",
+        _ => "TLS alert",
+    }
+}
+
+fn transport_error_name(code: u64) -> &'static str {
+    match code {
+        0x1 => "INTERNAL_ERROR",
+        0x2 => "CONNECTION_REFUSED",
+        0x3 => "FLOW_CONTROL_ERROR",
+        0x4 => "STREAM_LIMIT_ERROR",
+        0x5 => "STREAM_STATE_ERROR",
+        0x6 => "FINAL_SIZE_ERROR",
+        0x7 => "FRAME_ENCODING_ERROR",
+        0x8 => "TRANSPORT_PARAMETER_ERROR",
+        0x9 => "CONNECTION_ID_LIMIT_ERROR",
+        0xa => "PROTOCOL_VIOLATION",
+        0xb => "INVALID_TOKEN",
+        0xc => "APPLICATION_ERROR",
+        0xd => "CRYPTO_BUFFER_EXCEEDED",
+        0xe => "KEY_UPDATE_ERROR",
+        0xf => "AEAD_LIMIT_REACHED",
+        0x10 => "NO_VIABLE_PATH",
+        _ => "transport error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_kind_message_and_code() {
+        let e = Error::application(0x42, "bye");
+        assert!(e.is_application());
+        assert!(e.is_closed());
+        assert_eq!(e.code(), Some(0x42));
+        assert_eq!(e.to_string(), "application error: bye (code 0x42)");
+    }
+
+    #[test]
+    fn config_errors_are_not_closed() {
+        let e = Error::config("empty ALPN list");
+        assert!(e.is_config());
+        assert!(!e.is_closed());
+    }
+}

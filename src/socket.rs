@@ -1,0 +1,188 @@
+//! UDP IO: batched receive (GRO where the OS has it, `recvmmsg` otherwise) and batched send
+//! (GSO), through `quinn-udp`, with tokio readiness. No QUIC logic lives here.
+//!
+//! Offloads are detected at run time by `quinn-udp`; where the kernel lacks them the same
+//! calls degrade to one datagram per syscall.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::task::{Context, Poll, ready};
+
+use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
+use tokio::io::Interest;
+
+/// Socket buffer size we ask the kernel for. Bursts of a fast connection overflow the usual
+/// 208 KiB default; the kernel caps this at `net.core.{r,w}mem_max`.
+const SOCKET_BUFFER_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest GRO super-datagram the kernel hands us (the IPv4/IPv6 payload limit).
+const GRO_SLICE_BYTES: usize = 64 * 1024;
+
+/// With GRO each slice holds up to 64 datagrams; a few slices per syscall suffice.
+const GRO_SLICES: usize = 8;
+
+pub(crate) struct Socket {
+    io: tokio::net::UdpSocket,
+    state: UdpSocketState,
+    local: SocketAddr,
+}
+
+impl Socket {
+    /// Binds `addr`. IPv6 wildcard sockets are dual-stack, so one client socket reaches both
+    /// families.
+    pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
+        let domain = socket2::Domain::for_address(addr);
+        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        if addr.is_ipv6() && addr.ip().is_unspecified() {
+            // Best effort: some systems forbid dual-stack sockets.
+            let _ = sock.set_only_v6(false);
+        }
+        sock.bind(&addr.into())?;
+        Self::from_std(sock.into())
+    }
+
+    pub(crate) fn from_std(sock: std::net::UdpSocket) -> io::Result<Self> {
+        sock.set_nonblocking(true)?;
+        let state = UdpSocketState::new((&sock).into())?;
+        // Best effort: the kernel may cap or refuse larger buffers; smaller ones only cost
+        // drops under bursts, which QUIC recovers from.
+        let _ = state.set_recv_buffer_size((&sock).into(), SOCKET_BUFFER_BYTES);
+        let _ = state.set_send_buffer_size((&sock).into(), SOCKET_BUFFER_BYTES);
+        let local = sock.local_addr()?;
+        let io = tokio::net::UdpSocket::from_std(sock)?;
+        Ok(Socket { io, state, local })
+    }
+
+    pub(crate) fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// How many equal-size segments one send may carry (1 without GSO).
+    pub(crate) fn max_gso_segments(&self) -> usize {
+        self.state.max_gso_segments()
+    }
+
+    /// Maps an address to the form this socket sends to (IPv4 peers of a dual-stack IPv6
+    /// socket are addressed as `::ffff:a.b.c.d`).
+    pub(crate) fn peer_address_for(&self, peer: SocketAddr) -> SocketAddr {
+        match (self.local, peer) {
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
+                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
+            }
+            _ => peer,
+        }
+    }
+
+    /// The form users expect to see: IPv4 peers of a dual-stack socket as plain IPv4.
+    pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+                Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+                None => addr,
+            },
+            v4 => v4,
+        }
+    }
+
+    /// Sends one datagram, or a GSO batch of `segment_size`-byte datagrams (the last may be
+    /// shorter). `WouldBlock` means the socket buffer is full; other errors are logged by
+    /// quinn-udp and dropped, as UDP loss.
+    pub(crate) fn try_send(
+        &self,
+        to: SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
+        let transmit = Transmit { destination: to, ecn: None, contents, segment_size, src_ip: None };
+        self.io.try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), &transmit))
+    }
+
+    /// Registers interest in the socket becoming writable again.
+    pub(crate) fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_send_ready(cx)
+    }
+
+    /// Receives a batch into `bufs`; returns how many slices were filled.
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>, bufs: &mut RecvBuffers) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.io.poll_recv_ready(cx))?;
+            let mut chunks = bufs.storage.chunks_mut(bufs.slice_len);
+            let mut iovs: [IoSliceMut<'_>; BATCH_SIZE] =
+                std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
+            let slices = bufs.slices;
+            let result = self.io.try_io(Interest::READABLE, || {
+                self.state.recv((&self.io).into(), &mut iovs[..slices], &mut bufs.meta[..slices])
+            });
+            match result {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    pub(crate) fn recv_buffers(&self, max_datagram: usize) -> RecvBuffers {
+        let (slices, slice_len) = if self.state.gro_segments() > 1 {
+            (GRO_SLICES.min(BATCH_SIZE), GRO_SLICE_BYTES)
+        } else {
+            (BATCH_SIZE, max_datagram.min(GRO_SLICE_BYTES))
+        };
+        RecvBuffers {
+            storage: vec![0; slices * slice_len],
+            slice_len,
+            slices,
+            meta: vec![RecvMeta::default(); slices],
+        }
+    }
+}
+
+/// Reused receive buffers of one socket: `slices` slices of `slice_len` bytes.
+pub(crate) struct RecvBuffers {
+    storage: Vec<u8>,
+    slice_len: usize,
+    slices: usize,
+    meta: Vec<RecvMeta>,
+}
+
+impl RecvBuffers {
+    /// Calls `f(datagram, from)` for every datagram of the first `filled` slices, splitting
+    /// GRO slices into their segments.
+    pub(crate) fn for_each(&mut self, filled: usize, mut f: impl FnMut(&mut [u8], SocketAddr)) {
+        let slice_len = self.slice_len;
+        for (i, meta) in self.meta[..filled].iter().enumerate() {
+            let slice = &mut self.storage[i * slice_len..i * slice_len + meta.len.min(slice_len)];
+            let stride = if meta.stride == 0 { slice.len().max(1) } else { meta.stride };
+            for datagram in slice.chunks_mut(stride) {
+                f(datagram, meta.addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn batched_send_and_receive_round_trip() {
+        let a = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let segments = a.max_gso_segments().min(4);
+        let payload: Vec<u8> = (0..segments * 100).map(|i| (i / 100) as u8).collect();
+        let seg = (segments > 1).then_some(100);
+        a.try_send(b.local_addr(), &payload, seg).unwrap();
+        let mut bufs = b.recv_buffers(1500);
+        let mut got = Vec::new();
+        while got.len() < segments {
+            let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs)).await.unwrap();
+            bufs.for_each(n, |d, from| {
+                assert_eq!(from, a.local_addr());
+                got.push(d.to_vec());
+            });
+        }
+        for (i, d) in got.iter().enumerate() {
+            assert_eq!(d.len(), 100);
+            assert!(d.iter().all(|&x| x == i as u8), "segment {i} intact and in order");
+        }
+    }
+}

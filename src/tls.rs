@@ -1,0 +1,420 @@
+//! Certificates and TLS contexts: loading PEM (files or memory), checking that a key matches
+//! its certificate, verifying peers (system roots, a custom CA, or explicitly nothing), and
+//! generating development certificates.
+//!
+//! quiche drives the handshake; this module only prepares the BoringSSL context it runs with.
+
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use boring::asn1::Asn1Time;
+use boring::bn::{BigNum, MsbOption};
+use boring::ec::{EcGroup, EcKey};
+use boring::hash::MessageDigest;
+use boring::nid::Nid;
+use boring::pkey::{PKey, Private};
+use boring::ssl::{NameType, SslContextBuilder, SslMethod, SslVerifyMode};
+use boring::x509::extension::{
+    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
+};
+use boring::x509::store::X509StoreBuilder;
+use boring::x509::{X509, X509NameBuilder, X509StoreContext, X509StoreContextRef, X509VerifyError};
+
+use crate::error::Error;
+
+/// Where PEM text comes from: a file, read when the configuration is built, or memory.
+#[derive(Debug, Clone)]
+pub(crate) enum PemSource {
+    File(PathBuf),
+    Memory(Vec<u8>),
+}
+
+impl PemSource {
+    fn read(&self, what: &str) -> Result<Vec<u8>, Error> {
+        match self {
+            PemSource::Memory(bytes) => Ok(bytes.clone()),
+            PemSource::File(path) => std::fs::read(path).map_err(|e| {
+                Error::config(format!("cannot read the {what} from '{}': {e}", path.display()))
+            }),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            PemSource::File(path) => format!("'{}'", path.display()),
+            PemSource::Memory(_) => "the PEM given in memory".to_string(),
+        }
+    }
+
+    pub(crate) fn certificates(&self, what: &str) -> Result<Vec<X509>, Error> {
+        let pem = self.read(what)?;
+        let certs = X509::stack_from_pem(&pem).map_err(|e| {
+            Error::config(format!("the {what} in {} is not valid PEM: {e}", self.describe()))
+        })?;
+        if certs.is_empty() {
+            return Err(Error::config(format!(
+                "no certificate found in {} (expected one or more '-----BEGIN CERTIFICATE-----' blocks for the {what})",
+                self.describe()
+            )));
+        }
+        Ok(certs)
+    }
+
+    pub(crate) fn private_key(&self) -> Result<PKey<Private>, Error> {
+        let pem = self.read("private key")?;
+        PKey::private_key_from_pem(&pem).map_err(|e| {
+            Error::config(format!(
+                "no usable private key in {} (expected a PEM 'PRIVATE KEY' block): {e}",
+                self.describe()
+            ))
+        })
+    }
+}
+
+/// Parsed TLS material of a configuration, shared by every endpoint built from it.
+pub(crate) struct TlsMaterial {
+    pub(crate) chain: Vec<X509>,
+    pub(crate) key: Option<PKey<Private>>,
+    /// Roots a client trusts for servers (system roots and/or custom CAs).
+    pub(crate) roots: Vec<X509>,
+    /// When false, a client accepts any server certificate (explicit insecure mode).
+    pub(crate) verify_server: bool,
+    /// When set, a server requires client certificates signed by one of these.
+    pub(crate) client_ca: Option<Vec<X509>>,
+}
+
+impl TlsMaterial {
+    pub(crate) fn load(
+        chain: Option<&PemSource>,
+        key: Option<&PemSource>,
+        custom_roots: &[PemSource],
+        system_roots: bool,
+        verify_server: bool,
+        client_ca: Option<&PemSource>,
+    ) -> Result<Self, Error> {
+        let chain = match chain {
+            Some(src) => src.certificates("certificate chain")?,
+            None => Vec::new(),
+        };
+        let key = key.map(PemSource::private_key).transpose()?;
+        match (chain.first(), &key) {
+            (Some(leaf), Some(key)) => {
+                let public = leaf.public_key().map_err(|e| {
+                    Error::config(format!("the certificate's public key cannot be read: {e}"))
+                })?;
+                if !public.public_eq(key) {
+                    return Err(Error::config(
+                        "the private key does not match the certificate (the first certificate of the chain): \
+                         give the key that was used to create that certificate",
+                    ));
+                }
+            }
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "a certificate chain was given without its private key: set the private key too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "a private key was given without its certificate chain: set the certificate chain too",
+                ));
+            }
+            (None, None) => {}
+        }
+        let mut roots = Vec::new();
+        for src in custom_roots {
+            roots.extend(src.certificates("CA certificate")?);
+        }
+        if system_roots && verify_server {
+            roots.extend(system_root_certificates());
+        }
+        let client_ca = client_ca.map(|src| src.certificates("client CA certificate")).transpose()?;
+        Ok(TlsMaterial { chain, key, roots, verify_server, client_ca })
+    }
+
+    /// A BoringSSL context for one endpoint; quiche adds ALPN and QUIC specifics.
+    pub(crate) fn context_builder(&self, server: bool) -> Result<SslContextBuilder, Error> {
+        let tls_err = |what: &str, e: boring::error::ErrorStack| {
+            Error::config(format!("TLS setup failed ({what}): {e}"))
+        };
+        let mut b =
+            SslContextBuilder::new(SslMethod::tls()).map_err(|e| tls_err("new context", e))?;
+        if let Some(leaf) = self.chain.first() {
+            b.set_certificate(leaf).map_err(|e| tls_err("certificate", e))?;
+            for extra in &self.chain[1..] {
+                b.add_extra_chain_cert(extra.clone()).map_err(|e| tls_err("chain", e))?;
+            }
+        }
+        if let Some(key) = &self.key {
+            b.set_private_key(key).map_err(|e| tls_err("private key", e))?;
+            b.check_private_key().map_err(|e| tls_err("key check", e))?;
+        }
+        if server {
+            match &self.client_ca {
+                Some(cas) => {
+                    b.set_cert_store(store_of(cas).map_err(|e| tls_err("client CA", e))?);
+                    b.set_verify_callback(
+                        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+                        record_verify_error,
+                    );
+                }
+                None => b.set_verify(SslVerifyMode::NONE),
+            }
+        } else if self.verify_server {
+            b.set_cert_store(store_of(&self.roots).map_err(|e| tls_err("roots", e))?);
+            b.set_verify_callback(SslVerifyMode::PEER, verify_server_certificate);
+        } else {
+            b.set_verify(SslVerifyMode::NONE);
+        }
+        Ok(b)
+    }
+}
+
+fn store_of(certs: &[X509]) -> Result<boring::x509::store::X509Store, boring::error::ErrorStack> {
+    let mut store = X509StoreBuilder::new()?;
+    for cert in certs {
+        // A bundle may hold the same certificate twice; that is not an error for us.
+        let _ = store.add_cert(cert.clone());
+    }
+    Ok(store.build())
+}
+
+/// The system's trusted roots: `SSL_CERT_FILE` when set, else the first bundle found where
+/// the common Linux distributions and BSDs keep it.
+fn system_root_certificates() -> Vec<X509> {
+    const BUNDLES: &[&str] = &[
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+        "/etc/ssl/ca-bundle.pem",
+        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+        "/etc/ssl/cert.pem",
+        "/usr/local/share/certs/ca-root-nss.crt",
+    ];
+    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
+    from_env
+        .into_iter()
+        .chain(BUNDLES.iter().map(PathBuf::from))
+        .find_map(|path| {
+            let pem = std::fs::read(&path).ok()?;
+            X509::stack_from_pem(&pem).ok().filter(|certs| !certs.is_empty())
+        })
+        .unwrap_or_default()
+}
+
+thread_local! {
+    /// The reason the last certificate verification on this thread failed.
+    ///
+    /// BoringSSL verifies inside `quiche::Connection::recv`, on the connection task's thread,
+    /// and only tells the peer an alert number; the connection task takes this right after
+    /// `recv` returns, in the same poll, so the reason reaches the user's error.
+    static LAST_VERIFY_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+/// Takes the reason the last certificate verification on this thread failed, if any.
+pub(crate) fn take_verify_error() -> Option<String> {
+    LAST_VERIFY_ERROR.with(|slot| slot.borrow_mut().take())
+}
+
+fn remember(ctx: &X509StoreContextRef, error: X509VerifyError) {
+    let subject = ctx
+        .current_cert()
+        .and_then(|cert| {
+            cert.subject_name().entries_by_nid(Nid::COMMONNAME).next().and_then(|e| {
+                e.data().as_utf8().ok().map(|s| s.to_string())
+            })
+        })
+        .map(|cn| format!(" (certificate '{cn}', depth {})", ctx.error_depth()))
+        .unwrap_or_default();
+    let message = format!("certificate verify failed: {}{subject}", error.error_string());
+    LAST_VERIFY_ERROR.with(|slot| *slot.borrow_mut() = Some(message));
+}
+
+fn record_verify_error(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> bool {
+    if !preverify_ok {
+        if let Err(error) = ctx.verify_result() {
+            remember(ctx, error);
+        }
+    }
+    preverify_ok
+}
+
+/// Client-side verification: the chain must lead to a trusted root, and the leaf must carry
+/// the name we connected to. BoringSSL matches DNS names itself (quiche sets the expected
+/// host); for a literal IP address we match the certificate's IP SANs here.
+fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> bool {
+    if preverify_ok {
+        return true;
+    }
+    let Err(error) = ctx.verify_result() else { return true };
+    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx) {
+        ctx.set_error(Ok(()));
+        return true;
+    }
+    remember(ctx, error);
+    false
+}
+
+fn leaf_matches_ip(ctx: &X509StoreContextRef) -> bool {
+    let Ok(idx) = X509StoreContext::ssl_idx() else { return false };
+    let Some(ssl) = ctx.ex_data(idx) else { return false };
+    let Some(ip) = ssl.servername(NameType::HOST_NAME).and_then(|n| n.parse::<IpAddr>().ok())
+    else {
+        return false;
+    };
+    let want: Vec<u8> = match ip {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    let Some(leaf) = ctx.current_cert() else { return false };
+    leaf.subject_alt_names()
+        .map(|names| names.iter().any(|n| n.ipaddress() == Some(&want[..])))
+        .unwrap_or(false)
+}
+
+/// A PEM certificate (chain) and its PEM private key, as generated by [`DevCa`] or
+/// [`self_signed`].
+#[derive(Clone)]
+pub struct GeneratedCert {
+    /// The certificate in PEM.
+    pub cert_pem: String,
+    /// Its private key in PEM (PKCS#8).
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for GeneratedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GeneratedCert").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+/// A throwaway certificate authority for development and tests: it issues leaf certificates
+/// for names and addresses such as `localhost` and `127.0.0.1`. Clients trust it through
+/// [`ConfigBuilder::ca_pem`](crate::quic::ConfigBuilder::ca_pem).
+pub struct DevCa {
+    cert: X509,
+    key: PKey<Private>,
+}
+
+impl std::fmt::Debug for DevCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevCa").finish_non_exhaustive()
+    }
+}
+
+fn generation_error(e: boring::error::ErrorStack) -> Error {
+    Error::config(format!("certificate generation failed: {e}"))
+}
+
+fn new_key() -> Result<PKey<Private>, boring::error::ErrorStack> {
+    let group = EcGroup::from_curve_name(Nid::X9_62_PRIME256V1)?;
+    PKey::from_ec_key(EcKey::generate(&group)?)
+}
+
+fn builder_for(
+    subject_cn: &str,
+    key: &PKey<Private>,
+) -> Result<boring::x509::X509Builder, boring::error::ErrorStack> {
+    let mut name = X509NameBuilder::new()?;
+    name.append_entry_by_nid(Nid::COMMONNAME, subject_cn)?;
+    let name = name.build();
+    let mut b = X509::builder()?;
+    b.set_version(2)?;
+    let mut serial = BigNum::new()?;
+    serial.rand(127, MsbOption::MAYBE_ZERO, false)?;
+    b.set_serial_number(&*serial.to_asn1_integer()?)?;
+    b.set_subject_name(&name)?;
+    b.set_pubkey(key)?;
+    // Valid from a day ago (clock skew) for a year.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    b.set_not_before(&*Asn1Time::from_unix(now - 86_400)?)?;
+    b.set_not_after(&*Asn1Time::from_unix(now + 365 * 86_400)?)?;
+    Ok(b)
+}
+
+fn pem_pair(cert: &X509, key: &PKey<Private>) -> Result<GeneratedCert, boring::error::ErrorStack> {
+    Ok(GeneratedCert {
+        cert_pem: String::from_utf8_lossy(&cert.to_pem()?).into_owned(),
+        key_pem: String::from_utf8_lossy(&key.private_key_to_pem_pkcs8()?).into_owned(),
+    })
+}
+
+fn add_names(
+    b: &mut boring::x509::X509Builder,
+    names: &[&str],
+) -> Result<(), boring::error::ErrorStack> {
+    let mut san = SubjectAlternativeName::new();
+    for name in names {
+        if name.parse::<IpAddr>().is_ok() {
+            san.ip(name);
+        } else {
+            san.dns(name);
+        }
+    }
+    let ext = san.build(&b.x509v3_context(None, None))?;
+    b.append_extension(&ext)
+}
+
+impl DevCa {
+    /// Creates a CA with a new P-256 key; `name` becomes its common name.
+    pub fn new(name: &str) -> Result<Self, Error> {
+        (|| {
+            let key = new_key()?;
+            let mut b = builder_for(name, &key)?;
+            let mut issuer = X509NameBuilder::new()?;
+            issuer.append_entry_by_nid(Nid::COMMONNAME, name)?;
+            b.set_issuer_name(&issuer.build())?;
+            b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
+            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+            b.sign(&key, MessageDigest::sha256())?;
+            Ok(DevCa { cert: b.build(), key })
+        })()
+        .map_err(generation_error)
+    }
+
+    /// The CA certificate in PEM: what clients must trust.
+    pub fn cert_pem(&self) -> String {
+        self.cert.to_pem().map(|p| String::from_utf8_lossy(&p).into_owned()).unwrap_or_default()
+    }
+
+    /// Issues a leaf certificate for `names` (DNS names or IP addresses; the first is also the
+    /// common name), valid for server and client authentication.
+    pub fn issue(&self, names: &[&str]) -> Result<GeneratedCert, Error> {
+        (|| {
+            let key = new_key()?;
+            let mut b = builder_for(names.first().copied().unwrap_or("localhost"), &key)?;
+            b.set_issuer_name(self.cert.subject_name())?;
+            b.append_extension(&*BasicConstraints::new().critical().build()?)?;
+            b.append_extension(&*KeyUsage::new().critical().digital_signature().build()?)?;
+            b.append_extension(&*ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
+            add_names(&mut b, names)?;
+            b.sign(&self.key, MessageDigest::sha256())?;
+            pem_pair(&b.build(), &key)
+        })()
+        .map_err(generation_error)
+    }
+}
+
+/// Generates a self-signed certificate for `names` (DNS names or IP addresses), for
+/// development: clients must trust this very certificate (it is its own CA).
+pub fn self_signed(names: &[&str]) -> Result<GeneratedCert, Error> {
+    (|| {
+        let key = new_key()?;
+        let cn = names.first().copied().unwrap_or("localhost");
+        let mut b = builder_for(cn, &key)?;
+        let mut issuer = X509NameBuilder::new()?;
+        issuer.append_entry_by_nid(Nid::COMMONNAME, cn)?;
+        b.set_issuer_name(&issuer.build())?;
+        b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
+        b.append_extension(
+            &*KeyUsage::new().critical().digital_signature().key_cert_sign().build()?,
+        )?;
+        add_names(&mut b, names)?;
+        b.sign(&key, MessageDigest::sha256())?;
+        pem_pair(&b.build(), &key)
+    })()
+    .map_err(generation_error)
+}
