@@ -14,22 +14,45 @@ use tower_quiche::quic::{Config, Endpoint, echo};
 
 #[tokio::main]
 async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = support::Args::parse(&["--insecure"]);
-    let target = args.positional.first().map(String::as_str).unwrap_or("127.0.0.1:4433").to_string();
+    let target = args
+        .positional
+        .first()
+        .map(String::as_str)
+        .unwrap_or("127.0.0.1:4433")
+        .to_string();
     let streams: usize = args.parsed("--streams", 1);
     let bytes: u64 = args.parsed("--bytes", 64 * 1024 * 1024);
-    let mut config = Config::builder().alpn([echo::ALPN]).danger_accept_invalid_certs(args.has("--insecure"));
+    let mut config = Config::builder()
+        .alpn([echo::ALPN])
+        .danger_accept_invalid_certs(args.has("--insecure"));
     if let Some(ca) = args.value("--ca") {
         config = config.ca_pem_file(ca);
     }
-    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
+    let config = config
+        .build()
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
     let endpoint = Endpoint::client(config).unwrap_or_else(|e| support::fail(&e.to_string()));
     let (app, client) = echo::EchoClient::new();
     let started = Instant::now();
-    let connection = endpoint.connect(&target, app).await.unwrap_or_else(|e| support::fail(&e.to_string()));
-    eprintln!("connected to {} in {:?}", connection.peer_addr(), started.elapsed());
+    let connection = endpoint
+        .connect(&target, app)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    eprintln!(
+        "connected to {} in {:?}",
+        connection.peer_addr(),
+        started.elapsed()
+    );
     // A 64 KiB pattern, repeated: the check is exact without keeping the echo.
-    let pattern: Bytes = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>().into();
+    let pattern: Bytes = (0..65536u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
     let chunk = pattern.slice(..(bytes.min(pattern.len() as u64) as usize).max(1));
     let times = bytes.div_ceil(chunk.len() as u64).max(1);
     let started = Instant::now();

@@ -27,8 +27,13 @@ async fn main() {
         .keylog_from_env()
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let mut listener = Listener::bind(listen, config).await.unwrap_or_else(|e| support::fail(&e.to_string()));
-    eprintln!("echo server listening on {} (ALPN echo)", listener.local_addr());
+    let mut listener = Listener::bind(listen, config)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    eprintln!(
+        "echo server listening on {} (ALPN echo)",
+        listener.local_addr()
+    );
     loop {
         tokio::select! {
             incoming = listener.accept() => match incoming {

@@ -117,14 +117,24 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("settings", &self.inner.s)
-            .field("alpn", &self.inner.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect::<Vec<_>>())
+            .field(
+                "alpn",
+                &self
+                    .inner
+                    .alpn
+                    .iter()
+                    .map(|p| String::from_utf8_lossy(p))
+                    .collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
 
 impl fmt::Debug for ConfigBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConfigBuilder").field("settings", &self.s).finish_non_exhaustive()
+        f.debug_struct("ConfigBuilder")
+            .field("settings", &self.s)
+            .finish_non_exhaustive()
     }
 }
 
@@ -166,7 +176,8 @@ impl Config {
         let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, ctx)
             .map_err(|e| quiche_err("the TLS context", e))?;
         let alpn: Vec<&[u8]> = inner.alpn.iter().map(Vec::as_slice).collect();
-        c.set_application_protos(&alpn).map_err(|e| quiche_err("the ALPN list", e))?;
+        c.set_application_protos(&alpn)
+            .map_err(|e| quiche_err("the ALPN list", e))?;
         c.set_max_idle_timeout(s.idle_timeout.as_millis() as u64);
         c.set_initial_max_data(s.initial_max_data);
         c.set_initial_max_stream_data_bidi_local(s.initial_max_stream_data_bidi_local);
@@ -198,9 +209,10 @@ impl Config {
     }
 
     pub(crate) fn keylog_writer(&self) -> Option<Box<dyn Write + Send + Sync>> {
-        self.inner.keylog.as_ref().map(|file| {
-            Box::new(SharedFile(Arc::clone(file))) as Box<dyn Write + Send + Sync>
-        })
+        self.inner
+            .keylog
+            .as_ref()
+            .map(|file| Box::new(SharedFile(Arc::clone(file))) as Box<dyn Write + Send + Sync>)
     }
 }
 
@@ -479,7 +491,9 @@ impl ConfigBuilder {
             )));
         }
         if s.idle_timeout.is_zero() || s.handshake_timeout.is_zero() {
-            return Err(Error::config("idle_timeout and handshake_timeout must be greater than zero"));
+            return Err(Error::config(
+                "idle_timeout and handshake_timeout must be greater than zero",
+            ));
         }
         let id_len = self.cid_generator.id_len();
         if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
@@ -494,14 +508,24 @@ impl ConfigBuilder {
         }
         if let Some(dir) = &self.qlog_dir {
             std::fs::create_dir_all(dir).map_err(|e| {
-                Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display()))
+                Error::config(format!(
+                    "cannot create the qlog directory '{}': {e}",
+                    dir.display()
+                ))
             })?;
         }
         let keylog = match &self.keylog {
             Some(path) => Some(Arc::new(Mutex::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
-                    Error::config(format!("cannot open the key-log file '{}': {e}", path.display()))
-                })?,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        Error::config(format!(
+                            "cannot open the key-log file '{}': {e}",
+                            path.display()
+                        ))
+                    })?,
             ))),
             None => None,
         };
@@ -573,7 +597,11 @@ mod tests {
 
     #[test]
     fn tiny_payload_sizes_are_refused() {
-        let err = Config::builder().alpn(["h3"]).max_send_udp_payload(1000).build().unwrap_err();
+        let err = Config::builder()
+            .alpn(["h3"])
+            .max_send_udp_payload(1000)
+            .build()
+            .unwrap_err();
         assert!(err.to_string().contains("1200"), "{err}");
     }
 }

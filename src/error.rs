@@ -46,7 +46,14 @@ pub(crate) enum Kind {
 
 impl Error {
     pub(crate) fn new(kind: Kind) -> Self {
-        Error { inner: Box::new(Inner { kind, code: None, message: None, source: None }) }
+        Error {
+            inner: Box::new(Inner {
+                kind,
+                code: None,
+                message: None,
+                source: None,
+            }),
+        }
     }
 
     pub(crate) fn with_message(mut self, message: impl Into<String>) -> Self {
@@ -69,13 +76,17 @@ impl Error {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::new(Kind::Io).with_message(context).with_source(source)
+        Error::new(Kind::Io)
+            .with_message(context)
+            .with_source(source)
     }
 
     /// An error an [`Application`](crate::quic::Application) raises to close its connection
     /// with `code` (an application protocol error code, sent to the peer in CONNECTION_CLOSE).
     pub fn application(code: u64, message: impl Into<String>) -> Self {
-        Error::new(Kind::Application).with_code(code).with_message(message)
+        Error::new(Kind::Application)
+            .with_code(code)
+            .with_message(message)
     }
 
     /// A copy for a second reader (the source is kept as text: boxed errors do not clone).
@@ -88,7 +99,12 @@ impl Error {
             });
         }
         Error {
-            inner: Box::new(Inner { kind: self.inner.kind, code: self.inner.code, message, source: None }),
+            inner: Box::new(Inner {
+                kind: self.inner.kind,
+                code: self.inner.code,
+                message,
+                source: None,
+            }),
         }
     }
 
@@ -208,7 +224,9 @@ pub(crate) fn from_close(
     verify_error: Option<String>,
 ) -> Option<Error> {
     if handshake_timed_out {
-        return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
+        return Some(
+            Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"),
+        );
     }
     if conn.is_timed_out() {
         let message = if conn.is_established() {
@@ -223,18 +241,30 @@ pub(crate) fn from_close(
         (None, Some(e)) => (false, e),
         (None, None) => return None,
     };
-    let who = if local { "closed by us" } else { "closed by the peer" };
+    let who = if local {
+        "closed by us"
+    } else {
+        "closed by the peer"
+    };
     let reason = String::from_utf8_lossy(&err.reason);
-    let detail = if reason.is_empty() { who.to_string() } else { format!("{who}: {reason}") };
+    let detail = if reason.is_empty() {
+        who.to_string()
+    } else {
+        format!("{who}: {reason}")
+    };
     if err.is_app {
         if err.error_code == 0 || (err.error_code == 0x100 && conn.application_proto() == b"h3") {
-            // APPLICATION_CLOSE with "no error": a clean close.
-            return Some(Error::new(Kind::Closed).with_code(err.error_code).with_message(detail));
+            // "No error" (0, or H3_NO_ERROR for HTTP/3): a clean close.
+            return None;
         }
-        return Some(Error::new(Kind::Application).with_code(err.error_code).with_message(detail));
+        return Some(
+            Error::new(Kind::Application)
+                .with_code(err.error_code)
+                .with_message(detail),
+        );
     }
     match err.error_code {
-        0 => Some(Error::new(Kind::Closed).with_code(0).with_message(detail)),
+        0 => None,
         // CRYPTO_ERROR: 0x0100 + the TLS alert (RFC 9001 §4.8).
         code @ 0x100..=0x1ff => {
             let alert = (code - 0x100) as u8;
@@ -244,10 +274,11 @@ pub(crate) fn from_close(
             }
             Some(Error::new(Kind::Tls).with_code(code).with_message(message))
         }
-        code => Some(Error::new(Kind::Protocol).with_code(code).with_message(format!(
-            "{detail} ({})",
-            transport_error_name(code)
-        ))),
+        code => Some(
+            Error::new(Kind::Protocol)
+                .with_code(code)
+                .with_message(format!("{detail} ({})", transport_error_name(code))),
+        ),
     }
 }
 

@@ -32,7 +32,8 @@ impl Socket {
     /// families.
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
         let domain = socket2::Domain::for_address(addr);
-        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let sock =
+            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             // Best effort: some systems forbid dual-stack sockets.
             let _ = sock.set_only_v6(false);
@@ -93,8 +94,26 @@ impl Socket {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> io::Result<()> {
-        let transmit = Transmit { destination: to, ecn: None, contents, segment_size, src_ip: None };
-        self.io.try_io(Interest::WRITABLE, || self.state.send((&self.io).into(), &transmit))
+        let transmit = Transmit {
+            destination: to,
+            ecn: None,
+            contents,
+            segment_size,
+            src_ip: None,
+        };
+        // Send first and ask tokio only when the kernel says the buffer is full: a UDP
+        // socket is almost always writable, and tokio does not know that until its reactor
+        // has seen the socket once.
+        match self.state.send((&self.io).into(), &transmit) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                // Clear tokio's write readiness, so `poll_send_ready` waits for the buffer.
+                let _ = self.io.try_io(Interest::WRITABLE, || {
+                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
+                });
+                Err(e)
+            }
+            other => other,
+        }
     }
 
     /// Registers interest in the socket becoming writable again.
@@ -103,7 +122,11 @@ impl Socket {
     }
 
     /// Receives a batch into `bufs`; returns how many slices were filled.
-    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>, bufs: &mut RecvBuffers) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_recv(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut RecvBuffers,
+    ) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_recv_ready(cx))?;
             let mut chunks = bufs.storage.chunks_mut(bufs.slice_len);
@@ -111,7 +134,11 @@ impl Socket {
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
             let slices = bufs.slices;
             let result = self.io.try_io(Interest::READABLE, || {
-                self.state.recv((&self.io).into(), &mut iovs[..slices], &mut bufs.meta[..slices])
+                self.state.recv(
+                    (&self.io).into(),
+                    &mut iovs[..slices],
+                    &mut bufs.meta[..slices],
+                )
             });
             match result {
                 Ok(n) => return Poll::Ready(Ok(n)),
@@ -151,7 +178,11 @@ impl RecvBuffers {
         let slice_len = self.slice_len;
         for (i, meta) in self.meta[..filled].iter().enumerate() {
             let slice = &mut self.storage[i * slice_len..i * slice_len + meta.len.min(slice_len)];
-            let stride = if meta.stride == 0 { slice.len().max(1) } else { meta.stride };
+            let stride = if meta.stride == 0 {
+                slice.len().max(1)
+            } else {
+                meta.stride
+            };
             for datagram in slice.chunks_mut(stride) {
                 f(datagram, meta.addr);
             }
@@ -174,7 +205,9 @@ mod tests {
         let mut bufs = b.recv_buffers(1500);
         let mut got = Vec::new();
         while got.len() < segments {
-            let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs)).await.unwrap();
+            let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs))
+                .await
+                .unwrap();
             bufs.for_each(n, |d, from| {
                 assert_eq!(from, a.local_addr());
                 got.push(d.to_vec());
@@ -182,7 +215,10 @@ mod tests {
         }
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.len(), 100);
-            assert!(d.iter().all(|&x| x == i as u8), "segment {i} intact and in order");
+            assert!(
+                d.iter().all(|&x| x == i as u8),
+                "segment {i} intact and in order"
+            );
         }
     }
 }

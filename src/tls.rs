@@ -35,7 +35,10 @@ impl PemSource {
         match self {
             PemSource::Memory(bytes) => Ok(bytes.clone()),
             PemSource::File(path) => std::fs::read(path).map_err(|e| {
-                Error::config(format!("cannot read the {what} from '{}': {e}", path.display()))
+                Error::config(format!(
+                    "cannot read the {what} from '{}': {e}",
+                    path.display()
+                ))
             }),
         }
     }
@@ -50,7 +53,10 @@ impl PemSource {
     pub(crate) fn certificates(&self, what: &str) -> Result<Vec<X509>, Error> {
         let pem = self.read(what)?;
         let certs = X509::stack_from_pem(&pem).map_err(|e| {
-            Error::config(format!("the {what} in {} is not valid PEM: {e}", self.describe()))
+            Error::config(format!(
+                "the {what} in {} is not valid PEM: {e}",
+                self.describe()
+            ))
         })?;
         if certs.is_empty() {
             return Err(Error::config(format!(
@@ -129,8 +135,16 @@ impl TlsMaterial {
         if system_roots && verify_server {
             roots.extend(system_root_certificates());
         }
-        let client_ca = client_ca.map(|src| src.certificates("client CA certificate")).transpose()?;
-        Ok(TlsMaterial { chain, key, roots, verify_server, client_ca })
+        let client_ca = client_ca
+            .map(|src| src.certificates("client CA certificate"))
+            .transpose()?;
+        Ok(TlsMaterial {
+            chain,
+            key,
+            roots,
+            verify_server,
+            client_ca,
+        })
     }
 
     /// A BoringSSL context for one endpoint; quiche adds ALPN and QUIC specifics.
@@ -141,13 +155,16 @@ impl TlsMaterial {
         let mut b =
             SslContextBuilder::new(SslMethod::tls()).map_err(|e| tls_err("new context", e))?;
         if let Some(leaf) = self.chain.first() {
-            b.set_certificate(leaf).map_err(|e| tls_err("certificate", e))?;
+            b.set_certificate(leaf)
+                .map_err(|e| tls_err("certificate", e))?;
             for extra in &self.chain[1..] {
-                b.add_extra_chain_cert(extra.clone()).map_err(|e| tls_err("chain", e))?;
+                b.add_extra_chain_cert(extra.clone())
+                    .map_err(|e| tls_err("chain", e))?;
             }
         }
         if let Some(key) = &self.key {
-            b.set_private_key(key).map_err(|e| tls_err("private key", e))?;
+            b.set_private_key(key)
+                .map_err(|e| tls_err("private key", e))?;
             b.check_private_key().map_err(|e| tls_err("key check", e))?;
         }
         if server {
@@ -197,7 +214,9 @@ fn system_root_certificates() -> Vec<X509> {
         .chain(BUNDLES.iter().map(PathBuf::from))
         .find_map(|path| {
             let pem = std::fs::read(&path).ok()?;
-            X509::stack_from_pem(&pem).ok().filter(|certs| !certs.is_empty())
+            X509::stack_from_pem(&pem)
+                .ok()
+                .filter(|certs| !certs.is_empty())
         })
         .unwrap_or_default()
 }
@@ -220,21 +239,23 @@ fn remember(ctx: &X509StoreContextRef, error: X509VerifyError) {
     let subject = ctx
         .current_cert()
         .and_then(|cert| {
-            cert.subject_name().entries_by_nid(Nid::COMMONNAME).next().and_then(|e| {
-                e.data().as_utf8().ok().map(|s| s.to_string())
-            })
+            cert.subject_name()
+                .entries_by_nid(Nid::COMMONNAME)
+                .next()
+                .and_then(|e| e.data().as_utf8().ok().map(|s| s.to_string()))
         })
         .map(|cn| format!(" (certificate '{cn}', depth {})", ctx.error_depth()))
         .unwrap_or_default();
-    let message = format!("certificate verify failed: {}{subject}", error.error_string());
+    let message = format!(
+        "certificate verify failed: {}{subject}",
+        error.error_string()
+    );
     LAST_VERIFY_ERROR.with(|slot| *slot.borrow_mut() = Some(message));
 }
 
 fn record_verify_error(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> bool {
-    if !preverify_ok {
-        if let Err(error) = ctx.verify_result() {
-            remember(ctx, error);
-        }
+    if !preverify_ok && let Err(error) = ctx.verify_result() {
+        remember(ctx, error);
     }
     preverify_ok
 }
@@ -246,8 +267,11 @@ fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) 
     if preverify_ok {
         return true;
     }
-    let Err(error) = ctx.verify_result() else { return true };
-    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx) {
+    let Err(error) = ctx.verify_result() else {
+        return true;
+    };
+    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx)
+    {
         ctx.set_error(Ok(()));
         return true;
     }
@@ -256,9 +280,15 @@ fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) 
 }
 
 fn leaf_matches_ip(ctx: &X509StoreContextRef) -> bool {
-    let Ok(idx) = X509StoreContext::ssl_idx() else { return false };
-    let Some(ssl) = ctx.ex_data(idx) else { return false };
-    let Some(ip) = ssl.servername(NameType::HOST_NAME).and_then(|n| n.parse::<IpAddr>().ok())
+    let Ok(idx) = X509StoreContext::ssl_idx() else {
+        return false;
+    };
+    let Some(ssl) = ctx.ex_data(idx) else {
+        return false;
+    };
+    let Some(ip) = ssl
+        .servername(NameType::HOST_NAME)
+        .and_then(|n| n.parse::<IpAddr>().ok())
     else {
         return false;
     };
@@ -266,7 +296,9 @@ fn leaf_matches_ip(ctx: &X509StoreContextRef) -> bool {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    let Some(leaf) = ctx.current_cert() else { return false };
+    let Some(leaf) = ctx.current_cert() else {
+        return false;
+    };
     leaf.subject_alt_names()
         .map(|names| names.iter().any(|n| n.ipaddress() == Some(&want[..])))
         .unwrap_or(false)
@@ -284,7 +316,9 @@ pub struct GeneratedCert {
 
 impl std::fmt::Debug for GeneratedCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GeneratedCert").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+        f.debug_struct("GeneratedCert")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -368,16 +402,28 @@ impl DevCa {
             issuer.append_entry_by_nid(Nid::COMMONNAME, name)?;
             b.set_issuer_name(&issuer.build())?;
             b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+            b.append_extension(
+                &*KeyUsage::new()
+                    .critical()
+                    .key_cert_sign()
+                    .crl_sign()
+                    .build()?,
+            )?;
             b.sign(&key, MessageDigest::sha256())?;
-            Ok(DevCa { cert: b.build(), key })
+            Ok(DevCa {
+                cert: b.build(),
+                key,
+            })
         })()
         .map_err(generation_error)
     }
 
     /// The CA certificate in PEM: what clients must trust.
     pub fn cert_pem(&self) -> String {
-        self.cert.to_pem().map(|p| String::from_utf8_lossy(&p).into_owned()).unwrap_or_default()
+        self.cert
+            .to_pem()
+            .map(|p| String::from_utf8_lossy(&p).into_owned())
+            .unwrap_or_default()
     }
 
     /// Issues a leaf certificate for `names` (DNS names or IP addresses; the first is also the
@@ -389,7 +435,12 @@ impl DevCa {
             b.set_issuer_name(self.cert.subject_name())?;
             b.append_extension(&*BasicConstraints::new().critical().build()?)?;
             b.append_extension(&*KeyUsage::new().critical().digital_signature().build()?)?;
-            b.append_extension(&*ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
+            b.append_extension(
+                &*ExtendedKeyUsage::new()
+                    .server_auth()
+                    .client_auth()
+                    .build()?,
+            )?;
             add_names(&mut b, names)?;
             b.sign(&self.key, MessageDigest::sha256())?;
             pem_pair(&b.build(), &key)
@@ -410,7 +461,11 @@ pub fn self_signed(names: &[&str]) -> Result<GeneratedCert, Error> {
         b.set_issuer_name(&issuer.build())?;
         b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
         b.append_extension(
-            &*KeyUsage::new().critical().digital_signature().key_cert_sign().build()?,
+            &*KeyUsage::new()
+                .critical()
+                .digital_signature()
+                .key_cert_sign()
+                .build()?,
         )?;
         add_names(&mut b, names)?;
         b.sign(&key, MessageDigest::sha256())?;

@@ -14,7 +14,11 @@ pub struct Args {
 impl Args {
     /// Parses `std::env::args`; flags listed in `switches` take no value.
     pub fn parse(switches: &[&str]) -> Args {
-        let mut args = Args { pairs: Vec::new(), switches: Vec::new(), positional: Vec::new() };
+        let mut args = Args {
+            pairs: Vec::new(),
+            switches: Vec::new(),
+            positional: Vec::new(),
+        };
         let mut it = std::env::args().skip(1);
         while let Some(arg) = it.next() {
             if switches.contains(&arg.as_str()) {
@@ -32,11 +36,18 @@ impl Args {
     }
 
     pub fn value(&self, name: &str) -> Option<&str> {
-        self.pairs.iter().rev().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn values(&self, name: &str) -> impl Iterator<Item = &str> {
-        self.pairs.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn has(&self, switch: &str) -> bool {
@@ -46,7 +57,9 @@ impl Args {
     pub fn parsed<T: std::str::FromStr>(&self, name: &str, default: T) -> T {
         match self.value(name) {
             None => default,
-            Some(v) => v.parse().unwrap_or_else(|_| fail(&format!("{name}: '{v}' is not valid"))),
+            Some(v) => v
+                .parse()
+                .unwrap_or_else(|_| fail(&format!("{name}: '{v}' is not valid"))),
         }
     }
 }
@@ -64,19 +77,26 @@ pub fn server_identity(args: &Args) -> (PathBuf, PathBuf) {
         (Some(cert), Some(key)) => (cert.into(), key.into()),
         (None, None) => {
             let dir = std::env::temp_dir().join(format!("tower-quiche-dev-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
             let ca = tower_quiche::tls::DevCa::new("tower-quiche development CA")
                 .unwrap_or_else(|e| fail(&e.to_string()));
-            let leaf = ca.issue(&["localhost", "127.0.0.1", "::1"]).unwrap_or_else(|e| fail(&e.to_string()));
+            let leaf = ca
+                .issue(&["localhost", "127.0.0.1", "::1"])
+                .unwrap_or_else(|e| fail(&e.to_string()));
             let write = |name: &str, text: &str| {
                 let path = dir.join(name);
-                std::fs::write(&path, text).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
+                std::fs::write(&path, text)
+                    .unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
                 path
             };
             let ca_path = write("ca.pem", &ca.cert_pem());
             let cert = write("cert.pem", &leaf.cert_pem);
             let key = write("key.pem", &leaf.key_pem);
-            eprintln!("generated a development certificate; clients must trust {}", ca_path.display());
+            eprintln!(
+                "generated a development certificate; clients must trust {}",
+                ca_path.display()
+            );
             (cert, key)
         }
         _ => fail("give both --cert and --key, or neither"),

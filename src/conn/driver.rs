@@ -38,6 +38,11 @@ const PACING_GRANULARITY: Duration = Duration::from_millis(1);
 /// Most GSO segments in one send (the Linux limit).
 const MAX_GSO_SEGMENTS: usize = 64;
 
+/// Most bytes in one GSO send: the batch travels as one UDP datagram through the stack, so
+/// it must fit the 16-bit UDP length (minus headers). A larger one fails with EMSGSIZE,
+/// which quinn-udp drops silently, as it would an oversized MTU probe.
+const MAX_GSO_BYTES: usize = 65_000;
+
 /// How commands reach the driver; one pending close is all there can usefully be.
 const COMMAND_QUEUE: usize = 4;
 
@@ -113,9 +118,19 @@ pub(crate) fn spawn<A: Application>(
     }
     let (state_tx, state_rx) = watch::channel(State::Handshaking);
     let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let peer_addr = Socket::canonical(conn.path_stats().next().map(|p| p.peer_addr).unwrap_or(shared.socket.local_addr()));
+    let peer_addr = Socket::canonical(
+        conn.path_stats()
+            .next()
+            .map(|p| p.peer_addr)
+            .unwrap_or(shared.socket.local_addr()),
+    );
     let trace_id: Arc<str> = conn.trace_id().into();
-    let handle = ConnectionHandle { state: state_rx, commands: command_tx, peer_addr, trace_id: Arc::clone(&trace_id) };
+    let handle = ConnectionHandle {
+        state: state_rx,
+        commands: command_tx,
+        peer_addr,
+        trace_id: Arc::clone(&trace_id),
+    };
     let span = tracing::debug_span!("quic_conn", id = %trace_id, peer = %peer_addr, server = conn.is_server());
     config.inner.metrics.connection_opened();
     if !conn.is_server() {
@@ -190,16 +205,21 @@ impl<A: Application> Driver<A> {
             busy = true;
         }
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
-            let Poll::Ready(Some(mut datagram)) = self.rx.poll_recv(cx) else { break };
+            let Poll::Ready(Some(mut datagram)) = self.rx.poll_recv(cx) else {
+                break;
+            };
             busy = true;
-            let info = quiche::RecvInfo { from: datagram.from, to: self.local };
+            let info = quiche::RecvInfo {
+                from: datagram.from,
+                to: self.local,
+            };
             if let Err(e) = self.conn.recv(&mut datagram.data, info) {
                 tracing::trace!(error = %e, "packet not accepted");
             }
-            if !self.established {
-                if let Some(reason) = crate::tls::take_verify_error() {
-                    self.verify_error = Some(reason);
-                }
+            if !self.established
+                && let Some(reason) = crate::tls::take_verify_error()
+            {
+                self.verify_error = Some(reason);
             }
         }
         let now = Instant::now();
@@ -214,17 +234,25 @@ impl<A: Application> Driver<A> {
         if !self.established && self.conn.is_established() {
             self.established = true;
             self.handshake_deadline = None;
-            self.shared.config.inner.metrics.handshake_completed(self.started.elapsed());
+            self.shared
+                .config
+                .inner
+                .metrics
+                .handshake_completed(self.started.elapsed());
             tracing::debug!(alpn = %String::from_utf8_lossy(self.conn.application_proto()), "handshake complete");
             self.state.send_replace(State::Established);
             self.issue_connection_ids();
         }
-        if self.established && !self.conn.is_draining() && !self.conn.is_closed() {
-            if let Err(e) = self.run_app(cx) {
-                tracing::debug!(error = %e, "application closes the connection");
-                let reason = e.to_string();
-                let _ = self.conn.close(true, e.code().unwrap_or(0x1), reason.as_bytes());
-            }
+        if self.established
+            && !self.conn.is_draining()
+            && !self.conn.is_closed()
+            && let Err(e) = self.run_app(cx)
+        {
+            tracing::debug!(error = %e, "application closes the connection");
+            let reason = e.to_string();
+            let _ = self
+                .conn
+                .close(true, e.code().unwrap_or(0x1), reason.as_bytes());
         }
         let mut retired = false;
         while let Some(id) = self.conn.retired_scid_next() {
@@ -256,7 +284,9 @@ impl<A: Application> Driver<A> {
                 Poll::Pending => {}
             }
         }
-        let AppSlot::Running(app) = &mut self.app else { return Ok(()) };
+        let AppSlot::Running(app) = &mut self.app else {
+            return Ok(());
+        };
         if !self.app_started {
             self.app_started = true;
             app.on_established(&mut self.conn)?;
@@ -293,7 +323,7 @@ impl<A: Application> Driver<A> {
     fn flush_into(&mut self, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> usize {
         let shared = &*self.shared;
         let mtu = self.conn.max_send_udp_payload_size();
-        let max_segments = shared.socket.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS);
+        let max_segments = shared.socket.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS).min((MAX_GSO_BYTES / mtu).max(1));
         if buf.len() < mtu * max_segments {
             buf.resize(mtu * max_segments, 0);
         }
@@ -335,7 +365,12 @@ impl<A: Application> Driver<A> {
             if count > 0 && (info.to != to || n > segment) {
                 // It cannot join this GSO batch: send the batch, then start the next with it.
                 if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
-                    self.held.push_back(Held { data: buf[len..len + n].to_vec(), to: info.to, segment: None, release: None });
+                    self.held.push_back(Held {
+                        data: buf[len..len + n].to_vec(),
+                        to: info.to,
+                        segment: None,
+                        release: None,
+                    });
                     return packets;
                 }
                 buf.copy_within(len..len + n, 0);
@@ -363,7 +398,14 @@ impl<A: Application> Driver<A> {
     /// Arms the timer for the earliest deadline; returns true if that deadline has passed.
     fn arm_timer(&mut self, cx: &mut Context<'_>) -> bool {
         let release = self.held.front().and_then(|h| h.release);
-        let deadline = [self.conn.timeout_instant(), self.handshake_deadline, release].into_iter().flatten().min();
+        let deadline = [
+            self.conn.timeout_instant(),
+            self.handshake_deadline,
+            release,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
         let Some(deadline) = deadline else {
             self.armed = None;
             return false;
@@ -376,7 +418,11 @@ impl<A: Application> Driver<A> {
     }
 
     fn finish(&mut self) {
-        let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
+        let error = error::from_close(
+            &self.conn,
+            self.handshake_timed_out,
+            self.verify_error.take(),
+        );
         let stats = ConnectionStats::of(&self.conn);
         let metrics = &self.shared.config.inner.metrics;
         if !self.established {
@@ -395,7 +441,8 @@ impl<A: Application> Driver<A> {
             packets_lost = stats.packets_lost,
             "connection closed"
         );
-        self.state.send_replace(State::Closed(Arc::new(Closed { error, stats })));
+        self.state
+            .send_replace(State::Closed(Arc::new(Closed { error, stats })));
     }
 }
 
@@ -413,7 +460,12 @@ fn send_or_hold(
     let segment = (count > 1).then_some(segment);
     match shared.socket.try_send(to, data, segment) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            held.push_back(Held { data: data.to_vec(), to, segment, release: None });
+            held.push_back(Held {
+                data: data.to_vec(),
+                to,
+                segment,
+                release: None,
+            });
             if shared.socket.poll_send_ready(cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
@@ -427,7 +479,10 @@ fn send_or_hold(
 /// Sends held packets in order. Returns true when nothing is held any more.
 fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
     while let Some(front) = held.front() {
-        if front.release.is_some_and(|at| at > Instant::now() + PACING_GRANULARITY) {
+        if front
+            .release
+            .is_some_and(|at| at > Instant::now() + PACING_GRANULARITY)
+        {
             return false;
         }
         match shared.socket.try_send(front.to, &front.data, front.segment) {

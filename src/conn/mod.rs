@@ -40,7 +40,8 @@ pub trait Application: Send + 'static {
     /// Lets the application act on the connection. An error closes the connection, with the
     /// error's [`code`](Error::code) as the application error code (or 0x1 when it has
     /// none).
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error>;
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection)
+    -> Result<(), Error>;
 
     /// Called once when the connection has closed; `error` says why, when it was not a clean
     /// close.
@@ -130,7 +131,10 @@ impl Closed {
 
 impl fmt::Debug for Closed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Closed").field("error", &self.error).field("stats", &self.stats).finish()
+        f.debug_struct("Closed")
+            .field("error", &self.error)
+            .field("stats", &self.stats)
+            .finish()
     }
 }
 
@@ -180,8 +184,14 @@ impl ConnectionHandle {
                 .error
                 .as_ref()
                 .map(Error::duplicate)
-                .unwrap_or_else(|| Error::new(crate::error::Kind::Closed).with_message("closed during the handshake"))),
-            _ => Err(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+                .unwrap_or_else(|| {
+                    Error::new(crate::error::Kind::Closed)
+                        .with_message("closed during the handshake")
+                })),
+            _ => {
+                Err(Error::new(crate::error::Kind::Closed)
+                    .with_message("the connection task ended"))
+            }
         }
     }
 
@@ -192,7 +202,10 @@ impl ConnectionHandle {
         match result.as_deref() {
             Ok(State::Closed(closed)) => Arc::clone(closed),
             _ => Arc::new(Closed {
-                error: Some(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+                error: Some(
+                    Error::new(crate::error::Kind::Closed)
+                        .with_message("the connection task ended"),
+                ),
                 stats: ConnectionStats::default(),
             }),
         }
@@ -207,6 +220,9 @@ impl ConnectionHandle {
     /// receives in CONNECTION_CLOSE.
     pub fn close(&self, code: u64, reason: impl Into<Bytes>) {
         // A full queue means a close is already on its way.
-        let _ = self.commands.try_send(Command::Close { code, reason: reason.into() });
+        let _ = self.commands.try_send(Command::Close {
+            code,
+            reason: reason.into(),
+        });
     }
 }

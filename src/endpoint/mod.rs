@@ -84,7 +84,11 @@ pub(crate) struct Registration {
 
 impl Registration {
     pub(crate) fn new(shared: Arc<Shared>, route: Route) -> Self {
-        Registration { shared, ids: Vec::new(), route }
+        Registration {
+            shared,
+            ids: Vec::new(),
+            route,
+        }
     }
 
     pub(crate) fn add(&mut self, id: &[u8]) {
@@ -148,7 +152,9 @@ pub struct Listener {
 
 impl std::fmt::Debug for Listener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener").field("local_addrs", &self.local_addrs).finish_non_exhaustive()
+        f.debug_struct("Listener")
+            .field("local_addrs", &self.local_addrs)
+            .finish_non_exhaustive()
     }
 }
 
@@ -198,10 +204,17 @@ impl Listener {
             let quiche_config = config.quiche_config(true)?;
             local_addrs.push(socket.local_addr());
             let shared = Shared::new(socket, config.clone());
-            router::spawn(Arc::clone(&shared), Some(router::Accept::new(quiche_config, tx.clone())));
+            router::spawn(
+                Arc::clone(&shared),
+                Some(router::Accept::new(quiche_config, tx.clone())),
+            );
             shareds.push(shared);
         }
-        Ok(Listener { incoming: rx, local_addrs, _close: CloseOnDrop(shareds) })
+        Ok(Listener {
+            incoming: rx,
+            local_addrs,
+            _close: CloseOnDrop(shareds),
+        })
     }
 
     /// The first bound address (with the port the OS chose for port 0).
@@ -245,14 +258,22 @@ pub struct Incoming {
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming").field("peer_addr", &self.peer_addr()).finish_non_exhaustive()
+        f.debug_struct("Incoming")
+            .field("peer_addr", &self.peer_addr())
+            .finish_non_exhaustive()
     }
 }
 
 impl Incoming {
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
-        Socket::canonical(self.conn.path_stats().next().map(|p| p.peer_addr).unwrap_or_else(|| self.local_addr()))
+        Socket::canonical(
+            self.conn
+                .path_stats()
+                .next()
+                .map(|p| p.peer_addr)
+                .unwrap_or_else(|| self.local_addr()),
+        )
     }
 
     /// The local address the connection arrived on.
@@ -262,7 +283,13 @@ impl Incoming {
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
     pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
-        driver::spawn(self.conn, self.rx, self.registration, driver::AppSlot::Running(app), self.started)
+        driver::spawn(
+            self.conn,
+            self.rx,
+            self.registration,
+            driver::AppSlot::Running(app),
+            self.started,
+        )
     }
 }
 
@@ -279,7 +306,9 @@ pub struct Endpoint {
 
 impl std::fmt::Debug for Endpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Endpoint").field("local_addr", &self.local_addr()).finish_non_exhaustive()
+        f.debug_struct("Endpoint")
+            .field("local_addr", &self.local_addr())
+            .finish_non_exhaustive()
     }
 }
 
@@ -328,7 +357,11 @@ impl Endpoint {
     /// tried in turn (alternating IPv6 and IPv4) until a handshake completes. The host name
     /// is sent as SNI and the server's certificate must be valid for it (unless verification
     /// is turned off). A TLS failure is final: it would fail the same way elsewhere.
-    pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
+    pub async fn connect<A: Application>(
+        &self,
+        authority: &str,
+        app: A,
+    ) -> Result<ConnectionHandle, Error> {
         let (host, _) = split_authority(authority)?;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
             .await
@@ -381,14 +414,26 @@ impl Endpoint {
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
         let conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
-            quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
-                .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
+            quiche::connect(
+                server_name,
+                &scid,
+                shared.socket.local_addr(),
+                peer,
+                &mut qc,
+            )
+            .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
         let (tx, rx) = mpsc::channel(shared.config.inner.s.inbound_queue);
         let mut registration = Registration::new(Arc::clone(shared), tx);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();
-        let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
+        let handle = driver::spawn(
+            conn,
+            rx,
+            registration,
+            driver::AppSlot::Waiting(app),
+            Instant::now(),
+        );
         Ok((handle, hand_over))
     }
 }
@@ -410,11 +455,16 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
 pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
     let bad = || {
-        Error::config(format!("'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"))
+        Error::config(format!(
+            "'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"
+        ))
     };
     let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
     let port = port.parse().map_err(|_| bad())?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     if host.is_empty() {
         return Err(bad());
     }

@@ -42,7 +42,11 @@ pub(crate) struct Accept {
 
 impl Accept {
     pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>) -> Self {
-        Accept { config, token_key: super::token::TokenKey::random(), backlog }
+        Accept {
+            config,
+            token_key: super::token::TokenKey::random(),
+            backlog,
+        }
     }
 }
 
@@ -85,14 +89,27 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         {
             let mut routes = shared.routes();
             bufs.for_each(filled, |datagram, from| {
-                dispatch(&shared, &mut routes, accept.as_mut(), &mut arena, &mut out, datagram, from, &mut accepted)
+                dispatch(
+                    &shared,
+                    &mut routes,
+                    accept.as_mut(),
+                    &mut arena,
+                    &mut out,
+                    datagram,
+                    from,
+                    &mut accepted,
+                )
             });
         }
         // Offered outside the route lock: a refused Incoming unregisters itself on drop.
         if let Some(accept) = &accept {
             for incoming in accepted.drain(..) {
                 if accept.backlog.try_send(incoming).is_err() {
-                    shared.config.inner.metrics.datagram_dropped(DropReason::BacklogFull);
+                    shared
+                        .config
+                        .inner
+                        .metrics
+                        .datagram_dropped(DropReason::BacklogFull);
                 }
             }
         }
@@ -162,7 +179,8 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
-    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr) {
+    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr)
+    {
         accepted.push(incoming);
     }
 }
@@ -185,7 +203,8 @@ fn accept_initial(
         if token.is_empty() {
             let new_scid = cid::new_id(&*inner.cid_generator);
             let token = accept.token_key.mint(&from, &hdr.dcid);
-            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
+            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out)
+            {
                 let _ = shared.socket.try_send(from, &out[..n], None);
                 metrics.retry_sent();
             }
@@ -193,9 +212,10 @@ fn accept_initial(
         }
         match accept.token_key.validate(&from, token) {
             // The client now addresses us by the ID our Retry chose; it must have our length.
-            Some(odcid) if hdr.dcid.len() == inner.cid_generator.id_len() => {
-                (quiche::ConnectionId::from_vec(hdr.dcid.to_vec()), Some(quiche::ConnectionId::from_vec(odcid)))
-            }
+            Some(odcid) if hdr.dcid.len() == inner.cid_generator.id_len() => (
+                quiche::ConnectionId::from_vec(hdr.dcid.to_vec()),
+                Some(quiche::ConnectionId::from_vec(odcid)),
+            ),
             _ => {
                 metrics.datagram_dropped(DropReason::InvalidToken);
                 return None;
@@ -209,7 +229,9 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
-    accept.config.set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
+    accept
+        .config
+        .set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
     let local = shared.socket.local_addr();
     let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut accept.config) {
         Ok(conn) => conn,
@@ -223,23 +245,44 @@ fn accept_initial(
     let (tx, rx) = mpsc::channel(inner.s.inbound_queue);
     arena.reserve(datagram.len());
     arena.extend_from_slice(datagram);
-    let _ = tx.try_send(Datagram { data: arena.split(), from });
+    let _ = tx.try_send(Datagram {
+        data: arena.split(),
+        from,
+    });
     // Registered directly in the map we hold locked: the Registration records the IDs and
     // removes them when the connection ends.
     let mut registration = Registration::new(Arc::clone(shared), tx.clone());
-    for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)].into_iter().flatten() {
+    for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
+        .into_iter()
+        .flatten()
+    {
         let key: Box<[u8]> = id.into();
         routes.insert(key.clone(), tx.clone());
         registration.ids.push(key);
     }
     tracing::debug!(%from, trace_id = conn.trace_id(), "new connection");
-    Some(Incoming { conn, rx, registration, started: Instant::now() })
+    Some(Incoming {
+        conn,
+        rx,
+        registration,
+        started: Instant::now(),
+    })
 }
 
-fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: &[u8], to: SocketAddr) {
+fn send_stateless_reset(
+    shared: &Shared,
+    out: &mut [u8],
+    received: usize,
+    dcid: &[u8],
+    to: SocketAddr,
+) {
     let len = (received - 1).min(MAX_RESET_LEN);
     if received <= MIN_RESET_LEN || dcid.is_empty() {
-        shared.config.inner.metrics.datagram_dropped(DropReason::UnknownConnection);
+        shared
+            .config
+            .inner
+            .metrics
+            .datagram_dropped(DropReason::UnknownConnection);
         return;
     }
     let reset = &mut out[..len];

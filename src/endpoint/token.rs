@@ -39,7 +39,10 @@ fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 impl TokenKey {
@@ -62,9 +65,14 @@ impl TokenKey {
         fill_random(&mut nonce);
         let (aad, aad_len) = address_bytes(peer);
         let mut tag = [0; TAG_LEN];
-        let Ok(sealed) =
-            encrypt_aead(Cipher::aes_128_gcm(), &self.0, Some(&nonce), &aad[..aad_len], &plain, &mut tag)
-        else {
+        let Ok(sealed) = encrypt_aead(
+            Cipher::aes_128_gcm(),
+            &self.0,
+            Some(&nonce),
+            &aad[..aad_len],
+            &plain,
+            &mut tag,
+        ) else {
             return Vec::new();
         };
         let mut token = Vec::with_capacity(NONCE_LEN + sealed.len() + TAG_LEN);
@@ -83,9 +91,15 @@ impl TokenKey {
         let (nonce, rest) = token.split_at(NONCE_LEN);
         let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
         let (aad, aad_len) = address_bytes(peer);
-        let plain =
-            decrypt_aead(Cipher::aes_128_gcm(), &self.0, Some(nonce), &aad[..aad_len], sealed, tag)
-                .ok()?;
+        let plain = decrypt_aead(
+            Cipher::aes_128_gcm(),
+            &self.0,
+            Some(nonce),
+            &aad[..aad_len],
+            sealed,
+            tag,
+        )
+        .ok()?;
         let (expiry, odcid) = plain.split_at(8);
         let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
         if expiry < unix_now() || odcid.len() > quiche::MAX_CONN_ID_LEN {
@@ -107,7 +121,10 @@ mod tests {
     fn a_minted_token_validates_for_its_address() {
         let key = TokenKey::random();
         let token = key.mint(&peer(), b"original-dcid");
-        assert_eq!(key.validate(&peer(), &token).as_deref(), Some(&b"original-dcid"[..]));
+        assert_eq!(
+            key.validate(&peer(), &token).as_deref(),
+            Some(&b"original-dcid"[..])
+        );
     }
 
     #[test]
@@ -116,7 +133,11 @@ mod tests {
         let mut token = key.mint(&peer(), b"odcid");
         let other: SocketAddr = "127.0.0.1:4434".parse().unwrap();
         assert_eq!(key.validate(&other, &token), None, "another port");
-        assert_eq!(TokenKey::random().validate(&peer(), &token), None, "another key");
+        assert_eq!(
+            TokenKey::random().validate(&peer(), &token),
+            None,
+            "another key"
+        );
         let last = token.len() - 1;
         token[last] ^= 1;
         assert_eq!(key.validate(&peer(), &token), None, "flipped bit");

@@ -36,7 +36,7 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const JOB_QUEUE: usize = 64;
 
 fn is_client_bidi(stream_id: u64) -> bool {
-    stream_id % 4 == 0
+    stream_id.is_multiple_of(4)
 }
 
 /// The server side: echoes every client-opened bidirectional stream.
@@ -63,12 +63,18 @@ impl std::fmt::Debug for EchoServer {
 impl EchoServer {
     /// A new echo server application, for one connection.
     pub fn new() -> Self {
-        EchoServer { scratch: vec![0; SCRATCH_BYTES].into_boxed_slice() }
+        EchoServer {
+            scratch: vec![0; SCRATCH_BYTES].into_boxed_slice(),
+        }
     }
 }
 
 impl Application for EchoServer {
-    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(
+        &mut self,
+        _cx: &mut Context<'_>,
+        conn: &mut quiche::Connection,
+    ) -> Result<(), Error> {
         for stream in conn.readable() {
             if !is_client_bidi(stream) {
                 // Not ours to echo: read and discard, so it cannot hold flow-control credit.
@@ -192,7 +198,9 @@ pub struct EchoClient {
 
 impl std::fmt::Debug for EchoClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EchoClient").field("active", &self.active.len()).finish_non_exhaustive()
+        f.debug_struct("EchoClient")
+            .field("active", &self.active.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -241,13 +249,25 @@ impl EchoHandle {
 
     async fn submit(&self, data: Bytes, total: u64, collect: bool) -> Result<Echoed, Error> {
         let (reply, rx) = oneshot::channel();
-        self.jobs.send(Job { data, total, collect, reply }).await.map_err(|_| closed())?;
+        self.jobs
+            .send(Job {
+                data,
+                total,
+                collect,
+                reply,
+            })
+            .await
+            .map_err(|_| closed())?;
         rx.await.map_err(|_| closed())?
     }
 }
 
 impl Application for EchoClient {
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut quiche::Connection,
+    ) -> Result<(), Error> {
         loop {
             if self.waiting.is_none() {
                 match self.jobs.poll_recv(cx) {
@@ -259,12 +279,20 @@ impl Application for EchoClient {
             if conn.peer_streams_left_bidi() == 0 {
                 break;
             }
-            let Some(job) = self.waiting.take() else { break };
+            let Some(job) = self.waiting.take() else {
+                break;
+            };
             let stream = self.next_stream;
             self.next_stream += 4;
             self.active.insert(
                 stream,
-                Active { job, written: 0, received: 0, collected: BytesMut::new(), fin_sent: false },
+                Active {
+                    job,
+                    written: 0,
+                    received: 0,
+                    collected: BytesMut::new(),
+                    fin_sent: false,
+                },
             );
         }
         for (&stream, active) in self.active.iter_mut() {
@@ -300,13 +328,18 @@ impl Application for EchoClient {
                     Err(quiche::Error::StreamReset(code)) => {
                         break Some(Err(Error::new(Kind::Reset).with_code(code)));
                     }
-                    Err(e) => break Some(Err(Error::new(Kind::Protocol).with_message(e.to_string()))),
+                    Err(e) => {
+                        break Some(Err(Error::new(Kind::Protocol).with_message(e.to_string())));
+                    }
                 }
             };
             if let Some(result) = outcome {
                 let active = self.active.remove(&stream).expect("present above");
                 let collected = active.job.collect.then(|| active.collected.freeze());
-                let _ = active.job.reply.send(result.map(|()| Echoed { bytes: active.received, data: collected }));
+                let _ = active.job.reply.send(result.map(|()| Echoed {
+                    bytes: active.received,
+                    data: collected,
+                }));
             }
         }
         Ok(())

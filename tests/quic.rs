@@ -1,0 +1,601 @@
+//! The QUIC layer over loopback: handshakes, echo on many streams and connections, shared
+//! client sockets, certificate failures, hostile datagrams, Retry, timeouts, close codes and
+//! flow-control backpressure.
+
+mod support;
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Context;
+use std::time::Duration;
+
+use support::*;
+use tokio::time::timeout;
+use tower_quiche::quic::{Application, Endpoint, echo::EchoClient};
+
+async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: usize) {
+    let certs_ca = CERTS.with(|c| c.ca_pem.clone());
+    let config = tower_quiche::quic::Config::builder()
+        .alpn(["echo"])
+        .ca_pem(certs_ca)
+        .build()
+        .unwrap();
+    let endpoint = Endpoint::client_bound(
+        if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        }
+        .parse()
+        .unwrap(),
+        config,
+    )
+    .unwrap();
+    let (app, client) = EchoClient::new();
+    let conn = endpoint.connect(authority, app).await.expect("handshake");
+    let tasks: Vec<_> = (0..streams)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let sent = pattern(len, i as u8);
+                let back = client.echo(sent.clone()).await.expect("echo");
+                assert_eq!(back.len(), sent.len(), "stream {i} length");
+                assert!(back == sent, "stream {i} content");
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    conn.close(0, "done");
+    let closed = conn.closed().await;
+    assert!(
+        closed.error().is_none(),
+        "clean close: {:?}",
+        closed.error()
+    );
+}
+
+thread_local! {
+    static CERTS: Certs = certs();
+}
+
+fn server_certs() -> Certs {
+    CERTS.with(|c| Certs {
+        ca_pem: c.ca_pem.clone(),
+        leaf: c.leaf.clone(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_streams_of_one_mib_echo_over_ipv4() {
+    init_tracing();
+    let server = echo_server("127.0.0.1:0", server_builder(&server_certs())).await;
+    let authority = format!("127.0.0.1:{}", server.addr.port());
+    timeout(
+        TEST_TIMEOUT,
+        echo_streams(server.addr, &authority, 10, 1 << 20),
+    )
+    .await
+    .unwrap();
+    // The same over a DNS name: SNI and name verification by host name.
+    let authority = format!("localhost:{}", server.addr.port());
+    timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 2, 1000))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_streams_of_one_mib_echo_over_ipv6() {
+    if UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("skipped: this machine has no IPv6 loopback");
+        return;
+    }
+    let server = echo_server("[::1]:0", server_builder(&server_certs())).await;
+    let authority = format!("[::1]:{}", server.addr.port());
+    timeout(
+        TEST_TIMEOUT,
+        echo_streams(server.addr, &authority, 10, 1 << 20),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_connections_at_once_to_one_server_socket() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let run = async {
+        // Four client sockets, fifty connections each, all connecting at once.
+        let endpoints: Vec<Endpoint> = (0..4)
+            .map(|_| {
+                Endpoint::client_bound(
+                    "127.0.0.1:0".parse().unwrap(),
+                    client_builder(&certs).build().unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let endpoint = endpoints[i % 4].clone();
+                let addr = server.addr;
+                tokio::spawn(async move {
+                    let (app, client) = EchoClient::new();
+                    let conn = endpoint
+                        .connect_addr(addr, Some("localhost"), app)
+                        .await
+                        .expect("handshake");
+                    let sent = pattern(4096, i as u8);
+                    assert!(client.echo(sent.clone()).await.expect("echo") == sent);
+                    conn.close(0, "done");
+                    conn.closed().await;
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    let m = server.metrics.snapshot();
+    assert_eq!(m.handshakes_completed, 200, "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_socket_carries_twenty_connections() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let endpoint = Endpoint::client_bound(
+        "127.0.0.1:0".parse().unwrap(),
+        client_builder(&certs).build().unwrap(),
+    )
+    .unwrap();
+    let run = async {
+        let mut conns = Vec::new();
+        for _ in 0..20 {
+            let (app, client) = EchoClient::new();
+            let conn = endpoint
+                .connect_addr(server.addr, Some("localhost"), app)
+                .await
+                .expect("handshake");
+            conns.push((conn, client));
+        }
+        assert!(
+            endpoint.open_connections() >= 20,
+            "all twenty share the socket"
+        );
+        let tasks: Vec<_> = conns
+            .iter()
+            .enumerate()
+            .map(|(i, (_, client))| {
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let sent = pattern(64 * 1024, i as u8);
+                    assert!(client.echo(sent.clone()).await.expect("echo") == sent);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        for (conn, _) in &conns {
+            conn.close(0, "done");
+            conn.closed().await;
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let run = async {
+        // No custom CA: the development CA is not among the system roots.
+        let config = tower_quiche::quic::Config::builder()
+            .alpn(["echo"])
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let err = endpoint
+            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
+            .await
+            .unwrap_err();
+        assert!(err.is_tls(), "{err}");
+        assert!(
+            err.to_string()
+                .contains("unable to get local issuer certificate"),
+            "{err}"
+        );
+
+        // Trusted CA, but the certificate is not for this name.
+        let endpoint = Endpoint::client_bound(
+            "127.0.0.1:0".parse().unwrap(),
+            client_builder(&certs).build().unwrap(),
+        )
+        .unwrap();
+        let err = endpoint
+            .connect_addr(server.addr, Some("wrong.example"), EchoClient::new().0)
+            .await
+            .unwrap_err();
+        assert!(err.is_tls(), "{err}");
+        assert!(err.to_string().contains("mismatch"), "{err}");
+
+        // The explicit insecure mode accepts it.
+        let config = tower_quiche::quic::Config::builder()
+            .alpn(["echo"])
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let (app, client) = EchoClient::new();
+        let conn = endpoint
+            .connect_addr(server.addr, Some("wrong.example"), app)
+            .await
+            .expect("insecure mode connects");
+        assert_eq!(
+            &client.echo(bytes::Bytes::from_static(b"hi")).await.unwrap()[..],
+            b"hi"
+        );
+        conn.close(0, "");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_requires_a_client_certificate() {
+    let certs = server_certs();
+    let server = echo_server(
+        "127.0.0.1:0",
+        server_builder(&certs).client_ca_pem(&certs.ca_pem),
+    )
+    .await;
+    let run = async {
+        let endpoint = Endpoint::client_bound(
+            "127.0.0.1:0".parse().unwrap(),
+            client_builder(&certs).build().unwrap(),
+        )
+        .unwrap();
+        let err = endpoint
+            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
+            .await;
+        // Without a certificate the server refuses; depending on timing the client learns it
+        // during or right after the handshake.
+        if let Ok(conn) = err {
+            let closed = conn.closed().await;
+            assert!(closed.error().is_some_and(|e| e.is_tls()), "{closed:?}");
+        } else {
+            assert!(err.unwrap_err().is_tls());
+        }
+        let client_cert = certs.leaf.clone();
+        let config = client_builder(&certs)
+            .cert_chain_pem(&client_cert.cert_pem)
+            .private_key_pem(&client_cert.key_pem)
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let (app, client) = EchoClient::new();
+        let conn = endpoint
+            .connect_addr(server.addr, Some("localhost"), app)
+            .await
+            .expect("with a client certificate");
+        assert_eq!(
+            &client
+                .echo(bytes::Bytes::from_static(b"mtls"))
+                .await
+                .unwrap()[..],
+            b"mtls"
+        );
+        conn.close(0, "");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A long-header packet: first byte, version, DCID and SCID, padded to `len`.
+fn long_header(first: u8, version: u32, len: usize) -> Vec<u8> {
+    let mut p = vec![first];
+    p.extend_from_slice(&version.to_be_bytes());
+    p.push(8);
+    p.extend_from_slice(&[0xd1; 8]);
+    p.push(8);
+    p.extend_from_slice(&[0x5c; 8]);
+    p.resize(len, 0);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_datagrams_do_not_disturb_the_server() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let raw = UdpSocket::bind("127.0.0.1:0").unwrap();
+    raw.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Random bytes of many sizes, including a lone byte.
+    let mut noise = vec![0u8; 1400];
+    for len in [1, 2, 7, 20, 100, 1200, 1400] {
+        boring::rand::rand_bytes(&mut noise[..len]).unwrap();
+        raw.send_to(&noise[..len], server.addr).unwrap();
+    }
+    // A truncated Initial: the header promises more than the datagram holds.
+    let mut truncated = long_header(0xc0, 1, 40);
+    truncated.truncate(23);
+    raw.send_to(&truncated, server.addr).unwrap();
+    // An Initial of an unknown version: version negotiation must answer it.
+    raw.send_to(&long_header(0xc0, 0x1a2a_3a4a, 1200), server.addr)
+        .unwrap();
+    let mut buf = [0u8; 1500];
+    let vn = loop {
+        let (n, _) = raw
+            .recv_from(&mut buf)
+            .expect("a version negotiation packet");
+        // Random datagrams may draw stateless resets, or version negotiation of their own
+        // when they happen to look like long headers: find the answer to ours.
+        if buf[0] & 0x80 != 0
+            && buf[1..5] == [0, 0, 0, 0]
+            && buf[5..14] == [8, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c]
+        {
+            break buf[..n].to_vec();
+        }
+    };
+    // Version 0, DCID = the client's SCID, SCID = the client's DCID, then versions with v1.
+    assert_eq!(
+        &vn[5..14],
+        &[8, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c]
+    );
+    let versions: Vec<u32> = vn[23..]
+        .chunks(4)
+        .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+        .collect();
+    assert!(versions.contains(&1), "offers QUIC v1: {versions:x?}");
+    let m = server.metrics.snapshot();
+    assert!(m.version_negotiations_sent >= 1);
+    assert!(
+        m.dropped_parse_error + m.dropped_unknown_connection + m.stateless_resets_sent >= 1,
+        "{m:?}"
+    );
+    // And the next real connection works.
+    let authority = format!("127.0.0.1:{}", server.addr.port());
+    timeout(
+        TEST_TIMEOUT,
+        echo_streams(server.addr, &authority, 1, 10_000),
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_validates_the_address_and_refuses_forged_tokens() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs).retry(true)).await;
+    let authority = format!("127.0.0.1:{}", server.addr.port());
+    timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 1, 1000))
+        .await
+        .unwrap();
+    let m = server.metrics.snapshot();
+    // A ClientHello may span two Initial datagrams, and each draws a Retry.
+    assert!(
+        m.retries_sent >= 1,
+        "the handshake went through a Retry: {m:?}"
+    );
+    assert_eq!(m.handshakes_completed, 1);
+
+    // A relay that flips one bit of every token the client echoes back.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let upstream = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let server_addr = server.addr;
+    let forged = Arc::new(AtomicU64::new(0));
+    let forged_count = Arc::clone(&forged);
+    let relay_task = tokio::spawn(async move {
+        let mut client = None;
+        let (mut a, mut b) = ([0u8; 2048], [0u8; 2048]);
+        loop {
+            tokio::select! {
+                Ok((n, from)) = relay.recv_from(&mut a) => {
+                    client = Some(from);
+                    if flip_token_bit(&mut a[..n]) {
+                        forged_count.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let _ = upstream.send_to(&a[..n], server_addr).await;
+                }
+                Ok((n, _)) = upstream.recv_from(&mut b) => {
+                    if let Some(client) = client {
+                        let _ = relay.send_to(&b[..n], client).await;
+                    }
+                }
+            }
+        }
+    });
+    let config = client_builder(&certs)
+        .handshake_timeout(Duration::from_millis(1500))
+        .build()
+        .unwrap();
+    let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let err = timeout(
+        TEST_TIMEOUT,
+        endpoint.connect_addr(relay_addr, Some("localhost"), EchoClient::new().0),
+    )
+    .await
+    .unwrap()
+    .unwrap_err();
+    relay_task.abort();
+    assert!(err.is_timeout(), "{err}");
+    assert!(
+        forged.load(Ordering::Relaxed) >= 1,
+        "the relay forged a token"
+    );
+    let m = server.metrics.snapshot();
+    assert!(m.dropped_invalid_token >= 1, "{m:?}");
+    assert_eq!(
+        m.handshakes_started, 1,
+        "no connection state for a forged token: {m:?}"
+    );
+}
+
+/// Flips a bit in the token of a client Initial that carries one; true if it did.
+fn flip_token_bit(p: &mut [u8]) -> bool {
+    if p.len() < 7 || p[0] & 0x80 == 0 || (p[0] & 0x30) != 0 {
+        return false;
+    }
+    let mut at = 5;
+    at += 1 + p[at] as usize; // DCID
+    if at >= p.len() {
+        return false;
+    }
+    at += 1 + p[at] as usize; // SCID
+    if at >= p.len() {
+        return false;
+    }
+    let prefix = 1 << (p[at] >> 6);
+    let mut token_len = (p[at] & 0x3f) as usize;
+    for i in 1..prefix {
+        token_len = (token_len << 8) | p[at + i] as usize;
+    }
+    at += prefix;
+    if token_len == 0 || at + token_len > p.len() {
+        return false;
+    }
+    p[at + token_len / 2] ^= 0x01;
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_closes_both_sides() {
+    let certs = server_certs();
+    let mut server = echo_server(
+        "127.0.0.1:0",
+        server_builder(&certs).idle_timeout(Duration::from_millis(400)),
+    )
+    .await;
+    let config = client_builder(&certs)
+        .idle_timeout(Duration::from_millis(400))
+        .build()
+        .unwrap();
+    let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let run = async {
+        let conn = endpoint
+            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
+            .await
+            .unwrap();
+        let server_conn = server.connections.recv().await.unwrap();
+        let closed = conn.closed().await;
+        assert!(
+            closed.error().is_some_and(|e| e.is_timeout()),
+            "client: {closed:?}"
+        );
+        let closed = server_conn.closed().await;
+        assert!(
+            closed.error().is_some_and(|e| e.is_timeout()),
+            "server: {closed:?}"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    assert_eq!(
+        endpoint.open_connections(),
+        0,
+        "the closed connection left the route map"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_close_delivers_its_code_to_the_peer() {
+    let certs = server_certs();
+    let mut server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let endpoint = Endpoint::client_bound(
+        "127.0.0.1:0".parse().unwrap(),
+        client_builder(&certs).build().unwrap(),
+    )
+    .unwrap();
+    let run = async {
+        let conn = endpoint
+            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
+            .await
+            .unwrap();
+        let server_conn = server.connections.recv().await.unwrap();
+        server_conn.established().await.unwrap();
+        conn.close(0x42, "bye");
+        let closed = server_conn.closed().await;
+        let err = closed.error().expect("an application error");
+        assert!(err.is_application(), "{err}");
+        assert_eq!(err.code(), Some(0x42));
+        assert!(err.to_string().contains("bye"), "{err}");
+        assert!(closed.stats().packets_received > 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// Writes on one stream as fast as the stream takes it and never reads the echo.
+struct Flood {
+    written: Arc<AtomicU64>,
+    chunk: Vec<u8>,
+}
+
+impl Application for Flood {
+    fn process(
+        &mut self,
+        _cx: &mut Context<'_>,
+        conn: &mut quiche::Connection,
+    ) -> Result<(), tower_quiche::Error> {
+        while let Ok(n) = conn.stream_send(0, &self.chunk, false) {
+            self.written.fetch_add(n as u64, Ordering::Relaxed);
+            if n < self.chunk.len() {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_stalls_the_sender() {
+    const WINDOW: u64 = 256 * 1024;
+    let certs = server_certs();
+    let windows = |b: tower_quiche::quic::ConfigBuilder| {
+        b.initial_max_stream_data(WINDOW)
+            .max_windows(4 * WINDOW, WINDOW)
+    };
+    let server = echo_server("127.0.0.1:0", windows(server_builder(&certs))).await;
+    let endpoint = Endpoint::client_bound(
+        "127.0.0.1:0".parse().unwrap(),
+        windows(client_builder(&certs)).build().unwrap(),
+    )
+    .unwrap();
+    let written = Arc::new(AtomicU64::new(0));
+    let app = Flood {
+        written: Arc::clone(&written),
+        chunk: vec![7; 16 * 1024],
+    };
+    let conn = timeout(
+        TEST_TIMEOUT,
+        endpoint.connect_addr(server.addr, Some("localhost"), app),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // Let it run into the windows, then check that it stays there.
+    let mut last = 0;
+    let mut stalled_for = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = written.load(Ordering::Relaxed);
+        stalled_for = if now == last && now > 0 {
+            stalled_for + 1
+        } else {
+            0
+        };
+        last = now;
+        if stalled_for == 5 {
+            break;
+        }
+    }
+    assert_eq!(stalled_for, 5, "the sender stalled (wrote {last} bytes)");
+    // The echo fills the client's receive window, the server stops reading, and the upload
+    // fills the server's: nothing else is buffered anywhere.
+    assert!(last >= WINDOW, "wrote at least one window: {last}");
+    assert!(
+        last <= 3 * WINDOW,
+        "bounded by the two stream windows: {last}"
+    );
+    conn.close(0, "");
+}

@@ -1,0 +1,80 @@
+//! Helpers shared by the integration tests: certificates, configurations, an echo server.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, ConnectionHandle, Listener, echo};
+use tower_quiche::tls::{DevCa, GeneratedCert};
+
+/// Every test is bounded: a hang fails the test instead of stalling CI.
+pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Certs {
+    pub ca_pem: String,
+    pub leaf: GeneratedCert,
+}
+
+pub fn certs() -> Certs {
+    let ca = DevCa::new("tower-quiche test CA").unwrap();
+    let leaf = ca.issue(&["localhost", "127.0.0.1", "::1"]).unwrap();
+    Certs {
+        ca_pem: ca.cert_pem(),
+        leaf,
+    }
+}
+
+pub fn server_builder(certs: &Certs) -> ConfigBuilder {
+    Config::builder()
+        .alpn([echo::ALPN])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+}
+
+pub fn client_builder(certs: &Certs) -> ConfigBuilder {
+    Config::builder().alpn([echo::ALPN]).ca_pem(&certs.ca_pem)
+}
+
+/// A running echo server: its address, its metrics, and the handles of the connections it
+/// accepted, in order.
+pub struct EchoServer {
+    pub addr: SocketAddr,
+    pub metrics: Arc<AtomicMetrics>,
+    pub connections: mpsc::UnboundedReceiver<ConnectionHandle>,
+}
+
+pub async fn echo_server(bind: &str, builder: ConfigBuilder) -> EchoServer {
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = builder.metrics(Arc::clone(&metrics)).build().unwrap();
+    let mut listener = Listener::bind(bind.parse().unwrap(), config).await.unwrap();
+    let addr = listener.local_addr();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(incoming) = listener.accept().await {
+            let _ = tx.send(incoming.start(echo::EchoServer::new()));
+        }
+    });
+    EchoServer {
+        addr,
+        metrics,
+        connections: rx,
+    }
+}
+
+/// A payload whose every byte depends on its position, so reordering or loss shows.
+pub fn pattern(len: usize, seed: u8) -> bytes::Bytes {
+    (0..len)
+        .map(|i| ((i * 131 + seed as usize * 7) % 251) as u8)
+        .collect::<Vec<_>>()
+        .into()
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
