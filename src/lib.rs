@@ -36,14 +36,19 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+mod body;
 mod config;
 mod conn;
 mod endpoint;
 mod error;
+mod headers;
 mod metrics;
 pub mod quic;
+pub mod server;
 mod socket;
+mod stream;
 pub mod tls;
 
+pub use body::RecvBody;
 pub use error::{BoxError, Error};
 pub use quiche;

@@ -323,7 +323,11 @@ impl<A: Application> Driver<A> {
     fn flush_into(&mut self, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> usize {
         let shared = &*self.shared;
         let mtu = self.conn.max_send_udp_payload_size();
-        let max_segments = shared.socket.max_gso_segments().clamp(1, MAX_GSO_SEGMENTS).min((MAX_GSO_BYTES / mtu).max(1));
+        let max_segments = shared
+            .socket
+            .max_gso_segments()
+            .clamp(1, MAX_GSO_SEGMENTS)
+            .min((MAX_GSO_BYTES / mtu).max(1));
         if buf.len() < mtu * max_segments {
             buf.resize(mtu * max_segments, 0);
         }

@@ -146,6 +146,7 @@ impl Drop for CloseOnDrop {
 /// close.
 pub struct Listener {
     incoming: mpsc::Receiver<Incoming>,
+    config: Config,
     local_addrs: Vec<SocketAddr>,
     _close: CloseOnDrop,
 }
@@ -212,9 +213,15 @@ impl Listener {
         }
         Ok(Listener {
             incoming: rx,
+            config,
             local_addrs,
             _close: CloseOnDrop(shareds),
         })
+    }
+
+    /// The configuration the listener was bound with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The first bound address (with the port the OS chose for port 0).

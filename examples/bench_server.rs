@@ -1,0 +1,52 @@
+//! Every route of the shared route contract, over HTTP/3, built to be load-tested.
+//!
+//!     cargo run --release --example bench_server -- --listen 127.0.0.1:4433 --cert cert.pem --key key.pem
+//!
+//! Without `--cert`/`--key` it generates a development certificate. It logs to stderr
+//! (`RUST_LOG=debug` for more) and stops cleanly on SIGINT or SIGTERM.
+
+mod support;
+
+#[path = "support/routes.rs"]
+mod routes;
+
+use tower_quiche::quic::{Config, Listener};
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = support::Args::parse(&["--no-retry"]);
+    let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
+    let (cert, key) = support::server_identity(&args);
+    // One worker thread per core the process may use: the load harness pins the server.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async move {
+        let config = Config::builder()
+            .alpn(["h3"])
+            .cert_chain_pem_file(cert)
+            .private_key_pem_file(key)
+            .retry(!args.has("--no-retry"))
+            .keylog_from_env()
+            .build()
+            .unwrap_or_else(|e| support::fail(&e.to_string()));
+        let listener = Listener::bind(listen, config)
+            .await
+            .unwrap_or_else(|e| support::fail(&e.to_string()));
+        eprintln!(
+            "bench_server listening on https://{} (HTTP/3)",
+            listener.local_addr()
+        );
+        tower_quiche::server::serve(listener, routes::router())
+            .with_graceful_shutdown(support::shutdown_signal())
+            .await
+            .unwrap_or_else(|e| support::fail(&e.to_string()));
+        eprintln!("bench_server stopped");
+    });
+}

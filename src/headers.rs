@@ -1,0 +1,578 @@
+//! Pure conversions between HTTP/3 field lists and `http` heads, with the validation
+//! RFC 9114 §4.2 and §4.3 require. Nothing here touches a connection.
+
+use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use quiche::h3::{Header, NameValue};
+
+/// Why a message is malformed (RFC 9114 §4.1.2): the stream gets H3_MESSAGE_ERROR.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Malformed(pub(crate) &'static str);
+
+impl std::fmt::Display for Malformed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+/// Fields that make sense only on a connection of HTTP/1.1 (RFC 9114 §4.2).
+fn is_connection_specific(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding" | b"upgrade"
+    )
+}
+
+/// The size of a field section as RFC 9114 §4.2.2 counts it (name + value + 32 per field).
+pub(crate) fn section_size(list: &[Header]) -> usize {
+    list.iter()
+        .map(|h| h.name().len() + h.value().len() + 32)
+        .sum()
+}
+
+/// Copies the regular (non-pseudo) fields into `headers`, checking each name and value.
+fn regular_field(headers: &mut HeaderMap, name: &[u8], value: &[u8]) -> Result<(), Malformed> {
+    if name.iter().any(u8::is_ascii_uppercase) {
+        return Err(Malformed("uppercase character in a field name"));
+    }
+    if is_connection_specific(name) {
+        return Err(Malformed("connection-specific field"));
+    }
+    if name == b"te" && value != b"trailers" {
+        return Err(Malformed("TE field with a value other than \"trailers\""));
+    }
+    let name = HeaderName::from_bytes(name).map_err(|_| Malformed("invalid field name"))?;
+    let value = HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?;
+    headers.append(name, value);
+    Ok(())
+}
+
+/// All `content-length` values must agree and be numbers (RFC 9110 §8.6).
+pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let parsed = value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or(Malformed("invalid content-length"))?;
+        if length.is_some_and(|l| l != parsed) {
+            return Err(Malformed("conflicting content-length values"));
+        }
+        length = Some(parsed);
+    }
+    Ok(length)
+}
+
+/// A validated request head and what the server needs to know about it.
+#[derive(Debug)]
+pub(crate) struct RequestHead {
+    pub(crate) request: Request<()>,
+    pub(crate) content_length: Option<u64>,
+}
+
+/// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
+pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malformed> {
+    let (mut method, mut scheme, mut authority, mut path, mut protocol) =
+        (None, None, None, None, None);
+    let mut headers = HeaderMap::with_capacity(list.len());
+    let mut regular_seen = false;
+    for field in list {
+        let (name, value) = (field.name(), field.value());
+        if let Some(pseudo) = name.strip_prefix(b":") {
+            if regular_seen {
+                return Err(Malformed("pseudo-header field after a regular field"));
+            }
+            let slot = match pseudo {
+                b"method" => &mut method,
+                b"scheme" => &mut scheme,
+                b"authority" => &mut authority,
+                b"path" => &mut path,
+                b"protocol" => &mut protocol,
+                _ => {
+                    return Err(Malformed(
+                        "unknown or response pseudo-header field in a request",
+                    ));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(Malformed("repeated pseudo-header field"));
+            }
+        } else {
+            regular_seen = true;
+            regular_field(&mut headers, name, value)?;
+        }
+    }
+    let method = Method::from_bytes(method.ok_or(Malformed("missing :method"))?)
+        .map_err(|_| Malformed("invalid :method"))?;
+    let uri = if method == Method::CONNECT && protocol.is_none() {
+        // Plain CONNECT (RFC 9114 §4.4): only :authority; no :scheme or :path.
+        if scheme.is_some() || path.is_some() {
+            return Err(Malformed("CONNECT with :scheme or :path"));
+        }
+        let authority = authority
+            .filter(|a| !a.is_empty())
+            .ok_or(Malformed("CONNECT without :authority"))?;
+        Uri::builder()
+            .authority(authority)
+            .build()
+            .map_err(|_| Malformed("invalid :authority"))?
+    } else {
+        if protocol.is_some() && method != Method::CONNECT {
+            return Err(Malformed(":protocol outside extended CONNECT"));
+        }
+        let scheme = scheme.ok_or(Malformed("missing :scheme"))?;
+        let path = path
+            .filter(|p| !p.is_empty())
+            .ok_or(Malformed("missing or empty :path"))?;
+        if path != b"*" && path[0] != b'/' {
+            return Err(Malformed(":path is neither absolute nor \"*\""));
+        }
+        if path == b"*" && method != Method::OPTIONS {
+            return Err(Malformed("\"*\" :path outside OPTIONS"));
+        }
+        let host = headers.get(HOST).map(HeaderValue::as_bytes);
+        let authority = match (authority, host) {
+            (Some(a), Some(h)) if a != h => return Err(Malformed(":authority and host differ")),
+            (Some([]), _) | (None, Some([])) => return Err(Malformed("empty :authority or host")),
+            (Some(a), _) => Some(a),
+            (None, h) => h,
+        };
+        if authority.is_none() && matches!(scheme, b"http" | b"https") {
+            return Err(Malformed("neither :authority nor host"));
+        }
+        let mut uri = Uri::builder().scheme(scheme);
+        if let Some(authority) = authority {
+            uri = uri.authority(authority);
+        }
+        let uri = if path == b"*" {
+            uri.path_and_query("*")
+        } else {
+            uri.path_and_query(path)
+        };
+        uri.build()
+            .map_err(|_| Malformed("invalid :scheme, :authority or :path"))?
+    };
+    if !headers.contains_key(HOST)
+        && let Some(authority) = uri.authority()
+    {
+        // Handlers written for HTTP/1.1 look for the host there.
+        if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+            headers.insert(HOST, value);
+        }
+    }
+    let content_length = content_length(&headers)?;
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = Version::HTTP_3;
+    *request.headers_mut() = headers;
+    if let Some(protocol) = protocol {
+        request
+            .extensions_mut()
+            .insert(Protocol(Box::from(protocol)));
+    }
+    Ok(RequestHead {
+        request,
+        content_length,
+    })
+}
+
+/// The `:protocol` of an extended CONNECT request (RFC 9220), as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Protocol(Box<[u8]>);
+
+impl Protocol {
+    /// The protocol's name, e.g. `websocket`.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Copies regular fields of a header map, dropping connection-specific ones.
+fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
+    for (name, value) in headers {
+        let name = name.as_str().as_bytes();
+        if is_connection_specific(name) || (name == b"te" && value.as_bytes() != b"trailers") {
+            continue;
+        }
+        out.push(Header::new(name, value.as_bytes()));
+    }
+}
+
+/// The fields of a response head. `content_length` is added when the head has none and the
+/// body's exact size is known.
+pub(crate) fn response_fields(
+    status: StatusCode,
+    headers: &HeaderMap,
+    content_length: Option<u64>,
+) -> Vec<Header> {
+    let mut out = Vec::with_capacity(headers.len() + 2);
+    out.push(Header::new(b":status", status.as_str().as_bytes()));
+    push_fields(&mut out, headers);
+    if let Some(length) = content_length
+        && !headers.contains_key(CONTENT_LENGTH)
+    {
+        let mut buf = itoa_u64(length);
+        out.push(Header::new(b"content-length", buf.as_bytes_mut()));
+    }
+    out
+}
+
+/// Formats a length without going through `format!`.
+struct Digits([u8; 20], usize);
+
+impl Digits {
+    fn as_bytes_mut(&mut self) -> &[u8] {
+        &self.0[self.1..]
+    }
+}
+
+fn itoa_u64(mut n: u64) -> Digits {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return Digits(buf, at);
+        }
+    }
+}
+
+/// The fields of a trailer section.
+pub(crate) fn trailer_fields(trailers: &HeaderMap) -> Vec<Header> {
+    let mut out = Vec::with_capacity(trailers.len());
+    push_fields(&mut out, trailers);
+    out
+}
+
+/// Builds trailers from a trailing HEADERS frame: pseudo-header fields are not allowed there
+/// (RFC 9114 §4.3).
+pub(crate) fn trailers_from_fields(list: &[Header]) -> Result<HeaderMap, Malformed> {
+    let mut trailers = HeaderMap::with_capacity(list.len());
+    for field in list {
+        if field.name().starts_with(b":") {
+            return Err(Malformed("pseudo-header field in trailers"));
+        }
+        regular_field(&mut trailers, field.name(), field.value())?;
+    }
+    Ok(trailers)
+}
+
+/// The fields of a request head (client side). Fails when the URI lacks what HTTP/3 needs.
+#[allow(dead_code)] // the client's
+pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Malformed> {
+    let uri = request.uri();
+    let headers = request.headers();
+    let mut out = Vec::with_capacity(headers.len() + 4);
+    out.push(Header::new(
+        b":method",
+        request.method().as_str().as_bytes(),
+    ));
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().as_bytes().to_vec())
+        .or_else(|| headers.get(HOST).map(|h| h.as_bytes().to_vec()))
+        .ok_or(Malformed("the request URI has no authority (host)"))?;
+    if request.method() == Method::CONNECT {
+        out.push(Header::new(b":authority", &authority));
+    } else {
+        out.push(Header::new(
+            b":scheme",
+            uri.scheme_str().unwrap_or("https").as_bytes(),
+        ));
+        out.push(Header::new(b":authority", &authority));
+        let path = uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .filter(|p| !p.is_empty())
+            .unwrap_or("/");
+        out.push(Header::new(b":path", path.as_bytes()));
+    }
+    for (name, value) in headers {
+        let name = name.as_str().as_bytes();
+        if name == b"host"
+            || is_connection_specific(name)
+            || (name == b"te" && value.as_bytes() != b"trailers")
+        {
+            continue;
+        }
+        out.push(Header::new(name, value.as_bytes()));
+    }
+    Ok(out)
+}
+
+/// Builds a response head from a HEADERS frame (client side).
+#[allow(dead_code)] // the client's
+pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malformed> {
+    let mut status = None;
+    let mut headers = HeaderMap::with_capacity(list.len());
+    let mut regular_seen = false;
+    for field in list {
+        let (name, value) = (field.name(), field.value());
+        if name.starts_with(b":") {
+            if regular_seen {
+                return Err(Malformed("pseudo-header field after a regular field"));
+            }
+            if name != b":status" {
+                return Err(Malformed(
+                    "request or unknown pseudo-header field in a response",
+                ));
+            }
+            if status.replace(value).is_some() {
+                return Err(Malformed("repeated :status"));
+            }
+        } else {
+            regular_seen = true;
+            regular_field(&mut headers, name, value)?;
+        }
+    }
+    let status = StatusCode::from_bytes(status.ok_or(Malformed("missing :status"))?)
+        .map_err(|_| Malformed("invalid :status"))?;
+    content_length(&headers)?;
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    *response.version_mut() = Version::HTTP_3;
+    *response.headers_mut() = headers;
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(pairs: &[(&str, &str)]) -> Vec<Header> {
+        pairs
+            .iter()
+            .map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes()))
+            .collect()
+    }
+
+    fn get(path: &str) -> Vec<(&'static str, String)> {
+        vec![
+            (":method", "GET".into()),
+            (":scheme", "https".into()),
+            (":authority", "example.com".into()),
+            (":path", path.into()),
+        ]
+    }
+
+    fn parse(pairs: &[(&str, &str)]) -> Result<RequestHead, Malformed> {
+        request_from_fields(&fields(pairs))
+    }
+
+    #[test]
+    fn a_plain_request_becomes_an_http3_request_with_host() {
+        let mut list = get("/a/b?c=d");
+        list.push(("accept", "x".into()));
+        list.push(("accept", "y".into()));
+        let pairs: Vec<(&str, &str)> = list.iter().map(|(n, v)| (*n, v.as_str())).collect();
+        let head = parse(&pairs).unwrap();
+        let r = head.request;
+        assert_eq!(r.method(), Method::GET);
+        assert_eq!(r.uri(), "https://example.com/a/b?c=d");
+        assert_eq!(r.version(), Version::HTTP_3);
+        assert_eq!(r.headers()["host"], "example.com");
+        let accepts: Vec<_> = r.headers().get_all("accept").iter().collect();
+        assert_eq!(accepts, ["x", "y"], "repeats kept, in order");
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        let base = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "a"),
+            (":path", "/"),
+        ];
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (
+                vec![(":scheme", "https"), (":authority", "a"), (":path", "/")],
+                "missing :method",
+            ),
+            (
+                vec![(":method", "GET"), (":authority", "a"), (":path", "/")],
+                "missing :scheme",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                ],
+                "missing :path",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                    (":path", ""),
+                ],
+                "empty :path",
+            ),
+            (
+                vec![(":method", "GET"), (":scheme", "https"), (":path", "/")],
+                "no authority",
+            ),
+            ([&base[..], &[(":path", "/x")]].concat(), "repeated :path"),
+            (
+                [&base[..], &[(":status", "200")]].concat(),
+                "response pseudo-header",
+            ),
+            (
+                [&base[..], &[(":foo", "1")]].concat(),
+                "unknown pseudo-header",
+            ),
+            (
+                [&base[..2], &[("accept", "x")], &base[2..]].concat(),
+                "pseudo after regular",
+            ),
+            ([&base[..], &[("Accept", "x")]].concat(), "uppercase name"),
+            (
+                [&base[..], &[("connection", "close")]].concat(),
+                "connection",
+            ),
+            (
+                [&base[..], &[("transfer-encoding", "chunked")]].concat(),
+                "transfer-encoding",
+            ),
+            ([&base[..], &[("keep-alive", "1")]].concat(), "keep-alive"),
+            ([&base[..], &[("upgrade", "h2c")]].concat(), "upgrade"),
+            (
+                [&base[..], &[("te", "gzip")]].concat(),
+                "te other than trailers",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                    (":path", "noslash"),
+                ],
+                "relative path",
+            ),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                    (":path", "*"),
+                ],
+                "* outside OPTIONS",
+            ),
+            (
+                vec![
+                    (":method", "CONNECT"),
+                    (":scheme", "https"),
+                    (":authority", "a:1"),
+                    (":path", "/"),
+                ],
+                "CONNECT with scheme/path",
+            ),
+            (vec![(":method", "CONNECT")], "CONNECT without authority"),
+            (
+                [&base[..], &[("host", "b")]].concat(),
+                ":authority and host differ",
+            ),
+            (
+                [&base[..], &[("content-length", "x")]].concat(),
+                "bad content-length",
+            ),
+            (
+                [
+                    &base[..],
+                    &[("content-length", "1"), ("content-length", "2")],
+                ]
+                .concat(),
+                "conflicting content-length",
+            ),
+            ([&base[..], &[("x", "a\nb")]].concat(), "newline in value"),
+            (
+                vec![
+                    (":method", "G E T"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                    (":path", "/"),
+                ],
+                "bad method",
+            ),
+        ];
+        for (pairs, why) in cases {
+            assert!(parse(&pairs).is_err(), "{why} must be refused");
+        }
+        assert!(parse(&base).is_ok());
+        assert!(parse(&[(":method", "CONNECT"), (":authority", "a:443")]).is_ok());
+        assert!(
+            parse(&[
+                (":method", "OPTIONS"),
+                (":scheme", "https"),
+                (":authority", "a"),
+                (":path", "*")
+            ])
+            .is_ok()
+        );
+        assert!(parse(&[&base[..], &[("te", "trailers")]].concat()).is_ok());
+        assert_eq!(
+            parse(
+                &[
+                    &base[..],
+                    &[("content-length", "5"), ("content-length", "5")]
+                ]
+                .concat()
+            )
+            .unwrap()
+            .content_length,
+            Some(5)
+        );
+    }
+
+    #[test]
+    fn responses_drop_connection_specific_fields_and_get_a_length() {
+        let mut headers = HeaderMap::new();
+        headers.insert("connection", "close".parse().unwrap());
+        headers.insert("transfer-encoding", "chunked".parse().unwrap());
+        headers.insert("x-a", "1".parse().unwrap());
+        let list = response_fields(StatusCode::OK, &headers, Some(12345));
+        let pairs: Vec<(&[u8], &[u8])> = list.iter().map(|h| (h.name(), h.value())).collect();
+        assert_eq!(
+            pairs,
+            vec![
+                (&b":status"[..], &b"200"[..]),
+                (b"x-a", b"1"),
+                (b"content-length", b"12345")
+            ]
+        );
+        assert_eq!(itoa_u64(0).as_bytes_mut(), b"0");
+        assert_eq!(
+            itoa_u64(u64::MAX).as_bytes_mut(),
+            u64::MAX.to_string().as_bytes()
+        );
+    }
+
+    #[test]
+    fn trailers_refuse_pseudo_headers() {
+        assert!(trailers_from_fields(&fields(&[(":status", "200")])).is_err());
+        let t = trailers_from_fields(&fields(&[("x-trailer", "yes")])).unwrap();
+        assert_eq!(t["x-trailer"], "yes");
+    }
+
+    #[test]
+    fn request_and_response_round_trip_on_the_client_side() {
+        let req = Request::get("https://example.com:4433/p?q")
+            .header("x", "1")
+            .header("connection", "close")
+            .body(())
+            .unwrap();
+        let list = request_fields(&req).unwrap();
+        let head = request_from_fields(&list).unwrap().request;
+        assert_eq!(head.uri(), "https://example.com:4433/p?q");
+        assert_eq!(head.headers()["x"], "1");
+        assert!(head.headers().get("connection").is_none());
+        let resp = response_from_fields(&fields(&[(":status", "404"), ("a", "b")])).unwrap();
+        assert_eq!(resp.status(), 404);
+        assert!(response_from_fields(&fields(&[("a", "b")])).is_err());
+    }
+}

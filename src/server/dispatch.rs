@@ -1,0 +1,99 @@
+//! The service bridge: calls the service for one request (tower's contract: `poll_ready`,
+//! then `call` on the same clone), then pumps the response into the stream's outbox, one
+//! body frame at a time and only while the outbox has room (hyper's `PipeToSendStream`
+//! model). Runs inside the connection's task; a reset stream drops this future.
+
+use std::future::poll_fn;
+use std::pin::pin;
+use std::sync::Arc;
+
+use bytes::Buf;
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::RecvBody;
+use crate::error::BoxError;
+use crate::headers::{response_fields, trailer_fields};
+use crate::stream::{StreamShared, code};
+
+pub(crate) async fn respond<S, B>(
+    mut service: S,
+    request: Request<RecvBody>,
+    stream: Arc<StreamShared>,
+) where
+    S: Service<Request<RecvBody>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let head_request = request.method() == Method::HEAD;
+    if let Err(e) = poll_fn(|cx| service.poll_ready(cx)).await {
+        tracing::debug!(error = %e.into(), "service not ready; resetting the stream");
+        stream.reset(code::H3_INTERNAL_ERROR);
+        return;
+    }
+    let response = match service.call(request).await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::debug!(error = %e.into(), "service error; resetting the stream");
+            stream.reset(code::H3_INTERNAL_ERROR);
+            return;
+        }
+    };
+    let (parts, body) = response.into_parts();
+    tracing::Span::current().record("status", parts.status.as_u16());
+    // RFC 9110 §6.4.1: these responses carry no content, whatever the body says.
+    let bodyless = head_request
+        || parts.status == StatusCode::NO_CONTENT
+        || parts.status == StatusCode::NOT_MODIFIED;
+    let content_length = if bodyless {
+        None
+    } else {
+        body.size_hint().exact()
+    };
+    let end = bodyless || body.is_end_stream();
+    stream.push_head(
+        response_fields(parts.status, &parts.headers, content_length),
+        end,
+    );
+    if end {
+        return;
+    }
+    let mut body = pin!(body);
+    loop {
+        if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
+            // The client stopped reading: stop producing.
+            return;
+        }
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => {
+                stream.finish();
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    let bytes = data.copy_to_bytes(data.remaining());
+                    if !bytes.is_empty() {
+                        stream.push_data(bytes);
+                    }
+                    if body.is_end_stream() {
+                        stream.finish();
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream.push_trailers(trailer_fields(&trailers));
+                        return;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e.into(), "response body error; resetting the stream");
+                stream.reset(code::H3_INTERNAL_ERROR);
+                return;
+            }
+        }
+    }
+}

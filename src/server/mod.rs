@@ -1,0 +1,426 @@
+//! Serving any [`tower::Service`](tower_service::Service) over HTTP/3.
+//!
+//! [`serve`] takes a [`Listener`] and a service — an axum `Router`, a `ServiceBuilder`
+//! stack, anything that is `Service<Request<RecvBody>, Response = Response<B>> + Clone` —
+//! and runs it: each request stream becomes an `http::Request` whose body streams as it
+//! arrives, and the response body is polled only while the stream can take more.
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use tower_quiche::quic::{Config, Listener};
+//!
+//! # async fn run() -> Result<(), tower_quiche::Error> {
+//! let app = Router::new().route("/", get(|| async { "hello over HTTP/3" }));
+//! let config = Config::builder()
+//!     .alpn(["h3"])
+//!     .cert_chain_pem_file("cert.pem")
+//!     .private_key_pem_file("key.pem")
+//!     .build()?;
+//! let listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
+//! tower_quiche::server::serve(listener, app)
+//!     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Every request carries a [`ConnectionInfo`] extension (addresses, stream ID, whether it
+//! came in 0-RTT, the HTTP version) and an [`Informational`] handle for 1xx responses.
+
+mod conn;
+mod dispatch;
+
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Buf;
+use http::{HeaderMap, Request, Response, StatusCode, Version};
+use http_body::Body;
+use tokio::sync::{mpsc, watch};
+use tower_service::Service;
+
+use crate::body::RecvBody;
+use crate::error::{BoxError, Error};
+use crate::quic::Listener;
+use crate::stream::StreamShared;
+
+pub use crate::headers::Protocol;
+
+/// Who is on the other end of a request: a request extension (and what a make-service
+/// receives per connection, with no stream ID).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ConnectionInfo {
+    /// The client's address.
+    pub remote_addr: SocketAddr,
+    /// The local address the connection arrived on.
+    pub local_addr: SocketAddr,
+    /// The HTTP version (`HTTP_3` here).
+    pub version: Version,
+    /// The QUIC stream the request arrived on.
+    pub stream_id: Option<u64>,
+    /// Whether the request arrived in 0-RTT data (replayable: serve only idempotent
+    /// requests from it).
+    pub early_data: bool,
+}
+
+/// Sends 1xx informational responses (such as 103 Early Hints) before the final response.
+/// Found in every request's extensions.
+#[derive(Clone)]
+pub struct Informational {
+    stream: Arc<StreamShared>,
+}
+
+impl fmt::Debug for Informational {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Informational")
+            .field("stream_id", &self.stream.id)
+            .finish()
+    }
+}
+
+impl Informational {
+    /// Queues an informational response. Fails for a status outside 1xx (and 101, which
+    /// HTTP/3 forbids), or once the final response has been queued.
+    pub fn send(&self, status: StatusCode, headers: &HeaderMap) -> Result<(), Error> {
+        if !status.is_informational() || status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err(Error::config(format!(
+                "{status} is not an informational status HTTP/3 allows"
+            )));
+        }
+        let fields = crate::headers::response_fields(status, headers, None);
+        self.stream.push_informational(fields)
+    }
+}
+
+/// Server settings, shared by its connections.
+pub(crate) struct Settings {
+    max_header_list_size: usize,
+    request_head_timeout: Duration,
+    max_requests_per_connection: Option<u64>,
+    request_body_buffer: usize,
+    response_body_buffer: usize,
+    graceful_shutdown_timeout: Duration,
+    h3_config: quiche::h3::Config,
+}
+
+/// Hard limit on a header section that quiche decodes at all; beyond it the connection
+/// fails with H3_EXCESSIVE_LOAD. Below it, sections over `max_header_list_size` get 431.
+const HARD_HEADER_SECTION_LIMIT: u64 = 1024 * 1024;
+
+/// Settings of an HTTP/3 server, each with a documented default.
+///
+/// Limits that live in QUIC are set on the listener's [`quic::Config`](crate::quic::Config):
+/// concurrent request streams
+/// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams),
+/// 128) and the idle timeout ([`idle_timeout`](crate::quic::ConfigBuilder::idle_timeout),
+/// 30 s).
+#[derive(Debug, Clone)]
+pub struct Builder {
+    max_header_list_size: usize,
+    request_head_timeout: Duration,
+    max_requests_per_connection: Option<u64>,
+    request_body_buffer: usize,
+    response_body_buffer: usize,
+    graceful_shutdown_timeout: Duration,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            max_header_list_size: 64 * 1024,
+            request_head_timeout: Duration::from_secs(30),
+            max_requests_per_connection: None,
+            request_body_buffer: 64 * 1024,
+            response_body_buffer: 64 * 1024,
+            graceful_shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Builder {
+    /// Default settings.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The largest request header section, counted as RFC 9114 §4.2.2 does (the sum of
+    /// name, value and 32 bytes per field). Larger requests get `431 Request Header Fields
+    /// Too Large`. Defaults to 64 KiB.
+    pub fn max_header_list_size(mut self, bytes: usize) -> Self {
+        self.max_header_list_size = bytes;
+        self
+    }
+
+    /// How long a connection with no request in flight may go without a complete request
+    /// head before it is closed (this also bounds a client that trickles a head in).
+    /// Defaults to 30 s.
+    pub fn request_head_timeout(mut self, timeout: Duration) -> Self {
+        self.request_head_timeout = timeout;
+        self
+    }
+
+    /// After this many requests a connection sends GOAWAY, finishes them, and closes; the
+    /// client opens a new one. Defaults to unlimited.
+    pub fn max_requests_per_connection(mut self, requests: u64) -> Self {
+        self.max_requests_per_connection = Some(requests.max(1));
+        self
+    }
+
+    /// How many bytes of a request body may wait for the handler to read them; beyond it
+    /// the client is held back by QUIC flow control. Defaults to 64 KiB.
+    pub fn request_body_buffer(mut self, bytes: usize) -> Self {
+        self.request_body_buffer = bytes.max(1);
+        self
+    }
+
+    /// How many bytes of a response body may wait for the stream's capacity before the
+    /// body is polled again. Defaults to 64 KiB.
+    pub fn response_body_buffer(mut self, bytes: usize) -> Self {
+        self.response_body_buffer = bytes.max(1);
+        self
+    }
+
+    /// How long a graceful shutdown waits for requests in flight before closing their
+    /// connections anyway. Defaults to 30 s.
+    pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.graceful_shutdown_timeout = timeout;
+        self
+    }
+
+    fn settings(&self) -> Result<Arc<Settings>, Error> {
+        let mut h3_config = quiche::h3::Config::new()
+            .map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
+        h3_config.set_max_field_section_size(
+            HARD_HEADER_SECTION_LIMIT.max(self.max_header_list_size as u64),
+        );
+        Ok(Arc::new(Settings {
+            max_header_list_size: self.max_header_list_size,
+            request_head_timeout: self.request_head_timeout,
+            max_requests_per_connection: self.max_requests_per_connection,
+            request_body_buffer: self.request_body_buffer,
+            response_body_buffer: self.response_body_buffer,
+            graceful_shutdown_timeout: self.graceful_shutdown_timeout,
+            h3_config,
+        }))
+    }
+
+    /// Serves `service` on `listener`: each connection gets a clone of it.
+    pub fn serve<S, B>(self, listener: Listener, service: S) -> Serve
+    where
+        S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Into<BoxError>,
+    {
+        self.serve_make_service(listener, CloneService(service))
+    }
+
+    /// Serves with a make-service: `make_service` is called with each connection's
+    /// [`ConnectionInfo`] and returns the service for that connection, as with
+    /// `axum::serve`.
+    pub fn serve_make_service<M, S, B>(self, listener: Listener, make_service: M) -> Serve
+    where
+        M: Service<ConnectionInfo, Response = S> + Send + 'static,
+        M::Future: Send + 'static,
+        M::Error: Into<BoxError>,
+        S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<BoxError>,
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Into<BoxError>,
+    {
+        let settings = self.settings();
+        let run: RunFn =
+            Box::new(move |signal| Box::pin(run(listener, make_service, settings, signal)));
+        Serve { run, signal: None }
+    }
+}
+
+/// Serves `service` over HTTP/3 on `listener` with default [`Builder`] settings.
+///
+/// The listener must offer the `h3` ALPN. The returned [`Serve`] runs when awaited, until
+/// the listener stops or, with [`Serve::with_graceful_shutdown`], until the signal fires
+/// and every connection has drained.
+pub fn serve<S, B>(listener: Listener, service: S) -> Serve
+where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    Builder::new().serve(listener, service)
+}
+
+/// Serves with a make-service that builds one service per connection from its
+/// [`ConnectionInfo`]; see [`Builder::serve_make_service`].
+pub fn serve_make_service<M, S, B>(listener: Listener, make_service: M) -> Serve
+where
+    M: Service<ConnectionInfo, Response = S> + Send + 'static,
+    M::Future: Send + 'static,
+    M::Error: Into<BoxError>,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    Builder::new().serve_make_service(listener, make_service)
+}
+
+type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
+type RunFn = Box<
+    dyn FnOnce(Option<Signal>) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send,
+>;
+
+/// A running server: await it (it is [`IntoFuture`]).
+#[must_use = "a server does nothing until awaited"]
+pub struct Serve {
+    run: RunFn,
+    signal: Option<Signal>,
+}
+
+impl fmt::Debug for Serve {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("graceful", &self.signal.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serve {
+    /// When `signal` completes: stop accepting connections, send GOAWAY on every
+    /// connection, let requests in flight finish (up to the builder's
+    /// `graceful_shutdown_timeout`), close each connection with H3_NO_ERROR, and return.
+    pub fn with_graceful_shutdown<F>(mut self, signal: F) -> Self
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.signal = Some(Box::pin(signal));
+        self
+    }
+}
+
+impl IntoFuture for Serve {
+    type Output = Result<(), Error>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        (self.run)(self.signal)
+    }
+}
+
+/// Hands out each connection's service: a clone of one service.
+#[derive(Clone)]
+struct CloneService<S>(S);
+
+impl<S: Clone> Service<ConnectionInfo> for CloneService<S> {
+    type Response = S;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<S, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _info: ConnectionInfo) -> Self::Future {
+        std::future::ready(Ok(self.0.clone()))
+    }
+}
+
+async fn run<M, S, B>(
+    mut listener: Listener,
+    mut make_service: M,
+    settings: Result<Arc<Settings>, Error>,
+    signal: Option<Signal>,
+) -> Result<(), Error>
+where
+    M: Service<ConnectionInfo, Response = S> + Send + 'static,
+    M::Future: Send + 'static,
+    M::Error: Into<BoxError>,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    let settings = settings?;
+    if !listener.config().alpn().any(|p| p == b"h3") {
+        return Err(Error::config(
+            "the listener does not offer the \"h3\" ALPN: build its quic::Config with .alpn([\"h3\"])",
+        ));
+    }
+    // Every connection holds a sender; when all are gone, every connection has closed.
+    let (alive, mut all_closed) = mpsc::channel::<()>(1);
+    let (drain_tx, drain_rx) = watch::channel::<Option<Instant>>(None);
+    let mut signal = signal.unwrap_or_else(|| Box::pin(std::future::pending()));
+    loop {
+        let incoming = tokio::select! {
+            incoming = listener.accept() => incoming,
+            () = &mut signal => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let info = ConnectionInfo {
+            remote_addr: incoming.peer_addr(),
+            local_addr: incoming.local_addr(),
+            version: Version::HTTP_3,
+            stream_id: None,
+            early_data: false,
+        };
+        let service = match make(&mut make_service, info.clone()).await {
+            Ok(service) => service,
+            Err(e) => {
+                tracing::warn!(error = %e, peer = %info.remote_addr, "make-service failed; refusing the connection");
+                continue;
+            }
+        };
+        let mut drain = drain_rx.clone();
+        let shutdown = Box::pin(async move {
+            let deadline = drain.wait_for(Option::is_some).await.map(|d| *d);
+            match deadline {
+                Ok(deadline) => deadline,
+                // The server is gone without a graceful shutdown: keep serving.
+                Err(_) => std::future::pending().await,
+            }
+        });
+        incoming.start(conn::ServerApp::new(
+            service,
+            Arc::clone(&settings),
+            info,
+            shutdown,
+            alive.clone(),
+        ));
+    }
+    // Stop accepting; connections already running keep their sockets.
+    drop(listener);
+    let deadline = Instant::now() + settings.graceful_shutdown_timeout;
+    tracing::debug!("graceful shutdown: draining connections");
+    drain_tx.send_replace(Some(deadline));
+    drop(alive);
+    let _ = all_closed.recv().await;
+    Ok(())
+}
+
+async fn make<M, S>(make_service: &mut M, info: ConnectionInfo) -> Result<S, BoxError>
+where
+    M: Service<ConnectionInfo, Response = S>,
+    M::Error: Into<BoxError>,
+{
+    std::future::poll_fn(|cx| make_service.poll_ready(cx))
+        .await
+        .map_err(Into::into)?;
+    make_service.call(info).await.map_err(Into::into)
+}
