@@ -28,7 +28,7 @@ pub struct RecvBody {
 impl std::fmt::Debug for RecvBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBody")
-            .field("stream_id", &self.stream.as_ref().map(|s| s.id))
+            .field("stream_id", &self.stream.as_ref().map(|s| s.id()))
             .finish_non_exhaustive()
     }
 }

@@ -37,6 +37,7 @@
 #![forbid(unsafe_code)]
 
 mod body;
+pub mod client;
 mod config;
 mod conn;
 mod endpoint;

@@ -9,14 +9,20 @@
 //! and the wakers kept here.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
+use std::future::poll_fn;
+use std::pin::pin;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
+use http_body::Body;
 use quiche::h3::{self, Header};
 
-use crate::error::{Error, Kind};
+use crate::error::{BoxError, Error, Kind};
+use crate::headers::trailer_fields;
 
 /// HTTP/3 error codes (RFC 9114 §8.1) the crate sends.
 pub(crate) mod code {
@@ -164,7 +170,8 @@ pub(crate) struct StreamState {
 
 /// One stream's shared state.
 pub(crate) struct StreamShared {
-    pub(crate) id: u64,
+    /// The stream ID; a client learns it only when the connection opens the stream.
+    id: AtomicU64,
     notify: Arc<ConnNotify>,
     state: Mutex<StreamState>,
 }
@@ -179,7 +186,7 @@ impl StreamShared {
         recv_fin: bool,
     ) -> Arc<Self> {
         Arc::new(StreamShared {
-            id,
+            id: AtomicU64::new(id),
             notify,
             state: Mutex::new(StreamState {
                 recv: BytesMut::new(),
@@ -201,6 +208,34 @@ impl StreamShared {
         })
     }
 
+    /// A stream whose head the connection sends itself (a client request): the outbox
+    /// holds only the body and trailers. Its ID is set when the stream opens.
+    pub(crate) fn new_request(
+        notify: Arc<ConnNotify>,
+        recv_limit: usize,
+        out_limit: usize,
+        body_follows: bool,
+    ) -> Arc<Self> {
+        let shared = Self::new(u64::MAX, notify, recv_limit, out_limit, None, false);
+        {
+            let mut s = shared.lock();
+            s.out.final_queued = true;
+            s.out.head_sent = true;
+            s.out.fin = !body_follows;
+            // Without a body the head carried FIN: nothing is left to write.
+            s.out.done = !body_follows;
+        }
+        shared
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_id(&self, id: u64) {
+        self.id.store(id, Ordering::Release);
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, StreamState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -216,7 +251,7 @@ impl StreamShared {
 
     pub(crate) fn notify_if(&self, queued: bool) {
         if queued {
-            self.notify.notify(self.id);
+            self.notify.notify(self.id());
         }
     }
 
@@ -333,6 +368,13 @@ pub(crate) fn write_out(
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
         s.out.done = true;
+        // The producer must stop too: nothing it queues will be written.
+        s.cancelled.get_or_insert(code);
+        s.out.data.clear();
+        s.out.data_len = 0;
+        if let Some(waker) = s.send_waker.take() {
+            waker.wake();
+        }
         return WriteOutcome::Aborted;
     }
     let before = s.out.data_len;
@@ -489,4 +531,61 @@ pub(crate) fn wake_reader(s: &mut StreamState) {
     if let Some(waker) = s.recv_waker.take() {
         waker.wake();
     }
+}
+
+/// Pumps a message body into the stream's outbox: one frame at a time, and only while the
+/// outbox has room, so a fast body waits for the stream instead of filling memory. Ends the
+/// stream (FIN, or trailers) when the body ends, and resets it with H3_INTERNAL_ERROR when
+/// the body fails.
+pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared)
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let mut body = pin!(body);
+    loop {
+        if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
+            // The peer stopped reading: stop producing.
+            return;
+        }
+        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+            None => {
+                stream.finish();
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    let bytes = data.copy_to_bytes(data.remaining());
+                    if !bytes.is_empty() {
+                        stream.push_data(bytes);
+                    }
+                    if body.is_end_stream() {
+                        stream.finish();
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        stream.push_trailers(trailer_fields(&trailers));
+                        return;
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e.into(), "body error; resetting the stream");
+                stream.reset(code::H3_INTERNAL_ERROR);
+                return;
+            }
+        }
+    }
+}
+
+/// Whether quiche still holds a stream: data not yet sent or acknowledged, or a side not
+/// finished. quiche forgets a stream once both directions are complete, and closing the
+/// connection before then would discard what it still had to deliver.
+pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
+    !matches!(
+        conn.stream_capacity(id),
+        Err(quiche::Error::InvalidStreamState(_))
+    )
 }

@@ -61,6 +61,8 @@ pub(crate) struct ServerApp<S> {
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
     closing: bool,
+    /// Answered streams quiche may still be delivering; a graceful close waits for them.
+    lingering: Vec<u64>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -99,6 +101,7 @@ where
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
             closing: false,
+            lingering: Vec::new(),
             _alive: alive,
         }
     }
@@ -410,6 +413,7 @@ where
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
+        self.lingering.push(id);
         let mut s = entry.shared.lock();
         if !s.recv_fin && s.recv_error.is_none() {
             // The response is complete without the rest of the request: ask the client to
@@ -517,9 +521,11 @@ where
             self.shutdown = Box::pin(std::future::pending());
             self.start_draining(conn, deadline);
         }
-        self.poll_events(conn)?;
-        // Bounded: each round serves what the previous one made ready.
+        // Bounded: each round serves what the previous one made ready. Events are polled
+        // every round because reading a stream's last bytes queues its `Finished` event in
+        // quiche, and no packet may come to trigger another round.
         for _ in 0..8 {
+            self.poll_events(conn)?;
             self.poll_requests(cx, conn);
             self.notify.take_ready(cx, &mut self.ready);
             if self.ready.is_empty() {
@@ -542,9 +548,14 @@ where
             && self.streams.is_empty()
             && self.requests.is_empty()
         {
-            tracing::debug!("no request in flight after GOAWAY; closing");
-            self.close(conn);
-            return Ok(());
+            self.lingering.retain(|&id| stream::stream_alive(conn, id));
+            if self.lingering.is_empty() {
+                tracing::debug!("no request in flight after GOAWAY; closing");
+                self.close(conn);
+                return Ok(());
+            }
+        } else if self.lingering.len() > 64 {
+            self.lingering.retain(|&id| stream::stream_alive(conn, id));
         }
         self.poll_timers(cx, conn);
         Ok(())

@@ -4,17 +4,15 @@
 //! model). Runs inside the connection's task; a reset stream drops this future.
 
 use std::future::poll_fn;
-use std::pin::pin;
 use std::sync::Arc;
 
-use bytes::Buf;
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::body::RecvBody;
 use crate::error::BoxError;
-use crate::headers::{response_fields, trailer_fields};
+use crate::headers::response_fields;
 use crate::stream::{StreamShared, code};
 
 pub(crate) async fn respond<S, B>(
@@ -60,40 +58,5 @@ pub(crate) async fn respond<S, B>(
     if end {
         return;
     }
-    let mut body = pin!(body);
-    loop {
-        if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
-            // The client stopped reading: stop producing.
-            return;
-        }
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            None => {
-                stream.finish();
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(mut data) => {
-                    let bytes = data.copy_to_bytes(data.remaining());
-                    if !bytes.is_empty() {
-                        stream.push_data(bytes);
-                    }
-                    if body.is_end_stream() {
-                        stream.finish();
-                        return;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        stream.push_trailers(trailer_fields(&trailers));
-                        return;
-                    }
-                }
-            },
-            Some(Err(e)) => {
-                tracing::debug!(error = %e.into(), "response body error; resetting the stream");
-                stream.reset(code::H3_INTERNAL_ERROR);
-                return;
-            }
-        }
-    }
+    crate::stream::pump_body(body, &stream).await;
 }

@@ -77,7 +77,7 @@ pub struct Informational {
 impl fmt::Debug for Informational {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Informational")
-            .field("stream_id", &self.stream.id)
+            .field("stream_id", &self.stream.id())
             .finish()
     }
 }

@@ -78,3 +78,4 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+pub mod h3;

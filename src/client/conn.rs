@@ -1,0 +1,960 @@
+//! One HTTP/3 client connection, in hyper's shape: [`handshake`] returns a [`SendRequest`]
+//! that submits requests and a [`Connection`] that resolves when the connection ends.
+//!
+//! The connection's task (the QUIC layer's driver) runs a [`ClientApp`]: it opens a stream
+//! per submitted request when the server's stream credit allows, pumps request bodies from
+//! inside the task, and hands back each response head with a streaming [`RecvBody`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use quiche::h3;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Sleep;
+
+use crate::body::RecvBody;
+use crate::conn::{Application, ConnectionHandle};
+use crate::error::{BoxError, Error, Kind};
+use crate::headers::{request_fields, response_from_fields, trailers_from_fields};
+use crate::quic::Endpoint;
+use crate::stream::{self, ConnNotify, StreamShared, WriteOutcome, code};
+
+/// How many submitted requests may wait for stream credit on one connection.
+const SUBMIT_QUEUE: usize = 1024;
+
+/// A request body of any type, boxed once so one connection carries every body type.
+pub(crate) type AnyBody = UnsyncBoxBody<Bytes, BoxError>;
+
+pub(crate) fn box_body<B>(body: B) -> AnyBody
+where
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    body.map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
+        .map_err(Into::into)
+        .boxed_unsync()
+}
+
+/// A request ready to go: its head as HTTP/3 fields and its body (None: it ends with the
+/// head). Kept whole until a stream takes it, so a refused request can be sent again.
+pub(crate) struct PendingRequest {
+    pub(crate) fields: Vec<h3::Header>,
+    pub(crate) body: Option<AnyBody>,
+}
+
+impl PendingRequest {
+    pub(crate) fn new<B>(request: Request<B>) -> Result<Self, Error>
+    where
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Into<BoxError>,
+    {
+        let fields = request_fields(&request)
+            .map_err(|m| Error::config(format!("cannot send this request: {m}")))?;
+        let body = request.into_body();
+        let body = (!body.is_end_stream()).then(|| box_body(body));
+        Ok(PendingRequest { fields, body })
+    }
+}
+
+/// Why a request failed; `Unsent` requests were not processed by the server (never sent,
+/// refused by GOAWAY, or H3_REQUEST_REJECTED before any body was sent) and may be retried.
+pub(crate) enum Failure {
+    Unsent(PendingRequest, Error),
+    Failed(Error),
+}
+
+impl Failure {
+    pub(crate) fn into_error(self) -> Error {
+        match self {
+            Failure::Unsent(_, e) | Failure::Failed(e) => e,
+        }
+    }
+}
+
+pub(crate) type Reply = oneshot::Sender<Result<Response<RecvBody>, Failure>>;
+
+struct Submission {
+    request: PendingRequest,
+    shared: Arc<StreamShared>,
+    reply: Reply,
+}
+
+/// The connection's capacity, shared with its [`SendRequest`]s.
+#[derive(Default)]
+pub(crate) struct Status {
+    inner: Mutex<StatusInner>,
+}
+
+#[derive(Default)]
+struct StatusInner {
+    /// Streams the server still lets us open.
+    credit: u64,
+    /// Requests reserved by `poll_ready` or submitted, not yet given a stream.
+    outstanding: u64,
+    /// Requests with a stream, not yet finished.
+    in_flight: usize,
+    goaway: bool,
+    closed: bool,
+    established: bool,
+    waiters: Vec<Waker>,
+}
+
+impl Status {
+    fn lock(&self) -> MutexGuard<'_, StatusInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether new requests may go to this connection.
+    pub(crate) fn usable(&self) -> bool {
+        let s = self.lock();
+        !s.goaway && !s.closed
+    }
+
+    /// Streams free for new requests right now.
+    pub(crate) fn spare(&self) -> u64 {
+        let s = self.lock();
+        s.credit.saturating_sub(s.outstanding)
+    }
+
+    pub(crate) fn load(&self) -> u64 {
+        let s = self.lock();
+        s.outstanding + s.in_flight as u64
+    }
+
+    fn update(&self, f: impl FnOnce(&mut StatusInner)) {
+        let waiters = {
+            let mut s = self.lock();
+            f(&mut s);
+            if s.closed || s.goaway || s.credit > s.outstanding {
+                std::mem::take(&mut s.waiters)
+            } else {
+                Vec::new()
+            }
+        };
+        for w in waiters {
+            w.wake();
+        }
+    }
+}
+
+fn closed_error() -> Error {
+    Error::new(Kind::Closed).with_message("the HTTP/3 connection is closed")
+}
+
+fn rejected_error(why: &str) -> Error {
+    Error::new(Kind::Closed)
+        .with_code(code::H3_REQUEST_REJECTED)
+        .with_message(why.to_string())
+}
+
+/// Submits requests on one HTTP/3 connection. Cheap to clone.
+///
+/// [`poll_ready`](Self::poll_ready) reports real capacity: it is pending while the server's
+/// stream credit is used up, and fails once the connection is closed or going away.
+pub struct SendRequest {
+    submit: mpsc::Sender<Submission>,
+    status: Arc<Status>,
+    notify: Arc<ConnNotify>,
+    settings: Arc<ConnSettings>,
+    reserved: bool,
+}
+
+impl Clone for SendRequest {
+    fn clone(&self) -> Self {
+        SendRequest {
+            submit: self.submit.clone(),
+            status: Arc::clone(&self.status),
+            notify: Arc::clone(&self.notify),
+            settings: Arc::clone(&self.settings),
+            reserved: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for SendRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SendRequest")
+            .field("usable", &self.status.usable())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for SendRequest {
+    fn drop(&mut self) {
+        if self.reserved {
+            self.status
+                .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+        }
+    }
+}
+
+impl SendRequest {
+    /// Ready when the connection can open a stream for one more request (the reservation
+    /// is kept for the next [`send_request`](Self::send_request)).
+    pub fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.reserved {
+            return Poll::Ready(Ok(()));
+        }
+        let mut s = self.status.lock();
+        if s.closed {
+            return Poll::Ready(Err(closed_error()));
+        }
+        if s.goaway {
+            return Poll::Ready(Err(rejected_error("the server is going away (GOAWAY)")));
+        }
+        if s.credit > s.outstanding {
+            s.outstanding += 1;
+            self.reserved = true;
+            return Poll::Ready(Ok(()));
+        }
+        s.waiters.push(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Waits until [`poll_ready`](Self::poll_ready) is ready.
+    pub async fn ready(&mut self) -> Result<(), Error> {
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await
+    }
+
+    pub(crate) fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// Whether the connection can take new requests at all (not closed, no GOAWAY).
+    pub fn is_usable(&self) -> bool {
+        self.status.usable()
+    }
+
+    /// Sends a request; the response arrives with a streaming body. The request URI must
+    /// carry the authority (`https://host:port/path`), or the request a `host` header.
+    pub fn send_request<B>(&mut self, request: Request<B>) -> ResponseFuture
+    where
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Into<BoxError>,
+    {
+        match PendingRequest::new(request) {
+            Ok(pending) => self.send_pending(pending),
+            Err(e) => ResponseFuture::failed(e),
+        }
+    }
+
+    pub(crate) fn send_pending(&mut self, request: PendingRequest) -> ResponseFuture {
+        if !self.reserved {
+            self.status.update(|s| s.outstanding += 1);
+        }
+        self.reserved = false;
+        let shared = StreamShared::new_request(
+            Arc::clone(&self.notify),
+            self.settings.response_body_buffer,
+            self.settings.request_body_buffer,
+            request.body.is_some(),
+        );
+        let (reply, rx) = oneshot::channel();
+        let submission = Submission {
+            request,
+            shared: Arc::clone(&shared),
+            reply,
+        };
+        match self.submit.try_send(submission) {
+            Ok(()) => ResponseFuture {
+                rx: Some(rx),
+                shared: Some(shared),
+                error: None,
+            },
+            Err(e) => {
+                self.status
+                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                let submission = e.into_inner();
+                let error = if self.status.lock().closed {
+                    closed_error()
+                } else {
+                    rejected_error("too many requests are waiting for this connection")
+                };
+                let _ = submission;
+                ResponseFuture::failed(error)
+            }
+        }
+    }
+}
+
+/// The response to a request sent with [`SendRequest`]. Dropping it before the response
+/// arrives cancels the request (the stream is reset with H3_REQUEST_CANCELLED).
+#[must_use = "the request is cancelled when this future is dropped"]
+pub struct ResponseFuture {
+    rx: Option<oneshot::Receiver<Result<Response<RecvBody>, Failure>>>,
+    shared: Option<Arc<StreamShared>>,
+    error: Option<Error>,
+}
+
+impl std::fmt::Debug for ResponseFuture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl ResponseFuture {
+    fn failed(error: Error) -> Self {
+        ResponseFuture {
+            rx: None,
+            shared: None,
+            error: Some(error),
+        }
+    }
+
+    pub(crate) fn poll_failure(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<Response<RecvBody>, Failure>> {
+        if let Some(error) = self.error.take() {
+            return Poll::Ready(Err(Failure::Failed(error)));
+        }
+        let Some(rx) = self.rx.as_mut() else {
+            return Poll::Ready(Err(Failure::Failed(closed_error())));
+        };
+        let result = match Pin::new(rx).poll(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Ok(result)) => result,
+            Poll::Ready(Err(_)) => Err(Failure::Failed(closed_error())),
+        };
+        self.rx = None;
+        self.shared = None;
+        Poll::Ready(result)
+    }
+}
+
+impl Future for ResponseFuture {
+    type Output = Result<Response<RecvBody>, Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut()
+            .poll_failure(cx)
+            .map(|r| r.map_err(Failure::into_error))
+    }
+}
+
+impl Drop for ResponseFuture {
+    fn drop(&mut self) {
+        if let (Some(shared), Some(_)) = (self.shared.take(), self.rx.as_ref()) {
+            // Not answered yet: cancel the request.
+            shared.reset(code::H3_REQUEST_CANCELLED);
+        }
+    }
+}
+
+/// A client connection: resolves when the connection has closed (with its error, if it was
+/// not a clean close). Dropping it does not close the connection; dropping every
+/// [`SendRequest`] does, once the requests in flight are done.
+#[must_use = "await it to learn when the connection ends"]
+pub struct Connection {
+    handle: ConnectionHandle,
+    closed: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Connection {
+    /// The QUIC connection underneath (statistics, peer address, close).
+    pub fn handle(&self) -> &ConnectionHandle {
+        &self.handle
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.closed.as_mut().poll(cx)
+    }
+}
+
+/// Per-connection client settings.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnSettings {
+    pub(crate) request_body_buffer: usize,
+    pub(crate) response_body_buffer: usize,
+    /// Close the connection after this long without requests in flight.
+    pub(crate) idle_timeout: Option<Duration>,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        ConnSettings {
+            request_body_buffer: 64 * 1024,
+            response_body_buffer: 64 * 1024,
+            idle_timeout: None,
+        }
+    }
+}
+
+/// Connects to `authority` (`host:port`) over `endpoint` and starts HTTP/3 on the
+/// connection. The endpoint's configuration must offer the `h3` ALPN.
+pub async fn handshake(
+    endpoint: &Endpoint,
+    authority: &str,
+) -> Result<(SendRequest, Connection), Error> {
+    handshake_with(endpoint, authority, Arc::new(ConnSettings::default())).await
+}
+
+pub(crate) async fn handshake_with(
+    endpoint: &Endpoint,
+    authority: &str,
+    settings: Arc<ConnSettings>,
+) -> Result<(SendRequest, Connection), Error> {
+    let (submit, submissions) = mpsc::channel(SUBMIT_QUEUE);
+    let status = Arc::new(Status::default());
+    let notify = Arc::new(ConnNotify::default());
+    let app = ClientApp::new(
+        submissions,
+        Arc::clone(&status),
+        Arc::clone(&notify),
+        Arc::clone(&settings),
+    );
+    let handle = endpoint.connect(authority, app).await?;
+    // The app publishes the server's stream credit once it runs; wait for that (or for
+    // the connection's end, should it close first).
+    let ready = SendRequest {
+        submit,
+        status: Arc::clone(&status),
+        notify,
+        settings,
+        reserved: false,
+    };
+    let published = std::future::poll_fn(|cx| {
+        let mut s = status.lock();
+        if s.established || s.closed {
+            return Poll::Ready(());
+        }
+        s.waiters.push(cx.waker().clone());
+        Poll::Pending
+    });
+    tokio::select! {
+        () = published => {}
+        _ = handle.closed() => {}
+    }
+    if !status.lock().established || handle.is_closed() {
+        return Err(closed_error());
+    }
+    let waiting = handle.clone();
+    let closed = Box::pin(async move {
+        let closed = waiting.closed().await;
+        match closed.error() {
+            Some(e) => Err(e.duplicate()),
+            None => Ok(()),
+        }
+    });
+    Ok((ready, Connection { handle, closed }))
+}
+
+struct Entry {
+    shared: Arc<StreamShared>,
+    /// Until the response head arrives.
+    reply: Option<Reply>,
+    /// The request, kept while it can still be retried (no body was sent).
+    retry: Option<PendingRequest>,
+    informational: Vec<Response<()>>,
+    written: bool,
+}
+
+type PumpFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The client side of one HTTP/3 connection, as a QUIC [`Application`].
+pub(crate) struct ClientApp {
+    submissions: mpsc::Receiver<Submission>,
+    waiting: Option<Submission>,
+    status: Arc<Status>,
+    notify: Arc<ConnNotify>,
+    settings: Arc<ConnSettings>,
+    h3: Option<h3::Connection>,
+    streams: HashMap<u64, Entry>,
+    pumps: FuturesUnordered<PumpFuture>,
+    ready: Vec<u64>,
+    scratch: Vec<u8>,
+    goaway: Option<u64>,
+    idle_since: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+    timer_at: Option<Instant>,
+}
+
+impl ClientApp {
+    fn new(
+        submissions: mpsc::Receiver<Submission>,
+        status: Arc<Status>,
+        notify: Arc<ConnNotify>,
+        settings: Arc<ConnSettings>,
+    ) -> Self {
+        ClientApp {
+            submissions,
+            waiting: None,
+            status,
+            notify,
+            settings,
+            h3: None,
+            streams: HashMap::new(),
+            pumps: FuturesUnordered::new(),
+            ready: Vec::new(),
+            scratch: Vec::new(),
+            goaway: None,
+            idle_since: Some(Instant::now()),
+            timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
+            timer_at: None,
+        }
+    }
+
+    /// Opens streams for waiting requests while the server's credit lasts.
+    fn open_streams(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+        loop {
+            if self.waiting.is_none() {
+                match self.submissions.poll_recv(cx) {
+                    Poll::Ready(Some(submission)) => self.waiting = Some(submission),
+                    _ => return,
+                }
+            }
+            let submission = self.waiting.as_ref().expect("just filled");
+            if submission.reply.is_closed()
+                || submission.shared.lock().out.done && submission.request.body.is_some()
+            {
+                // Cancelled before it had a stream.
+                self.waiting = None;
+                self.status
+                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                continue;
+            }
+            if self.goaway.is_some() {
+                let Submission { request, reply, .. } = self.waiting.take().expect("present");
+                self.status
+                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                let _ = reply.send(Err(Failure::Unsent(
+                    request,
+                    rejected_error("the server is going away (GOAWAY)"),
+                )));
+                continue;
+            }
+            if conn.peer_streams_left_bidi() == 0 {
+                return;
+            }
+            let fin = submission.request.body.is_none();
+            let h3 = self.h3.as_mut().expect("created when established");
+            let id = match h3.send_request(conn, &submission.request.fields, fin) {
+                Ok(id) => id,
+                // Not enough room for the head right now: try again next turn.
+                Err(h3::Error::StreamBlocked)
+                | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => return,
+                Err(e) => {
+                    let Submission { reply, .. } = self.waiting.take().expect("present");
+                    self.status
+                        .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                    let _ = reply.send(Err(Failure::Failed(
+                        Error::new(Kind::Protocol)
+                            .with_message(format!("cannot open a request stream: {e}")),
+                    )));
+                    continue;
+                }
+            };
+            let Submission {
+                mut request,
+                shared,
+                reply,
+            } = self.waiting.take().expect("present");
+            shared.set_id(id);
+            self.status.update(|s| {
+                s.outstanding = s.outstanding.saturating_sub(1);
+                s.in_flight += 1;
+            });
+            let body = request.body.take();
+            let retry = body.is_none().then_some(request);
+            if let Some(body) = body {
+                let pump_stream = Arc::clone(&shared);
+                self.pumps.push(Box::pin(async move {
+                    stream::pump_body(body, &pump_stream).await
+                }));
+            }
+            let written = {
+                let mut s = shared.lock();
+                // A notification before the stream had its ID went nowhere.
+                s.queued = false;
+                s.out.done
+            };
+            self.streams.insert(
+                id,
+                Entry {
+                    shared,
+                    reply: Some(reply),
+                    retry,
+                    informational: Vec::new(),
+                    written,
+                },
+            );
+            self.idle_since = None;
+            self.service_stream(conn, id);
+        }
+    }
+
+    fn poll_events(&mut self, conn: &mut quiche::Connection) {
+        loop {
+            let h3 = self.h3.as_mut().expect("created when established");
+            match h3.poll(conn) {
+                Ok((id, h3::Event::Headers { list, more_frames })) => {
+                    self.on_headers(conn, id, list, more_frames)
+                }
+                Ok((id, h3::Event::Data)) => {
+                    let Some(entry) = self.streams.get(&id) else {
+                        grow_scratch(&mut self.scratch);
+                        while h3.recv_body(conn, id, &mut self.scratch).is_ok() {}
+                        continue;
+                    };
+                    grow_scratch(&mut self.scratch);
+                    let mut s = entry.shared.lock();
+                    s.data_pending = true;
+                    if stream::read_in(h3, conn, id, &mut s, &mut self.scratch) {
+                        stream::wake_reader(&mut s);
+                    }
+                }
+                Ok((id, h3::Event::Finished)) => {
+                    if let Some(entry) = self.streams.get_mut(&id) {
+                        entry.shared.update(|s| {
+                            stream::finish_in(s);
+                            stream::wake_reader(s);
+                            ((), false)
+                        });
+                        if let Some(reply) = entry.reply.take() {
+                            let _ = reply.send(Err(Failure::Failed(
+                                Error::new(Kind::Protocol)
+                                    .with_message("the response stream ended without a response"),
+                            )));
+                        }
+                    }
+                    self.forget_if_done(id);
+                }
+                Ok((id, h3::Event::Reset(code))) => self.on_reset(id, code),
+                Ok((_, h3::Event::PriorityUpdate)) => {}
+                Ok((id, h3::Event::GoAway)) => {
+                    tracing::debug!(last_stream = id, "the server sent GOAWAY");
+                    self.goaway = Some(id);
+                    self.status.update(|s| s.goaway = true);
+                    // Requests on streams from `id` on were not processed (RFC 9114 §5.2).
+                    let refused: Vec<u64> =
+                        self.streams.keys().copied().filter(|&s| s >= id).collect();
+                    for stream in refused {
+                        self.on_reset(stream, code::H3_REQUEST_REJECTED);
+                    }
+                }
+                Err(h3::Error::Done) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "HTTP/3 connection error");
+                    if conn.local_error().is_none() {
+                        let _ = conn.close(true, stream::h3_wire_code(&e), b"");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn on_headers(
+        &mut self,
+        conn: &mut quiche::Connection,
+        id: u64,
+        list: Vec<h3::Header>,
+        more_frames: bool,
+    ) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if entry.reply.is_none() {
+            let trailers = trailers_from_fields(&list);
+            entry.shared.update(|s| {
+                match trailers {
+                    Ok(t) => s.recv_trailers = Some(t),
+                    Err(why) => s.recv_error = Some(stream::RecvError::Malformed(why.0)),
+                }
+                stream::wake_reader(s);
+                ((), false)
+            });
+            return;
+        }
+        let mut response = match response_from_fields(&list) {
+            Ok(response) => response,
+            Err(why) => {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code::H3_MESSAGE_ERROR);
+                let reply = entry.reply.take().expect("checked");
+                let _ = reply.send(Err(Failure::Failed(
+                    Error::new(Kind::Protocol)
+                        .with_code(code::H3_MESSAGE_ERROR)
+                        .with_message(format!("malformed response: {why}")),
+                )));
+                entry.written = true;
+                entry.shared.update(|s| {
+                    s.recv_error = Some(stream::RecvError::Malformed(why.0));
+                    s.cancelled = Some(code::H3_MESSAGE_ERROR);
+                    s.out.done = true;
+                    ((), false)
+                });
+                self.forget_if_done(id);
+                return;
+            }
+        };
+        if response.status().is_informational() {
+            // 1xx: not the response; kept for those who ask.
+            entry.informational.push(response);
+            return;
+        }
+        let content_length = crate::headers::content_length(response.headers())
+            .ok()
+            .flatten();
+        entry.shared.update(|s| {
+            s.content_length = content_length;
+            if !more_frames {
+                stream::finish_in(s);
+            }
+            ((), false)
+        });
+        let informational = std::mem::take(&mut entry.informational);
+        if !informational.is_empty() {
+            response
+                .extensions_mut()
+                .insert(super::InformationalResponses(informational));
+        }
+        let body = if more_frames {
+            RecvBody::new(Arc::clone(&entry.shared))
+        } else {
+            RecvBody::empty()
+        };
+        entry.retry = None;
+        let reply = entry.reply.take().expect("checked");
+        let _ = reply.send(Ok(response.map(|()| body)));
+        self.forget_if_done(id);
+    }
+
+    fn on_reset(&mut self, id: u64, code: u64) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        entry.written = true;
+        entry.shared.update(|s| {
+            s.recv_error = Some(stream::RecvError::Reset(code));
+            s.cancelled = Some(code);
+            s.out.done = true;
+            stream::wake_reader(s);
+            if let Some(w) = s.send_waker.take() {
+                w.wake();
+            }
+            ((), false)
+        });
+        if let Some(reply) = entry.reply.take() {
+            let error = if code == code::H3_REQUEST_REJECTED {
+                rejected_error(
+                    "the server rejected the request before processing it (H3_REQUEST_REJECTED)",
+                )
+            } else {
+                Error::new(Kind::Reset)
+                    .with_code(code)
+                    .with_message("the server reset the request stream")
+            };
+            let failure = match entry.retry.take() {
+                Some(request) if code == code::H3_REQUEST_REJECTED => {
+                    Failure::Unsent(request, error)
+                }
+                _ => Failure::Failed(error),
+            };
+            let _ = reply.send(Err(failure));
+        }
+        self.forget_if_done(id);
+    }
+
+    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let h3 = self.h3.as_mut().expect("created when established");
+        let shared = Arc::clone(&entry.shared);
+        let mut s = shared.lock();
+        s.queued = false;
+        if s.body_dropped && !s.recv_fin && s.recv_error.is_none() {
+            // The response body was dropped: stop the download (STOP_SENDING).
+            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED);
+            s.recv_error = Some(stream::RecvError::Closed);
+            s.recv_fin = true;
+        } else if s.data_pending {
+            grow_scratch(&mut self.scratch);
+            if stream::read_in(h3, conn, id, &mut s, &mut self.scratch) {
+                stream::wake_reader(&mut s);
+            }
+        }
+        if !entry.written {
+            match stream::write_out(h3, conn, id, &mut s) {
+                WriteOutcome::Pending => {}
+                WriteOutcome::Complete | WriteOutcome::Aborted => entry.written = true,
+            }
+        }
+        drop(s);
+        self.forget_if_done(id);
+    }
+
+    /// Forgets a stream once its request is written and its response fully received (or
+    /// abandoned).
+    fn forget_if_done(&mut self, id: u64) {
+        let Some(entry) = self.streams.get(&id) else {
+            return;
+        };
+        let received = {
+            let s = entry.shared.lock();
+            // The response body's buffer lives on with its RecvBody; the connection only
+            // needs to know that quiche has nothing more for this stream.
+            s.recv_error.is_some() || s.body_dropped || s.recv_fin
+        };
+        if !(entry.written && entry.reply.is_none() && received) {
+            return;
+        }
+        self.streams.remove(&id);
+        self.status
+            .update(|s| s.in_flight = s.in_flight.saturating_sub(1));
+        if self.streams.is_empty() {
+            self.idle_since = Some(Instant::now());
+        }
+    }
+
+    fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+        let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout) else {
+            return;
+        };
+        if self.waiting.is_some() {
+            return;
+        }
+        let at = since + timeout;
+        if at <= Instant::now() {
+            tracing::debug!("pooled connection idle for too long; closing");
+            let _ = conn.close(true, code::H3_NO_ERROR, b"idle");
+            return;
+        }
+        if self.timer_at != Some(at) {
+            self.timer.as_mut().reset(at.into());
+            self.timer_at = Some(at);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            cx.waker().wake_by_ref();
+        }
+    }
+}
+
+fn grow_scratch(scratch: &mut Vec<u8>) {
+    if scratch.is_empty() {
+        scratch.resize(16 * 1024, 0);
+    }
+}
+
+impl Application for ClientApp {
+    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        let config = h3::Config::new()
+            .map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
+        let h3 = h3::Connection::with_transport(conn, &config).map_err(|e| {
+            Error::application(
+                stream::h3_wire_code(&e),
+                format!("cannot start HTTP/3: {e}"),
+            )
+        })?;
+        self.h3 = Some(h3);
+        let credit = conn.peer_streams_left_bidi();
+        self.status.update(|s| {
+            s.credit = credit;
+            s.established = true;
+        });
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut quiche::Connection,
+    ) -> Result<(), Error> {
+        if self.h3.is_none() {
+            return Ok(());
+        }
+        self.open_streams(cx, conn);
+        // Events are polled every round: reading a stream's last bytes queues its
+        // `Finished` event in quiche, and no packet may come to trigger another round.
+        for _ in 0..8 {
+            self.poll_events(conn);
+            while let Poll::Ready(Some(())) = self.pumps.poll_next_unpin(cx) {}
+            self.notify.take_ready(cx, &mut self.ready);
+            if self.ready.is_empty() {
+                break;
+            }
+            let ready = std::mem::take(&mut self.ready);
+            for &id in &ready {
+                self.service_stream(conn, id);
+            }
+            self.ready = ready;
+            self.ready.clear();
+        }
+        for id in conn.writable() {
+            if self.streams.contains_key(&id) {
+                self.service_stream(conn, id);
+            }
+        }
+        let credit = conn.peer_streams_left_bidi();
+        self.status.update(|s| s.credit = credit);
+        // Nobody can submit any more and nothing is in flight: done.
+        if self.submissions.is_closed()
+            && self.waiting.is_none()
+            && self.streams.is_empty()
+            && self.submissions.is_empty()
+        {
+            let _ = conn.close(true, code::H3_NO_ERROR, b"");
+            return Ok(());
+        }
+        if self.goaway.is_some() && self.streams.is_empty() {
+            let _ = conn.close(true, code::H3_NO_ERROR, b"");
+            return Ok(());
+        }
+        self.poll_idle(cx, conn);
+        Ok(())
+    }
+
+    fn on_closed(&mut self, _conn: &quiche::Connection, error: Option<&Error>) {
+        self.status.update(|s| s.closed = true);
+        let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
+        for (_, entry) in self.streams.drain() {
+            entry.shared.update(|s| {
+                if !s.recv_fin && s.recv_error.is_none() {
+                    s.recv_error = Some(stream::RecvError::Closed);
+                }
+                s.cancelled.get_or_insert(code::H3_REQUEST_CANCELLED);
+                stream::wake_reader(s);
+                if let Some(w) = s.send_waker.take() {
+                    w.wake();
+                }
+                ((), false)
+            });
+            if let Some(reply) = entry.reply {
+                let _ = reply.send(Err(Failure::Failed(why())));
+            }
+        }
+        if let Some(Submission { request, reply, .. }) = self.waiting.take() {
+            let _ = reply.send(Err(Failure::Unsent(request, why())));
+        }
+        self.submissions.close();
+        while let Ok(Submission { request, reply, .. }) = self.submissions.try_recv() {
+            let _ = reply.send(Err(Failure::Unsent(request, why())));
+        }
+    }
+}

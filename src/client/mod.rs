@@ -1,0 +1,488 @@
+//! An HTTP/3 client that is a [`tower::Service`](tower_service::Service).
+//!
+//! [`Client`] pools connections per origin (scheme, host, port), multiplexes requests on
+//! them, and is `Service<http::Request<B>>` for any body type, so tower's layers (timeout,
+//! retry, concurrency limit, buffer) compose with it. [`conn`] is the low-level API for one
+//! connection, in hyper's shape.
+//!
+//! ```no_run
+//! use tower_quiche::client::{Client, ResponseExt};
+//!
+//! # async fn run() -> Result<(), tower_quiche::Error> {
+//! let client = Client::builder().build()?;
+//! let response = client.get("https://localhost:4433/hello").send().await?;
+//! println!("{}: {}", response.status(), response.text().await?);
+//! # Ok(()) }
+//! ```
+
+pub mod conn;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use tower_service::Service;
+
+use crate::body::RecvBody;
+use crate::error::{BoxError, Error, Kind};
+use crate::quic::{Config, ConfigBuilder, Endpoint};
+use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
+
+/// The 1xx responses that came before a final response, in order: an extension of the
+/// final response, present when there were any.
+#[derive(Debug, Clone, Default)]
+pub struct InformationalResponses(pub Vec<Response<()>>);
+
+/// Where a pooled connection goes: scheme, host and port.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+impl Origin {
+    fn of(uri: &Uri) -> Result<Origin, Error> {
+        let scheme = uri.scheme_str().unwrap_or("https");
+        if scheme != "https" {
+            return Err(Error::config(format!(
+                "HTTP/3 needs https URLs, not {scheme}://"
+            )));
+        }
+        let host = uri.host().ok_or_else(|| {
+            Error::config(format!(
+                "'{uri}' is not an absolute URL: use https://host[:port]/path"
+            ))
+        })?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        Ok(Origin {
+            scheme: scheme.to_string(),
+            host,
+            port: uri.port_u16().unwrap_or(443),
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+struct Pool {
+    endpoint: Endpoint,
+    settings: Arc<ConnSettings>,
+    connect_timeout: Duration,
+    max_per_origin: usize,
+    conns: Mutex<HashMap<Origin, Vec<SendRequest>>>,
+    /// One connection attempt per origin at a time; the others wait for it.
+    connecting: Mutex<HashMap<Origin, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl Pool {
+    /// A live connection to `origin` with room for a request, if there is one. Forgets
+    /// closed and draining ones.
+    fn pick(&self, origin: &Origin, busy_ok: bool) -> Option<SendRequest> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.get_mut(origin)?;
+        list.retain(SendRequest::is_usable);
+        if let Some(c) = list.iter().find(|c| c.status_spare() > 0) {
+            return Some(c.clone());
+        }
+        if busy_ok || list.len() >= self.max_per_origin {
+            // Every connection is busy and no more are allowed: queue on the least loaded.
+            return list.iter().min_by_key(|c| c.status_load()).cloned();
+        }
+        None
+    }
+
+    async fn connection(&self, origin: &Origin) -> Result<SendRequest, Error> {
+        if let Some(c) = self.pick(origin, false) {
+            return Ok(c);
+        }
+        let gate = {
+            let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            Arc::clone(connecting.entry(origin.clone()).or_default())
+        };
+        let _turn = gate.lock().await;
+        // Someone else may have connected while we waited.
+        if let Some(c) = self.pick(origin, false) {
+            return Ok(c);
+        }
+        let authority = origin.authority();
+        let connect = conn::handshake_with(&self.endpoint, &authority, Arc::clone(&self.settings));
+        let (send, connection) = tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| {
+                Error::new(Kind::Timeout).with_message(format!(
+                    "connecting to {authority} took longer than {:?}",
+                    self.connect_timeout
+                ))
+            })??;
+        // Nobody needs to await the connection's end: the pool sees it through SendRequest.
+        drop(connection);
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(origin.clone())
+            .or_default()
+            .push(send.clone());
+        Ok(send)
+    }
+
+    async fn send(
+        &self,
+        request: PendingRequest,
+        origin: Origin,
+    ) -> Result<Response<RecvBody>, Error> {
+        let mut request = request;
+        for attempt in 0..2 {
+            let mut send = self.connection(&origin).await?;
+            let mut response = send.send_pending(request);
+            match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
+                Ok(response) => return Ok(response),
+                // Not processed by the server (RFC 9114 §4.1.1): once more, elsewhere.
+                Err(Failure::Unsent(unsent, error)) if attempt == 0 => {
+                    tracing::debug!(%error, "request not processed; retrying on a new connection");
+                    request = unsent;
+                }
+                Err(failure) => return Err(failure.into_error()),
+            }
+        }
+        unreachable!("the second attempt returns")
+    }
+}
+
+impl SendRequest {
+    fn status_spare(&self) -> u64 {
+        self.status().spare()
+    }
+    fn status_load(&self) -> u64 {
+        self.status().load()
+    }
+}
+
+/// An HTTP/3 client with a connection pool. Cheap to clone; clones share the pool.
+///
+/// It is a `tower::Service<http::Request<B>>` for any body `B`; responses stream their
+/// bodies ([`RecvBody`]) with trailers. Requests need absolute `https://` URIs.
+/// Certificates are verified against the system roots unless configured otherwise.
+#[derive(Clone)]
+pub struct Client {
+    pool: Arc<Pool>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("local_addr", &self.pool.endpoint.local_addr())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A builder with default settings.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// Sends a request and waits for the response head.
+    pub fn send<B>(
+        &self,
+        request: Request<B>,
+    ) -> impl Future<Output = Result<Response<RecvBody>, Error>> + Send + 'static
+    where
+        B: Body + Send + 'static,
+        B::Data: Buf + Send,
+        B::Error: Into<BoxError>,
+    {
+        let pool = Arc::clone(&self.pool);
+        let prepared = Origin::of(request.uri())
+            .and_then(|origin| Ok((origin, PendingRequest::new(request)?)));
+        async move {
+            let (origin, pending) = prepared?;
+            pool.send(pending, origin).await
+        }
+    }
+
+    /// Starts a GET request.
+    pub fn get(&self, url: impl AsRef<str>) -> RequestBuilder {
+        self.request(Method::GET, url)
+    }
+
+    /// Starts a POST request.
+    pub fn post(&self, url: impl AsRef<str>) -> RequestBuilder {
+        self.request(Method::POST, url)
+    }
+
+    /// Starts a PUT request.
+    pub fn put(&self, url: impl AsRef<str>) -> RequestBuilder {
+        self.request(Method::PUT, url)
+    }
+
+    /// Starts a DELETE request.
+    pub fn delete(&self, url: impl AsRef<str>) -> RequestBuilder {
+        self.request(Method::DELETE, url)
+    }
+
+    /// Starts a HEAD request.
+    pub fn head(&self, url: impl AsRef<str>) -> RequestBuilder {
+        self.request(Method::HEAD, url)
+    }
+
+    /// Starts a request with any method.
+    pub fn request(&self, method: Method, url: impl AsRef<str>) -> RequestBuilder {
+        let request = url
+            .as_ref()
+            .parse::<Uri>()
+            .map_err(|e| Error::config(format!("'{}' is not a valid URL: {e}", url.as_ref())))
+            .map(|uri| Request::builder().method(method).uri(uri));
+        RequestBuilder {
+            client: self.clone(),
+            request,
+            body: Bytes::new(),
+        }
+    }
+
+    /// How many connections the pool holds open (for all origins).
+    pub fn pooled_connections(&self) -> usize {
+        let mut conns = self.pool.conns.lock().unwrap_or_else(|p| p.into_inner());
+        conns
+            .values_mut()
+            .map(|l| {
+                l.retain(SendRequest::is_usable);
+                l.len()
+            })
+            .sum()
+    }
+}
+
+impl<B> Service<Request<B>> for Client
+where
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<RecvBody>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Error>> + Send>>;
+
+    /// Always ready: a request waits inside its future for a connection to its origin and
+    /// for that connection's stream credit. Per-connection capacity is what
+    /// [`conn::SendRequest::poll_ready`] reports.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        Box::pin(self.send(request))
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug)]
+pub struct Builder {
+    quic: Option<Config>,
+    tls: ConfigBuilder,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_per_origin: usize,
+    settings: ConnSettings,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            quic: None,
+            tls: Config::builder().alpn(["h3"]),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            max_per_origin: 4,
+            settings: ConnSettings::default(),
+        }
+    }
+}
+
+impl Builder {
+    /// Also trust the CA certificate(s) in this PEM file, besides the system roots.
+    pub fn ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.tls = self.tls.ca_pem_file(path);
+        self
+    }
+
+    /// Also trust the CA certificate(s) in this PEM, besides the system roots.
+    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.tls = self.tls.ca_pem(pem);
+        self
+    }
+
+    /// Accept any server certificate. **Insecure**; for tests and development only.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.tls = self.tls.danger_accept_invalid_certs(accept);
+        self
+    }
+
+    /// A client certificate chain and key (PEM) for servers that ask for one (mutual TLS).
+    pub fn identity_pem(mut self, cert_chain: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> Self {
+        self.tls = self.tls.cert_chain_pem(cert_chain).private_key_pem(key);
+        self
+    }
+
+    /// Uses this QUIC configuration as is (it must offer the `h3` ALPN); overrides the TLS
+    /// settings above.
+    pub fn quic_config(mut self, config: Config) -> Self {
+        self.quic = Some(config);
+        self
+    }
+
+    /// How long establishing a connection may take. Defaults to 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a pooled connection with no request in flight stays open. Defaults to 90 s.
+    pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
+    }
+
+    /// How many connections the pool opens to one origin when every one of them is out of
+    /// stream credit. Defaults to 4.
+    pub fn max_connections_per_origin(mut self, max: usize) -> Self {
+        self.max_per_origin = max.max(1);
+        self
+    }
+
+    /// How many response-body bytes may wait to be read before the server is held back by
+    /// flow control. Defaults to 64 KiB.
+    pub fn response_body_buffer(mut self, bytes: usize) -> Self {
+        self.settings.response_body_buffer = bytes.max(1);
+        self
+    }
+
+    /// Builds the client and binds its UDP socket (dual-stack where the system allows).
+    pub fn build(self) -> Result<Client, Error> {
+        let config = match self.quic {
+            Some(config) => config,
+            None => self.tls.build()?,
+        };
+        if !config.alpn().any(|p| p == b"h3") {
+            return Err(Error::config(
+                "the client's QUIC configuration does not offer the \"h3\" ALPN",
+            ));
+        }
+        let endpoint = Endpoint::client(config)?;
+        let mut settings = self.settings;
+        settings.idle_timeout = Some(self.idle_timeout);
+        Ok(Client {
+            pool: Arc::new(Pool {
+                endpoint,
+                settings: Arc::new(settings),
+                connect_timeout: self.connect_timeout,
+                max_per_origin: self.max_per_origin,
+                conns: Mutex::new(HashMap::new()),
+                connecting: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+}
+
+/// A request being built, reqwest-style: `client.get(url).header(k, v).send().await`.
+#[derive(Debug)]
+pub struct RequestBuilder {
+    client: Client,
+    request: Result<http::request::Builder, Error>,
+    body: Bytes,
+}
+
+impl RequestBuilder {
+    /// Adds a header.
+    pub fn header<K, V>(mut self, name: K, value: V) -> Self
+    where
+        HeaderName: TryFrom<K>,
+        <HeaderName as TryFrom<K>>::Error: Into<http::Error>,
+        HeaderValue: TryFrom<V>,
+        <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        self.request = self.request.map(|r| r.header(name, value));
+        self
+    }
+
+    /// Sets the body.
+    pub fn body(mut self, body: impl Into<Bytes>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    /// Sets a JSON body and `content-type: application/json`.
+    #[cfg(feature = "json")]
+    pub fn json<T: serde::Serialize + ?Sized>(mut self, value: &T) -> Self {
+        match serde_json::to_vec(value) {
+            Ok(bytes) => {
+                self.body = bytes.into();
+                self.header(http::header::CONTENT_TYPE, "application/json")
+            }
+            Err(e) => {
+                self.request = Err(Error::config(format!(
+                    "cannot serialize the JSON body: {e}"
+                )));
+                self
+            }
+        }
+    }
+
+    /// Sends the request and waits for the response head.
+    pub async fn send(self) -> Result<Response<RecvBody>, Error> {
+        let request = self
+            .request?
+            .body(Full::new(self.body))
+            .map_err(|e| Error::config(format!("invalid request: {e}")))?;
+        self.client.send(request).await
+    }
+}
+
+/// Reads a response body whole: `.bytes()`, `.text()`, `.json()`.
+pub trait ResponseExt: Sized + Send {
+    /// The whole body (trailers are dropped).
+    fn bytes(self) -> impl Future<Output = Result<Bytes, Error>> + Send;
+
+    /// The whole body as UTF-8 text (invalid sequences replaced).
+    fn text(self) -> impl Future<Output = Result<String, Error>> + Send {
+        async move {
+            let bytes = self.bytes().await?;
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        }
+    }
+
+    /// The whole body parsed as JSON.
+    #[cfg(feature = "json")]
+    fn json<T: serde::de::DeserializeOwned>(self) -> impl Future<Output = Result<T, Error>> + Send {
+        async move {
+            let bytes = self.bytes().await?;
+            serde_json::from_slice(&bytes).map_err(|e| {
+                Error::new(Kind::Protocol).with_message(format!("invalid JSON body: {e}"))
+            })
+        }
+    }
+}
+
+impl ResponseExt for Response<RecvBody> {
+    async fn bytes(self) -> Result<Bytes, Error> {
+        Ok(self.into_body().collect().await?.to_bytes())
+    }
+}

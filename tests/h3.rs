@@ -1,0 +1,531 @@
+//! The HTTP/3 server and client over loopback, with a real axum Router: streaming both
+//! ways, concurrency, trailers, cancellation, backpressure, panics, malformed requests,
+//! graceful shutdown, make-services, GOAWAY, timeouts and certificate errors.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::{HeaderMap, HeaderValue, Request, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use support::h3::*;
+use support::*;
+use tokio::time::timeout;
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::server;
+
+const MIB: u64 = 1024 * 1024;
+
+fn test_certs() -> Certs {
+    certs()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_and_not_found_over_axum() {
+    init_tracing();
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.version(), http::Version::HTTP_3);
+        assert_eq!(response.headers()["content-type"], "text/plain");
+        assert_eq!(response.text().await.unwrap(), "hello world");
+        let response = client
+            .get(server.url("/no/such/path"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        let response = client.head(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.bytes().await.unwrap().len(), 0, "HEAD has no body");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_mib_download_and_upload_with_hashes() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        // Download: /bytes/{n} sends 'x' bytes.
+        let response = client
+            .get(server.url(&format!("/bytes/{}", 100 * MIB)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["content-length"],
+            (100 * MIB).to_string().as_str()
+        );
+        let (len, digest, _) = hash_body(response.into_body()).await;
+        assert_eq!(len, 100 * MIB);
+        let mut expected = boring::sha::Sha256::new();
+        let chunk = vec![b'x'; MIB as usize];
+        for _ in 0..100 {
+            expected.update(&chunk);
+        }
+        assert_eq!(digest, expected.finish(), "download content");
+
+        // Upload, streamed and echoed back as it arrives: hash both sides.
+        let (body, sent_digest) = PatternBody::new(100 * MIB);
+        let request = Request::post(server.url("/echo")).body(body).unwrap();
+        let response = client.send(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let (len, digest, _) = hash_body(response.into_body()).await;
+        assert_eq!(len, 100 * MIB);
+        assert_eq!(Some(digest), *sent_digest.lock().unwrap(), "echoed content");
+    };
+    timeout(Duration::from_secs(300), run).await.unwrap();
+    assert_eq!(
+        server.metrics.snapshot().handshakes_completed,
+        1,
+        "one connection for both"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_requests_on_one_connection() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = Client::builder()
+        .ca_pem(&certs.ca_pem)
+        .max_connections_per_origin(1)
+        .build()
+        .unwrap();
+    let run = async {
+        let tasks: Vec<_> = (0..500)
+            .map(|i| {
+                let client = client.clone();
+                let url = server.url(&format!("/bytes/{}", 1000 + i));
+                tokio::spawn(async move {
+                    let response = client.get(url).send().await.expect("response");
+                    assert_eq!(response.status(), StatusCode::OK);
+                    assert_eq!(response.bytes().await.unwrap().len(), 1000 + i);
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    let m = server.metrics.snapshot();
+    assert_eq!(
+        m.handshakes_completed, 1,
+        "all 500 on one connection: {m:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_requests_with_a_concurrency_limit_share_one_handshake() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let service = ServiceBuilder::new()
+        .concurrency_limit(32)
+        .service(client.clone());
+    let run = async {
+        let tasks: Vec<_> = (0..1000)
+            .map(|_| {
+                let service = service.clone();
+                let url = server.url("/hello");
+                tokio::spawn(async move {
+                    let request = Request::get(url)
+                        .body(Empty::<bytes::Bytes>::new())
+                        .unwrap();
+                    let response = service.oneshot(request).await.expect("response");
+                    assert_eq!(response.text().await.unwrap(), "hello world");
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    assert_eq!(
+        server.metrics.snapshot().handshakes_completed,
+        1,
+        "one handshake served them all"
+    );
+    assert_eq!(client.pooled_connections(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_both_ways() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let response = client.get(server.url("/trailers")).send().await.unwrap();
+        let (_, digest, trailers) = hash_body(response.into_body()).await;
+        let trailers = trailers.expect("response trailers");
+        assert_eq!(trailers["x-trailer"], "yes");
+        assert_eq!(trailers["x-body-sha256"], hex(&digest).as_str());
+
+        let (mut body, _) = PatternBody::new(100_000);
+        let mut sent = HeaderMap::new();
+        sent.insert("x-upload-check", HeaderValue::from_static("abc123"));
+        body.trailers = Some(sent);
+        let response = client
+            .send(
+                Request::post(server.url("/trailer-echo"))
+                    .body(body)
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.headers()["x-upload-check"],
+            "abc123",
+            "the server saw the request trailers"
+        );
+        assert_eq!(response.text().await.unwrap(), "100000");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_that_never_reads_its_body_still_answers() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let (body, _) = PatternBody::new(20 * MIB);
+        let response = client
+            .send(Request::post(server.url("/ignore")).body(body).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "ignored");
+        // The connection is fine afterwards.
+        assert_eq!(
+            client
+                .get(server.url("/hello"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "hello world"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_hold_back_the_sender_on_both_sides() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        // A client that reads a 100 MiB response slowly: the server produces only what
+        // the windows and buffers hold.
+        let response = client
+            .get(server.url(&format!("/count/{}", 100 * MIB)))
+            .send()
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let _ = body.frame().await;
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let produced = server.probe.produced.load(Ordering::Relaxed);
+        assert!(
+            produced < 8 * MIB,
+            "the server produced {produced} bytes for a reader that read one chunk"
+        );
+        drop(body);
+
+        // A handler that reads slowly: the client's upload is held back the same way.
+        let (mut body, _) = PatternBody::new(100 * MIB);
+        let produced = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        body.produced = Some(Arc::clone(&produced));
+        let request = client.send(Request::post(server.url("/slow-sink")).body(body).unwrap());
+        let pending = tokio::spawn(request);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let sent = produced.load(Ordering::Relaxed);
+        let read = server.probe.slow_read.load(Ordering::Relaxed);
+        assert!(
+            sent < 8 * MIB,
+            "the client produced {sent} bytes for a handler that read {read}"
+        );
+        pending.abort();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_cancellation_mid_upload_and_mid_download() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        // Mid-upload: the response future is dropped while the body streams.
+        let (body, _) = PatternBody::new(1024 * MIB);
+        let request = client.send(Request::post(server.url("/watch-sink")).body(body).unwrap());
+        let _ = timeout(Duration::from_millis(500), request).await;
+        for _ in 0..50 {
+            if server.probe.handler_cancelled.load(Ordering::SeqCst) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            server.probe.handler_cancelled.load(Ordering::SeqCst),
+            "the reset cancelled the handler"
+        );
+
+        // Mid-download: the body is dropped after 1 MiB of 1 GiB: STOP_SENDING.
+        let response = client
+            .get(server.url(&format!("/count/{}", 1024 * MIB)))
+            .send()
+            .await
+            .unwrap();
+        let mut body = response.into_body();
+        let mut got = 0;
+        while got < MIB {
+            got += body
+                .frame()
+                .await
+                .unwrap()
+                .unwrap()
+                .into_data()
+                .map(|d| d.len() as u64)
+                .unwrap_or(0);
+        }
+        drop(body);
+        // STOP_SENDING reaches the server within a round trip; allow a busy machine time.
+        let mut after_stop = server.probe.produced.load(Ordering::Relaxed);
+        let mut stopped = false;
+        for _ in 0..25 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let now = server.probe.produced.load(Ordering::Relaxed);
+            if now == after_stop {
+                stopped = true;
+                break;
+            }
+            after_stop = now;
+        }
+        assert!(stopped, "the server stopped producing");
+        assert!(after_stop < 64 * MIB, "produced {after_stop}");
+        // Same connection, next request.
+        assert_eq!(
+            client
+                .get(server.url("/hello"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "hello world"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    assert_eq!(server.metrics.snapshot().handshakes_completed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_fails_only_its_own_request() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let err = client.get(server.url("/panic")).send().await.unwrap_err();
+        assert!(err.is_reset(), "{err}");
+        assert_eq!(err.code(), Some(0x102), "H3_INTERNAL_ERROR");
+        assert_eq!(
+            client
+                .get(server.url("/hello"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            "hello world"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    assert_eq!(
+        server.metrics.snapshot().handshakes_completed,
+        1,
+        "the connection survived"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_finishes_requests_in_flight() {
+    let certs = test_certs();
+    let mut server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let slow: Vec<_> = (0..5)
+            .map(|_| {
+                let client = client.clone();
+                let url = server.url("/slow");
+                tokio::spawn(async move { client.get(url).send().await?.bytes().await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        server.shutdown.take().unwrap().send(()).unwrap();
+        for task in slow {
+            let body = task.await.unwrap().expect("an accepted request completes");
+            assert_eq!(body.len(), 200);
+        }
+        timeout(Duration::from_secs(10), &mut server.done)
+            .await
+            .expect("serve returns")
+            .unwrap()
+            .unwrap();
+        // No longer accepting.
+        let fresh = Client::builder()
+            .ca_pem(&certs.ca_pem)
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        assert!(fresh.get(server.url("/hello")).send().await.is_err());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_make_service_sees_the_peer_address() {
+    let certs = test_certs();
+    let config = tower_quiche::quic::Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .build()
+        .unwrap();
+    let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let port = listener.local_addr().port();
+    let make = tower::service_fn(|info: server::ConnectionInfo| async move {
+        let peer = info.remote_addr.to_string();
+        Ok::<_, std::convert::Infallible>(
+            axum::Router::new().route("/peer", axum::routing::get(move || async move { peer })),
+        )
+    });
+    tokio::spawn(server::serve_make_service(listener, make).into_future());
+    let endpoint_config = tower_quiche::quic::Config::builder()
+        .alpn(["h3"])
+        .ca_pem(&certs.ca_pem)
+        .build()
+        .unwrap();
+    let endpoint =
+        tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), endpoint_config)
+            .unwrap();
+    let run = async {
+        let (mut send, _conn) =
+            tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}"))
+                .await
+                .unwrap();
+        send.ready().await.unwrap();
+        let request = Request::get(format!("https://localhost:{port}/peer"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        assert_eq!(
+            response.text().await.unwrap(),
+            endpoint.local_addr().to_string()
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn goaway_moves_new_requests_to_a_new_connection() {
+    let certs = test_certs();
+    let server = h3_server(
+        &certs,
+        server::Builder::new().max_requests_per_connection(10),
+    )
+    .await;
+    let client = client(&certs);
+    let run = async {
+        for i in 0..35 {
+            let response = client
+                .get(server.url("/hello"))
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("request {i}: {e}"));
+            assert_eq!(response.text().await.unwrap(), "hello world");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    let m = server.metrics.snapshot();
+    assert!(
+        m.handshakes_completed >= 4,
+        "ten requests per connection: {m:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_layer_bounds_a_slow_request() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let mut service = ServiceBuilder::new()
+        .timeout(Duration::from_millis(300))
+        .service(client(&certs));
+    let run = async {
+        let request = Request::get(server.url("/slow"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        // /slow sends its head at once and trickles the body: time out the body read.
+        let response = ServiceExt::<Request<Empty<bytes::Bytes>>>::ready(&mut service)
+            .await
+            .unwrap()
+            .call(request)
+            .await
+            .unwrap();
+        let body = timeout(Duration::from_millis(300), response.bytes()).await;
+        assert!(body.is_err(), "the body takes 2 s");
+        let request = Request::get(server.url("/hello"))
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap();
+        let response = ServiceExt::<Request<Full<bytes::Bytes>>>::ready(&mut service)
+            .await
+            .unwrap()
+            .call(request)
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_failures_say_what_went_wrong() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let untrusting = Client::builder().build().unwrap();
+    let err = timeout(TEST_TIMEOUT, untrusting.get(server.url("/hello")).send())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(err.is_tls(), "{err}");
+    assert!(
+        err.to_string()
+            .contains("unable to get local issuer certificate"),
+        "{err}"
+    );
+    let insecure = Client::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let response = timeout(TEST_TIMEOUT, insecure.get(server.url("/hello")).send())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), 200);
+}

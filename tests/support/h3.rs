@@ -1,0 +1,308 @@
+//! HTTP/3 test fixtures: a server running the shared route contract plus test routes, and
+//! a client that trusts its certificate.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http_body::{Frame, SizeHint};
+use tokio::sync::oneshot;
+use tower_quiche::client::Client;
+use tower_quiche::quic::{AtomicMetrics, Config, Listener};
+use tower_quiche::server;
+
+#[path = "../../examples/support/routes.rs"]
+pub mod routes;
+
+use super::Certs;
+
+/// What the test routes let a test observe.
+#[derive(Default)]
+pub struct Probe {
+    /// Bytes produced by `/count/{n}` bodies.
+    pub produced: AtomicU64,
+    /// A `/watch-sink` handler was dropped before it finished (its request was cancelled).
+    pub handler_cancelled: AtomicBool,
+    /// Bytes `/slow-sink` has read.
+    pub slow_read: AtomicU64,
+}
+
+/// A body of `remaining` bytes that counts what it produced.
+pub struct Counting {
+    pub remaining: u64,
+    pub counter: Arc<Probe>,
+    pub chunk: Bytes,
+}
+
+impl http_body::Body for Counting {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.remaining == 0 {
+            return Poll::Ready(None);
+        }
+        let n = self.remaining.min(self.chunk.len() as u64) as usize;
+        self.remaining -= n as u64;
+        self.counter.produced.fetch_add(n as u64, Ordering::Relaxed);
+        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+pub fn test_router(probe: Arc<Probe>) -> Router {
+    let count = Arc::clone(&probe);
+    let sink = Arc::clone(&probe);
+    let slow = Arc::clone(&probe);
+    routes::router()
+        .route(
+            "/count/{n}",
+            get(move |axum::extract::Path(n): axum::extract::Path<u64>| {
+                let probe = Arc::clone(&count);
+                async move {
+                    axum::response::Response::new(Body::new(Counting {
+                        remaining: n,
+                        counter: probe,
+                        chunk: Bytes::from(vec![b'c'; 16 * 1024]),
+                    }))
+                }
+            }),
+        )
+        .route("/ignore", post(|| async { "ignored" }))
+        .route(
+            "/panic",
+            get(|| async {
+                if true {
+                    panic!("handler panics on purpose")
+                }
+                "unreachable"
+            }),
+        )
+        .route(
+            "/watch-sink",
+            post(move |body: Body| {
+                let probe = Arc::clone(&sink);
+                async move {
+                    /// Records a cancellation: dropped before `finished` was set.
+                    struct Guard(Arc<Probe>, bool);
+                    impl Drop for Guard {
+                        fn drop(&mut self) {
+                            if !self.1 {
+                                self.0.handler_cancelled.store(true, Ordering::SeqCst);
+                            }
+                        }
+                    }
+                    let mut guard = Guard(probe, false);
+                    let mut stream = body.into_data_stream();
+                    let mut total = 0u64;
+                    while let Some(chunk) = stream.next().await {
+                        match chunk {
+                            Ok(c) => total += c.len() as u64,
+                            Err(_) => {
+                                guard.1 = true;
+                                guard.0.handler_cancelled.store(true, Ordering::SeqCst);
+                                return (StatusCode::BAD_REQUEST, String::new());
+                            }
+                        }
+                    }
+                    guard.1 = true;
+                    (StatusCode::OK, total.to_string())
+                }
+            }),
+        )
+        .route(
+            "/slow-sink",
+            post(move |body: Body| {
+                let probe = Arc::clone(&slow);
+                async move {
+                    let mut stream = body.into_data_stream();
+                    while let Some(Ok(chunk)) = stream.next().await {
+                        probe
+                            .slow_read
+                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    "done"
+                }
+            }),
+        )
+        .route(
+            "/trailer-echo",
+            post(|request: axum::extract::Request| async move {
+                // Answers with the request's trailers as headers, and its body length.
+                use http_body_util::BodyExt;
+                let collected = request
+                    .into_body()
+                    .collect()
+                    .await
+                    .map_err(|_| StatusCode::BAD_REQUEST)?;
+                let trailers = collected.trailers().cloned().unwrap_or_default();
+                let len = collected.to_bytes().len();
+                let mut headers = HeaderMap::new();
+                for (k, v) in &trailers {
+                    headers.insert(k.clone(), v.clone());
+                }
+                Ok::<_, StatusCode>((headers, len.to_string()))
+            }),
+        )
+}
+
+pub struct H3Server {
+    pub addr: SocketAddr,
+    pub url: String,
+    pub metrics: Arc<AtomicMetrics>,
+    pub probe: Arc<Probe>,
+    pub shutdown: Option<oneshot::Sender<()>>,
+    pub done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
+}
+
+impl H3Server {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.url, path)
+    }
+}
+
+pub async fn h3_server(certs: &Certs, builder: server::Builder) -> H3Server {
+    let probe = Arc::new(Probe::default());
+    h3_server_with(certs, builder, test_router(Arc::clone(&probe)), probe).await
+}
+
+pub async fn h3_server_with(
+    certs: &Certs,
+    builder: server::Builder,
+    router: Router,
+    probe: Arc<Probe>,
+) -> H3Server {
+    super::init_tracing();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .metrics(Arc::clone(&metrics))
+        .build()
+        .unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let addr = listener.local_addr();
+    let (tx, rx) = oneshot::channel::<()>();
+    let done = tokio::spawn(
+        builder
+            .serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            })
+            .into_future(),
+    );
+    H3Server {
+        addr,
+        url: format!("https://localhost:{}", addr.port()),
+        metrics,
+        probe,
+        shutdown: Some(tx),
+        done,
+    }
+}
+
+pub fn client(certs: &Certs) -> Client {
+    Client::builder().ca_pem(&certs.ca_pem).build().unwrap()
+}
+
+/// Hashes a body as it streams, without keeping it.
+pub async fn hash_body(body: tower_quiche::RecvBody) -> (u64, [u8; 32], Option<HeaderMap>) {
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut hasher = boring::sha::Sha256::new();
+    let mut len = 0u64;
+    let mut trailers = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.expect("body frame");
+        match frame.into_data() {
+            Ok(data) => {
+                len += data.len() as u64;
+                hasher.update(&data);
+            }
+            Err(frame) => trailers = frame.into_trailers().ok(),
+        }
+    }
+    (len, hasher.finish(), trailers)
+}
+
+/// A streamed request body: `len` bytes of a position-dependent pattern, hashed as sent.
+pub struct PatternBody {
+    pub sent: u64,
+    pub len: u64,
+    pub hasher: Option<boring::sha::Sha256>,
+    pub digest: Arc<std::sync::Mutex<Option<[u8; 32]>>>,
+    pub trailers: Option<HeaderMap>,
+    pub produced: Option<Arc<AtomicU64>>,
+}
+
+impl PatternBody {
+    pub fn new(len: u64) -> (Self, Arc<std::sync::Mutex<Option<[u8; 32]>>>) {
+        let digest = Arc::new(std::sync::Mutex::new(None));
+        (
+            PatternBody {
+                sent: 0,
+                len,
+                hasher: Some(boring::sha::Sha256::new()),
+                digest: Arc::clone(&digest),
+                trailers: None,
+                produced: None,
+            },
+            digest,
+        )
+    }
+}
+
+impl http_body::Body for PatternBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if self.sent == self.len {
+            if let Some(hasher) = self.hasher.take() {
+                *self.digest.lock().unwrap() = Some(hasher.finish());
+            }
+            return Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))));
+        }
+        let n = (self.len - self.sent).min(32 * 1024) as usize;
+        let start = self.sent;
+        let chunk: Vec<u8> = (0..n as u64)
+            .map(|i| ((start + i) * 7 % 251) as u8)
+            .collect();
+        self.sent += n as u64;
+        if let Some(p) = &self.produced {
+            p.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(&chunk);
+        }
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(chunk)))))
+    }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
