@@ -360,15 +360,19 @@ impl Endpoint {
     /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
     /// connection with `app` once the handshake completes.
     ///
-    /// The name is resolved with the system resolver; when it has several addresses they are
-    /// tried in turn (alternating IPv6 and IPv4) until a handshake completes. The host name
-    /// is sent as SNI and the server's certificate must be valid for it (unless verification
-    /// is turned off). A TLS failure is final: it would fail the same way elsewhere.
+    /// The name is resolved with the system resolver. When it has several addresses, they
+    /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
+    /// starts every 250 ms (or at once when one fails), and the first handshake to complete
+    /// wins. The host name is sent as SNI and the server's certificate must be valid for it
+    /// (unless verification is turned off). A TLS failure is final: it would fail the same
+    /// way elsewhere.
     pub async fn connect<A: Application>(
         &self,
         authority: &str,
         app: A,
     ) -> Result<ConnectionHandle, Error> {
+        /// RFC 8305 §5's recommended "Connection Attempt Delay".
+        const ATTEMPT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
         let (host, _) = split_authority(authority)?;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
             .await
@@ -378,20 +382,44 @@ impl Endpoint {
             format!("'{authority}' resolved to no address"),
             std::io::ErrorKind::NotFound.into(),
         );
-        for addr in interleave_families(addrs) {
-            let (handle, hand_over) = self.start_connection(addr, Some(host))?;
-            match handle.established().await {
-                Ok(()) => {
-                    // The driver waits for the app; if it is gone, nobody can use the
-                    // connection anyway.
-                    let _ = hand_over.send(app);
-                    return Ok(handle);
-                }
-                Err(e) if e.is_tls() => return Err(e),
-                Err(e) => last_error = e,
+        let mut addrs = interleave_families(addrs).into_iter();
+        let mut attempts = futures_util::stream::FuturesUnordered::new();
+        let attempt = |addr: SocketAddr| {
+            let started = self.start_connection::<A>(addr, Some(host));
+            async move {
+                let (handle, hand_over) = started?;
+                handle.established().await?;
+                Ok::<_, Error>((handle, hand_over))
+            }
+        };
+        let next_start = tokio::time::sleep(std::time::Duration::ZERO);
+        tokio::pin!(next_start);
+        let mut more = true;
+        loop {
+            tokio::select! {
+                () = &mut next_start, if more => match addrs.next() {
+                    Some(addr) => {
+                        attempts.push(attempt(addr));
+                        next_start.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
+                    }
+                    None => more = false,
+                },
+                Some(result) = futures_util::StreamExt::next(&mut attempts) => match result {
+                    Ok((handle, hand_over)) => {
+                        // The losers are dropped with their hand-over: their drivers close them.
+                        let _ = hand_over.send(app);
+                        return Ok(handle);
+                    }
+                    Err(e) if e.is_tls() => return Err(e),
+                    Err(e) => {
+                        last_error = e;
+                        // Start the next address now instead of waiting out the delay.
+                        next_start.as_mut().reset(tokio::time::Instant::now());
+                    }
+                },
+                else => return Err(last_error),
             }
         }
-        Err(last_error)
     }
 
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
