@@ -122,7 +122,8 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         (":path", "/hello"),
     ];
     let with = |extra: &[(&'static str, &'static str)]| [&base[..], extra].concat();
-    let cases: Vec<(&str, Vec<(&str, &str)>, Option<Vec<u8>>)> = vec![
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Option<Vec<u8>>);
+    let cases: Vec<Case> = vec![
         ("missing :method", base[1..].to_vec(), None),
         ("missing :scheme", vec![base[0], base[2], base[3]], None),
         ("missing :path", base[..3].to_vec(), None),
