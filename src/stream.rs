@@ -468,6 +468,22 @@ fn write_queued(
     Ok(false)
 }
 
+thread_local! {
+    /// Where discarded body bytes go. Discarding never yields, so one buffer per worker
+    /// thread serves every connection: an idle connection holds none.
+    static DISCARD: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Reads and drops whatever body data quiche holds for a stream nobody will read.
+pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64) {
+    DISCARD.with_borrow_mut(|buf| {
+        if buf.is_empty() {
+            buf.resize(16 * 1024, 0);
+        }
+        while h3.recv_body(conn, id, buf).is_ok() {}
+    });
+}
+
 /// Reads a stream's body from quiche into its buffer while the buffer has room (or discards
 /// it when nobody will read it). Runs on the connection task. Returns true when the reader
 /// should be woken.
@@ -476,10 +492,9 @@ pub(crate) fn read_in(
     conn: &mut quiche::Connection,
     id: u64,
     s: &mut StreamState,
-    scratch: &mut [u8],
 ) -> bool {
     if s.body_dropped || s.recv_error.is_some() {
-        while h3.recv_body(conn, id, scratch).is_ok() {}
+        discard(h3, conn, id);
         s.data_pending = false;
         return false;
     }

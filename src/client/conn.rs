@@ -487,7 +487,6 @@ pub(crate) struct ClientApp {
     streams: HashMap<u64, Entry>,
     pumps: FuturesUnordered<PumpFuture>,
     ready: Vec<u64>,
-    scratch: Vec<u8>,
     goaway: Option<u64>,
     idle_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
@@ -511,7 +510,6 @@ impl ClientApp {
             streams: HashMap::new(),
             pumps: FuturesUnordered::new(),
             ready: Vec::new(),
-            scratch: Vec::new(),
             goaway: None,
             idle_since: Some(Instant::now()),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
@@ -617,14 +615,12 @@ impl ClientApp {
                 }
                 Ok((id, h3::Event::Data)) => {
                     let Some(entry) = self.streams.get(&id) else {
-                        grow_scratch(&mut self.scratch);
-                        while h3.recv_body(conn, id, &mut self.scratch).is_ok() {}
+                        stream::discard(h3, conn, id);
                         continue;
                     };
-                    grow_scratch(&mut self.scratch);
                     let mut s = entry.shared.lock();
                     s.data_pending = true;
-                    if stream::read_in(h3, conn, id, &mut s, &mut self.scratch) {
+                    if stream::read_in(h3, conn, id, &mut s) {
                         stream::wake_reader(&mut s);
                     }
                 }
@@ -795,8 +791,7 @@ impl ClientApp {
             s.recv_error = Some(stream::RecvError::Closed);
             s.recv_fin = true;
         } else if s.data_pending {
-            grow_scratch(&mut self.scratch);
-            if stream::read_in(h3, conn, id, &mut s, &mut self.scratch) {
+            if stream::read_in(h3, conn, id, &mut s) {
                 stream::wake_reader(&mut s);
             }
         }
@@ -853,12 +848,6 @@ impl ClientApp {
         if self.timer.as_mut().poll(cx).is_ready() {
             cx.waker().wake_by_ref();
         }
-    }
-}
-
-fn grow_scratch(scratch: &mut Vec<u8>) {
-    if scratch.is_empty() {
-        scratch.resize(16 * 1024, 0);
     }
 }
 

@@ -49,7 +49,6 @@ pub(crate) struct ServerApp<S> {
     requests: FuturesUnordered<RequestFuture>,
     notify: Arc<ConnNotify>,
     ready: Vec<u64>,
-    scratch: Vec<u8>,
     /// Resolves with the drain deadline when the server shuts down.
     shutdown: Pin<Box<dyn Future<Output = Option<Instant>> + Send>>,
     /// GOAWAY sent: the stream ID from which requests are refused, and the deadline.
@@ -91,7 +90,6 @@ where
             requests: FuturesUnordered::new(),
             notify: Arc::new(ConnNotify::default()),
             ready: Vec::new(),
-            scratch: Vec::new(),
             shutdown,
             draining: None,
             next_stream: 0,
@@ -257,18 +255,13 @@ where
         let h3 = self.h3.as_mut().expect("created when established");
         let Some(entry) = self.streams.get(&id) else {
             // A stream we no longer track (refused, or already answered): discard.
-            grow_scratch(&mut self.scratch);
-            while h3.recv_body(conn, id, &mut self.scratch).is_ok() {}
+            stream::discard(h3, conn, id);
             return;
         };
-        if entry.shared.lock().body_dropped {
-            grow_scratch(&mut self.scratch);
-        }
-        let scratch = &mut self.scratch;
         let wake = {
             let mut s = entry.shared.lock();
             s.data_pending = true;
-            stream::read_in(h3, conn, id, &mut s, scratch)
+            stream::read_in(h3, conn, id, &mut s)
         };
         if wake {
             entry.shared.update(|s| {
@@ -369,10 +362,7 @@ where
         let mut s = shared.lock();
         s.queued = false;
         if s.data_pending || s.body_dropped {
-            if s.body_dropped {
-                grow_scratch(&mut self.scratch);
-            }
-            if stream::read_in(h3, conn, id, &mut s, &mut self.scratch) {
+            if stream::read_in(h3, conn, id, &mut s) {
                 stream::wake_reader(&mut s);
             }
         }
@@ -478,12 +468,6 @@ where
             self.closing = true;
             let _ = conn.close(true, code::H3_NO_ERROR, b"");
         }
-    }
-}
-
-fn grow_scratch(scratch: &mut Vec<u8>) {
-    if scratch.is_empty() {
-        scratch.resize(16 * 1024, 0);
     }
 }
 
