@@ -790,10 +790,8 @@ impl ClientApp {
             let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED);
             s.recv_error = Some(stream::RecvError::Closed);
             s.recv_fin = true;
-        } else if s.data_pending {
-            if stream::read_in(h3, conn, id, &mut s) {
-                stream::wake_reader(&mut s);
-            }
+        } else if s.data_pending && stream::read_in(h3, conn, id, &mut s) {
+            stream::wake_reader(&mut s);
         }
         if !entry.written {
             match stream::write_out(h3, conn, id, &mut s) {

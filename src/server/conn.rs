@@ -361,10 +361,8 @@ where
         let shared = Arc::clone(&entry.shared);
         let mut s = shared.lock();
         s.queued = false;
-        if s.data_pending || s.body_dropped {
-            if stream::read_in(h3, conn, id, &mut s) {
-                stream::wake_reader(&mut s);
-            }
+        if (s.data_pending || s.body_dropped) && stream::read_in(h3, conn, id, &mut s) {
+            stream::wake_reader(&mut s);
         }
         if !entry.written {
             if let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id) {
