@@ -14,9 +14,7 @@ use tower_quiche::quic::{Config, Listener};
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = support::Args::parse(&["--no-retry"]);
@@ -39,10 +37,7 @@ fn main() {
         let listener = Listener::bind(listen, config)
             .await
             .unwrap_or_else(|e| support::fail(&e.to_string()));
-        eprintln!(
-            "bench_server listening on https://{} (HTTP/3)",
-            listener.local_addr()
-        );
+        eprintln!("bench_server listening on https://{} (HTTP/3)", listener.local_addr());
         tower_quiche::server::serve(listener, routes::router())
             .with_graceful_shutdown(support::shutdown_signal())
             .await

@@ -29,9 +29,7 @@ async fn main() {
 
 fn describe(e: &tower_quiche::Error) -> String {
     if e.is_tls() {
-        format!(
-            "certificate not trusted or TLS failed ({e}); use --ca PEM to trust a CA, or --insecure"
-        )
+        format!("certificate not trusted or TLS failed ({e}); use --ca PEM to trust a CA, or --insecure")
     } else if e.is_timeout() {
         format!("timed out ({e})")
     } else {
@@ -41,7 +39,9 @@ fn describe(e: &tower_quiche::Error) -> String {
 
 async fn run() -> Result<(), String> {
     let args = support::Args::parse(&["-v", "--insecure"]);
-    let url = args.positional.first().ok_or("usage: client [-X METHOD] [-H 'name: value']... [--data-file FILE] [-o OUT] [--ca PEM | --insecure] [-v] URL")?;
+    let url = args.positional.first().ok_or(
+        "usage: client [-X METHOD] [-H 'name: value']... [--data-file FILE] [-o OUT] [--ca PEM | --insecure] [-v] URL",
+    )?;
     let verbose = args.has("-v");
     let method: Method = args
         .value("-X")
@@ -59,20 +59,13 @@ async fn run() -> Result<(), String> {
             .split_once(':')
             .ok_or_else(|| format!("-H '{header}' is not 'name: value'"))?;
         let name = HeaderName::try_from(name.trim()).map_err(|e| format!("-H '{header}': {e}"))?;
-        let value =
-            HeaderValue::try_from(value.trim()).map_err(|e| format!("-H '{header}': {e}"))?;
+        let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("-H '{header}': {e}"))?;
         request = request.header(name, value);
     }
     let send = match args.value("--data-file") {
         Some(path) => {
-            let file = tokio::fs::File::open(path)
-                .await
-                .map_err(|e| format!("{path}: {e}"))?;
-            let length = file
-                .metadata()
-                .await
-                .map_err(|e| format!("{path}: {e}"))?
-                .len();
+            let file = tokio::fs::File::open(path).await.map_err(|e| format!("{path}: {e}"))?;
+            let length = file.metadata().await.map_err(|e| format!("{path}: {e}"))?.len();
             // Streamed from the file in 64 KiB chunks, never held whole.
             let chunks = futures_util::stream::unfold(file, |mut file| async move {
                 let mut buf = vec![0; 64 * 1024];
@@ -92,11 +85,7 @@ async fn run() -> Result<(), String> {
         }
         None => {
             client
-                .send(
-                    request
-                        .body(Empty::<Bytes>::new())
-                        .map_err(|e| e.to_string())?,
-                )
+                .send(request.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?)
                 .await
         }
     };
@@ -127,8 +116,7 @@ async fn run() -> Result<(), String> {
         match frame.into_data() {
             Ok(data) => {
                 received += data.len() as u64;
-                out.write_all(&data)
-                    .map_err(|e| format!("writing the body: {e}"))?;
+                out.write_all(&data).map_err(|e| format!("writing the body: {e}"))?;
                 if progress && last_report.elapsed() > Duration::from_millis(200) {
                     last_report = Instant::now();
                     report(received, total, started);
@@ -137,10 +125,7 @@ async fn run() -> Result<(), String> {
             Err(frame) => {
                 if let (Ok(trailers), true) = (frame.into_trailers(), verbose) {
                     for (name, value) in &trailers {
-                        eprintln!(
-                            "< [trailer] {name}: {}",
-                            value.to_str().unwrap_or("<binary>")
-                        );
+                        eprintln!("< [trailer] {name}: {}", value.to_str().unwrap_or("<binary>"));
                     }
                 }
             }

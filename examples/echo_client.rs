@@ -33,9 +33,7 @@ async fn main() {
     if let Some(ca) = args.value("--ca") {
         config = config.ca_pem_file(ca);
     }
-    let config = config
-        .build()
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
     let endpoint = Endpoint::client(config).unwrap_or_else(|e| support::fail(&e.to_string()));
     let (app, client) = echo::EchoClient::new();
     let started = Instant::now();
@@ -43,16 +41,9 @@ async fn main() {
         .connect(&target, app)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    eprintln!(
-        "connected to {} in {:?}",
-        connection.peer_addr(),
-        started.elapsed()
-    );
+    eprintln!("connected to {} in {:?}", connection.peer_addr(), started.elapsed());
     // A 64 KiB pattern, repeated: the check is exact without keeping the echo.
-    let pattern: Bytes = (0..65536u32)
-        .map(|i| (i * 7 % 251) as u8)
-        .collect::<Vec<_>>()
-        .into();
+    let pattern: Bytes = (0..65536u32).map(|i| (i * 7 % 251) as u8).collect::<Vec<_>>().into();
     let chunk = pattern.slice(..(bytes.min(pattern.len() as u64) as usize).max(1));
     let times = bytes.div_ceil(chunk.len() as u64).max(1);
     let started = Instant::now();

@@ -30,10 +30,7 @@ async fn main() {
     let mut listener = Listener::bind(listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    eprintln!(
-        "echo server listening on {} (ALPN echo)",
-        listener.local_addr()
-    );
+    eprintln!("echo server listening on {} (ALPN echo)", listener.local_addr());
     loop {
         tokio::select! {
             incoming = listener.accept() => match incoming {

@@ -1,25 +1,44 @@
-//! An axum app over HTTP/3.
+//! An axum app on one port over TCP (HTTP/1.1 and HTTP/2 with TLS) and UDP (HTTP/3). TCP
+//! responses carry `Alt-Svc`, so a browser's first request goes over TCP and the next ones
+//! over HTTP/3.
 //!
 //!     cargo run --example hello
 //!     cargo run --example hello -- --listen 127.0.0.1:4433 --cert cert.pem --key key.pem
 //!
 //! With no arguments it generates a development certificate, listens on 127.0.0.1:4433 and
-//! prints how to reach it. It serves `/` and `/hello`.
+//! prints how to reach it. It serves `/` (an HTML page that shows the protocol each request
+//! used) and `/hello`.
 
 mod support;
 
 use axum::Router;
 use axum::extract::Extension;
+use axum::response::Html;
 use axum::routing::get;
 use tower_quiche::quic::{Config, Listener};
 use tower_quiche::server::ConnectionInfo;
 
+const PAGE: &str = r#"<!doctype html>
+<html><head><meta charset="utf-8"><title>tower-quiche</title></head>
+<body>
+<h1>tower-quiche</h1>
+<p id="page">this page: VERSION</p>
+<p id="fetch">fetch /hello: pending</p>
+<script>
+fetch('/hello', {cache: 'no-store'}).then(async r => {
+  const e = performance.getEntriesByType('resource').filter(x => x.name.endsWith('/hello'))[0];
+  document.getElementById('fetch').textContent =
+    'fetch /hello: ' + r.status + ' ' + (await r.text()) + ' over ' + (e ? e.nextHopProtocol : '?');
+  document.title = 'done';
+});
+</script>
+</body></html>
+"#;
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let args = support::Args::parse(&[]);
@@ -29,10 +48,7 @@ async fn main() {
         .route(
             "/",
             get(|Extension(info): Extension<ConnectionInfo>| async move {
-                format!(
-                    "Hello from tower-quiche over {:?}; you are {}\n",
-                    info.version, info.remote_addr
-                )
+                Html(PAGE.replace("VERSION", &format!("{:?}", info.version)))
             }),
         )
         .route("/hello", get(|| async { "hello world" }));
@@ -40,19 +56,23 @@ async fn main() {
         .alpn(["h3"])
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
+        .keylog_from_env()
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(listen, config)
-        .await
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let listener = Listener::bind(listen, config).await.unwrap_or_else(|e| support::fail(&e.to_string()));
     let addr = listener.local_addr();
-    eprintln!("serving HTTP/3 on https://{addr}/ (UDP)");
-    eprintln!(
-        "try: cargo run --example client -- --ca {} https://localhost:{}/hello",
-        cert.with_file_name("ca.pem").display(),
-        addr.port()
-    );
-    tower_quiche::server::serve(listener, app)
+    // TCP on the same port as UDP (the port the OS chose, when asked for port 0).
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| support::fail(&format!("TCP {addr}: {e}")));
+    eprintln!("serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"", addr.port());
+    if args.value("--cert").is_none() {
+        let ca = cert.with_file_name("ca.pem");
+        eprintln!(
+            "try:  cargo run --example client -- --ca {} https://localhost:{}/hello",
+            ca.display(),
+            addr.port()
+        );
+    }
+    tower_quiche::server::serve_with_tcp(listener, tcp, app)
         .with_graceful_shutdown(support::shutdown_signal())
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));

@@ -60,10 +60,7 @@ impl Body for RecvBody {
     type Data = Bytes;
     type Error = Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
         let Some(stream) = &this.stream else {
             return Poll::Ready(None);
@@ -106,10 +103,7 @@ impl Body for RecvBody {
                     return true;
                 }
                 let s = stream.lock();
-                s.recv_fin
-                    && s.recv.is_empty()
-                    && s.recv_trailers.is_none()
-                    && s.recv_error.is_none()
+                s.recv_fin && s.recv.is_empty() && s.recv_trailers.is_none() && s.recv_error.is_none()
             }
         }
     }

@@ -171,8 +171,7 @@ impl Config {
         let inner = &*self.inner;
         let s = &inner.s;
         let ctx = inner.tls.context_builder(server)?;
-        let quiche_err =
-            |what: &str, e: quiche::Error| Error::config(format!("quiche rejected {what}: {e}"));
+        let quiche_err = |what: &str, e: quiche::Error| Error::config(format!("quiche rejected {what}: {e}"));
         let mut c = quiche::Config::with_boring_ssl_ctx_builder(quiche::PROTOCOL_VERSION, ctx)
             .map_err(|e| quiche_err("the TLS context", e))?;
         let alpn: Vec<&[u8]> = inner.alpn.iter().map(Vec::as_slice).collect();
@@ -507,12 +506,8 @@ impl ConfigBuilder {
             ));
         }
         if let Some(dir) = &self.qlog_dir {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                Error::config(format!(
-                    "cannot create the qlog directory '{}': {e}",
-                    dir.display()
-                ))
-            })?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
         }
         let keylog = match &self.keylog {
             Some(path) => Some(Arc::new(Mutex::new(
@@ -520,12 +515,7 @@ impl ConfigBuilder {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .map_err(|e| {
-                        Error::config(format!(
-                            "cannot open the key-log file '{}': {e}",
-                            path.display()
-                        ))
-                    })?,
+                    .map_err(|e| Error::config(format!("cannot open the key-log file '{}': {e}", path.display())))?,
             ))),
             None => None,
         };

@@ -76,17 +76,13 @@ impl Error {
     }
 
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::new(Kind::Io)
-            .with_message(context)
-            .with_source(source)
+        Error::new(Kind::Io).with_message(context).with_source(source)
     }
 
     /// An error an [`Application`](crate::quic::Application) raises to close its connection
     /// with `code` (an application protocol error code, sent to the peer in CONNECTION_CLOSE).
     pub fn application(code: u64, message: impl Into<String>) -> Self {
-        Error::new(Kind::Application)
-            .with_code(code)
-            .with_message(message)
+        Error::new(Kind::Application).with_code(code).with_message(message)
     }
 
     /// A copy for a second reader (the source is kept as text: boxed errors do not clone).
@@ -224,9 +220,7 @@ pub(crate) fn from_close(
     verify_error: Option<String>,
 ) -> Option<Error> {
     if handshake_timed_out {
-        return Some(
-            Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"),
-        );
+        return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
     }
     if conn.is_timed_out() {
         let message = if conn.is_established() {
@@ -241,11 +235,7 @@ pub(crate) fn from_close(
         (None, Some(e)) => (false, e),
         (None, None) => return None,
     };
-    let who = if local {
-        "closed by us"
-    } else {
-        "closed by the peer"
-    };
+    let who = if local { "closed by us" } else { "closed by the peer" };
     let reason = String::from_utf8_lossy(&err.reason);
     let detail = if reason.is_empty() {
         who.to_string()

@@ -25,9 +25,7 @@ fn is_connection_specific(name: &[u8]) -> bool {
 
 /// The size of a field section as RFC 9114 §4.2.2 counts it (name + value + 32 per field).
 pub(crate) fn section_size(list: &[Header]) -> usize {
-    list.iter()
-        .map(|h| h.name().len() + h.value().len() + 32)
-        .sum()
+    list.iter().map(|h| h.name().len() + h.value().len() + 32).sum()
 }
 
 /// Copies the regular (non-pseudo) fields into `headers`, checking each name and value.
@@ -73,8 +71,7 @@ pub(crate) struct RequestHead {
 
 /// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
 pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malformed> {
-    let (mut method, mut scheme, mut authority, mut path, mut protocol) =
-        (None, None, None, None, None);
+    let (mut method, mut scheme, mut authority, mut path, mut protocol) = (None, None, None, None, None);
     let mut headers = HeaderMap::with_capacity(list.len());
     let mut regular_seen = false;
     for field in list {
@@ -90,9 +87,7 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
                 b"path" => &mut path,
                 b"protocol" => &mut protocol,
                 _ => {
-                    return Err(Malformed(
-                        "unknown or response pseudo-header field in a request",
-                    ));
+                    return Err(Malformed("unknown or response pseudo-header field in a request"));
                 }
             };
             if slot.replace(value).is_some() {
@@ -103,8 +98,8 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             regular_field(&mut headers, name, value)?;
         }
     }
-    let method = Method::from_bytes(method.ok_or(Malformed("missing :method"))?)
-        .map_err(|_| Malformed("invalid :method"))?;
+    let method =
+        Method::from_bytes(method.ok_or(Malformed("missing :method"))?).map_err(|_| Malformed("invalid :method"))?;
     let uri = if method == Method::CONNECT && protocol.is_none() {
         // Plain CONNECT (RFC 9114 §4.4): only :authority; no :scheme or :path.
         if scheme.is_some() || path.is_some() {
@@ -168,9 +163,7 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
     *request.version_mut() = Version::HTTP_3;
     *request.headers_mut() = headers;
     if let Some(protocol) = protocol {
-        request
-            .extensions_mut()
-            .insert(Protocol(Box::from(protocol)));
+        request.extensions_mut().insert(Protocol(Box::from(protocol)));
     }
     Ok(RequestHead {
         request,
@@ -202,11 +195,7 @@ fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
 
 /// The fields of a response head. `content_length` is added when the head has none and the
 /// body's exact size is known.
-pub(crate) fn response_fields(
-    status: StatusCode,
-    headers: &HeaderMap,
-    content_length: Option<u64>,
-) -> Vec<Header> {
+pub(crate) fn response_fields(status: StatusCode, headers: &HeaderMap, content_length: Option<u64>) -> Vec<Header> {
     let mut out = Vec::with_capacity(headers.len() + 2);
     out.push(Header::new(b":status", status.as_str().as_bytes()));
     push_fields(&mut out, headers);
@@ -267,10 +256,7 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
     let uri = request.uri();
     let headers = request.headers();
     let mut out = Vec::with_capacity(headers.len() + 4);
-    out.push(Header::new(
-        b":method",
-        request.method().as_str().as_bytes(),
-    ));
+    out.push(Header::new(b":method", request.method().as_str().as_bytes()));
     let authority = uri
         .authority()
         .map(|a| a.as_str().as_bytes().to_vec())
@@ -279,10 +265,7 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
     if request.method() == Method::CONNECT {
         out.push(Header::new(b":authority", &authority));
     } else {
-        out.push(Header::new(
-            b":scheme",
-            uri.scheme_str().unwrap_or("https").as_bytes(),
-        ));
+        out.push(Header::new(b":scheme", uri.scheme_str().unwrap_or("https").as_bytes()));
         out.push(Header::new(b":authority", &authority));
         let path = uri
             .path_and_query()
@@ -293,10 +276,7 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
     }
     for (name, value) in headers {
         let name = name.as_str().as_bytes();
-        if name == b"host"
-            || is_connection_specific(name)
-            || (name == b"te" && value.as_bytes() != b"trailers")
-        {
+        if name == b"host" || is_connection_specific(name) || (name == b"te" && value.as_bytes() != b"trailers") {
             continue;
         }
         out.push(Header::new(name, value.as_bytes()));
@@ -317,9 +297,7 @@ pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malf
                 return Err(Malformed("pseudo-header field after a regular field"));
             }
             if name != b":status" {
-                return Err(Malformed(
-                    "request or unknown pseudo-header field in a response",
-                ));
+                return Err(Malformed("request or unknown pseudo-header field in a response"));
             }
             if status.replace(value).is_some() {
                 return Err(Malformed("repeated :status"));
@@ -397,11 +375,7 @@ mod tests {
                 "missing :scheme",
             ),
             (
-                vec![
-                    (":method", "GET"),
-                    (":scheme", "https"),
-                    (":authority", "a"),
-                ],
+                vec![(":method", "GET"), (":scheme", "https"), (":authority", "a")],
                 "missing :path",
             ),
             (
@@ -418,33 +392,21 @@ mod tests {
                 "no authority",
             ),
             ([&base[..], &[(":path", "/x")]].concat(), "repeated :path"),
-            (
-                [&base[..], &[(":status", "200")]].concat(),
-                "response pseudo-header",
-            ),
-            (
-                [&base[..], &[(":foo", "1")]].concat(),
-                "unknown pseudo-header",
-            ),
+            ([&base[..], &[(":status", "200")]].concat(), "response pseudo-header"),
+            ([&base[..], &[(":foo", "1")]].concat(), "unknown pseudo-header"),
             (
                 [&base[..2], &[("accept", "x")], &base[2..]].concat(),
                 "pseudo after regular",
             ),
             ([&base[..], &[("Accept", "x")]].concat(), "uppercase name"),
-            (
-                [&base[..], &[("connection", "close")]].concat(),
-                "connection",
-            ),
+            ([&base[..], &[("connection", "close")]].concat(), "connection"),
             (
                 [&base[..], &[("transfer-encoding", "chunked")]].concat(),
                 "transfer-encoding",
             ),
             ([&base[..], &[("keep-alive", "1")]].concat(), "keep-alive"),
             ([&base[..], &[("upgrade", "h2c")]].concat(), "upgrade"),
-            (
-                [&base[..], &[("te", "gzip")]].concat(),
-                "te other than trailers",
-            ),
+            ([&base[..], &[("te", "gzip")]].concat(), "te other than trailers"),
             (
                 vec![
                     (":method", "GET"),
@@ -473,20 +435,10 @@ mod tests {
                 "CONNECT with scheme/path",
             ),
             (vec![(":method", "CONNECT")], "CONNECT without authority"),
+            ([&base[..], &[("host", "b")]].concat(), ":authority and host differ"),
+            ([&base[..], &[("content-length", "x")]].concat(), "bad content-length"),
             (
-                [&base[..], &[("host", "b")]].concat(),
-                ":authority and host differ",
-            ),
-            (
-                [&base[..], &[("content-length", "x")]].concat(),
-                "bad content-length",
-            ),
-            (
-                [
-                    &base[..],
-                    &[("content-length", "1"), ("content-length", "2")],
-                ]
-                .concat(),
+                [&base[..], &[("content-length", "1"), ("content-length", "2")]].concat(),
                 "conflicting content-length",
             ),
             ([&base[..], &[("x", "a\nb")]].concat(), "newline in value"),
@@ -516,15 +468,9 @@ mod tests {
         );
         assert!(parse(&[&base[..], &[("te", "trailers")]].concat()).is_ok());
         assert_eq!(
-            parse(
-                &[
-                    &base[..],
-                    &[("content-length", "5"), ("content-length", "5")]
-                ]
-                .concat()
-            )
-            .unwrap()
-            .content_length,
+            parse(&[&base[..], &[("content-length", "5"), ("content-length", "5")]].concat())
+                .unwrap()
+                .content_length,
             Some(5)
         );
     }
@@ -546,10 +492,7 @@ mod tests {
             ]
         );
         assert_eq!(itoa_u64(0).as_bytes_mut(), b"0");
-        assert_eq!(
-            itoa_u64(u64::MAX).as_bytes_mut(),
-            u64::MAX.to_string().as_bytes()
-        );
+        assert_eq!(itoa_u64(u64::MAX).as_bytes_mut(), u64::MAX.to_string().as_bytes());
     }
 
     #[test]

@@ -36,6 +36,7 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+pub mod alt_svc;
 mod body;
 pub mod client;
 mod config;

@@ -182,12 +182,9 @@ impl Metrics for AtomicMetrics {
         self.connections_closed.fetch_add(1, Relaxed);
         self.bytes_sent.fetch_add(stats.bytes_sent, Relaxed);
         self.bytes_received.fetch_add(stats.bytes_received, Relaxed);
-        self.packets_sent
-            .fetch_add(stats.packets_sent as u64, Relaxed);
-        self.packets_received
-            .fetch_add(stats.packets_received as u64, Relaxed);
-        self.packets_lost
-            .fetch_add(stats.packets_lost as u64, Relaxed);
+        self.packets_sent.fetch_add(stats.packets_sent as u64, Relaxed);
+        self.packets_received.fetch_add(stats.packets_received as u64, Relaxed);
+        self.packets_lost.fetch_add(stats.packets_lost as u64, Relaxed);
     }
     fn datagram_dropped(&self, reason: DropReason) {
         self.dropped[reason as usize].fetch_add(1, Relaxed);

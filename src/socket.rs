@@ -32,8 +32,7 @@ impl Socket {
     /// families.
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
         let domain = socket2::Domain::for_address(addr);
-        let sock =
-            socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             // Best effort: some systems forbid dual-stack sockets.
             let _ = sock.set_only_v6(false);
@@ -67,9 +66,7 @@ impl Socket {
     /// socket are addressed as `::ffff:a.b.c.d`).
     pub(crate) fn peer_address_for(&self, peer: SocketAddr) -> SocketAddr {
         match (self.local, peer) {
-            (SocketAddr::V6(_), SocketAddr::V4(v4)) => {
-                SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port())
-            }
+            (SocketAddr::V6(_), SocketAddr::V4(v4)) => SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()),
             _ => peer,
         }
     }
@@ -88,12 +85,7 @@ impl Socket {
     /// Sends one datagram, or a GSO batch of `segment_size`-byte datagrams (the last may be
     /// shorter). `WouldBlock` means the socket buffer is full; other errors are logged by
     /// quinn-udp and dropped, as UDP loss.
-    pub(crate) fn try_send(
-        &self,
-        to: SocketAddr,
-        contents: &[u8],
-        segment_size: Option<usize>,
-    ) -> io::Result<()> {
+    pub(crate) fn try_send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
         let transmit = Transmit {
             destination: to,
             ecn: None,
@@ -107,9 +99,9 @@ impl Socket {
         match self.state.send((&self.io).into(), &transmit) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 // Clear tokio's write readiness, so `poll_send_ready` waits for the buffer.
-                let _ = self.io.try_io(Interest::WRITABLE, || {
-                    Err::<(), _>(io::ErrorKind::WouldBlock.into())
-                });
+                let _ = self
+                    .io
+                    .try_io(Interest::WRITABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
                 Err(e)
             }
             other => other,
@@ -122,11 +114,7 @@ impl Socket {
     }
 
     /// Receives a batch into `bufs`; returns how many slices were filled.
-    pub(crate) fn poll_recv(
-        &self,
-        cx: &mut Context<'_>,
-        bufs: &mut RecvBuffers,
-    ) -> Poll<io::Result<usize>> {
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>, bufs: &mut RecvBuffers) -> Poll<io::Result<usize>> {
         loop {
             ready!(self.io.poll_recv_ready(cx))?;
             let mut chunks = bufs.storage.chunks_mut(bufs.slice_len);
@@ -134,11 +122,8 @@ impl Socket {
                 std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
             let slices = bufs.slices;
             let result = self.io.try_io(Interest::READABLE, || {
-                self.state.recv(
-                    (&self.io).into(),
-                    &mut iovs[..slices],
-                    &mut bufs.meta[..slices],
-                )
+                self.state
+                    .recv((&self.io).into(), &mut iovs[..slices], &mut bufs.meta[..slices])
             });
             match result {
                 Ok(n) => return Poll::Ready(Ok(n)),
@@ -205,9 +190,7 @@ mod tests {
         let mut bufs = b.recv_buffers(1500);
         let mut got = Vec::new();
         while got.len() < segments {
-            let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs))
-                .await
-                .unwrap();
+            let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs)).await.unwrap();
             bufs.for_each(n, |d, from| {
                 assert_eq!(from, a.local_addr());
                 got.push(d.to_vec());
@@ -215,10 +198,7 @@ mod tests {
         }
         for (i, d) in got.iter().enumerate() {
             assert_eq!(d.len(), 100);
-            assert!(
-                d.iter().all(|&x| x == i as u8),
-                "segment {i} intact and in order"
-            );
+            assert!(d.iter().all(|&x| x == i as u8), "segment {i} intact and in order");
         }
     }
 }

@@ -138,9 +138,7 @@ impl RecvError {
             RecvError::Malformed(why) => Error::new(Kind::Protocol)
                 .with_code(code::H3_MESSAGE_ERROR)
                 .with_message(why),
-            RecvError::Closed => {
-                Error::new(Kind::Closed).with_message("the connection closed before the body ended")
-            }
+            RecvError::Closed => Error::new(Kind::Closed).with_message("the connection closed before the body ended"),
         }
     }
 }
@@ -289,9 +287,7 @@ impl StreamShared {
         self.update(|s| {
             if s.out.final_queued || s.out.done {
                 return (
-                    Err(Error::config(
-                        "the final response head is already on its way",
-                    )),
+                    Err(Error::config("the final response head is already on its way")),
                     false,
                 );
             }
@@ -487,12 +483,7 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id
 /// Reads a stream's body from quiche into its buffer while the buffer has room (or discards
 /// it when nobody will read it). Runs on the connection task. Returns true when the reader
 /// should be woken.
-pub(crate) fn read_in(
-    h3: &mut h3::Connection,
-    conn: &mut quiche::Connection,
-    id: u64,
-    s: &mut StreamState,
-) -> bool {
+pub(crate) fn read_in(h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64, s: &mut StreamState) -> bool {
     if s.body_dropped || s.recv_error.is_some() {
         discard(h3, conn, id);
         s.data_pending = false;
@@ -510,9 +501,7 @@ pub(crate) fn read_in(
                 woke = true;
                 s.received += n as u64;
                 if s.content_length.is_some_and(|len| s.received > len) {
-                    s.recv_error = Some(RecvError::Malformed(
-                        "the body is longer than its content-length",
-                    ));
+                    s.recv_error = Some(RecvError::Malformed("the body is longer than its content-length"));
                     return true;
                 }
             }
@@ -536,9 +525,7 @@ pub(crate) fn read_in(
 pub(crate) fn finish_in(s: &mut StreamState) {
     s.recv_fin = true;
     if s.recv_error.is_none() && s.content_length.is_some_and(|len| len != s.received) {
-        s.recv_error = Some(RecvError::Malformed(
-            "the body is shorter than its content-length",
-        ));
+        s.recv_error = Some(RecvError::Malformed("the body is shorter than its content-length"));
     }
 }
 
@@ -599,8 +586,5 @@ where
 /// finished. quiche forgets a stream once both directions are complete, and closing the
 /// connection before then would discard what it still had to deliver.
 pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
-    !matches!(
-        conn.stream_capacity(id),
-        Err(quiche::Error::InvalidStreamState(_))
-    )
+    !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
 }

@@ -15,9 +15,7 @@ use boring::hash::MessageDigest;
 use boring::nid::Nid;
 use boring::pkey::{PKey, Private};
 use boring::ssl::{NameType, SslContextBuilder, SslMethod, SslVerifyMode};
-use boring::x509::extension::{
-    BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
-};
+use boring::x509::extension::{BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName};
 use boring::x509::store::X509StoreBuilder;
 use boring::x509::{X509, X509NameBuilder, X509StoreContext, X509StoreContextRef, X509VerifyError};
 
@@ -34,12 +32,8 @@ impl PemSource {
     fn read(&self, what: &str) -> Result<Vec<u8>, Error> {
         match self {
             PemSource::Memory(bytes) => Ok(bytes.clone()),
-            PemSource::File(path) => std::fs::read(path).map_err(|e| {
-                Error::config(format!(
-                    "cannot read the {what} from '{}': {e}",
-                    path.display()
-                ))
-            }),
+            PemSource::File(path) => std::fs::read(path)
+                .map_err(|e| Error::config(format!("cannot read the {what} from '{}': {e}", path.display()))),
         }
     }
 
@@ -52,12 +46,8 @@ impl PemSource {
 
     pub(crate) fn certificates(&self, what: &str) -> Result<Vec<X509>, Error> {
         let pem = self.read(what)?;
-        let certs = X509::stack_from_pem(&pem).map_err(|e| {
-            Error::config(format!(
-                "the {what} in {} is not valid PEM: {e}",
-                self.describe()
-            ))
-        })?;
+        let certs = X509::stack_from_pem(&pem)
+            .map_err(|e| Error::config(format!("the {what} in {} is not valid PEM: {e}", self.describe())))?;
         if certs.is_empty() {
             return Err(Error::config(format!(
                 "no certificate found in {} (expected one or more '-----BEGIN CERTIFICATE-----' blocks for the {what})",
@@ -106,9 +96,9 @@ impl TlsMaterial {
         let key = key.map(PemSource::private_key).transpose()?;
         match (chain.first(), &key) {
             (Some(leaf), Some(key)) => {
-                let public = leaf.public_key().map_err(|e| {
-                    Error::config(format!("the certificate's public key cannot be read: {e}"))
-                })?;
+                let public = leaf
+                    .public_key()
+                    .map_err(|e| Error::config(format!("the certificate's public key cannot be read: {e}")))?;
                 if !public.public_eq(key) {
                     return Err(Error::config(
                         "the private key does not match the certificate (the first certificate of the chain): \
@@ -149,22 +139,17 @@ impl TlsMaterial {
 
     /// A BoringSSL context for one endpoint; quiche adds ALPN and QUIC specifics.
     pub(crate) fn context_builder(&self, server: bool) -> Result<SslContextBuilder, Error> {
-        let tls_err = |what: &str, e: boring::error::ErrorStack| {
-            Error::config(format!("TLS setup failed ({what}): {e}"))
-        };
-        let mut b =
-            SslContextBuilder::new(SslMethod::tls()).map_err(|e| tls_err("new context", e))?;
+        let tls_err =
+            |what: &str, e: boring::error::ErrorStack| Error::config(format!("TLS setup failed ({what}): {e}"));
+        let mut b = SslContextBuilder::new(SslMethod::tls()).map_err(|e| tls_err("new context", e))?;
         if let Some(leaf) = self.chain.first() {
-            b.set_certificate(leaf)
-                .map_err(|e| tls_err("certificate", e))?;
+            b.set_certificate(leaf).map_err(|e| tls_err("certificate", e))?;
             for extra in &self.chain[1..] {
-                b.add_extra_chain_cert(extra.clone())
-                    .map_err(|e| tls_err("chain", e))?;
+                b.add_extra_chain_cert(extra.clone()).map_err(|e| tls_err("chain", e))?;
             }
         }
         if let Some(key) = &self.key {
-            b.set_private_key(key)
-                .map_err(|e| tls_err("private key", e))?;
+            b.set_private_key(key).map_err(|e| tls_err("private key", e))?;
             b.check_private_key().map_err(|e| tls_err("key check", e))?;
         }
         if server {
@@ -214,9 +199,7 @@ fn system_root_certificates() -> Vec<X509> {
         .chain(BUNDLES.iter().map(PathBuf::from))
         .find_map(|path| {
             let pem = std::fs::read(&path).ok()?;
-            X509::stack_from_pem(&pem)
-                .ok()
-                .filter(|certs| !certs.is_empty())
+            X509::stack_from_pem(&pem).ok().filter(|certs| !certs.is_empty())
         })
         .unwrap_or_default()
 }
@@ -246,10 +229,7 @@ fn remember(ctx: &X509StoreContextRef, error: X509VerifyError) {
         })
         .map(|cn| format!(" (certificate '{cn}', depth {})", ctx.error_depth()))
         .unwrap_or_default();
-    let message = format!(
-        "certificate verify failed: {}{subject}",
-        error.error_string()
-    );
+    let message = format!("certificate verify failed: {}{subject}", error.error_string());
     LAST_VERIFY_ERROR.with(|slot| *slot.borrow_mut() = Some(message));
 }
 
@@ -270,8 +250,7 @@ fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) 
     let Err(error) = ctx.verify_result() else {
         return true;
     };
-    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx)
-    {
+    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx) {
         ctx.set_error(Ok(()));
         return true;
     }
@@ -345,10 +324,7 @@ fn new_key() -> Result<PKey<Private>, boring::error::ErrorStack> {
     PKey::from_ec_key(EcKey::generate(&group)?)
 }
 
-fn builder_for(
-    subject_cn: &str,
-    key: &PKey<Private>,
-) -> Result<boring::x509::X509Builder, boring::error::ErrorStack> {
+fn builder_for(subject_cn: &str, key: &PKey<Private>) -> Result<boring::x509::X509Builder, boring::error::ErrorStack> {
     let mut name = X509NameBuilder::new()?;
     name.append_entry_by_nid(Nid::COMMONNAME, subject_cn)?;
     let name = name.build();
@@ -376,10 +352,7 @@ fn pem_pair(cert: &X509, key: &PKey<Private>) -> Result<GeneratedCert, boring::e
     })
 }
 
-fn add_names(
-    b: &mut boring::x509::X509Builder,
-    names: &[&str],
-) -> Result<(), boring::error::ErrorStack> {
+fn add_names(b: &mut boring::x509::X509Builder, names: &[&str]) -> Result<(), boring::error::ErrorStack> {
     let mut san = SubjectAlternativeName::new();
     for name in names {
         if name.parse::<IpAddr>().is_ok() {
@@ -402,18 +375,9 @@ impl DevCa {
             issuer.append_entry_by_nid(Nid::COMMONNAME, name)?;
             b.set_issuer_name(&issuer.build())?;
             b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-            b.append_extension(
-                &*KeyUsage::new()
-                    .critical()
-                    .key_cert_sign()
-                    .crl_sign()
-                    .build()?,
-            )?;
+            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
             b.sign(&key, MessageDigest::sha256())?;
-            Ok(DevCa {
-                cert: b.build(),
-                key,
-            })
+            Ok(DevCa { cert: b.build(), key })
         })()
         .map_err(generation_error)
     }
@@ -435,12 +399,7 @@ impl DevCa {
             b.set_issuer_name(self.cert.subject_name())?;
             b.append_extension(&*BasicConstraints::new().critical().build()?)?;
             b.append_extension(&*KeyUsage::new().critical().digital_signature().build()?)?;
-            b.append_extension(
-                &*ExtendedKeyUsage::new()
-                    .server_auth()
-                    .client_auth()
-                    .build()?,
-            )?;
+            b.append_extension(&*ExtendedKeyUsage::new().server_auth().client_auth().build()?)?;
             add_names(&mut b, names)?;
             b.sign(&self.key, MessageDigest::sha256())?;
             pem_pair(&b.build(), &key)
@@ -460,13 +419,7 @@ pub fn self_signed(names: &[&str]) -> Result<GeneratedCert, Error> {
         issuer.append_entry_by_nid(Nid::COMMONNAME, cn)?;
         b.set_issuer_name(&issuer.build())?;
         b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-        b.append_extension(
-            &*KeyUsage::new()
-                .critical()
-                .digital_signature()
-                .key_cert_sign()
-                .build()?,
-        )?;
+        b.append_extension(&*KeyUsage::new().critical().digital_signature().key_cert_sign().build()?)?;
         add_names(&mut b, names)?;
         b.sign(&key, MessageDigest::sha256())?;
         pem_pair(&b.build(), &key)

@@ -35,11 +35,7 @@ async fn hello_and_not_found_over_axum() {
         assert_eq!(response.version(), http::Version::HTTP_3);
         assert_eq!(response.headers()["content-type"], "text/plain");
         assert_eq!(response.text().await.unwrap(), "hello world");
-        let response = client
-            .get(server.url("/no/such/path"))
-            .send()
-            .await
-            .unwrap();
+        let response = client.get(server.url("/no/such/path")).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::NOT_FOUND);
         let response = client.head(server.url("/hello")).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -60,10 +56,7 @@ async fn hundred_mib_download_and_upload_with_hashes() {
             .send()
             .await
             .unwrap();
-        assert_eq!(
-            response.headers()["content-length"],
-            (100 * MIB).to_string().as_str()
-        );
+        assert_eq!(response.headers()["content-length"], (100 * MIB).to_string().as_str());
         let (len, digest, _) = hash_body(response.into_body()).await;
         assert_eq!(len, 100 * MIB);
         let mut expected = boring::sha::Sha256::new();
@@ -117,10 +110,7 @@ async fn five_hundred_concurrent_requests_on_one_connection() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     let m = server.metrics.snapshot();
-    assert_eq!(
-        m.handshakes_completed, 1,
-        "all 500 on one connection: {m:?}"
-    );
+    assert_eq!(m.handshakes_completed, 1, "all 500 on one connection: {m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,18 +118,14 @@ async fn a_thousand_requests_with_a_concurrency_limit_share_one_handshake() {
     let certs = test_certs();
     let server = h3_server(&certs, server::Builder::new()).await;
     let client = client(&certs);
-    let service = ServiceBuilder::new()
-        .concurrency_limit(32)
-        .service(client.clone());
+    let service = ServiceBuilder::new().concurrency_limit(32).service(client.clone());
     let run = async {
         let tasks: Vec<_> = (0..1000)
             .map(|_| {
                 let service = service.clone();
                 let url = server.url("/hello");
                 tokio::spawn(async move {
-                    let request = Request::get(url)
-                        .body(Empty::<bytes::Bytes>::new())
-                        .unwrap();
+                    let request = Request::get(url).body(Empty::<bytes::Bytes>::new()).unwrap();
                     let response = service.oneshot(request).await.expect("response");
                     assert_eq!(response.text().await.unwrap(), "hello world");
                 })
@@ -175,11 +161,7 @@ async fn trailers_both_ways() {
         sent.insert("x-upload-check", HeaderValue::from_static("abc123"));
         body.trailers = Some(sent);
         let response = client
-            .send(
-                Request::post(server.url("/trailer-echo"))
-                    .body(body)
-                    .unwrap(),
-            )
+            .send(Request::post(server.url("/trailer-echo")).body(body).unwrap())
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -422,23 +404,17 @@ async fn a_make_service_sees_the_peer_address() {
         .ca_pem(&certs.ca_pem)
         .build()
         .unwrap();
-    let endpoint =
-        tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), endpoint_config)
-            .unwrap();
+    let endpoint = tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), endpoint_config).unwrap();
     let run = async {
-        let (mut send, _conn) =
-            tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}"))
-                .await
-                .unwrap();
+        let (mut send, _conn) = tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}"))
+            .await
+            .unwrap();
         send.ready().await.unwrap();
         let request = Request::get(format!("https://localhost:{port}/peer"))
             .body(Empty::<bytes::Bytes>::new())
             .unwrap();
         let response = send.send_request(request).await.unwrap();
-        assert_eq!(
-            response.text().await.unwrap(),
-            endpoint.local_addr().to_string()
-        );
+        assert_eq!(response.text().await.unwrap(), endpoint.local_addr().to_string());
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
@@ -446,11 +422,7 @@ async fn a_make_service_sees_the_peer_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_moves_new_requests_to_a_new_connection() {
     let certs = test_certs();
-    let server = h3_server(
-        &certs,
-        server::Builder::new().max_requests_per_connection(10),
-    )
-    .await;
+    let server = h3_server(&certs, server::Builder::new().max_requests_per_connection(10)).await;
     let client = client(&certs);
     let run = async {
         for i in 0..35 {
@@ -464,10 +436,7 @@ async fn goaway_moves_new_requests_to_a_new_connection() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     let m = server.metrics.snapshot();
-    assert!(
-        m.handshakes_completed >= 4,
-        "ten requests per connection: {m:?}"
-    );
+    assert!(m.handshakes_completed >= 4, "ten requests per connection: {m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,14 +484,10 @@ async fn certificate_failures_say_what_went_wrong() {
         .unwrap_err();
     assert!(err.is_tls(), "{err}");
     assert!(
-        err.to_string()
-            .contains("unable to get local issuer certificate"),
+        err.to_string().contains("unable to get local issuer certificate"),
         "{err}"
     );
-    let insecure = Client::builder()
-        .danger_accept_invalid_certs(true)
-        .build()
-        .unwrap();
+    let insecure = Client::builder().danger_accept_invalid_certs(true).build().unwrap();
     let response = timeout(TEST_TIMEOUT, insecure.get(server.url("/hello")).send())
         .await
         .unwrap()

@@ -67,9 +67,7 @@ fn start_peer(python: &str, engine: &str, port: u16) -> (Peer, PathBuf) {
         .expect("start h3peer_server.py");
     let stdout = child.stdout.take().expect("piped");
     let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("peer output");
+    BufReader::new(stdout).read_line(&mut line).expect("peer output");
     assert!(line.starts_with("READY"), "peer did not start: {line:?}");
     (Peer { child, port }, certs.join("ca.pem"))
 }
@@ -110,20 +108,10 @@ async fn route_battery(client: &Client, port: u16) {
     let request = Request::post(url("/echo"))
         .body(Full::new(bytes::Bytes::from(upload.clone())))
         .unwrap();
-    let echoed = client
-        .send(request)
-        .await
-        .expect("POST /echo")
-        .bytes()
-        .await
-        .unwrap();
+    let echoed = client.send(request).await.expect("POST /echo").bytes().await.unwrap();
     assert!(echoed[..] == upload[..], "echo of 2 MB");
 
-    let response = client
-        .get(url("/trailers"))
-        .send()
-        .await
-        .expect("GET /trailers");
+    let response = client.get(url("/trailers")).send().await.expect("GET /trailers");
     let (_, digest, trailers) = hash_body(response.into_body()).await;
     let trailers = trailers.expect("trailers");
     assert_eq!(trailers["x-trailer"], "yes");

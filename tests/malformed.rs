@@ -41,16 +41,10 @@ impl Application for RawClient {
         Ok(())
     }
 
-    fn process(
-        &mut self,
-        cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
         let h3 = self.h3.as_mut().unwrap();
         while let Poll::Ready(Some(job)) = self.jobs.poll_recv(cx) {
-            let id = h3
-                .send_request(conn, &job.fields, job.body.is_none())
-                .unwrap();
+            let id = h3.send_request(conn, &job.fields, job.body.is_none()).unwrap();
             if let Some(body) = &job.body {
                 h3.send_body(conn, id, body, true).unwrap();
             }
@@ -96,11 +90,7 @@ fn fields(pairs: &[(&str, &str)]) -> Vec<Header> {
 async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on() {
     let certs = certs();
     let server = h3_server(&certs, server::Builder::new().max_header_list_size(4096)).await;
-    let config = Config::builder()
-        .alpn(["h3"])
-        .ca_pem(&certs.ca_pem)
-        .build()
-        .unwrap();
+    let config = Config::builder().alpn(["h3"]).ca_pem(&certs.ca_pem).build().unwrap();
     let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
     let (tx, rx) = mpsc::channel(64);
     let app = RawClient {
@@ -108,13 +98,10 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         jobs: rx,
         waiting: HashMap::new(),
     };
-    let _conn = timeout(
-        TEST_TIMEOUT,
-        endpoint.connect_addr(server.addr, Some("localhost"), app),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let _conn = timeout(TEST_TIMEOUT, endpoint.connect_addr(server.addr, Some("localhost"), app))
+        .await
+        .unwrap()
+        .unwrap();
     let base = [
         (":method", "GET"),
         (":scheme", "https"),
@@ -127,16 +114,8 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         ("missing :method", base[1..].to_vec(), None),
         ("missing :scheme", vec![base[0], base[2], base[3]], None),
         ("missing :path", base[..3].to_vec(), None),
-        (
-            "empty :path",
-            vec![base[0], base[1], base[2], (":path", "")],
-            None,
-        ),
-        (
-            "no authority or host",
-            vec![base[0], base[1], base[3]],
-            None,
-        ),
+        ("empty :path", vec![base[0], base[1], base[2], (":path", "")], None),
+        ("no authority or host", vec![base[0], base[1], base[3]], None),
         ("repeated :path", with(&[(":path", "/other")]), None),
         ("response pseudo-header", with(&[(":status", "200")]), None),
         ("unknown pseudo-header", with(&[(":nonsense", "1")]), None),
@@ -148,11 +127,7 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         // Uppercase names: quiche's QPACK encoder lowercases them, so this client cannot
         // send one; the aioquic battery in CI does (abuse_uppercase_header).
         ("connection", with(&[("connection", "keep-alive")]), None),
-        (
-            "transfer-encoding",
-            with(&[("transfer-encoding", "chunked")]),
-            None,
-        ),
+        ("transfer-encoding", with(&[("transfer-encoding", "chunked")]), None),
         ("keep-alive", with(&[("keep-alive", "5")]), None),
         ("upgrade", with(&[("upgrade", "websocket")]), None),
         ("te other than trailers", with(&[("te", "gzip")]), None),
@@ -171,21 +146,9 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
             ],
             None,
         ),
-        (
-            "CONNECT without :authority",
-            vec![(":method", "CONNECT")],
-            None,
-        ),
-        (
-            ":authority and host differ",
-            with(&[("host", "elsewhere")]),
-            None,
-        ),
-        (
-            "invalid content-length",
-            with(&[("content-length", "ten")]),
-            None,
-        ),
+        ("CONNECT without :authority", vec![(":method", "CONNECT")], None),
+        (":authority and host differ", with(&[("host", "elsewhere")]), None),
+        ("invalid content-length", with(&[("content-length", "ten")]), None),
         (
             "body longer than content-length",
             vec![
@@ -208,11 +171,7 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
             ],
             Some(vec![b'x'; 10]),
         ),
-        (
-            "content-length with no body",
-            with(&[("content-length", "5")]),
-            None,
-        ),
+        ("content-length with no body", with(&[("content-length", "5")]), None),
     ];
     for (name, pairs, body) in cases {
         let (reply, outcome) = oneshot::channel();
@@ -224,11 +183,7 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         .await
         .unwrap();
         let outcome = timeout(TEST_TIMEOUT, outcome).await.unwrap().unwrap();
-        assert_eq!(
-            outcome,
-            Outcome::Reset(0x10e),
-            "{name}: expected H3_MESSAGE_ERROR"
-        );
+        assert_eq!(outcome, Outcome::Reset(0x10e), "{name}: expected H3_MESSAGE_ERROR");
     }
     // A header section over the limit gets 431, and the connection still serves.
     let big = "v".repeat(5000);

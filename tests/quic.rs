@@ -22,13 +22,9 @@ async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: 
         .build()
         .unwrap();
     let endpoint = Endpoint::client_bound(
-        if server.is_ipv6() {
-            "[::1]:0"
-        } else {
-            "127.0.0.1:0"
-        }
-        .parse()
-        .unwrap(),
+        if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }
+            .parse()
+            .unwrap(),
         config,
     )
     .unwrap();
@@ -50,11 +46,7 @@ async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: 
     }
     conn.close(0, "done");
     let closed = conn.closed().await;
-    assert!(
-        closed.error().is_none(),
-        "clean close: {:?}",
-        closed.error()
-    );
+    assert!(closed.error().is_none(), "clean close: {:?}", closed.error());
 }
 
 thread_local! {
@@ -73,12 +65,9 @@ async fn ten_streams_of_one_mib_echo_over_ipv4() {
     init_tracing();
     let server = echo_server("127.0.0.1:0", server_builder(&server_certs())).await;
     let authority = format!("127.0.0.1:{}", server.addr.port());
-    timeout(
-        TEST_TIMEOUT,
-        echo_streams(server.addr, &authority, 10, 1 << 20),
-    )
-    .await
-    .unwrap();
+    timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 10, 1 << 20))
+        .await
+        .unwrap();
     // The same over a DNS name: SNI and name verification by host name.
     let authority = format!("localhost:{}", server.addr.port());
     timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 2, 1000))
@@ -94,12 +83,9 @@ async fn ten_streams_of_one_mib_echo_over_ipv6() {
     }
     let server = echo_server("[::1]:0", server_builder(&server_certs())).await;
     let authority = format!("[::1]:{}", server.addr.port());
-    timeout(
-        TEST_TIMEOUT,
-        echo_streams(server.addr, &authority, 10, 1 << 20),
-    )
-    .await
-    .unwrap();
+    timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 10, 1 << 20))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,11 +96,7 @@ async fn two_hundred_connections_at_once_to_one_server_socket() {
         // Four client sockets, fifty connections each, all connecting at once.
         let endpoints: Vec<Endpoint> = (0..4)
             .map(|_| {
-                Endpoint::client_bound(
-                    "127.0.0.1:0".parse().unwrap(),
-                    client_builder(&certs).build().unwrap(),
-                )
-                .unwrap()
+                Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap()
             })
             .collect();
         let tasks: Vec<_> = (0..200)
@@ -147,11 +129,8 @@ async fn two_hundred_connections_at_once_to_one_server_socket() {
 async fn one_client_socket_carries_twenty_connections() {
     let certs = server_certs();
     let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
-    let endpoint = Endpoint::client_bound(
-        "127.0.0.1:0".parse().unwrap(),
-        client_builder(&certs).build().unwrap(),
-    )
-    .unwrap();
+    let endpoint =
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
     let run = async {
         let mut conns = Vec::new();
         for _ in 0..20 {
@@ -162,10 +141,7 @@ async fn one_client_socket_carries_twenty_connections() {
                 .expect("handshake");
             conns.push((conn, client));
         }
-        assert!(
-            endpoint.open_connections() >= 20,
-            "all twenty share the socket"
-        );
+        assert!(endpoint.open_connections() >= 20, "all twenty share the socket");
         let tasks: Vec<_> = conns
             .iter()
             .enumerate()
@@ -194,10 +170,7 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
     let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
     let run = async {
         // No custom CA: the development CA is not among the system roots.
-        let config = tower_quiche::quic::Config::builder()
-            .alpn(["echo"])
-            .build()
-            .unwrap();
+        let config = tower_quiche::quic::Config::builder().alpn(["echo"]).build().unwrap();
         let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
         let err = endpoint
             .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
@@ -205,17 +178,13 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
             .unwrap_err();
         assert!(err.is_tls(), "{err}");
         assert!(
-            err.to_string()
-                .contains("unable to get local issuer certificate"),
+            err.to_string().contains("unable to get local issuer certificate"),
             "{err}"
         );
 
         // Trusted CA, but the certificate is not for this name.
-        let endpoint = Endpoint::client_bound(
-            "127.0.0.1:0".parse().unwrap(),
-            client_builder(&certs).build().unwrap(),
-        )
-        .unwrap();
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
         let err = endpoint
             .connect_addr(server.addr, Some("wrong.example"), EchoClient::new().0)
             .await
@@ -235,10 +204,7 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
             .connect_addr(server.addr, Some("wrong.example"), app)
             .await
             .expect("insecure mode connects");
-        assert_eq!(
-            &client.echo(bytes::Bytes::from_static(b"hi")).await.unwrap()[..],
-            b"hi"
-        );
+        assert_eq!(&client.echo(bytes::Bytes::from_static(b"hi")).await.unwrap()[..], b"hi");
         conn.close(0, "");
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
@@ -247,17 +213,10 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_a_client_certificate() {
     let certs = server_certs();
-    let server = echo_server(
-        "127.0.0.1:0",
-        server_builder(&certs).client_ca_pem(&certs.ca_pem),
-    )
-    .await;
+    let server = echo_server("127.0.0.1:0", server_builder(&certs).client_ca_pem(&certs.ca_pem)).await;
     let run = async {
-        let endpoint = Endpoint::client_bound(
-            "127.0.0.1:0".parse().unwrap(),
-            client_builder(&certs).build().unwrap(),
-        )
-        .unwrap();
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
         let err = endpoint
             .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
             .await;
@@ -282,10 +241,7 @@ async fn mutual_tls_requires_a_client_certificate() {
             .await
             .expect("with a client certificate");
         assert_eq!(
-            &client
-                .echo(bytes::Bytes::from_static(b"mtls"))
-                .await
-                .unwrap()[..],
+            &client.echo(bytes::Bytes::from_static(b"mtls")).await.unwrap()[..],
             b"mtls"
         );
         conn.close(0, "");
@@ -322,13 +278,10 @@ async fn garbage_datagrams_do_not_disturb_the_server() {
     truncated.truncate(23);
     raw.send_to(&truncated, server.addr).unwrap();
     // An Initial of an unknown version: version negotiation must answer it.
-    raw.send_to(&long_header(0xc0, 0x1a2a_3a4a, 1200), server.addr)
-        .unwrap();
+    raw.send_to(&long_header(0xc0, 0x1a2a_3a4a, 1200), server.addr).unwrap();
     let mut buf = [0u8; 1500];
     let vn = loop {
-        let (n, _) = raw
-            .recv_from(&mut buf)
-            .expect("a version negotiation packet");
+        let (n, _) = raw.recv_from(&mut buf).expect("a version negotiation packet");
         // Random datagrams may draw stateless resets, or version negotiation of their own
         // when they happen to look like long headers: find the answer to ours.
         if buf[0] & 0x80 != 0
@@ -339,10 +292,7 @@ async fn garbage_datagrams_do_not_disturb_the_server() {
         }
     };
     // Version 0, DCID = the client's SCID, SCID = the client's DCID, then versions with v1.
-    assert_eq!(
-        &vn[5..14],
-        &[8, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c]
-    );
+    assert_eq!(&vn[5..14], &[8, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c, 0x5c]);
     let versions: Vec<u32> = vn[23..]
         .chunks(4)
         .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
@@ -356,12 +306,9 @@ async fn garbage_datagrams_do_not_disturb_the_server() {
     );
     // And the next real connection works.
     let authority = format!("127.0.0.1:{}", server.addr.port());
-    timeout(
-        TEST_TIMEOUT,
-        echo_streams(server.addr, &authority, 1, 10_000),
-    )
-    .await
-    .unwrap();
+    timeout(TEST_TIMEOUT, echo_streams(server.addr, &authority, 1, 10_000))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -374,10 +321,7 @@ async fn retry_validates_the_address_and_refuses_forged_tokens() {
         .unwrap();
     let m = server.metrics.snapshot();
     // A ClientHello may span two Initial datagrams, and each draws a Retry.
-    assert!(
-        m.retries_sent >= 1,
-        "the handshake went through a Retry: {m:?}"
-    );
+    assert!(m.retries_sent >= 1, "the handshake went through a Retry: {m:?}");
     assert_eq!(m.handshakes_completed, 1);
 
     // A relay that flips one bit of every token the client echoes back.
@@ -421,16 +365,10 @@ async fn retry_validates_the_address_and_refuses_forged_tokens() {
     .unwrap_err();
     relay_task.abort();
     assert!(err.is_timeout(), "{err}");
-    assert!(
-        forged.load(Ordering::Relaxed) >= 1,
-        "the relay forged a token"
-    );
+    assert!(forged.load(Ordering::Relaxed) >= 1, "the relay forged a token");
     let m = server.metrics.snapshot();
     assert!(m.dropped_invalid_token >= 1, "{m:?}");
-    assert_eq!(
-        m.handshakes_started, 1,
-        "no connection state for a forged token: {m:?}"
-    );
+    assert_eq!(m.handshakes_started, 1, "no connection state for a forged token: {m:?}");
 }
 
 /// Flips a bit in the token of a client Initial that carries one; true if it did.
@@ -480,15 +418,9 @@ async fn idle_timeout_closes_both_sides() {
             .unwrap();
         let server_conn = server.connections.recv().await.unwrap();
         let closed = conn.closed().await;
-        assert!(
-            closed.error().is_some_and(|e| e.is_timeout()),
-            "client: {closed:?}"
-        );
+        assert!(closed.error().is_some_and(|e| e.is_timeout()), "client: {closed:?}");
         let closed = server_conn.closed().await;
-        assert!(
-            closed.error().is_some_and(|e| e.is_timeout()),
-            "server: {closed:?}"
-        );
+        assert!(closed.error().is_some_and(|e| e.is_timeout()), "server: {closed:?}");
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     assert_eq!(
@@ -502,11 +434,8 @@ async fn idle_timeout_closes_both_sides() {
 async fn an_application_close_delivers_its_code_to_the_peer() {
     let certs = server_certs();
     let mut server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
-    let endpoint = Endpoint::client_bound(
-        "127.0.0.1:0".parse().unwrap(),
-        client_builder(&certs).build().unwrap(),
-    )
-    .unwrap();
+    let endpoint =
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
     let run = async {
         let conn = endpoint
             .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
@@ -532,11 +461,7 @@ struct Flood {
 }
 
 impl Application for Flood {
-    fn process(
-        &mut self,
-        _cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
         while let Ok(n) = conn.stream_send(0, &self.chunk, false) {
             self.written.fetch_add(n as u64, Ordering::Relaxed);
             if n < self.chunk.len() {
@@ -551,10 +476,8 @@ impl Application for Flood {
 async fn a_peer_that_stops_reading_stalls_the_sender() {
     const WINDOW: u64 = 256 * 1024;
     let certs = server_certs();
-    let windows = |b: tower_quiche::quic::ConfigBuilder| {
-        b.initial_max_stream_data(WINDOW)
-            .max_windows(4 * WINDOW, WINDOW)
-    };
+    let windows =
+        |b: tower_quiche::quic::ConfigBuilder| b.initial_max_stream_data(WINDOW).max_windows(4 * WINDOW, WINDOW);
     let server = echo_server("127.0.0.1:0", windows(server_builder(&certs))).await;
     let endpoint = Endpoint::client_bound(
         "127.0.0.1:0".parse().unwrap(),
@@ -566,24 +489,17 @@ async fn a_peer_that_stops_reading_stalls_the_sender() {
         written: Arc::clone(&written),
         chunk: vec![7; 16 * 1024],
     };
-    let conn = timeout(
-        TEST_TIMEOUT,
-        endpoint.connect_addr(server.addr, Some("localhost"), app),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let conn = timeout(TEST_TIMEOUT, endpoint.connect_addr(server.addr, Some("localhost"), app))
+        .await
+        .unwrap()
+        .unwrap();
     // Let it run into the windows, then check that it stays there.
     let mut last = 0;
     let mut stalled_for = 0;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let now = written.load(Ordering::Relaxed);
-        stalled_for = if now == last && now > 0 {
-            stalled_for + 1
-        } else {
-            0
-        };
+        stalled_for = if now == last && now > 0 { stalled_for + 1 } else { 0 };
         last = now;
         if stalled_for == 5 {
             break;
@@ -593,9 +509,6 @@ async fn a_peer_that_stops_reading_stalls_the_sender() {
     // The echo fills the client's receive window, the server stops reading, and the upload
     // fills the server's: nothing else is buffered anywhere.
     assert!(last >= WINDOW, "wrote at least one window: {last}");
-    assert!(
-        last <= 3 * WINDOW,
-        "bounded by the two stream windows: {last}"
-    );
+    assert!(last <= 3 * WINDOW, "bounded by the two stream windows: {last}");
     conn.close(0, "");
 }

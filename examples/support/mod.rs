@@ -77,17 +77,15 @@ pub fn server_identity(args: &Args) -> (PathBuf, PathBuf) {
         (Some(cert), Some(key)) => (cert.into(), key.into()),
         (None, None) => {
             let dir = std::env::temp_dir().join(format!("tower-quiche-dev-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)
-                .unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
-            let ca = tower_quiche::tls::DevCa::new("tower-quiche development CA")
-                .unwrap_or_else(|e| fail(&e.to_string()));
+            std::fs::create_dir_all(&dir).unwrap_or_else(|e| fail(&format!("{}: {e}", dir.display())));
+            let ca =
+                tower_quiche::tls::DevCa::new("tower-quiche development CA").unwrap_or_else(|e| fail(&e.to_string()));
             let leaf = ca
                 .issue(&["localhost", "127.0.0.1", "::1"])
                 .unwrap_or_else(|e| fail(&e.to_string()));
             let write = |name: &str, text: &str| {
                 let path = dir.join(name);
-                std::fs::write(&path, text)
-                    .unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
+                std::fs::write(&path, text).unwrap_or_else(|e| fail(&format!("{}: {e}", path.display())));
                 path
             };
             let ca_path = write("ca.pem", &ca.cert_pem());

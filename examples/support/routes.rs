@@ -28,10 +28,7 @@ pub fn router() -> Router {
             get(|| async { ([(header::CONTENT_TYPE, "text/plain")], "hello world") }),
         )
         .route("/bytes/{n}", get(bytes))
-        .route(
-            "/echo",
-            post(|body: Body| async move { Response::new(body) }),
-        )
+        .route("/echo", post(|body: Body| async move { Response::new(body) }))
         .route("/sink", post(sink))
         .route("/trailers", get(trailers))
         .route("/slow", get(slow))
@@ -46,10 +43,7 @@ impl http_body::Body for Repeat {
     type Data = Bytes;
     type Error = Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -95,10 +89,7 @@ async fn trailers() -> Response {
         "x-body-sha256",
         HeaderValue::from_str(&hex(&boring::sha::sha256(&body))).expect("hex is ASCII"),
     );
-    let frames = futures_util::stream::iter([
-        Ok::<_, Infallible>(Frame::data(body)),
-        Ok(Frame::trailers(trailers)),
-    ]);
+    let frames = futures_util::stream::iter([Ok::<_, Infallible>(Frame::data(body)), Ok(Frame::trailers(trailers))]);
     Response::new(Body::new(http_body_util::StreamBody::new(frames)))
 }
 

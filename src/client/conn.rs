@@ -60,8 +60,20 @@ impl PendingRequest {
         B::Data: Buf + Send,
         B::Error: Into<BoxError>,
     {
-        let fields = request_fields(&request)
-            .map_err(|m| Error::config(format!("cannot send this request: {m}")))?;
+        let mut fields =
+            request_fields(&request).map_err(|m| Error::config(format!("cannot send this request: {m}")))?;
+        // Like hyper: a body of known size announces it, so the server can refuse early.
+        let exact = request.body().size_hint().exact();
+        let bodyless_method = matches!(
+            *request.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::CONNECT
+        );
+        if let Some(len) = exact
+            && !request.headers().contains_key(http::header::CONTENT_LENGTH)
+            && (len > 0 || !bodyless_method)
+        {
+            fields.push(h3::Header::new(b"content-length", len.to_string().as_bytes()));
+        }
         let body = request.into_body();
         let body = (!body.is_end_stream()).then(|| box_body(body));
         Ok(PendingRequest { fields, body })
@@ -194,8 +206,7 @@ impl std::fmt::Debug for SendRequest {
 impl Drop for SendRequest {
     fn drop(&mut self) {
         if self.reserved {
-            self.status
-                .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+            self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
         }
     }
 }
@@ -275,8 +286,7 @@ impl SendRequest {
                 error: None,
             },
             Err(e) => {
-                self.status
-                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
                 let submission = e.into_inner();
                 let error = if self.status.lock().closed {
                     closed_error()
@@ -314,10 +324,7 @@ impl ResponseFuture {
         }
     }
 
-    pub(crate) fn poll_failure(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Result<Response<RecvBody>, Failure>> {
+    pub(crate) fn poll_failure(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<RecvBody>, Failure>> {
         if let Some(error) = self.error.take() {
             return Poll::Ready(Err(Failure::Failed(error)));
         }
@@ -339,9 +346,7 @@ impl Future for ResponseFuture {
     type Output = Result<Response<RecvBody>, Error>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.get_mut()
-            .poll_failure(cx)
-            .map(|r| r.map_err(Failure::into_error))
+        self.get_mut().poll_failure(cx).map(|r| r.map_err(Failure::into_error))
     }
 }
 
@@ -407,10 +412,7 @@ impl Default for ConnSettings {
 
 /// Connects to `authority` (`host:port`) over `endpoint` and starts HTTP/3 on the
 /// connection. The endpoint's configuration must offer the `h3` ALPN.
-pub async fn handshake(
-    endpoint: &Endpoint,
-    authority: &str,
-) -> Result<(SendRequest, Connection), Error> {
+pub async fn handshake(endpoint: &Endpoint, authority: &str) -> Result<(SendRequest, Connection), Error> {
     handshake_with(endpoint, authority, Arc::new(ConnSettings::default())).await
 }
 
@@ -527,19 +529,15 @@ impl ClientApp {
                 }
             }
             let submission = self.waiting.as_ref().expect("just filled");
-            if submission.reply.is_closed()
-                || submission.shared.lock().out.done && submission.request.body.is_some()
-            {
+            if submission.reply.is_closed() || submission.shared.lock().out.done && submission.request.body.is_some() {
                 // Cancelled before it had a stream.
                 self.waiting = None;
-                self.status
-                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
                 continue;
             }
             if self.goaway.is_some() {
                 let Submission { request, reply, .. } = self.waiting.take().expect("present");
-                self.status
-                    .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
                 let _ = reply.send(Err(Failure::Unsent(
                     request,
                     rejected_error("the server is going away (GOAWAY)"),
@@ -554,15 +552,12 @@ impl ClientApp {
             let id = match h3.send_request(conn, &submission.request.fields, fin) {
                 Ok(id) => id,
                 // Not enough room for the head right now: try again next turn.
-                Err(h3::Error::StreamBlocked)
-                | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => return,
+                Err(h3::Error::StreamBlocked) | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => return,
                 Err(e) => {
                     let Submission { reply, .. } = self.waiting.take().expect("present");
-                    self.status
-                        .update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                    self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
                     let _ = reply.send(Err(Failure::Failed(
-                        Error::new(Kind::Protocol)
-                            .with_message(format!("cannot open a request stream: {e}")),
+                        Error::new(Kind::Protocol).with_message(format!("cannot open a request stream: {e}")),
                     )));
                     continue;
                 }
@@ -581,9 +576,8 @@ impl ClientApp {
             let retry = body.is_none().then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
-                self.pumps.push(Box::pin(async move {
-                    stream::pump_body(body, &pump_stream).await
-                }));
+                self.pumps
+                    .push(Box::pin(async move { stream::pump_body(body, &pump_stream).await }));
             }
             let written = {
                 let mut s = shared.lock();
@@ -610,9 +604,7 @@ impl ClientApp {
         loop {
             let h3 = self.h3.as_mut().expect("created when established");
             match h3.poll(conn) {
-                Ok((id, h3::Event::Headers { list, more_frames })) => {
-                    self.on_headers(conn, id, list, more_frames)
-                }
+                Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => {
                     let Some(entry) = self.streams.get(&id) else {
                         stream::discard(h3, conn, id);
@@ -633,8 +625,7 @@ impl ClientApp {
                         });
                         if let Some(reply) = entry.reply.take() {
                             let _ = reply.send(Err(Failure::Failed(
-                                Error::new(Kind::Protocol)
-                                    .with_message("the response stream ended without a response"),
+                                Error::new(Kind::Protocol).with_message("the response stream ended without a response"),
                             )));
                         }
                     }
@@ -647,8 +638,7 @@ impl ClientApp {
                     self.goaway = Some(id);
                     self.status.update(|s| s.goaway = true);
                     // Requests on streams from `id` on were not processed (RFC 9114 §5.2).
-                    let refused: Vec<u64> =
-                        self.streams.keys().copied().filter(|&s| s >= id).collect();
+                    let refused: Vec<u64> = self.streams.keys().copied().filter(|&s| s >= id).collect();
                     for stream in refused {
                         self.on_reset(stream, code::H3_REQUEST_REJECTED);
                     }
@@ -665,13 +655,7 @@ impl ClientApp {
         }
     }
 
-    fn on_headers(
-        &mut self,
-        conn: &mut quiche::Connection,
-        id: u64,
-        list: Vec<h3::Header>,
-        more_frames: bool,
-    ) {
+    fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -714,9 +698,7 @@ impl ClientApp {
             entry.informational.push(response);
             return;
         }
-        let content_length = crate::headers::content_length(response.headers())
-            .ok()
-            .flatten();
+        let content_length = crate::headers::content_length(response.headers()).ok().flatten();
         entry.shared.update(|s| {
             s.content_length = content_length;
             if !more_frames {
@@ -758,18 +740,14 @@ impl ClientApp {
         });
         if let Some(reply) = entry.reply.take() {
             let error = if code == code::H3_REQUEST_REJECTED {
-                rejected_error(
-                    "the server rejected the request before processing it (H3_REQUEST_REJECTED)",
-                )
+                rejected_error("the server rejected the request before processing it (H3_REQUEST_REJECTED)")
             } else {
                 Error::new(Kind::Reset)
                     .with_code(code)
                     .with_message("the server reset the request stream")
             };
             let failure = match entry.retry.take() {
-                Some(request) if code == code::H3_REQUEST_REJECTED => {
-                    Failure::Unsent(request, error)
-                }
+                Some(request) if code == code::H3_REQUEST_REJECTED => Failure::Unsent(request, error),
                 _ => Failure::Failed(error),
             };
             let _ = reply.send(Err(failure));
@@ -819,8 +797,7 @@ impl ClientApp {
             return;
         }
         self.streams.remove(&id);
-        self.status
-            .update(|s| s.in_flight = s.in_flight.saturating_sub(1));
+        self.status.update(|s| s.in_flight = s.in_flight.saturating_sub(1));
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
         }
@@ -851,14 +828,10 @@ impl ClientApp {
 
 impl Application for ClientApp {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
-        let config = h3::Config::new()
-            .map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
-        let h3 = h3::Connection::with_transport(conn, &config).map_err(|e| {
-            Error::application(
-                stream::h3_wire_code(&e),
-                format!("cannot start HTTP/3: {e}"),
-            )
-        })?;
+        let config =
+            h3::Config::new().map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
+        let h3 = h3::Connection::with_transport(conn, &config)
+            .map_err(|e| Error::application(stream::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
         let credit = conn.peer_streams_left_bidi();
         self.status.update(|s| {
@@ -868,11 +841,7 @@ impl Application for ClientApp {
         Ok(())
     }
 
-    fn process(
-        &mut self,
-        cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         if self.h3.is_none() {
             return Ok(());
         }

@@ -54,19 +54,12 @@ impl Origin {
     fn of(uri: &Uri) -> Result<Origin, Error> {
         let scheme = uri.scheme_str().unwrap_or("https");
         if scheme != "https" {
-            return Err(Error::config(format!(
-                "HTTP/3 needs https URLs, not {scheme}://"
-            )));
+            return Err(Error::config(format!("HTTP/3 needs https URLs, not {scheme}://")));
         }
-        let host = uri.host().ok_or_else(|| {
-            Error::config(format!(
-                "'{uri}' is not an absolute URL: use https://host[:port]/path"
-            ))
-        })?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
+        let host = uri
+            .host()
+            .ok_or_else(|| Error::config(format!("'{uri}' is not an absolute URL: use https://host[:port]/path")))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         Ok(Origin {
             scheme: scheme.to_string(),
             host,
@@ -144,11 +137,7 @@ impl Pool {
         Ok(send)
     }
 
-    async fn send(
-        &self,
-        request: PendingRequest,
-        origin: Origin,
-    ) -> Result<Response<RecvBody>, Error> {
+    async fn send(&self, request: PendingRequest, origin: Origin) -> Result<Response<RecvBody>, Error> {
         let mut request = request;
         for attempt in 0..2 {
             let mut send = self.connection(&origin).await?;
@@ -211,8 +200,7 @@ impl Client {
         B::Error: Into<BoxError>,
     {
         let pool = Arc::clone(&self.pool);
-        let prepared = Origin::of(request.uri())
-            .and_then(|origin| Ok((origin, PendingRequest::new(request)?)));
+        let prepared = Origin::of(request.uri()).and_then(|origin| Ok((origin, PendingRequest::new(request)?)));
         async move {
             let (origin, pending) = prepared?;
             pool.send(pending, origin).await
@@ -438,9 +426,7 @@ impl RequestBuilder {
                 self.header(http::header::CONTENT_TYPE, "application/json")
             }
             Err(e) => {
-                self.request = Err(Error::config(format!(
-                    "cannot serialize the JSON body: {e}"
-                )));
+                self.request = Err(Error::config(format!("cannot serialize the JSON body: {e}")));
                 self
             }
         }
@@ -474,9 +460,8 @@ pub trait ResponseExt: Sized + Send {
     fn json<T: serde::de::DeserializeOwned>(self) -> impl Future<Output = Result<T, Error>> + Send {
         async move {
             let bytes = self.bytes().await?;
-            serde_json::from_slice(&bytes).map_err(|e| {
-                Error::new(Kind::Protocol).with_message(format!("invalid JSON body: {e}"))
-            })
+            serde_json::from_slice(&bytes)
+                .map_err(|e| Error::new(Kind::Protocol).with_message(format!("invalid JSON body: {e}")))
         }
     }
 }

@@ -250,9 +250,7 @@ impl<A: Application> Driver<A> {
         {
             tracing::debug!(error = %e, "application closes the connection");
             let reason = e.to_string();
-            let _ = self
-                .conn
-                .close(true, e.code().unwrap_or(0x1), reason.as_bytes());
+            let _ = self.conn.close(true, e.code().unwrap_or(0x1), reason.as_bytes());
         }
         let mut retired = false;
         while let Some(id) = self.conn.retired_scid_next() {
@@ -402,14 +400,10 @@ impl<A: Application> Driver<A> {
     /// Arms the timer for the earliest deadline; returns true if that deadline has passed.
     fn arm_timer(&mut self, cx: &mut Context<'_>) -> bool {
         let release = self.held.front().and_then(|h| h.release);
-        let deadline = [
-            self.conn.timeout_instant(),
-            self.handshake_deadline,
-            release,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let deadline = [self.conn.timeout_instant(), self.handshake_deadline, release]
+            .into_iter()
+            .flatten()
+            .min();
         let Some(deadline) = deadline else {
             self.armed = None;
             return false;
@@ -422,11 +416,7 @@ impl<A: Application> Driver<A> {
     }
 
     fn finish(&mut self) {
-        let error = error::from_close(
-            &self.conn,
-            self.handshake_timed_out,
-            self.verify_error.take(),
-        );
+        let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
         let stats = ConnectionStats::of(&self.conn);
         let metrics = &self.shared.config.inner.metrics;
         if !self.established {
@@ -483,10 +473,7 @@ fn send_or_hold(
 /// Sends held packets in order. Returns true when nothing is held any more.
 fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
     while let Some(front) = held.front() {
-        if front
-            .release
-            .is_some_and(|at| at > Instant::now() + PACING_GRANULARITY)
-        {
+        if front.release.is_some_and(|at| at > Instant::now() + PACING_GRANULARITY) {
             return false;
         }
         match shared.socket.try_send(front.to, &front.data, front.segment) {

@@ -40,8 +40,7 @@ pub trait Application: Send + 'static {
     /// Lets the application act on the connection. An error closes the connection, with the
     /// error's [`code`](Error::code) as the application error code (or 0x1 when it has
     /// none).
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection)
-    -> Result<(), Error>;
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error>;
 
     /// Called once when the connection has closed; `error` says why, when it was not a clean
     /// close.
@@ -180,18 +179,12 @@ impl ConnectionHandle {
         let result = state.wait_for(|s| !matches!(s, State::Handshaking)).await;
         match result.as_deref() {
             Ok(State::Established) => Ok(()),
-            Ok(State::Closed(closed)) => Err(closed
-                .error
-                .as_ref()
-                .map(Error::duplicate)
-                .unwrap_or_else(|| {
-                    Error::new(crate::error::Kind::Closed)
-                        .with_message("closed during the handshake")
-                })),
-            _ => {
-                Err(Error::new(crate::error::Kind::Closed)
-                    .with_message("the connection task ended"))
+            Ok(State::Closed(closed)) => {
+                Err(closed.error.as_ref().map(Error::duplicate).unwrap_or_else(|| {
+                    Error::new(crate::error::Kind::Closed).with_message("closed during the handshake")
+                }))
             }
+            _ => Err(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
         }
     }
 
@@ -202,10 +195,7 @@ impl ConnectionHandle {
         match result.as_deref() {
             Ok(State::Closed(closed)) => Arc::clone(closed),
             _ => Arc::new(Closed {
-                error: Some(
-                    Error::new(crate::error::Kind::Closed)
-                        .with_message("the connection task ended"),
-                ),
+                error: Some(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
                 stats: ConnectionStats::default(),
             }),
         }

@@ -172,9 +172,7 @@ impl Listener {
     pub async fn bind_all(addrs: &[SocketAddr], config: Config) -> Result<Listener, Error> {
         let sockets = addrs
             .iter()
-            .map(|addr| {
-                Socket::bind(*addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))
-            })
+            .map(|addr| Socket::bind(*addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e)))
             .collect::<Result<Vec<_>, _>>()?;
         Self::from_sockets(sockets, config)
     }
@@ -331,8 +329,7 @@ impl Endpoint {
 
     /// A client endpoint bound to `addr` (e.g. `127.0.0.1:0`).
     pub fn client_bound(addr: SocketAddr, config: Config) -> Result<Endpoint, Error> {
-        let socket =
-            Socket::bind(addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?;
+        let socket = Socket::bind(addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?;
         Self::with_socket(socket, config)
     }
 
@@ -366,11 +363,7 @@ impl Endpoint {
     /// wins. The host name is sent as SNI and the server's certificate must be valid for it
     /// (unless verification is turned off). A TLS failure is final: it would fail the same
     /// way elsewhere.
-    pub async fn connect<A: Application>(
-        &self,
-        authority: &str,
-        app: A,
-    ) -> Result<ConnectionHandle, Error> {
+    pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
         /// RFC 8305 §5's recommended "Connection Attempt Delay".
         const ATTEMPT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
         let (host, _) = split_authority(authority)?;
@@ -449,26 +442,14 @@ impl Endpoint {
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
         let conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
-            quiche::connect(
-                server_name,
-                &scid,
-                shared.socket.local_addr(),
-                peer,
-                &mut qc,
-            )
-            .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
+            quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
+                .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
         let (tx, rx) = mpsc::channel(shared.config.inner.s.inbound_queue);
         let mut registration = Registration::new(Arc::clone(shared), tx);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();
-        let handle = driver::spawn(
-            conn,
-            rx,
-            registration,
-            driver::AppSlot::Waiting(app),
-            Instant::now(),
-        );
+        let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
         Ok((handle, hand_over))
     }
 }
@@ -496,10 +477,7 @@ pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
     };
     let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
     let port = port.parse().map_err(|_| bad())?;
-    let host = host
-        .strip_prefix('[')
-        .and_then(|h| h.strip_suffix(']'))
-        .unwrap_or(host);
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
     if host.is_empty() {
         return Err(bad());
     }

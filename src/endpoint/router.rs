@@ -105,11 +105,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         if let Some(accept) = &accept {
             for incoming in accepted.drain(..) {
                 if accept.backlog.try_send(incoming).is_err() {
-                    shared
-                        .config
-                        .inner
-                        .metrics
-                        .datagram_dropped(DropReason::BacklogFull);
+                    shared.config.inner.metrics.datagram_dropped(DropReason::BacklogFull);
                 }
             }
         }
@@ -179,8 +175,7 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
-    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr)
-    {
+    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr) {
         accepted.push(incoming);
     }
 }
@@ -203,8 +198,7 @@ fn accept_initial(
         if token.is_empty() {
             let new_scid = cid::new_id(&*inner.cid_generator);
             let token = accept.token_key.mint(&from, &hdr.dcid);
-            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out)
-            {
+            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
                 let _ = shared.socket.try_send(from, &out[..n], None);
                 metrics.retry_sent();
             }
@@ -269,13 +263,7 @@ fn accept_initial(
     })
 }
 
-fn send_stateless_reset(
-    shared: &Shared,
-    out: &mut [u8],
-    received: usize,
-    dcid: &[u8],
-    to: SocketAddr,
-) {
+fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: &[u8], to: SocketAddr) {
     let len = (received - 1).min(MAX_RESET_LEN);
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         shared

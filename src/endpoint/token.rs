@@ -121,10 +121,7 @@ mod tests {
     fn a_minted_token_validates_for_its_address() {
         let key = TokenKey::random();
         let token = key.mint(&peer(), b"original-dcid");
-        assert_eq!(
-            key.validate(&peer(), &token).as_deref(),
-            Some(&b"original-dcid"[..])
-        );
+        assert_eq!(key.validate(&peer(), &token).as_deref(), Some(&b"original-dcid"[..]));
     }
 
     #[test]
@@ -133,11 +130,7 @@ mod tests {
         let mut token = key.mint(&peer(), b"odcid");
         let other: SocketAddr = "127.0.0.1:4434".parse().unwrap();
         assert_eq!(key.validate(&other, &token), None, "another port");
-        assert_eq!(
-            TokenKey::random().validate(&peer(), &token),
-            None,
-            "another key"
-        );
+        assert_eq!(TokenKey::random().validate(&peer(), &token), None, "another key");
         let last = token.len() - 1;
         token[last] ^= 1;
         assert_eq!(key.validate(&peer(), &token), None, "flipped bit");

@@ -70,11 +70,7 @@ impl EchoServer {
 }
 
 impl Application for EchoServer {
-    fn process(
-        &mut self,
-        _cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), Error> {
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         for stream in conn.readable() {
             if !is_client_bidi(stream) {
                 // Not ours to echo: read and discard, so it cannot hold flow-control credit.
@@ -263,11 +259,7 @@ impl EchoHandle {
 }
 
 impl Application for EchoClient {
-    fn process(
-        &mut self,
-        cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         loop {
             if self.waiting.is_none() {
                 match self.jobs.poll_recv(cx) {

@@ -108,9 +108,7 @@ where
         loop {
             let h3 = self.h3.as_mut().expect("created when established");
             match h3.poll(conn) {
-                Ok((id, h3::Event::Headers { list, more_frames })) => {
-                    self.on_headers(conn, id, list, more_frames)
-                }
+                Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => self.on_data(conn, id),
                 Ok((id, h3::Event::Finished)) => self.on_finished(conn, id),
                 Ok((id, h3::Event::Reset(code))) => self.on_reset(conn, id, code),
@@ -138,13 +136,7 @@ where
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
     }
 
-    fn on_headers(
-        &mut self,
-        conn: &mut quiche::Connection,
-        id: u64,
-        list: Vec<h3::Header>,
-        more_frames: bool,
-    ) {
+    fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
             // A second HEADERS frame: the request's trailers.
             let trailers = trailers_from_fields(&list);
@@ -283,10 +275,7 @@ where
         } else if id.is_multiple_of(4) && id >= self.next_stream {
             // The client finished a request stream before a complete HEADERS frame
             // (RFC 9114 §4.1: H3_REQUEST_INCOMPLETE).
-            tracing::debug!(
-                stream_id = id,
-                "request stream ended without a complete head"
-            );
+            tracing::debug!(stream_id = id, "request stream ended without a complete head");
             Self::refuse(conn, id, 0x10d);
             self.next_stream = id + 4;
         }
@@ -298,10 +287,7 @@ where
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        let malformed = matches!(
-            entry.shared.lock().recv_error,
-            Some(stream::RecvError::Malformed(_))
-        );
+        let malformed = matches!(entry.shared.lock().recv_error, Some(stream::RecvError::Malformed(_)));
         if !malformed || entry.written {
             return;
         }
@@ -342,10 +328,7 @@ where
             };
             entry.responded = true;
             if panicked {
-                tracing::warn!(
-                    stream_id = id,
-                    "request handler panicked; resetting its stream"
-                );
+                tracing::warn!(stream_id = id, "request handler panicked; resetting its stream");
                 entry.shared.reset(code::H3_INTERNAL_ERROR);
             }
             self.service_stream(conn, id);
@@ -368,11 +351,7 @@ where
             if let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id) {
                 // STOP_SENDING: the client wants no more of this response. quiche resets
                 // our side; the handler stops.
-                tracing::debug!(
-                    stream_id = id,
-                    code,
-                    "the client stopped reading the response"
-                );
+                tracing::debug!(stream_id = id, code, "the client stopped reading the response");
                 s.cancelled = Some(code);
                 s.out.done = true;
                 if let Some(w) = s.send_waker.take() {
@@ -432,9 +411,7 @@ where
 
     fn poll_timers(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
         let now = Instant::now();
-        let head_deadline = self
-            .idle_since
-            .map(|t| t + self.settings.request_head_timeout);
+        let head_deadline = self.idle_since.map(|t| t + self.settings.request_head_timeout);
         let drain_deadline = self.draining.and_then(|(_, d)| d);
         if head_deadline.is_some_and(|d| d <= now) {
             tracing::debug!("no request within the request head timeout; closing");
@@ -479,21 +456,13 @@ where
     B::Error: Into<BoxError>,
 {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
-        let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config).map_err(|e| {
-            Error::application(
-                stream::h3_wire_code(&e),
-                format!("cannot start HTTP/3: {e}"),
-            )
-        })?;
+        let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
+            .map_err(|e| Error::application(stream::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
         Ok(())
     }
 
-    fn process(
-        &mut self,
-        cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
-    ) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         if self.h3.is_none() || self.closing {
             return Ok(());
         }
@@ -526,10 +495,7 @@ where
                 self.service_stream(conn, id);
             }
         }
-        if (self.draining.is_some() || self.peer_goaway)
-            && self.streams.is_empty()
-            && self.requests.is_empty()
-        {
+        if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() {
             self.lingering.retain(|&id| stream::stream_alive(conn, id));
             if self.lingering.is_empty() {
                 tracing::debug!("no request in flight after GOAWAY; closing");

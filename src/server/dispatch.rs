@@ -15,11 +15,8 @@ use crate::error::BoxError;
 use crate::headers::response_fields;
 use crate::stream::{StreamShared, code};
 
-pub(crate) async fn respond<S, B>(
-    mut service: S,
-    request: Request<RecvBody>,
-    stream: Arc<StreamShared>,
-) where
+pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
+where
     S: Service<Request<RecvBody>, Response = Response<B>>,
     S::Error: Into<BoxError>,
     B: Body,
@@ -42,19 +39,10 @@ pub(crate) async fn respond<S, B>(
     let (parts, body) = response.into_parts();
     tracing::Span::current().record("status", parts.status.as_u16());
     // RFC 9110 §6.4.1: these responses carry no content, whatever the body says.
-    let bodyless = head_request
-        || parts.status == StatusCode::NO_CONTENT
-        || parts.status == StatusCode::NOT_MODIFIED;
-    let content_length = if bodyless {
-        None
-    } else {
-        body.size_hint().exact()
-    };
+    let bodyless = head_request || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    let content_length = if bodyless { None } else { body.size_hint().exact() };
     let end = bodyless || body.is_end_stream();
-    stream.push_head(
-        response_fields(parts.status, &parts.headers, content_length),
-        end,
-    );
+    stream.push_head(response_fields(parts.status, &parts.headers, content_length), end);
     if end {
         return;
     }

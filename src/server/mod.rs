@@ -28,6 +28,8 @@
 
 mod conn;
 mod dispatch;
+#[cfg(feature = "tcp")]
+mod tcp;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
@@ -194,9 +196,7 @@ impl Builder {
     fn settings(&self) -> Result<Arc<Settings>, Error> {
         let mut h3_config = quiche::h3::Config::new()
             .map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
-        h3_config.set_max_field_section_size(
-            HARD_HEADER_SECTION_LIMIT.max(self.max_header_list_size as u64),
-        );
+        h3_config.set_max_field_section_size(HARD_HEADER_SECTION_LIMIT.max(self.max_header_list_size as u64));
         Ok(Arc::new(Settings {
             max_header_list_size: self.max_header_list_size,
             request_head_timeout: self.request_head_timeout,
@@ -237,11 +237,58 @@ impl Builder {
         B::Error: Into<BoxError>,
     {
         let settings = self.settings();
-        let run: RunFn =
-            Box::new(move |signal| Box::pin(run(listener, make_service, settings, signal)));
+        let run: RunFn = Box::new(move |signal| Box::pin(run(listener, make_service, settings, signal, None)));
+        Serve { run, signal: None }
+    }
+
+    /// Serves `service` over HTTP/3 on `listener` and over HTTP/1.1 and HTTP/2 (TLS, with
+    /// the listener's certificate) on `tcp`, usually the same port. TCP responses carry
+    /// `alt-svc: h3=":PORT"; ma=86400` so browsers move to HTTP/3; HTTP/3 responses do not.
+    /// Requests have the same shape on every protocol: a [`ConnectionInfo`] extension
+    /// carries the HTTP version. One graceful shutdown drains both transports.
+    ///
+    /// The service must accept both request body types ([`RecvBody`] and hyper's
+    /// `Incoming`), as an axum `Router` and body-generic tower layers do.
+    #[cfg(feature = "tcp")]
+    pub fn serve_with_tcp<S, B1, B2>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
+    where
+        S: Service<Request<RecvBody>, Response = Response<B1>>
+            + Service<Request<hyper::body::Incoming>, Response = Response<B2>>
+            + Clone
+            + Send
+            + 'static,
+        <S as Service<Request<RecvBody>>>::Future: Send + 'static,
+        <S as Service<Request<RecvBody>>>::Error: Into<BoxError>,
+        <S as Service<Request<hyper::body::Incoming>>>::Future: Send + 'static,
+        <S as Service<Request<hyper::body::Incoming>>>::Error: Into<BoxError>,
+        B1: Body + Send + 'static,
+        B1::Data: Buf + Send,
+        B1::Error: Into<BoxError>,
+        B2: Body + Send + 'static,
+        B2::Data: Send,
+        B2::Error: Into<BoxError>,
+    {
+        let settings = self.settings();
+        let tcp_service = service.clone();
+        let prepared =
+            tcp::acceptor(listener.config()).map(|acceptor| (Arc::new(acceptor), listener.local_addr().port()));
+        let run: RunFn = Box::new(move |signal| {
+            Box::pin(async move {
+                let (acceptor, port) = prepared?;
+                let alt_svc = crate::alt_svc::AltSvcLayer::new(port);
+                let start_tcp: TcpStarter =
+                    Box::new(move |stop, alive| Box::pin(tcp::run(tcp, acceptor, tcp_service, alt_svc, stop, alive)));
+                run(listener, CloneService(service), settings, signal, Some(start_tcp)).await
+            })
+        });
         Serve { run, signal: None }
     }
 }
+
+/// Starts the TCP side of a server, given the drain signal and the liveness sender.
+type TcpStarter = Box<
+    dyn FnOnce(watch::Receiver<Option<Instant>>, mpsc::Sender<()>) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send,
+>;
 
 /// Serves `service` over HTTP/3 on `listener` with default [`Builder`] settings.
 ///
@@ -258,6 +305,30 @@ where
     B::Error: Into<BoxError>,
 {
     Builder::new().serve(listener, service)
+}
+
+/// Serves `service` over HTTP/3 and, on `tcp`, over HTTP/1.1 and HTTP/2 with `Alt-Svc`;
+/// see [`Builder::serve_with_tcp`].
+#[cfg(feature = "tcp")]
+pub fn serve_with_tcp<S, B1, B2>(listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
+where
+    S: Service<Request<RecvBody>, Response = Response<B1>>
+        + Service<Request<hyper::body::Incoming>, Response = Response<B2>>
+        + Clone
+        + Send
+        + 'static,
+    <S as Service<Request<RecvBody>>>::Future: Send + 'static,
+    <S as Service<Request<RecvBody>>>::Error: Into<BoxError>,
+    <S as Service<Request<hyper::body::Incoming>>>::Future: Send + 'static,
+    <S as Service<Request<hyper::body::Incoming>>>::Error: Into<BoxError>,
+    B1: Body + Send + 'static,
+    B1::Data: Buf + Send,
+    B1::Error: Into<BoxError>,
+    B2: Body + Send + 'static,
+    B2::Data: Send,
+    B2::Error: Into<BoxError>,
+{
+    Builder::new().serve_with_tcp(listener, tcp, service)
 }
 
 /// Serves with a make-service that builds one service per connection from its
@@ -278,9 +349,7 @@ where
 }
 
 type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
-type RunFn = Box<
-    dyn FnOnce(Option<Signal>) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send,
->;
+type RunFn = Box<dyn FnOnce(Option<Signal>) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send>;
 
 /// A running server: await it (it is [`IntoFuture`]).
 #[must_use = "a server does nothing until awaited"]
@@ -328,10 +397,7 @@ impl<S: Clone> Service<ConnectionInfo> for CloneService<S> {
     type Error = std::convert::Infallible;
     type Future = std::future::Ready<Result<S, std::convert::Infallible>>;
 
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
+    fn poll_ready(&mut self, _cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -345,6 +411,7 @@ async fn run<M, S, B>(
     mut make_service: M,
     settings: Result<Arc<Settings>, Error>,
     signal: Option<Signal>,
+    tcp: Option<TcpStarter>,
 ) -> Result<(), Error>
 where
     M: Service<ConnectionInfo, Response = S> + Send + 'static,
@@ -367,6 +434,9 @@ where
     let (alive, mut all_closed) = mpsc::channel::<()>(1);
     let (drain_tx, drain_rx) = watch::channel::<Option<Instant>>(None);
     let mut signal = signal.unwrap_or_else(|| Box::pin(std::future::pending()));
+    if let Some(start_tcp) = tcp {
+        tokio::spawn(start_tcp(drain_rx.clone(), alive.clone()));
+    }
     loop {
         let incoming = tokio::select! {
             incoming = listener.accept() => incoming,
@@ -410,7 +480,8 @@ where
     tracing::debug!("graceful shutdown: draining connections");
     drain_tx.send_replace(Some(deadline));
     drop(alive);
-    let _ = all_closed.recv().await;
+    // Connections close themselves at the deadline; a moment more lets their closes go out.
+    let _ = tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), all_closed.recv()).await;
     Ok(())
 }
 

@@ -49,10 +49,7 @@ impl http_body::Body for Counting {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.remaining == 0 {
             return Poll::Ready(None);
         }
@@ -134,9 +131,7 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
                 async move {
                     let mut stream = body.into_data_stream();
                     while let Some(Ok(chunk)) = stream.next().await {
-                        probe
-                            .slow_read
-                            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                        probe.slow_read.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                     "done"
@@ -184,12 +179,7 @@ pub async fn h3_server(certs: &Certs, builder: server::Builder) -> H3Server {
     h3_server_with(certs, builder, test_router(Arc::clone(&probe)), probe).await
 }
 
-pub async fn h3_server_with(
-    certs: &Certs,
-    builder: server::Builder,
-    router: Router,
-    probe: Arc<Probe>,
-) -> H3Server {
+pub async fn h3_server_with(certs: &Certs, builder: server::Builder, router: Router, probe: Arc<Probe>) -> H3Server {
     super::init_tracing();
     let metrics = Arc::new(AtomicMetrics::new());
     let config = Config::builder()
@@ -199,9 +189,7 @@ pub async fn h3_server_with(
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
     let addr = listener.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(
@@ -277,10 +265,7 @@ impl http_body::Body for PatternBody {
     type Data = Bytes;
     type Error = std::convert::Infallible;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         if self.sent == self.len {
             if let Some(hasher) = self.hasher.take() {
                 *self.digest.lock().unwrap() = Some(hasher.finish());
@@ -289,9 +274,7 @@ impl http_body::Body for PatternBody {
         }
         let n = (self.len - self.sent).min(32 * 1024) as usize;
         let start = self.sent;
-        let chunk: Vec<u8> = (0..n as u64)
-            .map(|i| ((start + i) * 7 % 251) as u8)
-            .collect();
+        let chunk: Vec<u8> = (0..n as u64).map(|i| ((start + i) * 7 % 251) as u8).collect();
         self.sent += n as u64;
         if let Some(p) = &self.produced {
             p.fetch_add(n as u64, Ordering::Relaxed);

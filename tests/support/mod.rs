@@ -79,3 +79,4 @@ pub fn init_tracing() {
         .try_init();
 }
 pub mod h3;
+pub mod tcp;

@@ -1,0 +1,310 @@
+//! One app on TCP (HTTP/1.1, HTTP/2) and UDP (HTTP/3) with Alt-Svc, and tower-http layers
+//! behaving over HTTP/3 as they do over TCP.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Extension;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::quic::{Config, Listener};
+use tower_quiche::server::{self, ConnectionInfo};
+
+struct Dual {
+    addr: std::net::SocketAddr,
+    ca_pem: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
+}
+
+async fn dual(app: Router, builder: server::Builder) -> Dual {
+    init_tracing();
+    let certs = certs();
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .build()
+        .unwrap();
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let addr = listener.local_addr();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let serve = builder
+        .serve_with_tcp(listener, tcp, app)
+        .with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+    let done = tokio::spawn(serve.into_future());
+    Dual {
+        addr,
+        ca_pem: certs.ca_pem,
+        shutdown: Some(tx),
+        done,
+    }
+}
+
+impl Dual {
+    async fn h3(&self, request: Request<Full<Bytes>>) -> Response<Bytes> {
+        let client = Client::builder().ca_pem(&self.ca_pem).build().unwrap();
+        let response = client.send(request).await.expect("HTTP/3 request");
+        let (parts, body) = response.into_parts();
+        Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    }
+
+    async fn tcp(&self, version: Version, request: Request<Full<Bytes>>) -> Response<Bytes> {
+        tcp::send(self.addr, &self.ca_pem, version, request).await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.addr.port())
+    }
+
+    fn get(&self, path: &str) -> Request<Full<Bytes>> {
+        Request::get(self.url(path)).body(Full::default()).unwrap()
+    }
+
+    /// The same request over HTTP/1.1, HTTP/2 and HTTP/3.
+    async fn everywhere(&self, request: impl Fn() -> Request<Full<Bytes>>) -> [Response<Bytes>; 3] {
+        [
+            self.tcp(Version::HTTP_11, request()).await,
+            self.tcp(Version::HTTP_2, request()).await,
+            self.h3(request()).await,
+        ]
+    }
+}
+
+fn app() -> Router {
+    Router::new()
+        .route(
+            "/version",
+            get(
+                |Extension(info): Extension<ConnectionInfo>, request: axum::extract::Request| async move {
+                    format!("{:?} {:?} {}", info.version, request.version(), info.remote_addr.ip())
+                },
+            ),
+        )
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                "slow done"
+            }),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_handler_answers_over_http1_http2_and_http3() {
+    let server = dual(app(), server::Builder::new()).await;
+    let run = async {
+        let [h1, h2, h3] = server.everywhere(|| server.get("/version")).await;
+        assert_eq!(h1.body(), "HTTP/1.1 HTTP/1.1 127.0.0.1");
+        assert_eq!(h2.body(), "HTTP/2.0 HTTP/2.0 127.0.0.1");
+        assert_eq!(h3.body(), "HTTP/3.0 HTTP/3.0 127.0.0.1");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alt_svc_is_on_tcp_responses_only() {
+    let server = dual(app(), server::Builder::new()).await;
+    let run = async {
+        let [h1, h2, h3] = server.everywhere(|| server.get("/version")).await;
+        let expected = format!("h3=\":{}\"; ma=86400", server.addr.port());
+        assert_eq!(h1.headers()["alt-svc"], expected.as_str());
+        assert_eq!(h2.headers()["alt-svc"], expected.as_str());
+        assert!(h3.headers().get("alt-svc").is_none(), "no Alt-Svc over HTTP/3");
+        // Also on errors.
+        let missing = server.tcp(Version::HTTP_11, server.get("/missing")).await;
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.headers()["alt-svc"], expected.as_str());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_graceful_shutdown_drains_both_transports() {
+    let mut server = dual(app(), server::Builder::new()).await;
+    let run = async {
+        let h3_client = Client::builder().ca_pem(&server.ca_pem).build().unwrap();
+        let h3 = tokio::spawn(h3_client.get(server.url("/slow")).send());
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let h1 = tokio::spawn(async move {
+            tcp::send(
+                addr,
+                &ca,
+                Version::HTTP_11,
+                Request::get(format!("https://localhost:{}/slow", addr.port()))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+        });
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let h2 = tokio::spawn(async move {
+            tcp::send(
+                addr,
+                &ca,
+                Version::HTTP_2,
+                Request::get(format!("https://localhost:{}/slow", addr.port()))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        server.shutdown.take().unwrap().send(()).unwrap();
+        assert_eq!(h3.await.unwrap().unwrap().text().await.unwrap(), "slow done");
+        assert_eq!(h1.await.unwrap().body(), "slow done");
+        assert_eq!(h2.await.unwrap().body(), "slow done");
+        timeout(Duration::from_secs(10), &mut server.done)
+            .await
+            .expect("serve returns")
+            .unwrap()
+            .unwrap();
+        // Both transports stopped accepting.
+        assert!(
+            tokio::net::TcpStream::connect(server.addr).await.is_err(),
+            "TCP no longer accepts"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// Runs the same request over every protocol and checks they agree on status and the
+/// named headers; returns the HTTP/3 response.
+async fn agree(server: &Dual, request: impl Fn() -> Request<Full<Bytes>>, headers: &[&str]) -> Response<Bytes> {
+    let [h1, h2, h3] = server.everywhere(request).await;
+    for (name, other) in [("HTTP/1.1", &h1), ("HTTP/2", &h2)] {
+        assert_eq!(h3.status(), other.status(), "status over HTTP/3 and {name}");
+        for header in headers {
+            assert_eq!(
+                h3.headers().get(*header),
+                other.headers().get(*header),
+                "{header} over HTTP/3 and {name}"
+            );
+        }
+        assert_eq!(h3.body(), other.body(), "body over HTTP/3 and {name}");
+    }
+    h3
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tower_http_layers_behave_over_http3_as_over_tcp() {
+    use tower_http::compression::CompressionLayer;
+    use tower_http::cors::CorsLayer;
+    use tower_http::limit::RequestBodyLimitLayer;
+    use tower_http::timeout::TimeoutLayer;
+    use tower_http::trace::TraceLayer;
+
+    let traced = Arc::new(AtomicU16::new(0));
+    let seen = Arc::clone(&traced);
+    let app = Router::new()
+        .route("/text", get(|| async { "tower-quiche ".repeat(200) }))
+        .route(
+            "/slow",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "too late"
+            }),
+        )
+        .route("/upload", post(|body: Bytes| async move { body.len().to_string() }))
+        .layer(CompressionLayer::new())
+        .layer(RequestBodyLimitLayer::new(1024))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_millis(200),
+        ))
+        .layer(CorsLayer::permissive())
+        .layer(TraceLayer::new_for_http().on_response(
+            move |response: &Response<_>, _: Duration, _: &tracing::Span| {
+                seen.store(response.status().as_u16(), Ordering::SeqCst);
+            },
+        ));
+    let server = dual(app, server::Builder::new()).await;
+    let run = async {
+        // Compression: gzip on request, the same compressed bytes over every protocol.
+        let gz = agree(
+            &server,
+            || {
+                Request::get(server.url("/text"))
+                    .header("accept-encoding", "gzip")
+                    .body(Full::default())
+                    .unwrap()
+            },
+            &["content-encoding", "vary"],
+        )
+        .await;
+        assert_eq!(gz.headers()["content-encoding"], "gzip");
+        let mut plain = String::new();
+        std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz.body()[..]), &mut plain).unwrap();
+        assert_eq!(plain, "tower-quiche ".repeat(200));
+
+        // Timeout: 408 from the layer.
+        let slow = agree(&server, || server.get("/slow"), &[]).await;
+        assert_eq!(slow.status(), StatusCode::REQUEST_TIMEOUT);
+
+        // Request body limit: 413 past 1 KiB, fine below.
+        let big = agree(
+            &server,
+            || {
+                Request::post(server.url("/upload"))
+                    .body(Full::new(Bytes::from(vec![b'a'; 10_000])))
+                    .unwrap()
+            },
+            &[],
+        )
+        .await;
+        assert_eq!(big.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let small = agree(
+            &server,
+            || {
+                Request::post(server.url("/upload"))
+                    .body(Full::new(Bytes::from(vec![b'a'; 100])))
+                    .unwrap()
+            },
+            &[],
+        )
+        .await;
+        assert_eq!(small.body(), "100");
+
+        // CORS: a preflight answered by the layer.
+        let preflight = || {
+            Request::builder()
+                .method(Method::OPTIONS)
+                .uri(server.url("/text"))
+                .header("origin", "https://example.org")
+                .header("access-control-request-method", "GET")
+                .body(Full::default())
+                .unwrap()
+        };
+        let cors = agree(
+            &server,
+            preflight,
+            &["access-control-allow-origin", "access-control-allow-methods"],
+        )
+        .await;
+        assert_eq!(cors.headers()["access-control-allow-origin"], "*");
+
+        // Trace: the layer saw the HTTP/3 response.
+        traced.store(0, Ordering::SeqCst);
+        let _ = server.h3(server.get("/text")).await;
+        assert_eq!(
+            traced.load(Ordering::SeqCst),
+            200,
+            "TraceLayer's on_response ran for an HTTP/3 request"
+        );
+        let _ = HeaderMap::new();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
