@@ -59,11 +59,18 @@ async fn main() {
         .keylog_from_env()
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(listen, config).await.unwrap_or_else(|e| support::fail(&e.to_string()));
+    let listener = Listener::bind(listen, config)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
     let addr = listener.local_addr();
     // TCP on the same port as UDP (the port the OS chose, when asked for port 0).
-    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| support::fail(&format!("TCP {addr}: {e}")));
-    eprintln!("serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"", addr.port());
+    let tcp = tokio::net::TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| support::fail(&format!("TCP {addr}: {e}")));
+    eprintln!(
+        "serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"",
+        addr.port()
+    );
     if args.value("--cert").is_none() {
         let ca = cert.with_file_name("ca.pem");
         eprintln!(

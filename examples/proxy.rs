@@ -1,0 +1,146 @@
+//! Reverse proxies between HTTP/3 and HTTP/1.1, both ways, streaming bodies.
+//!
+//!     cargo run --example proxy
+//!         a demo: an HTTP/1.1 backend (the route contract), an HTTP/3 front for it, and an
+//!         HTTP/1.1 front that forwards to that HTTP/3 front; it sends 8 MiB each way
+//!         through the whole chain and prints the hashes.
+//!     cargo run --example proxy -- h3-front --listen ADDR --backend HOST:PORT [--cert PEM --key PEM]
+//!         HTTP/3 on ADDR, forwarded to the HTTP/1.1 server at HOST:PORT.
+//!     cargo run --example proxy -- h3-upstream --listen ADDR --upstream HOST:PORT [--ca PEM | --insecure]
+//!         plain HTTP/1.1 and HTTP/2 on ADDR, forwarded over HTTP/3 to HOST:PORT.
+
+mod support;
+
+#[path = "support/routes.rs"]
+mod routes;
+
+#[path = "support/proxy.rs"]
+mod proxy;
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use tower_quiche::client::Client;
+use tower_quiche::quic::{Config, Listener};
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let args = support::Args::parse(&["--insecure"]);
+    let authority = |flag: &str| -> Authority {
+        let value = args
+            .value(flag)
+            .unwrap_or_else(|| support::fail(&format!("{flag} HOST:PORT is required")));
+        value
+            .parse()
+            .unwrap_or_else(|_| support::fail(&format!("{flag}: '{value}' is not HOST:PORT")))
+    };
+    match args.positional.first().map(String::as_str) {
+        Some("h3-front") => {
+            let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
+            let backend = authority("--backend");
+            let front = h3_front(listen, backend.clone(), &args).await;
+            eprintln!("HTTP/3 on https://{front}/ -> HTTP/1.1 http://{backend}/");
+            support::shutdown_signal().await;
+        }
+        Some("h3-upstream") => {
+            let listen = args.parsed("--listen", "127.0.0.1:8080".parse().unwrap());
+            let upstream = authority("--upstream");
+            let mut client = Client::builder().danger_accept_invalid_certs(args.has("--insecure"));
+            if let Some(ca) = args.value("--ca") {
+                client = client.ca_pem_file(ca);
+            }
+            let client = client.build().unwrap_or_else(|e| support::fail(&e.to_string()));
+            let front = proxy::serve_plain_http(listen, proxy::http_to_http3(upstream.clone(), client)).await;
+            eprintln!("HTTP/1.1 and HTTP/2 on http://{front}/ -> HTTP/3 https://{upstream}/");
+            support::shutdown_signal().await;
+        }
+        Some(other) => support::fail(&format!(
+            "unknown mode '{other}': use h3-front or h3-upstream, or nothing for the demo"
+        )),
+        None => demo(&args).await,
+    }
+}
+
+/// Starts the HTTP/3 front; returns its address.
+async fn h3_front(listen: SocketAddr, backend: Authority, args: &support::Args) -> SocketAddr {
+    let (cert, key) = support::server_identity(args);
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem_file(cert)
+        .private_key_pem_file(key)
+        .build()
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let listener = Listener::bind(listen, config)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let addr = listener.local_addr();
+    tokio::spawn(tower_quiche::server::serve(listener, proxy::http3_to_http1(backend)).into_future());
+    addr
+}
+
+async fn demo(args: &support::Args) {
+    // backend (HTTP/1.1) <- HTTP/3 front <- HTTP/1.1 front <- this client
+    let backend = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), routes::router()).await;
+    let front = h3_front(
+        "127.0.0.1:0".parse().unwrap(),
+        backend.to_string().parse().unwrap(),
+        args,
+    )
+    .await;
+    let ca = std::env::temp_dir()
+        .join(format!("tower-quiche-dev-{}", std::process::id()))
+        .join("ca.pem");
+    let client = Client::builder()
+        .ca_pem_file(&ca)
+        .build()
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let upstream: Authority = format!("localhost:{}", front.port()).parse().unwrap();
+    let edge = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), proxy::http_to_http3(upstream, client)).await;
+    println!("backend http://{backend} <- HTTP/3 front https://{front} <- HTTP/1.1 front http://{edge}");
+
+    let http: HttpClient<_, Full<Bytes>> = HttpClient::builder(TokioExecutor::new()).build_http();
+    let payload: Bytes = (0..8 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect::<Vec<_>>()
+        .into();
+    let request = http::Request::post(format!("http://{edge}/echo"))
+        .body(Full::new(payload.clone()))
+        .unwrap();
+    let response = http
+        .request(request)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let echoed = response.into_body().collect().await.unwrap().to_bytes();
+    println!(
+        "POST /echo of {} bytes through both proxies: {} bytes back, sha256 {} (sent {})",
+        payload.len(),
+        echoed.len(),
+        hex(&boring::sha::sha256(&echoed)),
+        hex(&boring::sha::sha256(&payload))
+    );
+    let request = http::Request::get(format!("http://{edge}/bytes/8388608"))
+        .body(Full::default())
+        .unwrap();
+    let response = http
+        .request(request)
+        .await
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    println!(
+        "GET /bytes/8388608 through both proxies: {status}, {} bytes",
+        body.len()
+    );
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
