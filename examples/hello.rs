@@ -23,14 +23,24 @@ const PAGE: &str = r#"<!doctype html>
 <body>
 <h1>tower-quiche</h1>
 <p id="page">this page: VERSION</p>
-<p id="fetch">fetch /hello: pending</p>
+<p id="fetch">fetches of /hello: pending</p>
 <script>
-fetch('/hello', {cache: 'no-store'}).then(async r => {
-  const e = performance.getEntriesByType('resource').filter(x => x.name.endsWith('/hello'))[0];
-  document.getElementById('fetch').textContent =
-    'fetch /hello: ' + r.status + ' ' + (await r.text()) + ' over ' + (e ? e.nextHopProtocol : '?');
+// Fetch /hello until a request goes over HTTP/3 (the browser learns of it from Alt-Svc).
+(async () => {
+  const seen = [];
+  for (let i = 0; i < 20; i++) {
+    const url = '/hello?n=' + i;
+    const r = await fetch(url, {cache: 'no-store'});
+    await r.text();
+    const e = performance.getEntriesByType('resource').filter(x => x.name.endsWith(url))[0];
+    const proto = e ? e.nextHopProtocol : '?';
+    seen.push(proto);
+    document.getElementById('fetch').textContent = 'fetches of /hello: ' + seen.join(' ');
+    if (proto === 'h3') break;
+    await new Promise(ok => setTimeout(ok, 250));
+  }
   document.title = 'done';
-});
+})();
 </script>
 </body></html>
 "#;
