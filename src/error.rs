@@ -149,6 +149,12 @@ impl Error {
         self.inner.kind == Kind::Reset
     }
 
+    /// The server refused the request without processing it (GOAWAY, or
+    /// `H3_REQUEST_REJECTED`): it is safe to send again (RFC 9114 §4.1.1).
+    pub fn is_request_rejected(&self) -> bool {
+        self.inner.code == Some(0x10b)
+    }
+
     /// The error carries an application error code (set by an application or sent by the
     /// peer's application in CONNECTION_CLOSE).
     pub fn is_application(&self) -> bool {
@@ -326,6 +332,15 @@ mod tests {
         assert!(e.is_closed());
         assert_eq!(e.code(), Some(0x42));
         assert_eq!(e.to_string(), "application error: bye (code 0x42)");
+    }
+
+    #[test]
+    fn request_rejected_is_recognised_by_its_code() {
+        let e = Error::new(Kind::Closed)
+            .with_code(0x10b)
+            .with_message("H3_REQUEST_REJECTED");
+        assert!(e.is_request_rejected());
+        assert!(!Error::application(0x10c, "cancelled").is_request_rejected());
     }
 
     #[test]

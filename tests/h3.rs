@@ -494,3 +494,24 @@ async fn certificate_failures_say_what_went_wrong() {
         .unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn informational_responses_come_before_the_final_one() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let response = client.get(server.url("/early-hints")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "1xx is skipped");
+        let hints = response
+            .extensions()
+            .get::<tower_quiche::client::InformationalResponses>()
+            .expect("the 103 is visible to those who ask")
+            .clone();
+        assert_eq!(hints.0.len(), 1);
+        assert_eq!(hints.0[0].status(), StatusCode::EARLY_HINTS);
+        assert_eq!(hints.0[0].headers()["link"], "</style.css>; rel=preload; as=style");
+        assert_eq!(response.text().await.unwrap(), "final");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

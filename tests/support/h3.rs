@@ -84,6 +84,23 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
+            "/early-hints",
+            get(|request: axum::extract::Request| async move {
+                let hints = request
+                    .extensions()
+                    .get::<server::Informational>()
+                    .expect("Informational extension")
+                    .clone();
+                let mut headers = HeaderMap::new();
+                headers.insert("link", "</style.css>; rel=preload; as=style".parse().unwrap());
+                hints
+                    .send(StatusCode::EARLY_HINTS, &headers)
+                    .expect("103 before the final head");
+                assert!(hints.send(StatusCode::OK, &HeaderMap::new()).is_err(), "only 1xx");
+                "final"
+            }),
+        )
+        .route(
             "/panic",
             get(|| async {
                 if true {
