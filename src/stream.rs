@@ -338,6 +338,49 @@ impl StreamShared {
     }
 }
 
+/// The per-turn work of a connection's HTTP/3 side, shared by the server and the client:
+/// take in events, run the tasks that live in the connection (request handlers, body
+/// pumps), and move data for the streams they touched.
+pub(crate) trait StreamOwner {
+    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error>;
+    /// Polls the futures that run inside the connection's task.
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection);
+    fn notify(&self) -> &ConnNotify;
+    /// A reusable list for the ready stream IDs.
+    fn ready_buf(&mut self) -> &mut Vec<u64>;
+    fn is_tracked(&self, id: u64) -> bool;
+    /// Moves data between quiche and the stream's shared state, both ways.
+    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64);
+
+    /// Bounded: each round serves what the previous one made ready. Events are polled every
+    /// round because reading a stream's last bytes queues its `Finished` event in quiche, and
+    /// no packet may come to trigger another round. Then the streams that were blocked and
+    /// have room again, or that the peer stopped.
+    fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+        for _ in 0..8 {
+            self.poll_events(conn)?;
+            self.poll_tasks(cx, conn);
+            let mut ready = std::mem::take(self.ready_buf());
+            self.notify().take_ready(cx, &mut ready);
+            let done = ready.is_empty();
+            for &id in &ready {
+                self.service_stream(conn, id);
+            }
+            ready.clear();
+            *self.ready_buf() = ready;
+            if done {
+                break;
+            }
+        }
+        for id in conn.writable() {
+            if self.is_tracked(id) {
+                self.service_stream(conn, id);
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What writing a stream's outbox achieved.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum WriteOutcome {

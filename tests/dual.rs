@@ -17,7 +17,6 @@ use support::*;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
-use tower_quiche::quic::{Config, Listener};
 use tower_quiche::server::{self, ConnectionInfo};
 
 struct Dual {
@@ -30,13 +29,7 @@ struct Dual {
 async fn dual(app: Router, builder: server::Builder) -> Dual {
     init_tracing();
     let certs = certs();
-    let config = Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let listener = support::h3::listener(&certs).await;
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();

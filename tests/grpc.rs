@@ -11,19 +11,12 @@ use service::{Count, GreeterClient, GreeterServer, HelloRequest, MyGreeter};
 use support::*;
 use tokio::time::timeout;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{Config, Listener};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_streaming_both_ways_and_an_error_status() {
     init_tracing();
     let certs = certs();
-    let config = Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let listener = support::h3::listener(&certs).await;
     let port = listener.local_addr().port();
     tokio::spawn(tower_quiche::server::serve(listener, GreeterServer::new(MyGreeter)).into_future());
     let client = Client::builder().ca_pem(&certs.ca_pem).build().unwrap();

@@ -14,7 +14,6 @@ use support::h3::{PatternBody, routes};
 use support::*;
 use tokio::time::timeout;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{Config, Listener};
 
 const MIB: u64 = 1024 * 1024;
 
@@ -36,13 +35,7 @@ async fn fifty_mib_each_way_through_both_proxies() {
     init_tracing();
     let certs = certs();
     let backend = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), routes::router()).await;
-    let config = Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let listener = support::h3::listener(&certs).await;
     let front = listener.local_addr();
     tokio::spawn(
         tower_quiche::server::serve(listener, proxy::http3_to_http1(backend.to_string().parse().unwrap()))

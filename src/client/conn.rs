@@ -826,6 +826,28 @@ impl ClientApp {
     }
 }
 
+impl stream::StreamOwner for ClientApp {
+    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        ClientApp::poll_events(self, conn);
+        Ok(())
+    }
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, _conn: &mut quiche::Connection) {
+        while let Poll::Ready(Some(())) = self.pumps.poll_next_unpin(cx) {}
+    }
+    fn notify(&self) -> &ConnNotify {
+        &self.notify
+    }
+    fn ready_buf(&mut self) -> &mut Vec<u64> {
+        &mut self.ready
+    }
+    fn is_tracked(&self, id: u64) -> bool {
+        self.streams.contains_key(&id)
+    }
+    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+        ClientApp::service_stream(self, conn, id);
+    }
+}
+
 impl Application for ClientApp {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         let config =
@@ -846,27 +868,7 @@ impl Application for ClientApp {
             return Ok(());
         }
         self.open_streams(cx, conn);
-        // Events are polled every round: reading a stream's last bytes queues its
-        // `Finished` event in quiche, and no packet may come to trigger another round.
-        for _ in 0..8 {
-            self.poll_events(conn);
-            while let Poll::Ready(Some(())) = self.pumps.poll_next_unpin(cx) {}
-            self.notify.take_ready(cx, &mut self.ready);
-            if self.ready.is_empty() {
-                break;
-            }
-            let ready = std::mem::take(&mut self.ready);
-            for &id in &ready {
-                self.service_stream(conn, id);
-            }
-            self.ready = ready;
-            self.ready.clear();
-        }
-        for id in conn.writable() {
-            if self.streams.contains_key(&id) {
-                self.service_stream(conn, id);
-            }
-        }
+        stream::StreamOwner::run_rounds(self, cx, conn)?;
         let credit = conn.peer_streams_left_bidi();
         self.status.update(|s| s.credit = credit);
         // Nobody can submit any more and nothing is in flight: done.

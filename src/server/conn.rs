@@ -446,6 +446,35 @@ where
     }
 }
 
+impl<S, B> stream::StreamOwner for ServerApp<S>
+where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        ServerApp::poll_events(self, conn)
+    }
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+        self.poll_requests(cx, conn);
+    }
+    fn notify(&self) -> &ConnNotify {
+        &self.notify
+    }
+    fn ready_buf(&mut self) -> &mut Vec<u64> {
+        &mut self.ready
+    }
+    fn is_tracked(&self, id: u64) -> bool {
+        self.streams.contains_key(&id)
+    }
+    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+        ServerApp::service_stream(self, conn, id);
+    }
+}
+
 impl<S, B> Application for ServerApp<S>
 where
     S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
@@ -472,29 +501,7 @@ where
             self.shutdown = Box::pin(std::future::pending());
             self.start_draining(conn, deadline);
         }
-        // Bounded: each round serves what the previous one made ready. Events are polled
-        // every round because reading a stream's last bytes queues its `Finished` event in
-        // quiche, and no packet may come to trigger another round.
-        for _ in 0..8 {
-            self.poll_events(conn)?;
-            self.poll_requests(cx, conn);
-            self.notify.take_ready(cx, &mut self.ready);
-            if self.ready.is_empty() {
-                break;
-            }
-            let ready = std::mem::take(&mut self.ready);
-            for &id in &ready {
-                self.service_stream(conn, id);
-            }
-            self.ready = ready;
-            self.ready.clear();
-        }
-        // Streams that were blocked and have room again, or that the client stopped.
-        for id in conn.writable() {
-            if self.streams.contains_key(&id) {
-                self.service_stream(conn, id);
-            }
-        }
+        stream::StreamOwner::run_rounds(self, cx, conn)?;
         if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() {
             self.lingering.retain(|&id| stream::stream_alive(conn, id));
             if self.lingering.is_empty() {

@@ -227,6 +227,17 @@ pub async fn h3_server_with(certs: &Certs, builder: server::Builder, router: Rou
     }
 }
 
+/// An HTTP/3 listener on 127.0.0.1 with the test certificate.
+pub async fn listener(certs: &Certs) -> Listener {
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .build()
+        .unwrap();
+    Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
+}
+
 pub fn client(certs: &Certs) -> Client {
     Client::builder().ca_pem(&certs.ca_pem).build().unwrap()
 }
