@@ -22,6 +22,7 @@ async fn unary_streaming_both_ways_and_an_error_status() {
     let client = Client::builder().ca_pem(&certs.ca_pem).build().unwrap();
     let origin: http::Uri = format!("https://localhost:{port}").parse().unwrap();
     let run = async {
+        // The pooled Client serves tonic as is; service::calls below uses client.origin().
         let mut greeter = GreeterClient::with_origin(client.clone(), origin.clone());
         let reply = greeter
             .say_hello(HelloRequest { name: "test".into() })

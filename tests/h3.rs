@@ -515,3 +515,65 @@ async fn informational_responses_come_before_the_final_one() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_client_is_ready_only_with_stream_credit() {
+    use std::task::Poll;
+    let certs = test_certs();
+    let config = tower_quiche::quic::Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .max_concurrent_bidi_streams(2)
+        .build()
+        .unwrap();
+    let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap();
+    let url = format!("https://localhost:{}", listener.local_addr().port());
+    tokio::spawn(server::serve(listener, support::h3::routes::router()).into_future());
+    let client = client(&certs);
+    let mut origin = client.origin(&url).unwrap();
+    let run = async {
+        let empty = || {
+            Request::get(format!("{url}/slow"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        // Two slow requests take the server's two streams.
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            ServiceExt::<Request<Empty<bytes::Bytes>>>::ready(&mut origin)
+                .await
+                .unwrap();
+            slow.push(tokio::spawn(origin.call(empty())));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let poll = std::future::poll_fn(|cx| {
+            Poll::Ready(Service::<Request<Empty<bytes::Bytes>>>::poll_ready(&mut origin, cx))
+        })
+        .await;
+        assert!(poll.is_pending(), "no stream credit left: not ready");
+        for task in slow {
+            assert_eq!(task.await.unwrap().unwrap().bytes().await.unwrap().len(), 200);
+        }
+        // The server grants streams again as those end.
+        timeout(
+            Duration::from_secs(5),
+            ServiceExt::<Request<Empty<bytes::Bytes>>>::ready(&mut origin),
+        )
+        .await
+        .expect("ready again")
+        .unwrap();
+        let response = origin
+            .call(
+                Request::get(format!("{url}/hello"))
+                    .body(Empty::<bytes::Bytes>::new())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

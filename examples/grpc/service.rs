@@ -82,9 +82,13 @@ impl Greeter for MyGreeter {
     }
 }
 
-/// The four calls, each one's result as a line of text.
+/// The four calls, each one's result as a line of text. The generated client runs on a
+/// [`tower_quiche::client::OriginClient`], whose readiness tonic waits on.
 pub async fn calls(client: tower_quiche::client::Client, origin: http::Uri) -> Result<Vec<String>, Status> {
-    let mut greeter = GreeterClient::with_origin(client, origin);
+    let service = client
+        .origin(origin.to_string())
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let mut greeter = GreeterClient::with_origin(service, origin);
     let mut lines = Vec::new();
     let reply = greeter.say_hello(HelloRequest { name: "tonic".into() }).await?;
     lines.push(format!("unary SayHello: {}", reply.into_inner().message));

@@ -138,21 +138,32 @@ impl Pool {
     }
 
     async fn send(&self, request: PendingRequest, origin: Origin) -> Result<Response<RecvBody>, Error> {
+        self.send_attempts(request, origin, 2).await
+    }
+
+    /// Sends `request`, resending it on another connection while the server reports it
+    /// unprocessed, `attempts` times at most.
+    async fn send_attempts(
+        &self,
+        request: PendingRequest,
+        origin: Origin,
+        attempts: usize,
+    ) -> Result<Response<RecvBody>, Error> {
         let mut request = request;
-        for attempt in 0..2 {
+        for attempt in 0..attempts {
             let mut send = self.connection(&origin).await?;
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
                 Ok(response) => return Ok(response),
                 // Not processed by the server (RFC 9114 §4.1.1): once more, elsewhere.
-                Err(Failure::Unsent(unsent, error)) if attempt == 0 => {
+                Err(Failure::Unsent(unsent, error)) if attempt + 1 < attempts => {
                     tracing::debug!(%error, "request not processed; retrying on a new connection");
                     request = unsent;
                 }
                 Err(failure) => return Err(failure.into_error()),
             }
         }
-        unreachable!("the second attempt returns")
+        Err(Error::config("send_attempts needs at least one attempt"))
     }
 }
 
@@ -246,6 +257,23 @@ impl Client {
         }
     }
 
+    /// A `tower::Service` bound to one origin (`https://host[:port]`), whose `poll_ready`
+    /// reports real capacity: pending while its connection is being set up, and while the
+    /// server's stream credit is used up. For tonic's generated clients and tower layers
+    /// (concurrency limit, buffer, load balancing) that wait on readiness.
+    pub fn origin(&self, url: impl AsRef<str>) -> Result<OriginClient, Error> {
+        let uri: Uri = url
+            .as_ref()
+            .parse()
+            .map_err(|e| Error::config(format!("'{}' is not a valid URL: {e}", url.as_ref())))?;
+        Ok(OriginClient {
+            pool: Arc::clone(&self.pool),
+            origin: Origin::of(&uri)?,
+            ready: None,
+            connecting: None,
+        })
+    }
+
     /// How many connections the pool holds open (for all origins).
     pub fn pooled_connections(&self) -> usize {
         let mut conns = self.pool.conns.lock().unwrap_or_else(|p| p.into_inner());
@@ -278,6 +306,97 @@ where
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
         Box::pin(self.send(request))
+    }
+}
+
+type Connecting = Pin<Box<dyn Future<Output = Result<SendRequest, Error>> + Send>>;
+
+/// A [`Client`] bound to one origin: see [`Client::origin`]. Cheap to clone (clones share
+/// the pool, not the readiness reservation).
+pub struct OriginClient {
+    pool: Arc<Pool>,
+    origin: Origin,
+    /// A connection with a stream reserved for the next `call`.
+    ready: Option<SendRequest>,
+    connecting: Option<Connecting>,
+}
+
+impl Clone for OriginClient {
+    fn clone(&self) -> Self {
+        OriginClient {
+            pool: Arc::clone(&self.pool),
+            origin: self.origin.clone(),
+            ready: None,
+            connecting: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for OriginClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OriginClient")
+            .field("origin", &self.origin.authority())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Service<Request<B>> for OriginClient
+where
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<RecvBody>;
+    type Error = Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            if let Some(send) = &mut self.ready {
+                match send.poll_ready(cx) {
+                    Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    Poll::Pending => return Poll::Pending,
+                    // Closed or going away: find or open another connection.
+                    Poll::Ready(Err(_)) => self.ready = None,
+                }
+            }
+            let connecting = self.connecting.get_or_insert_with(|| {
+                let pool = Arc::clone(&self.pool);
+                let origin = self.origin.clone();
+                Box::pin(async move { pool.connection(&origin).await })
+            });
+            match connecting.as_mut().poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(result) => {
+                    self.connecting = None;
+                    self.ready = Some(result?);
+                }
+            }
+        }
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let pool = Arc::clone(&self.pool);
+        let origin = self.origin.clone();
+        let prepared = PendingRequest::new(request);
+        match self.ready.take() {
+            Some(mut send) => {
+                let mut response = match prepared {
+                    Ok(pending) => send.send_pending(pending),
+                    Err(e) => return Box::pin(async move { Err(e) }),
+                };
+                Box::pin(async move {
+                    match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
+                        Ok(response) => Ok(response),
+                        // Not processed: once more, elsewhere (RFC 9114 §4.1.1).
+                        Err(Failure::Unsent(unsent, _)) => pool.send_attempts(unsent, origin, 1).await,
+                        Err(failure) => Err(failure.into_error()),
+                    }
+                })
+            }
+            // `call` without `poll_ready`: the pool picks a connection.
+            None => Box::pin(async move { pool.send(prepared?, origin).await }),
+        }
     }
 }
 
