@@ -1,4 +1,4 @@
-//! Malformed requests, sent raw through quiche's HTTP/3 client on the `Application` seam
+//! Raw HTTP/3 from quiche's client on the `Application` seam: malformed requests
 //! (quiche sends whatever fields it is given): each must get H3_MESSAGE_ERROR on its own
 //! stream, and the connection must go on serving.
 
@@ -217,5 +217,85 @@ async fn each_malformed_request_gets_a_message_error_and_the_connection_lives_on
         server.metrics.snapshot().handshakes_completed,
         1,
         "one connection throughout"
+    );
+}
+
+/// Sends one request, then GOAWAY once the response has arrived.
+struct GoAwayClient {
+    h3: Option<h3::Connection>,
+    sent: bool,
+    answered: Option<oneshot::Sender<u16>>,
+}
+
+impl Application for GoAwayClient {
+    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+        self.h3 = Some(h3::Connection::with_transport(conn, &h3::Config::new().unwrap()).unwrap());
+        Ok(())
+    }
+
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+        let h3 = self.h3.as_mut().unwrap();
+        if !self.sent {
+            let base = [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":authority", "localhost"),
+                (":path", "/hello"),
+            ];
+            h3.send_request(conn, &fields(&base), true).unwrap();
+            self.sent = true;
+        }
+        loop {
+            match h3.poll(conn) {
+                Ok((_, h3::Event::Headers { list, .. })) => {
+                    let status = list.iter().find(|h| h.name() == b":status").unwrap();
+                    let status = std::str::from_utf8(status.value()).unwrap().parse().unwrap();
+                    if let Some(answered) = self.answered.take() {
+                        let _ = answered.send(status);
+                        h3.send_goaway(conn, 0).unwrap();
+                    }
+                }
+                Ok((id, h3::Event::Data)) => {
+                    let mut buf = [0; 4096];
+                    while h3.recv_body(conn, id, &mut buf).is_ok() {}
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_goaway_closes_the_connection_once_its_requests_are_done() {
+    let certs = certs();
+    // The idle timeout is long: only the GOAWAY can close the connection within the test.
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let config = Config::builder()
+        .alpn(["h3"])
+        .ca_pem(&certs.ca_pem)
+        .idle_timeout(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+    let (answered, status) = oneshot::channel();
+    let app = GoAwayClient {
+        h3: None,
+        sent: false,
+        answered: Some(answered),
+    };
+    let conn = timeout(TEST_TIMEOUT, endpoint.connect_addr(server.addr, Some("localhost"), app))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(timeout(TEST_TIMEOUT, status).await.unwrap().unwrap(), 200);
+    let closed = timeout(std::time::Duration::from_secs(5), conn.closed())
+        .await
+        .expect("closed promptly after GOAWAY");
+    assert!(
+        closed.error().is_none(),
+        "closed with H3_NO_ERROR: {:?}",
+        closed.error()
     );
 }
