@@ -1,6 +1,7 @@
-//! Raw HTTP/3 from quiche's client on the `Application` seam: malformed requests
-//! (quiche sends whatever fields it is given): each must get H3_MESSAGE_ERROR on its own
-//! stream, and the connection must go on serving.
+//! Raw HTTP/3 from quiche's client on the `Application` seam (quiche sends whatever fields
+//! it is given): each malformed request must get H3_MESSAGE_ERROR on its own stream while
+//! the connection goes on serving, and a client's GOAWAY must close the connection once its
+//! requests are done.
 
 mod support;
 
