@@ -106,6 +106,10 @@ pub struct ConfigBuilder {
     system_roots: bool,
     verify_server: bool,
     client_ca: Option<PemSource>,
+    #[cfg(feature = "rpk")]
+    rpk_own: Option<PemSource>,
+    #[cfg(feature = "rpk")]
+    rpk_trusted: Vec<PemSource>,
     alpn: Vec<Vec<u8>>,
     keylog: Option<PathBuf>,
     qlog_dir: Option<PathBuf>,
@@ -149,6 +153,10 @@ impl Config {
             system_roots: true,
             verify_server: true,
             client_ca: None,
+            #[cfg(feature = "rpk")]
+            rpk_own: None,
+            #[cfg(feature = "rpk")]
+            rpk_trusted: Vec::new(),
             alpn: Vec::new(),
             keylog: None,
             qlog_dir: None,
@@ -163,7 +171,7 @@ impl Config {
     }
 
     pub(crate) fn has_certificate(&self) -> bool {
-        !self.inner.tls.chain.is_empty()
+        !self.inner.tls.chain.is_empty() || self.inner.tls.rpk.own.is_some()
     }
 
     /// The quiche configuration one endpoint owns.
@@ -418,6 +426,23 @@ impl ConfigBuilder {
         self
     }
 
+    /// Servers (`rpk` feature): present this key's raw public key (RFC 7250) instead of a
+    /// certificate. The PEM holds the private key.
+    #[cfg(feature = "rpk")]
+    pub fn raw_public_key_pem(mut self, private_key_pem: impl AsRef<[u8]>) -> Self {
+        self.rpk_own = Some(PemSource::Memory(private_key_pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Clients (`rpk` feature): accept servers presenting this raw public key (PEM
+    /// `PUBLIC KEY`), and only raw public keys. May be given several times.
+    #[cfg(feature = "rpk")]
+    pub fn trust_raw_public_key_pem(mut self, public_key_pem: impl AsRef<[u8]>) -> Self {
+        self.rpk_trusted
+            .push(PemSource::Memory(public_key_pem.as_ref().to_vec()));
+        self
+    }
+
     /// The application protocols (ALPN), in order of preference, e.g. `[b"h3"]`. Required:
     /// QUIC has no default application protocol.
     pub fn alpn<I, P>(mut self, protocols: I) -> Self
@@ -519,7 +544,8 @@ impl ConfigBuilder {
             ))),
             None => None,
         };
-        let tls = TlsMaterial::load(
+        #[allow(unused_mut)]
+        let mut tls = TlsMaterial::load(
             self.cert_chain.as_ref(),
             self.private_key.as_ref(),
             &self.ca,
@@ -527,6 +553,15 @@ impl ConfigBuilder {
             self.verify_server,
             self.client_ca.as_ref(),
         )?;
+        #[cfg(feature = "rpk")]
+        {
+            if let Some(src) = &self.rpk_own {
+                tls.rpk.own = Some(src.private_key()?);
+            }
+            for src in &self.rpk_trusted {
+                tls.rpk.trusted.push(src.public_key()?);
+            }
+        }
         Ok(Config {
             inner: Arc::new(ConfigInner {
                 s: self.s,

@@ -2,10 +2,32 @@
 //!
 //! HTTP/3 for the tower ecosystem, on Cloudflare's [`quiche`] and [`tokio`].
 //!
-//! This release provides the QUIC layer everything else stands on ([`quic`]): UDP endpoints
-//! with batched IO (GSO/GRO), routing by connection ID, one task per connection, Retry,
-//! version negotiation and stateless resets, verified TLS by default, and the
-//! [`Application`](quic::Application) seam through which a protocol drives a connection.
+//! - [`server`]: serve any `tower::Service` (an axum `Router`, a `ServiceBuilder` stack, a
+//!   tonic server) over HTTP/3 with [`server::serve`], and beside it over HTTP/1.1 and
+//!   HTTP/2 with `Alt-Svc` ([`server::serve_with_tcp`]).
+//! - [`client`]: an HTTP/3 client that is itself a `tower::Service`, with a pool.
+//! - [`quic`]: the layer underneath — UDP endpoints with batched IO (GSO/GRO), routing by
+//!   connection ID, one task per connection, Retry, version negotiation, stateless resets,
+//!   verified TLS by default, and the [`Application`](quic::Application) seam through which
+//!   a protocol drives a connection.
+//!
+//! ## Quick start: axum over HTTP/3
+//!
+//! ```no_run
+//! use axum::{Router, routing::get};
+//! use tower_quiche::quic::{Config, Listener};
+//!
+//! # async fn run() -> Result<(), tower_quiche::Error> {
+//! let app = Router::new().route("/", get(|| async { "hello over HTTP/3" }));
+//! let config = Config::builder()
+//!     .alpn(["h3"])
+//!     .cert_chain_pem_file("cert.pem")
+//!     .private_key_pem_file("key.pem")
+//!     .build()?;
+//! let listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
+//! tower_quiche::server::serve(listener, app).await?;
+//! # Ok(()) }
+//! ```
 //!
 //! ## Quick start: a raw-QUIC echo server
 //!
@@ -29,6 +51,9 @@
 //!
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
 //! - `qlog`: a qlog trace per connection (see [`quic::ConfigBuilder::qlog_dir`]).
+//! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.
+//! - `json`: JSON helpers on the client.
+//! - `tcp` (default): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with `Alt-Svc`.
 //!
 //! TLS key logging (`SSLKEYLOGFILE`) needs no feature: see
 //! [`quic::ConfigBuilder::keylog_from_env`].

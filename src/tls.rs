@@ -57,6 +57,17 @@ impl PemSource {
         Ok(certs)
     }
 
+    #[cfg(feature = "rpk")]
+    pub(crate) fn public_key(&self) -> Result<PKey<boring::pkey::Public>, Error> {
+        let pem = self.read("public key")?;
+        PKey::public_key_from_pem(&pem).map_err(|e| {
+            Error::config(format!(
+                "no usable public key in {} (expected a PEM 'PUBLIC KEY' block): {e}",
+                self.describe()
+            ))
+        })
+    }
+
     pub(crate) fn private_key(&self) -> Result<PKey<Private>, Error> {
         let pem = self.read("private key")?;
         PKey::private_key_from_pem(&pem).map_err(|e| {
@@ -78,6 +89,17 @@ pub(crate) struct TlsMaterial {
     pub(crate) verify_server: bool,
     /// When set, a server requires client certificates signed by one of these.
     pub(crate) client_ca: Option<Vec<X509>>,
+    /// Raw public keys (RFC 7250): the key a server presents instead of a certificate, and
+    /// the server keys a client accepts.
+    pub(crate) rpk: RawPublicKeys,
+}
+
+/// Raw public key settings; empty unless the `rpk` feature is used.
+#[derive(Default)]
+#[cfg_attr(not(feature = "rpk"), allow(dead_code))]
+pub(crate) struct RawPublicKeys {
+    pub(crate) own: Option<PKey<Private>>,
+    pub(crate) trusted: Vec<PKey<boring::pkey::Public>>,
 }
 
 impl TlsMaterial {
@@ -134,6 +156,7 @@ impl TlsMaterial {
             roots,
             verify_server,
             client_ca,
+            rpk: RawPublicKeys::default(),
         })
     }
 
@@ -152,6 +175,10 @@ impl TlsMaterial {
             b.set_private_key(key).map_err(|e| tls_err("private key", e))?;
             b.check_private_key().map_err(|e| tls_err("key check", e))?;
         }
+        #[cfg(feature = "rpk")]
+        if self.rpk.own.is_some() || !self.rpk.trusted.is_empty() {
+            return self.rpk_context(b, server);
+        }
         if server {
             match &self.client_ca {
                 Some(cas) => {
@@ -168,6 +195,54 @@ impl TlsMaterial {
             b.set_verify_callback(SslVerifyMode::PEER, verify_server_certificate);
         } else {
             b.set_verify(SslVerifyMode::NONE);
+        }
+        Ok(b)
+    }
+}
+
+#[cfg(feature = "rpk")]
+impl TlsMaterial {
+    /// A context that presents (server) or accepts (client) raw public keys only.
+    fn rpk_context(&self, mut b: SslContextBuilder, server: bool) -> Result<SslContextBuilder, Error> {
+        use boring::ssl::{CertificateType, SslAlert, SslCredential, SslVerifyError};
+        let tls_err = |what: &str, e: boring::error::ErrorStack| {
+            Error::config(format!("raw public key setup failed ({what}): {e}"))
+        };
+        if server {
+            let key = self.rpk.own.as_ref().ok_or_else(|| {
+                Error::config("a raw-public-key server needs its private key: set ConfigBuilder::raw_public_key_pem")
+            })?;
+            let spki = key.public_key_to_der().map_err(|e| tls_err("public key", e))?;
+            let mut credential = SslCredential::new_raw_public_key().map_err(|e| tls_err("credential", e))?;
+            credential.set_private_key(key).map_err(|e| tls_err("private key", e))?;
+            credential
+                .set_spki_bytes(Some(&spki))
+                .map_err(|e| tls_err("public key", e))?;
+            b.add_credential(&credential.build())
+                .map_err(|e| tls_err("add credential", e))?;
+            b.set_verify(SslVerifyMode::NONE);
+        } else {
+            b.set_server_certificate_types(&[CertificateType::RAW_PUBLIC_KEY])
+                .map_err(|e| tls_err("certificate types", e))?;
+            let trusted: Vec<Vec<u8>> = self
+                .rpk
+                .trusted
+                .iter()
+                .filter_map(|k| k.public_key_to_der().ok())
+                .collect();
+            b.set_custom_verify_callback(SslVerifyMode::PEER, move |ssl| {
+                let presented = ssl.peer_pubkey().and_then(|k| k.public_key_to_der().ok());
+                match presented {
+                    Some(der) if trusted.contains(&der) => Ok(()),
+                    _ => {
+                        LAST_VERIFY_ERROR.with(|slot| {
+                            *slot.borrow_mut() =
+                                Some("the server's raw public key is not one this client trusts".to_string())
+                        });
+                        Err(SslVerifyError::Invalid(SslAlert::BAD_CERTIFICATE))
+                    }
+                }
+            });
         }
         Ok(b)
     }
