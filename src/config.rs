@@ -253,7 +253,7 @@ impl ConfigBuilder {
 
     /// Connection-level flow-control window announced to the peer, in bytes. Defaults to
     /// 16 MiB. quiche grows windows automatically up to
-    /// [`max_connection_window`](Self::max_connection_window).
+    /// [`max_windows`](Self::max_windows).
     pub fn initial_max_data(mut self, bytes: u64) -> Self {
         self.s.initial_max_data = bytes;
         self
@@ -273,12 +273,6 @@ impl ConfigBuilder {
     pub fn max_windows(mut self, connection: u64, stream: u64) -> Self {
         self.s.max_connection_window = connection;
         self.s.max_stream_window = stream;
-        self
-    }
-
-    /// The largest connection-level window auto-tuning may reach. Defaults to 24 MiB.
-    pub fn max_connection_window(mut self, bytes: u64) -> Self {
-        self.s.max_connection_window = bytes;
         self
     }
 

@@ -104,11 +104,6 @@ impl Error {
         }
     }
 
-    #[allow(dead_code)]
-    pub(crate) fn kind(&self) -> Kind {
-        self.inner.kind
-    }
-
     /// A setting is wrong: the message says which one and what to change.
     pub fn is_config(&self) -> bool {
         self.inner.kind == Kind::Config

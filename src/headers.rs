@@ -202,8 +202,8 @@ pub(crate) fn response_fields(status: StatusCode, headers: &HeaderMap, content_l
     if let Some(length) = content_length
         && !headers.contains_key(CONTENT_LENGTH)
     {
-        let mut buf = itoa_u64(length);
-        out.push(Header::new(b"content-length", buf.as_bytes_mut()));
+        let buf = itoa_u64(length);
+        out.push(Header::new(b"content-length", buf.as_bytes()));
     }
     out
 }
@@ -212,7 +212,7 @@ pub(crate) fn response_fields(status: StatusCode, headers: &HeaderMap, content_l
 struct Digits([u8; 20], usize);
 
 impl Digits {
-    fn as_bytes_mut(&mut self) -> &[u8] {
+    fn as_bytes(&self) -> &[u8] {
         &self.0[self.1..]
     }
 }
@@ -251,7 +251,6 @@ pub(crate) fn trailers_from_fields(list: &[Header]) -> Result<HeaderMap, Malform
 }
 
 /// The fields of a request head (client side). Fails when the URI lacks what HTTP/3 needs.
-#[allow(dead_code)] // the client's
 pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Malformed> {
     let uri = request.uri();
     let headers = request.headers();
@@ -285,7 +284,6 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
 }
 
 /// Builds a response head from a HEADERS frame (client side).
-#[allow(dead_code)] // the client's
 pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malformed> {
     let mut status = None;
     let mut headers = HeaderMap::with_capacity(list.len());
@@ -491,8 +489,8 @@ mod tests {
                 (b"content-length", b"12345")
             ]
         );
-        assert_eq!(itoa_u64(0).as_bytes_mut(), b"0");
-        assert_eq!(itoa_u64(u64::MAX).as_bytes_mut(), u64::MAX.to_string().as_bytes());
+        assert_eq!(itoa_u64(0).as_bytes(), b"0");
+        assert_eq!(itoa_u64(u64::MAX).as_bytes(), u64::MAX.to_string().as_bytes());
     }
 
     #[test]

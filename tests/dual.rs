@@ -11,7 +11,7 @@ use axum::Router;
 use axum::extract::Extension;
 use axum::routing::{get, post};
 use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::sync::oneshot;
@@ -297,7 +297,6 @@ async fn tower_http_layers_behave_over_http3_as_over_tcp() {
             200,
             "TraceLayer's on_response ran for an HTTP/3 request"
         );
-        let _ = HeaderMap::new();
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -287,13 +287,13 @@ impl SendRequest {
             },
             Err(e) => {
                 self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
-                let submission = e.into_inner();
+                // The request inside `e` is dropped: it never reached the connection.
+                drop(e);
                 let error = if self.status.lock().closed {
                     closed_error()
                 } else {
                     rejected_error("too many requests are waiting for this connection")
                 };
-                let _ = submission;
                 ResponseFuture::failed(error)
             }
         }

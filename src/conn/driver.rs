@@ -330,6 +330,8 @@ impl<A: Application> Driver<A> {
             buf.resize(mtu * max_segments, 0);
         }
         let pacing = shared.config.inner.s.pacing;
+        // One clock read per flush: a flush takes microseconds, the pacing granularity 1 ms.
+        let due_by = Instant::now() + PACING_GRANULARITY;
         let (mut len, mut segment, mut count) = (0, 0, 0);
         let mut to = self.local;
         let mut packets = 0;
@@ -351,7 +353,7 @@ impl<A: Application> Driver<A> {
                 }
             };
             packets += 1;
-            if pacing && info.at > Instant::now() + PACING_GRANULARITY {
+            if pacing && info.at > due_by {
                 // Send what is due, and hold this packet until its release time.
                 if count > 0 {
                     send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx);

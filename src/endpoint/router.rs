@@ -109,7 +109,6 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
                 }
             }
         }
-        accepted.clear();
     }
 }
 
@@ -145,8 +144,7 @@ fn dispatch(
             Err(TrySendError::Full(_)) => metrics.datagram_dropped(DropReason::QueueFull),
             Err(TrySendError::Closed(_)) => {
                 // The connection is gone; its registration removes the rest of its IDs.
-                let key: Box<[u8]> = (&*hdr.dcid).into();
-                routes.remove(&key);
+                routes.remove(&*hdr.dcid);
                 metrics.datagram_dropped(DropReason::UnknownConnection);
             }
         }

@@ -84,6 +84,13 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
+            "/late-head",
+            get(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "late"
+            }),
+        )
+        .route(
             "/early-hints",
             get(|request: axum::extract::Request| async move {
                 let hints = request
