@@ -138,32 +138,36 @@ impl Pool {
     }
 
     async fn send(&self, request: PendingRequest, origin: Origin) -> Result<Response<RecvBody>, Error> {
-        self.send_attempts(request, origin, 2).await
+        self.send_via(None, request, origin).await
     }
 
-    /// Sends `request`, resending it on another connection while the server reports it
-    /// unprocessed, `attempts` times at most.
-    async fn send_attempts(
+    /// Sends `request`, first on `reserved` (a connection `poll_ready` picked) when given,
+    /// else on a pooled connection; a request the server did not process goes once more
+    /// to another connection (RFC 9114 §4.1.1).
+    async fn send_via(
         &self,
+        mut reserved: Option<SendRequest>,
         request: PendingRequest,
         origin: Origin,
-        attempts: usize,
     ) -> Result<Response<RecvBody>, Error> {
+        const ATTEMPTS: usize = 2;
         let mut request = request;
-        for attempt in 0..attempts {
-            let mut send = self.connection(&origin).await?;
+        for attempt in 0..ATTEMPTS {
+            let mut send = match reserved.take() {
+                Some(send) => send,
+                None => self.connection(&origin).await?,
+            };
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
                 Ok(response) => return Ok(response),
-                // Not processed by the server (RFC 9114 §4.1.1): once more, elsewhere.
-                Err(Failure::Unsent(unsent, error)) if attempt + 1 < attempts => {
+                Err(Failure::Unsent(unsent, error)) if attempt + 1 < ATTEMPTS => {
                     tracing::debug!(%error, "request not processed; retrying on a new connection");
                     request = unsent;
                 }
                 Err(failure) => return Err(failure.into_error()),
             }
         }
-        Err(Error::config("send_attempts needs at least one attempt"))
+        unreachable!("the last attempt returns")
     }
 }
 
@@ -379,24 +383,9 @@ where
         let pool = Arc::clone(&self.pool);
         let origin = self.origin.clone();
         let prepared = PendingRequest::new(request);
-        match self.ready.take() {
-            Some(mut send) => {
-                let mut response = match prepared {
-                    Ok(pending) => send.send_pending(pending),
-                    Err(e) => return Box::pin(async move { Err(e) }),
-                };
-                Box::pin(async move {
-                    match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
-                        Ok(response) => Ok(response),
-                        // Not processed: once more, elsewhere (RFC 9114 §4.1.1).
-                        Err(Failure::Unsent(unsent, _)) => pool.send_attempts(unsent, origin, 1).await,
-                        Err(failure) => Err(failure.into_error()),
-                    }
-                })
-            }
-            // `call` without `poll_ready`: the pool picks a connection.
-            None => Box::pin(async move { pool.send(prepared?, origin).await }),
-        }
+        // The stream `poll_ready` reserved, if any; without it the pool picks a connection.
+        let reserved = self.ready.take();
+        Box::pin(async move { pool.send_via(reserved, prepared?, origin).await })
     }
 }
 
