@@ -62,20 +62,18 @@
 #![forbid(unsafe_code)]
 
 pub mod alt_svc;
-mod body;
 pub mod client;
 mod config;
 mod conn;
 mod endpoint;
 mod error;
-mod headers;
+mod h3;
 mod metrics;
 pub mod quic;
 pub mod server;
 mod socket;
-mod stream;
 pub mod tls;
 
-pub use body::RecvBody;
+pub use h3::body::RecvBody;
 pub use error::{BoxError, Error};
 pub use quiche;

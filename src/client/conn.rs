@@ -22,12 +22,13 @@ use quiche::h3;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
-use crate::body::RecvBody;
+use crate::h3::body::{RecvBody, pump_body};
 use crate::conn::{Application, ConnectionHandle};
 use crate::error::{BoxError, Error, Kind};
-use crate::headers::{request_fields, response_from_fields, trailers_from_fields};
+use crate::h3::codes as code;
+use crate::h3::fields::{request_fields, response_from_fields};
 use crate::quic::Endpoint;
-use crate::stream::{self, ConnNotify, StreamShared, WriteOutcome, code};
+use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 
 /// How many submitted requests may wait for stream credit on one connection.
 const SUBMIT_QUEUE: usize = 1024;
@@ -267,12 +268,11 @@ impl SendRequest {
             self.status.update(|s| s.outstanding += 1);
         }
         self.reserved = false;
-        let shared = StreamShared::new_request(
-            Arc::clone(&self.notify),
-            self.settings.response_body_buffer,
-            self.settings.request_body_buffer,
-            request.body.is_some(),
-        );
+        let limits = Limits {
+            recv_buffer: self.settings.response_body_buffer,
+            send_buffer: self.settings.request_body_buffer,
+        };
+        let shared = StreamShared::new_outgoing(Arc::clone(&self.notify), limits, request.body.is_some());
         let (reply, rx) = oneshot::channel();
         let submission = Submission {
             request,
@@ -474,7 +474,12 @@ struct Entry {
     retry: Option<PendingRequest>,
     informational: Vec<Response<()>>,
     written: bool,
+    /// A HEAD request: its response has no body, whatever its content-length says.
+    head_request: bool,
 }
+
+/// The largest trailer section a response may carry (RFC 9114 §4.2.2 counting).
+const MAX_RESPONSE_FIELD_SECTION: usize = 64 * 1024;
 
 type PumpFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -529,7 +534,7 @@ impl ClientApp {
                 }
             }
             let submission = self.waiting.as_ref().expect("just filled");
-            if submission.reply.is_closed() || submission.shared.lock().out.done && submission.request.body.is_some() {
+            if submission.reply.is_closed() || submission.shared.reset_requested() {
                 // Cancelled before it had a stream.
                 self.waiting = None;
                 self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
@@ -568,6 +573,7 @@ impl ClientApp {
                 reply,
             } = self.waiting.take().expect("present");
             shared.set_id(id);
+            let head_request = request.fields.first().is_some_and(|f| h3::NameValue::value(f) == b"HEAD");
             self.status.update(|s| {
                 s.outstanding = s.outstanding.saturating_sub(1);
                 s.in_flight += 1;
@@ -577,14 +583,11 @@ impl ClientApp {
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
                 self.pumps
-                    .push(Box::pin(async move { stream::pump_body(body, &pump_stream).await }));
+                    .push(Box::pin(async move { pump_body(body, &pump_stream).await }));
             }
-            let written = {
-                let mut s = shared.lock();
-                // A notification before the stream had its ID went nowhere.
-                s.queued = false;
-                s.out.done
-            };
+            // A notification before the stream had its ID went nowhere.
+            shared.take_queued();
+            let written = shared.send_done();
             self.streams.insert(
                 id,
                 Entry {
@@ -593,6 +596,7 @@ impl ClientApp {
                     retry,
                     informational: Vec::new(),
                     written,
+                    head_request,
                 },
             );
             self.idle_since = None;
@@ -606,23 +610,17 @@ impl ClientApp {
             match h3.poll(conn) {
                 Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => {
-                    let Some(entry) = self.streams.get(&id) else {
+                    if self.streams.contains_key(&id) {
+                        self.read_body(conn, id);
+                    } else {
                         stream::discard(h3, conn, id);
-                        continue;
-                    };
-                    let mut s = entry.shared.lock();
-                    s.data_pending = true;
-                    if stream::read_in(h3, conn, id, &mut s) {
-                        stream::wake_reader(&mut s);
                     }
                 }
                 Ok((id, h3::Event::Finished)) => {
                     if let Some(entry) = self.streams.get_mut(&id) {
-                        entry.shared.update(|s| {
-                            stream::finish_in(s);
-                            stream::wake_reader(s);
-                            ((), false)
-                        });
+                        if let Err(why) = entry.shared.on_finished() {
+                            entry.shared.cancel(Cancel::Malformed(why.0));
+                        }
                         if let Some(reply) = entry.reply.take() {
                             let _ = reply.send(Err(Failure::Failed(
                                 Error::new(Kind::Protocol).with_message("the response stream ended without a response"),
@@ -647,11 +645,35 @@ impl ClientApp {
                 Err(e) => {
                     tracing::debug!(error = %e, "HTTP/3 connection error");
                     if conn.local_error().is_none() {
-                        let _ = conn.close(true, stream::h3_wire_code(&e), b"");
+                        let _ = conn.close(true, code::h3_wire_code(&e), b"");
                     }
                     return;
                 }
             }
+        }
+    }
+
+    /// Reads a response body from quiche; a body that breaks the rules ends its stream (or
+    /// the connection, for a frame out of sequence).
+    fn read_body(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let Some(entry) = self.streams.get(&id) else {
+            return;
+        };
+        let shared = Arc::clone(&entry.shared);
+        let h3 = self.h3.as_mut().expect("created when established");
+        match shared.read_from(h3, conn, id) {
+            Ok(()) => {}
+            Err(ReadFailure::Malformed(why)) => {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
+                shared.cancel(Cancel::Malformed(why));
+            }
+            Err(ReadFailure::DataAfterTrailers) => {
+                if conn.local_error().is_none() {
+                    let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
+                }
+            }
+            Err(ReadFailure::Reset(code)) => self.on_reset(id, code),
+            Err(ReadFailure::Closed) => shared.cancel(Cancel::ConnectionClosed),
         }
     }
 
@@ -660,15 +682,10 @@ impl ClientApp {
             return;
         };
         if entry.reply.is_none() {
-            let trailers = trailers_from_fields(&list);
-            entry.shared.update(|s| {
-                match trailers {
-                    Ok(t) => s.recv_trailers = Some(t),
-                    Err(why) => s.recv_error = Some(stream::RecvError::Malformed(why.0)),
-                }
-                stream::wake_reader(s);
-                ((), false)
-            });
+            if let Err(why) = entry.shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
+                entry.shared.cancel(Cancel::Malformed(why.0));
+            }
             return;
         }
         let mut response = match response_from_fields(&list) {
@@ -683,12 +700,7 @@ impl ClientApp {
                         .with_message(format!("malformed response: {why}")),
                 )));
                 entry.written = true;
-                entry.shared.update(|s| {
-                    s.recv_error = Some(stream::RecvError::Malformed(why.0));
-                    s.cancelled = Some(code::H3_MESSAGE_ERROR);
-                    s.out.done = true;
-                    ((), false)
-                });
+                entry.shared.cancel(Cancel::Malformed(why.0));
                 self.forget_if_done(id);
                 return;
             }
@@ -698,14 +710,18 @@ impl ClientApp {
             entry.informational.push(response);
             return;
         }
-        let content_length = crate::headers::content_length(response.headers()).ok().flatten();
-        entry.shared.update(|s| {
-            s.content_length = content_length;
-            if !more_frames {
-                stream::finish_in(s);
-            }
-            ((), false)
-        });
+        // RFC 9110 §6.4.1: a response to HEAD, and 204 and 304, have no content whatever
+        // their content-length says.
+        let bodyless = entry.head_request
+            || response.status() == http::StatusCode::NO_CONTENT
+            || response.status() == http::StatusCode::NOT_MODIFIED;
+        if !bodyless {
+            let content_length = crate::h3::fields::content_length(response.headers()).ok().flatten();
+            entry.shared.expect_content_length(content_length);
+        }
+        if !more_frames && let Err(why) = entry.shared.on_finished() {
+            entry.shared.cancel(Cancel::Malformed(why.0));
+        }
         let informational = std::mem::take(&mut entry.informational);
         if !informational.is_empty() {
             response
@@ -728,16 +744,7 @@ impl ClientApp {
             return;
         };
         entry.written = true;
-        entry.shared.update(|s| {
-            s.recv_error = Some(stream::RecvError::Reset(code));
-            s.cancelled = Some(code);
-            s.out.done = true;
-            stream::wake_reader(s);
-            if let Some(w) = s.send_waker.take() {
-                w.wake();
-            }
-            ((), false)
-        });
+        entry.shared.cancel(Cancel::PeerReset(code));
         if let Some(reply) = entry.reply.take() {
             let error = if code == code::H3_REQUEST_REJECTED {
                 rejected_error("the server rejected the request before processing it (H3_REQUEST_REJECTED)")
@@ -759,25 +766,32 @@ impl ClientApp {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        let h3 = self.h3.as_mut().expect("created when established");
         let shared = Arc::clone(&entry.shared);
-        let mut s = shared.lock();
-        s.queued = false;
-        if s.body_dropped && !s.recv_fin && s.recv_error.is_none() {
+        shared.take_queued();
+        if shared.reader_gone_early() {
             // The response body was dropped: stop the download (STOP_SENDING).
-            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED);
-            s.recv_error = Some(stream::RecvError::Closed);
-            s.recv_fin = true;
-        } else if s.data_pending && stream::read_in(h3, conn, id, &mut s) {
-            stream::wake_reader(&mut s);
+            shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
+        } else if shared.wants_read() {
+            self.read_body(conn, id);
         }
-        if !entry.written {
-            match stream::write_out(h3, conn, id, &mut s) {
-                WriteOutcome::Pending => {}
-                WriteOutcome::Complete | WriteOutcome::Aborted => entry.written = true,
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        // Also once the request is written: the caller may give up on the response.
+        let h3 = self.h3.as_mut().expect("created when established");
+        match shared.write_to(h3, conn, id) {
+            WriteOutcome::Pending => {}
+            WriteOutcome::Complete => entry.written = true,
+            WriteOutcome::Aborted => {
+                entry.written = true;
+                if let Some(reply) = entry.reply.take() {
+                    // The caller gave up (nobody listens), or the server stopped the request.
+                    let _ = reply.send(Err(Failure::Failed(
+                        Error::new(Kind::Reset).with_message("the request stream was stopped"),
+                    )));
+                }
             }
         }
-        drop(s);
         self.forget_if_done(id);
     }
 
@@ -787,12 +801,9 @@ impl ClientApp {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
-        let received = {
-            let s = entry.shared.lock();
-            // The response body's buffer lives on with its RecvBody; the connection only
-            // needs to know that quiche has nothing more for this stream.
-            s.recv_error.is_some() || s.body_dropped || s.recv_fin
-        };
+        // The response body's buffer lives on with its RecvBody; the connection only needs
+        // to know that quiche has nothing more for this stream.
+        let received = entry.shared.recv_settled();
         if !(entry.written && entry.reply.is_none() && received) {
             return;
         }
@@ -853,7 +864,7 @@ impl Application for ClientApp {
         let config =
             h3::Config::new().map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
         let h3 = h3::Connection::with_transport(conn, &config)
-            .map_err(|e| Error::application(stream::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
+            .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
         let credit = conn.peer_streams_left_bidi();
         self.status.update(|s| {
@@ -892,17 +903,7 @@ impl Application for ClientApp {
         self.status.update(|s| s.closed = true);
         let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
         for (_, entry) in self.streams.drain() {
-            entry.shared.update(|s| {
-                if !s.recv_fin && s.recv_error.is_none() {
-                    s.recv_error = Some(stream::RecvError::Closed);
-                }
-                s.cancelled.get_or_insert(code::H3_REQUEST_CANCELLED);
-                stream::wake_reader(s);
-                if let Some(w) = s.send_waker.take() {
-                    w.wake();
-                }
-                ((), false)
-            });
+            entry.shared.cancel(Cancel::ConnectionClosed);
             if let Some(reply) = entry.reply {
                 let _ = reply.send(Err(Failure::Failed(why())));
             }

@@ -8,7 +8,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Buf;
 use futures_util::FutureExt;
@@ -23,14 +23,16 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use super::{ConnectionInfo, Informational, Settings};
-use crate::body::RecvBody;
 use crate::conn::Application;
 use crate::error::{BoxError, Error};
-use crate::headers::{self, request_from_fields, trailers_from_fields};
-use crate::stream::{self, ConnNotify, StreamShared, WriteOutcome, code};
+use crate::h3::body::RecvBody;
+use crate::h3::codes as code;
+use crate::h3::fields::{self, request_from_fields};
+use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 
 type RequestFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
 
+/// The connection's view of one request in flight.
 struct Entry {
     shared: Arc<StreamShared>,
     abort: AbortHandle,
@@ -39,6 +41,17 @@ struct Entry {
     /// Everything queued is written (or the stream was abandoned).
     written: bool,
 }
+
+/// How long a stream whose request the peer has not finished sending may keep a graceful
+/// close waiting for its response to be delivered. A conforming client answers our
+/// STOP_SENDING with RESET_STREAM at once, after which quiche releases the stream; one that
+/// never does must not hold the connection open until the idle timeout.
+const LINGER_UNFINISHED: Duration = Duration::from_secs(1);
+
+/// How often the per-stream timers (request head, body stall) are checked while requests
+/// are in flight, as a fraction of the shortest of them: a stream is cut off between one
+/// and 1.25 times its timeout, and a busy connection does not scan its streams every turn.
+const TIMER_CHECKS_PER_TIMEOUT: u32 = 4;
 
 pub(crate) struct ServerApp<S> {
     service: S,
@@ -53,15 +66,23 @@ pub(crate) struct ServerApp<S> {
     shutdown: Pin<Box<dyn Future<Output = Option<Instant>> + Send>>,
     /// GOAWAY sent: the stream ID from which requests are refused, and the deadline.
     draining: Option<(u64, Option<Instant>)>,
+    /// One past the highest request stream whose head arrived.
     next_stream: u64,
+    /// Request streams quiche holds whose head has not arrived yet, since when we know of
+    /// them: each must complete its head within `request_head_timeout`.
+    heads_pending: HashMap<u64, Instant>,
     peer_goaway: bool,
     served: u64,
+    /// No request in flight since then.
     idle_since: Option<Instant>,
+    /// When the per-stream timers are checked next.
+    next_stream_check: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
     closing: bool,
-    /// Answered streams quiche may still be delivering; a graceful close waits for them.
-    lingering: Vec<u64>,
+    /// Answered streams quiche may still be delivering, with when they were answered; a
+    /// graceful close waits for them.
+    lingering: Vec<(u64, Instant)>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -93,9 +114,11 @@ where
             shutdown,
             draining: None,
             next_stream: 0,
+            heads_pending: HashMap::new(),
             peer_goaway: false,
             served: 0,
             idle_since: Some(Instant::now()),
+            next_stream_check: None,
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
             closing: false,
@@ -104,10 +127,13 @@ where
         }
     }
 
+    fn h3(&mut self) -> &mut h3::Connection {
+        self.h3.as_mut().expect("created when established")
+    }
+
     fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         loop {
-            let h3 = self.h3.as_mut().expect("created when established");
-            match h3.poll(conn) {
+            match self.h3().poll(conn) {
                 Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => self.on_data(conn, id),
                 Ok((id, h3::Event::Finished)) => self.on_finished(conn, id),
@@ -121,16 +147,21 @@ where
                 Err(e) => {
                     // A connection error: quiche has usually closed the connection already.
                     tracing::debug!(error = %e, "HTTP/3 connection error");
-                    if conn.local_error().is_none() {
-                        let _ = conn.close(true, stream::h3_wire_code(&e), b"");
-                    }
+                    self.fail_connection(conn, code::h3_wire_code(&e));
                     return Ok(());
                 }
             }
         }
     }
 
-    /// Resets both directions of a stream with an HTTP/3 error code.
+    fn fail_connection(&mut self, conn: &mut quiche::Connection, code: u64) {
+        if conn.local_error().is_none() {
+            let _ = conn.close(true, code, b"");
+        }
+        self.closing = true;
+    }
+
+    /// Resets both directions of a stream we do not track with an HTTP/3 error code.
     fn refuse(conn: &mut quiche::Connection, id: u64, code: u64) {
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
@@ -139,35 +170,29 @@ where
     fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
             // A second HEADERS frame: the request's trailers.
-            let trailers = trailers_from_fields(&list);
-            entry.shared.update(|s| {
-                match trailers {
-                    Ok(t) => s.recv_trailers = Some(t),
-                    Err(why) => s.recv_error = Some(stream::RecvError::Malformed(why.0)),
-                }
-                stream::wake_reader(s);
-                ((), false)
-            });
-            self.reject_if_malformed(conn, id);
+            if let Err(why) = entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
+                self.end_stream(conn, id, Cancel::Malformed(why.0));
+            }
             return;
         }
-        if !id.is_multiple_of(4) {
+        if !id.is_multiple_of(4) || id < self.next_stream && !self.heads_pending.contains_key(&id) {
+            // Not a request stream, or one we refused or answered already.
             return;
         }
+        self.heads_pending.remove(&id);
         if self.draining.is_some_and(|(limit, _)| id >= limit) {
             // After our GOAWAY: not processed, safe for the client to retry (RFC 9114 §5.2).
             Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
             return;
         }
-        self.next_stream = self.next_stream.max(id + 4);
-        if headers::section_size(&list) > self.settings.max_header_list_size {
+        self.note_streams_up_to(conn, id);
+        if fields::section_size(&list) > self.settings.max_header_list_size {
             tracing::debug!(stream_id = id, "request header section too large: 431");
             let fields = [
                 h3::Header::new(b":status", b"431"),
                 h3::Header::new(b"content-length", b"0"),
             ];
-            let h3 = self.h3.as_mut().expect("created when established");
-            if h3.send_response(conn, id, &fields, true).is_err() {
+            if self.h3().send_response(conn, id, &fields, true).is_err() {
                 Self::refuse(conn, id, code::H3_EXCESSIVE_LOAD);
             } else if more_frames {
                 let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
@@ -187,14 +212,11 @@ where
             Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
             return;
         }
-        let shared = StreamShared::new(
-            id,
-            Arc::clone(&self.notify),
-            self.settings.request_body_buffer,
-            self.settings.response_body_buffer,
-            head.content_length,
-            !more_frames,
-        );
+        let limits = Limits {
+            recv_buffer: self.settings.request_body_buffer,
+            send_buffer: self.settings.response_body_buffer,
+        };
+        let shared = StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
         let mut request = head.request.map(|()| {
             if more_frames {
                 RecvBody::new(Arc::clone(&shared))
@@ -243,81 +265,126 @@ where
         }
     }
 
+    /// A head arrived on `id`: streams below it that quiche holds without a head of their
+    /// own now have to complete theirs within the head timeout.
+    fn note_streams_up_to(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let now = Instant::now();
+        // Bounded: quiche refuses stream IDs beyond the peer's stream credit, so at most
+        // that many IDs can lie between two heads.
+        let skipped = (self.next_stream..id).step_by(4).take(MAX_PROBED_STREAMS);
+        for skipped in skipped {
+            if stream::stream_alive(conn, skipped) {
+                self.heads_pending.entry(skipped).or_insert(now);
+            }
+        }
+        self.next_stream = self.next_stream.max(id + 4);
+    }
+
+    /// Finds request streams quiche holds above the last head: their heads are on the way
+    /// (or never coming), and the head timeout runs from now.
+    fn probe_pending_heads(&mut self, conn: &mut quiche::Connection, now: Instant) {
+        let mut id = self.next_stream;
+        let mut misses = 0;
+        for _ in 0..MAX_PROBED_STREAMS {
+            if stream::stream_alive(conn, id) {
+                self.heads_pending.entry(id).or_insert(now);
+                misses = 0;
+            } else {
+                // Clients open request streams in order: a run of unused IDs ends the search.
+                misses += 1;
+                if misses == PROBE_GAP {
+                    break;
+                }
+            }
+            id += 4;
+        }
+    }
+
     fn on_data(&mut self, conn: &mut quiche::Connection, id: u64) {
-        let h3 = self.h3.as_mut().expect("created when established");
-        let Some(entry) = self.streams.get(&id) else {
+        if !self.streams.contains_key(&id) {
             // A stream we no longer track (refused, or already answered): discard.
+            let h3 = self.h3();
             stream::discard(h3, conn, id);
             return;
-        };
-        let wake = {
-            let mut s = entry.shared.lock();
-            s.data_pending = true;
-            stream::read_in(h3, conn, id, &mut s)
-        };
-        if wake {
-            entry.shared.update(|s| {
-                stream::wake_reader(s);
-                ((), false)
-            });
         }
-        self.reject_if_malformed(conn, id);
+        self.read_body(conn, id);
+    }
+
+    /// Reads a request body from quiche; a body that breaks the rules ends its stream (or the
+    /// connection, for a frame out of sequence).
+    fn read_body(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let Some(entry) = self.streams.get(&id) else {
+            return;
+        };
+        let shared = Arc::clone(&entry.shared);
+        match shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
+            Ok(()) => {}
+            Err(ReadFailure::Malformed(why)) => self.end_stream(conn, id, Cancel::Malformed(why)),
+            Err(ReadFailure::DataAfterTrailers) => {
+                tracing::debug!(stream_id = id, "DATA after trailers: H3_FRAME_UNEXPECTED");
+                self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
+            }
+            Err(ReadFailure::Reset(code)) => self.on_reset(conn, id, code),
+            Err(ReadFailure::Closed) => self.end_stream(conn, id, Cancel::ConnectionClosed),
+        }
     }
 
     fn on_finished(&mut self, conn: &mut quiche::Connection, id: u64) {
         if let Some(entry) = self.streams.get(&id) {
-            entry.shared.update(|s| {
-                stream::finish_in(s);
-                stream::wake_reader(s);
-                ((), false)
-            });
-            self.reject_if_malformed(conn, id);
-        } else if id.is_multiple_of(4) && id >= self.next_stream {
+            if let Err(why) = entry.shared.on_finished() {
+                self.end_stream(conn, id, Cancel::Malformed(why.0));
+            } else {
+                self.forget_if_done(conn, id);
+            }
+        } else if id.is_multiple_of(4) && (id >= self.next_stream || self.heads_pending.remove(&id).is_some()) {
             // The client finished a request stream before a complete HEADERS frame
             // (RFC 9114 §4.1: H3_REQUEST_INCOMPLETE).
             tracing::debug!(stream_id = id, "request stream ended without a complete head");
-            Self::refuse(conn, id, 0x10d);
-            self.next_stream = id + 4;
+            Self::refuse(conn, id, code::H3_REQUEST_INCOMPLETE);
+            self.next_stream = self.next_stream.max(id + 4);
         }
-    }
-
-    /// A body that broke its content-length (or sent bad trailers) is a malformed message:
-    /// the stream gets H3_MESSAGE_ERROR and the handler is cancelled (RFC 9114 §4.1.2).
-    fn reject_if_malformed(&mut self, conn: &mut quiche::Connection, id: u64) {
-        let Some(entry) = self.streams.get_mut(&id) else {
-            return;
-        };
-        let malformed = matches!(entry.shared.lock().recv_error, Some(stream::RecvError::Malformed(_)));
-        if !malformed || entry.written {
-            return;
-        }
-        tracing::debug!(stream_id = id, "malformed request body");
-        Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
-        entry.abort.abort();
-        entry.written = true;
-        entry.shared.update(|s| {
-            s.cancelled = Some(code::H3_MESSAGE_ERROR);
-            s.out.done = true;
-            ((), false)
-        });
-        self.forget_if_done(conn, id);
     }
 
     fn on_reset(&mut self, conn: &mut quiche::Connection, id: u64, code: u64) {
+        if self.heads_pending.remove(&id).is_some() {
+            Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
+            return;
+        }
+        if !self.streams.contains_key(&id) {
+            return;
+        }
+        tracing::debug!(stream_id = id, code, "the client reset the request");
+        self.end_stream(conn, id, Cancel::PeerReset(code));
+    }
+
+    /// The one way a request in flight ends early: its handler is cancelled, its reader and
+    /// producer see why, and both directions of the stream are closed with the code the RFC
+    /// gives for that reason.
+    fn end_stream(&mut self, conn: &mut quiche::Connection, id: u64, why: Cancel) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        tracing::debug!(stream_id = id, code, "the client reset the request");
+        let reset_code = match why {
+            Cancel::PeerReset(_) => Some(code::H3_REQUEST_CANCELLED),
+            // quiche reset our side when the STOP_SENDING arrived.
+            Cancel::PeerStopped(_) => None,
+            Cancel::Malformed(why) => {
+                tracing::debug!(stream_id = id, reason = why, "malformed request body");
+                Some(code::H3_MESSAGE_ERROR)
+            }
+            Cancel::Stalled(code) => Some(code),
+            Cancel::ConnectionClosed => None,
+        };
         entry.abort.abort();
+        entry.shared.cancel(why);
+        if let Some(code) = reset_code {
+            if !entry.written {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+            }
+            entry.shared.stop_receiving(conn, id, code);
+            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+        }
         entry.written = true;
-        entry.shared.update(|s| {
-            s.recv_error = Some(stream::RecvError::Reset(code));
-            s.cancelled = Some(code);
-            s.out.done = true;
-            stream::wake_reader(s);
-            ((), false)
-        });
-        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code::H3_REQUEST_CANCELLED);
         self.forget_if_done(conn, id);
     }
 
@@ -337,37 +404,29 @@ where
 
     /// Moves data between quiche and the stream's shared state, both ways.
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let Some(entry) = self.streams.get(&id) else {
+            return;
+        };
+        let shared = Arc::clone(&entry.shared);
+        shared.take_queued();
+        if shared.wants_read() {
+            self.read_body(conn, id);
+        }
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        let h3 = self.h3.as_mut().expect("created when established");
-        let shared = Arc::clone(&entry.shared);
-        let mut s = shared.lock();
-        s.queued = false;
-        if (s.data_pending || s.body_dropped) && stream::read_in(h3, conn, id, &mut s) {
-            stream::wake_reader(&mut s);
-        }
         if !entry.written {
-            if let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id) {
-                // STOP_SENDING: the client wants no more of this response. quiche resets
-                // our side; the handler stops.
-                tracing::debug!(stream_id = id, code, "the client stopped reading the response");
-                s.cancelled = Some(code);
-                s.out.done = true;
-                if let Some(w) = s.send_waker.take() {
-                    w.wake();
-                }
-                entry.abort.abort();
-                entry.written = true;
-            } else {
-                match stream::write_out(h3, conn, id, &mut s) {
-                    WriteOutcome::Pending => {}
-                    WriteOutcome::Complete | WriteOutcome::Aborted => entry.written = true,
+            let h3 = self.h3.as_mut().expect("created when established");
+            match shared.write_to(h3, conn, id) {
+                WriteOutcome::Pending => {}
+                WriteOutcome::Complete => entry.written = true,
+                WriteOutcome::Aborted => {
+                    // STOP_SENDING, or the handler failed: it has nothing more to do.
+                    entry.abort.abort();
+                    entry.written = true;
                 }
             }
         }
-        drop(s);
-        self.reject_if_malformed(conn, id);
         self.forget_if_done(conn, id);
     }
 
@@ -380,18 +439,21 @@ where
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
-        self.lingering.push(id);
-        let mut s = entry.shared.lock();
-        if !s.recv_fin && s.recv_error.is_none() {
-            // The response is complete without the rest of the request: ask the client to
-            // stop sending it (RFC 9114 §4.1).
-            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
-            s.recv_error = Some(stream::RecvError::Closed);
-            stream::wake_reader(&mut s);
+        // The response is complete without the rest of the request: ask the client to stop
+        // sending it (RFC 9114 §4.1).
+        entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
+        if stream::stream_alive(conn, id) {
+            self.lingering.push((id, Instant::now()));
         }
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
         }
+    }
+
+    /// Whether an answered stream may still be delivering its response: quiche holds it, and
+    /// the peer finished its side (or was asked to stop only moments ago).
+    fn still_delivering(conn: &mut quiche::Connection, id: u64, since: Instant, now: Instant) -> bool {
+        stream::stream_alive(conn, id) && (conn.stream_finished(id) || now < since + LINGER_UNFINISHED)
     }
 
     fn start_draining(&mut self, conn: &mut quiche::Connection, deadline: Option<Instant>) {
@@ -409,15 +471,52 @@ where
         self.draining = Some((limit, deadline));
     }
 
-    fn poll_timers(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+    /// Ends requests whose peer stalled: a head not complete within the head timeout, a body
+    /// with no progress within the stall timeout while the peer owes bytes.
+    fn check_stream_timers(&mut self, conn: &mut quiche::Connection, now: Instant) {
+        self.probe_pending_heads(conn, now);
+        let head_timeout = self.settings.request_head_timeout;
+        let late_heads: Vec<u64> = self
+            .heads_pending
+            .iter()
+            .filter(|&(_, since)| *since + head_timeout <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late_heads {
+            tracing::debug!(stream_id = id, "request head not complete within the head timeout");
+            self.heads_pending.remove(&id);
+            Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
+            self.next_stream = self.next_stream.max(id + 4);
+        }
+        self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
+        let stall = self.settings.body_stall_timeout;
+        let stalled: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, e)| e.shared.waiting_on_peer_since().is_some_and(|t| t + stall <= now))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in stalled {
+            tracing::debug!(stream_id = id, "no body progress within the stall timeout");
+            self.end_stream(conn, id, Cancel::Stalled(code::H3_REQUEST_CANCELLED));
+        }
+    }
+
+    fn poll_timers(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection, linger_deadline: Option<Instant>) {
         let now = Instant::now();
-        let head_deadline = self.idle_since.map(|t| t + self.settings.request_head_timeout);
-        let drain_deadline = self.draining.and_then(|(_, d)| d);
-        if head_deadline.is_some_and(|d| d <= now) {
-            tracing::debug!("no request within the request head timeout; closing");
-            self.close(conn);
+        let idle_deadline = self
+            .idle_since
+            .filter(|_| self.draining.is_none())
+            .map(|t| t + self.settings.connection_idle_timeout);
+        if idle_deadline.is_some_and(|d| d <= now) {
+            // Close as a graceful shutdown does: GOAWAY, then close once what was answered
+            // is delivered.
+            tracing::debug!("no request within the connection idle timeout; closing");
+            self.start_draining(conn, Some(now + self.settings.graceful_shutdown_timeout));
+            cx.waker().wake_by_ref();
             return;
         }
+        let drain_deadline = self.draining.and_then(|(_, d)| d);
         if drain_deadline.is_some_and(|d| d <= now) {
             tracing::debug!(
                 in_flight = self.streams.len(),
@@ -426,7 +525,32 @@ where
             self.close(conn);
             return;
         }
-        let Some(at) = [head_deadline, drain_deadline].into_iter().flatten().min() else {
+        let due = self.next_stream_check.is_some_and(|at| at <= now);
+        if due {
+            self.check_stream_timers(conn, now);
+        }
+        let settings = &self.settings;
+        let watching = !self.streams.is_empty() || !self.heads_pending.is_empty();
+        self.next_stream_check = if watching {
+            let every = settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT;
+            match self.next_stream_check {
+                Some(at) if !due => Some(at),
+                _ => Some(now + every),
+            }
+        } else {
+            // Idle: one look for heads that never completed, when the first could be late.
+            self.idle_since
+                .map(|t| t + settings.request_head_timeout)
+                .filter(|&at| at > now)
+        };
+        // Every deadline here lies in the future: one in the past would wake the task at
+        // once, forever.
+        let Some(at) = [idle_deadline, drain_deadline, self.next_stream_check, linger_deadline]
+            .into_iter()
+            .flatten()
+            .filter(|&at| at > now)
+            .min()
+        else {
             return;
         };
         if self.timer_at != Some(at) {
@@ -445,6 +569,13 @@ where
         }
     }
 }
+
+/// How many request stream IDs beyond the last head are probed for heads still on the way:
+/// the default limit of concurrent request streams, and a bound on the work per check.
+const MAX_PROBED_STREAMS: usize = 256;
+
+/// How many unused stream IDs in a row end the search for streams without a head.
+const PROBE_GAP: usize = 8;
 
 impl<S, B> stream::StreamOwner for ServerApp<S>
 where
@@ -486,7 +617,7 @@ where
 {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
-            .map_err(|e| Error::application(stream::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
+            .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
         Ok(())
     }
@@ -502,17 +633,30 @@ where
             self.start_draining(conn, deadline);
         }
         stream::StreamOwner::run_rounds(self, cx, conn)?;
+        if self.closing {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut linger_deadline = None;
         if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() {
-            self.lingering.retain(|&id| stream::stream_alive(conn, id));
+            self.lingering
+                .retain(|&(id, since)| Self::still_delivering(conn, id, since, now));
             if self.lingering.is_empty() {
                 tracing::debug!("no request in flight after GOAWAY; closing");
                 self.close(conn);
                 return Ok(());
             }
+            // Streams the peer has not finished stop counting then: look again.
+            linger_deadline = self
+                .lingering
+                .iter()
+                .map(|&(_, since)| since + LINGER_UNFINISHED)
+                .filter(|&at| at > now)
+                .min();
         } else if self.lingering.len() > 64 {
-            self.lingering.retain(|&id| stream::stream_alive(conn, id));
+            self.lingering.retain(|&(id, _)| stream::stream_alive(conn, id));
         }
-        self.poll_timers(cx, conn);
+        self.poll_timers(cx, conn, linger_deadline);
         Ok(())
     }
 
@@ -520,17 +664,7 @@ where
         // Whatever is still in flight ends here: bodies see the connection gone.
         for (_, entry) in self.streams.drain() {
             entry.abort.abort();
-            entry.shared.update(|s| {
-                if !s.recv_fin && s.recv_error.is_none() {
-                    s.recv_error = Some(stream::RecvError::Closed);
-                }
-                s.cancelled.get_or_insert(code::H3_REQUEST_CANCELLED);
-                stream::wake_reader(s);
-                if let Some(w) = s.send_waker.take() {
-                    w.wake();
-                }
-                ((), false)
-            });
+            entry.shared.cancel(Cancel::ConnectionClosed);
         }
         if let Some(error) = error {
             tracing::debug!(%error, "HTTP/3 connection closed");

@@ -10,10 +10,11 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::body::RecvBody;
 use crate::error::BoxError;
-use crate::headers::response_fields;
-use crate::stream::{StreamShared, code};
+use crate::h3::body::{RecvBody, pump_body};
+use crate::h3::codes as code;
+use crate::h3::fields::response_fields;
+use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
 where
@@ -46,5 +47,5 @@ where
     if end {
         return;
     }
-    crate::stream::pump_body(body, &stream).await;
+    pump_body(body, &stream).await;
 }

@@ -44,12 +44,12 @@ use http_body::Body;
 use tokio::sync::{mpsc, watch};
 use tower_service::Service;
 
-use crate::body::RecvBody;
 use crate::error::{BoxError, Error};
+use crate::h3::body::RecvBody;
+use crate::h3::stream::StreamShared;
 use crate::quic::Listener;
-use crate::stream::StreamShared;
 
-pub use crate::headers::Protocol;
+pub use crate::h3::fields::Protocol;
 
 /// Who is on the other end of a request: a request extension (and what a make-service
 /// receives per connection, with no stream ID).
@@ -93,7 +93,7 @@ impl Informational {
                 "{status} is not an informational status HTTP/3 allows"
             )));
         }
-        let fields = crate::headers::response_fields(status, headers, None);
+        let fields = crate::h3::fields::response_fields(status, headers, None);
         self.stream.push_informational(fields)
     }
 }
@@ -102,6 +102,8 @@ impl Informational {
 pub(crate) struct Settings {
     max_header_list_size: usize,
     request_head_timeout: Duration,
+    connection_idle_timeout: Duration,
+    body_stall_timeout: Duration,
     max_requests_per_connection: Option<u64>,
     request_body_buffer: usize,
     response_body_buffer: usize,
@@ -109,9 +111,13 @@ pub(crate) struct Settings {
     h3_config: quiche::h3::Config,
 }
 
-/// Hard limit on a header section that quiche decodes at all; beyond it the connection
-/// fails with H3_EXCESSIVE_LOAD. Below it, sections over `max_header_list_size` get 431.
-const HARD_HEADER_SECTION_LIMIT: u64 = 1024 * 1024;
+/// The smallest hard limit on a field section that quiche decodes at all (advertised as
+/// SETTINGS_MAX_FIELD_SECTION_SIZE); beyond it the stream fails. Sections between
+/// `max_header_list_size` and the hard limit (four times it, at least this) get a 431
+/// response, which tells a client more than a reset would. It also bounds what a peer can
+/// park in partial heads: at most this much per concurrent request stream, for at most the
+/// request head timeout.
+const MIN_HARD_FIELD_SECTION_LIMIT: u64 = 64 * 1024;
 
 /// Settings of an HTTP/3 server, each with a documented default.
 ///
@@ -124,6 +130,8 @@ const HARD_HEADER_SECTION_LIMIT: u64 = 1024 * 1024;
 pub struct Builder {
     max_header_list_size: usize,
     request_head_timeout: Duration,
+    connection_idle_timeout: Duration,
+    body_stall_timeout: Duration,
     max_requests_per_connection: Option<u64>,
     request_body_buffer: usize,
     response_body_buffer: usize,
@@ -133,8 +141,10 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
-            max_header_list_size: 64 * 1024,
-            request_head_timeout: Duration::from_secs(30),
+            max_header_list_size: 16 * 1024,
+            request_head_timeout: Duration::from_secs(10),
+            connection_idle_timeout: Duration::from_secs(30),
+            body_stall_timeout: Duration::from_secs(30),
             max_requests_per_connection: None,
             request_body_buffer: 64 * 1024,
             response_body_buffer: 64 * 1024,
@@ -151,17 +161,40 @@ impl Builder {
 
     /// The largest request header section, counted as RFC 9114 §4.2.2 does (the sum of
     /// name, value and 32 bytes per field). Larger requests get `431 Request Header Fields
-    /// Too Large`. Defaults to 64 KiB.
+    /// Too Large`; the same limit holds for trailer sections (a larger one resets the
+    /// stream with H3_MESSAGE_ERROR). Defaults to 16 KiB, as hyper's: real request heads
+    /// are a few KiB, and a peer can park this much in each unfinished head.
     pub fn max_header_list_size(mut self, bytes: usize) -> Self {
         self.max_header_list_size = bytes;
         self
     }
 
-    /// How long a connection with no request in flight may go without a complete request
-    /// head before it is closed (this also bounds a client that trickles a head in).
-    /// Defaults to 30 s.
+    /// How long each request stream may take to deliver its complete head, counted from
+    /// when the server first sees the stream; a late one is reset with
+    /// `H3_REQUEST_REJECTED`. Bounds a client that trickles heads in (slowloris), whatever
+    /// else is in flight on its connection. Defaults to 10 s: a head is one flight of
+    /// packets, and an edge should not hold a half-sent one much longer.
     pub fn request_head_timeout(mut self, timeout: Duration) -> Self {
-        self.request_head_timeout = timeout;
+        self.request_head_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How long a connection may go with no request in flight before the server sends
+    /// GOAWAY and closes it gracefully. Defaults to 30 s, the QUIC idle timeout's default:
+    /// long enough for a browser to reuse the connection for its next page.
+    pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
+        self.connection_idle_timeout = timeout;
+        self
+    }
+
+    /// How long a request may make no progress while the client owes bytes: body bytes
+    /// for a handler that waits for them, or flow-control credit for a response that is
+    /// ready to go. Past it the stream is reset with `H3_REQUEST_CANCELLED` and the
+    /// handler's body read fails with an error whose `is_timeout()` is true. Time a
+    /// handler spends working, or a slow reader, does not count. Defaults to 30 s (nginx
+    /// allows 60 s between two reads of a body or two writes of a response).
+    pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.body_stall_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
@@ -196,10 +229,15 @@ impl Builder {
     fn settings(&self) -> Result<Arc<Settings>, Error> {
         let mut h3_config = quiche::h3::Config::new()
             .map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
-        h3_config.set_max_field_section_size(HARD_HEADER_SECTION_LIMIT.max(self.max_header_list_size as u64));
+        let hard_limit = (self.max_header_list_size as u64)
+            .saturating_mul(4)
+            .max(MIN_HARD_FIELD_SECTION_LIMIT);
+        h3_config.set_max_field_section_size(hard_limit);
         Ok(Arc::new(Settings {
             max_header_list_size: self.max_header_list_size,
             request_head_timeout: self.request_head_timeout,
+            connection_idle_timeout: self.connection_idle_timeout,
+            body_stall_timeout: self.body_stall_timeout,
             max_requests_per_connection: self.max_requests_per_connection,
             request_body_buffer: self.request_body_buffer,
             response_body_buffer: self.response_body_buffer,

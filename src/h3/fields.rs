@@ -1,7 +1,7 @@
 //! Pure conversions between HTTP/3 field lists and `http` heads, with the validation
 //! RFC 9114 §4.2 and §4.3 require. Nothing here touches a connection.
 
-use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use quiche::h3::{Header, NameValue};
 
@@ -41,7 +41,44 @@ fn regular_field(headers: &mut HeaderMap, name: &[u8], value: &[u8]) -> Result<(
     }
     let name = HeaderName::from_bytes(name).map_err(|_| Malformed("invalid field name"))?;
     let value = HeaderValue::from_bytes(value).map_err(|_| Malformed("invalid field value"))?;
-    headers.append(name, value);
+    // The peer decides how many fields there are: `append` would panic past the map's
+    // limit (32,768 entries).
+    headers
+        .try_append(name, value)
+        .map_err(|_| Malformed("too many fields"))?;
+    Ok(())
+}
+
+/// Collects the regular fields of a section into a header map; the map grows with the
+/// fields, never to a capacity the peer names.
+fn regular_fields<'a>(fields: impl Iterator<Item = &'a Header>) -> Result<HeaderMap, Malformed> {
+    let mut headers = HeaderMap::new();
+    for field in fields {
+        if field.name().starts_with(b":") {
+            return Err(Malformed("pseudo-header field after a regular field, or in trailers"));
+        }
+        regular_field(&mut headers, field.name(), field.value())?;
+    }
+    Ok(headers)
+}
+
+/// Joins `cookie` crumbs into one field with "; " (RFC 9114 §4.2.1): HTTP/3 clients may
+/// split a cookie header into one field per crumb, and services written for HTTP/1.1 read
+/// one `cookie` value.
+fn join_cookie_crumbs(headers: &mut HeaderMap) -> Result<(), Malformed> {
+    let crumbs = headers.get_all(COOKIE);
+    if crumbs.iter().nth(1).is_none() {
+        return Ok(());
+    }
+    let mut joined = Vec::new();
+    for (i, crumb) in crumbs.iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    let value = HeaderValue::from_bytes(&joined).map_err(|_| Malformed("invalid cookie field"))?;
+    headers.insert(COOKIE, value);
     Ok(())
 }
 
@@ -49,11 +86,13 @@ fn regular_field(headers: &mut HeaderMap, name: &[u8], value: &[u8]) -> Result<(
 pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malformed> {
     let mut length = None;
     for value in headers.get_all(CONTENT_LENGTH) {
-        let parsed = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or(Malformed("invalid content-length"))?;
+        // Digits only (RFC 9110 §8.6): `u64::from_str` would also take "+0", which another
+        // hop may read differently (request smuggling).
+        let digits = value.as_bytes();
+        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+            return Err(Malformed("invalid content-length"));
+        }
+        let parsed = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
         if length.is_some_and(|l| l != parsed) {
             return Err(Malformed("conflicting content-length values"));
         }
@@ -72,14 +111,12 @@ pub(crate) struct RequestHead {
 /// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
 pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malformed> {
     let (mut method, mut scheme, mut authority, mut path, mut protocol) = (None, None, None, None, None);
-    let mut headers = HeaderMap::with_capacity(list.len());
-    let mut regular_seen = false;
-    for field in list {
+    let pseudo_count = list.iter().take_while(|f| f.name().starts_with(b":")).count();
+    let (pseudo_fields, regular) = list.split_at(pseudo_count);
+    let mut headers = regular_fields(regular.iter())?;
+    for field in pseudo_fields {
         let (name, value) = (field.name(), field.value());
         if let Some(pseudo) = name.strip_prefix(b":") {
-            if regular_seen {
-                return Err(Malformed("pseudo-header field after a regular field"));
-            }
             let slot = match pseudo {
                 b"method" => &mut method,
                 b"scheme" => &mut scheme,
@@ -93,10 +130,21 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             if slot.replace(value).is_some() {
                 return Err(Malformed("repeated pseudo-header field"));
             }
-        } else {
-            regular_seen = true;
-            regular_field(&mut headers, name, value)?;
         }
+    }
+    join_cookie_crumbs(&mut headers)?;
+    if authority.is_some_and(|a| a.contains(&b'@')) {
+        // RFC 9114 §4.3.1: the authority MUST NOT include the userinfo subcomponent.
+        return Err(Malformed(":authority with userinfo"));
+    }
+    let mut hosts = headers.get_all(HOST).iter();
+    let host = hosts.next().map(HeaderValue::as_bytes);
+    if hosts.next().is_some() {
+        // RFC 9110 §7.2: more than one host is invalid; two hops may pick different ones.
+        return Err(Malformed("more than one host field"));
+    }
+    if host.is_some_and(|h| h.contains(&b'@')) {
+        return Err(Malformed("host with userinfo"));
     }
     let method =
         Method::from_bytes(method.ok_or(Malformed("missing :method"))?).map_err(|_| Malformed("invalid :method"))?;
@@ -126,7 +174,6 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
         if path == b"*" && method != Method::OPTIONS {
             return Err(Malformed("\"*\" :path outside OPTIONS"));
         }
-        let host = headers.get(HOST).map(HeaderValue::as_bytes);
         let authority = match (authority, host) {
             (Some(a), Some(h)) if a != h => return Err(Malformed(":authority and host differ")),
             (Some([]), _) | (None, Some([])) => return Err(Malformed("empty :authority or host")),
@@ -240,14 +287,7 @@ pub(crate) fn trailer_fields(trailers: &HeaderMap) -> Vec<Header> {
 /// Builds trailers from a trailing HEADERS frame: pseudo-header fields are not allowed there
 /// (RFC 9114 §4.3).
 pub(crate) fn trailers_from_fields(list: &[Header]) -> Result<HeaderMap, Malformed> {
-    let mut trailers = HeaderMap::with_capacity(list.len());
-    for field in list {
-        if field.name().starts_with(b":") {
-            return Err(Malformed("pseudo-header field in trailers"));
-        }
-        regular_field(&mut trailers, field.name(), field.value())?;
-    }
-    Ok(trailers)
+    regular_fields(list.iter())
 }
 
 /// The fields of a request head (client side). Fails when the URI lacks what HTTP/3 needs.
@@ -286,23 +326,18 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
 /// Builds a response head from a HEADERS frame (client side).
 pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malformed> {
     let mut status = None;
-    let mut headers = HeaderMap::with_capacity(list.len());
-    let mut regular_seen = false;
-    for field in list {
+    let pseudo_count = list.iter().take_while(|f| f.name().starts_with(b":")).count();
+    let (pseudo_fields, regular) = list.split_at(pseudo_count);
+    let headers = regular_fields(regular.iter())?;
+    for field in pseudo_fields {
         let (name, value) = (field.name(), field.value());
-        if name.starts_with(b":") {
-            if regular_seen {
-                return Err(Malformed("pseudo-header field after a regular field"));
-            }
+        {
             if name != b":status" {
                 return Err(Malformed("request or unknown pseudo-header field in a response"));
             }
             if status.replace(value).is_some() {
                 return Err(Malformed("repeated :status"));
             }
-        } else {
-            regular_seen = true;
-            regular_field(&mut headers, name, value)?;
         }
     }
     let status = StatusCode::from_bytes(status.ok_or(Malformed("missing :status"))?)

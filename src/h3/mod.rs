@@ -1,0 +1,13 @@
+//! The HTTP/3 layer the server and the client share: field conversion and RFC 9114
+//! validation ([`fields`]), the one per-stream state machine between a connection's task and
+//! a request's handles ([`stream`]), streaming bodies ([`body`]) and error codes
+//! ([`codes`]).
+//!
+//! It sits on quiche's `h3` module and the QUIC layer's `Application` seam; it knows nothing
+//! of servers, clients or services. Every rule about a stream (what ends it, what cancels it,
+//! what wakes whom) lives in [`stream`], so the server and the client cannot drift apart.
+
+pub(crate) mod body;
+pub(crate) mod codes;
+pub(crate) mod fields;
+pub(crate) mod stream;

@@ -1,0 +1,892 @@
+//! The one per-stream state machine of an HTTP/3 request stream, shared by the connection's
+//! task and the handles of one request: the reader of the incoming body
+//! ([`RecvBody`](super::body::RecvBody)) and the producer of the outgoing message (the
+//! server's handler, or the client's request-body pump).
+//!
+//! The state is private; every change goes through a method here, so each rule exists once
+//! for the server and the client alike:
+//!
+//! - **Incoming body.** The connection task reads from quiche only while the buffer has
+//!   room ([`StreamShared::read_from`]), so a slow reader leaves the bytes in quiche and QUIC
+//!   flow control pushes back on the peer. Each read is copied into a chunk of its own exact
+//!   size, and every chunk is charged [`CHUNK_COST`] bytes against the buffer's limit:
+//!   memory follows bytes, not DATA frames, however small the peer makes them. Bytes read
+//!   after the reader went away are discarded but still counted, so a body checked against
+//!   its `content-length` is judged by what the peer sent, not by what the handler read.
+//! - **Outgoing message.** The producer queues heads, body chunks and trailers in a bounded
+//!   outbox; the connection task writes them as the stream's capacity allows
+//!   ([`StreamShared::write_to`]).
+//! - **Ending.** A stream ends normally (FIN both ways) or through [`StreamShared::cancel`],
+//!   the single path for a peer reset, STOP_SENDING, a malformed message, a timeout and a
+//!   closed connection: the reader gets an error (unless its body was complete), the
+//!   producer stops, nothing queued is written.
+//! - **Wake-ups.** Either side wakes the other: the producer and the reader through
+//!   [`ConnNotify`] (the stream is queued once until the connection task looks at it), the
+//!   connection task through the wakers kept here.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Frame, SizeHint};
+use quiche::h3::{self, Header};
+
+use super::codes;
+use super::fields::{self, Malformed};
+use crate::error::{Error, Kind};
+
+/// What each buffered chunk costs beyond its bytes (the `Bytes` handle, its shared header
+/// and the allocator's rounding), charged against the receive buffer's limit so that a peer
+/// sending one-byte DATA frames cannot make the buffer cost many times its limit.
+pub(crate) const CHUNK_COST: usize = 64;
+
+/// The largest single read from quiche into one chunk. Reads go through a per-thread
+/// scratch buffer of this size, so an idle stream holds no read buffer at all.
+const READ_CHUNK: usize = 64 * 1024;
+
+thread_local! {
+    /// Where body bytes land before they are copied into a chunk of their exact size (or
+    /// dropped). Reading never yields, so one buffer per worker thread serves every stream.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Streams whose state changed, for the connection task to look at, and the waker of that
+/// task.
+#[derive(Default)]
+pub(crate) struct ConnNotify {
+    inner: Mutex<NotifyInner>,
+}
+
+#[derive(Default)]
+struct NotifyInner {
+    ready: Vec<u64>,
+    waker: Option<Waker>,
+}
+
+impl ConnNotify {
+    fn lock(&self) -> MutexGuard<'_, NotifyInner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self, stream_id: u64) {
+        let waker = {
+            let mut inner = self.lock();
+            inner.ready.push(stream_id);
+            inner.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Moves the ready streams into `out` and registers the connection task's waker.
+    pub(crate) fn take_ready(&self, cx: &Context<'_>, out: &mut Vec<u64>) {
+        let mut inner = self.lock();
+        std::mem::swap(&mut inner.ready, out);
+        match &inner.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            _ => inner.waker = Some(cx.waker().clone()),
+        }
+    }
+}
+
+/// Why the incoming body failed, as its reader sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RecvError {
+    /// The peer reset its side of the stream with this code.
+    Reset(u64),
+    /// The body did not match its content-length, or its trailers were malformed.
+    Malformed(&'static str),
+    /// Nothing arrived for too long while the peer owed body bytes.
+    TimedOut,
+    /// The connection (or this side of the stream) closed before the body was complete.
+    Closed,
+}
+
+impl RecvError {
+    fn to_error(self) -> Error {
+        match self {
+            RecvError::Reset(code) => Error::new(Kind::Reset)
+                .with_code(code)
+                .with_message("the peer reset the stream"),
+            RecvError::Malformed(why) => Error::new(Kind::Protocol)
+                .with_code(codes::H3_MESSAGE_ERROR)
+                .with_message(why),
+            RecvError::TimedOut => Error::new(Kind::Timeout).with_message("the body stalled: no data arrived in time"),
+            RecvError::Closed => Error::new(Kind::Closed).with_message("the stream closed before the body ended"),
+        }
+    }
+}
+
+/// Why a stream is cancelled: what its reader sees and the code its producer stops with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cancel {
+    /// The peer reset the stream (RESET_STREAM).
+    PeerReset(u64),
+    /// The peer stopped reading what we send (STOP_SENDING).
+    PeerStopped(u64),
+    /// The message broke RFC 9114; the stream is reset with H3_MESSAGE_ERROR.
+    Malformed(&'static str),
+    /// No progress within the stall timeout; the stream is reset with this code.
+    Stalled(u64),
+    /// The connection is gone.
+    ConnectionClosed,
+}
+
+impl Cancel {
+    fn recv_error(self) -> RecvError {
+        match self {
+            Cancel::PeerReset(code) => RecvError::Reset(code),
+            Cancel::Malformed(why) => RecvError::Malformed(why),
+            Cancel::Stalled(_) => RecvError::TimedOut,
+            Cancel::PeerStopped(_) | Cancel::ConnectionClosed => RecvError::Closed,
+        }
+    }
+
+    fn send_code(self) -> u64 {
+        match self {
+            Cancel::PeerReset(code) | Cancel::PeerStopped(code) | Cancel::Stalled(code) => code,
+            Cancel::Malformed(_) => codes::H3_MESSAGE_ERROR,
+            Cancel::ConnectionClosed => codes::H3_REQUEST_CANCELLED,
+        }
+    }
+}
+
+/// What went wrong while reading a stream's body from quiche; the owner decides the
+/// consequence (a stream error, a connection error).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadFailure {
+    /// The body broke its content-length: a malformed message (RFC 9114 §4.1.2).
+    Malformed(&'static str),
+    /// DATA after the trailers: a connection error of type H3_FRAME_UNEXPECTED (RFC 9114
+    /// §4.1).
+    DataAfterTrailers,
+    /// The peer reset the stream.
+    Reset(u64),
+    /// quiche failed the stream otherwise (the connection is going away).
+    Closed,
+}
+
+/// Limits of one stream's buffers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// Bytes (plus [`CHUNK_COST`] per chunk) of incoming body held for the reader.
+    pub(crate) recv_buffer: usize,
+    /// Bytes of outgoing body queued before the producer waits.
+    pub(crate) send_buffer: usize,
+}
+
+struct RecvHalf {
+    chunks: VecDeque<Bytes>,
+    /// What `chunks` costs against `limit`: bytes plus [`CHUNK_COST`] per chunk.
+    held: usize,
+    limit: usize,
+    /// All of the body has been read from quiche.
+    fin: bool,
+    trailers: Option<HeaderMap>,
+    trailers_seen: bool,
+    error: Option<RecvError>,
+    waker: Option<Waker>,
+    /// The reader is gone: whatever arrives is discarded (and counted).
+    reader_dropped: bool,
+    /// quiche holds body bytes we have not read (we stopped at the buffer's limit).
+    pending: bool,
+    /// Body bytes received from the peer, read or discarded.
+    received: u64,
+    content_length: Option<u64>,
+}
+
+impl RecvHalf {
+    fn open(&self) -> bool {
+        !self.fin && self.error.is_none()
+    }
+
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    fn fail(&mut self, error: RecvError) {
+        if self.error.is_none() {
+            self.error = Some(error);
+        }
+        self.wake();
+    }
+}
+
+/// What the producer queued and the connection task has not written yet.
+struct SendHalf {
+    /// 1xx heads, then the final head; each with "fin" (no body follows).
+    heads: VecDeque<(Vec<Header>, bool)>,
+    /// Whether a HEADERS frame went out already (later ones are "additional headers").
+    head_sent: bool,
+    /// The final (non-1xx) head is queued.
+    final_queued: bool,
+    data: VecDeque<Bytes>,
+    data_len: usize,
+    limit: usize,
+    trailers: Option<Vec<Header>>,
+    /// The producer has nothing more: finish the stream after what is queued.
+    fin: bool,
+    /// The stream is fully written (FIN sent) or abandoned.
+    done: bool,
+    /// The producer asks to reset the stream with this code.
+    reset: Option<u64>,
+    /// The stream was cancelled: the producer stops with this code.
+    cancelled: Option<u64>,
+    waker: Option<Waker>,
+}
+
+impl SendHalf {
+    fn wake(&mut self) {
+        if let Some(waker) = self.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Whether bytes wait for the peer's flow-control credit.
+    fn owes_peer(&self) -> bool {
+        !self.done && self.final_queued && (!self.heads.is_empty() || self.data_len > 0 || self.trailers.is_some())
+    }
+
+    fn abandon(&mut self, code: u64) {
+        self.done = true;
+        self.cancelled.get_or_insert(code);
+        self.heads.clear();
+        self.data.clear();
+        self.data_len = 0;
+        self.trailers = None;
+        self.wake();
+    }
+}
+
+struct StreamState {
+    recv: RecvHalf,
+    send: SendHalf,
+    /// When bytes last moved between quiche and this stream, either way.
+    progress_at: Instant,
+    /// Already in the connection's ready list.
+    queued: bool,
+}
+
+/// What writing a stream's outbox achieved.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WriteOutcome {
+    /// More to write later (blocked, or the producer has not finished).
+    Pending,
+    /// Everything is written, FIN included.
+    Complete,
+    /// The stream was reset (by the producer's request) or stopped by the peer.
+    Aborted,
+}
+
+/// One stream's shared state.
+pub(crate) struct StreamShared {
+    /// The stream ID; a client learns it only when the connection opens the stream.
+    id: AtomicU64,
+    notify: Arc<ConnNotify>,
+    state: Mutex<StreamState>,
+}
+
+impl StreamShared {
+    fn with_state(id: u64, notify: Arc<ConnNotify>, limits: Limits, recv_fin: bool, content_length: Option<u64>) -> Self {
+        StreamShared {
+            id: AtomicU64::new(id),
+            notify,
+            state: Mutex::new(StreamState {
+                recv: RecvHalf {
+                    chunks: VecDeque::new(),
+                    held: 0,
+                    limit: limits.recv_buffer.max(1),
+                    fin: recv_fin,
+                    trailers: None,
+                    trailers_seen: false,
+                    error: None,
+                    waker: None,
+                    reader_dropped: false,
+                    pending: false,
+                    received: 0,
+                    content_length,
+                },
+                send: SendHalf {
+                    heads: VecDeque::new(),
+                    head_sent: false,
+                    final_queued: false,
+                    data: VecDeque::new(),
+                    data_len: 0,
+                    limit: limits.send_buffer.max(1),
+                    trailers: None,
+                    fin: false,
+                    done: false,
+                    reset: None,
+                    cancelled: None,
+                    waker: None,
+                },
+                progress_at: Instant::now(),
+                queued: false,
+            }),
+        }
+    }
+
+    /// A request the server received: its head came with the stream; `recv_fin` when no
+    /// body follows.
+    pub(crate) fn new_incoming(
+        id: u64,
+        notify: Arc<ConnNotify>,
+        limits: Limits,
+        content_length: Option<u64>,
+        recv_fin: bool,
+    ) -> Arc<Self> {
+        Arc::new(Self::with_state(id, notify, limits, recv_fin, content_length))
+    }
+
+    /// A request the client sends: the connection writes its head itself, so the outbox
+    /// holds only the body and trailers. Its ID is set when the stream opens.
+    pub(crate) fn new_outgoing(notify: Arc<ConnNotify>, limits: Limits, body_follows: bool) -> Arc<Self> {
+        let shared = Self::with_state(u64::MAX, notify, limits, false, None);
+        {
+            let s = &mut shared.lock().send;
+            s.final_queued = true;
+            s.head_sent = true;
+            s.fin = !body_follows;
+            // Without a body the head carried FIN: nothing is left to write.
+            s.done = !body_follows;
+        }
+        Arc::new(shared)
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.id.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_id(&self, id: u64) {
+        self.id.store(id, Ordering::Release);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` on the state; wakes the connection task (once until it looks) if `f` says
+    /// the stream needs it.
+    fn update<R>(&self, f: impl FnOnce(&mut StreamState) -> (R, bool)) -> R {
+        let (result, wake) = {
+            let mut state = self.lock();
+            let (result, wake) = f(&mut state);
+            let first = wake && !state.queued;
+            state.queued |= wake;
+            (result, first)
+        };
+        if wake {
+            self.notify.notify(self.id());
+        }
+        result
+    }
+
+    // ---- the reader's side (RecvBody) ----
+
+    /// The next frame of the incoming body: data, then trailers, then the end.
+    pub(crate) fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        self.update(|s| {
+            let r = &mut s.recv;
+            if let Some(chunk) = r.chunks.pop_front() {
+                r.held -= chunk.len() + CHUNK_COST;
+                // The connection stopped reading at the buffer's limit: there is room now.
+                return (Poll::Ready(Some(Ok(Frame::data(chunk)))), r.pending);
+            }
+            if let Some(error) = r.error {
+                return (Poll::Ready(Some(Err(error.to_error()))), false);
+            }
+            if r.fin {
+                return match r.trailers.take() {
+                    Some(trailers) => (Poll::Ready(Some(Ok(Frame::trailers(trailers)))), false),
+                    None => (Poll::Ready(None), false),
+                };
+            }
+            r.waker = Some(cx.waker().clone());
+            (Poll::Pending, false)
+        })
+    }
+
+    pub(crate) fn recv_is_end(&self) -> bool {
+        let s = self.lock();
+        s.recv.fin && s.recv.chunks.is_empty() && s.recv.trailers.is_none() && s.recv.error.is_none()
+    }
+
+    pub(crate) fn recv_size_hint(&self) -> SizeHint {
+        let s = self.lock();
+        let buffered: u64 = s.recv.chunks.iter().map(|c| c.len() as u64).sum();
+        match s.recv.content_length {
+            Some(len) => SizeHint::with_exact(len.saturating_sub(s.recv.received) + buffered),
+            None => SizeHint::default(),
+        }
+    }
+
+    /// The reader is gone: the connection discards the rest of the body (still counting it
+    /// against its content-length).
+    pub(crate) fn drop_reader(&self) {
+        self.update(|s| {
+            let r = &mut s.recv;
+            r.reader_dropped = true;
+            r.chunks.clear();
+            r.held = 0;
+            r.waker = None;
+            r.trailers = None;
+            ((), r.open())
+        });
+    }
+
+    // ---- the producer's side ----
+
+    /// Ready when the outbox has room for another chunk; an error once the stream was
+    /// cancelled or reset.
+    pub(crate) fn poll_send_room(&self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut state = self.lock();
+        let s = &mut state.send;
+        if let Some(code) = s.cancelled {
+            return Poll::Ready(Err(Error::new(Kind::Reset)
+                .with_code(code)
+                .with_message("the stream was stopped or reset")));
+        }
+        if s.data_len < s.limit {
+            return Poll::Ready(Ok(()));
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
+    /// Queues a 1xx head; refused once the final head is queued.
+    pub(crate) fn push_informational(&self, fields: Vec<Header>) -> Result<(), Error> {
+        self.update(|s| {
+            if s.send.final_queued || s.send.done {
+                let error = Error::new(Kind::Closed).with_message("the final response head is already on its way");
+                return (Err(error), false);
+            }
+            s.send.heads.push_back((fields, false));
+            (Ok(()), true)
+        })
+    }
+
+    /// Queues the final head; `fin` when no body follows.
+    pub(crate) fn push_head(&self, fields: Vec<Header>, fin: bool) {
+        self.update(|s| {
+            if s.send.done {
+                return ((), false);
+            }
+            s.send.final_queued = true;
+            s.send.heads.push_back((fields, fin));
+            s.send.fin |= fin;
+            ((), true)
+        })
+    }
+
+    pub(crate) fn push_data(&self, data: Bytes) {
+        self.update(|s| {
+            if s.send.done {
+                return ((), false);
+            }
+            s.send.data_len += data.len();
+            s.send.data.push_back(data);
+            ((), true)
+        })
+    }
+
+    pub(crate) fn push_trailers(&self, fields: Vec<Header>) {
+        self.update(|s| {
+            if s.send.done {
+                return ((), false);
+            }
+            s.send.trailers = Some(fields);
+            s.send.fin = true;
+            ((), true)
+        })
+    }
+
+    pub(crate) fn finish(&self) {
+        self.update(|s| {
+            s.send.fin = true;
+            ((), !s.send.done)
+        })
+    }
+
+    /// Asks the connection to abandon the stream with `code` (the producer failed, or the
+    /// requester gave up): what is unsent is reset, and a body still arriving is stopped.
+    pub(crate) fn reset(&self, code: u64) {
+        self.update(|s| {
+            if s.send.cancelled.is_some() || (s.send.done && !s.recv.open()) {
+                return ((), false);
+            }
+            s.send.reset.get_or_insert(code);
+            ((), true)
+        })
+    }
+
+    /// Whether the producer asked for a reset the connection has not acted on yet.
+    pub(crate) fn reset_requested(&self) -> bool {
+        self.lock().send.reset.is_some()
+    }
+
+    /// Whether the outgoing side is fully written or abandoned.
+    pub(crate) fn send_done(&self) -> bool {
+        self.lock().send.done
+    }
+
+    // ---- the connection task's side ----
+
+    /// The connection task looks at the stream now: later changes queue it again.
+    pub(crate) fn take_queued(&self) {
+        self.lock().queued = false;
+    }
+
+    /// Reads the body from quiche into the buffer while it has room, or discards it when the
+    /// reader is gone; counts every byte against the content-length.
+    pub(crate) fn read_from(
+        &self,
+        h3: &mut h3::Connection,
+        conn: &mut quiche::Connection,
+        id: u64,
+    ) -> Result<(), ReadFailure> {
+        let mut state = self.lock();
+        let s = &mut *state;
+        let r = &mut s.recv;
+        r.pending = true;
+        if r.error.is_some() {
+            // Failed already: quiche's bytes are of no use to anyone.
+            discard(h3, conn, id);
+            r.pending = false;
+            return Ok(());
+        }
+        let mut woke = false;
+        let result = SCRATCH.with_borrow_mut(|scratch| {
+            if scratch.is_empty() {
+                scratch.resize(READ_CHUNK, 0);
+            }
+            loop {
+                let room = if r.reader_dropped {
+                    READ_CHUNK
+                } else {
+                    r.limit.saturating_sub(r.held + CHUNK_COST).min(READ_CHUNK)
+                };
+                if room == 0 {
+                    return Ok(());
+                }
+                match h3.recv_body(conn, id, &mut scratch[..room]) {
+                    Ok(n) => {
+                        if r.trailers_seen {
+                            return Err(ReadFailure::DataAfterTrailers);
+                        }
+                        r.received += n as u64;
+                        if r.content_length.is_some_and(|len| r.received > len) {
+                            return Err(ReadFailure::Malformed("the body is longer than its content-length"));
+                        }
+                        if !r.reader_dropped {
+                            r.chunks.push_back(Bytes::copy_from_slice(&scratch[..n]));
+                            r.held += n + CHUNK_COST;
+                            woke = true;
+                        }
+                        s.progress_at = Instant::now();
+                    }
+                    Err(h3::Error::Done) => {
+                        r.pending = false;
+                        return Ok(());
+                    }
+                    Err(h3::Error::TransportError(quiche::Error::StreamReset(code))) => {
+                        return Err(ReadFailure::Reset(code));
+                    }
+                    Err(h3::Error::FrameUnexpected) => return Err(ReadFailure::DataAfterTrailers),
+                    Err(_) => return Err(ReadFailure::Closed),
+                }
+            }
+        });
+        if woke {
+            r.wake();
+        }
+        result
+    }
+
+    /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
+    /// §4.2.2 counting). An error is a malformed message.
+    pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), Malformed> {
+        let trailers = if fields::section_size(list) > max_size {
+            Err(Malformed("the trailer section is larger than the field-section limit"))
+        } else {
+            fields::trailers_from_fields(list)
+        };
+        let mut state = self.lock();
+        let r = &mut state.recv;
+        if r.trailers_seen {
+            return Err(Malformed("a second trailer section"));
+        }
+        r.trailers_seen = true;
+        let trailers = trailers?;
+        if !r.reader_dropped {
+            r.trailers = Some(trailers);
+        }
+        Ok(())
+    }
+
+    /// The peer finished its side: the body is complete, and must match its
+    /// content-length.
+    pub(crate) fn on_finished(&self) -> Result<(), Malformed> {
+        let mut state = self.lock();
+        let r = &mut state.recv;
+        if !r.open() {
+            return Ok(());
+        }
+        r.fin = true;
+        r.pending = false;
+        r.wake();
+        if r.content_length.is_some_and(|len| len != r.received) {
+            return Err(Malformed("the body is shorter than its content-length"));
+        }
+        Ok(())
+    }
+
+    /// The length the incoming body must have (a client learns it from the response head).
+    pub(crate) fn expect_content_length(&self, length: Option<u64>) {
+        self.lock().recv.content_length = length;
+    }
+
+    /// Writes what the outbox holds, as far as the stream's capacity allows; notices
+    /// STOP_SENDING from the peer.
+    pub(crate) fn write_to(&self, h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64) -> WriteOutcome {
+        let mut state = self.lock();
+        let s = &mut *state;
+        if let Some(code) = s.send.reset.take() {
+            if !s.send.done {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+            }
+            if s.recv.open() {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+                s.recv.fail(RecvError::Closed);
+                s.recv.pending = false;
+            }
+            s.send.abandon(code);
+            return WriteOutcome::Aborted;
+        }
+        if s.send.done {
+            return if s.send.cancelled.is_some() {
+                WriteOutcome::Aborted
+            } else {
+                WriteOutcome::Complete
+            };
+        }
+        let before = s.send.data_len;
+        let heads_before = s.send.heads.len();
+        let outcome = write_queued(h3, conn, id, &mut s.send);
+        if s.send.data_len < before || s.send.heads.len() < heads_before {
+            s.progress_at = Instant::now();
+        }
+        if s.send.data_len < before && s.send.data_len < s.send.limit {
+            s.send.wake();
+        }
+        match outcome {
+            Ok(true) => {
+                s.send.done = true;
+                WriteOutcome::Complete
+            }
+            Ok(false) => {
+                if let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id) {
+                    // STOP_SENDING arrived while we had nothing to write: quiche reset our
+                    // side already; the producer stops.
+                    drop(state);
+                    self.cancel(Cancel::PeerStopped(code));
+                    return WriteOutcome::Aborted;
+                }
+                WriteOutcome::Pending
+            }
+            Err(code) => {
+                drop(state);
+                self.cancel(Cancel::PeerStopped(code));
+                WriteOutcome::Aborted
+            }
+        }
+    }
+
+    /// Ends the stream for both local parties: the reader sees `why` (unless its body was
+    /// complete), the producer stops, and nothing more is written. Idempotent: the first
+    /// reason wins.
+    pub(crate) fn cancel(&self, why: Cancel) {
+        let mut state = self.lock();
+        if state.recv.open() {
+            state.recv.fail(why.recv_error());
+        }
+        if !state.send.done {
+            state.send.abandon(why.send_code());
+        }
+    }
+
+    /// Stops receiving (STOP_SENDING with `code`) if the body is still arriving; the reader,
+    /// if any, sees the body end with an error. Returns whether it stopped anything.
+    pub(crate) fn stop_receiving(&self, conn: &mut quiche::Connection, id: u64, code: u64) -> bool {
+        let mut state = self.lock();
+        if !state.recv.open() {
+            return false;
+        }
+        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+        state.recv.fail(RecvError::Closed);
+        state.recv.pending = false;
+        true
+    }
+
+    /// Whether the connection needs nothing more from quiche for the incoming body: it is
+    /// complete, failed, or nobody will read it.
+    pub(crate) fn recv_settled(&self) -> bool {
+        let s = self.lock();
+        !s.recv.open() || s.recv.reader_dropped
+    }
+
+    /// Whether quiche holds unread body bytes, or the reader is gone while the body still
+    /// arrives: the connection has reading to do.
+    pub(crate) fn wants_read(&self) -> bool {
+        let s = self.lock();
+        s.recv.pending || (s.recv.reader_dropped && s.recv.open())
+    }
+
+    /// Whether the reader went away before the body was complete.
+    pub(crate) fn reader_gone_early(&self) -> bool {
+        let s = self.lock();
+        s.recv.reader_dropped && s.recv.open()
+    }
+
+    /// Since when the stream has been waiting on the peer: body bytes owed to a reader with
+    /// room, or queued bytes the peer's flow control holds back. `None` while the stream
+    /// waits on us (the handler is working, the reader is slow).
+    pub(crate) fn waiting_on_peer_since(&self) -> Option<Instant> {
+        let s = self.lock();
+        let recv_owed = s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit);
+        let send_owed = s.send.owes_peer();
+        (recv_owed || send_owed).then_some(s.progress_at)
+    }
+}
+
+/// Ok(true): all written with FIN; Ok(false): blocked or waiting for the producer;
+/// Err(code): the peer stopped the stream.
+fn write_queued(
+    h3: &mut h3::Connection,
+    conn: &mut quiche::Connection,
+    id: u64,
+    out: &mut SendHalf,
+) -> Result<bool, u64> {
+    let stopped = |e: &h3::Error| match e {
+        h3::Error::TransportError(quiche::Error::StreamStopped(code)) => Some(*code),
+        _ => None,
+    };
+    while let Some((fields, fin)) = out.heads.front() {
+        let result = if out.head_sent {
+            h3.send_additional_headers(conn, id, fields, false, *fin)
+        } else {
+            h3.send_response(conn, id, fields, *fin)
+        };
+        match result {
+            Ok(()) => {
+                out.head_sent = true;
+                let (_, fin) = out.heads.pop_front().expect("front exists");
+                if fin {
+                    return Ok(true);
+                }
+            }
+            Err(e) => return stopped(&e).map_or(Ok(false), Err),
+        }
+    }
+    if !out.final_queued {
+        return Ok(false);
+    }
+    while !out.data.is_empty() {
+        let last = out.data.len() == 1 && out.fin && out.trailers.is_none();
+        let chunk = out.data.front_mut().expect("not empty");
+        match h3.send_body(conn, id, chunk, last) {
+            Ok(n) => {
+                out.data_len -= n;
+                if n < chunk.len() {
+                    chunk.advance(n);
+                    return Ok(false);
+                }
+                out.data.pop_front();
+                if last {
+                    return Ok(true);
+                }
+            }
+            Err(e) => return stopped(&e).map_or(Ok(false), Err),
+        }
+    }
+    if let Some(fields) = &out.trailers {
+        return match h3.send_additional_headers(conn, id, fields, true, true) {
+            Ok(()) => Ok(true),
+            Err(e) => stopped(&e).map_or(Ok(false), Err),
+        };
+    }
+    if out.fin {
+        return match h3.send_body(conn, id, &[], true) {
+            Ok(_) => Ok(true),
+            Err(e) => stopped(&e).map_or(Ok(false), Err),
+        };
+    }
+    Ok(false)
+}
+
+/// Reads and drops whatever body data quiche holds for a stream nobody tracks (refused, or
+/// already answered).
+pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64) {
+    SCRATCH.with_borrow_mut(|buf| {
+        if buf.is_empty() {
+            buf.resize(READ_CHUNK, 0);
+        }
+        while matches!(h3.recv_body(conn, id, buf), Ok(n) if n > 0) {}
+    });
+}
+
+/// Whether quiche still holds a stream: data not yet sent or acknowledged, or a side not
+/// finished. quiche forgets a stream once both directions are complete, and closing the
+/// connection before then would discard what it still had to deliver.
+pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
+    !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
+}
+
+/// The per-turn work of a connection's HTTP/3 side, shared by the server and the client:
+/// take in events, run the tasks that live in the connection (request handlers, body
+/// pumps), and move data for the streams they touched.
+pub(crate) trait StreamOwner {
+    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error>;
+    /// Polls the futures that run inside the connection's task.
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection);
+    fn notify(&self) -> &ConnNotify;
+    /// A reusable list for the ready stream IDs.
+    fn ready_buf(&mut self) -> &mut Vec<u64>;
+    fn is_tracked(&self, id: u64) -> bool;
+    /// Moves data between quiche and the stream's shared state, both ways.
+    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64);
+
+    /// Bounded: each round serves what the previous one made ready. Events are polled every
+    /// round because reading a stream's last bytes queues its `Finished` event in quiche, and
+    /// no packet may come to trigger another round. Then the streams that were blocked and
+    /// have room again, or that the peer stopped.
+    fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+        for _ in 0..8 {
+            self.poll_events(conn)?;
+            self.poll_tasks(cx, conn);
+            let mut ready = std::mem::take(self.ready_buf());
+            self.notify().take_ready(cx, &mut ready);
+            let done = ready.is_empty();
+            for &id in &ready {
+                self.service_stream(conn, id);
+            }
+            ready.clear();
+            *self.ready_buf() = ready;
+            if done {
+                break;
+            }
+        }
+        for id in conn.writable() {
+            if self.is_tracked(id) {
+                self.service_stream(conn, id);
+            }
+        }
+        Ok(())
+    }
+}
