@@ -74,6 +74,6 @@ pub mod server;
 mod socket;
 pub mod tls;
 
-pub use h3::body::RecvBody;
 pub use error::{BoxError, Error};
+pub use h3::body::RecvBody;
 pub use quiche;

@@ -22,13 +22,13 @@ use quiche::h3;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
-use crate::h3::body::{RecvBody, pump_body};
 use crate::conn::{Application, ConnectionHandle};
 use crate::error::{BoxError, Error, Kind};
+use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
 use crate::h3::fields::{request_fields, response_from_fields};
-use crate::quic::Endpoint;
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
+use crate::quic::Endpoint;
 
 /// How many submitted requests may wait for stream credit on one connection.
 const SUBMIT_QUEUE: usize = 1024;
@@ -573,7 +573,10 @@ impl ClientApp {
                 reply,
             } = self.waiting.take().expect("present");
             shared.set_id(id);
-            let head_request = request.fields.first().is_some_and(|f| h3::NameValue::value(f) == b"HEAD");
+            let head_request = request
+                .fields
+                .first()
+                .is_some_and(|f| h3::NameValue::value(f) == b"HEAD");
             self.status.update(|s| {
                 s.outstanding = s.outstanding.saturating_sub(1);
                 s.in_flight += 1;

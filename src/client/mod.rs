@@ -32,8 +32,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use tower_service::Service;
 
-use crate::h3::body::RecvBody;
 use crate::error::{BoxError, Error, Kind};
+use crate::h3::body::RecvBody;
 use crate::quic::{Config, ConfigBuilder, Endpoint};
 use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
 

@@ -551,4 +551,59 @@ mod tests {
         assert_eq!(resp.status(), 404);
         assert!(response_from_fields(&fields(&[("a", "b")])).is_err());
     }
+
+    #[test]
+    fn smuggling_prone_heads_are_malformed() {
+        let with = |extra: &[(&str, &str)]| {
+            let mut pairs: Vec<(&str, String)> = get("/").into_iter().collect();
+            pairs.extend(extra.iter().map(|(n, v)| (*n, v.to_string())));
+            let list: Vec<Header> = pairs
+                .iter()
+                .map(|(n, v)| Header::new(n.as_bytes(), v.as_bytes()))
+                .collect();
+            request_from_fields(&list)
+        };
+        assert!(with(&[("host", "example.com"), ("host", "evil.example")]).is_err());
+        assert!(with(&[("content-length", "+0")]).is_err());
+        assert!(with(&[("content-length", " 1")]).is_err());
+        assert!(with(&[("content-length", "99999999999999999999")]).is_err());
+        assert_eq!(with(&[("content-length", "0010")]).unwrap().content_length, Some(10));
+        let userinfo = fields(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "user:pw@example.com"),
+            (":path", "/"),
+        ]);
+        assert!(request_from_fields(&userinfo).is_err());
+    }
+
+    #[test]
+    fn cookie_crumbs_are_joined_into_one_field() {
+        let mut list = fields(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "example.com"),
+            (":path", "/"),
+        ]);
+        list.extend(fields(&[("cookie", "a=1"), ("cookie", "b=2"), ("cookie", "c=3")]));
+        let head = request_from_fields(&list).unwrap();
+        let cookies: Vec<_> = head.request.headers().get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+    }
+
+    #[test]
+    fn more_fields_than_a_header_map_holds_are_malformed_not_a_panic() {
+        let list: Vec<Header> = (0..40_000)
+            .map(|i| Header::new(format!("x-{i}").as_bytes(), b"v"))
+            .collect();
+        assert!(trailers_from_fields(&list).is_err());
+        let mut request = fields(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "example.com"),
+            (":path", "/"),
+        ]);
+        request.extend(list);
+        assert!(request_from_fields(&request).is_err());
+    }
 }

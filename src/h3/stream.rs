@@ -294,7 +294,13 @@ pub(crate) struct StreamShared {
 }
 
 impl StreamShared {
-    fn with_state(id: u64, notify: Arc<ConnNotify>, limits: Limits, recv_fin: bool, content_length: Option<u64>) -> Self {
+    fn with_state(
+        id: u64,
+        notify: Arc<ConnNotify>,
+        limits: Limits,
+        recv_fin: bool,
+        content_length: Option<u64>,
+    ) -> Self {
         StreamShared {
             id: AtomicU64::new(id),
             notify,

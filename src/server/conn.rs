@@ -48,6 +48,11 @@ struct Entry {
 /// never does must not hold the connection open until the idle timeout.
 const LINGER_UNFINISHED: Duration = Duration::from_secs(1);
 
+/// How long after sending GOAWAY a connection waits at least before it closes: two round
+/// trips, within these bounds, give the GOAWAY time to leave and usually to arrive.
+const GOAWAY_GRACE_MIN: Duration = Duration::from_millis(1);
+const GOAWAY_GRACE_MAX: Duration = Duration::from_millis(200);
+
 /// How often the per-stream timers (request head, body stall) are checked while requests
 /// are in flight, as a fraction of the shortest of them: a stream is cut off between one
 /// and 1.25 times its timeout, and a busy connection does not scan its streams every turn.
@@ -66,6 +71,9 @@ pub(crate) struct ServerApp<S> {
     shutdown: Pin<Box<dyn Future<Output = Option<Instant>> + Send>>,
     /// GOAWAY sent: the stream ID from which requests are refused, and the deadline.
     draining: Option<(u64, Option<Instant>)>,
+    /// A close comes no sooner than this after our GOAWAY, so the GOAWAY leaves in a packet
+    /// of its own first (closing discards what quiche has not sent).
+    close_not_before: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
     /// Request streams quiche holds whose head has not arrived yet, since when we know of
@@ -113,6 +121,7 @@ where
             ready: Vec::new(),
             shutdown,
             draining: None,
+            close_not_before: None,
             next_stream: 0,
             heads_pending: HashMap::new(),
             peer_goaway: false,
@@ -216,7 +225,8 @@ where
             recv_buffer: self.settings.request_body_buffer,
             send_buffer: self.settings.response_body_buffer,
         };
-        let shared = StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
+        let shared =
+            StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
         let mut request = head.request.map(|()| {
             if more_frames {
                 RecvBody::new(Arc::clone(&shared))
@@ -468,6 +478,8 @@ where
         if let Some(h3) = self.h3.as_mut() {
             let _ = h3.send_goaway(conn, limit);
         }
+        let rtt = conn.path_stats().next().map_or(Duration::ZERO, |p| p.rtt);
+        self.close_not_before = Some(Instant::now() + (rtt * 2).clamp(GOAWAY_GRACE_MIN, GOAWAY_GRACE_MAX));
         self.draining = Some((limit, deadline));
     }
 
@@ -641,7 +653,8 @@ where
         if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() {
             self.lingering
                 .retain(|&(id, since)| Self::still_delivering(conn, id, since, now));
-            if self.lingering.is_empty() {
+            let goaway_out = self.close_not_before.is_none_or(|at| at <= now);
+            if self.lingering.is_empty() && goaway_out {
                 tracing::debug!("no request in flight after GOAWAY; closing");
                 self.close(conn);
                 return Ok(());
@@ -651,6 +664,7 @@ where
                 .lingering
                 .iter()
                 .map(|&(_, since)| since + LINGER_UNFINISHED)
+                .chain(self.close_not_before)
                 .filter(|&at| at > now)
                 .min();
         } else if self.lingering.len() > 64 {
