@@ -24,8 +24,16 @@ pub enum DropReason {
     /// The backlog of connections not yet accepted by the application is full.
     BacklogFull,
     /// An Initial carried an address-validation token that is forged, expired or was
-    /// issued to another address.
+    /// issued to another address or for another connection ID.
     InvalidToken,
+    /// A client's first Initial had a destination connection ID shorter than the 8 bytes
+    /// RFC 9000 §7.2 requires.
+    ShortConnectionId,
+}
+
+impl DropReason {
+    /// How many reasons there are: the length of [`AtomicMetrics`]' counter array.
+    const COUNT: usize = DropReason::ShortConnectionId as usize + 1;
 }
 
 /// Counts what operators watch. Every method defaults to doing nothing.
@@ -75,7 +83,7 @@ pub struct AtomicMetrics {
     handshake_micros_total: AtomicU64,
     connections_opened: AtomicU64,
     connections_closed: AtomicU64,
-    dropped: [AtomicU64; 5],
+    dropped: [AtomicU64; DropReason::COUNT],
     retries_sent: AtomicU64,
     version_negotiations_sent: AtomicU64,
     stateless_resets_sent: AtomicU64,
@@ -112,6 +120,8 @@ pub struct MetricsSnapshot {
     pub dropped_backlog_full: u64,
     /// Initials dropped for an invalid address-validation token.
     pub dropped_invalid_token: u64,
+    /// Initials dropped for a destination connection ID shorter than 8 bytes.
+    pub dropped_short_connection_id: u64,
     /// Retry packets sent.
     pub retries_sent: u64,
     /// Version negotiation packets sent.
@@ -151,6 +161,7 @@ impl AtomicMetrics {
             dropped_parse_error: d(DropReason::ParseError),
             dropped_backlog_full: d(DropReason::BacklogFull),
             dropped_invalid_token: d(DropReason::InvalidToken),
+            dropped_short_connection_id: d(DropReason::ShortConnectionId),
             retries_sent: self.retries_sent.load(Relaxed),
             version_negotiations_sent: self.version_negotiations_sent.load(Relaxed),
             stateless_resets_sent: self.stateless_resets_sent.load(Relaxed),

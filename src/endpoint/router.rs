@@ -28,6 +28,10 @@ const ARENA_BYTES: usize = 64 * 1024;
 /// which also keeps us from amplifying spoofed traffic.
 const MIN_INITIAL_LEN: usize = 1200;
 
+/// A client's first Initial must carry an unpredictable DCID of at least 8 bytes
+/// (RFC 9000 §7.2); shorter ones come from broken or hostile clients.
+const MIN_CLIENT_DCID_LEN: usize = 8;
+
 /// A stateless reset must be shorter than the packet that caused it (so two endpoints cannot
 /// loop) and at least 21 bytes long to look like a short-header packet (RFC 9000 §10.3).
 const MIN_RESET_LEN: usize = 21;
@@ -158,6 +162,12 @@ fn dispatch(
         send_stateless_reset(shared, out, datagram.len(), &hdr.dcid, from);
         return;
     }
+    if hdr.ty == quiche::Type::VersionNegotiation {
+        // Never answered (RFC 9000 §6.1): two endpoints would negotiate forever. Nor can it
+        // concern us: only a server's reply to a client is a version negotiation packet.
+        metrics.datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
     if !quiche::version_is_supported(hdr.version) {
         if datagram.len() >= MIN_INITIAL_LEN {
             if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
@@ -192,18 +202,29 @@ fn accept_initial(
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
+    let answers_our_retry = inner.s.retry && !token.is_empty();
+    if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
+        // A first Initial (after a Retry the DCID is ours, and may be shorter).
+        metrics.datagram_dropped(DropReason::ShortConnectionId);
+        return None;
+    }
     let (scid, odcid) = if inner.s.retry {
         if token.is_empty() {
             let new_scid = cid::new_id(&*inner.cid_generator);
-            let token = accept.token_key.mint(&from, &hdr.dcid);
+            // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
+            let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
             if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
                 let _ = shared.socket.try_send(from, &out[..n], None);
                 metrics.retry_sent();
             }
             return None;
         }
-        match accept.token_key.validate(&from, token) {
-            // The client now addresses us by the ID our Retry chose; it must have our length.
+        match accept.token_key.validate(&from, &hdr.dcid, token) {
+            // The client now addresses us by the ID our Retry chose (the token says so), and
+            // that ID becomes ours; the original DCID, from the token, goes into the
+            // original_destination_connection_id transport parameter and the Retry's ID into
+            // retry_source_connection_id (RFC 9000 §7.3), which quiche::accept derives from
+            // `odcid` and `scid`.
             Some(odcid) if hdr.dcid.len() == inner.cid_generator.id_len() => (
                 quiche::ConnectionId::from_vec(hdr.dcid.to_vec()),
                 Some(quiche::ConnectionId::from_vec(odcid)),
