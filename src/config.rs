@@ -66,6 +66,7 @@ pub(crate) struct Settings {
     pub(crate) early_data: bool,
     pub(crate) accept_backlog: usize,
     pub(crate) inbound_queue: usize,
+    pub(crate) inbound_queue_bytes: usize,
     pub(crate) active_connection_id_limit: u64,
 }
 
@@ -91,6 +92,7 @@ impl Default for Settings {
             early_data: false,
             accept_backlog: 1024,
             inbound_queue: 256,
+            inbound_queue_bytes: 512 * 1024,
             active_connection_id_limit: 4,
         }
     }
@@ -351,6 +353,19 @@ impl ConfigBuilder {
         self
     }
 
+    /// How many bytes of received datagrams may queue for one connection. Defaults to
+    /// 512 KiB: one full batched read of the socket (8 GRO slices of 64 KiB) fits, as do the
+    /// default 256 datagrams at full Ethernet size, while a peer sending 64 KiB datagrams can
+    /// no longer make one queue hold 16 MiB. Datagrams beyond it are dropped like those
+    /// beyond [`inbound_queue`](Self::inbound_queue) (counted as
+    /// [`DropReason::QueueFull`](crate::quic::DropReason::QueueFull)). Must be at least
+    /// [`max_recv_udp_payload`](Self::max_recv_udp_payload), or the largest datagrams could
+    /// never be queued.
+    pub fn inbound_queue_bytes(mut self, bytes: usize) -> Self {
+        self.s.inbound_queue_bytes = bytes;
+        self
+    }
+
     /// How many connection IDs we accept from the peer (active_connection_id_limit).
     /// Defaults to 4.
     pub fn active_connection_id_limit(mut self, limit: u64) -> Self {
@@ -513,6 +528,13 @@ impl ConfigBuilder {
                 "idle_timeout and handshake_timeout must be greater than zero",
             ));
         }
+        if s.inbound_queue_bytes < s.max_recv_udp_payload {
+            return Err(Error::config(format!(
+                "inbound_queue_bytes is {} bytes, less than one datagram of max_recv_udp_payload ({} bytes): \
+                 raise inbound_queue_bytes or lower max_recv_udp_payload",
+                s.inbound_queue_bytes, s.max_recv_udp_payload
+            )));
+        }
         let id_len = self.cid_generator.id_len();
         if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
             return Err(Error::config(format!(
@@ -612,6 +634,23 @@ mod tests {
             .private_key_pem(&a.key_pem)
             .build()
             .expect("matching pair");
+    }
+
+    #[test]
+    fn a_queue_smaller_than_a_datagram_is_refused_with_advice() {
+        let err = Config::builder()
+            .alpn(["h3"])
+            .inbound_queue_bytes(1000)
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("raise inbound_queue_bytes"), "{err}");
+        Config::builder()
+            .alpn(["h3"])
+            .max_recv_udp_payload(1500)
+            .inbound_queue_bytes(1500)
+            .build()
+            .expect("a one-datagram queue");
     }
 
     #[test]

@@ -14,8 +14,9 @@ use crate::conn::ConnectionStats;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DropReason {
-    /// The connection's inbound queue was full: it is not keeping up, so the datagram is
-    /// dropped as a congested network would, and QUIC's loss recovery resends it.
+    /// The connection's inbound queue was full (in datagrams or in bytes): it is not keeping
+    /// up, so the datagram is dropped as a congested network would, and QUIC's loss recovery
+    /// resends it.
     QueueFull,
     /// No connection has this destination connection ID (and it was not a new Initial).
     UnknownConnection,

@@ -1,11 +1,13 @@
 //! Endpoints: the UDP sockets, the router task that owns each socket's receive side, and the
 //! public faces of both roles — [`Listener`] (server) and [`Endpoint`] (client).
 //!
-//! Datagrams are routed by destination connection ID to per-connection tasks over bounded
-//! queues. Connections register every source ID they issue in the socket's route map and
-//! remove them when they retire them or close ([`Registration`]).
+//! Datagrams are routed by destination connection ID to per-connection tasks over queues
+//! bounded in datagrams and bytes ([`queue`]). Connections register every source ID they
+//! issue in the socket's route map and remove them when they retire them or close
+//! ([`Registration`]).
 
 pub(crate) mod cid;
+mod queue;
 mod router;
 pub(crate) mod token;
 
@@ -31,7 +33,8 @@ pub(crate) struct Datagram {
     pub(crate) from: SocketAddr,
 }
 
-pub(crate) type Route = mpsc::Sender<Datagram>;
+pub(crate) type Route = queue::Sender;
+pub(crate) use queue::Receiver as InboundQueue;
 
 /// What a socket's router, its connections and the endpoint handles share.
 pub(crate) struct Shared {
@@ -256,7 +259,7 @@ impl futures_core::Stream for Listener {
 /// connection (the client times out).
 pub struct Incoming {
     pub(crate) conn: quiche::Connection,
-    pub(crate) rx: mpsc::Receiver<Datagram>,
+    pub(crate) rx: InboundQueue,
     pub(crate) registration: Registration,
     pub(crate) started: Instant,
 }
@@ -445,7 +448,7 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (tx, rx) = mpsc::channel(shared.config.inner.s.inbound_queue);
+        let (tx, rx) = queue::channel(&shared.config.inner.s);
         let mut registration = Registration::new(Arc::clone(shared), tx);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();

@@ -16,7 +16,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::{Datagram, Incoming, Registration, Route, Shared, cid};
+use super::{Datagram, Incoming, Registration, Route, Shared, cid, queue};
 use crate::metrics::DropReason;
 
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
@@ -255,7 +255,7 @@ fn accept_initial(
         }
     };
     metrics.handshake_started();
-    let (tx, rx) = mpsc::channel(inner.s.inbound_queue);
+    let (tx, rx) = queue::channel(&inner.s);
     arena.reserve(datagram.len());
     arena.extend_from_slice(datagram);
     let _ = tx.try_send(Datagram {
