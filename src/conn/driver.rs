@@ -234,6 +234,7 @@ impl<A: Application> Driver<A> {
         if !self.established && self.conn.is_established() {
             self.established = true;
             self.handshake_deadline = None;
+            self.registration.established();
             self.shared
                 .config
                 .inner

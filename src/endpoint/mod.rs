@@ -4,9 +4,11 @@
 //! Datagrams are routed by destination connection ID to per-connection tasks over queues
 //! bounded in datagrams and bytes ([`queue`]). Connections register every source ID they
 //! issue in the socket's route map and remove them when they retire them or close
-//! ([`Registration`]).
+//! ([`Registration`]); a server connection's registration also holds its slot in the
+//! listener's connection and handshake caps ([`limits`]).
 
 pub(crate) mod cid;
+mod limits;
 mod queue;
 mod router;
 pub(crate) mod token;
@@ -77,12 +79,14 @@ impl Shared {
     }
 }
 
-/// The connection IDs one connection has in its socket's route map; removes them all when
-/// dropped, so a connection that ends in any way leaves no route behind.
+/// The connection IDs one connection has in its socket's route map, and (server side) its
+/// slot in the listener's caps; dropping it removes the IDs and frees the slot, so a
+/// connection that ends in any way leaves no route behind and is no longer counted.
 pub(crate) struct Registration {
     shared: Arc<Shared>,
     ids: Vec<Box<[u8]>>,
     route: Route,
+    slot: Option<limits::Slot>,
 }
 
 impl Registration {
@@ -91,6 +95,14 @@ impl Registration {
             shared,
             ids: Vec::new(),
             route,
+            slot: None,
+        }
+    }
+
+    /// The handshake has completed: the connection leaves the listener's handshake count.
+    pub(crate) fn established(&mut self) {
+        if let Some(slot) = &mut self.slot {
+            slot.established();
         }
     }
 
@@ -200,6 +212,8 @@ impl Listener {
             return Err(Error::config("no address to listen on"));
         }
         let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
+        // One set of caps for the whole listener, whichever socket a client arrives on.
+        let limits = limits::Limits::new(&config.inner.s);
         let mut shareds = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
@@ -208,7 +222,7 @@ impl Listener {
             let shared = Shared::new(socket, config.clone());
             router::spawn(
                 Arc::clone(&shared),
-                Some(router::Accept::new(quiche_config, tx.clone())),
+                Some(router::Accept::new(quiche_config, tx.clone(), Arc::clone(&limits))),
             );
             shareds.push(shared);
         }

@@ -5,6 +5,11 @@
 //! as a congested network would). For IDs it does not know, a server router answers with
 //! version negotiation, Retry or a stateless reset, or creates the connection for a valid
 //! Initial and offers it to the listener's backlog.
+//!
+//! Everything here answers packets anyone can send from any address, so every answer is
+//! bounded: stateless resets and version negotiation by the listener's reply budget, new
+//! connections by its connection and handshake caps ([`super::limits`]), and Retry tokens
+//! are single-connection ([`super::token`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,6 +21,7 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::limits::Limits;
 use super::{Datagram, Incoming, Registration, Route, Shared, cid, queue};
 use crate::metrics::DropReason;
 
@@ -42,15 +48,27 @@ pub(crate) struct Accept {
     config: quiche::Config,
     token_key: super::token::TokenKey,
     backlog: mpsc::Sender<Incoming>,
+    limits: Arc<Limits>,
 }
 
 impl Accept {
-    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>) -> Self {
+    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>, limits: Arc<Limits>) -> Self {
         Accept {
             config,
             token_key: super::token::TokenKey::random(),
             backlog,
+            limits,
         }
+    }
+
+    /// Spends one stateless reply (reset or version negotiation) from the listener's budget;
+    /// counts the drop when there is none left.
+    fn may_reply(&self, shared: &Shared) -> bool {
+        let allowed = self.limits.allow_reply();
+        if !allowed {
+            shared.config.inner.metrics.datagram_dropped(DropReason::RateLimited);
+        }
+        allowed
     }
 }
 
@@ -159,7 +177,7 @@ fn dispatch(
         return;
     };
     if hdr.ty == quiche::Type::Short {
-        send_stateless_reset(shared, out, datagram.len(), &hdr.dcid, from);
+        send_stateless_reset(shared, accept, out, datagram.len(), &hdr.dcid, from);
         return;
     }
     if hdr.ty == quiche::Type::VersionNegotiation {
@@ -169,13 +187,15 @@ fn dispatch(
         return;
     }
     if !quiche::version_is_supported(hdr.version) {
-        if datagram.len() >= MIN_INITIAL_LEN {
-            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
-                let _ = shared.socket.try_send(from, &out[..n], None);
-                metrics.version_negotiation_sent();
-            }
-        } else {
+        // Only a datagram the size of a client's first Initial is answered (RFC 9000 §6.1,
+        // §14.1), so the reply is always smaller than what caused it.
+        if datagram.len() < MIN_INITIAL_LEN {
             metrics.datagram_dropped(DropReason::ParseError);
+        } else if accept.may_reply(shared)
+            && let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out)
+        {
+            let _ = shared.socket.try_send(from, &out[..n], None);
+            metrics.version_negotiation_sent();
         }
         return;
     }
@@ -206,6 +226,11 @@ fn accept_initial(
     if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
         // A first Initial (after a Retry the DCID is ours, and may be shorter).
         metrics.datagram_dropped(DropReason::ShortConnectionId);
+        return None;
+    }
+    if let Err(reason) = accept.limits.check() {
+        // Full: not even a Retry, which would only bring the client back to be refused.
+        metrics.datagram_dropped(reason);
         return None;
     }
     let (scid, odcid) = if inner.s.retry {
@@ -242,6 +267,13 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
+    let slot = match accept.limits.admit() {
+        Ok(slot) => slot,
+        Err(reason) => {
+            metrics.datagram_dropped(reason);
+            return None;
+        }
+    };
     accept
         .config
         .set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
@@ -265,6 +297,7 @@ fn accept_initial(
     // Registered directly in the map we hold locked: the Registration records the IDs and
     // removes them when the connection ends.
     let mut registration = Registration::new(Arc::clone(shared), tx.clone());
+    registration.slot = Some(slot);
     for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
         .into_iter()
         .flatten()
@@ -282,7 +315,14 @@ fn accept_initial(
     })
 }
 
-fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: &[u8], to: SocketAddr) {
+fn send_stateless_reset(
+    shared: &Shared,
+    accept: &Accept,
+    out: &mut [u8],
+    received: usize,
+    dcid: &[u8],
+    to: SocketAddr,
+) {
     let len = (received - 1).min(MAX_RESET_LEN);
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         shared
@@ -290,6 +330,9 @@ fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: 
             .inner
             .metrics
             .datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
+    if !accept.may_reply(shared) {
         return;
     }
     let reset = &mut out[..len];
