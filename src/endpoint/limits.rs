@@ -193,9 +193,17 @@ mod tests {
         let mut bucket = TokenBucket::new(10, 5, start);
         assert_eq!((0..20).filter(|_| bucket.take(start)).count(), 5, "the burst");
         let later = start + Duration::from_millis(500);
-        assert_eq!((0..20).filter(|_| bucket.take(later)).count(), 5, "half a second at 10/s");
+        assert_eq!(
+            (0..20).filter(|_| bucket.take(later)).count(),
+            5,
+            "half a second at 10/s"
+        );
         let much_later = later + Duration::from_secs(60);
-        assert_eq!((0..20).filter(|_| bucket.take(much_later)).count(), 5, "never above the burst");
+        assert_eq!(
+            (0..20).filter(|_| bucket.take(much_later)).count(),
+            5,
+            "never above the burst"
+        );
         let mut off = TokenBucket::new(0, 0, start);
         assert!(!off.take(start + Duration::from_secs(1)), "0/0 sends nothing");
     }

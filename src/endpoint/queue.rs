@@ -97,9 +97,15 @@ mod tests {
         };
         let (tx, mut rx) = channel(&s);
         tx.try_send(datagram(6_000)).unwrap();
-        assert!(matches!(tx.try_send(datagram(6_000)), Err(TrySendError::Full(_))), "bytes");
+        assert!(
+            matches!(tx.try_send(datagram(6_000)), Err(TrySendError::Full(_))),
+            "bytes"
+        );
         tx.try_send(datagram(4_000)).unwrap();
-        assert!(matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))), "exactly full");
+        assert!(
+            matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))),
+            "exactly full"
+        );
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let Poll::Ready(Some(first)) = rx.poll_recv(&mut cx) else {
             panic!("a queued datagram")
@@ -110,7 +116,10 @@ mod tests {
         // The datagram bound still holds for small datagrams.
         tx.try_send(datagram(1)).unwrap();
         tx.try_send(datagram(1)).unwrap();
-        assert!(matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))), "datagrams");
+        assert!(
+            matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))),
+            "datagrams"
+        );
         drop(rx);
         assert!(matches!(tx.try_send(datagram(1)), Err(TrySendError::Closed(_))));
     }

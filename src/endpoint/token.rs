@@ -157,7 +157,11 @@ mod tests {
         let mut token = key.mint(&peer(), b"odcid", RETRY_SCID);
         let other: SocketAddr = "127.0.0.1:4434".parse().unwrap();
         assert_eq!(key.validate(&other, RETRY_SCID, &token), None, "another port");
-        assert_eq!(TokenKey::random().validate(&peer(), RETRY_SCID, &token), None, "another key");
+        assert_eq!(
+            TokenKey::random().validate(&peer(), RETRY_SCID, &token),
+            None,
+            "another key"
+        );
         let last = token.len() - 1;
         token[last] ^= 1;
         assert_eq!(key.validate(&peer(), RETRY_SCID, &token), None, "flipped bit");
