@@ -66,6 +66,11 @@ pub(crate) struct Settings {
     pub(crate) early_data: bool,
     pub(crate) accept_backlog: usize,
     pub(crate) inbound_queue: usize,
+    pub(crate) inbound_queue_bytes: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_handshakes: usize,
+    pub(crate) stateless_replies_per_second: u32,
+    pub(crate) stateless_reply_burst: u32,
     pub(crate) active_connection_id_limit: u64,
 }
 
@@ -91,6 +96,11 @@ impl Default for Settings {
             early_data: false,
             accept_backlog: 1024,
             inbound_queue: 256,
+            inbound_queue_bytes: 512 * 1024,
+            max_connections: 10_000,
+            max_handshakes: 1024,
+            stateless_replies_per_second: 1000,
+            stateless_reply_burst: 1000,
             active_connection_id_limit: 4,
         }
     }
@@ -351,6 +361,62 @@ impl ConfigBuilder {
         self
     }
 
+    /// How many bytes of received datagrams may queue for one connection. Defaults to
+    /// 512 KiB: one full batched read of the socket (8 GRO slices of 64 KiB) fits, as do the
+    /// default 256 datagrams at full Ethernet size, while a peer sending 64 KiB datagrams can
+    /// no longer make one queue hold 16 MiB. Datagrams beyond it are dropped like those
+    /// beyond [`inbound_queue`](Self::inbound_queue) (counted as
+    /// [`DropReason::QueueFull`](crate::quic::DropReason::QueueFull)). Must be at least
+    /// [`max_recv_udp_payload`](Self::max_recv_udp_payload), or the largest datagrams could
+    /// never be queued.
+    pub fn inbound_queue_bytes(mut self, bytes: usize) -> Self {
+        self.s.inbound_queue_bytes = bytes;
+        self
+    }
+
+    /// Servers: how many connections one listener keeps at once (across all its sockets,
+    /// handshaking or established). Defaults to 10,000: far more than one process usually
+    /// serves through one listener, and a ceiling on what unauthenticated clients can make
+    /// it hold (each connection costs its quiche state, its task and up to
+    /// [`inbound_queue_bytes`](Self::inbound_queue_bytes) of queue). At the cap, new Initials
+    /// are dropped (counted as
+    /// [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit)) and the
+    /// clients retry; existing connections are unaffected, and each one that ends frees its
+    /// slot. Must be at least 1.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.s.max_connections = connections;
+        self
+    }
+
+    /// Servers: how many of a listener's connections may be in their handshake at once.
+    /// Defaults to 1,024, as [`accept_backlog`](Self::accept_backlog): a reconnect storm
+    /// of that many clients is served at once, while a flood of Initials that never complete
+    /// (each holding TLS state until [`handshake_timeout`](Self::handshake_timeout)) can
+    /// neither exhaust memory nor take every connection slot. At the cap, new Initials are
+    /// dropped (counted as
+    /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)); a
+    /// connection stops counting once its handshake completes or it ends. Must be at least 1.
+    pub fn max_handshakes_in_progress(mut self, handshakes: usize) -> Self {
+        self.s.max_handshakes = handshakes;
+        self
+    }
+
+    /// Servers: how many stateless replies (stateless resets, RFC 9000 §10.3, and version
+    /// negotiation packets, §6) one listener sends, as a token bucket: `burst` at once,
+    /// refilled at `per_second`. Defaults to 1,000 per second with a burst of 1,000. Both
+    /// replies answer packets anyone can forge with any source address, so without a limit
+    /// the server reflects whatever it is sent at whoever the sender names; 1,000 replies of
+    /// at most 43 bytes (resets) or about 60 bytes (version negotiation) is under 64 KB/s,
+    /// yet enough for the clients of a thousand connections that a restart forgot to learn
+    /// so at once, rather than after their idle timeout. Replies over budget are not sent (counted
+    /// as [`DropReason::RateLimited`](crate::quic::DropReason::RateLimited)). `(0, 0)` turns
+    /// both replies off; otherwise `burst` must be at least 1.
+    pub fn stateless_reply_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.s.stateless_replies_per_second = per_second;
+        self.s.stateless_reply_burst = burst;
+        self
+    }
+
     /// How many connection IDs we accept from the peer (active_connection_id_limit).
     /// Defaults to 4.
     pub fn active_connection_id_limit(mut self, limit: u64) -> Self {
@@ -513,6 +579,26 @@ impl ConfigBuilder {
                 "idle_timeout and handshake_timeout must be greater than zero",
             ));
         }
+        if s.inbound_queue_bytes < s.max_recv_udp_payload {
+            return Err(Error::config(format!(
+                "inbound_queue_bytes is {} bytes, less than one datagram of max_recv_udp_payload ({} bytes): \
+                 raise inbound_queue_bytes or lower max_recv_udp_payload",
+                s.inbound_queue_bytes, s.max_recv_udp_payload
+            )));
+        }
+        if s.max_connections == 0 || s.max_handshakes == 0 {
+            return Err(Error::config(
+                "max_connections and max_handshakes_in_progress must be at least 1 (a listener that admits \
+                 no connection serves nothing)",
+            ));
+        }
+        if s.stateless_replies_per_second > 0 && s.stateless_reply_burst == 0 {
+            return Err(Error::config(format!(
+                "stateless_reply_rate({}, 0) could never send a reply: give a burst of at least 1, \
+                 or use (0, 0) to turn stateless replies off",
+                s.stateless_replies_per_second
+            )));
+        }
         let id_len = self.cid_generator.id_len();
         if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
             return Err(Error::config(format!(
@@ -612,6 +698,26 @@ mod tests {
             .private_key_pem(&a.key_pem)
             .build()
             .expect("matching pair");
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused_with_advice() {
+        let build = |b: ConfigBuilder| b.alpn(["h3"]).build().unwrap_err().to_string();
+        let err = build(Config::builder().inbound_queue_bytes(1000));
+        assert!(err.contains("raise inbound_queue_bytes"), "{err}");
+        let err = build(Config::builder().max_connections(0));
+        assert!(err.contains("max_connections"), "{err}");
+        let err = build(Config::builder().max_handshakes_in_progress(0));
+        assert!(err.contains("max_handshakes_in_progress"), "{err}");
+        let err = build(Config::builder().stateless_reply_rate(10, 0));
+        assert!(err.contains("burst of at least 1"), "{err}");
+        Config::builder()
+            .alpn(["h3"])
+            .stateless_reply_rate(0, 0)
+            .max_recv_udp_payload(1500)
+            .inbound_queue_bytes(1500)
+            .build()
+            .expect("off, and a one-datagram queue");
     }
 
     #[test]

@@ -14,8 +14,9 @@ use crate::conn::ConnectionStats;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum DropReason {
-    /// The connection's inbound queue was full: it is not keeping up, so the datagram is
-    /// dropped as a congested network would, and QUIC's loss recovery resends it.
+    /// The connection's inbound queue was full (in datagrams or in bytes): it is not keeping
+    /// up, so the datagram is dropped as a congested network would, and QUIC's loss recovery
+    /// resends it.
     QueueFull,
     /// No connection has this destination connection ID (and it was not a new Initial).
     UnknownConnection,
@@ -24,8 +25,25 @@ pub enum DropReason {
     /// The backlog of connections not yet accepted by the application is full.
     BacklogFull,
     /// An Initial carried an address-validation token that is forged, expired or was
-    /// issued to another address.
+    /// issued to another address or for another connection ID.
     InvalidToken,
+    /// A new Initial arrived while the listener had its maximum number of connections
+    /// (`ConfigBuilder::max_connections`).
+    ConnectionLimit,
+    /// A new Initial arrived while the listener had its maximum number of handshakes in
+    /// progress (`ConfigBuilder::max_handshakes_in_progress`).
+    HandshakeLimit,
+    /// A client's first Initial had a destination connection ID shorter than the 8 bytes
+    /// RFC 9000 §7.2 requires.
+    ShortConnectionId,
+    /// A stateless reset or version negotiation was due, but the listener's budget for them
+    /// (`ConfigBuilder::stateless_reply_rate`) was spent.
+    RateLimited,
+}
+
+impl DropReason {
+    /// How many reasons there are: the length of [`AtomicMetrics`]' counter array.
+    const COUNT: usize = DropReason::RateLimited as usize + 1;
 }
 
 /// Counts what operators watch. Every method defaults to doing nothing.
@@ -75,7 +93,7 @@ pub struct AtomicMetrics {
     handshake_micros_total: AtomicU64,
     connections_opened: AtomicU64,
     connections_closed: AtomicU64,
-    dropped: [AtomicU64; 5],
+    dropped: [AtomicU64; DropReason::COUNT],
     retries_sent: AtomicU64,
     version_negotiations_sent: AtomicU64,
     stateless_resets_sent: AtomicU64,
@@ -112,6 +130,14 @@ pub struct MetricsSnapshot {
     pub dropped_backlog_full: u64,
     /// Initials dropped for an invalid address-validation token.
     pub dropped_invalid_token: u64,
+    /// Initials dropped because the listener had its maximum number of connections.
+    pub dropped_connection_limit: u64,
+    /// Initials dropped because the listener had its maximum number of handshakes in progress.
+    pub dropped_handshake_limit: u64,
+    /// Initials dropped for a destination connection ID shorter than 8 bytes.
+    pub dropped_short_connection_id: u64,
+    /// Stateless resets and version negotiations not sent for lack of budget.
+    pub dropped_rate_limited: u64,
     /// Retry packets sent.
     pub retries_sent: u64,
     /// Version negotiation packets sent.
@@ -151,6 +177,10 @@ impl AtomicMetrics {
             dropped_parse_error: d(DropReason::ParseError),
             dropped_backlog_full: d(DropReason::BacklogFull),
             dropped_invalid_token: d(DropReason::InvalidToken),
+            dropped_connection_limit: d(DropReason::ConnectionLimit),
+            dropped_handshake_limit: d(DropReason::HandshakeLimit),
+            dropped_short_connection_id: d(DropReason::ShortConnectionId),
+            dropped_rate_limited: d(DropReason::RateLimited),
             retries_sent: self.retries_sent.load(Relaxed),
             version_negotiations_sent: self.version_negotiations_sent.load(Relaxed),
             stateless_resets_sent: self.stateless_resets_sent.load(Relaxed),

@@ -21,7 +21,7 @@ use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
-use crate::endpoint::{Datagram, Registration, Shared, cid};
+use crate::endpoint::{InboundQueue, Registration, Shared, cid};
 use crate::error::{self, Error};
 use crate::socket::Socket;
 
@@ -72,7 +72,7 @@ struct Driver<A> {
     conn: quiche::Connection,
     app: AppSlot<A>,
     app_started: bool,
-    rx: mpsc::Receiver<Datagram>,
+    rx: InboundQueue,
     commands: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     registration: Registration,
@@ -93,7 +93,7 @@ impl<A> Unpin for Driver<A> {}
 
 pub(crate) fn spawn<A: Application>(
     mut conn: quiche::Connection,
-    rx: mpsc::Receiver<Datagram>,
+    rx: InboundQueue,
     registration: Registration,
     app: AppSlot<A>,
     started: Instant,
@@ -234,6 +234,7 @@ impl<A: Application> Driver<A> {
         if !self.established && self.conn.is_established() {
             self.established = true;
             self.handshake_deadline = None;
+            self.registration.established();
             self.shared
                 .config
                 .inner

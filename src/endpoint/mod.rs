@@ -1,11 +1,15 @@
 //! Endpoints: the UDP sockets, the router task that owns each socket's receive side, and the
 //! public faces of both roles — [`Listener`] (server) and [`Endpoint`] (client).
 //!
-//! Datagrams are routed by destination connection ID to per-connection tasks over bounded
-//! queues. Connections register every source ID they issue in the socket's route map and
-//! remove them when they retire them or close ([`Registration`]).
+//! Datagrams are routed by destination connection ID to per-connection tasks over queues
+//! bounded in datagrams and bytes ([`queue`]). Connections register every source ID they
+//! issue in the socket's route map and remove them when they retire them or close
+//! ([`Registration`]); a server connection's registration also holds its slot in the
+//! listener's connection and handshake caps ([`limits`]).
 
 pub(crate) mod cid;
+mod limits;
+mod queue;
 mod router;
 pub(crate) mod token;
 
@@ -31,7 +35,8 @@ pub(crate) struct Datagram {
     pub(crate) from: SocketAddr,
 }
 
-pub(crate) type Route = mpsc::Sender<Datagram>;
+pub(crate) type Route = queue::Sender;
+pub(crate) use queue::Receiver as InboundQueue;
 
 /// What a socket's router, its connections and the endpoint handles share.
 pub(crate) struct Shared {
@@ -74,12 +79,14 @@ impl Shared {
     }
 }
 
-/// The connection IDs one connection has in its socket's route map; removes them all when
-/// dropped, so a connection that ends in any way leaves no route behind.
+/// The connection IDs one connection has in its socket's route map, and (server side) its
+/// slot in the listener's caps; dropping it removes the IDs and frees the slot, so a
+/// connection that ends in any way leaves no route behind and is no longer counted.
 pub(crate) struct Registration {
     shared: Arc<Shared>,
     ids: Vec<Box<[u8]>>,
     route: Route,
+    slot: Option<limits::Slot>,
 }
 
 impl Registration {
@@ -88,6 +95,14 @@ impl Registration {
             shared,
             ids: Vec::new(),
             route,
+            slot: None,
+        }
+    }
+
+    /// The handshake has completed: the connection leaves the listener's handshake count.
+    pub(crate) fn established(&mut self) {
+        if let Some(slot) = &mut self.slot {
+            slot.established();
         }
     }
 
@@ -197,6 +212,8 @@ impl Listener {
             return Err(Error::config("no address to listen on"));
         }
         let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
+        // One set of caps for the whole listener, whichever socket a client arrives on.
+        let limits = limits::Limits::new(&config.inner.s);
         let mut shareds = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
@@ -205,7 +222,7 @@ impl Listener {
             let shared = Shared::new(socket, config.clone());
             router::spawn(
                 Arc::clone(&shared),
-                Some(router::Accept::new(quiche_config, tx.clone())),
+                Some(router::Accept::new(quiche_config, tx.clone(), Arc::clone(&limits))),
             );
             shareds.push(shared);
         }
@@ -256,7 +273,7 @@ impl futures_core::Stream for Listener {
 /// connection (the client times out).
 pub struct Incoming {
     pub(crate) conn: quiche::Connection,
-    pub(crate) rx: mpsc::Receiver<Datagram>,
+    pub(crate) rx: InboundQueue,
     pub(crate) registration: Registration,
     pub(crate) started: Instant,
 }
@@ -445,7 +462,7 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (tx, rx) = mpsc::channel(shared.config.inner.s.inbound_queue);
+        let (tx, rx) = queue::channel(&shared.config.inner.s);
         let mut registration = Registration::new(Arc::clone(shared), tx);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();

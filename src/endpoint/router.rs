@@ -5,6 +5,11 @@
 //! as a congested network would). For IDs it does not know, a server router answers with
 //! version negotiation, Retry or a stateless reset, or creates the connection for a valid
 //! Initial and offers it to the listener's backlog.
+//!
+//! Everything here answers packets anyone can send from any address, so every answer is
+//! bounded: stateless resets and version negotiation by the listener's reply budget, new
+//! connections by its connection and handshake caps ([`super::limits`]), and Retry tokens
+//! are single-connection ([`super::token`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +21,8 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::{Datagram, Incoming, Registration, Route, Shared, cid};
+use super::limits::Limits;
+use super::{Datagram, Incoming, Registration, Route, Shared, cid, queue};
 use crate::metrics::DropReason;
 
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
@@ -28,6 +34,10 @@ const ARENA_BYTES: usize = 64 * 1024;
 /// which also keeps us from amplifying spoofed traffic.
 const MIN_INITIAL_LEN: usize = 1200;
 
+/// A client's first Initial must carry an unpredictable DCID of at least 8 bytes
+/// (RFC 9000 §7.2); shorter ones come from broken or hostile clients.
+const MIN_CLIENT_DCID_LEN: usize = 8;
+
 /// A stateless reset must be shorter than the packet that caused it (so two endpoints cannot
 /// loop) and at least 21 bytes long to look like a short-header packet (RFC 9000 §10.3).
 const MIN_RESET_LEN: usize = 21;
@@ -38,15 +48,27 @@ pub(crate) struct Accept {
     config: quiche::Config,
     token_key: super::token::TokenKey,
     backlog: mpsc::Sender<Incoming>,
+    limits: Arc<Limits>,
 }
 
 impl Accept {
-    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>) -> Self {
+    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>, limits: Arc<Limits>) -> Self {
         Accept {
             config,
             token_key: super::token::TokenKey::random(),
             backlog,
+            limits,
         }
+    }
+
+    /// Spends one stateless reply (reset or version negotiation) from the listener's budget;
+    /// counts the drop when there is none left.
+    fn may_reply(&self, shared: &Shared) -> bool {
+        let allowed = self.limits.allow_reply();
+        if !allowed {
+            shared.config.inner.metrics.datagram_dropped(DropReason::RateLimited);
+        }
+        allowed
     }
 }
 
@@ -155,17 +177,25 @@ fn dispatch(
         return;
     };
     if hdr.ty == quiche::Type::Short {
-        send_stateless_reset(shared, out, datagram.len(), &hdr.dcid, from);
+        send_stateless_reset(shared, accept, out, datagram.len(), &hdr.dcid, from);
+        return;
+    }
+    if hdr.ty == quiche::Type::VersionNegotiation {
+        // Never answered (RFC 9000 §6.1): two endpoints would negotiate forever. Nor can it
+        // concern us: only a server's reply to a client is a version negotiation packet.
+        metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
     if !quiche::version_is_supported(hdr.version) {
-        if datagram.len() >= MIN_INITIAL_LEN {
-            if let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out) {
-                let _ = shared.socket.try_send(from, &out[..n], None);
-                metrics.version_negotiation_sent();
-            }
-        } else {
+        // Only a datagram the size of a client's first Initial is answered (RFC 9000 §6.1,
+        // §14.1), so the reply is always smaller than what caused it.
+        if datagram.len() < MIN_INITIAL_LEN {
             metrics.datagram_dropped(DropReason::ParseError);
+        } else if accept.may_reply(shared)
+            && let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out)
+        {
+            let _ = shared.socket.try_send(from, &out[..n], None);
+            metrics.version_negotiation_sent();
         }
         return;
     }
@@ -192,18 +222,34 @@ fn accept_initial(
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
+    let answers_our_retry = inner.s.retry && !token.is_empty();
+    if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
+        // A first Initial (after a Retry the DCID is ours, and may be shorter).
+        metrics.datagram_dropped(DropReason::ShortConnectionId);
+        return None;
+    }
+    if let Err(reason) = accept.limits.check() {
+        // Full: not even a Retry, which would only bring the client back to be refused.
+        metrics.datagram_dropped(reason);
+        return None;
+    }
     let (scid, odcid) = if inner.s.retry {
         if token.is_empty() {
             let new_scid = cid::new_id(&*inner.cid_generator);
-            let token = accept.token_key.mint(&from, &hdr.dcid);
+            // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
+            let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
             if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
                 let _ = shared.socket.try_send(from, &out[..n], None);
                 metrics.retry_sent();
             }
             return None;
         }
-        match accept.token_key.validate(&from, token) {
-            // The client now addresses us by the ID our Retry chose; it must have our length.
+        match accept.token_key.validate(&from, &hdr.dcid, token) {
+            // The client now addresses us by the ID our Retry chose (the token says so), and
+            // that ID becomes ours; the original DCID, from the token, goes into the
+            // original_destination_connection_id transport parameter and the Retry's ID into
+            // retry_source_connection_id (RFC 9000 §7.3), which quiche::accept derives from
+            // `odcid` and `scid`.
             Some(odcid) if hdr.dcid.len() == inner.cid_generator.id_len() => (
                 quiche::ConnectionId::from_vec(hdr.dcid.to_vec()),
                 Some(quiche::ConnectionId::from_vec(odcid)),
@@ -221,6 +267,13 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
+    let slot = match accept.limits.admit() {
+        Ok(slot) => slot,
+        Err(reason) => {
+            metrics.datagram_dropped(reason);
+            return None;
+        }
+    };
     accept
         .config
         .set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
@@ -234,7 +287,7 @@ fn accept_initial(
         }
     };
     metrics.handshake_started();
-    let (tx, rx) = mpsc::channel(inner.s.inbound_queue);
+    let (tx, rx) = queue::channel(&inner.s);
     arena.reserve(datagram.len());
     arena.extend_from_slice(datagram);
     let _ = tx.try_send(Datagram {
@@ -244,6 +297,7 @@ fn accept_initial(
     // Registered directly in the map we hold locked: the Registration records the IDs and
     // removes them when the connection ends.
     let mut registration = Registration::new(Arc::clone(shared), tx.clone());
+    registration.slot = Some(slot);
     for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
         .into_iter()
         .flatten()
@@ -261,7 +315,14 @@ fn accept_initial(
     })
 }
 
-fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: &[u8], to: SocketAddr) {
+fn send_stateless_reset(
+    shared: &Shared,
+    accept: &Accept,
+    out: &mut [u8],
+    received: usize,
+    dcid: &[u8],
+    to: SocketAddr,
+) {
     let len = (received - 1).min(MAX_RESET_LEN);
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         shared
@@ -269,6 +330,9 @@ fn send_stateless_reset(shared: &Shared, out: &mut [u8], received: usize, dcid: 
             .inner
             .metrics
             .datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
+    if !accept.may_reply(shared) {
         return;
     }
     let reset = &mut out[..len];

@@ -1,9 +1,12 @@
 //! Address-validation tokens for Retry (RFC 9000 §8.1.2).
 //!
 //! A token is `nonce(12) || AES-128-GCM(expiry || original DCID) || tag(16)`, with the
-//! client's address as additional authenticated data: it cannot be forged without the
-//! endpoint's key, it is bound to the address it was sent to, and it expires. The server keeps
-//! no state between sending a Retry and receiving the token back.
+//! client's address and the Retry's source connection ID as additional authenticated data:
+//! it cannot be forged without the endpoint's key, it expires, and it is bound to the address
+//! it was sent to and to the connection ID the server chose in that Retry, which the client
+//! must use as the DCID of its next Initial (RFC 9000 §7.2, §17.2.5). So one token opens one
+//! connection, under that ID, rather than any number of them under fresh IDs. The server
+//! keeps no state between sending a Retry and receiving the token back.
 
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,8 +24,13 @@ pub(crate) const RETRY_TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 
 pub(crate) struct TokenKey([u8; 16]);
 
-fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
-    let mut out = [0; 18];
+/// The additional authenticated data: the peer's address, then the Retry's source connection
+/// ID.
+fn bound_to(addr: &SocketAddr, retry_scid: &[u8]) -> Option<([u8; 18 + quiche::MAX_CONN_ID_LEN], usize)> {
+    if retry_scid.len() > quiche::MAX_CONN_ID_LEN {
+        return None;
+    }
+    let mut out = [0; 18 + quiche::MAX_CONN_ID_LEN];
     let len = match addr {
         SocketAddr::V4(a) => {
             out[..4].copy_from_slice(&a.ip().octets());
@@ -35,7 +43,8 @@ fn address_bytes(addr: &SocketAddr) -> ([u8; 18], usize) {
             18
         }
     };
-    (out, len)
+    out[len..len + retry_scid.len()].copy_from_slice(retry_scid);
+    Some((out, len + retry_scid.len()))
 }
 
 fn unix_now() -> u64 {
@@ -52,18 +61,21 @@ impl TokenKey {
         TokenKey(key)
     }
 
-    /// Mints a token for a client at `peer` whose first Initial had `odcid` as its DCID.
-    pub(crate) fn mint(&self, peer: &SocketAddr, odcid: &[u8]) -> Vec<u8> {
-        self.mint_at(peer, odcid, unix_now() + RETRY_TOKEN_LIFETIME.as_secs())
+    /// Mints a token for a client at `peer` whose first Initial had `odcid` as its DCID, sent
+    /// in a Retry whose source connection ID is `retry_scid`.
+    pub(crate) fn mint(&self, peer: &SocketAddr, odcid: &[u8], retry_scid: &[u8]) -> Vec<u8> {
+        self.mint_at(peer, odcid, retry_scid, unix_now() + RETRY_TOKEN_LIFETIME.as_secs())
     }
 
-    fn mint_at(&self, peer: &SocketAddr, odcid: &[u8], expiry: u64) -> Vec<u8> {
+    fn mint_at(&self, peer: &SocketAddr, odcid: &[u8], retry_scid: &[u8], expiry: u64) -> Vec<u8> {
+        let Some((aad, aad_len)) = bound_to(peer, retry_scid) else {
+            return Vec::new();
+        };
         let mut plain = Vec::with_capacity(8 + odcid.len());
         plain.extend_from_slice(&expiry.to_be_bytes());
         plain.extend_from_slice(odcid);
         let mut nonce = [0; NONCE_LEN];
         fill_random(&mut nonce);
-        let (aad, aad_len) = address_bytes(peer);
         let mut tag = [0; TAG_LEN];
         let Ok(sealed) = encrypt_aead(
             Cipher::aes_128_gcm(),
@@ -83,14 +95,15 @@ impl TokenKey {
     }
 
     /// Returns the original DCID the token was minted for, or `None` when the token is forged,
-    /// expired, or was issued to another address.
-    pub(crate) fn validate(&self, peer: &SocketAddr, token: &[u8]) -> Option<Vec<u8>> {
+    /// expired, was issued to another address, or arrives in an Initial whose DCID is not the
+    /// ID our Retry chose.
+    pub(crate) fn validate(&self, peer: &SocketAddr, dcid: &[u8], token: &[u8]) -> Option<Vec<u8>> {
         if token.len() < NONCE_LEN + 8 + TAG_LEN {
             return None;
         }
         let (nonce, rest) = token.split_at(NONCE_LEN);
         let (sealed, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let (aad, aad_len) = address_bytes(peer);
+        let (aad, aad_len) = bound_to(peer, dcid)?;
         let plain = decrypt_aead(
             Cipher::aes_128_gcm(),
             &self.0,
@@ -117,26 +130,44 @@ mod tests {
         "127.0.0.1:4433".parse().unwrap()
     }
 
+    const RETRY_SCID: &[u8] = b"retry-scid-16byt";
+
     #[test]
-    fn a_minted_token_validates_for_its_address() {
+    fn a_minted_token_validates_for_its_address_and_retry_id() {
         let key = TokenKey::random();
-        let token = key.mint(&peer(), b"original-dcid");
-        assert_eq!(key.validate(&peer(), &token).as_deref(), Some(&b"original-dcid"[..]));
+        let token = key.mint(&peer(), b"original-dcid", RETRY_SCID);
+        assert_eq!(
+            key.validate(&peer(), RETRY_SCID, &token).as_deref(),
+            Some(&b"original-dcid"[..])
+        );
+    }
+
+    #[test]
+    fn a_token_used_under_another_connection_id_is_refused() {
+        let key = TokenKey::random();
+        let token = key.mint(&peer(), b"original-dcid", RETRY_SCID);
+        assert_eq!(key.validate(&peer(), b"fresh-dcid-16byt", &token), None);
+        assert_eq!(key.validate(&peer(), &RETRY_SCID[..8], &token), None, "a prefix");
+        assert_eq!(key.validate(&peer(), &[0; 21], &token), None, "too long to be an ID");
     }
 
     #[test]
     fn forged_expired_and_misaddressed_tokens_are_refused() {
         let key = TokenKey::random();
-        let mut token = key.mint(&peer(), b"odcid");
+        let mut token = key.mint(&peer(), b"odcid", RETRY_SCID);
         let other: SocketAddr = "127.0.0.1:4434".parse().unwrap();
-        assert_eq!(key.validate(&other, &token), None, "another port");
-        assert_eq!(TokenKey::random().validate(&peer(), &token), None, "another key");
+        assert_eq!(key.validate(&other, RETRY_SCID, &token), None, "another port");
+        assert_eq!(
+            TokenKey::random().validate(&peer(), RETRY_SCID, &token),
+            None,
+            "another key"
+        );
         let last = token.len() - 1;
         token[last] ^= 1;
-        assert_eq!(key.validate(&peer(), &token), None, "flipped bit");
-        let expired = key.mint_at(&peer(), b"odcid", unix_now() - 1);
-        assert_eq!(key.validate(&peer(), &expired), None, "expired");
-        assert_eq!(key.validate(&peer(), b"short"), None, "truncated");
-        assert_eq!(key.validate(&peer(), &[]), None, "empty");
+        assert_eq!(key.validate(&peer(), RETRY_SCID, &token), None, "flipped bit");
+        let expired = key.mint_at(&peer(), b"odcid", RETRY_SCID, unix_now() - 1);
+        assert_eq!(key.validate(&peer(), RETRY_SCID, &expired), None, "expired");
+        assert_eq!(key.validate(&peer(), RETRY_SCID, b"short"), None, "truncated");
+        assert_eq!(key.validate(&peer(), RETRY_SCID, &[]), None, "empty");
     }
 }

@@ -1,0 +1,210 @@
+//! What unauthenticated traffic may make a server spend: the admission caps on connections
+//! and on half-open handshakes, and the token bucket that rate-limits stateless replies
+//! (stateless resets, version negotiation).
+//!
+//! One [`Limits`] is shared by the routers of every socket of a
+//! [`Listener`](super::Listener), so a listener bound to several addresses has one set of
+//! caps. Each admitted connection holds a [`Slot`] in its [`Registration`](super::Registration)
+//! that gives its share back as the connection moves on, so the counts stay exact however
+//! the connection ends.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::config::Settings;
+use crate::metrics::DropReason;
+
+/// The caps and the reply budget of one listener.
+pub(crate) struct Limits {
+    max_connections: usize,
+    max_handshakes: usize,
+    connections: AtomicUsize,
+    handshakes: AtomicUsize,
+    replies: Mutex<TokenBucket>,
+}
+
+impl Limits {
+    pub(crate) fn new(s: &Settings) -> Arc<Self> {
+        Arc::new(Limits {
+            max_connections: s.max_connections,
+            max_handshakes: s.max_handshakes,
+            connections: AtomicUsize::new(0),
+            handshakes: AtomicUsize::new(0),
+            replies: Mutex::new(TokenBucket::new(
+                s.stateless_replies_per_second,
+                s.stateless_reply_burst,
+                Instant::now(),
+            )),
+        })
+    }
+
+    /// Whether a new connection would be admitted now. The router asks before sending a
+    /// Retry, so that a client it would refuse anyway costs no reply.
+    pub(crate) fn check(&self) -> Result<(), DropReason> {
+        if self.connections.load(Ordering::Acquire) >= self.max_connections {
+            Err(DropReason::ConnectionLimit)
+        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
+            Err(DropReason::HandshakeLimit)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Takes a connection slot and a handshake slot, or says which cap is reached.
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<Slot, DropReason> {
+        if !take(&self.connections, self.max_connections) {
+            return Err(DropReason::ConnectionLimit);
+        }
+        if !take(&self.handshakes, self.max_handshakes) {
+            self.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(DropReason::HandshakeLimit);
+        }
+        Ok(Slot {
+            limits: Arc::clone(self),
+            handshaking: true,
+        })
+    }
+
+    /// Spends one stateless reply from the budget; false when the budget is exhausted.
+    pub(crate) fn allow_reply(&self) -> bool {
+        // Held for a few arithmetic operations; a panic cannot leave the bucket inconsistent.
+        let mut bucket = self.replies.lock().unwrap_or_else(|p| p.into_inner());
+        bucket.take(Instant::now())
+    }
+
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        (
+            self.connections.load(Ordering::Acquire),
+            self.handshakes.load(Ordering::Acquire),
+        )
+    }
+}
+
+/// Increments `counter` unless it has reached `max`.
+fn take(counter: &AtomicUsize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+        .is_ok()
+}
+
+/// One admitted connection's claim on its listener's caps. The handshake slot is given back
+/// when the handshake completes ([`Slot::established`]) and everything else when the slot is
+/// dropped with the connection's registration: whether the connection closes, times out,
+/// fails its handshake, or is never accepted by the application.
+pub(crate) struct Slot {
+    limits: Arc<Limits>,
+    handshaking: bool,
+}
+
+impl Slot {
+    /// The handshake has completed: the connection no longer counts as half-open.
+    pub(crate) fn established(&mut self) {
+        if std::mem::take(&mut self.handshaking) {
+            self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.established();
+        self.limits.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A token bucket: `burst` replies at once, refilled at `rate` per second.
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+        TokenBucket {
+            rate: f64::from(per_second),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn limits(connections: usize, handshakes: usize) -> Arc<Limits> {
+        let s = Settings {
+            max_connections: connections,
+            max_handshakes: handshakes,
+            ..Settings::default()
+        };
+        Limits::new(&s)
+    }
+
+    #[test]
+    fn slots_count_exactly_however_the_connection_ends() {
+        let limits = limits(3, 2);
+        let mut a = limits.admit().unwrap();
+        let b = limits.admit().unwrap();
+        assert_eq!(limits.counts(), (2, 2));
+        assert_eq!(limits.admit().err(), Some(DropReason::HandshakeLimit));
+        assert_eq!(limits.check(), Err(DropReason::HandshakeLimit));
+        assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
+        // Established: frees its handshake slot once, however often it is told.
+        a.established();
+        a.established();
+        assert_eq!(limits.counts(), (2, 1));
+        let c = limits.admit().unwrap();
+        assert_eq!(limits.admit().err(), Some(DropReason::ConnectionLimit));
+        assert_eq!(limits.check(), Err(DropReason::ConnectionLimit));
+        // Dies while handshaking: frees both slots.
+        drop(b);
+        assert_eq!(limits.counts(), (2, 1));
+        // Dies established: frees its connection slot only.
+        drop(a);
+        assert_eq!(limits.counts(), (1, 1));
+        drop(c);
+        assert_eq!(limits.counts(), (0, 0));
+        assert_eq!(limits.check(), Ok(()));
+    }
+
+    #[test]
+    fn the_bucket_allows_its_burst_then_its_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, 5, start);
+        assert_eq!((0..20).filter(|_| bucket.take(start)).count(), 5, "the burst");
+        let later = start + Duration::from_millis(500);
+        assert_eq!(
+            (0..20).filter(|_| bucket.take(later)).count(),
+            5,
+            "half a second at 10/s"
+        );
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!(
+            (0..20).filter(|_| bucket.take(much_later)).count(),
+            5,
+            "never above the burst"
+        );
+        let mut off = TokenBucket::new(0, 0, start);
+        assert!(!off.take(start + Duration::from_secs(1)), "0/0 sends nothing");
+    }
+}
