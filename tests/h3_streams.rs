@@ -142,10 +142,16 @@ impl Client {
     /// Sends a whole body, waiting for flow-control credit between parts.
     async fn body_all(&self, id: u64, bytes: Vec<u8>) {
         let mut at = 0;
+        let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
         while at < bytes.len() {
+            assert!(tokio::time::Instant::now() < deadline, "the body went out in time");
             let part = bytes[at..].to_vec();
             let n = self
-                .run(move |h3, conn| h3.send_body(conn, id, &part, true).unwrap_or(0))
+                .run(move |h3, conn| match h3.send_body(conn, id, &part, true) {
+                    Ok(n) => n,
+                    Err(h3::Error::Done | h3::Error::StreamBlocked) => 0,
+                    Err(e) => panic!("the server stopped the body: {e:?}"),
+                })
                 .await;
             at += n;
             if n == 0 {

@@ -670,7 +670,7 @@ impl ClientApp {
                 let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
                 shared.cancel(Cancel::Malformed(why));
             }
-            Err(ReadFailure::DataAfterTrailers) => {
+            Err(ReadFailure::FrameUnexpected) => {
                 if conn.local_error().is_none() {
                     let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
                 }
@@ -685,9 +685,18 @@ impl ClientApp {
             return;
         };
         if entry.reply.is_none() {
-            if let Err(why) = entry.shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
-                entry.shared.cancel(Cancel::Malformed(why.0));
+            match entry.shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
+                Ok(()) => {}
+                Err(ReadFailure::FrameUnexpected) => {
+                    if conn.local_error().is_none() {
+                        let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
+                    }
+                }
+                Err(ReadFailure::Malformed(why)) => {
+                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
+                    entry.shared.cancel(Cancel::Malformed(why));
+                }
+                Err(_) => entry.shared.cancel(Cancel::ConnectionClosed),
             }
             return;
         }
@@ -723,7 +732,17 @@ impl ClientApp {
             entry.shared.expect_content_length(content_length);
         }
         if !more_frames && let Err(why) = entry.shared.on_finished() {
+            // A head with FIN that promises a body: malformed, not an empty success.
             entry.shared.cancel(Cancel::Malformed(why.0));
+            let reply = entry.reply.take().expect("checked");
+            let _ = reply.send(Err(Failure::Failed(
+                Error::new(Kind::Protocol)
+                    .with_code(code::H3_MESSAGE_ERROR)
+                    .with_message(format!("malformed response: {why}")),
+            )));
+            entry.written = true;
+            self.forget_if_done(id);
+            return;
         }
         let informational = std::mem::take(&mut entry.informational);
         if !informational.is_empty() {
@@ -784,7 +803,9 @@ impl ClientApp {
         let h3 = self.h3.as_mut().expect("created when established");
         match shared.write_to(h3, conn, id) {
             WriteOutcome::Pending => {}
-            WriteOutcome::Complete => entry.written = true,
+            // The server stopped reading the request; its response still counts (RFC 9114
+            // §4.1).
+            WriteOutcome::Complete | WriteOutcome::Stopped => entry.written = true,
             WriteOutcome::Aborted => {
                 entry.written = true;
                 if let Some(reply) = entry.reply.take() {

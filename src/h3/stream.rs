@@ -162,9 +162,9 @@ impl Cancel {
 pub(crate) enum ReadFailure {
     /// The body broke its content-length: a malformed message (RFC 9114 §4.1.2).
     Malformed(&'static str),
-    /// DATA after the trailers: a connection error of type H3_FRAME_UNEXPECTED (RFC 9114
-    /// §4.1).
-    DataAfterTrailers,
+    /// DATA or HEADERS after the trailers: a connection error of type H3_FRAME_UNEXPECTED
+    /// (RFC 9114 §4.1).
+    FrameUnexpected,
     /// The peer reset the stream.
     Reset(u64),
     /// quiche failed the stream otherwise (the connection is going away).
@@ -281,8 +281,10 @@ pub(crate) enum WriteOutcome {
     Pending,
     /// Everything is written, FIN included.
     Complete,
-    /// The stream was reset (by the producer's request) or stopped by the peer.
+    /// The stream was reset at the producer's request, or cancelled.
     Aborted,
+    /// The peer stopped reading what we send (STOP_SENDING); what it sends still counts.
+    Stopped,
 }
 
 /// One stream's shared state.
@@ -308,7 +310,9 @@ impl StreamShared {
                 recv: RecvHalf {
                     chunks: VecDeque::new(),
                     held: 0,
-                    limit: limits.recv_buffer.max(1),
+                    // Room for at least one byte beside a chunk's cost: a smaller limit would
+                    // never read at all.
+                    limit: limits.recv_buffer.max(CHUNK_COST + 1),
                     fin: recv_fin,
                     trailers: None,
                     trailers_seen: false,
@@ -402,6 +406,8 @@ impl StreamShared {
             let r = &mut s.recv;
             if let Some(chunk) = r.chunks.pop_front() {
                 r.held -= chunk.len() + CHUNK_COST;
+                // Room again: a stall is counted from now, not from the last bytes in.
+                s.progress_at = Instant::now();
                 // The connection stopped reading at the buffer's limit: there is room now.
                 return (Poll::Ready(Some(Ok(Frame::data(chunk)))), r.pending);
             }
@@ -484,6 +490,7 @@ impl StreamShared {
             if s.send.done {
                 return ((), false);
             }
+            s.progress_at = Instant::now();
             s.send.final_queued = true;
             s.send.heads.push_back((fields, fin));
             s.send.fin |= fin;
@@ -496,6 +503,8 @@ impl StreamShared {
             if s.send.done {
                 return ((), false);
             }
+            // The stream waited on the producer until now: a stall is counted from here.
+            s.progress_at = Instant::now();
             s.send.data_len += data.len();
             s.send.data.push_back(data);
             ((), true)
@@ -507,6 +516,7 @@ impl StreamShared {
             if s.send.done {
                 return ((), false);
             }
+            s.progress_at = Instant::now();
             s.send.trailers = Some(fields);
             s.send.fin = true;
             ((), true)
@@ -584,7 +594,7 @@ impl StreamShared {
                 match h3.recv_body(conn, id, &mut scratch[..room]) {
                     Ok(n) => {
                         if r.trailers_seen {
-                            return Err(ReadFailure::DataAfterTrailers);
+                            return Err(ReadFailure::FrameUnexpected);
                         }
                         r.received += n as u64;
                         if r.content_length.is_some_and(|len| r.received > len) {
@@ -604,7 +614,7 @@ impl StreamShared {
                     Err(h3::Error::TransportError(quiche::Error::StreamReset(code))) => {
                         return Err(ReadFailure::Reset(code));
                     }
-                    Err(h3::Error::FrameUnexpected) => return Err(ReadFailure::DataAfterTrailers),
+                    Err(h3::Error::FrameUnexpected) => return Err(ReadFailure::FrameUnexpected),
                     Err(_) => return Err(ReadFailure::Closed),
                 }
             }
@@ -616,8 +626,9 @@ impl StreamShared {
     }
 
     /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
-    /// §4.2.2 counting). An error is a malformed message.
-    pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), Malformed> {
+    /// §4.2.2 counting). Bad trailers are a malformed message; a second trailer section is a
+    /// frame out of sequence.
+    pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), ReadFailure> {
         let trailers = if fields::section_size(list) > max_size {
             Err(Malformed("the trailer section is larger than the field-section limit"))
         } else {
@@ -626,10 +637,10 @@ impl StreamShared {
         let mut state = self.lock();
         let r = &mut state.recv;
         if r.trailers_seen {
-            return Err(Malformed("a second trailer section"));
+            return Err(ReadFailure::FrameUnexpected);
         }
         r.trailers_seen = true;
-        let trailers = trailers?;
+        let trailers = trailers.map_err(|why| ReadFailure::Malformed(why.0))?;
         if !r.reader_dropped {
             r.trailers = Some(trailers);
         }
@@ -702,24 +713,28 @@ impl StreamShared {
                     // side already; the producer stops.
                     drop(state);
                     self.cancel(Cancel::PeerStopped(code));
-                    return WriteOutcome::Aborted;
+                    return WriteOutcome::Stopped;
                 }
                 WriteOutcome::Pending
             }
             Err(code) => {
                 drop(state);
                 self.cancel(Cancel::PeerStopped(code));
-                WriteOutcome::Aborted
+                WriteOutcome::Stopped
             }
         }
     }
 
     /// Ends the stream for both local parties: the reader sees `why` (unless its body was
-    /// complete), the producer stops, and nothing more is written. Idempotent: the first
+    /// complete, or `why` is the peer's STOP_SENDING), the producer stops, and nothing more
+    /// is written. Idempotent: the first
     /// reason wins.
     pub(crate) fn cancel(&self, why: Cancel) {
         let mut state = self.lock();
-        if state.recv.open() {
+        // STOP_SENDING ends only our sending: the peer may still send its whole message
+        // (a server may stop a request body it does not need and answer in full, RFC 9114
+        // §4.1).
+        if state.recv.open() && !matches!(why, Cancel::PeerStopped(_)) {
             state.recv.fail(why.recv_error());
         }
         if !state.send.done {

@@ -179,13 +179,15 @@ where
     fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
             // A second HEADERS frame: the request's trailers.
-            if let Err(why) = entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
-                self.end_stream(conn, id, Cancel::Malformed(why.0));
+            match entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
+                Ok(()) => {}
+                Err(ReadFailure::FrameUnexpected) => self.fail_connection(conn, code::H3_FRAME_UNEXPECTED),
+                Err(ReadFailure::Malformed(why)) => self.end_stream(conn, id, Cancel::Malformed(why)),
+                Err(_) => self.end_stream(conn, id, Cancel::ConnectionClosed),
             }
             return;
         }
-        if !id.is_multiple_of(4) || id < self.next_stream && !self.heads_pending.contains_key(&id) {
-            // Not a request stream, or one we refused or answered already.
+        if !id.is_multiple_of(4) {
             return;
         }
         self.heads_pending.remove(&id);
@@ -330,7 +332,7 @@ where
         match shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
             Ok(()) => {}
             Err(ReadFailure::Malformed(why)) => self.end_stream(conn, id, Cancel::Malformed(why)),
-            Err(ReadFailure::DataAfterTrailers) => {
+            Err(ReadFailure::FrameUnexpected) => {
                 tracing::debug!(stream_id = id, "DATA after trailers: H3_FRAME_UNEXPECTED");
                 self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
             }
@@ -430,7 +432,7 @@ where
             match shared.write_to(h3, conn, id) {
                 WriteOutcome::Pending => {}
                 WriteOutcome::Complete => entry.written = true,
-                WriteOutcome::Aborted => {
+                WriteOutcome::Aborted | WriteOutcome::Stopped => {
                     // STOP_SENDING, or the handler failed: it has nothing more to do.
                     entry.abort.abort();
                     entry.written = true;
@@ -550,10 +552,12 @@ where
                 _ => Some(now + every),
             }
         } else {
-            // Idle: one look for heads that never completed, when the first could be late.
-            self.idle_since
-                .map(|t| t + settings.request_head_timeout)
-                .filter(|&at| at > now)
+            // Idle: a look for heads that never completed once per head timeout (a wake-up
+            // per idle connection every 10 s by default).
+            match self.next_stream_check {
+                Some(at) if !due => Some(at),
+                _ => Some(now + settings.request_head_timeout),
+            }
         };
         // Every deadline here lies in the future: one in the past would wake the task at
         // once, forever.
@@ -650,7 +654,14 @@ where
         }
         let now = Instant::now();
         let mut linger_deadline = None;
-        if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() {
+        self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
+        // Heads still arriving below the GOAWAY limit were promised processing: they hold
+        // the close too (for at most the head timeout).
+        if (self.draining.is_some() || self.peer_goaway)
+            && self.streams.is_empty()
+            && self.requests.is_empty()
+            && self.heads_pending.is_empty()
+        {
             self.lingering
                 .retain(|&(id, since)| Self::still_delivering(conn, id, since, now));
             let goaway_out = self.close_not_before.is_none_or(|at| at <= now);
