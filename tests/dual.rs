@@ -17,6 +17,8 @@ use support::*;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::quic::{Config, ConfigBuilder, Listener};
+use tower_quiche::tls::DevCa;
 use tower_quiche::server::{self, ConnectionInfo};
 
 struct Dual {
@@ -27,9 +29,21 @@ struct Dual {
 }
 
 async fn dual(app: Router, builder: server::Builder) -> Dual {
+    dual_with(app, builder, |config| config).await
+}
+
+/// A dual server whose listener configuration (`h3`, the test certificate) `configure` may
+/// add to, e.g. a client CA.
+async fn dual_with(app: Router, builder: server::Builder, configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> Dual {
     init_tracing();
     let certs = certs();
-    let listener = support::h3::listener(&certs).await;
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem);
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), configure(config).build().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -297,6 +311,35 @@ async fn tower_http_layers_behave_over_http3_as_over_tcp() {
             200,
             "TraceLayer's on_response ran for an HTTP/3 request"
         );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_tcp_requires_a_certificate_from_the_client_ca() {
+    let clients = DevCa::new("client CA").unwrap();
+    let client_ca = clients.cert_pem();
+    let server = dual_with(app(), server::Builder::new(), |config| config.client_ca_pem(&client_ca)).await;
+    let trusted = clients.issue(&["trusted client"]).unwrap();
+    let stranger = DevCa::new("another CA").unwrap().issue(&["untrusted client"]).unwrap();
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let send = |identity| tcp::try_send(server.addr, &server.ca_pem, version, identity, server.get("/version"));
+            let served = send(Some(&trusted))
+                .await
+                .unwrap_or_else(|e| panic!("{version:?} with a certificate from the client CA: {e}"));
+            assert_eq!(served.status(), StatusCode::OK, "{version:?}");
+            // With TLS 1.3 the server's refusal reaches the client as an alert on its first
+            // read; either way no response comes back.
+            match send(None).await {
+                Ok(response) => panic!("{version:?} without a client certificate was served: {response:?}"),
+                Err(e) => tracing::debug!(?version, error = %e, "no certificate: refused"),
+            }
+            match send(Some(&stranger)).await {
+                Ok(response) => panic!("{version:?} with a certificate from another CA was served: {response:?}"),
+                Err(e) => tracing::debug!(?version, error = %e, "foreign certificate: refused"),
+            }
+        }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -29,8 +29,8 @@ use crate::quic::Config;
 /// A TLS handshake that takes longer than this is abandoned: it holds a socket and a task.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, ALPN `h2`
-/// then `http/1.1`.
+/// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, its client
+/// CA when it requires client certificates (mutual TLS), ALPN `h2` then `http/1.1`.
 pub(crate) fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
     let tls = &config.inner.tls;
     let err =
@@ -49,6 +49,9 @@ pub(crate) fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
         .as_ref()
         .ok_or_else(|| Error::config("serving TCP needs the listener's private key"))?;
     b.set_private_key(key).map_err(|e| err("private key", e))?;
+    // The same client verification as the QUIC side: mutual TLS is meaningless if a client
+    // without a certificate can reach the service over TCP instead.
+    tls.verify_clients(&mut b).map_err(|e| err("client CA", e))?;
     b.set_alpn_select_callback(|_, client| {
         boring::ssl::select_next_proto(b"\x02h2\x08http/1.1", client).ok_or(AlpnError::NOACK)
     });
@@ -137,7 +140,10 @@ pub(crate) async fn run<S, B>(
             let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio_boring::accept(&acceptor, stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %remote_addr, error = %e, "TLS handshake failed");
+                    // A refused client certificate leaves its reason here; taking it also
+                    // keeps it from being reported for a later connection on this thread.
+                    let reason = crate::tls::take_verify_error();
+                    tracing::debug!(peer = %remote_addr, error = %e, reason, "TLS handshake failed");
                     return;
                 }
                 Err(_) => return,
