@@ -343,3 +343,86 @@ async fn mutual_tls_on_tcp_requires_a_certificate_from_the_client_ca() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// Reads until the server closes the connection (EOF or a reset), returning what it sent;
+/// panics if it stays open for `within`.
+async fn closed_by_server(tls: &mut tokio_boring::SslStream<tokio::net::TcpStream>, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    timeout(within, async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = tls.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the server closes a connection that stalls before a complete request head");
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let server = dual(app(), server::Builder::new().tcp_header_read_timeout(Duration::from_secs(1))).await;
+    let run = async {
+        // Part of an HTTP/1.1 head (hyper's own timer), nothing at all, and part of the
+        // HTTP/2 preface (both before hyper has chosen a protocol).
+        let stalls: [(Version, &[u8]); 3] = [
+            (Version::HTTP_11, b"GET /version HTTP/1.1\r\nhost: localhost\r\n"),
+            (Version::HTTP_11, b""),
+            (Version::HTTP_2, b"PRI * HTTP/2.0\r\n"),
+        ];
+        let mut stalled = Vec::new();
+        for (version, partial) in stalls {
+            let mut tls = tcp::connect(server.addr, &server.ca_pem, version, None).await.unwrap();
+            tls.write_all(partial).await.unwrap();
+            tls.flush().await.unwrap();
+            stalled.push((String::from_utf8_lossy(partial).into_owned(), tls));
+        }
+        // Honest clients are served meanwhile.
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(server.tcp(version, server.get("/version")).await.status(), StatusCode::OK);
+        }
+        for (partial, mut tls) in stalled {
+            let received = closed_by_server(&mut tls, Duration::from_secs(15)).await;
+            assert!(
+                !received.starts_with(b"HTTP/1.1 200"),
+                "after {partial:?}: {}",
+                String::from_utf8_lossy(&received)
+            );
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() {
+    // A long head timeout, so the idle connections stay until the test closes them.
+    let builder = server::Builder::new()
+        .tcp_max_connections(2)
+        .tcp_header_read_timeout(Duration::from_secs(120));
+    let server = dual(app(), builder).await;
+    let run = async {
+        // Two idle connections, accepted: their TLS handshakes completed.
+        let first = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None).await.unwrap();
+        let _second = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None).await.unwrap();
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let url = server.url("/version");
+        let mut third = tokio::spawn(async move {
+            let request = Request::get(url).body(Full::default()).unwrap();
+            tcp::try_send(addr, &ca, Version::HTTP_11, None, request).await.map(|r| r.status())
+        });
+        // Not accepted while both are open (the window only bounds how long we look).
+        assert!(
+            timeout(Duration::from_millis(500), &mut third).await.is_err(),
+            "a third connection was served past the limit of two"
+        );
+        // HTTP/3 is not limited by the TCP cap.
+        assert_eq!(server.h3(server.get("/version")).await.status(), StatusCode::OK);
+        drop(first);
+        let status = third.await.unwrap().expect("served once a connection closed");
+        assert_eq!(status, StatusCode::OK);
+        assert!(!server.done.is_finished(), "the server keeps running");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
