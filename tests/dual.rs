@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -92,6 +92,11 @@ impl Dual {
 }
 
 fn app() -> Router {
+    app_counting(Arc::default())
+}
+
+/// [`app`], counting in `slow_started` the `/slow` requests that reached their handler.
+fn app_counting(slow_started: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route(
             "/version",
@@ -103,9 +108,12 @@ fn app() -> Router {
         )
         .route(
             "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(700)).await;
-                "slow done"
+            get(move || {
+                slow_started.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    "slow done"
+                }
             }),
         )
 }
@@ -141,7 +149,8 @@ async fn alt_svc_is_on_tcp_responses_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_graceful_shutdown_drains_both_transports() {
-    let mut server = dual(app(), server::Builder::new()).await;
+    let slow_started = Arc::new(AtomicUsize::new(0));
+    let mut server = dual(app_counting(Arc::clone(&slow_started)), server::Builder::new()).await;
     let run = async {
         let h3_client = Client::builder().ca_pem(&server.ca_pem).build().unwrap();
         let h3 = tokio::spawn(h3_client.get(server.url("/slow")).send());
@@ -169,7 +178,11 @@ async fn one_graceful_shutdown_drains_both_transports() {
             )
             .await
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Shut down once all three requests are in flight: before that, the drain may
+        // rightly close a connection whose request has not arrived yet.
+        while slow_started.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         server.shutdown.take().unwrap().send(()).unwrap();
         assert_eq!(h3.await.unwrap().unwrap().text().await.unwrap(), "slow done");
         assert_eq!(h1.await.unwrap().body(), "slow done");
