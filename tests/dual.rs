@@ -18,8 +18,8 @@ use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
 use tower_quiche::quic::{Config, ConfigBuilder, Listener};
-use tower_quiche::tls::DevCa;
 use tower_quiche::server::{self, ConnectionInfo};
+use tower_quiche::tls::DevCa;
 
 struct Dual {
     addr: std::net::SocketAddr,
@@ -34,7 +34,11 @@ async fn dual(app: Router, builder: server::Builder) -> Dual {
 
 /// A dual server whose listener configuration (`h3`, the test certificate) `configure` may
 /// add to, e.g. a client CA.
-async fn dual_with(app: Router, builder: server::Builder, configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder) -> Dual {
+async fn dual_with(
+    app: Router,
+    builder: server::Builder,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> Dual {
     init_tracing();
     let certs = certs();
     let config = Config::builder()
@@ -376,7 +380,11 @@ async fn closed_by_server(tls: &mut tokio_boring::SslStream<tokio::net::TcpStrea
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected() {
     use tokio::io::AsyncWriteExt;
-    let server = dual(app(), server::Builder::new().tcp_header_read_timeout(Duration::from_secs(1))).await;
+    let server = dual(
+        app(),
+        server::Builder::new().tcp_header_read_timeout(Duration::from_secs(1)),
+    )
+    .await;
     let run = async {
         // Part of an HTTP/1.1 head (hyper's own timer), nothing at all, and part of the
         // HTTP/2 preface (both before hyper has chosen a protocol).
@@ -394,7 +402,10 @@ async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected(
         }
         // Honest clients are served meanwhile.
         for version in [Version::HTTP_11, Version::HTTP_2] {
-            assert_eq!(server.tcp(version, server.get("/version")).await.status(), StatusCode::OK);
+            assert_eq!(
+                server.tcp(version, server.get("/version")).await.status(),
+                StatusCode::OK
+            );
         }
         for (partial, mut tls) in stalled {
             let received = closed_by_server(&mut tls, Duration::from_secs(15)).await;
@@ -417,13 +428,19 @@ async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() 
     let server = dual(app(), builder).await;
     let run = async {
         // Two idle connections, accepted: their TLS handshakes completed.
-        let first = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None).await.unwrap();
-        let _second = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None).await.unwrap();
+        let first = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+            .await
+            .unwrap();
+        let _second = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+            .await
+            .unwrap();
         let (addr, ca) = (server.addr, server.ca_pem.clone());
         let url = server.url("/version");
         let mut third = tokio::spawn(async move {
             let request = Request::get(url).body(Full::default()).unwrap();
-            tcp::try_send(addr, &ca, Version::HTTP_11, None, request).await.map(|r| r.status())
+            tcp::try_send(addr, &ca, Version::HTTP_11, None, request)
+                .await
+                .map(|r| r.status())
         });
         // Not accepted while both are open (the window only bounds how long we look).
         assert!(

@@ -120,6 +120,9 @@ const HARD_HEADER_SECTION_LIMIT: u64 = 1024 * 1024;
 /// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams),
 /// 128) and the idle timeout ([`idle_timeout`](crate::quic::ConfigBuilder::idle_timeout),
 /// 30 s).
+///
+/// The `tcp_*` and `http2_*` settings apply to the TCP side of
+/// [`serve_with_tcp`](Builder::serve_with_tcp) only.
 #[derive(Debug, Clone)]
 pub struct Builder {
     max_header_list_size: usize,

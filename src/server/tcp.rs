@@ -185,7 +185,10 @@ pub(crate) async fn run<S, B>(
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         if slots.available_permits() == 0 {
-            tracing::debug!(max_connections, "TCP connection limit reached; accepting again when one closes");
+            tracing::debug!(
+                max_connections,
+                "TCP connection limit reached; accepting again when one closes"
+            );
         }
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot,
