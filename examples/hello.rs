@@ -4,10 +4,13 @@
 //!
 //!     cargo run --example hello
 //!     cargo run --example hello -- --listen 127.0.0.1:4433 --cert cert.pem --key key.pem
+//!     cargo run --example hello -- --client-ca client-ca.pem
 //!
 //! With no arguments it generates a development certificate, listens on 127.0.0.1:4433 and
 //! prints how to reach it. It serves `/` (an HTML page that shows the protocol each request
-//! used) and `/hello`.
+//! used) and `/hello`. With `--client-ca PEM` it requires mutual TLS on TCP and UDP alike:
+//! only clients presenting a certificate issued by a CA in that file are served, e.g.
+//! `curl --cacert ca.pem --cert client.pem --key client-key.pem https://localhost:4433/hello`.
 
 mod support;
 
@@ -62,13 +65,18 @@ async fn main() {
             }),
         )
         .route("/hello", get(|| async { "hello world" }));
-    let config = Config::builder()
+    let mut config = Config::builder()
         .alpn(["h3"])
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
-        .keylog_from_env()
-        .build()
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+        .keylog_from_env();
+    // The listener's configuration serves both transports, so this one setting requires
+    // client certificates over HTTP/3 and over HTTP/1.1 and HTTP/2.
+    let client_ca = args.value("--client-ca");
+    if let Some(client_ca) = client_ca {
+        config = config.client_ca_pem_file(client_ca);
+    }
+    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
     let listener = Listener::bind(listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
@@ -81,7 +89,9 @@ async fn main() {
         "serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"",
         addr.port()
     );
-    if args.value("--cert").is_none() {
+    if let Some(client_ca) = client_ca {
+        eprintln!("clients must present a certificate issued by a CA in {client_ca} (mutual TLS)");
+    } else if args.value("--cert").is_none() {
         let ca = cert.with_file_name("ca.pem");
         eprintln!(
             "try:  cargo run --example client -- --ca {} https://localhost:{}/hello",

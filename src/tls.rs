@@ -180,16 +180,7 @@ impl TlsMaterial {
             return self.rpk_context(b, server);
         }
         if server {
-            match &self.client_ca {
-                Some(cas) => {
-                    b.set_cert_store(store_of(cas).map_err(|e| tls_err("client CA", e))?);
-                    b.set_verify_callback(
-                        SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
-                        record_verify_error,
-                    );
-                }
-                None => b.set_verify(SslVerifyMode::NONE),
-            }
+            self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
         } else if self.verify_server {
             b.set_cert_store(store_of(&self.roots).map_err(|e| tls_err("roots", e))?);
             b.set_verify_callback(SslVerifyMode::PEER, verify_server_certificate);
@@ -197,6 +188,25 @@ impl TlsMaterial {
             b.set_verify(SslVerifyMode::NONE);
         }
         Ok(b)
+    }
+}
+
+impl TlsMaterial {
+    /// Servers: with a client CA configured (mutual TLS), require a client certificate that
+    /// chains to it; else ask for none. Every transport a server speaks (QUIC and TCP) calls
+    /// this, so none of them serves a client the others would refuse.
+    pub(crate) fn verify_clients(&self, b: &mut SslContextBuilder) -> Result<(), boring::error::ErrorStack> {
+        match &self.client_ca {
+            Some(cas) => {
+                b.set_cert_store(store_of(cas)?);
+                b.set_verify_callback(
+                    SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT,
+                    record_verify_error,
+                );
+            }
+            None => b.set_verify(SslVerifyMode::NONE),
+        }
+        Ok(())
     }
 }
 

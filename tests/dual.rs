@@ -4,7 +4,7 @@
 mod support;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,7 +17,9 @@ use support::*;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::quic::{Config, ConfigBuilder, Listener};
 use tower_quiche::server::{self, ConnectionInfo};
+use tower_quiche::tls::DevCa;
 
 struct Dual {
     addr: std::net::SocketAddr,
@@ -27,9 +29,25 @@ struct Dual {
 }
 
 async fn dual(app: Router, builder: server::Builder) -> Dual {
+    dual_with(app, builder, |config| config).await
+}
+
+/// A dual server whose listener configuration (`h3`, the test certificate) `configure` may
+/// add to, e.g. a client CA.
+async fn dual_with(
+    app: Router,
+    builder: server::Builder,
+    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+) -> Dual {
     init_tracing();
     let certs = certs();
-    let listener = support::h3::listener(&certs).await;
+    let config = Config::builder()
+        .alpn(["h3"])
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem);
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), configure(config).build().unwrap())
+        .await
+        .unwrap();
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
@@ -78,6 +96,11 @@ impl Dual {
 }
 
 fn app() -> Router {
+    app_counting(Arc::default())
+}
+
+/// [`app`], counting in `slow_started` the `/slow` requests that reached their handler.
+fn app_counting(slow_started: Arc<AtomicUsize>) -> Router {
     Router::new()
         .route(
             "/version",
@@ -89,9 +112,12 @@ fn app() -> Router {
         )
         .route(
             "/slow",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(700)).await;
-                "slow done"
+            get(move || {
+                slow_started.fetch_add(1, Ordering::SeqCst);
+                async {
+                    tokio::time::sleep(Duration::from_millis(700)).await;
+                    "slow done"
+                }
             }),
         )
 }
@@ -127,7 +153,8 @@ async fn alt_svc_is_on_tcp_responses_only() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_graceful_shutdown_drains_both_transports() {
-    let mut server = dual(app(), server::Builder::new()).await;
+    let slow_started = Arc::new(AtomicUsize::new(0));
+    let mut server = dual(app_counting(Arc::clone(&slow_started)), server::Builder::new()).await;
     let run = async {
         let h3_client = Client::builder().ca_pem(&server.ca_pem).build().unwrap();
         let h3 = tokio::spawn(h3_client.get(server.url("/slow")).send());
@@ -155,7 +182,11 @@ async fn one_graceful_shutdown_drains_both_transports() {
             )
             .await
         });
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Shut down once all three requests are in flight: before that, the drain may
+        // rightly close a connection whose request has not arrived yet.
+        while slow_started.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         server.shutdown.take().unwrap().send(()).unwrap();
         assert_eq!(h3.await.unwrap().unwrap().text().await.unwrap(), "slow done");
         assert_eq!(h1.await.unwrap().body(), "slow done");
@@ -297,6 +328,131 @@ async fn tower_http_layers_behave_over_http3_as_over_tcp() {
             200,
             "TraceLayer's on_response ran for an HTTP/3 request"
         );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_on_tcp_requires_a_certificate_from_the_client_ca() {
+    let clients = DevCa::new("client CA").unwrap();
+    let client_ca = clients.cert_pem();
+    let server = dual_with(app(), server::Builder::new(), |config| config.client_ca_pem(&client_ca)).await;
+    let trusted = clients.issue(&["trusted client"]).unwrap();
+    let stranger = DevCa::new("another CA").unwrap().issue(&["untrusted client"]).unwrap();
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let send = |identity| tcp::try_send(server.addr, &server.ca_pem, version, identity, server.get("/version"));
+            let served = send(Some(&trusted))
+                .await
+                .unwrap_or_else(|e| panic!("{version:?} with a certificate from the client CA: {e}"));
+            assert_eq!(served.status(), StatusCode::OK, "{version:?}");
+            // With TLS 1.3 the server's refusal reaches the client as an alert on its first
+            // read; either way no response comes back.
+            match send(None).await {
+                Ok(response) => panic!("{version:?} without a client certificate was served: {response:?}"),
+                Err(e) => tracing::debug!(?version, error = %e, "no certificate: refused"),
+            }
+            match send(Some(&stranger)).await {
+                Ok(response) => panic!("{version:?} with a certificate from another CA was served: {response:?}"),
+                Err(e) => tracing::debug!(?version, error = %e, "foreign certificate: refused"),
+            }
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// Reads until the server closes the connection (EOF or a reset), returning what it sent;
+/// panics if it stays open for `within`.
+async fn closed_by_server(tls: &mut tokio_boring::SslStream<tokio::net::TcpStream>, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    timeout(within, async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = tls.read(&mut buf).await {
+            received.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .expect("the server closes a connection that stalls before a complete request head");
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected() {
+    use tokio::io::AsyncWriteExt;
+    let server = dual(
+        app(),
+        server::Builder::new().tcp_header_read_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let run = async {
+        // Part of an HTTP/1.1 head (hyper's own timer), nothing at all, and part of the
+        // HTTP/2 preface (both before hyper has chosen a protocol).
+        let stalls: [(Version, &[u8]); 3] = [
+            (Version::HTTP_11, b"GET /version HTTP/1.1\r\nhost: localhost\r\n"),
+            (Version::HTTP_11, b""),
+            (Version::HTTP_2, b"PRI * HTTP/2.0\r\n"),
+        ];
+        let mut stalled = Vec::new();
+        for (version, partial) in stalls {
+            let mut tls = tcp::connect(server.addr, &server.ca_pem, version, None).await.unwrap();
+            tls.write_all(partial).await.unwrap();
+            tls.flush().await.unwrap();
+            stalled.push((String::from_utf8_lossy(partial).into_owned(), tls));
+        }
+        // Honest clients are served meanwhile.
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            assert_eq!(
+                server.tcp(version, server.get("/version")).await.status(),
+                StatusCode::OK
+            );
+        }
+        for (partial, mut tls) in stalled {
+            let received = closed_by_server(&mut tls, Duration::from_secs(15)).await;
+            assert!(
+                !received.starts_with(b"HTTP/1.1 200"),
+                "after {partial:?}: {}",
+                String::from_utf8_lossy(&received)
+            );
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() {
+    // A long head timeout, so the idle connections stay until the test closes them.
+    let builder = server::Builder::new()
+        .tcp_max_connections(2)
+        .tcp_header_read_timeout(Duration::from_secs(120));
+    let server = dual(app(), builder).await;
+    let run = async {
+        // Two idle connections, accepted: their TLS handshakes completed.
+        let first = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+            .await
+            .unwrap();
+        let _second = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+            .await
+            .unwrap();
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let url = server.url("/version");
+        let mut third = tokio::spawn(async move {
+            let request = Request::get(url).body(Full::default()).unwrap();
+            tcp::try_send(addr, &ca, Version::HTTP_11, None, request)
+                .await
+                .map(|r| r.status())
+        });
+        // Not accepted while both are open (the window only bounds how long we look).
+        assert!(
+            timeout(Duration::from_millis(500), &mut third).await.is_err(),
+            "a third connection was served past the limit of two"
+        );
+        // HTTP/3 is not limited by the TCP cap.
+        assert_eq!(server.h3(server.get("/version")).await.status(), StatusCode::OK);
+        drop(first);
+        let status = third.await.unwrap().expect("served once a connection closed");
+        assert_eq!(status, StatusCode::OK);
+        assert!(!server.done.is_finished(), "the server keeps running");
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

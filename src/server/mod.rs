@@ -126,6 +126,9 @@ const MIN_HARD_FIELD_SECTION_LIMIT: u64 = 64 * 1024;
 /// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams),
 /// 128) and the idle timeout ([`idle_timeout`](crate::quic::ConfigBuilder::idle_timeout),
 /// 30 s).
+///
+/// The `tcp_*` and `http2_*` settings apply to the TCP side of
+/// [`serve_with_tcp`](Builder::serve_with_tcp) only.
 #[derive(Debug, Clone)]
 pub struct Builder {
     max_header_list_size: usize,
@@ -136,6 +139,9 @@ pub struct Builder {
     request_body_buffer: usize,
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
+    /// Limits of the TCP side of [`Builder::serve_with_tcp`].
+    #[cfg(feature = "tcp")]
+    tcp: tcp::Limits,
 }
 
 impl Default for Builder {
@@ -149,6 +155,8 @@ impl Default for Builder {
             request_body_buffer: 64 * 1024,
             response_body_buffer: 64 * 1024,
             graceful_shutdown_timeout: Duration::from_secs(30),
+            #[cfg(feature = "tcp")]
+            tcp: tcp::Limits::default(),
         }
     }
 }
@@ -162,8 +170,10 @@ impl Builder {
     /// The largest request header section, counted as RFC 9114 §4.2.2 does (the sum of
     /// name, value and 32 bytes per field). Larger requests get `431 Request Header Fields
     /// Too Large`; the same limit holds for trailer sections (a larger one resets the
-    /// stream with H3_MESSAGE_ERROR). Defaults to 16 KiB, as hyper's: real request heads
-    /// are a few KiB, and a peer can park this much in each unfinished head.
+    /// stream with H3_MESSAGE_ERROR). On TCP it is HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE`
+    /// and sizes the HTTP/1.1 read buffer (at least 8 KiB) a request head must fit in.
+    /// Defaults to 16 KiB, as hyper's: real request heads are a few KiB, and a peer can
+    /// park this much in each unfinished head.
     pub fn max_header_list_size(mut self, bytes: usize) -> Self {
         self.max_header_list_size = bytes;
         self
@@ -308,18 +318,73 @@ impl Builder {
     {
         let settings = self.settings();
         let tcp_service = service.clone();
-        let prepared =
-            tcp::acceptor(listener.config()).map(|acceptor| (Arc::new(acceptor), listener.local_addr().port()));
+        let prepared = tcp::Transport::new(listener.config(), &self.tcp, self.max_header_list_size)
+            .map(|transport| (transport, listener.local_addr().port()));
         let run: RunFn = Box::new(move |signal| {
             Box::pin(async move {
-                let (acceptor, port) = prepared?;
+                let (transport, port) = prepared?;
                 let alt_svc = crate::alt_svc::AltSvcLayer::new(port);
                 let start_tcp: TcpStarter =
-                    Box::new(move |stop, alive| Box::pin(tcp::run(tcp, acceptor, tcp_service, alt_svc, stop, alive)));
+                    Box::new(move |stop, alive| Box::pin(tcp::run(tcp, transport, tcp_service, alt_svc, stop, alive)));
                 run(listener, CloneService(service), settings, signal, Some(start_tcp)).await
             })
         });
         Serve { run, signal: None }
+    }
+
+    /// TCP ([`serve_with_tcp`](Builder::serve_with_tcp)): how many TCP connections may be
+    /// open at once. At the limit the server stops accepting until one closes; new clients
+    /// wait in the kernel's listen backlog meanwhile. Each connection holds a descriptor, a
+    /// task and its buffers, so this bounds what a flood of connections can take. Defaults
+    /// to 10,000, well above what one honest client uses (browsers open one HTTP/2
+    /// connection per site, six at most over HTTP/1.1), and within memory a small server
+    /// has; raise `ulimit -n` to match.
+    #[cfg(feature = "tcp")]
+    pub fn tcp_max_connections(mut self, connections: usize) -> Self {
+        self.tcp.max_connections = connections.max(1);
+        self
+    }
+
+    /// TCP: how long a client has to complete its TLS handshake before its connection is
+    /// closed. Defaults to 10 s: a handshake is two round trips, and a client that takes
+    /// longer is most likely holding the socket on purpose.
+    #[cfg(feature = "tcp")]
+    pub fn tcp_tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.tcp.tls_handshake_timeout = timeout;
+        self
+    }
+
+    /// TCP: how long a client has to send a complete request head, over HTTP/1.1 and
+    /// HTTP/2: its first request after the TLS handshake, and on HTTP/1.1 each later one
+    /// (which also closes an HTTP/1.1 connection idle that long between requests). A client
+    /// that trickles a head in (slowloris) is disconnected. Defaults to 10 s: a head is a
+    /// packet or two, so this is ample for any real link while keeping short the time a
+    /// stalling client holds one of the [`tcp_max_connections`](Builder::tcp_max_connections).
+    #[cfg(feature = "tcp")]
+    pub fn tcp_header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.tcp.header_read_timeout = timeout;
+        self
+    }
+
+    /// TCP: HTTP/2 connections send a PING after `interval` without hearing from the
+    /// client, and close if no answer comes within `timeout`, so dead peers do not hold
+    /// connections forever. Defaults to 20 s and 20 s, hyper's own timeout, well under the
+    /// idle timeouts of common NATs and load balancers.
+    #[cfg(feature = "tcp")]
+    pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.tcp.http2_keep_alive_interval = interval;
+        self.tcp.http2_keep_alive_timeout = timeout;
+        self
+    }
+
+    /// TCP: how many requests an HTTP/2 connection may have in flight. Defaults to 128, the
+    /// default number of concurrent request streams on HTTP/3
+    /// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams)),
+    /// so one client gets the same concurrency on both.
+    #[cfg(feature = "tcp")]
+    pub fn http2_max_concurrent_streams(mut self, streams: u32) -> Self {
+        self.tcp.http2_max_concurrent_streams = streams.max(1);
+        self
     }
 }
 

@@ -1,7 +1,11 @@
 //! HTTP/1.1 and HTTP/2 over TLS on TCP, beside HTTP/3: browsers and most clients reach a
 //! site over TCP first and learn of HTTP/3 from the `Alt-Svc` header added here. TLS runs
-//! through `tokio-boring` with the HTTP/3 listener's certificate; connections are served by
-//! hyper-util's automatic HTTP/1.1 / HTTP/2 builder.
+//! through `tokio-boring` with the HTTP/3 listener's certificate (and client CA, for mutual
+//! TLS); connections are served by hyper-util's automatic HTTP/1.1 / HTTP/2 builder.
+//!
+//! This module also owns the TCP side's defences against slow and idle clients ([`Limits`]):
+//! a cap on open connections, deadlines for the TLS handshake and for request heads, and
+//! HTTP/2 keep-alive pings, stream and header limits.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,12 +16,12 @@ use boring::ssl::{AlpnError, SslAcceptor, SslMethod};
 use http::{Request, Response};
 use http_body::Body;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -26,12 +30,73 @@ use crate::alt_svc::AltSvcLayer;
 use crate::error::{BoxError, Error};
 use crate::quic::Config;
 
-/// A TLS handshake that takes longer than this is abandoned: it holds a socket and a task.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The TCP side's limits, set through [`Builder`](super::Builder) (whose setters document
+/// each default and why).
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) tls_handshake_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) http2_keep_alive_interval: Duration,
+    pub(crate) http2_keep_alive_timeout: Duration,
+    pub(crate) http2_max_concurrent_streams: u32,
+}
 
-/// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, ALPN `h2`
-/// then `http/1.1`.
-pub(crate) fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            http2_keep_alive_interval: Duration::from_secs(20),
+            http2_keep_alive_timeout: Duration::from_secs(20),
+            http2_max_concurrent_streams: 128,
+        }
+    }
+}
+
+/// hyper refuses an HTTP/1 read buffer smaller than this.
+const MIN_HTTP1_BUFFER: usize = 8 * 1024;
+
+/// Everything the TCP side needs besides the socket and the service, prepared (and its
+/// configuration errors reported) before serving starts.
+pub(crate) struct Transport {
+    acceptor: SslAcceptor,
+    http: auto::Builder<TokioExecutor>,
+    limits: Limits,
+}
+
+impl Transport {
+    /// TLS from the QUIC listener's configuration; HTTP limits from the server's builder.
+    pub(crate) fn new(config: &Config, limits: &Limits, max_header_list_size: usize) -> Result<Self, Error> {
+        let mut http = auto::Builder::new(TokioExecutor::new());
+        // Without a timer hyper silently ignores its timeouts and keep-alive settings.
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // The head must fit in the read buffer (hyper answers 431 otherwise), so this
+            // bounds an HTTP/1.1 head as `max_header_list_size` bounds the others, instead
+            // of hyper's default of about 400 KiB per connection.
+            .max_buf_size(max_header_list_size.max(MIN_HTTP1_BUFFER));
+        http.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.http2_keep_alive_interval)
+            .keep_alive_timeout(limits.http2_keep_alive_timeout)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
+            // means the same on both.
+            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX));
+        Ok(Transport {
+            acceptor: acceptor(config)?,
+            http,
+            limits: limits.clone(),
+        })
+    }
+}
+
+/// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, its client
+/// CA when it requires client certificates (mutual TLS), ALPN `h2` then `http/1.1`.
+fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
     let tls = &config.inner.tls;
     let err =
         |what: &str, e: boring::error::ErrorStack| Error::config(format!("TLS setup for TCP failed ({what}): {e}"));
@@ -49,17 +114,22 @@ pub(crate) fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
         .as_ref()
         .ok_or_else(|| Error::config("serving TCP needs the listener's private key"))?;
     b.set_private_key(key).map_err(|e| err("private key", e))?;
+    // The same client verification as the QUIC side: mutual TLS is meaningless if a client
+    // without a certificate can reach the service over TCP instead.
+    tls.verify_clients(&mut b).map_err(|e| err("client CA", e))?;
     b.set_alpn_select_callback(|_, client| {
         boring::ssl::select_next_proto(b"\x02h2\x08http/1.1", client).ok_or(AlpnError::NOACK)
     });
     Ok(b.build())
 }
 
-/// Adds the request's [`ConnectionInfo`] (with its HTTP version) before the service sees it.
+/// Adds the request's [`ConnectionInfo`] (with its HTTP version) before the service sees it,
+/// and tells the connection that a request arrived.
 #[derive(Clone)]
 struct WithInfo<S> {
     inner: S,
     info: ConnectionInfo,
+    request_seen: Arc<Notify>,
 }
 
 impl<S, B> Service<Request<Incoming>> for WithInfo<S>
@@ -78,15 +148,22 @@ where
         let mut info = self.info.clone();
         info.version = request.version();
         request.extensions_mut().insert(info);
+        self.request_seen.notify_one();
         self.inner.call(request)
     }
 }
 
 /// Accepts TCP connections until `stop` carries a deadline, then lets the open ones finish
 /// (hyper's graceful shutdown) until that deadline.
+///
+/// With `max_connections` open, it stops accepting until one closes rather than accepting
+/// and closing at once: waiting connections queue in the kernel's listen backlog (bounded by
+/// it) and are served as soon as a slot frees, so a burst of honest clients is delayed, not
+/// refused, and a flood costs no accept, descriptor or task per attempt, nor invites instant
+/// retries. The deadlines below keep slots held by stalling clients short-lived.
 pub(crate) async fn run<S, B>(
     tcp: TcpListener,
-    acceptor: Arc<SslAcceptor>,
+    transport: Transport,
     service: S,
     alt_svc: AltSvcLayer,
     mut stop: watch::Receiver<Option<Instant>>,
@@ -102,7 +179,23 @@ pub(crate) async fn run<S, B>(
     let graceful = GracefulShutdown::new();
     let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let service = alt_svc.layer(service);
+    let Transport { acceptor, http, limits } = transport;
+    let (acceptor, http) = (Arc::new(acceptor), Arc::new(http));
+    let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
+        if slots.available_permits() == 0 {
+            tracing::debug!(
+                max_connections,
+                "TCP connection limit reached; accepting again when one closes"
+            );
+        }
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => slot,
+            _ = stop.wait_for(Option::is_some) => break,
+        };
+        // The semaphore is never closed.
+        let Ok(slot) = slot else { break };
         let accepted = tokio::select! {
             accepted = tcp.accept() => accepted,
             _ = stop.wait_for(Option::is_some) => break,
@@ -118,6 +211,7 @@ pub(crate) async fn run<S, B>(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = Arc::clone(&acceptor);
+        let http = Arc::clone(&http);
         let info = ConnectionInfo {
             remote_addr,
             local_addr,
@@ -125,25 +219,45 @@ pub(crate) async fn run<S, B>(
             stream_id: None,
             early_data: false,
         };
+        let request_seen = Arc::new(Notify::new());
         let service = TowerToHyperService::new(WithInfo {
             inner: service.clone(),
             info,
+            request_seen: Arc::clone(&request_seen),
         });
         let watcher = graceful.watcher();
         let alive = alive.clone();
         let mut deadline = stop.clone();
+        let (tls_handshake_timeout, header_read_timeout) = (limits.tls_handshake_timeout, limits.header_read_timeout);
         tokio::spawn(async move {
             let _alive = alive;
-            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tokio_boring::accept(&acceptor, stream)).await {
+            let _slot = slot;
+            let tls = match tokio::time::timeout(tls_handshake_timeout, tokio_boring::accept(&acceptor, stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %remote_addr, error = %e, "TLS handshake failed");
+                    // A refused client certificate leaves its reason here; taking it also
+                    // keeps it from being reported for a later connection on this thread.
+                    let reason = crate::tls::take_verify_error();
+                    tracing::debug!(peer = %remote_addr, error = %e, reason, "TLS handshake failed");
                     return;
                 }
-                Err(_) => return,
+                Err(_) => {
+                    tracing::debug!(peer = %remote_addr, "TLS handshake timed out");
+                    return;
+                }
             };
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            let connection = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
+            // hyper times HTTP/1.1 heads only once it has chosen HTTP/1.1, and HTTP/2 not at
+            // all: a client that sends nothing, or part of the HTTP/2 preface, would hold its
+            // connection forever. Its first request must come within the head timeout.
+            let first_request_late = async move {
+                if tokio::time::timeout(header_read_timeout, request_seen.notified())
+                    .await
+                    .is_ok()
+                {
+                    std::future::pending::<()>().await;
+                }
+            };
             // Past the shutdown deadline the connection is dropped, whatever it was doing.
             let deadline_passed = async move {
                 let at = deadline.wait_for(Option::is_some).await.ok().and_then(|d| *d);
@@ -159,6 +273,7 @@ pub(crate) async fn run<S, B>(
                     }
                 }
                 () = deadline_passed => tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline"),
+                () = first_request_late => tracing::debug!(peer = %remote_addr, "no request within the header read timeout; TCP connection closed"),
             }
         });
     }

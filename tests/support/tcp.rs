@@ -1,5 +1,5 @@
 //! A TLS client for the TCP side (HTTP/1.1 or HTTP/2, chosen by ALPN), for comparing the
-//! same server over every protocol.
+//! same server over every protocol, presenting a client certificate when asked (mutual TLS).
 
 #![allow(dead_code)]
 
@@ -10,37 +10,85 @@ use bytes::Bytes;
 use http::{Request, Response, Version};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+use tokio_boring::SslStream;
+use tower_quiche::tls::GeneratedCert;
 
-/// Sends one request over a new TLS connection; `version` picks HTTP/1.1 or HTTP/2.
-pub async fn send(addr: SocketAddr, ca_pem: &str, version: Version, request: Request<Full<Bytes>>) -> Response<Bytes> {
-    let mut connector = SslConnector::builder(SslMethod::tls()).unwrap();
-    let ca = boring::x509::X509::from_pem(ca_pem.as_bytes()).unwrap();
-    connector.cert_store_mut().add_cert(ca).unwrap();
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Opens a TLS connection that trusts `ca_pem`, offers the ALPN of `version` (`h2` or
+/// `http/1.1`) and presents `identity` as its client certificate when given.
+///
+/// With TLS 1.3 the client finishes its handshake before the server has checked the client
+/// certificate: a refused certificate shows as an error on the first read, not here.
+pub async fn connect(
+    addr: SocketAddr,
+    ca_pem: &str,
+    version: Version,
+    identity: Option<&GeneratedCert>,
+) -> Result<SslStream<TcpStream>, BoxError> {
+    let mut connector = SslConnector::builder(SslMethod::tls())?;
+    connector
+        .cert_store_mut()
+        .add_cert(boring::x509::X509::from_pem(ca_pem.as_bytes())?)?;
     let alpn: &[u8] = if version == Version::HTTP_2 {
         b"\x02h2"
     } else {
         b"\x08http/1.1"
     };
-    connector.set_alpn_protos(alpn).unwrap();
-    let config = connector.build().configure().unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector.set_alpn_protos(alpn)?;
+    if let Some(identity) = identity {
+        let cert = boring::x509::X509::from_pem(identity.cert_pem.as_bytes())?;
+        let key = boring::pkey::PKey::private_key_from_pem(identity.key_pem.as_bytes())?;
+        connector.set_certificate(&cert)?;
+        connector.set_private_key(&key)?;
+    }
+    let config = connector.build().configure()?;
+    let tcp = TcpStream::connect(addr).await?;
     let tls = tokio_boring::connect(config, "localhost", tcp)
         .await
-        .expect("TLS over TCP");
+        .map_err(|e| format!("TLS handshake: {e}"))?;
     let negotiated = tls.ssl().selected_alpn_protocol().map(<[u8]>::to_vec);
+    let expected: &[u8] = if version == Version::HTTP_2 { b"h2" } else { b"http/1.1" };
+    assert_eq!(negotiated.as_deref(), Some(expected), "ALPN");
+    Ok(tls)
+}
+
+/// Sends one request on an open TLS connection and collects the response.
+pub async fn request(
+    tls: SslStream<TcpStream>,
+    version: Version,
+    request: Request<Full<Bytes>>,
+) -> Result<Response<Bytes>, BoxError> {
     let io = TokioIo::new(tls);
     let response = if version == Version::HTTP_2 {
-        assert_eq!(negotiated.as_deref(), Some(&b"h2"[..]));
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-            .await
-            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
-        send.send_request(request).await.unwrap()
+        send.send_request(request).await?
     } else {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
         tokio::spawn(conn);
-        send.send_request(request).await.unwrap()
+        send.send_request(request).await?
     };
     let (parts, body) = response.into_parts();
-    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+    Ok(Response::from_parts(parts, body.collect().await?.to_bytes()))
+}
+
+/// Sends one request over a new TLS connection presenting `identity`, if any; any failure
+/// (TLS, HTTP) is the error.
+pub async fn try_send(
+    addr: SocketAddr,
+    ca_pem: &str,
+    version: Version,
+    identity: Option<&GeneratedCert>,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Bytes>, BoxError> {
+    request(connect(addr, ca_pem, version, identity).await?, version, req).await
+}
+
+/// Sends one request over a new TLS connection; `version` picks HTTP/1.1 or HTTP/2.
+pub async fn send(addr: SocketAddr, ca_pem: &str, version: Version, req: Request<Full<Bytes>>) -> Response<Bytes> {
+    try_send(addr, ca_pem, version, None, req)
+        .await
+        .expect("request over TLS on TCP")
 }
