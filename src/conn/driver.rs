@@ -438,6 +438,7 @@ impl<A: Application> Driver<A> {
             packets_lost = stats.packets_lost,
             "connection closed"
         );
+        self.registration.release();
         self.state
             .send_replace(State::Closed(Arc::new(Closed { error, stats })));
     }

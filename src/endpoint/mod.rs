@@ -124,8 +124,10 @@ impl Registration {
     }
 }
 
-impl Drop for Registration {
-    fn drop(&mut self) {
+impl Registration {
+    /// Withdraws every route of the connection now; a closed connection does this before it
+    /// reports itself closed, so nobody who saw it closed finds its routes still there.
+    pub(crate) fn release(&mut self) {
         let now_empty = {
             let mut routes = self.shared.routes();
             for key in self.ids.drain(..) {
@@ -136,6 +138,12 @@ impl Drop for Registration {
         if now_empty && self.shared.closing.load(Ordering::Acquire) {
             self.shared.router_wake.notify_one();
         }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
