@@ -202,6 +202,14 @@ impl Client {
     }
 }
 
+/// A test server with `builder`'s settings, and a scripted client connected to it.
+async fn serve(builder: server::Builder) -> (H3Server, Client) {
+    let certs = certs();
+    let server = h3_server(&certs, builder).await;
+    let client = Client::connect(&server, &certs).await;
+    (server, client)
+}
+
 fn fields(pairs: &[(&str, &str)]) -> Vec<Header> {
     pairs
         .iter()
@@ -225,9 +233,7 @@ const H3_MESSAGE_ERROR: u64 = 0x10e;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_valid_body_the_handler_never_reads_is_not_reset() {
-    let certs = certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(server::Builder::new()).await;
     // The handler sleeps 2 s and drops the body unread, as axum does for every handler
     // without a body extractor; the 1 MiB body is valid and must be counted as it is
     // discarded.
@@ -242,9 +248,7 @@ async fn a_valid_body_the_handler_never_reads_is_not_reset() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn smuggling_prone_heads_are_refused() {
-    let certs = certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(server::Builder::new()).await;
     let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
         (
             "two host fields",
@@ -274,9 +278,7 @@ async fn smuggling_prone_heads_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trailer_section_is_held_to_the_field_section_limit() {
-    let certs = certs();
-    let server = h3_server(&certs, server::Builder::new().max_header_list_size(4096)).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(server::Builder::new().max_header_list_size(4096)).await;
     let id = client.request(&head("POST", "/trailer-echo"), false).await;
     client.body(id, b"abc".to_vec(), false).await;
     let big = "v".repeat(8000);
@@ -299,11 +301,10 @@ async fn a_trailer_section_is_held_to_the_field_section_limit() {
     assert_eq!(client.response(id).await.0, 200);
 }
 
+/// quiche's h3 layer finds this one itself; the test guards that it stays a connection error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_after_trailers_is_a_frame_unexpected_connection_error() {
-    let certs = certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
-    let client = Client::connect(&server, &certs).await;
+    let (_server, client) = serve(server::Builder::new()).await;
     let id = client.request(&head("POST", "/sink"), false).await;
     client.body(id, b"abc".to_vec(), false).await;
     client
@@ -326,12 +327,10 @@ async fn data_after_trailers_is_a_frame_unexpected_connection_error() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partial_head_is_cut_off_even_while_another_request_is_in_flight() {
-    let certs = certs();
     let builder = server::Builder::new()
         .request_head_timeout(Duration::from_millis(500))
         .body_stall_timeout(Duration::from_secs(60));
-    let server = h3_server(&certs, builder).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(builder).await;
     // A request in flight: its handler reads slowly, the client keeps sending.
     let busy = client.request(&head("POST", "/slow-sink"), false).await;
     client.body(busy, vec![b'x'; 1000], false).await;
@@ -374,10 +373,8 @@ async fn a_partial_head_is_cut_off_even_while_another_request_is_in_flight() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_request_body_is_reset_and_the_handler_sees_a_timeout() {
-    let certs = certs();
     let builder = server::Builder::new().body_stall_timeout(Duration::from_millis(500));
-    let server = h3_server(&certs, builder).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (server, mut client) = serve(builder).await;
     let mut pairs = head("POST", "/watch-sink");
     pairs.push(("content-length", "1000"));
     let id = client.request(&pairs, false).await;
@@ -396,11 +393,12 @@ async fn a_stalled_request_body_is_reset_and_the_handler_sees_a_timeout() {
     assert_eq!(client.response(id).await, (200, 4));
 }
 
+/// A regression guard for the close after a client's GOAWAY. It does not show a client that
+/// ignores STOP_SENDING (quiche's client answers it with RESET_STREAM by itself), so it also
+/// passes on the code before the bounded linger; the load tool's hang was not reproduced here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clients_goaway_closes_promptly_after_requests_it_never_finished() {
-    let certs = certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(server::Builder::new()).await;
     // Requests whose streams the client never finishes (no FIN, no reset), as a client
     // does whose deadline dropped them: the server answers, asks them to stop sending,
     // and must not wait for streams that will never end.
@@ -428,10 +426,8 @@ async fn a_clients_goaway_closes_promptly_after_requests_it_never_finished() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_connection_gets_goaway_before_it_is_closed() {
-    let certs = certs();
     let builder = server::Builder::new().connection_idle_timeout(Duration::from_millis(300));
-    let server = h3_server(&certs, builder).await;
-    let mut client = Client::connect(&server, &certs).await;
+    let (_server, mut client) = serve(builder).await;
     let id = client.request(&head("GET", "/hello"), true).await;
     assert_eq!(client.response(id).await.0, 200);
     let goaway = client.parked.iter().any(|(_, seen)| *seen == Seen::GoAway) || {

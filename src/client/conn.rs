@@ -26,7 +26,7 @@ use crate::conn::{Application, ConnectionHandle};
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{request_fields, response_from_fields};
+use crate::h3::fields::{self, Malformed, request_fields, response_from_fields};
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 use crate::quic::Endpoint;
 
@@ -664,20 +664,47 @@ impl ClientApp {
         };
         let shared = Arc::clone(&entry.shared);
         let h3 = self.h3.as_mut().expect("created when established");
-        match shared.read_from(h3, conn, id) {
-            Ok(()) => {}
-            Err(ReadFailure::Malformed(why)) => {
+        if let Err(failure) = shared.read_from(h3, conn, id) {
+            self.on_read_failure(conn, id, &shared, failure);
+        }
+    }
+
+    /// What a response body (or its trailers) that broke the rules costs: its stream, or the
+    /// whole connection for a frame out of sequence (RFC 9114 §4.1).
+    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, shared: &StreamShared, failure: ReadFailure) {
+        match failure {
+            ReadFailure::Malformed(why) => {
                 let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
                 shared.cancel(Cancel::Malformed(why));
             }
-            Err(ReadFailure::FrameUnexpected) => {
+            ReadFailure::FrameUnexpected => {
                 if conn.local_error().is_none() {
                     let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
                 }
             }
-            Err(ReadFailure::Reset(code)) => self.on_reset(id, code),
-            Err(ReadFailure::Closed) => shared.cancel(Cancel::ConnectionClosed),
+            ReadFailure::Reset(code) => self.on_reset(id, code),
+            ReadFailure::Closed => shared.cancel(Cancel::ConnectionClosed),
         }
+    }
+
+    /// Refuses a malformed response: both directions reset with H3_MESSAGE_ERROR, the
+    /// caller told why.
+    fn refuse_response(&mut self, conn: &mut quiche::Connection, id: u64, why: Malformed) {
+        let Some(entry) = self.streams.get_mut(&id) else {
+            return;
+        };
+        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
+        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code::H3_MESSAGE_ERROR);
+        if let Some(reply) = entry.reply.take() {
+            let _ = reply.send(Err(Failure::Failed(
+                Error::new(Kind::Protocol)
+                    .with_code(code::H3_MESSAGE_ERROR)
+                    .with_message(format!("malformed response: {why}")),
+            )));
+        }
+        entry.written = true;
+        entry.shared.cancel(Cancel::Malformed(why.0));
+        self.forget_if_done(id);
     }
 
     fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
@@ -685,64 +712,28 @@ impl ClientApp {
             return;
         };
         if entry.reply.is_none() {
-            match entry.shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
-                Ok(()) => {}
-                Err(ReadFailure::FrameUnexpected) => {
-                    if conn.local_error().is_none() {
-                        let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
-                    }
-                }
-                Err(ReadFailure::Malformed(why)) => {
-                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
-                    entry.shared.cancel(Cancel::Malformed(why));
-                }
-                Err(_) => entry.shared.cancel(Cancel::ConnectionClosed),
+            let shared = Arc::clone(&entry.shared);
+            if let Err(failure) = shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
+                self.on_read_failure(conn, id, &shared, failure);
             }
             return;
         }
         let mut response = match response_from_fields(&list) {
             Ok(response) => response,
-            Err(why) => {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code::H3_MESSAGE_ERROR);
-                let reply = entry.reply.take().expect("checked");
-                let _ = reply.send(Err(Failure::Failed(
-                    Error::new(Kind::Protocol)
-                        .with_code(code::H3_MESSAGE_ERROR)
-                        .with_message(format!("malformed response: {why}")),
-                )));
-                entry.written = true;
-                entry.shared.cancel(Cancel::Malformed(why.0));
-                self.forget_if_done(id);
-                return;
-            }
+            Err(why) => return self.refuse_response(conn, id, why),
         };
         if response.status().is_informational() {
             // 1xx: not the response; kept for those who ask.
             entry.informational.push(response);
             return;
         }
-        // RFC 9110 §6.4.1: a response to HEAD, and 204 and 304, have no content whatever
-        // their content-length says.
-        let bodyless = entry.head_request
-            || response.status() == http::StatusCode::NO_CONTENT
-            || response.status() == http::StatusCode::NOT_MODIFIED;
-        if !bodyless {
-            let content_length = crate::h3::fields::content_length(response.headers()).ok().flatten();
+        if !fields::is_bodyless(entry.head_request, response.status()) {
+            let content_length = fields::content_length(response.headers()).ok().flatten();
             entry.shared.expect_content_length(content_length);
         }
         if !more_frames && let Err(why) = entry.shared.on_finished() {
             // A head with FIN that promises a body: malformed, not an empty success.
-            entry.shared.cancel(Cancel::Malformed(why.0));
-            let reply = entry.reply.take().expect("checked");
-            let _ = reply.send(Err(Failure::Failed(
-                Error::new(Kind::Protocol)
-                    .with_code(code::H3_MESSAGE_ERROR)
-                    .with_message(format!("malformed response: {why}")),
-            )));
-            entry.written = true;
-            self.forget_if_done(id);
-            return;
+            return self.refuse_response(conn, id, why);
         }
         let informational = std::mem::take(&mut entry.informational);
         if !informational.is_empty() {

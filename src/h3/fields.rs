@@ -240,6 +240,12 @@ fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
     }
 }
 
+/// Whether a response has no content whatever its head says (RFC 9110 §6.4.1): the answer
+/// to a HEAD request, 204 and 304.
+pub(crate) fn is_bodyless(head_request: bool, status: StatusCode) -> bool {
+    head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
+}
+
 /// The fields of a response head. `content_length` is added when the head has none and the
 /// body's exact size is known.
 pub(crate) fn response_fields(status: StatusCode, headers: &HeaderMap, content_length: Option<u64>) -> Vec<Header> {

@@ -28,7 +28,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Instant;
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
@@ -162,8 +161,8 @@ impl Cancel {
 pub(crate) enum ReadFailure {
     /// The body broke its content-length: a malformed message (RFC 9114 §4.1.2).
     Malformed(&'static str),
-    /// DATA or HEADERS after the trailers: a connection error of type H3_FRAME_UNEXPECTED
-    /// (RFC 9114 §4.1).
+    /// A frame out of sequence (quiche's h3 layer finds these, e.g. DATA or HEADERS after
+    /// the trailers): a connection error of type H3_FRAME_UNEXPECTED (RFC 9114 §4.1).
     FrameUnexpected,
     /// The peer reset the stream.
     Reset(u64),
@@ -188,7 +187,6 @@ struct RecvHalf {
     /// All of the body has been read from quiche.
     fin: bool,
     trailers: Option<HeaderMap>,
-    trailers_seen: bool,
     error: Option<RecvError>,
     waker: Option<Waker>,
     /// The reader is gone: whatever arrives is discarded (and counted).
@@ -268,8 +266,10 @@ impl SendHalf {
 struct StreamState {
     recv: RecvHalf,
     send: SendHalf,
-    /// When bytes last moved between quiche and this stream, either way.
-    progress_at: Instant,
+    /// Counts every movement of the stream: bytes between quiche and the buffers either
+    /// way, a chunk read, a part queued. The owner's stall timer compares it between checks,
+    /// so no movement pays for a clock read.
+    progress: u64,
     /// Already in the connection's ready list.
     queued: bool,
 }
@@ -315,7 +315,6 @@ impl StreamShared {
                     limit: limits.recv_buffer.max(CHUNK_COST + 1),
                     fin: recv_fin,
                     trailers: None,
-                    trailers_seen: false,
                     error: None,
                     waker: None,
                     reader_dropped: false,
@@ -337,7 +336,7 @@ impl StreamShared {
                     cancelled: None,
                     waker: None,
                 },
-                progress_at: Instant::now(),
+                progress: 0,
                 queued: false,
             }),
         }
@@ -407,7 +406,7 @@ impl StreamShared {
             if let Some(chunk) = r.chunks.pop_front() {
                 r.held -= chunk.len() + CHUNK_COST;
                 // Room again: a stall is counted from now, not from the last bytes in.
-                s.progress_at = Instant::now();
+                s.progress += 1;
                 // The connection stopped reading at the buffer's limit: there is room now.
                 return (Poll::Ready(Some(Ok(Frame::data(chunk)))), r.pending);
             }
@@ -432,7 +431,7 @@ impl StreamShared {
 
     pub(crate) fn recv_size_hint(&self) -> SizeHint {
         let s = self.lock();
-        let buffered: u64 = s.recv.chunks.iter().map(|c| c.len() as u64).sum();
+        let buffered = (s.recv.held - CHUNK_COST * s.recv.chunks.len()) as u64;
         match s.recv.content_length {
             Some(len) => SizeHint::with_exact(len.saturating_sub(s.recv.received) + buffered),
             None => SizeHint::default(),
@@ -490,7 +489,7 @@ impl StreamShared {
             if s.send.done {
                 return ((), false);
             }
-            s.progress_at = Instant::now();
+            s.progress += 1;
             s.send.final_queued = true;
             s.send.heads.push_back((fields, fin));
             s.send.fin |= fin;
@@ -504,7 +503,7 @@ impl StreamShared {
                 return ((), false);
             }
             // The stream waited on the producer until now: a stall is counted from here.
-            s.progress_at = Instant::now();
+            s.progress += 1;
             s.send.data_len += data.len();
             s.send.data.push_back(data);
             ((), true)
@@ -516,7 +515,7 @@ impl StreamShared {
             if s.send.done {
                 return ((), false);
             }
-            s.progress_at = Instant::now();
+            s.progress += 1;
             s.send.trailers = Some(fields);
             s.send.fin = true;
             ((), true)
@@ -593,9 +592,6 @@ impl StreamShared {
                 }
                 match h3.recv_body(conn, id, &mut scratch[..room]) {
                     Ok(n) => {
-                        if r.trailers_seen {
-                            return Err(ReadFailure::FrameUnexpected);
-                        }
                         r.received += n as u64;
                         if r.content_length.is_some_and(|len| r.received > len) {
                             return Err(ReadFailure::Malformed("the body is longer than its content-length"));
@@ -605,7 +601,7 @@ impl StreamShared {
                             r.held += n + CHUNK_COST;
                             woke = true;
                         }
-                        s.progress_at = Instant::now();
+                        s.progress += 1;
                     }
                     Err(h3::Error::Done) => {
                         r.pending = false;
@@ -626,21 +622,17 @@ impl StreamShared {
     }
 
     /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
-    /// §4.2.2 counting). Bad trailers are a malformed message; a second trailer section is a
-    /// frame out of sequence.
+    /// §4.2.2 counting). Bad trailers are a malformed message. (quiche refuses a second
+    /// trailer section, and DATA after one, as a connection error itself.)
     pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), ReadFailure> {
         let trailers = if fields::section_size(list) > max_size {
             Err(Malformed("the trailer section is larger than the field-section limit"))
         } else {
             fields::trailers_from_fields(list)
         };
+        let trailers = trailers.map_err(|why| ReadFailure::Malformed(why.0))?;
         let mut state = self.lock();
         let r = &mut state.recv;
-        if r.trailers_seen {
-            return Err(ReadFailure::FrameUnexpected);
-        }
-        r.trailers_seen = true;
-        let trailers = trailers.map_err(|why| ReadFailure::Malformed(why.0))?;
         if !r.reader_dropped {
             r.trailers = Some(trailers);
         }
@@ -697,7 +689,7 @@ impl StreamShared {
         let heads_before = s.send.heads.len();
         let outcome = write_queued(h3, conn, id, &mut s.send);
         if s.send.data_len < before || s.send.heads.len() < heads_before {
-            s.progress_at = Instant::now();
+            s.progress += 1;
         }
         if s.send.data_len < before && s.send.data_len < s.send.limit {
             s.send.wake();
@@ -775,14 +767,14 @@ impl StreamShared {
         s.recv.reader_dropped && s.recv.open()
     }
 
-    /// Since when the stream has been waiting on the peer: body bytes owed to a reader with
-    /// room, or queued bytes the peer's flow control holds back. `None` while the stream
-    /// waits on us (the handler is working, the reader is slow).
-    pub(crate) fn waiting_on_peer_since(&self) -> Option<Instant> {
+    /// The stream's progress count, and whether it waits on the peer: body bytes owed to
+    /// a reader with room, or queued bytes the peer's flow control holds back. It does not
+    /// while it waits on us (the handler is working, the reader is slow). A stream waiting
+    /// on the peer whose count stays put is stalled.
+    pub(crate) fn progress(&self) -> (u64, bool) {
         let s = self.lock();
         let recv_owed = s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit);
-        let send_owed = s.send.owes_peer();
-        (recv_owed || send_owed).then_some(s.progress_at)
+        (s.progress, recv_owed || s.send.owes_peer())
     }
 }
 

@@ -40,6 +40,9 @@ struct Entry {
     responded: bool,
     /// Everything queued is written (or the stream was abandoned).
     written: bool,
+    /// The stream's progress count at the last timer check, and since when it has stood
+    /// still.
+    still_since: (u64, Instant),
 }
 
 /// How long a stream whose request the peer has not finished sending may keep a graceful
@@ -88,9 +91,9 @@ pub(crate) struct ServerApp<S> {
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
     closing: bool,
-    /// Answered streams quiche may still be delivering, with when they were answered; a
-    /// graceful close waits for them.
-    lingering: Vec<(u64, Instant)>,
+    /// Answered streams quiche may still be delivering; a graceful close waits for them.
+    /// Those whose request the peer had not finished carry the end of their wait.
+    lingering: Vec<(u64, Option<Instant>)>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -179,11 +182,8 @@ where
     fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
             // A second HEADERS frame: the request's trailers.
-            match entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
-                Ok(()) => {}
-                Err(ReadFailure::FrameUnexpected) => self.fail_connection(conn, code::H3_FRAME_UNEXPECTED),
-                Err(ReadFailure::Malformed(why)) => self.end_stream(conn, id, Cancel::Malformed(why)),
-                Err(_) => self.end_stream(conn, id, Cancel::ConnectionClosed),
+            if let Err(failure) = entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
+                self.on_read_failure(conn, id, failure);
             }
             return;
         }
@@ -264,6 +264,7 @@ where
                 abort,
                 responded: false,
                 written: false,
+                still_since: (0, Instant::now()),
             },
         );
         self.idle_since = None;
@@ -329,15 +330,22 @@ where
             return;
         };
         let shared = Arc::clone(&entry.shared);
-        match shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
-            Ok(()) => {}
-            Err(ReadFailure::Malformed(why)) => self.end_stream(conn, id, Cancel::Malformed(why)),
-            Err(ReadFailure::FrameUnexpected) => {
-                tracing::debug!(stream_id = id, "DATA after trailers: H3_FRAME_UNEXPECTED");
+        if let Err(failure) = shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
+            self.on_read_failure(conn, id, failure);
+        }
+    }
+
+    /// What a request body (or its trailers) that broke the rules costs: its stream, or the
+    /// whole connection for a frame out of sequence (RFC 9114 §4.1).
+    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, failure: ReadFailure) {
+        match failure {
+            ReadFailure::Malformed(why) => self.end_stream(conn, id, Cancel::Malformed(why)),
+            ReadFailure::FrameUnexpected => {
+                tracing::debug!(stream_id = id, "a frame after the trailers: H3_FRAME_UNEXPECTED");
                 self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
             }
-            Err(ReadFailure::Reset(code)) => self.on_reset(conn, id, code),
-            Err(ReadFailure::Closed) => self.end_stream(conn, id, Cancel::ConnectionClosed),
+            ReadFailure::Reset(code) => self.on_reset(conn, id, code),
+            ReadFailure::Closed => self.end_stream(conn, id, Cancel::ConnectionClosed),
         }
     }
 
@@ -393,7 +401,6 @@ where
             if !entry.written {
                 let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
             }
-            entry.shared.stop_receiving(conn, id, code);
             let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
         }
         entry.written = true;
@@ -453,9 +460,10 @@ where
         let entry = self.streams.remove(&id).expect("present");
         // The response is complete without the rest of the request: ask the client to stop
         // sending it (RFC 9114 §4.1).
-        entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
+        let stopped = entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
         if stream::stream_alive(conn, id) {
-            self.lingering.push((id, Instant::now()));
+            self.lingering
+                .push((id, stopped.then(|| Instant::now() + LINGER_UNFINISHED)));
         }
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
@@ -464,8 +472,8 @@ where
 
     /// Whether an answered stream may still be delivering its response: quiche holds it, and
     /// the peer finished its side (or was asked to stop only moments ago).
-    fn still_delivering(conn: &mut quiche::Connection, id: u64, since: Instant, now: Instant) -> bool {
-        stream::stream_alive(conn, id) && (conn.stream_finished(id) || now < since + LINGER_UNFINISHED)
+    fn still_delivering(conn: &mut quiche::Connection, id: u64, wait_until: Option<Instant>, now: Instant) -> bool {
+        stream::stream_alive(conn, id) && (wait_until.is_none_or(|at| now < at) || conn.stream_finished(id))
     }
 
     fn start_draining(&mut self, conn: &mut quiche::Connection, deadline: Option<Instant>) {
@@ -504,20 +512,28 @@ where
         }
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
         let stall = self.settings.body_stall_timeout;
-        let stalled: Vec<u64> = self
-            .streams
-            .iter()
-            .filter(|(_, e)| e.shared.waiting_on_peer_since().is_some_and(|t| t + stall <= now))
-            .map(|(&id, _)| id)
-            .collect();
+        let mut stalled = Vec::new();
+        for (&id, entry) in &mut self.streams {
+            let (progress, waiting_on_peer) = entry.shared.progress();
+            if progress != entry.still_since.0 || !waiting_on_peer {
+                entry.still_since = (progress, now);
+            } else if entry.still_since.1 + stall <= now {
+                stalled.push(id);
+            }
+        }
         for id in stalled {
             tracing::debug!(stream_id = id, "no body progress within the stall timeout");
             self.end_stream(conn, id, Cancel::Stalled(code::H3_REQUEST_CANCELLED));
         }
     }
 
-    fn poll_timers(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection, linger_deadline: Option<Instant>) {
-        let now = Instant::now();
+    fn poll_timers(
+        &mut self,
+        cx: &mut Context<'_>,
+        conn: &mut quiche::Connection,
+        now: Instant,
+        linger_deadline: Option<Instant>,
+    ) {
         let idle_deadline = self
             .idle_since
             .filter(|_| self.draining.is_none())
@@ -544,21 +560,18 @@ where
             self.check_stream_timers(conn, now);
         }
         let settings = &self.settings;
-        let watching = !self.streams.is_empty() || !self.heads_pending.is_empty();
-        self.next_stream_check = if watching {
-            let every = settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT;
-            match self.next_stream_check {
-                Some(at) if !due => Some(at),
-                _ => Some(now + every),
-            }
-        } else {
+        let every = if self.streams.is_empty() && self.heads_pending.is_empty() {
             // Idle: a look for heads that never completed once per head timeout (a wake-up
             // per idle connection every 10 s by default).
-            match self.next_stream_check {
-                Some(at) if !due => Some(at),
-                _ => Some(now + settings.request_head_timeout),
-            }
+            settings.request_head_timeout
+        } else {
+            settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT
         };
+        let next = now + every;
+        self.next_stream_check = Some(match self.next_stream_check {
+            Some(at) if !due => at.min(next),
+            _ => next,
+        });
         // Every deadline here lies in the future: one in the past would wake the task at
         // once, forever.
         let Some(at) = [idle_deadline, drain_deadline, self.next_stream_check, linger_deadline]
@@ -654,16 +667,14 @@ where
         }
         let now = Instant::now();
         let mut linger_deadline = None;
-        self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
         // the close too (for at most the head timeout).
-        if (self.draining.is_some() || self.peer_goaway)
-            && self.streams.is_empty()
-            && self.requests.is_empty()
-            && self.heads_pending.is_empty()
-        {
+        if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() && {
+            self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
+            self.heads_pending.is_empty()
+        } {
             self.lingering
-                .retain(|&(id, since)| Self::still_delivering(conn, id, since, now));
+                .retain(|&(id, wait_until)| Self::still_delivering(conn, id, wait_until, now));
             let goaway_out = self.close_not_before.is_none_or(|at| at <= now);
             if self.lingering.is_empty() && goaway_out {
                 tracing::debug!("no request in flight after GOAWAY; closing");
@@ -674,14 +685,14 @@ where
             linger_deadline = self
                 .lingering
                 .iter()
-                .map(|&(_, since)| since + LINGER_UNFINISHED)
+                .filter_map(|&(_, wait_until)| wait_until)
                 .chain(self.close_not_before)
                 .filter(|&at| at > now)
                 .min();
         } else if self.lingering.len() > 64 {
             self.lingering.retain(|&(id, _)| stream::stream_alive(conn, id));
         }
-        self.poll_timers(cx, conn, linger_deadline);
+        self.poll_timers(cx, conn, now, linger_deadline);
         Ok(())
     }
 

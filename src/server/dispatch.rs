@@ -6,14 +6,14 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::error::BoxError;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::response_fields;
+use crate::h3::fields::{is_bodyless, response_fields};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
@@ -39,8 +39,7 @@ where
     };
     let (parts, body) = response.into_parts();
     tracing::Span::current().record("status", parts.status.as_u16());
-    // RFC 9110 §6.4.1: these responses carry no content, whatever the body says.
-    let bodyless = head_request || parts.status == StatusCode::NO_CONTENT || parts.status == StatusCode::NOT_MODIFIED;
+    let bodyless = is_bodyless(head_request, parts.status);
     let content_length = if bodyless { None } else { body.size_hint().exact() };
     let end = bodyless || body.is_end_stream();
     stream.push_head(response_fields(parts.status, &parts.headers, content_length), end);
