@@ -199,8 +199,8 @@ impl Builder {
 
     /// How long a request may make no progress while the client owes bytes: body bytes
     /// for a handler that waits for them, or flow-control credit for a response that is
-    /// ready to go. Past it the stream is reset with `H3_REQUEST_CANCELLED` and the
-    /// handler's body read fails with an error whose `is_timeout()` is true. Time a
+    /// ready to go. Past it (checked a few times per timeout, so within 1.25 times it)
+    /// the stream is reset with `H3_REQUEST_CANCELLED` and the handler's body read fails with an error whose `is_timeout()` is true. Time a
     /// handler spends working, or a slow reader, does not count. Defaults to 30 s (nginx
     /// allows 60 s between two reads of a body or two writes of a response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
