@@ -72,6 +72,8 @@ mod metrics;
 pub mod quic;
 pub mod server;
 mod socket;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 
 pub use error::{BoxError, Error};

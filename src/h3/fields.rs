@@ -89,10 +89,14 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malform
         // Digits only (RFC 9110 §8.6): `u64::from_str` would also take "+0", which another
         // hop may read differently (request smuggling).
         let digits = value.as_bytes();
-        if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
             return Err(Malformed("invalid content-length"));
         }
-        let parsed = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+        // Any u64 is a length we may send; beyond it, none can be true.
+        let parsed = digits
+            .iter()
+            .try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+            .ok_or(Malformed("invalid content-length"))?;
         if length.is_some_and(|l| l != parsed) {
             return Err(Malformed("conflicting content-length values"));
         }
@@ -611,5 +615,144 @@ mod tests {
         ]);
         request.extend(list);
         assert!(request_from_fields(&request).is_err());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// Field names and values as a peer may send them: any bytes, biased towards the
+        /// names and values the rules are about.
+        fn name() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    ":method",
+                    ":scheme",
+                    ":authority",
+                    ":path",
+                    ":protocol",
+                    ":status",
+                    "host",
+                    "cookie",
+                    "content-length",
+                    "te",
+                    "connection",
+                    "x-a",
+                    "Upper",
+                ])
+                .prop_map(|n| n.as_bytes().to_vec()),
+                prop::collection::vec(any::<u8>(), 0..12),
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::sample::select(vec![
+                    "GET",
+                    "CONNECT",
+                    "OPTIONS",
+                    "https",
+                    "/",
+                    "*",
+                    "example.com",
+                    "a@example.com",
+                    "0",
+                    "+1",
+                    "7, 7",
+                    "trailers",
+                    "",
+                ])
+                .prop_map(|v| v.as_bytes().to_vec()),
+                prop::collection::vec(any::<u8>(), 0..12),
+            ]
+        }
+
+        fn field_list() -> impl Strategy<Value = Vec<Header>> {
+            prop::collection::vec((name(), value()), 0..12)
+                .prop_map(|list| list.iter().map(|(n, v)| Header::new(n, v)).collect())
+        }
+
+        /// Regular header names and values any `http` user may set.
+        fn header_map() -> impl Strategy<Value = HeaderMap> {
+            let names = prop::sample::select(vec!["accept", "x-trace", "cookie", "etag", "x-empty", "te"]);
+            let values = "[ -~]{0,16}".prop_map(|v| v.trim().to_string());
+            prop::collection::vec((names, values), 0..8).prop_map(|list| {
+                let mut headers = HeaderMap::new();
+                for (name, value) in list {
+                    let value = if name == "te" { "trailers".to_string() } else { value };
+                    headers.append(name, HeaderValue::from_str(&value).unwrap());
+                }
+                headers
+            })
+        }
+
+        proptest! {
+            /// No field list a peer sends panics a conversion; what is accepted holds the
+            /// rules of RFC 9114 §4.2 and §4.3.1.
+            #[test]
+            fn any_field_list_is_a_head_or_malformed_never_a_panic(list in field_list()) {
+                let _ = response_from_fields(&list);
+                let _ = trailers_from_fields(&list);
+                if let Ok(head) = request_from_fields(&list) {
+                    let headers = head.request.headers();
+                    prop_assert!(headers.keys().all(|n| !is_connection_specific(n.as_str().as_bytes())));
+                    prop_assert!(headers.get_all(HOST).iter().count() <= 1);
+                    prop_assert!(headers.get_all(COOKIE).iter().count() <= 1);
+                    prop_assert!(head.request.uri().authority().is_none_or(|a| !a.as_str().contains('@')));
+                    prop_assert_eq!(head.content_length, content_length(headers).unwrap());
+                }
+            }
+
+            /// What the client sends is what the server reads: method, URI and headers
+            /// survive the trip through fields (cookies joined, `host` from the authority).
+            #[test]
+            fn a_request_survives_the_trip_through_fields(
+                method in prop::sample::select(vec!["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+                path in "/[a-zA-Z0-9._~%!$&'()*+,;=:@/-]{0,24}(\\?[a-z0-9=&]{0,12})?",
+                headers in header_map(),
+            ) {
+                let mut request = Request::builder()
+                    .method(method)
+                    .uri(format!("https://example.com{path}"))
+                    .body(())
+                    .unwrap();
+                *request.headers_mut() = headers.clone();
+                let fields = request_fields(&request).unwrap();
+                let head = request_from_fields(&fields).unwrap();
+                prop_assert_eq!(head.request.method(), request.method());
+                prop_assert_eq!(head.request.uri(), request.uri());
+                let got = head.request.headers();
+                prop_assert_eq!(got.get(HOST).unwrap(), "example.com");
+                for name in headers.keys().filter(|&n| n != COOKIE) {
+                    let sent: Vec<_> = headers.get_all(name).iter().collect();
+                    let read: Vec<_> = got.get_all(name).iter().collect();
+                    prop_assert_eq!(sent, read, "{}", name);
+                }
+                let crumbs: Vec<&str> = headers.get_all(COOKIE).iter().map(|v| v.to_str().unwrap()).collect();
+                if !crumbs.is_empty() {
+                    prop_assert_eq!(got.get(COOKIE).unwrap().to_str().unwrap(), crumbs.join("; "));
+                }
+            }
+
+            /// A response head survives the trip too, with the content-length it was given.
+            #[test]
+            fn a_response_survives_the_trip_through_fields(
+                status in 200u16..600,
+                headers in header_map(),
+                length in prop::option::of(any::<u64>()),
+            ) {
+                let status = StatusCode::from_u16(status).unwrap();
+                let mut headers = headers;
+                headers.remove(COOKIE);
+                let response = response_from_fields(&response_fields(status, &headers, length)).unwrap();
+                prop_assert_eq!(response.status(), status);
+                let mut expected = headers.clone();
+                if let Some(length) = length {
+                    expected.insert(CONTENT_LENGTH, HeaderValue::from(length));
+                }
+                prop_assert_eq!(response.headers(), &expected);
+            }
+        }
     }
 }

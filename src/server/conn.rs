@@ -707,3 +707,6 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

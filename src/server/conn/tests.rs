@@ -1,0 +1,922 @@
+//! The server's stream state machine, driven without sockets: a [`ServerApp`] on one end of
+//! an in-memory quiche pair, a scripted quiche HTTP/3 client on the other. Each test walks a
+//! transition (reset mid-body, STOP_SENDING, an early response, trailers, GOAWAY, timeouts)
+//! and checks what both the client and the handler see, and that the server forgets the
+//! stream afterwards. The property tests at the end send random frame sequences.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::{Wake, Waker};
+
+use bytes::Bytes;
+use http_body::Frame;
+use http_body_util::{BodyExt, Full, StreamBody};
+use proptest::prelude::*;
+use quiche::h3::NameValue;
+use tokio::sync::oneshot;
+
+use super::*;
+use crate::server::Builder;
+use crate::testing::{Pipe, client_config, server_config};
+
+/// How long a test waits for something that should happen within milliseconds.
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Remembers that the server's task was woken, so the harness turns it again.
+#[derive(Default)]
+struct Woken(AtomicBool);
+
+impl Wake for Woken {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// What the client saw on one request stream.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct Seen {
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Option<Vec<(String, String)>>,
+    finished: bool,
+    reset: Option<u64>,
+}
+
+fn pairs(list: &[h3::Header]) -> Vec<(String, String)> {
+    list.iter()
+        .map(|h| {
+            (
+                String::from_utf8_lossy(h.name()).into_owned(),
+                String::from_utf8_lossy(h.value()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+fn fields(list: &[(&str, &str)]) -> Vec<h3::Header> {
+    list.iter()
+        .map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes()))
+        .collect()
+}
+
+fn get(path: &str) -> Vec<h3::Header> {
+    fields(&[
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", path),
+    ])
+}
+
+fn post(path: &str, content_length: Option<usize>) -> Vec<h3::Header> {
+    let mut list = fields(&[
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", path),
+    ]);
+    if let Some(len) = content_length {
+        list.push(h3::Header::new(b"content-length", len.to_string().as_bytes()));
+    }
+    list
+}
+
+/// A [`ServerApp`] and a quiche HTTP/3 client over an in-memory pipe.
+struct Harness<S> {
+    pipe: Pipe,
+    app: ServerApp<S>,
+    client: h3::Connection,
+    seen: HashMap<u64, Seen>,
+    goaway: Option<u64>,
+    woken: Arc<Woken>,
+    shutdown: Option<oneshot::Sender<Option<Instant>>>,
+    app_closed: bool,
+    _alive: mpsc::Receiver<()>,
+}
+
+impl<S, B> Harness<S>
+where
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: Body + Send + 'static,
+    B::Data: Buf + Send,
+    B::Error: Into<BoxError>,
+{
+    /// Must run inside a tokio runtime: the server's timers are tokio's.
+    fn new(builder: Builder, service: S) -> Self {
+        Self::with_transport(builder, service, |b| b)
+    }
+
+    fn with_transport(
+        builder: Builder,
+        service: S,
+        transport: impl Fn(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
+    ) -> Self {
+        let settings = builder.settings().expect("valid server settings");
+        let mut pipe = Pipe::handshaken(&server_config("h3", &transport), &client_config("h3", &transport));
+        let (shutdown_tx, shutdown_rx) = oneshot::channel::<Option<Instant>>();
+        let shutdown = Box::pin(async move {
+            match shutdown_rx.await {
+                Ok(deadline) => deadline,
+                Err(_) => std::future::pending().await,
+            }
+        });
+        let (alive, alive_rx) = mpsc::channel(1);
+        let info = ConnectionInfo {
+            remote_addr: crate::testing::CLIENT_ADDR.parse().unwrap(),
+            local_addr: crate::testing::SERVER_ADDR.parse().unwrap(),
+            version: http::Version::HTTP_3,
+            stream_id: None,
+            early_data: false,
+        };
+        let mut app = ServerApp::new(service, settings, info, shutdown, alive);
+        app.on_established(&mut pipe.server).expect("HTTP/3 starts");
+        let client = h3::Connection::with_transport(&mut pipe.client, &h3::Config::new().unwrap()).unwrap();
+        let mut harness = Harness {
+            pipe,
+            app,
+            client,
+            seen: HashMap::new(),
+            goaway: None,
+            woken: Arc::default(),
+            shutdown: Some(shutdown_tx),
+            app_closed: false,
+            _alive: alive_rx,
+        };
+        harness.settle();
+        harness
+    }
+
+    /// Turns the server, moves packets and reads the client's events until nothing moves
+    /// (what the connection task and the network would do, without waiting on timers), or
+    /// for a bounded number of rounds when something keeps moving (an endless body).
+    fn settle(&mut self) {
+        for _ in 0..1000 {
+            self.woken.0.store(false, Ordering::SeqCst);
+            if !self.pipe.server.is_closed() {
+                let waker = Waker::from(Arc::clone(&self.woken));
+                let mut cx = Context::from_waker(&waker);
+                if let Err(e) = self.app.process(&mut cx, &mut self.pipe.server) {
+                    // What the driver does with an application's error.
+                    let _ = self.pipe.server.close(true, e.code().unwrap_or(1), b"");
+                }
+            }
+            let moved = self.pipe.flush();
+            let events = self.poll_client();
+            if self.pipe.server.is_closed() && !self.app_closed {
+                self.app_closed = true;
+                self.app.on_closed(&self.pipe.server, None);
+            }
+            if !moved && !events && !self.woken.0.load(Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Settles, lets tokio run (timers, handlers waiting on other tasks) and repeats until
+    /// `done` holds. Panics after [`PATIENCE`].
+    async fn until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        let give_up = Instant::now() + PATIENCE;
+        loop {
+            self.settle();
+            if done(self) {
+                return;
+            }
+            assert!(Instant::now() < give_up, "gave up waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Writes `bytes` on request stream 0 in pieces cut at `cuts`, letting the server act
+    /// between pieces, then ends the stream as `end` says.
+    fn play(&mut self, bytes: &[u8], cuts: &[prop::sample::Index], end: End) {
+        let h = self;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c.index(bytes.len() + 1)).collect();
+        cuts.push(bytes.len());
+        cuts.sort_unstable();
+        let mut sent = 0;
+        for cut in cuts {
+            // Bounded: a stream the server stopped or reset takes nothing more.
+            for _ in 0..64 {
+                if sent >= cut {
+                    break;
+                }
+                let n = h.send_raw(0, &bytes[sent..cut], false);
+                h.settle();
+                if n == 0 && h.pipe.client.stream_capacity(0).is_err() {
+                    break;
+                }
+                sent += n;
+            }
+        }
+        match end {
+            End::Fin | End::FinThenStop => {
+                h.send_raw(0, &[], true);
+            }
+            End::Reset => {
+                let _ = h
+                    .pipe
+                    .client
+                    .stream_shutdown(0, quiche::Shutdown::Write, code::H3_REQUEST_CANCELLED);
+            }
+            End::Stall => {}
+        }
+        if matches!(end, End::FinThenStop) {
+            let _ = h
+                .pipe
+                .client
+                .stream_shutdown(0, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED);
+        }
+        h.settle();
+    }
+
+    fn poll_client(&mut self) -> bool {
+        let mut any = false;
+        loop {
+            let (id, event) = match self.client.poll(&mut self.pipe.client) {
+                Ok(event) => event,
+                Err(h3::Error::Done) => return any,
+                // A connection error: the pipe's close says which.
+                Err(_) => return any,
+            };
+            any = true;
+            let seen = self.seen.entry(id).or_default();
+            match event {
+                h3::Event::Headers { list, .. } => {
+                    let status = list.iter().find(|h| h.name() == b":status");
+                    let status = status.and_then(|s| std::str::from_utf8(s.value()).ok()?.parse().ok());
+                    if seen.status.is_some_and(|s| s >= 200) {
+                        seen.trailers = Some(pairs(&list));
+                    } else {
+                        seen.status = status;
+                        seen.headers = pairs(&list);
+                    }
+                }
+                h3::Event::Data => {
+                    let mut buf = [0; 4096];
+                    while let Ok(n) = self.client.recv_body(&mut self.pipe.client, id, &mut buf) {
+                        seen.body.extend_from_slice(&buf[..n]);
+                    }
+                }
+                h3::Event::Finished => seen.finished = true,
+                h3::Event::Reset(code) => seen.reset = Some(code),
+                h3::Event::GoAway => self.goaway = Some(id),
+                h3::Event::PriorityUpdate => {}
+            }
+        }
+    }
+
+    fn send_request(&mut self, list: &[h3::Header], fin: bool) -> u64 {
+        self.client.send_request(&mut self.pipe.client, list, fin).unwrap()
+    }
+
+    /// Sends what the stream's flow control lets through now; returns how much that was.
+    fn send_body(&mut self, id: u64, body: &[u8], fin: bool) -> usize {
+        match self.client.send_body(&mut self.pipe.client, id, body, fin) {
+            Ok(n) => n,
+            Err(h3::Error::Done) => 0,
+            Err(e) => panic!("send_body: {e:?}"),
+        }
+    }
+
+    /// Writes raw bytes on a stream, as a client that builds its own frames would; returns
+    /// how many flow control let through (none once the server stopped or reset it).
+    fn send_raw(&mut self, id: u64, bytes: &[u8], fin: bool) -> usize {
+        self.pipe.client.stream_send(id, bytes, fin).unwrap_or(0)
+    }
+
+    /// Sends a request head as a raw HEADERS frame on a stream the test picks: quiche's
+    /// client would refuse one after GOAWAY, or pick the ID itself.
+    fn send_raw_request(&mut self, id: u64, list: &[h3::Header], fin: bool) {
+        let mut frame = Vec::new();
+        put_frame(&mut frame, 0x1, &field_section(&pairs(list)));
+        assert_eq!(self.send_raw(id, &frame, fin), frame.len());
+    }
+
+    /// How many STOP_SENDING frames the server sent us.
+    fn stop_sendings(&self) -> u64 {
+        self.pipe.client.stats().stopped_stream_count_remote
+    }
+
+    fn seen(&self, id: u64) -> Seen {
+        self.seen.get(&id).cloned().unwrap_or_default()
+    }
+
+    /// The error the server closed the connection with, if it did.
+    fn connection_error(&self) -> Option<u64> {
+        self.pipe.client.peer_error().map(|e| e.error_code)
+    }
+
+    /// Whether the server holds no state for any request any more.
+    fn forgot_everything(&self) -> bool {
+        self.app.streams.is_empty() && self.app.requests.is_empty()
+    }
+}
+
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+fn full(bytes: impl Into<Bytes>) -> BoxBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed_unsync()
+}
+
+/// A handler as a cloneable service.
+fn service<F, Fut>(
+    handler: F,
+) -> impl Service<Request<RecvBody>, Response = Response<BoxBody>, Error = Infallible, Future: Send> + Clone + Send + 'static
+where
+    F: Fn(Request<RecvBody>) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Response<BoxBody>> + Send + 'static,
+{
+    tower::service_fn(move |request| {
+        let response = handler(request);
+        async move { Ok::<_, Infallible>(response.await) }
+    })
+}
+
+/// Echoes the request body; copies request trailers into response trailers.
+fn echo()
+-> impl Service<Request<RecvBody>, Response = Response<BoxBody>, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+    service(|request: Request<RecvBody>| async move {
+        let collected = match request.into_body().collect().await {
+            Ok(collected) => collected,
+            Err(_) => return Response::builder().status(400).body(full("")).unwrap(),
+        };
+        let trailers = collected.trailers().cloned();
+        let data = collected.to_bytes();
+        let mut frames = vec![Ok::<_, BoxError>(Frame::data(data))];
+        if let Some(trailers) = trailers {
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        let body = StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync();
+        Response::new(body)
+    })
+}
+
+/// Counts handlers whose future (or body) was dropped: cancelled or done.
+#[derive(Clone, Default)]
+struct DropCount(Arc<AtomicUsize>);
+
+struct DropGuard(DropCount);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl DropCount {
+    fn guard(&self) -> DropGuard {
+        DropGuard(self.clone())
+    }
+    fn get(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_and_trailers_is_echoed_with_them() {
+    let mut h = Harness::new(Builder::new(), echo());
+    let body = vec![7u8; 100_000];
+    let id = h.send_request(&post("/echo", Some(body.len())), false);
+    let mut sent = 0;
+    while sent < body.len() {
+        sent += h.send_body(id, &body[sent..], false);
+        h.settle();
+    }
+    h.client
+        .send_additional_headers(&mut h.pipe.client, id, &fields(&[("x-checksum", "abc")]), true, true)
+        .unwrap();
+    h.until("the echo", |h| h.seen(id).finished).await;
+    let seen = h.seen(id);
+    assert_eq!(seen.status, Some(200));
+    assert_eq!(seen.body, body);
+    assert_eq!(seen.trailers, Some(vec![("x-checksum".to_string(), "abc".to_string())]));
+    assert!(h.forgot_everything());
+}
+
+#[tokio::test]
+async fn a_reset_mid_body_cancels_the_handler_and_forgets_the_stream() {
+    let drops = DropCount::default();
+    let d = drops.clone();
+    let handler = service(move |request: Request<RecvBody>| {
+        let d = d.clone();
+        async move {
+            let _guard = d.guard();
+            // A handler that would wait for ever on an error: the server must drop it.
+            if request.into_body().collect().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            Response::new(full("read it all"))
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&post("/upload", None), false);
+    h.send_body(id, &[1; 1000], false);
+    h.settle();
+    assert_eq!(h.app.streams.len(), 1, "the request is in flight");
+    h.pipe
+        .client
+        .stream_shutdown(id, quiche::Shutdown::Write, code::H3_REQUEST_CANCELLED)
+        .unwrap();
+    h.until("the handler cancelled", |_| drops.get() == 1).await;
+    h.until("the server's reset", |h| h.seen(id).reset.is_some()).await;
+    assert_eq!(h.seen(id).reset, Some(code::H3_REQUEST_CANCELLED));
+    assert_eq!(h.seen(id).status, None);
+    assert!(h.forgot_everything());
+    assert_eq!(
+        h.connection_error(),
+        None,
+        "one stream's reset leaves the connection up"
+    );
+}
+
+#[tokio::test]
+async fn stop_sending_on_a_streaming_response_drops_its_body_and_forgets_the_stream() {
+    let drops = DropCount::default();
+    let d = drops.clone();
+    let handler = service(move |_request: Request<RecvBody>| {
+        let guard = d.guard();
+        async move {
+            // An endless body, produced only as fast as the stream takes it.
+            let chunks = futures_util::stream::repeat_with(move || {
+                let _ = &guard;
+                Ok::<_, BoxError>(Frame::data(Bytes::from_static(&[0; 1024])))
+            });
+            Response::new(StreamBody::new(chunks).boxed_unsync())
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&get("/forever"), true);
+    h.until("some of the body", |h| h.seen(id).body.len() > 10_000).await;
+    assert_eq!(drops.get(), 0, "the body is still being produced");
+    h.pipe
+        .client
+        .stream_shutdown(id, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED)
+        .unwrap();
+    h.until("the body dropped", |h| drops.get() == 1 && h.forgot_everything())
+        .await;
+    assert_eq!(h.connection_error(), None);
+}
+
+#[tokio::test]
+async fn an_early_response_is_delivered_whole_and_stops_the_rest_of_the_request() {
+    let response = vec![3u8; 200_000];
+    let r = response.clone();
+    let handler = service(move |_request: Request<RecvBody>| {
+        let r = r.clone();
+        async move { Response::new(full(r)) }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&post("/early", Some(1 << 20)), false);
+    h.send_body(id, &[9; 4096], false);
+    h.until("the whole response", |h| h.seen(id).finished).await;
+    let seen = h.seen(id);
+    assert_eq!(
+        (seen.status, seen.body.len(), seen.reset),
+        (Some(200), response.len(), None)
+    );
+    assert_eq!(
+        h.stop_sendings(),
+        1,
+        "RFC 9114 §4.1: the rest of the request is not wanted"
+    );
+    assert!(h.forgot_everything());
+}
+
+#[tokio::test]
+async fn a_handler_that_does_not_read_holds_the_client_to_the_buffer_and_loses_nothing() {
+    let (go_tx, go_rx) = tokio::sync::watch::channel(false);
+    let handler = service(move |request: Request<RecvBody>| {
+        let mut go = go_rx.clone();
+        async move {
+            let _ = go.wait_for(|go| *go).await;
+            let body = request.into_body().collect().await.unwrap().to_bytes();
+            Response::new(full(body.len().to_string()))
+        }
+    });
+    const BUFFER: usize = 16 * 1024;
+    const WINDOW: u64 = 32 * 1024;
+    let mut h = Harness::with_transport(Builder::new().request_body_buffer(BUFFER), handler, |b| {
+        b.initial_max_stream_data(WINDOW).max_windows(1 << 24, WINDOW)
+    });
+    let body: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let id = h.send_request(&post("/later", Some(body.len())), false);
+    let mut sent = 0;
+    for _ in 0..100 {
+        sent += h.send_body(id, &body[sent..], false);
+        h.settle();
+    }
+    // What the server took: its buffer and quiche's stream window, plus DATA frame headers.
+    assert!(
+        sent <= BUFFER + WINDOW as usize + 1024,
+        "the client got {sent} bytes out while the handler read nothing"
+    );
+    go_tx.send_replace(true);
+    while sent < body.len() {
+        // quiche sets FIN only with the last byte.
+        sent += h.send_body(id, &body[sent..], true);
+        h.settle();
+        tokio::task::yield_now().await;
+    }
+    h.until("the answer", |h| h.seen(id).finished).await;
+    assert_eq!(h.seen(id).body, body.len().to_string().as_bytes());
+}
+
+#[tokio::test]
+async fn goaway_drains_requests_in_flight_and_refuses_later_ones() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let handler = service(move |_request: Request<RecvBody>| {
+        let mut release = release_rx.clone();
+        async move {
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("done"))
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let first = h.send_request(&get("/first"), true);
+    h.settle();
+    let _ = h.shutdown.take().unwrap().send(Some(Instant::now() + PATIENCE));
+    h.until("GOAWAY", |h| h.goaway.is_some()).await;
+    assert_eq!(h.goaway, Some(first + 4), "GOAWAY names the first stream not processed");
+    let late = first + 4;
+    h.send_raw_request(late, &get("/late"), true);
+    h.until("the late request refused", |h| h.seen(late).reset.is_some())
+        .await;
+    assert_eq!(h.seen(late).reset, Some(code::H3_REQUEST_REJECTED));
+    assert!(!h.pipe.server.is_closed(), "a request is still in flight");
+    release_tx.send_replace(true);
+    h.until("the first response and the close", |h| {
+        h.seen(first).finished && h.connection_error().is_some()
+    })
+    .await;
+    assert_eq!(h.seen(first).body, b"done");
+    assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
+}
+
+#[tokio::test]
+async fn a_partial_head_is_rejected_after_the_head_timeout() {
+    let mut h = Harness::new(Builder::new().request_head_timeout(Duration::from_millis(50)), echo());
+    let served = h.send_request(&get("/meanwhile"), false);
+    // A HEADERS frame that promises 100 bytes and delivers 4.
+    let partial = served + 4;
+    h.send_raw(partial, &[0x01, 0x40, 100, 0, 0, 0, 0], false);
+    h.settle();
+    h.send_body(served, b"", true);
+    h.until("the other request", |h| h.seen(served).finished).await;
+    h.until("the partial head rejected", |h| h.seen(partial).reset.is_some())
+        .await;
+    assert_eq!(h.seen(partial).reset, Some(code::H3_REQUEST_REJECTED));
+    assert_eq!(h.connection_error(), None);
+}
+
+#[tokio::test]
+async fn a_stalled_body_is_cancelled_and_its_handler_sees_an_error() {
+    let body_error = Arc::new(AtomicBool::new(false));
+    let e = Arc::clone(&body_error);
+    let handler = service(move |request: Request<RecvBody>| {
+        let e = Arc::clone(&e);
+        async move {
+            // The body is read by a task of its own (as a proxy would), which outlives the
+            // handler the server cancels.
+            let reader = tokio::spawn(async move {
+                if request.into_body().collect().await.is_err() {
+                    e.store(true, Ordering::SeqCst);
+                }
+            });
+            let _ = reader.await;
+            Response::new(full(""))
+        }
+    });
+    let mut h = Harness::new(Builder::new().body_stall_timeout(Duration::from_millis(50)), handler);
+    let id = h.send_request(&post("/stall", Some(1000)), false);
+    h.send_body(id, &[1; 10], false);
+    h.until("the stalled request reset", |h| h.seen(id).reset.is_some())
+        .await;
+    assert_eq!(h.seen(id).reset, Some(code::H3_REQUEST_CANCELLED));
+    h.until("the handler's error", |_| body_error.load(Ordering::SeqCst))
+        .await;
+    assert!(h.forgot_everything());
+}
+
+#[tokio::test]
+async fn an_idle_connection_gets_goaway_then_closes() {
+    let mut h = Harness::new(
+        Builder::new().connection_idle_timeout(Duration::from_millis(50)),
+        echo(),
+    );
+    let id = h.send_request(&get("/"), true);
+    h.until("the response", |h| h.seen(id).finished).await;
+    h.until("the close", |h| h.connection_error().is_some()).await;
+    assert_eq!(h.goaway, Some(id + 4), "GOAWAY came before the close");
+    assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
+}
+
+#[tokio::test]
+async fn a_panicking_handler_resets_only_its_own_stream() {
+    let handler = service(|request: Request<RecvBody>| async move {
+        if request.uri().path() == "/panic" {
+            panic!("a handler bug");
+        }
+        Response::new(full("fine"))
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let bad = h.send_request(&get("/panic"), true);
+    let good = h.send_request(&get("/ok"), true);
+    h.until("both outcomes", |h| {
+        h.seen(bad).reset.is_some() && h.seen(good).finished
+    })
+    .await;
+    assert_eq!(h.seen(bad).reset, Some(code::H3_INTERNAL_ERROR));
+    assert_eq!(h.seen(good).body, b"fine");
+    assert!(h.forgot_everything());
+}
+
+// --- Random frame sequences on one request stream -------------------------------------------
+
+/// Appends a QUIC variable-length integer (RFC 9000 §16).
+fn put_varint(out: &mut Vec<u8>, v: u64) {
+    match v {
+        0..64 => out.push(v as u8),
+        64..16_384 => out.extend_from_slice(&(v as u16 | 0x4000).to_be_bytes()),
+        16_384..1_073_741_824 => out.extend_from_slice(&(v as u32 | 0x8000_0000).to_be_bytes()),
+        _ => out.extend_from_slice(&(v | 0xc000_0000_0000_0000).to_be_bytes()),
+    }
+}
+
+fn put_frame(out: &mut Vec<u8>, kind: u64, payload: &[u8]) {
+    put_varint(out, kind);
+    put_varint(out, payload.len() as u64);
+    out.extend_from_slice(payload);
+}
+
+fn field_section(list: &[(String, String)]) -> Vec<u8> {
+    let list: Vec<h3::Header> = list
+        .iter()
+        .map(|(n, v)| h3::Header::new(n.as_bytes(), v.as_bytes()))
+        .collect();
+    let mut buf = vec![0; 64 * 1024];
+    let len = quiche::h3::qpack::Encoder::new()
+        .encode(&list, &mut buf)
+        .expect("the section fits");
+    buf.truncate(len);
+    buf
+}
+
+/// One thing a client may put on a request stream.
+#[derive(Debug, Clone)]
+enum Piece {
+    /// A HEADERS frame with this field list (valid or not).
+    Headers(Vec<(String, String)>),
+    /// A HEADERS frame whose payload is not QPACK.
+    BadQpack(Vec<u8>),
+    Data(Vec<u8>),
+    /// A reserved frame type (RFC 9114 §7.2.8), which must be ignored.
+    Reserved(u64, Vec<u8>),
+    /// A frame type not allowed on a request stream (SETTINGS, GOAWAY, …) or an HTTP/2 one.
+    Forbidden(u64),
+    Garbage(Vec<u8>),
+}
+
+impl Piece {
+    fn encode(&self, out: &mut Vec<u8>) {
+        match self {
+            Piece::Headers(list) => put_frame(out, 0x1, &field_section(list)),
+            Piece::BadQpack(bytes) => put_frame(out, 0x1, bytes),
+            Piece::Data(bytes) => put_frame(out, 0x0, bytes),
+            Piece::Reserved(kind, bytes) => put_frame(out, *kind, bytes),
+            Piece::Forbidden(kind) => put_frame(out, *kind, &[0]),
+            Piece::Garbage(bytes) => out.extend_from_slice(bytes),
+        }
+    }
+}
+
+/// How the client ends its side of the stream.
+#[derive(Debug, Clone, Copy)]
+enum End {
+    Fin,
+    /// FIN, then STOP_SENDING for the response.
+    FinThenStop,
+    Reset,
+    /// Nothing more: the server's timeouts must end it.
+    Stall,
+}
+
+/// What the handler does with the request.
+#[derive(Debug, Clone, Copy)]
+enum Handling {
+    Echo,
+    /// Answers at once, without reading the body.
+    AnswerAtOnce,
+    /// Drops the body unread and answers a moment later (axum's handlers without a body
+    /// extractor): the rest of the body arrives meanwhile.
+    DropBodyAnswerLater,
+}
+
+fn field_list() -> impl Strategy<Value = Vec<(String, String)>> {
+    let names = prop::sample::select(vec![
+        ":method",
+        ":path",
+        ":scheme",
+        ":authority",
+        ":protocol",
+        ":status",
+        "content-length",
+        "host",
+        "te",
+        "connection",
+        "cookie",
+        "x-a",
+        "Upper",
+        "",
+    ]);
+    let values = prop::sample::select(vec![
+        "GET",
+        "POST",
+        "CONNECT",
+        "/",
+        "*",
+        "https",
+        "localhost",
+        "u@localhost",
+        "0",
+        "5",
+        "+1",
+        "1,1",
+        "trailers",
+        "keep-alive",
+        "a\0b",
+        " x",
+        "",
+    ]);
+    prop::collection::vec((names.prop_map(String::from), values.prop_map(String::from)), 0..8)
+}
+
+fn valid_head(content_length: Option<usize>) -> Vec<(String, String)> {
+    post("/echo", content_length)
+        .iter()
+        .map(|h| pairs(std::slice::from_ref(h))[0].clone())
+        .collect()
+}
+
+fn piece() -> impl Strategy<Value = Piece> {
+    prop_oneof![
+        4 => prop::collection::vec(any::<u8>(), 0..3000).prop_map(Piece::Data),
+        2 => prop::option::of(0usize..4000).prop_map(|len| Piece::Headers(valid_head(len))),
+        1 => field_list().prop_map(Piece::Headers),
+        1 => Just(Piece::Headers(vec![("x-trailer".into(), "1".into())])),
+        1 => prop::collection::vec(any::<u8>(), 0..32).prop_map(Piece::BadQpack),
+        1 => (0u64..4, prop::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(n, payload)| Piece::Reserved(0x21 + 0x1f * n, payload)),
+        1 => prop::sample::select(vec![0x2u64, 0x3, 0x4, 0x5, 0x6, 0x7, 0x8, 0x9, 0xd]).prop_map(Piece::Forbidden),
+        1 => prop::collection::vec(any::<u8>(), 1..16).prop_map(Piece::Garbage),
+    ]
+}
+
+fn end() -> impl Strategy<Value = End> {
+    prop_oneof![4 => Just(End::Fin), 1 => Just(End::FinThenStop), 1 => Just(End::Reset), 1 => Just(End::Stall)]
+}
+
+fn handling() -> impl Strategy<Value = Handling> {
+    prop_oneof![
+        Just(Handling::Echo),
+        Just(Handling::AnswerAtOnce),
+        Just(Handling::DropBodyAnswerLater)
+    ]
+}
+
+fn handler(
+    handling: Handling,
+) -> impl Service<Request<RecvBody>, Response = Response<BoxBody>, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+    let echo = echo();
+    service(move |request: Request<RecvBody>| {
+        let mut echo = echo.clone();
+        async move {
+            match handling {
+                Handling::Echo => echo.call(request).await.unwrap_or_else(|e| match e {}),
+                Handling::AnswerAtOnce => Response::new(full("at once")),
+                Handling::DropBodyAnswerLater => {
+                    drop(request);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Response::new(full("at once"))
+                }
+            }
+        }
+    })
+}
+
+/// Short timeouts, so the stalled cases end within milliseconds.
+fn impatient() -> Builder {
+    Builder::new()
+        .request_head_timeout(Duration::from_millis(30))
+        .body_stall_timeout(Duration::from_millis(30))
+        .max_header_list_size(1024)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap()
+}
+
+/// HTTP/3 and QPACK connection error codes (RFC 9114 §8.1, RFC 9204 §6).
+fn is_h3_connection_error(code: u64) -> bool {
+    (0x100..=0x110).contains(&code) || (0x200..=0x202).contains(&code)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Whatever a client puts on a request stream, the server does not panic, ends the
+    /// stream with a response, a stream error or a connection error, and forgets it.
+    #[test]
+    fn any_frame_sequence_ends_in_a_response_a_stream_error_or_a_connection_error(
+        first in piece(),
+        rest in prop::collection::vec(piece(), 0..6),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        end in end(),
+        handling in handling(),
+    ) {
+        let mut bytes = Vec::new();
+        for piece in std::iter::once(&first).chain(&rest) {
+            piece.encode(&mut bytes);
+        }
+        runtime().block_on(async {
+            let mut h = Harness::new(impatient(), handler(handling));
+            h.play(&bytes, &cuts, end);
+            let stopped = matches!(end, End::FinThenStop);
+            h.until("an outcome", |h| {
+                let seen = h.seen(0);
+                seen.finished || seen.reset.is_some() || h.connection_error().is_some()
+                    || (stopped && h.forgot_everything())
+            })
+            .await;
+            if let Some(code) = h.connection_error() {
+                prop_assert!(is_h3_connection_error(code), "connection closed with {code:#x}");
+            } else {
+                if let Some(code) = h.seen(0).reset {
+                    prop_assert!(is_h3_connection_error(code), "stream reset with {code:#x}");
+                }
+                h.until("the stream forgotten", |h| h.forgot_everything()).await;
+                // The connection still serves.
+                let next = 4;
+                h.send_raw_request(next, &get("/next"), true);
+                h.until("the next request", |h| h.seen(next).finished || h.seen(next).reset.is_some()).await;
+                prop_assert_eq!(h.seen(next).status, Some(200));
+            }
+            Ok(())
+        })?;
+    }
+
+    /// A valid request is answered whole however its body is framed and its bytes are cut,
+    /// with reserved frames between its frames, with or without content-length and trailers,
+    /// by a handler that reads the body or one that answers without reading it.
+    #[test]
+    fn a_valid_request_is_answered_whole_however_it_is_framed_and_cut(
+        handling in handling(),
+        chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..2000), 0..6),
+        reserved in prop::collection::vec((0usize..8, 0u64..4, prop::collection::vec(any::<u8>(), 0..64)), 0..3),
+        with_length in any::<bool>(),
+        trailers in any::<bool>(),
+        cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..8),
+    ) {
+        let body: Vec<u8> = chunks.concat();
+        let mut pieces = vec![Piece::Headers(valid_head(with_length.then_some(body.len())))];
+        pieces.extend(chunks.iter().cloned().map(Piece::Data));
+        if trailers {
+            pieces.push(Piece::Headers(vec![("x-trailer".into(), "1".into())]));
+        }
+        for (at, n, payload) in reserved {
+            let at = 1 + at % pieces.len();
+            pieces.insert(at, Piece::Reserved(0x21 + 0x1f * n, payload));
+        }
+        let mut bytes = Vec::new();
+        for piece in &pieces {
+            piece.encode(&mut bytes);
+        }
+        runtime().block_on(async {
+            let mut h = Harness::new(Builder::new(), handler(handling));
+            h.play(&bytes, &cuts, End::Fin);
+            h.until("the response", |h| h.seen(0).finished || h.seen(0).reset.is_some() || h.connection_error().is_some()).await;
+            let seen = h.seen(0);
+            prop_assert_eq!((seen.status, seen.reset, h.connection_error()), (Some(200), None, None));
+            match handling {
+                Handling::Echo => {
+                    prop_assert_eq!(seen.body, body);
+                    prop_assert_eq!(seen.trailers.is_some(), trailers);
+                }
+                Handling::AnswerAtOnce | Handling::DropBodyAnswerLater => prop_assert_eq!(seen.body, b"at once"),
+            }
+            h.until("the stream forgotten", |h| h.forgot_everything()).await;
+            Ok(())
+        })?;
+    }
+}

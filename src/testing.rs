@@ -1,0 +1,136 @@
+//! Test support (compiled for unit tests only): two quiche connections joined by an
+//! in-memory pipe, so the connection and stream logic can be driven without sockets, timers
+//! of the OS network stack, or other tasks. Every packet either side sends is handed to the
+//! other at once, in order; nothing is lost or reordered, so a test's outcome depends only on
+//! what the two sides do.
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use crate::quic::Config;
+
+/// The addresses the two ends pretend to have.
+pub(crate) const CLIENT_ADDR: &str = "127.0.0.1:5000";
+pub(crate) const SERVER_ADDR: &str = "127.0.0.1:4433";
+
+/// A certificate for `localhost`, generated once per test binary.
+fn server_cert() -> &'static crate::tls::GeneratedCert {
+    static CERT: OnceLock<crate::tls::GeneratedCert> = OnceLock::new();
+    CERT.get_or_init(|| crate::tls::self_signed(&["localhost"]).expect("a self-signed certificate"))
+}
+
+/// A server configuration with `alpn`, from `adjust` applied to the defaults.
+pub(crate) fn server_config(
+    alpn: &str,
+    adjust: impl FnOnce(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
+) -> Config {
+    let cert = server_cert();
+    adjust(
+        Config::builder()
+            .alpn([alpn])
+            .cert_chain_pem(&cert.cert_pem)
+            .private_key_pem(&cert.key_pem),
+    )
+    .build()
+    .expect("a server configuration")
+}
+
+/// A client configuration with `alpn` that trusts [`server_config`]'s certificate.
+pub(crate) fn client_config(
+    alpn: &str,
+    adjust: impl FnOnce(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
+) -> Config {
+    adjust(Config::builder().alpn([alpn]).ca_pem(&server_cert().cert_pem))
+        .build()
+        .expect("a client configuration")
+}
+
+/// A client and a server connection whose packets travel through memory.
+pub(crate) struct Pipe {
+    pub(crate) client: quiche::Connection,
+    pub(crate) server: quiche::Connection,
+}
+
+impl Pipe {
+    /// Two connections, not yet handshaken.
+    pub(crate) fn new(server: &Config, client: &Config) -> Pipe {
+        let mut server_config = server.quiche_config(true).expect("server quiche config");
+        let mut client_config = client.quiche_config(false).expect("client quiche config");
+        let client_addr: SocketAddr = CLIENT_ADDR.parse().unwrap();
+        let server_addr: SocketAddr = SERVER_ADDR.parse().unwrap();
+        let client_scid = quiche::ConnectionId::from_ref(&[0xc1; 16]);
+        let server_scid = quiche::ConnectionId::from_ref(&[0x5e; 16]);
+        let client = quiche::connect(
+            Some("localhost"),
+            &client_scid,
+            client_addr,
+            server_addr,
+            &mut client_config,
+        )
+        .expect("client connection");
+        let server = quiche::accept(&server_scid, None, server_addr, client_addr, &mut server_config)
+            .expect("server connection");
+        Pipe { client, server }
+    }
+
+    /// A pair that has completed its handshake.
+    pub(crate) fn handshaken(server: &Config, client: &Config) -> Pipe {
+        let mut pipe = Pipe::new(server, client);
+        for _ in 0..32 {
+            pipe.flush();
+            if pipe.client.is_established() && pipe.server.is_established() {
+                // The client's last flight (its Finished, HANDSHAKE_DONE's ack) settles.
+                pipe.flush();
+                return pipe;
+            }
+        }
+        panic!(
+            "handshake did not complete: client {:?}, server {:?}",
+            pipe.client.peer_error(),
+            pipe.server.peer_error()
+        );
+    }
+
+    /// Fires the connections' timers that are due, then moves packets both ways until
+    /// neither side has anything to send. Returns whether any packet moved.
+    pub(crate) fn flush(&mut self) -> bool {
+        let now = Instant::now();
+        for conn in [&mut self.client, &mut self.server] {
+            if conn.timeout_instant().is_some_and(|at| at <= now) {
+                conn.on_timeout();
+            }
+        }
+        let mut moved = false;
+        loop {
+            let a = transfer(&mut self.client, &mut self.server);
+            let b = transfer(&mut self.server, &mut self.client);
+            if !(a || b) {
+                return moved;
+            }
+            moved = true;
+        }
+    }
+}
+
+/// Hands every packet `from` has to send to `to`. Returns whether there was any.
+fn transfer(from: &mut quiche::Connection, to: &mut quiche::Connection) -> bool {
+    let mut buf = [0; 1500];
+    let mut moved = false;
+    // Bounded: quiche stops at its congestion window; this only guards against a bug.
+    for _ in 0..10_000 {
+        match from.send(&mut buf) {
+            Ok((len, info)) => {
+                moved = true;
+                let recv = quiche::RecvInfo {
+                    from: info.from,
+                    to: info.to,
+                };
+                // A packet the receiver refuses is what a lossy network would drop.
+                let _ = to.recv(&mut buf[..len], recv);
+            }
+            Err(_) => break,
+        }
+    }
+    moved
+}
