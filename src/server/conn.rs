@@ -191,12 +191,12 @@ where
             return;
         }
         self.heads_pending.remove(&id);
+        self.next_stream = self.next_stream.max(id + 4);
         if self.draining.is_some_and(|(limit, _)| id >= limit) {
             // After our GOAWAY: not processed, safe for the client to retry (RFC 9114 §5.2).
             Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
             return;
         }
-        self.note_streams_up_to(conn, id);
         if fields::section_size(&list) > self.settings.max_header_list_size {
             tracing::debug!(stream_id = id, "request header section too large: 431");
             let fields = [
@@ -278,38 +278,18 @@ where
         }
     }
 
-    /// A head arrived on `id`: streams below it that quiche holds without a head of their
-    /// own now have to complete theirs within the head timeout.
-    fn note_streams_up_to(&mut self, conn: &mut quiche::Connection, id: u64) {
-        let now = Instant::now();
-        // Bounded: quiche refuses stream IDs beyond the peer's stream credit, so at most
-        // that many IDs can lie between two heads.
-        let skipped = (self.next_stream..id).step_by(4).take(MAX_PROBED_STREAMS);
-        for skipped in skipped {
-            if stream::stream_alive(conn, skipped) {
-                self.heads_pending.entry(skipped).or_insert(now);
-            }
-        }
-        self.next_stream = self.next_stream.max(id + 4);
-    }
-
-    /// Finds request streams quiche holds above the last head: their heads are on the way
-    /// (or never coming), and the head timeout runs from now.
-    fn probe_pending_heads(&mut self, conn: &mut quiche::Connection, now: Instant) {
-        let mut id = self.next_stream;
-        let mut misses = 0;
-        for _ in 0..MAX_PROBED_STREAMS {
-            if stream::stream_alive(conn, id) {
+    /// Request streams that received bytes but have no head yet: their head is on its way
+    /// (or never coming), and must complete within the head timeout from now. Every stream
+    /// with bytes is readable in quiche before the HTTP/3 layer reads them, whatever its ID
+    /// (a client may skip IDs, RFC 9000 §3.2); a stream we answered or refused is never
+    /// readable again, as we stopped its receiving side.
+    fn note_pending_heads(&mut self, conn: &mut quiche::Connection, now: Instant) {
+        // Past our GOAWAY's limit a head gets no processing: it must not hold the close.
+        let limit = self.draining.map_or(u64::MAX, |(limit, _)| limit);
+        for id in conn.readable() {
+            if id.is_multiple_of(4) && id < limit && !self.streams.contains_key(&id) {
                 self.heads_pending.entry(id).or_insert(now);
-                misses = 0;
-            } else {
-                // Clients open request streams in order: a run of unused IDs ends the search.
-                misses += 1;
-                if misses == PROBE_GAP {
-                    break;
-                }
             }
-            id += 4;
         }
     }
 
@@ -496,7 +476,6 @@ where
     /// Ends requests whose peer stalled: a head not complete within the head timeout, a body
     /// with no progress within the stall timeout while the peer owes bytes.
     fn check_stream_timers(&mut self, conn: &mut quiche::Connection, now: Instant) {
-        self.probe_pending_heads(conn, now);
         let head_timeout = self.settings.request_head_timeout;
         let late_heads: Vec<u64> = self
             .heads_pending
@@ -559,19 +538,19 @@ where
         if due {
             self.check_stream_timers(conn, now);
         }
-        let settings = &self.settings;
-        let every = if self.streams.is_empty() && self.heads_pending.is_empty() {
-            // Idle: a look for heads that never completed once per head timeout (a wake-up
-            // per idle connection every 10 s by default).
-            settings.request_head_timeout
+        // Streams and heads in flight are checked a few times per timeout; with none, the
+        // connection needs no wake-up for them (heads are noted as their bytes arrive).
+        self.next_stream_check = if self.streams.is_empty() && self.heads_pending.is_empty() {
+            None
         } else {
-            settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT
+            let settings = &self.settings;
+            let every = settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT;
+            let next = now + every;
+            Some(match self.next_stream_check {
+                Some(at) if !due => at.min(next),
+                _ => next,
+            })
         };
-        let next = now + every;
-        self.next_stream_check = Some(match self.next_stream_check {
-            Some(at) if !due => at.min(next),
-            _ => next,
-        });
         // Every deadline here lies in the future: one in the past would wake the task at
         // once, forever.
         let Some(at) = [idle_deadline, drain_deadline, self.next_stream_check, linger_deadline]
@@ -598,13 +577,6 @@ where
         }
     }
 }
-
-/// How many request stream IDs beyond the last head are probed for heads still on the way:
-/// the default limit of concurrent request streams, and a bound on the work per check.
-const MAX_PROBED_STREAMS: usize = 256;
-
-/// How many unused stream IDs in a row end the search for streams without a head.
-const PROBE_GAP: usize = 8;
 
 impl<S, B> stream::StreamOwner for ServerApp<S>
 where
@@ -661,11 +633,12 @@ where
             self.shutdown = Box::pin(std::future::pending());
             self.start_draining(conn, deadline);
         }
+        let now = Instant::now();
+        self.note_pending_heads(conn, now);
         stream::StreamOwner::run_rounds(self, cx, conn)?;
         if self.closing {
             return Ok(());
         }
-        let now = Instant::now();
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
         // the close too (for at most the head timeout).

@@ -577,6 +577,21 @@ async fn a_partial_head_is_rejected_after_the_head_timeout() {
 }
 
 #[tokio::test]
+async fn a_partial_head_on_a_stream_id_far_ahead_is_rejected_after_the_head_timeout() {
+    let mut h = Harness::new(Builder::new().request_head_timeout(Duration::from_millis(50)), echo());
+    let served = h.send_request(&get("/first"), true);
+    h.until("the first request", |h| h.seen(served).finished).await;
+    // Stream IDs may be skipped (the lower ones open implicitly, RFC 9000 §3.2): a partial
+    // head far beyond the last one must still be found and timed.
+    let partial = served + 4 * 40;
+    h.send_raw(partial, &[0x01, 0x40, 100, 0, 0, 0, 0], false);
+    h.until("the partial head rejected", |h| h.seen(partial).reset.is_some())
+        .await;
+    assert_eq!(h.seen(partial).reset, Some(code::H3_REQUEST_REJECTED));
+    assert!(h.app.heads_pending.is_empty());
+}
+
+#[tokio::test]
 async fn a_stalled_body_is_cancelled_and_its_handler_sees_an_error() {
     let body_error = Arc::new(AtomicBool::new(false));
     let e = Arc::clone(&body_error);
