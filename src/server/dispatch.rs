@@ -6,6 +6,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 
+use http::header::CONTENT_LENGTH;
 use http::{Method, Request, Response};
 use http_body::Body;
 use tower_service::Service;
@@ -13,7 +14,7 @@ use tower_service::Service;
 use crate::error::BoxError;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{is_bodyless, response_fields};
+use crate::h3::fields::{forbids_content_length, is_bodyless, response_fields};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
@@ -24,6 +25,7 @@ where
     B::Error: Into<BoxError>,
 {
     let head_request = request.method() == Method::HEAD;
+    let connect = request.method() == Method::CONNECT;
     if let Err(e) = poll_fn(|cx| service.poll_ready(cx)).await {
         tracing::debug!(error = %e.into(), "service not ready; resetting the stream");
         stream.reset(code::H3_INTERNAL_ERROR);
@@ -39,10 +41,16 @@ where
     };
     let (parts, body) = response.into_parts();
     tracing::Span::current().record("status", parts.status.as_u16());
+    if forbids_content_length(connect, parts.status) && parts.headers.contains_key(CONTENT_LENGTH) {
+        tracing::debug!(status = %parts.status, "dropping the service's content-length (RFC 9110 §8.6)");
+    }
     let bodyless = is_bodyless(head_request, parts.status);
     let content_length = if bodyless { None } else { body.size_hint().exact() };
     let end = bodyless || body.is_end_stream();
-    stream.push_head(response_fields(parts.status, &parts.headers, content_length), end);
+    stream.push_head(
+        response_fields(parts.status, &parts.headers, content_length, connect),
+        end,
+    );
     if end {
         return;
     }

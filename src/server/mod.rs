@@ -93,7 +93,7 @@ impl Informational {
                 "{status} is not an informational status HTTP/3 allows"
             )));
         }
-        let fields = crate::h3::fields::response_fields(status, headers, None);
+        let fields = crate::h3::fields::response_fields(status, headers, None, false);
         self.stream.push_informational(fields)
     }
 }
