@@ -511,3 +511,24 @@ async fn no_content_length_on_a_2xx_to_connect_or_on_a_204() {
     assert_eq!(client.response(id).await, (404, 0));
     assert_eq!(client.field(id, "content-length"), ["0"]);
 }
+
+/// A 1xx is never a final response (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5):
+/// a service that answers with one gets a 500 out, as from hyper's HTTP/1 server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_status_as_the_final_response_becomes_a_500() {
+    let router = axum::Router::new().route(
+        "/status/{code}",
+        axum::routing::get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
+            let status = axum::http::StatusCode::from_u16(code).unwrap();
+            (status, "the service's body")
+        }),
+    );
+    let (_server, mut client) = serve_router(router).await;
+    for status in [100, 101, 103] {
+        let id = client.request(&head("GET", &format!("/status/{status}")), true).await;
+        assert_eq!(client.response(id).await, (500, 0), "a final {status}");
+        assert_eq!(client.field(id, ":status"), ["500"], "nothing else before it");
+    }
+    let id = client.request(&head("GET", "/status/200"), true).await;
+    assert_eq!(client.response(id).await, (200, 18));
+}

@@ -7,7 +7,7 @@ use std::future::poll_fn;
 use std::sync::Arc;
 
 use http::header::CONTENT_LENGTH;
-use http::{Method, Request, Response};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
@@ -39,20 +39,38 @@ where
             return;
         }
     };
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    let body = if parts.status.is_informational() {
+        // A 1xx is never final (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5): a
+        // user error. hyper's HTTP/1 server answers 500 instead, with no body; so do we, as
+        // no head has been sent yet. (1xx responses go through `Informational`.)
+        tracing::warn!(
+            status = %parts.status,
+            "the service answered with an informational status, which cannot be a final response; answering 500"
+        );
+        parts = Response::new(()).into_parts().0;
+        parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+        None
+    } else {
+        Some(body)
+    };
     tracing::Span::current().record("status", parts.status.as_u16());
     if forbids_content_length(connect, parts.status) && parts.headers.contains_key(CONTENT_LENGTH) {
         tracing::debug!(status = %parts.status, "dropping the service's content-length (RFC 9110 §8.6)");
     }
     let bodyless = is_bodyless(head_request, parts.status);
-    let content_length = if bodyless { None } else { body.size_hint().exact() };
-    let end = bodyless || body.is_end_stream();
+    let content_length = match &body {
+        Some(body) if !bodyless => body.size_hint().exact(),
+        Some(_) => None,
+        None => Some(0),
+    };
+    let end = bodyless || body.as_ref().is_none_or(Body::is_end_stream);
     stream.push_head(
         response_fields(parts.status, &parts.headers, content_length, connect),
         end,
     );
-    if end {
-        return;
+    match body {
+        Some(body) if !end => pump_body(body, &stream).await,
+        _ => {}
     }
-    pump_body(body, &stream).await;
 }
