@@ -579,3 +579,24 @@ async fn an_origin_client_is_ready_only_with_stream_credit() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// RFC 9110 §6.6.1: an origin server with a clock sends `Date`, as hyper does over TCP; a
+/// service's own is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_a_date_unless_the_service_set_one() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        for path in ["/hello", "/no/such/path"] {
+            let response = client.get(server.url(path)).send().await.unwrap();
+            let date = response.headers().get("date").expect("a date").to_str().unwrap();
+            assert!(httpdate::parse_http_date(date).is_ok(), "an IMF-fixdate: {date}");
+            assert_eq!(response.headers().get_all("date").iter().count(), 1);
+        }
+        let response = client.get(server.url("/dated")).send().await.unwrap();
+        let dates: Vec<_> = response.headers().get_all("date").iter().collect();
+        assert_eq!(dates, ["Sun, 06 Nov 1994 08:49:37 GMT"]);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

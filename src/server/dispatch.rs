@@ -6,7 +6,7 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 
-use http::header::CONTENT_LENGTH;
+use http::header::{CONTENT_LENGTH, DATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
@@ -58,6 +58,8 @@ where
     if forbids_content_length(connect, parts.status) && parts.headers.contains_key(CONTENT_LENGTH) {
         tracing::debug!(status = %parts.status, "dropping the service's content-length (RFC 9110 §8.6)");
     }
+    // RFC 9110 §6.6.1: an origin server with a clock sends Date; hyper adds it likewise.
+    parts.headers.entry(DATE).or_insert_with(super::date::now);
     let bodyless = is_bodyless(head_request, parts.status);
     let content_length = match &body {
         Some(body) if !bodyless => body.size_hint().exact(),

@@ -27,6 +27,7 @@
 //! came in 0-RTT, the HTTP version) and an [`Informational`] handle for 1xx responses.
 
 mod conn;
+mod date;
 mod dispatch;
 #[cfg(feature = "tcp")]
 mod tcp;
