@@ -233,6 +233,18 @@ impl Config {
     }
 }
 
+/// Opens the key-log file for appending, creating it readable and writable by its owner
+/// only: it holds the secrets of every session, which decrypt captured traffic.
+fn open_keylog(path: &Path) -> Result<File, Error> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .map_err(|e| Error::config(format!("cannot open the key-log file '{}': {e}", path.display())))
+}
+
 /// Appends to one key-log file from every connection.
 struct SharedFile(Arc<Mutex<File>>);
 
@@ -514,14 +526,16 @@ impl ConfigBuilder {
         self
     }
 
-    /// Writes TLS secrets to this file in the NSS key-log format (for Wireshark).
+    /// Writes TLS secrets to this file in the NSS key-log format (for Wireshark). A new
+    /// file is created readable and writable by its owner only (mode 0600 on Unix); an
+    /// existing one keeps its permissions.
     pub fn keylog_file(mut self, path: impl AsRef<Path>) -> Self {
         self.keylog = Some(path.as_ref().to_path_buf());
         self
     }
 
     /// Writes TLS secrets to the file named by the `SSLKEYLOGFILE` environment variable, when
-    /// it is set.
+    /// it is set (created as by [`keylog_file`](Self::keylog_file)).
     pub fn keylog_from_env(mut self) -> Self {
         if let Some(path) = std::env::var_os("SSLKEYLOGFILE") {
             self.keylog = Some(PathBuf::from(path));
@@ -615,13 +629,7 @@ impl ConfigBuilder {
                 .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
         }
         let keylog = match &self.keylog {
-            Some(path) => Some(Arc::new(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::config(format!("cannot open the key-log file '{}': {e}", path.display())))?,
-            ))),
+            Some(path) => Some(Arc::new(Mutex::new(open_keylog(path)?))),
             None => None,
         };
         #[allow(unused_mut)]
@@ -718,6 +726,19 @@ mod tests {
             .inbound_queue_bytes(1500)
             .build()
             .expect("off, and a one-datagram queue");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_keylog_file_is_created_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("tower-quiche-keylog-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let built = Config::builder().alpn(["h3"]).keylog_file(&path).build();
+        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
+        let _ = std::fs::remove_file(&path);
+        built.expect("config");
+        assert_eq!(format!("{:o}", mode.expect("the file exists")), "600");
     }
 
     #[test]
