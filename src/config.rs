@@ -473,7 +473,11 @@ impl ConfigBuilder {
         self
     }
 
-    /// Clients: whether the system's trusted roots are used. Defaults to true.
+    /// Clients: whether the system's trusted roots are used: the PEM bundle `SSL_CERT_FILE`
+    /// names when it is set, else the distribution's (such as
+    /// `/etc/ssl/certs/ca-certificates.crt`). A client that verifies servers with no root
+    /// at all (no bundle found, and no [`ca_pem`](Self::ca_pem)) fails when its endpoint is
+    /// created, saying so. Defaults to true.
     pub fn system_roots(mut self, enabled: bool) -> Self {
         self.system_roots = enabled;
         self
