@@ -180,6 +180,12 @@ impl Config {
         self.inner.alpn.iter().map(Vec::as_slice)
     }
 
+    /// Whether a client checks the server's certificate against the name it connects to
+    /// (not when verification is off, nor when the server is known by its raw public key).
+    pub(crate) fn verifies_server_name(&self) -> bool {
+        self.inner.tls.verify_server && self.inner.tls.rpk.trusted.is_empty()
+    }
+
     pub(crate) fn has_certificate(&self) -> bool {
         !self.inner.tls.chain.is_empty() || self.inner.tls.rpk.own.is_some()
     }
