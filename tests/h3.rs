@@ -600,3 +600,61 @@ async fn responses_carry_a_date_unless_the_service_set_one() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A request body the test feeds by hand: it stays open, unfinished, until `feed` is dropped.
+fn hand_fed_body() -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    impl http_body::Body<Data = bytes::Bytes, Error = std::convert::Infallible> + Send + 'static,
+) {
+    let (feed, chunks) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let frames = futures_util::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = chunks.recv().await?;
+        Some((Ok(http_body::Frame::data(chunk)), chunks))
+    });
+    (feed, http_body_util::StreamBody::new(frames))
+}
+
+/// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
+/// resets the request body it has not finished sending, so the server's handler learns
+/// why instead of waiting for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_response_makes_the_client_reset_its_unfinished_request() {
+    use futures_util::StreamExt;
+    let certs = test_certs();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let router = axum::Router::new().route(
+        "/lying-length",
+        axum::routing::post(move |body: axum::body::Body| {
+            let ended_tx = ended_tx.clone();
+            async move {
+                // The request body is read beside the response; how it ends is reported.
+                tokio::spawn(async move {
+                    let error = body.collect().await.err().map(axum::Error::into_inner);
+                    let _ = ended_tx.send(error.and_then(|e| e.downcast::<tower_quiche::Error>().ok()));
+                });
+                // Ten bytes for a content-length of 3, and no end: a malformed response.
+                let chunk = http_body::Frame::data(bytes::Bytes::from_static(b"0123456789"));
+                let lying = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(chunk)])
+                    .chain(futures_util::stream::pending());
+                let body = axum::body::Body::new(http_body_util::StreamBody::new(lying));
+                ([("content-length", "3")], body)
+            }
+        }),
+    );
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let run = async {
+        let (feed, body) = hand_fed_body();
+        feed.send(bytes::Bytes::from_static(b"request")).await.unwrap();
+        let request = Request::post(server.url("/lying-length")).body(body).unwrap();
+        let response = client.send(request).await.unwrap();
+        assert_eq!(response.headers()["content-length"], "3");
+        let err = response.into_body().collect().await.unwrap_err();
+        assert!(err.is_protocol(), "{err}");
+        let seen = ended.recv().await.unwrap().expect("the request body ended in an error");
+        assert!(seen.is_reset(), "the server saw the client reset the request: {seen}");
+        assert_eq!(seen.code(), Some(0x10e), "H3_MESSAGE_ERROR: {seen}");
+        drop(feed);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
