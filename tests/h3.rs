@@ -658,3 +658,36 @@ async fn a_malformed_response_makes_the_client_reset_its_unfinished_request() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// RFC 9114 §4.1: a server may answer without reading the request and ask the client to
+/// stop sending it (STOP_SENDING); the client stops its body but still delivers the whole
+/// response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_keeps_the_full_response_after_the_servers_stop_sending() {
+    const ANSWER: usize = 4 * MIB as usize;
+    let certs = test_certs();
+    let router = axum::Router::new().route("/answer-at-once", axum::routing::post(|| async { vec![b'a'; ANSWER] }));
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let run = async {
+        let (feed, body) = hand_fed_body();
+        // A large, slow request body: 16 KiB every 10 ms until the client stops taking it.
+        let feeder = tokio::spawn(async move {
+            let mut sent = 0;
+            while feed.send(bytes::Bytes::from(vec![b'r'; 16 * 1024])).await.is_ok() {
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        });
+        let request = Request::post(server.url("/answer-at-once")).body(body).unwrap();
+        let response = client.send(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer = response.into_body().collect().await.expect("the whole response");
+        assert_eq!(answer.to_bytes().len(), ANSWER);
+        // The client dropped the request body: the feeder's sends fail and it ends.
+        let sent = feeder.await.unwrap();
+        assert!(sent > 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
