@@ -356,8 +356,12 @@ impl ConfigBuilder {
         self
     }
 
-    /// Whether 0-RTT data is accepted (server) or attempted (client). Defaults to off: 0-RTT
-    /// data can be replayed, so only idempotent requests belong there.
+    /// Servers: whether 0-RTT data is accepted. It is held until the handshake completes
+    /// and reaches the application only then, when the client has proven it holds the
+    /// session's keys: a replayed 0-RTT flight never completes a handshake, so it is never
+    /// processed (the "wait for the handshake" option of RFC 8470 §3). Nor is a round trip
+    /// saved for requests. Clients: the client does not resume sessions, so it never sends
+    /// 0-RTT data. Defaults to off.
     pub fn early_data(mut self, enabled: bool) -> Self {
         self.s.early_data = enabled;
         self

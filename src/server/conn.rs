@@ -238,7 +238,6 @@ where
         });
         let mut info = self.info.clone();
         info.stream_id = Some(id);
-        info.early_data = conn.is_in_early_data();
         let span = tracing::debug_span!(
             "request",
             method = %request.method(),
