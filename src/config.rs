@@ -180,6 +180,12 @@ impl Config {
         self.inner.alpn.iter().map(Vec::as_slice)
     }
 
+    /// Whether a client checks the server's certificate against the name it connects to
+    /// (not when verification is off, nor when the server is known by its raw public key).
+    pub(crate) fn verifies_server_name(&self) -> bool {
+        self.inner.tls.verify_server && self.inner.tls.rpk.trusted.is_empty()
+    }
+
     pub(crate) fn has_certificate(&self) -> bool {
         !self.inner.tls.chain.is_empty() || self.inner.tls.rpk.own.is_some()
     }
@@ -231,6 +237,18 @@ impl Config {
             .as_ref()
             .map(|file| Box::new(SharedFile(Arc::clone(file))) as Box<dyn Write + Send + Sync>)
     }
+}
+
+/// Opens the key-log file for appending, creating it readable and writable by its owner
+/// only: it holds the secrets of every session, which decrypt captured traffic.
+fn open_keylog(path: &Path) -> Result<File, Error> {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true).append(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .map_err(|e| Error::config(format!("cannot open the key-log file '{}': {e}", path.display())))
 }
 
 /// Appends to one key-log file from every connection.
@@ -338,8 +356,12 @@ impl ConfigBuilder {
         self
     }
 
-    /// Whether 0-RTT data is accepted (server) or attempted (client). Defaults to off: 0-RTT
-    /// data can be replayed, so only idempotent requests belong there.
+    /// Servers: whether 0-RTT data is accepted. It is held until the handshake completes
+    /// and reaches the application only then, when the client has proven it holds the
+    /// session's keys: a replayed 0-RTT flight never completes a handshake, so it is never
+    /// processed (the "wait for the handshake" option of RFC 8470 §3). Nor is a round trip
+    /// saved for requests. Clients: the client does not resume sessions, so it never sends
+    /// 0-RTT data. Defaults to off.
     pub fn early_data(mut self, enabled: bool) -> Self {
         self.s.early_data = enabled;
         self
@@ -461,7 +483,11 @@ impl ConfigBuilder {
         self
     }
 
-    /// Clients: whether the system's trusted roots are used. Defaults to true.
+    /// Clients: whether the system's trusted roots are used: the PEM bundle `SSL_CERT_FILE`
+    /// names when it is set, else the distribution's (such as
+    /// `/etc/ssl/certs/ca-certificates.crt`). A client that verifies servers with no root
+    /// at all (no bundle found, and no [`ca_pem`](Self::ca_pem)) fails when its endpoint is
+    /// created, saying so. Defaults to true.
     pub fn system_roots(mut self, enabled: bool) -> Self {
         self.system_roots = enabled;
         self
@@ -514,14 +540,16 @@ impl ConfigBuilder {
         self
     }
 
-    /// Writes TLS secrets to this file in the NSS key-log format (for Wireshark).
+    /// Writes TLS secrets to this file in the NSS key-log format (for Wireshark). A new
+    /// file is created readable and writable by its owner only (mode 0600 on Unix); an
+    /// existing one keeps its permissions.
     pub fn keylog_file(mut self, path: impl AsRef<Path>) -> Self {
         self.keylog = Some(path.as_ref().to_path_buf());
         self
     }
 
     /// Writes TLS secrets to the file named by the `SSLKEYLOGFILE` environment variable, when
-    /// it is set.
+    /// it is set (created as by [`keylog_file`](Self::keylog_file)).
     pub fn keylog_from_env(mut self) -> Self {
         if let Some(path) = std::env::var_os("SSLKEYLOGFILE") {
             self.keylog = Some(PathBuf::from(path));
@@ -615,13 +643,7 @@ impl ConfigBuilder {
                 .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
         }
         let keylog = match &self.keylog {
-            Some(path) => Some(Arc::new(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| Error::config(format!("cannot open the key-log file '{}': {e}", path.display())))?,
-            ))),
+            Some(path) => Some(Arc::new(Mutex::new(open_keylog(path)?))),
             None => None,
         };
         #[allow(unused_mut)]
@@ -718,6 +740,19 @@ mod tests {
             .inbound_queue_bytes(1500)
             .build()
             .expect("off, and a one-datagram queue");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn the_keylog_file_is_created_for_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let path = std::env::temp_dir().join(format!("tower-quiche-keylog-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let built = Config::builder().alpn(["h3"]).keylog_file(&path).build();
+        let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
+        let _ = std::fs::remove_file(&path);
+        built.expect("config");
+        assert_eq!(format!("{:o}", mode.expect("the file exists")), "600");
     }
 
     #[test]

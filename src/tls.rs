@@ -87,6 +87,9 @@ pub(crate) struct TlsMaterial {
     pub(crate) roots: Vec<X509>,
     /// When false, a client accepts any server certificate (explicit insecure mode).
     pub(crate) verify_server: bool,
+    /// Where the system's roots were looked for, when they were wanted: named in the error
+    /// a client gets when it has no root at all.
+    system_bundles: Option<Vec<PathBuf>>,
     /// When set, a server requires client certificates signed by one of these.
     pub(crate) client_ca: Option<Vec<X509>>,
     /// Raw public keys (RFC 7250): the key a server presents instead of a certificate, and
@@ -144,8 +147,9 @@ impl TlsMaterial {
         for src in custom_roots {
             roots.extend(src.certificates("CA certificate")?);
         }
-        if system_roots && verify_server {
-            roots.extend(system_root_certificates());
+        let system_bundles = (system_roots && verify_server).then(system_bundle_paths);
+        if let Some(paths) = &system_bundles {
+            roots.extend(first_bundle(paths));
         }
         let client_ca = client_ca
             .map(|src| src.certificates("client CA certificate"))
@@ -155,6 +159,7 @@ impl TlsMaterial {
             key,
             roots,
             verify_server,
+            system_bundles,
             client_ca,
             rpk: RawPublicKeys::default(),
         })
@@ -182,6 +187,11 @@ impl TlsMaterial {
         if server {
             self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
         } else if self.verify_server {
+            if self.roots.is_empty() {
+                // Every server would fail verification: say so now, with what to do, rather
+                // than as a handshake failure later.
+                return Err(self.no_roots_error());
+            }
             b.set_cert_store(store_of(&self.roots).map_err(|e| tls_err("roots", e))?);
             b.set_verify_callback(SslVerifyMode::PEER, verify_server_certificate);
         } else {
@@ -192,6 +202,24 @@ impl TlsMaterial {
 }
 
 impl TlsMaterial {
+    fn no_roots_error(&self) -> Error {
+        let why = match &self.system_bundles {
+            Some(paths) => {
+                let paths: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
+                format!(
+                    "no system CA bundle was found (looked at {}): install the system's CA certificates \
+                     (the ca-certificates package), point SSL_CERT_FILE at a PEM bundle, or",
+                    paths.join(", ")
+                )
+            }
+            None => "system roots are off (ConfigBuilder::system_roots(false)):".to_string(),
+        };
+        Error::config(format!(
+            "a client has no trusted root certificate to verify servers with: {why} give the CA to trust \
+             with ConfigBuilder::ca_pem or ca_pem_file"
+        ))
+    }
+
     /// Servers: with a client CA configured (mutual TLS), require a client certificate that
     /// chains to it; else ask for none. Every transport a server speaks (QUIC and TCP) calls
     /// this, so none of them serves a client the others would refuse.
@@ -267,9 +295,10 @@ fn store_of(certs: &[X509]) -> Result<boring::x509::store::X509Store, boring::er
     Ok(store.build())
 }
 
-/// The system's trusted roots: `SSL_CERT_FILE` when set, else the first bundle found where
-/// the common Linux distributions and BSDs keep it.
-fn system_root_certificates() -> Vec<X509> {
+/// Where the system's trusted roots are: the file `SSL_CERT_FILE` names when it is set (it
+/// replaces the default, as in OpenSSL, so a wrong one is reported rather than passed over),
+/// else where the common Linux distributions and BSDs keep their bundle.
+fn system_bundle_paths() -> Vec<PathBuf> {
     const BUNDLES: &[&str] = &[
         "/etc/ssl/certs/ca-certificates.crt",
         "/etc/pki/tls/certs/ca-bundle.crt",
@@ -278,12 +307,18 @@ fn system_root_certificates() -> Vec<X509> {
         "/etc/ssl/cert.pem",
         "/usr/local/share/certs/ca-root-nss.crt",
     ];
-    let from_env = std::env::var_os("SSL_CERT_FILE").map(PathBuf::from);
-    from_env
-        .into_iter()
-        .chain(BUNDLES.iter().map(PathBuf::from))
+    match std::env::var_os("SSL_CERT_FILE") {
+        Some(path) => vec![PathBuf::from(path)],
+        None => BUNDLES.iter().map(PathBuf::from).collect(),
+    }
+}
+
+/// The certificates of the first of `paths` that holds any; none when none does.
+fn first_bundle(paths: &[PathBuf]) -> Vec<X509> {
+    paths
+        .iter()
         .find_map(|path| {
-            let pem = std::fs::read(&path).ok()?;
+            let pem = std::fs::read(path).ok()?;
             X509::stack_from_pem(&pem).ok().filter(|certs| !certs.is_empty())
         })
         .unwrap_or_default()
@@ -510,4 +545,55 @@ pub fn self_signed(names: &[&str]) -> Result<GeneratedCert, Error> {
         pem_pair(&b.build(), &key)
     })()
     .map_err(generation_error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(custom_roots: &[PemSource], system_roots: bool) -> TlsMaterial {
+        TlsMaterial::load(None, None, custom_roots, system_roots, true, None).expect("material")
+    }
+
+    #[test]
+    fn a_client_without_roots_is_refused_with_advice() {
+        let err = load(&[], false).context_builder(false).err().expect("no roots");
+        assert!(err.is_config());
+        assert!(err.to_string().contains("ca_pem"), "{err}");
+        // A server needs no roots; a client given a CA has one.
+        assert!(load(&[], false).context_builder(true).is_ok());
+        let ca = DevCa::new("test").unwrap();
+        let custom = [PemSource::Memory(ca.cert_pem().into_bytes())];
+        assert!(load(&custom, false).context_builder(false).is_ok());
+    }
+
+    /// The variable that tells the test binary it runs as the child of the test below.
+    const NO_BUNDLE_CHILD: &str = "TOWER_QUICHE_TEST_NO_SYSTEM_BUNDLE";
+
+    /// A machine without the system's CA bundle is simulated with `SSL_CERT_FILE` naming a
+    /// file that does not exist, in a child process (the environment is process-wide).
+    #[test]
+    fn a_missing_system_ca_bundle_is_a_clear_error() {
+        if std::env::var_os(NO_BUNDLE_CHILD).is_some() {
+            let err = load(&[], true).context_builder(false).err().expect("no roots");
+            let message = err.to_string();
+            assert!(message.contains("ca-certificates"), "{message}");
+            assert!(message.contains("ca_pem"), "{message}");
+            assert!(message.contains("/nonexistent/ca-bundle.pem"), "{message}");
+            return;
+        }
+        let output = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "tls::tests::a_missing_system_ca_bundle_is_a_clear_error"])
+            .env(NO_BUNDLE_CHILD, "1")
+            .env("SSL_CERT_FILE", "/nonexistent/ca-bundle.pem")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(stdout.contains("1 passed"), "the child ran the test: {stdout}");
+    }
 }

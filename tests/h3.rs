@@ -579,3 +579,115 @@ async fn an_origin_client_is_ready_only_with_stream_credit() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// RFC 9110 §6.6.1: an origin server with a clock sends `Date`, as hyper does over TCP; a
+/// service's own is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_carry_a_date_unless_the_service_set_one() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        for path in ["/hello", "/no/such/path"] {
+            let response = client.get(server.url(path)).send().await.unwrap();
+            let date = response.headers().get("date").expect("a date").to_str().unwrap();
+            assert!(httpdate::parse_http_date(date).is_ok(), "an IMF-fixdate: {date}");
+            assert_eq!(response.headers().get_all("date").iter().count(), 1);
+        }
+        let response = client.get(server.url("/dated")).send().await.unwrap();
+        let dates: Vec<_> = response.headers().get_all("date").iter().collect();
+        assert_eq!(dates, ["Sun, 06 Nov 1994 08:49:37 GMT"]);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A request body the test feeds by hand: it stays open, unfinished, until `feed` is dropped.
+fn hand_fed_body() -> (
+    tokio::sync::mpsc::Sender<bytes::Bytes>,
+    impl http_body::Body<Data = bytes::Bytes, Error = std::convert::Infallible> + Send + 'static,
+) {
+    let (feed, chunks) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let frames = futures_util::stream::unfold(chunks, |mut chunks| async move {
+        let chunk = chunks.recv().await?;
+        Some((Ok(http_body::Frame::data(chunk)), chunks))
+    });
+    (feed, http_body_util::StreamBody::new(frames))
+}
+
+/// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
+/// resets the request body it has not finished sending, so the server's handler learns
+/// why instead of waiting for the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_response_makes_the_client_reset_its_unfinished_request() {
+    use futures_util::StreamExt;
+    let certs = test_certs();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let router = axum::Router::new().route(
+        "/lying-length",
+        axum::routing::post(move |body: axum::body::Body| {
+            let ended_tx = ended_tx.clone();
+            async move {
+                // The request body is read beside the response; how it ends is reported.
+                tokio::spawn(async move {
+                    let error = body.collect().await.err().map(axum::Error::into_inner);
+                    let _ = ended_tx.send(error.and_then(|e| e.downcast::<tower_quiche::Error>().ok()));
+                });
+                // Ten bytes for a content-length of 3, and no end: a malformed response.
+                let chunk = http_body::Frame::data(bytes::Bytes::from_static(b"0123456789"));
+                let lying = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(chunk)])
+                    .chain(futures_util::stream::pending());
+                let body = axum::body::Body::new(http_body_util::StreamBody::new(lying));
+                ([("content-length", "3")], body)
+            }
+        }),
+    );
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let run = async {
+        let (feed, body) = hand_fed_body();
+        feed.send(bytes::Bytes::from_static(b"request")).await.unwrap();
+        let request = Request::post(server.url("/lying-length")).body(body).unwrap();
+        let response = client.send(request).await.unwrap();
+        assert_eq!(response.headers()["content-length"], "3");
+        let err = response.into_body().collect().await.unwrap_err();
+        assert!(err.is_protocol(), "{err}");
+        let seen = ended.recv().await.unwrap().expect("the request body ended in an error");
+        assert!(seen.is_reset(), "the server saw the client reset the request: {seen}");
+        assert_eq!(seen.code(), Some(0x10e), "H3_MESSAGE_ERROR: {seen}");
+        drop(feed);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// RFC 9114 §4.1: a server may answer without reading the request and ask the client to
+/// stop sending it (STOP_SENDING); the client stops its body but still delivers the whole
+/// response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_keeps_the_full_response_after_the_servers_stop_sending() {
+    const ANSWER: usize = 4 * MIB as usize;
+    let certs = test_certs();
+    let router = axum::Router::new().route("/answer-at-once", axum::routing::post(|| async { vec![b'a'; ANSWER] }));
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let run = async {
+        let (feed, body) = hand_fed_body();
+        // A large, slow request body: 16 KiB every 10 ms until the client stops taking it.
+        let feeder = tokio::spawn(async move {
+            let mut sent = 0;
+            while feed.send(bytes::Bytes::from(vec![b'r'; 16 * 1024])).await.is_ok() {
+                sent += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            sent
+        });
+        let request = Request::post(server.url("/answer-at-once")).body(body).unwrap();
+        let response = client.send(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let answer = response.into_body().collect().await.expect("the whole response");
+        assert_eq!(answer.to_bytes().len(), ANSWER);
+        // The client dropped the request body: the feeder's sends fail and it ends.
+        let sent = feeder.await.unwrap();
+        assert!(sent > 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -5,6 +5,8 @@
 
 mod support;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,10 +31,14 @@ enum Seen {
     GoAway,
 }
 
+/// Every field of every HEADERS frame received, by stream.
+type Heads = Arc<Mutex<HashMap<u64, Vec<Vec<(String, String)>>>>>;
+
 struct Scripted {
     h3: Option<h3::Connection>,
     steps: mpsc::UnboundedReceiver<Step>,
     seen: mpsc::UnboundedSender<(u64, Seen)>,
+    heads: Heads,
 }
 
 impl Application for Scripted {
@@ -49,6 +55,9 @@ impl Application for Scripted {
         loop {
             let seen = match h3.poll(conn) {
                 Ok((id, h3::Event::Headers { list, .. })) => {
+                    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                    let fields = list.iter().map(|h| (text(h.name()), text(h.value()))).collect();
+                    self.heads.lock().unwrap().entry(id).or_default().push(fields);
                     let status = list.iter().find(|h| h.name() == b":status");
                     let status = status.map(|s| std::str::from_utf8(s.value()).unwrap().parse().unwrap());
                     (id, Seen::Status(status.unwrap_or(0)))
@@ -78,6 +87,7 @@ struct Client {
     seen: mpsc::UnboundedReceiver<(u64, Seen)>,
     /// Events of other streams, seen while waiting for one stream's.
     parked: std::collections::VecDeque<(u64, Seen)>,
+    heads: Heads,
     conn: ConnectionHandle,
 }
 
@@ -93,10 +103,12 @@ impl Client {
         let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
         let (steps, steps_rx) = mpsc::unbounded_channel();
         let (seen_tx, seen) = mpsc::unbounded_channel();
+        let heads = Heads::default();
         let app = Scripted {
             h3: None,
             steps: steps_rx,
             seen: seen_tx,
+            heads: Arc::clone(&heads),
         };
         let conn = timeout(TEST_TIMEOUT, endpoint.connect_addr(server.addr, Some("localhost"), app))
             .await
@@ -106,8 +118,16 @@ impl Client {
             steps,
             seen,
             parked: Default::default(),
+            heads,
             conn,
         }
+    }
+
+    /// The values of field `name` in the heads stream `id` received so far.
+    fn field(&self, id: u64, name: &str) -> Vec<String> {
+        let heads = self.heads.lock().unwrap();
+        let fields = heads.get(&id).into_iter().flatten().flatten();
+        fields.filter(|(n, _)| n == name).map(|(_, v)| v.clone()).collect()
     }
 
     /// Runs `f` on the connection's task and returns what it returns.
@@ -206,6 +226,14 @@ impl Client {
 async fn serve(builder: server::Builder) -> (H3Server, Client) {
     let certs = certs();
     let server = h3_server(&certs, builder).await;
+    let client = Client::connect(&server, &certs).await;
+    (server, client)
+}
+
+/// A server running `router` with default settings, and a scripted client connected to it.
+async fn serve_router(router: axum::Router) -> (H3Server, Client) {
+    let certs = certs();
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
     let client = Client::connect(&server, &certs).await;
     (server, client)
 }
@@ -443,4 +471,64 @@ async fn an_idle_connection_gets_goaway_before_it_is_closed() {
     assert!(goaway, "GOAWAY before the close");
     let closed = timeout(TEST_TIMEOUT, client.conn.closed()).await.unwrap();
     assert!(closed.error().is_none(), "H3_NO_ERROR: {:?}", closed.error());
+}
+
+/// RFC 9110 §8.6 and §9.3.6: a 2xx response to CONNECT starts a tunnel, and it and a 204
+/// carry no content-length, not one the server derives from the body's size nor the
+/// service's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_content_length_on_a_2xx_to_connect_or_on_a_204() {
+    use axum::http::{Method, StatusCode};
+    let router = axum::Router::new()
+        .route(
+            "/no-content",
+            axum::routing::get(|| async { (StatusCode::NO_CONTENT, [("content-length", "0")]) }),
+        )
+        .fallback(|method: Method| async move {
+            if method == Method::CONNECT {
+                // axum empties the body of a 2xx to CONNECT, whose size is then known to be
+                // 0: the server must not announce that as a length.
+                (StatusCode::OK, "tunnelled bytes")
+            } else {
+                (StatusCode::NOT_FOUND, "")
+            }
+        });
+    let (_server, mut client) = serve_router(router).await;
+    let id = client
+        .request(&[(":method", "CONNECT"), (":authority", "example.com:443")], false)
+        .await;
+    assert_eq!(client.outcome(id).await, Seen::Status(200));
+    assert_eq!(
+        client.field(id, "content-length"),
+        Vec::<String>::new(),
+        "2xx to CONNECT"
+    );
+    let id = client.request(&head("GET", "/no-content"), true).await;
+    assert_eq!(client.response(id).await, (204, 0));
+    assert_eq!(client.field(id, "content-length"), Vec::<String>::new(), "204");
+    // Other responses keep theirs.
+    let id = client.request(&head("GET", "/elsewhere"), true).await;
+    assert_eq!(client.response(id).await, (404, 0));
+    assert_eq!(client.field(id, "content-length"), ["0"]);
+}
+
+/// A 1xx is never a final response (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5):
+/// a service that answers with one gets a 500 out, as from hyper's HTTP/1 server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_informational_status_as_the_final_response_becomes_a_500() {
+    let router = axum::Router::new().route(
+        "/status/{code}",
+        axum::routing::get(|axum::extract::Path(code): axum::extract::Path<u16>| async move {
+            let status = axum::http::StatusCode::from_u16(code).unwrap();
+            (status, "the service's body")
+        }),
+    );
+    let (_server, mut client) = serve_router(router).await;
+    for status in [100, 101, 103] {
+        let id = client.request(&head("GET", &format!("/status/{status}")), true).await;
+        assert_eq!(client.response(id).await, (500, 0), "a final {status}");
+        assert_eq!(client.field(id, ":status"), ["500"], "nothing else before it");
+    }
+    let id = client.request(&head("GET", "/status/200"), true).await;
+    assert_eq!(client.response(id).await, (200, 18));
 }

@@ -210,6 +210,39 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// Without a server name nothing ties the certificate to the server meant: a verifying
+/// client must not connect that way, and says how to fix it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_addr_without_a_server_name_is_refused_while_verifying() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let run = async {
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
+        let err = endpoint
+            .connect_addr(server.addr, None, EchoClient::new().0)
+            .await
+            .unwrap_err();
+        assert!(err.is_config(), "{err}");
+        assert!(err.to_string().contains("danger_accept_invalid_certs"), "{err}");
+        // With a name (an IP address will do) it connects.
+        let verified = endpoint.connect_addr(server.addr, Some("127.0.0.1"), EchoClient::new().0);
+        verified.await.expect("verified by its IP address").close(0, "");
+        // Verification turned off explicitly: no name needed.
+        let config = client_builder(&certs)
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let conn = endpoint
+            .connect_addr(server.addr, None, EchoClient::new().0)
+            .await
+            .expect("insecure mode connects without a name");
+        conn.close(0, "");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_requires_a_client_certificate() {
     let certs = server_certs();

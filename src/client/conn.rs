@@ -619,20 +619,8 @@ impl ClientApp {
                         stream::discard(h3, conn, id);
                     }
                 }
-                Ok((id, h3::Event::Finished)) => {
-                    if let Some(entry) = self.streams.get_mut(&id) {
-                        if let Err(why) = entry.shared.on_finished() {
-                            entry.shared.cancel(Cancel::Malformed(why.0));
-                        }
-                        if let Some(reply) = entry.reply.take() {
-                            let _ = reply.send(Err(Failure::Failed(
-                                Error::new(Kind::Protocol).with_message("the response stream ended without a response"),
-                            )));
-                        }
-                    }
-                    self.forget_if_done(id);
-                }
-                Ok((id, h3::Event::Reset(code))) => self.on_reset(id, code),
+                Ok((id, h3::Event::Finished)) => self.on_finished(conn, id),
+                Ok((id, h3::Event::Reset(code))) => self.on_reset(conn, id, code),
                 Ok((_, h3::Event::PriorityUpdate)) => {}
                 Ok((id, h3::Event::GoAway)) => {
                     tracing::debug!(last_stream = id, "the server sent GOAWAY");
@@ -641,7 +629,7 @@ impl ClientApp {
                     // Requests on streams from `id` on were not processed (RFC 9114 §5.2).
                     let refused: Vec<u64> = self.streams.keys().copied().filter(|&s| s >= id).collect();
                     for stream in refused {
-                        self.on_reset(stream, code::H3_REQUEST_REJECTED);
+                        self.on_reset(conn, stream, code::H3_REQUEST_REJECTED);
                     }
                 }
                 Err(h3::Error::Done) => return,
@@ -665,45 +653,64 @@ impl ClientApp {
         let shared = Arc::clone(&entry.shared);
         let h3 = self.h3.as_mut().expect("created when established");
         if let Err(failure) = shared.read_from(h3, conn, id) {
-            self.on_read_failure(conn, id, &shared, failure);
+            self.on_read_failure(conn, id, failure);
         }
     }
 
     /// What a response body (or its trailers) that broke the rules costs: its stream, or the
     /// whole connection for a frame out of sequence (RFC 9114 §4.1).
-    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, shared: &StreamShared, failure: ReadFailure) {
+    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, failure: ReadFailure) {
         match failure {
-            ReadFailure::Malformed(why) => {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
-                shared.cancel(Cancel::Malformed(why));
-            }
+            ReadFailure::Malformed(why) => self.refuse_response(conn, id, Malformed(why)),
             ReadFailure::FrameUnexpected => {
                 if conn.local_error().is_none() {
                     let _ = conn.close(true, code::H3_FRAME_UNEXPECTED, b"");
                 }
             }
-            ReadFailure::Reset(code) => self.on_reset(id, code),
-            ReadFailure::Closed => shared.cancel(Cancel::ConnectionClosed),
+            ReadFailure::Reset(code) => self.on_reset(conn, id, code),
+            ReadFailure::Closed => self.abandon(conn, id, Cancel::ConnectionClosed, closed_error()),
         }
     }
 
-    /// Refuses a malformed response: both directions reset with H3_MESSAGE_ERROR, the
-    /// caller told why.
+    /// The server finished the response stream: a response must have come, and its body
+    /// must be complete; else the response is malformed (RFC 9114 §4.1.2).
+    fn on_finished(&mut self, conn: &mut quiche::Connection, id: u64) {
+        let Some(entry) = self.streams.get(&id) else {
+            return;
+        };
+        let complete = entry.shared.on_finished();
+        let malformed = if entry.reply.is_some() {
+            Some(Malformed("the response stream ended without a response"))
+        } else {
+            complete.err()
+        };
+        match malformed {
+            Some(why) => self.refuse_response(conn, id, why),
+            None => self.forget_if_done(id),
+        }
+    }
+
+    /// Refuses a malformed response, a stream error of type H3_MESSAGE_ERROR (RFC 9114
+    /// §4.1.2); the caller is told why.
     fn refuse_response(&mut self, conn: &mut quiche::Connection, id: u64, why: Malformed) {
+        let error = Error::new(Kind::Protocol)
+            .with_code(code::H3_MESSAGE_ERROR)
+            .with_message(format!("malformed response: {why}"));
+        self.abandon(conn, id, Cancel::Malformed(why.0), error);
+    }
+
+    /// Gives a stream up while the connection lives: the server is told of each direction
+    /// still open (RFC 9114 §4.1.1), the response body's reader sees `why`, and a caller
+    /// still waiting for the response gets `error`.
+    fn abandon(&mut self, conn: &mut quiche::Connection, id: u64, why: Cancel, error: Error) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_MESSAGE_ERROR);
-        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code::H3_MESSAGE_ERROR);
-        if let Some(reply) = entry.reply.take() {
-            let _ = reply.send(Err(Failure::Failed(
-                Error::new(Kind::Protocol)
-                    .with_code(code::H3_MESSAGE_ERROR)
-                    .with_message(format!("malformed response: {why}")),
-            )));
-        }
+        entry.shared.abort(conn, id, why);
         entry.written = true;
-        entry.shared.cancel(Cancel::Malformed(why.0));
+        if let Some(reply) = entry.reply.take() {
+            let _ = reply.send(Err(Failure::Failed(error)));
+        }
         self.forget_if_done(id);
     }
 
@@ -714,7 +721,7 @@ impl ClientApp {
         if entry.reply.is_none() {
             let shared = Arc::clone(&entry.shared);
             if let Err(failure) = shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
-                self.on_read_failure(conn, id, &shared, failure);
+                self.on_read_failure(conn, id, failure);
             }
             return;
         }
@@ -752,12 +759,14 @@ impl ClientApp {
         self.forget_if_done(id);
     }
 
-    fn on_reset(&mut self, id: u64, code: u64) {
+    /// The server reset the response (or refused the request by GOAWAY): the request's
+    /// unsent rest is reset too, not left for the server to wait on.
+    fn on_reset(&mut self, conn: &mut quiche::Connection, id: u64, code: u64) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
         entry.written = true;
-        entry.shared.cancel(Cancel::PeerReset(code));
+        entry.shared.abort(conn, id, Cancel::PeerReset(code));
         if let Some(reply) = entry.reply.take() {
             let error = if code == code::H3_REQUEST_REJECTED {
                 rejected_error("the server rejected the request before processing it (H3_REQUEST_REJECTED)")

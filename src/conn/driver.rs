@@ -244,6 +244,9 @@ impl<A: Application> Driver<A> {
             self.state.send_replace(State::Established);
             self.issue_connection_ids();
         }
+        // The application runs only once the handshake has completed, also on a resumed
+        // connection whose 0-RTT data quiche holds: by then the client has proven it holds the
+        // session's keys, so replayed early data never reaches the application (RFC 8470 §3).
         if self.established
             && !self.conn.is_draining()
             && !self.conn.is_closed()

@@ -441,14 +441,27 @@ impl Endpoint {
     }
 
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
-    /// certificate (a literal IP address is checked against the certificate's IP SANs).
-    /// Returns once the handshake has completed.
+    /// certificate (a literal IP address, such as `Some("192.0.2.1")`, is checked against
+    /// the certificate's IP SANs). Returns once the handshake has completed.
+    ///
+    /// Without a name, a certificate valid for any name would be accepted: so `None` is
+    /// refused with a configuration error while the configuration verifies certificates. It
+    /// is accepted when verification is off
+    /// ([`danger_accept_invalid_certs`](crate::quic::ConfigBuilder::danger_accept_invalid_certs))
+    /// or the server is known by its raw public key.
     pub async fn connect_addr<A: Application>(
         &self,
         addr: SocketAddr,
         server_name: Option<&str>,
         app: A,
     ) -> Result<ConnectionHandle, Error> {
+        if server_name.is_none() && self.shared.config.verifies_server_name() {
+            return Err(Error::config(format!(
+                "connect_addr to {addr} without a server name cannot check the server's identity: pass the name \
+                 its certificate is for (or its IP address as text), or turn verification off explicitly with \
+                 ConfigBuilder::danger_accept_invalid_certs(true)"
+            )));
+        }
         let (handle, hand_over) = self.start_connection(addr, server_name)?;
         handle.established().await?;
         let _ = hand_over.send(app);

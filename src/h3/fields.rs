@@ -250,12 +250,29 @@ pub(crate) fn is_bodyless(head_request: bool, status: StatusCode) -> bool {
     head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED
 }
 
-/// The fields of a response head. `content_length` is added when the head has none and the
-/// body's exact size is known.
-pub(crate) fn response_fields(status: StatusCode, headers: &HeaderMap, content_length: Option<u64>) -> Vec<Header> {
+/// Whether a response must not carry `content-length` (RFC 9110 §8.6): a 1xx or 204
+/// response, and a 2xx response to CONNECT (`connect`), whose content is the tunnel that
+/// follows, not a body of some length (§9.3.6).
+pub(crate) fn forbids_content_length(connect: bool, status: StatusCode) -> bool {
+    status.is_informational() || status == StatusCode::NO_CONTENT || (connect && status.is_success())
+}
+
+/// The fields of a response head; `connect` when it answers a CONNECT request.
+/// `content_length` is added when the head has none and the body's exact size is known. A
+/// response that must not carry `content-length` gets none, not even the service's own.
+pub(crate) fn response_fields(
+    status: StatusCode,
+    headers: &HeaderMap,
+    content_length: Option<u64>,
+    connect: bool,
+) -> Vec<Header> {
     let mut out = Vec::with_capacity(headers.len() + 2);
     out.push(Header::new(b":status", status.as_str().as_bytes()));
     push_fields(&mut out, headers);
+    if forbids_content_length(connect, status) {
+        out.retain(|field| field.name() != b"content-length");
+        return out;
+    }
     if let Some(length) = content_length
         && !headers.contains_key(CONTENT_LENGTH)
     {
@@ -524,7 +541,7 @@ mod tests {
         headers.insert("connection", "close".parse().unwrap());
         headers.insert("transfer-encoding", "chunked".parse().unwrap());
         headers.insert("x-a", "1".parse().unwrap());
-        let list = response_fields(StatusCode::OK, &headers, Some(12345));
+        let list = response_fields(StatusCode::OK, &headers, Some(12345), false);
         let pairs: Vec<(&[u8], &[u8])> = list.iter().map(|h| (h.name(), h.value())).collect();
         assert_eq!(
             pairs,
@@ -536,6 +553,26 @@ mod tests {
         );
         assert_eq!(itoa_u64(0).as_bytes(), b"0");
         assert_eq!(itoa_u64(u64::MAX).as_bytes(), u64::MAX.to_string().as_bytes());
+    }
+
+    #[test]
+    fn no_content_length_on_1xx_204_or_a_2xx_to_connect() {
+        let has_length = |status: u16, connect: bool, service_set: bool| {
+            let mut headers = HeaderMap::new();
+            if service_set {
+                headers.insert(CONTENT_LENGTH, "0".parse().unwrap());
+            }
+            let status = StatusCode::from_u16(status).unwrap();
+            let list = response_fields(status, &headers, Some(5), connect);
+            list.iter().any(|h| h.name() == b"content-length")
+        };
+        for service_set in [false, true] {
+            assert!(!has_length(200, true, service_set), "2xx to CONNECT");
+            assert!(!has_length(204, false, service_set), "204");
+            assert!(!has_length(103, false, service_set), "1xx");
+            assert!(has_length(407, true, service_set), "a CONNECT refused has a body");
+            assert!(has_length(200, false, service_set), "a plain 200");
+        }
     }
 
     #[test]

@@ -146,6 +146,22 @@ impl Cancel {
         }
     }
 
+    /// The code we end the stream's open directions with when we give it up for this
+    /// reason, or `None` when there is nothing to tell the peer.
+    fn wire_code(self) -> Option<u64> {
+        match self {
+            // The peer ended its side; ours is cancelled.
+            Cancel::PeerReset(_) => Some(codes::H3_REQUEST_CANCELLED),
+            // quiche reset our side when the STOP_SENDING arrived; the peer's side goes on.
+            Cancel::PeerStopped(_) => None,
+            Cancel::Malformed(_) => Some(codes::H3_MESSAGE_ERROR),
+            Cancel::Stalled(code) => Some(code),
+            // quiche failed the stream while the connection lives on: the peer must learn
+            // that nobody serves it (on a closed connection nothing is sent).
+            Cancel::ConnectionClosed => Some(codes::H3_REQUEST_CANCELLED),
+        }
+    }
+
     fn send_code(self) -> u64 {
         match self {
             Cancel::PeerReset(code) | Cancel::PeerStopped(code) | Cancel::Stalled(code) => code,
@@ -719,19 +735,26 @@ impl StreamShared {
 
     /// Ends the stream for both local parties: the reader sees `why` (unless its body was
     /// complete, or `why` is the peer's STOP_SENDING), the producer stops, and nothing more
-    /// is written. Idempotent: the first
-    /// reason wins.
+    /// is written. Idempotent: the first reason wins.
     pub(crate) fn cancel(&self, why: Cancel) {
+        cancel_state(&mut self.lock(), why);
+    }
+
+    /// Gives the stream up for `why` on a live connection: [`cancel`](Self::cancel), and the
+    /// peer is told of each direction still open, with RESET_STREAM for a send side not
+    /// finished and STOP_SENDING for a receive side still arriving, so that it does not wait
+    /// on a stream nobody serves any more (RFC 9114 §4.1.1).
+    pub(crate) fn abort(&self, conn: &mut quiche::Connection, id: u64, why: Cancel) {
         let mut state = self.lock();
-        // STOP_SENDING ends only our sending: the peer may still send its whole message
-        // (a server may stop a request body it does not need and answer in full, RFC 9114
-        // §4.1).
-        if state.recv.open() && !matches!(why, Cancel::PeerStopped(_)) {
-            state.recv.fail(why.recv_error());
+        if let Some(code) = why.wire_code() {
+            if !state.send.done {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+            }
+            if state.recv.open() {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+            }
         }
-        if !state.send.done {
-            state.send.abandon(why.send_code());
-        }
+        cancel_state(&mut state, why);
     }
 
     /// Stops receiving (STOP_SENDING with `code`) if the body is still arriving; the reader,
@@ -775,6 +798,17 @@ impl StreamShared {
         let s = self.lock();
         let recv_owed = s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit);
         (s.progress, recv_owed || s.send.owes_peer())
+    }
+}
+
+fn cancel_state(state: &mut StreamState, why: Cancel) {
+    // STOP_SENDING ends only our sending: the peer may still send its whole message (a
+    // server may stop a request body it does not need and answer in full, RFC 9114 §4.1).
+    if state.recv.open() && !matches!(why, Cancel::PeerStopped(_)) {
+        state.recv.fail(why.recv_error());
+    }
+    if !state.send.done {
+        state.send.abandon(why.send_code());
     }
 }
 

@@ -238,7 +238,6 @@ where
         });
         let mut info = self.info.clone();
         info.stream_id = Some(id);
-        info.early_data = conn.is_in_early_data();
         let span = tracing::debug_span!(
             "request",
             method = %request.method(),
@@ -364,25 +363,11 @@ where
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
-        let reset_code = match why {
-            Cancel::PeerReset(_) => Some(code::H3_REQUEST_CANCELLED),
-            // quiche reset our side when the STOP_SENDING arrived.
-            Cancel::PeerStopped(_) => None,
-            Cancel::Malformed(why) => {
-                tracing::debug!(stream_id = id, reason = why, "malformed request body");
-                Some(code::H3_MESSAGE_ERROR)
-            }
-            Cancel::Stalled(code) => Some(code),
-            Cancel::ConnectionClosed => None,
-        };
-        entry.abort.abort();
-        entry.shared.cancel(why);
-        if let Some(code) = reset_code {
-            if !entry.written {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
-            }
-            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+        if let Cancel::Malformed(why) = why {
+            tracing::debug!(stream_id = id, reason = why, "malformed request body");
         }
+        entry.abort.abort();
+        entry.shared.abort(conn, id, why);
         entry.written = true;
         self.forget_if_done(conn, id);
     }

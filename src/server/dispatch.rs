@@ -6,14 +6,15 @@
 use std::future::poll_fn;
 use std::sync::Arc;
 
-use http::{Method, Request, Response};
+use http::header::{CONTENT_LENGTH, DATE};
+use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower_service::Service;
 
 use crate::error::BoxError;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{is_bodyless, response_fields};
+use crate::h3::fields::{forbids_content_length, is_bodyless, response_fields};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
@@ -24,6 +25,7 @@ where
     B::Error: Into<BoxError>,
 {
     let head_request = request.method() == Method::HEAD;
+    let connect = request.method() == Method::CONNECT;
     if let Err(e) = poll_fn(|cx| service.poll_ready(cx)).await {
         tracing::debug!(error = %e.into(), "service not ready; resetting the stream");
         stream.reset(code::H3_INTERNAL_ERROR);
@@ -37,14 +39,40 @@ where
             return;
         }
     };
-    let (parts, body) = response.into_parts();
+    let (mut parts, body) = response.into_parts();
+    let body = if parts.status.is_informational() {
+        // A 1xx is never final (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5): a
+        // user error. hyper's HTTP/1 server answers 500 instead, with no body; so do we, as
+        // no head has been sent yet. (1xx responses go through `Informational`.)
+        tracing::warn!(
+            status = %parts.status,
+            "the service answered with an informational status, which cannot be a final response; answering 500"
+        );
+        parts = Response::new(()).into_parts().0;
+        parts.status = StatusCode::INTERNAL_SERVER_ERROR;
+        None
+    } else {
+        Some(body)
+    };
     tracing::Span::current().record("status", parts.status.as_u16());
-    let bodyless = is_bodyless(head_request, parts.status);
-    let content_length = if bodyless { None } else { body.size_hint().exact() };
-    let end = bodyless || body.is_end_stream();
-    stream.push_head(response_fields(parts.status, &parts.headers, content_length), end);
-    if end {
-        return;
+    if forbids_content_length(connect, parts.status) && parts.headers.contains_key(CONTENT_LENGTH) {
+        tracing::debug!(status = %parts.status, "dropping the service's content-length (RFC 9110 §8.6)");
     }
-    pump_body(body, &stream).await;
+    // RFC 9110 §6.6.1: an origin server with a clock sends Date; hyper adds it likewise.
+    parts.headers.entry(DATE).or_insert_with(super::date::now);
+    let bodyless = is_bodyless(head_request, parts.status);
+    let content_length = match &body {
+        Some(body) if !bodyless => body.size_hint().exact(),
+        Some(_) => None,
+        None => Some(0),
+    };
+    let end = bodyless || body.as_ref().is_none_or(Body::is_end_stream);
+    stream.push_head(
+        response_fields(parts.status, &parts.headers, content_length, connect),
+        end,
+    );
+    match body {
+        Some(body) if !end => pump_body(body, &stream).await,
+        _ => {}
+    }
 }

@@ -23,10 +23,11 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every request carries a [`ConnectionInfo`] extension (addresses, stream ID, whether it
-//! came in 0-RTT, the HTTP version) and an [`Informational`] handle for 1xx responses.
+//! Every request carries a [`ConnectionInfo`] extension (addresses, stream ID, the HTTP
+//! version) and an [`Informational`] handle for 1xx responses.
 
 mod conn;
+mod date;
 mod dispatch;
 #[cfg(feature = "tcp")]
 mod tcp;
@@ -64,9 +65,6 @@ pub struct ConnectionInfo {
     pub version: Version,
     /// The QUIC stream the request arrived on.
     pub stream_id: Option<u64>,
-    /// Whether the request arrived in 0-RTT data (replayable: serve only idempotent
-    /// requests from it).
-    pub early_data: bool,
 }
 
 /// Sends 1xx informational responses (such as 103 Early Hints) before the final response.
@@ -93,7 +91,7 @@ impl Informational {
                 "{status} is not an informational status HTTP/3 allows"
             )));
         }
-        let fields = crate::h3::fields::response_fields(status, headers, None);
+        let fields = crate::h3::fields::response_fields(status, headers, None, false);
         self.stream.push_informational(fields)
     }
 }
@@ -551,7 +549,6 @@ where
             local_addr: incoming.local_addr(),
             version: Version::HTTP_3,
             stream_id: None,
-            early_data: false,
         };
         let service = match make(&mut make_service, info.clone()).await {
             Ok(service) => service,

@@ -217,7 +217,6 @@ pub(crate) async fn run<S, B>(
             local_addr,
             version: http::Version::HTTP_11,
             stream_id: None,
-            early_data: false,
         };
         let request_seen = Arc::new(Notify::new());
         let service = TowerToHyperService::new(WithInfo {

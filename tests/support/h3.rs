@@ -84,6 +84,10 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
+            "/dated",
+            get(|| async { ([("date", "Sun, 06 Nov 1994 08:49:37 GMT")], "dated") }),
+        )
+        .route(
             "/late-head",
             get(|| async {
                 tokio::time::sleep(Duration::from_secs(2)).await;
