@@ -133,7 +133,6 @@ where
             local_addr: crate::testing::SERVER_ADDR.parse().unwrap(),
             version: http::Version::HTTP_3,
             stream_id: None,
-            early_data: false,
         };
         let mut app = ServerApp::new(service, settings, info, shutdown, alive);
         app.on_established(&mut pipe.server).expect("HTTP/3 starts");
