@@ -686,7 +686,7 @@ impl ClientApp {
         };
         match malformed {
             Some(why) => self.refuse_response(conn, id, why),
-            None => self.forget_if_done(id),
+            None => self.forget_if_done(conn, id),
         }
     }
 
@@ -711,7 +711,7 @@ impl ClientApp {
         if let Some(reply) = entry.reply.take() {
             let _ = reply.send(Err(Failure::Failed(error)));
         }
-        self.forget_if_done(id);
+        self.forget_if_done(conn, id);
     }
 
     fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
@@ -756,7 +756,7 @@ impl ClientApp {
         entry.retry = None;
         let reply = entry.reply.take().expect("checked");
         let _ = reply.send(Ok(response.map(|()| body)));
-        self.forget_if_done(id);
+        self.forget_if_done(conn, id);
     }
 
     /// The server reset the response (or refused the request by GOAWAY): the request's
@@ -781,7 +781,7 @@ impl ClientApp {
             };
             let _ = reply.send(Err(failure));
         }
-        self.forget_if_done(id);
+        self.forget_if_done(conn, id);
     }
 
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
@@ -816,12 +816,15 @@ impl ClientApp {
                 }
             }
         }
-        self.forget_if_done(id);
+        self.forget_if_done(conn, id);
     }
 
     /// Forgets a stream once its request is written and its response fully received (or
-    /// abandoned).
-    fn forget_if_done(&mut self, id: u64) {
+    /// abandoned). A response body dropped unfinished is stopped here (STOP_SENDING): the
+    /// reader can go away on another thread at any moment, also between this turn's look at
+    /// the stream and now, and a forgotten stream's data would otherwise be read and
+    /// discarded (granting the server credit) until the whole body had arrived.
+    fn forget_if_done(&mut self, conn: &mut quiche::Connection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -830,6 +833,9 @@ impl ClientApp {
         let received = entry.shared.recv_settled();
         if !(entry.written && entry.reply.is_none() && received) {
             return;
+        }
+        if entry.shared.reader_gone_early() {
+            entry.shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
         }
         self.streams.remove(&id);
         self.status.update(|s| s.in_flight = s.in_flight.saturating_sub(1));
