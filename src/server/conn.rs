@@ -10,21 +10,17 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
 use futures_util::FutureExt;
 use futures_util::future::{AbortHandle, Abortable};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use http::{Request, Response};
-use http_body::Body;
 use quiche::h3;
 use tokio::sync::mpsc;
 use tokio::time::Sleep;
-use tower_service::Service;
 use tracing::Instrument;
 
-use super::{ConnectionInfo, Informational, Settings};
+use super::{ConnectionInfo, HttpService, Informational, Settings};
 use crate::conn::Application;
-use crate::error::{BoxError, Error};
+use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
 use crate::h3::fields::{self, request_from_fields};
@@ -97,15 +93,7 @@ pub(crate) struct ServerApp<S> {
     _alive: mpsc::Sender<()>,
 }
 
-impl<S, B> ServerApp<S>
-where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: HttpService<RecvBody>> ServerApp<S> {
     pub(crate) fn new(
         service: S,
         settings: Arc<Settings>,
@@ -563,15 +551,7 @@ where
     }
 }
 
-impl<S, B> stream::StreamOwner for ServerApp<S>
-where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         ServerApp::poll_events(self, conn)
     }
@@ -592,15 +572,7 @@ where
     }
 }
 
-impl<S, B> Application for ServerApp<S>
-where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;

@@ -9,21 +9,18 @@ use std::sync::Arc;
 use http::header::{CONTENT_LENGTH, DATE};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
-use tower_service::Service;
 
-use crate::error::BoxError;
+use super::HttpService;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
 use crate::h3::fields::{forbids_content_length, is_bodyless, response_fields};
 use crate::h3::stream::StreamShared;
 
-pub(crate) async fn respond<S, B>(mut service: S, request: Request<RecvBody>, stream: Arc<StreamShared>)
-where
-    S: Service<Request<RecvBody>, Response = Response<B>>,
-    S::Error: Into<BoxError>,
-    B: Body,
-    B::Error: Into<BoxError>,
-{
+pub(crate) async fn respond<S: HttpService<RecvBody>>(
+    mut service: S,
+    request: Request<RecvBody>,
+    stream: Arc<StreamShared>,
+) {
     let head_request = request.method() == Method::HEAD;
     let connect = request.method() == Method::CONNECT;
     if let Err(e) = poll_fn(|cx| service.poll_ready(cx)).await {

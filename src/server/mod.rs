@@ -1,8 +1,8 @@
 //! Serving any [`tower::Service`](tower_service::Service) over HTTP/3.
 //!
 //! [`serve`] takes a [`Listener`] and a service — an axum `Router`, a `ServiceBuilder`
-//! stack, anything that is `Service<Request<RecvBody>, Response = Response<B>> + Clone` —
-//! and runs it: each request stream becomes an `http::Request` whose body streams as it
+//! stack, anything that is `Service<Request<RecvBody>, Response = Response<B>> + Clone`
+//! (an [`HttpService`]) — and runs it: each request stream becomes an `http::Request` whose body streams as it
 //! arrives, and the response body is polled only while the stream can take more.
 //!
 //! ```no_run
@@ -29,6 +29,7 @@
 mod conn;
 mod date;
 mod dispatch;
+mod service;
 #[cfg(feature = "tcp")]
 mod tcp;
 
@@ -39,9 +40,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Buf;
-use http::{HeaderMap, Request, Response, StatusCode, Version};
-use http_body::Body;
+use http::{HeaderMap, StatusCode, Version};
 use tokio::sync::{mpsc, watch};
 use tower_service::Service;
 
@@ -51,6 +50,7 @@ use crate::h3::stream::StreamShared;
 use crate::quic::Listener;
 
 pub use crate::h3::fields::Protocol;
+pub use service::HttpService;
 
 /// Who is on the other end of a request: a request extension (and what a make-service
 /// receives per connection, with no stream ID).
@@ -255,32 +255,19 @@ impl Builder {
     }
 
     /// Serves `service` on `listener`: each connection gets a clone of it.
-    pub fn serve<S, B>(self, listener: Listener, service: S) -> Serve
-    where
-        S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Buf + Send,
-        B::Error: Into<BoxError>,
-    {
+    pub fn serve<S: HttpService<RecvBody>>(self, listener: Listener, service: S) -> Serve {
         self.serve_make_service(listener, CloneService(service))
     }
 
     /// Serves with a make-service: `make_service` is called with each connection's
     /// [`ConnectionInfo`] and returns the service for that connection, as with
     /// `axum::serve`.
-    pub fn serve_make_service<M, S, B>(self, listener: Listener, make_service: M) -> Serve
+    pub fn serve_make_service<M, S>(self, listener: Listener, make_service: M) -> Serve
     where
         M: Service<ConnectionInfo, Response = S> + Send + 'static,
         M::Future: Send + 'static,
         M::Error: Into<BoxError>,
-        S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<BoxError>,
-        B: Body + Send + 'static,
-        B::Data: Buf + Send,
-        B::Error: Into<BoxError>,
+        S: HttpService<RecvBody>,
     {
         let settings = self.settings();
         let run: RunFn = Box::new(move |signal| Box::pin(run(listener, make_service, settings, signal, None)));
@@ -296,23 +283,9 @@ impl Builder {
     /// The service must accept both request body types ([`RecvBody`] and hyper's
     /// `Incoming`), as an axum `Router` and body-generic tower layers do.
     #[cfg(feature = "tcp")]
-    pub fn serve_with_tcp<S, B1, B2>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
+    pub fn serve_with_tcp<S>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
     where
-        S: Service<Request<RecvBody>, Response = Response<B1>>
-            + Service<Request<hyper::body::Incoming>, Response = Response<B2>>
-            + Clone
-            + Send
-            + 'static,
-        <S as Service<Request<RecvBody>>>::Future: Send + 'static,
-        <S as Service<Request<RecvBody>>>::Error: Into<BoxError>,
-        <S as Service<Request<hyper::body::Incoming>>>::Future: Send + 'static,
-        <S as Service<Request<hyper::body::Incoming>>>::Error: Into<BoxError>,
-        B1: Body + Send + 'static,
-        B1::Data: Buf + Send,
-        B1::Error: Into<BoxError>,
-        B2: Body + Send + 'static,
-        B2::Data: Send,
-        B2::Error: Into<BoxError>,
+        S: HttpService<RecvBody> + HttpService<hyper::body::Incoming>,
     {
         let settings = self.settings();
         let tcp_service = service.clone();
@@ -396,55 +369,28 @@ type TcpStarter = Box<
 /// The listener must offer the `h3` ALPN. The returned [`Serve`] runs when awaited, until
 /// the listener stops or, with [`Serve::with_graceful_shutdown`], until the signal fires
 /// and every connection has drained.
-pub fn serve<S, B>(listener: Listener, service: S) -> Serve
-where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
-{
+pub fn serve<S: HttpService<RecvBody>>(listener: Listener, service: S) -> Serve {
     Builder::new().serve(listener, service)
 }
 
 /// Serves `service` over HTTP/3 and, on `tcp`, over HTTP/1.1 and HTTP/2 with `Alt-Svc`;
 /// see [`Builder::serve_with_tcp`].
 #[cfg(feature = "tcp")]
-pub fn serve_with_tcp<S, B1, B2>(listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
+pub fn serve_with_tcp<S>(listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
 where
-    S: Service<Request<RecvBody>, Response = Response<B1>>
-        + Service<Request<hyper::body::Incoming>, Response = Response<B2>>
-        + Clone
-        + Send
-        + 'static,
-    <S as Service<Request<RecvBody>>>::Future: Send + 'static,
-    <S as Service<Request<RecvBody>>>::Error: Into<BoxError>,
-    <S as Service<Request<hyper::body::Incoming>>>::Future: Send + 'static,
-    <S as Service<Request<hyper::body::Incoming>>>::Error: Into<BoxError>,
-    B1: Body + Send + 'static,
-    B1::Data: Buf + Send,
-    B1::Error: Into<BoxError>,
-    B2: Body + Send + 'static,
-    B2::Data: Send,
-    B2::Error: Into<BoxError>,
+    S: HttpService<RecvBody> + HttpService<hyper::body::Incoming>,
 {
     Builder::new().serve_with_tcp(listener, tcp, service)
 }
 
 /// Serves with a make-service that builds one service per connection from its
 /// [`ConnectionInfo`]; see [`Builder::serve_make_service`].
-pub fn serve_make_service<M, S, B>(listener: Listener, make_service: M) -> Serve
+pub fn serve_make_service<M, S>(listener: Listener, make_service: M) -> Serve
 where
     M: Service<ConnectionInfo, Response = S> + Send + 'static,
     M::Future: Send + 'static,
     M::Error: Into<BoxError>,
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<RecvBody>,
 {
     Builder::new().serve_make_service(listener, make_service)
 }
@@ -507,7 +453,7 @@ impl<S: Clone> Service<ConnectionInfo> for CloneService<S> {
     }
 }
 
-async fn run<M, S, B>(
+async fn run<M, S>(
     mut listener: Listener,
     mut make_service: M,
     settings: Result<Arc<Settings>, Error>,
@@ -518,12 +464,7 @@ where
     M: Service<ConnectionInfo, Response = S> + Send + 'static,
     M::Future: Send + 'static,
     M::Error: Into<BoxError>,
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<RecvBody>,
 {
     let settings = settings?;
     if !listener.config().alpn().any(|p| p == b"h3") {

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use boring::ssl::{AlpnError, SslAcceptor, SslMethod};
 use http::{Request, Response};
-use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -26,8 +25,9 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::ConnectionInfo;
+use super::HttpService;
 use crate::alt_svc::AltSvcLayer;
-use crate::error::{BoxError, Error};
+use crate::error::Error;
 use crate::quic::Config;
 
 /// The TCP side's limits, set through [`Builder`](super::Builder) (whose setters document
@@ -161,7 +161,7 @@ where
 /// it) and are served as soon as a slot frees, so a burst of honest clients is delayed, not
 /// refused, and a flood costs no accept, descriptor or task per attempt, nor invites instant
 /// retries. The deadlines below keep slots held by stalling clients short-lived.
-pub(crate) async fn run<S, B>(
+pub(crate) async fn run<S>(
     tcp: TcpListener,
     transport: Transport,
     service: S,
@@ -169,12 +169,7 @@ pub(crate) async fn run<S, B>(
     mut stop: watch::Receiver<Option<Instant>>,
     alive: mpsc::Sender<()>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
+    S: HttpService<Incoming>,
 {
     let graceful = GracefulShutdown::new();
     let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));

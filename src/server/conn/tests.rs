@@ -10,13 +10,16 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Wake, Waker};
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use proptest::prelude::*;
 use quiche::h3::NameValue;
 use tokio::sync::oneshot;
+use tower_service::Service;
 
 use super::*;
+use crate::error::BoxError;
 use crate::server::Builder;
 use crate::testing::{Pipe, client_config, server_config};
 
@@ -99,15 +102,7 @@ struct Harness<S> {
     _alive: mpsc::Receiver<()>,
 }
 
-impl<S, B> Harness<S>
-where
-    S: Service<Request<RecvBody>, Response = Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<BoxError>,
-    B: Body + Send + 'static,
-    B::Data: Buf + Send,
-    B::Error: Into<BoxError>,
-{
+impl<S: HttpService<RecvBody>> Harness<S> {
     /// Must run inside a tokio runtime: the server's timers are tokio's.
     fn new(builder: Builder, service: S) -> Self {
         Self::with_transport(builder, service, |b| b)
