@@ -33,7 +33,11 @@ pub const H3_MESSAGE_ERROR: u64 = 0x10e;
 /// Frame types (RFC 9114 §7.2) and stream types (§6.2) the tests write by hand.
 pub const DATA: u64 = 0x00;
 pub const HEADERS: u64 = 0x01;
-pub const QPACK_ENCODER_STREAM: u64 = 0x02;
+/// The client's control and QPACK encoder streams: quiche's h3 layer opens its control
+/// stream, then its QPACK encoder and decoder streams, as the client's first three
+/// unidirectional streams (`h3::Connection::with_transport`).
+pub const CLIENT_CONTROL_STREAM: u64 = 2;
+pub const CLIENT_QPACK_ENCODER_STREAM: u64 = 6;
 /// SETTINGS_MAX_FIELD_SECTION_SIZE (RFC 9114 §7.2.4.1).
 pub const SETTINGS_MAX_FIELD_SECTION_SIZE: u64 = 0x06;
 
