@@ -744,9 +744,11 @@ async fn responses_a_client_gives_no_credit_for_are_not_produced_ahead() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_trickled_in_one_byte_frames_costs_bytes_not_frames() {
     const BODY: usize = 64 * 1024;
-    /// One-byte DATA frames per write: each write leaves in packets of its own, so the
-    /// server reads the body in many small pieces.
+    /// One-byte DATA frames per write (192 bytes on the wire, one packet): a millisecond
+    /// apart, each write leaves in a packet of its own, and the server reads the body in
+    /// about as many pieces as there are writes.
     const PER_WRITE: usize = 64;
+    const WRITES: usize = BODY / PER_WRITE;
     let _serial = serial().await;
     let certs = certs();
     let run = async {
@@ -761,7 +763,8 @@ async fn a_body_trickled_in_one_byte_frames_costs_bytes_not_frames() {
             let frames: Vec<u8> = part.iter().flat_map(|b| frame(DATA, &[*b])).collect();
             let last = (i + 1) * PER_WRITE >= BODY;
             a.attacker.send_raw(id, frames, last).await.expect("the body");
-            if i == BODY / PER_WRITE / 2 {
+            sleep(Duration::from_millis(1)).await;
+            if i == WRITES / 2 {
                 honest = Some(tokio::spawn(a.honest_get()));
             }
         }
@@ -774,12 +777,14 @@ async fn a_body_trickled_in_one_byte_frames_costs_bytes_not_frames() {
             "the handler got the body whole"
         );
         honest.expect("spawned").await.unwrap();
-        // The server's buffer (its limit counts 64 bytes per chunk), the handler's collected
-        // body (the bytes, and at most 64 bytes of list per chunk, one chunk per frame at
-        // worst), the copy it makes of them, and the frames' wire bytes (three per body byte)
-        // in the client's send and the server's receive buffers.
-        let frames = BODY;
-        let bound = BODY_BUFFER + (BODY + 64 * frames) + BODY + 2 * 3 * BODY + STREAM_STATE + BASE;
+        // The server's buffer (its limit counts 64 bytes per chunk); the handler's collected
+        // body: the bytes, and at most 64 bytes of list per chunk, where a chunk is what the
+        // server found to read when it ran, a write's packet at least, but for a packet
+        // split between two reads: two chunks per write; the copy the handler makes of the
+        // bytes; and the frames' wire bytes (three per body byte) in the client's send and
+        // the server's receive buffers.
+        let chunks = 2 * WRITES;
+        let bound = BODY_BUFFER + (BODY + 64 * chunks) + BODY + 2 * 3 * BODY + STREAM_STATE + BASE;
         assert_bounded("trickled body", a.growth(), bound);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
