@@ -1,7 +1,12 @@
-//! Hostile traffic against a QUIC listener, over loopback: floods of Initials, Retry token
-//! replay, short connection IDs, version negotiation loops, floods of packets for unknown
-//! connections, and connection and queue limits. Every test also checks that an honest
-//! client is served meanwhile.
+//! Hostile traffic against a QUIC listener and an HTTP/3 server, over loopback. QUIC:
+//! floods of Initials, Retry token replay, short connection IDs, version negotiation loops,
+//! floods of packets for unknown connections, and connection and queue limits. HTTP/3 (from
+//! the scripted client of `support::scripted`): partial request heads beside a stalled
+//! body, a client that grants no response credit, a body trickled in one-byte DATA frames,
+//! floods of trailer sections at and over the limit, QPACK encoder instructions for a
+//! dynamic table the server never offered, and reserved frame and stream types. Every test
+//! also checks that an honest client is served meanwhile, and the HTTP/3 ones that live
+//! memory stays under a bound derived from the server's limits.
 //!
 //! This binary counts live heap bytes with its own global allocator, so that a flood can be
 //! shown to leave memory bounded. The count is process-wide, so the tests run one at a time
@@ -15,10 +20,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use support::h3::*;
+use support::scripted::{self, *};
 use support::*;
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout};
-use tower_quiche::quic::{AtomicMetrics, Endpoint, Listener, MetricsSnapshot, echo};
+use tower_quiche::client::ResponseExt;
+use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Endpoint, Listener, MetricsSnapshot, echo};
+use tower_quiche::server;
 
 /// The system allocator, counting the bytes currently allocated.
 struct Counting;
@@ -500,6 +510,486 @@ async fn a_connections_inbound_queue_is_bounded_in_bytes() {
         assert!(m.dropped_queue_full >= 100, "{m:?}");
         assert!(growth < 4 * MIB, "live memory grew by {} KiB", growth / 1024);
         honest.await.unwrap();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+// ---- HTTP/3 ----
+
+/// The per-stream flow-control window of the HTTP/3 servers below, pinned (quiche does not
+/// grow it): quiche holds at most this much unread data of one stream, and the attacking
+/// client at most this much unacknowledged, which the memory bounds count on.
+const WINDOW: usize = 256 * 1024;
+
+/// What a request stream costs beside the buffers a bound names: quiche's stream state on
+/// both ends, the request with its handler's future, the crate's stream state. (A request
+/// in flight with a small response measured about 4 KiB; this allows four times that.)
+const STREAM_STATE: usize = 16 * 1024;
+
+/// What every test costs beside its attack: the honest request in flight, and the
+/// runtime's and the connections' bookkeeping.
+const BASE: usize = MIB;
+
+/// The server's hard limit on a field section with its default `max_header_list_size`
+/// (16 KiB): four times that, at least 64 KiB.
+const HARD_FIELD_SECTION: usize = 64 * 1024;
+
+/// The server's default `response_body_buffer` and `request_body_buffer`.
+const BODY_BUFFER: usize = 64 * 1024;
+
+/// A server with pinned windows and the test routes, an honest client with a connection to
+/// it already, and a scripted attacker connected to it.
+struct H3Attack {
+    server: H3Server,
+    honest: tower_quiche::client::Client,
+    attacker: scripted::Client,
+    /// Live bytes once all of that was set up, and the highest count since.
+    before: usize,
+    peak: Peak,
+}
+
+impl H3Attack {
+    /// An attacker that `listens` has had one answer (and so the server's SETTINGS) before
+    /// this returns; one that does not never reads a byte.
+    async fn start(certs: &Certs, builder: server::Builder, attacker: ConfigBuilder, listens: bool) -> H3Attack {
+        let probe = Arc::new(Probe::default());
+        let quic = Config::builder()
+            .initial_max_stream_data(WINDOW as u64)
+            .max_windows(24 * MIB as u64, WINDOW as u64);
+        let server = h3_server_on(certs, quic, builder, test_router(Arc::clone(&probe)), probe).await;
+        let honest = client(certs);
+        let mut attacker = scripted::Client::connect_with(server.addr, attacker, listens).await;
+        if listens {
+            let id = attacker.request(&head("GET", "/hello"), true).await;
+            assert_eq!(attacker.response(id).await.0, 200);
+        }
+        // Warms up what the first request allocates once (the honest connection, buffers).
+        honest_get(honest.clone(), server.url("/hello")).await;
+        H3Attack {
+            server,
+            honest,
+            attacker,
+            before: live_bytes(),
+            peak: Peak::start(),
+        }
+    }
+
+    /// How far live memory rose above what the setup left.
+    fn growth(&self) -> usize {
+        self.peak.growth(self.before)
+    }
+
+    /// An honest request on a connection of its own (a `'static` future, to spawn beside
+    /// an attack).
+    fn honest_get(&self) -> impl Future<Output = ()> + Send + 'static {
+        honest_get(self.honest.clone(), self.server.url("/hello"))
+    }
+
+    /// The server's limit on a field section, as it advertises it (SETTINGS_MAX_FIELD_SECTION_SIZE),
+    /// or 1 MiB if it advertises none (no limit): what an attacker would send.
+    async fn field_section_limit(&self) -> usize {
+        let limit = self.attacker.peer_setting(SETTINGS_MAX_FIELD_SECTION_SIZE).await;
+        limit.map_or(MIB, |l| l as usize)
+    }
+}
+
+async fn honest_get(client: tower_quiche::client::Client, url: String) {
+    let response = client.get(url).send().await.expect("the honest request");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "hello world");
+}
+
+/// The highest live heap count seen since it started, sampled every millisecond on a task
+/// of its own: an attack's peak may fall between the test's steps.
+struct Peak {
+    peak: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Peak {
+    fn start() -> Peak {
+        let peak = Arc::new(AtomicUsize::new(live_bytes()));
+        let sampled = Arc::clone(&peak);
+        let task = tokio::spawn(async move {
+            loop {
+                sampled.fetch_max(live_bytes(), Ordering::Relaxed);
+                sleep(Duration::from_millis(1)).await;
+            }
+        });
+        Peak { peak, task }
+    }
+
+    /// How far above `before` the count went.
+    fn growth(&self, before: usize) -> usize {
+        let peak = self.peak.load(Ordering::Relaxed).max(live_bytes());
+        peak.saturating_sub(before)
+    }
+}
+
+impl Drop for Peak {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn assert_bounded(what: &str, growth: usize, bound: usize) {
+    eprintln!(
+        "{what}: live memory grew by {} KiB (bound {} KiB)",
+        growth / 1024,
+        bound / 1024
+    );
+    assert!(
+        growth < bound,
+        "{what}: live memory grew by {} KiB, bound {} KiB",
+        growth / 1024,
+        bound / 1024
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_request_heads_beside_a_stalled_body_are_cut_off_and_memory_bounded() {
+    // With the request whose body stalls, the server's 128 concurrent request streams.
+    const PARTIAL: usize = 127;
+    let _serial = serial().await;
+    let certs = certs();
+    // The stall timeout outlasts the test: the stalled request stays in flight throughout.
+    let builder = server::Builder::new()
+        .request_head_timeout(Duration::from_secs(2))
+        .body_stall_timeout(TEST_TIMEOUT);
+    let run = async {
+        let mut a = H3Attack::start(&certs, builder, scripted::Client::config(&certs), true).await;
+        let mut pairs = head("POST", "/sink");
+        pairs.push(("content-length", "1000"));
+        let stalled = a.attacker.request(&pairs, false).await;
+        a.attacker.body(stalled, vec![b'x'; 10], false).await;
+        // The worst the server allows: a HEADERS frame as large as quiche takes for the
+        // advertised limit (half as large again: Huffman coding may inflate a section),
+        // all of it sent but its last byte.
+        let limit = a.field_section_limit().await;
+        let promised = limit + limit / 2;
+        let partial = Bytes::from([frame_header(HEADERS, promised), vec![0; promised - 1]].concat());
+        let mut ids = Vec::new();
+        for _ in 0..PARTIAL {
+            let id = a.attacker.next_request_id();
+            a.attacker
+                .send_raw(id, partial.clone(), false)
+                .await
+                .expect("a partial head");
+            ids.push(id);
+        }
+        a.honest_get().await;
+        for &id in &ids {
+            let reset = a.attacker.reset_code(id, TEST_TIMEOUT).await;
+            assert_eq!(reset, Some(H3_REQUEST_REJECTED), "partial head on stream {id}");
+        }
+        // Each partial head is held in a buffer that grows by doubling (less than twice
+        // what arrived) on the server, and in the client's send buffer until acknowledged:
+        // three times the largest frame the documented limit lets through, per stream.
+        let largest = HARD_FIELD_SECTION + HARD_FIELD_SECTION / 2;
+        let bound = PARTIAL * (3 * largest + STREAM_STATE) + BASE;
+        assert_bounded("partial heads", a.growth(), bound);
+        // The stalled request was in flight throughout, untouched: it completes.
+        assert_eq!(a.attacker.reset_code(stalled, Duration::ZERO).await, None);
+        a.attacker.body(stalled, vec![b'y'; 990], true).await;
+        assert_eq!(a.attacker.response_body(stalled).await, (200, b"1000".to_vec()));
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_a_client_gives_no_credit_for_are_not_produced_ahead() {
+    const STREAMS: usize = 64;
+    const RESPONSE: usize = MIB;
+    const CREDIT: usize = 1024;
+    /// The chunk the `/fresh` route's body yields at a time.
+    const CHUNK: usize = 16 * 1024;
+    let _serial = serial().await;
+    let certs = certs();
+    let builder = server::Builder::new().body_stall_timeout(Duration::from_secs(2));
+    // A client that grants each stream 1 KiB and never reads a byte of it.
+    let attacker = scripted::Client::config(&certs).initial_max_stream_data(CREDIT as u64);
+    let run = async {
+        let mut a = H3Attack::start(&certs, builder, attacker, false).await;
+        let path = format!("/fresh/{RESPONSE}");
+        let mut ids = Vec::new();
+        for _ in 0..STREAMS {
+            ids.push(a.attacker.request(&head("GET", &path), true).await);
+        }
+        a.honest_get().await;
+        // No progress for the stall timeout while the client owes credit: each stream is
+        // reset with H3_REQUEST_CANCELLED.
+        for &id in &ids {
+            let reset = a.attacker.reset_code(id, TEST_TIMEOUT).await;
+            assert_eq!(reset, Some(H3_REQUEST_CANCELLED), "stream {id}");
+        }
+        // A body is polled while the outbox holds less than the response buffer, one chunk
+        // at a time, and quiche takes what the credit allows.
+        let produced_per_stream = BODY_BUFFER + CREDIT + CHUNK;
+        let produced = a.server.probe.produced.load(Ordering::Relaxed) as usize;
+        assert!(
+            produced <= STREAMS * produced_per_stream,
+            "{produced} bytes produced, at most {} expected",
+            STREAMS * produced_per_stream
+        );
+        // Per stream: what was produced, held in the outbox (its first chunk whole until all
+        // of it is sent), the route's 16 KiB template chunk, and the credit's worth in each
+        // end's quiche.
+        let per_stream = produced_per_stream + CHUNK + CHUNK + 2 * CREDIT + STREAM_STATE;
+        let bound = STREAMS * per_stream + BASE;
+        assert_bounded("zero credit", a.growth(), bound);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_trickled_in_one_byte_frames_costs_bytes_not_frames() {
+    const BODY: usize = 64 * 1024;
+    /// One-byte DATA frames per write (192 bytes on the wire, one packet): a millisecond
+    /// apart, each write leaves in a packet of its own, and the server reads the body in
+    /// about as many pieces as there are writes.
+    const PER_WRITE: usize = 64;
+    const WRITES: usize = BODY / PER_WRITE;
+    let _serial = serial().await;
+    let certs = certs();
+    let run = async {
+        let mut a = H3Attack::start(&certs, server::Builder::new(), scripted::Client::config(&certs), true).await;
+        let body = pattern(BODY, 5);
+        let len = BODY.to_string();
+        let mut pairs = head("POST", "/digest");
+        pairs.push(("content-length", &len));
+        let id = a.attacker.request(&pairs, false).await;
+        let mut honest = None;
+        for (i, part) in body.chunks(PER_WRITE).enumerate() {
+            let frames: Vec<u8> = part.iter().flat_map(|b| frame(DATA, &[*b])).collect();
+            let last = (i + 1) * PER_WRITE >= BODY;
+            a.attacker.send_raw(id, frames, last).await.expect("the body");
+            sleep(Duration::from_millis(1)).await;
+            if i == WRITES / 2 {
+                honest = Some(tokio::spawn(a.honest_get()));
+            }
+        }
+        let (status, answer) = a.attacker.response_body(id).await;
+        assert_eq!(status, 200);
+        let expected = format!("{BODY} {}", hex(&boring::sha::sha256(&body)));
+        assert_eq!(
+            String::from_utf8_lossy(&answer),
+            expected,
+            "the handler got the body whole"
+        );
+        honest.expect("spawned").await.unwrap();
+        // The server's buffer (its limit counts 64 bytes per chunk); the handler's collected
+        // body: the bytes, and at most 64 bytes of list per chunk, where a chunk is what the
+        // server found to read when it ran, a write's packet at least, but for a packet
+        // split between two reads: two chunks per write; the copy the handler makes of the
+        // bytes; and the frames' wire bytes (three per body byte) in the client's send and
+        // the server's receive buffers.
+        let chunks = 2 * WRITES;
+        let bound = BODY_BUFFER + (BODY + 64 * chunks) + BODY + 2 * 3 * BODY + STREAM_STATE + BASE;
+        assert_bounded("trickled body", a.growth(), bound);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_trailer_sections_at_and_over_the_limit_is_judged_and_memory_bounded() {
+    const STREAMS: usize = 100;
+    /// The server's default `max_header_list_size`.
+    const LIMIT: usize = 16 * 1024;
+    let _serial = serial().await;
+    let certs = certs();
+    let run = async {
+        let mut a = H3Attack::start(&certs, server::Builder::new(), scripted::Client::config(&certs), true).await;
+        // Half the streams send a trailer section of exactly the limit (RFC 9114 §4.2.2
+        // counting: name, value and 32 bytes); the others one as large as the server
+        // decodes at all, as it advertises it.
+        let largest = a.field_section_limit().await;
+        let section = |size: usize| "v".repeat(size - "x-big".len() - 32);
+        let (at_limit, over) = (section(LIMIT), section(largest));
+        let mut ids = Vec::new();
+        for i in 0..STREAMS {
+            // /sink answers the body's length and drops the trailers: a route that echoed
+            // them in its head would test the response path (a head larger than quiche's
+            // send capacity waits for it forever).
+            let id = a.attacker.request(&head("POST", "/sink"), false).await;
+            a.attacker.body(id, b"abc".to_vec(), false).await;
+            let value = if i % 2 == 0 { &at_limit } else { &over };
+            a.attacker.trailers(id, &[("x-big", value)], true).await;
+            ids.push(id);
+            if i == STREAMS / 2 {
+                a.honest_get().await;
+            }
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            let expected = if i % 2 == 0 {
+                Seen::Status(200)
+            } else {
+                // A malformed message (RFC 9114 §4.1.2).
+                Seen::Reset(H3_MESSAGE_ERROR)
+            };
+            assert_eq!(a.attacker.outcome(id).await, expected, "stream {id}");
+        }
+        // Per stream, a section of the largest size at most: encoded in the client's send
+        // buffer and in quiche's frame buffer on the server (which grows by doubling: twice
+        // it), decoded by quiche, and as the handler's trailers: five times it.
+        let bound = STREAMS * (5 * HARD_FIELD_SECTION + STREAM_STATE) + BASE;
+        assert_bounded("trailers flood", a.growth(), bound);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A QPACK prefixed integer (RFC 9204 §4.1.1): `first`'s high bits, `v` in the low
+/// `prefix` bits and continuation bytes.
+fn qpack_int(first: u8, prefix: u32, v: usize) -> Vec<u8> {
+    let max = (1usize << prefix) - 1;
+    if v < max {
+        return vec![first | v as u8];
+    }
+    let mut out = vec![first | max as u8];
+    let mut rest = v - max;
+    while rest >= 0x80 {
+        out.push(0x80 | (rest & 0x7f) as u8);
+        rest >>= 7;
+    }
+    out.push(rest as u8);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qpack_encoder_instructions_for_a_table_the_server_never_offered_are_discarded() {
+    const FLOOD: usize = 8 * MIB;
+    let _serial = serial().await;
+    let certs = certs();
+    let run = async {
+        let mut a = H3Attack::start(&certs, server::Builder::new(), scripted::Client::config(&certs), true).await;
+        // The server offers no dynamic table (no SETTINGS_QPACK_MAX_TABLE_CAPACITY, so 0);
+        // the client sets a capacity of 4096 anyway and inserts entries, over and over:
+        // Set Dynamic Table Capacity (001, 5-bit prefix), Insert With Literal Name (01, no
+        // Huffman, 5-bit name length; no Huffman, 7-bit value length).
+        let value = vec![b'v'; 1000];
+        let insert = [
+            qpack_int(0x40, 5, 6),
+            b"x-name".to_vec(),
+            qpack_int(0, 7, value.len()),
+            value,
+        ]
+        .concat();
+        let round: Vec<u8> = [qpack_int(0x20, 5, 4096), insert.repeat(64)].concat();
+        let mut honest = None;
+        for i in 0..FLOOD / round.len() {
+            a.attacker
+                .send_raw(CLIENT_QPACK_ENCODER_STREAM, round.clone(), false)
+                .await
+                .expect("the encoder stream takes it");
+            if i == FLOOD / round.len() / 2 {
+                honest = Some(tokio::spawn(a.honest_get()));
+            }
+        }
+        honest.expect("spawned").await.unwrap();
+        // RFC 9204 §4.3.1 makes a capacity above the advertised one a connection error of
+        // type QPACK_ENCODER_STREAM_ERROR; quiche, which never uses a dynamic table, does
+        // not parse the encoder stream: it reads and discards it (h3/mod.rs,
+        // State::QpackInstruction). The connection goes on serving.
+        let id = a.attacker.request(&head("GET", "/hello"), true).await;
+        assert_eq!(a.attacker.response(id).await, (200, 11));
+        assert!(!a.attacker.conn.is_closed(), "the connection is open");
+        // What is in flight on the encoder stream: a window's worth unacknowledged in the
+        // client, a window's worth unread in the server.
+        let bound = 2 * WINDOW + STREAM_STATE + BASE;
+        assert_bounded("QPACK encoder flood", a.growth(), bound);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserved_frame_and_stream_types_are_ignored_and_memory_bounded() {
+    /// The payload of each reserved frame, and how many each flood sends.
+    const PAYLOAD: usize = 256 * 1024;
+    const FRAMES: usize = 32;
+    /// The server's default limit of unidirectional streams (three of them the client's
+    /// control and QPACK streams).
+    const UNI_LIMIT: usize = 16;
+    let _serial = serial().await;
+    let certs = certs();
+    let run = async {
+        let mut a = H3Attack::start(&certs, server::Builder::new(), scripted::Client::config(&certs), true).await;
+        let reserved = |n: usize| Bytes::from(frame(reserved_type(n as u64), &vec![n as u8; PAYLOAD]));
+        // On a request stream: before the head, between DATA frames, after the last one
+        // (RFC 9114 §7.2.8: ignored wherever they stand). /sink answers the DATA bytes.
+        let id = a.attacker.next_request_id();
+        a.attacker.send_raw(id, reserved(0), false).await.unwrap();
+        a.attacker
+            .send_raw(id, headers_frame(&head("POST", "/sink")), false)
+            .await
+            .unwrap();
+        for n in 1..FRAMES {
+            a.attacker.send_raw(id, reserved(n), false).await.unwrap();
+            a.attacker.send_raw(id, frame(DATA, b"abc"), false).await.unwrap();
+        }
+        a.attacker.send_raw(id, reserved(FRAMES), true).await.unwrap();
+        let data = 3 * (FRAMES - 1);
+        assert_eq!(a.attacker.response_body(id).await, (200, data.to_string().into_bytes()));
+        // On the control stream, after the client's SETTINGS: ignored too.
+        let honest = tokio::spawn(a.honest_get());
+        for n in 0..FRAMES {
+            a.attacker
+                .send_raw(CLIENT_CONTROL_STREAM, reserved(n), false)
+                .await
+                .unwrap();
+        }
+        honest.await.unwrap();
+        // Unidirectional streams of reserved types (RFC 9114 §6.2.3), each with a payload,
+        // as many as the server allows: quiche stops reading each (STOP_SENDING), which the
+        // RFC allows. (It does not give the stream credit back once the client has reset
+        // them in answer: the client cannot open more than the server's limit over the
+        // connection's life.)
+        let mut ids = Vec::new();
+        loop {
+            match a.attacker.open_uni(reserved_type(100 + ids.len() as u64)).await {
+                Ok(id) => {
+                    ids.push(id);
+                    match a.attacker.send_raw(id, vec![1; PAYLOAD], false).await {
+                        Ok(()) | Err(quiche::Error::StreamStopped(_)) => {}
+                        Err(e) => panic!("uni stream {id}: {e:?}"),
+                    }
+                }
+                Err(quiche::Error::StreamLimit) => break,
+                Err(e) => panic!("opening a uni stream: {e:?}"),
+            }
+        }
+        assert!(!ids.is_empty(), "the server allows unidirectional streams");
+        for &id in &ids {
+            let deadline = tokio::time::Instant::now() + TEST_TIMEOUT;
+            loop {
+                // Stopped, or already forgotten: without a FIN from us, only the reset that
+                // answers STOP_SENDING completes the stream.
+                let stopped = a
+                    .attacker
+                    .run(move |_, conn| {
+                        matches!(
+                            conn.stream_capacity(id),
+                            Err(quiche::Error::StreamStopped(_) | quiche::Error::InvalidStreamState(_))
+                        )
+                    })
+                    .await;
+                if stopped {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "uni stream {id} stopped in time"
+                );
+                sleep(Duration::from_millis(10)).await;
+            }
+        }
+        // The connection is still up and serving.
+        let id = a.attacker.request(&head("GET", "/hello"), true).await;
+        assert_eq!(a.attacker.response(id).await, (200, 11));
+        a.honest_get().await;
+        // quiche discards what it ignores: at most a window's worth unread per stream on the
+        // server and unacknowledged in the client, for the request, control and as many uni
+        // streams as the server allows.
+        let bound = (2 + UNI_LIMIT) * (2 * WINDOW + STREAM_STATE) + BASE;
+        assert_bounded("reserved types", a.growth(), bound);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use http_body::{Frame, SizeHint};
 use tokio::sync::oneshot;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{AtomicMetrics, Config, Listener};
+use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Listener};
 use tower_quiche::server;
 
 #[path = "../../examples/support/routes.rs"]
@@ -30,7 +30,7 @@ use super::Certs;
 /// What the test routes let a test observe.
 #[derive(Default)]
 pub struct Probe {
-    /// Bytes produced by `/count/{n}` bodies.
+    /// Bytes produced by `/count/{n}` and `/fresh/{n}` bodies.
     pub produced: AtomicU64,
     /// A `/watch-sink` handler was dropped before it finished (its request was cancelled).
     pub handler_cancelled: AtomicBool,
@@ -43,6 +43,9 @@ pub struct Counting {
     pub remaining: u64,
     pub counter: Arc<Probe>,
     pub chunk: Bytes,
+    /// Each chunk is a fresh allocation, not a view of `chunk`: a body polled too far
+    /// ahead shows in memory.
+    pub fresh: bool,
 }
 
 impl http_body::Body for Counting {
@@ -56,7 +59,12 @@ impl http_body::Body for Counting {
         let n = self.remaining.min(self.chunk.len() as u64) as usize;
         self.remaining -= n as u64;
         self.counter.produced.fetch_add(n as u64, Ordering::Relaxed);
-        Poll::Ready(Some(Ok(Frame::data(self.chunk.slice(..n)))))
+        let chunk = if self.fresh {
+            Bytes::copy_from_slice(&self.chunk[..n])
+        } else {
+            self.chunk.slice(..n)
+        };
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -64,23 +72,34 @@ impl http_body::Body for Counting {
     }
 }
 
+/// `/count/{n}` (or, `fresh`, `/fresh/{n}`): `n` bytes in 16 KiB chunks, counted in
+/// `probe.produced`.
+fn count_route(probe: &Arc<Probe>, fresh: bool) -> axum::routing::MethodRouter {
+    let probe = Arc::clone(probe);
+    get(move |axum::extract::Path(n): axum::extract::Path<u64>| {
+        let probe = Arc::clone(&probe);
+        async move {
+            axum::response::Response::new(Body::new(Counting {
+                remaining: n,
+                counter: probe,
+                chunk: Bytes::from(vec![b'c'; 16 * 1024]),
+                fresh,
+            }))
+        }
+    })
+}
+
 pub fn test_router(probe: Arc<Probe>) -> Router {
-    let count = Arc::clone(&probe);
     let sink = Arc::clone(&probe);
     let slow = Arc::clone(&probe);
     routes::router()
+        .route("/count/{n}", count_route(&probe, false))
+        .route("/fresh/{n}", count_route(&probe, true))
         .route(
-            "/count/{n}",
-            get(move |axum::extract::Path(n): axum::extract::Path<u64>| {
-                let probe = Arc::clone(&count);
-                async move {
-                    axum::response::Response::new(Body::new(Counting {
-                        remaining: n,
-                        counter: probe,
-                        chunk: Bytes::from(vec![b'c'; 16 * 1024]),
-                    }))
-                }
-            }),
+            "/digest",
+            // Collects the whole body (axum's `Bytes` extractor), answers its length and
+            // SHA-256.
+            post(|body: Bytes| async move { format!("{} {}", body.len(), hex(&boring::sha::sha256(&body))) }),
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
@@ -208,9 +227,21 @@ pub async fn h3_server(certs: &Certs, builder: server::Builder) -> H3Server {
 }
 
 pub async fn h3_server_with(certs: &Certs, builder: server::Builder, router: Router, probe: Arc<Probe>) -> H3Server {
+    h3_server_on(certs, Config::builder(), builder, router, probe).await
+}
+
+/// A test server whose QUIC settings start from `quic` (the certificate, ALPN and metrics
+/// are added here).
+pub async fn h3_server_on(
+    certs: &Certs,
+    quic: ConfigBuilder,
+    builder: server::Builder,
+    router: Router,
+    probe: Arc<Probe>,
+) -> H3Server {
     super::init_tracing();
     let metrics = Arc::new(AtomicMetrics::new());
-    let config = Config::builder()
+    let config = quic
         .alpn(["h3"])
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)

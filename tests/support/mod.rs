@@ -79,4 +79,5 @@ pub fn init_tracing() {
         .try_init();
 }
 pub mod h3;
+pub mod scripted;
 pub mod tcp;
