@@ -691,3 +691,25 @@ async fn the_client_keeps_the_full_response_after_the_servers_stop_sending() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// quiche sends a HEADERS frame whole, into what the congestion window lets it buffer: a
+/// request head larger than that used to wait for ever, and every request queued behind
+/// it with it. It now fails at once with a clear error, and the client goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_that_can_never_be_sent_fails_and_the_client_goes_on() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let error = client
+            .get(server.url("/hello"))
+            .header("x-big", "c".repeat(40_000))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.to_string().contains("congestion window"), "{error}");
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

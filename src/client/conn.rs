@@ -556,6 +556,17 @@ impl ClientApp {
             let h3 = self.h3.as_mut().expect("created when established");
             let id = match h3.send_request(conn, &submission.request.fields, fin) {
                 Ok(id) => id,
+                Err(h3::Error::StreamBlocked)
+                    if let Some(len) = stream::head_never_fits(conn, &submission.request.fields) =>
+                {
+                    let Submission { reply, .. } = self.waiting.take().expect("present");
+                    self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                    let _ = reply.send(Err(Failure::Failed(Error::new(Kind::Protocol).with_message(format!(
+                        "the request head ({len} bytes as a HEADERS frame) is larger than the \
+                         congestion window and cannot be sent: keep request heads under about 12 KB"
+                    )))));
+                    continue;
+                }
                 // Not enough room for the head right now: try again next turn.
                 Err(h3::Error::StreamBlocked) | Err(h3::Error::TransportError(quiche::Error::StreamLimit)) => return,
                 Err(e) => {

@@ -683,16 +683,7 @@ impl StreamShared {
         let mut state = self.lock();
         let s = &mut *state;
         if let Some(code) = s.send.reset.take() {
-            if !s.send.done {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
-            }
-            if s.recv.open() {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
-                s.recv.fail(RecvError::Closed);
-                s.recv.pending = false;
-            }
-            s.send.abandon(code);
-            return WriteOutcome::Aborted;
+            return reset_both(conn, id, s, code);
         }
         if s.send.done {
             return if s.send.cancelled.is_some() {
@@ -725,10 +716,19 @@ impl StreamShared {
                 }
                 WriteOutcome::Pending
             }
-            Err(code) => {
+            Err(WriteError::Stopped(code)) => {
                 drop(state);
                 self.cancel(Cancel::PeerStopped(code));
                 WriteOutcome::Stopped
+            }
+            Err(WriteError::HeadNeverFits(len)) => {
+                tracing::warn!(
+                    stream_id = id,
+                    head_bytes = len,
+                    "a head larger than the congestion window cannot be sent (quiche writes a \
+                     HEADERS frame whole); resetting the stream: keep heads under about 12 KB"
+                );
+                reset_both(conn, id, s, codes::H3_INTERNAL_ERROR)
             }
         }
     }
@@ -812,6 +812,44 @@ fn cancel_state(state: &mut StreamState, why: Cancel) {
     }
 }
 
+/// Why a stream's outbox cannot be written.
+enum WriteError {
+    /// The peer sent STOP_SENDING with this code.
+    Stopped(u64),
+    /// A field section (HEADERS frame of this many bytes) that cannot be sent.
+    HeadNeverFits(usize),
+}
+
+/// Resets both directions of a stream with `code` and abandons what was queued.
+fn reset_both(conn: &mut quiche::Connection, id: u64, s: &mut StreamState, code: u64) -> WriteOutcome {
+    if !s.send.done {
+        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+    }
+    if s.recv.open() {
+        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+        s.recv.fail(RecvError::Closed);
+        s.recv.pending = false;
+    }
+    s.send.abandon(code);
+    WriteOutcome::Aborted
+}
+
+/// The size of the HEADERS frame for `fields` when it can never be sent, as quiche's HTTP/3
+/// layer sends it: whole, into what the stream may buffer now, which the congestion window
+/// bounds (about 13 KB on a new connection, quiche issue #1573). The window grows only with
+/// data sent and acknowledged, so a frame larger than it waits for ever on a connection
+/// with nothing else to send. Encoding is exact (quiche's own encoder) and happens only on
+/// this blocked path.
+pub(crate) fn head_never_fits(conn: &quiche::Connection, fields: &[Header]) -> Option<usize> {
+    let cwnd = conn.path_stats().find(|p| p.active).map_or(0, |p| p.cwnd);
+    let bound = fields::section_size(fields);
+    let mut block = vec![0; bound];
+    let len = quiche::h3::qpack::Encoder::new().encode(fields, &mut block).ok()?;
+    // Frame type and length varints: at most 1 + 8 bytes.
+    let frame = len + 9;
+    (frame > cwnd).then_some(frame)
+}
+
 /// Ok(true): all written with FIN; Ok(false): blocked or waiting for the producer;
 /// Err(code): the peer stopped the stream.
 fn write_queued(
@@ -819,9 +857,9 @@ fn write_queued(
     conn: &mut quiche::Connection,
     id: u64,
     out: &mut SendHalf,
-) -> Result<bool, u64> {
+) -> Result<bool, WriteError> {
     let stopped = |e: &h3::Error| match e {
-        h3::Error::TransportError(quiche::Error::StreamStopped(code)) => Some(*code),
+        h3::Error::TransportError(quiche::Error::StreamStopped(code)) => Some(WriteError::Stopped(*code)),
         _ => None,
     };
     while let Some((fields, fin)) = out.heads.front() {
@@ -837,6 +875,12 @@ fn write_queued(
                 if fin {
                     return Ok(true);
                 }
+            }
+            Err(h3::Error::StreamBlocked) => {
+                return match head_never_fits(conn, fields) {
+                    Some(len) => Err(WriteError::HeadNeverFits(len)),
+                    None => Ok(false),
+                };
             }
             Err(e) => return stopped(&e).map_or(Ok(false), Err),
         }
@@ -865,6 +909,10 @@ fn write_queued(
     if let Some(fields) = &out.trailers {
         return match h3.send_additional_headers(conn, id, fields, true, true) {
             Ok(()) => Ok(true),
+            Err(h3::Error::StreamBlocked) => match head_never_fits(conn, fields) {
+                Some(len) => Err(WriteError::HeadNeverFits(len)),
+                None => Ok(false),
+            },
             Err(e) => stopped(&e).map_or(Ok(false), Err),
         };
     }

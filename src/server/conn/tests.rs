@@ -628,6 +628,37 @@ async fn an_idle_connection_gets_goaway_then_closes() {
 }
 
 #[tokio::test]
+async fn a_response_head_that_can_never_be_sent_resets_its_stream_instead_of_hanging() {
+    // quiche's HTTP/3 layer writes a HEADERS frame whole or not at all, into what the
+    // congestion window lets it buffer (about 12 KB on a new connection): a larger head
+    // used to wait for ever. It now fails its own stream, and a head that fits goes out.
+    let handler = service(move |request: Request<RecvBody>| async move {
+        let size: usize = request.uri().path()[1..].parse().unwrap();
+        Response::builder()
+            .header("x-big", "c".repeat(size))
+            .body(full("body after the head"))
+            .unwrap()
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let fits = h.send_request(&get("/8000"), true);
+    let too_big = h.send_request(&get("/40000"), true);
+    h.until("both outcomes", |h| {
+        h.seen(fits).finished && h.seen(too_big).reset.is_some()
+    })
+    .await;
+    let seen = h.seen(fits);
+    assert_eq!(seen.status, Some(200));
+    assert_eq!(
+        seen.headers.iter().find(|(n, _)| n == "x-big").map(|(_, v)| v.len()),
+        Some(8000)
+    );
+    assert_eq!(seen.body, b"body after the head");
+    assert_eq!(h.seen(too_big).reset, Some(code::H3_INTERNAL_ERROR));
+    assert!(h.forgot_everything());
+    assert_eq!(h.connection_error(), None);
+}
+
+#[tokio::test]
 async fn a_panicking_handler_resets_only_its_own_stream() {
     let handler = service(|request: Request<RecvBody>| async move {
         if request.uri().path() == "/panic" {
