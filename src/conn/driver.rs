@@ -464,9 +464,7 @@ fn send_or_hold(
                 segment,
                 release: None,
             });
-            if shared.socket.poll_send_ready(cx).is_ready() {
-                cx.waker().wake_by_ref();
-            }
+            shared.socket.wake_when_writable(cx.waker());
             false
         }
         // Anything else is lost as a network would lose it; QUIC recovers.
@@ -482,9 +480,7 @@ fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
         }
         match shared.socket.try_send(front.to, &front.data, front.segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if shared.socket.poll_send_ready(cx).is_ready() {
-                    cx.waker().wake_by_ref();
-                }
+                shared.socket.wake_when_writable(cx.waker());
                 return false;
             }
             _ => {
