@@ -92,73 +92,90 @@ struct Driver<A> {
 impl<A> Unpin for Driver<A> {}
 
 pub(crate) fn spawn<A: Application>(
-    mut conn: quiche::Connection,
+    conn: quiche::Connection,
     rx: InboundQueue,
     registration: Registration,
     app: AppSlot<A>,
     started: Instant,
 ) -> ConnectionHandle {
-    let shared = Arc::clone(registration.shared());
-    let config = &shared.config;
-    if let Some(writer) = config.keylog_writer() {
-        conn.set_keylog(writer);
-    }
-    #[cfg(feature = "qlog")]
-    if let Some(dir) = &config.inner.qlog_dir {
-        let role = if conn.is_server() { "server" } else { "client" };
-        let path = dir.join(format!("{}-{role}.sqlog", conn.trace_id()));
-        match std::fs::File::create(&path) {
-            Ok(file) => conn.set_qlog(
-                Box::new(std::io::BufWriter::new(file)),
-                "tower-quiche".to_string(),
-                format!("{role} connection {}", conn.trace_id()),
-            ),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
-        }
-    }
-    let (state_tx, state_rx) = watch::channel(State::Handshaking);
-    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let peer_addr = Socket::canonical(
-        conn.path_stats()
-            .next()
-            .map(|p| p.peer_addr)
-            .unwrap_or(shared.socket.local_addr()),
+    let (driver, handle) = Driver::new(conn, rx, registration, app, started);
+    let span = tracing::debug_span!(
+        "quic_conn",
+        id = %handle.trace_id,
+        peer = %handle.peer_addr,
+        server = driver.conn.is_server()
     );
-    let trace_id: Arc<str> = conn.trace_id().into();
-    let handle = ConnectionHandle {
-        state: state_rx,
-        commands: command_tx,
-        peer_addr,
-        trace_id: Arc::clone(&trace_id),
-    };
-    let span = tracing::debug_span!("quic_conn", id = %trace_id, peer = %peer_addr, server = conn.is_server());
-    config.inner.metrics.connection_opened();
-    if !conn.is_server() {
-        config.inner.metrics.handshake_started();
-    }
-    let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
-    let local = shared.socket.local_addr();
-    let driver = Driver {
-        conn,
-        app,
-        app_started: false,
-        rx,
-        commands: command_rx,
-        shared,
-        registration,
-        state: state_tx,
-        timer: Box::pin(tokio::time::sleep_until(started.into())),
-        armed: None,
-        handshake_deadline,
-        handshake_timed_out: false,
-        established: false,
-        started,
-        held: VecDeque::new(),
-        verify_error: None,
-        local,
-    };
     tokio::spawn(driver.instrument(span));
     handle
+}
+
+impl<A> Driver<A> {
+    fn new(
+        mut conn: quiche::Connection,
+        rx: InboundQueue,
+        registration: Registration,
+        app: AppSlot<A>,
+        started: Instant,
+    ) -> (Self, ConnectionHandle) {
+        let shared = Arc::clone(registration.shared());
+        let config = &shared.config;
+        if let Some(writer) = config.keylog_writer() {
+            conn.set_keylog(writer);
+        }
+        #[cfg(feature = "qlog")]
+        if let Some(dir) = &config.inner.qlog_dir {
+            let role = if conn.is_server() { "server" } else { "client" };
+            let path = dir.join(format!("{}-{role}.sqlog", conn.trace_id()));
+            match std::fs::File::create(&path) {
+                Ok(file) => conn.set_qlog(
+                    Box::new(std::io::BufWriter::new(file)),
+                    "tower-quiche".to_string(),
+                    format!("{role} connection {}", conn.trace_id()),
+                ),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
+            }
+        }
+        let (state_tx, state_rx) = watch::channel(State::Handshaking);
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+        let peer_addr = Socket::canonical(
+            conn.path_stats()
+                .next()
+                .map(|p| p.peer_addr)
+                .unwrap_or(shared.socket.local_addr()),
+        );
+        let handle = ConnectionHandle {
+            state: state_rx,
+            commands: command_tx,
+            peer_addr,
+            trace_id: conn.trace_id().into(),
+        };
+        config.inner.metrics.connection_opened();
+        if !conn.is_server() {
+            config.inner.metrics.handshake_started();
+        }
+        let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
+        let local = shared.socket.local_addr();
+        let driver = Driver {
+            conn,
+            app,
+            app_started: false,
+            rx,
+            commands: command_rx,
+            shared,
+            registration,
+            state: state_tx,
+            timer: Box::pin(tokio::time::sleep_until(started.into())),
+            armed: None,
+            handshake_deadline,
+            handshake_timed_out: false,
+            established: false,
+            started,
+            held: VecDeque::new(),
+            verify_error: None,
+            local,
+        };
+        (driver, handle)
+    }
 }
 
 enum Turn {

@@ -122,6 +122,13 @@ impl Registration {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// A connection's registration on `shared`'s socket, with the queue its datagrams will
+    /// be routed to.
+    fn with_queue(shared: &Arc<Shared>) -> (Registration, InboundQueue) {
+        let (tx, rx) = queue::channel(&shared.config.inner.s);
+        (Registration::new(Arc::clone(shared), tx), rx)
+    }
 }
 
 impl Registration {
@@ -470,8 +477,7 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (tx, rx) = queue::channel(&shared.config.inner.s);
-        let mut registration = Registration::new(Arc::clone(shared), tx);
+        let (mut registration, rx) = Registration::with_queue(shared);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();
         let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
