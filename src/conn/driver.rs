@@ -65,6 +65,8 @@ struct Held {
     data: Vec<u8>,
     to: SocketAddr,
     segment: Option<usize>,
+    /// When pacing lets it go; `None` once that time has come, or when only the full socket
+    /// holds it.
     release: Option<Instant>,
 }
 
@@ -491,9 +493,15 @@ fn send_or_hold(
 
 /// Sends held packets in order. Returns true when nothing is held any more.
 fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
-    while let Some(front) = held.front() {
-        if front.release.is_some_and(|at| at > Instant::now() + PACING_GRANULARITY) {
-            return false;
+    while let Some(front) = held.front_mut() {
+        if let Some(at) = front.release {
+            if at > Instant::now() + PACING_GRANULARITY {
+                return false;
+            }
+            // Due: from now on it waits for room in the socket only. A release time left
+            // behind would be a timer already expired, and `arm_timer` would have the task
+            // poll itself again at once for as long as the buffer stays full.
+            front.release = None;
         }
         match shared.socket.try_send(front.to, &front.data, front.segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -506,4 +514,57 @@ fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quic::echo::EchoServer;
+    use crate::testing::{self, Pipe, WakeCount};
+
+    /// A packet that pacing held back is due, but the socket's buffer is full: the task must
+    /// sleep until the socket has room, not wake itself for a release time already past.
+    #[tokio::test]
+    async fn a_due_packet_the_socket_refuses_waits_for_room_not_for_a_timer() {
+        let server = testing::server_config("test", |b| b);
+        let client = testing::client_config("test", |b| b);
+        let pipe = Pipe::handshaken(&server, &client);
+        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.set_full(true);
+        let (registration, rx) = Registration::unrouted(socket, client);
+        let (mut driver, _handle) = Driver::new(
+            pipe.client,
+            rx,
+            registration,
+            AppSlot::<EchoServer>::Gone,
+            Instant::now(),
+        );
+        driver.held.push_back(Held {
+            data: vec![0; 1200],
+            to: testing::SERVER_ADDR.parse().unwrap(),
+            segment: None,
+            release: Some(Instant::now() - Duration::from_secs(1)),
+        });
+        let wakes = Arc::<WakeCount>::default();
+        let waker = wakes.waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut driver).poll(&mut cx).is_pending());
+        assert_eq!(
+            wakes.count(),
+            0,
+            "the task woke itself, so it would be polled again at once, and again, while the buffer stays full"
+        );
+        assert_eq!(driver.held.len(), 1, "the packet waits");
+        // Room again: the socket wakes the task. (tokio's reactor reports a new socket
+        // writable when it first looks at it.)
+        driver.shared.socket.set_full(false);
+        let woken = async {
+            while wakes.count() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), woken)
+            .await
+            .expect("the socket woke the task");
+    }
 }

@@ -129,6 +129,13 @@ impl Registration {
         let (tx, rx) = queue::channel(&shared.config.inner.s);
         (Registration::new(Arc::clone(shared), tx), rx)
     }
+
+    /// A registration on a socket of its own that no router reads, for tests that drive a
+    /// connection's task by hand.
+    #[cfg(test)]
+    pub(crate) fn unrouted(socket: Socket, config: Config) -> (Registration, InboundQueue) {
+        Self::with_queue(&Shared::new(socket, config))
+    }
 }
 
 impl Registration {
