@@ -33,11 +33,13 @@ pub(crate) struct Socket {
     send_waiters: Arc<SendWaiters>,
     /// `send_waiters` as the one waker tokio keeps for the socket's writability.
     wake_send_waiters: Waker,
-    /// Test seam: when set, every send fails with `WouldBlock`. Tests cannot fill a real
-    /// send buffer: the kernel frees a loopback datagram's buffer space as it sends it, so
-    /// loopback never reports a full buffer, whatever `SO_SNDBUF` is.
+    /// Test seam: one send in this many fails with `WouldBlock` (0: none). Tests cannot fill
+    /// a real send buffer: the kernel frees a loopback datagram's buffer space as it sends
+    /// it, so loopback never reports a full buffer, whatever `SO_SNDBUF` is.
     #[cfg(test)]
-    full: std::sync::atomic::AtomicBool,
+    refuse_one_in: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    sends: std::sync::atomic::AtomicUsize,
 }
 
 /// Wakers of the tasks waiting for room in a socket's send buffer: at most one per
@@ -111,7 +113,9 @@ impl Socket {
             wake_send_waiters: Waker::from(Arc::clone(&send_waiters)),
             send_waiters,
             #[cfg(test)]
-            full: Default::default(),
+            refuse_one_in: Default::default(),
+            #[cfg(test)]
+            sends: Default::default(),
         })
     }
 
@@ -172,16 +176,21 @@ impl Socket {
 
     fn send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         #[cfg(test)]
-        if self.full.load(std::sync::atomic::Ordering::Relaxed) {
-            return Err(io::ErrorKind::WouldBlock.into());
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let one_in = self.refuse_one_in.load(Relaxed);
+            if one_in > 0 && self.sends.fetch_add(1, Relaxed).is_multiple_of(one_in) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
         }
         self.state.send((&self.io).into(), transmit)
     }
 
-    /// Test seam: makes every send fail with `WouldBlock` (a full send buffer), or not.
+    /// Test seam: from now on one send in `one_in` fails with `WouldBlock`, as if the send
+    /// buffer were full (1: every send, 0: none).
     #[cfg(test)]
-    pub(crate) fn set_full(&self, full: bool) {
-        self.full.store(full, std::sync::atomic::Ordering::Relaxed);
+    pub(crate) fn refuse_sends(&self, one_in: usize) {
+        self.refuse_one_in.store(one_in, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// After `try_send` returned `WouldBlock`: wakes `waker` once the socket can take more
@@ -297,7 +306,7 @@ mod tests {
         // Once tokio has seen the socket writable, a send that finds the buffer full clears
         // that readiness, as it would in use.
         std::future::poll_fn(|cx| a.io.poll_send_ready(cx)).await.unwrap();
-        a.set_full(true);
+        a.refuse_sends(1);
         let waiting: Vec<Arc<WakeCount>> = (0..4).map(|_| Arc::default()).collect();
         for w in &waiting {
             let refused = a.try_send(b.local_addr(), b"x", None).unwrap_err();
@@ -310,7 +319,7 @@ mod tests {
         );
         // Room again: a datagram that leaves frees its buffer space, and the kernel reports
         // the socket writable to tokio's reactor.
-        a.set_full(false);
+        a.refuse_sends(0);
         a.try_send(b.local_addr(), b"y", None).unwrap();
         let woken = async {
             while waiting.iter().all(|w| w.count() == 0) {

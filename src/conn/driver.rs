@@ -530,7 +530,7 @@ mod tests {
         let client = testing::client_config("test", |b| b);
         let pipe = Pipe::handshaken(&server, &client);
         let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        socket.set_full(true);
+        socket.refuse_sends(1);
         let (registration, rx) = Registration::unrouted(socket, client);
         let (mut driver, _handle) = Driver::new(
             pipe.client,
@@ -557,7 +557,7 @@ mod tests {
         assert_eq!(driver.held.len(), 1, "the packet waits");
         // Room again: the socket wakes the task. (tokio's reactor reports a new socket
         // writable when it first looks at it.)
-        driver.shared.socket.set_full(false);
+        driver.shared.socket.refuse_sends(0);
         let woken = async {
             while wakes.count() == 0 {
                 tokio::task::yield_now().await;
