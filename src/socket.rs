@@ -3,10 +3,14 @@
 //!
 //! Offloads are detected at run time by `quinn-udp`; where the kernel lacks them the same
 //! calls degrade to one datagram per syscall.
+//!
+//! The connections that share a socket share its send buffer: when it is full, every one of
+//! them that found it so is woken once it has room.
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::task::{Context, Poll, ready};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Wake, Waker, ready};
 
 use quinn_udp::{BATCH_SIZE, RecvMeta, Transmit, UdpSocketState};
 use tokio::io::Interest;
@@ -25,6 +29,57 @@ pub(crate) struct Socket {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
     local: SocketAddr,
+    /// The tasks that found the send buffer full, woken together when it has room.
+    send_waiters: Arc<SendWaiters>,
+    /// `send_waiters` as the one waker tokio keeps for the socket's writability.
+    wake_send_waiters: Waker,
+    /// Test seam: one send in this many fails with `WouldBlock` (0: none). Tests cannot fill
+    /// a real send buffer: the kernel frees a loopback datagram's buffer space as it sends
+    /// it, so loopback never reports a full buffer, whatever `SO_SNDBUF` is.
+    #[cfg(test)]
+    refuse_one_in: std::sync::atomic::AtomicUsize,
+    #[cfg(test)]
+    sends: std::sync::atomic::AtomicUsize,
+}
+
+/// Wakers of the tasks waiting for room in a socket's send buffer: at most one per
+/// connection, and touched only when a send finds the buffer full.
+#[derive(Default)]
+struct SendWaiters(Mutex<Vec<Waker>>);
+
+impl SendWaiters {
+    fn list(&self) -> MutexGuard<'_, Vec<Waker>> {
+        // A list of wakers is valid whatever a panicking holder left in it.
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds `waker` unless its task is listed already (a connection woken by a packet may
+    /// find the buffer full again before it has room).
+    fn add(&self, waker: &Waker) {
+        let mut list = self.list();
+        if !list.iter().any(|w| w.will_wake(waker)) {
+            list.push(waker.clone());
+        }
+    }
+}
+
+impl Wake for SendWaiters {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Woken outside the lock, so a task that runs at once may list itself again.
+        let mut waiting = std::mem::take(&mut *self.list());
+        for waker in waiting.drain(..) {
+            waker.wake();
+        }
+        // Keep the allocation for the next time the buffer fills.
+        let mut list = self.list();
+        if list.is_empty() {
+            *list = waiting;
+        }
+    }
 }
 
 impl Socket {
@@ -50,7 +105,18 @@ impl Socket {
         let _ = state.set_send_buffer_size((&sock).into(), SOCKET_BUFFER_BYTES);
         let local = sock.local_addr()?;
         let io = tokio::net::UdpSocket::from_std(sock)?;
-        Ok(Socket { io, state, local })
+        let send_waiters = Arc::<SendWaiters>::default();
+        Ok(Socket {
+            io,
+            state,
+            local,
+            wake_send_waiters: Waker::from(Arc::clone(&send_waiters)),
+            send_waiters,
+            #[cfg(test)]
+            refuse_one_in: Default::default(),
+            #[cfg(test)]
+            sends: Default::default(),
+        })
     }
 
     pub(crate) fn local_addr(&self) -> SocketAddr {
@@ -96,9 +162,9 @@ impl Socket {
         // Send first and ask tokio only when the kernel says the buffer is full: a UDP
         // socket is almost always writable, and tokio does not know that until its reactor
         // has seen the socket once.
-        match self.state.send((&self.io).into(), &transmit) {
+        match self.send(&transmit) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                // Clear tokio's write readiness, so `poll_send_ready` waits for the buffer.
+                // Clear tokio's write readiness, so `wake_when_writable` waits for the buffer.
                 let _ = self
                     .io
                     .try_io(Interest::WRITABLE, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
@@ -108,9 +174,39 @@ impl Socket {
         }
     }
 
-    /// Registers interest in the socket becoming writable again.
-    pub(crate) fn poll_send_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io.poll_send_ready(cx)
+    fn send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
+        #[cfg(test)]
+        {
+            use std::sync::atomic::Ordering::Relaxed;
+            let one_in = self.refuse_one_in.load(Relaxed);
+            if one_in > 0 && self.sends.fetch_add(1, Relaxed).is_multiple_of(one_in) {
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+        }
+        self.state.send((&self.io).into(), transmit)
+    }
+
+    /// Test seam: from now on one send in `one_in` fails with `WouldBlock`, as if the send
+    /// buffer were full (1: every send, 0: none).
+    #[cfg(test)]
+    pub(crate) fn refuse_sends(&self, one_in: usize) {
+        self.refuse_one_in.store(one_in, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// After `try_send` returned `WouldBlock`: wakes `waker` once the socket can take more
+    /// (at once if it already can).
+    ///
+    /// Every connection of the socket may be waiting at once, but tokio's `poll_send_ready`
+    /// keeps the waker of its latest caller only, so the others would sleep until a packet
+    /// or a timer woke them. The callers' wakers wait in `send_waiters` instead, and tokio
+    /// is handed the one waker that wakes them all.
+    pub(crate) fn wake_when_writable(&self, waker: &Waker) {
+        // Listed before asking tokio: readiness that arrives in between wakes this waker too.
+        self.send_waiters.add(waker);
+        let mut cx = Context::from_waker(&self.wake_send_waiters);
+        if self.io.poll_send_ready(&mut cx).is_ready() {
+            self.wake_send_waiters.wake_by_ref();
+        }
     }
 
     /// Receives a batch into `bufs`; returns how many slices were filled.
@@ -178,6 +274,7 @@ impl RecvBuffers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::WakeCount;
 
     #[tokio::test]
     async fn batched_send_and_receive_round_trip() {
@@ -200,5 +297,39 @@ mod tests {
             assert_eq!(d.len(), 100);
             assert!(d.iter().all(|&x| x == i as u8), "segment {i} intact and in order");
         }
+    }
+
+    #[tokio::test]
+    async fn every_connection_waiting_for_room_is_woken() {
+        let a = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let b = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        // Once tokio has seen the socket writable, a send that finds the buffer full clears
+        // that readiness, as it would in use.
+        std::future::poll_fn(|cx| a.io.poll_send_ready(cx)).await.unwrap();
+        a.refuse_sends(1);
+        let waiting: Vec<Arc<WakeCount>> = (0..4).map(|_| Arc::default()).collect();
+        for w in &waiting {
+            let refused = a.try_send(b.local_addr(), b"x", None).unwrap_err();
+            assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
+            a.wake_when_writable(&w.waker());
+        }
+        assert!(
+            waiting.iter().all(|w| w.count() == 0),
+            "nobody is woken while the buffer is full"
+        );
+        // Room again: a datagram that leaves frees its buffer space, and the kernel reports
+        // the socket writable to tokio's reactor.
+        a.refuse_sends(0);
+        a.try_send(b.local_addr(), b"y", None).unwrap();
+        let woken = async {
+            while waiting.iter().all(|w| w.count() == 0) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), woken)
+            .await
+            .expect("the socket became writable");
+        let counts: Vec<usize> = waiting.iter().map(|w| w.count()).collect();
+        assert_eq!(counts, [1; 4], "one wake-up for every waiting connection");
     }
 }

@@ -2,10 +2,12 @@
 //! in-memory pipe, so the connection and stream logic can be driven without sockets, timers
 //! of the OS network stack, or other tasks. Every packet either side sends is handed to the
 //! other at once, in order; nothing is lost or reordered, so a test's outcome depends only on
-//! what the two sides do.
+//! what the two sides do. Also a waker that counts its wake-ups, for tests that poll by hand.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::{Wake, Waker};
 use std::time::Instant;
 
 use crate::quic::Config;
@@ -133,4 +135,28 @@ fn transfer(from: &mut quiche::Connection, to: &mut quiche::Connection) -> bool 
         }
     }
     moved
+}
+
+/// A waker that counts how often it is woken.
+#[derive(Default)]
+pub(crate) struct WakeCount(AtomicUsize);
+
+impl WakeCount {
+    pub(crate) fn waker(self: &Arc<Self>) -> Waker {
+        Waker::from(Arc::clone(self))
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl Wake for WakeCount {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
 }

@@ -65,6 +65,8 @@ struct Held {
     data: Vec<u8>,
     to: SocketAddr,
     segment: Option<usize>,
+    /// When pacing lets it go; `None` once that time has come, or when only the full socket
+    /// holds it.
     release: Option<Instant>,
 }
 
@@ -92,73 +94,90 @@ struct Driver<A> {
 impl<A> Unpin for Driver<A> {}
 
 pub(crate) fn spawn<A: Application>(
-    mut conn: quiche::Connection,
+    conn: quiche::Connection,
     rx: InboundQueue,
     registration: Registration,
     app: AppSlot<A>,
     started: Instant,
 ) -> ConnectionHandle {
-    let shared = Arc::clone(registration.shared());
-    let config = &shared.config;
-    if let Some(writer) = config.keylog_writer() {
-        conn.set_keylog(writer);
-    }
-    #[cfg(feature = "qlog")]
-    if let Some(dir) = &config.inner.qlog_dir {
-        let role = if conn.is_server() { "server" } else { "client" };
-        let path = dir.join(format!("{}-{role}.sqlog", conn.trace_id()));
-        match std::fs::File::create(&path) {
-            Ok(file) => conn.set_qlog(
-                Box::new(std::io::BufWriter::new(file)),
-                "tower-quiche".to_string(),
-                format!("{role} connection {}", conn.trace_id()),
-            ),
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
-        }
-    }
-    let (state_tx, state_rx) = watch::channel(State::Handshaking);
-    let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
-    let peer_addr = Socket::canonical(
-        conn.path_stats()
-            .next()
-            .map(|p| p.peer_addr)
-            .unwrap_or(shared.socket.local_addr()),
+    let (driver, handle) = Driver::new(conn, rx, registration, app, started);
+    let span = tracing::debug_span!(
+        "quic_conn",
+        id = %handle.trace_id,
+        peer = %handle.peer_addr,
+        server = driver.conn.is_server()
     );
-    let trace_id: Arc<str> = conn.trace_id().into();
-    let handle = ConnectionHandle {
-        state: state_rx,
-        commands: command_tx,
-        peer_addr,
-        trace_id: Arc::clone(&trace_id),
-    };
-    let span = tracing::debug_span!("quic_conn", id = %trace_id, peer = %peer_addr, server = conn.is_server());
-    config.inner.metrics.connection_opened();
-    if !conn.is_server() {
-        config.inner.metrics.handshake_started();
-    }
-    let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
-    let local = shared.socket.local_addr();
-    let driver = Driver {
-        conn,
-        app,
-        app_started: false,
-        rx,
-        commands: command_rx,
-        shared,
-        registration,
-        state: state_tx,
-        timer: Box::pin(tokio::time::sleep_until(started.into())),
-        armed: None,
-        handshake_deadline,
-        handshake_timed_out: false,
-        established: false,
-        started,
-        held: VecDeque::new(),
-        verify_error: None,
-        local,
-    };
     tokio::spawn(driver.instrument(span));
     handle
+}
+
+impl<A> Driver<A> {
+    fn new(
+        mut conn: quiche::Connection,
+        rx: InboundQueue,
+        registration: Registration,
+        app: AppSlot<A>,
+        started: Instant,
+    ) -> (Self, ConnectionHandle) {
+        let shared = Arc::clone(registration.shared());
+        let config = &shared.config;
+        if let Some(writer) = config.keylog_writer() {
+            conn.set_keylog(writer);
+        }
+        #[cfg(feature = "qlog")]
+        if let Some(dir) = &config.inner.qlog_dir {
+            let role = if conn.is_server() { "server" } else { "client" };
+            let path = dir.join(format!("{}-{role}.sqlog", conn.trace_id()));
+            match std::fs::File::create(&path) {
+                Ok(file) => conn.set_qlog(
+                    Box::new(std::io::BufWriter::new(file)),
+                    "tower-quiche".to_string(),
+                    format!("{role} connection {}", conn.trace_id()),
+                ),
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
+            }
+        }
+        let (state_tx, state_rx) = watch::channel(State::Handshaking);
+        let (command_tx, command_rx) = mpsc::channel(COMMAND_QUEUE);
+        let peer_addr = Socket::canonical(
+            conn.path_stats()
+                .next()
+                .map(|p| p.peer_addr)
+                .unwrap_or(shared.socket.local_addr()),
+        );
+        let handle = ConnectionHandle {
+            state: state_rx,
+            commands: command_tx,
+            peer_addr,
+            trace_id: conn.trace_id().into(),
+        };
+        config.inner.metrics.connection_opened();
+        if !conn.is_server() {
+            config.inner.metrics.handshake_started();
+        }
+        let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
+        let local = shared.socket.local_addr();
+        let driver = Driver {
+            conn,
+            app,
+            app_started: false,
+            rx,
+            commands: command_rx,
+            shared,
+            registration,
+            state: state_tx,
+            timer: Box::pin(tokio::time::sleep_until(started.into())),
+            armed: None,
+            handshake_deadline,
+            handshake_timed_out: false,
+            established: false,
+            started,
+            held: VecDeque::new(),
+            verify_error: None,
+            local,
+        };
+        (driver, handle)
+    }
 }
 
 enum Turn {
@@ -467,9 +486,7 @@ fn send_or_hold(
                 segment,
                 release: None,
             });
-            if shared.socket.poll_send_ready(cx).is_ready() {
-                cx.waker().wake_by_ref();
-            }
+            shared.socket.wake_when_writable(cx.waker());
             false
         }
         // Anything else is lost as a network would lose it; QUIC recovers.
@@ -479,15 +496,19 @@ fn send_or_hold(
 
 /// Sends held packets in order. Returns true when nothing is held any more.
 fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
-    while let Some(front) = held.front() {
-        if front.release.is_some_and(|at| at > Instant::now() + PACING_GRANULARITY) {
-            return false;
+    while let Some(front) = held.front_mut() {
+        if let Some(at) = front.release {
+            if at > Instant::now() + PACING_GRANULARITY {
+                return false;
+            }
+            // Due: from now on it waits for room in the socket only. A release time left
+            // behind would be a timer already expired, and `arm_timer` would have the task
+            // poll itself again at once for as long as the buffer stays full.
+            front.release = None;
         }
         match shared.socket.try_send(front.to, &front.data, front.segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if shared.socket.poll_send_ready(cx).is_ready() {
-                    cx.waker().wake_by_ref();
-                }
+                shared.socket.wake_when_writable(cx.waker());
                 return false;
             }
             _ => {
@@ -496,4 +517,57 @@ fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
         }
     }
     true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quic::echo::EchoServer;
+    use crate::testing::{self, Pipe, WakeCount};
+
+    /// A packet that pacing held back is due, but the socket's buffer is full: the task must
+    /// sleep until the socket has room, not wake itself for a release time already past.
+    #[tokio::test]
+    async fn a_due_packet_the_socket_refuses_waits_for_room_not_for_a_timer() {
+        let server = testing::server_config("test", |b| b);
+        let client = testing::client_config("test", |b| b);
+        let pipe = Pipe::handshaken(&server, &client);
+        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        socket.refuse_sends(1);
+        let (registration, rx) = Registration::unrouted(socket, client);
+        let (mut driver, _handle) = Driver::new(
+            pipe.client,
+            rx,
+            registration,
+            AppSlot::<EchoServer>::Gone,
+            Instant::now(),
+        );
+        driver.held.push_back(Held {
+            data: vec![0; 1200],
+            to: testing::SERVER_ADDR.parse().unwrap(),
+            segment: None,
+            release: Some(Instant::now() - Duration::from_secs(1)),
+        });
+        let wakes = Arc::<WakeCount>::default();
+        let waker = wakes.waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut driver).poll(&mut cx).is_pending());
+        assert_eq!(
+            wakes.count(),
+            0,
+            "the task woke itself, so it would be polled again at once, and again, while the buffer stays full"
+        );
+        assert_eq!(driver.held.len(), 1, "the packet waits");
+        // Room again: the socket wakes the task. (tokio's reactor reports a new socket
+        // writable when it first looks at it.)
+        driver.shared.socket.refuse_sends(0);
+        let woken = async {
+            while wakes.count() == 0 {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), woken)
+            .await
+            .expect("the socket woke the task");
+    }
 }

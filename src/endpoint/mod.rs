@@ -122,6 +122,20 @@ impl Registration {
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    /// A connection's registration on `shared`'s socket, with the queue its datagrams will
+    /// be routed to.
+    fn with_queue(shared: &Arc<Shared>) -> (Registration, InboundQueue) {
+        let (tx, rx) = queue::channel(&shared.config.inner.s);
+        (Registration::new(Arc::clone(shared), tx), rx)
+    }
+
+    /// A registration on a socket of its own that no router reads, for tests that drive a
+    /// connection's task by hand.
+    #[cfg(test)]
+    pub(crate) fn unrouted(socket: Socket, config: Config) -> (Registration, InboundQueue) {
+        Self::with_queue(&Shared::new(socket, config))
+    }
 }
 
 impl Registration {
@@ -483,8 +497,7 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (tx, rx) = queue::channel(&shared.config.inner.s);
-        let mut registration = Registration::new(Arc::clone(shared), tx);
+        let (mut registration, rx) = Registration::with_queue(shared);
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();
         let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
@@ -520,4 +533,59 @@ pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
         return Err(bad());
     }
     Ok((host, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::quic::echo::{EchoClient, EchoServer};
+    use crate::testing;
+
+    /// Eight connections share a client socket that refuses one send in three, as a full
+    /// send buffer would (loopback never fills one): their packets are held and sent later,
+    /// and several connections wait for room at once. Every echo must come back whole; a
+    /// connection left without any wake-up would be closed for idleness first.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_on_a_socket_whose_buffer_keeps_filling_all_finish() {
+        const CONNECTIONS: usize = 8;
+        const LEN: usize = 256 * 1024;
+        let idle = |b: crate::quic::ConfigBuilder| b.idle_timeout(Duration::from_secs(2));
+        let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap(), testing::server_config("echo", idle))
+            .await
+            .unwrap();
+        let server = listener.local_addr();
+        tokio::spawn(async move {
+            while let Some(incoming) = listener.accept().await {
+                incoming.start(EchoServer::new());
+            }
+        });
+        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = Endpoint::with_socket(socket, testing::client_config("echo", idle)).unwrap();
+        let run = async {
+            let mut conns = Vec::new();
+            for _ in 0..CONNECTIONS {
+                let (app, client) = EchoClient::new();
+                let conn = endpoint.connect_addr(server, Some("localhost"), app).await.unwrap();
+                conns.push((conn, client));
+            }
+            endpoint.shared.socket.refuse_sends(3);
+            let echoes: Vec<_> = conns
+                .iter()
+                .enumerate()
+                .map(|(i, (_, client))| {
+                    let client = client.clone();
+                    let sent: bytes::Bytes = (0..LEN).map(|j| (j * 131 + i * 7) as u8).collect();
+                    tokio::spawn(async move { client.echo(sent.clone()).await.map(|back| back == sent) })
+                })
+                .collect();
+            for (i, echo) in echoes.into_iter().enumerate() {
+                assert_eq!(echo.await.unwrap().ok(), Some(true), "connection {i} echoed its data");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("every connection finished");
+    }
 }
