@@ -713,3 +713,37 @@ async fn a_request_head_that_can_never_be_sent_fails_and_the_client_goes_on() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// hyper's shape for an accept loop of one's own: `serve_connection` serves one connection,
+/// the returned future ends with it, and `graceful_shutdown` lets a request in flight finish
+/// before the connection closes cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_connection_serves_one_connection_and_drains_it() {
+    let certs = test_certs();
+    let mut listener = listener(&certs).await;
+    let url = format!("https://localhost:{}", listener.local_addr().port());
+    let probe = Arc::new(Probe::default());
+    let router = test_router(Arc::clone(&probe));
+    let client = client(&certs);
+    let run = async {
+        let server = tokio::spawn(async move {
+            let incoming = listener.accept().await.unwrap();
+            let connection = server::Builder::new().serve_connection(incoming, router);
+            (connection, listener)
+        });
+        let hello = client.get(format!("{url}/hello")).send().await.unwrap();
+        assert_eq!(hello.text().await.unwrap(), "hello world");
+        let (connection, _listener) = server.await.unwrap();
+        // A request in flight when the shutdown starts is answered whole.
+        let slow = tokio::spawn({
+            let client = client.clone();
+            let url = format!("{url}/late-head");
+            async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        connection.graceful_shutdown();
+        connection.await.expect("a clean close");
+        assert_eq!(slow.await.unwrap(), "late");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

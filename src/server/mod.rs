@@ -47,7 +47,7 @@ use tower_service::Service;
 use crate::error::{BoxError, Error};
 use crate::h3::body::RecvBody;
 use crate::h3::stream::StreamShared;
-use crate::quic::Listener;
+use crate::quic::{ConnectionHandle, Incoming, Listener};
 
 pub use crate::h3::fields::Protocol;
 pub use service::HttpService;
@@ -65,6 +65,17 @@ pub struct ConnectionInfo {
     pub version: Version,
     /// The QUIC stream the request arrived on.
     pub stream_id: Option<u64>,
+}
+
+impl ConnectionInfo {
+    fn of(incoming: &Incoming) -> Self {
+        ConnectionInfo {
+            remote_addr: incoming.peer_addr(),
+            local_addr: incoming.local_addr(),
+            version: Version::HTTP_3,
+            stream_id: None,
+        }
+    }
 }
 
 /// Sends 1xx informational responses (such as 103 Early Hints) before the final response.
@@ -255,6 +266,54 @@ impl Builder {
         }))
     }
 
+    /// Serves one connection a listener accepted, with `service`, as hyper's
+    /// `serve_connection` does: for an accept loop of your own (per-connection services,
+    /// filtering, your own limits). [`serve`](Self::serve) is such a loop.
+    ///
+    /// The connection runs in a task of its own; the returned [`Connection`] resolves when
+    /// it ends, and [`Connection::graceful_shutdown`] drains it.
+    ///
+    /// ```no_run
+    /// # use tower_quiche::quic::Listener;
+    /// # async fn run(mut listener: Listener, app: axum::Router) {
+    /// let builder = tower_quiche::server::Builder::new();
+    /// while let Some(incoming) = listener.accept().await {
+    ///     let connection = builder.serve_connection(incoming, app.clone());
+    ///     tokio::spawn(async move {
+    ///         if let Err(e) = connection.await {
+    ///             eprintln!("connection ended with an error: {e}");
+    ///         }
+    ///     });
+    /// }
+    /// # }
+    /// ```
+    pub fn serve_connection<S: HttpService<RecvBody>>(&self, incoming: Incoming, service: S) -> Connection {
+        let (drain, drain_rx) = watch::channel(None);
+        // Nobody waits for this connection among others.
+        let (alive, _) = mpsc::channel(1);
+        let drain_timeout = self.graceful_shutdown_timeout;
+        let handle = self.settings().map(|settings| {
+            let info = ConnectionInfo::of(&incoming);
+            start_connection(incoming, info, service, settings, drain_rx, alive)
+        });
+        let closed: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> = match &handle {
+            Ok(handle) => {
+                let handle = handle.clone();
+                Box::pin(async move {
+                    let closed = handle.closed().await;
+                    closed.error().map_or(Ok(()), |e| Err(e.duplicate()))
+                })
+            }
+            Err(e) => Box::pin(std::future::ready(Err(e.duplicate()))),
+        };
+        Connection {
+            handle: handle.ok(),
+            drain,
+            drain_timeout,
+            closed,
+        }
+    }
+
     /// Serves `service` on `listener`: each connection gets a clone of it.
     pub fn serve<S: HttpService<RecvBody>>(self, listener: Listener, service: S) -> Serve {
         self.serve_make_service(listener, CloneService(service))
@@ -399,6 +458,55 @@ where
 type Signal = Pin<Box<dyn Future<Output = ()> + Send>>;
 type RunFn = Box<dyn FnOnce(Option<Signal>) -> Pin<Box<dyn Future<Output = Result<(), Error>> + Send>> + Send>;
 
+/// One connection served by [`Builder::serve_connection`]: a future that resolves when the
+/// connection has ended (`Ok` for a clean close), with a graceful shutdown.
+///
+/// The connection runs in its own task: dropping this leaves it running, as dropping a
+/// `JoinHandle` does.
+pub struct Connection {
+    handle: Option<ConnectionHandle>,
+    drain: watch::Sender<Option<Instant>>,
+    drain_timeout: Duration,
+    closed: Pin<Box<dyn Future<Output = Result<(), Error>> + Send>>,
+}
+
+impl Connection {
+    /// Sends GOAWAY, lets the requests in flight finish (for at most the builder's
+    /// [`graceful_shutdown_timeout`](Builder::graceful_shutdown_timeout)), then closes with
+    /// `H3_NO_ERROR`. The connection future resolves once it has closed.
+    pub fn graceful_shutdown(&self) {
+        self.drain.send_if_modified(|deadline| {
+            let first = deadline.is_none();
+            if first {
+                *deadline = Some(Instant::now() + self.drain_timeout);
+            }
+            first
+        });
+    }
+
+    /// The QUIC connection's handle (addresses, statistics, an immediate close), unless
+    /// the connection could not start.
+    pub fn handle(&self) -> Option<&ConnectionHandle> {
+        self.handle.as_ref()
+    }
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Connection {
+    type Output = Result<(), Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        self.closed.as_mut().poll(cx)
+    }
+}
+
 /// A running server: await it (it is [`IntoFuture`]).
 #[must_use = "a server does nothing until awaited"]
 pub struct Serve {
@@ -486,12 +594,7 @@ where
             () = &mut signal => break,
         };
         let Some(incoming) = incoming else { break };
-        let info = ConnectionInfo {
-            remote_addr: incoming.peer_addr(),
-            local_addr: incoming.local_addr(),
-            version: Version::HTTP_3,
-            stream_id: None,
-        };
+        let info = ConnectionInfo::of(&incoming);
         let service = match make(&mut make_service, info.clone()).await {
             Ok(service) => service,
             Err(e) => {
@@ -499,22 +602,14 @@ where
                 continue;
             }
         };
-        let mut drain = drain_rx.clone();
-        let shutdown = Box::pin(async move {
-            let deadline = drain.wait_for(Option::is_some).await.map(|d| *d);
-            match deadline {
-                Ok(deadline) => deadline,
-                // The server is gone without a graceful shutdown: keep serving.
-                Err(_) => std::future::pending().await,
-            }
-        });
-        incoming.start(conn::ServerApp::new(
+        start_connection(
+            incoming,
+            info,
             service,
             Arc::clone(&settings),
-            info,
-            shutdown,
+            drain_rx.clone(),
             alive.clone(),
-        ));
+        );
     }
     // Stop accepting; connections already running keep their sockets.
     drop(listener);
@@ -525,6 +620,27 @@ where
     // Connections close themselves at the deadline; a moment more lets their closes go out.
     let _ = tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), all_closed.recv()).await;
     Ok(())
+}
+
+/// Starts serving one connection: its task runs the service for each request until the
+/// connection ends, and drains (GOAWAY, then close) once `drain` carries a deadline.
+fn start_connection<S: HttpService<RecvBody>>(
+    incoming: Incoming,
+    info: ConnectionInfo,
+    service: S,
+    settings: Arc<Settings>,
+    mut drain: watch::Receiver<Option<Instant>>,
+    alive: mpsc::Sender<()>,
+) -> ConnectionHandle {
+    let shutdown = Box::pin(async move {
+        let deadline = drain.wait_for(Option::is_some).await.map(|d| *d);
+        match deadline {
+            Ok(deadline) => deadline,
+            // Nobody can ask for a graceful shutdown any more: keep serving.
+            Err(_) => std::future::pending().await,
+        }
+    });
+    incoming.start(conn::ServerApp::new(service, settings, info, shutdown, alive))
 }
 
 async fn make<M, S>(make_service: &mut M, info: ConnectionInfo) -> Result<S, BoxError>
