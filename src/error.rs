@@ -1,25 +1,61 @@
 //! The crate's one public error type, [`Error`], and the conversions into it.
 //!
 //! `Error` is opaque on purpose: callers ask it questions (`is_timeout`, `is_tls`, …) and read
-//! the protocol error code with [`Error::code`], so the internal layers can change how they
-//! fail without breaking anyone.
+//! the protocol error code with [`Error::code`], which says which of QUIC's three code
+//! spaces it is in, so the internal layers can change how they fail without breaking anyone.
 
 use std::fmt;
 
 /// A boxed error, as tower and http-body use them.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+/// An error code and the space it belongs to: QUIC has three, and a number means different
+/// things in each (0x100 is a TLS alert among transport codes, `H3_NO_ERROR` among HTTP/3's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Code {
+    /// A QUIC transport error that closed the connection (RFC 9000 §20.1), such as
+    /// PROTOCOL_VIOLATION (0xa); a TLS alert is CRYPTO_ERROR, 0x100 + the alert.
+    Transport(u64),
+    /// An application protocol's error that closed the connection; for HTTP/3 one of
+    /// [`codes`](crate::codes).
+    Application(u64),
+    /// An application protocol's code that reset or stopped one stream (RESET_STREAM,
+    /// STOP_SENDING); for HTTP/3 one of [`codes`](crate::codes), such as
+    /// `H3_REQUEST_CANCELLED`.
+    Stream(u64),
+}
+
+impl Code {
+    /// The number on the wire.
+    pub fn value(self) -> u64 {
+        match self {
+            Code::Transport(v) | Code::Application(v) | Code::Stream(v) => v,
+        }
+    }
+}
+
+impl fmt::Display for Code {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Code::Transport(v) => write!(f, "transport code {v:#x}"),
+            Code::Application(v) => write!(f, "application code {v:#x}"),
+            Code::Stream(v) => write!(f, "stream code {v:#x}"),
+        }
+    }
+}
+
 /// An error from tower-quiche.
 ///
-/// Use the predicates to decide what to do with it, and [`Error::code`] for the QUIC or
-/// application error code when the peer (or we) closed a connection or stream with one.
+/// Use the predicates to decide what to do with it, and [`Error::code`] for the error code
+/// (with its space) when a connection or stream was closed with one.
 pub struct Error {
     inner: Box<Inner>,
 }
 
 struct Inner {
     kind: Kind,
-    code: Option<u64>,
+    code: Option<Code>,
     message: Option<String>,
     source: Option<BoxError>,
 }
@@ -61,9 +97,14 @@ impl Error {
         self
     }
 
-    pub(crate) fn with_code(mut self, code: u64) -> Self {
+    pub(crate) fn with_code(mut self, code: Code) -> Self {
         self.inner.code = Some(code);
         self
+    }
+
+    /// The code a stream was reset or stopped with.
+    pub(crate) fn with_stream_code(self, code: u64) -> Self {
+        self.with_code(Code::Stream(code))
     }
 
     pub(crate) fn with_source(mut self, source: impl Into<BoxError>) -> Self {
@@ -82,7 +123,9 @@ impl Error {
     /// An error an [`Application`](crate::quic::Application) raises to close its connection
     /// with `code` (an application protocol error code, sent to the peer in CONNECTION_CLOSE).
     pub fn application(code: u64, message: impl Into<String>) -> Self {
-        Error::new(Kind::Application).with_code(code).with_message(message)
+        Error::new(Kind::Application)
+            .with_code(Code::Application(code))
+            .with_message(message)
     }
 
     /// A copy for a second reader (the source is kept as text: boxed errors do not clone).
@@ -147,7 +190,7 @@ impl Error {
     /// The server refused the request without processing it (GOAWAY, or
     /// `H3_REQUEST_REJECTED`): it is safe to send again (RFC 9114 §4.1.1).
     pub fn is_request_rejected(&self) -> bool {
-        self.inner.code == Some(0x10b)
+        self.inner.code == Some(Code::Stream(crate::codes::H3_REQUEST_REJECTED))
     }
 
     /// The error carries an application error code (set by an application or sent by the
@@ -156,8 +199,8 @@ impl Error {
         self.inner.kind == Kind::Application
     }
 
-    /// The QUIC transport or application error code, where there is one.
-    pub fn code(&self) -> Option<u64> {
+    /// The error code, with the space it is in, where there is one.
+    pub fn code(&self) -> Option<Code> {
         self.inner.code
     }
 }
@@ -167,7 +210,7 @@ impl fmt::Debug for Error {
         let mut d = f.debug_struct("tower_quiche::Error");
         d.field("kind", &self.inner.kind);
         if let Some(code) = self.inner.code {
-            d.field("code", &format_args!("{code:#x}"));
+            d.field("code", &format_args!("{code}"));
         }
         if let Some(message) = &self.inner.message {
             d.field("message", message);
@@ -196,7 +239,7 @@ impl fmt::Display for Error {
             write!(f, ": {message}")?;
         }
         if let Some(code) = self.inner.code {
-            write!(f, " (code {code:#x})")?;
+            write!(f, " ({code})")?;
         }
         if let Some(source) = &self.inner.source {
             write!(f, ": {source}")?;
@@ -250,7 +293,7 @@ pub(crate) fn from_close(
         }
         return Some(
             Error::new(Kind::Application)
-                .with_code(err.error_code)
+                .with_code(Code::Application(err.error_code))
                 .with_message(detail),
         );
     }
@@ -263,11 +306,15 @@ pub(crate) fn from_close(
             if let Some(verify) = verify_error {
                 message = format!("{message}: {verify}");
             }
-            Some(Error::new(Kind::Tls).with_code(code).with_message(message))
+            Some(
+                Error::new(Kind::Tls)
+                    .with_code(Code::Transport(code))
+                    .with_message(message),
+            )
         }
         code => Some(
             Error::new(Kind::Protocol)
-                .with_code(code)
+                .with_code(Code::Transport(code))
                 .with_message(format!("{detail} ({})", transport_error_name(code))),
         ),
     }
@@ -325,17 +372,19 @@ mod tests {
         let e = Error::application(0x42, "bye");
         assert!(e.is_application());
         assert!(e.is_closed());
-        assert_eq!(e.code(), Some(0x42));
-        assert_eq!(e.to_string(), "application error: bye (code 0x42)");
+        assert_eq!(e.code(), Some(Code::Application(0x42)));
+        assert_eq!(e.to_string(), "application error: bye (application code 0x42)");
     }
 
     #[test]
     fn request_rejected_is_recognised_by_its_code() {
         let e = Error::new(Kind::Closed)
-            .with_code(0x10b)
+            .with_stream_code(0x10b)
             .with_message("H3_REQUEST_REJECTED");
         assert!(e.is_request_rejected());
         assert!(!Error::application(0x10c, "cancelled").is_request_rejected());
+        // The same number closing the connection is not about one request.
+        assert!(!Error::application(0x10b, "rejected").is_request_rejected());
     }
 
     #[test]

@@ -76,6 +76,7 @@ mod socket;
 mod testing;
 pub mod tls;
 
-pub use error::{BoxError, Error};
+pub use error::{BoxError, Code, Error};
 pub use h3::body::RecvBody;
+pub use h3::codes;
 pub use quiche;

@@ -101,7 +101,7 @@ async fn data_after_trailers_is_a_frame_unexpected_connection_error() {
     let closed = timeout(TEST_TIMEOUT, client.conn.closed()).await.unwrap();
     assert_eq!(
         closed.error().and_then(|e| e.code()),
-        Some(H3_FRAME_UNEXPECTED),
+        Some(tower_quiche::Code::Application(H3_FRAME_UNEXPECTED)),
         "{:?}",
         closed.error()
     );

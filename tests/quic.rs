@@ -480,7 +480,7 @@ async fn an_application_close_delivers_its_code_to_the_peer() {
         let closed = server_conn.closed().await;
         let err = closed.error().expect("an application error");
         assert!(err.is_application(), "{err}");
-        assert_eq!(err.code(), Some(0x42));
+        assert_eq!(err.code(), Some(tower_quiche::Code::Application(0x42)));
         assert!(err.to_string().contains("bye"), "{err}");
         assert!(closed.stats().packets_received > 0);
     };

@@ -168,7 +168,7 @@ fn closed_error() -> Error {
 
 fn rejected_error(why: &str) -> Error {
     Error::new(Kind::Closed)
-        .with_code(code::H3_REQUEST_REJECTED)
+        .with_stream_code(code::H3_REQUEST_REJECTED)
         .with_message(why.to_string())
 }
 
@@ -705,7 +705,7 @@ impl ClientApp {
     /// §4.1.2); the caller is told why.
     fn refuse_response(&mut self, conn: &mut quiche::Connection, id: u64, why: Malformed) {
         let error = Error::new(Kind::Protocol)
-            .with_code(code::H3_MESSAGE_ERROR)
+            .with_stream_code(code::H3_MESSAGE_ERROR)
             .with_message(format!("malformed response: {why}"));
         self.abandon(conn, id, Cancel::Malformed(why.0), error);
     }
@@ -783,7 +783,7 @@ impl ClientApp {
                 rejected_error("the server rejected the request before processing it (H3_REQUEST_REJECTED)")
             } else {
                 Error::new(Kind::Reset)
-                    .with_code(code)
+                    .with_stream_code(code)
                     .with_message("the server reset the request stream")
             };
             let failure = match entry.retry.take() {

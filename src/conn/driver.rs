@@ -273,7 +273,9 @@ impl<A: Application> Driver<A> {
         {
             tracing::debug!(error = %e, "application closes the connection");
             let reason = e.to_string();
-            let _ = self.conn.close(true, e.code().unwrap_or(0x1), reason.as_bytes());
+            let _ = self
+                .conn
+                .close(true, e.code().map_or(0x1, crate::error::Code::value), reason.as_bytes());
         }
         let mut retired = false;
         while let Some(id) = self.conn.retired_scid_next() {

@@ -194,8 +194,9 @@ fn dispatch(
         } else if accept.may_reply(shared)
             && let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out)
         {
-            let _ = shared.socket.try_send(from, &out[..n], None);
+            // Counted before it leaves, so whoever receives it sees it counted.
             metrics.version_negotiation_sent();
+            let _ = shared.socket.try_send(from, &out[..n], None);
         }
         return;
     }
@@ -340,6 +341,7 @@ fn send_stateless_reset(
     // A short header: fixed bit set, long-header bit clear.
     reset[0] = 0x40 | (reset[0] & 0x3f);
     reset[len - 16..].copy_from_slice(&shared.reset_key.token(dcid).to_be_bytes());
-    let _ = shared.socket.try_send(to, reset, None);
+    // Counted before it leaves, so whoever receives it sees it counted.
     shared.config.inner.metrics.stateless_reset_sent();
+    let _ = shared.socket.try_send(to, reset, None);
 }

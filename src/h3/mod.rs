@@ -8,6 +8,6 @@
 //! what wakes whom) lives in [`stream`], so the server and the client cannot drift apart.
 
 pub(crate) mod body;
-pub(crate) mod codes;
+pub mod codes;
 pub(crate) mod fields;
 pub(crate) mod stream;

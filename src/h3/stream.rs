@@ -110,10 +110,10 @@ impl RecvError {
     fn to_error(self) -> Error {
         match self {
             RecvError::Reset(code) => Error::new(Kind::Reset)
-                .with_code(code)
+                .with_stream_code(code)
                 .with_message("the peer reset the stream"),
             RecvError::Malformed(why) => Error::new(Kind::Protocol)
-                .with_code(codes::H3_MESSAGE_ERROR)
+                .with_stream_code(codes::H3_MESSAGE_ERROR)
                 .with_message(why),
             RecvError::TimedOut => Error::new(Kind::Timeout).with_message("the body stalled: no data arrived in time"),
             RecvError::Closed => Error::new(Kind::Closed).with_message("the stream closed before the body ended"),
@@ -477,7 +477,7 @@ impl StreamShared {
         let s = &mut state.send;
         if let Some(code) = s.cancelled {
             return Poll::Ready(Err(Error::new(Kind::Reset)
-                .with_code(code)
+                .with_stream_code(code)
                 .with_message("the stream was stopped or reset")));
         }
         if s.data_len < s.limit {

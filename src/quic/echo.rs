@@ -318,7 +318,7 @@ impl Application for EchoClient {
                     }
                     Err(quiche::Error::Done) => break None,
                     Err(quiche::Error::StreamReset(code)) => {
-                        break Some(Err(Error::new(Kind::Reset).with_code(code)));
+                        break Some(Err(Error::new(Kind::Reset).with_stream_code(code)));
                     }
                     Err(e) => {
                         break Some(Err(Error::new(Kind::Protocol).with_message(e.to_string())));

@@ -158,7 +158,10 @@ impl<S: HttpService<RecvBody>> Harness<S> {
                 let mut cx = Context::from_waker(&waker);
                 if let Err(e) = self.app.process(&mut cx, &mut self.pipe.server) {
                     // What the driver does with an application's error.
-                    let _ = self.pipe.server.close(true, e.code().unwrap_or(1), b"");
+                    let _ = self
+                        .pipe
+                        .server
+                        .close(true, e.code().map_or(1, crate::error::Code::value), b"");
                 }
             }
             let moved = self.pipe.flush();
