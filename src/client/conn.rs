@@ -495,6 +495,8 @@ pub(crate) struct ClientApp {
     pumps: FuturesUnordered<PumpFuture>,
     ready: Vec<u64>,
     goaway: Option<u64>,
+    /// The stream quiche opens for the next request (client request streams count up by 4).
+    next_request_id: u64,
     idle_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
@@ -518,6 +520,7 @@ impl ClientApp {
             pumps: FuturesUnordered::new(),
             ready: Vec::new(),
             goaway: None,
+            next_request_id: 0,
             idle_since: Some(Instant::now()),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
@@ -557,7 +560,8 @@ impl ClientApp {
             let id = match h3.send_request(conn, &submission.request.fields, fin) {
                 Ok(id) => id,
                 Err(h3::Error::StreamBlocked)
-                    if let Some(len) = stream::head_never_fits(conn, &submission.request.fields) =>
+                    if let Some(len) =
+                        stream::head_never_fits(conn, self.next_request_id, &submission.request.fields) =>
                 {
                     let Submission { reply, .. } = self.waiting.take().expect("present");
                     self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
@@ -584,6 +588,7 @@ impl ClientApp {
                 reply,
             } = self.waiting.take().expect("present");
             shared.set_id(id);
+            self.next_request_id = id + 4;
             let head_request = request
                 .fields
                 .first()

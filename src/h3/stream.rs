@@ -32,7 +32,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
-use quiche::h3::{self, Header};
+use quiche::h3::{self, Header, NameValue};
 
 use super::codes;
 use super::fields::{self, Malformed};
@@ -784,6 +784,13 @@ impl StreamShared {
         s.recv.pending || (s.recv.reader_dropped && s.recv.open())
     }
 
+    /// Whether a head is queued but not yet written: quiche takes a head whole, and says
+    /// nothing when one that did not fit could now (the owner looks again on its timer).
+    pub(crate) fn head_waiting(&self) -> bool {
+        let s = self.lock();
+        !s.send.done && !s.send.heads.is_empty()
+    }
+
     /// Whether the reader went away before the body was complete.
     pub(crate) fn reader_gone_early(&self) -> bool {
         let s = self.lock();
@@ -834,24 +841,34 @@ fn reset_both(conn: &mut quiche::Connection, id: u64, s: &mut StreamState, code:
     WriteOutcome::Aborted
 }
 
-/// The size of the HEADERS frame for `fields` when it can never be sent, as quiche's HTTP/3
-/// layer sends it: whole, into what the stream may buffer now, which the congestion window
-/// bounds (about 13 KB on a new connection, quiche issue #1573). The window grows only with
-/// data sent and acknowledged, so a frame larger than it waits for ever on a connection
-/// with nothing else to send. Encoding is exact (quiche's own encoder) and happens only on
-/// this blocked path.
-pub(crate) fn head_never_fits(conn: &quiche::Connection, fields: &[Header]) -> Option<usize> {
-    let cwnd = conn.path_stats().find(|p| p.active).map_or(0, |p| p.cwnd);
-    let bound = fields::section_size(fields);
-    let mut block = vec![0; bound];
+/// The size of the HEADERS frame for `fields` when it can never be sent on stream `id`, as
+/// quiche's HTTP/3 layer sends it: whole, into what the stream may buffer now, which the
+/// congestion window bounds (about 12 KB on a new connection, quiche issue #1573).
+///
+/// Only judged when nothing is in flight (the stream may buffer a whole window): the window
+/// does not grow then (quiche's congestion control does not grow an application-limited
+/// window), so a larger frame would wait for ever. With bytes in flight the window may be
+/// small for a moment (after a loss) and grow again: `None`, look again later. Encoding is
+/// exact (quiche's own encoder) and happens only on this blocked path.
+pub(crate) fn head_never_fits(conn: &mut quiche::Connection, id: u64, fields: &[Header]) -> Option<usize> {
+    let cwnd = conn.path_stats().find(|p| p.active)?.cwnd;
+    if conn.stream_capacity(id).ok()? < cwnd {
+        return None;
+    }
+    let mut block = vec![0; fields::section_size(fields)];
     let len = quiche::h3::qpack::Encoder::new().encode(fields, &mut block).ok()?;
     // Frame type and length varints: at most 1 + 8 bytes.
     let frame = len + 9;
     (frame > cwnd).then_some(frame)
 }
 
-/// Ok(true): all written with FIN; Ok(false): blocked or waiting for the producer;
-/// Err(code): the peer stopped the stream.
+/// Whether a field section is an interim (1xx) response head.
+fn is_interim(fields: &[Header]) -> bool {
+    fields
+        .first()
+        .is_some_and(|f| f.name() == b":status" && f.value().first() == Some(&b'1'))
+}
+
 fn write_queued(
     h3: &mut h3::Connection,
     conn: &mut quiche::Connection,
@@ -876,12 +893,19 @@ fn write_queued(
                     return Ok(true);
                 }
             }
-            Err(h3::Error::StreamBlocked) => {
-                return match head_never_fits(conn, fields) {
-                    Some(len) => Err(WriteError::HeadNeverFits(len)),
-                    None => Ok(false),
-                };
-            }
+            Err(h3::Error::StreamBlocked) => match head_never_fits(conn, id, fields) {
+                // An interim head is a hint: the response goes on without it.
+                Some(len) if is_interim(fields) => {
+                    tracing::warn!(
+                        stream_id = id,
+                        head_bytes = len,
+                        "dropping a 1xx head larger than the congestion window"
+                    );
+                    out.heads.pop_front();
+                }
+                Some(len) => return Err(WriteError::HeadNeverFits(len)),
+                None => return Ok(false),
+            },
             Err(e) => return stopped(&e).map_or(Ok(false), Err),
         }
     }
@@ -909,7 +933,7 @@ fn write_queued(
     if let Some(fields) = &out.trailers {
         return match h3.send_additional_headers(conn, id, fields, true, true) {
             Ok(()) => Ok(true),
-            Err(h3::Error::StreamBlocked) => match head_never_fits(conn, fields) {
+            Err(h3::Error::StreamBlocked) => match head_never_fits(conn, id, fields) {
                 Some(len) => Err(WriteError::HeadNeverFits(len)),
                 None => Ok(false),
             },

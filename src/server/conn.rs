@@ -78,6 +78,12 @@ pub(crate) struct ServerApp<S> {
     /// Request streams quiche holds whose head has not arrived yet, since when we know of
     /// them: each must complete its head within `request_head_timeout`.
     heads_pending: HashMap<u64, Instant>,
+    /// Request stream IDs below `next_stream` that no head arrived on: the client opened
+    /// them implicitly by using a higher one (RFC 9000 §3.2), and their bytes may come yet,
+    /// possibly behind a gap that keeps them unreadable, or never. Looked for at each timer
+    /// check. Bounded: a skipped ID holds one of the client's stream credits for good, and
+    /// the list stops at `MAX_PROBED_STREAMS`.
+    skipped: Vec<u64>,
     peer_goaway: bool,
     served: u64,
     /// No request in flight since then.
@@ -115,6 +121,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             close_not_before: None,
             next_stream: 0,
             heads_pending: HashMap::new(),
+            skipped: Vec::new(),
             peer_goaway: false,
             served: 0,
             idle_since: Some(Instant::now()),
@@ -179,7 +186,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         self.heads_pending.remove(&id);
-        self.next_stream = self.next_stream.max(id + 4);
+        self.advance_next_stream(id);
         if self.draining.is_some_and(|(limit, _)| id >= limit) {
             // After our GOAWAY: not processed, safe for the client to retry (RFC 9114 §5.2).
             Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
@@ -267,9 +274,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Request streams that received bytes but have no head yet: their head is on its way
     /// (or never coming), and must complete within the head timeout from now. Every stream
-    /// with bytes is readable in quiche before the HTTP/3 layer reads them, whatever its ID
-    /// (a client may skip IDs, RFC 9000 §3.2); a stream we answered or refused is never
-    /// readable again, as we stopped its receiving side.
+    /// whose bytes start where its reader is (offset 0 for a new one) is readable in quiche
+    /// before the HTTP/3 layer reads them; streams opened without such bytes (an empty
+    /// frame, data behind a gap) are found by [`probe_silent_streams`](Self::probe_silent_streams).
+    /// A stream we answered or refused is never readable again, as we stopped its receiving
+    /// side.
     fn note_pending_heads(&mut self, conn: &mut quiche::Connection, now: Instant) {
         // Past our GOAWAY's limit a head gets no processing: it must not hold the close.
         let limit = self.draining.map_or(u64::MAX, |(limit, _)| limit);
@@ -278,6 +287,49 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 self.heads_pending.entry(id).or_insert(now);
             }
         }
+    }
+
+    /// Request streams quiche holds with nothing to read: IDs the client skipped, and IDs
+    /// above the last head (up to the most the client can have open). Their head timeout
+    /// runs from now.
+    fn probe_silent_streams(&mut self, conn: &mut quiche::Connection, now: Instant) {
+        let (streams, heads_pending) = (&self.streams, &mut self.heads_pending);
+        self.skipped.retain(|&id| {
+            if streams.contains_key(&id) {
+                return false;
+            }
+            if stream::stream_alive(conn, id) {
+                heads_pending.entry(id).or_insert(now);
+                return false;
+            }
+            true
+        });
+        let limit = self.draining.map_or(u64::MAX, |(limit, _)| limit);
+        let above = (self.next_stream..limit).step_by(4).take(MAX_PROBED_STREAMS);
+        for id in above {
+            if stream::stream_alive(conn, id) && !self.streams.contains_key(&id) {
+                self.heads_pending.entry(id).or_insert(now);
+            }
+        }
+    }
+
+    /// A head arrived on (or was refused for) stream `id`: the IDs below it the client
+    /// skipped are remembered, to be looked for, and `id` itself is no longer one of them
+    /// (an answered stream must never be taken for one still without its head).
+    fn advance_next_stream(&mut self, id: u64) {
+        if id < self.next_stream {
+            if let Some(at) = self.skipped.iter().position(|&s| s == id) {
+                self.skipped.swap_remove(at);
+            }
+            return;
+        }
+        let room = MAX_PROBED_STREAMS.saturating_sub(self.skipped.len());
+        let skipped = (self.next_stream..id)
+            .step_by(4)
+            .filter(|s| !self.heads_pending.contains_key(s))
+            .take(room);
+        self.skipped.extend(skipped);
+        self.next_stream = id + 4;
     }
 
     fn on_data(&mut self, conn: &mut quiche::Connection, id: u64) {
@@ -328,13 +380,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             // (RFC 9114 §4.1: H3_REQUEST_INCOMPLETE).
             tracing::debug!(stream_id = id, "request stream ended without a complete head");
             Self::refuse(conn, id, code::H3_REQUEST_INCOMPLETE);
-            self.next_stream = self.next_stream.max(id + 4);
+            self.advance_next_stream(id);
         }
     }
 
     fn on_reset(&mut self, conn: &mut quiche::Connection, id: u64, code: u64) {
         if self.heads_pending.remove(&id).is_some() {
             Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
+            self.advance_next_stream(id);
             return;
         }
         if !self.streams.contains_key(&id) {
@@ -449,6 +502,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// Ends requests whose peer stalled: a head not complete within the head timeout, a body
     /// with no progress within the stall timeout while the peer owes bytes.
     fn check_stream_timers(&mut self, conn: &mut quiche::Connection, now: Instant) {
+        self.probe_silent_streams(conn, now);
         let head_timeout = self.settings.request_head_timeout;
         let late_heads: Vec<u64> = self
             .heads_pending
@@ -460,9 +514,19 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             tracing::debug!(stream_id = id, "request head not complete within the head timeout");
             self.heads_pending.remove(&id);
             Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
-            self.next_stream = self.next_stream.max(id + 4);
+            self.advance_next_stream(id);
         }
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
+        // A head that did not fit may now (quiche does not say): look again.
+        let heads_waiting: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, entry)| !entry.written && entry.shared.head_waiting())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in heads_waiting {
+            self.service_stream(conn, id);
+        }
         let stall = self.settings.body_stall_timeout;
         let mut stalled = Vec::new();
         for (&id, entry) in &mut self.streams {
@@ -550,6 +614,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 }
+
+/// How many request stream IDs are looked for beyond the last head, and how many skipped
+/// ones are remembered: twice the default limit of concurrent request streams (a client
+/// cannot open IDs beyond its stream credit), and a bound on the work per check.
+const MAX_PROBED_STREAMS: usize = 256;
 
 impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
