@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use super::{ConnectionInfo, HttpService, Informational, Settings};
+use super::{ConnectionInfo, HttpService, Informational, RequestInfo, Settings};
 use crate::conn::Application;
 use crate::error::Error;
 use crate::h3::body::RecvBody;
@@ -231,8 +231,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 RecvBody::empty()
             }
         });
-        let mut info = self.info.clone();
-        info.stream_id = Some(id);
+        let info = self.info.clone();
         let span = tracing::debug_span!(
             "request",
             method = %request.method(),
@@ -242,6 +241,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             status = tracing::field::Empty,
         );
         request.extensions_mut().insert(info);
+        request.extensions_mut().insert(RequestInfo { stream_id: id });
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });

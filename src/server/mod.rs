@@ -52,8 +52,8 @@ use crate::quic::{ConnectionHandle, Incoming, Listener};
 pub use crate::h3::fields::Protocol;
 pub use service::HttpService;
 
-/// Who is on the other end of a request: a request extension (and what a make-service
-/// receives per connection, with no stream ID).
+/// Who is on the other end of a connection: an extension of every request on it (over
+/// every protocol), and what a make-service receives for each connection.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct ConnectionInfo {
@@ -61,10 +61,17 @@ pub struct ConnectionInfo {
     pub remote_addr: SocketAddr,
     /// The local address the connection arrived on.
     pub local_addr: SocketAddr,
-    /// The HTTP version (`HTTP_3` here).
+    /// The HTTP version (`HTTP_3`, or over TCP the request's own).
     pub version: Version,
+}
+
+/// What is known of one HTTP/3 request beyond its head: an extension of every HTTP/3
+/// request (requests over TCP have none).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestInfo {
     /// The QUIC stream the request arrived on.
-    pub stream_id: Option<u64>,
+    pub stream_id: u64,
 }
 
 impl ConnectionInfo {
@@ -73,7 +80,6 @@ impl ConnectionInfo {
             remote_addr: incoming.peer_addr(),
             local_addr: incoming.local_addr(),
             version: Version::HTTP_3,
-            stream_id: None,
         }
     }
 }

@@ -211,7 +211,6 @@ pub(crate) async fn run<S>(
             remote_addr,
             local_addr,
             version: http::Version::HTTP_11,
-            stream_id: None,
         };
         let request_seen = Arc::new(Notify::new());
         let service = TowerToHyperService::new(WithInfo {

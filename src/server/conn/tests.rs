@@ -127,7 +127,6 @@ impl<S: HttpService<RecvBody>> Harness<S> {
             remote_addr: crate::testing::CLIENT_ADDR.parse().unwrap(),
             local_addr: crate::testing::SERVER_ADDR.parse().unwrap(),
             version: http::Version::HTTP_3,
-            stream_id: None,
         };
         let mut app = ServerApp::new(service, settings, info, shutdown, alive);
         app.on_established(&mut pipe.server).expect("HTTP/3 starts");
@@ -728,6 +727,28 @@ async fn a_response_head_that_can_never_be_sent_resets_its_stream_instead_of_han
     assert_eq!(h.seen(too_big).reset, Some(code::H3_INTERNAL_ERROR));
     assert!(h.forgot_everything());
     assert_eq!(h.connection_error(), None);
+}
+
+#[tokio::test]
+async fn each_request_carries_its_connection_and_its_stream() {
+    let handler = service(|request: Request<RecvBody>| async move {
+        let connection = request.extensions().get::<ConnectionInfo>().unwrap();
+        let stream = request.extensions().get::<super::super::RequestInfo>().unwrap();
+        let text = format!(
+            "{} {:?} {}",
+            connection.remote_addr, connection.version, stream.stream_id
+        );
+        Response::new(full(text))
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let first = h.send_request(&get("/"), true);
+    let second = h.send_request(&get("/"), true);
+    h.until("both answers", |h| h.seen(first).finished && h.seen(second).finished)
+        .await;
+    for id in [first, second] {
+        let expected = format!("{} HTTP/3.0 {id}", crate::testing::CLIENT_ADDR);
+        assert_eq!(String::from_utf8(h.seen(id).body).unwrap(), expected);
+    }
 }
 
 #[tokio::test]
