@@ -65,7 +65,7 @@ const PAGE: &str = r#"<!doctype html>
 "#;
 
 #[tokio::main]
-async fn main() {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -91,15 +91,12 @@ async fn main() {
     if let Some(client_ca) = &args.client_ca {
         config = config.client_ca_pem_file(client_ca);
     }
-    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(args.server.listen, config)
-        .await
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let addr = listener.local_addr();
+    let config = config.build()?;
+
+    let listener = Listener::bind(args.server.listen, config).await?;
     // TCP on the same port as UDP (the port the OS chose, when asked for port 0).
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|e| support::fail(&format!("TCP {addr}: {e}")));
+    let tcp = tokio::net::TcpListener::bind(listener.local_addr()).await?;
+    let addr = listener.local_addr();
     eprintln!(
         "serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"",
         addr.port()
@@ -119,6 +116,6 @@ async fn main() {
     }
     tower_quiche::server::serve_with_tcp(listener, tcp, app)
         .with_graceful_shutdown(support::shutdown_signal())
-        .await
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+        .await?;
+    Ok(())
 }
