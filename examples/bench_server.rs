@@ -10,16 +10,26 @@ mod support;
 #[path = "support/routes.rs"]
 mod routes;
 
+use clap::Parser;
 use tower_quiche::quic::{Config, Listener};
+
+/// Every route of the shared route contract over HTTP/3, built to be load-tested.
+///
+/// The routes: /hello, /bytes/N, /echo, /sink, /trailers and /slow (`ROUTES.md`).
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    #[command(flatten)]
+    server: support::Server,
+}
 
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = support::Args::parse(&["--no-retry"]);
-    let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
-    let (cert, key) = support::server_identity(&args);
+    let args = Args::parse();
+    let (cert, key) = support::server_identity(&args.server.identity);
     // One worker thread per core the process may use: the load harness pins the server.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,11 +40,11 @@ fn main() {
             .alpn(["h3"])
             .cert_chain_pem_file(cert)
             .private_key_pem_file(key)
-            .retry(!args.has("--no-retry"))
+            .retry(!args.server.no_retry)
             .keylog_from_env()
             .build()
             .unwrap_or_else(|e| support::fail(&e.to_string()));
-        let listener = Listener::bind(listen, config)
+        let listener = Listener::bind(args.server.listen, config)
             .await
             .unwrap_or_else(|e| support::fail(&e.to_string()));
         eprintln!("bench_server listening on https://{} (HTTP/3)", listener.local_addr());

@@ -10,14 +10,44 @@
 mod support;
 
 use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use clap::Parser;
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use tokio::io::AsyncReadExt;
 use tower_quiche::client::Client;
+
+/// A small curl-like HTTP/3 client: the response body goes to stdout (or OUT).
+///
+/// On failure it prints one readable line and exits non-zero; a non-2xx status is printed
+/// too (and exits 22, as `curl --fail` does).
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    /// Request method
+    #[arg(short = 'X', long = "request", value_name = "METHOD", default_value = "GET")]
+    method: Method,
+    /// A request header (repeatable)
+    #[arg(short = 'H', long = "header", value_name = "name: value")]
+    headers: Vec<String>,
+    /// Send the file as the request body, streamed
+    #[arg(long, value_name = "FILE")]
+    data_file: Option<PathBuf>,
+    /// Write the body to OUT instead of stdout
+    #[arg(short = 'o', long = "output", value_name = "OUT")]
+    output: Option<PathBuf>,
+    #[command(flatten)]
+    trust: support::Trust,
+    /// Print the response head and trailers to stderr
+    #[arg(short = 'v', long)]
+    verbose: bool,
+    /// The https:// URL to request
+    url: String,
+}
 
 #[tokio::main]
 async fn main() {
@@ -38,23 +68,15 @@ fn describe(e: &tower_quiche::Error) -> String {
 }
 
 async fn run() -> Result<(), String> {
-    let args = support::Args::parse(&["-v", "--insecure"]);
-    let url = args.positional.first().ok_or(
-        "usage: client [-X METHOD] [-H 'name: value']... [--data-file FILE] [-o OUT] [--ca PEM | --insecure] [-v] URL",
-    )?;
-    let verbose = args.has("-v");
-    let method: Method = args
-        .value("-X")
-        .unwrap_or("GET")
-        .parse()
-        .map_err(|_| "invalid method")?;
-    let mut builder = Client::builder().danger_accept_invalid_certs(args.has("--insecure"));
-    if let Some(ca) = args.value("--ca") {
+    let args = Args::parse();
+    let verbose = args.verbose;
+    let mut builder = Client::builder().danger_accept_invalid_certs(args.trust.insecure);
+    if let Some(ca) = &args.trust.ca {
         builder = builder.ca_pem_file(ca);
     }
     let client = builder.build().map_err(|e| e.to_string())?;
-    let mut request = Request::builder().method(method).uri(url.as_str());
-    for header in args.values("-H") {
+    let mut request = Request::builder().method(args.method).uri(args.url.as_str());
+    for header in &args.headers {
         let (name, value) = header
             .split_once(':')
             .ok_or_else(|| format!("-H '{header}' is not 'name: value'"))?;
@@ -62,10 +84,11 @@ async fn run() -> Result<(), String> {
         let value = HeaderValue::try_from(value.trim()).map_err(|e| format!("-H '{header}': {e}"))?;
         request = request.header(name, value);
     }
-    let send = match args.value("--data-file") {
+    let send = match &args.data_file {
         Some(path) => {
-            let file = tokio::fs::File::open(path).await.map_err(|e| format!("{path}: {e}"))?;
-            let length = file.metadata().await.map_err(|e| format!("{path}: {e}"))?.len();
+            let failed = |e: std::io::Error| format!("{}: {e}", path.display());
+            let file = tokio::fs::File::open(path).await.map_err(failed)?;
+            let length = file.metadata().await.map_err(failed)?.len();
             // Streamed from the file in 64 KiB chunks, never held whole.
             let chunks = futures_util::stream::unfold(file, |mut file| async move {
                 let mut buf = vec![0; 64 * 1024];
@@ -102,8 +125,8 @@ async fn run() -> Result<(), String> {
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    let mut out: Box<dyn Write> = match args.value("-o") {
-        Some(path) => Box::new(std::fs::File::create(path).map_err(|e| format!("{path}: {e}"))?),
+    let mut out: Box<dyn Write> = match &args.output {
+        Some(path) => Box::new(std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?),
         None => Box::new(std::io::stdout().lock()),
     };
     let progress = std::io::stderr().is_terminal() && total.is_none_or(|t| t > 8 * 1024 * 1024);

@@ -10,7 +10,27 @@ mod support;
 use std::time::Instant;
 
 use bytes::Bytes;
+use clap::Parser;
 use tower_quiche::quic::{Config, Endpoint, echo};
+
+/// A raw-QUIC echo client (ALPN `echo`) that prints the echo throughput.
+///
+/// Each stream carries --bytes bytes at once with the others, checked byte for byte.
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    #[command(flatten)]
+    trust: support::Trust,
+    /// Streams to echo on at once
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    streams: usize,
+    /// Bytes to send on each stream
+    #[arg(long, value_name = "N", default_value_t = 64 * 1024 * 1024)]
+    bytes: u64,
+    /// The echo server
+    #[arg(value_name = "HOST:PORT", default_value = "127.0.0.1:4433")]
+    target: String,
+}
 
 #[tokio::main]
 async fn main() {
@@ -18,19 +38,16 @@ async fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let args = support::Args::parse(&["--insecure"]);
-    let target = args
-        .positional
-        .first()
-        .map(String::as_str)
-        .unwrap_or("127.0.0.1:4433")
-        .to_string();
-    let streams: usize = args.parsed("--streams", 1);
-    let bytes: u64 = args.parsed("--bytes", 64 * 1024 * 1024);
+    let Args {
+        trust,
+        streams,
+        bytes,
+        target,
+    } = Args::parse();
     let mut config = Config::builder()
         .alpn([echo::ALPN])
-        .danger_accept_invalid_certs(args.has("--insecure"));
-    if let Some(ca) = args.value("--ca") {
+        .danger_accept_invalid_certs(trust.insecure);
+    if let Some(ca) = trust.ca {
         config = config.ca_pem_file(ca);
     }
     let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));

@@ -8,7 +8,19 @@
 
 mod support;
 
+use clap::Parser;
 use tower_quiche::quic::{Config, Listener, echo};
+
+/// A raw-QUIC echo server (ALPN `echo`).
+///
+/// Every bidirectional stream a client opens is echoed back byte for byte, and finished when
+/// the client finishes its side.
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    #[command(flatten)]
+    server: support::Server,
+}
 
 #[tokio::main]
 async fn main() {
@@ -16,18 +28,17 @@ async fn main() {
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
-    let args = support::Args::parse(&["--no-retry"]);
-    let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
-    let (cert, key) = support::server_identity(&args);
+    let args = Args::parse();
+    let (cert, key) = support::server_identity(&args.server.identity);
     let config = Config::builder()
         .alpn([echo::ALPN])
         .cert_chain_pem_file(cert)
         .private_key_pem_file(key)
-        .retry(!args.has("--no-retry"))
+        .retry(!args.server.no_retry)
         .keylog_from_env()
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let mut listener = Listener::bind(listen, config)
+    let mut listener = Listener::bind(args.server.listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     eprintln!("echo server listening on {} (ALPN echo)", listener.local_addr());

@@ -14,12 +14,28 @@
 
 mod support;
 
+use std::path::PathBuf;
+
 use axum::Router;
 use axum::extract::Extension;
 use axum::response::Html;
 use axum::routing::get;
+use clap::Parser;
 use tower_quiche::quic::{Config, Listener};
 use tower_quiche::server::ConnectionInfo;
+
+/// An axum app on one port over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), with Alt-Svc.
+///
+/// It serves `/` (a page that shows the protocol each request used) and `/hello`.
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    #[command(flatten)]
+    server: support::Server,
+    /// Require mutual TLS: serve only clients with a certificate issued by a CA in PEM
+    #[arg(long, value_name = "PEM")]
+    client_ca: Option<PathBuf>,
+}
 
 const PAGE: &str = r#"<!doctype html>
 <html><head><meta charset="utf-8"><title>tower-quiche</title></head>
@@ -49,14 +65,13 @@ const PAGE: &str = r#"<!doctype html>
 "#;
 
 #[tokio::main]
-async fn main() {
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = support::Args::parse(&[]);
-    let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
-    let (cert, key) = support::server_identity(&args);
+    let args = Args::parse();
+    let (cert, key) = support::server_identity(&args.server.identity);
     let app = Router::new()
         .route(
             "/",
@@ -69,29 +84,29 @@ async fn main() {
         .alpn(["h3"])
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
+        .retry(!args.server.no_retry)
         .keylog_from_env();
     // The listener's configuration serves both transports, so this one setting requires
     // client certificates over HTTP/3 and over HTTP/1.1 and HTTP/2.
-    let client_ca = args.value("--client-ca");
-    if let Some(client_ca) = client_ca {
+    if let Some(client_ca) = &args.client_ca {
         config = config.client_ca_pem_file(client_ca);
     }
-    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(listen, config)
-        .await
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let addr = listener.local_addr();
+    let config = config.build()?;
+
+    let listener = Listener::bind(args.server.listen, config).await?;
     // TCP on the same port as UDP (the port the OS chose, when asked for port 0).
-    let tcp = tokio::net::TcpListener::bind(addr)
-        .await
-        .unwrap_or_else(|e| support::fail(&format!("TCP {addr}: {e}")));
+    let tcp = tokio::net::TcpListener::bind(listener.local_addr()).await?;
+    let addr = listener.local_addr();
     eprintln!(
         "serving https://{addr}/ over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), Alt-Svc h3=\":{}\"",
         addr.port()
     );
-    if let Some(client_ca) = client_ca {
-        eprintln!("clients must present a certificate issued by a CA in {client_ca} (mutual TLS)");
-    } else if args.value("--cert").is_none() {
+    if let Some(client_ca) = &args.client_ca {
+        eprintln!(
+            "clients must present a certificate issued by a CA in {} (mutual TLS)",
+            client_ca.display()
+        );
+    } else if args.server.identity.cert.is_none() {
         let ca = cert.with_file_name("ca.pem");
         eprintln!(
             "try:  cargo run --example client -- --ca {} https://localhost:{}/hello",
@@ -101,6 +116,6 @@ async fn main() {
     }
     tower_quiche::server::serve_with_tcp(listener, tcp, app)
         .with_graceful_shutdown(support::shutdown_signal())
-        .await
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+        .await?;
+    Ok(())
 }

@@ -20,6 +20,7 @@ mod proxy;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
+use clap::{Parser, Subcommand};
 use http::uri::Authority;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
@@ -27,34 +28,60 @@ use hyper_util::rt::TokioExecutor;
 use tower_quiche::client::Client;
 use tower_quiche::quic::{Config, Listener};
 
+/// Reverse proxies between HTTP/3 and HTTP/1.1, both ways, streaming bodies.
+///
+/// With no mode, a demo: an HTTP/1.1 backend, an HTTP/3 front for it, and an HTTP/1.1 front
+/// that forwards to that HTTP/3 front; it sends 8 MiB each way through the whole chain.
+#[derive(Parser)]
+struct Args {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// HTTP/3 on ADDR, forwarded to an HTTP/1.1 server
+    #[command(args_override_self = true)]
+    H3Front {
+        #[command(flatten)]
+        server: support::Server,
+        /// The HTTP/1.1 backend
+        #[arg(long, value_name = "HOST:PORT")]
+        backend: Authority,
+    },
+    /// Plain HTTP/1.1 and HTTP/2 on ADDR, forwarded over HTTP/3
+    #[command(args_override_self = true)]
+    H3Upstream {
+        /// TCP address to listen on
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The HTTP/3 upstream
+        #[arg(long, value_name = "HOST:PORT")]
+        upstream: Authority,
+        #[command(flatten)]
+        trust: support::Trust,
+    },
+}
+
 #[tokio::main]
 async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
-    let args = support::Args::parse(&["--insecure"]);
-    let authority = |flag: &str| -> Authority {
-        let value = args
-            .value(flag)
-            .unwrap_or_else(|| support::fail(&format!("{flag} HOST:PORT is required")));
-        value
-            .parse()
-            .unwrap_or_else(|_| support::fail(&format!("{flag}: '{value}' is not HOST:PORT")))
-    };
-    match args.positional.first().map(String::as_str) {
-        Some("h3-front") => {
-            let listen = args.parsed("--listen", "127.0.0.1:4433".parse().unwrap());
-            let backend = authority("--backend");
-            let front = h3_front(listen, backend.clone(), &args).await;
+    match Args::parse().mode {
+        Some(Mode::H3Front { server, backend }) => {
+            let front = h3_front(&server, backend.clone()).await;
             eprintln!("HTTP/3 on https://{front}/ -> HTTP/1.1 http://{backend}/");
             support::shutdown_signal().await;
         }
-        Some("h3-upstream") => {
-            let listen = args.parsed("--listen", "127.0.0.1:8080".parse().unwrap());
-            let upstream = authority("--upstream");
-            let mut client = Client::builder().danger_accept_invalid_certs(args.has("--insecure"));
-            if let Some(ca) = args.value("--ca") {
+        Some(Mode::H3Upstream {
+            listen,
+            upstream,
+            trust,
+        }) => {
+            let mut client = Client::builder().danger_accept_invalid_certs(trust.insecure);
+            if let Some(ca) = trust.ca {
                 client = client.ca_pem_file(ca);
             }
             let client = client.build().unwrap_or_else(|e| support::fail(&e.to_string()));
@@ -62,23 +89,21 @@ async fn main() {
             eprintln!("HTTP/1.1 and HTTP/2 on http://{front}/ -> HTTP/3 https://{upstream}/");
             support::shutdown_signal().await;
         }
-        Some(other) => support::fail(&format!(
-            "unknown mode '{other}': use h3-front or h3-upstream, or nothing for the demo"
-        )),
-        None => demo(&args).await,
+        None => demo().await,
     }
 }
 
 /// Starts the HTTP/3 front; returns its address.
-async fn h3_front(listen: SocketAddr, backend: Authority, args: &support::Args) -> SocketAddr {
-    let (cert, key) = support::server_identity(args);
+async fn h3_front(server: &support::Server, backend: Authority) -> SocketAddr {
+    let (cert, key) = support::server_identity(&server.identity);
     let config = Config::builder()
         .alpn(["h3"])
         .cert_chain_pem_file(cert)
         .private_key_pem_file(key)
+        .retry(!server.no_retry)
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(listen, config)
+    let listener = Listener::bind(server.listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let addr = listener.local_addr();
@@ -86,15 +111,15 @@ async fn h3_front(listen: SocketAddr, backend: Authority, args: &support::Args) 
     addr
 }
 
-async fn demo(args: &support::Args) {
+async fn demo() {
     // backend (HTTP/1.1) <- HTTP/3 front <- HTTP/1.1 front <- this client
     let backend = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), routes::router()).await;
-    let front = h3_front(
-        "127.0.0.1:0".parse().unwrap(),
-        backend.to_string().parse().unwrap(),
-        args,
-    )
-    .await;
+    let server = support::Server {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity: support::Identity::default(),
+        no_retry: false,
+    };
+    let front = h3_front(&server, backend.to_string().parse().unwrap()).await;
     let ca = std::env::temp_dir()
         .join(format!("tower-quiche-dev-{}", std::process::id()))
         .join("ca.pem");

@@ -11,21 +11,41 @@ mod support;
 
 mod service;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
 use tower_quiche::client::Client;
 use tower_quiche::quic::{Config, Listener};
 
+/// A tonic gRPC service and its generated client, over HTTP/3, in one process.
+///
+/// It makes a unary call, a server-streaming call, a client-streaming call and one that
+/// fails with a gRPC status, and prints each result.
+#[derive(Parser)]
+#[command(args_override_self = true)]
+struct Args {
+    /// UDP address the server listens on
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    #[command(flatten)]
+    identity: support::Identity,
+    /// CA certificates (PEM) the client trusts [default: the development CA, with no --cert]
+    #[arg(long, value_name = "PEM")]
+    ca: Option<PathBuf>,
+}
+
 #[tokio::main]
 async fn main() {
-    let args = support::Args::parse(&[]);
-    let listen = args.parsed("--listen", "127.0.0.1:0".parse().unwrap());
-    let (cert, key) = support::server_identity(&args);
+    let args = Args::parse();
+    let (cert, key) = support::server_identity(&args.identity);
     let config = Config::builder()
         .alpn(["h3"])
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(listen, config)
+    let listener = Listener::bind(args.listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let port = listener.local_addr().port();
@@ -33,7 +53,7 @@ async fn main() {
     tokio::spawn(tower_quiche::server::serve(listener, service::GreeterServer::new(service::MyGreeter)).into_future());
 
     let mut client = Client::builder();
-    client = match args.value("--ca") {
+    client = match &args.ca {
         Some(ca) => client.ca_pem_file(ca),
         None => client.ca_pem_file(cert.with_file_name("ca.pem")),
     };
