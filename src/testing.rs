@@ -94,24 +94,28 @@ impl Pipe {
         );
     }
 
-    /// Fires the connections' timers that are due, then moves packets both ways until
-    /// neither side has anything to send. Returns whether any packet moved.
-    pub(crate) fn flush(&mut self) -> bool {
+    /// Fires the timers that are due, then hands each side's pending packets to the other
+    /// once (what one round trip of a network would do). Returns whether any moved.
+    pub(crate) fn flush_once(&mut self) -> bool {
         let now = Instant::now();
         for conn in [&mut self.client, &mut self.server] {
             if conn.timeout_instant().is_some_and(|at| at <= now) {
                 conn.on_timeout();
             }
         }
-        let mut moved = false;
-        loop {
-            let a = transfer(&mut self.client, &mut self.server);
-            let b = transfer(&mut self.server, &mut self.client);
-            if !(a || b) {
-                return moved;
-            }
-            moved = true;
+        let a = transfer(&mut self.client, &mut self.server);
+        let b = transfer(&mut self.server, &mut self.client);
+        a || b
+    }
+
+    /// Fires the connections' timers that are due, then moves packets both ways until
+    /// neither side has anything to send. Returns whether any packet moved.
+    pub(crate) fn flush(&mut self) -> bool {
+        let moved = self.flush_once();
+        if moved {
+            while self.flush_once() {}
         }
+        moved
     }
 }
 

@@ -900,6 +900,9 @@ impl stream::StreamOwner for ClientApp {
     fn is_tracked(&self, id: u64) -> bool {
         self.streams.contains_key(&id)
     }
+    fn urgency(&self, id: u64) -> u8 {
+        self.streams.get(&id).map_or(3, |e| e.shared.urgency())
+    }
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
         ClientApp::service_stream(self, conn, id);
     }

@@ -25,7 +25,7 @@
 //!   connection task through the wakers kept here.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -36,6 +36,7 @@ use quiche::h3::{self, Header, NameValue};
 
 use super::codes;
 use super::fields::{self, Malformed};
+use super::priority::Priority;
 use crate::error::{Error, Kind};
 
 /// What each buffered chunk costs beyond its bytes (the `Bytes` handle, its shared header
@@ -307,6 +308,8 @@ pub(crate) enum WriteOutcome {
 pub(crate) struct StreamShared {
     /// The stream ID; a client learns it only when the connection opens the stream.
     id: AtomicU64,
+    /// Its urgency (RFC 9218, 0 = most urgent): the connection writes streams in this order.
+    urgency: AtomicU8,
     notify: Arc<ConnNotify>,
     state: Mutex<StreamState>,
 }
@@ -321,6 +324,7 @@ impl StreamShared {
     ) -> Self {
         StreamShared {
             id: AtomicU64::new(id),
+            urgency: AtomicU8::new(Priority::default().urgency),
             notify,
             state: Mutex::new(StreamState {
                 recv: RecvHalf {
@@ -387,6 +391,17 @@ impl StreamShared {
 
     pub(crate) fn id(&self) -> u64 {
         self.id.load(Ordering::Acquire)
+    }
+
+    /// Sets the stream's priority, in quiche's send order and in the connection's order of
+    /// writes.
+    pub(crate) fn set_priority(&self, conn: &mut quiche::Connection, priority: Priority) {
+        self.urgency.store(priority.urgency, Ordering::Relaxed);
+        priority.apply(conn, self.id());
+    }
+
+    pub(crate) fn urgency(&self) -> u8 {
+        self.urgency.load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_id(&self, id: u64) {
@@ -692,6 +707,17 @@ impl StreamShared {
                 WriteOutcome::Complete
             };
         }
+        // A response's own `priority` field overrides the request's (RFC 9218 §5).
+        if !s.send.head_sent
+            && let Some((fields, _)) = s.send.heads.back()
+        {
+            let priorities = fields.iter().filter(|f| f.name() == b"priority").map(|f| f.value());
+            if priorities.clone().next().is_some() {
+                let priority = Priority::parse(priorities);
+                self.urgency.store(priority.urgency, Ordering::Relaxed);
+                priority.apply(conn, id);
+            }
+        }
         let before = s.send.data_len;
         let heads_before = s.send.heads.len();
         let outcome = write_queued(h3, conn, id, &mut s.send);
@@ -978,20 +1004,32 @@ pub(crate) trait StreamOwner {
     /// A reusable list for the ready stream IDs.
     fn ready_buf(&mut self) -> &mut Vec<u64>;
     fn is_tracked(&self, id: u64) -> bool;
+    /// A tracked stream's urgency (RFC 9218): lower is written first.
+    fn urgency(&self, id: u64) -> u8;
     /// Moves data between quiche and the stream's shared state, both ways.
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64);
 
-    /// Bounded: each round serves what the previous one made ready. Events are polled every
-    /// round because reading a stream's last bytes queues its `Finished` event in quiche, and
-    /// no packet may come to trigger another round. Then the streams that were blocked and
-    /// have room again, or that the peer stopped.
+    /// Rounds, bounded, each serving what the previous one made ready; the first also serves
+    /// the streams that were blocked and have room again, or that the peer stopped. Within
+    /// a round streams are served most urgent first (RFC 9218): what is written first takes
+    /// the room the congestion and flow-control windows freed, so the order of writes is
+    /// the order of sending. Events are polled every round because reading a stream's last
+    /// bytes queues its `Finished` event in quiche, and no packet may come to trigger
+    /// another round. Then the writable streams again, for room the rounds' reads freed.
     fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
-        for _ in 0..8 {
+        for round in 0..8 {
             self.poll_events(conn)?;
             self.poll_tasks(cx, conn);
             let mut ready = std::mem::take(self.ready_buf());
             self.notify().take_ready(cx, &mut ready);
+            if round == 0 {
+                ready.extend(conn.writable().filter(|&id| self.is_tracked(id)));
+            }
             let done = ready.is_empty();
+            if ready.len() > 1 {
+                ready.sort_unstable_by_key(|&id| (self.urgency(id), id));
+                ready.dedup();
+            }
             for &id in &ready {
                 self.service_stream(conn, id);
             }

@@ -24,6 +24,7 @@ use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
 use crate::h3::fields::{self, request_from_fields};
+use crate::h3::priority::Priority;
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 
 type RequestFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
@@ -145,7 +146,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 Ok((id, h3::Event::Data)) => self.on_data(conn, id),
                 Ok((id, h3::Event::Finished)) => self.on_finished(conn, id),
                 Ok((id, h3::Event::Reset(code))) => self.on_reset(conn, id, code),
-                Ok((_, h3::Event::PriorityUpdate)) => {}
+                Ok((id, h3::Event::PriorityUpdate)) => self.on_priority_update(conn, id),
                 Ok((_, h3::Event::GoAway)) => {
                     tracing::debug!("the client sent GOAWAY");
                     self.peer_goaway = true;
@@ -222,8 +223,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             recv_buffer: self.settings.request_body_buffer,
             send_buffer: self.settings.response_body_buffer,
         };
+        // The client's view of the request's urgency (RFC 9218 §4); a PRIORITY_UPDATE or
+        // the response's own `priority` field may change it later.
         let shared =
             StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
+        let priorities = head.request.headers().get_all("priority");
+        if priorities.iter().next().is_some() {
+            shared.set_priority(conn, Priority::parse(priorities.iter().map(|v| v.as_bytes())));
+        }
         let mut request = head.request.map(|()| {
             if more_frames {
                 RecvBody::new(Arc::clone(&shared))
@@ -330,6 +337,17 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             .take(room);
         self.skipped.extend(skipped);
         self.next_stream = id + 4;
+    }
+
+    /// A PRIORITY_UPDATE for a request stream (RFC 9218 §7.1): it reorders what is sent.
+    fn on_priority_update(&mut self, conn: &mut quiche::Connection, id: u64) {
+        if let Ok(value) = self.h3().take_last_priority_update(id) {
+            let priority = Priority::parse([value.as_slice()]);
+            match self.streams.get(&id) {
+                Some(entry) => entry.shared.set_priority(conn, priority),
+                None => priority.apply(conn, id),
+            }
+        }
     }
 
     fn on_data(&mut self, conn: &mut quiche::Connection, id: u64) {
@@ -635,6 +653,9 @@ impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     }
     fn is_tracked(&self, id: u64) -> bool {
         self.streams.contains_key(&id)
+    }
+    fn urgency(&self, id: u64) -> u8 {
+        self.streams.get(&id).map_or(3, |e| e.shared.urgency())
     }
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
         ServerApp::service_stream(self, conn, id);

@@ -175,6 +175,16 @@ impl<S: HttpService<RecvBody>> Harness<S> {
         }
     }
 
+    /// One turn of the server, one exchange of packets, one look at the client's events.
+    fn round(&mut self) {
+        let waker = Waker::from(Arc::clone(&self.woken));
+        let _ = self
+            .app
+            .process(&mut Context::from_waker(&waker), &mut self.pipe.server);
+        self.pipe.flush_once();
+        self.poll_client();
+    }
+
     /// Settles, lets tokio run (timers, handlers waiting on other tasks) and repeats until
     /// `done` holds. Panics after [`PATIENCE`].
     async fn until(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
@@ -749,6 +759,50 @@ async fn each_request_carries_its_connection_and_its_stream() {
         let expected = format!("{} HTTP/3.0 {id}", crate::testing::CLIENT_ADDR);
         assert_eq!(String::from_utf8(h.seen(id).body).unwrap(), expected);
     }
+}
+
+#[tokio::test]
+async fn an_urgent_request_overtakes_a_background_download() {
+    const BIG: usize = 8 << 20;
+    const SMALL: usize = 256 << 10;
+    let handler = service(|request: Request<RecvBody>| async move {
+        let size = if request.uri().path() == "/big" { BIG } else { SMALL };
+        Response::new(full(vec![1u8; size]))
+    });
+    // The client's connection window is the bottleneck (the pipe has no other), so the
+    // server always has more to send than it may: its order of streams decides.
+    const WINDOW: u64 = 64 << 10;
+    let mut h = Harness::with_transport(Builder::new(), handler, |b| {
+        b.initial_max_data(WINDOW).max_windows(WINDOW, WINDOW)
+    });
+    let with_priority = |path: &str, priority: &str| {
+        let mut list = get(path);
+        list.push(h3::Header::new(b"priority", priority.as_bytes()));
+        list
+    };
+    let big = h.send_request(&with_priority("/big", "u=7"), true);
+    while h.seen(big).body.len() < 1 << 20 {
+        h.round();
+    }
+    let small = h.send_request(&with_priority("/small", "u=0"), true);
+    let big_before = h.seen(big).body.len();
+    for _ in 0..100_000 {
+        if h.seen(small).finished {
+            break;
+        }
+        h.round();
+        tokio::task::yield_now().await;
+    }
+    let interleaved = h.seen(big).body.len() - big_before;
+    assert_eq!(h.seen(small).body.len(), SMALL);
+    // What was already on its way for the download (at most one connection window) may
+    // still arrive first; nothing more.
+    assert!(
+        interleaved <= WINDOW as usize,
+        "{interleaved} bytes of the u=7 download arrived while the u=0 response was sent"
+    );
+    h.until("the download", |h| h.seen(big).finished).await;
+    assert_eq!(h.seen(big).body.len(), BIG);
 }
 
 #[tokio::test]
