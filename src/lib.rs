@@ -63,19 +63,14 @@
 
 pub mod alt_svc;
 pub mod client;
-mod config;
-mod conn;
-mod endpoint;
 mod error;
 mod h3;
-mod metrics;
 pub mod quic;
 pub mod server;
-mod socket;
 #[cfg(test)]
 mod testing;
-pub mod tls;
 
 pub use error::{BoxError, Error};
 pub use h3::body::RecvBody;
+pub use quic::tls;
 pub use quiche;

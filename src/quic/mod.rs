@@ -6,10 +6,22 @@
 //! HTTP/3 server and client of this crate are two such applications; [`echo`] is a third,
 //! small enough to read in one sitting.
 
+mod app;
+mod cid;
+mod config;
+mod driver;
 pub mod echo;
+mod endpoint;
+mod limits;
+mod metrics;
+mod router;
+mod routes;
+pub mod tls;
+mod token;
+mod udp;
 
-pub use crate::config::{Config, ConfigBuilder, CongestionControl};
-pub use crate::conn::{Application, Closed, ConnectionHandle, ConnectionStats};
-pub use crate::endpoint::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
-pub use crate::endpoint::{Endpoint, Incoming, Listener};
-pub use crate::metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
+pub use app::{Application, Closed, ConnectionHandle, ConnectionStats};
+pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
+pub use config::{Config, ConfigBuilder, CongestionControl};
+pub use endpoint::{Endpoint, Incoming, Listener};
+pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};

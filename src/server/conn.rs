@@ -19,12 +19,12 @@ use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::{ConnectionInfo, HttpService, Informational, Settings};
-use crate::conn::Application;
 use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
 use crate::h3::fields::{self, request_from_fields};
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
+use crate::quic::Application;
 
 type RequestFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
 

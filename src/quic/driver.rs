@@ -20,10 +20,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use super::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
-use crate::endpoint::{InboundQueue, Registration, Shared, cid};
+use super::app::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
+use super::cid;
+use super::endpoint::{InboundQueue, Registration, Shared};
+use super::udp::Socket;
 use crate::error::{self, Error};
-use crate::socket::Socket;
 
 /// Turns per poll before the task yields to its neighbours (hyper bounds its loop likewise).
 const MAX_TURNS: usize = 16;
@@ -236,7 +237,7 @@ impl<A: Application> Driver<A> {
                 tracing::trace!(error = %e, "packet not accepted");
             }
             if !self.established
-                && let Some(reason) = crate::tls::take_verify_error()
+                && let Some(reason) = super::tls::take_verify_error()
             {
                 self.verify_error = Some(reason);
             }

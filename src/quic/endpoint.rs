@@ -7,12 +7,6 @@
 //! ([`Registration`]); a server connection's registration also holds its slot in the
 //! listener's connection and handshake caps ([`limits`]).
 
-pub(crate) mod cid;
-mod limits;
-mod queue;
-mod router;
-pub(crate) mod token;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -24,10 +18,11 @@ use std::time::Instant;
 use bytes::BytesMut;
 use tokio::sync::{Notify, mpsc};
 
-use crate::config::Config;
-use crate::conn::{Application, ConnectionHandle, driver};
+use super::app::{Application, ConnectionHandle};
+use super::config::Config;
+use super::udp::Socket;
+use super::{cid, driver, limits, router, routes as queue};
 use crate::error::Error;
-use crate::socket::Socket;
 
 /// A received datagram on its way to its connection.
 pub(crate) struct Datagram {
@@ -42,12 +37,12 @@ pub(crate) use queue::Receiver as InboundQueue;
 pub(crate) struct Shared {
     pub(crate) socket: Socket,
     pub(crate) config: Config,
-    routes: Mutex<HashMap<Box<[u8]>, Route>>,
+    pub(super) routes: Mutex<HashMap<Box<[u8]>, Route>>,
     pub(crate) reset_key: cid::ResetKey,
     /// Set when every handle to the endpoint is gone: the router stops once the last
     /// connection has left the route map.
-    closing: AtomicBool,
-    router_wake: Notify,
+    pub(super) closing: AtomicBool,
+    pub(super) router_wake: Notify,
 }
 
 impl Shared {
@@ -62,7 +57,7 @@ impl Shared {
         })
     }
 
-    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
+    pub(super) fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
         // The map stays consistent even if a holder panicked: every operation on it is a
         // single insert or remove.
         self.routes.lock().unwrap_or_else(|p| p.into_inner())
@@ -84,9 +79,9 @@ impl Shared {
 /// connection that ends in any way leaves no route behind and is no longer counted.
 pub(crate) struct Registration {
     shared: Arc<Shared>,
-    ids: Vec<Box<[u8]>>,
+    pub(super) ids: Vec<Box<[u8]>>,
     route: Route,
-    slot: Option<limits::Slot>,
+    pub(super) slot: Option<limits::Slot>,
 }
 
 impl Registration {

@@ -21,9 +21,10 @@ use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::endpoint::{Datagram, Incoming, Registration, Route, Shared};
 use super::limits::Limits;
-use super::{Datagram, Incoming, Registration, Route, Shared, cid, queue};
-use crate::metrics::DropReason;
+use super::metrics::DropReason;
+use super::{cid, routes as queue};
 
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
 /// one allocation serves about 48 full-size datagrams, and is reused as soon as the

@@ -13,8 +13,8 @@ use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
-use super::Datagram;
-use crate::config::Settings;
+use super::config::Settings;
+use super::endpoint::Datagram;
 
 /// A new queue with the configured bounds.
 pub(crate) fn channel(s: &Settings) -> (Sender, Receiver) {
