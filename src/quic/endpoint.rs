@@ -1,158 +1,37 @@
-//! Endpoints: the UDP sockets, the router task that owns each socket's receive side, and the
-//! public faces of both roles — [`Listener`] (server) and [`Endpoint`] (client).
+//! Endpoints, the public faces of both roles: [`Listener`] (server: bind, accept) and
+//! [`Endpoint`] (client: connect), and [`Incoming`], a connection not yet started.
 //!
-//! Datagrams are routed by destination connection ID to per-connection tasks over queues
-//! bounded in datagrams and bytes ([`queue`]). Connections register every source ID they
-//! issue in the socket's route map and remove them when they retire them or close
-//! ([`Registration`]); a server connection's registration also holds its slot in the
-//! listener's connection and handshake caps ([`limits`]).
+//! An endpoint binds its UDP sockets, spawns a router task per socket ([`super::router`])
+//! and starts each connection's task ([`super::driver`]) with what the task needs from the
+//! socket, handed over as one [`ConnContext`].
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 
 use super::app::{Application, ConnectionHandle};
+use super::cid;
 use super::config::Config;
+use super::driver::{self, ConnContext};
+use super::limits::Limits;
+use super::router::{self, Accepted, Shared};
+use super::routes::{InboundQueue, Registration};
 use super::udp::Socket;
-use super::{cid, driver, limits, router, routes as queue};
 use crate::error::Error;
 
-/// A received datagram on its way to its connection.
-pub(crate) struct Datagram {
-    pub(crate) data: BytesMut,
-    pub(crate) from: SocketAddr,
-}
-
-pub(crate) type Route = queue::Sender;
-pub(crate) use queue::Receiver as InboundQueue;
-
-/// What a socket's router, its connections and the endpoint handles share.
-pub(crate) struct Shared {
-    pub(crate) socket: Socket,
-    pub(crate) config: Config,
-    pub(super) routes: Mutex<HashMap<Box<[u8]>, Route>>,
-    pub(crate) reset_key: cid::ResetKey,
-    /// Set when every handle to the endpoint is gone: the router stops once the last
-    /// connection has left the route map.
-    pub(super) closing: AtomicBool,
-    pub(super) router_wake: Notify,
-}
-
-impl Shared {
-    fn new(socket: Socket, config: Config) -> Arc<Self> {
-        Arc::new(Shared {
-            socket,
-            config,
-            routes: Mutex::new(HashMap::new()),
-            reset_key: cid::ResetKey::random(),
-            closing: AtomicBool::new(false),
-            router_wake: Notify::new(),
-        })
-    }
-
-    pub(super) fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
-        // The map stays consistent even if a holder panicked: every operation on it is a
-        // single insert or remove.
-        self.routes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.router_wake.notify_one();
-    }
-
-    /// The number of live connections routed through this socket.
-    pub(crate) fn route_count(&self) -> usize {
-        self.routes().len()
-    }
-}
-
-/// The connection IDs one connection has in its socket's route map, and (server side) its
-/// slot in the listener's caps; dropping it removes the IDs and frees the slot, so a
-/// connection that ends in any way leaves no route behind and is no longer counted.
-pub(crate) struct Registration {
-    shared: Arc<Shared>,
-    pub(super) ids: Vec<Box<[u8]>>,
-    route: Route,
-    pub(super) slot: Option<limits::Slot>,
-}
-
-impl Registration {
-    pub(crate) fn new(shared: Arc<Shared>, route: Route) -> Self {
-        Registration {
-            shared,
-            ids: Vec::new(),
-            route,
-            slot: None,
-        }
-    }
-
-    /// The handshake has completed: the connection leaves the listener's handshake count.
-    pub(crate) fn established(&mut self) {
-        if let Some(slot) = &mut self.slot {
-            slot.established();
-        }
-    }
-
-    pub(crate) fn add(&mut self, id: &[u8]) {
-        let key: Box<[u8]> = id.into();
-        self.shared.routes().insert(key.clone(), self.route.clone());
-        self.ids.push(key);
-    }
-
-    pub(crate) fn remove(&mut self, id: &[u8]) {
-        if let Some(pos) = self.ids.iter().position(|k| &**k == id) {
-            let key = self.ids.swap_remove(pos);
-            self.shared.routes().remove(&key);
-        }
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
-    /// A connection's registration on `shared`'s socket, with the queue its datagrams will
-    /// be routed to.
-    fn with_queue(shared: &Arc<Shared>) -> (Registration, InboundQueue) {
-        let (tx, rx) = queue::channel(&shared.config.inner.s);
-        (Registration::new(Arc::clone(shared), tx), rx)
-    }
-
-    /// A registration on a socket of its own that no router reads, for tests that drive a
-    /// connection's task by hand.
-    #[cfg(test)]
-    pub(crate) fn unrouted(socket: Socket, config: Config) -> (Registration, InboundQueue) {
-        Self::with_queue(&Shared::new(socket, config))
-    }
-}
-
-impl Registration {
-    /// Withdraws every route of the connection now; a closed connection does this before it
-    /// reports itself closed, so nobody who saw it closed finds its routes still there.
-    pub(crate) fn release(&mut self) {
-        let now_empty = {
-            let mut routes = self.shared.routes();
-            for key in self.ids.drain(..) {
-                routes.remove(&key);
-            }
-            routes.is_empty()
-        };
-        if now_empty && self.shared.closing.load(Ordering::Acquire) {
-            self.shared.router_wake.notify_one();
-        }
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.release();
+/// What the task of a connection on `shared`'s socket gets.
+fn context(shared: &Shared, registration: Registration, inbound: InboundQueue, started: Instant) -> ConnContext {
+    ConnContext {
+        socket: Arc::clone(&shared.socket),
+        config: shared.config.clone(),
+        reset_key: Arc::clone(&shared.reset_key),
+        registration,
+        inbound,
+        started,
     }
 }
 
@@ -162,7 +41,7 @@ struct CloseOnDrop(Vec<Arc<Shared>>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         for shared in &self.0 {
-            shared.close();
+            shared.routes.close();
         }
     }
 }
@@ -177,7 +56,7 @@ impl Drop for CloseOnDrop {
 /// Dropping the listener stops accepting; connections already started run on until they
 /// close.
 pub struct Listener {
-    incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Accepted>,
     config: Config,
     local_addrs: Vec<SocketAddr>,
     _close: CloseOnDrop,
@@ -230,7 +109,7 @@ impl Listener {
         }
         let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
         // One set of caps for the whole listener, whichever socket a client arrives on.
-        let limits = limits::Limits::new(&config.inner.s);
+        let limits = Limits::new(&config.inner.s);
         let mut shareds = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
@@ -268,12 +147,12 @@ impl Listener {
 
     /// Waits for the next new connection. Returns `None` only if every router stopped.
     pub async fn accept(&mut self) -> Option<Incoming> {
-        self.incoming.recv().await
+        self.incoming.recv().await.map(Incoming)
     }
 
     /// Polls for the next new connection.
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.incoming.poll_recv(cx)
+        self.incoming.poll_recv(cx).map(|a| a.map(Incoming))
     }
 }
 
@@ -281,19 +160,14 @@ impl futures_core::Stream for Listener {
     type Item = Incoming;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.get_mut().incoming.poll_recv(cx)
+        self.get_mut().poll_accept(cx)
     }
 }
 
 /// A new server-side connection, not yet started: its first packets are queued. Call
 /// [`Incoming::start`] with the [`Application`] that will drive it; dropping it refuses the
 /// connection (the client times out).
-pub struct Incoming {
-    pub(crate) conn: quiche::Connection,
-    pub(crate) rx: InboundQueue,
-    pub(crate) registration: Registration,
-    pub(crate) started: Instant,
-}
+pub struct Incoming(Accepted);
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,7 +181,8 @@ impl Incoming {
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
         Socket::canonical(
-            self.conn
+            self.0
+                .conn
                 .path_stats()
                 .next()
                 .map(|p| p.peer_addr)
@@ -317,18 +192,20 @@ impl Incoming {
 
     /// The local address the connection arrived on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.registration.shared().socket.local_addr()
+        self.0.shared.socket.local_addr()
     }
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
     pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
-        driver::spawn(
-            self.conn,
-            self.rx,
-            self.registration,
-            driver::AppSlot::Running(app),
-            self.started,
-        )
+        let Accepted {
+            conn,
+            shared,
+            inbound,
+            registration,
+            started,
+        } = self.0;
+        let ctx = context(&shared, registration, inbound, started);
+        driver::spawn(conn, ctx, driver::AppSlot::Running(app))
     }
 }
 
@@ -385,7 +262,7 @@ impl Endpoint {
 
     /// How many connections currently use this endpoint's socket.
     pub fn open_connections(&self) -> usize {
-        self.shared.route_count()
+        self.shared.routes.len()
     }
 
     /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
@@ -492,10 +369,11 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (mut registration, rx) = Registration::with_queue(shared);
+        let (mut registration, inbound) = shared.register();
         registration.add(&scid);
         let (hand_over, app) = tokio::sync::oneshot::channel();
-        let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
+        let ctx = context(shared, registration, inbound, Instant::now());
+        let handle = driver::spawn(conn, ctx, driver::AppSlot::Waiting(app));
         Ok((handle, hand_over))
     }
 }
