@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::app::{Application, ConnectionHandle};
 use super::cid;
@@ -211,6 +211,10 @@ impl Incoming {
 
 /// A QUIC client endpoint: one UDP socket that many connections share.
 ///
+/// [`connect_addr`](Self::connect_addr) connects to one address. [`connect`](Self::connect)
+/// resolves a name and races its addresses; that belongs to the client side of the crate
+/// and is defined there, so this transport module knows no DNS.
+///
 /// Cheap to clone. The socket closes when the last clone is dropped and its last connection
 /// has closed.
 #[derive(Clone)]
@@ -265,67 +269,6 @@ impl Endpoint {
         self.shared.routes.len()
     }
 
-    /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
-    /// connection with `app` once the handshake completes.
-    ///
-    /// The name is resolved with the system resolver. When it has several addresses, they
-    /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
-    /// starts every 250 ms (or at once when one fails), and the first handshake to complete
-    /// wins. The host name is sent as SNI and the server's certificate must be valid for it
-    /// (unless verification is turned off). A TLS failure is final: it would fail the same
-    /// way elsewhere.
-    pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
-        /// RFC 8305 §5's recommended "Connection Attempt Delay".
-        const ATTEMPT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
-        let (host, _) = split_authority(authority)?;
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
-            .await
-            .map_err(|e| Error::io(format!("cannot resolve '{authority}'"), e))?
-            .collect();
-        let mut last_error = Error::io(
-            format!("'{authority}' resolved to no address"),
-            std::io::ErrorKind::NotFound.into(),
-        );
-        let mut addrs = interleave_families(addrs).into_iter();
-        let mut attempts = futures_util::stream::FuturesUnordered::new();
-        let attempt = |addr: SocketAddr| {
-            let started = self.start_connection::<A>(addr, Some(host));
-            async move {
-                let (handle, hand_over) = started?;
-                handle.established().await?;
-                Ok::<_, Error>((handle, hand_over))
-            }
-        };
-        let next_start = tokio::time::sleep(std::time::Duration::ZERO);
-        tokio::pin!(next_start);
-        let mut more = true;
-        loop {
-            tokio::select! {
-                () = &mut next_start, if more => match addrs.next() {
-                    Some(addr) => {
-                        attempts.push(attempt(addr));
-                        next_start.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
-                    }
-                    None => more = false,
-                },
-                Some(result) = futures_util::StreamExt::next(&mut attempts) => match result {
-                    Ok((handle, hand_over)) => {
-                        // The losers are dropped with their hand-over: their drivers close them.
-                        let _ = hand_over.send(app);
-                        return Ok(handle);
-                    }
-                    Err(e) if e.is_tls() => return Err(e),
-                    Err(e) => {
-                        last_error = e;
-                        // Start the next address now instead of waiting out the delay.
-                        next_start.as_mut().reset(tokio::time::Instant::now());
-                    }
-                },
-                else => return Err(last_error),
-            }
-        }
-    }
-
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
     /// certificate (a literal IP address, such as `Some("192.0.2.1")`, is checked against
     /// the certificate's IP SANs). Returns once the handshake has completed.
@@ -348,19 +291,20 @@ impl Endpoint {
                  ConfigBuilder::danger_accept_invalid_certs(true)"
             )));
         }
-        let (handle, hand_over) = self.start_connection(addr, server_name)?;
-        handle.established().await?;
-        let _ = hand_over.send(app);
-        Ok(handle)
+        Ok(self
+            .start_connection(addr, server_name)?
+            .established()
+            .await?
+            .start(app))
     }
 
-    /// Starts a connection whose application is handed over once the handshake completes,
-    /// so that a failed attempt does not consume it.
-    fn start_connection<A: Application>(
+    /// Starts a connection to `addr` whose application is handed over once the handshake
+    /// completes, so that an attempt that fails or loses a race does not consume it.
+    pub(crate) fn start_connection<A: Application>(
         &self,
         addr: SocketAddr,
         server_name: Option<&str>,
-    ) -> Result<(ConnectionHandle, tokio::sync::oneshot::Sender<A>), Error> {
+    ) -> Result<Connecting<A>, Error> {
         let shared = &self.shared;
         let peer = shared.socket.peer_address_for(addr);
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
@@ -371,41 +315,33 @@ impl Endpoint {
         };
         let (mut registration, inbound) = shared.register();
         registration.add(&scid);
-        let (hand_over, app) = tokio::sync::oneshot::channel();
+        let (hand_over, app) = oneshot::channel();
         let ctx = context(shared, registration, inbound, Instant::now());
         let handle = driver::spawn(conn, ctx, driver::AppSlot::Waiting(app));
-        Ok((handle, hand_over))
+        Ok(Connecting { handle, hand_over })
     }
 }
 
-/// Orders addresses IPv6, IPv4, IPv6, … keeping the resolver's order within each family
-/// (RFC 8305 §4), so a broken family costs one attempt, not all of them.
-fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let (v6, v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv6);
-    let mut out = Vec::with_capacity(v6.len() + v4.len());
-    let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return out,
-            (x, y) => out.extend(x.into_iter().chain(y)),
-        }
-    }
+/// A client connection whose handshake is under way and whose application is not yet
+/// handed over. Dropping it abandons the attempt: its task closes the connection.
+pub(crate) struct Connecting<A> {
+    handle: ConnectionHandle,
+    hand_over: oneshot::Sender<A>,
 }
 
-/// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
-pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
-    let bad = || {
-        Error::config(format!(
-            "'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"
-        ))
-    };
-    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
-    let port = port.parse().map_err(|_| bad())?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() {
-        return Err(bad());
+impl<A> Connecting<A> {
+    /// Waits until the handshake has completed; fails with the reason it did not.
+    pub(crate) async fn established(self) -> Result<Self, Error> {
+        self.handle.established().await?;
+        Ok(self)
     }
-    Ok((host, port))
+
+    /// Hands the connection to `app`.
+    pub(crate) fn start(self, app: A) -> ConnectionHandle {
+        // Refused only if the task has ended already; the handle says how it ended.
+        let _ = self.hand_over.send(app);
+        self.handle
+    }
 }
 
 #[cfg(test)]

@@ -21,7 +21,9 @@
 //! - `driver`: one connection's task, the sole owner of its `quiche::Connection`. It gets
 //!   what it needs (socket, registration, reset key, configuration) as one context value
 //!   and knows no endpoint.
-//! - `endpoint`: [`Listener`], [`Endpoint`] and [`Incoming`]: bind, accept, connect.
+//! - `endpoint`: [`Listener`], [`Endpoint`] and [`Incoming`]: bind, accept, connect to an
+//!   address. Connecting by name (resolution, Happy Eyeballs) is the client's business:
+//!   [`Endpoint::connect`] is defined in `client`.
 //! - `config`, [`tls`], `metrics`: [`Config`] by role, certificates and roots, the
 //!   [`Metrics`] seam.
 //! - `app`: the [`Application`] seam, [`ConnectionHandle`], [`Closed`],
