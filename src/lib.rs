@@ -63,20 +63,15 @@
 
 pub mod alt_svc;
 pub mod client;
-mod config;
-mod conn;
-mod endpoint;
 mod error;
 mod h3;
-mod metrics;
 pub mod quic;
 pub mod server;
-mod socket;
 #[cfg(test)]
 mod testing;
-pub mod tls;
 
 pub use error::{BoxError, Code, Error};
 pub use h3::body::RecvBody;
 pub use h3::codes;
+pub use quic::tls;
 pub use quiche;

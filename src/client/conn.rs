@@ -22,13 +22,13 @@ use quiche::h3;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Sleep;
 
-use crate::conn::{Application, ConnectionHandle};
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
 use crate::h3::fields::{self, Malformed, request_fields, response_from_fields};
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 use crate::quic::Endpoint;
+use crate::quic::{Application, ConnectionHandle};
 
 /// How many submitted requests may wait for stream credit on one connection.
 const SUBMIT_QUEUE: usize = 1024;

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod conn;
+mod connect;
 
 use std::collections::HashMap;
 use std::future::Future;

@@ -23,7 +23,7 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::conn::Application;
+use super::app::Application;
 use crate::error::{Error, Kind};
 
 /// The echo protocol's ALPN name.

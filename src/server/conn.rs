@@ -19,13 +19,13 @@ use tokio::time::Sleep;
 use tracing::Instrument;
 
 use super::{ConnectionInfo, HttpService, Informational, RequestInfo, Settings};
-use crate::conn::Application;
 use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
 use crate::h3::fields::{self, request_from_fields};
 use crate::h3::priority::Priority;
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
+use crate::quic::Application;
 
 type RequestFuture = Pin<Box<dyn Future<Output = (u64, bool)> + Send>>;
 
@@ -593,19 +593,20 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         if due {
             self.check_stream_timers(conn, now);
         }
-        // Streams and heads in flight are checked a few times per timeout; with none, the
-        // connection needs no wake-up for them (heads are noted as their bytes arrive).
-        self.next_stream_check = if self.streams.is_empty() && self.heads_pending.is_empty() {
-            None
+        // Streams and heads in flight are checked a few times per timeout. With none, a look
+        // once per head timeout still finds request streams with nothing readable (bytes
+        // behind a gap) that an idle connection would otherwise keep until it idles out.
+        let settings = &self.settings;
+        let every = if self.streams.is_empty() && self.heads_pending.is_empty() {
+            settings.request_head_timeout
         } else {
-            let settings = &self.settings;
-            let every = settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT;
-            let next = now + every;
-            Some(match self.next_stream_check {
-                Some(at) if !due => at.min(next),
-                _ => next,
-            })
+            settings.request_head_timeout.min(settings.body_stall_timeout) / TIMER_CHECKS_PER_TIMEOUT
         };
+        let next = now + every;
+        self.next_stream_check = Some(match self.next_stream_check {
+            Some(at) if !due => at.min(next),
+            _ => next,
+        });
         // Every deadline here lies in the future: one in the past would wake the task at
         // once, forever.
         let Some(at) = [idle_deadline, drain_deadline, self.next_stream_check, linger_deadline]
@@ -664,6 +665,14 @@ impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
 
 impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        if conn.application_proto() != b"h3" {
+            // A listener may offer other protocols too: this connection is not ours to serve.
+            return Err(Error::config(format!(
+                "the connection negotiated ALPN {:?}, not h3: serve it with the Application for that \
+                 protocol, or offer only \"h3\" on this listener",
+                String::from_utf8_lossy(conn.application_proto())
+            )));
+        }
         let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);

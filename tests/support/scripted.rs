@@ -292,12 +292,12 @@ impl Client {
         id
     }
 
-    /// Sends a small body part on a request stream as one DATA frame, in one write.
+    /// Sends a small body part on a request stream as one DATA frame, waiting for
+    /// flow-control credit as needed (under load the server may not have returned it yet).
     pub async fn body(&self, id: u64, bytes: Vec<u8>, fin: bool) {
-        let data = frame(DATA, &bytes);
-        let len = data.len();
-        let n = self.run(move |_, conn| conn.stream_send(id, &data, fin)).await;
-        assert_eq!(n, Ok(len), "a small body part goes out whole");
+        self.send_raw(id, frame(DATA, &bytes), fin)
+            .await
+            .expect("a body part goes out");
     }
 
     /// Sends a whole body as one DATA frame and finishes the stream.

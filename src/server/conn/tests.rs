@@ -667,6 +667,40 @@ async fn request_streams_whose_bytes_sit_behind_a_gap_are_rejected_after_the_hea
 }
 
 #[tokio::test]
+async fn a_stream_behind_a_gap_on_an_idle_connection_is_rejected_after_the_head_timeout() {
+    let mut h = Harness::new(Builder::new().request_head_timeout(Duration::from_millis(50)), echo());
+    // Nothing else in flight: the connection is idle (its idle timeout is 30 s).
+    let gap = 0;
+    assert_eq!(h.send_raw(gap, &[0x01, 0x40, 100], false), 3);
+    deliver_or_lose(&mut h.pipe.client, &mut h.pipe.server, false);
+    assert_eq!(h.send_raw(gap, &[0; 20], false), 20);
+    deliver_or_lose(&mut h.pipe.client, &mut h.pipe.server, true);
+    let give_up = Instant::now() + PATIENCE;
+    while h.seen(gap).reset.is_none() {
+        assert!(Instant::now() < give_up, "the stream behind a gap was never rejected");
+        h.turn_losing_the_clients_packets();
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    assert_eq!(h.seen(gap).reset, Some(code::H3_REQUEST_REJECTED));
+}
+
+#[tokio::test]
+async fn a_connection_that_negotiated_another_protocol_is_not_served_as_http3() {
+    let mut pipe = Pipe::handshaken(&server_config("echo", |b| b), &client_config("echo", |b| b));
+    let (alive, _alive_rx) = mpsc::channel(1);
+    let info = ConnectionInfo {
+        remote_addr: crate::testing::CLIENT_ADDR.parse().unwrap(),
+        local_addr: crate::testing::SERVER_ADDR.parse().unwrap(),
+        version: http::Version::HTTP_3,
+    };
+    let settings = Builder::new().settings().unwrap();
+    let mut app = ServerApp::new(echo(), settings, info, Box::pin(std::future::pending()), alive);
+    let error = app.on_established(&mut pipe.server).unwrap_err();
+    assert!(error.to_string().contains("not h3"), "{error}");
+    assert!(app.h3.is_none());
+}
+
+#[tokio::test]
 async fn a_stalled_body_is_cancelled_and_its_handler_sees_an_error() {
     let body_error = Arc::new(AtomicBool::new(false));
     let e = Arc::clone(&body_error);

@@ -12,8 +12,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::config::Settings;
-use crate::metrics::DropReason;
+use super::config::Settings;
+use super::metrics::DropReason;
 
 /// The caps and the reply budget of one listener.
 pub(crate) struct Limits {

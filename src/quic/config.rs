@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::endpoint::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
+use super::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
+use super::metrics::{Metrics, NoopMetrics};
+use super::tls::{PemSource, TlsMaterial};
 use crate::error::Error;
-use crate::metrics::{Metrics, NoopMetrics};
-use crate::tls::{PemSource, TlsMaterial};
 
 /// Congestion control algorithms quiche offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -681,7 +681,7 @@ impl ConfigBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::DevCa;
+    use crate::quic::tls::DevCa;
 
     #[test]
     fn empty_alpn_is_refused_with_advice() {

@@ -1,163 +1,37 @@
-//! Endpoints: the UDP sockets, the router task that owns each socket's receive side, and the
-//! public faces of both roles — [`Listener`] (server) and [`Endpoint`] (client).
+//! Endpoints, the public faces of both roles: [`Listener`] (server: bind, accept) and
+//! [`Endpoint`] (client: connect), and [`Incoming`], a connection not yet started.
 //!
-//! Datagrams are routed by destination connection ID to per-connection tasks over queues
-//! bounded in datagrams and bytes ([`queue`]). Connections register every source ID they
-//! issue in the socket's route map and remove them when they retire them or close
-//! ([`Registration`]); a server connection's registration also holds its slot in the
-//! listener's connection and handshake caps ([`limits`]).
+//! An endpoint binds its UDP sockets, spawns a router task per socket ([`super::router`])
+//! and starts each connection's task ([`super::driver`]) with what the task needs from the
+//! socket, handed over as one [`ConnContext`].
 
-pub(crate) mod cid;
-mod limits;
-mod queue;
-mod router;
-pub(crate) mod token;
-
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use bytes::BytesMut;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Config;
-use crate::conn::{Application, ConnectionHandle, driver};
+use super::app::{Application, ConnectionHandle};
+use super::cid;
+use super::config::Config;
+use super::driver::{self, ConnContext};
+use super::limits::Limits;
+use super::router::{self, Accepted, Shared};
+use super::routes::{InboundQueue, Registration};
+use super::udp::Socket;
 use crate::error::Error;
-use crate::socket::Socket;
 
-/// A received datagram on its way to its connection.
-pub(crate) struct Datagram {
-    pub(crate) data: BytesMut,
-    pub(crate) from: SocketAddr,
-}
-
-pub(crate) type Route = queue::Sender;
-pub(crate) use queue::Receiver as InboundQueue;
-
-/// What a socket's router, its connections and the endpoint handles share.
-pub(crate) struct Shared {
-    pub(crate) socket: Socket,
-    pub(crate) config: Config,
-    routes: Mutex<HashMap<Box<[u8]>, Route>>,
-    pub(crate) reset_key: cid::ResetKey,
-    /// Set when every handle to the endpoint is gone: the router stops once the last
-    /// connection has left the route map.
-    closing: AtomicBool,
-    router_wake: Notify,
-}
-
-impl Shared {
-    fn new(socket: Socket, config: Config) -> Arc<Self> {
-        Arc::new(Shared {
-            socket,
-            config,
-            routes: Mutex::new(HashMap::new()),
-            reset_key: cid::ResetKey::random(),
-            closing: AtomicBool::new(false),
-            router_wake: Notify::new(),
-        })
-    }
-
-    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
-        // The map stays consistent even if a holder panicked: every operation on it is a
-        // single insert or remove.
-        self.routes.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn close(&self) {
-        self.closing.store(true, Ordering::Release);
-        self.router_wake.notify_one();
-    }
-
-    /// The number of live connections routed through this socket.
-    pub(crate) fn route_count(&self) -> usize {
-        self.routes().len()
-    }
-}
-
-/// The connection IDs one connection has in its socket's route map, and (server side) its
-/// slot in the listener's caps; dropping it removes the IDs and frees the slot, so a
-/// connection that ends in any way leaves no route behind and is no longer counted.
-pub(crate) struct Registration {
-    shared: Arc<Shared>,
-    ids: Vec<Box<[u8]>>,
-    route: Route,
-    slot: Option<limits::Slot>,
-}
-
-impl Registration {
-    pub(crate) fn new(shared: Arc<Shared>, route: Route) -> Self {
-        Registration {
-            shared,
-            ids: Vec::new(),
-            route,
-            slot: None,
-        }
-    }
-
-    /// The handshake has completed: the connection leaves the listener's handshake count.
-    pub(crate) fn established(&mut self) {
-        if let Some(slot) = &mut self.slot {
-            slot.established();
-        }
-    }
-
-    pub(crate) fn add(&mut self, id: &[u8]) {
-        let key: Box<[u8]> = id.into();
-        self.shared.routes().insert(key.clone(), self.route.clone());
-        self.ids.push(key);
-    }
-
-    pub(crate) fn remove(&mut self, id: &[u8]) {
-        if let Some(pos) = self.ids.iter().position(|k| &**k == id) {
-            let key = self.ids.swap_remove(pos);
-            self.shared.routes().remove(&key);
-        }
-    }
-
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
-    }
-
-    /// A connection's registration on `shared`'s socket, with the queue its datagrams will
-    /// be routed to.
-    fn with_queue(shared: &Arc<Shared>) -> (Registration, InboundQueue) {
-        let (tx, rx) = queue::channel(&shared.config.inner.s);
-        (Registration::new(Arc::clone(shared), tx), rx)
-    }
-
-    /// A registration on a socket of its own that no router reads, for tests that drive a
-    /// connection's task by hand.
-    #[cfg(test)]
-    pub(crate) fn unrouted(socket: Socket, config: Config) -> (Registration, InboundQueue) {
-        Self::with_queue(&Shared::new(socket, config))
-    }
-}
-
-impl Registration {
-    /// Withdraws every route of the connection now; a closed connection does this before it
-    /// reports itself closed, so nobody who saw it closed finds its routes still there.
-    pub(crate) fn release(&mut self) {
-        let now_empty = {
-            let mut routes = self.shared.routes();
-            for key in self.ids.drain(..) {
-                routes.remove(&key);
-            }
-            routes.is_empty()
-        };
-        if now_empty && self.shared.closing.load(Ordering::Acquire) {
-            self.shared.router_wake.notify_one();
-        }
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        self.release();
+/// What the task of a connection on `shared`'s socket gets.
+fn context(shared: &Shared, registration: Registration, inbound: InboundQueue, started: Instant) -> ConnContext {
+    ConnContext {
+        socket: Arc::clone(&shared.socket),
+        config: shared.config.clone(),
+        reset_key: Arc::clone(&shared.reset_key),
+        registration,
+        inbound,
+        started,
     }
 }
 
@@ -167,7 +41,7 @@ struct CloseOnDrop(Vec<Arc<Shared>>);
 impl Drop for CloseOnDrop {
     fn drop(&mut self) {
         for shared in &self.0 {
-            shared.close();
+            shared.routes.close();
         }
     }
 }
@@ -182,7 +56,7 @@ impl Drop for CloseOnDrop {
 /// Dropping the listener stops accepting; connections already started run on until they
 /// close.
 pub struct Listener {
-    incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Accepted>,
     config: Config,
     local_addrs: Vec<SocketAddr>,
     _close: CloseOnDrop,
@@ -235,7 +109,7 @@ impl Listener {
         }
         let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
         // One set of caps for the whole listener, whichever socket a client arrives on.
-        let limits = limits::Limits::new(&config.inner.s);
+        let limits = Limits::new(&config.inner.s);
         let mut shareds = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
@@ -273,12 +147,12 @@ impl Listener {
 
     /// Waits for the next new connection. Returns `None` only if every router stopped.
     pub async fn accept(&mut self) -> Option<Incoming> {
-        self.incoming.recv().await
+        self.incoming.recv().await.map(Incoming)
     }
 
     /// Polls for the next new connection.
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.incoming.poll_recv(cx)
+        self.incoming.poll_recv(cx).map(|a| a.map(Incoming))
     }
 }
 
@@ -286,19 +160,14 @@ impl futures_core::Stream for Listener {
     type Item = Incoming;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.get_mut().incoming.poll_recv(cx)
+        self.get_mut().poll_accept(cx)
     }
 }
 
 /// A new server-side connection, not yet started: its first packets are queued. Call
 /// [`Incoming::start`] with the [`Application`] that will drive it; dropping it refuses the
 /// connection (the client times out).
-pub struct Incoming {
-    pub(crate) conn: quiche::Connection,
-    pub(crate) rx: InboundQueue,
-    pub(crate) registration: Registration,
-    pub(crate) started: Instant,
-}
+pub struct Incoming(Accepted);
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -312,7 +181,8 @@ impl Incoming {
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
         Socket::canonical(
-            self.conn
+            self.0
+                .conn
                 .path_stats()
                 .next()
                 .map(|p| p.peer_addr)
@@ -322,22 +192,28 @@ impl Incoming {
 
     /// The local address the connection arrived on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.registration.shared().socket.local_addr()
+        self.0.shared.socket.local_addr()
     }
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
     pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
-        driver::spawn(
-            self.conn,
-            self.rx,
-            self.registration,
-            driver::AppSlot::Running(app),
-            self.started,
-        )
+        let Accepted {
+            conn,
+            shared,
+            inbound,
+            registration,
+            started,
+        } = self.0;
+        let ctx = context(&shared, registration, inbound, started);
+        driver::spawn(conn, ctx, driver::AppSlot::Running(app))
     }
 }
 
 /// A QUIC client endpoint: one UDP socket that many connections share.
+///
+/// [`connect_addr`](Self::connect_addr) connects to one address. [`connect`](Self::connect)
+/// resolves a name and races its addresses; that belongs to the client side of the crate
+/// and is defined there, so this transport module knows no DNS.
 ///
 /// Cheap to clone. The socket closes when the last clone is dropped and its last connection
 /// has closed.
@@ -390,68 +266,7 @@ impl Endpoint {
 
     /// How many connections currently use this endpoint's socket.
     pub fn open_connections(&self) -> usize {
-        self.shared.route_count()
-    }
-
-    /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
-    /// connection with `app` once the handshake completes.
-    ///
-    /// The name is resolved with the system resolver. When it has several addresses, they
-    /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
-    /// starts every 250 ms (or at once when one fails), and the first handshake to complete
-    /// wins. The host name is sent as SNI and the server's certificate must be valid for it
-    /// (unless verification is turned off). A TLS failure is final: it would fail the same
-    /// way elsewhere.
-    pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
-        /// RFC 8305 §5's recommended "Connection Attempt Delay".
-        const ATTEMPT_DELAY: std::time::Duration = std::time::Duration::from_millis(250);
-        let (host, _) = split_authority(authority)?;
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
-            .await
-            .map_err(|e| Error::io(format!("cannot resolve '{authority}'"), e))?
-            .collect();
-        let mut last_error = Error::io(
-            format!("'{authority}' resolved to no address"),
-            std::io::ErrorKind::NotFound.into(),
-        );
-        let mut addrs = interleave_families(addrs).into_iter();
-        let mut attempts = futures_util::stream::FuturesUnordered::new();
-        let attempt = |addr: SocketAddr| {
-            let started = self.start_connection::<A>(addr, Some(host));
-            async move {
-                let (handle, hand_over) = started?;
-                handle.established().await?;
-                Ok::<_, Error>((handle, hand_over))
-            }
-        };
-        let next_start = tokio::time::sleep(std::time::Duration::ZERO);
-        tokio::pin!(next_start);
-        let mut more = true;
-        loop {
-            tokio::select! {
-                () = &mut next_start, if more => match addrs.next() {
-                    Some(addr) => {
-                        attempts.push(attempt(addr));
-                        next_start.as_mut().reset(tokio::time::Instant::now() + ATTEMPT_DELAY);
-                    }
-                    None => more = false,
-                },
-                Some(result) = futures_util::StreamExt::next(&mut attempts) => match result {
-                    Ok((handle, hand_over)) => {
-                        // The losers are dropped with their hand-over: their drivers close them.
-                        let _ = hand_over.send(app);
-                        return Ok(handle);
-                    }
-                    Err(e) if e.is_tls() => return Err(e),
-                    Err(e) => {
-                        last_error = e;
-                        // Start the next address now instead of waiting out the delay.
-                        next_start.as_mut().reset(tokio::time::Instant::now());
-                    }
-                },
-                else => return Err(last_error),
-            }
-        }
+        self.shared.routes.len()
     }
 
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
@@ -476,19 +291,20 @@ impl Endpoint {
                  ConfigBuilder::danger_accept_invalid_certs(true)"
             )));
         }
-        let (handle, hand_over) = self.start_connection(addr, server_name)?;
-        handle.established().await?;
-        let _ = hand_over.send(app);
-        Ok(handle)
+        Ok(self
+            .start_connection(addr, server_name)?
+            .established()
+            .await?
+            .start(app))
     }
 
-    /// Starts a connection whose application is handed over once the handshake completes,
-    /// so that a failed attempt does not consume it.
-    fn start_connection<A: Application>(
+    /// Starts a connection to `addr` whose application is handed over once the handshake
+    /// completes, so that an attempt that fails or loses a race does not consume it.
+    pub(crate) fn start_connection<A: Application>(
         &self,
         addr: SocketAddr,
         server_name: Option<&str>,
-    ) -> Result<(ConnectionHandle, tokio::sync::oneshot::Sender<A>), Error> {
+    ) -> Result<Connecting<A>, Error> {
         let shared = &self.shared;
         let peer = shared.socket.peer_address_for(addr);
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
@@ -497,42 +313,35 @@ impl Endpoint {
             quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
-        let (mut registration, rx) = Registration::with_queue(shared);
+        let (mut registration, inbound) = shared.register();
         registration.add(&scid);
-        let (hand_over, app) = tokio::sync::oneshot::channel();
-        let handle = driver::spawn(conn, rx, registration, driver::AppSlot::Waiting(app), Instant::now());
-        Ok((handle, hand_over))
+        let (hand_over, app) = oneshot::channel();
+        let ctx = context(shared, registration, inbound, Instant::now());
+        let handle = driver::spawn(conn, ctx, driver::AppSlot::Waiting(app));
+        Ok(Connecting { handle, hand_over })
     }
 }
 
-/// Orders addresses IPv6, IPv4, IPv6, … keeping the resolver's order within each family
-/// (RFC 8305 §4), so a broken family costs one attempt, not all of them.
-fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
-    let (v6, v4): (Vec<_>, Vec<_>) = addrs.into_iter().partition(SocketAddr::is_ipv6);
-    let mut out = Vec::with_capacity(v6.len() + v4.len());
-    let (mut a, mut b) = (v6.into_iter(), v4.into_iter());
-    loop {
-        match (a.next(), b.next()) {
-            (None, None) => return out,
-            (x, y) => out.extend(x.into_iter().chain(y)),
-        }
-    }
+/// A client connection whose handshake is under way and whose application is not yet
+/// handed over. Dropping it abandons the attempt: its task closes the connection.
+pub(crate) struct Connecting<A> {
+    handle: ConnectionHandle,
+    hand_over: oneshot::Sender<A>,
 }
 
-/// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
-pub(crate) fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
-    let bad = || {
-        Error::config(format!(
-            "'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"
-        ))
-    };
-    let (host, port) = authority.rsplit_once(':').ok_or_else(bad)?;
-    let port = port.parse().map_err(|_| bad())?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-    if host.is_empty() {
-        return Err(bad());
+impl<A> Connecting<A> {
+    /// Waits until the handshake has completed; fails with the reason it did not.
+    pub(crate) async fn established(self) -> Result<Self, Error> {
+        self.handle.established().await?;
+        Ok(self)
     }
-    Ok((host, port))
+
+    /// Hands the connection to `app`.
+    pub(crate) fn start(self, app: A) -> ConnectionHandle {
+        // Refused only if the task has ended already; the handle says how it ended.
+        let _ = self.hand_over.send(app);
+        self.handle
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use crate::conn::ConnectionStats;
+use super::app::ConnectionStats;
 
 /// Why a received datagram was dropped without reaching a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

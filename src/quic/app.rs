@@ -5,8 +5,6 @@
 //! `quiche::Connection`: no lock guards it. Each turn the driver takes in received datagrams,
 //! fires quiche's timer, lets the application act, and flushes packets in GSO batches.
 
-pub(crate) mod driver;
-
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -111,8 +109,8 @@ pub(crate) enum State {
 
 /// How a connection ended.
 pub struct Closed {
-    error: Option<Error>,
-    stats: ConnectionStats,
+    pub(super) error: Option<Error>,
+    pub(super) stats: ConnectionStats,
 }
 
 impl Closed {
@@ -147,10 +145,10 @@ pub(crate) enum Command {
 /// [`Application`] decides that.
 #[derive(Clone)]
 pub struct ConnectionHandle {
-    state: watch::Receiver<State>,
-    commands: mpsc::Sender<Command>,
-    peer_addr: SocketAddr,
-    trace_id: Arc<str>,
+    pub(super) state: watch::Receiver<State>,
+    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) peer_addr: SocketAddr,
+    pub(super) trace_id: Arc<str>,
 }
 
 impl fmt::Debug for ConnectionHandle {

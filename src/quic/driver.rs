@@ -5,6 +5,11 @@
 //! (bounded per turn), fire quiche's timer, let the application act, flush packets in GSO
 //! batches. It repeats while there is progress, up to [`MAX_TURNS`] per poll, then yields so
 //! one busy connection cannot starve the others on its worker thread.
+//!
+//! What it needs from its endpoint — the socket, its registration in the socket's route
+//! table, the reset key, the configuration with its metrics — arrives as one [`ConnContext`];
+//! the driver knows nothing else of endpoints, so the endpoint can depend on it and not the
+//! other way round.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -20,10 +25,13 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Sleep;
 use tracing::Instrument;
 
-use super::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
-use crate::endpoint::{InboundQueue, Registration, Shared, cid};
+use super::app::{Application, Closed, Command, ConnectionHandle, ConnectionStats, State};
+use super::cid::{self, ResetKey};
+use super::config::Config;
+use super::routes::{InboundQueue, Registration};
+use super::tls;
+use super::udp::Socket;
 use crate::error::{self, Error};
-use crate::socket::Socket;
 
 /// Turns per poll before the task yields to its neighbours (hyper bounds its loop likewise).
 const MAX_TURNS: usize = 16;
@@ -46,10 +54,36 @@ const MAX_GSO_BYTES: usize = 65_000;
 /// How commands reach the driver; one pending close is all there can usefully be.
 const COMMAND_QUEUE: usize = 4;
 
+/// The code an application's error closes its connection with: its own application code,
+/// or 0x1 when it carries none or one from another space (a stream's reset code, say, means
+/// something else in CONNECTION_CLOSE).
+fn application_code(e: &Error) -> u64 {
+    match e.code() {
+        Some(crate::error::Code::Application(code)) => code,
+        _ => 0x1,
+    }
+}
+
 thread_local! {
     /// The GSO batch being assembled. Flushing never yields mid-way, so one buffer per
     /// worker thread serves every connection: an idle connection holds no send buffer.
     static SEND_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// What a connection's task gets from its endpoint, in one value.
+pub(crate) struct ConnContext {
+    /// The socket it sends on (the router reads it).
+    pub(crate) socket: Arc<Socket>,
+    /// The endpoint's configuration, with its metrics and connection ID generator.
+    pub(crate) config: Config,
+    /// The key its stateless reset tokens derive from (the router answers with the same).
+    pub(crate) reset_key: Arc<ResetKey>,
+    /// Its entries in the socket's route table, and its slot in the listener's caps.
+    pub(crate) registration: Registration,
+    /// The datagrams the router routes to it.
+    pub(crate) inbound: InboundQueue,
+    /// When the connection began (its first packet, or the connect call).
+    pub(crate) started: Instant,
 }
 
 /// The application of a connection: running, or (client connects) waiting to be handed over
@@ -76,7 +110,9 @@ struct Driver<A> {
     app_started: bool,
     rx: InboundQueue,
     commands: mpsc::Receiver<Command>,
-    shared: Arc<Shared>,
+    socket: Arc<Socket>,
+    config: Config,
+    reset_key: Arc<ResetKey>,
     registration: Registration,
     state: watch::Sender<State>,
     timer: Pin<Box<Sleep>>,
@@ -93,14 +129,9 @@ struct Driver<A> {
 // The driver never pins the application in place: it only calls `&mut` methods on it.
 impl<A> Unpin for Driver<A> {}
 
-pub(crate) fn spawn<A: Application>(
-    conn: quiche::Connection,
-    rx: InboundQueue,
-    registration: Registration,
-    app: AppSlot<A>,
-    started: Instant,
-) -> ConnectionHandle {
-    let (driver, handle) = Driver::new(conn, rx, registration, app, started);
+/// Spawns the task of `conn`, which drives `app` once the handshake has completed.
+pub(crate) fn spawn<A: Application>(conn: quiche::Connection, ctx: ConnContext, app: AppSlot<A>) -> ConnectionHandle {
+    let (driver, handle) = Driver::new(conn, ctx, app);
     let span = tracing::debug_span!(
         "quic_conn",
         id = %handle.trace_id,
@@ -112,15 +143,15 @@ pub(crate) fn spawn<A: Application>(
 }
 
 impl<A> Driver<A> {
-    fn new(
-        mut conn: quiche::Connection,
-        rx: InboundQueue,
-        registration: Registration,
-        app: AppSlot<A>,
-        started: Instant,
-    ) -> (Self, ConnectionHandle) {
-        let shared = Arc::clone(registration.shared());
-        let config = &shared.config;
+    fn new(mut conn: quiche::Connection, ctx: ConnContext, app: AppSlot<A>) -> (Self, ConnectionHandle) {
+        let ConnContext {
+            socket,
+            config,
+            reset_key,
+            registration,
+            inbound,
+            started,
+        } = ctx;
         if let Some(writer) = config.keylog_writer() {
             conn.set_keylog(writer);
         }
@@ -143,7 +174,7 @@ impl<A> Driver<A> {
             conn.path_stats()
                 .next()
                 .map(|p| p.peer_addr)
-                .unwrap_or(shared.socket.local_addr()),
+                .unwrap_or(socket.local_addr()),
         );
         let handle = ConnectionHandle {
             state: state_rx,
@@ -156,14 +187,16 @@ impl<A> Driver<A> {
             config.inner.metrics.handshake_started();
         }
         let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
-        let local = shared.socket.local_addr();
+        let local = socket.local_addr();
         let driver = Driver {
             conn,
             app,
             app_started: false,
-            rx,
+            rx: inbound,
             commands: command_rx,
-            shared,
+            socket,
+            config,
+            reset_key,
             registration,
             state: state_tx,
             timer: Box::pin(tokio::time::sleep_until(started.into())),
@@ -236,7 +269,7 @@ impl<A: Application> Driver<A> {
                 tracing::trace!(error = %e, "packet not accepted");
             }
             if !self.established
-                && let Some(reason) = crate::tls::take_verify_error()
+                && let Some(reason) = tls::take_verify_error()
             {
                 self.verify_error = Some(reason);
             }
@@ -254,11 +287,7 @@ impl<A: Application> Driver<A> {
             self.established = true;
             self.handshake_deadline = None;
             self.registration.established();
-            self.shared
-                .config
-                .inner
-                .metrics
-                .handshake_completed(self.started.elapsed());
+            self.config.inner.metrics.handshake_completed(self.started.elapsed());
             tracing::debug!(alpn = %String::from_utf8_lossy(self.conn.application_proto()), "handshake complete");
             self.state.send_replace(State::Established);
             self.issue_connection_ids();
@@ -273,9 +302,7 @@ impl<A: Application> Driver<A> {
         {
             tracing::debug!(error = %e, "application closes the connection");
             let reason = e.to_string();
-            let _ = self
-                .conn
-                .close(true, e.code().map_or(0x1, crate::error::Code::value), reason.as_bytes());
+            let _ = self.conn.close(true, application_code(&e), reason.as_bytes());
         }
         let mut retired = false;
         while let Some(id) = self.conn.retired_scid_next() {
@@ -320,14 +347,14 @@ impl<A: Application> Driver<A> {
     /// Offers the peer as many spare connection IDs as it accepts, each routed to us before
     /// the NEW_CONNECTION_ID frame that announces it is sent.
     fn issue_connection_ids(&mut self) {
-        let generator = Arc::clone(&self.shared.config.inner.cid_generator);
+        let generator = Arc::clone(&self.config.inner.cid_generator);
         // The peer's limit bounds this; the cap keeps a silly limit from costing much.
         for _ in 0..8 {
             if self.conn.scids_left() == 0 {
                 break;
             }
             let id = cid::new_id(&*generator);
-            let token = self.shared.reset_key.token(&id);
+            let token = self.reset_key.token(&id);
             if self.conn.new_scid(&id, token, false).is_err() {
                 break;
             }
@@ -337,24 +364,23 @@ impl<A: Application> Driver<A> {
 
     /// Sends what quiche has to send; returns the number of packets it produced.
     fn flush(&mut self, cx: &mut Context<'_>) -> usize {
-        if !drain_held(&self.shared, &mut self.held, cx) {
+        if !drain_held(&self.socket, &mut self.held, cx) {
             return 0;
         }
         SEND_BUF.with_borrow_mut(|buf| self.flush_into(buf, cx))
     }
 
     fn flush_into(&mut self, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> usize {
-        let shared = &*self.shared;
+        let socket = &*self.socket;
         let mtu = self.conn.max_send_udp_payload_size();
-        let max_segments = shared
-            .socket
+        let max_segments = socket
             .max_gso_segments()
             .clamp(1, MAX_GSO_SEGMENTS)
             .min((MAX_GSO_BYTES / mtu).max(1));
         if buf.len() < mtu * max_segments {
             buf.resize(mtu * max_segments, 0);
         }
-        let pacing = shared.config.inner.s.pacing;
+        let pacing = self.config.inner.s.pacing;
         // One clock read per flush: a flush takes microseconds, the pacing granularity 1 ms.
         let due_by = Instant::now() + PACING_GRANULARITY;
         let (mut len, mut segment, mut count) = (0, 0, 0);
@@ -362,7 +388,7 @@ impl<A: Application> Driver<A> {
         let mut packets = 0;
         loop {
             if count == max_segments {
-                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
                     return packets;
                 }
                 (len, count) = (0, 0);
@@ -381,7 +407,7 @@ impl<A: Application> Driver<A> {
             if pacing && info.at > due_by {
                 // Send what is due, and hold this packet until its release time.
                 if count > 0 {
-                    send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx);
+                    send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx);
                 }
                 self.held.push_back(Held {
                     data: buf[len..len + n].to_vec(),
@@ -393,7 +419,7 @@ impl<A: Application> Driver<A> {
             }
             if count > 0 && (info.to != to || n > segment) {
                 // It cannot join this GSO batch: send the batch, then start the next with it.
-                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
                     self.held.push_back(Held {
                         data: buf[len..len + n].to_vec(),
                         to: info.to,
@@ -412,14 +438,14 @@ impl<A: Application> Driver<A> {
             count += 1;
             if n < segment {
                 // A short datagram can only end a GSO batch.
-                if !send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
                     return packets;
                 }
                 (len, count) = (0, 0);
             }
         }
         if count > 0 {
-            send_or_hold(shared, &mut self.held, &buf[..len], to, segment, count, cx);
+            send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx);
         }
         packets
     }
@@ -445,7 +471,7 @@ impl<A: Application> Driver<A> {
     fn finish(&mut self) {
         let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
         let stats = ConnectionStats::of(&self.conn);
-        let metrics = &self.shared.config.inner.metrics;
+        let metrics = &self.config.inner.metrics;
         if !self.established {
             metrics.handshake_failed(self.started.elapsed());
         }
@@ -471,7 +497,7 @@ impl<A: Application> Driver<A> {
 /// Sends one datagram or GSO batch; if the socket buffer is full, keeps a copy to send when
 /// it drains. Returns false when the data was held (stop producing more).
 fn send_or_hold(
-    shared: &Shared,
+    socket: &Socket,
     held: &mut VecDeque<Held>,
     data: &[u8],
     to: SocketAddr,
@@ -480,7 +506,7 @@ fn send_or_hold(
     cx: &mut Context<'_>,
 ) -> bool {
     let segment = (count > 1).then_some(segment);
-    match shared.socket.try_send(to, data, segment) {
+    match socket.try_send(to, data, segment) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             held.push_back(Held {
                 data: data.to_vec(),
@@ -488,7 +514,7 @@ fn send_or_hold(
                 segment,
                 release: None,
             });
-            shared.socket.wake_when_writable(cx.waker());
+            socket.wake_when_writable(cx.waker());
             false
         }
         // Anything else is lost as a network would lose it; QUIC recovers.
@@ -497,7 +523,7 @@ fn send_or_hold(
 }
 
 /// Sends held packets in order. Returns true when nothing is held any more.
-fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
+fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
     while let Some(front) = held.front_mut() {
         if let Some(at) = front.release {
             if at > Instant::now() + PACING_GRANULARITY {
@@ -508,9 +534,9 @@ fn drain_held(shared: &Shared, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
             // poll itself again at once for as long as the buffer stays full.
             front.release = None;
         }
-        match shared.socket.try_send(front.to, &front.data, front.segment) {
+        match socket.try_send(front.to, &front.data, front.segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                shared.socket.wake_when_writable(cx.waker());
+                socket.wake_when_writable(cx.waker());
                 return false;
             }
             _ => {
@@ -536,14 +562,17 @@ mod tests {
         let pipe = Pipe::handshaken(&server, &client);
         let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         socket.refuse_sends(1);
-        let (registration, rx) = Registration::unrouted(socket, client);
-        let (mut driver, _handle) = Driver::new(
-            pipe.client,
-            rx,
+        // A route table no router reads: the test drives the task by hand.
+        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.inner.s);
+        let ctx = ConnContext {
+            socket: Arc::new(socket),
+            config: client,
+            reset_key: Arc::new(ResetKey::random()),
             registration,
-            AppSlot::<EchoServer>::Gone,
-            Instant::now(),
-        );
+            inbound,
+            started: Instant::now(),
+        };
+        let (mut driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::<EchoServer>::Gone);
         driver.held.push_back(Held {
             data: vec![0; 1200],
             to: testing::SERVER_ADDR.parse().unwrap(),
@@ -562,7 +591,7 @@ mod tests {
         assert_eq!(driver.held.len(), 1, "the packet waits");
         // Room again: the socket wakes the task. (tokio's reactor reports a new socket
         // writable when it first looks at it.)
-        driver.shared.socket.refuse_sends(0);
+        driver.socket.refuse_sends(0);
         let woken = async {
             while wakes.count() == 0 {
                 tokio::task::yield_now().await;

@@ -1,4 +1,5 @@
-//! The router task: the only reader of one UDP socket.
+//! The router task: the only reader of one UDP socket, and the per-socket state ([`Shared`])
+//! it shares with the endpoint's handles.
 //!
 //! It reads datagrams in batches, finds each one's connection by destination connection ID
 //! and forwards it over that connection's bounded queue (dropping it when the queue is full,
@@ -14,16 +15,19 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
+use super::cid::{self, ResetKey};
+use super::config::Config;
 use super::limits::Limits;
-use super::{Datagram, Incoming, Registration, Route, Shared, cid, queue};
-use crate::metrics::DropReason;
+use super::metrics::DropReason;
+use super::routes::{Datagram, InboundQueue, Registration, Route, RouteTable};
+use super::token::TokenKey;
+use super::udp::Socket;
 
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
 /// one allocation serves about 48 full-size datagrams, and is reused as soon as the
@@ -43,19 +47,54 @@ const MIN_CLIENT_DCID_LEN: usize = 8;
 const MIN_RESET_LEN: usize = 21;
 const MAX_RESET_LEN: usize = 43;
 
+/// One socket and what its router, its connections and the endpoint's handles share.
+pub(crate) struct Shared {
+    pub(crate) socket: Arc<Socket>,
+    pub(crate) config: Config,
+    pub(crate) routes: Arc<RouteTable>,
+    pub(crate) reset_key: Arc<ResetKey>,
+}
+
+impl Shared {
+    pub(crate) fn new(socket: Socket, config: Config) -> Arc<Self> {
+        Arc::new(Shared {
+            socket: Arc::new(socket),
+            config,
+            routes: Arc::default(),
+            reset_key: Arc::new(ResetKey::random()),
+        })
+    }
+
+    /// A new connection's registration on this socket, with the queue its datagrams will be
+    /// routed to.
+    pub(crate) fn register(&self) -> (Registration, InboundQueue) {
+        Registration::with_queue(&self.routes, &self.config.inner.s)
+    }
+}
+
+/// A connection the router accepted, on its way to the listener's backlog. Dropped there,
+/// its registration withdraws its routes and frees its slot.
+pub(crate) struct Accepted {
+    pub(crate) conn: quiche::Connection,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) inbound: InboundQueue,
+    pub(crate) registration: Registration,
+    pub(crate) started: Instant,
+}
+
 /// What a server router needs to accept connections.
 pub(crate) struct Accept {
     config: quiche::Config,
-    token_key: super::token::TokenKey,
-    backlog: mpsc::Sender<Incoming>,
+    token_key: TokenKey,
+    backlog: mpsc::Sender<Accepted>,
     limits: Arc<Limits>,
 }
 
 impl Accept {
-    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Incoming>, limits: Arc<Limits>) -> Self {
+    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Accepted>, limits: Arc<Limits>) -> Self {
         Accept {
             config,
-            token_key: super::token::TokenKey::random(),
+            token_key: TokenKey::random(),
             backlog,
             limits,
         }
@@ -83,20 +122,20 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
     let mut out = vec![0u8; 1500];
     let span = tracing::debug_span!("quic_router", local = %shared.socket.local_addr());
     let _enter = span.enter();
-    let mut accepted: Vec<Incoming> = Vec::new();
+    let mut accepted: Vec<Accepted> = Vec::new();
     loop {
-        if shared.closing.load(Ordering::Acquire) {
+        if shared.routes.is_closing() {
             // Every handle is gone: accept nothing new, and linger only while connections
             // still use the socket.
             accept = None;
-            if shared.route_count() == 0 {
+            if shared.routes.len() == 0 {
                 tracing::debug!("endpoint closed; router stops");
                 return;
             }
         }
         let filled = tokio::select! {
             biased;
-            _ = shared.router_wake.notified() => continue,
+            () = shared.routes.closed_or_emptied() => continue,
             r = std::future::poll_fn(|cx| shared.socket.poll_recv(cx, &mut bufs)) => r,
         };
         let filled = match filled {
@@ -109,7 +148,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
             }
         };
         {
-            let mut routes = shared.routes();
+            let mut routes = shared.routes.lock();
             bufs.for_each(filled, |datagram, from| {
                 dispatch(
                     &shared,
@@ -123,7 +162,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
                 )
             });
         }
-        // Offered outside the route lock: a refused Incoming unregisters itself on drop.
+        // Offered outside the route lock: a refused connection unregisters itself on drop.
         if let Some(accept) = &accept {
             for incoming in accepted.drain(..) {
                 if accept.backlog.try_send(incoming).is_err() {
@@ -143,7 +182,7 @@ fn dispatch(
     out: &mut [u8],
     datagram: &mut [u8],
     from: SocketAddr,
-    accepted: &mut Vec<Incoming>,
+    accepted: &mut Vec<Accepted>,
 ) {
     let metrics = &*shared.config.inner.metrics;
     let id_len = shared.config.inner.cid_generator.id_len();
@@ -219,7 +258,7 @@ fn accept_initial(
     datagram: &[u8],
     from: SocketAddr,
     hdr: &quiche::Header<'_>,
-) -> Option<Incoming> {
+) -> Option<Accepted> {
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
@@ -288,29 +327,27 @@ fn accept_initial(
         }
     };
     metrics.handshake_started();
-    let (tx, rx) = queue::channel(&inner.s);
-    arena.reserve(datagram.len());
-    arena.extend_from_slice(datagram);
-    let _ = tx.try_send(Datagram {
-        data: arena.split(),
-        from,
-    });
+    let (mut registration, inbound) = shared.register();
+    registration.hold(slot);
     // Registered directly in the map we hold locked: the Registration records the IDs and
     // removes them when the connection ends.
-    let mut registration = Registration::new(Arc::clone(shared), tx.clone());
-    registration.slot = Some(slot);
     for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
         .into_iter()
         .flatten()
     {
-        let key: Box<[u8]> = id.into();
-        routes.insert(key.clone(), tx.clone());
-        registration.ids.push(key);
+        registration.add_locked(routes, id);
     }
+    arena.reserve(datagram.len());
+    arena.extend_from_slice(datagram);
+    let _ = registration.route().try_send(Datagram {
+        data: arena.split(),
+        from,
+    });
     tracing::debug!(%from, trace_id = conn.trace_id(), "new connection");
-    Some(Incoming {
+    Some(Accepted {
         conn,
-        rx,
+        shared: Arc::clone(shared),
+        inbound,
         registration,
         started: Instant::now(),
     })

@@ -583,7 +583,13 @@ mod tests {
             return;
         }
         let output = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "tls::tests::a_missing_system_ca_bundle_is_a_clear_error"])
+            .args([
+                "--exact",
+                concat!(module_path!(), "::a_missing_system_ca_bundle_is_a_clear_error")
+                    .split_once("::")
+                    .expect("a path in the crate")
+                    .1,
+            ])
             .env(NO_BUNDLE_CHILD, "1")
             .env("SSL_CERT_FILE", "/nonexistent/ca-bundle.pem")
             .output()

@@ -1,0 +1,274 @@
+//! The route table of one socket: which connection each connection ID belongs to, the
+//! [`Registration`] through which a connection holds its entries (its lease), and the
+//! inbound queue that carries a connection's datagrams from the router to its task.
+//!
+//! Connections register every source ID they issue and remove it when they retire it or
+//! close; dropping a [`Registration`] removes whatever is left, so a connection that ends in
+//! any way leaves no route behind. A server connection's registration also holds its slot in
+//! the listener's connection and handshake caps ([`super::limits`]).
+//!
+//! Each queue is bounded in datagrams and in bytes. A datagram count alone does not bound
+//! memory when datagrams may be up to 64 KiB (`max_recv_udp_payload`): 256 of them are
+//! 16 MiB per connection. The byte bound makes a queue's memory a setting
+//! (`inbound_queue_bytes`) whatever the peer sends. A datagram that does not fit is refused,
+//! and the router drops it as a congested network would.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
+
+use bytes::BytesMut;
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{Notify, mpsc};
+
+use super::config::Settings;
+use super::limits::Slot;
+
+/// A received datagram on its way to its connection.
+pub(crate) struct Datagram {
+    pub(crate) data: BytesMut,
+    pub(crate) from: SocketAddr,
+}
+
+/// Where the router sends a connection's datagrams.
+pub(crate) type Route = Sender;
+/// Where a connection's task takes them from.
+pub(crate) type InboundQueue = Receiver;
+
+/// One socket's routes, keyed by connection ID, and the signal that stops its router once
+/// the endpoint is closed and the last connection has gone.
+#[derive(Default)]
+pub(crate) struct RouteTable {
+    map: Mutex<HashMap<Box<[u8]>, Route>>,
+    /// Set when every handle to the endpoint is gone: the router stops once the last
+    /// connection has left the table.
+    closing: AtomicBool,
+    wake: Notify,
+}
+
+impl RouteTable {
+    /// The table, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
+        // The map stays consistent even if a holder panicked: every operation on it is a
+        // single insert or remove.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The number of routed connection IDs (zero once no connection uses the socket).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Every handle to the endpoint is gone: wakes the router to stop when it may.
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    pub(crate) fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
+    }
+
+    /// Completes when [`close`](Self::close) was called, or the last route of a closing
+    /// table was withdrawn.
+    pub(crate) async fn closed_or_emptied(&self) {
+        self.wake.notified().await
+    }
+}
+
+/// The connection IDs one connection has in its socket's route table, and (server side) its
+/// slot in the listener's caps; dropping it removes the IDs and frees the slot, so a
+/// connection that ends in any way leaves no route behind and is no longer counted.
+pub(crate) struct Registration {
+    table: Arc<RouteTable>,
+    ids: Vec<Box<[u8]>>,
+    route: Route,
+    slot: Option<Slot>,
+}
+
+impl Registration {
+    /// A connection's registration in `table`, with the queue its datagrams will be routed
+    /// to; it has no ID yet.
+    pub(crate) fn with_queue(table: &Arc<RouteTable>, s: &Settings) -> (Registration, InboundQueue) {
+        let (tx, rx) = channel(s);
+        let registration = Registration {
+            table: Arc::clone(table),
+            ids: Vec::new(),
+            route: tx,
+            slot: None,
+        };
+        (registration, rx)
+    }
+
+    /// Holds `slot` in the listener's caps for as long as the connection lives.
+    pub(crate) fn hold(&mut self, slot: Slot) {
+        self.slot = Some(slot);
+    }
+
+    /// The handshake has completed: the connection leaves the listener's handshake count.
+    pub(crate) fn established(&mut self) {
+        if let Some(slot) = &mut self.slot {
+            slot.established();
+        }
+    }
+
+    /// The connection's queue, for a datagram the router hands over directly.
+    pub(crate) fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// Routes `id` to this connection.
+    pub(crate) fn add(&mut self, id: &[u8]) {
+        let key: Box<[u8]> = id.into();
+        self.table.lock().insert(key.clone(), self.route.clone());
+        self.ids.push(key);
+    }
+
+    /// Routes `id` to this connection in a table its caller holds locked (the router, which
+    /// registers a new connection while dispatching).
+    pub(crate) fn add_locked(&mut self, table: &mut HashMap<Box<[u8]>, Route>, id: &[u8]) {
+        let key: Box<[u8]> = id.into();
+        table.insert(key.clone(), self.route.clone());
+        self.ids.push(key);
+    }
+
+    /// Withdraws the route of `id` (a retired connection ID).
+    pub(crate) fn remove(&mut self, id: &[u8]) {
+        if let Some(pos) = self.ids.iter().position(|k| &**k == id) {
+            let key = self.ids.swap_remove(pos);
+            self.table.lock().remove(&key);
+        }
+    }
+
+    /// Withdraws every route of the connection now; a closed connection does this before it
+    /// reports itself closed, so nobody who saw it closed finds its routes still there.
+    pub(crate) fn release(&mut self) {
+        let now_empty = {
+            let mut table = self.table.lock();
+            for key in self.ids.drain(..) {
+                table.remove(&key);
+            }
+            table.is_empty()
+        };
+        if now_empty && self.table.is_closing() {
+            self.table.wake.notify_one();
+        }
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// A new queue with the configured bounds.
+pub(crate) fn channel(s: &Settings) -> (Sender, Receiver) {
+    let (tx, rx) = mpsc::channel(s.inbound_queue);
+    let queued = Arc::new(AtomicUsize::new(0));
+    (
+        Sender {
+            tx,
+            queued: Arc::clone(&queued),
+            max_bytes: s.inbound_queue_bytes,
+        },
+        Receiver { rx, queued },
+    )
+}
+
+/// The router's end (one per routed connection ID, all clones of one another).
+#[derive(Clone)]
+pub(crate) struct Sender {
+    tx: mpsc::Sender<Datagram>,
+    /// Bytes of the datagrams in the queue, shared with the receiver.
+    queued: Arc<AtomicUsize>,
+    max_bytes: usize,
+}
+
+impl Sender {
+    /// Queues `datagram` unless either bound is reached or the connection is gone.
+    pub(crate) fn try_send(&self, datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
+        let len = datagram.data.len();
+        // Reserve the bytes first, so two senders cannot both squeeze past the bound.
+        let reserved = self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q + len <= self.max_bytes).then_some(q + len)
+            })
+            .is_ok();
+        if !reserved {
+            return Err(TrySendError::Full(datagram));
+        }
+        self.tx.try_send(datagram).inspect_err(|_| {
+            self.queued.fetch_sub(len, Ordering::AcqRel);
+        })
+    }
+}
+
+/// The connection task's end.
+pub(crate) struct Receiver {
+    rx: mpsc::Receiver<Datagram>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl Receiver {
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Datagram>> {
+        self.rx.poll_recv(cx).map(|d| {
+            d.inspect(|d| {
+                self.queued.fetch_sub(d.data.len(), Ordering::AcqRel);
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+
+    fn datagram(len: usize) -> Datagram {
+        Datagram {
+            data: BytesMut::zeroed(len),
+            from: "127.0.0.1:1".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_queue_is_bounded_in_bytes_as_well_as_in_datagrams() {
+        let s = Settings {
+            inbound_queue: 4,
+            inbound_queue_bytes: 10_000,
+            ..Settings::default()
+        };
+        let (tx, mut rx) = channel(&s);
+        tx.try_send(datagram(6_000)).unwrap();
+        assert!(
+            matches!(tx.try_send(datagram(6_000)), Err(TrySendError::Full(_))),
+            "bytes"
+        );
+        tx.try_send(datagram(4_000)).unwrap();
+        assert!(
+            matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))),
+            "exactly full"
+        );
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let Poll::Ready(Some(first)) = rx.poll_recv(&mut cx) else {
+            panic!("a queued datagram")
+        };
+        assert_eq!(first.data.len(), 6_000);
+        // Taking one out frees its bytes.
+        tx.try_send(datagram(5_000)).unwrap();
+        // The datagram bound still holds for small datagrams.
+        tx.try_send(datagram(1)).unwrap();
+        tx.try_send(datagram(1)).unwrap();
+        assert!(
+            matches!(tx.try_send(datagram(1)), Err(TrySendError::Full(_))),
+            "datagrams"
+        );
+        drop(rx);
+        assert!(matches!(tx.try_send(datagram(1)), Err(TrySendError::Closed(_))));
+    }
+}
