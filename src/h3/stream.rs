@@ -733,14 +733,20 @@ impl StreamShared {
                 WriteOutcome::Complete
             }
             Ok(false) => {
-                if let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id) {
+                let code = match conn.stream_capacity(id) {
                     // STOP_SENDING arrived while we had nothing to write: quiche reset our
                     // side already; the producer stops.
-                    drop(state);
-                    self.cancel(Cancel::PeerStopped(code));
-                    return WriteOutcome::Stopped;
-                }
-                WriteOutcome::Pending
+                    Err(quiche::Error::StreamStopped(code)) => code,
+                    // quiche has forgotten the stream: the peer stopped it, quiche reset our
+                    // side and the reset was acknowledged, all before we looked (quiche does
+                    // not always list a stopped stream as writable). Nothing we queue can
+                    // go out; waiting would hold the connection's close for ever.
+                    Err(quiche::Error::InvalidStreamState(_)) => codes::H3_REQUEST_CANCELLED,
+                    _ => return WriteOutcome::Pending,
+                };
+                drop(state);
+                self.cancel(Cancel::PeerStopped(code));
+                WriteOutcome::Stopped
             }
             Err(WriteError::Stopped(code)) => {
                 drop(state);
@@ -808,13 +814,6 @@ impl StreamShared {
     pub(crate) fn wants_read(&self) -> bool {
         let s = self.lock();
         s.recv.pending || (s.recv.reader_dropped && s.recv.open())
-    }
-
-    /// Whether a head is queued but not yet written: quiche takes a head whole, and says
-    /// nothing when one that did not fit could now (the owner looks again on its timer).
-    pub(crate) fn head_waiting(&self) -> bool {
-        let s = self.lock();
-        !s.send.done && !s.send.heads.is_empty()
     }
 
     /// Whether the reader went away before the body was complete.

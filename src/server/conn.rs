@@ -150,6 +150,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 Ok((_, h3::Event::GoAway)) => {
                     tracing::debug!("the client sent GOAWAY");
                     self.peer_goaway = true;
+                    // The close waits for these: find the ones that can never finish now.
+                    self.look_at_unwritten_streams(conn);
                 }
                 Err(h3::Error::Done) => return Ok(()),
                 Err(e) => {
@@ -517,6 +519,21 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.draining = Some((limit, deadline));
     }
 
+    /// Tries again to write each answered stream with output still queued: quiche does not
+    /// always say when such a stream can move (a head that did not fit may fit now; a
+    /// stream the peer stopped may be gone), and the close waits for them.
+    fn look_at_unwritten_streams(&mut self, conn: &mut quiche::Connection) {
+        let unwritten: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, entry)| entry.responded && !entry.written)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in unwritten {
+            self.service_stream(conn, id);
+        }
+    }
+
     /// Ends requests whose peer stalled: a head not complete within the head timeout, a body
     /// with no progress within the stall timeout while the peer owes bytes.
     fn check_stream_timers(&mut self, conn: &mut quiche::Connection, now: Instant) {
@@ -535,16 +552,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             self.advance_next_stream(id);
         }
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
-        // A head that did not fit may now (quiche does not say): look again.
-        let heads_waiting: Vec<u64> = self
-            .streams
-            .iter()
-            .filter(|(_, entry)| !entry.written && entry.shared.head_waiting())
-            .map(|(&id, _)| id)
-            .collect();
-        for id in heads_waiting {
-            self.service_stream(conn, id);
-        }
+        self.look_at_unwritten_streams(conn);
         let stall = self.settings.body_stall_timeout;
         let mut stalled = Vec::new();
         for (&id, entry) in &mut self.streams {

@@ -839,6 +839,44 @@ async fn an_urgent_request_overtakes_a_background_download() {
     assert_eq!(h.seen(big).body.len(), BIG);
 }
 
+/// What oha (h3 + quinn) does when its deadline cancels a request: it stops the response
+/// (STOP_SENDING) of a request it had finished sending. quiche then resets our side, and
+/// once the reset is acknowledged it forgets the stream. The handler answering after that
+/// used to find the stream gone, wait for ever, and hold a client's GOAWAY close until the
+/// idle timeout (`oha -z 2s` runs lasting 32 s).
+#[tokio::test]
+async fn a_response_to_a_stream_quiche_has_forgotten_is_dropped_and_goaway_closes_promptly() {
+    let (release_tx, release_rx) = tokio::sync::watch::channel(false);
+    let handler = service(move |_request: Request<RecvBody>| {
+        let mut release = release_rx.clone();
+        async move {
+            let _ = release.wait_for(|r| *r).await;
+            Response::new(full("too late"))
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&get("/slow"), true);
+    h.settle();
+    h.pipe.client.stream_shutdown(id, quiche::Shutdown::Read, 0).unwrap();
+    // STOP_SENDING, quiche's RESET_STREAM and its acknowledgement all pass while the
+    // connection's task does not run (as they can within one batch of datagrams): the
+    // server never sees the stream stopped, only gone.
+    let give_up = Instant::now() + PATIENCE;
+    while stream::stream_alive(&mut h.pipe.server, id) {
+        assert!(Instant::now() < give_up, "quiche never forgot the stream");
+        h.pipe.flush();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    release_tx.send_replace(true);
+    h.until("the late response dropped", |h| h.forgot_everything()).await;
+    h.client.send_goaway(&mut h.pipe.client, 0).unwrap();
+    h.until("the close after the client's GOAWAY", |h| {
+        h.connection_error().is_some()
+    })
+    .await;
+    assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
+}
+
 #[tokio::test]
 async fn a_panicking_handler_resets_only_its_own_stream() {
     let handler = service(|request: Request<RecvBody>| async move {
