@@ -50,7 +50,7 @@
 //! ## Features
 //!
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
-//! - `qlog`: a qlog trace per connection (see [`quic::ConfigBuilder::qlog_dir`]).
+//! - `qlog`: a qlog trace per connection (`quic::ConfigBuilder::qlog_dir`).
 //! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.
 //! - `json`: JSON helpers on the client.
 //! - `tcp` (default): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with `Alt-Svc`.
