@@ -49,11 +49,17 @@
 //!
 //! ## Features
 //!
-//! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
+//! - `server` (default): the HTTP/3 server ([`server`], [`alt_svc`]).
+//! - `client` (default): the HTTP/3 client ([`client`]). A client-only build
+//!   (`default-features = false, features = ["client"]`) compiles no server and no hyper.
+//! - `tcp` (default, implies `server`): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with
+//!   `Alt-Svc` (hyper, hyper-util, tokio-boring).
+//! - `json` (implies `client`): JSON helpers on the client (serde).
 //! - `qlog`: a qlog trace per connection (`quic::ConfigBuilder::qlog_dir`).
+//! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
 //! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.
-//! - `json`: JSON helpers on the client.
-//! - `tcp` (default): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with `Alt-Svc`.
+//!
+//! The [`quic`] layer is always built.
 //!
 //! TLS key logging (`SSLKEYLOGFILE`) needs no feature: see
 //! [`quic::ConfigBuilder::keylog_from_env`].
@@ -61,17 +67,23 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod alt_svc;
+#[cfg(feature = "client")]
 pub mod client;
 mod error;
+#[cfg(any(feature = "server", feature = "client"))]
 mod h3;
 pub mod quic;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(test)]
 mod testing;
 
 pub use error::{BoxError, Code, Error};
+#[cfg(any(feature = "server", feature = "client"))]
 pub use h3::body::RecvBody;
+#[cfg(any(feature = "server", feature = "client"))]
 pub use h3::codes;
 pub use quic::tls;
 pub use quiche;
