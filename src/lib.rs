@@ -72,7 +72,6 @@ pub mod alt_svc;
 #[cfg(feature = "client")]
 pub mod client;
 mod error;
-#[cfg(any(feature = "server", feature = "client"))]
 mod h3;
 pub mod quic;
 #[cfg(feature = "server")]
@@ -83,7 +82,6 @@ mod testing;
 pub use error::{BoxError, Code, Error};
 #[cfg(any(feature = "server", feature = "client"))]
 pub use h3::body::RecvBody;
-#[cfg(any(feature = "server", feature = "client"))]
 pub use h3::codes;
 pub use quic::tls;
 pub use quiche;
