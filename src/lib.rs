@@ -29,20 +29,42 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Quick start: a raw-QUIC echo server
+//! ## Quick start: a protocol of your own over QUIC
+//!
+//! A server starts each connection with an [`Application`](quic::Application), the seam the
+//! HTTP/3 server and client use too. This one answers every stream with `hello` and closes
+//! it; `examples/support/echo.rs` is a fuller one (an echo protocol, server and client).
 //!
 //! ```no_run
-//! use tower_quiche::quic::{Config, Listener, echo::{ALPN, EchoServer}};
+//! use std::task::Context;
+//! use tower_quiche::quic::{Application, Config, Listener};
+//! use tower_quiche::quiche;
+//!
+//! struct Hello;
+//!
+//! impl Application for Hello {
+//!     fn process(&mut self, _: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+//!         let mut buf = [0; 1024];
+//!         for stream in conn.readable() {
+//!             while let Ok((_, fin)) = conn.stream_recv(stream, &mut buf) {
+//!                 if fin {
+//!                     let _ = conn.stream_send(stream, b"hello", true);
+//!                 }
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
 //!
 //! # async fn run() -> Result<(), tower_quiche::Error> {
 //! let config = Config::builder()
-//!     .alpn([ALPN])
+//!     .alpn(["hello"])
 //!     .cert_chain_pem_file("cert.pem")
 //!     .private_key_pem_file("key.pem")
 //!     .build()?;
 //! let mut listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
 //! while let Some(incoming) = listener.accept().await {
-//!     incoming.start(EchoServer::new());
+//!     incoming.start(Hello);
 //! }
 //! # Ok(()) }
 //! ```
@@ -79,6 +101,9 @@ pub mod quic;
 pub mod server;
 #[cfg(test)]
 mod testing;
+// The examples' echo protocol, which the unit tests borrow, names the crate `tower_quiche`.
+#[cfg(test)]
+extern crate self as tower_quiche;
 
 pub use error::{BoxError, Code, Error};
 #[cfg(any(feature = "server", feature = "client"))]
