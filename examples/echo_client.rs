@@ -11,7 +11,8 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use clap::Parser;
-use tower_quiche::quic::{Config, Endpoint, echo};
+use support::echo;
+use tower_quiche::quic::{Config, Endpoint};
 
 /// A raw-QUIC echo client (ALPN `echo`) that prints the echo throughput.
 ///

@@ -9,7 +9,8 @@
 mod support;
 
 use clap::Parser;
-use tower_quiche::quic::{Config, Listener, echo};
+use support::echo;
+use tower_quiche::quic::{Config, Listener};
 
 /// A raw-QUIC echo server (ALPN `echo`).
 ///

@@ -29,31 +29,60 @@
 //! # Ok(()) }
 //! ```
 //!
-//! ## Quick start: a raw-QUIC echo server
+//! ## Quick start: a protocol of your own over QUIC
+//!
+//! A server starts each connection with an [`Application`](quic::Application), the seam the
+//! HTTP/3 server and client use too. This one answers every stream with `hello` and closes
+//! it; `examples/support/echo.rs` is a fuller one (an echo protocol, server and client).
 //!
 //! ```no_run
-//! use tower_quiche::quic::{Config, Listener, echo::{ALPN, EchoServer}};
+//! use std::task::Context;
+//! use tower_quiche::quic::{Application, Config, Listener};
+//! use tower_quiche::quiche;
+//!
+//! struct Hello;
+//!
+//! impl Application for Hello {
+//!     fn process(&mut self, _: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+//!         let mut buf = [0; 1024];
+//!         for stream in conn.readable() {
+//!             while let Ok((_, fin)) = conn.stream_recv(stream, &mut buf) {
+//!                 if fin {
+//!                     let _ = conn.stream_send(stream, b"hello", true);
+//!                 }
+//!             }
+//!         }
+//!         Ok(())
+//!     }
+//! }
 //!
 //! # async fn run() -> Result<(), tower_quiche::Error> {
 //! let config = Config::builder()
-//!     .alpn([ALPN])
+//!     .alpn(["hello"])
 //!     .cert_chain_pem_file("cert.pem")
 //!     .private_key_pem_file("key.pem")
 //!     .build()?;
 //! let mut listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
 //! while let Some(incoming) = listener.accept().await {
-//!     incoming.start(EchoServer::new());
+//!     incoming.start(Hello);
 //! }
 //! # Ok(()) }
 //! ```
 //!
 //! ## Features
 //!
+//! - `server` (default): the HTTP/3 server ([`server`], [`alt_svc`]).
+//! - `client` (default): the HTTP/3 client ([`client`]). A client-only build
+//!   (`default-features = false, features = ["client"]`) compiles no server and no hyper.
+//! - `tcp` (default, implies `server`): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with
+//!   `Alt-Svc` (hyper, hyper-util, tokio-boring).
+//! - `dev-certs`: development certificates, `tls::self_signed` and `tls::DevCa`.
+//! - `json` (implies `client`): JSON helpers on the client (serde).
+//! - `qlog`: a qlog trace per connection (`quic::ConfigBuilder::qlog_dir`).
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
-//! - `qlog`: a qlog trace per connection (see [`quic::ConfigBuilder::qlog_dir`]).
 //! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.
-//! - `json`: JSON helpers on the client.
-//! - `tcp` (default): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with `Alt-Svc`.
+//!
+//! The [`quic`] layer is always built.
 //!
 //! TLS key logging (`SSLKEYLOGFILE`) needs no feature: see
 //! [`quic::ConfigBuilder::keylog_from_env`].
@@ -61,16 +90,23 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "server")]
 pub mod alt_svc;
+#[cfg(feature = "client")]
 pub mod client;
 mod error;
 mod h3;
 pub mod quic;
+#[cfg(feature = "server")]
 pub mod server;
 #[cfg(test)]
 mod testing;
+// The examples' echo protocol, which the unit tests borrow, names the crate `tower_quiche`.
+#[cfg(test)]
+extern crate self as tower_quiche;
 
 pub use error::{BoxError, Code, Error};
+#[cfg(any(feature = "server", feature = "client"))]
 pub use h3::body::RecvBody;
 pub use h3::codes;
 pub use quic::tls;

@@ -2,7 +2,8 @@
 //! in-memory pipe, so the connection and stream logic can be driven without sockets, timers
 //! of the OS network stack, or other tasks. Every packet either side sends is handed to the
 //! other at once, in order; nothing is lost or reordered, so a test's outcome depends only on
-//! what the two sides do. Also a waker that counts its wake-ups, for tests that poll by hand.
+//! what the two sides do. Also a waker that counts its wake-ups, for tests that poll by hand,
+//! and the echo protocol of the examples, an application to drive connections with.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,6 +12,12 @@ use std::task::{Wake, Waker};
 use std::time::Instant;
 
 use crate::quic::Config;
+
+/// The raw-QUIC echo protocol of the examples (it names this crate `tower_quiche`, which
+/// `lib.rs` makes resolve here for unit tests).
+#[allow(dead_code)]
+#[path = "../examples/support/echo.rs"]
+pub(crate) mod echo;
 
 /// The addresses the two ends pretend to have.
 pub(crate) const CLIENT_ADDR: &str = "127.0.0.1:5000";

@@ -21,13 +21,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use support::echo;
 use support::h3::*;
 use support::scripted::{self, *};
 use support::*;
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout};
 use tower_quiche::client::ResponseExt;
-use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Endpoint, Listener, MetricsSnapshot, echo};
+use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Endpoint, Listener, MetricsSnapshot};
 use tower_quiche::server;
 
 /// The system allocator, counting the bytes currently allocated.

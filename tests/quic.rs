@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Context;
 use std::time::Duration;
 
+use support::echo::EchoClient;
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::quic::{Application, Endpoint, echo::EchoClient};
+use tower_quiche::quic::{Application, Endpoint};
 
 async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: usize) {
     let certs_ca = CERTS.with(|c| c.ca_pem.clone());

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use boring::ec::{EcGroup, EcKey};
 use boring::nid::Nid;
 use boring::pkey::PKey;
+use support::echo;
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::quic::{Config, Endpoint, Listener, echo};
+use tower_quiche::quic::{Config, Endpoint, Listener};
 
 fn key_pair() -> (String, String) {
     let key =

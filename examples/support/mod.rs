@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod echo;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 

@@ -2,8 +2,6 @@
 //! matching an [`Error::code`](crate::Error::code) and for resetting streams, and the
 //! mapping from quiche's connection errors.
 
-use quiche::h3;
-
 /// No error: a clean close, or a stream no longer needed (RFC 9114 §8.1).
 pub const H3_NO_ERROR: u64 = 0x100;
 /// The peer broke HTTP/3 in a way more specific codes do not cover.
@@ -40,8 +38,9 @@ pub const H3_CONNECT_ERROR: u64 = 0x10f;
 pub const H3_VERSION_FALLBACK: u64 = 0x110;
 
 /// The wire code of a connection-level HTTP/3 error from quiche.
-pub(crate) fn h3_wire_code(e: &h3::Error) -> u64 {
-    use h3::Error as E;
+#[cfg(any(feature = "server", feature = "client"))]
+pub(crate) fn h3_wire_code(e: &quiche::h3::Error) -> u64 {
+    use quiche::h3::Error as E;
     match e {
         E::Done => H3_NO_ERROR,
         E::ExcessiveLoad => H3_EXCESSIVE_LOAD,

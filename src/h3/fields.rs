@@ -1,8 +1,14 @@
 //! Pure conversions between HTTP/3 field lists and `http` heads, with the validation
 //! RFC 9114 §4.2 and §4.3 require. Nothing here touches a connection.
 
-use http::header::{CONTENT_LENGTH, COOKIE, HOST, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+#[cfg(feature = "client")]
+use http::Response;
+#[cfg(feature = "server")]
+use http::Uri;
+#[cfg(feature = "server")]
+use http::header::COOKIE;
+use http::header::{CONTENT_LENGTH, HOST, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Version};
 use quiche::h3::{Header, NameValue};
 
 /// Why a message is malformed (RFC 9114 §4.1.2): the stream gets H3_MESSAGE_ERROR.
@@ -65,6 +71,7 @@ fn regular_fields<'a>(fields: impl Iterator<Item = &'a Header>) -> Result<Header
 /// Joins `cookie` crumbs into one field with "; " (RFC 9114 §4.2.1): HTTP/3 clients may
 /// split a cookie header into one field per crumb, and services written for HTTP/1.1 read
 /// one `cookie` value.
+#[cfg(feature = "server")]
 fn join_cookie_crumbs(headers: &mut HeaderMap) -> Result<(), Malformed> {
     let crumbs = headers.get_all(COOKIE);
     if crumbs.iter().nth(1).is_none() {
@@ -106,6 +113,7 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malform
 }
 
 /// A validated request head and what the server needs to know about it.
+#[cfg(feature = "server")]
 #[derive(Debug)]
 pub(crate) struct RequestHead {
     pub(crate) request: Request<()>,
@@ -113,6 +121,7 @@ pub(crate) struct RequestHead {
 }
 
 /// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
+#[cfg(feature = "server")]
 pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malformed> {
     let (mut method, mut scheme, mut authority, mut path, mut protocol) = (None, None, None, None, None);
     let pseudo_count = list.iter().take_while(|f| f.name().starts_with(b":")).count();
@@ -223,9 +232,11 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
 }
 
 /// The `:protocol` of an extended CONNECT request (RFC 9220), as a request extension.
+#[cfg(feature = "server")]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Protocol(Box<[u8]>);
 
+#[cfg(feature = "server")]
 impl Protocol {
     /// The protocol's name, e.g. `websocket`.
     pub fn as_bytes(&self) -> &[u8] {
@@ -253,6 +264,7 @@ pub(crate) fn is_bodyless(head_request: bool, status: StatusCode) -> bool {
 /// Whether a response must not carry `content-length` (RFC 9110 §8.6): a 1xx or 204
 /// response, and a 2xx response to CONNECT (`connect`), whose content is the tunnel that
 /// follows, not a body of some length (§9.3.6).
+#[cfg(feature = "server")]
 pub(crate) fn forbids_content_length(connect: bool, status: StatusCode) -> bool {
     status.is_informational() || status == StatusCode::NO_CONTENT || (connect && status.is_success())
 }
@@ -260,6 +272,7 @@ pub(crate) fn forbids_content_length(connect: bool, status: StatusCode) -> bool 
 /// The fields of a response head; `connect` when it answers a CONNECT request.
 /// `content_length` is added when the head has none and the body's exact size is known. A
 /// response that must not carry `content-length` gets none, not even the service's own.
+#[cfg(feature = "server")]
 pub(crate) fn response_fields(
     status: StatusCode,
     headers: &HeaderMap,
@@ -283,14 +296,17 @@ pub(crate) fn response_fields(
 }
 
 /// Formats a length without going through `format!`.
+#[cfg(feature = "server")]
 struct Digits([u8; 20], usize);
 
+#[cfg(feature = "server")]
 impl Digits {
     fn as_bytes(&self) -> &[u8] {
         &self.0[self.1..]
     }
 }
 
+#[cfg(feature = "server")]
 fn itoa_u64(mut n: u64) -> Digits {
     let mut buf = [0u8; 20];
     let mut at = buf.len();
@@ -318,6 +334,7 @@ pub(crate) fn trailers_from_fields(list: &[Header]) -> Result<HeaderMap, Malform
 }
 
 /// The fields of a request head (client side). Fails when the URI lacks what HTTP/3 needs.
+#[cfg(feature = "client")]
 pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Malformed> {
     let uri = request.uri();
     let headers = request.headers();
@@ -351,6 +368,7 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
 }
 
 /// Builds a response head from a HEADERS frame (client side).
+#[cfg(feature = "client")]
 pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malformed> {
     let mut status = None;
     let pseudo_count = list.iter().take_while(|f| f.name().starts_with(b":")).count();
@@ -377,7 +395,8 @@ pub(crate) fn response_from_fields(list: &[Header]) -> Result<Response<()>, Malf
     Ok(response)
 }
 
-#[cfg(test)]
+// Nearly every case parses a request as the server does; the round trips need both sides.
+#[cfg(all(test, feature = "server"))]
 mod tests {
     use super::*;
 
@@ -582,6 +601,7 @@ mod tests {
         assert_eq!(t["x-trailer"], "yes");
     }
 
+    #[cfg(feature = "client")]
     #[test]
     fn request_and_response_round_trip_on_the_client_side() {
         let req = Request::get("https://example.com:4433/p?q")
@@ -654,6 +674,7 @@ mod tests {
         assert!(request_from_fields(&request).is_err());
     }
 
+    #[cfg(feature = "client")]
     mod properties {
         use proptest::prelude::*;
 

@@ -7,8 +7,14 @@
 //! of servers, clients or services. Every rule about a stream (what ends it, what cancels it,
 //! what wakes whom) lives in [`stream`], so the server and the client cannot drift apart.
 
+// The error codes are public (`tower_quiche::codes`) whatever the features; the rest serves
+// the server and the client.
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod body;
 pub mod codes;
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod fields;
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod priority;
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod stream;

@@ -102,6 +102,7 @@ pub(crate) enum RecvError {
     /// The body did not match its content-length, or its trailers were malformed.
     Malformed(&'static str),
     /// Nothing arrived for too long while the peer owed body bytes.
+    #[cfg(feature = "server")]
     TimedOut,
     /// The connection (or this side of the stream) closed before the body was complete.
     Closed,
@@ -116,6 +117,7 @@ impl RecvError {
             RecvError::Malformed(why) => Error::new(Kind::Protocol)
                 .with_stream_code(codes::H3_MESSAGE_ERROR)
                 .with_message(why),
+            #[cfg(feature = "server")]
             RecvError::TimedOut => Error::new(Kind::Timeout).with_message("the body stalled: no data arrived in time"),
             RecvError::Closed => Error::new(Kind::Closed).with_message("the stream closed before the body ended"),
         }
@@ -132,6 +134,7 @@ pub(crate) enum Cancel {
     /// The message broke RFC 9114; the stream is reset with H3_MESSAGE_ERROR.
     Malformed(&'static str),
     /// No progress within the stall timeout; the stream is reset with this code.
+    #[cfg(feature = "server")]
     Stalled(u64),
     /// The connection is gone.
     ConnectionClosed,
@@ -142,6 +145,7 @@ impl Cancel {
         match self {
             Cancel::PeerReset(code) => RecvError::Reset(code),
             Cancel::Malformed(why) => RecvError::Malformed(why),
+            #[cfg(feature = "server")]
             Cancel::Stalled(_) => RecvError::TimedOut,
             Cancel::PeerStopped(_) | Cancel::ConnectionClosed => RecvError::Closed,
         }
@@ -156,6 +160,7 @@ impl Cancel {
             // quiche reset our side when the STOP_SENDING arrived; the peer's side goes on.
             Cancel::PeerStopped(_) => None,
             Cancel::Malformed(_) => Some(codes::H3_MESSAGE_ERROR),
+            #[cfg(feature = "server")]
             Cancel::Stalled(code) => Some(code),
             // quiche failed the stream while the connection lives on: the peer must learn
             // that nobody serves it (on a closed connection nothing is sent).
@@ -165,7 +170,9 @@ impl Cancel {
 
     fn send_code(self) -> u64 {
         match self {
-            Cancel::PeerReset(code) | Cancel::PeerStopped(code) | Cancel::Stalled(code) => code,
+            Cancel::PeerReset(code) | Cancel::PeerStopped(code) => code,
+            #[cfg(feature = "server")]
+            Cancel::Stalled(code) => code,
             Cancel::Malformed(_) => codes::H3_MESSAGE_ERROR,
             Cancel::ConnectionClosed => codes::H3_REQUEST_CANCELLED,
         }
@@ -265,6 +272,7 @@ impl SendHalf {
     }
 
     /// Whether bytes wait for the peer's flow-control credit.
+    #[cfg(feature = "server")]
     fn owes_peer(&self) -> bool {
         !self.done && self.final_queued && (!self.heads.is_empty() || self.data_len > 0 || self.trailers.is_some())
     }
@@ -364,6 +372,7 @@ impl StreamShared {
 
     /// A request the server received: its head came with the stream; `recv_fin` when no
     /// body follows.
+    #[cfg(feature = "server")]
     pub(crate) fn new_incoming(
         id: u64,
         notify: Arc<ConnNotify>,
@@ -376,6 +385,7 @@ impl StreamShared {
 
     /// A request the client sends: the connection writes its head itself, so the outbox
     /// holds only the body and trailers. Its ID is set when the stream opens.
+    #[cfg(feature = "client")]
     pub(crate) fn new_outgoing(notify: Arc<ConnNotify>, limits: Limits, body_follows: bool) -> Arc<Self> {
         let shared = Self::with_state(u64::MAX, notify, limits, false, None);
         {
@@ -395,6 +405,7 @@ impl StreamShared {
 
     /// Sets the stream's priority, in quiche's send order and in the connection's order of
     /// writes.
+    #[cfg(feature = "server")]
     pub(crate) fn set_priority(&self, conn: &mut quiche::Connection, priority: Priority) {
         self.urgency.store(priority.urgency, Ordering::Relaxed);
         priority.apply(conn, self.id());
@@ -404,6 +415,7 @@ impl StreamShared {
         self.urgency.load(Ordering::Relaxed)
     }
 
+    #[cfg(feature = "client")]
     pub(crate) fn set_id(&self, id: u64) {
         self.id.store(id, Ordering::Release);
     }
@@ -503,6 +515,7 @@ impl StreamShared {
     }
 
     /// Queues a 1xx head; refused once the final head is queued.
+    #[cfg(feature = "server")]
     pub(crate) fn push_informational(&self, fields: Vec<Header>) -> Result<(), Error> {
         self.update(|s| {
             if s.send.final_queued || s.send.done {
@@ -515,6 +528,7 @@ impl StreamShared {
     }
 
     /// Queues the final head; `fin` when no body follows.
+    #[cfg(feature = "server")]
     pub(crate) fn push_head(&self, fields: Vec<Header>, fin: bool) {
         self.update(|s| {
             if s.send.done {
@@ -573,11 +587,13 @@ impl StreamShared {
     }
 
     /// Whether the producer asked for a reset the connection has not acted on yet.
+    #[cfg(feature = "client")]
     pub(crate) fn reset_requested(&self) -> bool {
         self.lock().send.reset.is_some()
     }
 
     /// Whether the outgoing side is fully written or abandoned.
+    #[cfg(feature = "client")]
     pub(crate) fn send_done(&self) -> bool {
         self.lock().send.done
     }
@@ -688,6 +704,7 @@ impl StreamShared {
     }
 
     /// The length the incoming body must have (a client learns it from the response head).
+    #[cfg(feature = "client")]
     pub(crate) fn expect_content_length(&self, length: Option<u64>) {
         self.lock().recv.content_length = length;
     }
@@ -804,6 +821,7 @@ impl StreamShared {
 
     /// Whether the connection needs nothing more from quiche for the incoming body: it is
     /// complete, failed, or nobody will read it.
+    #[cfg(feature = "client")]
     pub(crate) fn recv_settled(&self) -> bool {
         let s = self.lock();
         !s.recv.open() || s.recv.reader_dropped
@@ -817,6 +835,7 @@ impl StreamShared {
     }
 
     /// Whether the reader went away before the body was complete.
+    #[cfg(feature = "client")]
     pub(crate) fn reader_gone_early(&self) -> bool {
         let s = self.lock();
         s.recv.reader_dropped && s.recv.open()
@@ -826,6 +845,7 @@ impl StreamShared {
     /// a reader with room, or queued bytes the peer's flow control holds back. It does not
     /// while it waits on us (the handler is working, the reader is slow). A stream waiting
     /// on the peer whose count stays put is stalled.
+    #[cfg(feature = "server")]
     pub(crate) fn progress(&self) -> (u64, bool) {
         let s = self.lock();
         let recv_owed = s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit);
@@ -988,6 +1008,7 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id
 /// Whether quiche still holds a stream: data not yet sent or acknowledged, or a side not
 /// finished. quiche forgets a stream once both directions are complete, and closing the
 /// connection before then would discard what it still had to deliver.
+#[cfg(feature = "server")]
 pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
     !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
 }

@@ -39,7 +39,7 @@ pub(crate) struct ConfigInner {
     pub(crate) tls: TlsMaterial,
     pub(crate) alpn: Vec<Vec<u8>>,
     pub(crate) keylog: Option<Arc<Mutex<File>>>,
-    #[cfg_attr(not(feature = "qlog"), allow(dead_code))]
+    #[cfg(feature = "qlog")]
     pub(crate) qlog_dir: Option<PathBuf>,
     pub(crate) metrics: Arc<dyn Metrics>,
     pub(crate) cid_generator: Arc<dyn ConnectionIdGenerator>,
@@ -122,6 +122,7 @@ pub struct ConfigBuilder {
     rpk_trusted: Vec<PemSource>,
     alpn: Vec<Vec<u8>>,
     keylog: Option<PathBuf>,
+    #[cfg(feature = "qlog")]
     qlog_dir: Option<PathBuf>,
     metrics: Arc<dyn Metrics>,
     cid_generator: Arc<dyn ConnectionIdGenerator>,
@@ -169,6 +170,7 @@ impl Config {
             rpk_trusted: Vec::new(),
             alpn: Vec::new(),
             keylog: None,
+            #[cfg(feature = "qlog")]
             qlog_dir: None,
             metrics: Arc::new(NoopMetrics),
             cid_generator: Arc::new(RandomConnectionIdGenerator),
@@ -557,7 +559,8 @@ impl ConfigBuilder {
         self
     }
 
-    /// Writes a qlog trace per connection into this directory (needs the `qlog` feature).
+    /// Writes a qlog trace per connection into this directory (`qlog` feature).
+    #[cfg(feature = "qlog")]
     pub fn qlog_dir(mut self, dir: impl AsRef<Path>) -> Self {
         self.qlog_dir = Some(dir.as_ref().to_path_buf());
         self
@@ -633,11 +636,7 @@ impl ConfigBuilder {
                 "the connection ID generator makes {id_len}-byte IDs; QUIC allows 4 to 20 here"
             )));
         }
-        if self.qlog_dir.is_some() && !cfg!(feature = "qlog") {
-            return Err(Error::config(
-                "qlog_dir is set but tower-quiche was built without the `qlog` feature: enable it in Cargo.toml",
-            ));
-        }
+        #[cfg(feature = "qlog")]
         if let Some(dir) = &self.qlog_dir {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
@@ -670,6 +669,7 @@ impl ConfigBuilder {
                 tls,
                 alpn: self.alpn,
                 keylog,
+                #[cfg(feature = "qlog")]
                 qlog_dir: self.qlog_dir,
                 metrics: self.metrics,
                 cid_generator: self.cid_generator,

@@ -550,7 +550,7 @@ fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quic::echo::EchoServer;
+    use crate::testing::echo::EchoServer;
     use crate::testing::{self, Pipe, WakeCount};
 
     /// A packet that pacing held back is due, but the socket's buffer is full: the task must

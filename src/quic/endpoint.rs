@@ -349,8 +349,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::quic::echo::{EchoClient, EchoServer};
     use crate::testing;
+    use crate::testing::echo::{EchoClient, EchoServer};
 
     /// Eight connections share a client socket that refuses one send in three, as a full
     /// send buffer would (loopback never fills one): their packets are held and sent later,

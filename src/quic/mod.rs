@@ -3,8 +3,8 @@
 //!
 //! A server binds a [`Listener`] and starts each [`Incoming`] connection with an
 //! [`Application`]; a client [`Endpoint`] connects and hands the connection to one. The
-//! HTTP/3 server and client of this crate are two such applications; [`echo`] is a third,
-//! small enough to read in one sitting.
+//! HTTP/3 server and client of this crate are two such applications; the echo protocol of
+//! the examples (`examples/support/echo.rs`) is a third, small enough to read in one sitting.
 //!
 //! # What lives here
 //!
@@ -40,7 +40,6 @@
 //! config   -> cid metrics tls
 //! metrics  -> app
 //! token    -> cid
-//! echo     -> app
 //! app, cid, tls, udp -> (none)
 //! ```
 
@@ -48,7 +47,6 @@ mod app;
 mod cid;
 mod config;
 mod driver;
-pub mod echo;
 mod endpoint;
 mod limits;
 mod metrics;

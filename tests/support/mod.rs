@@ -2,12 +2,16 @@
 
 #![allow(dead_code)]
 
+/// The raw-QUIC echo protocol of the examples.
+#[path = "../../examples/support/echo.rs"]
+pub mod echo;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, ConnectionHandle, Listener, echo};
+use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, ConnectionHandle, Listener};
 use tower_quiche::tls::{DevCa, GeneratedCert};
 
 /// Every test is bounded: a hang fails the test instead of stalling CI.

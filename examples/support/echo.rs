@@ -1,20 +1,22 @@
-//! A raw-QUIC echo protocol (ALPN `echo`), and a small example of the [`Application`] seam.
+//! A raw-QUIC echo protocol (ALPN `echo`), and a small example of the
+//! [`Application`](tower_quiche::quic::Application) seam: a protocol of your own over
+//! `tower_quiche::quic`, outside the crate.
 //!
 //! Every bidirectional stream a client opens is echoed back byte for byte, and finished when
 //! the client finishes its side. [`EchoServer`] is the server side; [`EchoClient`] opens
 //! streams on request from an [`EchoHandle`] and checks what comes back.
 //!
-//! ```no_run
-//! use tower_quiche::quic::{Config, Endpoint, echo::EchoClient};
-//! # async fn run() -> Result<(), tower_quiche::Error> {
-//! let config = Config::builder().alpn([tower_quiche::quic::echo::ALPN]).ca_pem_file("ca.pem").build()?;
+//! Used by the `echo_server` and `echo_client` examples, and by the integration tests
+//! (`tests/support/mod.rs` includes this file).
+//!
+//! ```ignore
+//! let config = Config::builder().alpn([echo::ALPN]).ca_pem_file("ca.pem").build()?;
 //! let endpoint = Endpoint::client(config)?;
-//! let (app, echo) = EchoClient::new();
+//! let (app, client) = echo::EchoClient::new();
 //! let connection = endpoint.connect("localhost:4433", app).await?;
-//! let back = echo.echo(bytes::Bytes::from_static(b"hello")).await?;
+//! let back = client.echo(bytes::Bytes::from_static(b"hello")).await?;
 //! assert_eq!(&back[..], b"hello");
 //! connection.close(0, "done");
-//! # Ok(()) }
 //! ```
 
 use std::collections::HashMap;
@@ -23,8 +25,33 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
 
-use super::app::Application;
-use crate::error::{Error, Kind};
+use tower_quiche::quic::Application;
+
+/// Why an echo failed: what the handle's caller sees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EchoError {
+    /// The echo differed from what was sent, or the stream failed.
+    Protocol(String),
+    /// The server reset the echo stream with this code.
+    Reset(u64),
+    /// The connection closed before the echo was complete.
+    Closed,
+    /// The request made no sense (an empty payload to repeat).
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for EchoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EchoError::Protocol(why) => f.write_str(why),
+            EchoError::Reset(code) => write!(f, "the server reset the echo stream with code {code}"),
+            EchoError::Closed => f.write_str("the echo connection closed"),
+            EchoError::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for EchoError {}
 
 /// The echo protocol's ALPN name.
 pub const ALPN: &str = "echo";
@@ -70,7 +97,7 @@ impl EchoServer {
 }
 
 impl Application for EchoServer {
-    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
         for stream in conn.readable() {
             if !is_client_bidi(stream) {
                 // Not ours to echo: read and discard, so it cannot hold flow-control credit.
@@ -123,7 +150,7 @@ struct Job {
     data: Bytes,
     total: u64,
     collect: bool,
-    reply: oneshot::Sender<Result<Echoed, Error>>,
+    reply: oneshot::Sender<Result<Echoed, EchoError>>,
 }
 
 struct Active {
@@ -221,13 +248,9 @@ impl EchoClient {
     }
 }
 
-fn closed() -> Error {
-    Error::new(Kind::Closed).with_message("the echo connection closed")
-}
-
 impl EchoHandle {
     /// Echoes `data` on a new stream and returns what came back.
-    pub async fn echo(&self, data: Bytes) -> Result<Bytes, Error> {
+    pub async fn echo(&self, data: Bytes) -> Result<Bytes, EchoError> {
         let total = data.len() as u64;
         let echoed = self.submit(data, total, true).await?;
         Ok(echoed.data.unwrap_or_default())
@@ -235,15 +258,15 @@ impl EchoHandle {
 
     /// Sends `data` `times` times over on one new stream, and checks the echo byte by byte
     /// without keeping it: for large transfers.
-    pub async fn echo_repeated(&self, data: Bytes, times: u64) -> Result<Echoed, Error> {
+    pub async fn echo_repeated(&self, data: Bytes, times: u64) -> Result<Echoed, EchoError> {
         if data.is_empty() {
-            return Err(Error::config("echo_repeated needs a non-empty payload"));
+            return Err(EchoError::Invalid("echo_repeated needs a non-empty payload"));
         }
         let total = data.len() as u64 * times;
         self.submit(data, total, false).await
     }
 
-    async fn submit(&self, data: Bytes, total: u64, collect: bool) -> Result<Echoed, Error> {
+    async fn submit(&self, data: Bytes, total: u64, collect: bool) -> Result<Echoed, EchoError> {
         let (reply, rx) = oneshot::channel();
         self.jobs
             .send(Job {
@@ -253,13 +276,13 @@ impl EchoHandle {
                 reply,
             })
             .await
-            .map_err(|_| closed())?;
-        rx.await.map_err(|_| closed())?
+            .map_err(|_| EchoError::Closed)?;
+        rx.await.map_err(|_| EchoError::Closed)?
     }
 }
 
 impl Application for EchoClient {
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
         loop {
             if self.waiting.is_none() {
                 match self.jobs.poll_recv(cx) {
@@ -299,7 +322,7 @@ impl Application for EchoClient {
                 match conn.stream_recv(stream, &mut self.scratch) {
                     Ok((n, fin)) => {
                         if !active.check(&self.scratch[..n]) {
-                            break Some(Err(Error::new(Kind::Protocol).with_message(format!(
+                            break Some(Err(EchoError::Protocol(format!(
                                 "the echo differs from what was sent, within bytes {}..{}",
                                 active.received,
                                 active.received + n as u64
@@ -309,7 +332,7 @@ impl Application for EchoClient {
                             break Some(if active.received == active.job.total {
                                 Ok(())
                             } else {
-                                Err(Error::new(Kind::Protocol).with_message(format!(
+                                Err(EchoError::Protocol(format!(
                                     "the echo ended after {} of {} bytes",
                                     active.received, active.job.total
                                 )))
@@ -318,10 +341,10 @@ impl Application for EchoClient {
                     }
                     Err(quiche::Error::Done) => break None,
                     Err(quiche::Error::StreamReset(code)) => {
-                        break Some(Err(Error::new(Kind::Reset).with_stream_code(code)));
+                        break Some(Err(EchoError::Reset(code)));
                     }
                     Err(e) => {
-                        break Some(Err(Error::new(Kind::Protocol).with_message(e.to_string())));
+                        break Some(Err(EchoError::Protocol(e.to_string())));
                     }
                 }
             };
