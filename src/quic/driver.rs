@@ -589,8 +589,9 @@ mod tests {
             "the task woke itself, so it would be polled again at once, and again, while the buffer stays full"
         );
         assert_eq!(driver.held.len(), 1, "the packet waits");
-        // Room again: the socket wakes the task. (tokio's reactor reports a new socket
-        // writable when it first looks at it.)
+        // The task registered with the socket instead: the socket's readiness wakes it.
+        // (tokio's reactor reports a new socket writable when it first looks at it, so this
+        // half shows the registration, not that room came back.)
         driver.socket.refuse_sends(0);
         let woken = async {
             while wakes.count() == 0 {
