@@ -103,6 +103,7 @@ impl Error {
     }
 
     /// The code a stream was reset or stopped with.
+    #[cfg(any(feature = "server", feature = "client"))]
     pub(crate) fn with_stream_code(self, code: u64) -> Self {
         self.with_code(Code::Stream(code))
     }

@@ -190,6 +190,12 @@ impl Incoming {
         )
     }
 
+    /// The configuration of the listener it arrived on.
+    #[cfg(feature = "server")]
+    pub(crate) fn config(&self) -> &Config {
+        &self.0.shared.config
+    }
+
     /// The local address the connection arrived on.
     pub fn local_addr(&self) -> SocketAddr {
         self.0.shared.socket.local_addr()

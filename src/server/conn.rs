@@ -83,8 +83,12 @@ pub(crate) struct ServerApp<S> {
     /// them implicitly by using a higher one (RFC 9000 §3.2), and their bytes may come yet,
     /// possibly behind a gap that keeps them unreadable, or never. Looked for at each timer
     /// check. Bounded: a skipped ID holds one of the client's stream credits for good, and
-    /// the list stops at `MAX_PROBED_STREAMS`.
+    /// the list stops at `probed_streams`.
     skipped: Vec<u64>,
+    /// How many request stream IDs are looked for beyond the last head, and how many
+    /// skipped ones are remembered: twice the client's limit of concurrent request streams
+    /// (it cannot open IDs beyond its credit), at least `MIN_PROBED_STREAMS`.
+    probed_streams: usize,
     peer_goaway: bool,
     served: u64,
     /// No request in flight since then.
@@ -123,6 +127,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             next_stream: 0,
             heads_pending: HashMap::new(),
             skipped: Vec::new(),
+            probed_streams: MIN_PROBED_STREAMS,
             peer_goaway: false,
             served: 0,
             idle_since: Some(Instant::now()),
@@ -133,6 +138,16 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             lingering: Vec::new(),
             _alive: alive,
         }
+    }
+
+    /// Sizes the look for request streams without a head to the listener's limit of
+    /// concurrent request streams.
+    pub(crate) fn with_stream_limit(mut self, max_concurrent_streams: u64) -> Self {
+        let twice = usize::try_from(max_concurrent_streams)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(2);
+        self.probed_streams = twice.max(MIN_PROBED_STREAMS);
+        self
     }
 
     fn h3(&mut self) -> &mut h3::Connection {
@@ -314,7 +329,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             true
         });
         let limit = self.draining.map_or(u64::MAX, |(limit, _)| limit);
-        let above = (self.next_stream..limit).step_by(4).take(MAX_PROBED_STREAMS);
+        let above = (self.next_stream..limit).step_by(4).take(self.probed_streams);
         for id in above {
             if stream::stream_alive(conn, id) && !self.streams.contains_key(&id) {
                 self.heads_pending.entry(id).or_insert(now);
@@ -332,7 +347,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             }
             return;
         }
-        let room = MAX_PROBED_STREAMS.saturating_sub(self.skipped.len());
+        let room = self.probed_streams.saturating_sub(self.skipped.len());
         let skipped = (self.next_stream..id)
             .step_by(4)
             .filter(|s| !self.heads_pending.contains_key(s))
@@ -642,10 +657,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 }
 
-/// How many request stream IDs are looked for beyond the last head, and how many skipped
-/// ones are remembered: twice the default limit of concurrent request streams (a client
-/// cannot open IDs beyond its stream credit), and a bound on the work per check.
-const MAX_PROBED_STREAMS: usize = 256;
+/// The fewest request stream IDs looked for beyond the last head: twice the default limit
+/// of concurrent request streams.
+const MIN_PROBED_STREAMS: usize = 256;
 
 impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {

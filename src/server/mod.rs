@@ -646,7 +646,8 @@ fn start_connection<S: HttpService<RecvBody>>(
             Err(_) => std::future::pending().await,
         }
     });
-    incoming.start(conn::ServerApp::new(service, settings, info, shutdown, alive))
+    let max_streams = incoming.config().inner.s.max_streams_bidi;
+    incoming.start(conn::ServerApp::new(service, settings, info, shutdown, alive).with_stream_limit(max_streams))
 }
 
 async fn make<M, S>(make_service: &mut M, info: ConnectionInfo) -> Result<S, BoxError>
