@@ -754,3 +754,54 @@ async fn serve_connection_serves_one_connection_and_drains_it() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A server may send any number of 1xx heads before its answer: the client keeps a bounded
+/// number of them, and the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_keeps_a_bounded_number_of_informational_responses() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let response = client.get(server.url("/many-hints/200")).send().await.unwrap();
+        let kept = response
+            .extensions()
+            .get::<tower_quiche::client::InformationalResponses>()
+            .map_or(0, |hints| hints.0.len());
+        assert_eq!(kept, 16);
+        assert_eq!(response.text().await.unwrap(), "final");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// Requests waiting for a connection to the same origin share one attempt: when it fails,
+/// they all fail with it, instead of each trying in turn (the k-th after k connect
+/// timeouts). Counted as distinct connections (Initial DCIDs) reaching a socket that
+/// swallows every datagram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_waiting_for_a_connection_share_one_attempt() {
+    let certs = test_certs();
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://127.0.0.1:{}/hello", sink.local_addr().unwrap().port());
+    let client = Client::builder()
+        .ca_pem(&certs.ca_pem)
+        .connect_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let run = async {
+        let requests = (0..4).map(|_| client.get(&url).send());
+        let outcomes = futures_util::future::join_all(requests).await;
+        assert!(outcomes.iter().all(Result::is_err));
+        // Every Initial the attempts sent; a long header names its DCID after the version.
+        let mut dcids = std::collections::HashSet::new();
+        let mut buf = [0u8; 2048];
+        while let Ok(Ok(n)) = timeout(Duration::from_millis(50), sink.recv(&mut buf)).await {
+            if n > 6 && buf[0] & 0x80 != 0 {
+                let len = buf[5] as usize;
+                dcids.insert(buf[6..(6 + len).min(n)].to_vec());
+            }
+        }
+        assert_eq!(dcids.len(), 1, "one connection attempt for four waiting requests");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

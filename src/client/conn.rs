@@ -162,6 +162,9 @@ impl Status {
     }
 }
 
+/// How many 1xx responses are kept per request (more are dropped): a few 103s in practice.
+pub(crate) const MAX_INFORMATIONAL: usize = 16;
+
 fn closed_error() -> Error {
     Error::new(Kind::Closed).with_message("the HTTP/3 connection is closed")
 }
@@ -746,8 +749,13 @@ impl ClientApp {
             Err(why) => return self.refuse_response(conn, id, why),
         };
         if response.status().is_informational() {
-            // 1xx: not the response; kept for those who ask.
-            entry.informational.push(response);
+            // 1xx: not the response; kept for those who ask, up to a bound a server cannot
+            // grow (each head is bounded, their number is not).
+            if entry.informational.len() < MAX_INFORMATIONAL {
+                entry.informational.push(response);
+            } else {
+                tracing::debug!(stream_id = id, "more 1xx responses than kept; dropping");
+            }
             return;
         }
         if !fields::is_bodyless(entry.head_request, response.status()) {

@@ -39,7 +39,8 @@ use crate::quic::{Config, ConfigBuilder, Endpoint};
 use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
 
 /// The 1xx responses that came before a final response, in order: an extension of the
-/// final response, present when there were any.
+/// final response, present when there were any. At most the first 16 are kept: a server
+/// may send any number.
 #[derive(Debug, Clone, Default)]
 pub struct InformationalResponses(pub Vec<Response<()>>);
 
@@ -83,9 +84,14 @@ struct Pool {
     connect_timeout: Duration,
     max_per_origin: usize,
     conns: Mutex<HashMap<Origin, Vec<SendRequest>>>,
-    /// One connection attempt per origin at a time; the others wait for it.
-    connecting: Mutex<HashMap<Origin, Arc<tokio::sync::Mutex<()>>>>,
+    /// One connection attempt per origin at a time: every request waiting for a connection
+    /// to that origin shares its outcome, success or failure. Removed when it has one.
+    connecting: Mutex<HashMap<Origin, Attempt>>,
 }
+
+/// A connection attempt and, once it has ended, its outcome. If the request driving it is
+/// dropped, another waiting one carries it on.
+type Attempt = Arc<tokio::sync::OnceCell<Result<SendRequest, Arc<Error>>>>;
 
 impl Pool {
     /// A live connection to `origin` with room for a request, if there is one. Forgets
@@ -108,12 +114,30 @@ impl Pool {
         if let Some(c) = self.pick(origin, false) {
             return Ok(c);
         }
-        let gate = {
+        let attempt = {
             let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(connecting.entry(origin.clone()).or_default())
         };
-        let _turn = gate.lock().await;
-        // Someone else may have connected while we waited.
+        let outcome = attempt
+            .get_or_init(|| async { self.connect(origin).await.map_err(Arc::new) })
+            .await;
+        // The attempt has its outcome: the next request that finds no connection starts a
+        // fresh one (a failure is not remembered beyond those who waited for it).
+        {
+            let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            if connecting.get(origin).is_some_and(|a| Arc::ptr_eq(a, &attempt)) {
+                connecting.remove(origin);
+            }
+        }
+        match outcome {
+            Ok(send) => Ok(send.clone()),
+            Err(e) => Err(e.duplicate()),
+        }
+    }
+
+    /// Connects to `origin` and pools the connection.
+    async fn connect(&self, origin: &Origin) -> Result<SendRequest, Error> {
+        // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false) {
             return Ok(c);
         }

@@ -342,14 +342,20 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
     out.push(Header::new(b":method", request.method().as_str().as_bytes()));
     let authority = uri
         .authority()
-        .map(|a| a.as_str().as_bytes().to_vec())
-        .or_else(|| headers.get(HOST).map(|h| h.as_bytes().to_vec()))
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| headers.get(HOST).map(HeaderValue::as_bytes))
         .ok_or(Malformed("the request URI has no authority (host)"))?;
+    // Credentials in the URL (`user:pw@host`) never go on the wire in :authority
+    // (RFC 9114 §4.3.1 forbids userinfo there; a server must refuse such a request).
+    let authority = match authority.iter().rposition(|&b| b == b'@') {
+        Some(at) => &authority[at + 1..],
+        None => authority,
+    };
     if request.method() == Method::CONNECT {
-        out.push(Header::new(b":authority", &authority));
+        out.push(Header::new(b":authority", authority));
     } else {
         out.push(Header::new(b":scheme", uri.scheme_str().unwrap_or("https").as_bytes()));
-        out.push(Header::new(b":authority", &authority));
+        out.push(Header::new(b":authority", authority));
         let path = uri
             .path_and_query()
             .map(|p| p.as_str())
@@ -642,6 +648,16 @@ mod tests {
             (":path", "/"),
         ]);
         assert!(request_from_fields(&userinfo).is_err());
+    }
+
+    #[test]
+    #[cfg(feature = "client")]
+    fn credentials_in_the_url_stay_out_of_the_authority() {
+        let request = Request::get("https://user:secret@example.com:8443/p").body(()).unwrap();
+        let fields = request_fields(&request).unwrap();
+        let authority = fields.iter().find(|f| f.name() == b":authority").unwrap();
+        assert_eq!(authority.value(), b"example.com:8443");
+        assert!(fields.iter().all(|f| !f.value().windows(6).any(|w| w == b"secret")));
     }
 
     #[test]

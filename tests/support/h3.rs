@@ -131,6 +131,18 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
             }),
         )
         .route(
+            "/many-hints/{n}",
+            get(
+                |axum::extract::Path(n): axum::extract::Path<usize>, request: axum::extract::Request| async move {
+                    let hints = request.extensions().get::<server::Informational>().unwrap().clone();
+                    for _ in 0..n {
+                        hints.send(StatusCode::EARLY_HINTS, &HeaderMap::new()).unwrap();
+                    }
+                    "final"
+                },
+            ),
+        )
+        .route(
             "/panic",
             get(|| async {
                 if true {
