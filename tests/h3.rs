@@ -805,3 +805,32 @@ async fn requests_waiting_for_a_connection_share_one_attempt() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A failed connection attempt is the next call's error, not `poll_ready`'s: tower treats
+/// an error from `poll_ready` as the end of the service (`Buffer` keeps returning it), and
+/// an origin that is down for a moment is not that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_client_reports_a_failed_connect_from_the_call_and_stays_usable() {
+    let certs = test_certs();
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let client = Client::builder()
+        .ca_pem(&certs.ca_pem)
+        .connect_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut origin = client
+        .origin(format!("https://127.0.0.1:{}", sink.local_addr().unwrap().port()))
+        .unwrap();
+    let run = async {
+        for _ in 0..2 {
+            let ready = ServiceExt::<Request<Empty<bytes::Bytes>>>::ready(&mut origin).await;
+            let service = ready.expect("a failed connect does not end the service");
+            let error = service
+                .call(Request::get("/hello").body(Empty::<bytes::Bytes>::new()).unwrap())
+                .await
+                .unwrap_err();
+            assert!(error.is_timeout(), "{error}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -289,7 +289,9 @@ impl Client {
     /// A `tower::Service` bound to one origin (`https://host[:port]`), whose `poll_ready`
     /// reports real capacity: pending while its connection is being set up, and while the
     /// server's stream credit is used up. For tonic's generated clients and tower layers
-    /// (concurrency limit, buffer, load balancing) that wait on readiness.
+    /// (concurrency limit, buffer, load balancing) that wait on readiness. A failed
+    /// connection attempt makes it ready, and the next `call` returns the error: an error
+    /// from `poll_ready` would tell tower the service is gone for good.
     pub fn origin(&self, url: impl AsRef<str>) -> Result<OriginClient, Error> {
         let uri: Uri = url
             .as_ref()
@@ -300,6 +302,7 @@ impl Client {
             origin: Origin::of(&uri)?,
             ready: None,
             connecting: None,
+            failed: None,
         })
     }
 
@@ -348,6 +351,10 @@ pub struct OriginClient {
     /// A connection with a stream reserved for the next `call`.
     ready: Option<SendRequest>,
     connecting: Option<Connecting>,
+    /// Why the last connection attempt failed: the next `call` reports it. `poll_ready`
+    /// stays `Ok`, because an error from it means the service is gone for good (tower's
+    /// `Buffer` would keep returning it), and a failed attempt is not that.
+    failed: Option<Error>,
 }
 
 impl Clone for OriginClient {
@@ -357,6 +364,7 @@ impl Clone for OriginClient {
             origin: self.origin.clone(),
             ready: None,
             connecting: None,
+            failed: None,
         }
     }
 }
@@ -380,6 +388,9 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        if self.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         loop {
             if let Some(send) = &mut self.ready {
                 match send.poll_ready(cx) {
@@ -398,13 +409,22 @@ where
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(result) => {
                     self.connecting = None;
-                    self.ready = Some(result?);
+                    match result {
+                        Ok(send) => self.ready = Some(send),
+                        Err(e) => {
+                            self.failed = Some(e);
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
                 }
             }
         }
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        if let Some(e) = self.failed.take() {
+            return Box::pin(std::future::ready(Err(e)));
+        }
         let pool = Arc::clone(&self.pool);
         let origin = self.origin.clone();
         let prepared = PendingRequest::new(request);
