@@ -1035,7 +1035,8 @@ pub(crate) trait StreamOwner {
     /// the room the congestion and flow-control windows freed, so the order of writes is
     /// the order of sending. Events are polled every round because reading a stream's last
     /// bytes queues its `Finished` event in quiche, and no packet may come to trigger
-    /// another round. Then the writable streams again, for room the rounds' reads freed.
+    /// another round. (Room to send comes only with packets, before this runs: the first
+    /// round's look at the writable streams is the only one needed.)
     fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         for round in 0..8 {
             self.poll_events(conn)?;
@@ -1057,11 +1058,6 @@ pub(crate) trait StreamOwner {
             *self.ready_buf() = ready;
             if done {
                 break;
-            }
-        }
-        for id in conn.writable() {
-            if self.is_tracked(id) {
-                self.service_stream(conn, id);
             }
         }
         Ok(())
