@@ -121,7 +121,17 @@ struct StatusInner {
     goaway: bool,
     closed: bool,
     established: bool,
+    /// Tasks to wake when a request may go (or never will). One entry per task: a task
+    /// polled again while it waits is not listed again.
     waiters: Vec<Waker>,
+}
+
+impl StatusInner {
+    fn wait(&mut self, waker: &Waker) {
+        if !self.waiters.iter().any(|w| w.will_wake(waker)) {
+            self.waiters.push(waker.clone());
+        }
+    }
 }
 
 impl Status {
@@ -234,7 +244,7 @@ impl SendRequest {
             self.reserved = true;
             return Poll::Ready(Ok(()));
         }
-        s.waiters.push(cx.waker().clone());
+        s.wait(cx.waker());
         Poll::Pending
     }
 
@@ -448,7 +458,7 @@ pub(crate) async fn handshake_with(
         if s.established || s.closed {
             return Poll::Ready(());
         }
-        s.waiters.push(cx.waker().clone());
+        s.wait(cx.waker());
         Poll::Pending
     });
     tokio::select! {
@@ -500,6 +510,8 @@ pub(crate) struct ClientApp {
     goaway: Option<u64>,
     /// The stream quiche opens for the next request (client request streams count up by 4).
     next_request_id: u64,
+    /// The stream credit last published in `status`.
+    credit_told: u64,
     idle_since: Option<Instant>,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
@@ -524,6 +536,7 @@ impl ClientApp {
             ready: Vec::new(),
             goaway: None,
             next_request_id: 0,
+            credit_told: 0,
             idle_since: Some(Instant::now()),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
@@ -924,6 +937,7 @@ impl Application for ClientApp {
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
         let credit = conn.peer_streams_left_bidi();
+        self.credit_told = credit;
         self.status.update(|s| {
             s.credit = credit;
             s.established = true;
@@ -937,8 +951,12 @@ impl Application for ClientApp {
         }
         self.open_streams(cx, conn);
         stream::StreamOwner::run_rounds(self, cx, conn)?;
+        // Told only when it changes: every turn would take the lock for nothing.
         let credit = conn.peer_streams_left_bidi();
-        self.status.update(|s| s.credit = credit);
+        if credit != self.credit_told {
+            self.credit_told = credit;
+            self.status.update(|s| s.credit = credit);
+        }
         // Nobody can submit any more and nothing is in flight: done.
         if self.submissions.is_closed()
             && self.waiting.is_none()

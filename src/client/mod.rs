@@ -100,6 +100,11 @@ impl Pool {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(origin)?;
         list.retain(SendRequest::is_usable);
+        if list.is_empty() {
+            // An origin no longer in use leaves no trace (a proxy may reach any number).
+            conns.remove(origin);
+            return None;
+        }
         if let Some(c) = list.iter().find(|c| c.status_spare() > 0) {
             return Some(c.clone());
         }
