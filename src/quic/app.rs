@@ -108,6 +108,7 @@ pub(crate) enum State {
 }
 
 /// How a connection ended.
+#[derive(Debug)]
 pub struct Closed {
     pub(super) error: Option<Error>,
     pub(super) stats: ConnectionStats,
@@ -123,15 +124,6 @@ impl Closed {
     /// The connection's final statistics.
     pub fn stats(&self) -> &ConnectionStats {
         &self.stats
-    }
-}
-
-impl fmt::Debug for Closed {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Closed")
-            .field("error", &self.error)
-            .field("stats", &self.stats)
-            .finish()
     }
 }
 
@@ -182,7 +174,7 @@ impl ConnectionHandle {
                     Error::new(crate::error::Kind::Closed).with_message("closed during the handshake")
                 }))
             }
-            _ => Err(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+            _ => Err(task_ended()),
         }
     }
 
@@ -193,7 +185,7 @@ impl ConnectionHandle {
         match result.as_deref() {
             Ok(State::Closed(closed)) => Arc::clone(closed),
             _ => Arc::new(Closed {
-                error: Some(Error::new(crate::error::Kind::Closed).with_message("the connection task ended")),
+                error: Some(task_ended()),
                 stats: ConnectionStats::default(),
             }),
         }
@@ -213,4 +205,9 @@ impl ConnectionHandle {
             reason: reason.into(),
         });
     }
+}
+
+/// What a handle reports when the connection's task is gone without saying how it ended.
+fn task_ended() -> Error {
+    Error::new(crate::error::Kind::Closed).with_message("the connection task ended")
 }

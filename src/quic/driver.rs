@@ -51,8 +51,9 @@ const MAX_GSO_SEGMENTS: usize = 64;
 /// which quinn-udp drops silently, as it would an oversized MTU probe.
 const MAX_GSO_BYTES: usize = 65_000;
 
-/// How commands reach the driver; one pending close is all there can usefully be.
-const COMMAND_QUEUE: usize = 4;
+/// How commands reach the driver; one pending close is all there can usefully be (a
+/// handle finding the queue full knows a close is on its way).
+const COMMAND_QUEUE: usize = 1;
 
 /// The code an application's error closes its connection with: its own application code,
 /// or 0x1 when it carries none or one from another space (a stream's reset code, say, means

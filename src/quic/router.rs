@@ -361,7 +361,6 @@ fn send_stateless_reset(
     dcid: &[u8],
     to: SocketAddr,
 ) {
-    let len = (received - 1).min(MAX_RESET_LEN);
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         shared
             .config
@@ -373,6 +372,8 @@ fn send_stateless_reset(
     if !accept.may_reply(shared) {
         return;
     }
+    // Smaller than what caused it, so resets cannot loop between two endpoints.
+    let len = (received - 1).min(MAX_RESET_LEN);
     let reset = &mut out[..len];
     cid::fill_random(reset);
     // A short header: fixed bit set, long-header bit clear.
