@@ -725,7 +725,9 @@ impl StreamShared {
             };
         }
         // A response's own `priority` field overrides the request's (RFC 9218 §5).
-        if !s.send.head_sent
+        // Once `final_queued`, a queued head at the back is the final one, not yet sent (a
+        // 1xx ahead of it says nothing of the response's priority).
+        if s.send.final_queued
             && let Some((fields, _)) = s.send.heads.back()
         {
             let priorities = fields.iter().filter(|f| f.name() == b"priority").map(|f| f.value());

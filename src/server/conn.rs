@@ -101,6 +101,8 @@ pub(crate) struct ServerApp<S> {
     /// Answered streams quiche may still be delivering; a graceful close waits for them.
     /// Those whose request the peer had not finished carry the end of their wait.
     lingering: Vec<(u64, Option<Instant>)>,
+    /// `lingering` is pruned of delivered streams when it grows past this.
+    lingering_prune_at: usize,
     _alive: mpsc::Sender<()>,
 }
 
@@ -136,6 +138,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             timer_at: None,
             closing: false,
             lingering: Vec::new(),
+            lingering_prune_at: LINGERING_PRUNE_MIN,
             _alive: alive,
         }
     }
@@ -162,12 +165,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 Ok((id, h3::Event::Finished)) => self.on_finished(conn, id),
                 Ok((id, h3::Event::Reset(code))) => self.on_reset(conn, id, code),
                 Ok((id, h3::Event::PriorityUpdate)) => self.on_priority_update(conn, id),
-                Ok((_, h3::Event::GoAway)) => {
+                // A client may send GOAWAY more than once: the first one says it all.
+                Ok((_, h3::Event::GoAway)) if !self.peer_goaway => {
                     tracing::debug!("the client sent GOAWAY");
                     self.peer_goaway = true;
                     // The close waits for these: find the ones that can never finish now.
                     self.look_at_unwritten_streams(conn);
                 }
+                Ok((_, h3::Event::GoAway)) => {}
                 Err(h3::Error::Done) => return Ok(()),
                 Err(e) => {
                     // A connection error: quiche has usually closed the connection already.
@@ -657,6 +662,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 }
 
+/// `lingering` is not pruned below this length.
+const LINGERING_PRUNE_MIN: usize = 64;
+
 /// The fewest request stream IDs looked for beyond the last head: twice the default limit
 /// of concurrent request streams.
 const MIN_PROBED_STREAMS: usize = 256;
@@ -740,8 +748,11 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                 .chain(self.close_not_before)
                 .filter(|&at| at > now)
                 .min();
-        } else if self.lingering.len() > 64 {
+        } else if self.lingering.len() > self.lingering_prune_at {
+            // Pruned when it has doubled since the last time: amortised, a few lookups per
+            // answered stream, however many the peer leaves unfinished.
             self.lingering.retain(|&(id, _)| stream::stream_alive(conn, id));
+            self.lingering_prune_at = (self.lingering.len() * 2).max(LINGERING_PRUNE_MIN);
         }
         self.poll_timers(cx, conn, now, linger_deadline);
         Ok(())
