@@ -76,7 +76,8 @@
 //!   (`default-features = false, features = ["client"]`) compiles no server and no hyper.
 //! - `tcp` (default, implies `server`): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with
 //!   `Alt-Svc` (hyper, hyper-util, tokio-boring).
-//! - `dev-certs`: development certificates, `tls::self_signed` and `tls::DevCa`.
+//! - `dev-certs`: development certificates, `tls::self_signed`, `tls::DevCa` and
+//!   `tls::GeneratedCert`.
 //! - `json` (implies `client`): JSON helpers on the client (serde).
 //! - `qlog`: a qlog trace per connection (`quic::ConfigBuilder::qlog_dir`).
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.

@@ -741,16 +741,20 @@ async fn serve_connection_serves_one_connection_and_drains_it() {
         let hello = client.get(format!("{url}/hello")).send().await.unwrap();
         assert_eq!(hello.text().await.unwrap(), "hello world");
         let (connection, _listener) = server.await.unwrap();
-        // A request in flight when the shutdown starts is answered whole.
+        // A request in flight when the shutdown starts is answered whole: a large body, the
+        // shutdown asked for once its first bytes are produced.
+        const LEN: u64 = 4 << 20;
         let slow = tokio::spawn({
             let client = client.clone();
-            let url = format!("{url}/late-head");
-            async move { client.get(url).send().await.unwrap().text().await.unwrap() }
+            let url = format!("{url}/count/{LEN}");
+            async move { client.get(url).send().await.unwrap().bytes().await.unwrap().len() }
         });
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        while probe.produced.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         connection.graceful_shutdown();
         connection.await.expect("a clean close");
-        assert_eq!(slow.await.unwrap(), "late");
+        assert_eq!(slow.await.unwrap() as u64, LEN);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

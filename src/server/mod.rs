@@ -23,8 +23,8 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Every request carries a [`ConnectionInfo`] extension (addresses, stream ID, the HTTP
-//! version) and an [`Informational`] handle for 1xx responses.
+//! Every request carries a [`ConnectionInfo`] extension (addresses, the HTTP version), a
+//! [`RequestInfo`] (the stream ID) and an [`Informational`] handle for 1xx responses.
 
 mod conn;
 mod date;
