@@ -402,12 +402,7 @@ async fn a_make_service_sees_the_peer_address() {
         )
     });
     tokio::spawn(server::serve_make_service(listener, make).into_future());
-    let endpoint_config = tower_quiche::quic::Config::builder()
-        .alpn(["h3"])
-        .ca_pem(&certs.ca_pem)
-        .build()
-        .unwrap();
-    let endpoint = tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), endpoint_config).unwrap();
+    let endpoint = h3_client_endpoint(&certs);
     let run = async {
         let (mut send, _conn) = tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}"))
             .await
@@ -755,6 +750,45 @@ async fn serve_connection_serves_one_connection_and_drains_it() {
         connection.graceful_shutdown();
         connection.await.expect("a clean close");
         assert_eq!(slow.await.unwrap() as u64, LEN);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A server that closes gracefully waits only until its last bytes are acknowledged: the
+/// client's QUIC stack may still hold them, unread by a caller slower than the close. What
+/// arrived before the server's CONNECTION_CLOSE is the caller's to read, whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_received_before_the_server_closes_is_read_whole_after_the_close() {
+    let certs = test_certs();
+    let mut listener = listener(&certs).await;
+    let port = listener.local_addr().port();
+    let router = test_router(Arc::new(Probe::default()));
+    let endpoint = h3_client_endpoint(&certs);
+    let run = async {
+        let server = tokio::spawn(async move {
+            let incoming = listener.accept().await.unwrap();
+            (server::Builder::new().serve_connection(incoming, router), listener)
+        });
+        let (mut send, client_connection) =
+            tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}"))
+                .await
+                .unwrap();
+        let client_connection = tokio::spawn(client_connection);
+        send.ready().await.unwrap();
+        // Larger than the client's body buffer (64 KiB), within its stream window (1 MiB):
+        // the client's QUIC stack takes it all in while nobody reads.
+        const LEN: usize = 512 * 1024;
+        let request = Request::get(format!("https://localhost:{port}/count/{LEN}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = send.send_request(request).await.unwrap();
+        let (server_connection, _listener) = server.await.unwrap();
+        server_connection.graceful_shutdown();
+        server_connection.await.expect("a clean close");
+        // The client's side of the connection has ended too before the body is read.
+        let _ = client_connection.await.unwrap();
+        let body = response.into_body().collect().await.expect("the whole body").to_bytes();
+        assert_eq!(body.len(), LEN);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

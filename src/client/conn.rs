@@ -821,6 +821,34 @@ impl ClientApp {
         self.forget_if_done(conn, id);
     }
 
+    /// Takes in, once the connection has closed, what quiche still holds of the responses:
+    /// a server may close as soon as its last bytes are acknowledged (a graceful close does),
+    /// before a slow caller has read them. Each body is taken whole into its buffer, past
+    /// the buffer's limit; the connection's flow-control window bounds what quiche held, and
+    /// the same bytes leave quiche with the connection. Responses that did not arrive whole
+    /// fail as the connection closes.
+    fn take_in_what_arrived(&mut self, conn: &mut quiche::Connection) {
+        if self.h3.is_none() {
+            return;
+        }
+        for entry in self.streams.values() {
+            entry.shared.lift_recv_limit();
+        }
+        // Heads, trailers and ends already in quiche; Data events now read everything.
+        self.poll_events(conn);
+        let unread: Vec<u64> = self
+            .streams
+            .iter()
+            .filter(|(_, entry)| entry.shared.wants_read())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in unread {
+            self.read_body(conn, id);
+        }
+        // The ends the reads reached.
+        self.poll_events(conn);
+    }
+
     fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
@@ -974,8 +1002,9 @@ impl Application for ClientApp {
         Ok(())
     }
 
-    fn on_closed(&mut self, _conn: &quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, conn: &mut quiche::Connection, error: Option<&Error>) {
         self.status.update(|s| s.closed = true);
+        self.take_in_what_arrived(conn);
         let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
         for (_, entry) in self.streams.drain() {
             entry.shared.cancel(Cancel::ConnectionClosed);

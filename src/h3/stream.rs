@@ -668,6 +668,13 @@ impl StreamShared {
         result
     }
 
+    /// Lets [`read_from`](Self::read_from) take all quiche holds, however much the reader has
+    /// not read: for a connection that has closed, whose bytes go with it otherwise.
+    #[cfg(feature = "client")]
+    pub(crate) fn lift_recv_limit(&self) {
+        self.lock().recv.limit = usize::MAX;
+    }
+
     /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
     /// §4.2.2 counting). Bad trailers are a malformed message. (quiche refuses a second
     /// trailer section, and DATA after one, as a connection error itself.)

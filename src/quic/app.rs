@@ -41,8 +41,9 @@ pub trait Application: Send + 'static {
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error>;
 
     /// Called once when the connection has closed; `error` says why, when it was not a clean
-    /// close.
-    fn on_closed(&mut self, conn: &quiche::Connection, error: Option<&Error>) {
+    /// close. Nothing can be sent any more, but what the peer sent before it closed can still
+    /// be read from `conn`'s streams.
+    fn on_closed(&mut self, conn: &mut quiche::Connection, error: Option<&Error>) {
         let _ = (conn, error);
     }
 }

@@ -478,7 +478,7 @@ impl<A: Application> Driver<A> {
         }
         metrics.connection_closed(&stats);
         if let AppSlot::Running(app) = &mut self.app {
-            app.on_closed(&self.conn, error.as_ref());
+            app.on_closed(&mut self.conn, error.as_ref());
         }
         tracing::debug!(
             error = error.as_ref().map(tracing::field::display),

@@ -758,7 +758,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         Ok(())
     }
 
-    fn on_closed(&mut self, _conn: &quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, _conn: &mut quiche::Connection, error: Option<&Error>) {
         // Whatever is still in flight ends here: bodies see the connection gone.
         for (_, entry) in self.streams.drain() {
             entry.abort.abort();

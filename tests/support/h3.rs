@@ -296,6 +296,12 @@ pub fn client(certs: &Certs) -> Client {
     Client::builder().ca_pem(&certs.ca_pem).build().unwrap()
 }
 
+/// A client endpoint offering `h3`, for `client::conn::handshake`.
+pub fn h3_client_endpoint(certs: &Certs) -> tower_quiche::quic::Endpoint {
+    let config = Config::builder().alpn(["h3"]).ca_pem(&certs.ca_pem).build().unwrap();
+    tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap()
+}
+
 /// Hashes a body as it streams, without keeping it.
 pub async fn hash_body(body: tower_quiche::RecvBody) -> (u64, [u8; 32], Option<HeaderMap>) {
     use http_body_util::BodyExt;

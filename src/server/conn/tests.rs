@@ -167,7 +167,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
             let events = self.poll_client();
             if self.pipe.server.is_closed() && !self.app_closed {
                 self.app_closed = true;
-                self.app.on_closed(&self.pipe.server, None);
+                self.app.on_closed(&mut self.pipe.server, None);
             }
             if !moved && !events && !self.woken.0.load(Ordering::SeqCst) {
                 return;
