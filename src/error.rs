@@ -64,6 +64,9 @@ struct Inner {
 pub(crate) enum Kind {
     /// A setting is wrong; the message says which and what to change.
     Config,
+    /// A call was given what it cannot use (a URL that is not https, a bad header): the
+    /// message says what.
+    InvalidRequest,
     /// The operating system refused a socket operation.
     Io,
     /// The TLS handshake failed (certificate not trusted, wrong name, no common ALPN, …).
@@ -117,6 +120,11 @@ impl Error {
         Error::new(Kind::Config).with_message(message)
     }
 
+    /// A call was given what it cannot use: the caller's mistake, not a setting's.
+    pub(crate) fn invalid_request(message: impl Into<String>) -> Self {
+        Error::new(Kind::InvalidRequest).with_message(message)
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::new(Kind::Io).with_message(context).with_source(source)
     }
@@ -151,6 +159,13 @@ impl Error {
     /// A setting is wrong: the message says which one and what to change.
     pub fn is_config(&self) -> bool {
         self.inner.kind == Kind::Config
+    }
+
+    /// A call was given what it cannot use: a URL that is not an absolute `https` URL, an
+    /// address that is not `host:port`, an invalid header, a body that could not be
+    /// serialized. Nothing was sent; the message says what to change.
+    pub fn is_invalid_request(&self) -> bool {
+        self.inner.kind == Kind::InvalidRequest
     }
 
     /// A socket operation failed.
@@ -227,6 +242,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let what = match self.inner.kind {
             Kind::Config => "invalid configuration",
+            Kind::InvalidRequest => "invalid request",
             Kind::Io => "socket error",
             Kind::Tls => "TLS handshake failed",
             Kind::Timeout => "timed out",

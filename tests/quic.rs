@@ -224,7 +224,7 @@ async fn connect_addr_without_a_server_name_is_refused_while_verifying() {
             .connect_addr(server.addr, None, EchoClient::new().0)
             .await
             .unwrap_err();
-        assert!(err.is_config(), "{err}");
+        assert!(err.is_invalid_request(), "{err}");
         assert!(err.to_string().contains("danger_accept_invalid_certs"), "{err}");
         // With a name (an IP address will do) it connects.
         let verified = endpoint.connect_addr(server.addr, Some("127.0.0.1"), EchoClient::new().0);

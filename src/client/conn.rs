@@ -62,7 +62,7 @@ impl PendingRequest {
         B::Error: Into<BoxError>,
     {
         let mut fields =
-            request_fields(&request).map_err(|m| Error::config(format!("cannot send this request: {m}")))?;
+            request_fields(&request).map_err(|m| Error::invalid_request(format!("cannot send this request: {m}")))?;
         // Like hyper: a body of known size announces it, so the server can refuse early.
         let exact = request.body().size_hint().exact();
         let bodyless_method = matches!(

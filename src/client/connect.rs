@@ -90,7 +90,7 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 /// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
 fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
     let bad = || {
-        Error::config(format!(
+        Error::invalid_request(format!(
             "'{authority}' is not host:port (use [addr]:port for IPv6 addresses)"
         ))
     };

@@ -56,11 +56,13 @@ impl Origin {
     fn of(uri: &Uri) -> Result<Origin, Error> {
         let scheme = uri.scheme_str().unwrap_or("https");
         if scheme != "https" {
-            return Err(Error::config(format!("HTTP/3 needs https URLs, not {scheme}://")));
+            return Err(Error::invalid_request(format!(
+                "HTTP/3 needs https URLs, not {scheme}://"
+            )));
         }
-        let host = uri
-            .host()
-            .ok_or_else(|| Error::config(format!("'{uri}' is not an absolute URL: use https://host[:port]/path")))?;
+        let host = uri.host().ok_or_else(|| {
+            Error::invalid_request(format!("'{uri}' is not an absolute URL: use https://host[:port]/path"))
+        })?;
         let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
         Ok(Origin {
             scheme: scheme.to_string(),
@@ -282,7 +284,7 @@ impl Client {
         let request = url
             .as_ref()
             .parse::<Uri>()
-            .map_err(|e| Error::config(format!("'{}' is not a valid URL: {e}", url.as_ref())))
+            .map_err(|e| Error::invalid_request(format!("'{}' is not a valid URL: {e}", url.as_ref())))
             .map(|uri| Request::builder().method(method).uri(uri));
         RequestBuilder {
             client: self.clone(),
@@ -301,7 +303,7 @@ impl Client {
         let uri: Uri = url
             .as_ref()
             .parse()
-            .map_err(|e| Error::config(format!("'{}' is not a valid URL: {e}", url.as_ref())))?;
+            .map_err(|e| Error::invalid_request(format!("'{}' is not a valid URL: {e}", url.as_ref())))?;
         Ok(OriginClient {
             pool: Arc::clone(&self.pool),
             origin: Origin::of(&uri)?,
@@ -584,7 +586,7 @@ impl RequestBuilder {
                 self.header(http::header::CONTENT_TYPE, "application/json")
             }
             Err(e) => {
-                self.request = Err(Error::config(format!("cannot serialize the JSON body: {e}")));
+                self.request = Err(Error::invalid_request(format!("cannot serialize the JSON body: {e}")));
                 self
             }
         }
@@ -595,7 +597,7 @@ impl RequestBuilder {
         let request = self
             .request?
             .body(Full::new(self.body))
-            .map_err(|e| Error::config(format!("invalid request: {e}")))?;
+            .map_err(|e| Error::invalid_request(e.to_string()))?;
         self.client.send(request).await
     }
 }
@@ -627,5 +629,22 @@ pub trait ResponseExt: Sized + Send {
 impl ResponseExt for Response<RecvBody> {
     async fn bytes(self) -> Result<Bytes, Error> {
         Ok(self.into_body().collect().await?.to_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A URL the client cannot use is the caller's mistake, said as such: not a setting.
+    #[test]
+    fn unusable_urls_are_invalid_requests_not_configuration_errors() {
+        for url in ["http://example.com/", "/relative/path"] {
+            let uri: Uri = url.parse().unwrap();
+            let error = Origin::of(&uri).unwrap_err();
+            assert!(error.is_invalid_request(), "{url}: {error}");
+            assert!(!error.is_config(), "{url}: {error}");
+        }
+        assert!(Origin::of(&"https://example.com:8443/".parse().unwrap()).is_ok());
     }
 }

@@ -291,7 +291,7 @@ impl Endpoint {
         app: A,
     ) -> Result<ConnectionHandle, Error> {
         if server_name.is_none() && self.shared.config.verifies_server_name() {
-            return Err(Error::config(format!(
+            return Err(Error::invalid_request(format!(
                 "connect_addr to {addr} without a server name cannot check the server's identity: pass the name \
                  its certificate is for (or its IP address as text), or turn verification off explicitly with \
                  ConfigBuilder::danger_accept_invalid_certs(true)"
