@@ -11,7 +11,7 @@ mod support;
 mod routes;
 
 use clap::Parser;
-use tower_quiche::quic::{Config, Listener};
+use tower_quiche::quic::Listener;
 
 /// Every route of the shared route contract over HTTP/3, built to be load-tested.
 ///
@@ -29,22 +29,13 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let (cert, key) = support::server_identity(&args.server.identity);
     // One worker thread per core the process may use: the load harness pins the server.
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
-        let config = Config::builder()
-            .alpn(["h3"])
-            .cert_chain_pem_file(cert)
-            .private_key_pem_file(key)
-            .retry(!args.server.no_retry)
-            .keylog_from_env()
-            .build()
-            .unwrap_or_else(|e| support::fail(&e.to_string()));
-        let listener = Listener::bind(args.server.listen, config)
+        let listener = Listener::bind(args.server.listen, args.server.config("h3"))
             .await
             .unwrap_or_else(|e| support::fail(&e.to_string()));
         eprintln!("bench_server listening on https://{} (HTTP/3)", listener.local_addr());

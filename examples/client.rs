@@ -70,11 +70,10 @@ fn describe(e: &tower_quiche::Error) -> String {
 async fn run() -> Result<(), String> {
     let args = Args::parse();
     let verbose = args.verbose;
-    let mut builder = Client::builder().danger_accept_invalid_certs(args.trust.insecure);
-    if let Some(ca) = &args.trust.ca {
-        builder = builder.ca_pem_file(ca);
-    }
-    let client = builder.build().map_err(|e| e.to_string())?;
+    let client = Client::builder()
+        .quic_config(args.trust.config("h3"))
+        .build()
+        .map_err(|e| e.to_string())?;
     let mut request = Request::builder().method(args.method).uri(args.url.as_str());
     for header in &args.headers {
         let (name, value) = header

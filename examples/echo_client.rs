@@ -12,7 +12,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use clap::Parser;
 use support::echo;
-use tower_quiche::quic::{Config, Endpoint};
+use tower_quiche::quic::Endpoint;
 
 /// A raw-QUIC echo client (ALPN `echo`) that prints the echo throughput.
 ///
@@ -45,14 +45,7 @@ async fn main() {
         bytes,
         target,
     } = Args::parse();
-    let mut config = Config::builder()
-        .alpn([echo::ALPN])
-        .danger_accept_invalid_certs(trust.insecure);
-    if let Some(ca) = trust.ca {
-        config = config.ca_pem_file(ca);
-    }
-    let config = config.build().unwrap_or_else(|e| support::fail(&e.to_string()));
-    let endpoint = Endpoint::client(config).unwrap_or_else(|e| support::fail(&e.to_string()));
+    let endpoint = Endpoint::client(trust.config(echo::ALPN)).unwrap_or_else(|e| support::fail(&e.to_string()));
     let (app, client) = echo::EchoClient::new();
     let started = Instant::now();
     let connection = endpoint

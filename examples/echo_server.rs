@@ -10,7 +10,7 @@ mod support;
 
 use clap::Parser;
 use support::echo;
-use tower_quiche::quic::{Config, Listener};
+use tower_quiche::quic::Listener;
 
 /// A raw-QUIC echo server (ALPN `echo`).
 ///
@@ -30,16 +30,7 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let (cert, key) = support::server_identity(&args.server.identity);
-    let config = Config::builder()
-        .alpn([echo::ALPN])
-        .cert_chain_pem_file(cert)
-        .private_key_pem_file(key)
-        .retry(!args.server.no_retry)
-        .keylog_from_env()
-        .build()
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let mut listener = Listener::bind(args.server.listen, config)
+    let mut listener = Listener::bind(args.server.listen, args.server.config(echo::ALPN))
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     eprintln!("echo server listening on {} (ALPN echo)", listener.local_addr());

@@ -21,7 +21,7 @@ use axum::extract::Extension;
 use axum::response::Html;
 use axum::routing::get;
 use clap::Parser;
-use tower_quiche::quic::{Config, Listener};
+use tower_quiche::quic::{Listener, ServerConfig, TransportConfig};
 use tower_quiche::server::ConnectionInfo;
 
 /// An axum app on one port over HTTP/3 (UDP) and HTTP/1.1 + HTTP/2 (TCP), with Alt-Svc.
@@ -80,12 +80,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }),
         )
         .route("/hello", get(|| async { "hello world" }));
-    let mut config = Config::builder()
-        .alpn(["h3"])
+    let mut config = ServerConfig::builder()
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
         .retry(!args.server.no_retry)
-        .keylog_from_env();
+        .transport(TransportConfig::new().keylog_from_env());
     // The listener's configuration serves both transports, so this one setting requires
     // client certificates over HTTP/3 and over HTTP/1.1 and HTTP/2.
     if let Some(client_ca) = &args.client_ca {

@@ -26,7 +26,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{Config, Listener};
+use tower_quiche::quic::Listener;
 
 /// Reverse proxies between HTTP/3 and HTTP/1.1, both ways, streaming bodies.
 ///
@@ -80,11 +80,10 @@ async fn main() {
             upstream,
             trust,
         }) => {
-            let mut client = Client::builder().danger_accept_invalid_certs(trust.insecure);
-            if let Some(ca) = trust.ca {
-                client = client.ca_pem_file(ca);
-            }
-            let client = client.build().unwrap_or_else(|e| support::fail(&e.to_string()));
+            let client = Client::builder()
+                .quic_config(trust.config("h3"))
+                .build()
+                .unwrap_or_else(|e| support::fail(&e.to_string()));
             let front = proxy::serve_plain_http(listen, proxy::http_to_http3(upstream.clone(), client)).await;
             eprintln!("HTTP/1.1 and HTTP/2 on http://{front}/ -> HTTP/3 https://{upstream}/");
             support::shutdown_signal().await;
@@ -95,15 +94,7 @@ async fn main() {
 
 /// Starts the HTTP/3 front; returns its address.
 async fn h3_front(server: &support::Server, backend: Authority) -> SocketAddr {
-    let (cert, key) = support::server_identity(&server.identity);
-    let config = Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem_file(cert)
-        .private_key_pem_file(key)
-        .retry(!server.no_retry)
-        .build()
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
-    let listener = Listener::bind(server.listen, config)
+    let listener = Listener::bind(server.listen, server.config("h3"))
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let addr = listener.local_addr();
@@ -123,8 +114,12 @@ async fn demo() {
     let ca = std::env::temp_dir()
         .join(format!("tower-quiche-dev-{}", std::process::id()))
         .join("ca.pem");
+    let trust = support::Trust {
+        ca: Some(ca),
+        insecure: false,
+    };
     let client = Client::builder()
-        .ca_pem_file(&ca)
+        .quic_config(trust.config("h3"))
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let upstream: Authority = format!("localhost:{}", front.port()).parse().unwrap();

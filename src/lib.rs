@@ -15,16 +15,12 @@
 //!
 //! ```no_run
 //! use axum::{Router, routing::get};
-//! use tower_quiche::quic::{Config, Listener};
+//! use tower_quiche::quic::{Listener, ServerConfig};
 //!
 //! # async fn run() -> Result<(), tower_quiche::Error> {
 //! let app = Router::new().route("/", get(|| async { "hello over HTTP/3" }));
-//! let config = Config::builder()
-//!     .alpn(["h3"])
-//!     .cert_chain_pem_file("cert.pem")
-//!     .private_key_pem_file("key.pem")
-//!     .build()?;
-//! let listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
+//! let config = ServerConfig::from_pem_files("cert.pem", "key.pem")?;
+//! let listener = Listener::bind("127.0.0.1:4433", config).await?;
 //! tower_quiche::server::serve(listener, app).await?;
 //! # Ok(()) }
 //! ```
@@ -37,7 +33,7 @@
 //!
 //! ```no_run
 //! use std::task::Context;
-//! use tower_quiche::quic::{Application, Config, Listener};
+//! use tower_quiche::quic::{Application, Listener, ServerConfig};
 //! use tower_quiche::quiche;
 //!
 //! struct Hello;
@@ -57,12 +53,12 @@
 //! }
 //!
 //! # async fn run() -> Result<(), tower_quiche::Error> {
-//! let config = Config::builder()
+//! let config = ServerConfig::builder()
 //!     .alpn(["hello"])
 //!     .cert_chain_pem_file("cert.pem")
 //!     .private_key_pem_file("key.pem")
 //!     .build()?;
-//! let mut listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
+//! let mut listener = Listener::bind("127.0.0.1:4433", config).await?;
 //! while let Some(incoming) = listener.accept().await {
 //!     incoming.start(Hello);
 //! }
@@ -79,14 +75,14 @@
 //! - `dev-certs`: development certificates, `tls::self_signed`, `tls::DevCa` and
 //!   `tls::GeneratedCert`.
 //! - `json` (implies `client`): JSON helpers on the client (serde).
-//! - `qlog`: a qlog trace per connection (`quic::ConfigBuilder::qlog_dir`).
+//! - `qlog`: a qlog trace per connection (`quic::TransportConfig::qlog_dir`).
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
 //! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.
 //!
 //! The [`quic`] layer is always built.
 //!
 //! TLS key logging (`SSLKEYLOGFILE`) needs no feature: see
-//! [`quic::ConfigBuilder::keylog_from_env`].
+//! [`quic::TransportConfig::keylog_from_env`].
 
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]

@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
-use crate::quic::Config;
+use crate::quic::{ClientConfig, ServerConfig, TransportConfig};
 
 /// The raw-QUIC echo protocol of the examples (it names this crate `tower_quiche`, which
 /// `lib.rs` makes resolve here for unit tests).
@@ -29,28 +29,25 @@ fn server_cert() -> &'static crate::tls::GeneratedCert {
     CERT.get_or_init(|| crate::tls::self_signed(&["localhost"]).expect("a self-signed certificate"))
 }
 
-/// A server configuration with `alpn`, from `adjust` applied to the defaults.
-pub(crate) fn server_config(
-    alpn: &str,
-    adjust: impl FnOnce(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
-) -> Config {
+/// A server configuration with `alpn`, and `adjust` applied to the default transport.
+pub(crate) fn server_config(alpn: &str, adjust: impl FnOnce(TransportConfig) -> TransportConfig) -> ServerConfig {
     let cert = server_cert();
-    adjust(
-        Config::builder()
-            .alpn([alpn])
-            .cert_chain_pem(&cert.cert_pem)
-            .private_key_pem(&cert.key_pem),
-    )
-    .build()
-    .expect("a server configuration")
+    ServerConfig::builder()
+        .alpn([alpn])
+        .cert_chain_pem(&cert.cert_pem)
+        .private_key_pem(&cert.key_pem)
+        .transport(adjust(TransportConfig::new()))
+        .build()
+        .expect("a server configuration")
 }
 
-/// A client configuration with `alpn` that trusts [`server_config`]'s certificate.
-pub(crate) fn client_config(
-    alpn: &str,
-    adjust: impl FnOnce(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
-) -> Config {
-    adjust(Config::builder().alpn([alpn]).ca_pem(&server_cert().cert_pem))
+/// A client configuration with `alpn` that trusts [`server_config`]'s certificate, and
+/// `adjust` applied to the default transport.
+pub(crate) fn client_config(alpn: &str, adjust: impl FnOnce(TransportConfig) -> TransportConfig) -> ClientConfig {
+    ClientConfig::builder()
+        .alpn([alpn])
+        .ca_pem(&server_cert().cert_pem)
+        .transport(adjust(TransportConfig::new()))
         .build()
         .expect("a client configuration")
 }
@@ -63,9 +60,9 @@ pub(crate) struct Pipe {
 
 impl Pipe {
     /// Two connections, not yet handshaken.
-    pub(crate) fn new(server: &Config, client: &Config) -> Pipe {
-        let mut server_config = server.quiche_config(true).expect("server quiche config");
-        let mut client_config = client.quiche_config(false).expect("client quiche config");
+    pub(crate) fn new(server: &ServerConfig, client: &ClientConfig) -> Pipe {
+        let mut server_config = server.config.quiche_config(true).expect("server quiche config");
+        let mut client_config = client.config.quiche_config(false).expect("client quiche config");
         let client_addr: SocketAddr = CLIENT_ADDR.parse().unwrap();
         let server_addr: SocketAddr = SERVER_ADDR.parse().unwrap();
         let client_scid = quiche::ConnectionId::from_ref(&[0xc1; 16]);
@@ -84,7 +81,7 @@ impl Pipe {
     }
 
     /// A pair that has completed its handshake.
-    pub(crate) fn handshaken(server: &Config, client: &Config) -> Pipe {
+    pub(crate) fn handshaken(server: &ServerConfig, client: &ClientConfig) -> Pipe {
         let mut pipe = Pipe::new(server, client);
         for _ in 0..32 {
             pipe.flush();

@@ -28,7 +28,9 @@ use support::*;
 use tokio::net::UdpSocket;
 use tokio::time::{sleep, timeout};
 use tower_quiche::client::ResponseExt;
-use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Endpoint, Listener, MetricsSnapshot};
+use tower_quiche::quic::{
+    AtomicMetrics, ClientConfigBuilder, Endpoint, Listener, MetricsSnapshot, ServerConfig, TransportConfig,
+};
 use tower_quiche::server;
 
 /// The system allocator, counting the bytes currently allocated.
@@ -216,7 +218,7 @@ async fn an_initial_flood_stays_under_the_handshake_cap_and_memory_bounded() {
     let builder = server_builder(&certs)
         .retry(false)
         .max_handshakes_in_progress(CAP)
-        .handshake_timeout(Duration::from_secs(2));
+        .transport(TransportConfig::new().handshake_timeout(Duration::from_secs(2)));
     let server = echo_server("127.0.0.1:0", builder).await;
     let run = async {
         // Warm up what the first connection allocates once (runtime, thread-local buffers).
@@ -438,7 +440,7 @@ async fn max_connections_is_enforced_and_a_closed_connection_frees_its_slot() {
         }
         // A third is refused while both live: its Initials are dropped and it times out.
         let config = client_builder(&certs)
-            .handshake_timeout(Duration::from_millis(1500))
+            .transport(TransportConfig::new().handshake_timeout(Duration::from_millis(1500)))
             .build()
             .unwrap();
         let refused = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
@@ -478,7 +480,7 @@ async fn a_connections_inbound_queue_is_bounded_in_bytes() {
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let mut listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
     let addr = listener.local_addr();
     let (stalled_tx, stalled_rx) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -552,11 +554,13 @@ struct H3Attack {
 impl H3Attack {
     /// An attacker that `listens` has had one answer (and so the server's SETTINGS) before
     /// this returns; one that does not never reads a byte.
-    async fn start(certs: &Certs, builder: server::Builder, attacker: ConfigBuilder, listens: bool) -> H3Attack {
+    async fn start(certs: &Certs, builder: server::Builder, attacker: ClientConfigBuilder, listens: bool) -> H3Attack {
         let probe = Arc::new(Probe::default());
-        let quic = Config::builder()
-            .initial_max_stream_data(WINDOW as u64)
-            .max_windows(24 * MIB as u64, WINDOW as u64);
+        let quic = ServerConfig::builder().transport(
+            TransportConfig::new()
+                .initial_max_stream_data(WINDOW as u64)
+                .max_windows(24 * MIB as u64, WINDOW as u64),
+        );
         let server = h3_server_on(certs, quic, builder, test_router(Arc::clone(&probe)), probe).await;
         let honest = client(certs);
         let mut attacker = scripted::Client::connect_with(server.addr, attacker, listens).await;
@@ -708,7 +712,7 @@ async fn responses_a_client_gives_no_credit_for_are_not_produced_ahead() {
     let certs = certs();
     let builder = server::Builder::new().body_stall_timeout(Duration::from_secs(2));
     // A client that grants each stream 1 KiB and never reads a byte of it.
-    let attacker = scripted::Client::config(&certs).initial_max_stream_data(CREDIT as u64);
+    let attacker = scripted::Client::config_with(&certs, |t| t.initial_max_stream_data(CREDIT as u64));
     let run = async {
         let mut a = H3Attack::start(&certs, builder, attacker, false).await;
         let path = format!("/fresh/{RESPONSE}");

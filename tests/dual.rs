@@ -17,7 +17,7 @@ use support::*;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
-use tower_quiche::quic::{Config, ConfigBuilder, Listener};
+use tower_quiche::quic::{ClientConfig, Listener, ServerConfig, ServerConfigBuilder};
 use tower_quiche::server::{self, ConnectionInfo};
 use tower_quiche::tls::DevCa;
 
@@ -37,15 +37,14 @@ async fn dual(app: Router, builder: server::Builder) -> Dual {
 async fn dual_with(
     app: Router,
     builder: server::Builder,
-    configure: impl FnOnce(ConfigBuilder) -> ConfigBuilder,
+    configure: impl FnOnce(ServerConfigBuilder) -> ServerConfigBuilder,
 ) -> Dual {
     init_tracing();
     let certs = certs();
-    let config = Config::builder()
-        .alpn(["h3"])
+    let config = ServerConfig::builder()
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem);
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), configure(config).build().unwrap())
+    let listener = Listener::bind("127.0.0.1:0", configure(config).build().unwrap())
         .await
         .unwrap();
     let addr = listener.local_addr();
@@ -65,9 +64,15 @@ async fn dual_with(
     }
 }
 
+/// An HTTP/3 client that trusts `ca_pem`.
+fn h3_client(ca_pem: &str) -> Client {
+    let config = ClientConfig::builder().ca_pem(ca_pem).build().unwrap();
+    Client::builder().quic_config(config).build().unwrap()
+}
+
 impl Dual {
     async fn h3(&self, request: Request<Full<Bytes>>) -> Response<Bytes> {
-        let client = Client::builder().ca_pem(&self.ca_pem).build().unwrap();
+        let client = h3_client(&self.ca_pem);
         let response = client.send(request).await.expect("HTTP/3 request");
         let (parts, body) = response.into_parts();
         Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
@@ -156,7 +161,7 @@ async fn one_graceful_shutdown_drains_both_transports() {
     let slow_started = Arc::new(AtomicUsize::new(0));
     let mut server = dual(app_counting(Arc::clone(&slow_started)), server::Builder::new()).await;
     let run = async {
-        let h3_client = Client::builder().ca_pem(&server.ca_pem).build().unwrap();
+        let h3_client = h3_client(&server.ca_pem);
         let h3 = tokio::spawn(h3_client.get(server.url("/slow")).send());
         let (addr, ca) = (server.addr, server.ca_pem.clone());
         let h1 = tokio::spawn(async move {

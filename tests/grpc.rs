@@ -10,7 +10,6 @@ use futures_util::StreamExt;
 use service::{Count, GreeterClient, GreeterServer, HelloRequest, MyGreeter};
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::client::Client;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unary_streaming_both_ways_and_an_error_status() {
@@ -19,7 +18,7 @@ async fn unary_streaming_both_ways_and_an_error_status() {
     let listener = support::h3::listener(&certs).await;
     let port = listener.local_addr().port();
     tokio::spawn(tower_quiche::server::serve(listener, GreeterServer::new(MyGreeter)).into_future());
-    let client = Client::builder().ca_pem(&certs.ca_pem).build().unwrap();
+    let client = support::h3::client(&certs);
     let origin: http::Uri = format!("https://localhost:{port}").parse().unwrap();
     let run = async {
         // The pooled Client serves tonic as is; service::calls below uses client.origin().

@@ -88,7 +88,7 @@ async fn five_hundred_concurrent_requests_on_one_connection() {
     let certs = test_certs();
     let server = h3_server(&certs, server::Builder::new()).await;
     let client = Client::builder()
-        .ca_pem(&certs.ca_pem)
+        .quic_config(trusting(&certs))
         .max_connections_per_origin(1)
         .build()
         .unwrap();
@@ -373,7 +373,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
             .unwrap();
         // No longer accepting.
         let fresh = Client::builder()
-            .ca_pem(&certs.ca_pem)
+            .quic_config(trusting(&certs))
             .connect_timeout(Duration::from_millis(500))
             .build()
             .unwrap();
@@ -385,15 +385,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_make_service_sees_the_peer_address() {
     let certs = test_certs();
-    let config = tower_quiche::quic::Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
+    let listener = listener(&certs).await;
     let port = listener.local_addr().port();
     let make = tower::service_fn(|info: server::ConnectionInfo| async move {
         let peer = info.remote_addr.to_string();
@@ -487,7 +479,11 @@ async fn certificate_failures_say_what_went_wrong() {
         err.to_string().contains("unable to get local issuer certificate"),
         "{err}"
     );
-    let insecure = Client::builder().danger_accept_invalid_certs(true).build().unwrap();
+    let insecure = tower_quiche::quic::ClientConfig::builder()
+        .danger_accept_invalid_certs(true)
+        .build()
+        .unwrap();
+    let insecure = Client::builder().quic_config(insecure).build().unwrap();
     let response = timeout(TEST_TIMEOUT, insecure.get(server.url("/hello")).send())
         .await
         .unwrap()
@@ -520,16 +516,13 @@ async fn informational_responses_come_before_the_final_one() {
 async fn an_origin_client_is_ready_only_with_stream_credit() {
     use std::task::Poll;
     let certs = test_certs();
-    let config = tower_quiche::quic::Config::builder()
-        .alpn(["h3"])
+    let config = tower_quiche::quic::ServerConfig::builder()
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
-        .max_concurrent_bidi_streams(2)
+        .transport(tower_quiche::quic::TransportConfig::new().max_concurrent_bidi_streams(2))
         .build()
         .unwrap();
-    let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0".parse().unwrap(), config)
-        .await
-        .unwrap();
+    let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
     let url = format!("https://localhost:{}", listener.local_addr().port());
     tokio::spawn(server::serve(listener, support::h3::routes::router()).into_future());
     let client = client(&certs);
@@ -822,7 +815,7 @@ async fn requests_waiting_for_a_connection_share_one_attempt() {
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}/hello", sink.local_addr().unwrap().port());
     let client = Client::builder()
-        .ca_pem(&certs.ca_pem)
+        .quic_config(trusting(&certs))
         .connect_timeout(Duration::from_millis(300))
         .build()
         .unwrap();
@@ -852,7 +845,7 @@ async fn an_origin_client_reports_a_failed_connect_from_the_call_and_stays_usabl
     let certs = test_certs();
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let client = Client::builder()
-        .ca_pem(&certs.ca_pem)
+        .quic_config(trusting(&certs))
         .connect_timeout(Duration::from_millis(200))
         .build()
         .unwrap();

@@ -19,6 +19,7 @@ use support::TEST_TIMEOUT;
 use support::h3::hash_body;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::quic::ClientConfig;
 
 struct Peer {
     child: Child,
@@ -126,7 +127,7 @@ async fn against(engine: &str, port: u16) {
     let Some(python) = python() else { return };
     let (peer, ca) = start_peer(&python, engine, port);
     let client = Client::builder()
-        .ca_pem_file(ca)
+        .quic_config(ClientConfig::builder().ca_pem_file(ca).build().unwrap())
         .connect_timeout(Duration::from_secs(10))
         .build()
         .unwrap();

@@ -12,7 +12,6 @@ use hyper_util::rt::TokioExecutor;
 use support::h3::{PatternBody, routes};
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::client::Client;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -40,7 +39,7 @@ async fn fifty_mib_each_way_through_both_proxies() {
         tower_quiche::server::serve(listener, proxy::http3_to_http1(backend.to_string().parse().unwrap()))
             .into_future(),
     );
-    let client = Client::builder().ca_pem(&certs.ca_pem).build().unwrap();
+    let client = support::h3::client(&certs);
     let upstream = format!("localhost:{}", front.port()).parse().unwrap();
     let edge = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), proxy::http_to_http3(upstream, client)).await;
     let http: HttpClient<_, PatternBody> = HttpClient::builder(TokioExecutor::new()).build_http();

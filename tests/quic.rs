@@ -13,15 +13,11 @@ use std::time::Duration;
 use support::echo::EchoClient;
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::quic::{Application, Endpoint};
+use tower_quiche::quic::{Application, ClientConfig, Endpoint, TransportConfig};
 
 async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: usize) {
     let certs_ca = CERTS.with(|c| c.ca_pem.clone());
-    let config = tower_quiche::quic::Config::builder()
-        .alpn(["echo"])
-        .ca_pem(certs_ca)
-        .build()
-        .unwrap();
+    let config = ClientConfig::builder().alpn(["echo"]).ca_pem(certs_ca).build().unwrap();
     let endpoint = Endpoint::client_bound(
         if server.is_ipv6() { "[::1]:0" } else { "127.0.0.1:0" }
             .parse()
@@ -171,7 +167,7 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
     let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
     let run = async {
         // No custom CA: the development CA is not among the system roots.
-        let config = tower_quiche::quic::Config::builder().alpn(["echo"]).build().unwrap();
+        let config = ClientConfig::builder().alpn(["echo"]).build().unwrap();
         let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
         let err = endpoint
             .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
@@ -194,7 +190,7 @@ async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
         assert!(err.to_string().contains("mismatch"), "{err}");
 
         // The explicit insecure mode accepts it.
-        let config = tower_quiche::quic::Config::builder()
+        let config = ClientConfig::builder()
             .alpn(["echo"])
             .danger_accept_invalid_certs(true)
             .build()
@@ -386,7 +382,7 @@ async fn retry_validates_the_address_and_refuses_forged_tokens() {
         }
     });
     let config = client_builder(&certs)
-        .handshake_timeout(Duration::from_millis(1500))
+        .transport(TransportConfig::new().handshake_timeout(Duration::from_millis(1500)))
         .build()
         .unwrap();
     let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
@@ -437,11 +433,11 @@ async fn idle_timeout_closes_both_sides() {
     let certs = server_certs();
     let mut server = echo_server(
         "127.0.0.1:0",
-        server_builder(&certs).idle_timeout(Duration::from_millis(400)),
+        server_builder(&certs).transport(TransportConfig::new().idle_timeout(Duration::from_millis(400))),
     )
     .await;
     let config = client_builder(&certs)
-        .idle_timeout(Duration::from_millis(400))
+        .transport(TransportConfig::new().idle_timeout(Duration::from_millis(400)))
         .build()
         .unwrap();
     let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
@@ -510,12 +506,15 @@ impl Application for Flood {
 async fn a_peer_that_stops_reading_stalls_the_sender() {
     const WINDOW: u64 = 256 * 1024;
     let certs = server_certs();
-    let windows =
-        |b: tower_quiche::quic::ConfigBuilder| b.initial_max_stream_data(WINDOW).max_windows(4 * WINDOW, WINDOW);
-    let server = echo_server("127.0.0.1:0", windows(server_builder(&certs))).await;
+    let windows = || {
+        TransportConfig::new()
+            .initial_max_stream_data(WINDOW)
+            .max_windows(4 * WINDOW, WINDOW)
+    };
+    let server = echo_server("127.0.0.1:0", server_builder(&certs).transport(windows())).await;
     let endpoint = Endpoint::client_bound(
         "127.0.0.1:0".parse().unwrap(),
-        windows(client_builder(&certs)).build().unwrap(),
+        client_builder(&certs).transport(windows()).build().unwrap(),
     )
     .unwrap();
     let written = Arc::new(AtomicU64::new(0));

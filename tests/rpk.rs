@@ -12,7 +12,7 @@ use boring::pkey::PKey;
 use support::echo;
 use support::*;
 use tokio::time::timeout;
-use tower_quiche::quic::{Config, Endpoint, Listener};
+use tower_quiche::quic::{ClientConfig, Endpoint, Listener, ServerConfig};
 
 fn key_pair() -> (String, String) {
     let key =
@@ -28,13 +28,13 @@ async fn a_trusted_raw_public_key_connects_and_another_does_not() {
     let (server_private, server_public) = key_pair();
     let (_, other_public) = key_pair();
     let metrics = Arc::new(tower_quiche::quic::AtomicMetrics::new());
-    let config = Config::builder()
+    let config = ServerConfig::builder()
         .alpn([echo::ALPN])
         .raw_public_key_pem(&server_private)
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let mut listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
     let addr = listener.local_addr();
     tokio::spawn(async move {
         while let Some(incoming) = listener.accept().await {
@@ -42,7 +42,7 @@ async fn a_trusted_raw_public_key_connects_and_another_does_not() {
         }
     });
     let run = async {
-        let config = Config::builder()
+        let config = ClientConfig::builder()
             .alpn([echo::ALPN])
             .trust_raw_public_key_pem(&server_public)
             .build()
@@ -59,7 +59,7 @@ async fn a_trusted_raw_public_key_connects_and_another_does_not() {
         );
         conn.close(0, "");
 
-        let config = Config::builder()
+        let config = ClientConfig::builder()
             .alpn([echo::ALPN])
             .trust_raw_public_key_pem(&other_public)
             .build()

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{Config, Listener};
+use tower_quiche::quic::{Listener, ServerConfig};
 
 /// A tonic gRPC service and its generated client, over HTTP/3, in one process.
 ///
@@ -39,12 +39,7 @@ struct Args {
 async fn main() {
     let args = Args::parse();
     let (cert, key) = support::server_identity(&args.identity);
-    let config = Config::builder()
-        .alpn(["h3"])
-        .cert_chain_pem_file(&cert)
-        .private_key_pem_file(&key)
-        .build()
-        .unwrap_or_else(|e| support::fail(&e.to_string()));
+    let config = ServerConfig::from_pem_files(&cert, &key).unwrap_or_else(|e| support::fail(&e.to_string()));
     let listener = Listener::bind(args.listen, config)
         .await
         .unwrap_or_else(|e| support::fail(&e.to_string()));
@@ -52,12 +47,14 @@ async fn main() {
     // A tonic server is a tower Service: served as is.
     tokio::spawn(tower_quiche::server::serve(listener, service::GreeterServer::new(service::MyGreeter)).into_future());
 
-    let mut client = Client::builder();
-    client = match &args.ca {
-        Some(ca) => client.ca_pem_file(ca),
-        None => client.ca_pem_file(cert.with_file_name("ca.pem")),
+    let trust = support::Trust {
+        ca: Some(args.ca.clone().unwrap_or_else(|| cert.with_file_name("ca.pem"))),
+        insecure: false,
     };
-    let client = client.build().unwrap_or_else(|e| support::fail(&e.to_string()));
+    let client = Client::builder()
+        .quic_config(trust.config("h3"))
+        .build()
+        .unwrap_or_else(|e| support::fail(&e.to_string()));
     let origin = format!("https://localhost:{port}").parse().expect("origin");
     match service::calls(client, origin).await {
         Ok(lines) => lines.iter().for_each(|line| println!("{line}")),

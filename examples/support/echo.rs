@@ -10,7 +10,7 @@
 //! (`tests/support/mod.rs` includes this file).
 //!
 //! ```ignore
-//! let config = Config::builder().alpn([echo::ALPN]).ca_pem_file("ca.pem").build()?;
+//! let config = ClientConfig::builder().alpn([echo::ALPN]).ca_pem_file("ca.pem").build()?;
 //! let endpoint = Endpoint::client(config)?;
 //! let (app, client) = echo::EchoClient::new();
 //! let connection = endpoint.connect("localhost:4433", app).await?;

@@ -43,6 +43,36 @@ pub struct Trust {
     pub insecure: bool,
 }
 
+impl Server {
+    /// The listener's configuration these flags ask for, offering `alpn`: the certificate
+    /// (or a generated one), Retry unless `--no-retry`, TLS secrets logged to
+    /// `SSLKEYLOGFILE` when it is set.
+    pub fn config(&self, alpn: &str) -> tower_quiche::quic::ServerConfig {
+        let (cert, key) = server_identity(&self.identity);
+        tower_quiche::quic::ServerConfig::builder()
+            .alpn([alpn])
+            .cert_chain_pem_file(cert)
+            .private_key_pem_file(key)
+            .retry(!self.no_retry)
+            .transport(tower_quiche::quic::TransportConfig::new().keylog_from_env())
+            .build()
+            .unwrap_or_else(|e| fail(&e.to_string()))
+    }
+}
+
+impl Trust {
+    /// The client configuration these flags ask for, offering `alpn`.
+    pub fn config(&self, alpn: &str) -> tower_quiche::quic::ClientConfig {
+        let mut config = tower_quiche::quic::ClientConfig::builder()
+            .alpn([alpn])
+            .danger_accept_invalid_certs(self.insecure);
+        if let Some(ca) = &self.ca {
+            config = config.ca_pem_file(ca);
+        }
+        config.build().unwrap_or_else(|e| fail(&e.to_string()))
+    }
+}
+
 pub fn fail(message: &str) -> ! {
     eprintln!("error: {message}");
     std::process::exit(2)

@@ -20,7 +20,6 @@ mod connect;
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -35,7 +34,7 @@ use tower_service::Service;
 
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::RecvBody;
-use crate::quic::{Config, ConfigBuilder, Endpoint};
+use crate::quic::{ClientConfig, Endpoint};
 use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
 
 /// The 1xx responses that came before a final response, in order: an extension of the
@@ -444,8 +443,7 @@ where
 /// Builds a [`Client`].
 #[derive(Debug)]
 pub struct Builder {
-    quic: Option<Config>,
-    tls: ConfigBuilder,
+    quic: Option<ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_per_origin: usize,
@@ -456,7 +454,6 @@ impl Default for Builder {
     fn default() -> Self {
         Builder {
             quic: None,
-            tls: Config::builder().alpn(["h3"]),
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_per_origin: 4,
@@ -466,33 +463,22 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Also trust the CA certificate(s) in this PEM file, besides the system roots.
-    pub fn ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
-        self.tls = self.tls.ca_pem_file(path);
-        self
-    }
-
-    /// Also trust the CA certificate(s) in this PEM, besides the system roots.
-    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
-        self.tls = self.tls.ca_pem(pem);
-        self
-    }
-
-    /// Accept any server certificate. **Insecure**; for tests and development only.
-    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
-        self.tls = self.tls.danger_accept_invalid_certs(accept);
-        self
-    }
-
-    /// A client certificate chain and key (PEM) for servers that ask for one (mutual TLS).
-    pub fn identity_pem(mut self, cert_chain: impl AsRef<[u8]>, key: impl AsRef<[u8]>) -> Self {
-        self.tls = self.tls.cert_chain_pem(cert_chain).private_key_pem(key);
-        self
-    }
-
-    /// Uses this QUIC configuration as is (it must offer the `h3` ALPN); overrides the TLS
-    /// settings above.
-    pub fn quic_config(mut self, config: Config) -> Self {
+    /// Connects with this QUIC configuration: whom to trust (a CA of your own, or none
+    /// verified for development), a client certificate for mutual TLS, transport settings.
+    /// It must offer the `h3` ALPN, as it does by default. Defaults to
+    /// `ClientConfig::builder().build()`: the system's trusted roots.
+    ///
+    /// ```no_run
+    /// use tower_quiche::client::Client;
+    /// use tower_quiche::quic::ClientConfig;
+    ///
+    /// # fn run() -> Result<(), tower_quiche::Error> {
+    /// let client = Client::builder()
+    ///     .quic_config(ClientConfig::builder().ca_pem_file("ca.pem").build()?)
+    ///     .build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn quic_config(mut self, config: ClientConfig) -> Self {
         self.quic = Some(config);
         self
     }
@@ -527,11 +513,12 @@ impl Builder {
     pub fn build(self) -> Result<Client, Error> {
         let config = match self.quic {
             Some(config) => config,
-            None => self.tls.build()?,
+            None => ClientConfig::builder().build()?,
         };
         if !config.alpn().any(|p| p == b"h3") {
             return Err(Error::config(
-                "the client's QUIC configuration does not offer the \"h3\" ALPN",
+                "the client's ClientConfig does not offer the \"h3\" ALPN: leave its alpn at the default, or \
+                 include \"h3\" in the list",
             ));
         }
         let endpoint = Endpoint::client(config)?;

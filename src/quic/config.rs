@@ -1,7 +1,11 @@
-//! QUIC settings: one [`ConfigBuilder`] with documented defaults, validated when built.
+//! QUIC settings by role: a [`ServerConfig`] for a [`Listener`](super::Listener), a
+//! [`ClientConfig`] for an [`Endpoint`](super::Endpoint), each with its identity, trust and
+//! role's limits, over one [`TransportConfig`] both share (timeouts, windows, streams,
+//! congestion control, logging). Every setting has a documented default and is checked when
+//! built; both roles offer the `h3` ALPN unless told otherwise.
 //!
-//! A [`Config`] is cheap to clone and shared by endpoints; each endpoint turns it into the
-//! `quiche::Config` it owns.
+//! A built configuration is cheap to clone and shared by endpoints; each endpoint turns it
+//! into the `quiche::Config` it owns.
 
 use std::fmt;
 use std::fs::File;
@@ -28,14 +32,15 @@ pub enum CongestionControl {
     Bbr2,
 }
 
-/// QUIC and TLS settings for an endpoint. Build one with [`Config::builder`].
+/// A built configuration of either role: what endpoints share.
 #[derive(Clone)]
-pub struct Config {
+pub(crate) struct Config {
     pub(crate) inner: Arc<ConfigInner>,
 }
 
 pub(crate) struct ConfigInner {
     pub(crate) s: Settings,
+    pub(crate) server: ServerSettings,
     pub(crate) tls: TlsMaterial,
     pub(crate) alpn: Vec<Vec<u8>>,
     pub(crate) keylog: Option<Arc<Mutex<File>>>,
@@ -45,6 +50,7 @@ pub(crate) struct ConfigInner {
     pub(crate) cid_generator: Arc<dyn ConnectionIdGenerator>,
 }
 
+/// The transport settings both roles share.
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub(crate) idle_timeout: Duration,
@@ -62,15 +68,9 @@ pub(crate) struct Settings {
     pub(crate) congestion_control: CongestionControl,
     pub(crate) pacing: bool,
     pub(crate) datagrams: Option<usize>,
-    pub(crate) retry: bool,
     pub(crate) early_data: bool,
-    pub(crate) accept_backlog: usize,
     pub(crate) inbound_queue: usize,
     pub(crate) inbound_queue_bytes: usize,
-    pub(crate) max_connections: usize,
-    pub(crate) max_handshakes: usize,
-    pub(crate) stateless_replies_per_second: u32,
-    pub(crate) stateless_reply_burst: u32,
     pub(crate) active_connection_id_limit: u64,
 }
 
@@ -92,93 +92,50 @@ impl Default for Settings {
             congestion_control: CongestionControl::Cubic,
             pacing: true,
             datagrams: None,
-            retry: true,
             early_data: false,
-            accept_backlog: 1024,
             inbound_queue: 256,
             inbound_queue_bytes: 512 * 1024,
-            max_connections: 10_000,
-            max_handshakes: 1024,
-            stateless_replies_per_second: 1000,
-            stateless_reply_burst: 1000,
             active_connection_id_limit: 4,
         }
     }
 }
 
-/// Builds a [`Config`]. Every setting has a default (given on its method); only a server's
-/// certificate and key have none.
-pub struct ConfigBuilder {
-    s: Settings,
-    cert_chain: Option<PemSource>,
-    private_key: Option<PemSource>,
-    ca: Vec<PemSource>,
-    system_roots: bool,
-    verify_server: bool,
-    client_ca: Option<PemSource>,
-    #[cfg(feature = "rpk")]
-    rpk_own: Option<PemSource>,
-    #[cfg(feature = "rpk")]
-    rpk_trusted: Vec<PemSource>,
-    alpn: Vec<Vec<u8>>,
-    keylog: Option<PathBuf>,
-    #[cfg(feature = "qlog")]
-    qlog_dir: Option<PathBuf>,
-    metrics: Arc<dyn Metrics>,
-    cid_generator: Arc<dyn ConnectionIdGenerator>,
+/// A listener's own settings: admission and address validation.
+#[derive(Debug, Clone)]
+pub(crate) struct ServerSettings {
+    pub(crate) retry: bool,
+    pub(crate) accept_backlog: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_handshakes: usize,
+    pub(crate) stateless_replies_per_second: u32,
+    pub(crate) stateless_reply_burst: u32,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            retry: true,
+            accept_backlog: 1024,
+            max_connections: 10_000,
+            max_handshakes: 1024,
+            stateless_replies_per_second: 1000,
+            stateless_reply_burst: 1000,
+        }
+    }
 }
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let alpn: Vec<_> = self.inner.alpn.iter().map(|p| String::from_utf8_lossy(p)).collect();
         f.debug_struct("Config")
-            .field("settings", &self.inner.s)
-            .field(
-                "alpn",
-                &self
-                    .inner
-                    .alpn
-                    .iter()
-                    .map(|p| String::from_utf8_lossy(p))
-                    .collect::<Vec<_>>(),
-            )
-            .finish_non_exhaustive()
-    }
-}
-
-impl fmt::Debug for ConfigBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ConfigBuilder")
-            .field("settings", &self.s)
+            .field("transport", &self.inner.s)
+            .field("alpn", &alpn)
             .finish_non_exhaustive()
     }
 }
 
 impl Config {
-    /// A builder with every setting at its default.
-    pub fn builder() -> ConfigBuilder {
-        ConfigBuilder {
-            s: Settings::default(),
-            cert_chain: None,
-            private_key: None,
-            ca: Vec::new(),
-            system_roots: true,
-            verify_server: true,
-            client_ca: None,
-            #[cfg(feature = "rpk")]
-            rpk_own: None,
-            #[cfg(feature = "rpk")]
-            rpk_trusted: Vec::new(),
-            alpn: Vec::new(),
-            keylog: None,
-            #[cfg(feature = "qlog")]
-            qlog_dir: None,
-            metrics: Arc::new(NoopMetrics),
-            cid_generator: Arc::new(RandomConnectionIdGenerator),
-        }
-    }
-
-    /// The application protocols (ALPN) offered, in order of preference.
-    pub fn alpn(&self) -> impl Iterator<Item = &[u8]> {
+    pub(crate) fn alpn(&self) -> impl Iterator<Item = &[u8]> {
         self.inner.alpn.iter().map(Vec::as_slice)
     }
 
@@ -186,10 +143,6 @@ impl Config {
     /// (not when verification is off, nor when the server is known by its raw public key).
     pub(crate) fn verifies_server_name(&self) -> bool {
         self.inner.tls.verify_server && self.inner.tls.rpk.trusted.is_empty()
-    }
-
-    pub(crate) fn has_certificate(&self) -> bool {
-        !self.inner.tls.chain.is_empty() || self.inner.tls.rpk.own.is_some()
     }
 
     /// The quiche configuration one endpoint owns.
@@ -267,7 +220,185 @@ impl Write for SharedFile {
     }
 }
 
-impl ConfigBuilder {
+/// What both role builders hold: the transport, the ALPN list, the endpoint's metrics and
+/// its own certificate (a server's, or a client's for mutual TLS).
+struct SharedParts {
+    transport: TransportConfig,
+    alpn: Vec<Vec<u8>>,
+    metrics: Arc<dyn Metrics>,
+    cert_chain: Option<PemSource>,
+    private_key: Option<PemSource>,
+}
+
+impl Default for SharedParts {
+    fn default() -> Self {
+        SharedParts {
+            transport: TransportConfig::default(),
+            alpn: vec![b"h3".to_vec()],
+            metrics: Arc::new(NoopMetrics),
+            cert_chain: None,
+            private_key: None,
+        }
+    }
+}
+
+impl SharedParts {
+    /// Checks what both roles share and assembles the configuration.
+    fn assemble(self, server: ServerSettings, tls: TlsMaterial) -> Result<Config, Error> {
+        let SharedParts {
+            transport,
+            alpn,
+            metrics,
+            ..
+        } = self;
+        if alpn.is_empty() {
+            return Err(Error::config(
+                "the ALPN list is empty: give at least one application protocol to alpn(), or leave it at \
+                 its default, [\"h3\"]",
+            ));
+        }
+        if let Some(p) = alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
+            return Err(Error::config(format!(
+                "ALPN protocol names must be 1 to 255 bytes long; {:?} is {} bytes",
+                String::from_utf8_lossy(p),
+                p.len()
+            )));
+        }
+        transport.check()?;
+        let keylog = match &transport.keylog {
+            Some(path) => Some(Arc::new(Mutex::new(open_keylog(path)?))),
+            None => None,
+        };
+        #[cfg(feature = "qlog")]
+        if let Some(dir) = &transport.qlog_dir {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
+        }
+        Ok(Config {
+            inner: Arc::new(ConfigInner {
+                s: transport.s,
+                server,
+                tls,
+                alpn,
+                keylog,
+                #[cfg(feature = "qlog")]
+                qlog_dir: transport.qlog_dir,
+                metrics,
+                cid_generator: transport.cid_generator,
+            }),
+        })
+    }
+}
+
+/// The setters both role builders have, spelled and documented once: the transport, the
+/// ALPN list, the metrics, and the endpoint's own certificate chain and key (`$chain` and
+/// `$required` say whose, and whether it is required).
+macro_rules! shared_setters {
+    ($builder:ident, $chain:literal, $required:literal) => {
+        impl $builder {
+            /// The transport settings (timeouts, windows, streams, logging). Defaults to
+            /// [`TransportConfig::default`].
+            pub fn transport(mut self, transport: TransportConfig) -> Self {
+                self.shared.transport = transport;
+                self
+            }
+
+            /// The application protocols (ALPN) offered, in order of preference. Defaults to
+            /// `["h3"]`; a protocol of your own over QUIC names its own.
+            pub fn alpn<I, P>(mut self, protocols: I) -> Self
+            where
+                I: IntoIterator<Item = P>,
+                P: AsRef<[u8]>,
+            {
+                self.shared.alpn = protocols.into_iter().map(|p| p.as_ref().to_vec()).collect();
+                self
+            }
+
+            /// Where the endpoint's events are counted. Defaults to [`NoopMetrics`].
+            pub fn metrics(mut self, metrics: impl Metrics) -> Self {
+                self.shared.metrics = Arc::new(metrics);
+                self
+            }
+
+            #[doc = concat!($chain, " from a PEM file. ", $required)]
+            pub fn cert_chain_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+                self.shared.cert_chain = Some(PemSource::File(path.as_ref().to_path_buf()));
+                self
+            }
+
+            #[doc = concat!($chain, " as PEM in memory. ", $required)]
+            pub fn cert_chain_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+                self.shared.cert_chain = Some(PemSource::Memory(pem.as_ref().to_vec()));
+                self
+            }
+
+            /// The private key of the certificate, from a PEM file.
+            pub fn private_key_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+                self.shared.private_key = Some(PemSource::File(path.as_ref().to_path_buf()));
+                self
+            }
+
+            /// The private key of the certificate, as PEM in memory.
+            pub fn private_key_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+                self.shared.private_key = Some(PemSource::Memory(pem.as_ref().to_vec()));
+                self
+            }
+        }
+    };
+}
+
+// ---- the transport both roles share ----
+
+/// The transport settings a server and a client share: timeouts, flow-control windows,
+/// stream limits, datagram sizes, congestion control, and logging. Every setting has a
+/// default (given on its method); give one to [`ServerConfigBuilder::transport`] or
+/// [`ClientConfigBuilder::transport`] to change any.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_quiche::quic::TransportConfig;
+///
+/// let transport = TransportConfig::new()
+///     .idle_timeout(Duration::from_secs(60))
+///     .max_concurrent_bidi_streams(256);
+/// # let _ = transport;
+/// ```
+#[derive(Clone)]
+pub struct TransportConfig {
+    s: Settings,
+    keylog: Option<PathBuf>,
+    #[cfg(feature = "qlog")]
+    qlog_dir: Option<PathBuf>,
+    cid_generator: Arc<dyn ConnectionIdGenerator>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            s: Settings::default(),
+            keylog: None,
+            #[cfg(feature = "qlog")]
+            qlog_dir: None,
+            cid_generator: Arc::new(RandomConnectionIdGenerator),
+        }
+    }
+}
+
+impl fmt::Debug for TransportConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportConfig")
+            .field("settings", &self.s)
+            .field("keylog", &self.keylog)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TransportConfig {
+    /// Every setting at its default.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
     /// How long a connection may stay silent before it is closed. Defaults to 30 s.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
         self.s.idle_timeout = timeout;
@@ -351,13 +482,6 @@ impl ConfigBuilder {
         self
     }
 
-    /// Whether a server validates client addresses with a Retry before keeping any state.
-    /// Defaults to on: it costs one round trip and defeats address spoofing floods.
-    pub fn retry(mut self, enabled: bool) -> Self {
-        self.s.retry = enabled;
-        self
-    }
-
     /// Servers: whether 0-RTT data is accepted. It is held until the handshake completes
     /// and reaches the application only then, when the client has proven it holds the
     /// session's keys: a replayed 0-RTT flight never completes a handshake, so it is never
@@ -366,14 +490,6 @@ impl ConfigBuilder {
     /// 0-RTT data. Defaults to off.
     pub fn early_data(mut self, enabled: bool) -> Self {
         self.s.early_data = enabled;
-        self
-    }
-
-    /// How many new connections may wait for the application to accept them. Defaults to
-    /// 1024; beyond it new Initials are dropped (the client retries), so a slow acceptor
-    /// cannot make the server hoard state.
-    pub fn accept_backlog(mut self, connections: usize) -> Self {
-        self.s.accept_backlog = connections.max(1);
         self
     }
 
@@ -398,147 +514,10 @@ impl ConfigBuilder {
         self
     }
 
-    /// Servers: how many connections one listener keeps at once (across all its sockets,
-    /// handshaking or established). Defaults to 10,000: far more than one process usually
-    /// serves through one listener, and a ceiling on what unauthenticated clients can make
-    /// it hold (each connection costs its quiche state, its task and up to
-    /// [`inbound_queue_bytes`](Self::inbound_queue_bytes) of queue). At the cap, new Initials
-    /// are dropped (counted as
-    /// [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit)) and the
-    /// clients retry; existing connections are unaffected, and each one that ends frees its
-    /// slot. Must be at least 1.
-    pub fn max_connections(mut self, connections: usize) -> Self {
-        self.s.max_connections = connections;
-        self
-    }
-
-    /// Servers: how many of a listener's connections may be in their handshake at once.
-    /// Defaults to 1,024, as [`accept_backlog`](Self::accept_backlog): a reconnect storm
-    /// of that many clients is served at once, while a flood of Initials that never complete
-    /// (each holding TLS state until [`handshake_timeout`](Self::handshake_timeout)) can
-    /// neither exhaust memory nor take every connection slot. At the cap, new Initials are
-    /// dropped (counted as
-    /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)); a
-    /// connection stops counting once its handshake completes or it ends. Must be at least 1.
-    pub fn max_handshakes_in_progress(mut self, handshakes: usize) -> Self {
-        self.s.max_handshakes = handshakes;
-        self
-    }
-
-    /// Servers: how many stateless replies (stateless resets, RFC 9000 §10.3, and version
-    /// negotiation packets, §6) one listener sends, as a token bucket: `burst` at once,
-    /// refilled at `per_second`. Defaults to 1,000 per second with a burst of 1,000. Both
-    /// replies answer packets anyone can forge with any source address, so without a limit
-    /// the server reflects whatever it is sent at whoever the sender names; 1,000 replies of
-    /// at most 43 bytes (resets) or about 60 bytes (version negotiation) is under 64 KB/s,
-    /// yet enough for the clients of a thousand connections that a restart forgot to learn
-    /// so at once, rather than after their idle timeout. Replies over budget are not sent (counted
-    /// as [`DropReason::RateLimited`](crate::quic::DropReason::RateLimited)). `(0, 0)` turns
-    /// both replies off; otherwise `burst` must be at least 1.
-    pub fn stateless_reply_rate(mut self, per_second: u32, burst: u32) -> Self {
-        self.s.stateless_replies_per_second = per_second;
-        self.s.stateless_reply_burst = burst;
-        self
-    }
-
     /// How many connection IDs we accept from the peer (active_connection_id_limit).
     /// Defaults to 4.
     pub fn active_connection_id_limit(mut self, limit: u64) -> Self {
         self.s.active_connection_id_limit = limit.max(2);
-        self
-    }
-
-    /// The certificate chain (leaf first) from a PEM file. Required for servers; optional for
-    /// clients (mutual TLS).
-    pub fn cert_chain_pem_file(mut self, path: impl AsRef<Path>) -> Self {
-        self.cert_chain = Some(PemSource::File(path.as_ref().to_path_buf()));
-        self
-    }
-
-    /// The certificate chain (leaf first) as PEM in memory.
-    pub fn cert_chain_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
-        self.cert_chain = Some(PemSource::Memory(pem.as_ref().to_vec()));
-        self
-    }
-
-    /// The private key of the certificate, from a PEM file.
-    pub fn private_key_pem_file(mut self, path: impl AsRef<Path>) -> Self {
-        self.private_key = Some(PemSource::File(path.as_ref().to_path_buf()));
-        self
-    }
-
-    /// The private key of the certificate, as PEM in memory.
-    pub fn private_key_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
-        self.private_key = Some(PemSource::Memory(pem.as_ref().to_vec()));
-        self
-    }
-
-    /// Clients: also trust the CA certificate(s) in this PEM file, besides the system roots.
-    pub fn ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
-        self.ca.push(PemSource::File(path.as_ref().to_path_buf()));
-        self
-    }
-
-    /// Clients: also trust the CA certificate(s) in this PEM, besides the system roots.
-    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
-        self.ca.push(PemSource::Memory(pem.as_ref().to_vec()));
-        self
-    }
-
-    /// Clients: whether the system's trusted roots are used: the PEM bundle `SSL_CERT_FILE`
-    /// names when it is set, else the distribution's (such as
-    /// `/etc/ssl/certs/ca-certificates.crt`). A client that verifies servers with no root
-    /// at all (no bundle found, and no [`ca_pem`](Self::ca_pem)) fails when its endpoint is
-    /// created, saying so. Defaults to true.
-    pub fn system_roots(mut self, enabled: bool) -> Self {
-        self.system_roots = enabled;
-        self
-    }
-
-    /// Clients: accept any server certificate, unverified. **Insecure**: anyone on the path
-    /// can impersonate the server. For tests and development only. Defaults to false.
-    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
-        self.verify_server = !accept;
-        self
-    }
-
-    /// Servers: require a client certificate signed by a CA in this PEM file (mutual TLS).
-    pub fn client_ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
-        self.client_ca = Some(PemSource::File(path.as_ref().to_path_buf()));
-        self
-    }
-
-    /// Servers: require a client certificate signed by a CA in this PEM (mutual TLS).
-    pub fn client_ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
-        self.client_ca = Some(PemSource::Memory(pem.as_ref().to_vec()));
-        self
-    }
-
-    /// Servers (`rpk` feature): present this key's raw public key (RFC 7250) instead of a
-    /// certificate. The PEM holds the private key.
-    #[cfg(feature = "rpk")]
-    pub fn raw_public_key_pem(mut self, private_key_pem: impl AsRef<[u8]>) -> Self {
-        self.rpk_own = Some(PemSource::Memory(private_key_pem.as_ref().to_vec()));
-        self
-    }
-
-    /// Clients (`rpk` feature): accept servers presenting this raw public key (PEM
-    /// `PUBLIC KEY`), and only raw public keys. May be given several times.
-    #[cfg(feature = "rpk")]
-    pub fn trust_raw_public_key_pem(mut self, public_key_pem: impl AsRef<[u8]>) -> Self {
-        self.rpk_trusted
-            .push(PemSource::Memory(public_key_pem.as_ref().to_vec()));
-        self
-    }
-
-    /// The application protocols (ALPN), in order of preference, e.g. `[b"h3"]`. Required:
-    /// QUIC has no default application protocol.
-    pub fn alpn<I, P>(mut self, protocols: I) -> Self
-    where
-        I: IntoIterator<Item = P>,
-        P: AsRef<[u8]>,
-    {
-        self.alpn = protocols.into_iter().map(|p| p.as_ref().to_vec()).collect();
         self
     }
 
@@ -566,32 +545,13 @@ impl ConfigBuilder {
         self
     }
 
-    /// Where endpoint events are counted. Defaults to [`NoopMetrics`].
-    pub fn metrics(mut self, metrics: impl Metrics) -> Self {
-        self.metrics = Arc::new(metrics);
-        self
-    }
-
     /// How source connection IDs are made. Defaults to [`RandomConnectionIdGenerator`].
     pub fn connection_id_generator(mut self, generator: impl ConnectionIdGenerator) -> Self {
         self.cid_generator = Arc::new(generator);
         self
     }
 
-    /// Checks every setting, reads and parses the certificates, and builds the [`Config`].
-    pub fn build(self) -> Result<Config, Error> {
-        if self.alpn.is_empty() {
-            return Err(Error::config(
-                "the ALPN list is empty: set the application protocol(s) with ConfigBuilder::alpn, e.g. alpn([\"h3\"])",
-            ));
-        }
-        if let Some(p) = self.alpn.iter().find(|p| p.is_empty() || p.len() > 255) {
-            return Err(Error::config(format!(
-                "ALPN protocol names must be 1 to 255 bytes long; {:?} is {} bytes",
-                String::from_utf8_lossy(p),
-                p.len()
-            )));
-        }
+    fn check(&self) -> Result<(), Error> {
         let s = &self.s;
         if s.max_send_udp_payload < 1200 {
             return Err(Error::config(format!(
@@ -617,6 +577,170 @@ impl ConfigBuilder {
                 s.inbound_queue_bytes, s.max_recv_udp_payload
             )));
         }
+        let id_len = self.cid_generator.id_len();
+        if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
+            return Err(Error::config(format!(
+                "the connection ID generator makes {id_len}-byte IDs; QUIC allows 4 to 20 here"
+            )));
+        }
+        Ok(())
+    }
+}
+
+// ---- the server's role ----
+
+/// What a [`Listener`](super::Listener) serves with: its certificate and key, whom it
+/// trusts for mutual TLS, its admission limits, and the shared [`TransportConfig`]. Build
+/// one with [`ServerConfig::builder`], or in one call with
+/// [`ServerConfig::from_pem_files`].
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub(crate) config: Config,
+}
+
+impl ServerConfig {
+    /// A builder with every setting at its default, offering the `h3` ALPN; a certificate
+    /// chain and key must be given.
+    pub fn builder() -> ServerConfigBuilder {
+        ServerConfigBuilder {
+            shared: SharedParts::default(),
+            server: ServerSettings::default(),
+            client_ca: None,
+            #[cfg(feature = "rpk")]
+            rpk_own: None,
+        }
+    }
+
+    /// An HTTP/3 server's configuration from a certificate chain (leaf first) and its
+    /// private key, both PEM files; every other setting at its default.
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_quiche::Error> {
+    /// use tower_quiche::quic::{Listener, ServerConfig};
+    ///
+    /// let listener = Listener::bind("[::]:443", ServerConfig::from_pem_files("cert.pem", "key.pem")?).await?;
+    /// # let _ = listener; Ok(()) }
+    /// ```
+    pub fn from_pem_files(cert_chain: impl AsRef<Path>, private_key: impl AsRef<Path>) -> Result<ServerConfig, Error> {
+        Self::builder()
+            .cert_chain_pem_file(cert_chain)
+            .private_key_pem_file(private_key)
+            .build()
+    }
+
+    /// The application protocols (ALPN) offered, in order of preference.
+    pub fn alpn(&self) -> impl Iterator<Item = &[u8]> {
+        self.config.alpn()
+    }
+}
+
+/// Builds a [`ServerConfig`]. Every setting has a default (given on its method) except the
+/// certificate chain and key.
+pub struct ServerConfigBuilder {
+    shared: SharedParts,
+    server: ServerSettings,
+    client_ca: Option<PemSource>,
+    #[cfg(feature = "rpk")]
+    rpk_own: Option<PemSource>,
+}
+
+impl fmt::Debug for ServerConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfigBuilder")
+            .field("transport", &self.shared.transport)
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
+shared_setters!(
+    ServerConfigBuilder,
+    "The certificate chain (leaf first)",
+    "Required, with its key."
+);
+
+impl ServerConfigBuilder {
+    /// Requires a client certificate signed by a CA in this PEM file (mutual TLS).
+    pub fn client_ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.client_ca = Some(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Requires a client certificate signed by a CA in this PEM (mutual TLS).
+    pub fn client_ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.client_ca = Some(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// (`rpk` feature) Presents this key's raw public key (RFC 7250) instead of a
+    /// certificate. The PEM holds the private key.
+    #[cfg(feature = "rpk")]
+    pub fn raw_public_key_pem(mut self, private_key_pem: impl AsRef<[u8]>) -> Self {
+        self.rpk_own = Some(PemSource::Memory(private_key_pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Whether client addresses are validated with a Retry before any state is kept.
+    /// Defaults to on: it costs one round trip and defeats address spoofing floods.
+    pub fn retry(mut self, enabled: bool) -> Self {
+        self.server.retry = enabled;
+        self
+    }
+
+    /// How many new connections may wait for the application to accept them. Defaults to
+    /// 1024; beyond it new Initials are dropped (the client retries), so a slow acceptor
+    /// cannot make the server hoard state.
+    pub fn accept_backlog(mut self, connections: usize) -> Self {
+        self.server.accept_backlog = connections.max(1);
+        self
+    }
+
+    /// How many connections one listener keeps at once (across all its sockets,
+    /// handshaking or established). Defaults to 10,000: far more than one process usually
+    /// serves through one listener, and a ceiling on what unauthenticated clients can make
+    /// it hold (each connection costs its quiche state, its task and up to
+    /// [`TransportConfig::inbound_queue_bytes`] of queue). At the cap, new Initials are
+    /// dropped (counted as
+    /// [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit)) and the
+    /// clients retry; existing connections are unaffected, and each one that ends frees its
+    /// slot. Must be at least 1.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.server.max_connections = connections;
+        self
+    }
+
+    /// How many of a listener's connections may be in their handshake at once. Defaults
+    /// to 1,024, as [`accept_backlog`](Self::accept_backlog): a reconnect storm of that many
+    /// clients is served at once, while a flood of Initials that never complete (each
+    /// holding TLS state until [`TransportConfig::handshake_timeout`]) can neither exhaust
+    /// memory nor take every connection slot. At the cap, new Initials are dropped (counted
+    /// as [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)); a
+    /// connection stops counting once its handshake completes or it ends. Must be at least 1.
+    pub fn max_handshakes_in_progress(mut self, handshakes: usize) -> Self {
+        self.server.max_handshakes = handshakes;
+        self
+    }
+
+    /// How many stateless replies (stateless resets, RFC 9000 §10.3, and version
+    /// negotiation packets, §6) one listener sends, as a token bucket: `burst` at once,
+    /// refilled at `per_second`. Defaults to 1,000 per second with a burst of 1,000. Both
+    /// replies answer packets anyone can forge with any source address, so without a limit
+    /// the server reflects whatever it is sent at whoever the sender names; 1,000 replies of
+    /// at most 43 bytes (resets) or about 60 bytes (version negotiation) is under 64 KB/s,
+    /// yet enough for the clients of a thousand connections that a restart forgot to learn
+    /// so at once, rather than after their idle timeout. Replies over budget are not sent
+    /// (counted as [`DropReason::RateLimited`](crate::quic::DropReason::RateLimited)).
+    /// `(0, 0)` turns both replies off; otherwise `burst` must be at least 1.
+    pub fn stateless_reply_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.server.stateless_replies_per_second = per_second;
+        self.server.stateless_reply_burst = burst;
+        self
+    }
+
+    /// Checks every setting, reads and parses the certificate and key, and builds the
+    /// [`ServerConfig`].
+    pub fn build(self) -> Result<ServerConfig, Error> {
+        let s = &self.server;
         if s.max_connections == 0 || s.max_handshakes == 0 {
             return Err(Error::config(
                 "max_connections and max_handshakes_in_progress must be at least 1 (a listener that admits \
@@ -630,51 +754,143 @@ impl ConfigBuilder {
                 s.stateless_replies_per_second
             )));
         }
-        let id_len = self.cid_generator.id_len();
-        if !(4..=quiche::MAX_CONN_ID_LEN).contains(&id_len) {
-            return Err(Error::config(format!(
-                "the connection ID generator makes {id_len}-byte IDs; QUIC allows 4 to 20 here"
-            )));
-        }
-        #[cfg(feature = "qlog")]
-        if let Some(dir) = &self.qlog_dir {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| Error::config(format!("cannot create the qlog directory '{}': {e}", dir.display())))?;
-        }
-        let keylog = match &self.keylog {
-            Some(path) => Some(Arc::new(Mutex::new(open_keylog(path)?))),
-            None => None,
-        };
         #[allow(unused_mut)]
         let mut tls = TlsMaterial::load(
-            self.cert_chain.as_ref(),
-            self.private_key.as_ref(),
-            &self.ca,
-            self.system_roots,
-            self.verify_server,
+            self.shared.cert_chain.as_ref(),
+            self.shared.private_key.as_ref(),
+            &[],
+            false,
+            true,
             self.client_ca.as_ref(),
         )?;
         #[cfg(feature = "rpk")]
-        {
-            if let Some(src) = &self.rpk_own {
-                tls.rpk.own = Some(src.private_key()?);
-            }
-            for src in &self.rpk_trusted {
-                tls.rpk.trusted.push(src.public_key()?);
-            }
+        if let Some(src) = &self.rpk_own {
+            tls.rpk.own = Some(src.private_key()?);
         }
-        Ok(Config {
-            inner: Arc::new(ConfigInner {
-                s: self.s,
-                tls,
-                alpn: self.alpn,
-                keylog,
-                #[cfg(feature = "qlog")]
-                qlog_dir: self.qlog_dir,
-                metrics: self.metrics,
-                cid_generator: self.cid_generator,
-            }),
-        })
+        if tls.chain.is_empty() && tls.rpk.own.is_none() {
+            return Err(Error::config(
+                "a server needs a certificate: set cert_chain_pem_file and private_key_pem_file (or their \
+                 in-memory forms), or use ServerConfig::from_pem_files",
+            ));
+        }
+        let config = self.shared.assemble(self.server, tls)?;
+        Ok(ServerConfig { config })
+    }
+}
+
+// ---- the client's role ----
+
+/// What a client [`Endpoint`](super::Endpoint) connects with: whom it trusts (the system's
+/// roots and any CA given), its own certificate for mutual TLS, and the shared
+/// [`TransportConfig`]. Build one with [`ClientConfig::builder`].
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub(crate) config: Config,
+}
+
+impl ClientConfig {
+    /// A builder with every setting at its default: the system's trusted roots, servers
+    /// verified, the `h3` ALPN.
+    pub fn builder() -> ClientConfigBuilder {
+        ClientConfigBuilder {
+            shared: SharedParts::default(),
+            ca: Vec::new(),
+            system_roots: true,
+            verify_server: true,
+            #[cfg(feature = "rpk")]
+            rpk_trusted: Vec::new(),
+        }
+    }
+
+    /// The application protocols (ALPN) offered, in order of preference.
+    pub fn alpn(&self) -> impl Iterator<Item = &[u8]> {
+        self.config.alpn()
+    }
+}
+
+/// Builds a [`ClientConfig`]. Every setting has a default (given on its method).
+pub struct ClientConfigBuilder {
+    shared: SharedParts,
+    ca: Vec<PemSource>,
+    system_roots: bool,
+    verify_server: bool,
+    #[cfg(feature = "rpk")]
+    rpk_trusted: Vec<PemSource>,
+}
+
+impl fmt::Debug for ClientConfigBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientConfigBuilder")
+            .field("transport", &self.shared.transport)
+            .field("system_roots", &self.system_roots)
+            .field("verify_server", &self.verify_server)
+            .finish_non_exhaustive()
+    }
+}
+
+shared_setters!(
+    ClientConfigBuilder,
+    "The client's own certificate chain (leaf first), for servers that ask for one (mutual TLS),",
+    "With its key."
+);
+
+impl ClientConfigBuilder {
+    /// Also trusts the CA certificate(s) in this PEM file, besides the system roots.
+    pub fn ca_pem_file(mut self, path: impl AsRef<Path>) -> Self {
+        self.ca.push(PemSource::File(path.as_ref().to_path_buf()));
+        self
+    }
+
+    /// Also trusts the CA certificate(s) in this PEM, besides the system roots.
+    pub fn ca_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.ca.push(PemSource::Memory(pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Whether the system's trusted roots are used: the PEM bundle `SSL_CERT_FILE` names
+    /// when it is set, else the distribution's (such as
+    /// `/etc/ssl/certs/ca-certificates.crt`). A client that verifies servers with no root
+    /// at all (no bundle found, and no [`ca_pem`](Self::ca_pem)) fails when its endpoint is
+    /// created, saying so. Defaults to true.
+    pub fn system_roots(mut self, enabled: bool) -> Self {
+        self.system_roots = enabled;
+        self
+    }
+
+    /// Accepts any server certificate, unverified. **Insecure**: anyone on the path can
+    /// impersonate the server. For tests and development only. Defaults to false.
+    pub fn danger_accept_invalid_certs(mut self, accept: bool) -> Self {
+        self.verify_server = !accept;
+        self
+    }
+
+    /// (`rpk` feature) Accepts servers presenting this raw public key (PEM `PUBLIC KEY`),
+    /// and only raw public keys. May be given several times.
+    #[cfg(feature = "rpk")]
+    pub fn trust_raw_public_key_pem(mut self, public_key_pem: impl AsRef<[u8]>) -> Self {
+        self.rpk_trusted
+            .push(PemSource::Memory(public_key_pem.as_ref().to_vec()));
+        self
+    }
+
+    /// Checks every setting, reads and parses the certificates, and builds the
+    /// [`ClientConfig`].
+    pub fn build(self) -> Result<ClientConfig, Error> {
+        #[allow(unused_mut)]
+        let mut tls = TlsMaterial::load(
+            self.shared.cert_chain.as_ref(),
+            self.shared.private_key.as_ref(),
+            &self.ca,
+            self.system_roots,
+            self.verify_server,
+            None,
+        )?;
+        #[cfg(feature = "rpk")]
+        for src in &self.rpk_trusted {
+            tls.rpk.trusted.push(src.public_key()?);
+        }
+        let config = self.shared.assemble(ServerSettings::default(), tls)?;
+        Ok(ClientConfig { config })
     }
 }
 
@@ -685,19 +901,14 @@ mod tests {
 
     #[test]
     fn empty_alpn_is_refused_with_advice() {
-        let err = Config::builder().build().unwrap_err();
+        let err = ClientConfig::builder().alpn::<_, &[u8]>([]).build().unwrap_err();
         assert!(err.is_config());
         assert!(err.to_string().contains("ALPN"), "{err}");
     }
 
     #[test]
     fn missing_certificate_file_names_the_file() {
-        let err = Config::builder()
-            .alpn(["h3"])
-            .cert_chain_pem_file("/nonexistent/cert.pem")
-            .private_key_pem_file("/nonexistent/key.pem")
-            .build()
-            .unwrap_err();
+        let err = ServerConfig::from_pem_files("/nonexistent/cert.pem", "/nonexistent/key.pem").unwrap_err();
         assert!(err.is_config());
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
     }
@@ -707,15 +918,13 @@ mod tests {
         let ca = DevCa::new("test").unwrap();
         let a = ca.issue(&["localhost"]).unwrap();
         let b = ca.issue(&["localhost"]).unwrap();
-        let err = Config::builder()
-            .alpn(["echo"])
+        let err = ServerConfig::builder()
             .cert_chain_pem(&a.cert_pem)
             .private_key_pem(&b.key_pem)
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("does not match"), "{err}");
-        Config::builder()
-            .alpn(["echo"])
+        ServerConfig::builder()
             .cert_chain_pem(&a.cert_pem)
             .private_key_pem(&a.key_pem)
             .build()
@@ -724,22 +933,58 @@ mod tests {
 
     #[test]
     fn limits_that_cannot_work_are_refused_with_advice() {
-        let build = |b: ConfigBuilder| b.alpn(["h3"]).build().unwrap_err().to_string();
-        let err = build(Config::builder().inbound_queue_bytes(1000));
+        let ca = DevCa::new("test").unwrap();
+        let leaf = ca.issue(&["localhost"]).unwrap();
+        let server = || {
+            ServerConfig::builder()
+                .cert_chain_pem(&leaf.cert_pem)
+                .private_key_pem(&leaf.key_pem)
+        };
+        let build = |b: ServerConfigBuilder| b.build().unwrap_err().to_string();
+        let err = build(server().transport(TransportConfig::new().inbound_queue_bytes(1000)));
         assert!(err.contains("raise inbound_queue_bytes"), "{err}");
-        let err = build(Config::builder().max_connections(0));
+        let err = build(server().max_connections(0));
         assert!(err.contains("max_connections"), "{err}");
-        let err = build(Config::builder().max_handshakes_in_progress(0));
+        let err = build(server().max_handshakes_in_progress(0));
         assert!(err.contains("max_handshakes_in_progress"), "{err}");
-        let err = build(Config::builder().stateless_reply_rate(10, 0));
+        let err = build(server().stateless_reply_rate(10, 0));
         assert!(err.contains("burst of at least 1"), "{err}");
-        Config::builder()
-            .alpn(["h3"])
+        server()
             .stateless_reply_rate(0, 0)
-            .max_recv_udp_payload(1500)
-            .inbound_queue_bytes(1500)
+            .transport(
+                TransportConfig::new()
+                    .max_recv_udp_payload(1500)
+                    .inbound_queue_bytes(1500),
+            )
             .build()
             .expect("off, and a one-datagram queue");
+    }
+
+    #[test]
+    fn a_server_without_a_certificate_is_refused_with_advice() {
+        let err = ServerConfig::builder().build().unwrap_err();
+        assert!(err.is_config());
+        assert!(err.to_string().contains("from_pem_files"), "{err}");
+    }
+
+    #[test]
+    fn both_roles_offer_h3_unless_told_otherwise() {
+        let ca = DevCa::new("test").unwrap();
+        let leaf = ca.issue(&["localhost"]).unwrap();
+        let server = ServerConfig::builder()
+            .cert_chain_pem(&leaf.cert_pem)
+            .private_key_pem(&leaf.key_pem)
+            .build()
+            .unwrap();
+        assert_eq!(server.alpn().collect::<Vec<_>>(), [b"h3"]);
+        let client = ClientConfig::builder().ca_pem(ca.cert_pem()).build().unwrap();
+        assert_eq!(client.alpn().collect::<Vec<_>>(), [b"h3"]);
+        let echo = ClientConfig::builder()
+            .ca_pem(ca.cert_pem())
+            .alpn(["echo"])
+            .build()
+            .unwrap();
+        assert_eq!(echo.alpn().collect::<Vec<_>>(), [b"echo"]);
     }
 
     #[cfg(unix)]
@@ -748,7 +993,11 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let path = std::env::temp_dir().join(format!("tower-quiche-keylog-{}", std::process::id()));
         let _ = std::fs::remove_file(&path);
-        let built = Config::builder().alpn(["h3"]).keylog_file(&path).build();
+        let built = ClientConfig::builder()
+            .system_roots(false)
+            .danger_accept_invalid_certs(true)
+            .transport(TransportConfig::new().keylog_file(&path))
+            .build();
         let mode = std::fs::metadata(&path).map(|m| m.permissions().mode() & 0o777);
         let _ = std::fs::remove_file(&path);
         built.expect("config");
@@ -757,9 +1006,8 @@ mod tests {
 
     #[test]
     fn tiny_payload_sizes_are_refused() {
-        let err = Config::builder()
-            .alpn(["h3"])
-            .max_send_udp_payload(1000)
+        let err = ClientConfig::builder()
+            .transport(TransportConfig::new().max_send_udp_payload(1000))
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("1200"), "{err}");

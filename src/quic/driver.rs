@@ -564,10 +564,10 @@ mod tests {
         let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
         socket.refuse_sends(1);
         // A route table no router reads: the test drives the task by hand.
-        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.inner.s);
+        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.config.inner.s);
         let ctx = ConnContext {
             socket: Arc::new(socket),
-            config: client,
+            config: client.config,
             reset_key: Arc::new(ResetKey::random()),
             registration,
             inbound,

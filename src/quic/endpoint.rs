@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::app::{Application, ConnectionHandle};
 use super::cid;
-use super::config::Config;
+use super::config::{ClientConfig, ServerConfig};
 use super::driver::{self, ConnContext};
 use super::limits::Limits;
 use super::router::{self, Accepted, Shared};
@@ -57,7 +57,7 @@ impl Drop for CloseOnDrop {
 /// close.
 pub struct Listener {
     incoming: mpsc::Receiver<Accepted>,
-    config: Config,
+    config: ServerConfig,
     local_addrs: Vec<SocketAddr>,
     _close: CloseOnDrop,
 }
@@ -71,16 +71,35 @@ impl std::fmt::Debug for Listener {
 }
 
 impl Listener {
-    /// Binds a server endpoint on `addr` (e.g. `127.0.0.1:4433` or `[::]:443`).
+    /// Binds a server endpoint on `addr` (e.g. `"127.0.0.1:4433"`, `"[::]:443"`, a
+    /// `SocketAddr`, or a name to resolve), as tokio's `UdpSocket::bind` does: when `addr`
+    /// resolves to several addresses, the first that binds is used.
     ///
-    /// The configuration must have a certificate chain and key.
-    pub async fn bind(addr: SocketAddr, config: Config) -> Result<Listener, Error> {
-        Self::bind_all(&[addr], config).await
+    /// ```no_run
+    /// # async fn run() -> Result<(), tower_quiche::Error> {
+    /// use tower_quiche::quic::{Listener, ServerConfig};
+    ///
+    /// let listener = Listener::bind("0.0.0.0:4433", ServerConfig::from_pem_files("cert.pem", "key.pem")?).await?;
+    /// println!("listening on {}", listener.local_addr());
+    /// # Ok(()) }
+    /// ```
+    pub async fn bind(addr: impl tokio::net::ToSocketAddrs, config: ServerConfig) -> Result<Listener, Error> {
+        let addrs = tokio::net::lookup_host(addr)
+            .await
+            .map_err(|e| Error::io("cannot resolve the address to listen on", e))?;
+        let mut last_error = None;
+        for addr in addrs {
+            match Socket::bind(addr) {
+                Ok(socket) => return Self::from_sockets(vec![socket], config),
+                Err(e) => last_error = Some(Error::io(format!("cannot bind UDP {addr}"), e)),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| Error::invalid_request("the address to listen on resolved to nothing")))
     }
 
     /// Binds a server endpoint on several addresses (say, an IPv4 and an IPv6 one); new
     /// connections from all of them arrive on this one listener.
-    pub async fn bind_all(addrs: &[SocketAddr], config: Config) -> Result<Listener, Error> {
+    pub async fn bind_all(addrs: &[SocketAddr], config: ServerConfig) -> Result<Listener, Error> {
         let sockets = addrs
             .iter()
             .map(|addr| Socket::bind(*addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e)))
@@ -89,7 +108,7 @@ impl Listener {
     }
 
     /// Serves on sockets the caller already bound (e.g. inherited from a supervisor).
-    pub fn from_std(sockets: Vec<std::net::UdpSocket>, config: Config) -> Result<Listener, Error> {
+    pub fn from_std(sockets: Vec<std::net::UdpSocket>, config: ServerConfig) -> Result<Listener, Error> {
         let sockets = sockets
             .into_iter()
             .map(|s| Socket::from_std(s).map_err(|e| Error::io("cannot use the UDP socket", e)))
@@ -97,19 +116,14 @@ impl Listener {
         Self::from_sockets(sockets, config)
     }
 
-    fn from_sockets(sockets: Vec<Socket>, config: Config) -> Result<Listener, Error> {
-        if !config.has_certificate() {
-            return Err(Error::config(
-                "a server needs a certificate: set ConfigBuilder::cert_chain_pem_file and private_key_pem_file \
-                 (or their in-memory forms)",
-            ));
-        }
+    fn from_sockets(sockets: Vec<Socket>, server_config: ServerConfig) -> Result<Listener, Error> {
         if sockets.is_empty() {
-            return Err(Error::config("no address to listen on"));
+            return Err(Error::invalid_request("no address to listen on"));
         }
-        let (tx, rx) = mpsc::channel(config.inner.s.accept_backlog);
+        let config = &server_config.config;
+        let (tx, rx) = mpsc::channel(config.inner.server.accept_backlog);
         // One set of caps for the whole listener, whichever socket a client arrives on.
-        let limits = Limits::new(&config.inner.s);
+        let limits = Limits::new(&config.inner.server);
         let mut shareds = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
@@ -124,14 +138,14 @@ impl Listener {
         }
         Ok(Listener {
             incoming: rx,
-            config,
+            config: server_config,
             local_addrs,
             _close: CloseOnDrop(shareds),
         })
     }
 
     /// The configuration the listener was bound with.
-    pub fn config(&self) -> &Config {
+    pub fn config(&self) -> &ServerConfig {
         &self.config
     }
 
@@ -192,7 +206,7 @@ impl Incoming {
 
     /// The configuration of the listener it arrived on.
     #[cfg(feature = "server")]
-    pub(crate) fn config(&self) -> &Config {
+    pub(crate) fn config(&self) -> &super::config::Config {
         &self.0.shared.config
     }
 
@@ -241,7 +255,7 @@ impl std::fmt::Debug for Endpoint {
 impl Endpoint {
     /// A client endpoint on a wildcard address: a dual-stack IPv6 socket where the system
     /// allows one (reaching IPv4 and IPv6 servers), else an IPv4 socket.
-    pub fn client(config: Config) -> Result<Endpoint, Error> {
+    pub fn client(config: ClientConfig) -> Result<Endpoint, Error> {
         let socket = Socket::bind("[::]:0".parse().expect("literal address"))
             .or_else(|_| Socket::bind("0.0.0.0:0".parse().expect("literal address")))
             .map_err(|e| Error::io("cannot bind a UDP socket for the client", e))?;
@@ -249,12 +263,13 @@ impl Endpoint {
     }
 
     /// A client endpoint bound to `addr` (e.g. `127.0.0.1:0`).
-    pub fn client_bound(addr: SocketAddr, config: Config) -> Result<Endpoint, Error> {
+    pub fn client_bound(addr: SocketAddr, config: ClientConfig) -> Result<Endpoint, Error> {
         let socket = Socket::bind(addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?;
         Self::with_socket(socket, config)
     }
 
-    fn with_socket(socket: Socket, config: Config) -> Result<Endpoint, Error> {
+    fn with_socket(socket: Socket, config: ClientConfig) -> Result<Endpoint, Error> {
+        let config = config.config;
         let quiche_config = config.quiche_config(false)?;
         let shared = Shared::new(socket, config);
         router::spawn(Arc::clone(&shared), None);
@@ -282,7 +297,7 @@ impl Endpoint {
     /// Without a name, a certificate valid for any name would be accepted: so `None` is
     /// refused with a configuration error while the configuration verifies certificates. It
     /// is accepted when verification is off
-    /// ([`danger_accept_invalid_certs`](crate::quic::ConfigBuilder::danger_accept_invalid_certs))
+    /// ([`danger_accept_invalid_certs`](crate::quic::ClientConfigBuilder::danger_accept_invalid_certs))
     /// or the server is known by its raw public key.
     pub async fn connect_addr<A: Application>(
         &self,
@@ -294,7 +309,7 @@ impl Endpoint {
             return Err(Error::invalid_request(format!(
                 "connect_addr to {addr} without a server name cannot check the server's identity: pass the name \
                  its certificate is for (or its IP address as text), or turn verification off explicitly with \
-                 ConfigBuilder::danger_accept_invalid_certs(true)"
+                 ClientConfigBuilder::danger_accept_invalid_certs(true)"
             )));
         }
         Ok(self
@@ -366,8 +381,8 @@ mod tests {
     async fn connections_on_a_socket_whose_buffer_keeps_filling_all_finish() {
         const CONNECTIONS: usize = 8;
         const LEN: usize = 256 * 1024;
-        let idle = |b: crate::quic::ConfigBuilder| b.idle_timeout(Duration::from_secs(2));
-        let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap(), testing::server_config("echo", idle))
+        let idle = |b: crate::quic::TransportConfig| b.idle_timeout(Duration::from_secs(2));
+        let mut listener = Listener::bind("127.0.0.1:0", testing::server_config("echo", idle))
             .await
             .unwrap();
         let server = listener.local_addr();

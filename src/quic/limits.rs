@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::config::Settings;
+use super::config::ServerSettings;
 use super::metrics::DropReason;
 
 /// The caps and the reply budget of one listener.
@@ -25,7 +25,7 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub(crate) fn new(s: &Settings) -> Arc<Self> {
+    pub(crate) fn new(s: &ServerSettings) -> Arc<Self> {
         Arc::new(Limits {
             max_connections: s.max_connections,
             max_handshakes: s.max_handshakes,
@@ -152,10 +152,10 @@ mod tests {
     use super::*;
 
     fn limits(connections: usize, handshakes: usize) -> Arc<Limits> {
-        let s = Settings {
+        let s = ServerSettings {
             max_connections: connections,
             max_handshakes: handshakes,
-            ..Settings::default()
+            ..ServerSettings::default()
         };
         Limits::new(&s)
     }

@@ -28,10 +28,10 @@ pub enum DropReason {
     /// issued to another address or for another connection ID.
     InvalidToken,
     /// A new Initial arrived while the listener had its maximum number of connections
-    /// (`ConfigBuilder::max_connections`).
+    /// (`ServerConfigBuilder::max_connections`).
     ConnectionLimit,
     /// A new Initial arrived while the listener had its maximum number of handshakes in
-    /// progress (`ConfigBuilder::max_handshakes_in_progress`).
+    /// progress (`ServerConfigBuilder::max_handshakes_in_progress`).
     HandshakeLimit,
     /// A client's first Initial had a destination connection ID shorter than the 8 bytes
     /// RFC 9000 §7.2 requires.

@@ -24,7 +24,7 @@
 //! - `endpoint`: [`Listener`], [`Endpoint`] and [`Incoming`]: bind, accept, connect to an
 //!   address. Connecting by name (resolution, Happy Eyeballs) is the client's business:
 //!   [`Endpoint::connect`] is defined in `client`.
-//! - `config`, [`tls`], `metrics`: [`Config`] by role, certificates and roots, the
+//! - `config`, [`tls`], `metrics`: [`ServerConfig`] and [`ClientConfig`] over a shared [`TransportConfig`], certificates and roots, the
 //!   [`Metrics`] seam.
 //! - `app`: the [`Application`] seam, [`ConnectionHandle`], [`Closed`],
 //!   [`ConnectionStats`].
@@ -58,6 +58,8 @@ mod udp;
 
 pub use app::{Application, Closed, ConnectionHandle, ConnectionStats};
 pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
-pub use config::{Config, ConfigBuilder, CongestionControl};
+pub use config::{
+    ClientConfig, ClientConfigBuilder, CongestionControl, ServerConfig, ServerConfigBuilder, TransportConfig,
+};
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};

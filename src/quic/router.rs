@@ -262,7 +262,7 @@ fn accept_initial(
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
-    let answers_our_retry = inner.s.retry && !token.is_empty();
+    let answers_our_retry = inner.server.retry && !token.is_empty();
     if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
         // A first Initial (after a Retry the DCID is ours, and may be shorter).
         metrics.datagram_dropped(DropReason::ShortConnectionId);
@@ -273,7 +273,7 @@ fn accept_initial(
         metrics.datagram_dropped(reason);
         return None;
     }
-    let (scid, odcid) = if inner.s.retry {
+    let (scid, odcid) = if inner.server.retry {
         if token.is_empty() {
             let new_scid = cid::new_id(&*inner.cid_generator);
             // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).

@@ -207,11 +207,11 @@ impl TlsMaterial {
                     paths.join(", ")
                 )
             }
-            None => "system roots are off (ConfigBuilder::system_roots(false)):".to_string(),
+            None => "system roots are off (ClientConfigBuilder::system_roots(false)):".to_string(),
         };
         Error::config(format!(
             "a client has no trusted root certificate to verify servers with: {why} give the CA to trust \
-             with ConfigBuilder::ca_pem or ca_pem_file"
+             with ClientConfigBuilder::ca_pem or ca_pem_file"
         ))
     }
 
@@ -243,7 +243,9 @@ impl TlsMaterial {
         };
         if server {
             let key = self.rpk.own.as_ref().ok_or_else(|| {
-                Error::config("a raw-public-key server needs its private key: set ConfigBuilder::raw_public_key_pem")
+                Error::config(
+                    "a raw-public-key server needs its private key: set ServerConfigBuilder::raw_public_key_pem",
+                )
             })?;
             let spki = key.public_key_to_der().map_err(|e| tls_err("public key", e))?;
             let mut credential = SslCredential::new_raw_public_key().map_err(|e| tls_err("credential", e))?;

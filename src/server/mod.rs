@@ -7,16 +7,12 @@
 //!
 //! ```no_run
 //! use axum::{Router, routing::get};
-//! use tower_quiche::quic::{Config, Listener};
+//! use tower_quiche::quic::{Listener, ServerConfig};
 //!
 //! # async fn run() -> Result<(), tower_quiche::Error> {
 //! let app = Router::new().route("/", get(|| async { "hello over HTTP/3" }));
-//! let config = Config::builder()
-//!     .alpn(["h3"])
-//!     .cert_chain_pem_file("cert.pem")
-//!     .private_key_pem_file("key.pem")
-//!     .build()?;
-//! let listener = Listener::bind("127.0.0.1:4433".parse().unwrap(), config).await?;
+//! let config = ServerConfig::from_pem_files("cert.pem", "key.pem")?;
+//! let listener = Listener::bind("127.0.0.1:4433", config).await?;
 //! tower_quiche::server::serve(listener, app)
 //!     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
 //!     .await?;
@@ -137,10 +133,10 @@ const MIN_HARD_FIELD_SECTION_LIMIT: u64 = 64 * 1024;
 
 /// Settings of an HTTP/3 server, each with a documented default.
 ///
-/// Limits that live in QUIC are set on the listener's [`quic::Config`](crate::quic::Config):
-/// concurrent request streams
-/// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams),
-/// 128) and the idle timeout ([`idle_timeout`](crate::quic::ConfigBuilder::idle_timeout),
+/// Limits that live in QUIC are set on the listener's
+/// [`TransportConfig`](crate::quic::TransportConfig): concurrent request streams
+/// ([`max_concurrent_bidi_streams`](crate::quic::TransportConfig::max_concurrent_bidi_streams),
+/// 128) and the idle timeout ([`idle_timeout`](crate::quic::TransportConfig::idle_timeout),
 /// 30 s).
 ///
 /// The `tcp_*` and `http2_*` settings apply to the TCP side of
@@ -416,7 +412,7 @@ impl Builder {
 
     /// TCP: how many requests an HTTP/2 connection may have in flight. Defaults to 128, the
     /// default number of concurrent request streams on HTTP/3
-    /// ([`max_concurrent_bidi_streams`](crate::quic::ConfigBuilder::max_concurrent_bidi_streams)),
+    /// ([`max_concurrent_bidi_streams`](crate::quic::TransportConfig::max_concurrent_bidi_streams)),
     /// so one client gets the same concurrency on both.
     #[cfg(feature = "tcp")]
     pub fn http2_max_concurrent_streams(mut self, streams: u32) -> Self {
@@ -584,7 +580,8 @@ where
     let settings = settings?;
     if !listener.config().alpn().any(|p| p == b"h3") {
         return Err(Error::config(
-            "the listener does not offer the \"h3\" ALPN: build its quic::Config with .alpn([\"h3\"])",
+            "the listener does not offer the \"h3\" ALPN: leave its ServerConfig's alpn at the default, or \
+             include \"h3\" in the list",
         ));
     }
     // Every connection holds a sender; when all are gone, every connection has closed.

@@ -28,7 +28,7 @@ use super::ConnectionInfo;
 use super::HttpService;
 use crate::alt_svc::AltSvcLayer;
 use crate::error::Error;
-use crate::quic::Config;
+use crate::quic::ServerConfig;
 
 /// The TCP side's limits, set through [`Builder`](super::Builder) (whose setters document
 /// each default and why).
@@ -68,7 +68,7 @@ pub(crate) struct Transport {
 
 impl Transport {
     /// TLS from the QUIC listener's configuration; HTTP limits from the server's builder.
-    pub(crate) fn new(config: &Config, limits: &Limits, max_header_list_size: usize) -> Result<Self, Error> {
+    pub(crate) fn new(config: &ServerConfig, limits: &Limits, max_header_list_size: usize) -> Result<Self, Error> {
         let mut http = auto::Builder::new(TokioExecutor::new());
         // Without a timer hyper silently ignores its timeouts and keep-alive settings.
         http.http1()
@@ -96,8 +96,8 @@ impl Transport {
 
 /// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, its client
 /// CA when it requires client certificates (mutual TLS), ALPN `h2` then `http/1.1`.
-fn acceptor(config: &Config) -> Result<SslAcceptor, Error> {
-    let tls = &config.inner.tls;
+fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
+    let tls = &config.config.inner.tls;
     let err =
         |what: &str, e: boring::error::ErrorStack| Error::config(format!("TLS setup for TCP failed ({what}): {e}"));
     let mut b = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).map_err(|e| err("new acceptor", e))?;

@@ -19,7 +19,7 @@ use futures_util::StreamExt;
 use http_body::{Frame, SizeHint};
 use tokio::sync::oneshot;
 use tower_quiche::client::Client;
-use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, Listener};
+use tower_quiche::quic::{AtomicMetrics, ClientConfig, Listener, ServerConfig, ServerConfigBuilder};
 use tower_quiche::server;
 
 #[path = "../../examples/support/routes.rs"]
@@ -239,14 +239,14 @@ pub async fn h3_server(certs: &Certs, builder: server::Builder) -> H3Server {
 }
 
 pub async fn h3_server_with(certs: &Certs, builder: server::Builder, router: Router, probe: Arc<Probe>) -> H3Server {
-    h3_server_on(certs, Config::builder(), builder, router, probe).await
+    h3_server_on(certs, ServerConfig::builder(), builder, router, probe).await
 }
 
-/// A test server whose QUIC settings start from `quic` (the certificate, ALPN and metrics
-/// are added here).
+/// A test server whose QUIC settings start from `quic` (the certificate and metrics are
+/// added here).
 pub async fn h3_server_on(
     certs: &Certs,
-    quic: ConfigBuilder,
+    quic: ServerConfigBuilder,
     builder: server::Builder,
     router: Router,
     probe: Arc<Probe>,
@@ -254,13 +254,12 @@ pub async fn h3_server_on(
     super::init_tracing();
     let metrics = Arc::new(AtomicMetrics::new());
     let config = quic
-        .alpn(["h3"])
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap();
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
     let addr = listener.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(
@@ -283,23 +282,26 @@ pub async fn h3_server_on(
 
 /// An HTTP/3 listener on 127.0.0.1 with the test certificate.
 pub async fn listener(certs: &Certs) -> Listener {
-    let config = Config::builder()
-        .alpn(["h3"])
+    let config = ServerConfig::builder()
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
         .build()
         .unwrap();
-    Listener::bind("127.0.0.1:0".parse().unwrap(), config).await.unwrap()
+    Listener::bind("127.0.0.1:0", config).await.unwrap()
+}
+
+/// A client configuration that trusts the test CA.
+pub fn trusting(certs: &Certs) -> ClientConfig {
+    ClientConfig::builder().ca_pem(&certs.ca_pem).build().unwrap()
 }
 
 pub fn client(certs: &Certs) -> Client {
-    Client::builder().ca_pem(&certs.ca_pem).build().unwrap()
+    Client::builder().quic_config(trusting(certs)).build().unwrap()
 }
 
 /// A client endpoint offering `h3`, for `client::conn::handshake`.
 pub fn h3_client_endpoint(certs: &Certs) -> tower_quiche::quic::Endpoint {
-    let config = Config::builder().alpn(["h3"]).ca_pem(&certs.ca_pem).build().unwrap();
-    tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap()
+    tower_quiche::quic::Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), trusting(certs)).unwrap()
 }
 
 /// Hashes a body as it streams, without keeping it.

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
-use tower_quiche::quic::{AtomicMetrics, Config, ConfigBuilder, ConnectionHandle, Listener};
+use tower_quiche::quic::{
+    AtomicMetrics, ClientConfig, ClientConfigBuilder, ConnectionHandle, Listener, ServerConfig, ServerConfigBuilder,
+};
 use tower_quiche::tls::{DevCa, GeneratedCert};
 
 /// Every test is bounded: a hang fails the test instead of stalling CI.
@@ -31,15 +33,15 @@ pub fn certs() -> Certs {
     }
 }
 
-pub fn server_builder(certs: &Certs) -> ConfigBuilder {
-    Config::builder()
+pub fn server_builder(certs: &Certs) -> ServerConfigBuilder {
+    ServerConfig::builder()
         .alpn([echo::ALPN])
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
 }
 
-pub fn client_builder(certs: &Certs) -> ConfigBuilder {
-    Config::builder().alpn([echo::ALPN]).ca_pem(&certs.ca_pem)
+pub fn client_builder(certs: &Certs) -> ClientConfigBuilder {
+    ClientConfig::builder().alpn([echo::ALPN]).ca_pem(&certs.ca_pem)
 }
 
 /// A running echo server: its address, its metrics, and the handles of the connections it
@@ -50,10 +52,10 @@ pub struct EchoServer {
     pub connections: mpsc::UnboundedReceiver<ConnectionHandle>,
 }
 
-pub async fn echo_server(bind: &str, builder: ConfigBuilder) -> EchoServer {
+pub async fn echo_server(bind: &str, builder: ServerConfigBuilder) -> EchoServer {
     let metrics = Arc::new(AtomicMetrics::new());
     let config = builder.metrics(Arc::clone(&metrics)).build().unwrap();
-    let mut listener = Listener::bind(bind.parse().unwrap(), config).await.unwrap();
+    let mut listener = Listener::bind(bind, config).await.unwrap();
     let addr = listener.local_addr();
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use quiche::h3::{self, Header, NameValue};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
-use tower_quiche::quic::{Application, Config, ConfigBuilder, ConnectionHandle, Endpoint};
+use tower_quiche::quic::{Application, ClientConfig, ClientConfigBuilder, ConnectionHandle, Endpoint, TransportConfig};
 
 use super::{Certs, TEST_TIMEOUT};
 
@@ -187,18 +187,26 @@ impl Client {
         Self::connect_with(server.addr, Self::config(certs), true).await
     }
 
-    /// The client's default QUIC settings.
-    pub fn config(certs: &Certs) -> ConfigBuilder {
-        Config::builder()
-            .alpn(["h3"])
+    /// The client's default QUIC settings, with `transport`'s changes.
+    pub fn config_with(
+        certs: &Certs,
+        transport: impl FnOnce(TransportConfig) -> TransportConfig,
+    ) -> ClientConfigBuilder {
+        // Long: within a test, only the server can close the connection.
+        let long_idle = TransportConfig::new().idle_timeout(Duration::from_secs(120));
+        ClientConfig::builder()
             .ca_pem(&certs.ca_pem)
-            // Long: within a test, only the server can close the connection.
-            .idle_timeout(Duration::from_secs(120))
+            .transport(transport(long_idle))
+    }
+
+    /// The client's default QUIC settings.
+    pub fn config(certs: &Certs) -> ClientConfigBuilder {
+        Self::config_with(certs, |t| t)
     }
 
     /// A client with `config`; one that does not `listen` never reads anything the server
     /// sends (so grants it no more flow-control credit than the initial windows).
-    pub async fn connect_with(addr: SocketAddr, config: ConfigBuilder, listens: bool) -> Client {
+    pub async fn connect_with(addr: SocketAddr, config: ClientConfigBuilder, listens: bool) -> Client {
         let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config.build().unwrap()).unwrap();
         let (steps, steps_rx) = mpsc::unbounded_channel();
         let (seen_tx, seen) = mpsc::unbounded_channel();

@@ -34,7 +34,7 @@ impl std::fmt::Debug for GeneratedCert {
 
 /// A throwaway certificate authority for development and tests: it issues leaf certificates
 /// for names and addresses such as `localhost` and `127.0.0.1`. Clients trust it through
-/// [`ConfigBuilder::ca_pem`](crate::quic::ConfigBuilder::ca_pem).
+/// [`ClientConfigBuilder::ca_pem`](crate::quic::ClientConfigBuilder::ca_pem).
 pub struct DevCa {
     cert: X509,
     key: PKey<Private>,

@@ -111,7 +111,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
     fn with_transport(
         builder: Builder,
         service: S,
-        transport: impl Fn(crate::quic::ConfigBuilder) -> crate::quic::ConfigBuilder,
+        transport: impl Fn(crate::quic::TransportConfig) -> crate::quic::TransportConfig,
     ) -> Self {
         let settings = builder.settings().expect("valid server settings");
         let mut pipe = Pipe::handshaken(&server_config("h3", &transport), &client_config("h3", &transport));
