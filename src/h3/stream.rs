@@ -39,6 +39,7 @@ use super::fields::{self, Malformed};
 use super::priority::Priority;
 use crate::error::{Error, Kind};
 pub(crate) use crate::quic::ConnNotify;
+use crate::quic::Queued;
 
 /// What each buffered chunk costs beyond its bytes (the `Bytes` handle, its shared header
 /// and the allocator's rounding), charged against the receive buffer's limit so that a peer
@@ -260,6 +261,12 @@ struct StreamState {
     queued: bool,
 }
 
+impl Queued for StreamState {
+    fn queued(&mut self) -> &mut bool {
+        &mut self.queued
+    }
+}
+
 /// What writing a stream's outbox achieved.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum WriteOutcome {
@@ -388,17 +395,7 @@ impl StreamShared {
     /// Runs `f` on the state; wakes the connection task (once until it looks) if `f` says
     /// the stream needs it.
     fn update<R>(&self, f: impl FnOnce(&mut StreamState) -> (R, bool)) -> R {
-        let (result, wake) = {
-            let mut state = self.lock();
-            let (result, wake) = f(&mut state);
-            let first = wake && !state.queued;
-            state.queued |= wake;
-            (result, first)
-        };
-        if wake {
-            self.notify.notify(self.id());
-        }
-        result
+        self.notify.update(&self.state, || self.id(), f)
     }
 
     // ---- the reader's side (RecvBody) ----

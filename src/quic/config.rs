@@ -72,6 +72,8 @@ pub(crate) struct Settings {
     pub(crate) stateless_replies_per_second: u32,
     pub(crate) stateless_reply_burst: u32,
     pub(crate) active_connection_id_limit: u64,
+    pub(crate) stream_recv_buffer: usize,
+    pub(crate) stream_send_buffer: usize,
 }
 
 impl Default for Settings {
@@ -102,6 +104,8 @@ impl Default for Settings {
             stateless_replies_per_second: 1000,
             stateless_reply_burst: 1000,
             active_connection_id_limit: 4,
+            stream_recv_buffer: 256 * 1024,
+            stream_send_buffer: 256 * 1024,
         }
     }
 }
@@ -316,6 +320,23 @@ impl ConfigBuilder {
     /// (HTTP/3 needs 3: control and two QPACK streams).
     pub fn max_concurrent_uni_streams(mut self, streams: u64) -> Self {
         self.s.max_streams_uni = streams;
+        self
+    }
+
+    /// The buffers of each stream of the async stream API
+    /// ([`StreamConnection`](crate::quic::StreamConnection)), in bytes: what has arrived and
+    /// waits for its [`RecvStream`](crate::quic::RecvStream) to read it, and what a
+    /// [`SendStream`](crate::quic::SendStream) wrote and the connection has not yet handed
+    /// to QUIC. Default to 256 KiB each.
+    ///
+    /// A full receive buffer leaves further bytes with the peer (QUIC flow control holds it
+    /// back); a full send buffer makes `poll_write` wait. An [`Application`] manages its own
+    /// buffers and ignores these.
+    ///
+    /// [`Application`]: crate::quic::Application
+    pub fn stream_buffers(mut self, recv: usize, send: usize) -> Self {
+        self.s.stream_recv_buffer = recv;
+        self.s.stream_send_buffer = send;
         self
     }
 

@@ -15,6 +15,12 @@ pub(crate) struct ConnNotify {
     inner: Mutex<NotifyInner>,
 }
 
+/// A stream's shared state, which remembers whether the stream is in the ready list.
+pub(crate) trait Queued {
+    /// Whether the stream is in the connection's ready list already.
+    fn queued(&mut self) -> &mut bool;
+}
+
 #[derive(Default)]
 struct NotifyInner {
     ready: Vec<u64>,
@@ -33,6 +39,38 @@ impl ConnNotify {
             inner.ready.push(stream_id);
             inner.waker.take()
         };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Runs `f` on a stream's state; queues the stream (its ID read from `id` once the lock
+    /// is released) if `f` says the connection task has something to do, once until that
+    /// task looks.
+    pub(crate) fn update<S: Queued, R>(
+        &self,
+        state: &Mutex<S>,
+        id: impl FnOnce() -> u64,
+        f: impl FnOnce(&mut S) -> (R, bool),
+    ) -> R {
+        let (result, wake) = {
+            let mut state = state.lock().unwrap_or_else(|p| p.into_inner());
+            let (result, wake) = f(&mut state);
+            let queued = state.queued();
+            let first = wake && !*queued;
+            *queued |= wake;
+            (result, first)
+        };
+        if wake {
+            self.notify(id());
+        }
+        result
+    }
+
+    /// Wakes the connection task without queueing a stream (a change of the connection's
+    /// own state).
+    pub(crate) fn wake(&self) {
+        let waker = self.lock().waker.take();
         if let Some(waker) = waker {
             waker.wake();
         }
