@@ -219,6 +219,22 @@ impl Error {
     pub fn code(&self) -> Option<Code> {
         self.inner.code
     }
+
+    /// The tower-quiche error an [`std::io::Error`] carries, as the reads and writes of
+    /// [`RecvStream`](crate::quic::RecvStream) and [`SendStream`](crate::quic::SendStream)
+    /// fail: for the code of a stream the peer reset or stopped, say.
+    ///
+    /// ```
+    /// # fn check(e: std::io::Error) {
+    /// use tower_quiche::{Code, Error};
+    /// if let Some(Code::Stream(code)) = Error::from_io(&e).and_then(Error::code) {
+    ///     println!("the peer reset the stream with code {code}");
+    /// }
+    /// # }
+    /// ```
+    pub fn from_io(error: &std::io::Error) -> Option<&Error> {
+        error.get_ref()?.downcast_ref::<Error>()
+    }
 }
 
 impl fmt::Debug for Error {

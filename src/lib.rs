@@ -8,8 +8,9 @@
 //! - [`client`]: an HTTP/3 client that is itself a `tower::Service`, with a pool.
 //! - [`quic`]: the layer underneath — UDP endpoints with batched IO (GSO/GRO), routing by
 //!   connection ID, one task per connection, Retry, version negotiation, stateless resets,
-//!   verified TLS by default, and the [`Application`](quic::Application) seam through which
-//!   a protocol drives a connection.
+//!   verified TLS by default, the [`Application`](quic::Application) seam through which
+//!   a protocol drives a connection, and async streams over it
+//!   ([`StreamConnection`](quic::StreamConnection)).
 //!
 //! ## Quick start: axum over HTTP/3
 //!
@@ -61,6 +62,28 @@
 //! let mut listener = Listener::bind("127.0.0.1:4433", config).await?;
 //! while let Some(incoming) = listener.accept().await {
 //!     incoming.start(Hello);
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The same protocol on the async stream API, where each stream is a pair of `AsyncWrite`
+//! and `AsyncRead` halves and the connection task is out of sight:
+//!
+//! ```no_run
+//! use tokio::io::AsyncWriteExt;
+//! # async fn run(mut listener: tower_quiche::quic::Listener) -> Result<(), tower_quiche::Error> {
+//! while let Some(incoming) = listener.accept().await {
+//!     tokio::spawn(async move {
+//!         let conn = incoming.accept_streams().await?;
+//!         while let Some((mut send, mut recv)) = conn.accept_bi().await {
+//!             tokio::spawn(async move {
+//!                 tokio::io::copy(&mut recv, &mut tokio::io::sink()).await?;
+//!                 send.write_all(b"hello").await?;
+//!                 send.shutdown().await
+//!             });
+//!         }
+//!         Ok::<_, tower_quiche::Error>(())
+//!     });
 //! }
 //! # Ok(()) }
 //! ```

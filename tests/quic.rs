@@ -38,12 +38,7 @@ async fn echo_streams(server: SocketAddr, authority: &str, streams: usize, len: 
             })
         })
         .collect();
-    for task in tasks {
-        task.await.unwrap();
-    }
-    conn.close(0, "done");
-    let closed = conn.closed().await;
-    assert!(closed.error().is_none(), "clean close: {:?}", closed.error());
+    join_then_close(tasks, &conn).await;
 }
 
 thread_local! {

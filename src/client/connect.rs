@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 
 use crate::error::Error;
-use crate::quic::{Application, ConnectionHandle, Endpoint};
+use crate::quic::{Application, ConnectionHandle, Endpoint, StreamConnection};
 
 /// RFC 8305 §5's recommended "Connection Attempt Delay".
 const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
@@ -70,6 +70,31 @@ impl Endpoint {
                 else => return Err(last_error),
             }
         }
+    }
+
+    /// Connects to `authority` as [`connect`](Self::connect) does, with the async stream
+    /// API: the connection's streams are opened and accepted through the returned
+    /// [`StreamConnection`].
+    ///
+    /// ```no_run
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// use tower_quiche::quic::{Config, Endpoint};
+    ///
+    /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config = Config::builder().alpn(["echo"]).build()?;
+    /// let endpoint = Endpoint::client(config)?;
+    /// let conn = endpoint.connect_streams("localhost:4433").await?;
+    /// let (mut send, mut recv) = conn.open_bi().await?;
+    /// send.write_all(b"hello").await?;
+    /// send.shutdown().await?;
+    /// let mut echo = Vec::new();
+    /// recv.read_to_end(&mut echo).await?;
+    /// conn.close(0, "done");
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect_streams(&self, authority: &str) -> Result<StreamConnection, Error> {
+        let (app, parts) = crate::quic::new_streams(self.config(), false);
+        Ok(parts.with_handle(self.connect(authority, app).await?))
     }
 }
 

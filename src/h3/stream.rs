@@ -38,6 +38,8 @@ use super::codes;
 use super::fields::{self, Malformed};
 use super::priority::Priority;
 use crate::error::{Error, Kind};
+pub(crate) use crate::quic::ConnNotify;
+use crate::quic::Queued;
 
 /// What each buffered chunk costs beyond its bytes (the `Bytes` handle, its shared header
 /// and the allocator's rounding), charged against the receive buffer's limit so that a peer
@@ -52,46 +54,6 @@ thread_local! {
     /// Where body bytes land before they are copied into a chunk of their exact size (or
     /// dropped). Reading never yields, so one buffer per worker thread serves every stream.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Streams whose state changed, for the connection task to look at, and the waker of that
-/// task.
-#[derive(Default)]
-pub(crate) struct ConnNotify {
-    inner: Mutex<NotifyInner>,
-}
-
-#[derive(Default)]
-struct NotifyInner {
-    ready: Vec<u64>,
-    waker: Option<Waker>,
-}
-
-impl ConnNotify {
-    fn lock(&self) -> MutexGuard<'_, NotifyInner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn notify(&self, stream_id: u64) {
-        let waker = {
-            let mut inner = self.lock();
-            inner.ready.push(stream_id);
-            inner.waker.take()
-        };
-        if let Some(waker) = waker {
-            waker.wake();
-        }
-    }
-
-    /// Moves the ready streams into `out` and registers the connection task's waker.
-    pub(crate) fn take_ready(&self, cx: &Context<'_>, out: &mut Vec<u64>) {
-        let mut inner = self.lock();
-        std::mem::swap(&mut inner.ready, out);
-        match &inner.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            _ => inner.waker = Some(cx.waker().clone()),
-        }
-    }
 }
 
 /// Why the incoming body failed, as its reader sees it.
@@ -299,6 +261,12 @@ struct StreamState {
     queued: bool,
 }
 
+impl Queued for StreamState {
+    fn queued(&mut self) -> &mut bool {
+        &mut self.queued
+    }
+}
+
 /// What writing a stream's outbox achieved.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum WriteOutcome {
@@ -427,17 +395,7 @@ impl StreamShared {
     /// Runs `f` on the state; wakes the connection task (once until it looks) if `f` says
     /// the stream needs it.
     fn update<R>(&self, f: impl FnOnce(&mut StreamState) -> (R, bool)) -> R {
-        let (result, wake) = {
-            let mut state = self.lock();
-            let (result, wake) = f(&mut state);
-            let first = wake && !state.queued;
-            state.queued |= wake;
-            (result, first)
-        };
-        if wake {
-            self.notify.notify(self.id());
-        }
-        result
+        self.notify.update(&self.state, || self.id(), f)
     }
 
     // ---- the reader's side (RecvBody) ----

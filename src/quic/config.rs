@@ -72,6 +72,8 @@ pub(crate) struct Settings {
     pub(crate) inbound_queue: usize,
     pub(crate) inbound_queue_bytes: usize,
     pub(crate) active_connection_id_limit: u64,
+    pub(crate) stream_recv_buffer: usize,
+    pub(crate) stream_send_buffer: usize,
 }
 
 impl Default for Settings {
@@ -96,6 +98,8 @@ impl Default for Settings {
             inbound_queue: 256,
             inbound_queue_bytes: 512 * 1024,
             active_connection_id_limit: 4,
+            stream_recv_buffer: 256 * 1024,
+            stream_send_buffer: 256 * 1024,
         }
     }
 }
@@ -447,6 +451,23 @@ impl TransportConfig {
     /// (HTTP/3 needs 3: control and two QPACK streams).
     pub fn max_concurrent_uni_streams(mut self, streams: u64) -> Self {
         self.s.max_streams_uni = streams;
+        self
+    }
+
+    /// The buffers of each stream of the async stream API
+    /// ([`StreamConnection`](crate::quic::StreamConnection)), in bytes: what has arrived and
+    /// waits for its [`RecvStream`](crate::quic::RecvStream) to read it, and what a
+    /// [`SendStream`](crate::quic::SendStream) wrote and the connection has not yet handed
+    /// to QUIC. Default to 256 KiB each.
+    ///
+    /// A full receive buffer leaves further bytes with the peer (QUIC flow control holds it
+    /// back); a full send buffer makes `poll_write` wait. An [`Application`] manages its own
+    /// buffers and ignores these.
+    ///
+    /// [`Application`]: crate::quic::Application
+    pub fn stream_buffers(mut self, recv: usize, send: usize) -> Self {
+        self.s.stream_recv_buffer = recv;
+        self.s.stream_send_buffer = send;
         self
     }
 

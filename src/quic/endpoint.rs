@@ -20,6 +20,7 @@ use super::driver::{self, ConnContext};
 use super::limits::Limits;
 use super::router::{self, Accepted, Shared};
 use super::routes::{InboundQueue, Registration};
+use super::streams::{self, StreamConnection};
 use super::udp::Socket;
 use crate::error::Error;
 
@@ -227,6 +228,19 @@ impl Incoming {
         let ctx = context(&shared, registration, inbound, started);
         driver::spawn(conn, ctx, driver::AppSlot::Running(app))
     }
+
+    /// Starts the connection with the async stream API, and waits until its handshake has
+    /// completed; fails with the reason it did not.
+    ///
+    /// The connection's streams are then accepted and opened through the
+    /// [`StreamConnection`]; use [`start`](Self::start) with an [`Application`] of your own
+    /// for the raw `quiche::Connection` instead.
+    pub async fn accept_streams(self) -> Result<StreamConnection, Error> {
+        let (app, parts) = streams::new(&self.0.shared.config, true);
+        let conn = parts.with_handle(self.start(app));
+        conn.established().await?;
+        Ok(conn)
+    }
 }
 
 /// A QUIC client endpoint: one UDP socket that many connections share.
@@ -283,6 +297,12 @@ impl Endpoint {
     /// The socket's local address.
     pub fn local_addr(&self) -> SocketAddr {
         self.shared.socket.local_addr()
+    }
+
+    /// The configuration the endpoint was made with.
+    #[cfg(feature = "client")]
+    pub(crate) fn config(&self) -> &super::config::Config {
+        &self.shared.config
     }
 
     /// How many connections currently use this endpoint's socket.

@@ -1,10 +1,31 @@
-//! The QUIC layer: endpoints, connections driven by tokio, and the [`Application`] seam for
-//! protocols over QUIC.
+//! The QUIC layer: endpoints, connections driven by tokio, and two ways to run a protocol
+//! over QUIC: the [`Application`] seam and the async stream API.
 //!
 //! A server binds a [`Listener`] and starts each [`Incoming`] connection with an
 //! [`Application`]; a client [`Endpoint`] connects and hands the connection to one. The
-//! HTTP/3 server and client of this crate are two such applications; the echo protocol of
-//! the examples (`examples/support/echo.rs`) is a third, small enough to read in one sitting.
+//! application owns the raw `quiche::Connection` on the connection's task. The HTTP/3
+//! server and client of this crate are two such applications; the echo protocol of the
+//! examples (`examples/support/echo.rs`) is a third, small enough to read in one sitting.
+//!
+//! A protocol that needs only byte streams can skip the seam:
+//! [`Incoming::accept_streams`] and `Endpoint::connect_streams` give a
+//! [`StreamConnection`] whose streams are [`SendStream`]s (`AsyncWrite`) and
+//! [`RecvStream`]s (`AsyncRead`), in the manner of quinn. A whole echo server's
+//! connection:
+//!
+//! ```no_run
+//! # async fn serve(incoming: tower_quiche::quic::Incoming) -> Result<(), tower_quiche::Error> {
+//! use tokio::io::AsyncWriteExt;
+//!
+//! let conn = incoming.accept_streams().await?;
+//! while let Some((mut send, mut recv)) = conn.accept_bi().await {
+//!     tokio::spawn(async move {
+//!         tokio::io::copy(&mut recv, &mut send).await?;
+//!         send.shutdown().await
+//!     });
+//! }
+//! # Ok(()) }
+//! ```
 //!
 //! # What lives here
 //!
@@ -28,11 +49,15 @@
 //!   [`Metrics`] seam.
 //! - `app`: the [`Application`] seam, [`ConnectionHandle`], [`Closed`],
 //!   [`ConnectionStats`].
+//! - `streams`: the async stream API, an [`Application`] of its own ([`StreamConnection`],
+//!   [`SendStream`], [`RecvStream`]); `notify`: how tasks other than the connection's wake
+//!   it for a stream (the HTTP/3 streams use it too).
 //!
 //! Imports inside the module (module -> the modules it uses) form no cycle:
 //!
 //! ```text
-//! endpoint -> app cid config driver limits router routes udp
+//! endpoint -> app cid config driver limits router routes streams udp
+//! streams  -> app config notify
 //! driver   -> app cid config routes tls udp
 //! router   -> cid config limits metrics routes token udp
 //! routes   -> config limits
@@ -40,7 +65,7 @@
 //! config   -> cid metrics tls
 //! metrics  -> app
 //! token    -> cid
-//! app, cid, tls, udp -> (none)
+//! app, cid, notify, tls, udp -> (none)
 //! ```
 
 mod app;
@@ -50,8 +75,10 @@ mod driver;
 mod endpoint;
 mod limits;
 mod metrics;
+mod notify;
 mod router;
 mod routes;
+mod streams;
 pub mod tls;
 mod token;
 mod udp;
@@ -63,3 +90,7 @@ pub use config::{
 };
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
+pub(crate) use notify::{ConnNotify, Queued};
+#[cfg(feature = "client")]
+pub(crate) use streams::new as new_streams;
+pub use streams::{RecvStream, SendStream, StreamConnection};

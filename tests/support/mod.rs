@@ -70,6 +70,17 @@ pub async fn echo_server(bind: &str, builder: ServerConfigBuilder) -> EchoServer
     }
 }
 
+/// Waits for every task (a panic in one fails the test), then closes `conn` and checks
+/// that the close was clean.
+pub async fn join_then_close(tasks: Vec<tokio::task::JoinHandle<()>>, conn: &ConnectionHandle) {
+    for task in tasks {
+        task.await.unwrap();
+    }
+    conn.close(0, "done");
+    let closed = conn.closed().await;
+    assert!(closed.error().is_none(), "clean close: {:?}", closed.error());
+}
+
 /// A payload whose every byte depends on its position, so reordering or loss shows.
 pub fn pattern(len: usize, seed: u8) -> bytes::Bytes {
     (0..len)
