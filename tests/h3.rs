@@ -865,3 +865,48 @@ async fn an_origin_client_reports_a_failed_connect_from_the_call_and_stays_usabl
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A pooled connection outlives QUIC's idle timeout while the pool keeps it: keep-alive
+/// PINGs restart both sides' idle timers, so a request after a quiet spell longer than
+/// that timeout reuses the connection instead of finding it silently closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
+    use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
+    let certs = test_certs();
+    let short_idle = || TransportConfig::new().idle_timeout(Duration::from_millis(600));
+    let probe = Arc::new(Probe::default());
+    let quic = ServerConfig::builder().transport(short_idle());
+    let server = h3_server_on(
+        &certs,
+        quic,
+        server::Builder::new(),
+        test_router(Arc::clone(&probe)),
+        probe,
+    )
+    .await;
+    let config = ClientConfig::builder()
+        .ca_pem(&certs.ca_pem)
+        .transport(short_idle())
+        .build()
+        .unwrap();
+    let client = Client::builder()
+        .quic_config(config)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let run = async {
+        for _ in 0..2 {
+            let response = client.get(server.url("/hello")).send().await.unwrap();
+            assert_eq!(response.text().await.unwrap(), "hello world");
+            // Three idle timeouts of quiet.
+            tokio::time::sleep(Duration::from_millis(1800)).await;
+        }
+        assert_eq!(
+            server.metrics.snapshot().connections_opened,
+            1,
+            "one connection, kept alive"
+        );
+        assert_eq!(client.pooled_connections(), 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

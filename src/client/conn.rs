@@ -437,12 +437,13 @@ pub(crate) async fn handshake_with(
     let (submit, submissions) = mpsc::channel(SUBMIT_QUEUE);
     let status = Arc::new(Status::default());
     let notify = Arc::new(ConnNotify::default());
-    let app = ClientApp::new(
+    let mut app = ClientApp::new(
         submissions,
         Arc::clone(&status),
         Arc::clone(&notify),
         Arc::clone(&settings),
     );
+    app.quic_idle_timeout = endpoint.config().inner.s.idle_timeout;
     let handle = endpoint.connect(authority, app).await?;
     // The app publishes the server's stream credit once it runs; wait for that (or for
     // the connection's end, should it close first).
@@ -497,6 +498,9 @@ const MAX_RESPONSE_FIELD_SECTION: usize = 64 * 1024;
 type PumpFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The client side of one HTTP/3 connection, as a QUIC [`Application`].
+/// The most often a pooled connection sends keep-alive PINGs, whatever the idle timeout.
+const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
+
 pub(crate) struct ClientApp {
     submissions: mpsc::Receiver<Submission>,
     waiting: Option<Submission>,
@@ -513,6 +517,10 @@ pub(crate) struct ClientApp {
     /// The stream credit last published in `status`.
     credit_told: u64,
     idle_since: Option<Instant>,
+    /// The last keep-alive PING of the current idle spell.
+    pinged_at: Option<Instant>,
+    /// Our side's QUIC idle timeout (the server may ask for a shorter one).
+    quic_idle_timeout: Duration,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
 }
@@ -538,6 +546,8 @@ impl ClientApp {
             next_request_id: 0,
             credit_told: 0,
             idle_since: Some(Instant::now()),
+            pinged_at: None,
+            quic_idle_timeout: Duration::from_secs(30),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
         }
@@ -906,9 +916,25 @@ impl ClientApp {
         self.status.update(|s| s.in_flight = s.in_flight.saturating_sub(1));
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
+            self.pinged_at = None;
         }
     }
 
+    /// How often a pooled connection with nothing in flight sends a PING: a third of the
+    /// QUIC idle timeout in force (the shorter of ours and the server's), so that a PING or
+    /// its acknowledgement may be lost once and the connection still lives.
+    fn keepalive_interval(&self, conn: &quiche::Connection) -> Duration {
+        let peer = conn
+            .peer_transport_params()
+            .map(|p| Duration::from_millis(p.max_idle_timeout))
+            .filter(|d| !d.is_zero());
+        let idle = peer.map_or(self.quic_idle_timeout, |p| p.min(self.quic_idle_timeout));
+        (idle / 3).max(KEEPALIVE_MIN)
+    }
+
+    /// Closes a pooled connection idle for longer than the pool keeps one, and keeps it
+    /// alive until then: the pool's idle timeout (90 s by default) is usually longer than
+    /// QUIC's (30 s), which would otherwise end the connection first, silently.
     fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
         let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout) else {
             return;
@@ -916,12 +942,22 @@ impl ClientApp {
         if self.waiting.is_some() {
             return;
         }
-        let at = since + timeout;
-        if at <= Instant::now() {
+        let now = Instant::now();
+        let close_at = since + timeout;
+        if close_at <= now {
             tracing::debug!("pooled connection idle for too long; closing");
             let _ = conn.close(true, code::H3_NO_ERROR, b"idle");
             return;
         }
+        let interval = self.keepalive_interval(conn);
+        let mut ping_at = self.pinged_at.unwrap_or(since) + interval;
+        if ping_at <= now {
+            // A PING elicits an acknowledgement: both sides' idle timers restart.
+            let _ = conn.send_ack_eliciting();
+            self.pinged_at = Some(now);
+            ping_at = now + interval;
+        }
+        let at = close_at.min(ping_at);
         if self.timer_at != Some(at) {
             self.timer.as_mut().reset(at.into());
             self.timer_at = Some(at);

@@ -490,6 +490,8 @@ impl Builder {
     }
 
     /// How long a pooled connection with no request in flight stays open. Defaults to 90 s.
+    /// Until then it sends a PING every third of the QUIC idle timeout, which would
+    /// otherwise close it sooner (30 s by default, or what the server asks for).
     pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
         self.idle_timeout = timeout;
         self
