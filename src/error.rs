@@ -67,6 +67,8 @@ pub(crate) enum Kind {
     /// A call was given what it cannot use (a URL that is not https, a bad header): the
     /// message says what.
     InvalidRequest,
+    /// A request body the caller gave failed while it was sent (its error is the source).
+    Body,
     /// The operating system refused a socket operation.
     Io,
     /// The TLS handshake failed (certificate not trusted, wrong name, no common ALPN, …).
@@ -125,6 +127,14 @@ impl Error {
         Error::new(Kind::InvalidRequest).with_message(message)
     }
 
+    /// The caller's request body failed while it was sent.
+    #[cfg(feature = "client")]
+    pub(crate) fn body(source: BoxError) -> Self {
+        Error::new(Kind::Body)
+            .with_message(format!("the request body failed: {source}"))
+            .with_source(source)
+    }
+
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         Error::new(Kind::Io).with_message(context).with_source(source)
     }
@@ -166,6 +176,13 @@ impl Error {
     /// serialized. Nothing was sent; the message says what to change.
     pub fn is_invalid_request(&self) -> bool {
         self.inner.kind == Kind::InvalidRequest
+    }
+
+    /// The request body failed while it was sent: the body's own error, not the server's
+    /// doing (the stream was reset with `H3_INTERNAL_ERROR`); it is the
+    /// [`source`](std::error::Error::source).
+    pub fn is_body(&self) -> bool {
+        self.inner.kind == Kind::Body
     }
 
     /// A socket operation failed.
@@ -259,6 +276,7 @@ impl fmt::Display for Error {
         let what = match self.inner.kind {
             Kind::Config => "invalid configuration",
             Kind::InvalidRequest => "invalid request",
+            Kind::Body => "request body failed",
             Kind::Io => "socket error",
             Kind::Tls => "TLS handshake failed",
             Kind::Timeout => "timed out",

@@ -910,3 +910,28 @@ async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A request body that fails mid-way is the caller's error, said as such: not a reset by
+/// the server (the client resets the stream itself, with H3_INTERNAL_ERROR).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_request_body_is_reported_as_the_bodys_error() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let chunks: Vec<Result<http_body::Frame<bytes::Bytes>, std::io::Error>> = vec![
+            Ok(http_body::Frame::data(bytes::Bytes::from(vec![b'x'; 64 * 1024]))),
+            Err(std::io::Error::other("the disk went away")),
+        ];
+        let body = http_body_util::StreamBody::new(futures_util::stream::iter(chunks));
+        let request = Request::post(server.url("/sink")).body(body).unwrap();
+        let error = client.clone().oneshot(request).await.unwrap_err();
+        assert!(error.is_body(), "{error}");
+        assert!(!error.is_reset(), "{error}");
+        assert!(error.to_string().contains("the disk went away"), "{error}");
+        // The connection serves on.
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -495,12 +495,13 @@ struct Entry {
 /// The largest trailer section a response may carry (RFC 9114 §4.2.2 counting).
 const MAX_RESPONSE_FIELD_SECTION: usize = 64 * 1024;
 
-type PumpFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// A request body's pump; it ends with the stream ID and the error of a body that failed.
+type PumpFuture = Pin<Box<dyn Future<Output = Option<(u64, BoxError)>> + Send>>;
 
-/// The client side of one HTTP/3 connection, as a QUIC [`Application`].
 /// The most often a pooled connection sends keep-alive PINGs, whatever the idle timeout.
 const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
 
+/// The client side of one HTTP/3 connection, as a QUIC [`Application`].
 pub(crate) struct ClientApp {
     submissions: mpsc::Receiver<Submission>,
     waiting: Option<Submission>,
@@ -627,8 +628,9 @@ impl ClientApp {
             let retry = body.is_none().then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
-                self.pumps
-                    .push(Box::pin(async move { pump_body(body, &pump_stream).await }));
+                self.pumps.push(Box::pin(async move {
+                    pump_body(body, &pump_stream).await.err().map(|e| (id, e))
+                }));
             }
             // A notification before the stream had its ID went nowhere.
             shared.take_queued();
@@ -974,7 +976,14 @@ impl stream::StreamOwner for ClientApp {
         Ok(())
     }
     fn poll_tasks(&mut self, cx: &mut Context<'_>, _conn: &mut quiche::Connection) {
-        while let Poll::Ready(Some(())) = self.pumps.poll_next_unpin(cx) {}
+        while let Poll::Ready(Some(outcome)) = self.pumps.poll_next_unpin(cx) {
+            // The caller learns that its own body failed, not that the server reset the
+            // stream (the pump reset it).
+            let Some((id, error)) = outcome else { continue };
+            if let Some(reply) = self.streams.get_mut(&id).and_then(|entry| entry.reply.take()) {
+                let _ = reply.send(Err(Failure::Failed(Error::body(error))));
+            }
+        }
     }
     fn notify(&self) -> &ConnNotify {
         &self.notify

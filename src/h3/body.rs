@@ -108,8 +108,8 @@ impl Drop for RecvBody {
 /// Pumps a message body into the stream's outbox: one frame at a time, and only while the
 /// outbox has room, so a fast body waits for the stream instead of filling memory. Ends the
 /// stream (FIN, or trailers) when the body ends, and resets it with H3_INTERNAL_ERROR when
-/// the body fails.
-pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared)
+/// the body fails, returning the body's error.
+pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared) -> Result<(), BoxError>
 where
     B: Body,
     B::Error: Into<BoxError>,
@@ -118,12 +118,12 @@ where
     loop {
         if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
             // The peer stopped reading, or the stream was cancelled: stop producing.
-            return;
+            return Ok(());
         }
         match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
             None => {
                 stream.finish();
-                return;
+                return Ok(());
             }
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) => {
@@ -133,20 +133,21 @@ where
                     }
                     if body.is_end_stream() {
                         stream.finish();
-                        return;
+                        return Ok(());
                     }
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
                         stream.push_trailers(trailer_fields(&trailers));
-                        return;
+                        return Ok(());
                     }
                 }
             },
             Some(Err(e)) => {
-                tracing::debug!(error = %e.into(), "body error; resetting the stream");
+                let e = e.into();
+                tracing::debug!(error = %e, "body error; resetting the stream");
                 stream.reset(codes::H3_INTERNAL_ERROR);
-                return;
+                return Err(e);
             }
         }
     }

@@ -68,8 +68,9 @@ pub(crate) async fn respond<S: HttpService<RecvBody>>(
         response_fields(parts.status, &parts.headers, content_length, connect),
         end,
     );
-    match body {
-        Some(body) if !end => pump_body(body, &stream).await,
-        _ => {}
+    if let Some(body) = body.filter(|_| !end) {
+        // A failed response body resets the stream (logged by the pump): the client sees
+        // the response end in an error.
+        let _ = pump_body(body, &stream).await;
     }
 }
