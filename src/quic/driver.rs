@@ -293,6 +293,7 @@ impl<A: Application> Driver<A> {
             self.state.send_replace(State::Established);
             self.issue_connection_ids();
         }
+        self.poll_hand_over(cx);
         // The application runs only once the handshake has completed, also on a resumed
         // connection whose 0-RTT data quiche holds: by then the client has proven it holds the
         // session's keys, so replayed early data never reaches the application (RFC 8470 §3).
@@ -323,18 +324,26 @@ impl<A: Application> Driver<A> {
         }
     }
 
-    fn run_app(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
-        if let AppSlot::Waiting(rx) = &mut self.app {
-            match Pin::new(rx).poll(cx) {
-                Poll::Ready(Ok(app)) => self.app = AppSlot::Running(app),
-                Poll::Ready(Err(_)) => {
-                    // The connect attempt was abandoned after the handshake.
-                    self.app = AppSlot::Gone;
-                    let _ = self.conn.close(true, 0, b"");
-                }
-                Poll::Pending => {}
+    /// Takes the application of a client connection when its connect attempt hands it
+    /// over; closes the connection at once, mid-handshake too, when the attempt was
+    /// abandoned (it lost a Happy Eyeballs race, or its caller went away), instead of
+    /// completing a handshake nobody will use.
+    fn poll_hand_over(&mut self, cx: &mut Context<'_>) {
+        let AppSlot::Waiting(rx) = &mut self.app else {
+            return;
+        };
+        match Pin::new(rx).poll(cx) {
+            Poll::Ready(Ok(app)) => self.app = AppSlot::Running(app),
+            Poll::Ready(Err(_)) => {
+                tracing::debug!(established = self.established, "connect attempt abandoned; closing");
+                self.app = AppSlot::Gone;
+                let _ = self.conn.close(true, 0, b"");
             }
+            Poll::Pending => {}
         }
+    }
+
+    fn run_app(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         let AppSlot::Running(app) = &mut self.app else {
             return Ok(());
         };
@@ -551,8 +560,24 @@ fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quic::ClientConfig;
     use crate::testing::echo::EchoServer;
     use crate::testing::{self, Pipe, WakeCount};
+
+    /// What a client connection's task needs, on a socket of its own and with a route table
+    /// no router reads: the test drives the task by hand.
+    fn unrouted_context(client: ClientConfig) -> ConnContext {
+        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.config.inner.s);
+        ConnContext {
+            socket: Arc::new(socket),
+            config: client.config,
+            reset_key: Arc::new(ResetKey::random()),
+            registration,
+            inbound,
+            started: Instant::now(),
+        }
+    }
 
     /// A packet that pacing held back is due, but the socket's buffer is full: the task must
     /// sleep until the socket has room, not wake itself for a release time already past.
@@ -561,18 +586,8 @@ mod tests {
         let server = testing::server_config("test", |b| b);
         let client = testing::client_config("test", |b| b);
         let pipe = Pipe::handshaken(&server, &client);
-        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        socket.refuse_sends(1);
-        // A route table no router reads: the test drives the task by hand.
-        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.config.inner.s);
-        let ctx = ConnContext {
-            socket: Arc::new(socket),
-            config: client.config,
-            reset_key: Arc::new(ResetKey::random()),
-            registration,
-            inbound,
-            started: Instant::now(),
-        };
+        let ctx = unrouted_context(client);
+        ctx.socket.refuse_sends(1);
         let (mut driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::<EchoServer>::Gone);
         driver.held.push_back(Held {
             data: vec![0; 1200],
@@ -602,5 +617,30 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), woken)
             .await
             .expect("the socket woke the task");
+    }
+
+    /// A connect attempt that is abandoned mid-handshake (a Happy Eyeballs loser) closes
+    /// its connection at once: it does not complete a handshake nobody will use.
+    #[tokio::test]
+    async fn an_abandoned_connect_attempt_closes_before_its_handshake_completes() {
+        let server = testing::server_config("test", |b| b);
+        let client = testing::client_config("test", |b| b);
+        let pipe = Pipe::new(&server, &client);
+        let ctx = unrouted_context(client);
+        let (hand_over, waiting) = oneshot::channel::<EchoServer>();
+        let (mut driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::Waiting(waiting));
+        let wakes = Arc::<WakeCount>::default();
+        let waker = wakes.waker();
+        let mut cx = Context::from_waker(&waker);
+        let _ = Pin::new(&mut driver).poll(&mut cx);
+        assert!(!driver.conn.is_established());
+        assert!(driver.conn.local_error().is_none(), "still connecting");
+        drop(hand_over);
+        let _ = Pin::new(&mut driver).poll(&mut cx);
+        assert!(!driver.conn.is_established());
+        assert!(
+            driver.conn.local_error().is_some(),
+            "the abandoned attempt closes without waiting for its handshake"
+        );
     }
 }
