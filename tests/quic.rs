@@ -540,3 +540,88 @@ async fn a_peer_that_stops_reading_stalls_the_sender() {
     assert!(last <= 3 * WINDOW, "bounded by the two stream windows: {last}");
     conn.close(0, "");
 }
+
+/// The server name a connection's server saw in the client's SNI, once established.
+struct RecordsSni(Option<tokio::sync::oneshot::Sender<Option<String>>>);
+
+impl Application for RecordsSni {
+    fn on_established(&mut self, conn: &mut tower_quiche::quiche::Connection) -> Result<(), tower_quiche::Error> {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(conn.server_name().map(str::to_string));
+        }
+        Ok(())
+    }
+    fn process(
+        &mut self,
+        _: &mut Context<'_>,
+        _: &mut tower_quiche::quiche::Connection,
+    ) -> Result<(), tower_quiche::Error> {
+        Ok(())
+    }
+}
+
+/// A server whose connections report the SNI they saw, one connection at a time.
+async fn sni_recorder(certs: &Certs) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<Option<String>>) {
+    let mut listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", server_builder(certs).build().unwrap())
+        .await
+        .unwrap();
+    let addr = listener.local_addr();
+    let (seen_tx, seen) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(incoming) = listener.accept().await {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            incoming.start(RecordsSni(Some(tx)));
+            if let Ok(sni) = rx.await {
+                let _ = seen_tx.send(sni);
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// An address is not a host name: a client connecting to one sends no SNI (RFC 6066 §3
+/// allows host names only), and still requires the certificate to be for that address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_is_verified_but_not_sent_as_sni() {
+    init_tracing();
+    let certs = server_certs();
+    let (addr, mut seen) = sni_recorder(&certs).await;
+    let run = async {
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
+        let by_address = endpoint
+            .connect_addr(addr, Some("127.0.0.1"), EchoClient::new().0)
+            .await;
+        let by_address = by_address.expect("the certificate carries 127.0.0.1");
+        // Open until the server has looked (a close in the handshake's last flight would
+        // end the server's side before its application starts).
+        assert_eq!(seen.recv().await.unwrap(), None, "no SNI for an address");
+        by_address.close(0, "");
+        let by_name = endpoint
+            .connect_addr(addr, Some("localhost"), EchoClient::new().0)
+            .await;
+        let by_name = by_name.expect("the certificate carries localhost");
+        assert_eq!(seen.recv().await.unwrap().as_deref(), Some("localhost"));
+        by_name.close(0, "");
+
+        // A certificate for a name only does not do for an address.
+        let ca = tower_quiche::tls::DevCa::new("names only").unwrap();
+        let names_only = Certs {
+            ca_pem: ca.cert_pem(),
+            leaf: ca.issue(&["localhost"]).unwrap(),
+        };
+        let (other, _seen) = sni_recorder(&names_only).await;
+        let endpoint = Endpoint::client_bound(
+            "127.0.0.1:0".parse().unwrap(),
+            client_builder(&names_only).build().unwrap(),
+        )
+        .unwrap();
+        let err = endpoint
+            .connect_addr(other, Some("127.0.0.1"), EchoClient::new().0)
+            .await
+            .unwrap_err();
+        assert!(err.is_tls(), "{err}");
+        assert!(err.to_string().to_lowercase().contains("ip address mismatch"), "{err}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

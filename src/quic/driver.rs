@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -85,6 +85,9 @@ pub(crate) struct ConnContext {
     pub(crate) inbound: InboundQueue,
     /// When the connection began (its first packet, or the connect call).
     pub(crate) started: Instant,
+    /// A client connecting to an IP address: the address the server's certificate must
+    /// carry. No SNI names it (RFC 6066 §3 allows host names only), so the check is ours.
+    pub(crate) server_ip: Option<IpAddr>,
 }
 
 /// The application of a connection: running, or (client connects) waiting to be handed over
@@ -125,6 +128,7 @@ struct Driver<A> {
     held: VecDeque<Held>,
     verify_error: Option<String>,
     local: SocketAddr,
+    server_ip: Option<IpAddr>,
 }
 
 // The driver never pins the application in place: it only calls `&mut` methods on it.
@@ -152,6 +156,7 @@ impl<A> Driver<A> {
             registration,
             inbound,
             started,
+            server_ip,
         } = ctx;
         if let Some(writer) = config.keylog_writer() {
             conn.set_keylog(writer);
@@ -209,6 +214,7 @@ impl<A> Driver<A> {
             held: VecDeque::new(),
             verify_error: None,
             local,
+            server_ip,
         };
         (driver, handle)
     }
@@ -266,7 +272,8 @@ impl<A: Application> Driver<A> {
                 from: datagram.from,
                 to: self.local,
             };
-            if let Err(e) = self.conn.recv(&mut datagram.data, info) {
+            let received = tls::verifying_ip(self.server_ip, || self.conn.recv(&mut datagram.data, info));
+            if let Err(e) = received {
                 tracing::trace!(error = %e, "packet not accepted");
             }
             if !self.established
@@ -576,6 +583,7 @@ mod tests {
             registration,
             inbound,
             started: Instant::now(),
+            server_ip: None,
         }
     }
 

@@ -5,7 +5,7 @@
 //! and starts each connection's task ([`super::driver`]) with what the task needs from the
 //! socket, handed over as one [`ConnContext`].
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -25,8 +25,15 @@ use super::udp::Socket;
 use crate::error::Error;
 
 /// What the task of a connection on `shared`'s socket gets.
-fn context(shared: &Shared, registration: Registration, inbound: InboundQueue, started: Instant) -> ConnContext {
+fn context(
+    shared: &Shared,
+    registration: Registration,
+    inbound: InboundQueue,
+    started: Instant,
+    server_ip: Option<IpAddr>,
+) -> ConnContext {
     ConnContext {
+        server_ip,
         socket: Arc::clone(&shared.socket),
         config: shared.config.clone(),
         reset_key: Arc::clone(&shared.reset_key),
@@ -225,7 +232,7 @@ impl Incoming {
             registration,
             started,
         } = self.0;
-        let ctx = context(&shared, registration, inbound, started);
+        let ctx = context(&shared, registration, inbound, started, None);
         driver::spawn(conn, ctx, driver::AppSlot::Running(app))
     }
 
@@ -349,15 +356,19 @@ impl Endpoint {
         let shared = &self.shared;
         let peer = shared.socket.peer_address_for(addr);
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
+        // An address is checked against the certificate's IP SANs by the driver, and is
+        // not sent as SNI (which names hosts only, RFC 6066 §3).
+        let server_ip = server_name.and_then(|name| name.parse::<IpAddr>().ok());
+        let sni = server_name.filter(|_| server_ip.is_none());
         let conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
-            quiche::connect(server_name, &scid, shared.socket.local_addr(), peer, &mut qc)
+            quiche::connect(sni, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
         let (mut registration, inbound) = shared.register();
         registration.add(&scid);
         let (hand_over, app) = oneshot::channel();
-        let ctx = context(shared, registration, inbound, Instant::now());
+        let ctx = context(shared, registration, inbound, Instant::now(), server_ip);
         let handle = driver::spawn(conn, ctx, driver::AppSlot::Waiting(app));
         Ok(Connecting { handle, hand_over })
     }

@@ -4,15 +4,15 @@
 //!
 //! quiche drives the handshake; this module only prepares the BoringSSL context it runs with.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::IpAddr;
 use std::path::PathBuf;
 
 use boring::nid::Nid;
 use boring::pkey::{PKey, Private};
-use boring::ssl::{NameType, SslContextBuilder, SslMethod, SslVerifyMode};
+use boring::ssl::{SslContextBuilder, SslMethod, SslVerifyMode};
 use boring::x509::store::X509StoreBuilder;
-use boring::x509::{X509, X509StoreContext, X509StoreContextRef, X509VerifyError};
+use boring::x509::{X509, X509StoreContextRef, X509VerifyError};
 
 use crate::error::Error;
 
@@ -357,37 +357,46 @@ fn record_verify_error(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> boo
     preverify_ok
 }
 
-/// Client-side verification: the chain must lead to a trusted root, and the leaf must carry
-/// the name we connected to. BoringSSL matches DNS names itself (quiche sets the expected
-/// host); for a literal IP address we match the certificate's IP SANs here.
-fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> bool {
-    if preverify_ok {
-        return true;
-    }
-    let Err(error) = ctx.verify_result() else {
-        return true;
-    };
-    if error == X509VerifyError::HOSTNAME_MISMATCH && ctx.error_depth() == 0 && leaf_matches_ip(ctx) {
-        ctx.set_error(Ok(()));
-        return true;
-    }
-    remember(ctx, error);
-    false
+thread_local! {
+    /// The IP address the certificate being verified on this thread must carry: set by a
+    /// client connection's task while quiche processes its packets (see [`verifying_ip`]).
+    static EXPECTED_IP: Cell<Option<IpAddr>> = const { Cell::new(None) };
 }
 
-fn leaf_matches_ip(ctx: &X509StoreContextRef) -> bool {
-    let Ok(idx) = X509StoreContext::ssl_idx() else {
+/// Runs `f` (a connection taking in packets) with `ip` as the address the server's
+/// certificate must carry. A client connecting to an address sends no SNI, so quiche
+/// cannot give BoringSSL the name to match; the verify callback, which runs inside `f` on
+/// this thread, matches the address itself.
+pub(crate) fn verifying_ip<R>(ip: Option<IpAddr>, f: impl FnOnce() -> R) -> R {
+    EXPECTED_IP.with(|slot| slot.set(ip));
+    let result = f();
+    EXPECTED_IP.with(|slot| slot.set(None));
+    result
+}
+
+/// Client-side verification: the chain must lead to a trusted root, and the leaf must carry
+/// the name we connected to. BoringSSL matches DNS names itself (quiche sets the expected
+/// host); an IP address, which is not sent as a name, we match against the leaf's IP SANs
+/// here.
+fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) -> bool {
+    if !preverify_ok {
+        if let Err(error) = ctx.verify_result() {
+            remember(ctx, error);
+        }
         return false;
-    };
-    let Some(ssl) = ctx.ex_data(idx) else {
+    }
+    if ctx.error_depth() == 0
+        && let Some(ip) = EXPECTED_IP.with(Cell::get)
+        && !leaf_matches_ip(ctx, ip)
+    {
+        ctx.set_error(Err(X509VerifyError::IP_ADDRESS_MISMATCH));
+        remember(ctx, X509VerifyError::IP_ADDRESS_MISMATCH);
         return false;
-    };
-    let Some(ip) = ssl
-        .servername(NameType::HOST_NAME)
-        .and_then(|n| n.parse::<IpAddr>().ok())
-    else {
-        return false;
-    };
+    }
+    true
+}
+
+fn leaf_matches_ip(ctx: &X509StoreContextRef, ip: IpAddr) -> bool {
     let want: Vec<u8> = match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
