@@ -935,3 +935,30 @@ async fn a_failing_request_body_is_reported_as_the_bodys_error() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// Response heads are held to the client's limit: one within it is read; one beyond it
+/// fails (the connection breaks, H3_EXCESSIVE_LOAD) and the client serves on over a new
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn response_heads_are_held_to_the_clients_limit() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let run = async {
+        let response = client(&certs).get(server.url("/big-head/9000")).send().await.unwrap();
+        assert_eq!(response.headers()["x-filler"].len(), 9000, "within the default 64 KiB");
+        let strict = Client::builder()
+            .quic_config(trusting(&certs))
+            .max_response_header_size(4096)
+            .build()
+            .unwrap();
+        let error = strict.get(server.url("/big-head/9000")).send().await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Some(tower_quiche::Code::Application(tower_quiche::codes::H3_EXCESSIVE_LOAD)),
+            "{error}"
+        );
+        let response = strict.get(server.url("/big-head/1000")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "big head");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -409,6 +409,8 @@ impl Future for Connection {
 pub(crate) struct ConnSettings {
     pub(crate) request_body_buffer: usize,
     pub(crate) response_body_buffer: usize,
+    /// The largest response head or trailer section accepted (RFC 9114 §4.2.2 counting).
+    pub(crate) max_response_head: u64,
     /// Close the connection after this long without requests in flight.
     pub(crate) idle_timeout: Option<Duration>,
 }
@@ -418,6 +420,7 @@ impl Default for ConnSettings {
         ConnSettings {
             request_body_buffer: 64 * 1024,
             response_body_buffer: 64 * 1024,
+            max_response_head: 64 * 1024,
             idle_timeout: None,
         }
     }
@@ -1004,8 +1007,9 @@ impl stream::StreamOwner for ClientApp {
 
 impl Application for ClientApp {
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
-        let config =
+        let mut config =
             h3::Config::new().map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
+        config.set_max_field_section_size(self.settings.max_response_head);
         let h3 = h3::Connection::with_transport(conn, &config)
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);

@@ -511,6 +511,16 @@ impl Builder {
         self
     }
 
+    /// The largest response head (or trailer section) accepted, counted as HTTP/3 counts
+    /// it (RFC 9114 §4.2.2: each field's name and value plus 32 bytes). Defaults to 64 KiB.
+    /// The server is told (SETTINGS_MAX_FIELD_SECTION_SIZE); one that sends a larger head
+    /// anyway breaks the connection (`H3_EXCESSIVE_LOAD`: quiche closes it), so the
+    /// requests on it fail and the next ones go to a new connection.
+    pub fn max_response_header_size(mut self, bytes: u64) -> Self {
+        self.settings.max_response_head = bytes;
+        self
+    }
+
     /// Builds the client and binds its UDP socket (dual-stack where the system allows).
     pub fn build(self) -> Result<Client, Error> {
         let config = match self.quic {

@@ -103,6 +103,13 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
+            "/big-head/{n}",
+            // A response head with an `x-filler` field of `n` bytes.
+            get(|axum::extract::Path(n): axum::extract::Path<usize>| async move {
+                ([("x-filler", "f".repeat(n))], "big head")
+            }),
+        )
+        .route(
             "/dated",
             get(|| async { ([("date", "Sun, 06 Nov 1994 08:49:37 GMT")], "dated") }),
         )
