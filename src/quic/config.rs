@@ -869,8 +869,9 @@ impl ClientConfigBuilder {
     }
 
     /// Whether the system's trusted roots are used: the PEM bundle `SSL_CERT_FILE` names
-    /// when it is set, else the distribution's (such as
-    /// `/etc/ssl/certs/ca-certificates.crt`). A client that verifies servers with no root
+    /// and the directories of `SSL_CERT_DIR` when they are set, else the platform's store
+    /// (the distribution's bundle on Linux, the keychain on macOS, the Windows store;
+    /// through `rustls-native-certs`). A client that verifies servers with no root
     /// at all (no bundle found, and no [`ca_pem`](Self::ca_pem)) fails when its endpoint is
     /// created, saying so. Defaults to true.
     pub fn system_roots(mut self, enabled: bool) -> Self {

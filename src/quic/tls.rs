@@ -82,9 +82,9 @@ pub(crate) struct TlsMaterial {
     pub(crate) roots: Vec<X509>,
     /// When false, a client accepts any server certificate (explicit insecure mode).
     pub(crate) verify_server: bool,
-    /// Where the system's roots were looked for, when they were wanted: named in the error
-    /// a client gets when it has no root at all.
-    system_bundles: Option<Vec<PathBuf>>,
+    /// When the system's roots were wanted: what could not be read of them, named in the
+    /// error a client gets when it has no root at all.
+    system_problems: Option<Vec<String>>,
     /// When set, a server requires client certificates signed by one of these.
     pub(crate) client_ca: Option<Vec<X509>>,
     /// Raw public keys (RFC 7250): the key a server presents instead of a certificate, and
@@ -142,10 +142,11 @@ impl TlsMaterial {
         for src in custom_roots {
             roots.extend(src.certificates("CA certificate")?);
         }
-        let system_bundles = (system_roots && verify_server).then(system_bundle_paths);
-        if let Some(paths) = &system_bundles {
-            roots.extend(first_bundle(paths));
-        }
+        let system_problems = (system_roots && verify_server).then(|| {
+            let (system, problems) = self::system_roots();
+            roots.extend(system);
+            problems
+        });
         let client_ca = client_ca
             .map(|src| src.certificates("client CA certificate"))
             .transpose()?;
@@ -154,7 +155,7 @@ impl TlsMaterial {
             key,
             roots,
             verify_server,
-            system_bundles,
+            system_problems,
             client_ca,
             rpk: RawPublicKeys::default(),
         })
@@ -198,13 +199,16 @@ impl TlsMaterial {
 
 impl TlsMaterial {
     fn no_roots_error(&self) -> Error {
-        let why = match &self.system_bundles {
-            Some(paths) => {
-                let paths: Vec<String> = paths.iter().map(|p| format!("'{}'", p.display())).collect();
+        let why = match &self.system_problems {
+            Some(problems) => {
+                let problems = if problems.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", problems.join("; "))
+                };
                 format!(
-                    "no system CA bundle was found (looked at {}): install the system's CA certificates \
-                     (the ca-certificates package), point SSL_CERT_FILE at a PEM bundle, or",
-                    paths.join(", ")
+                    "the system's certificate store holds no root{problems}: install the system's CA \
+                     certificates (the ca-certificates package), point SSL_CERT_FILE at a PEM bundle, or"
                 )
             }
             None => "system roots are off (ClientConfigBuilder::system_roots(false)):".to_string(),
@@ -292,33 +296,16 @@ fn store_of(certs: &[X509]) -> Result<boring::x509::store::X509Store, boring::er
     Ok(store.build())
 }
 
-/// Where the system's trusted roots are: the file `SSL_CERT_FILE` names when it is set (it
-/// replaces the default, as in OpenSSL, so a wrong one is reported rather than passed over),
-/// else where the common Linux distributions and BSDs keep their bundle.
-fn system_bundle_paths() -> Vec<PathBuf> {
-    const BUNDLES: &[&str] = &[
-        "/etc/ssl/certs/ca-certificates.crt",
-        "/etc/pki/tls/certs/ca-bundle.crt",
-        "/etc/ssl/ca-bundle.pem",
-        "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
-        "/etc/ssl/cert.pem",
-        "/usr/local/share/certs/ca-root-nss.crt",
-    ];
-    match std::env::var_os("SSL_CERT_FILE") {
-        Some(path) => vec![PathBuf::from(path)],
-        None => BUNDLES.iter().map(PathBuf::from).collect(),
-    }
-}
-
-/// The certificates of the first of `paths` that holds any; none when none does.
-fn first_bundle(paths: &[PathBuf]) -> Vec<X509> {
-    paths
-        .iter()
-        .find_map(|path| {
-            let pem = std::fs::read(path).ok()?;
-            X509::stack_from_pem(&pem).ok().filter(|certs| !certs.is_empty())
-        })
-        .unwrap_or_default()
+/// The system's trusted roots, through `rustls-native-certs`: the PEM file `SSL_CERT_FILE`
+/// names and the directories of `SSL_CERT_DIR` when set, else the platform's store (the
+/// distribution's bundle on Linux, the keychain on macOS, the Windows store). Certificates
+/// that do not parse are skipped; what could not be read is returned beside them, for the
+/// error a client with no root at all gets.
+fn system_roots() -> (Vec<X509>, Vec<String>) {
+    let found = rustls_native_certs::load_native_certs();
+    let roots = found.certs.iter().filter_map(|der| X509::from_der(der).ok()).collect();
+    let problems = found.errors.iter().map(ToString::to_string).collect();
+    (roots, problems)
 }
 
 thread_local! {
@@ -459,6 +446,7 @@ mod tests {
             ])
             .env(NO_BUNDLE_CHILD, "1")
             .env("SSL_CERT_FILE", "/nonexistent/ca-bundle.pem")
+            .env_remove("SSL_CERT_DIR")
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
