@@ -129,5 +129,7 @@ pub use error::{BoxError, Code, Error};
 #[cfg(any(feature = "server", feature = "client"))]
 pub use h3::body::RecvBody;
 pub use h3::codes;
+#[cfg(any(feature = "server", feature = "client"))]
+pub use h3::tunnel;
 pub use quic::tls;
 pub use quiche;

@@ -962,3 +962,53 @@ async fn response_heads_are_held_to_the_clients_limit() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// An extended CONNECT (RFC 9220) makes a request stream a byte stream both ways, as
+/// WebSocket over HTTP/3 uses it; such a tunnel may sit idle past the body stall timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = test_certs();
+    let stall = Duration::from_millis(300);
+    let server = h3_server(&certs, server::Builder::new().body_stall_timeout(stall)).await;
+    let client = client(&certs);
+    let run = async {
+        let tunnel = client.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap();
+        let (mut read, mut write) = tokio::io::split(tunnel);
+        write.write_all(b"first").await.unwrap();
+        let mut first = [0u8; 5];
+        read.read_exact(&mut first).await.unwrap();
+        assert_eq!(&first, b"first");
+        // Idle for several stall timeouts: a tunnel is not a stalled body.
+        tokio::time::sleep(stall * 4).await;
+        let payload: Vec<u8> = (0..(2 * MIB as usize)).map(|i| (i % 251) as u8).collect();
+        let writing = async {
+            write.write_all(&payload).await.unwrap();
+            write.shutdown().await.unwrap();
+        };
+        let mut back = Vec::new();
+        let (_, read_result) = tokio::join!(writing, read.read_to_end(&mut back));
+        read_result.unwrap();
+        assert!(back == payload, "{} bytes echoed of {}", back.len(), payload.len());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A server that does not allow extended CONNECT says so in its SETTINGS; the client does
+/// not send one then, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_extended_connect_to_a_server_that_does_not_allow_it() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new().enable_connect_protocol(false)).await;
+    let client = client(&certs);
+    let run = async {
+        let error = client.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap_err();
+        assert!(
+            error.to_string().contains("SETTINGS_ENABLE_CONNECT_PROTOCOL"),
+            "{error}"
+        );
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -55,6 +55,14 @@ pub(crate) struct PendingRequest {
 }
 
 impl PendingRequest {
+    /// An extended CONNECT (RFC 9220): its head carries `:protocol` (right after
+    /// `:method`, where `request_fields` puts it).
+    fn is_extended_connect(&self) -> bool {
+        self.fields
+            .get(1)
+            .is_some_and(|f| h3::NameValue::name(f) == b":protocol")
+    }
+
     pub(crate) fn new<B>(request: Request<B>) -> Result<Self, Error>
     where
         B: Body + Send + 'static,
@@ -584,6 +592,22 @@ impl ClientApp {
             }
             if conn.peer_streams_left_bidi() == 0 {
                 return;
+            }
+            if submission.request.is_extended_connect() {
+                // Only to a server that allows it (RFC 9220 §3), which its SETTINGS say:
+                // they come with its first flight, so the request waits for them.
+                let h3 = self.h3.as_ref().expect("created when established");
+                if h3.peer_settings_raw().is_none() {
+                    return;
+                }
+                if !h3.extended_connect_enabled_by_peer() {
+                    let Submission { reply, .. } = self.waiting.take().expect("present");
+                    self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                    let _ = reply.send(Err(Failure::Failed(Error::new(Kind::Protocol).with_message(
+                        "the server does not accept extended CONNECT (it sent no SETTINGS_ENABLE_CONNECT_PROTOCOL)",
+                    ))));
+                    continue;
+                }
             }
             let fin = submission.request.body.is_none();
             let h3 = self.h3.as_mut().expect("created when established");

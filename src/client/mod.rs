@@ -37,6 +37,8 @@ use crate::h3::body::RecvBody;
 use crate::quic::{ClientConfig, Endpoint};
 use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
 
+pub use crate::h3::fields::Protocol;
+
 /// The 1xx responses that came before a final response, in order: an extension of the
 /// final response, present when there were any. At most the first 16 are kept: a server
 /// may send any number.
@@ -290,6 +292,42 @@ impl Client {
             request,
             body: Bytes::new(),
         }
+    }
+
+    /// Opens a tunnel to `url` with an extended CONNECT request for `protocol` (RFC 9220;
+    /// e.g. `websocket`, for WebSocket over HTTP/3): the request's and the response's
+    /// bodies become one byte stream ([`Tunnel`](crate::tunnel::Tunnel), `AsyncRead +
+    /// AsyncWrite`). The server must allow extended CONNECT (its SETTINGS say so) and
+    /// answer 2xx; otherwise this fails, with the status in the error's message.
+    ///
+    /// ```no_run
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    /// # async fn run(client: tower_quiche::client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tunnel = client.tunnel("https://localhost:4433/echo", "echo").await?;
+    /// tunnel.write_all(b"ping").await?;
+    /// tunnel.shutdown().await?;
+    /// let mut back = Vec::new();
+    /// tunnel.read_to_end(&mut back).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn tunnel(&self, url: impl AsRef<str>, protocol: &str) -> Result<crate::tunnel::Tunnel, Error> {
+        let uri: Uri = url
+            .as_ref()
+            .parse()
+            .map_err(|e| Error::invalid_request(format!("'{}' is not a valid URL: {e}", url.as_ref())))?;
+        let (pending, body) = crate::tunnel::Tunnel::outgoing();
+        let mut request = Request::new(body);
+        *request.method_mut() = Method::CONNECT;
+        *request.uri_mut() = uri;
+        request.extensions_mut().insert(Protocol::new(protocol));
+        let response = self.send(request).await?;
+        if !response.status().is_success() {
+            return Err(Error::new(Kind::Protocol).with_message(format!(
+                "the server answered the extended CONNECT with {}",
+                response.status()
+            )));
+        }
+        Ok(pending.with_incoming(response.into_body()))
     }
 
     /// A `tower::Service` bound to one origin (`https://host[:port]`), whose `poll_ready`

@@ -231,13 +231,18 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
     })
 }
 
-/// The `:protocol` of an extended CONNECT request (RFC 9220), as a request extension.
-#[cfg(feature = "server")]
+/// The `:protocol` of an extended CONNECT request (RFC 9220), as a request extension: a
+/// server's handler finds it on the request; a client puts it on a CONNECT request to make
+/// it an extended CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Protocol(Box<[u8]>);
 
-#[cfg(feature = "server")]
 impl Protocol {
+    /// A protocol by its name, e.g. `websocket`.
+    pub fn new(name: &str) -> Self {
+        Protocol(Box::from(name.as_bytes()))
+    }
+
     /// The protocol's name, e.g. `websocket`.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -351,9 +356,18 @@ pub(crate) fn request_fields<B>(request: &Request<B>) -> Result<Vec<Header>, Mal
         Some(at) => &authority[at + 1..],
         None => authority,
     };
-    if request.method() == Method::CONNECT {
+    let protocol = request
+        .extensions()
+        .get::<Protocol>()
+        .filter(|_| request.method() == Method::CONNECT);
+    if request.method() == Method::CONNECT && protocol.is_none() {
+        // Plain CONNECT (RFC 9114 §4.4): only :authority.
         out.push(Header::new(b":authority", authority));
     } else {
+        // Extended CONNECT (RFC 9220 §3) adds :protocol to what other methods send.
+        if let Some(protocol) = protocol {
+            out.push(Header::new(b":protocol", protocol.as_bytes()));
+        }
         out.push(Header::new(b":scheme", uri.scheme_str().unwrap_or("https").as_bytes()));
         out.push(Header::new(b":authority", authority));
         let path = uri

@@ -1,7 +1,7 @@
 //! The HTTP/3 layer the server and the client share: field conversion and RFC 9114
 //! validation ([`fields`]), the one per-stream state machine between a connection's task and
 //! a request's handles ([`stream`]), streaming bodies ([`body`]), extensible priorities
-//! ([`priority`]) and error codes ([`codes`]).
+//! ([`priority`]), error codes ([`codes`]) and CONNECT tunnels ([`tunnel`]).
 //!
 //! It sits on quiche's `h3` module and the QUIC layer's `Application` seam; it knows nothing
 //! of servers, clients or services. Every rule about a stream (what ends it, what cancels it,
@@ -18,3 +18,5 @@ pub(crate) mod fields;
 pub(crate) mod priority;
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod stream;
+#[cfg(any(feature = "server", feature = "client"))]
+pub mod tunnel;

@@ -40,6 +40,9 @@ struct Entry {
     /// The stream's progress count at the last timer check, and since when it has stood
     /// still.
     still_since: (u64, Instant),
+    /// A CONNECT tunnel (a WebSocket, say), which may sit idle as long as both ends like:
+    /// the body stall timeout does not end it.
+    tunnel: bool,
 }
 
 /// How long a stream whose request the peer has not finished sending may keep a graceful
@@ -229,6 +232,17 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         let head = match request_from_fields(&list) {
+            // RFC 9220 §3: :protocol from a client the server did not allow to send it.
+            Ok(head)
+                if !self.settings.connect_protocol && head.request.extensions().get::<fields::Protocol>().is_some() =>
+            {
+                tracing::debug!(
+                    stream_id = id,
+                    "extended CONNECT without SETTINGS_ENABLE_CONNECT_PROTOCOL"
+                );
+                Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
+                return;
+            }
             Ok(head) => head,
             Err(why) => {
                 tracing::debug!(stream_id = id, reason = %why, "malformed request");
@@ -274,6 +288,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });
+        let tunnel = request.method() == http::Method::CONNECT;
         let (abort, registration) = AbortHandle::new_pair();
         let respond = super::dispatch::respond(self.service.clone(), request, Arc::clone(&shared));
         let future = AssertUnwindSafe(Abortable::new(respond, registration).instrument(span))
@@ -288,6 +303,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 responded: false,
                 written: false,
                 still_since: (0, Instant::now()),
+                tunnel,
             },
         );
         self.idle_since = None;
@@ -577,7 +593,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let mut stalled = Vec::new();
         for (&id, entry) in &mut self.streams {
             let (progress, waiting_on_peer) = entry.shared.progress();
-            if progress != entry.still_since.0 || !waiting_on_peer {
+            if entry.tunnel || progress != entry.still_since.0 || !waiting_on_peer {
                 entry.still_since = (progress, now);
             } else if entry.still_since.1 + stall <= now {
                 stalled.push(id);

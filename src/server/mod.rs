@@ -119,6 +119,7 @@ pub(crate) struct Settings {
     request_body_buffer: usize,
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
+    connect_protocol: bool,
     h3_config: quiche::h3::Config,
 }
 
@@ -151,6 +152,7 @@ pub struct Builder {
     request_body_buffer: usize,
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
+    connect_protocol: bool,
     /// Limits of the TCP side of [`Builder::serve_with_tcp`].
     #[cfg(feature = "tcp")]
     tcp: tcp::Limits,
@@ -167,6 +169,7 @@ impl Default for Builder {
             request_body_buffer: 64 * 1024,
             response_body_buffer: 64 * 1024,
             graceful_shutdown_timeout: Duration::from_secs(30),
+            connect_protocol: true,
             #[cfg(feature = "tcp")]
             tcp: tcp::Limits::default(),
         }
@@ -241,6 +244,19 @@ impl Builder {
         self
     }
 
+    /// Whether clients may send extended CONNECT requests (RFC 9220: WebSocket over HTTP/3
+    /// and other protocols tunnelled in a request stream), as SETTINGS_ENABLE_CONNECT_PROTOCOL
+    /// tells them. Such a request reaches the service like any other, with its
+    /// [`Protocol`] as an extension; [`Tunnel`](crate::tunnel::Tunnel) makes its bodies a
+    /// byte stream. A tunnel may sit idle: the [body stall
+    /// timeout](Self::body_stall_timeout) does not apply to CONNECT streams. Turned off, a
+    /// request with `:protocol` is malformed (reset with `H3_MESSAGE_ERROR`). Defaults to
+    /// on.
+    pub fn enable_connect_protocol(mut self, enabled: bool) -> Self {
+        self.connect_protocol = enabled;
+        self
+    }
+
     /// How long a graceful shutdown waits for requests in flight before closing their
     /// connections anyway. Defaults to 30 s.
     pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -255,6 +271,7 @@ impl Builder {
             .saturating_mul(4)
             .max(MIN_HARD_FIELD_SECTION_LIMIT);
         h3_config.set_max_field_section_size(hard_limit);
+        h3_config.enable_extended_connect(self.connect_protocol);
         Ok(Arc::new(Settings {
             max_header_list_size: self.max_header_list_size,
             request_head_timeout: self.request_head_timeout,
@@ -264,6 +281,7 @@ impl Builder {
             request_body_buffer: self.request_body_buffer,
             response_body_buffer: self.response_body_buffer,
             graceful_shutdown_timeout: self.graceful_shutdown_timeout,
+            connect_protocol: self.connect_protocol,
             h3_config,
         }))
     }

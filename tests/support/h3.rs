@@ -103,6 +103,23 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
         )
         .route("/ignore", post(|| async { "ignored" }))
         .route(
+            "/tunnel-echo",
+            // An extended CONNECT whose tunnel echoes every byte, then ends when the
+            // client's side does.
+            axum::routing::on(
+                axum::routing::MethodFilter::CONNECT,
+                |request: axum::extract::Request| async move {
+                    let (tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
+                    tokio::spawn(async move {
+                        let (mut read, mut write) = tokio::io::split(tunnel);
+                        let _ = tokio::io::copy(&mut read, &mut write).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+                    });
+                    axum::response::Response::new(Body::new(body))
+                },
+            ),
+        )
+        .route(
             "/big-head/{n}",
             // A response head with an `x-filler` field of `n` bytes.
             get(|axum::extract::Path(n): axum::extract::Path<usize>| async move {

@@ -1189,3 +1189,28 @@ proptest! {
         })?;
     }
 }
+
+/// `:protocol` is for a server that allowed extended CONNECT (RFC 9220 §3): sent to one that
+/// did not, the request is malformed; to one that did, it reaches the service.
+#[tokio::test]
+async fn an_extended_connect_is_served_only_where_it_was_allowed() {
+    let connect = fields(&[
+        (":method", "CONNECT"),
+        (":protocol", "echo"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", "/tunnel"),
+    ]);
+    for allowed in [true, false] {
+        let mut h = Harness::new(Builder::new().enable_connect_protocol(allowed), echo());
+        h.send_raw_request(0, &connect, true);
+        h.until("an answer", |h| h.seen(0).status.is_some() || h.seen(0).reset.is_some())
+            .await;
+        if allowed {
+            assert_eq!(h.seen(0).status, Some(200));
+        } else {
+            assert_eq!(h.seen(0).reset, Some(code::H3_MESSAGE_ERROR));
+        }
+        assert_eq!(h.connection_error(), None);
+    }
+}

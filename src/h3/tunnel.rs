@@ -1,0 +1,265 @@
+//! A CONNECT stream as a byte stream: [`Tunnel`] (`AsyncRead + AsyncWrite`) over the
+//! message bodies of an extended CONNECT (RFC 9220, e.g. WebSocket over HTTP/3) or a plain
+//! CONNECT request.
+//!
+//! After a 2xx answer to CONNECT, what each side sends in its message body is the tunnel's
+//! content. A tunnel reads the body that arrives and writes into a [`TunnelBody`], the body
+//! that goes out: the response's on a server, the request's on a client.
+//!
+//! ```no_run
+//! use http::{Request, Response};
+//! use tower_quiche::RecvBody;
+//! use tower_quiche::tunnel::{Tunnel, TunnelBody};
+//!
+//! // A handler of extended CONNECT requests that echoes the tunnel's bytes.
+//! async fn echo(request: Request<RecvBody>) -> Response<TunnelBody> {
+//!     let (mut tunnel, body) = Tunnel::new(request.into_body());
+//!     tokio::spawn(async move {
+//!         let (mut read, mut write) = tokio::io::split(&mut tunnel);
+//!         let _ = tokio::io::copy(&mut read, &mut write).await;
+//!         let _ = tokio::io::AsyncWriteExt::shutdown(&mut write).await;
+//!     });
+//!     Response::new(body)
+//! }
+//! ```
+//!
+//! What is written waits in a buffer of [`BUFFER`] bytes until the connection sends it, and
+//! the writer waits while it is full; what arrives is read only as fast as the tunnel is
+//! read, so QUIC flow control holds the peer back.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
+
+use crate::error::BoxError;
+
+/// How many bytes a tunnel's writer may have written that its [`TunnelBody`] has not yet
+/// handed to the connection.
+pub const BUFFER: usize = 64 * 1024;
+
+/// The most a [`TunnelBody`] hands the connection in one frame.
+const FRAME: usize = 16 * 1024;
+
+/// One side of a CONNECT tunnel: reads what the peer sends, writes what goes to it.
+///
+/// Shutting the writer down ([`AsyncWriteExt::shutdown`](tokio::io::AsyncWriteExt::shutdown),
+/// or dropping the tunnel) ends the outgoing body, which finishes the stream. A read error
+/// means the peer reset the stream (or the connection went).
+pub struct Tunnel {
+    incoming: UnsyncBoxBody<Bytes, BoxError>,
+    /// What arrived and has not been read yet.
+    chunk: Bytes,
+    incoming_done: bool,
+    outgoing: DuplexStream,
+}
+
+/// The outgoing half of a tunnel, as a message body: what the [`Tunnel`] writes.
+pub struct TunnelBody {
+    outgoing: DuplexStream,
+    done: bool,
+}
+
+/// A tunnel whose outgoing body exists before the incoming one (a client sends its request
+/// before the response arrives); [`with_incoming`](Self::with_incoming) completes it.
+pub struct PendingTunnel {
+    outgoing: DuplexStream,
+}
+
+impl Tunnel {
+    /// A tunnel reading `incoming` (the request body, on a server), and the body it writes
+    /// into (to answer with, in a 2xx response).
+    pub fn new<B>(incoming: B) -> (Tunnel, TunnelBody)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (pending, body) = Tunnel::outgoing();
+        (pending.with_incoming(incoming), body)
+    }
+
+    /// The outgoing body first (to send as a request body, on a client); the tunnel once
+    /// the response's body is there.
+    pub fn outgoing() -> (PendingTunnel, TunnelBody) {
+        let (writer, reader) = tokio::io::duplex(BUFFER);
+        (
+            PendingTunnel { outgoing: writer },
+            TunnelBody {
+                outgoing: reader,
+                done: false,
+            },
+        )
+    }
+}
+
+impl PendingTunnel {
+    /// The tunnel, reading `incoming` (the response body, on a client).
+    pub fn with_incoming<B>(self, incoming: B) -> Tunnel
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Tunnel {
+            incoming: incoming.map_err(Into::into).boxed_unsync(),
+            chunk: Bytes::new(),
+            incoming_done: false,
+            outgoing: self.outgoing,
+        }
+    }
+}
+
+impl std::fmt::Debug for Tunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tunnel")
+            .field("unread", &self.chunk.len())
+            .field("incoming_done", &self.incoming_done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for TunnelBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelBody")
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for PendingTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingTunnel").finish_non_exhaustive()
+    }
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        while this.chunk.is_empty() {
+            if this.incoming_done {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(Pin::new(&mut this.incoming).poll_frame(cx)) {
+                // Trailers carry no tunnel bytes.
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        this.chunk = data;
+                    }
+                }
+                Some(Err(e)) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e))),
+                None => this.incoming_done = true,
+            }
+        }
+        let n = this.chunk.len().min(buf.remaining());
+        buf.put_slice(&this.chunk[..n]);
+        this.chunk.advance(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.outgoing).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.outgoing).poll_shutdown(cx)
+    }
+}
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let mut chunk = BytesMut::zeroed(FRAME);
+        let mut buf = ReadBuf::new(&mut chunk);
+        match ready!(Pin::new(&mut self.outgoing).poll_read(cx, &mut buf)) {
+            Ok(()) if buf.filled().is_empty() => {
+                // The tunnel's writer shut down (or was dropped): the body ends.
+                self.done = true;
+                Poll::Ready(None)
+            }
+            Ok(()) => {
+                let n = buf.filled().len();
+                chunk.truncate(n);
+                Poll::Ready(Some(Ok(Frame::data(chunk.freeze()))))
+            }
+            Err(e) => {
+                self.done = true;
+                Poll::Ready(Some(Err(e.into())))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn what_arrives_is_read_and_what_is_written_leaves_in_the_body() {
+        let frames: Vec<Result<Frame<Bytes>, std::io::Error>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"hel"))),
+            Ok(Frame::data(Bytes::new())),
+            Ok(Frame::data(Bytes::from_static(b"lo"))),
+        ];
+        let incoming = StreamBody::new(futures_util::stream::iter(frames));
+        let (mut tunnel, body) = Tunnel::new(incoming);
+        let mut read = String::new();
+        tunnel.read_to_string(&mut read).await.unwrap();
+        assert_eq!(read, "hello");
+        tunnel.write_all(b"back").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let sent = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&sent[..], b"back");
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_while_the_body_is_not_read() {
+        let (mut tunnel, mut body) = Tunnel::new(Full::new(Bytes::new()));
+        let big = vec![7u8; 4 * BUFFER];
+        let write = tunnel.write_all(&big);
+        tokio::pin!(write);
+        // Nobody reads the body: the writer stops at the buffer.
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(50), &mut write)
+                .await
+                .is_err(),
+            "the writer waits"
+        );
+        let mut got = 0;
+        let reading = async {
+            while let Some(frame) = body.frame().await {
+                got += frame.unwrap().into_data().unwrap().len();
+                if got == big.len() {
+                    break;
+                }
+            }
+        };
+        let (written, ()) = tokio::join!(write, reading);
+        written.unwrap();
+        assert_eq!(got, big.len());
+    }
+}
