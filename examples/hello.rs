@@ -8,10 +8,12 @@
 //!
 //! With no arguments it generates a development certificate, listens on 127.0.0.1:4433 and
 //! prints how to reach it. It serves `/` (an HTML page that shows the protocol each request
-//! used) and `/hello`. With `--client-ca PEM` it requires mutual TLS on TCP and UDP alike:
+//! used), `/hello`, and `/ws`, a WebSocket echo over HTTP/3 (extended CONNECT, RFC 9220). With `--client-ca PEM` it requires mutual TLS on TCP and UDP alike:
 //! only clients presenting a certificate issued by a CA in that file are served, e.g.
 //! `curl --cacert ca.pem --cert client.pem --key client-key.pem https://localhost:4433/hello`.
 
+#[path = "support/routes.rs"]
+mod routes;
 mod support;
 
 use std::path::PathBuf;
@@ -79,7 +81,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Html(PAGE.replace("VERSION", &format!("{:?}", info.version)))
             }),
         )
-        .route("/hello", get(|| async { "hello world" }));
+        .route("/hello", get(|| async { "hello world" }))
+        // WebSocket echo over HTTP/3 (RFC 9220).
+        .route("/ws", routes::websocket_echo());
     let mut config = ServerConfig::builder()
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)

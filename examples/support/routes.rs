@@ -1,5 +1,6 @@
 //! The route contract every test server serves (`ROUTES.md` in the shared folder):
-//! `/hello`, `/bytes/{n}`, `/echo`, `/sink`, `/trailers`, `/slow`, and 404 for the rest.
+//! `/hello`, `/bytes/{n}`, `/echo`, `/sink`, `/trailers`, `/slow`, and 404 for the rest;
+//! and `/ws`, a WebSocket echo over HTTP/3 (extended CONNECT, RFC 9220).
 
 #![allow(dead_code)]
 
@@ -32,6 +33,42 @@ pub fn router() -> Router {
         .route("/sink", post(sink))
         .route("/trailers", get(trailers))
         .route("/slow", get(slow))
+        .route("/ws", websocket_echo())
+}
+
+/// `/ws`: a WebSocket echo over HTTP/3 (RFC 9220 extended CONNECT with `:protocol`
+/// `websocket`): text and binary messages come back as they went, pings are answered, and
+/// a close is answered with a close.
+pub fn websocket_echo() -> axum::routing::MethodRouter {
+    axum::routing::on(
+        axum::routing::MethodFilter::CONNECT,
+        |request: axum::extract::Request| async move {
+            let websocket = request
+                .extensions()
+                .get::<tower_quiche::server::Protocol>()
+                .is_some_and(|p| p.as_bytes() == b"websocket");
+            if !websocket {
+                return (StatusCode::BAD_REQUEST, "CONNECT /ws is for :protocol websocket").into_response();
+            }
+            let (tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
+            tokio::spawn(echo_messages(tunnel));
+            Response::new(Body::new(body))
+        },
+    )
+}
+
+async fn echo_messages(tunnel: tower_quiche::tunnel::Tunnel) {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tunnel, Role::Server, None).await;
+    // tungstenite answers pings and the client's close itself, as it reads on: read until
+    // the end, so that the answer to a close goes out.
+    while let Some(Ok(message)) = ws.next().await {
+        if matches!(message, Message::Text(_) | Message::Binary(_)) && ws.send(message).await.is_err() {
+            break;
+        }
+    }
 }
 
 /// `n` bytes in 64 KiB chunks, with an exact size hint (so a content-length).
