@@ -236,6 +236,19 @@ mod tests {
         assert_eq!(&sent[..], b"back");
     }
 
+    /// A frame holds what was written, not a whole `FRAME`-sized buffer: the stream's
+    /// outbox is bounded by the bytes it holds (64 KiB), so 1-byte frames that each pin 16
+    /// KiB let an echoing peer that does not read make the server hold ~1 GiB per stream.
+    #[tokio::test]
+    async fn a_small_write_does_not_pin_a_whole_frame_buffer() {
+        let (mut tunnel, mut body) = Tunnel::new(Full::new(Bytes::new()));
+        tunnel.write_all(b"x").await.unwrap();
+        let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(&data[..], b"x");
+        let retained = Vec::<u8>::from(data).capacity();
+        assert!(retained <= 1024, "a 1-byte frame keeps {retained} bytes allocated");
+    }
+
     #[tokio::test]
     async fn a_writer_waits_while_the_body_is_not_read() {
         let (mut tunnel, mut body) = Tunnel::new(Full::new(Bytes::new()));

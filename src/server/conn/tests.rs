@@ -1214,3 +1214,21 @@ async fn an_extended_connect_is_served_only_where_it_was_allowed() {
         assert_eq!(h.connection_error(), None);
     }
 }
+
+/// The stall exemption is for tunnels, and a CONNECT stream is not a tunnel until it is
+/// answered 2xx (RFC 9114 §4.4): a CONNECT whose handler waits for a request body the
+/// client never sends must be reaped by the body stall timeout like any other request,
+/// or a peer holds the stream (and its handler) for as long as it keeps the connection
+/// alive.
+#[tokio::test]
+async fn an_unanswered_connect_whose_body_stalls_is_still_reaped() {
+    let handler = service(|request: Request<RecvBody>| async move {
+        let _ = request.into_body().collect().await;
+        Response::new(full(""))
+    });
+    let mut h = Harness::new(Builder::new().body_stall_timeout(Duration::from_millis(50)), handler);
+    let connect = fields(&[(":method", "CONNECT"), (":authority", "localhost:443")]);
+    h.send_raw_request(0, &connect, false);
+    h.until("the stalled CONNECT reset", |h| h.seen(0).reset.is_some()).await;
+    assert_eq!(h.seen(0).reset, Some(code::H3_REQUEST_CANCELLED));
+}
