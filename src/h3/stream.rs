@@ -42,8 +42,9 @@ pub(crate) use crate::quic::ConnNotify;
 use crate::quic::Queued;
 
 /// What each buffered chunk costs beyond its bytes (the `Bytes` handle, its shared header
-/// and the allocator's rounding), charged against the receive buffer's limit so that a peer
-/// sending one-byte DATA frames cannot make the buffer cost many times its limit.
+/// and the allocator's rounding), charged against the receive and send buffers' limits so
+/// that one-byte DATA frames (from a peer, or from a body) cannot make a buffer cost many
+/// times its limit.
 pub(crate) const CHUNK_COST: usize = 64;
 
 /// The largest single read from quiche into one chunk. Reads go through a per-thread
@@ -161,7 +162,8 @@ pub(crate) enum ReadFailure {
 pub(crate) struct Limits {
     /// Bytes (plus [`CHUNK_COST`] per chunk) of incoming body held for the reader.
     pub(crate) recv_buffer: usize,
-    /// Bytes of outgoing body queued before the producer waits.
+    /// Bytes of outgoing body queued (plus [`CHUNK_COST`] per chunk) before the producer
+    /// waits.
     pub(crate) send_buffer: usize,
 }
 
@@ -211,7 +213,12 @@ struct SendHalf {
     head_sent: bool,
     /// The final (non-1xx) head is queued.
     final_queued: bool,
+    /// The final head is queued and its status is 2xx (to a CONNECT: the tunnel is open).
+    final_success: bool,
     data: VecDeque<Bytes>,
+    /// What `data` costs against `limit`: bytes plus [`CHUNK_COST`] per chunk, so that a
+    /// producer of tiny frames (a chatty tunnel, an event stream) is held to its buffer in
+    /// memory, not only in bytes.
     data_len: usize,
     limit: usize,
     trailers: Option<Vec<Header>>,
@@ -322,6 +329,7 @@ impl StreamShared {
                     heads: VecDeque::new(),
                     head_sent: false,
                     final_queued: false,
+                    final_success: false,
                     data: VecDeque::new(),
                     data_len: 0,
                     limit: limits.send_buffer.max(1),
@@ -494,10 +502,20 @@ impl StreamShared {
             }
             s.progress += 1;
             s.send.final_queued = true;
+            s.send.final_success = fields
+                .first()
+                .is_some_and(|f| f.name() == b":status" && f.value().first() == Some(&b'2'));
             s.send.heads.push_back((fields, fin));
             s.send.fin |= fin;
             ((), true)
         })
+    }
+
+    /// Whether the final head is queued with a 2xx status: to a CONNECT request, the
+    /// tunnel is open (RFC 9114 §4.4).
+    #[cfg(feature = "server")]
+    pub(crate) fn answered_with_success(&self) -> bool {
+        self.lock().send.final_success
     }
 
     pub(crate) fn push_data(&self, data: Bytes) {
@@ -507,7 +525,7 @@ impl StreamShared {
             }
             // The stream waited on the producer until now: a stall is counted from here.
             s.progress += 1;
-            s.send.data_len += data.len();
+            s.send.data_len += data.len() + CHUNK_COST;
             s.send.data.push_back(data);
             ((), true)
         })
@@ -935,6 +953,7 @@ fn write_queued(
                     return Ok(false);
                 }
                 out.data.pop_front();
+                out.data_len -= CHUNK_COST;
                 if last {
                     return Ok(true);
                 }

@@ -31,7 +31,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -56,12 +56,17 @@ pub struct Tunnel {
     /// What arrived and has not been read yet.
     chunk: Bytes,
     incoming_done: bool,
+    /// The incoming body failed (the peer reset the stream): every later read fails too.
+    incoming_failed: bool,
     outgoing: DuplexStream,
 }
 
 /// The outgoing half of a tunnel, as a message body: what the [`Tunnel`] writes.
 pub struct TunnelBody {
     outgoing: DuplexStream,
+    /// Where a read lands before it is copied into a frame of its own size: a frame that
+    /// kept a larger buffer would pin it while it waits for the peer's flow control.
+    scratch: Box<[u8]>,
     done: bool,
 }
 
@@ -91,6 +96,7 @@ impl Tunnel {
             PendingTunnel { outgoing: writer },
             TunnelBody {
                 outgoing: reader,
+                scratch: vec![0; FRAME].into_boxed_slice(),
                 done: false,
             },
         )
@@ -108,6 +114,7 @@ impl PendingTunnel {
             incoming: incoming.map_err(Into::into).boxed_unsync(),
             chunk: Bytes::new(),
             incoming_done: false,
+            incoming_failed: false,
             outgoing: self.outgoing,
         }
     }
@@ -140,6 +147,9 @@ impl AsyncRead for Tunnel {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         while this.chunk.is_empty() {
+            if this.incoming_failed {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
             if this.incoming_done {
                 return Poll::Ready(Ok(()));
             }
@@ -150,7 +160,10 @@ impl AsyncRead for Tunnel {
                         this.chunk = data;
                     }
                 }
-                Some(Err(e)) => return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e))),
+                Some(Err(e)) => {
+                    this.incoming_failed = true;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, e)));
+                }
                 None => this.incoming_done = true,
             }
         }
@@ -180,24 +193,20 @@ impl Body for TunnelBody {
     type Error = BoxError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.done {
+        let this = &mut *self;
+        if this.done {
             return Poll::Ready(None);
         }
-        let mut chunk = BytesMut::zeroed(FRAME);
-        let mut buf = ReadBuf::new(&mut chunk);
-        match ready!(Pin::new(&mut self.outgoing).poll_read(cx, &mut buf)) {
+        let mut buf = ReadBuf::new(&mut this.scratch);
+        match ready!(Pin::new(&mut this.outgoing).poll_read(cx, &mut buf)) {
             Ok(()) if buf.filled().is_empty() => {
                 // The tunnel's writer shut down (or was dropped): the body ends.
-                self.done = true;
+                this.done = true;
                 Poll::Ready(None)
             }
-            Ok(()) => {
-                let n = buf.filled().len();
-                chunk.truncate(n);
-                Poll::Ready(Some(Ok(Frame::data(chunk.freeze()))))
-            }
+            Ok(()) => Poll::Ready(Some(Ok(Frame::data(Bytes::copy_from_slice(buf.filled()))))),
             Err(e) => {
-                self.done = true;
+                this.done = true;
                 Poll::Ready(Some(Err(e.into())))
             }
         }

@@ -40,8 +40,8 @@ struct Entry {
     /// The stream's progress count at the last timer check, and since when it has stood
     /// still.
     still_since: (u64, Instant),
-    /// A CONNECT tunnel (a WebSocket, say), which may sit idle as long as both ends like:
-    /// the body stall timeout does not end it.
+    /// A CONNECT request: once answered 2xx it is a tunnel (a WebSocket, say), which may
+    /// sit idle as long as both ends like; the body stall timeout does not end it.
     tunnel: bool,
 }
 
@@ -593,7 +593,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let mut stalled = Vec::new();
         for (&id, entry) in &mut self.streams {
             let (progress, waiting_on_peer) = entry.shared.progress();
-            if entry.tunnel || progress != entry.still_since.0 || !waiting_on_peer {
+            // An open tunnel (a 2xx answer to CONNECT) may sit idle; a CONNECT not yet
+            // answered is held to the stall timeout like any request.
+            let open_tunnel = entry.tunnel && entry.shared.answered_with_success();
+            if open_tunnel || progress != entry.still_since.0 || !waiting_on_peer {
                 entry.still_since = (progress, now);
             } else if entry.still_since.1 + stall <= now {
                 stalled.push(id);

@@ -1229,6 +1229,7 @@ async fn an_unanswered_connect_whose_body_stalls_is_still_reaped() {
     let mut h = Harness::new(Builder::new().body_stall_timeout(Duration::from_millis(50)), handler);
     let connect = fields(&[(":method", "CONNECT"), (":authority", "localhost:443")]);
     h.send_raw_request(0, &connect, false);
-    h.until("the stalled CONNECT reset", |h| h.seen(0).reset.is_some()).await;
+    h.until("the stalled CONNECT reset", |h| h.seen(0).reset.is_some())
+        .await;
     assert_eq!(h.seen(0).reset, Some(code::H3_REQUEST_CANCELLED));
 }
