@@ -1,0 +1,192 @@
+//! The client over TCP and over HTTP/3: the two fixed modes, and TLS on TCP verified as on
+//! QUIC.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use http::header::ALT_SVC;
+use http::{HeaderValue, Version};
+use support::h3::{H3Server, h3_server_with, listener, trusting};
+use support::*;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tower_quiche::client::{Builder, Client, ResponseExt};
+use tower_quiche::server;
+
+/// `/hello` (and `/stuck`, GET or POST) answers `hello`, with `alt_svc` as its `Alt-Svc`
+/// when given (the server's own, pointing at its UDP side, otherwise).
+fn app(alt_svc: Option<HeaderValue>) -> Router {
+    routes(alt_svc, true)
+}
+
+fn routes(alt_svc: Option<HeaderValue>, with_stuck: bool) -> Router {
+    let hello = move || {
+        let alt_svc = alt_svc.clone();
+        async move {
+            let mut response = http::Response::new(axum::body::Body::from("hello"));
+            if let Some(value) = alt_svc {
+                response.headers_mut().insert(ALT_SVC, value);
+            }
+            response
+        }
+    };
+    let router = Router::new().route("/hello", get(hello.clone()));
+    if with_stuck {
+        router.route("/stuck", get(hello.clone()).post(hello))
+    } else {
+        router
+    }
+}
+
+/// Our server on TCP and UDP on one port (`server::serve_with_tcp`).
+struct Dual {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
+}
+
+impl Dual {
+    async fn start(certs: &Certs, app: Router) -> Dual {
+        Dual::start_on(listener(certs).await, app).await
+    }
+
+    async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
+        init_tracing();
+        let addr = listener.local_addr();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let serve = server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        Dual {
+            addr,
+            shutdown: Some(tx),
+            done: tokio::spawn(serve.into_future()),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/hello", self.addr.port())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+async fn stop_h3(mut server: H3Server) {
+    let _ = server.shutdown.take().unwrap().send(());
+    server.done.await.unwrap().unwrap();
+}
+
+fn client(certs: &Certs, configure: impl FnOnce(Builder) -> Builder) -> Client {
+    configure(Client::builder().quic_config(trusting(certs)))
+        .build()
+        .unwrap()
+}
+
+/// GETs `url`, checks the body, and returns the protocol version that carried it.
+async fn hello(client: &Client, url: &str) -> Version {
+    let response = client.get(url).send().await.expect("the request succeeds");
+    assert_eq!(response.status(), 200);
+    let version = response.version();
+    assert_eq!(response.text().await.unwrap(), "hello", "over {version:?}");
+    version
+}
+
+/// `tcp_only()` ignores `Alt-Svc` and never sends a datagram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_only_never_sends_a_datagram() {
+    let certs = certs();
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
+    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let client = client(&certs, Builder::tcp_only);
+    let run = async {
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        }
+        let mut buf = [0u8; 2048];
+        assert!(
+            timeout(Duration::from_millis(300), sink.recv(&mut buf)).await.is_err(),
+            "no datagram"
+        );
+        assert_eq!(client.pooled_connections(), 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// `http3_prior_knowledge()` never opens TCP: a TCP listener on the same port accepts
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_prior_knowledge_never_opens_tcp() {
+    let certs = certs();
+    let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
+    let tcp = tokio::net::TcpListener::bind(h3.addr).await.unwrap();
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/hello", h3.addr.port());
+    let run = async {
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &url).await, Version::HTTP_3);
+        }
+        assert!(
+            timeout(Duration::from_millis(300), tcp.accept()).await.is_err(),
+            "no TCP connection"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    stop_h3(h3).await;
+}
+
+/// Over TCP the server is verified as over QUIC, from the same `ClientConfig`: an untrusted
+/// certificate is a TLS error; `danger_accept_invalid_certs` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_verifies_the_server_as_quic_does() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    let run = async {
+        let untrusting = Client::builder()
+            .tcp_only()
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .system_roots(false)
+                    .ca_pem(DevCaPem::other())
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let error = untrusting.get(server.url()).send().await.unwrap_err();
+        assert!(error.is_tls(), "{error}");
+        let insecure = Client::builder()
+            .tcp_only()
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .danger_accept_invalid_certs(true)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(hello(&insecure, &server.url()).await, Version::HTTP_2);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// Another CA's certificate, trusted by nobody here.
+struct DevCaPem;
+
+impl DevCaPem {
+    fn other() -> String {
+        tower_quiche::tls::DevCa::new("another CA").unwrap().cert_pem()
+    }
+}
