@@ -1,5 +1,5 @@
-//! The client over TCP and over HTTP/3: the two fixed modes, and TLS on TCP verified as on
-//! QUIC.
+//! The client's protocol selection: TCP first, HTTP/3 once `Alt-Svc` advertises it; and the
+//! two fixed modes.
 
 mod support;
 
@@ -9,13 +9,16 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::routing::get;
+use bytes::Bytes;
 use http::header::ALT_SVC;
-use http::{HeaderValue, Version};
+use http::{HeaderValue, Request, Version};
+use http_body_util::Empty;
 use support::h3::{H3Server, h3_server_with, listener, trusting};
 use support::*;
 use tokio::net::UdpSocket;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
+use tower::{Service, ServiceExt};
 use tower_quiche::client::{Builder, Client, ResponseExt};
 use tower_quiche::server;
 
@@ -54,6 +57,18 @@ struct Dual {
 impl Dual {
     async fn start(certs: &Certs, app: Router) -> Dual {
         Dual::start_on(listener(certs).await, app).await
+    }
+
+    /// With a client CA: mutual TLS on both transports.
+    async fn start_requiring_client_certificates(certs: &Certs, client_ca: &str, app: Router) -> Dual {
+        let config = tower_quiche::quic::ServerConfig::builder()
+            .cert_chain_pem(&certs.leaf.cert_pem)
+            .private_key_pem(&certs.leaf.key_pem)
+            .client_ca_pem(client_ca)
+            .build()
+            .unwrap();
+        let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
+        Dual::start_on(listener, app).await
     }
 
     async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
@@ -99,6 +114,52 @@ async fn hello(client: &Client, url: &str) -> Version {
     let version = response.version();
     assert_eq!(response.text().await.unwrap(), "hello", "over {version:?}");
     version
+}
+
+/// The first request to an origin goes over TCP (HTTP/2, by ALPN); its `Alt-Svc` sends the
+/// next ones over HTTP/3, on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_goes_over_tcp_and_alt_svc_upgrades_the_next_to_http3() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    let client = client(&certs, |b| b);
+    let run = async {
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        assert_eq!(client.pooled_connections(), 0, "no QUIC before Alt-Svc");
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        assert_eq!(client.pooled_connections(), 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// An [`OriginClient`](tower_quiche::client::OriginClient) with path-only requests follows
+/// the same path: TCP, then HTTP/3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_client_upgrades_too() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    let client = client(&certs, |b| b);
+    let mut origin = client
+        .origin(format!("https://127.0.0.1:{}", server.addr.port()))
+        .unwrap();
+    let run = async {
+        let mut versions = Vec::new();
+        for _ in 0..3 {
+            let service = ServiceExt::<Request<Empty<Bytes>>>::ready(&mut origin).await.unwrap();
+            let response = service
+                .call(Request::get("/hello").body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            versions.push(response.version());
+            assert_eq!(response.text().await.unwrap(), "hello");
+        }
+        assert_eq!(versions, [Version::HTTP_2, Version::HTTP_3, Version::HTTP_3]);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
 }
 
 /// `tcp_only()` ignores `Alt-Svc` and never sends a datagram.
@@ -177,6 +238,36 @@ async fn tcp_verifies_the_server_as_quic_does() {
             .build()
             .unwrap();
         assert_eq!(hello(&insecure, &server.url()).await, Version::HTTP_2);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// Mutual TLS: the client certificate of the `ClientConfig` is presented over TCP as over
+/// QUIC; without one, the server refuses the client on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_certificate_is_presented_over_tcp_and_quic() {
+    let certs = certs();
+    let clients = tower_quiche::tls::DevCa::new("client CA").unwrap();
+    let server = Dual::start_requiring_client_certificates(&certs, &clients.cert_pem(), app(None)).await;
+    let identity = clients.issue(&["a client"]).unwrap();
+    let run = async {
+        let with_certificate = Client::builder()
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .ca_pem(&certs.ca_pem)
+                    .cert_chain_pem(&identity.cert_pem)
+                    .private_key_pem(&identity.key_pem)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(hello(&with_certificate, &server.url()).await, Version::HTTP_2);
+        assert_eq!(hello(&with_certificate, &server.url()).await, Version::HTTP_3);
+        let without = client(&certs, Builder::tcp_only);
+        // TLS 1.3: the refusal comes after the client's handshake, as an error of the request.
+        assert!(without.get(server.url()).send().await.is_err());
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     server.stop().await;

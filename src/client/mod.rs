@@ -15,6 +15,10 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "tcp")]
+mod alt_svc;
+#[cfg(feature = "tcp")]
+mod auto;
 pub mod conn;
 mod connect;
 #[cfg(feature = "tcp")]
@@ -102,6 +106,9 @@ impl Origin {
 /// [`Builder::tcp_only`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
+    /// TCP first, HTTP/3 once `Alt-Svc` advertises it, TCP again while it is broken.
+    #[cfg(feature = "tcp")]
+    Auto,
     /// HTTP/3 only.
     Http3,
     /// HTTP/1.1 and HTTP/2 over TCP only.
@@ -122,6 +129,9 @@ struct Pool {
     endpoint: Option<Endpoint>,
     #[cfg(feature = "tcp")]
     tcp: Option<tcp::TcpClient>,
+    /// Where each origin's HTTP/3 is (auto mode).
+    #[cfg(feature = "tcp")]
+    alt_svc: Mutex<alt_svc::Cache>,
     settings: Arc<ConnSettings>,
     connect_timeout: Duration,
     max_per_origin: usize,
@@ -225,6 +235,8 @@ impl Pool {
             Mode::Http3 => Ok(Route::H3(self.connection(origin, origin.port).await?)),
             #[cfg(feature = "tcp")]
             Mode::Tcp => Ok(Route::Tcp),
+            #[cfg(feature = "tcp")]
+            Mode::Auto => self.auto_route(origin).await,
         }
     }
 
@@ -242,26 +254,27 @@ impl Pool {
         };
         match route {
             #[cfg(feature = "tcp")]
-            Route::Tcp => self.send_tcp(request).await,
+            Route::Tcp => self.send_tcp(request, &origin).await,
             Route::H3(send) => {
                 let pending = PendingRequest::from_boxed(request)?;
-                self.send_h3(send, pending, &origin).await
+                self.send_h3(send, pending, &origin, origin.port).await
             }
         }
     }
 
     /// Sends `request` on `send`; a request the server did not process goes once more to
-    /// another connection (RFC 9114 §4.1.1).
+    /// another connection (RFC 9114 §4.1.1), to HTTP/3 on `port` of the origin's host.
     async fn send_h3(
         &self,
         mut send: SendRequest,
         mut request: PendingRequest,
         origin: &Origin,
+        port: u16,
     ) -> Result<Response<RecvBody>, Error> {
         const ATTEMPTS: usize = 2;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                send = self.connection(origin, origin.port).await?;
+                send = self.connection(origin, port).await?;
             }
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
@@ -274,20 +287,6 @@ impl Pool {
             }
         }
         unreachable!("the last attempt returns")
-    }
-
-    /// Sends `request` over TCP.
-    #[cfg(feature = "tcp")]
-    async fn send_tcp(&self, mut request: Request<AnyBody>) -> Result<Response<RecvBody>, Error> {
-        let tcp = self
-            .tcp
-            .as_ref()
-            .ok_or_else(|| Error::config("this client speaks HTTP/3 only (Builder::http3_prior_knowledge)"))?;
-        // HTTP/1.1 as the version asked for: hyper uses HTTP/2 when ALPN chose it.
-        if !matches!(request.version(), http::Version::HTTP_10 | http::Version::HTTP_11) {
-            *request.version_mut() = http::Version::HTTP_11;
-        }
-        tcp.send(request).await
     }
 }
 
@@ -538,6 +537,8 @@ where
 #[derive(Debug)]
 pub struct Builder {
     mode: Mode,
+    #[cfg(feature = "tcp")]
+    alt_svc_capacity: usize,
     quic: Option<ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -548,7 +549,12 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
+            #[cfg(feature = "tcp")]
+            mode: Mode::Auto,
+            #[cfg(not(feature = "tcp"))]
             mode: Mode::Http3,
+            #[cfg(feature = "tcp")]
+            alt_svc_capacity: 1024,
             quic: None,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
@@ -605,8 +611,9 @@ impl Builder {
         self
     }
 
-    /// Speaks HTTP/3 only, to every origin (RFC 9114 §3.1.1 "prior knowledge"); no TCP
-    /// connection is ever opened. The default.
+    /// Speaks HTTP/3 only, to every origin, without asking over TCP first (RFC 9114 §3.1.1
+    /// "prior knowledge"); no TCP connection is ever opened. Without the `tcp` feature this
+    /// is the only mode, and the default.
     pub fn http3_prior_knowledge(mut self) -> Self {
         self.mode = Mode::Http3;
         self
@@ -618,6 +625,14 @@ impl Builder {
     #[cfg(feature = "tcp")]
     pub fn tcp_only(mut self) -> Self {
         self.mode = Mode::Tcp;
+        self
+    }
+
+    /// (`tcp` feature) How many origins' `Alt-Svc` state the client
+    /// remembers; past it, the origin heard from longest ago is forgotten. Defaults to 1024.
+    #[cfg(feature = "tcp")]
+    pub fn alt_svc_cache_size(mut self, origins: usize) -> Self {
+        self.alt_svc_capacity = origins.max(1);
         self
     }
 
@@ -656,6 +671,8 @@ impl Builder {
                 endpoint,
                 #[cfg(feature = "tcp")]
                 tcp,
+                #[cfg(feature = "tcp")]
+                alt_svc: Mutex::new(alt_svc::Cache::new(self.alt_svc_capacity)),
                 settings: Arc::new(settings),
                 connect_timeout: self.connect_timeout,
                 max_per_origin: self.max_per_origin,
