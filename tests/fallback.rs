@@ -1,8 +1,9 @@
-//! The client's protocol selection: TCP first, HTTP/3 once `Alt-Svc` advertises it; and the
-//! two fixed modes.
+//! The client's protocol selection: TCP first, HTTP/3 once `Alt-Svc` advertises it, TCP
+//! again when the QUIC path is blocked or breaks; and the two fixed modes.
 
 mod support;
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -116,6 +117,18 @@ async fn hello(client: &Client, url: &str) -> Version {
     version
 }
 
+/// The Initial DCIDs of the QUIC connection attempts that reached `sink`: one per attempt
+/// (retransmissions repeat it), as `tests/h3.rs` counts them.
+async fn attempts_seen(sink: &UdpSocket, dcids: &mut HashSet<Vec<u8>>, wait: Duration) {
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok(n)) = timeout(wait, sink.recv(&mut buf)).await {
+        if n > 6 && buf[0] & 0x80 != 0 {
+            let len = buf[5] as usize;
+            dcids.insert(buf[6..(6 + len).min(n)].to_vec());
+        }
+    }
+}
+
 /// The first request to an origin goes over TCP (HTTP/2, by ALPN); its `Alt-Svc` sends the
 /// next ones over HTTP/3, on the same port.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,6 +173,104 @@ async fn an_origin_client_upgrades_too() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     server.stop().await;
+}
+
+/// UDP blocked: `Alt-Svc` points at a socket that swallows every datagram. Every request
+/// succeeds over TCP; the QUIC attempt that failed marks HTTP/3 broken, so it is not made
+/// again for every request: one attempt in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
+    let certs = certs();
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
+    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let client = client(&certs, |b| b.connect_timeout(Duration::from_millis(500)));
+    let run = async {
+        let mut dcids = HashSet::new();
+        for _ in 0..3 {
+            assert_ne!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        // Let the attempt run out (the connect timeout), then keep going.
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(1500)).await;
+        assert_eq!(dcids.len(), 1, "the requests share one attempt");
+        for _ in 0..5 {
+            assert_ne!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(300)).await;
+        assert_eq!(dcids.len(), 1, "no new attempt while HTTP/3 is marked broken");
+        assert_eq!(client.pooled_connections(), 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// HTTP/3 breaking mid-run (its server stops): later requests continue over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_breaking_mid_run_continues_over_tcp() {
+    let certs = certs();
+    // HTTP/3 on its own server (so that it can stop alone), advertised by the TCP side.
+    let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
+    let alt_svc = format!("h3=\":{}\"", h3.addr.port());
+    let front = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        // Once the handshake is up, requests go over HTTP/3.
+        let mut upgraded = false;
+        for _ in 0..50 {
+            if hello(&client, &front.url()).await == Version::HTTP_3 {
+                upgraded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(upgraded, "HTTP/3 was used");
+        stop_h3(h3).await;
+        for _ in 0..5 {
+            assert_ne!(hello(&client, &front.url()).await, Version::HTTP_3);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+}
+
+/// A request in flight over HTTP/3 whose connection dies before any of its response: a
+/// GET without a body is resent over TCP (and answered there); a POST is not resent, and
+/// its caller gets the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_with_its_connection_is_resent_over_tcp_only_when_safe() {
+    let certs = certs();
+    let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+    let stuck = {
+        let arrived = Arc::clone(&arrived);
+        move || {
+            arrived.add_permits(1);
+            std::future::pending::<&'static str>()
+        }
+    };
+    let h3_app = routes(None, false).route("/stuck", get(stuck.clone()).post(stuck));
+    let h3_builder = server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100));
+    let h3 = h3_server_with(&certs, h3_builder, h3_app, Arc::default()).await;
+    let alt_svc = format!("h3=\":{}\"", h3.addr.port());
+    let front = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
+    let stuck_url = front.url().replace("/hello", "/stuck");
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_3);
+        let get = tokio::spawn(client.get(&stuck_url).send());
+        let post = tokio::spawn(client.post(&stuck_url).body("data").send());
+        // Both reached the HTTP/3 server, which will never answer them.
+        let _ = arrived.acquire_many(2).await.unwrap();
+        stop_h3(h3).await;
+        let get = get.await.unwrap().expect("the GET is resent over TCP");
+        assert_eq!(get.version(), Version::HTTP_2);
+        assert_eq!(get.text().await.unwrap(), "hello");
+        let error = post.await.unwrap().expect_err("the POST is not resent");
+        assert!(!error.is_invalid_request(), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
 }
 
 /// `tcp_only()` ignores `Alt-Svc` and never sends a datagram.

@@ -1,5 +1,5 @@
 //! What the client knows of each origin's HTTP/3 (`tcp` feature): the `Alt-Svc` field it
-//! was told (RFC 7838).
+//! was told (RFC 7838), and whether HTTP/3 recently failed there.
 //!
 //! The server side writes `Alt-Svc` ([`crate::alt_svc`], with the `server` feature); reading
 //! it is the client's business, so the parser lives here, beside the cache it feeds.
@@ -15,6 +15,10 @@ use super::Origin;
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// A cap on `ma`, so that no value overflows a deadline.
 const MAX_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
+/// How long HTTP/3 stays off for an origin after its first failure; each failure after a
+/// retry doubles it (as Chromium does), up to [`MAX_BROKEN`].
+const FIRST_BROKEN: Duration = Duration::from_secs(5 * 60);
+const MAX_BROKEN: Duration = Duration::from_secs(2 * 24 * 60 * 60);
 
 /// One field value of `Alt-Svc`, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +137,7 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Per origin: where its HTTP/3 is, and until when. Bounded: past
+/// Per origin: where its HTTP/3 is, until when, and whether it is broken. Bounded: past
 /// `capacity` origins, the one touched longest ago is forgotten.
 pub(crate) struct Cache {
     entries: HashMap<Origin, Entry>,
@@ -146,6 +150,10 @@ pub(crate) struct Cache {
 struct Entry {
     /// The HTTP/3 port on the origin's host, and until when it may be used.
     h3: Option<(u16, Instant)>,
+    /// HTTP/3 failed here: off until this instant.
+    broken_until: Option<Instant>,
+    /// How many times in a row it failed (the backoff's exponent).
+    failures: u32,
     touched: u64,
 }
 
@@ -175,23 +183,56 @@ impl Cache {
                     .and_then(|a| Some((a.port, now.checked_add(a.max_age)?)))
                     .filter(|(_, until)| *until > now),
             };
-            match h3 {
-                None => {
-                    self.entries.remove(origin);
+            match (h3, self.entries.get_mut(origin)) {
+                (None, Some(entry)) => {
+                    entry.h3 = None;
+                    if entry.broken_until.is_none() {
+                        self.entries.remove(origin);
+                    }
                 }
-                Some(h3) => self.touch(origin).h3 = Some(h3),
+                (None, None) => {}
+                (Some(h3), _) => self.touch(origin).h3 = Some(h3),
             }
         }
     }
 
-    /// The port to reach `origin`'s HTTP/3 at, when it advertised one that is still fresh.
+    /// The port to reach `origin`'s HTTP/3 at, when it advertised one that is still fresh
+    /// and HTTP/3 is not marked broken there.
     pub(crate) fn h3_port(&mut self, origin: &Origin, now: Instant) -> Option<u16> {
-        let (port, until) = self.entries.get(origin)?.h3?;
-        if until <= now {
-            self.entries.remove(origin);
-            return None;
+        let entry = self.entries.get_mut(origin)?;
+        if entry.h3.is_some_and(|(_, until)| until <= now) {
+            entry.h3 = None;
         }
-        Some(port)
+        let (port, _) = entry.h3?;
+        match entry.broken_until {
+            Some(until) if until > now => None,
+            _ => Some(port),
+        }
+    }
+
+    /// HTTP/3 failed for `origin`: off for 5 minutes, doubled for each failure since it
+    /// last worked. Failures while it is already off (other requests of the same attempt)
+    /// do not count again.
+    pub(crate) fn mark_broken(&mut self, origin: &Origin, now: Instant) {
+        let entry = self.touch(origin);
+        if entry.broken_until.is_some_and(|until| until > now) {
+            return;
+        }
+        let backoff = FIRST_BROKEN
+            .checked_mul(1 << entry.failures.min(20))
+            .unwrap_or(MAX_BROKEN)
+            .min(MAX_BROKEN);
+        entry.failures = entry.failures.saturating_add(1);
+        entry.broken_until = now.checked_add(backoff);
+        tracing::debug!(origin = %origin.authority(), ?backoff, "HTTP/3 marked broken; using TCP");
+    }
+
+    /// HTTP/3 worked for `origin`: its failures are forgotten.
+    pub(crate) fn confirm(&mut self, origin: &Origin) {
+        if let Some(entry) = self.entries.get_mut(origin) {
+            entry.broken_until = None;
+            entry.failures = 0;
+        }
     }
 
     fn touch(&mut self, origin: &Origin) -> &mut Entry {
@@ -311,6 +352,32 @@ mod tests {
         update(&mut cache, "h3=\":4\"", now);
         update(&mut cache, "h3=\"", now);
         assert_eq!(cache.h3_port(&o, now), Some(4));
+    }
+
+    #[test]
+    fn broken_h3_backs_off_exponentially_until_confirmed() {
+        let mut cache = Cache::new(8);
+        let o = origin("example.com");
+        let t0 = Instant::now();
+        cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), t0);
+        cache.mark_broken(&o, t0);
+        // Other failures of the same attempt do not extend it.
+        cache.mark_broken(&o, t0 + Duration::from_secs(1));
+        assert_eq!(cache.h3_port(&o, t0 + Duration::from_secs(299)), None);
+        let t1 = t0 + Duration::from_secs(300);
+        assert_eq!(cache.h3_port(&o, t1), Some(443));
+        cache.mark_broken(&o, t1);
+        assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(599)), None);
+        assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(600)), Some(443));
+        // Once it works, the next failure starts again at 5 minutes.
+        cache.confirm(&o);
+        let t2 = t1 + Duration::from_secs(600);
+        cache.mark_broken(&o, t2);
+        assert_eq!(cache.h3_port(&o, t2 + Duration::from_secs(300)), Some(443));
+        // The backoff is capped (and never overflows).
+        for _ in 0..100 {
+            cache.mark_broken(&o, t2 + MAX_BROKEN * 200);
+        }
     }
 
     #[test]

@@ -129,7 +129,7 @@ struct Pool {
     endpoint: Option<Endpoint>,
     #[cfg(feature = "tcp")]
     tcp: Option<tcp::TcpClient>,
-    /// Where each origin's HTTP/3 is (auto mode).
+    /// Where each origin's HTTP/3 is, and where it is broken (auto mode).
     #[cfg(feature = "tcp")]
     alt_svc: Mutex<alt_svc::Cache>,
     settings: Arc<ConnSettings>,
@@ -193,13 +193,27 @@ impl Pool {
         }
     }
 
-    /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection.
+    /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection. In auto mode,
+    /// a failure marks HTTP/3 broken for the origin and a success confirms it.
     async fn connect(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false) {
             return Ok(c);
         }
-        self.handshake(origin, port).await
+        let result = self.handshake(origin, port).await;
+        #[cfg(feature = "tcp")]
+        if self.mode == Mode::Auto {
+            let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
+            match &result {
+                Ok(_) => cache.confirm(origin),
+                Err(e) if !e.is_invalid_request() => {
+                    tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
+                    cache.mark_broken(origin, std::time::Instant::now());
+                }
+                Err(_) => {}
+            }
+        }
+        result
     }
 
     async fn handshake(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
@@ -236,7 +250,7 @@ impl Pool {
             #[cfg(feature = "tcp")]
             Mode::Tcp => Ok(Route::Tcp),
             #[cfg(feature = "tcp")]
-            Mode::Auto => self.auto_route(origin).await,
+            Mode::Auto => Ok(self.auto_route(origin).await),
         }
     }
 
@@ -255,9 +269,13 @@ impl Pool {
         match route {
             #[cfg(feature = "tcp")]
             Route::Tcp => self.send_tcp(request, &origin).await,
+            #[cfg(feature = "tcp")]
+            Route::H3(send) if self.mode == Mode::Auto => self.send_h3_or_tcp(send, request, origin).await,
             Route::H3(send) => {
                 let pending = PendingRequest::from_boxed(request)?;
-                self.send_h3(send, pending, &origin, origin.port).await
+                self.send_h3(send, pending, &origin, origin.port)
+                    .await
+                    .map_err(H3Failure::into_error)
             }
         }
     }
@@ -270,11 +288,14 @@ impl Pool {
         mut request: PendingRequest,
         origin: &Origin,
         port: u16,
-    ) -> Result<Response<RecvBody>, Error> {
+    ) -> Result<Response<RecvBody>, H3Failure> {
         const ATTEMPTS: usize = 2;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                send = self.connection(origin, port).await?;
+                send = match self.connection(origin, port).await {
+                    Ok(send) => send,
+                    Err(e) => return Err(H3Failure::Connect(request, e)),
+                };
             }
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
@@ -283,10 +304,30 @@ impl Pool {
                     tracing::debug!(%error, "request not processed; retrying on a new connection");
                     request = unsent;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(H3Failure::Request(failure)),
             }
         }
         unreachable!("the last attempt returns")
+    }
+}
+
+/// Why a request failed over HTTP/3, with what is left of it.
+enum H3Failure {
+    /// No connection could be made for it: it is untouched (and goes over TCP in auto mode).
+    Connect(
+        #[cfg_attr(not(feature = "tcp"), allow(dead_code))] PendingRequest,
+        Error,
+    ),
+    /// It failed on a connection: unsent (the server did not process it) or not.
+    Request(Failure),
+}
+
+impl H3Failure {
+    fn into_error(self) -> Error {
+        match self {
+            H3Failure::Connect(_, e) => e,
+            H3Failure::Request(failure) => failure.into_error(),
+        }
     }
 }
 
@@ -628,7 +669,7 @@ impl Builder {
         self
     }
 
-    /// (`tcp` feature) How many origins' `Alt-Svc` state the client
+    /// (`tcp` feature) How many origins' `Alt-Svc` (and broken-HTTP/3) state the client
     /// remembers; past it, the origin heard from longest ago is forgotten. Defaults to 1024.
     #[cfg(feature = "tcp")]
     pub fn alt_svc_cache_size(mut self, origins: usize) -> Self {
