@@ -135,7 +135,9 @@ async fn attempts_seen(sink: &UdpSocket, dcids: &mut HashSet<Vec<u8>>, wait: Dur
 async fn the_first_request_goes_over_tcp_and_alt_svc_upgrades_the_next_to_http3() {
     let certs = certs();
     let server = Dual::start(&certs, app(None)).await;
-    let client = client(&certs, |b| b);
+    // A generous handicap: on a loaded machine the handshake may take long, and this test
+    // is about the upgrade, not the race.
+    let client = client(&certs, |b| b.http3_handicap(Duration::from_secs(20)));
     let run = async {
         assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
         assert_eq!(client.pooled_connections(), 0, "no QUIC before Alt-Svc");
@@ -154,7 +156,7 @@ async fn the_first_request_goes_over_tcp_and_alt_svc_upgrades_the_next_to_http3(
 async fn an_origin_client_upgrades_too() {
     let certs = certs();
     let server = Dual::start(&certs, app(None)).await;
-    let client = client(&certs, |b| b);
+    let client = client(&certs, |b| b.http3_handicap(Duration::from_secs(20)));
     let mut origin = client
         .origin(format!("https://127.0.0.1:{}", server.addr.port()))
         .unwrap();
@@ -184,7 +186,10 @@ async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
     let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
     let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
-    let client = client(&certs, |b| b.connect_timeout(Duration::from_millis(500)));
+    let client = client(&certs, |b| {
+        b.connect_timeout(Duration::from_millis(500))
+            .http3_handicap(Duration::from_millis(100))
+    });
     let run = async {
         let mut dcids = HashSet::new();
         for _ in 0..3 {
@@ -204,6 +209,39 @@ async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
     server.stop().await;
 }
 
+/// The handicap race: with QUIC blackholed and a long connect timeout, a request goes over
+/// TCP once the handicap is up, while the QUIC attempt is still running (the sink still
+/// receives its retransmitted Initials after the response: the request did not wait for
+/// the attempt to fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_wins_the_race_when_quic_does_not_connect_within_the_handicap() {
+    let certs = certs();
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
+    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let client = client(&certs, |b| {
+        b.connect_timeout(Duration::from_secs(60))
+            .http3_handicap(Duration::from_millis(50))
+    });
+    let run = async {
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        assert_eq!(
+            hello(&client, &server.url()).await,
+            Version::HTTP_2,
+            "TCP after the handicap"
+        );
+        let mut dcids = HashSet::new();
+        // Still trying: Initials keep coming (PTO backoff: within a few seconds).
+        let mut buf = [0u8; 2048];
+        let first = timeout(Duration::from_secs(20), sink.recv(&mut buf)).await;
+        assert!(first.is_ok(), "the QUIC attempt carries on after TCP won");
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(100)).await;
+        assert!(dcids.len() <= 1, "{} attempts", dcids.len());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
 /// HTTP/3 breaking mid-run (its server stops): later requests continue over TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_breaking_mid_run_continues_over_tcp() {
@@ -215,7 +253,8 @@ async fn http3_breaking_mid_run_continues_over_tcp() {
     let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
-        // Once the handshake is up, requests go over HTTP/3.
+        // Once the handshake is up (the first attempt may lose the race on a slow machine),
+        // requests go over HTTP/3.
         let mut upgraded = false;
         for _ in 0..50 {
             if hello(&client, &front.url()).await == Version::HTTP_3 {
@@ -253,7 +292,10 @@ async fn a_request_lost_with_its_connection_is_resent_over_tcp_only_when_safe() 
     let h3 = h3_server_with(&certs, h3_builder, h3_app, Arc::default()).await;
     let alt_svc = format!("h3=\":{}\"", h3.addr.port());
     let front = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
-    let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
+    let client = client(&certs, |b| {
+        b.http3_handicap(Duration::from_secs(20))
+            .connect_timeout(Duration::from_secs(1))
+    });
     let stuck_url = front.url().replace("/hello", "/stuck");
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
@@ -364,6 +406,7 @@ async fn the_client_certificate_is_presented_over_tcp_and_quic() {
     let identity = clients.issue(&["a client"]).unwrap();
     let run = async {
         let with_certificate = Client::builder()
+            .http3_handicap(Duration::from_secs(20))
             .quic_config(
                 tower_quiche::quic::ClientConfig::builder()
                     .ca_pem(&certs.ca_pem)

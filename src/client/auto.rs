@@ -1,5 +1,5 @@
 //! Protocol selection (`tcp` feature, auto mode): TCP until the origin advertises HTTP/3 in
-//! `Alt-Svc`, then HTTP/3, and TCP again while HTTP/3 is broken.
+//! `Alt-Svc`, then HTTP/3 with a head start over TCP, and TCP again while HTTP/3 is broken.
 //!
 //! What is resent over TCP after HTTP/3 failed, and what is not:
 //! - a request no HTTP/3 connection could be made for (handshake timeout, refused, TLS
@@ -25,8 +25,11 @@ use crate::h3::body::RecvBody;
 
 impl Pool {
     /// HTTP/3 when the origin has a usable connection, or advertised HTTP/3 that is not
-    /// broken and whose connection comes up; TCP otherwise (a failed attempt marks HTTP/3
-    /// broken for the origin).
+    /// broken and whose connection comes up within the handicap; TCP otherwise.
+    ///
+    /// The connection attempt runs on its own task: when the handicap runs out first, this
+    /// request goes over TCP and the attempt carries on, shared with later requests, to
+    /// serve them once it is up (or to mark HTTP/3 broken when it fails).
     pub(super) async fn auto_route(self: &Arc<Self>, origin: &Origin) -> Route {
         if let Some(send) = self.pick(origin, false) {
             return Route::H3(send);
@@ -35,9 +38,13 @@ impl Pool {
         let Some(port) = port else {
             return Route::Tcp;
         };
-        match self.connection(origin, port).await {
-            Ok(send) => Route::H3(send),
-            Err(_) => Route::Tcp,
+        let pool = Arc::clone(self);
+        let target = origin.clone();
+        let mut attempt = tokio::spawn(async move { pool.connection(&target, port).await });
+        match tokio::time::timeout(self.handicap, &mut attempt).await {
+            Ok(Ok(Ok(send))) => Route::H3(send),
+            // Failed (and marked broken), or no faster than the handicap.
+            _ => Route::Tcp,
         }
     }
 

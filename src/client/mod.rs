@@ -132,6 +132,9 @@ struct Pool {
     /// Where each origin's HTTP/3 is, and where it is broken (auto mode).
     #[cfg(feature = "tcp")]
     alt_svc: Mutex<alt_svc::Cache>,
+    /// How long QUIC may take before a request goes over TCP instead (auto mode).
+    #[cfg(feature = "tcp")]
+    handicap: Duration,
     settings: Arc<ConnSettings>,
     connect_timeout: Duration,
     max_per_origin: usize,
@@ -579,6 +582,8 @@ where
 pub struct Builder {
     mode: Mode,
     #[cfg(feature = "tcp")]
+    handicap: Duration,
+    #[cfg(feature = "tcp")]
     alt_svc_capacity: usize,
     quic: Option<ClientConfig>,
     connect_timeout: Duration,
@@ -594,6 +599,8 @@ impl Default for Builder {
             mode: Mode::Auto,
             #[cfg(not(feature = "tcp"))]
             mode: Mode::Http3,
+            #[cfg(feature = "tcp")]
+            handicap: Duration::from_millis(300),
             #[cfg(feature = "tcp")]
             alt_svc_capacity: 1024,
             quic: None,
@@ -669,6 +676,16 @@ impl Builder {
         self
     }
 
+    /// (`tcp` feature) The head start QUIC gets over TCP, in the default automatic mode,
+    /// for an origin known to speak HTTP/3 with no connection up yet: when the QUIC
+    /// handshake has not completed by then, the request goes over TCP instead while the
+    /// handshake carries on for later requests. Defaults to 300 ms.
+    #[cfg(feature = "tcp")]
+    pub fn http3_handicap(mut self, handicap: Duration) -> Self {
+        self.handicap = handicap;
+        self
+    }
+
     /// (`tcp` feature) How many origins' `Alt-Svc` (and broken-HTTP/3) state the client
     /// remembers; past it, the origin heard from longest ago is forgotten. Defaults to 1024.
     #[cfg(feature = "tcp")]
@@ -714,6 +731,8 @@ impl Builder {
                 tcp,
                 #[cfg(feature = "tcp")]
                 alt_svc: Mutex::new(alt_svc::Cache::new(self.alt_svc_capacity)),
+                #[cfg(feature = "tcp")]
+                handicap: self.handicap,
                 settings: Arc::new(settings),
                 connect_timeout: self.connect_timeout,
                 max_per_origin: self.max_per_origin,
