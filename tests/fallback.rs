@@ -102,6 +102,24 @@ async fn stop_h3(mut server: H3Server) {
     server.done.await.unwrap().unwrap();
 }
 
+/// `h3=":port"`: HTTP/3 on `port` of the same host.
+fn alt_svc_to(port: u16) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"")).unwrap()
+}
+
+/// A dual server whose `Alt-Svc` points at a UDP socket that swallows every datagram (the
+/// socket, to count what reaches it).
+async fn front_with_blackholed_h3(certs: &Certs) -> (UdpSocket, Dual) {
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = Dual::start(certs, app(Some(alt_svc_to(sink.local_addr().unwrap().port())))).await;
+    (sink, server)
+}
+
+/// A client with this connect timeout and HTTP/3 head start.
+fn timed_client(certs: &Certs, connect_timeout: Duration, handicap: Duration) -> Client {
+    client(certs, |b| b.connect_timeout(connect_timeout).http3_handicap(handicap))
+}
+
 fn client(certs: &Certs, configure: impl FnOnce(Builder) -> Builder) -> Client {
     configure(Client::builder().quic_config(trusting(certs)))
         .build()
@@ -183,13 +201,8 @@ async fn an_origin_client_upgrades_too() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
     let certs = certs();
-    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
-    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
-    let client = client(&certs, |b| {
-        b.connect_timeout(Duration::from_millis(500))
-            .http3_handicap(Duration::from_millis(100))
-    });
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = timed_client(&certs, Duration::from_millis(500), Duration::from_millis(100));
     let run = async {
         let mut dcids = HashSet::new();
         for _ in 0..3 {
@@ -216,13 +229,8 @@ async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_wins_the_race_when_quic_does_not_connect_within_the_handicap() {
     let certs = certs();
-    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
-    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
-    let client = client(&certs, |b| {
-        b.connect_timeout(Duration::from_secs(60))
-            .http3_handicap(Duration::from_millis(50))
-    });
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = timed_client(&certs, Duration::from_secs(60), Duration::from_millis(50));
     let run = async {
         assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
         assert_eq!(
@@ -248,8 +256,7 @@ async fn http3_breaking_mid_run_continues_over_tcp() {
     let certs = certs();
     // HTTP/3 on its own server (so that it can stop alone), advertised by the TCP side.
     let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
-    let alt_svc = format!("h3=\":{}\"", h3.addr.port());
-    let front = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(h3.addr.port())))).await;
     let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
@@ -290,12 +297,8 @@ async fn a_request_lost_with_its_connection_is_resent_over_tcp_only_when_safe() 
     let h3_app = routes(None, false).route("/stuck", get(stuck.clone()).post(stuck));
     let h3_builder = server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100));
     let h3 = h3_server_with(&certs, h3_builder, h3_app, Arc::default()).await;
-    let alt_svc = format!("h3=\":{}\"", h3.addr.port());
-    let front = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
-    let client = client(&certs, |b| {
-        b.http3_handicap(Duration::from_secs(20))
-            .connect_timeout(Duration::from_secs(1))
-    });
+    let front = Dual::start(&certs, app(Some(alt_svc_to(h3.addr.port())))).await;
+    let client = timed_client(&certs, Duration::from_secs(1), Duration::from_secs(20));
     let stuck_url = front.url().replace("/hello", "/stuck");
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
@@ -319,9 +322,7 @@ async fn a_request_lost_with_its_connection_is_resent_over_tcp_only_when_safe() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_only_never_sends_a_datagram() {
     let certs = certs();
-    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let alt_svc = format!("h3=\":{}\"", sink.local_addr().unwrap().port());
-    let server = Dual::start(&certs, app(Some(HeaderValue::from_str(&alt_svc).unwrap()))).await;
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
     let client = client(&certs, Builder::tcp_only);
     let run = async {
         for _ in 0..3 {
