@@ -1,9 +1,30 @@
-//! An HTTP/3 client that is a [`tower::Service`](tower_service::Service).
+//! An HTTP/3 client that is a [`tower::Service`](tower_service::Service), and with the
+//! `tcp` feature an HTTP/1.1 and HTTP/2 one too, that finds an origin's HTTP/3 by itself.
 //!
 //! [`Client`] pools connections per origin (scheme, host, port), multiplexes requests on
 //! them, and is `Service<http::Request<B>>` for any body type, so tower's layers (timeout,
 //! retry, concurrency limit, buffer) compose with it. [`conn`] is the low-level API for one
-//! connection, in hyper's shape.
+//! HTTP/3 connection, in hyper's shape.
+//!
+//! ## Which protocol (`tcp` feature)
+//!
+//! By default the client selects the protocol as browsers do. The first request to an
+//! origin goes over TLS on TCP (HTTP/2 or HTTP/1.1, by ALPN, through hyper-util's pool),
+//! verified from the same [`ClientConfig`] as QUIC. An `Alt-Svc: h3=":port"` in its
+//! response (RFC 7838: `ma`, 24 hours by default; `clear`; another port on the same host)
+//! is remembered per origin, and later requests go over HTTP/3. QUIC gets a head start
+//! (`Builder::http3_handicap`, 300 ms): when its handshake takes longer, the request goes
+//! over TCP while the handshake carries on for the next ones. A QUIC attempt that fails
+//! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
+//! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
+//! days, reset once it works — and requests go over TCP meanwhile, without an error.
+//! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
+//! server refused it unprocessed, or its connection failed before any of its response and
+//! it is idempotent without a body. [`http::Response::version`] tells which protocol
+//! carried a response: `HTTP_11`, `HTTP_2` or `HTTP_3`.
+//!
+//! [`Builder::http3_prior_knowledge`] speaks HTTP/3 only (the only mode without `tcp`);
+//! `Builder::tcp_only` speaks TCP only.
 //!
 //! ```no_run
 //! use tower_quiche::client::{Client, ResponseExt};
