@@ -71,6 +71,7 @@ async fn run() -> Result<(), String> {
     let args = Args::parse();
     let verbose = args.verbose;
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(args.trust.config("h3"))
         .build()
         .map_err(|e| e.to_string())?;

@@ -81,6 +81,7 @@ async fn main() {
             trust,
         }) => {
             let client = Client::builder()
+                .http3_prior_knowledge()
                 .quic_config(trust.config("h3"))
                 .build()
                 .unwrap_or_else(|e| support::fail(&e.to_string()));
@@ -119,6 +120,7 @@ async fn demo() {
         insecure: false,
     };
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(trust.config("h3"))
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));

@@ -5,7 +5,9 @@
 //! - [`server`]: serve any `tower::Service` (an axum `Router`, a `ServiceBuilder` stack, a
 //!   tonic server) over HTTP/3 with [`server::serve`], and beside it over HTTP/1.1 and
 //!   HTTP/2 with `Alt-Svc` ([`server::serve_with_tcp`]).
-//! - [`client`]: an HTTP/3 client that is itself a `tower::Service`, with a pool.
+//! - [`client`]: an HTTP client that is itself a `tower::Service`, with a pool: HTTP/3,
+//!   and with the `tcp` feature HTTP/1.1 and HTTP/2 too, finding an origin's HTTP/3 through
+//!   `Alt-Svc` and falling back to TCP when the QUIC path is blocked.
 //! - [`quic`]: the layer underneath — UDP endpoints with batched IO (GSO/GRO), routing by
 //!   connection ID, one task per connection, Retry, version negotiation, stateless resets,
 //!   verified TLS by default, the [`Application`](quic::Application) seam through which
@@ -92,9 +94,14 @@
 //!
 //! - `server` (default): the HTTP/3 server ([`server`], [`alt_svc`]).
 //! - `client` (default): the HTTP/3 client ([`client`]). A client-only build
-//!   (`default-features = false, features = ["client"]`) compiles no server and no hyper.
-//! - `tcp` (default, implies `server`): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3, with
-//!   `Alt-Svc` (hyper, hyper-util, tokio-boring).
+//!   (`default-features = false, features = ["client"]`) compiles no server and no hyper,
+//!   and speaks HTTP/3 only.
+//! - `tcp` (default): HTTP/1.1 and HTTP/2 over TLS beside HTTP/3 (hyper, hyper-util,
+//!   tokio-boring), for whichever roles are on: with `server`,
+//!   `server::serve_with_tcp` serves both with `Alt-Svc`; with `client`, the client
+//!   starts over TCP, moves to HTTP/3 when `Alt-Svc` advertises it, and falls back to TCP
+//!   when HTTP/3 is broken (`client::Builder::tcp_only` and `http3_prior_knowledge` fix
+//!   one side). `tcp` no longer turns on `server` by itself.
 //! - `dev-certs`: development certificates, `tls::self_signed`, `tls::DevCa` and
 //!   `tls::GeneratedCert`.
 //! - `json` (implies `client`): JSON helpers on the client (serde).

@@ -67,7 +67,11 @@ async fn dual_with(
 /// An HTTP/3 client that trusts `ca_pem`.
 fn h3_client(ca_pem: &str) -> Client {
     let config = ClientConfig::builder().ca_pem(ca_pem).build().unwrap();
-    Client::builder().quic_config(config).build().unwrap()
+    Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(config)
+        .build()
+        .unwrap()
 }
 
 impl Dual {

@@ -88,6 +88,7 @@ async fn five_hundred_concurrent_requests_on_one_connection() {
     let certs = test_certs();
     let server = h3_server(&certs, server::Builder::new()).await;
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(trusting(&certs))
         .max_connections_per_origin(1)
         .build()
@@ -373,6 +374,7 @@ async fn graceful_shutdown_finishes_requests_in_flight() {
             .unwrap();
         // No longer accepting.
         let fresh = Client::builder()
+            .http3_prior_knowledge()
             .quic_config(trusting(&certs))
             .connect_timeout(Duration::from_millis(500))
             .build()
@@ -469,7 +471,7 @@ async fn a_timeout_layer_bounds_a_slow_request() {
 async fn certificate_failures_say_what_went_wrong() {
     let certs = test_certs();
     let server = h3_server(&certs, server::Builder::new()).await;
-    let untrusting = Client::builder().build().unwrap();
+    let untrusting = Client::builder().http3_prior_knowledge().build().unwrap();
     let err = timeout(TEST_TIMEOUT, untrusting.get(server.url("/hello")).send())
         .await
         .unwrap()
@@ -483,7 +485,11 @@ async fn certificate_failures_say_what_went_wrong() {
         .danger_accept_invalid_certs(true)
         .build()
         .unwrap();
-    let insecure = Client::builder().quic_config(insecure).build().unwrap();
+    let insecure = Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(insecure)
+        .build()
+        .unwrap();
     let response = timeout(TEST_TIMEOUT, insecure.get(server.url("/hello")).send())
         .await
         .unwrap()
@@ -815,6 +821,7 @@ async fn requests_waiting_for_a_connection_share_one_attempt() {
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://127.0.0.1:{}/hello", sink.local_addr().unwrap().port());
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(trusting(&certs))
         .connect_timeout(Duration::from_millis(300))
         .build()
@@ -845,6 +852,7 @@ async fn an_origin_client_reports_a_failed_connect_from_the_call_and_stays_usabl
     let certs = test_certs();
     let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(trusting(&certs))
         .connect_timeout(Duration::from_millis(200))
         .build()
@@ -890,6 +898,7 @@ async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
         .build()
         .unwrap();
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(config)
         .pool_idle_timeout(Duration::from_secs(30))
         .build()
@@ -947,6 +956,7 @@ async fn response_heads_are_held_to_the_clients_limit() {
         let response = client(&certs).get(server.url("/big-head/9000")).send().await.unwrap();
         assert_eq!(response.headers()["x-filler"].len(), 9000, "within the default 64 KiB");
         let strict = Client::builder()
+            .http3_prior_knowledge()
             .quic_config(trusting(&certs))
             .max_response_header_size(4096)
             .build()

@@ -127,6 +127,7 @@ async fn against(engine: &str, port: u16) {
     let Some(python) = python() else { return };
     let (peer, ca) = start_peer(&python, engine, port);
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(ClientConfig::builder().ca_pem_file(ca).build().unwrap())
         .connect_timeout(Duration::from_secs(10))
         .build()

@@ -52,6 +52,7 @@ async fn main() {
         insecure: false,
     };
     let client = Client::builder()
+        .http3_prior_knowledge()
         .quic_config(trust.config("h3"))
         .build()
         .unwrap_or_else(|e| support::fail(&e.to_string()));

@@ -42,9 +42,47 @@ where
     B::Data: Buf + Send,
     B::Error: Into<BoxError>,
 {
-    body.map_frame(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
-        .map_err(Into::into)
-        .boxed_unsync()
+    IntoBytes { inner: body }.boxed_unsync()
+}
+
+pin_project_lite::pin_project! {
+    /// A body's data as `Bytes` (`copy_to_bytes`, which takes `Bytes` as they are) and its
+    /// error boxed; unlike `map_frame`, it keeps the size hint, from which the request's
+    /// `content-length` comes.
+    struct IntoBytes<B> {
+        #[pin]
+        inner: B,
+    }
+}
+
+impl<B> Body for IntoBytes<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        self.project().inner.poll_frame(cx).map(|frame| {
+            frame.map(|frame| {
+                frame
+                    .map(|frame| frame.map_data(|mut data| data.copy_to_bytes(data.remaining())))
+                    .map_err(Into::into)
+            })
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request ready to go: its head as HTTP/3 fields and its body (None: it ends with the
@@ -69,6 +107,11 @@ impl PendingRequest {
         B::Data: Buf + Send,
         B::Error: Into<BoxError>,
     {
+        Self::from_boxed(request.map(box_body))
+    }
+
+    /// A request whose body is boxed already (not boxed twice).
+    pub(crate) fn from_boxed(request: Request<AnyBody>) -> Result<Self, Error> {
         let mut fields =
             request_fields(&request).map_err(|m| Error::invalid_request(format!("cannot send this request: {m}")))?;
         // Like hyper: a body of known size announces it, so the server can refuse early.
@@ -84,7 +127,7 @@ impl PendingRequest {
             fields.push(h3::Header::new(b"content-length", len.to_string().as_bytes()));
         }
         let body = request.into_body();
-        let body = (!body.is_end_stream()).then(|| box_body(body));
+        let body = (!body.is_end_stream()).then_some(body);
         Ok(PendingRequest { fields, body })
     }
 }

@@ -1,9 +1,30 @@
-//! An HTTP/3 client that is a [`tower::Service`](tower_service::Service).
+//! An HTTP/3 client that is a [`tower::Service`](tower_service::Service), and with the
+//! `tcp` feature an HTTP/1.1 and HTTP/2 one too, that finds an origin's HTTP/3 by itself.
 //!
 //! [`Client`] pools connections per origin (scheme, host, port), multiplexes requests on
 //! them, and is `Service<http::Request<B>>` for any body type, so tower's layers (timeout,
 //! retry, concurrency limit, buffer) compose with it. [`conn`] is the low-level API for one
-//! connection, in hyper's shape.
+//! HTTP/3 connection, in hyper's shape.
+//!
+//! ## Which protocol (`tcp` feature)
+//!
+//! By default the client selects the protocol as browsers do. The first request to an
+//! origin goes over TLS on TCP (HTTP/2 or HTTP/1.1, by ALPN, through hyper-util's pool),
+//! verified from the same [`ClientConfig`] as QUIC. An `Alt-Svc: h3=":port"` in its
+//! response (RFC 7838: `ma`, 24 hours by default; `clear`; another port on the same host)
+//! is remembered per origin, and later requests go over HTTP/3. QUIC gets a head start
+//! (`Builder::http3_handicap`, 300 ms): when its handshake takes longer, the request goes
+//! over TCP while the handshake carries on for the next ones. A QUIC attempt that fails
+//! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
+//! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
+//! days, reset once it works — and requests go over TCP meanwhile, without an error.
+//! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
+//! server refused it unprocessed, or its connection failed before any of its response and
+//! it is idempotent without a body. [`http::Response::version`] tells which protocol
+//! carried a response: `HTTP_11`, `HTTP_2` or `HTTP_3`.
+//!
+//! [`Builder::http3_prior_knowledge`] speaks HTTP/3 only (the only mode without `tcp`);
+//! `Builder::tcp_only` speaks TCP only.
 //!
 //! ```no_run
 //! use tower_quiche::client::{Client, ResponseExt};
@@ -15,8 +36,14 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "tcp")]
+mod alt_svc;
+#[cfg(feature = "tcp")]
+mod auto;
 pub mod conn;
 mod connect;
+#[cfg(feature = "tcp")]
+pub(crate) mod tcp;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -35,7 +62,7 @@ use tower_service::Service;
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::RecvBody;
 use crate::quic::{ClientConfig, Endpoint};
-use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
+use conn::{AnyBody, ConnSettings, Failure, PendingRequest, SendRequest, box_body};
 
 pub use crate::h3::fields::Protocol;
 
@@ -72,6 +99,23 @@ impl Origin {
         })
     }
 
+    /// `request` with an absolute URI, as both protocols need: a path alone is completed
+    /// with this origin's scheme and the request's `Host` (as HTTP/3's `:authority` has
+    /// always taken it), or this origin's authority when it has none.
+    fn complete<B>(&self, mut request: Request<B>) -> Result<Request<B>, Error> {
+        if request.uri().authority().is_none() {
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            let authority = match request.headers().get(http::header::HOST).map(|h| h.to_str()) {
+                Some(Ok(host)) => host.to_string(),
+                _ => self.authority(),
+            };
+            *request.uri_mut() = format!("{}://{authority}{path}", self.scheme)
+                .parse()
+                .map_err(|e| Error::invalid_request(format!("cannot send this request: {e}")))?;
+        }
+        Ok(request)
+    }
+
     fn authority(&self) -> String {
         if self.host.contains(':') {
             format!("[{}]:{}", self.host, self.port)
@@ -81,8 +125,39 @@ impl Origin {
     }
 }
 
+/// Which protocols the client speaks: see [`Builder::http3_prior_knowledge`] and
+/// [`Builder::tcp_only`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// TCP first, HTTP/3 once `Alt-Svc` advertises it, TCP again while it is broken.
+    #[cfg(feature = "tcp")]
+    Auto,
+    /// HTTP/3 only.
+    Http3,
+    /// HTTP/1.1 and HTTP/2 over TCP only.
+    #[cfg(feature = "tcp")]
+    Tcp,
+}
+
+/// How one request goes: on this HTTP/3 connection, or over TCP.
+enum Route {
+    H3(SendRequest),
+    #[cfg(feature = "tcp")]
+    Tcp,
+}
+
 struct Pool {
-    endpoint: Endpoint,
+    mode: Mode,
+    /// The QUIC endpoint; none in TCP-only mode (no UDP socket at all).
+    endpoint: Option<Endpoint>,
+    #[cfg(feature = "tcp")]
+    tcp: Option<tcp::TcpClient>,
+    /// Where each origin's HTTP/3 is, and where it is broken (auto mode).
+    #[cfg(feature = "tcp")]
+    alt_svc: Mutex<alt_svc::Cache>,
+    /// How long QUIC may take before a request goes over TCP instead (auto mode).
+    #[cfg(feature = "tcp")]
+    handicap: Duration,
     settings: Arc<ConnSettings>,
     connect_timeout: Duration,
     max_per_origin: usize,
@@ -118,7 +193,8 @@ impl Pool {
         None
     }
 
-    async fn connection(&self, origin: &Origin) -> Result<SendRequest, Error> {
+    /// A connection to `origin`, whose HTTP/3 is on `port` of its host.
+    async fn connection(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
         if let Some(c) = self.pick(origin, false) {
             return Ok(c);
         }
@@ -127,7 +203,7 @@ impl Pool {
             Arc::clone(connecting.entry(origin.clone()).or_default())
         };
         let outcome = attempt
-            .get_or_init(|| async { self.connect(origin).await.map_err(Arc::new) })
+            .get_or_init(|| async { self.connect(origin, port).await.map_err(Arc::new) })
             .await;
         // The attempt has its outcome: the next request that finds no connection starts a
         // fresh one (a failure is not remembered beyond those who waited for it).
@@ -143,14 +219,36 @@ impl Pool {
         }
     }
 
-    /// Connects to `origin` and pools the connection.
-    async fn connect(&self, origin: &Origin) -> Result<SendRequest, Error> {
+    /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection. In auto mode,
+    /// a failure marks HTTP/3 broken for the origin and a success confirms it.
+    async fn connect(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false) {
             return Ok(c);
         }
-        let authority = origin.authority();
-        let connect = conn::handshake_with(&self.endpoint, &authority, Arc::clone(&self.settings));
+        let result = self.handshake(origin, port).await;
+        #[cfg(feature = "tcp")]
+        if self.mode == Mode::Auto {
+            let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
+            match &result {
+                Ok(_) => cache.confirm(origin),
+                Err(e) if !e.is_invalid_request() => {
+                    tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
+                    cache.mark_broken(origin, std::time::Instant::now());
+                }
+                Err(_) => {}
+            }
+        }
+        result
+    }
+
+    async fn handshake(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
+        let endpoint = self
+            .endpoint
+            .as_ref()
+            .ok_or_else(|| Error::config("this client speaks TCP only (Builder::tcp_only)"))?;
+        let authority = Origin { port, ..origin.clone() }.authority();
+        let connect = conn::handshake_with(endpoint, &authority, Arc::clone(&self.settings));
         let (send, connection) = tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| {
@@ -170,26 +268,61 @@ impl Pool {
         Ok(send)
     }
 
-    async fn send(&self, request: PendingRequest, origin: Origin) -> Result<Response<RecvBody>, Error> {
-        self.send_via(None, request, origin).await
+    /// How the next request to `origin` goes: on an HTTP/3 connection (waiting for one in
+    /// HTTP/3-only mode), or over TCP.
+    async fn route(self: &Arc<Self>, origin: &Origin) -> Result<Route, Error> {
+        match self.mode {
+            Mode::Http3 => Ok(Route::H3(self.connection(origin, origin.port).await?)),
+            #[cfg(feature = "tcp")]
+            Mode::Tcp => Ok(Route::Tcp),
+            #[cfg(feature = "tcp")]
+            Mode::Auto => Ok(self.auto_route(origin).await),
+        }
     }
 
-    /// Sends `request`, first on `reserved` (a connection `poll_ready` picked) when given,
-    /// else on a pooled connection; a request the server did not process goes once more
-    /// to another connection (RFC 9114 §4.1.1).
+    /// Sends `request`, first on `reserved` (what `poll_ready` chose) when given, else as
+    /// [`route`](Self::route) decides.
     async fn send_via(
-        &self,
-        mut reserved: Option<SendRequest>,
-        request: PendingRequest,
+        self: Arc<Self>,
+        reserved: Option<Route>,
+        request: Request<AnyBody>,
         origin: Origin,
     ) -> Result<Response<RecvBody>, Error> {
+        let route = match reserved {
+            Some(route) => route,
+            None => self.route(&origin).await?,
+        };
+        match route {
+            #[cfg(feature = "tcp")]
+            Route::Tcp => self.send_tcp(request, &origin).await,
+            #[cfg(feature = "tcp")]
+            Route::H3(send) if self.mode == Mode::Auto => self.send_h3_or_tcp(send, request, origin).await,
+            Route::H3(send) => {
+                let pending = PendingRequest::from_boxed(request)?;
+                self.send_h3(send, pending, &origin, origin.port)
+                    .await
+                    .map_err(H3Failure::into_error)
+            }
+        }
+    }
+
+    /// Sends `request` on `send`; a request the server did not process goes once more to
+    /// another connection (RFC 9114 §4.1.1), to HTTP/3 on `port` of the origin's host.
+    async fn send_h3(
+        &self,
+        mut send: SendRequest,
+        mut request: PendingRequest,
+        origin: &Origin,
+        port: u16,
+    ) -> Result<Response<RecvBody>, H3Failure> {
         const ATTEMPTS: usize = 2;
-        let mut request = request;
         for attempt in 0..ATTEMPTS {
-            let mut send = match reserved.take() {
-                Some(send) => send,
-                None => self.connection(&origin).await?,
-            };
+            if attempt > 0 {
+                send = match self.connection(origin, port).await {
+                    Ok(send) => send,
+                    Err(e) => return Err(H3Failure::Connect(request, e)),
+                };
+            }
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
                 Ok(response) => return Ok(response),
@@ -197,10 +330,30 @@ impl Pool {
                     tracing::debug!(%error, "request not processed; retrying on a new connection");
                     request = unsent;
                 }
-                Err(failure) => return Err(failure.into_error()),
+                Err(failure) => return Err(H3Failure::Request(failure)),
             }
         }
         unreachable!("the last attempt returns")
+    }
+}
+
+/// Why a request failed over HTTP/3, with what is left of it.
+enum H3Failure {
+    /// No connection could be made for it: it is untouched (and goes over TCP in auto mode).
+    Connect(
+        #[cfg_attr(not(feature = "tcp"), allow(dead_code))] PendingRequest,
+        Error,
+    ),
+    /// It failed on a connection: unsent (the server did not process it) or not.
+    Request(Failure),
+}
+
+impl H3Failure {
+    fn into_error(self) -> Error {
+        match self {
+            H3Failure::Connect(_, e) => e,
+            H3Failure::Request(failure) => failure.into_error(),
+        }
     }
 }
 
@@ -226,7 +379,8 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("local_addr", &self.pool.endpoint.local_addr())
+            .field("mode", &self.pool.mode)
+            .field("local_addr", &self.pool.endpoint.as_ref().map(Endpoint::local_addr))
             .finish_non_exhaustive()
     }
 }
@@ -248,11 +402,9 @@ impl Client {
         B::Error: Into<BoxError>,
     {
         let pool = Arc::clone(&self.pool);
-        let prepared = Origin::of(request.uri()).and_then(|origin| Ok((origin, PendingRequest::new(request)?)));
-        async move {
-            let (origin, pending) = prepared?;
-            pool.send(pending, origin).await
-        }
+        let origin = Origin::of(request.uri());
+        let request = request.map(box_body);
+        async move { pool.send_via(None, request, origin?).await }
     }
 
     /// Starts a GET request.
@@ -350,7 +502,8 @@ impl Client {
         })
     }
 
-    /// How many connections the pool holds open (for all origins).
+    /// How many HTTP/3 connections the pool holds open (for all origins). TCP connections,
+    /// pooled by hyper-util, are not counted.
     pub fn pooled_connections(&self) -> usize {
         let mut conns = self.pool.conns.lock().unwrap_or_else(|p| p.into_inner());
         conns
@@ -374,8 +527,8 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Response<RecvBody>, Error>> + Send>>;
 
     /// Always ready: a request waits inside its future for a connection to its origin and
-    /// for that connection's stream credit. Per-connection capacity is what
-    /// [`conn::SendRequest::poll_ready`] reports.
+    /// for that connection's stream credit (or, over TCP, for hyper-util's pool).
+    /// Per-connection capacity is what [`conn::SendRequest::poll_ready`] reports.
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
         Poll::Ready(Ok(()))
     }
@@ -385,15 +538,15 @@ where
     }
 }
 
-type Connecting = Pin<Box<dyn Future<Output = Result<SendRequest, Error>> + Send>>;
+type Connecting = Pin<Box<dyn Future<Output = Result<Route, Error>> + Send>>;
 
 /// A [`Client`] bound to one origin: see [`Client::origin`]. Cheap to clone (clones share
 /// the pool, not the readiness reservation).
 pub struct OriginClient {
     pool: Arc<Pool>,
     origin: Origin,
-    /// A connection with a stream reserved for the next `call`.
-    ready: Option<SendRequest>,
+    /// How the next `call` goes: a connection with a stream reserved for it, or TCP.
+    ready: Option<Route>,
     connecting: Option<Connecting>,
     /// Why the last connection attempt failed: the next `call` reports it. `poll_ready`
     /// stays `Ok`, because an error from it means the service is gone for good (tower's
@@ -436,25 +589,29 @@ where
             return Poll::Ready(Ok(()));
         }
         loop {
-            if let Some(send) = &mut self.ready {
-                match send.poll_ready(cx) {
+            match &mut self.ready {
+                Some(Route::H3(send)) => match send.poll_ready(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
                     Poll::Pending => return Poll::Pending,
                     // Closed or going away: find or open another connection.
                     Poll::Ready(Err(_)) => self.ready = None,
-                }
+                },
+                // hyper-util's pool reports no capacity: TCP is always ready.
+                #[cfg(feature = "tcp")]
+                Some(Route::Tcp) => return Poll::Ready(Ok(())),
+                None => {}
             }
             let connecting = self.connecting.get_or_insert_with(|| {
                 let pool = Arc::clone(&self.pool);
                 let origin = self.origin.clone();
-                Box::pin(async move { pool.connection(&origin).await })
+                Box::pin(async move { pool.route(&origin).await })
             });
             match connecting.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(result) => {
                     self.connecting = None;
                     match result {
-                        Ok(send) => self.ready = Some(send),
+                        Ok(route) => self.ready = Some(route),
                         Err(e) => {
                             self.failed = Some(e);
                             return Poll::Ready(Ok(()));
@@ -471,16 +628,22 @@ where
         }
         let pool = Arc::clone(&self.pool);
         let origin = self.origin.clone();
-        let prepared = PendingRequest::new(request);
-        // The stream `poll_ready` reserved, if any; without it the pool picks a connection.
+        // What `poll_ready` chose (a stream it reserved, or TCP), if anything; without it
+        // the pool chooses.
         let reserved = self.ready.take();
-        Box::pin(async move { pool.send_via(reserved, prepared?, origin).await })
+        let request = origin.complete(request);
+        Box::pin(async move { pool.send_via(reserved, request?.map(box_body), origin).await })
     }
 }
 
 /// Builds a [`Client`].
 #[derive(Debug)]
 pub struct Builder {
+    mode: Mode,
+    #[cfg(feature = "tcp")]
+    handicap: Duration,
+    #[cfg(feature = "tcp")]
+    alt_svc_capacity: usize,
     quic: Option<ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
@@ -491,6 +654,14 @@ pub struct Builder {
 impl Default for Builder {
     fn default() -> Self {
         Builder {
+            #[cfg(feature = "tcp")]
+            mode: Mode::Auto,
+            #[cfg(not(feature = "tcp"))]
+            mode: Mode::Http3,
+            #[cfg(feature = "tcp")]
+            handicap: Duration::from_millis(300),
+            #[cfg(feature = "tcp")]
+            alt_svc_capacity: 1024,
             quic: None,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
@@ -559,24 +730,80 @@ impl Builder {
         self
     }
 
-    /// Builds the client and binds its UDP socket (dual-stack where the system allows).
+    /// Speaks HTTP/3 only, to every origin, without asking over TCP first (RFC 9114 §3.1.1
+    /// "prior knowledge"); no TCP connection is ever opened. Without the `tcp` feature this
+    /// is the only mode, and the default.
+    pub fn http3_prior_knowledge(mut self) -> Self {
+        self.mode = Mode::Http3;
+        self
+    }
+
+    /// (`tcp` feature) Speaks HTTP/1.1 and HTTP/2 over TLS on TCP only (ALPN `h2`, then
+    /// `http/1.1`), ignoring `Alt-Svc`; no UDP socket is bound. Servers are verified as
+    /// over QUIC, from the same [`quic_config`](Self::quic_config).
+    #[cfg(feature = "tcp")]
+    pub fn tcp_only(mut self) -> Self {
+        self.mode = Mode::Tcp;
+        self
+    }
+
+    /// (`tcp` feature) The head start QUIC gets over TCP, in the default automatic mode,
+    /// for an origin known to speak HTTP/3 with no connection up yet: when the QUIC
+    /// handshake has not completed by then, the request goes over TCP instead while the
+    /// handshake carries on for later requests. Defaults to 300 ms.
+    #[cfg(feature = "tcp")]
+    pub fn http3_handicap(mut self, handicap: Duration) -> Self {
+        self.handicap = handicap;
+        self
+    }
+
+    /// (`tcp` feature) How many origins' `Alt-Svc` (and broken-HTTP/3) state the client
+    /// remembers; past it, the origin heard from longest ago is forgotten. Defaults to 1024.
+    #[cfg(feature = "tcp")]
+    pub fn alt_svc_cache_size(mut self, origins: usize) -> Self {
+        self.alt_svc_capacity = origins.max(1);
+        self
+    }
+
+    /// Builds the client, and binds its UDP socket (dual-stack where the system allows)
+    /// unless it speaks TCP only.
     pub fn build(self) -> Result<Client, Error> {
         let config = match self.quic {
             Some(config) => config,
             None => ClientConfig::builder().build()?,
         };
-        if !config.alpn().any(|p| p == b"h3") {
-            return Err(Error::config(
-                "the client's ClientConfig does not offer the \"h3\" ALPN: leave its alpn at the default, or \
-                 include \"h3\" in the list",
-            ));
-        }
-        let endpoint = Endpoint::client(config)?;
+        #[cfg(feature = "tcp")]
+        let tcp = match self.mode {
+            Mode::Http3 => None,
+            _ => Some(tcp::TcpClient::new(&config, self.connect_timeout, self.idle_timeout)?),
+        };
+        #[cfg(feature = "tcp")]
+        let speaks_h3 = self.mode != Mode::Tcp;
+        #[cfg(not(feature = "tcp"))]
+        let speaks_h3 = true;
+        let endpoint = if speaks_h3 {
+            if !config.alpn().any(|p| p == b"h3") {
+                return Err(Error::config(
+                    "the client's ClientConfig does not offer the \"h3\" ALPN: leave its alpn at the default, or \
+                     include \"h3\" in the list",
+                ));
+            }
+            Some(Endpoint::client(config)?)
+        } else {
+            None
+        };
         let mut settings = self.settings;
         settings.idle_timeout = Some(self.idle_timeout);
         Ok(Client {
             pool: Arc::new(Pool {
+                mode: self.mode,
                 endpoint,
+                #[cfg(feature = "tcp")]
+                tcp,
+                #[cfg(feature = "tcp")]
+                alt_svc: Mutex::new(alt_svc::Cache::new(self.alt_svc_capacity)),
+                #[cfg(feature = "tcp")]
+                handicap: self.handicap,
                 settings: Arc::new(settings),
                 connect_timeout: self.connect_timeout,
                 max_per_origin: self.max_per_origin,

@@ -26,16 +26,33 @@ use crate::error::{BoxError, Error};
 /// server's body timeout, one whose [`Error::is_timeout`] is true.
 ///
 /// Dropping the body tells the connection to discard the rest of it.
+///
+/// The client (with the `tcp` feature) also returns responses that came over HTTP/1.1 or
+/// HTTP/2 as a `RecvBody`: [`http::Response::version`] says which protocol carried it.
 pub struct RecvBody {
-    stream: Option<Arc<StreamShared>>,
-    finished: bool,
+    source: Source,
+}
+
+enum Source {
+    /// A body that has ended, or never had data.
+    Done,
+    /// The receiving half of an HTTP/3 stream.
+    H3(Arc<StreamShared>),
+    /// A response body hyper receives over TCP (HTTP/1.1 or HTTP/2).
+    #[cfg(all(feature = "client", feature = "tcp"))]
+    Tcp(hyper::body::Incoming),
 }
 
 impl std::fmt::Debug for RecvBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecvBody")
-            .field("stream_id", &self.stream.as_ref().map(|s| s.id()))
-            .finish_non_exhaustive()
+        let mut d = f.debug_struct("RecvBody");
+        match &self.source {
+            Source::Done => d.field("ended", &true),
+            Source::H3(stream) => d.field("stream_id", &stream.id()),
+            #[cfg(all(feature = "client", feature = "tcp"))]
+            Source::Tcp(_) => d.field("tcp", &true),
+        };
+        d.finish_non_exhaustive()
     }
 }
 
@@ -48,16 +65,27 @@ impl Default for RecvBody {
 impl RecvBody {
     /// A body with no data (for messages that end with their head).
     pub fn empty() -> Self {
-        RecvBody {
-            stream: None,
-            finished: true,
-        }
+        RecvBody { source: Source::Done }
     }
 
     pub(crate) fn new(stream: Arc<StreamShared>) -> Self {
         RecvBody {
-            stream: Some(stream),
-            finished: false,
+            source: Source::H3(stream),
+        }
+    }
+
+    /// A response body received over TCP by hyper.
+    #[cfg(all(feature = "client", feature = "tcp"))]
+    pub(crate) fn tcp(body: hyper::body::Incoming) -> Self {
+        RecvBody {
+            source: Source::Tcp(body),
+        }
+    }
+
+    /// The body has ended (or failed): an HTTP/3 stream's reader is released at once.
+    fn finish(&mut self) {
+        if let Source::H3(stream) = std::mem::replace(&mut self.source, Source::Done) {
+            stream.drop_reader();
         }
     }
 }
@@ -68,40 +96,40 @@ impl Body for RecvBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
-        let Some(stream) = &this.stream else {
-            return Poll::Ready(None);
+        let poll = match &mut this.source {
+            Source::Done => return Poll::Ready(None),
+            Source::H3(stream) => stream.poll_recv(cx),
+            #[cfg(all(feature = "client", feature = "tcp"))]
+            Source::Tcp(body) => Pin::new(body).poll_frame(cx).map_err(crate::client::tcp::body_error),
         };
-        if this.finished {
-            return Poll::Ready(None);
-        }
-        let poll = stream.poll_recv(cx);
         if matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
-            this.finished = true;
+            this.finish();
         }
         poll
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.stream {
-            None => true,
-            Some(stream) => self.finished || stream.recv_is_end(),
+        match &self.source {
+            Source::Done => true,
+            Source::H3(stream) => stream.recv_is_end(),
+            #[cfg(all(feature = "client", feature = "tcp"))]
+            Source::Tcp(body) => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.stream {
-            None => SizeHint::with_exact(0),
-            Some(_) if self.finished => SizeHint::with_exact(0),
-            Some(stream) => stream.recv_size_hint(),
+        match &self.source {
+            Source::Done => SizeHint::with_exact(0),
+            Source::H3(stream) => stream.recv_size_hint(),
+            #[cfg(all(feature = "client", feature = "tcp"))]
+            Source::Tcp(body) => body.size_hint(),
         }
     }
 }
 
 impl Drop for RecvBody {
     fn drop(&mut self) {
-        if let Some(stream) = self.stream.take() {
-            stream.drop_reader();
-        }
+        self.finish();
     }
 }
 

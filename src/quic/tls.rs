@@ -74,6 +74,11 @@ impl PemSource {
     }
 }
 
+/// The ALPN list of HTTP over TLS on TCP, in wire format and order of preference: `h2`, then
+/// `http/1.1`. The server's TCP side selects from it, the client's offers it.
+#[cfg(feature = "tcp")]
+pub(crate) const TCP_ALPN: &[u8] = b"\x02h2\x08http/1.1";
+
 /// Parsed TLS material of a configuration, shared by every endpoint built from it.
 pub(crate) struct TlsMaterial {
     pub(crate) chain: Vec<X509>,

@@ -118,7 +118,7 @@ fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
     // without a certificate can reach the service over TCP instead.
     tls.verify_clients(&mut b).map_err(|e| err("client CA", e))?;
     b.set_alpn_select_callback(|_, client| {
-        boring::ssl::select_next_proto(b"\x02h2\x08http/1.1", client).ok_or(AlpnError::NOACK)
+        boring::ssl::select_next_proto(crate::quic::tls::TCP_ALPN, client).ok_or(AlpnError::NOACK)
     });
     Ok(b.build())
 }

@@ -320,7 +320,11 @@ pub fn trusting(certs: &Certs) -> ClientConfig {
 }
 
 pub fn client(certs: &Certs) -> Client {
-    Client::builder().quic_config(trusting(certs)).build().unwrap()
+    Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(trusting(certs))
+        .build()
+        .unwrap()
 }
 
 /// A client endpoint offering `h3`, for `client::conn::handshake`.

@@ -1,0 +1,143 @@
+//! Protocol selection (`tcp` feature, auto mode): TCP until the origin advertises HTTP/3 in
+//! `Alt-Svc`, then HTTP/3 with a head start over TCP, and TCP again while HTTP/3 is broken.
+//!
+//! What is resent over TCP after HTTP/3 failed, and what is not:
+//! - a request no HTTP/3 connection could be made for (handshake timeout, refused, TLS
+//!   failure) goes over TCP, and HTTP/3 is marked broken for the origin;
+//! - a request the server refused unprocessed (GOAWAY, `H3_REQUEST_REJECTED`), once more
+//!   refused after the usual retry on a new connection, goes over TCP;
+//! - a request whose connection failed before any of its response arrived (the QUIC
+//!   connection closed or timed out, not a stream reset) marks HTTP/3 broken, and is resent
+//!   over TCP only when that is safe: an idempotent method (RFC 9110 §9.2.2) and no body
+//!   (the body of a request is consumed as it is sent, and not kept for a resend);
+//! - anything else (a stream reset, an error in the response body) is the caller's error.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::ALT_SVC;
+use http::{HeaderMap, Method, Request, Response, Uri, Version};
+
+use super::conn::{AnyBody, Failure, PendingRequest, SendRequest, box_body};
+use super::{H3Failure, Mode, Origin, Pool, Route};
+use crate::error::Error;
+use crate::h3::body::RecvBody;
+
+impl Pool {
+    /// HTTP/3 when the origin has a usable connection, or advertised HTTP/3 that is not
+    /// broken and whose connection comes up within the handicap; TCP otherwise.
+    ///
+    /// The connection attempt runs on its own task: when the handicap runs out first, this
+    /// request goes over TCP and the attempt carries on, shared with later requests, to
+    /// serve them once it is up (or to mark HTTP/3 broken when it fails).
+    pub(super) async fn auto_route(self: &Arc<Self>, origin: &Origin) -> Route {
+        if let Some(send) = self.pick(origin, false) {
+            return Route::H3(send);
+        }
+        let port = self.alt_svc().h3_port(origin, Instant::now());
+        let Some(port) = port else {
+            return Route::Tcp;
+        };
+        let pool = Arc::clone(self);
+        let target = origin.clone();
+        let mut attempt = tokio::spawn(async move { pool.connection(&target, port).await });
+        match tokio::time::timeout(self.handicap, &mut attempt).await {
+            Ok(Ok(Ok(send))) => Route::H3(send),
+            // Failed (and marked broken), or no faster than the handicap.
+            _ => Route::Tcp,
+        }
+    }
+
+    /// Sends `request` over HTTP/3 on `send`, and over TCP when HTTP/3 fails in a way that
+    /// makes that safe (see the module's documentation).
+    pub(super) async fn send_h3_or_tcp(
+        self: &Arc<Self>,
+        send: SendRequest,
+        request: Request<AnyBody>,
+        origin: Origin,
+    ) -> Result<Response<RecvBody>, Error> {
+        let port = self.alt_svc().h3_port(&origin, Instant::now()).unwrap_or(origin.port);
+        let head = Head::of(&request);
+        let bodyless = http_body::Body::is_end_stream(request.body());
+        let pending = PendingRequest::from_boxed(request)?;
+        match self.send_h3(send, pending, &origin, port).await {
+            Ok(response) => Ok(response),
+            Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error))) => {
+                tracing::debug!(%error, "request not sent over HTTP/3; sending it over TCP");
+                self.send_tcp(head.with_body(unsent.body), &origin).await
+            }
+            Err(H3Failure::Request(Failure::Failed(error))) => {
+                let path_failed = !error.is_reset() && (error.is_closed() || error.is_io());
+                if path_failed {
+                    self.alt_svc().mark_broken(&origin, Instant::now());
+                    if bodyless && head.method.is_idempotent() {
+                        tracing::debug!(%error, "HTTP/3 failed before the response; resending over TCP");
+                        return self.send_tcp(head.with_body(None), &origin).await;
+                    }
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Sends `request` over TCP, and in auto mode learns from the response's `Alt-Svc`.
+    pub(super) async fn send_tcp(
+        &self,
+        request: Request<AnyBody>,
+        origin: &Origin,
+    ) -> Result<Response<RecvBody>, Error> {
+        let tcp = self
+            .tcp
+            .as_ref()
+            .ok_or_else(|| Error::config("this client speaks HTTP/3 only (Builder::http3_prior_knowledge)"))?;
+        let response = tcp.send(for_tcp(request)).await?;
+        if self.mode == Mode::Auto {
+            self.alt_svc()
+                .update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+        }
+        Ok(response)
+    }
+
+    fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {
+        self.alt_svc.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// `request` as hyper's client takes it: HTTP/1.1 as the version asked for (hyper uses
+/// HTTP/2 when ALPN chose it).
+fn for_tcp(mut request: Request<AnyBody>) -> Request<AnyBody> {
+    if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
+        *request.version_mut() = Version::HTTP_11;
+    }
+    request
+}
+
+/// What a resend over TCP needs of a request sent over HTTP/3 (whose head becomes HTTP/3
+/// fields): a copy of its head, taken before. Extensions are not kept.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Head {
+    fn of(request: &Request<AnyBody>) -> Head {
+        Head {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: request.headers().clone(),
+        }
+    }
+
+    fn with_body(self, body: Option<AnyBody>) -> Request<AnyBody> {
+        let body = body.unwrap_or_else(|| box_body(http_body_util::Empty::<bytes::Bytes>::new()));
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method;
+        *request.uri_mut() = self.uri;
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers;
+        request
+    }
+}

@@ -1,0 +1,438 @@
+//! The client's protocol selection: TCP first, HTTP/3 once `Alt-Svc` advertises it, TCP
+//! again when the QUIC path is blocked or breaks; and the two fixed modes.
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use bytes::Bytes;
+use http::header::ALT_SVC;
+use http::{HeaderValue, Request, Version};
+use http_body_util::Empty;
+use support::h3::{H3Server, h3_server_with, listener, trusting};
+use support::*;
+use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
+use tokio::time::timeout;
+use tower::{Service, ServiceExt};
+use tower_quiche::client::{Builder, Client, ResponseExt};
+use tower_quiche::server;
+
+/// `/hello` (and `/stuck`, GET or POST) answers `hello`, with `alt_svc` as its `Alt-Svc`
+/// when given (the server's own, pointing at its UDP side, otherwise).
+fn app(alt_svc: Option<HeaderValue>) -> Router {
+    routes(alt_svc, true)
+}
+
+fn routes(alt_svc: Option<HeaderValue>, with_stuck: bool) -> Router {
+    let hello = move || {
+        let alt_svc = alt_svc.clone();
+        async move {
+            let mut response = http::Response::new(axum::body::Body::from("hello"));
+            if let Some(value) = alt_svc {
+                response.headers_mut().insert(ALT_SVC, value);
+            }
+            response
+        }
+    };
+    let router = Router::new().route("/hello", get(hello.clone()));
+    if with_stuck {
+        router.route("/stuck", get(hello.clone()).post(hello))
+    } else {
+        router
+    }
+}
+
+/// Our server on TCP and UDP on one port (`server::serve_with_tcp`).
+struct Dual {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
+}
+
+impl Dual {
+    async fn start(certs: &Certs, app: Router) -> Dual {
+        Dual::start_on(listener(certs).await, app).await
+    }
+
+    /// With a client CA: mutual TLS on both transports.
+    async fn start_requiring_client_certificates(certs: &Certs, client_ca: &str, app: Router) -> Dual {
+        let config = tower_quiche::quic::ServerConfig::builder()
+            .cert_chain_pem(&certs.leaf.cert_pem)
+            .private_key_pem(&certs.leaf.key_pem)
+            .client_ca_pem(client_ca)
+            .build()
+            .unwrap();
+        let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
+        Dual::start_on(listener, app).await
+    }
+
+    async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
+        init_tracing();
+        let addr = listener.local_addr();
+        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let serve = server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+        Dual {
+            addr,
+            shutdown: Some(tx),
+            done: tokio::spawn(serve.into_future()),
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/hello", self.addr.port())
+    }
+
+    async fn stop(mut self) {
+        let _ = self.shutdown.take().unwrap().send(());
+        self.done.await.unwrap().unwrap();
+    }
+}
+
+async fn stop_h3(mut server: H3Server) {
+    let _ = server.shutdown.take().unwrap().send(());
+    server.done.await.unwrap().unwrap();
+}
+
+/// `h3=":port"`: HTTP/3 on `port` of the same host.
+fn alt_svc_to(port: u16) -> HeaderValue {
+    HeaderValue::from_str(&format!("h3=\":{port}\"")).unwrap()
+}
+
+/// A dual server whose `Alt-Svc` points at a UDP socket that swallows every datagram (the
+/// socket, to count what reaches it).
+async fn front_with_blackholed_h3(certs: &Certs) -> (UdpSocket, Dual) {
+    let sink = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let server = Dual::start(certs, app(Some(alt_svc_to(sink.local_addr().unwrap().port())))).await;
+    (sink, server)
+}
+
+/// A client with this connect timeout and HTTP/3 head start.
+fn timed_client(certs: &Certs, connect_timeout: Duration, handicap: Duration) -> Client {
+    client(certs, |b| b.connect_timeout(connect_timeout).http3_handicap(handicap))
+}
+
+fn client(certs: &Certs, configure: impl FnOnce(Builder) -> Builder) -> Client {
+    configure(Client::builder().quic_config(trusting(certs)))
+        .build()
+        .unwrap()
+}
+
+/// GETs `url`, checks the body, and returns the protocol version that carried it.
+async fn hello(client: &Client, url: &str) -> Version {
+    let response = client.get(url).send().await.expect("the request succeeds");
+    assert_eq!(response.status(), 200);
+    let version = response.version();
+    assert_eq!(response.text().await.unwrap(), "hello", "over {version:?}");
+    version
+}
+
+/// The Initial DCIDs of the QUIC connection attempts that reached `sink`: one per attempt
+/// (retransmissions repeat it), as `tests/h3.rs` counts them.
+async fn attempts_seen(sink: &UdpSocket, dcids: &mut HashSet<Vec<u8>>, wait: Duration) {
+    let mut buf = [0u8; 2048];
+    while let Ok(Ok(n)) = timeout(wait, sink.recv(&mut buf)).await {
+        if n > 6 && buf[0] & 0x80 != 0 {
+            let len = buf[5] as usize;
+            dcids.insert(buf[6..(6 + len).min(n)].to_vec());
+        }
+    }
+}
+
+/// The first request to an origin goes over TCP (HTTP/2, by ALPN); its `Alt-Svc` sends the
+/// next ones over HTTP/3, on the same port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_request_goes_over_tcp_and_alt_svc_upgrades_the_next_to_http3() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    // A generous handicap: on a loaded machine the handshake may take long, and this test
+    // is about the upgrade, not the race.
+    let client = client(&certs, |b| b.http3_handicap(Duration::from_secs(20)));
+    let run = async {
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        assert_eq!(client.pooled_connections(), 0, "no QUIC before Alt-Svc");
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        assert_eq!(client.pooled_connections(), 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// An [`OriginClient`](tower_quiche::client::OriginClient) with path-only requests follows
+/// the same path: TCP, then HTTP/3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_client_upgrades_too() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    let client = client(&certs, |b| b.http3_handicap(Duration::from_secs(20)));
+    let mut origin = client
+        .origin(format!("https://127.0.0.1:{}", server.addr.port()))
+        .unwrap();
+    let run = async {
+        let mut versions = Vec::new();
+        for _ in 0..3 {
+            let service = ServiceExt::<Request<Empty<Bytes>>>::ready(&mut origin).await.unwrap();
+            let response = service
+                .call(Request::get("/hello").body(Empty::<Bytes>::new()).unwrap())
+                .await
+                .unwrap();
+            versions.push(response.version());
+            assert_eq!(response.text().await.unwrap(), "hello");
+        }
+        assert_eq!(versions, [Version::HTTP_2, Version::HTTP_3, Version::HTTP_3]);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// UDP blocked: `Alt-Svc` points at a socket that swallows every datagram. Every request
+/// succeeds over TCP; the QUIC attempt that failed marks HTTP/3 broken, so it is not made
+/// again for every request: one attempt in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_udp_falls_back_to_tcp_and_is_not_retried_for_every_request() {
+    let certs = certs();
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = timed_client(&certs, Duration::from_millis(500), Duration::from_millis(100));
+    let run = async {
+        let mut dcids = HashSet::new();
+        for _ in 0..3 {
+            assert_ne!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        // Let the attempt run out (the connect timeout), then keep going.
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(1500)).await;
+        assert_eq!(dcids.len(), 1, "the requests share one attempt");
+        for _ in 0..5 {
+            assert_ne!(hello(&client, &server.url()).await, Version::HTTP_3);
+        }
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(300)).await;
+        assert_eq!(dcids.len(), 1, "no new attempt while HTTP/3 is marked broken");
+        assert_eq!(client.pooled_connections(), 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// The handicap race: with QUIC blackholed and a long connect timeout, a request goes over
+/// TCP once the handicap is up, while the QUIC attempt is still running (the sink still
+/// receives its retransmitted Initials after the response: the request did not wait for
+/// the attempt to fail).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_wins_the_race_when_quic_does_not_connect_within_the_handicap() {
+    let certs = certs();
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = timed_client(&certs, Duration::from_secs(60), Duration::from_millis(50));
+    let run = async {
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        assert_eq!(
+            hello(&client, &server.url()).await,
+            Version::HTTP_2,
+            "TCP after the handicap"
+        );
+        let mut dcids = HashSet::new();
+        // Still trying: Initials keep coming (PTO backoff: within a few seconds).
+        let mut buf = [0u8; 2048];
+        let first = timeout(Duration::from_secs(20), sink.recv(&mut buf)).await;
+        assert!(first.is_ok(), "the QUIC attempt carries on after TCP won");
+        attempts_seen(&sink, &mut dcids, Duration::from_millis(100)).await;
+        assert!(dcids.len() <= 1, "{} attempts", dcids.len());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// HTTP/3 breaking mid-run (its server stops): later requests continue over TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_breaking_mid_run_continues_over_tcp() {
+    let certs = certs();
+    // HTTP/3 on its own server (so that it can stop alone), advertised by the TCP side.
+    let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(h3.addr.port())))).await;
+    let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        // Once the handshake is up (the first attempt may lose the race on a slow machine),
+        // requests go over HTTP/3.
+        let mut upgraded = false;
+        for _ in 0..50 {
+            if hello(&client, &front.url()).await == Version::HTTP_3 {
+                upgraded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(upgraded, "HTTP/3 was used");
+        stop_h3(h3).await;
+        for _ in 0..5 {
+            assert_ne!(hello(&client, &front.url()).await, Version::HTTP_3);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+}
+
+/// A request in flight over HTTP/3 whose connection dies before any of its response: a
+/// GET without a body is resent over TCP (and answered there); a POST is not resent, and
+/// its caller gets the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_lost_with_its_connection_is_resent_over_tcp_only_when_safe() {
+    let certs = certs();
+    let arrived = Arc::new(tokio::sync::Semaphore::new(0));
+    let stuck = {
+        let arrived = Arc::clone(&arrived);
+        move || {
+            arrived.add_permits(1);
+            std::future::pending::<&'static str>()
+        }
+    };
+    let h3_app = routes(None, false).route("/stuck", get(stuck.clone()).post(stuck));
+    let h3_builder = server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100));
+    let h3 = h3_server_with(&certs, h3_builder, h3_app, Arc::default()).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(h3.addr.port())))).await;
+    let client = timed_client(&certs, Duration::from_secs(1), Duration::from_secs(20));
+    let stuck_url = front.url().replace("/hello", "/stuck");
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_3);
+        let get = tokio::spawn(client.get(&stuck_url).send());
+        let post = tokio::spawn(client.post(&stuck_url).body("data").send());
+        // Both reached the HTTP/3 server, which will never answer them.
+        let _ = arrived.acquire_many(2).await.unwrap();
+        stop_h3(h3).await;
+        let get = get.await.unwrap().expect("the GET is resent over TCP");
+        assert_eq!(get.version(), Version::HTTP_2);
+        assert_eq!(get.text().await.unwrap(), "hello");
+        let error = post.await.unwrap().expect_err("the POST is not resent");
+        assert!(!error.is_invalid_request(), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+}
+
+/// `tcp_only()` ignores `Alt-Svc` and never sends a datagram.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_only_never_sends_a_datagram() {
+    let certs = certs();
+    let (sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = client(&certs, Builder::tcp_only);
+    let run = async {
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        }
+        let mut buf = [0u8; 2048];
+        assert!(
+            timeout(Duration::from_millis(300), sink.recv(&mut buf)).await.is_err(),
+            "no datagram"
+        );
+        assert_eq!(client.pooled_connections(), 0);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// `http3_prior_knowledge()` never opens TCP: a TCP listener on the same port accepts
+/// nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_prior_knowledge_never_opens_tcp() {
+    let certs = certs();
+    let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
+    let tcp = tokio::net::TcpListener::bind(h3.addr).await.unwrap();
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/hello", h3.addr.port());
+    let run = async {
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &url).await, Version::HTTP_3);
+        }
+        assert!(
+            timeout(Duration::from_millis(300), tcp.accept()).await.is_err(),
+            "no TCP connection"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    stop_h3(h3).await;
+}
+
+/// Over TCP the server is verified as over QUIC, from the same `ClientConfig`: an untrusted
+/// certificate is a TLS error; `danger_accept_invalid_certs` accepts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_verifies_the_server_as_quic_does() {
+    let certs = certs();
+    let server = Dual::start(&certs, app(None)).await;
+    let run = async {
+        let untrusting = Client::builder()
+            .tcp_only()
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .system_roots(false)
+                    .ca_pem(DevCaPem::other())
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        let error = untrusting.get(server.url()).send().await.unwrap_err();
+        assert!(error.is_tls(), "{error}");
+        let insecure = Client::builder()
+            .tcp_only()
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .danger_accept_invalid_certs(true)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(hello(&insecure, &server.url()).await, Version::HTTP_2);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// Mutual TLS: the client certificate of the `ClientConfig` is presented over TCP as over
+/// QUIC; without one, the server refuses the client on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_certificate_is_presented_over_tcp_and_quic() {
+    let certs = certs();
+    let clients = tower_quiche::tls::DevCa::new("client CA").unwrap();
+    let server = Dual::start_requiring_client_certificates(&certs, &clients.cert_pem(), app(None)).await;
+    let identity = clients.issue(&["a client"]).unwrap();
+    let run = async {
+        let with_certificate = Client::builder()
+            .http3_handicap(Duration::from_secs(20))
+            .quic_config(
+                tower_quiche::quic::ClientConfig::builder()
+                    .ca_pem(&certs.ca_pem)
+                    .cert_chain_pem(&identity.cert_pem)
+                    .private_key_pem(&identity.key_pem)
+                    .build()
+                    .unwrap(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(hello(&with_certificate, &server.url()).await, Version::HTTP_2);
+        assert_eq!(hello(&with_certificate, &server.url()).await, Version::HTTP_3);
+        let without = client(&certs, Builder::tcp_only);
+        // TLS 1.3: the refusal comes after the client's handshake, as an error of the request.
+        assert!(without.get(server.url()).send().await.is_err());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
+/// Another CA's certificate, trusted by nobody here.
+struct DevCaPem;
+
+impl DevCaPem {
+    fn other() -> String {
+        tower_quiche::tls::DevCa::new("another CA").unwrap().cert_pem()
+    }
+}
