@@ -110,11 +110,17 @@ impl Connector {
             Error::new(Kind::Tls).with_message(format!("TLS setup for TCP failed ({what}): {e}"))
         };
         let mut ssl = Ssl::new(&self.tls).map_err(|e| tls_err("new session", e))?;
-        // As quiche does for QUIC: SNI, and the name the certificate must carry (an IP
-        // address is matched against the IP SANs by the shared verify callback).
-        ssl.set_hostname(&host).map_err(|e| tls_err("server name", e))?;
-        if self.verify_name {
-            ssl.param_mut().set_host(&host).map_err(|e| tls_err("server name", e))?;
+        // As for QUIC: a host name goes out as SNI and the certificate must carry it; an
+        // address is no SNI (RFC 6066 §3), and BoringSSL matches it against the IP SANs.
+        match host.parse::<std::net::IpAddr>() {
+            Ok(ip) if self.verify_name => ssl.param_mut().set_ip(ip).map_err(|e| tls_err("server address", e))?,
+            Ok(_) => {}
+            Err(_) => {
+                ssl.set_hostname(&host).map_err(|e| tls_err("server name", e))?;
+                if self.verify_name {
+                    ssl.param_mut().set_host(&host).map_err(|e| tls_err("server name", e))?;
+                }
+            }
         }
         let stream = tokio_boring::SslStreamBuilder::new(ssl, tcp.into_inner())
             .connect()
