@@ -291,7 +291,21 @@ impl<A: Application> Driver<A> {
             self.handshake_timed_out = true;
             return Turn::Closed;
         }
-        if !self.established && self.conn.is_established() {
+        let wrong_address = !self.established
+            && self.conn.is_established()
+            && self.server_ip.is_some_and(|ip| {
+                self.config.verifies_server_name() && !tls::certificate_has_ip(self.conn.peer_cert(), ip)
+            });
+        if wrong_address {
+            // The verify callback refuses such a certificate during the handshake; this
+            // second look makes a connection to an address fail closed should it ever not.
+            if self.verify_error.is_none() {
+                self.verify_error =
+                    Some("certificate verify failed: IP address mismatch (checked after the handshake)".into());
+                // CRYPTO_ERROR with TLS alert 42, bad_certificate (RFC 9001 §4.8).
+                let _ = self.conn.close(false, 0x100 + 42, b"");
+            }
+        } else if !self.established && self.conn.is_established() {
             self.established = true;
             self.handshake_deadline = None;
             self.registration.established();

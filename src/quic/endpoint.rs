@@ -358,7 +358,12 @@ impl Endpoint {
         let scid = cid::new_id(&*shared.config.inner.cid_generator);
         // An address is checked against the certificate's IP SANs by the driver, and is
         // not sent as SNI (which names hosts only, RFC 6066 §3).
-        let server_ip = server_name.and_then(|name| name.parse::<IpAddr>().ok());
+        let server_ip = server_name.and_then(|name| {
+            name.trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<IpAddr>()
+                .ok()
+        });
         let sni = server_name.filter(|_| server_ip.is_none());
         let conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());

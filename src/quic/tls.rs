@@ -360,10 +360,23 @@ thread_local! {
 /// cannot give BoringSSL the name to match; the verify callback, which runs inside `f` on
 /// this thread, matches the address itself.
 pub(crate) fn verifying_ip<R>(ip: Option<IpAddr>, f: impl FnOnce() -> R) -> R {
-    EXPECTED_IP.with(|slot| slot.set(ip));
-    let result = f();
-    EXPECTED_IP.with(|slot| slot.set(None));
-    result
+    /// Puts the previous address back however `f` ends (a panic included).
+    struct Restore(Option<IpAddr>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            EXPECTED_IP.with(|slot| slot.set(self.0));
+        }
+    }
+    let _restore = Restore(EXPECTED_IP.with(|slot| slot.replace(ip)));
+    f()
+}
+
+/// Whether the certificate in `der` (a connection's peer certificate) carries `ip` among
+/// its IP SANs. The driver checks it again once the handshake is complete, so that a
+/// connection to an address fails closed even if the verify callback did not see it.
+pub(crate) fn certificate_has_ip(der: Option<&[u8]>, ip: IpAddr) -> bool {
+    der.and_then(|der| X509::from_der(der).ok())
+        .is_some_and(|cert| has_ip_san(&cert, ip))
 }
 
 /// Client-side verification: the chain must lead to a trusted root, and the leaf must carry
@@ -389,16 +402,16 @@ fn verify_server_certificate(preverify_ok: bool, ctx: &mut X509StoreContextRef) 
 }
 
 fn leaf_matches_ip(ctx: &X509StoreContextRef, ip: IpAddr) -> bool {
+    ctx.current_cert().is_some_and(|leaf| has_ip_san(leaf, ip))
+}
+
+fn has_ip_san(cert: &boring::x509::X509Ref, ip: IpAddr) -> bool {
     let want: Vec<u8> = match ip {
         IpAddr::V4(v4) => v4.octets().to_vec(),
         IpAddr::V6(v6) => v6.octets().to_vec(),
     };
-    let Some(leaf) = ctx.current_cert() else {
-        return false;
-    };
-    leaf.subject_alt_names()
-        .map(|names| names.iter().any(|n| n.ipaddress() == Some(&want[..])))
-        .unwrap_or(false)
+    cert.subject_alt_names()
+        .is_some_and(|names| names.iter().any(|n| n.ipaddress() == Some(&want[..])))
 }
 
 #[cfg(any(test, feature = "dev-certs"))]
@@ -412,6 +425,29 @@ mod tests {
 
     fn load(custom_roots: &[PemSource], system_roots: bool) -> TlsMaterial {
         TlsMaterial::load(None, None, custom_roots, system_roots, true, None).expect("material")
+    }
+
+    #[test]
+    fn a_certificate_has_an_address_only_among_its_ip_sans() {
+        let ca = DevCa::new("test").unwrap();
+        let der = |names: &[&str]| {
+            X509::from_pem(ca.issue(names).unwrap().cert_pem.as_bytes())
+                .unwrap()
+                .to_der()
+                .unwrap()
+        };
+        let loopback: IpAddr = "127.0.0.1".parse().unwrap();
+        assert!(certificate_has_ip(Some(&der(&["localhost", "127.0.0.1"])), loopback));
+        assert!(
+            !certificate_has_ip(Some(&der(&["localhost"])), loopback),
+            "a name is not an address"
+        );
+        assert!(
+            !certificate_has_ip(Some(&der(&["127.0.0.2"])), loopback),
+            "another address"
+        );
+        assert!(!certificate_has_ip(None, loopback), "no certificate");
+        assert!(!certificate_has_ip(Some(b"not DER"), loopback));
     }
 
     #[test]
