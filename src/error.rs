@@ -180,7 +180,8 @@ impl Error {
 
     /// The request body failed while it was sent: the body's own error, not the server's
     /// doing (the stream was reset with `H3_INTERNAL_ERROR`); it is the
-    /// [`source`](std::error::Error::source).
+    /// [`source`](std::error::Error::source). (When the response head arrived before the
+    /// body failed, the response is returned, and its body ends in an error instead.)
     pub fn is_body(&self) -> bool {
         self.inner.kind == Kind::Body
     }

@@ -1053,3 +1053,48 @@ async fn websocket_over_http3_echoes_messages_and_answers_a_close() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A tunnel may be quiet for longer than QUIC's idle timeout: the client keeps the
+/// connection alive while streams are open, not only while it waits in the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_tunnel_outlives_the_quic_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
+    let certs = test_certs();
+    let short_idle = || TransportConfig::new().idle_timeout(Duration::from_millis(600));
+    let probe = Arc::new(Probe::default());
+    let quic = ServerConfig::builder().transport(short_idle());
+    let server = h3_server_on(
+        &certs,
+        quic,
+        server::Builder::new(),
+        test_router(Arc::clone(&probe)),
+        probe,
+    )
+    .await;
+    let config = ClientConfig::builder()
+        .ca_pem(&certs.ca_pem)
+        .transport(short_idle())
+        .build()
+        .unwrap();
+    let client = Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(config)
+        .build()
+        .unwrap();
+    let run = async {
+        let mut tunnel = client.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap();
+        let mut buf = [0u8; 4];
+        for round in 0..2 {
+            tunnel.write_all(b"ping").await.unwrap();
+            tunnel
+                .read_exact(&mut buf)
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: {e}"));
+            assert_eq!(&buf, b"ping");
+            // Three idle timeouts of quiet.
+            tokio::time::sleep(Duration::from_millis(1800)).await;
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -5,7 +5,7 @@
 //! per submitted request when the server's stream credit allows, pumps request bodies from
 //! inside the task, and hands back each response head with a streaming [`RecvBody`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -546,11 +546,13 @@ struct Entry {
     head_request: bool,
 }
 
-/// The largest trailer section a response may carry (RFC 9114 §4.2.2 counting).
-const MAX_RESPONSE_FIELD_SECTION: usize = 64 * 1024;
-
 /// A request body's pump; it ends with the stream ID and the error of a body that failed.
 type PumpFuture = Pin<Box<dyn Future<Output = Option<(u64, BoxError)>> + Send>>;
+
+/// How many extended CONNECT requests may wait for the server's SETTINGS on one connection.
+/// A conforming server sends SETTINGS first thing, so they wait a round trip at most; the
+/// bound is for one that does not (they fail when the connection idles out).
+const AWAITING_SETTINGS: usize = 16;
 
 /// The most often a pooled connection sends keep-alive PINGs, whatever the idle timeout.
 const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
@@ -559,6 +561,10 @@ const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
 pub(crate) struct ClientApp {
     submissions: mpsc::Receiver<Submission>,
     waiting: Option<Submission>,
+    /// Extended CONNECT requests waiting for the server's SETTINGS (which say whether it
+    /// allows them), aside so that other requests go on meanwhile; at most
+    /// [`AWAITING_SETTINGS`].
+    awaiting_settings: VecDeque<Submission>,
     status: Arc<Status>,
     notify: Arc<ConnNotify>,
     settings: Arc<ConnSettings>,
@@ -572,7 +578,8 @@ pub(crate) struct ClientApp {
     /// The stream credit last published in `status`.
     credit_told: u64,
     idle_since: Option<Instant>,
-    /// The last keep-alive PING of the current idle spell.
+    /// What the next keep-alive PING counts from: the last one, or the start of the
+    /// current busy spell (an idle spell counts from `idle_since`).
     pinged_at: Option<Instant>,
     /// Our side's QUIC idle timeout (the server may ask for a shorter one).
     quic_idle_timeout: Duration,
@@ -590,6 +597,7 @@ impl ClientApp {
         ClientApp {
             submissions,
             waiting: None,
+            awaiting_settings: VecDeque::new(),
             status,
             notify,
             settings,
@@ -611,6 +619,12 @@ impl ClientApp {
     /// Opens streams for waiting requests while the server's credit lasts.
     fn open_streams(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
         loop {
+            if self.waiting.is_none()
+                && !self.awaiting_settings.is_empty()
+                && self.h3.as_ref().is_some_and(|h3| h3.peer_settings_raw().is_some())
+            {
+                self.waiting = self.awaiting_settings.pop_front();
+            }
             if self.waiting.is_none() {
                 match self.submissions.poll_recv(cx) {
                     Poll::Ready(Some(submission)) => self.waiting = Some(submission),
@@ -641,7 +655,18 @@ impl ClientApp {
                 // they come with its first flight, so the request waits for them.
                 let h3 = self.h3.as_ref().expect("created when established");
                 if h3.peer_settings_raw().is_none() {
-                    return;
+                    let submission = self.waiting.take().expect("present");
+                    if self.awaiting_settings.len() < AWAITING_SETTINGS {
+                        self.awaiting_settings.push_back(submission);
+                    } else {
+                        self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                        let _ = submission
+                            .reply
+                            .send(Err(Failure::Failed(Error::new(Kind::Protocol).with_message(
+                                "too many extended CONNECT requests wait for the server's SETTINGS",
+                            ))));
+                    }
+                    continue;
                 }
                 if !h3.extended_connect_enabled_by_peer() {
                     let Submission { reply, .. } = self.waiting.take().expect("present");
@@ -716,7 +741,10 @@ impl ClientApp {
                     head_request,
                 },
             );
-            self.idle_since = None;
+            if self.idle_since.take().is_some() {
+                // A busy spell begins: keep-alive PINGs count from here.
+                self.pinged_at = Some(Instant::now());
+            }
             self.service_stream(conn, id);
         }
     }
@@ -834,7 +862,7 @@ impl ClientApp {
         };
         if entry.reply.is_none() {
             let shared = Arc::clone(&entry.shared);
-            if let Err(failure) = shared.on_trailers(&list, MAX_RESPONSE_FIELD_SECTION) {
+            if let Err(failure) = shared.on_trailers(&list, self.settings.max_response_head as usize) {
                 self.on_read_failure(conn, id, failure);
             }
             return;
@@ -1004,32 +1032,38 @@ impl ClientApp {
         (idle / 3).max(KEEPALIVE_MIN)
     }
 
-    /// Closes a pooled connection idle for longer than the pool keeps one, and keeps it
-    /// alive until then: the pool's idle timeout (90 s by default) is usually longer than
-    /// QUIC's (30 s), which would otherwise end the connection first, silently.
+    /// Keeps the connection alive while it is wanted, and closes a pooled one idle for
+    /// longer than the pool keeps one. Wanted: while streams are open (a quiet tunnel may
+    /// send nothing for minutes) and while it waits in the pool, whose idle timeout (90 s
+    /// by default) is usually longer than QUIC's (30 s), which would otherwise end the
+    /// connection first, silently. A PING elicits an acknowledgement: both sides' idle
+    /// timers restart.
     fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
-        let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout) else {
-            return;
-        };
-        if self.waiting.is_some() {
-            return;
-        }
         let now = Instant::now();
-        let close_at = since + timeout;
-        if close_at <= now {
-            tracing::debug!("pooled connection idle for too long; closing");
-            let _ = conn.close(true, code::H3_NO_ERROR, b"idle");
+        let mut close_at = None;
+        if let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout)
+            && self.waiting.is_none()
+            && self.awaiting_settings.is_empty()
+        {
+            if since + timeout <= now {
+                tracing::debug!("pooled connection idle for too long; closing");
+                let _ = conn.close(true, code::H3_NO_ERROR, b"idle");
+                return;
+            }
+            close_at = Some(since + timeout);
+        }
+        if close_at.is_none() && self.streams.is_empty() {
+            // Held outside a pool with nothing open: its holder decides how long it lives.
             return;
         }
         let interval = self.keepalive_interval(conn);
-        let mut ping_at = self.pinged_at.unwrap_or(since) + interval;
+        let mut ping_at = self.pinged_at.or(self.idle_since).unwrap_or(now) + interval;
         if ping_at <= now {
-            // A PING elicits an acknowledgement: both sides' idle timers restart.
             let _ = conn.send_ack_eliciting();
             self.pinged_at = Some(now);
             ping_at = now + interval;
         }
-        let at = close_at.min(ping_at);
+        let at = close_at.map_or(ping_at, |close_at| close_at.min(ping_at));
         if self.timer_at != Some(at) {
             self.timer.as_mut().reset(at.into());
             self.timer_at = Some(at);
@@ -1104,6 +1138,7 @@ impl Application for ClientApp {
         // Nobody can submit any more and nothing is in flight: done.
         if self.submissions.is_closed()
             && self.waiting.is_none()
+            && self.awaiting_settings.is_empty()
             && self.streams.is_empty()
             && self.submissions.is_empty()
         {
@@ -1128,7 +1163,8 @@ impl Application for ClientApp {
                 let _ = reply.send(Err(Failure::Failed(why())));
             }
         }
-        if let Some(Submission { request, reply, .. }) = self.waiting.take() {
+        for Submission { request, reply, .. } in self.waiting.take().into_iter().chain(self.awaiting_settings.drain(..))
+        {
             let _ = reply.send(Err(Failure::Unsent(request, why())));
         }
         self.submissions.close();

@@ -725,8 +725,9 @@ impl Builder {
     /// The server is told (SETTINGS_MAX_FIELD_SECTION_SIZE); one that sends a larger head
     /// anyway breaks the connection (`H3_EXCESSIVE_LOAD`: quiche closes it), so the
     /// requests on it fail and the next ones go to a new connection.
+    /// At least 1 KiB.
     pub fn max_response_header_size(mut self, bytes: u64) -> Self {
-        self.settings.max_response_head = bytes;
+        self.settings.max_response_head = bytes.max(1024);
         self
     }
 

@@ -230,6 +230,9 @@ struct SendHalf {
     reset: Option<u64>,
     /// The stream was cancelled: the producer stops with this code.
     cancelled: Option<u64>,
+    /// It was the peer's STOP_SENDING that ended our sending: its message may still come
+    /// whole (RFC 9114 §4.1), so later looks say Stopped, not Aborted.
+    stopped_by_peer: bool,
     waker: Option<Waker>,
 }
 
@@ -338,6 +341,7 @@ impl StreamShared {
                     done: false,
                     reset: None,
                     cancelled: None,
+                    stopped_by_peer: false,
                     waker: None,
                 },
                 progress: 0,
@@ -701,7 +705,9 @@ impl StreamShared {
             return reset_both(conn, id, s, code);
         }
         if s.send.done {
-            return if s.send.cancelled.is_some() {
+            return if s.send.stopped_by_peer {
+                WriteOutcome::Stopped
+            } else if s.send.cancelled.is_some() {
                 WriteOutcome::Aborted
             } else {
                 WriteOutcome::Complete
@@ -846,6 +852,7 @@ fn cancel_state(state: &mut StreamState, why: Cancel) {
     }
     if !state.send.done {
         state.send.abandon(why.send_code());
+        state.send.stopped_by_peer = matches!(why, Cancel::PeerStopped(_));
     }
 }
 
