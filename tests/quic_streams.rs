@@ -439,3 +439,67 @@ async fn dropping_every_handle_closes_the_connection() {
     };
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }
+
+// ---- review: failing tests for findings ----
+
+/// REVIEW (data loss): `SendStream`'s docs promise "bytes written before a finish are still
+/// delivered after the drop", and `StreamConnection`'s that the connection closes once every
+/// handle is dropped. Together: a client that writes, awaits `shutdown()` (which only waits
+/// until the FIN is handed to quiche), and drops everything loses whatever quiche had not
+/// yet had acknowledged: `StreamsApp::process` closes at once when `users` reaches 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_dropping_every_handle_after_shutdown_still_delivers_the_stream() {
+    let Pair {
+        server,
+        client,
+        _listener,
+        _endpoint,
+    } = pair(|b| b, |b| b).await;
+    let run = async {
+        let data = pattern(4 << 20, 11);
+        let reader = tokio::spawn(async move {
+            let mut recv = server.accept_uni().await.expect("a stream");
+            let mut back = Vec::new();
+            let result = recv.read_to_end(&mut back).await;
+            (result, back.len())
+        });
+        let mut send = client.open_uni().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.shutdown().await.unwrap();
+        // Everything written and finished: the application is done with the connection.
+        drop(send);
+        drop(client);
+        let (result, len) = reader.await.unwrap();
+        result.expect("the whole stream arrives: it was written and finished before the drop");
+        assert_eq!(len, data.len());
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("in time");
+}
+
+/// REVIEW (hang): `bare_fin` sends a FIN without data only when `stream_capacity >= 1200`.
+/// A FIN needs no flow-control credit, but `stream_capacity` includes the peer's stream
+/// window: a peer announcing a stream window under 1200 bytes (any peer may) makes every
+/// bare FIN wait for ever, and `shutdown()` never completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn review_a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
+    let Pair {
+        server,
+        client,
+        _listener,
+        _endpoint,
+    } = pair(|b| b.initial_max_stream_data(1000), |b| b).await;
+    let run = async {
+        let (mut send, _recv) = client.open_bi().await.unwrap();
+        send.write_all(b"hi").await.unwrap();
+        // All written bytes handed to QUIC: the finish is a FIN without data.
+        send.flush().await.unwrap();
+        let (_server_send, mut recv) = server.accept_bi().await.expect("a stream");
+        send.shutdown().await.expect("the FIN goes");
+        let mut back = Vec::new();
+        recv.read_to_end(&mut back).await.expect("the stream ends");
+        assert_eq!(back, b"hi");
+    };
+    timeout(Duration::from_secs(20), run)
+        .await
+        .expect("shutdown and read_to_end complete (they hang: the bare FIN never goes)");
+}
