@@ -448,7 +448,7 @@ async fn dropping_every_handle_closes_the_connection() {
 /// until the FIN is handed to quiche), and drops everything loses whatever quiche had not
 /// yet had acknowledged: `StreamsApp::process` closes at once when `users` reaches 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_dropping_every_handle_after_shutdown_still_delivers_the_stream() {
+async fn dropping_every_handle_after_shutdown_still_delivers_the_stream() {
     let Pair {
         server,
         client,
@@ -481,7 +481,7 @@ async fn review_dropping_every_handle_after_shutdown_still_delivers_the_stream()
 /// window: a peer announcing a stream window under 1200 bytes (any peer may) makes every
 /// bare FIN wait for ever, and `shutdown()` never completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn review_a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
+async fn a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
     let Pair {
         server,
         client,
