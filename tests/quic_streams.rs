@@ -476,10 +476,8 @@ async fn dropping_every_handle_after_shutdown_still_delivers_the_stream() {
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }
 
-/// REVIEW (hang): `bare_fin` sends a FIN without data only when `stream_capacity >= 1200`.
-/// A FIN needs no flow-control credit, but `stream_capacity` includes the peer's stream
-/// window: a peer announcing a stream window under 1200 bytes (any peer may) makes every
-/// bare FIN wait for ever, and `shutdown()` never completes.
+/// A FIN without data needs no flow-control credit: it reaches a peer whose stream window
+/// is smaller than a packet.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
     let Pair {
@@ -501,5 +499,5 @@ async fn a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
     };
     timeout(Duration::from_secs(20), run)
         .await
-        .expect("shutdown and read_to_end complete (they hang: the bare FIN never goes)");
+        .expect("shutdown and read_to_end complete (the bare FIN goes)");
 }

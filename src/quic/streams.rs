@@ -494,9 +494,7 @@ impl StreamsApp {
         match wait {
             Wait::Fin(until) => {
                 self.fins.insert(id);
-                if let Some(until) = until {
-                    self.fin_due = Some(self.fin_due.map_or(until, |due| due.min(until)));
-                }
+                self.fin_due = Some(self.fin_due.map_or(until, |due| due.min(until)));
             }
             _ => {
                 self.fins.remove(&id);
@@ -575,8 +573,8 @@ enum Wait {
     Nothing,
     /// Room in quiche (the stream is listed writable when there is).
     Quiche,
-    /// The moment its FIN without data may go (see [`bare_fin`]), or the next turn.
-    Fin(Option<Instant>),
+    /// The moment its FIN without data may go (see [`bare_fin`]).
+    Fin(Instant),
 }
 
 /// Hands quiche what the writer wrote, as far as the stream takes it, and the FIN after
@@ -632,41 +630,41 @@ fn write_to(conn: &mut quiche::Connection, id: u64, w: &mut SendHalf) -> Wait {
     wait
 }
 
-/// Whether a FIN without data may go now; if not, until when it waits (`None`: a turn
-/// with room in the congestion window, which an acknowledgement brings). When it may, the stream is made the most urgent, so
-/// the FIN goes in the first packet quiche builds.
+/// Whether a FIN without data may go now; if not, until when it waits. When it may, the
+/// stream is made the most urgent, so the FIN goes in the first packet quiche builds.
 ///
 /// quiche (0.30) counts a stream's sending complete once its bytes are acknowledged up to
 /// the final size, whether or not a frame with the FIN was acknowledged: a FIN queued
 /// without data while the stream's last bytes are in flight is dropped with the stream
 /// when their acknowledgement arrives before the FIN has left, or before a lost FIN is
 /// sent again (quiche issue #2525), and the peer never sees the end. So a bare FIN waits
-/// until the stream's last bytes have had time to be acknowledged (a smoothed RTT plus
-/// four deviations plus the peer's acknowledgement delay, since they went to quiche), and
-/// until the congestion window has room for a packet. (A last byte lost and sent again
-/// late can still lose the FIN; only quiche can close that.) A FIN that carries bytes is
-/// not affected: a writer that finishes before its last bytes went to quiche never sends
-/// a bare FIN.
-fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> Result<(), Option<Instant>> {
-    const ROOM: usize = 1200;
-    const PEER_ACK_DELAY: Duration = Duration::from_millis(25);
+/// until the stream's last bytes have had time to be acknowledged: a smoothed RTT plus
+/// four deviations plus the peer's `max_ack_delay`, since they went to quiche. (A last
+/// byte lost and sent again late can still lose the FIN; only quiche can close that.) A
+/// FIN that carries bytes is not affected: a writer that finishes before its last bytes
+/// went to quiche never sends a bare FIN.
+///
+/// After that wait the FIN goes whatever the stream's flow-control credit (a FIN needs
+/// none, and a peer may grant less than a packet) and whatever the congestion window
+/// (quiche tells its room only mixed with flow control, in `stream_capacity`): the wait is
+/// all that keeps it, and its end is a timer, so it always ends.
+fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> Result<(), Instant> {
+    /// RFC 9000's default, for a peer whose transport parameters are not known.
+    const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(25);
     if let Some(handed) = handed
         && let Some(path) = conn.path_stats().find(|p| p.active)
     {
-        let acked_by = handed + path.rtt + 4 * path.rttvar + PEER_ACK_DELAY;
+        let ack_delay = conn
+            .peer_transport_params()
+            .map_or(DEFAULT_ACK_DELAY, |p| Duration::from_millis(p.max_ack_delay));
+        let acked_by = handed + path.rtt + 4 * path.rttvar + ack_delay;
         if acked_by > Instant::now() {
-            return Err(Some(acked_by));
+            return Err(acked_by);
         }
     }
-    match conn.stream_capacity(id) {
-        Ok(room) if room >= ROOM => {
-            let _ = conn.stream_priority(id, 0, false);
-            Ok(())
-        }
-        Ok(_) => Err(None),
-        // Whatever stopped the stream, stream_send says it.
-        Err(_) => Ok(()),
-    }
+    // Whatever stopped the stream, stream_send says it.
+    let _ = conn.stream_priority(id, 0, false);
+    Ok(())
 }
 
 impl Application for StreamsApp {
