@@ -21,7 +21,7 @@
 //! - **Close.** When the connection closes, what had fully arrived on a stream stays
 //!   readable; anything else fails with the connection's error, and no call waits for ever.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::ops::Deref;
@@ -353,16 +353,63 @@ pub(crate) struct StreamsApp {
     fin_due: Option<Instant>,
     fin_timer: Pin<Box<Sleep>>,
     ready: Vec<u64>,
-    /// Per kind, the index of the lowest stream of the peer's not seen yet, and the indexes
-    /// above it seen already (the peer's streams need not arrive in order).
-    next_peer: [u64; 2],
-    seen_ahead: [BTreeSet<u64>; 2],
+    /// Per kind, the indexes of the peer's streams seen so far (they need not arrive in
+    /// order).
+    seen: [Seen; 2],
     /// Streams the peer opened this turn, for the accept queues.
     arrived: Vec<Arc<Stream>>,
     /// Local streams created in quiche, per kind.
     created: [u64; 2],
     /// What `open_*` was last told the peer allows, per kind.
     allowed: [u64; 2],
+}
+
+/// The indexes of the peer's streams of one kind seen so far: the lowest index not seen yet,
+/// and the runs of seen indexes above it.
+///
+/// Its size is bounded by the peer's stream credit, not by the number of streams it opens:
+/// quiche lets the peer use an index only below the MAX_STREAMS limit it granted, which is
+/// the initial limit (`TransportConfig::max_concurrent_bidi_streams` or `_uni_streams`) plus
+/// one per stream of the peer's that quiche has forgotten, and quiche forgets only streams
+/// that were used. So every index seen is below that initial limit plus the number of
+/// indexes used: fewer indexes than the initial limit are skipped below the highest one
+/// seen, and the runs between those gaps are no more numerous than the gaps plus one.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Every index below this one was seen.
+    next: u64,
+    /// Runs `start..end` of seen indexes above `next`, keyed by `start`: none touches
+    /// another or `next`.
+    ahead: BTreeMap<u64, u64>,
+}
+
+impl Seen {
+    /// Records `index`; false if it was seen already.
+    fn insert(&mut self, index: u64) -> bool {
+        if index < self.next {
+            return false;
+        }
+        let before = self
+            .ahead
+            .range(..=index)
+            .next_back()
+            .map(|(&start, &end)| (start, end));
+        let start = match before {
+            Some((_, end)) if index < end => return false,
+            // Extends the run that ends just below it.
+            Some((start, end)) if end == index => start,
+            _ => index,
+        };
+        // Joins the run that starts just above it.
+        let end = self.ahead.remove(&(index + 1)).unwrap_or(index + 1);
+        if start == self.next {
+            self.ahead.remove(&start);
+            self.next = end;
+        } else {
+            self.ahead.insert(start, end);
+        }
+        true
+    }
 }
 
 /// A new connection's application and the state its [`StreamConnection`] shares with it.
@@ -395,8 +442,7 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         fin_due: None,
         fin_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         ready: Vec::new(),
-        next_peer: [0; 2],
-        seen_ahead: [BTreeSet::new(), BTreeSet::new()],
+        seen: [Seen::default(), Seen::default()],
         arrived: Vec::new(),
         created: [0; 2],
         allowed: [0; 2],
@@ -429,14 +475,8 @@ impl StreamsApp {
             return false;
         }
         let kind = kind_of(id);
-        let index = id >> 2;
-        if index < self.next_peer[kind] || !self.seen_ahead[kind].insert(index) {
+        if !self.seen[kind].insert(id >> 2) {
             return false;
-        }
-        let ahead = &mut self.seen_ahead[kind];
-        while ahead.first() == Some(&self.next_peer[kind]) {
-            ahead.pop_first();
-            self.next_peer[kind] += 1;
         }
         let stream = Stream::new(id, &self.shared, true, kind == BIDI, false);
         self.streams.insert(id, Arc::clone(&stream));
@@ -1134,5 +1174,43 @@ impl Drop for SendStream {
             ((), true)
         });
         self.stream.conn.drop_user();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_indexes_are_told_apart_from_new_ones_in_any_order() {
+        let mut seen = Seen::default();
+        for index in [3, 1, 7, 2, 0, 5, 6, 4, 9] {
+            assert!(seen.insert(index), "{index} is new");
+        }
+        for index in [0, 1, 2, 3, 4, 5, 6, 7, 9] {
+            assert!(!seen.insert(index), "{index} was seen");
+        }
+        assert_eq!(seen.next, 8);
+        assert_eq!(seen.ahead.iter().collect::<Vec<_>>(), [(&9, &10)]);
+        assert!(seen.insert(8));
+        assert_eq!((seen.next, seen.ahead.len()), (10, 0));
+    }
+
+    #[test]
+    fn a_peer_that_skips_a_stream_costs_one_run_however_many_it_opens() {
+        let mut seen = Seen::default();
+        // Stream 0 never used; 1, 2, 3, … each opened (and finished) in turn.
+        for index in 1..100_000 {
+            assert!(seen.insert(index));
+            assert_eq!(seen.ahead.len(), 1, "after {index}");
+        }
+        assert!(!seen.insert(50_000));
+        assert!(seen.insert(0));
+        assert_eq!((seen.next, seen.ahead.len()), (100_000, 0));
+        // Runs that meet from both sides of a gap become one.
+        for index in [100_010, 100_012, 100_011] {
+            assert!(seen.insert(index));
+        }
+        assert_eq!(seen.ahead.iter().collect::<Vec<_>>(), [(&100_010, &100_013)]);
     }
 }
