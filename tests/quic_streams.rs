@@ -440,13 +440,9 @@ async fn dropping_every_handle_closes_the_connection() {
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }
 
-// ---- review: failing tests for findings ----
-
-/// REVIEW (data loss): `SendStream`'s docs promise "bytes written before a finish are still
-/// delivered after the drop", and `StreamConnection`'s that the connection closes once every
-/// handle is dropped. Together: a client that writes, awaits `shutdown()` (which only waits
-/// until the FIN is handed to quiche), and drops everything loses whatever quiche had not
-/// yet had acknowledged: `StreamsApp::process` closes at once when `users` reaches 0.
+/// A stream written, finished (`shutdown` returns once QUIC has the FIN, not once the peer
+/// acknowledged it) and then dropped with the connection still arrives whole: the
+/// connection nobody holds delivers it before it closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_every_handle_after_shutdown_still_delivers_the_stream() {
     let Pair {
@@ -500,4 +496,34 @@ async fn a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
     timeout(Duration::from_secs(20), run)
         .await
         .expect("shutdown and read_to_end complete (the bare FIN goes)");
+}
+
+/// The same on a bidirectional stream whose other direction the peer keeps open: the
+/// connection nobody holds stops that direction, delivers what was finished, and closes as
+/// soon as it is acknowledged (the idle timeouts are longer than the test's, so the close
+/// comes from the delivery, not from a timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_delivers_a_finished_bidi_stream_then_closes() {
+    let long = |b: TransportConfig| b.idle_timeout(TEST_TIMEOUT * 2);
+    let Pair { server, client, .. } = pair(long, long).await;
+    let run = async {
+        let data = pattern(1 << 20, 13);
+        let (mut send, recv) = client.open_bi().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.shutdown().await.unwrap();
+        let handle = client.handle().clone();
+        drop((send, recv, client));
+        // The server's direction stays open: its writer neither finishes nor goes away.
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("a stream");
+        let mut back = Vec::new();
+        server_recv
+            .read_to_end(&mut back)
+            .await
+            .expect("the whole stream arrives");
+        assert!(back[..] == data[..], "content");
+        handle.closed().await;
+        let closed = server.closed().await;
+        assert!(closed.error().is_none(), "a clean close: {:?}", closed.error());
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("in time");
 }

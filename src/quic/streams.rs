@@ -351,8 +351,20 @@ pub(crate) struct StreamsApp {
     /// when the earliest of them is due.
     fins: HashSet<u64>,
     fin_due: Option<Instant>,
-    fin_timer: Pin<Box<Sleep>>,
+    /// Wakes the connection task when the earliest FIN is due, or the linger gives up.
+    timer: Pin<Box<Sleep>>,
     ready: Vec<u64>,
+    /// Streams whose FIN went to quiche and which quiche may still hold, unacknowledged:
+    /// once every handle is gone, the connection waits for them before it closes. Looked
+    /// through, and the streams quiche forgot dropped, whenever it reaches `sent_check_at`,
+    /// which is then twice what is left: it holds at most twice the streams quiche holds,
+    /// plus a few, at a constant cost per stream.
+    sent: HashSet<u64>,
+    sent_check_at: usize,
+    /// Set once every handle is gone: see [`StreamsApp::start_linger`].
+    linger: Option<Linger>,
+    /// The connection's idle timeout: how long a linger waits without progress.
+    idle_timeout: Duration,
     /// Per kind, the indexes of the peer's streams seen so far (they need not arrive in
     /// order).
     seen: [Seen; 2],
@@ -362,6 +374,18 @@ pub(crate) struct StreamsApp {
     created: [u64; 2],
     /// What `open_*` was last told the peer allows, per kind.
     allowed: [u64; 2],
+}
+
+/// How many entries `StreamsApp::sent` holds before it is first looked through.
+const SENT_CHECK_MIN: usize = 64;
+
+/// What a connection nobody holds any more still has to deliver, and how long it may take.
+struct Linger {
+    /// When it gives up and closes anyway: an idle timeout after the last progress.
+    deadline: Instant,
+    /// What was left to deliver when last looked at: streams quiche holds, bytes and FINs
+    /// not handed to quiche yet.
+    left: (usize, usize),
 }
 
 /// The indexes of the peer's streams of one kind seen so far: the lowest index not seen yet,
@@ -440,8 +464,12 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         blocked: HashSet::new(),
         fins: HashSet::new(),
         fin_due: None,
-        fin_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         ready: Vec::new(),
+        sent: HashSet::new(),
+        sent_check_at: SENT_CHECK_MIN,
+        linger: None,
+        idle_timeout: s.idle_timeout,
         seen: [Seen::default(), Seen::default()],
         arrived: Vec::new(),
         created: [0; 2],
@@ -470,12 +498,20 @@ impl StreamsApp {
     /// until the stream is finished both ways, which an unaccepted stream never is. So the
     /// peer can open no more than that many before it must wait for MAX_STREAMS, and the
     /// queue holds at most that many entries, with no data.
-    fn open_peer(&mut self, id: u64) -> bool {
+    fn open_peer(&mut self, conn: &mut quiche::Connection, id: u64) -> bool {
         if opened_by_server(id) == self.shared.server {
             return false;
         }
         let kind = kind_of(id);
         if !self.seen[kind].insert(id >> 2) {
+            return false;
+        }
+        if self.linger.is_some() {
+            // Nobody will accept it: the caller stops it, and here its other direction is
+            // reset.
+            if kind == BIDI {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, DROPPED_CODE);
+            }
             return false;
         }
         let stream = Stream::new(id, &self.shared, true, kind == BIDI, false);
@@ -525,7 +561,12 @@ impl StreamsApp {
         let mut state = stream.lock();
         state.queued = false;
         read_from(conn, id, &mut state.recv);
+        let was_done = state.send.done;
         let wait = write_to(conn, id, &mut state.send);
+        let w = &state.send;
+        if !was_done && w.done && w.fin && w.reset.is_none() && w.failure.is_none() {
+            self.sent.insert(id);
+        }
         if matches!(wait, Wait::Quiche) {
             self.blocked.insert(id);
         } else {
@@ -545,6 +586,74 @@ impl StreamsApp {
         if settled {
             self.streams.remove(&id);
         }
+    }
+
+    /// Forgets the streams of `sent` quiche forgot: it does once the peer acknowledged all
+    /// their bytes and their FIN and, on a bidirectional stream, once the peer's direction
+    /// ended too (or the peer stopped the stream).
+    fn check_sent(&mut self, conn: &mut quiche::Connection) {
+        self.sent.retain(|&id| conn.stream_capacity(id).is_ok());
+        self.sent_check_at = SENT_CHECK_MIN.max(2 * self.sent.len());
+    }
+
+    /// Every handle is gone, so nothing will be read or written any more: stops what the
+    /// peer sends on every stream (those nobody accepted too), resets their directions
+    /// nobody finished (a dropped writer's stream is reset already), and lingers so that
+    /// what was finished is still delivered.
+    fn start_linger(&mut self, ready: &mut Vec<u64>) {
+        let mut state = self.shared.lock();
+        for queue in &mut state.incoming {
+            queue.clear();
+        }
+        drop(state);
+        for (&id, stream) in &self.streams {
+            let mut s = stream.lock();
+            let r = &mut s.recv;
+            if !r.settled && r.stopped.is_none() {
+                r.stopped = Some(DROPPED_CODE);
+                r.buf = BytesMut::new();
+            }
+            let w = &mut s.send;
+            if !w.done && !w.fin && w.reset.is_none() {
+                w.reset = Some(DROPPED_CODE);
+                w.buf = BytesMut::new();
+            }
+            ready.push(id);
+        }
+        self.linger = Some(Linger {
+            deadline: Instant::now() + self.idle_timeout,
+            left: (usize::MAX, usize::MAX),
+        });
+    }
+
+    /// While lingering, whether the connection may close now: everything finished was
+    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved for an idle
+    /// timeout (a peer that acknowledges nothing lets the connection time out sooner; one
+    /// that keeps it alive, ignoring our STOP_SENDING, is given up on here).
+    fn lingered(&mut self, conn: &mut quiche::Connection) -> bool {
+        self.check_sent(conn);
+        let mut unsent = 0;
+        let mut unfinished = self.shared.lock().new_local.len();
+        for stream in self.streams.values() {
+            let s = stream.lock();
+            if !s.send.done {
+                unfinished += 1;
+                unsent += s.send.buf.len();
+            }
+        }
+        let left = (self.sent.len() + unfinished, unsent);
+        let Some(linger) = &mut self.linger else {
+            return false;
+        };
+        if left == (0, 0) {
+            return true;
+        }
+        let now = Instant::now();
+        if left != linger.left {
+            linger.left = left;
+            linger.deadline = now + self.idle_timeout;
+        }
+        now >= linger.deadline
     }
 }
 
@@ -716,16 +825,15 @@ impl Application for StreamsApp {
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         let mut ready = std::mem::take(&mut self.ready);
         self.shared.notify.take_ready(cx, &mut ready);
-        if self.shared.users.load(Ordering::Acquire) == 0 {
+        if self.linger.is_none() && self.shared.users.load(Ordering::Acquire) == 0 {
             // Nobody holds the connection or any of its streams any more.
-            let _ = conn.close(true, 0, b"");
-            return Ok(());
+            self.start_linger(&mut ready);
         }
         if ready.iter().any(|id| !self.streams.contains_key(id)) {
             self.adopt_local(conn, &mut ready);
         }
         for id in conn.readable() {
-            if self.streams.contains_key(&id) || self.open_peer(id) {
+            if self.streams.contains_key(&id) || self.open_peer(conn, id) {
                 ready.push(id);
             } else {
                 // A stream we are done with, or one of ours the peer may not send on: what
@@ -756,9 +864,20 @@ impl Application for StreamsApp {
         self.ready = ready;
         // Streams finished just now may have returned credit.
         self.publish_credit(conn);
-        if let Some(due) = self.fin_due {
-            self.fin_timer.as_mut().reset(due.into());
-            if self.fin_timer.as_mut().poll(cx).is_ready() {
+        let mut due = self.fin_due;
+        if self.linger.is_some() {
+            if self.lingered(conn) {
+                let _ = conn.close(true, 0, b"");
+                return Ok(());
+            }
+            let deadline = self.linger.as_ref().map(|l| l.deadline);
+            due = due.into_iter().chain(deadline).min();
+        } else if self.sent.len() >= self.sent_check_at {
+            self.check_sent(conn);
+        }
+        if let Some(due) = due {
+            self.timer.as_mut().reset(due.into());
+            if self.timer.as_mut().poll(cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
         }
@@ -819,7 +938,11 @@ fn close_stream(s: &mut StreamState, why: impl Fn() -> Error) {
 ///
 /// Cheap to clone. Once every clone and every stream of the connection is dropped, the
 /// connection closes with application code 0 (a [`ConnectionHandle`] cloned from it does
-/// not keep it open).
+/// not keep it open): streams nobody accepted are stopped and reset, and so is what a
+/// dropped [`SendStream`] left unfinished, but what was finished is delivered first. The
+/// connection closes once the peer has acknowledged all of it (and, on a bidirectional
+/// stream, ended its own direction, which the STOP_SENDING it gets asks for), or once
+/// nothing has moved for the idle timeout.
 ///
 /// Each stream buffers at most what
 /// [`TransportConfig::stream_buffers`](crate::quic::TransportConfig::stream_buffers) allows in
@@ -1042,7 +1165,8 @@ impl Drop for RecvStream {
 /// [`reset`](Self::reset).
 ///
 /// Dropping it before it finished resets the stream with code 0 (RESET_STREAM); bytes
-/// written before a finish are still delivered after the drop.
+/// written before a finish are still delivered after the drop, also when every other
+/// handle of the connection is gone (see [`StreamConnection`]).
 ///
 /// A finish that comes after all written bytes went to QUIC sends a FIN without data; that
 /// FIN waits until those bytes have had time to be acknowledged (about a round trip), to
