@@ -453,8 +453,8 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         // The StreamConnection made from the parts.
         users: AtomicUsize::new(1),
         limits: Limits {
-            recv: s.stream_recv_buffer.max(1),
-            send: s.stream_send_buffer.max(1),
+            recv: s.stream_recv_buffer,
+            send: s.stream_send_buffer,
         },
         server,
     });
