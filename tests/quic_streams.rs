@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::echo::EchoClient;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 use tower_quiche::quic::{Application, Endpoint, Listener, RecvStream, SendStream, StreamConnection, TransportConfig};
 use tower_quiche::{Code, Error};
@@ -212,6 +212,19 @@ async fn a_unidirectional_stream_arrives_whole() {
 /// A reader that does not read holds no more than its receive buffer: the rest waits with
 /// the peer, held back by flow control, and the writer stalls with no more than its send
 /// buffer. Everything arrives once the reader reads.
+/// How many looks in a row must find a writer waiting and nothing moving before a test
+/// takes it as stalled.
+const STILL_LOOKS: usize = 10;
+
+/// One poll of a write: what it took, or `None` if it waits.
+fn write_now(send: &mut SendStream, data: &[u8]) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(send).poll_write(&mut cx, data) {
+        std::task::Poll::Ready(result) => Some(result),
+        std::task::Poll::Pending => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_does_not_read_holds_no_more_than_its_buffer() {
     const LIMIT: usize = 64 * 1024;
@@ -223,9 +236,25 @@ async fn a_reader_that_does_not_read_holds_no_more_than_its_buffer() {
         send.write_all(&data[..1024]).await.unwrap();
         let (_server_send, mut recv) = server.accept_bi().await.expect("a stream");
         let mut written = 1024;
-        // Write until the writer stalls: a write that takes nothing for a while.
-        while let Ok(n) = timeout(Duration::from_millis(500), send.write(&data[written..])).await {
-            written += n.unwrap();
+        // Write until the writer stalls: its write waits (a full send buffer), and nothing
+        // moves (the buffered counts of both sides stay the same) over several looks in a
+        // row. A slow connection task only makes this take longer.
+        let mut still = 0;
+        let mut counts = (usize::MAX, usize::MAX);
+        while still < STILL_LOOKS {
+            match write_now(&mut send, &data[written..]) {
+                Some(n) => {
+                    written += n.unwrap();
+                    still = 0;
+                }
+                None => {
+                    assert_eq!(send.buffered(), LIMIT, "a write waits only on a full send buffer");
+                    let now = (recv.buffered(), send.buffered());
+                    still = if now == counts { still + 1 } else { 0 };
+                    counts = now;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             assert!(
                 written < data.len(),
                 "all 8 MiB went out while nobody read them: something buffered them"
