@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use support::echo::EchoClient;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::timeout;
 use tower_quiche::quic::{Application, Endpoint, Listener, RecvStream, SendStream, StreamConnection, TransportConfig};
 use tower_quiche::{Code, Error};
@@ -212,6 +212,19 @@ async fn a_unidirectional_stream_arrives_whole() {
 /// A reader that does not read holds no more than its receive buffer: the rest waits with
 /// the peer, held back by flow control, and the writer stalls with no more than its send
 /// buffer. Everything arrives once the reader reads.
+/// How many looks in a row must find a writer waiting and nothing moving before a test
+/// takes it as stalled.
+const STILL_LOOKS: usize = 10;
+
+/// One poll of a write: what it took, or `None` if it waits.
+fn write_now(send: &mut SendStream, data: &[u8]) -> Option<io::Result<usize>> {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(send).poll_write(&mut cx, data) {
+        std::task::Poll::Ready(result) => Some(result),
+        std::task::Poll::Pending => None,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_does_not_read_holds_no_more_than_its_buffer() {
     const LIMIT: usize = 64 * 1024;
@@ -223,9 +236,25 @@ async fn a_reader_that_does_not_read_holds_no_more_than_its_buffer() {
         send.write_all(&data[..1024]).await.unwrap();
         let (_server_send, mut recv) = server.accept_bi().await.expect("a stream");
         let mut written = 1024;
-        // Write until the writer stalls: a write that takes nothing for a while.
-        while let Ok(n) = timeout(Duration::from_millis(500), send.write(&data[written..])).await {
-            written += n.unwrap();
+        // Write until the writer stalls: its write waits (a full send buffer), and nothing
+        // moves (the buffered counts of both sides stay the same) over several looks in a
+        // row. A slow connection task only makes this take longer.
+        let mut still = 0;
+        let mut counts = (usize::MAX, usize::MAX);
+        while still < STILL_LOOKS {
+            match write_now(&mut send, &data[written..]) {
+                Some(n) => {
+                    written += n.unwrap();
+                    still = 0;
+                }
+                None => {
+                    assert_eq!(send.buffered(), LIMIT, "a write waits only on a full send buffer");
+                    let now = (recv.buffered(), send.buffered());
+                    still = if now == counts { still + 1 } else { 0 };
+                    counts = now;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
             assert!(
                 written < data.len(),
                 "all 8 MiB went out while nobody read them: something buffered them"
@@ -436,6 +465,94 @@ async fn dropping_every_handle_closes_the_connection() {
         drop((send, recv));
         handle.closed().await;
         server.closed().await;
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("in time");
+}
+
+/// A stream written, finished (`shutdown` returns once QUIC has the FIN, not once the peer
+/// acknowledged it) and then dropped with the connection still arrives whole: the
+/// connection nobody holds delivers it before it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_after_shutdown_still_delivers_the_stream() {
+    let Pair {
+        server,
+        client,
+        _listener,
+        _endpoint,
+    } = pair(|b| b, |b| b).await;
+    let run = async {
+        let data = pattern(4 << 20, 11);
+        let reader = tokio::spawn(async move {
+            let mut recv = server.accept_uni().await.expect("a stream");
+            let mut back = Vec::new();
+            let result = recv.read_to_end(&mut back).await;
+            (result, back.len())
+        });
+        let mut send = client.open_uni().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.shutdown().await.unwrap();
+        // Everything written and finished: the application is done with the connection.
+        drop(send);
+        drop(client);
+        let (result, len) = reader.await.unwrap();
+        result.expect("the whole stream arrives: it was written and finished before the drop");
+        assert_eq!(len, data.len());
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("in time");
+}
+
+/// A FIN without data needs no flow-control credit: it reaches a peer whose stream window
+/// is smaller than a packet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_fin_reaches_a_peer_with_a_small_stream_window() {
+    let Pair {
+        server,
+        client,
+        _listener,
+        _endpoint,
+    } = pair(|b| b.initial_max_stream_data(1000), |b| b).await;
+    let run = async {
+        let (mut send, _recv) = client.open_bi().await.unwrap();
+        send.write_all(b"hi").await.unwrap();
+        // All written bytes handed to QUIC: the finish is a FIN without data.
+        send.flush().await.unwrap();
+        let (_server_send, mut recv) = server.accept_bi().await.expect("a stream");
+        send.shutdown().await.expect("the FIN goes");
+        let mut back = Vec::new();
+        recv.read_to_end(&mut back).await.expect("the stream ends");
+        assert_eq!(back, b"hi");
+    };
+    timeout(Duration::from_secs(20), run)
+        .await
+        .expect("shutdown and read_to_end complete (the bare FIN goes)");
+}
+
+/// The same on a bidirectional stream whose other direction the peer keeps open: the
+/// connection nobody holds stops that direction, delivers what was finished, and closes as
+/// soon as it is acknowledged (the idle timeouts are longer than the test's, so the close
+/// comes from the delivery, not from a timer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_every_handle_delivers_a_finished_bidi_stream_then_closes() {
+    let long = |b: TransportConfig| b.idle_timeout(TEST_TIMEOUT * 2);
+    let Pair { server, client, .. } = pair(long, long).await;
+    let run = async {
+        let data = pattern(1 << 20, 13);
+        let (mut send, recv) = client.open_bi().await.unwrap();
+        send.write_all(&data).await.unwrap();
+        send.shutdown().await.unwrap();
+        let handle = client.handle().clone();
+        drop((send, recv, client));
+        // The server's direction stays open: its writer neither finishes nor goes away.
+        let (_server_send, mut server_recv) = server.accept_bi().await.expect("a stream");
+        let mut back = Vec::new();
+        server_recv
+            .read_to_end(&mut back)
+            .await
+            .expect("the whole stream arrives");
+        assert!(back[..] == data[..], "content");
+        handle.closed().await;
+        let closed = server.closed().await;
+        assert!(closed.error().is_none(), "a clean close: {:?}", closed.error());
     };
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }

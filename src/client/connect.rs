@@ -78,10 +78,10 @@ impl Endpoint {
     ///
     /// ```no_run
     /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    /// use tower_quiche::quic::{Config, Endpoint};
+    /// use tower_quiche::quic::{ClientConfig, Endpoint};
     ///
     /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
-    /// let config = Config::builder().alpn(["echo"]).build()?;
+    /// let config = ClientConfig::builder().alpn(["echo"]).build()?;
     /// let endpoint = Endpoint::client(config)?;
     /// let conn = endpoint.connect_streams("localhost:4433").await?;
     /// let (mut send, mut recv) = conn.open_bi().await?;

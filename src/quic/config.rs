@@ -19,6 +19,9 @@ use super::metrics::{Metrics, NoopMetrics};
 use super::tls::{PemSource, TlsMaterial};
 use crate::error::Error;
 
+/// The smallest buffer [`TransportConfig::stream_buffers`] accepts, in bytes.
+const MIN_STREAM_BUFFER: usize = 1024;
+
 /// Congestion control algorithms quiche offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -458,7 +461,7 @@ impl TransportConfig {
     /// ([`StreamConnection`](crate::quic::StreamConnection)), in bytes: what has arrived and
     /// waits for its [`RecvStream`](crate::quic::RecvStream) to read it, and what a
     /// [`SendStream`](crate::quic::SendStream) wrote and the connection has not yet handed
-    /// to QUIC. Default to 256 KiB each.
+    /// to QUIC. Default to 256 KiB each; each must be at least 1 KiB (`build` refuses less).
     ///
     /// A full receive buffer leaves further bytes with the peer (QUIC flow control holds it
     /// back); a full send buffer makes `poll_write` wait. An [`Application`] manages its own
@@ -584,6 +587,13 @@ impl TransportConfig {
             return Err(Error::config(format!(
                 "max_recv_udp_payload is {} bytes, below QUIC's minimum of 1200: raise it",
                 s.max_recv_udp_payload
+            )));
+        }
+        if s.stream_recv_buffer < MIN_STREAM_BUFFER || s.stream_send_buffer < MIN_STREAM_BUFFER {
+            return Err(Error::config(format!(
+                "stream_buffers({}, {}) is below the minimum of {MIN_STREAM_BUFFER} bytes per buffer \
+                 (a stream would move a few bytes per turn): pass at least {MIN_STREAM_BUFFER} for each",
+                s.stream_recv_buffer, s.stream_send_buffer
             )));
         }
         if s.idle_timeout.is_zero() || s.handshake_timeout.is_zero() {
@@ -926,6 +936,26 @@ mod tests {
         let err = ClientConfig::builder().alpn::<_, &[u8]>([]).build().unwrap_err();
         assert!(err.is_config());
         assert!(err.to_string().contains("ALPN"), "{err}");
+    }
+
+    #[test]
+    fn a_stream_buffer_under_a_kilobyte_is_refused_with_advice() {
+        for (recv, send) in [(0, 64 * 1024), (64 * 1024, 0), (1023, 1024)] {
+            let err = ClientConfig::builder()
+                .alpn(["x"])
+                .transport(TransportConfig::new().stream_buffers(recv, send))
+                .build()
+                .unwrap_err();
+            assert!(err.is_config());
+            let text = err.to_string();
+            assert!(text.contains(&format!("stream_buffers({recv}, {send})")), "{text}");
+            assert!(text.contains("at least 1024"), "{text}");
+        }
+        ClientConfig::builder()
+            .alpn(["x"])
+            .transport(TransportConfig::new().stream_buffers(1024, 1024))
+            .build()
+            .expect("1 KiB buffers are accepted");
     }
 
     #[test]

@@ -21,7 +21,7 @@
 //! - **Close.** When the connection closes, what had fully arrived on a stream stays
 //!   readable; anything else fails with the connection's error, and no call waits for ever.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
 use std::ops::Deref;
@@ -351,18 +351,89 @@ pub(crate) struct StreamsApp {
     /// when the earliest of them is due.
     fins: HashSet<u64>,
     fin_due: Option<Instant>,
-    fin_timer: Pin<Box<Sleep>>,
+    /// Wakes the connection task when the earliest FIN is due, or the linger gives up.
+    timer: Pin<Box<Sleep>>,
     ready: Vec<u64>,
-    /// Per kind, the index of the lowest stream of the peer's not seen yet, and the indexes
-    /// above it seen already (the peer's streams need not arrive in order).
-    next_peer: [u64; 2],
-    seen_ahead: [BTreeSet<u64>; 2],
+    /// Streams whose FIN went to quiche and which quiche may still hold, unacknowledged:
+    /// once every handle is gone, the connection waits for them before it closes. Looked
+    /// through, and the streams quiche forgot dropped, whenever it reaches `sent_check_at`,
+    /// which is then twice what is left: it holds at most twice the streams quiche holds,
+    /// plus a few, at a constant cost per stream.
+    sent: HashSet<u64>,
+    sent_check_at: usize,
+    /// Set once every handle is gone: see [`StreamsApp::start_linger`].
+    linger: Option<Linger>,
+    /// The connection's idle timeout: how long a linger waits without progress.
+    idle_timeout: Duration,
+    /// Per kind, the indexes of the peer's streams seen so far (they need not arrive in
+    /// order).
+    seen: [Seen; 2],
     /// Streams the peer opened this turn, for the accept queues.
     arrived: Vec<Arc<Stream>>,
     /// Local streams created in quiche, per kind.
     created: [u64; 2],
     /// What `open_*` was last told the peer allows, per kind.
     allowed: [u64; 2],
+}
+
+/// How many entries `StreamsApp::sent` holds before it is first looked through.
+const SENT_CHECK_MIN: usize = 64;
+
+/// What a connection nobody holds any more still has to deliver, and how long it may take.
+struct Linger {
+    /// When it gives up and closes anyway: an idle timeout after the last progress.
+    deadline: Instant,
+    /// What was left to deliver when last looked at: streams quiche holds, bytes and FINs
+    /// not handed to quiche yet.
+    left: (usize, usize),
+}
+
+/// The indexes of the peer's streams of one kind seen so far: the lowest index not seen yet,
+/// and the runs of seen indexes above it.
+///
+/// Its size is bounded by the peer's stream credit, not by the number of streams it opens:
+/// quiche lets the peer use an index only below the MAX_STREAMS limit it granted, which is
+/// the initial limit (`TransportConfig::max_concurrent_bidi_streams` or `_uni_streams`) plus
+/// one per stream of the peer's that quiche has forgotten, and quiche forgets only streams
+/// that were used. So every index seen is below that initial limit plus the number of
+/// indexes used: fewer indexes than the initial limit are skipped below the highest one
+/// seen, and the runs between those gaps are no more numerous than the gaps plus one.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Every index below this one was seen.
+    next: u64,
+    /// Runs `start..end` of seen indexes above `next`, keyed by `start`: none touches
+    /// another or `next`.
+    ahead: BTreeMap<u64, u64>,
+}
+
+impl Seen {
+    /// Records `index`; false if it was seen already.
+    fn insert(&mut self, index: u64) -> bool {
+        if index < self.next {
+            return false;
+        }
+        let before = self
+            .ahead
+            .range(..=index)
+            .next_back()
+            .map(|(&start, &end)| (start, end));
+        let start = match before {
+            Some((_, end)) if index < end => return false,
+            // Extends the run that ends just below it.
+            Some((start, end)) if end == index => start,
+            _ => index,
+        };
+        // Joins the run that starts just above it.
+        let end = self.ahead.remove(&(index + 1)).unwrap_or(index + 1);
+        if start == self.next {
+            self.ahead.remove(&start);
+            self.next = end;
+        } else {
+            self.ahead.insert(start, end);
+        }
+        true
+    }
 }
 
 /// A new connection's application and the state its [`StreamConnection`] shares with it.
@@ -382,8 +453,8 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         // The StreamConnection made from the parts.
         users: AtomicUsize::new(1),
         limits: Limits {
-            recv: s.stream_recv_buffer.max(1),
-            send: s.stream_send_buffer.max(1),
+            recv: s.stream_recv_buffer,
+            send: s.stream_send_buffer,
         },
         server,
     });
@@ -393,10 +464,13 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         blocked: HashSet::new(),
         fins: HashSet::new(),
         fin_due: None,
-        fin_timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
+        timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         ready: Vec::new(),
-        next_peer: [0; 2],
-        seen_ahead: [BTreeSet::new(), BTreeSet::new()],
+        sent: HashSet::new(),
+        sent_check_at: SENT_CHECK_MIN,
+        linger: None,
+        idle_timeout: s.idle_timeout,
+        seen: [Seen::default(), Seen::default()],
         arrived: Vec::new(),
         created: [0; 2],
         allowed: [0; 2],
@@ -424,19 +498,21 @@ impl StreamsApp {
     /// until the stream is finished both ways, which an unaccepted stream never is. So the
     /// peer can open no more than that many before it must wait for MAX_STREAMS, and the
     /// queue holds at most that many entries, with no data.
-    fn open_peer(&mut self, id: u64) -> bool {
+    fn open_peer(&mut self, conn: &mut quiche::Connection, id: u64) -> bool {
         if opened_by_server(id) == self.shared.server {
             return false;
         }
         let kind = kind_of(id);
-        let index = id >> 2;
-        if index < self.next_peer[kind] || !self.seen_ahead[kind].insert(index) {
+        if !self.seen[kind].insert(id >> 2) {
             return false;
         }
-        let ahead = &mut self.seen_ahead[kind];
-        while ahead.first() == Some(&self.next_peer[kind]) {
-            ahead.pop_first();
-            self.next_peer[kind] += 1;
+        if self.linger.is_some() {
+            // Nobody will accept it: the caller stops it, and here its other direction is
+            // reset.
+            if kind == BIDI {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, DROPPED_CODE);
+            }
+            return false;
         }
         let stream = Stream::new(id, &self.shared, true, kind == BIDI, false);
         self.streams.insert(id, Arc::clone(&stream));
@@ -485,7 +561,12 @@ impl StreamsApp {
         let mut state = stream.lock();
         state.queued = false;
         read_from(conn, id, &mut state.recv);
+        let was_done = state.send.done;
         let wait = write_to(conn, id, &mut state.send);
+        let w = &state.send;
+        if !was_done && w.done && w.fin && w.reset.is_none() && w.failure.is_none() {
+            self.sent.insert(id);
+        }
         if matches!(wait, Wait::Quiche) {
             self.blocked.insert(id);
         } else {
@@ -494,9 +575,7 @@ impl StreamsApp {
         match wait {
             Wait::Fin(until) => {
                 self.fins.insert(id);
-                if let Some(until) = until {
-                    self.fin_due = Some(self.fin_due.map_or(until, |due| due.min(until)));
-                }
+                self.fin_due = Some(self.fin_due.map_or(until, |due| due.min(until)));
             }
             _ => {
                 self.fins.remove(&id);
@@ -507,6 +586,74 @@ impl StreamsApp {
         if settled {
             self.streams.remove(&id);
         }
+    }
+
+    /// Forgets the streams of `sent` quiche forgot: it does once the peer acknowledged all
+    /// their bytes and their FIN and, on a bidirectional stream, once the peer's direction
+    /// ended too (or the peer stopped the stream).
+    fn check_sent(&mut self, conn: &mut quiche::Connection) {
+        self.sent.retain(|&id| conn.stream_capacity(id).is_ok());
+        self.sent_check_at = SENT_CHECK_MIN.max(2 * self.sent.len());
+    }
+
+    /// Every handle is gone, so nothing will be read or written any more: stops what the
+    /// peer sends on every stream (those nobody accepted too), resets their directions
+    /// nobody finished (a dropped writer's stream is reset already), and lingers so that
+    /// what was finished is still delivered.
+    fn start_linger(&mut self, ready: &mut Vec<u64>) {
+        let mut state = self.shared.lock();
+        for queue in &mut state.incoming {
+            queue.clear();
+        }
+        drop(state);
+        for (&id, stream) in &self.streams {
+            let mut s = stream.lock();
+            let r = &mut s.recv;
+            if !r.settled && r.stopped.is_none() {
+                r.stopped = Some(DROPPED_CODE);
+                r.buf = BytesMut::new();
+            }
+            let w = &mut s.send;
+            if !w.done && !w.fin && w.reset.is_none() {
+                w.reset = Some(DROPPED_CODE);
+                w.buf = BytesMut::new();
+            }
+            ready.push(id);
+        }
+        self.linger = Some(Linger {
+            deadline: Instant::now() + self.idle_timeout,
+            left: (usize::MAX, usize::MAX),
+        });
+    }
+
+    /// While lingering, whether the connection may close now: everything finished was
+    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved for an idle
+    /// timeout (a peer that acknowledges nothing lets the connection time out sooner; one
+    /// that keeps it alive, ignoring our STOP_SENDING, is given up on here).
+    fn lingered(&mut self, conn: &mut quiche::Connection) -> bool {
+        self.check_sent(conn);
+        let mut unsent = 0;
+        let mut unfinished = self.shared.lock().new_local.len();
+        for stream in self.streams.values() {
+            let s = stream.lock();
+            if !s.send.done {
+                unfinished += 1;
+                unsent += s.send.buf.len();
+            }
+        }
+        let left = (self.sent.len() + unfinished, unsent);
+        let Some(linger) = &mut self.linger else {
+            return false;
+        };
+        if left == (0, 0) {
+            return true;
+        }
+        let now = Instant::now();
+        if left != linger.left {
+            linger.left = left;
+            linger.deadline = now + self.idle_timeout;
+        }
+        now >= linger.deadline
     }
 }
 
@@ -575,8 +722,8 @@ enum Wait {
     Nothing,
     /// Room in quiche (the stream is listed writable when there is).
     Quiche,
-    /// The moment its FIN without data may go (see [`bare_fin`]), or the next turn.
-    Fin(Option<Instant>),
+    /// The moment its FIN without data may go (see [`bare_fin`]).
+    Fin(Instant),
 }
 
 /// Hands quiche what the writer wrote, as far as the stream takes it, and the FIN after
@@ -632,41 +779,41 @@ fn write_to(conn: &mut quiche::Connection, id: u64, w: &mut SendHalf) -> Wait {
     wait
 }
 
-/// Whether a FIN without data may go now; if not, until when it waits (`None`: a turn
-/// with room in the congestion window, which an acknowledgement brings). When it may, the stream is made the most urgent, so
-/// the FIN goes in the first packet quiche builds.
+/// Whether a FIN without data may go now; if not, until when it waits. When it may, the
+/// stream is made the most urgent, so the FIN goes in the first packet quiche builds.
 ///
 /// quiche (0.30) counts a stream's sending complete once its bytes are acknowledged up to
 /// the final size, whether or not a frame with the FIN was acknowledged: a FIN queued
 /// without data while the stream's last bytes are in flight is dropped with the stream
 /// when their acknowledgement arrives before the FIN has left, or before a lost FIN is
 /// sent again (quiche issue #2525), and the peer never sees the end. So a bare FIN waits
-/// until the stream's last bytes have had time to be acknowledged (a smoothed RTT plus
-/// four deviations plus the peer's acknowledgement delay, since they went to quiche), and
-/// until the congestion window has room for a packet. (A last byte lost and sent again
-/// late can still lose the FIN; only quiche can close that.) A FIN that carries bytes is
-/// not affected: a writer that finishes before its last bytes went to quiche never sends
-/// a bare FIN.
-fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> Result<(), Option<Instant>> {
-    const ROOM: usize = 1200;
-    const PEER_ACK_DELAY: Duration = Duration::from_millis(25);
+/// until the stream's last bytes have had time to be acknowledged: a smoothed RTT plus
+/// four deviations plus the peer's `max_ack_delay`, since they went to quiche. (A last
+/// byte lost and sent again late can still lose the FIN; only quiche can close that.) A
+/// FIN that carries bytes is not affected: a writer that finishes before its last bytes
+/// went to quiche never sends a bare FIN.
+///
+/// After that wait the FIN goes whatever the stream's flow-control credit (a FIN needs
+/// none, and a peer may grant less than a packet) and whatever the congestion window
+/// (quiche tells its room only mixed with flow control, in `stream_capacity`): the wait is
+/// all that keeps it, and its end is a timer, so it always ends.
+fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> Result<(), Instant> {
+    /// RFC 9000's default, for a peer whose transport parameters are not known.
+    const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(25);
     if let Some(handed) = handed
         && let Some(path) = conn.path_stats().find(|p| p.active)
     {
-        let acked_by = handed + path.rtt + 4 * path.rttvar + PEER_ACK_DELAY;
+        let ack_delay = conn
+            .peer_transport_params()
+            .map_or(DEFAULT_ACK_DELAY, |p| Duration::from_millis(p.max_ack_delay));
+        let acked_by = handed + path.rtt + 4 * path.rttvar + ack_delay;
         if acked_by > Instant::now() {
-            return Err(Some(acked_by));
+            return Err(acked_by);
         }
     }
-    match conn.stream_capacity(id) {
-        Ok(room) if room >= ROOM => {
-            let _ = conn.stream_priority(id, 0, false);
-            Ok(())
-        }
-        Ok(_) => Err(None),
-        // Whatever stopped the stream, stream_send says it.
-        Err(_) => Ok(()),
-    }
+    // Whatever stopped the stream, stream_send says it.
+    let _ = conn.stream_priority(id, 0, false);
+    Ok(())
 }
 
 impl Application for StreamsApp {
@@ -678,16 +825,15 @@ impl Application for StreamsApp {
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
         let mut ready = std::mem::take(&mut self.ready);
         self.shared.notify.take_ready(cx, &mut ready);
-        if self.shared.users.load(Ordering::Acquire) == 0 {
+        if self.linger.is_none() && self.shared.users.load(Ordering::Acquire) == 0 {
             // Nobody holds the connection or any of its streams any more.
-            let _ = conn.close(true, 0, b"");
-            return Ok(());
+            self.start_linger(&mut ready);
         }
         if ready.iter().any(|id| !self.streams.contains_key(id)) {
             self.adopt_local(conn, &mut ready);
         }
         for id in conn.readable() {
-            if self.streams.contains_key(&id) || self.open_peer(id) {
+            if self.streams.contains_key(&id) || self.open_peer(conn, id) {
                 ready.push(id);
             } else {
                 // A stream we are done with, or one of ours the peer may not send on: what
@@ -718,9 +864,20 @@ impl Application for StreamsApp {
         self.ready = ready;
         // Streams finished just now may have returned credit.
         self.publish_credit(conn);
-        if let Some(due) = self.fin_due {
-            self.fin_timer.as_mut().reset(due.into());
-            if self.fin_timer.as_mut().poll(cx).is_ready() {
+        let mut due = self.fin_due;
+        if self.linger.is_some() {
+            if self.lingered(conn) {
+                let _ = conn.close(true, 0, b"");
+                return Ok(());
+            }
+            let deadline = self.linger.as_ref().map(|l| l.deadline);
+            due = due.into_iter().chain(deadline).min();
+        } else if self.sent.len() >= self.sent_check_at {
+            self.check_sent(conn);
+        }
+        if let Some(due) = due {
+            self.timer.as_mut().reset(due.into());
+            if self.timer.as_mut().poll(cx).is_ready() {
                 cx.waker().wake_by_ref();
             }
         }
@@ -781,7 +938,11 @@ fn close_stream(s: &mut StreamState, why: impl Fn() -> Error) {
 ///
 /// Cheap to clone. Once every clone and every stream of the connection is dropped, the
 /// connection closes with application code 0 (a [`ConnectionHandle`] cloned from it does
-/// not keep it open).
+/// not keep it open): streams nobody accepted are stopped and reset, and so is what a
+/// dropped [`SendStream`] left unfinished, but what was finished is delivered first. The
+/// connection closes once the peer has acknowledged all of it (and, on a bidirectional
+/// stream, ended its own direction, which the STOP_SENDING it gets asks for), or once
+/// nothing has moved for the idle timeout.
 ///
 /// Each stream buffers at most what
 /// [`TransportConfig::stream_buffers`](crate::quic::TransportConfig::stream_buffers) allows in
@@ -1004,7 +1165,8 @@ impl Drop for RecvStream {
 /// [`reset`](Self::reset).
 ///
 /// Dropping it before it finished resets the stream with code 0 (RESET_STREAM); bytes
-/// written before a finish are still delivered after the drop.
+/// written before a finish are still delivered after the drop, also when every other
+/// handle of the connection is gone (see [`StreamConnection`]).
 ///
 /// A finish that comes after all written bytes went to QUIC sends a FIN without data; that
 /// FIN waits until those bytes have had time to be acknowledged (about a round trip), to
@@ -1136,5 +1298,43 @@ impl Drop for SendStream {
             ((), true)
         });
         self.stream.conn.drop_user();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seen_indexes_are_told_apart_from_new_ones_in_any_order() {
+        let mut seen = Seen::default();
+        for index in [3, 1, 7, 2, 0, 5, 6, 4, 9] {
+            assert!(seen.insert(index), "{index} is new");
+        }
+        for index in [0, 1, 2, 3, 4, 5, 6, 7, 9] {
+            assert!(!seen.insert(index), "{index} was seen");
+        }
+        assert_eq!(seen.next, 8);
+        assert_eq!(seen.ahead.iter().collect::<Vec<_>>(), [(&9, &10)]);
+        assert!(seen.insert(8));
+        assert_eq!((seen.next, seen.ahead.len()), (10, 0));
+    }
+
+    #[test]
+    fn a_peer_that_skips_a_stream_costs_one_run_however_many_it_opens() {
+        let mut seen = Seen::default();
+        // Stream 0 never used; 1, 2, 3, … each opened (and finished) in turn.
+        for index in 1..100_000 {
+            assert!(seen.insert(index));
+            assert_eq!(seen.ahead.len(), 1, "after {index}");
+        }
+        assert!(!seen.insert(50_000));
+        assert!(seen.insert(0));
+        assert_eq!((seen.next, seen.ahead.len()), (100_000, 0));
+        // Runs that meet from both sides of a gap become one.
+        for index in [100_010, 100_012, 100_011] {
+            assert!(seen.insert(index));
+        }
+        assert_eq!(seen.ahead.iter().collect::<Vec<_>>(), [(&100_010, &100_013)]);
     }
 }
