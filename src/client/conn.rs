@@ -571,7 +571,7 @@ pub(crate) struct ClientApp {
     h3: Option<h3::Connection>,
     streams: HashMap<u64, Entry>,
     pumps: FuturesUnordered<PumpFuture>,
-    ready: Vec<u64>,
+    lists: stream::RoundLists,
     goaway: Option<u64>,
     /// The stream quiche opens for the next request (client request streams count up by 4).
     next_request_id: u64,
@@ -604,7 +604,7 @@ impl ClientApp {
             h3: None,
             streams: HashMap::new(),
             pumps: FuturesUnordered::new(),
-            ready: Vec::new(),
+            lists: stream::RoundLists::default(),
             goaway: None,
             next_request_id: 0,
             credit_told: 0,
@@ -794,8 +794,10 @@ impl ClientApp {
         };
         let shared = Arc::clone(&entry.shared);
         let h3 = self.h3.as_mut().expect("created when established");
-        if let Err(failure) = shared.read_from(h3, conn, id) {
-            self.on_read_failure(conn, id, failure);
+        match shared.read_from(h3, conn, id) {
+            Ok(true) => self.lists.read_again.push(id),
+            Ok(false) => {}
+            Err(failure) => self.on_read_failure(conn, id, failure),
         }
     }
 
@@ -955,7 +957,18 @@ impl ClientApp {
         for id in unread {
             self.read_body(conn, id);
         }
-        // The ends the reads reached.
+        // The frames behind an empty DATA frame (see `read_from`), a few times over; then
+        // the ends the reads reached.
+        for _ in 0..16 {
+            self.poll_events(conn);
+            let again = std::mem::take(&mut self.lists.read_again);
+            if again.is_empty() {
+                break;
+            }
+            for id in again {
+                self.read_body(conn, id);
+            }
+        }
         self.poll_events(conn);
     }
 
@@ -1092,8 +1105,8 @@ impl stream::StreamOwner for ClientApp {
     fn notify(&self) -> &ConnNotify {
         &self.notify
     }
-    fn ready_buf(&mut self) -> &mut Vec<u64> {
-        &mut self.ready
+    fn round_lists(&mut self) -> &mut stream::RoundLists {
+        &mut self.lists
     }
     fn is_tracked(&self, id: u64) -> bool {
         self.streams.contains_key(&id)

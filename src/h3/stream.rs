@@ -181,6 +181,9 @@ struct RecvHalf {
     reader_dropped: bool,
     /// quiche holds body bytes we have not read (we stopped at the buffer's limit).
     pending: bool,
+    /// quiche holds more of the stream behind a frame it has not parsed yet (see
+    /// [`StreamShared::read_from`]): read again after the next poll.
+    behind_frame: bool,
     /// Body bytes received from the peer, read or discarded.
     received: u64,
     content_length: Option<u64>,
@@ -214,6 +217,7 @@ struct SendHalf {
     /// The final (non-1xx) head is queued.
     final_queued: bool,
     /// The final head is queued and its status is 2xx (to a CONNECT: the tunnel is open).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
     final_success: bool,
     data: VecDeque<Bytes>,
     /// What `data` costs against `limit`: bytes plus [`CHUNK_COST`] per chunk, so that a
@@ -325,6 +329,7 @@ impl StreamShared {
                     waker: None,
                     reader_dropped: false,
                     pending: false,
+                    behind_frame: false,
                     received: 0,
                     content_length,
                 },
@@ -586,22 +591,27 @@ impl StreamShared {
     }
 
     /// Reads the body from quiche into the buffer while it has room, or discards it when the
-    /// reader is gone; counts every byte against the content-length.
+    /// reader is gone; counts every byte against the content-length. Returns true when it
+    /// stopped at a frame quiche has not parsed yet, with more of the stream in quiche: after
+    /// an empty DATA frame (which RFC 9114 allows) quiche's recv_body returns Done at the
+    /// frame's end and raises no new Data event for the frames behind it, so the owner must
+    /// read again after its next poll (`RoundLists::read_again`), or the body stalls.
     pub(crate) fn read_from(
         &self,
         h3: &mut h3::Connection,
         conn: &mut quiche::Connection,
         id: u64,
-    ) -> Result<(), ReadFailure> {
+    ) -> Result<bool, ReadFailure> {
         let mut state = self.lock();
         let s = &mut *state;
         let r = &mut s.recv;
         r.pending = true;
+        r.behind_frame = false;
         if r.error.is_some() {
             // Failed already: quiche's bytes are of no use to anyone.
             discard(h3, conn, id);
             r.pending = false;
-            return Ok(());
+            return Ok(false);
         }
         let mut woke = false;
         let result = SCRATCH.with_borrow_mut(|scratch| {
@@ -615,7 +625,7 @@ impl StreamShared {
                     r.limit.saturating_sub(r.held + CHUNK_COST).min(READ_CHUNK)
                 };
                 if room == 0 {
-                    return Ok(());
+                    return Ok(false);
                 }
                 match h3.recv_body(conn, id, &mut scratch[..room]) {
                     Ok(n) => {
@@ -631,8 +641,12 @@ impl StreamShared {
                         s.progress += 1;
                     }
                     Err(h3::Error::Done) => {
+                        // Still readable: bytes wait behind a frame quiche has not parsed.
+                        // (Not `pending`: if they never come, the stall timer must see a
+                        // stream that waits on its peer.)
                         r.pending = false;
-                        return Ok(());
+                        r.behind_frame = conn.stream_readable(id);
+                        return Ok(r.behind_frame);
                     }
                     Err(h3::Error::TransportError(quiche::Error::StreamReset(code))) => {
                         return Err(ReadFailure::Reset(code));
@@ -822,7 +836,7 @@ impl StreamShared {
     /// arrives: the connection has reading to do.
     pub(crate) fn wants_read(&self) -> bool {
         let s = self.lock();
-        s.recv.pending || (s.recv.reader_dropped && s.recv.open())
+        s.recv.pending || s.recv.behind_frame || (s.recv.reader_dropped && s.recv.open())
     }
 
     /// Whether the reader went away before the body was complete.
@@ -1006,6 +1020,16 @@ pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
     !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
 }
 
+/// The stream lists a connection's rounds reuse, kept to save an allocation per turn.
+#[derive(Debug, Default)]
+pub(crate) struct RoundLists {
+    /// The streams to service in this round.
+    pub(crate) ready: Vec<u64>,
+    /// Streams whose body stopped at a frame quiche had not parsed yet (see
+    /// [`StreamShared::read_from`]): read again once the next turn's poll has parsed it.
+    pub(crate) read_again: Vec<u64>,
+}
+
 /// The per-turn work of a connection's HTTP/3 side, shared by the server and the client:
 /// take in events, run the tasks that live in the connection (request handlers, body
 /// pumps), and move data for the streams they touched.
@@ -1014,8 +1038,8 @@ pub(crate) trait StreamOwner {
     /// Polls the futures that run inside the connection's task.
     fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection);
     fn notify(&self) -> &ConnNotify;
-    /// A reusable list for the ready stream IDs.
-    fn ready_buf(&mut self) -> &mut Vec<u64>;
+    /// The stream lists the rounds reuse.
+    fn round_lists(&mut self) -> &mut RoundLists;
     fn is_tracked(&self, id: u64) -> bool;
     /// A tracked stream's urgency (RFC 9218): lower is written first.
     fn urgency(&self, id: u64) -> u8;
@@ -1034,7 +1058,12 @@ pub(crate) trait StreamOwner {
         for round in 0..8 {
             self.poll_events(conn)?;
             self.poll_tasks(cx, conn);
-            let mut ready = std::mem::take(self.ready_buf());
+            let lists = self.round_lists();
+            let mut ready = std::mem::take(&mut lists.ready);
+            if round == 0 {
+                // The frames behind them are parsed now (`poll_events`).
+                ready.append(&mut lists.read_again);
+            }
             self.notify().take_ready(cx, &mut ready);
             if round == 0 {
                 ready.extend(conn.writable().filter(|&id| self.is_tracked(id)));
@@ -1048,7 +1077,7 @@ pub(crate) trait StreamOwner {
                 self.service_stream(conn, id);
             }
             ready.clear();
-            *self.ready_buf() = ready;
+            self.round_lists().ready = ready;
             if done {
                 break;
             }

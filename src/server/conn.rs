@@ -69,7 +69,7 @@ pub(crate) struct ServerApp<S> {
     streams: HashMap<u64, Entry>,
     requests: FuturesUnordered<RequestFuture>,
     notify: Arc<ConnNotify>,
-    ready: Vec<u64>,
+    lists: stream::RoundLists,
     /// Resolves with the drain deadline when the server shuts down.
     shutdown: Pin<Box<dyn Future<Output = Option<Instant>> + Send>>,
     /// GOAWAY sent: the stream ID from which requests are refused, and the deadline.
@@ -125,7 +125,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             streams: HashMap::new(),
             requests: FuturesUnordered::new(),
             notify: Arc::new(ConnNotify::default()),
-            ready: Vec::new(),
+            lists: stream::RoundLists::default(),
             shutdown,
             draining: None,
             close_not_before: None,
@@ -405,8 +405,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         };
         let shared = Arc::clone(&entry.shared);
-        if let Err(failure) = shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
-            self.on_read_failure(conn, id, failure);
+        match shared.read_from(self.h3.as_mut().expect("created when established"), conn, id) {
+            Ok(true) => self.lists.read_again.push(id),
+            Ok(false) => {}
+            Err(failure) => self.on_read_failure(conn, id, failure),
         }
     }
 
@@ -698,8 +700,8 @@ impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     fn notify(&self) -> &ConnNotify {
         &self.notify
     }
-    fn ready_buf(&mut self) -> &mut Vec<u64> {
-        &mut self.ready
+    fn round_lists(&mut self) -> &mut stream::RoundLists {
+        &mut self.lists
     }
     fn is_tracked(&self, id: u64) -> bool {
         self.streams.contains_key(&id)
