@@ -19,7 +19,6 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use http_body::Frame;
 use http_body_util::{BodyExt, Empty, StreamBody};
 use tokio::io::AsyncReadExt;
-use tower_quiche::client::Client;
 
 /// A small curl-like HTTP/3 client: the response body goes to stdout (or OUT).
 ///
@@ -70,11 +69,7 @@ fn describe(e: &tower_quiche::Error) -> String {
 async fn run() -> Result<(), String> {
     let args = Args::parse();
     let verbose = args.verbose;
-    let client = Client::builder()
-        .http3_prior_knowledge()
-        .quic_config(args.trust.config("h3"))
-        .build()
-        .map_err(|e| e.to_string())?;
+    let client = args.trust.h3_client().map_err(|e| e.to_string())?;
     let mut request = Request::builder().method(args.method).uri(args.url.as_str());
     for header in &args.headers {
         let (name, value) = header

@@ -25,7 +25,6 @@ use http::uri::Authority;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client as HttpClient;
 use hyper_util::rt::TokioExecutor;
-use tower_quiche::client::Client;
 use tower_quiche::quic::Listener;
 
 /// Reverse proxies between HTTP/3 and HTTP/1.1, both ways, streaming bodies.
@@ -80,11 +79,7 @@ async fn main() {
             upstream,
             trust,
         }) => {
-            let client = Client::builder()
-                .http3_prior_knowledge()
-                .quic_config(trust.config("h3"))
-                .build()
-                .unwrap_or_else(|e| support::fail(&e.to_string()));
+            let client = trust.h3_client().unwrap_or_else(|e| support::fail(&e.to_string()));
             let front = proxy::serve_plain_http(listen, proxy::http_to_http3(upstream.clone(), client)).await;
             eprintln!("HTTP/1.1 and HTTP/2 on http://{front}/ -> HTTP/3 https://{upstream}/");
             support::shutdown_signal().await;
@@ -115,14 +110,8 @@ async fn demo() {
     let ca = std::env::temp_dir()
         .join(format!("tower-quiche-dev-{}", std::process::id()))
         .join("ca.pem");
-    let trust = support::Trust {
-        ca: Some(ca),
-        insecure: false,
-    };
-    let client = Client::builder()
-        .http3_prior_knowledge()
-        .quic_config(trust.config("h3"))
-        .build()
+    let client = support::Trust::ca(ca)
+        .h3_client()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let upstream: Authority = format!("localhost:{}", front.port()).parse().unwrap();
     let edge = proxy::serve_plain_http("127.0.0.1:0".parse().unwrap(), proxy::http_to_http3(upstream, client)).await;

@@ -15,7 +15,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use tower_quiche::client::Client;
 use tower_quiche::quic::{Listener, ServerConfig};
 
 /// A tonic gRPC service and its generated client, over HTTP/3, in one process.
@@ -47,14 +46,9 @@ async fn main() {
     // A tonic server is a tower Service: served as is.
     tokio::spawn(tower_quiche::server::serve(listener, service::GreeterServer::new(service::MyGreeter)).into_future());
 
-    let trust = support::Trust {
-        ca: Some(args.ca.clone().unwrap_or_else(|| cert.with_file_name("ca.pem"))),
-        insecure: false,
-    };
-    let client = Client::builder()
-        .http3_prior_knowledge()
-        .quic_config(trust.config("h3"))
-        .build()
+    let ca = args.ca.clone().unwrap_or_else(|| cert.with_file_name("ca.pem"));
+    let client = support::Trust::ca(ca)
+        .h3_client()
         .unwrap_or_else(|e| support::fail(&e.to_string()));
     let origin = format!("https://localhost:{port}").parse().expect("origin");
     match service::calls(client, origin).await {

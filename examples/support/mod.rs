@@ -61,6 +61,23 @@ impl Server {
 }
 
 impl Trust {
+    /// Trust the CA certificates in the PEM file `ca`.
+    pub fn ca(ca: PathBuf) -> Self {
+        Trust {
+            ca: Some(ca),
+            insecure: false,
+        }
+    }
+
+    /// An HTTP/3 client (h3 only: the examples' servers speak nothing else) trusting as these
+    /// flags ask.
+    pub fn h3_client(&self) -> Result<tower_quiche::client::Client, tower_quiche::Error> {
+        tower_quiche::client::Client::builder()
+            .http3_prior_knowledge()
+            .quic_config(self.config("h3"))
+            .build()
+    }
+
     /// The client configuration these flags ask for, offering `alpn`.
     pub fn config(&self, alpn: &str) -> tower_quiche::quic::ClientConfig {
         let mut config = tower_quiche::quic::ClientConfig::builder()
