@@ -874,11 +874,11 @@ async fn an_origin_client_reports_a_failed_connect_from_the_call_and_stays_usabl
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// A pooled connection outlives QUIC's idle timeout while the pool keeps it: keep-alive
-/// PINGs restart both sides' idle timers, so a request after a quiet spell longer than
-/// that timeout reuses the connection instead of finding it silently closed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
+/// A server and an HTTP/3 client (`configure`d further) whose QUIC idle timeout is 600 ms,
+/// so that a test can be quiet for several of them.
+async fn short_quic_idle(
+    configure: impl FnOnce(tower_quiche::client::Builder) -> tower_quiche::client::Builder,
+) -> (H3Server, Client) {
     use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
     let certs = test_certs();
     let short_idle = || TransportConfig::new().idle_timeout(Duration::from_millis(600));
@@ -897,12 +897,18 @@ async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
         .transport(short_idle())
         .build()
         .unwrap();
-    let client = Client::builder()
-        .http3_prior_knowledge()
-        .quic_config(config)
-        .pool_idle_timeout(Duration::from_secs(30))
+    let client = configure(Client::builder().http3_prior_knowledge().quic_config(config))
         .build()
         .unwrap();
+    (server, client)
+}
+
+/// A pooled connection outlives QUIC's idle timeout while the pool keeps it: keep-alive
+/// PINGs restart both sides' idle timers, so a request after a quiet spell longer than
+/// that timeout reuses the connection instead of finding it silently closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_is_kept_alive_past_the_quic_idle_timeout() {
+    let (server, client) = short_quic_idle(|b| b.pool_idle_timeout(Duration::from_secs(30))).await;
     let run = async {
         for _ in 0..2 {
             let response = client.get(server.url("/hello")).send().await.unwrap();
@@ -1059,29 +1065,7 @@ async fn websocket_over_http3_echoes_messages_and_answers_a_close() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_tunnel_outlives_the_quic_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
-    let certs = test_certs();
-    let short_idle = || TransportConfig::new().idle_timeout(Duration::from_millis(600));
-    let probe = Arc::new(Probe::default());
-    let quic = ServerConfig::builder().transport(short_idle());
-    let server = h3_server_on(
-        &certs,
-        quic,
-        server::Builder::new(),
-        test_router(Arc::clone(&probe)),
-        probe,
-    )
-    .await;
-    let config = ClientConfig::builder()
-        .ca_pem(&certs.ca_pem)
-        .transport(short_idle())
-        .build()
-        .unwrap();
-    let client = Client::builder()
-        .http3_prior_knowledge()
-        .quic_config(config)
-        .build()
-        .unwrap();
+    let (server, client) = short_quic_idle(|b| b).await;
     let run = async {
         let mut tunnel = client.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap();
         let mut buf = [0u8; 4];
