@@ -1026,7 +1026,7 @@ pub(crate) struct RoundLists {
     /// The streams to service in this round.
     pub(crate) ready: Vec<u64>,
     /// Streams whose body stopped at a frame quiche had not parsed yet (see
-    /// [`StreamShared::read_from`]): read again once the next turn's poll has parsed it.
+    /// [`StreamShared::read_from`]): read again once the next round's poll has parsed it.
     pub(crate) read_again: Vec<u64>,
 }
 
@@ -1060,10 +1060,10 @@ pub(crate) trait StreamOwner {
             self.poll_tasks(cx, conn);
             let lists = self.round_lists();
             let mut ready = std::mem::take(&mut lists.ready);
-            if round == 0 {
-                // The frames behind them are parsed now (`poll_events`).
-                ready.append(&mut lists.read_again);
-            }
+            // The frames behind them are parsed now (`poll_events`): several empty DATA
+            // frames in a row take a round each, at most this turn's rounds, then the next
+            // turn's (no wake-up of our own: a partial frame waits for its bytes).
+            ready.append(&mut lists.read_again);
             self.notify().take_ready(cx, &mut ready);
             if round == 0 {
                 ready.extend(conn.writable().filter(|&id| self.is_tracked(id)));

@@ -272,7 +272,12 @@ impl<A: Application> Driver<A> {
                 from: datagram.from,
                 to: self.local,
             };
-            let received = tls::verifying_ip(self.server_ip, || self.conn.recv(&mut datagram.data, info));
+            // Certificates are verified during the handshake only: the thread-local costs
+            // nothing per packet after it, nor on connections to names.
+            let received = match self.server_ip.filter(|_| !self.established) {
+                Some(ip) => tls::verifying_ip(Some(ip), || self.conn.recv(&mut datagram.data, info)),
+                None => self.conn.recv(&mut datagram.data, info),
+            };
             if let Err(e) = received {
                 tracing::trace!(error = %e, "packet not accepted");
             }

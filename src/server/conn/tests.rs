@@ -1245,6 +1245,7 @@ async fn an_empty_data_frame_does_not_stall_the_body_behind_it() {
         (vec![0, 100], false),
         (vec![0, 832, 1255], true),
         (vec![500, 0, 0, 500], true),
+        (vec![100, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 100], false),
     ] {
         let chunks: Vec<Vec<u8>> = sizes.iter().map(|&n| vec![7u8; n]).collect();
         let body: Vec<u8> = chunks.concat();
