@@ -57,11 +57,19 @@ pub fn websocket_echo() -> axum::routing::MethodRouter {
     )
 }
 
+/// The largest WebSocket message (and frame) `/ws` takes.
+const MAX_WS_MESSAGE: usize = 1 << 20;
+
 async fn echo_messages(tunnel: tower_quiche::tunnel::Tunnel) {
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tunnel, Role::Server, None).await;
+    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+    // An echo needs no 64 MiB messages (tungstenite's default): a client's message is held
+    // whole before it is echoed, so this bounds what one WebSocket can make the server hold.
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_WS_MESSAGE))
+        .max_frame_size(Some(MAX_WS_MESSAGE));
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tunnel, Role::Server, Some(config)).await;
     // tungstenite answers pings and the client's close itself, as it reads on: read until
     // the end, so that the answer to a close goes out.
     while let Some(Ok(message)) = ws.next().await {
