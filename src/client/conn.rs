@@ -90,6 +90,10 @@ where
 pub(crate) struct PendingRequest {
     pub(crate) fields: Vec<h3::Header>,
     pub(crate) body: Option<AnyBody>,
+    /// Whether it may go in 0-RTT data on a resumed connection: a safe method (harmless if
+    /// an attacker replays it, RFC 8470 §4) without a body, not already refused as too
+    /// early.
+    early_data: bool,
 }
 
 impl PendingRequest {
@@ -126,9 +130,18 @@ impl PendingRequest {
         {
             fields.push(h3::Header::new(b"content-length", len.to_string().as_bytes()));
         }
+        let safe = matches!(
+            *request.method(),
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+        );
         let body = request.into_body();
         let body = (!body.is_end_stream()).then_some(body);
-        Ok(PendingRequest { fields, body })
+        let early_data = safe && body.is_none();
+        Ok(PendingRequest {
+            fields,
+            body,
+            early_data,
+        })
     }
 }
 
@@ -498,6 +511,7 @@ pub(crate) async fn handshake_with(
         Arc::clone(&settings),
     );
     app.quic_idle_timeout = endpoint.config().inner.s.idle_timeout;
+    app.early_data = endpoint.config().inner.s.early_data;
     let handle = endpoint.connect(authority, app).await?;
     // The app publishes the server's stream credit once it runs; wait for that (or for
     // the connection's end, should it close first).
@@ -544,6 +558,8 @@ struct Entry {
     written: bool,
     /// A HEAD request: its response has no body, whatever its content-length says.
     head_request: bool,
+    /// Sent in 0-RTT data, before the handshake completed.
+    early_data: bool,
 }
 
 /// A request body's pump; it ends with the stream ID and the error of a body that failed.
@@ -585,6 +601,8 @@ pub(crate) struct ClientApp {
     quic_idle_timeout: Duration,
     timer: Pin<Box<Sleep>>,
     timer_at: Option<Instant>,
+    /// Whether safe requests may go in 0-RTT data on a resumed connection.
+    early_data: bool,
 }
 
 impl ClientApp {
@@ -613,6 +631,7 @@ impl ClientApp {
             quic_idle_timeout: Duration::from_secs(30),
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
+            early_data: false,
         }
     }
 
@@ -648,6 +667,11 @@ impl ClientApp {
                 continue;
             }
             if conn.peer_streams_left_bidi() == 0 {
+                return;
+            }
+            let early_data = !conn.is_established();
+            if early_data && !submission.request.early_data {
+                // Not safe to replay: it waits for the handshake, and the rest behind it.
                 return;
             }
             if submission.request.is_extended_connect() {
@@ -739,6 +763,7 @@ impl ClientApp {
                     informational: Vec::new(),
                     written,
                     head_request,
+                    early_data,
                 },
             );
             if self.idle_since.take().is_some() {
@@ -873,6 +898,24 @@ impl ClientApp {
             Ok(response) => response,
             Err(why) => return self.refuse_response(conn, id, why),
         };
+        if response.status() == http::StatusCode::TOO_EARLY
+            && entry.early_data
+            && let Some(mut request) = entry.retry.take()
+        {
+            // The server would not serve it in 0-RTT data (RFC 8470 §5.2): sent again
+            // after the handshake, on whichever connection the pool gives it (never in
+            // early data again).
+            tracing::debug!(stream_id = id, "425 Too Early: the request is sent again");
+            request.early_data = false;
+            entry.written = true;
+            let shared = Arc::clone(&entry.shared);
+            let reply = entry.reply.take().expect("checked");
+            shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
+            let error = rejected_error("the server would not serve the request in 0-RTT data (425 Too Early)");
+            let _ = reply.send(Err(Failure::Unsent(request, error)));
+            self.forget_if_done(conn, id);
+            return;
+        }
         if response.status().is_informational() {
             // 1xx: not the response; kept for those who ask, up to a bound a server cannot
             // grow (each head is bounded, their number is not).
@@ -1119,8 +1162,10 @@ impl stream::StreamOwner for ClientApp {
     }
 }
 
-impl Application for ClientApp {
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+impl ClientApp {
+    /// Starts HTTP/3 on the connection: when the handshake completes, or before, when a
+    /// resumed session lets safe requests go in 0-RTT data.
+    fn start_h3(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         let mut config =
             h3::Config::new().map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
         config.set_max_field_section_size(self.settings.max_response_head);
@@ -1134,6 +1179,28 @@ impl Application for ClientApp {
             s.established = true;
         });
         Ok(())
+    }
+}
+
+impl Application for ClientApp {
+    fn accepts_early_data(&self) -> bool {
+        self.early_data
+    }
+
+    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        self.start_h3(conn)
+    }
+
+    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        if self.h3.is_some() {
+            // Started in early data; the server's limits may have changed with the
+            // handshake (it can refuse the remembered ones).
+            let credit = conn.peer_streams_left_bidi();
+            self.credit_told = credit;
+            self.status.update(|s| s.credit = credit);
+            return Ok(());
+        }
+        self.start_h3(conn)
     }
 
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {

@@ -19,7 +19,9 @@ const ATTEMPT_DELAY: Duration = Duration::from_millis(250);
 
 impl Endpoint {
     /// Connects to `authority` (`host:port`, `1.2.3.4:443` or `[::1]:443`) and drives the
-    /// connection with `app` once the handshake completes.
+    /// connection with `app` once the handshake completes (or, for an application that
+    /// [accepts early data](Application::accepts_early_data), once a resumed session lets
+    /// it send 0-RTT data).
     ///
     /// The name is resolved with the system resolver. When it has several addresses, they
     /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
@@ -41,9 +43,12 @@ impl Endpoint {
         );
         let mut addrs = interleave_families(addrs).into_iter();
         let mut attempts = FuturesUnordered::new();
+        // An application that sends 0-RTT data takes a resumed connection as soon as it
+        // can send; then the first address tried wins unless it fails at once.
+        let early = app.accepts_early_data();
         let attempt = |addr: SocketAddr| {
             let started = self.start_connection::<A>(addr, Some(host));
-            async move { started?.established().await }
+            async move { started?.usable(early).await }
         };
         let next_start = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(next_start);

@@ -29,6 +29,26 @@ use crate::error::Error;
 ///
 /// Every method runs on the connection's task, so none may block.
 pub trait Application: Send + 'static {
+    /// Whether [`process`](Self::process) may run before the handshake completes, while a
+    /// resumed connection is in 0-RTT ("early") data: on a server, to read requests the
+    /// client sent in its first flight; on a client, to send some. Early data can be
+    /// replayed by an attacker (RFC 8446 §8), so an application that says yes must act
+    /// only on what is safe to repeat until `conn.is_established()` (RFC 8470). Defaults to
+    /// `false`: the application starts once the handshake has completed, and early data
+    /// waits for it.
+    fn accepts_early_data(&self) -> bool {
+        false
+    }
+
+    /// Called once, before the first [`process`](Self::process) in early data (only for an
+    /// application that [accepts early data](Self::accepts_early_data), and only on a
+    /// connection that is in it). [`on_established`](Self::on_established) follows when
+    /// the handshake completes.
+    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        let _ = conn;
+        Ok(())
+    }
+
     /// Called once, when the handshake has completed.
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
         let _ = conn;
@@ -104,6 +124,8 @@ impl ConnectionStats {
 #[derive(Clone)]
 pub(crate) enum State {
     Handshaking,
+    /// A resumed client connection that can send 0-RTT data while its handshake goes on.
+    EarlyData,
     Established,
     Closed(Arc<Closed>),
 }
@@ -167,9 +189,29 @@ impl ConnectionHandle {
     /// Waits until the handshake has completed; fails with the reason it did not.
     pub async fn established(&self) -> Result<(), Error> {
         let mut state = self.state.clone();
-        let result = state.wait_for(|s| !matches!(s, State::Handshaking)).await;
-        match result.as_deref() {
-            Ok(State::Established) => Ok(()),
+        let result = state
+            .wait_for(|s| !matches!(s, State::Handshaking | State::EarlyData))
+            .await;
+        Self::outcome(result.as_deref())
+    }
+
+    /// Waits until the handshake has completed or, with `early`, until the connection can
+    /// send 0-RTT data (a resumed client connection), whichever comes first.
+    pub(crate) async fn usable(&self, early: bool) -> Result<(), Error> {
+        let mut state = self.state.clone();
+        let result = state
+            .wait_for(|s| match s {
+                State::Handshaking => false,
+                State::EarlyData => early,
+                State::Established | State::Closed(_) => true,
+            })
+            .await;
+        Self::outcome(result.as_deref())
+    }
+
+    fn outcome(state: Result<&State, &watch::error::RecvError>) -> Result<(), Error> {
+        match state {
+            Ok(State::Established | State::EarlyData) => Ok(()),
             Ok(State::Closed(closed)) => {
                 Err(closed.error.as_ref().map(Error::duplicate).unwrap_or_else(|| {
                     Error::new(crate::error::Kind::Closed).with_message("closed during the handshake")

@@ -97,7 +97,7 @@ impl Default for Settings {
             congestion_control: CongestionControl::Cubic,
             pacing: true,
             datagrams: None,
-            early_data: false,
+            early_data: true,
             inbound_queue: 256,
             inbound_queue_bytes: 512 * 1024,
             active_connection_id_limit: 4,
@@ -506,12 +506,23 @@ impl TransportConfig {
         self
     }
 
-    /// Servers: whether 0-RTT data is accepted. It is held until the handshake completes
-    /// and reaches the application only then, when the client has proven it holds the
-    /// session's keys: a replayed 0-RTT flight never completes a handshake, so it is never
-    /// processed (the "wait for the handshake" option of RFC 8470 §3). Nor is a round trip
-    /// saved for requests. Clients: the client does not resume sessions, so it never sends
-    /// 0-RTT data. Defaults to off.
+    /// Whether 0-RTT ("early") data is sent and accepted on resumed connections (RFC 9001
+    /// §4.6). Defaults to on.
+    ///
+    /// Servers issue session tickets either way; with early data on they accept a resumed
+    /// client's first flight. What reads it decides how much of it to trust, since early
+    /// data can be replayed by an attacker: the HTTP/3 server serves only requests that are
+    /// safe to repeat (GET, HEAD, OPTIONS, or what
+    /// [`server::Builder::early_data_policy`](crate::server::Builder::early_data_policy)
+    /// allows) before the handshake completes and answers the rest `425 Too Early` (RFC
+    /// 8470); an [`Application`](crate::quic::Application) that does not
+    /// [accept early data](crate::quic::Application::accepts_early_data), such as the stream
+    /// API, sees it only once the handshake has completed, when the client has proven it
+    /// holds the session's keys (a replayed first flight never gets there).
+    ///
+    /// Clients remember each server's latest session and resume it on the next connection;
+    /// with early data on, the HTTP/3 client sends safe requests (GET, HEAD, OPTIONS without
+    /// a body) in 0-RTT and the rest once the handshake has completed.
     pub fn early_data(mut self, enabled: bool) -> Self {
         self.s.early_data = enabled;
         self

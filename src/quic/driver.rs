@@ -29,6 +29,7 @@ use super::app::{Application, Closed, Command, ConnectionHandle, ConnectionStats
 use super::cid::{self, ResetKey};
 use super::config::Config;
 use super::routes::{InboundQueue, Registration};
+use super::session::SessionCache;
 use super::tls;
 use super::udp::Socket;
 use crate::error::{self, Error};
@@ -88,6 +89,9 @@ pub(crate) struct ConnContext {
     /// A client connecting to an IP address: the address the server's certificate must
     /// carry. No SNI names it (RFC 6066 §3 allows host names only), so the check is ours.
     pub(crate) server_ip: Option<IpAddr>,
+    /// A client's session cache and its key for this server: sessions the server issues
+    /// are stored there for the next connection to resume.
+    pub(crate) sessions: Option<(Arc<SessionCache>, Arc<str>)>,
 }
 
 /// The application of a connection: running, or (client connects) waiting to be handed over
@@ -112,6 +116,8 @@ struct Driver<A> {
     conn: quiche::Connection,
     app: AppSlot<A>,
     app_started: bool,
+    /// Whether the application ran in early data (its `on_early_data` was called).
+    app_started_early: bool,
     rx: InboundQueue,
     commands: mpsc::Receiver<Command>,
     socket: Arc<Socket>,
@@ -129,6 +135,10 @@ struct Driver<A> {
     verify_error: Option<String>,
     local: SocketAddr,
     server_ip: Option<IpAddr>,
+    sessions: Option<(Arc<SessionCache>, Arc<str>)>,
+    /// The session last stored (its address and length in quiche's buffer): a new ticket
+    /// replaces the buffer, so a change says there is one to store.
+    session_stored: (usize, usize),
 }
 
 // The driver never pins the application in place: it only calls `&mut` methods on it.
@@ -157,6 +167,7 @@ impl<A> Driver<A> {
             inbound,
             started,
             server_ip,
+            sessions,
         } = ctx;
         if let Some(writer) = config.keylog_writer() {
             conn.set_keylog(writer);
@@ -198,6 +209,7 @@ impl<A> Driver<A> {
             conn,
             app,
             app_started: false,
+            app_started_early: false,
             rx: inbound,
             commands: command_rx,
             socket,
@@ -215,6 +227,8 @@ impl<A> Driver<A> {
             verify_error: None,
             local,
             server_ip,
+            sessions,
+            session_stored: (0, 0),
         };
         (driver, handle)
     }
@@ -320,11 +334,9 @@ impl<A: Application> Driver<A> {
             self.issue_connection_ids();
         }
         self.poll_hand_over(cx);
-        // The application runs only once the handshake has completed, also on a resumed
-        // connection whose 0-RTT data quiche holds: by then the client has proven it holds the
-        // session's keys, so replayed early data never reaches the application (RFC 8470 §3).
-        if self.established
-            && !self.conn.is_draining()
+        // The application runs once the handshake has completed, or earlier in 0-RTT data
+        // if it accepts early data (see `run_app`).
+        if !self.conn.is_draining()
             && !self.conn.is_closed()
             && let Err(e) = self.run_app(cx)
         {
@@ -341,6 +353,7 @@ impl<A: Application> Driver<A> {
             self.issue_connection_ids();
         }
         let sent = self.flush(cx);
+        self.after_flush();
         if self.conn.is_closed() {
             Turn::Closed
         } else if busy || sent > 0 {
@@ -369,15 +382,51 @@ impl<A: Application> Driver<A> {
         }
     }
 
+    /// Lets the application act: once the handshake has completed or, for an application
+    /// that accepts early data, while the connection is in 0-RTT. Otherwise 0-RTT data
+    /// quiche holds waits for the handshake, by which time the client has proven it holds
+    /// the session's keys, so a replayed first flight never reaches such an application
+    /// (the "wait for the handshake" option of RFC 8470 §3).
     fn run_app(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         let AppSlot::Running(app) = &mut self.app else {
             return Ok(());
         };
-        if !self.app_started {
-            self.app_started = true;
-            app.on_established(&mut self.conn)?;
+        if self.established {
+            if !self.app_started {
+                self.app_started = true;
+                app.on_established(&mut self.conn)?;
+            }
+        } else if self.conn.is_in_early_data() && app.accepts_early_data() {
+            if !self.app_started_early {
+                self.app_started_early = true;
+                app.on_early_data(&mut self.conn)?;
+            }
+        } else {
+            return Ok(());
         }
         app.process(cx, &mut self.conn)
+    }
+
+    /// After a flush: a client's first flight on a resumed session makes early data
+    /// possible (its handle's waiters learn it), and a session ticket the server sent is
+    /// stored for the next connection.
+    fn after_flush(&mut self) {
+        if self.conn.is_server() {
+            return;
+        }
+        if !self.established && matches!(*self.state.borrow(), State::Handshaking) && self.conn.is_in_early_data() {
+            tracing::debug!("resumed session: 0-RTT data can be sent");
+            self.state.send_replace(State::EarlyData);
+        }
+        if let Some((cache, key)) = &self.sessions
+            && let Some(session) = self.conn.session()
+        {
+            let seen = (session.as_ptr() as usize, session.len());
+            if seen != self.session_stored {
+                self.session_stored = seen;
+                cache.put(key, session);
+            }
+        }
     }
 
     /// Offers the peer as many spare connection IDs as it accepts, each routed to us before
@@ -510,6 +559,11 @@ impl<A: Application> Driver<A> {
         let metrics = &self.config.inner.metrics;
         if !self.established {
             metrics.handshake_failed(self.started.elapsed());
+            // A session that did not lead to a handshake (the server no longer takes it,
+            // or is gone) is not offered again.
+            if let Some((cache, key)) = &self.sessions {
+                cache.remove(key);
+            }
         }
         metrics.connection_closed(&stats);
         if let AppSlot::Running(app) = &mut self.app {
@@ -603,6 +657,7 @@ mod tests {
             inbound,
             started: Instant::now(),
             server_ip: None,
+            sessions: None,
         }
     }
 

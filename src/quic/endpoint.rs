@@ -20,6 +20,7 @@ use super::driver::{self, ConnContext};
 use super::limits::Limits;
 use super::router::{self, Accepted, Shared};
 use super::routes::{InboundQueue, Registration};
+use super::session::SessionCache;
 use super::streams::{self, StreamConnection};
 use super::udp::Socket;
 use crate::error::Error;
@@ -31,6 +32,7 @@ fn context(
     inbound: InboundQueue,
     started: Instant,
     server_ip: Option<IpAddr>,
+    sessions: Option<(Arc<SessionCache>, Arc<str>)>,
 ) -> ConnContext {
     ConnContext {
         server_ip,
@@ -40,6 +42,7 @@ fn context(
         registration,
         inbound,
         started,
+        sessions,
     }
 }
 
@@ -232,7 +235,7 @@ impl Incoming {
             registration,
             started,
         } = self.0;
-        let ctx = context(&shared, registration, inbound, started, None);
+        let ctx = context(&shared, registration, inbound, started, None, None);
         driver::spawn(conn, ctx, driver::AppSlot::Running(app))
     }
 
@@ -262,6 +265,8 @@ impl Incoming {
 pub struct Endpoint {
     shared: Arc<Shared>,
     quiche_config: Arc<Mutex<quiche::Config>>,
+    /// Sessions servers issued, for resumption and 0-RTT on later connections.
+    sessions: Arc<SessionCache>,
     _close: Arc<CloseOnDrop>,
 }
 
@@ -297,6 +302,7 @@ impl Endpoint {
         Ok(Endpoint {
             shared: Arc::clone(&shared),
             quiche_config: Arc::new(Mutex::new(quiche_config)),
+            sessions: Arc::default(),
             _close: Arc::new(CloseOnDrop(vec![shared])),
         })
     }
@@ -339,9 +345,10 @@ impl Endpoint {
                  ClientConfigBuilder::danger_accept_invalid_certs(true)"
             )));
         }
+        let early = app.accepts_early_data();
         Ok(self
             .start_connection(addr, server_name)?
-            .established()
+            .usable(early)
             .await?
             .start(app))
     }
@@ -365,15 +372,25 @@ impl Endpoint {
                 .ok()
         });
         let sni = server_name.filter(|_| server_ip.is_none());
-        let conn = {
+        let mut conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
             quiche::connect(sni, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
+        // Sessions are kept per name the server's identity was checked against: with no
+        // name (verification off), none is kept.
+        let sessions = server_name.map(|name| (Arc::clone(&self.sessions), SessionCache::key(name, addr.port())));
+        if let Some((cache, key)) = &sessions
+            && let Some(session) = cache.get(key)
+            && let Err(e) = conn.set_session(&session)
+        {
+            tracing::debug!(error = %e, "stored session not usable; a full handshake follows");
+            cache.remove(key);
+        }
         let (mut registration, inbound) = shared.register();
         registration.add(&scid);
         let (hand_over, app) = oneshot::channel();
-        let ctx = context(shared, registration, inbound, Instant::now(), server_ip);
+        let ctx = context(shared, registration, inbound, Instant::now(), server_ip, sessions);
         let handle = driver::spawn(conn, ctx, driver::AppSlot::Waiting(app));
         Ok(Connecting { handle, hand_over })
     }
@@ -387,9 +404,10 @@ pub(crate) struct Connecting<A> {
 }
 
 impl<A> Connecting<A> {
-    /// Waits until the handshake has completed; fails with the reason it did not.
-    pub(crate) async fn established(self) -> Result<Self, Error> {
-        self.handle.established().await?;
+    /// Waits until the handshake has completed or, with `early`, until the connection can
+    /// send 0-RTT data (a resumed session), whichever comes first.
+    pub(crate) async fn usable(self, early: bool) -> Result<Self, Error> {
+        self.handle.usable(early).await?;
         Ok(self)
     }
 

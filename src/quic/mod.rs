@@ -78,6 +78,7 @@ mod metrics;
 mod notify;
 mod router;
 mod routes;
+mod session;
 mod streams;
 pub mod tls;
 mod token;

@@ -194,6 +194,37 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.closing = true;
     }
 
+    /// Starts HTTP/3 on the connection: when the handshake completes, or before, when the
+    /// client's first flight carries early data.
+    fn start_h3(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        if conn.application_proto() != b"h3" {
+            // A listener may offer other protocols too: this connection is not ours to serve.
+            return Err(Error::config(format!(
+                "the connection negotiated ALPN {:?}, not h3: serve it with the Application for that \
+                 protocol, or offer only \"h3\" on this listener",
+                String::from_utf8_lossy(conn.application_proto())
+            )));
+        }
+        let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
+            .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
+        self.h3 = Some(h3);
+        Ok(())
+    }
+
+    /// Answers a request with an empty response of `status` without calling the service,
+    /// and stops reading a body it may have (the response is complete, RFC 9114 §4.1).
+    fn answer_without_service(&mut self, conn: &mut quiche::Connection, id: u64, status: &[u8], more_frames: bool) {
+        let fields = [
+            h3::Header::new(b":status", status),
+            h3::Header::new(b"content-length", b"0"),
+        ];
+        if self.h3().send_response(conn, id, &fields, true).is_err() {
+            Self::refuse(conn, id, code::H3_EXCESSIVE_LOAD);
+        } else if more_frames {
+            let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
+        }
+    }
+
     /// Resets both directions of a stream we do not track with an HTTP/3 error code.
     fn refuse(conn: &mut quiche::Connection, id: u64, code: u64) {
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
@@ -220,15 +251,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         if fields::section_size(&list) > self.settings.max_header_list_size {
             tracing::debug!(stream_id = id, "request header section too large: 431");
-            let fields = [
-                h3::Header::new(b":status", b"431"),
-                h3::Header::new(b"content-length", b"0"),
-            ];
-            if self.h3().send_response(conn, id, &fields, true).is_err() {
-                Self::refuse(conn, id, code::H3_EXCESSIVE_LOAD);
-            } else if more_frames {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
-            }
+            self.answer_without_service(conn, id, b"431", more_frames);
             return;
         }
         let head = match request_from_fields(&list) {
@@ -253,6 +276,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         if !more_frames && head.content_length.is_some_and(|len| len > 0) {
             tracing::debug!(stream_id = id, "request ended before its content-length");
             Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
+            return;
+        }
+        // A request in 0-RTT data, which an attacker can replay (RFC 8470): served now only
+        // if safe to repeat, else the client is told to send it again after the handshake.
+        let early_data = !conn.is_established();
+        if early_data && !self.settings.early_data_policy.allows(&head.request) {
+            tracing::debug!(stream_id = id, method = %head.request.method(), "request in early data: 425");
+            self.answer_without_service(conn, id, b"425", more_frames);
             return;
         }
         let limits = Limits {
@@ -284,7 +315,18 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             status = tracing::field::Empty,
         );
         request.extensions_mut().insert(info);
-        request.extensions_mut().insert(RequestInfo { stream_id: id });
+        request.extensions_mut().insert(RequestInfo {
+            stream_id: id,
+            early_data,
+        });
+        if early_data {
+            // What an intermediary that forwards early data must add (RFC 8470 §5.1), so
+            // that the service, and servers behind it, know.
+            request.headers_mut().insert(
+                http::HeaderName::from_static("early-data"),
+                http::HeaderValue::from_static("1"),
+            );
+        }
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });
@@ -715,19 +757,20 @@ impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
 }
 
 impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
+    fn accepts_early_data(&self) -> bool {
+        true
+    }
+
+    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+        self.start_h3(conn)
+    }
+
     fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
-        if conn.application_proto() != b"h3" {
-            // A listener may offer other protocols too: this connection is not ours to serve.
-            return Err(Error::config(format!(
-                "the connection negotiated ALPN {:?}, not h3: serve it with the Application for that \
-                 protocol, or offer only \"h3\" on this listener",
-                String::from_utf8_lossy(conn.application_proto())
-            )));
+        if self.h3.is_some() {
+            // Started in early data.
+            return Ok(());
         }
-        let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
-            .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
-        self.h3 = Some(h3);
-        Ok(())
+        self.start_h3(conn)
     }
 
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {

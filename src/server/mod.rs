@@ -36,7 +36,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http::{HeaderMap, StatusCode, Version};
+use http::{HeaderMap, Method, Request, StatusCode, Version};
 use tokio::sync::{mpsc, watch};
 use tower_service::Service;
 
@@ -68,6 +68,10 @@ pub struct ConnectionInfo {
 pub struct RequestInfo {
     /// The QUIC stream the request arrived on.
     pub stream_id: u64,
+    /// Whether the request arrived in 0-RTT data and is served before the handshake
+    /// completed (its head then also carries `early-data: 1`, RFC 8470 §5.1). Such a
+    /// request may be a replay; see [`Builder::early_data_policy`].
+    pub early_data: bool,
 }
 
 impl ConnectionInfo {
@@ -120,7 +124,37 @@ pub(crate) struct Settings {
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
+    early_data_policy: EarlyDataPolicy,
     h3_config: quiche::h3::Config,
+}
+
+/// Which requests that arrive in 0-RTT data are served before the handshake completes.
+#[derive(Clone, Default)]
+pub(crate) struct EarlyDataPolicy(Option<Arc<AllowsEarly>>);
+
+/// A policy's test of a request head.
+type AllowsEarly = dyn Fn(&Request<()>) -> bool + Send + Sync;
+
+impl fmt::Debug for EarlyDataPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "EarlyDataPolicy(custom)"
+        } else {
+            "EarlyDataPolicy(safe methods)"
+        })
+    }
+}
+
+impl EarlyDataPolicy {
+    /// Whether `request` (its head) may be served in early data: what the builder's
+    /// policy says, or by default whether its method is safe (RFC 9110 §9.2.1) and so
+    /// harmless to repeat: GET, HEAD, OPTIONS.
+    pub(crate) fn allows(&self, request: &Request<()>) -> bool {
+        match &self.0 {
+            Some(allows) => allows(request),
+            None => matches!(*request.method(), Method::GET | Method::HEAD | Method::OPTIONS),
+        }
+    }
 }
 
 /// The smallest hard limit on a field section that quiche decodes at all (advertised as
@@ -153,6 +187,7 @@ pub struct Builder {
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
+    early_data_policy: EarlyDataPolicy,
     /// Limits of the TCP side of [`Builder::serve_with_tcp`].
     #[cfg(feature = "tcp")]
     tcp: tcp::Limits,
@@ -170,6 +205,7 @@ impl Default for Builder {
             response_body_buffer: 64 * 1024,
             graceful_shutdown_timeout: Duration::from_secs(30),
             connect_protocol: true,
+            early_data_policy: EarlyDataPolicy::default(),
             #[cfg(feature = "tcp")]
             tcp: tcp::Limits::default(),
         }
@@ -257,6 +293,35 @@ impl Builder {
         self
     }
 
+    /// Which requests that arrive in 0-RTT data are served before the handshake completes.
+    /// The others are answered `425 Too Early` (RFC 8470 §5.2), which tells the client to
+    /// send them again after the handshake (browsers and this crate's client do).
+    ///
+    /// Early data saves a round trip on a resumed connection, but an attacker who captured
+    /// it can replay it to the server, so only what is harmless to repeat belongs there. By
+    /// default that is requests whose method is safe: GET, HEAD and OPTIONS (RFC 9110
+    /// §9.2.1). A handler sees whether its request came in early data in
+    /// [`RequestInfo::early_data`] and the `early-data: 1` header (RFC 8470 §5.1).
+    ///
+    /// Whether early data is accepted at all is the listener's
+    /// [`TransportConfig::early_data`](crate::quic::TransportConfig::early_data) (on by
+    /// default).
+    ///
+    /// ```
+    /// # use tower_quiche::server::Builder;
+    /// // Safe methods, and one idempotent endpoint whose handler tolerates replays.
+    /// let builder = Builder::new().early_data_policy(|request| {
+    ///     request.method().is_safe() || request.uri().path() == "/ping"
+    /// });
+    /// ```
+    pub fn early_data_policy<F>(mut self, allows: F) -> Self
+    where
+        F: Fn(&Request<()>) -> bool + Send + Sync + 'static,
+    {
+        self.early_data_policy = EarlyDataPolicy(Some(Arc::new(allows)));
+        self
+    }
+
     /// How long a graceful shutdown waits for requests in flight before closing their
     /// connections anyway. Defaults to 30 s.
     pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -282,6 +347,7 @@ impl Builder {
             response_body_buffer: self.response_body_buffer,
             graceful_shutdown_timeout: self.graceful_shutdown_timeout,
             connect_protocol: self.connect_protocol,
+            early_data_policy: self.early_data_policy.clone(),
             h3_config,
         }))
     }
@@ -674,4 +740,30 @@ where
         .await
         .map_err(Into::into)?;
     make_service.call(info).await.map_err(Into::into)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_default_only_safe_methods_are_served_in_early_data() {
+        let policy = EarlyDataPolicy::default();
+        let request = |method: Method| Request::builder().method(method).body(()).unwrap();
+        for method in [Method::GET, Method::HEAD, Method::OPTIONS] {
+            assert!(policy.allows(&request(method.clone())), "{method}");
+        }
+        for method in [
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::PATCH,
+            Method::CONNECT,
+        ] {
+            assert!(!policy.allows(&request(method.clone())), "{method}");
+        }
+        let custom = EarlyDataPolicy(Some(Arc::new(|r: &Request<()>| r.uri().path() == "/ping")));
+        assert!(custom.allows(&Request::post("/ping").body(()).unwrap()));
+        assert!(!custom.allows(&Request::get("/other").body(()).unwrap()));
+    }
 }

@@ -1,0 +1,91 @@
+//! The client's TLS session cache: what lets a later connection to the same server resume
+//! its session (a shorter handshake) and send 0-RTT data (RFC 9001 §4.6).
+//!
+//! One cache per client [`Endpoint`](super::Endpoint), keyed by the name the server was
+//! reached by and its port (the name its certificate was checked against: a session is
+//! offered only where the same identity is expected). Each key keeps its latest session, as
+//! serialized by quiche (the TLS session and the server's transport parameters, which 0-RTT
+//! data must respect). The cache is bounded; past its size the oldest key goes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+/// Servers a client endpoint remembers a session for. A session is a few KiB (a ticket and
+/// the server's certificate chain), so this bounds the cache to a few MiB.
+const MAX_SERVERS: usize = 256;
+
+/// A bounded map from server to its latest session.
+#[derive(Debug, Default)]
+pub(crate) struct SessionCache {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    sessions: HashMap<Arc<str>, Arc<[u8]>>,
+    /// Keys in the order they were first stored, for eviction.
+    order: VecDeque<Arc<str>>,
+}
+
+impl SessionCache {
+    /// The key of a server: its name (or address, as text) and port.
+    pub(crate) fn key(server_name: &str, port: u16) -> Arc<str> {
+        format!("{server_name}:{port}").into()
+    }
+
+    /// The latest session stored for `key`.
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<[u8]>> {
+        self.lock().sessions.get(key).cloned()
+    }
+
+    /// Stores `session` for `key`, replacing the one before; the oldest server is forgotten
+    /// when the cache is full.
+    pub(crate) fn put(&self, key: &Arc<str>, session: &[u8]) {
+        let mut inner = self.lock();
+        if inner.sessions.insert(Arc::clone(key), session.into()).is_none() {
+            inner.order.push_back(Arc::clone(key));
+            while inner.order.len() > MAX_SERVERS {
+                if let Some(oldest) = inner.order.pop_front() {
+                    inner.sessions.remove(&oldest);
+                }
+            }
+        }
+    }
+
+    /// Forgets the session of `key` (one the server refused to resume, say).
+    pub(crate) fn remove(&self, key: &str) {
+        let mut inner = self.lock();
+        if inner.sessions.remove(key).is_some() {
+            inner.order.retain(|k| &**k != key);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_server_keeps_its_latest_session_and_the_oldest_server_goes_first() {
+        let cache = SessionCache::default();
+        let a = SessionCache::key("a.example", 443);
+        cache.put(&a, b"one");
+        cache.put(&a, b"two");
+        assert_eq!(cache.get(&a).as_deref(), Some(&b"two"[..]));
+        for i in 0..MAX_SERVERS {
+            cache.put(&SessionCache::key("b.example", i as u16), b"x");
+        }
+        // `a` was stored first: the cache is full by one, so it went.
+        assert_eq!(cache.get(&a), None);
+        assert!(cache.get(&SessionCache::key("b.example", 0)).is_some());
+        assert_eq!(cache.lock().sessions.len(), MAX_SERVERS);
+        assert_eq!(cache.lock().order.len(), MAX_SERVERS);
+        cache.remove(&SessionCache::key("b.example", 0));
+        assert_eq!(cache.get(&SessionCache::key("b.example", 0)), None);
+        assert_eq!(cache.lock().order.len(), MAX_SERVERS - 1);
+    }
+}

@@ -1,0 +1,212 @@
+//! 0-RTT: a client that resumes a session sends safe requests in early data; the server
+//! serves what its policy allows before the handshake completes and answers the rest
+//! `425 Too Early`, which the client sends again after the handshake (RFC 8470).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::any;
+use support::h3::{H3Server, Probe, h3_server_on, trusting};
+use support::{Certs, TEST_TIMEOUT, certs};
+use tower_quiche::client::{Client, ResponseExt};
+use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
+use tower_quiche::server::{self, RequestInfo};
+
+/// `/early` answers "<RequestInfo::early_data> <early-data header or ->" and counts calls.
+fn early_router(calls: &Arc<AtomicUsize>) -> Router {
+    let calls = Arc::clone(calls);
+    Router::new().route(
+        "/early",
+        any(move |request: Request| {
+            let calls = Arc::clone(&calls);
+            async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                let early = request.extensions().get::<RequestInfo>().map(|info| info.early_data);
+                let header = request
+                    .headers()
+                    .get("early-data")
+                    .map_or("-".to_owned(), |v| v.to_str().unwrap_or("?").to_owned());
+                format!("{} {header}", early.map_or("none".to_owned(), |e| e.to_string()))
+            }
+        }),
+    )
+}
+
+/// A server that closes each connection after one request, so that each request of a
+/// test's client opens a new connection, which resumes the session of the one before.
+async fn one_request_per_connection(certs: &Certs, builder: server::Builder, calls: &Arc<AtomicUsize>) -> H3Server {
+    h3_server_on(
+        certs,
+        ServerConfig::builder(),
+        builder.max_requests_per_connection(1),
+        early_router(calls),
+        Arc::new(Probe::default()),
+    )
+    .await
+}
+
+fn client(config: ClientConfig) -> Client {
+    Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(config)
+        .build()
+        .unwrap()
+}
+
+/// Waits until the server has closed the client's connection (bounded by the test's
+/// timeout), so that the next request needs a new one.
+async fn until_unpooled(client: &Client) {
+    while client.pooled_connections() > 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends `request`, then waits for its connection to go.
+async fn fetch(client: &Client, request: tower_quiche::client::RequestBuilder) -> (http::StatusCode, String) {
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    until_unpooled(client).await;
+    (status, text)
+}
+
+/// A test's setting: a server that closes each connection after one request, a client,
+/// the URL of `/early`, and the calls counted there. The client has made one request (a
+/// full handshake), so it holds the server's session and its next connection resumes.
+struct Resumed {
+    _server: H3Server,
+    client: Client,
+    url: String,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Resumed {
+    /// A bodiless GET of `/early` on a new connection: its status and body.
+    async fn get(&self) -> (http::StatusCode, String) {
+        fetch(&self.client, self.client.get(&self.url)).await
+    }
+
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+/// A 200 answer with `body`.
+fn ok(body: &str) -> (http::StatusCode, String) {
+    (http::StatusCode::OK, body.into())
+}
+
+async fn resumed(builder: server::Builder, config: impl FnOnce(&Certs) -> ClientConfig) -> Resumed {
+    let certs = certs();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let server = one_request_per_connection(&certs, builder, &calls).await;
+    let client = client(config(&certs));
+    let url = server.url("/early");
+    assert_eq!(fetch(&client, client.get(&url)).await, ok("false -"));
+    Resumed {
+        _server: server,
+        client,
+        url,
+        calls,
+    }
+}
+
+#[tokio::test]
+async fn a_resumed_connection_sends_a_get_in_0rtt_and_the_server_serves_it_there() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let resumed = resumed(server::Builder::new(), trusting).await;
+        // The GET goes in the first flight and is served before the handshake completes,
+        // marked as early data.
+        assert_eq!(resumed.get().await, ok("true 1"));
+        assert_eq!(resumed.calls(), 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_again_after_the_handshake() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = server::Builder::new().early_data_policy(|_| false);
+        let resumed = resumed(builder, trusting).await;
+        // The GET goes in 0-RTT, the server answers 425 without calling the service, and
+        // the client sends it again once the handshake has completed: the caller sees
+        // only the final answer, and the service ran once for it.
+        assert_eq!(resumed.get().await, ok("false -"));
+        assert_eq!(resumed.calls(), 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn requests_that_are_not_safe_to_replay_wait_for_the_handshake() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        // The server would serve anything early: what it gets early is the client's choice.
+        let builder = server::Builder::new().early_data_policy(|_| true);
+        let resumed = resumed(builder, trusting).await;
+        let Resumed { client, url, .. } = &resumed;
+        let post = client.post(url).body("not safe to replay");
+        assert_eq!(fetch(client, post).await, ok("false -"));
+        // A safe method with a body stays out of early data too.
+        let get_with_body = client.get(url).body("a body");
+        assert_eq!(fetch(client, get_with_body).await, ok("false -"));
+        // While a bodiless GET goes early.
+        assert_eq!(resumed.get().await, ok("true 1"));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_client_with_early_data_off_resumes_without_sending_early() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let config = |certs: &Certs| {
+            ClientConfig::builder()
+                .ca_pem(&certs.ca_pem)
+                .transport(TransportConfig::default().early_data(false))
+                .build()
+                .unwrap()
+        };
+        let resumed = resumed(server::Builder::new(), config).await;
+        assert_eq!(resumed.get().await, ok("false -"));
+    })
+    .await
+    .unwrap();
+}
+
+/// A server restarted on the same address has new session-ticket keys: it cannot resume
+/// the session, so it rejects the 0-RTT data. The GET sent there must still be answered,
+/// sent again after the handshake.
+#[tokio::test]
+async fn early_data_a_restarted_server_rejects_is_sent_again_after_the_handshake() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let certs = certs();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut first = one_request_per_connection(&certs, server::Builder::new(), &calls).await;
+        let addr = first.addr;
+        let client = client(trusting(&certs));
+        let url = first.url("/early");
+        fetch(&client, client.get(&url)).await;
+        first.shutdown.take().unwrap().send(()).unwrap();
+        first.done.await.unwrap().unwrap();
+
+        let config = ServerConfig::builder()
+            .cert_chain_pem(&certs.leaf.cert_pem)
+            .private_key_pem(&certs.leaf.key_pem)
+            .build()
+            .unwrap();
+        let listener = tower_quiche::quic::Listener::bind(addr, config).await.unwrap();
+        let builder = server::Builder::new().max_requests_per_connection(1);
+        tokio::spawn(builder.serve(listener, early_router(&calls)).into_future());
+        assert_eq!(fetch(&client, client.get(&url)).await, ok("false -"));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    })
+    .await
+    .unwrap();
+}
