@@ -120,6 +120,8 @@ pub(crate) struct Settings {
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
+    http_datagrams: bool,
+    datagram_buffer: usize,
     h3_config: quiche::h3::Config,
 }
 
@@ -153,6 +155,8 @@ pub struct Builder {
     response_body_buffer: usize,
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
+    http_datagrams: bool,
+    datagram_buffer: usize,
     /// Limits of the TCP side of [`Builder::serve_with_tcp`].
     #[cfg(feature = "tcp")]
     tcp: tcp::Limits,
@@ -170,6 +174,8 @@ impl Default for Builder {
             response_body_buffer: 64 * 1024,
             graceful_shutdown_timeout: Duration::from_secs(30),
             connect_protocol: true,
+            http_datagrams: true,
+            datagram_buffer: crate::datagram::DEFAULT_FLOW_BUFFER,
             #[cfg(feature = "tcp")]
             tcp: tcp::Limits::default(),
         }
@@ -257,6 +263,31 @@ impl Builder {
         self
     }
 
+    /// Whether CONNECT requests (plain or extended) get HTTP datagrams (RFC 9297): a
+    /// [`Datagrams`](crate::datagram::Datagrams) handle the handler takes with
+    /// [`Datagrams::from_request`](crate::datagram::Datagrams::from_request). They need QUIC
+    /// datagrams on the listener's transport too,
+    /// [`TransportConfig::datagrams`](crate::quic::TransportConfig::datagrams), which is off
+    /// by default: a server offers datagrams only when asked to. quiche's HTTP/3 layer
+    /// sends SETTINGS_H3_DATAGRAM whenever the transport has QUIC datagrams on, so turning
+    /// this off with them on drops every HTTP datagram that arrives. Defaults to on (HTTP
+    /// datagrams follow the transport).
+    pub fn http_datagrams(mut self, enabled: bool) -> Self {
+        self.http_datagrams = enabled;
+        self
+    }
+
+    /// How many bytes of HTTP datagrams may wait for a handler to read them, per stream
+    /// (each datagram charged [`DATAGRAM_COST`](crate::datagram::DATAGRAM_COST) more);
+    /// past it arriving datagrams are dropped and counted
+    /// ([`DatagramStats::dropped_incoming`](crate::datagram::DatagramStats)), as a
+    /// congested network would drop them. Defaults to 64 KiB, the request body buffer's
+    /// default: about 50 full-sized datagrams.
+    pub fn datagram_buffer(mut self, bytes: usize) -> Self {
+        self.datagram_buffer = bytes;
+        self
+    }
+
     /// How long a graceful shutdown waits for requests in flight before closing their
     /// connections anyway. Defaults to 30 s.
     pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -282,6 +313,8 @@ impl Builder {
             response_body_buffer: self.response_body_buffer,
             graceful_shutdown_timeout: self.graceful_shutdown_timeout,
             connect_protocol: self.connect_protocol,
+            http_datagrams: self.http_datagrams,
+            datagram_buffer: self.datagram_buffer,
             h3_config,
         }))
     }
@@ -661,8 +694,13 @@ fn start_connection<S: HttpService<RecvBody>>(
             Err(_) => std::future::pending().await,
         }
     });
-    let max_streams = incoming.config().inner.s.max_streams_bidi;
-    incoming.start(conn::ServerApp::new(service, settings, info, shutdown, alive).with_stream_limit(max_streams))
+    let transport = &incoming.config().inner.s;
+    let mut app =
+        conn::ServerApp::new(service, settings, info, shutdown, alive).with_stream_limit(transport.max_streams_bidi);
+    if transport.datagrams.is_some() {
+        app = app.with_datagrams();
+    }
+    incoming.start(app)
 }
 
 async fn make<M, S>(make_service: &mut M, info: ConnectionInfo) -> Result<S, BoxError>
