@@ -7,7 +7,7 @@
 //! ([`Datagrams::from_response`], or [`Tunnel::datagrams`](super::tunnel::Tunnel::datagrams)).
 //! The handle sends and receives payloads; the framing is done here.
 //!
-//! The connection's task owns a [`DatagramHub`]: the table from stream ID to the stream's
+//! The connection's task owns a `DatagramHub`: the table from stream ID to the stream's
 //! flow, the one place where datagrams enter and leave quiche. Every queue is bounded, and
 //! a datagram that finds its queue full is dropped and counted, as a congested network
 //! would drop it:
