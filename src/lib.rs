@@ -138,5 +138,7 @@ pub use h3::body::RecvBody;
 pub use h3::codes;
 #[cfg(any(feature = "server", feature = "client"))]
 pub use h3::tunnel;
+#[cfg(any(feature = "server", feature = "client"))]
+pub use h3::{capsule, datagram};
 pub use quic::tls;
 pub use quiche;

@@ -48,13 +48,23 @@ impl Server {
     /// (or a generated one), Retry unless `--no-retry`, TLS secrets logged to
     /// `SSLKEYLOGFILE` when it is set.
     pub fn config(&self, alpn: &str) -> tower_quiche::quic::ServerConfig {
+        self.config_with(alpn, tower_quiche::quic::TransportConfig::new())
+    }
+
+    /// [`config`](Self::config) with transport settings of the example's own (key logging
+    /// is added).
+    pub fn config_with(
+        &self,
+        alpn: &str,
+        transport: tower_quiche::quic::TransportConfig,
+    ) -> tower_quiche::quic::ServerConfig {
         let (cert, key) = server_identity(&self.identity);
         tower_quiche::quic::ServerConfig::builder()
             .alpn([alpn])
             .cert_chain_pem_file(cert)
             .private_key_pem_file(key)
             .retry(!self.no_retry)
-            .transport(tower_quiche::quic::TransportConfig::new().keylog_from_env())
+            .transport(transport.keylog_from_env())
             .build()
             .unwrap_or_else(|e| fail(&e.to_string()))
     }

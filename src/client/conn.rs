@@ -25,6 +25,7 @@ use tokio::time::Sleep;
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
+use crate::h3::datagram::{DatagramHub, Datagrams, MalformedDatagram, PeerDatagrams};
 use crate::h3::fields::{self, Malformed, request_fields, response_from_fields};
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 use crate::quic::Endpoint;
@@ -103,6 +104,13 @@ impl PendingRequest {
         self.fields
             .get(1)
             .is_some_and(|f| h3::NameValue::name(f) == b":protocol")
+    }
+
+    /// A CONNECT request (plain or extended): its stream may carry HTTP datagrams.
+    fn is_connect(&self) -> bool {
+        self.fields
+            .first()
+            .is_some_and(|f| h3::NameValue::value(f) == b"CONNECT")
     }
 
     pub(crate) fn new<B>(request: Request<B>) -> Result<Self, Error>
@@ -477,6 +485,10 @@ pub(crate) struct ConnSettings {
     pub(crate) max_response_head: u64,
     /// Close the connection after this long without requests in flight.
     pub(crate) idle_timeout: Option<Duration>,
+    /// Whether CONNECT streams get HTTP datagrams (when the transport has QUIC datagrams).
+    pub(crate) http_datagrams: bool,
+    /// The byte budget of one stream's incoming datagrams.
+    pub(crate) datagram_buffer: usize,
 }
 
 impl Default for ConnSettings {
@@ -486,6 +498,8 @@ impl Default for ConnSettings {
             response_body_buffer: 64 * 1024,
             max_response_head: 64 * 1024,
             idle_timeout: None,
+            http_datagrams: true,
+            datagram_buffer: crate::h3::datagram::DEFAULT_FLOW_BUFFER,
         }
     }
 }
@@ -512,6 +526,9 @@ pub(crate) async fn handshake_with(
     );
     app.quic_idle_timeout = endpoint.config().inner.s.idle_timeout;
     app.early_data = endpoint.config().inner.s.early_data;
+    if endpoint.config().inner.s.datagrams.is_some() {
+        app.datagrams = Some(DatagramHub::new(settings.http_datagrams, settings.datagram_buffer));
+    }
     let handle = endpoint.connect(authority, app).await?;
     // The app publishes the server's stream credit once it runs; wait for that (or for
     // the connection's end, should it close first).
@@ -560,6 +577,8 @@ struct Entry {
     head_request: bool,
     /// Sent in 0-RTT data, before the handshake completed.
     early_data: bool,
+    /// A CONNECT stream's HTTP datagrams, until the response head takes them.
+    datagrams: Option<Datagrams>,
 }
 
 /// A request body's pump; it ends with the stream ID and the error of a body that failed.
@@ -603,6 +622,9 @@ pub(crate) struct ClientApp {
     timer_at: Option<Instant>,
     /// Whether safe requests may go in 0-RTT data on a resumed connection.
     early_data: bool,
+    /// HTTP datagram flows of CONNECT streams (RFC 9297), when the endpoint's transport
+    /// enables QUIC datagrams.
+    datagrams: Option<DatagramHub>,
 }
 
 impl ClientApp {
@@ -632,6 +654,7 @@ impl ClientApp {
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
             early_data: false,
+            datagrams: None,
         }
     }
 
@@ -743,6 +766,17 @@ impl ClientApp {
                 s.outstanding = s.outstanding.saturating_sub(1);
                 s.in_flight += 1;
             });
+            let datagrams = match self.datagrams.as_mut() {
+                // The server's SETTINGS are in (an extended CONNECT waited for them).
+                Some(hub)
+                    if request.is_connect()
+                        && PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn)
+                            != PeerDatagrams::Disabled =>
+                {
+                    hub.open(id)
+                }
+                _ => None,
+            };
             let body = request.body.take();
             let retry = body.is_none().then_some(request);
             if let Some(body) = body {
@@ -764,6 +798,7 @@ impl ClientApp {
                     written,
                     head_request,
                     early_data,
+                    datagrams,
                 },
             );
             if self.idle_since.take().is_some() {
@@ -934,6 +969,14 @@ impl ClientApp {
             // A head with FIN that promises a body: malformed, not an empty success.
             return self.refuse_response(conn, id, why);
         }
+        if let Some(datagrams) = entry.datagrams.take() {
+            let h3 = self.h3.as_ref().expect("created when established");
+            if PeerDatagrams::of(h3, conn) == PeerDatagrams::Enabled {
+                datagrams.into_extensions(response.extensions_mut());
+            } else if let Some(hub) = self.datagrams.as_mut() {
+                hub.close(id);
+            }
+        }
         let informational = std::mem::take(&mut entry.informational);
         if !informational.is_empty() {
             response
@@ -1069,6 +1112,9 @@ impl ClientApp {
             entry.shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
         }
         self.streams.remove(&id);
+        if let Some(hub) = self.datagrams.as_mut() {
+            hub.close(id);
+        }
         self.status.update(|s| s.in_flight = s.in_flight.saturating_sub(1));
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
@@ -1209,6 +1255,16 @@ impl Application for ClientApp {
         }
         self.open_streams(cx, conn);
         stream::StreamOwner::run_rounds(self, cx, conn)?;
+        if let Some(hub) = self.datagrams.as_mut() {
+            let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
+            if let Err(MalformedDatagram(why)) = hub.process(cx, conn, peer) {
+                tracing::debug!(reason = why, "malformed HTTP datagram: H3_DATAGRAM_ERROR");
+                if conn.local_error().is_none() {
+                    let _ = conn.close(true, MalformedDatagram::CODE, b"");
+                }
+                return Ok(());
+            }
+        }
         // Told only when it changes: every turn would take the lock for nothing.
         let credit = conn.peer_streams_left_bidi();
         if credit != self.credit_told {
@@ -1237,6 +1293,9 @@ impl Application for ClientApp {
         self.status.update(|s| s.closed = true);
         self.take_in_what_arrived(conn);
         let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
+        if let Some(hub) = self.datagrams.as_mut() {
+            hub.close_all();
+        }
         for (_, entry) in self.streams.drain() {
             entry.shared.cancel(Cancel::ConnectionClosed);
             if let Some(reply) = entry.reply {

@@ -467,19 +467,53 @@ impl Client {
             .as_ref()
             .parse()
             .map_err(|e| Error::invalid_request(format!("'{}' is not a valid URL: {e}", url.as_ref())))?;
-        let (pending, body) = crate::tunnel::Tunnel::outgoing();
-        let mut request = Request::new(body);
+        let mut request = Request::new(());
         *request.method_mut() = Method::CONNECT;
         *request.uri_mut() = uri;
         request.extensions_mut().insert(Protocol::new(protocol));
-        let response = self.send(request).await?;
+        self.open_tunnel(request).await
+    }
+
+    /// Opens a tunnel with a CONNECT request head of your own: headers beside the
+    /// [`Protocol`] extension, as CONNECT-UDP (RFC 9298) needs `capsule-protocol: ?1`. The
+    /// tunnel's stream carries HTTP datagrams when both sides enable them
+    /// ([`Tunnel::datagrams`](crate::tunnel::Tunnel::datagrams)); over TCP it has none.
+    ///
+    /// ```no_run
+    /// use http::{Method, Request};
+    /// use tower_quiche::capsule::{CAPSULE_PROTOCOL, capsule_protocol_value};
+    /// use tower_quiche::client::Protocol;
+    /// # async fn run(client: tower_quiche::client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut request = Request::builder()
+    ///     .method(Method::CONNECT)
+    ///     .uri("https://proxy.example:4433/.well-known/masque/udp/192.0.2.6/443/")
+    ///     .header(CAPSULE_PROTOCOL, capsule_protocol_value())
+    ///     .body(())?;
+    /// request.extensions_mut().insert(Protocol::new("connect-udp"));
+    /// let mut tunnel = client.open_tunnel(request).await?;
+    /// let datagrams = tunnel.datagrams().ok_or("the proxy does not take datagrams")?;
+    /// datagrams.send(&b"\0hello"[..])?; // context ID 0, then the UDP payload
+    /// # Ok(()) }
+    /// ```
+    pub async fn open_tunnel(&self, request: Request<()>) -> Result<crate::tunnel::Tunnel, Error> {
+        if request.method() != Method::CONNECT {
+            return Err(Error::invalid_request(format!(
+                "a tunnel is opened with CONNECT, not {}",
+                request.method()
+            )));
+        }
+        let (pending, body) = crate::tunnel::Tunnel::outgoing();
+        let mut response = self.send(request.map(|()| body)).await?;
         if !response.status().is_success() {
             return Err(Error::new(Kind::Protocol).with_message(format!(
-                "the server answered the extended CONNECT with {}",
+                "the server answered the CONNECT request with {}",
                 response.status()
             )));
         }
-        Ok(pending.with_incoming(response.into_body()))
+        let datagrams = crate::datagram::Datagrams::from_response(&mut response);
+        let mut tunnel = pending.with_incoming(response.into_body());
+        tunnel.set_datagrams(datagrams);
+        Ok(tunnel)
     }
 
     /// A `tower::Service` bound to one origin (`https://host[:port]`), whose `poll_ready`
@@ -728,6 +762,26 @@ impl Builder {
     /// At least 1 KiB.
     pub fn max_response_header_size(mut self, bytes: u64) -> Self {
         self.settings.max_response_head = bytes.max(1024);
+        self
+    }
+
+    /// Whether CONNECT requests get HTTP datagrams (RFC 9297) when the server enables them
+    /// too: the response carries a [`Datagrams`](crate::datagram::Datagrams) handle
+    /// ([`Datagrams::from_response`](crate::datagram::Datagrams::from_response),
+    /// [`Tunnel::datagrams`](crate::tunnel::Tunnel::datagrams)). They need QUIC datagrams on
+    /// the client's transport, [`TransportConfig::datagrams`](crate::quic::TransportConfig::datagrams)
+    /// in [`quic_config`](Self::quic_config), off by default; quiche then sends
+    /// SETTINGS_H3_DATAGRAM whatever this says, and with this off every HTTP datagram that
+    /// arrives is dropped. Defaults to on (HTTP datagrams follow the transport).
+    pub fn http_datagrams(mut self, enabled: bool) -> Self {
+        self.settings.http_datagrams = enabled;
+        self
+    }
+
+    /// How many bytes of HTTP datagrams may wait to be read, per stream; past it arriving
+    /// datagrams are dropped and counted. Defaults to 64 KiB.
+    pub fn datagram_buffer(mut self, bytes: usize) -> Self {
+        self.settings.datagram_buffer = bytes;
         self
     }
 

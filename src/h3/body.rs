@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes};
 use http_body::{Body, Frame, SizeHint};
 
+use super::capsule::CapsuleError;
 use super::codes;
 use super::fields::trailer_fields;
 use super::stream::StreamShared;
@@ -133,10 +134,19 @@ impl Drop for RecvBody {
     }
 }
 
+/// The code a stream is reset with when its outgoing body fails: a [`CapsuleError`]'s own
+/// (a malformed capsule stream is H3_MESSAGE_ERROR, RFC 9297 §3.3), H3_INTERNAL_ERROR for
+/// any other error.
+fn reset_code(error: &BoxError) -> u64 {
+    error
+        .downcast_ref::<CapsuleError>()
+        .map_or(codes::H3_INTERNAL_ERROR, CapsuleError::code)
+}
+
 /// Pumps a message body into the stream's outbox: one frame at a time, and only while the
 /// outbox has room, so a fast body waits for the stream instead of filling memory. Ends the
-/// stream (FIN, or trailers) when the body ends, and resets it with H3_INTERNAL_ERROR when
-/// the body fails, returning the body's error.
+/// stream (FIN, or trailers) when the body ends, and resets it when the body fails (with
+/// [`reset_code`]'s code), returning the body's error.
 pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared) -> Result<(), BoxError>
 where
     B: Body,
@@ -174,7 +184,7 @@ where
             Some(Err(e)) => {
                 let e = e.into();
                 tracing::debug!(error = %e, "body error; resetting the stream");
-                stream.reset(codes::H3_INTERNAL_ERROR);
+                stream.reset(reset_code(&e));
                 return Err(e);
             }
         }

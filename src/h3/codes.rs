@@ -36,6 +36,9 @@ pub const H3_MESSAGE_ERROR: u64 = 0x10e;
 pub const H3_CONNECT_ERROR: u64 = 0x10f;
 /// The request should be retried over HTTP/1.1.
 pub const H3_VERSION_FALLBACK: u64 = 0x110;
+/// An HTTP datagram (or a capsule) that cannot be parsed (RFC 9297 §5.2): a QUIC DATAGRAM
+/// too short for its quarter stream ID, or one naming a stream beyond any QUIC allows.
+pub const H3_DATAGRAM_ERROR: u64 = 0x33;
 
 /// The wire code of a connection-level HTTP/3 error from quiche.
 #[cfg(any(feature = "server", feature = "client"))]

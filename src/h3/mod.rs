@@ -1,7 +1,8 @@
 //! The HTTP/3 layer the server and the client share: field conversion and RFC 9114
 //! validation ([`fields`]), the one per-stream state machine between a connection's task and
 //! a request's handles ([`stream`]), streaming bodies ([`body`]), extensible priorities
-//! ([`priority`]), error codes ([`codes`]) and CONNECT tunnels ([`tunnel`]).
+//! ([`priority`]), error codes ([`codes`]), CONNECT tunnels ([`tunnel`]), HTTP datagrams
+//! ([`datagram`]) and the capsule protocol ([`capsule`]).
 //!
 //! It sits on quiche's `h3` module and the QUIC layer's `Application` seam; it knows nothing
 //! of servers, clients or services. Every rule about a stream (what ends it, what cancels it,
@@ -11,7 +12,11 @@
 // the server and the client.
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod body;
+#[cfg(any(feature = "server", feature = "client"))]
+pub mod capsule;
 pub mod codes;
+#[cfg(any(feature = "server", feature = "client"))]
+pub mod datagram;
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod fields;
 #[cfg(any(feature = "server", feature = "client"))]
@@ -20,3 +25,5 @@ pub(crate) mod priority;
 pub(crate) mod stream;
 #[cfg(any(feature = "server", feature = "client"))]
 pub mod tunnel;
+#[cfg(any(feature = "server", feature = "client"))]
+pub(crate) mod varint;

@@ -37,6 +37,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
+use super::datagram::Datagrams;
 use crate::error::BoxError;
 
 /// How many bytes a tunnel's writer may have written that its [`TunnelBody`] has not yet
@@ -59,6 +60,8 @@ pub struct Tunnel {
     /// The incoming body failed (the peer reset the stream): every later read fails too.
     incoming_failed: bool,
     outgoing: DuplexStream,
+    /// The stream's HTTP datagrams, on a client, until taken.
+    datagrams: Option<Datagrams>,
 }
 
 /// The outgoing half of a tunnel, as a message body: what the [`Tunnel`] writes.
@@ -116,7 +119,24 @@ impl PendingTunnel {
             incoming_done: false,
             incoming_failed: false,
             outgoing: self.outgoing,
+            datagrams: None,
         }
+    }
+}
+
+impl Tunnel {
+    /// Takes the HTTP datagrams (RFC 9297) of the tunnel's stream, when the client opened
+    /// it with datagrams enabled on both sides (see
+    /// [`client::Builder::http_datagrams`](crate::client::Builder::http_datagrams)); `None`
+    /// otherwise, and after the first call. On a server, take them from the request with
+    /// [`Datagrams::from_request`] before making the tunnel.
+    pub fn datagrams(&mut self) -> Option<Datagrams> {
+        self.datagrams.take()
+    }
+
+    #[cfg(feature = "client")]
+    pub(crate) fn set_datagrams(&mut self, datagrams: Option<Datagrams>) {
+        self.datagrams = datagrams;
     }
 }
 

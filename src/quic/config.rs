@@ -173,6 +173,16 @@ impl Config {
         c.set_max_connection_window(s.max_connection_window);
         c.set_max_stream_window(s.max_stream_window);
         c.set_max_recv_udp_payload_size(s.max_recv_udp_payload);
+        // quiche 0.30 encodes a server's transport parameters into 128 bytes (tls/mod.rs),
+        // and with a Retry's connection IDs the defaults leave about 4 of them: the 6 of
+        // max_datagram_frame_size do not fit, and every connection would be refused
+        // (BufferTooShort). Datagrams on, a server saves 5 bytes: max_udp_payload_size in
+        // a 2-byte varint (16,383 bytes, above any real path's MTU) and the connection-ID
+        // limit at 2, the default, which is not sent.
+        let trim_for_datagrams = server && s.datagrams.is_some();
+        if trim_for_datagrams {
+            c.set_max_recv_udp_payload_size(s.max_recv_udp_payload.min(MAX_2_BYTE_VARINT));
+        }
         c.set_max_send_udp_payload_size(s.max_send_udp_payload);
         c.set_cc_algorithm(match s.congestion_control {
             CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
@@ -180,7 +190,11 @@ impl Config {
             CongestionControl::Bbr2 => quiche::CongestionControlAlgorithm::Bbr2Gcongestion,
         });
         c.enable_pacing(s.pacing);
-        c.set_active_connection_id_limit(s.active_connection_id_limit);
+        c.set_active_connection_id_limit(if trim_for_datagrams {
+            2
+        } else {
+            s.active_connection_id_limit
+        });
         if let Some(queue) = s.datagrams {
             c.enable_dgram(true, queue, queue);
         }
@@ -200,6 +214,9 @@ impl Config {
             .map(|file| Box::new(SharedFile(Arc::clone(file))) as Box<dyn Write + Send + Sync>)
     }
 }
+
+/// The largest value a 2-byte QUIC varint holds.
+const MAX_2_BYTE_VARINT: usize = 16_383;
 
 /// Opens the key-log file for appending, creating it readable and writable by its owner
 /// only: it holds the secrets of every session, which decrypt captured traffic.
@@ -499,8 +516,13 @@ impl TransportConfig {
         self
     }
 
-    /// Enables unreliable datagrams (RFC 9221), queueing up to `queue_len` each way. Defaults
-    /// to off.
+    /// Enables unreliable datagrams (RFC 9221), queueing up to `queue_len` each way (past
+    /// it quiche drops the oldest received one, and refuses a new one to send). HTTP/3
+    /// then carries HTTP datagrams (RFC 9297) on CONNECT streams; see
+    /// `server::Builder::http_datagrams` and `client::Builder::http_datagrams`. On a
+    /// server, quiche 0.30's 128-byte room for transport parameters makes two settings
+    /// give way to the max_datagram_frame_size parameter: `max_recv_udp_payload` is capped
+    /// at 16,383 bytes and `active_connection_id_limit` at 2. Defaults to off.
     pub fn datagrams(mut self, queue_len: usize) -> Self {
         self.s.datagrams = Some(queue_len);
         self

@@ -22,6 +22,7 @@ use super::{ConnectionInfo, HttpService, Informational, RequestInfo, Settings};
 use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
+use crate::h3::datagram::{DatagramHub, MalformedDatagram, PeerDatagrams};
 use crate::h3::fields::{self, request_from_fields};
 use crate::h3::priority::Priority;
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
@@ -106,6 +107,9 @@ pub(crate) struct ServerApp<S> {
     lingering: Vec<(u64, Option<Instant>)>,
     /// `lingering` is pruned of delivered streams when it grows past this.
     lingering_prune_at: usize,
+    /// HTTP datagram flows of CONNECT streams (RFC 9297), when the listener's transport
+    /// enables QUIC datagrams.
+    datagrams: Option<DatagramHub>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -142,8 +146,17 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             closing: false,
             lingering: Vec::new(),
             lingering_prune_at: LINGERING_PRUNE_MIN,
+            datagrams: None,
             _alive: alive,
         }
+    }
+
+    /// The listener's transport enables QUIC datagrams: datagrams are routed to CONNECT
+    /// streams when the server's switch allows HTTP datagrams, and dropped otherwise.
+    pub(crate) fn with_datagrams(mut self) -> Self {
+        let settings = &self.settings;
+        self.datagrams = Some(DatagramHub::new(settings.http_datagrams, settings.datagram_buffer));
+        self
     }
 
     /// Sizes the look for request streams without a head to the listener's limit of
@@ -331,6 +344,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             stream: Arc::clone(&shared),
         });
         let tunnel = request.method() == http::Method::CONNECT;
+        if tunnel {
+            self.open_datagrams(conn, id, request.extensions_mut());
+        }
         let (abort, registration) = AbortHandle::new_pair();
         let respond = super::dispatch::respond(self.service.clone(), request, Arc::clone(&shared));
         let future = AssertUnwindSafe(Abortable::new(respond, registration).instrument(span))
@@ -356,6 +372,21 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             .is_some_and(|max| self.served >= max)
         {
             self.start_draining(conn, None);
+        }
+    }
+
+    /// Gives a CONNECT stream its HTTP datagrams, unless they are off on either side (the
+    /// client's SETTINGS may not have arrived yet: then sends wait for them to say).
+    fn open_datagrams(&mut self, conn: &quiche::Connection, id: u64, extensions: &mut http::Extensions) {
+        let Some(hub) = self.datagrams.as_mut() else {
+            return;
+        };
+        let h3 = self.h3.as_ref().expect("created when established");
+        if PeerDatagrams::of(h3, conn) == PeerDatagrams::Disabled {
+            return;
+        }
+        if let Some(datagrams) = hub.open(id) {
+            datagrams.into_extensions(extensions);
         }
     }
 
@@ -564,6 +595,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
+        if let Some(hub) = self.datagrams.as_mut() {
+            hub.close(id);
+        }
         // The response is complete without the rest of the request: ask the client to stop
         // sending it (RFC 9114 §4.1).
         let stopped = entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
@@ -789,6 +823,14 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         if self.closing {
             return Ok(());
         }
+        if let Some(hub) = self.datagrams.as_mut() {
+            let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
+            if let Err(MalformedDatagram(why)) = hub.process(cx, conn, peer) {
+                tracing::debug!(reason = why, "malformed HTTP datagram: H3_DATAGRAM_ERROR");
+                self.fail_connection(conn, MalformedDatagram::CODE);
+                return Ok(());
+            }
+        }
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
         // the close too (for at most the head timeout).
@@ -827,6 +869,9 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         for (_, entry) in self.streams.drain() {
             entry.abort.abort();
             entry.shared.cancel(Cancel::ConnectionClosed);
+        }
+        if let Some(hub) = self.datagrams.as_mut() {
+            hub.close_all();
         }
         if let Some(error) = error {
             tracing::debug!(%error, "HTTP/3 connection closed");

@@ -125,6 +125,8 @@ pub(crate) struct Settings {
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
     early_data_policy: EarlyDataPolicy,
+    http_datagrams: bool,
+    datagram_buffer: usize,
     h3_config: quiche::h3::Config,
 }
 
@@ -188,6 +190,8 @@ pub struct Builder {
     graceful_shutdown_timeout: Duration,
     connect_protocol: bool,
     early_data_policy: EarlyDataPolicy,
+    http_datagrams: bool,
+    datagram_buffer: usize,
     /// Limits of the TCP side of [`Builder::serve_with_tcp`].
     #[cfg(feature = "tcp")]
     tcp: tcp::Limits,
@@ -206,6 +210,8 @@ impl Default for Builder {
             graceful_shutdown_timeout: Duration::from_secs(30),
             connect_protocol: true,
             early_data_policy: EarlyDataPolicy::default(),
+            http_datagrams: true,
+            datagram_buffer: crate::datagram::DEFAULT_FLOW_BUFFER,
             #[cfg(feature = "tcp")]
             tcp: tcp::Limits::default(),
         }
@@ -322,6 +328,31 @@ impl Builder {
         self
     }
 
+    /// Whether CONNECT requests (plain or extended) get HTTP datagrams (RFC 9297): a
+    /// [`Datagrams`](crate::datagram::Datagrams) handle the handler takes with
+    /// [`Datagrams::from_request`](crate::datagram::Datagrams::from_request). They need QUIC
+    /// datagrams on the listener's transport too,
+    /// [`TransportConfig::datagrams`](crate::quic::TransportConfig::datagrams), which is off
+    /// by default: a server offers datagrams only when asked to. quiche's HTTP/3 layer
+    /// sends SETTINGS_H3_DATAGRAM whenever the transport has QUIC datagrams on, so turning
+    /// this off with them on drops every HTTP datagram that arrives. Defaults to on (HTTP
+    /// datagrams follow the transport).
+    pub fn http_datagrams(mut self, enabled: bool) -> Self {
+        self.http_datagrams = enabled;
+        self
+    }
+
+    /// How many bytes of HTTP datagrams may wait for a handler to read them, per stream
+    /// (each datagram charged [`DATAGRAM_COST`](crate::datagram::DATAGRAM_COST) more);
+    /// past it arriving datagrams are dropped and counted
+    /// ([`DatagramStats::dropped_incoming`](crate::datagram::DatagramStats)), as a
+    /// congested network would drop them. Defaults to 64 KiB, the request body buffer's
+    /// default: about 50 full-sized datagrams.
+    pub fn datagram_buffer(mut self, bytes: usize) -> Self {
+        self.datagram_buffer = bytes;
+        self
+    }
+
     /// How long a graceful shutdown waits for requests in flight before closing their
     /// connections anyway. Defaults to 30 s.
     pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
@@ -348,6 +379,8 @@ impl Builder {
             graceful_shutdown_timeout: self.graceful_shutdown_timeout,
             connect_protocol: self.connect_protocol,
             early_data_policy: self.early_data_policy.clone(),
+            http_datagrams: self.http_datagrams,
+            datagram_buffer: self.datagram_buffer,
             h3_config,
         }))
     }
@@ -727,8 +760,13 @@ fn start_connection<S: HttpService<RecvBody>>(
             Err(_) => std::future::pending().await,
         }
     });
-    let max_streams = incoming.config().inner.s.max_streams_bidi;
-    incoming.start(conn::ServerApp::new(service, settings, info, shutdown, alive).with_stream_limit(max_streams))
+    let transport = &incoming.config().inner.s;
+    let mut app =
+        conn::ServerApp::new(service, settings, info, shutdown, alive).with_stream_limit(transport.max_streams_bidi);
+    if transport.datagrams.is_some() {
+        app = app.with_datagrams();
+    }
+    incoming.start(app)
 }
 
 async fn make<M, S>(make_service: &mut M, info: ConnectionInfo) -> Result<S, BoxError>

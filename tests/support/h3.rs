@@ -314,6 +314,38 @@ pub async fn listener(certs: &Certs) -> Listener {
     Listener::bind("127.0.0.1:0", config).await.unwrap()
 }
 
+/// A transport with QUIC datagrams (queues of 256 each way), which HTTP datagrams need, or
+/// the default one without.
+pub fn transport_with_datagrams(datagrams: bool) -> tower_quiche::quic::TransportConfig {
+    let transport = tower_quiche::quic::TransportConfig::new();
+    if datagrams { transport.datagrams(256) } else { transport }
+}
+
+/// An HTTP/3 listener on 127.0.0.1 with the test certificate, with QUIC datagrams or not.
+pub async fn datagram_listener(certs: &Certs, datagrams: bool) -> Listener {
+    let config = ServerConfig::builder()
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .transport(transport_with_datagrams(datagrams))
+        .build()
+        .unwrap();
+    Listener::bind("127.0.0.1:0", config).await.unwrap()
+}
+
+/// An HTTP/3 client trusting the test CA, with QUIC datagrams or not.
+pub fn datagram_client(certs: &Certs, datagrams: bool) -> Client {
+    let config = ClientConfig::builder()
+        .ca_pem(&certs.ca_pem)
+        .transport(transport_with_datagrams(datagrams))
+        .build()
+        .unwrap();
+    Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(config)
+        .build()
+        .unwrap()
+}
+
 /// A client configuration that trusts the test CA.
 pub fn trusting(certs: &Certs) -> ClientConfig {
     ClientConfig::builder().ca_pem(&certs.ca_pem).build().unwrap()

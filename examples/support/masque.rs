@@ -1,0 +1,401 @@
+//! A CONNECT-UDP proxy (RFC 9298) as a tower service: the `masque` example serves it, and
+//! `tests/masque.rs` tunnels UDP through it.
+//!
+//! A client asks for `/.well-known/masque/udp/{target_host}/{target_port}/` with an
+//! extended CONNECT (`:protocol = connect-udp`, `capsule-protocol: ?1`). The proxy checks
+//! the target against its allow-list, opens a UDP socket connected to it, and answers 200
+//! with `capsule-protocol: ?1`. Then every HTTP datagram with context ID 0 (RFC 9298 §4)
+//! goes to the target as one UDP payload, and every UDP payload from the target comes back
+//! as one, in a QUIC DATAGRAM frame when the client takes them, in a DATAGRAM capsule on
+//! the response body otherwise. DATAGRAM capsules on the request body are forwarded too;
+//! other capsule types are skipped, a malformed capsule stream resets the stream with
+//! H3_MESSAGE_ERROR, and other context IDs are dropped.
+//!
+//! Bounded everywhere: at most `max_tunnels` tunnels at once (503 beyond), one UDP socket
+//! each, closed after `idle_timeout` without a datagram either way; the response body's
+//! capsule queue holds at most `CAPSULE_QUEUE` datagrams (more are dropped), and the
+//! connection's datagram queues are the library's.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use tokio::net::UdpSocket;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tower_quiche::RecvBody;
+use tower_quiche::capsule::{CAPSULE_PROTOCOL, Capsule, CapsuleError, CapsuleReader, capsule_protocol_value};
+use tower_quiche::datagram::{DatagramSender, Datagrams};
+use tower_quiche::server::Protocol;
+
+/// Where CONNECT-UDP requests go (RFC 9298 §3's default template).
+pub const TEMPLATE_PREFIX: &str = "/.well-known/masque/udp/";
+
+/// How many datagrams may wait in a response body's capsule queue (when the client takes
+/// no QUIC datagrams): beyond it the target's datagrams are dropped, as UDP would.
+pub const CAPSULE_QUEUE: usize = 64;
+
+/// The largest UDP payload.
+const MAX_UDP_PAYLOAD: usize = 65_527;
+
+/// An address range targets may be in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Net {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl Net {
+    fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Net {
+    type Err = String;
+
+    /// `ADDR` or `ADDR/PREFIX` (`10.0.0.0/8`, `::1`, `0.0.0.0/0` for every IPv4 address).
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((addr, prefix)) => (addr, Some(prefix)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr.parse().map_err(|e| format!("'{s}': {e}"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|&p| p <= max)
+                .ok_or(format!("'{s}': a bad prefix length"))?,
+            None => max,
+        };
+        Ok(Net { addr, prefix })
+    }
+}
+
+/// The proxy's settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Targets must resolve into one of these. Defaults to loopback only.
+    pub allowed: Vec<Net>,
+    /// How many tunnels may be open at once.
+    pub max_tunnels: usize,
+    /// A tunnel with no datagram either way for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            allowed: vec!["127.0.0.0/8".parse().unwrap(), "::1".parse().unwrap()],
+            max_tunnels: 1024,
+            idle_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The response body: capsules the tunnel sends on the stream, open while the tunnel is.
+/// A [`CapsuleError`] ends it and resets the stream with the error's code.
+pub struct TunnelBody(mpsc::Receiver<Result<Bytes, CapsuleError>>);
+
+impl TunnelBody {
+    fn empty() -> Self {
+        TunnelBody(mpsc::channel(1).1)
+    }
+}
+
+impl Body for TunnelBody {
+    type Data = Bytes;
+    type Error = CapsuleError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, CapsuleError>>> {
+        self.0.poll_recv(cx).map(|next| next.map(|item| item.map(Frame::data)))
+    }
+}
+
+/// The CONNECT-UDP proxy service.
+pub fn service(
+    settings: Settings,
+) -> impl tower::Service<
+    Request<RecvBody>,
+    Response = Response<TunnelBody>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<TunnelBody>, Infallible>> + Send,
+> + Clone
++ Send
++ 'static {
+    let settings = Arc::new(settings);
+    let tunnels = Arc::new(Semaphore::new(settings.max_tunnels));
+    tower::service_fn(move |request| {
+        let (settings, tunnels) = (Arc::clone(&settings), Arc::clone(&tunnels));
+        async move { Ok(handle(&settings, tunnels, request).await) }
+    })
+}
+
+fn status(code: StatusCode) -> Response<TunnelBody> {
+    let mut response = Response::new(TunnelBody::empty());
+    *response.status_mut() = code;
+    response
+}
+
+async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Request<RecvBody>) -> Response<TunnelBody> {
+    let Some((host, port)) = parse_target(request.uri().path()) else {
+        return status(StatusCode::NOT_FOUND);
+    };
+    let connect_udp = request.method() == Method::CONNECT
+        && request
+            .extensions()
+            .get::<Protocol>()
+            .is_some_and(|p| p.as_bytes() == b"connect-udp")
+        && tower_quiche::capsule::is_capsule_protocol(request.headers());
+    if !connect_udp {
+        // RFC 9298 §3.4: an extended CONNECT for connect-udp, with the capsule protocol.
+        return status(StatusCode::BAD_REQUEST);
+    }
+    let Some(port) = port.parse::<u16>().ok().filter(|&p| p != 0) else {
+        return status(StatusCode::BAD_REQUEST);
+    };
+    let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
+        return status(StatusCode::BAD_GATEWAY);
+    };
+    let addrs: Vec<SocketAddr> = addrs.collect();
+    let Some(target) = addrs
+        .iter()
+        .copied()
+        .find(|a| settings.allowed.iter().any(|net| net.contains(a.ip())))
+    else {
+        tracing::info!(%host, port, "target not allowed: 403");
+        return status(StatusCode::FORBIDDEN);
+    };
+    let Ok(permit) = tunnels.try_acquire_owned() else {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    let bind: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let socket = match UdpSocket::bind(bind).await {
+        Ok(socket) if socket.connect(target).await.is_ok() => socket,
+        _ => return status(StatusCode::BAD_GATEWAY),
+    };
+    let datagrams = Datagrams::from_request(&mut request);
+    let (capsules_tx, capsules_rx) = mpsc::channel(CAPSULE_QUEUE);
+    let tunnel = Tunnel {
+        socket,
+        datagrams,
+        capsules: CapsuleReader::new(request.into_body()),
+        capsules_tx,
+        idle_timeout: settings.idle_timeout,
+        _permit: permit,
+    };
+    tokio::spawn(tunnel.run());
+    let mut response = Response::new(TunnelBody(capsules_rx));
+    response
+        .headers_mut()
+        .insert(CAPSULE_PROTOCOL, capsule_protocol_value());
+    response
+}
+
+/// `{target_host}` and `{target_port}` from the default template, percent-decoded (an IPv6
+/// address comes as `2001%3Adb8%3A%3A1`).
+pub fn parse_target(path: &str) -> Option<(String, String)> {
+    let rest = path.strip_prefix(TEMPLATE_PREFIX)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.split_once('/')?;
+    if host.is_empty() || port.is_empty() || port.contains('/') {
+        return None;
+    }
+    Some((percent_decode(host)?, percent_decode(port)?))
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        if b == b'%' {
+            let hex = [bytes.next()?, bytes.next()?];
+            out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            out.push(b);
+        }
+    }
+    let host = String::from_utf8(out).ok()?;
+    // IPv6 literals may come bracketed; lookup_host wants them bare.
+    Some(host.trim_start_matches('[').trim_end_matches(']').to_string())
+}
+
+/// The context ID at the front of a CONNECT-UDP datagram (a QUIC varint) and the rest.
+pub fn split_context_id(payload: &[u8]) -> Option<(u64, &[u8])> {
+    let first = *payload.first()?;
+    let len = 1usize << (first >> 6);
+    let id = payload
+        .get(1..len)?
+        .iter()
+        .fold(u64::from(first & 0x3f), |v, &b| (v << 8) | u64::from(b));
+    Some((id, &payload[len..]))
+}
+
+/// One open tunnel: its UDP socket and both ways to the client.
+struct Tunnel {
+    socket: UdpSocket,
+    datagrams: Option<Datagrams>,
+    capsules: CapsuleReader<RecvBody>,
+    capsules_tx: mpsc::Sender<Result<Bytes, CapsuleError>>,
+    idle_timeout: Duration,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Tunnel {
+    async fn run(self) {
+        let Tunnel {
+            socket,
+            datagrams,
+            mut capsules,
+            capsules_tx,
+            idle_timeout,
+            _permit,
+        } = self;
+        let (sender, mut receiver) = match datagrams.map(Datagrams::split) {
+            Some((sender, receiver)) => (Some(sender), Some(receiver)),
+            None => (None, None),
+        };
+        let mut buf = vec![0u8; MAX_UDP_PAYLOAD + 1];
+        let idle = tokio::time::sleep(idle_timeout);
+        tokio::pin!(idle);
+        loop {
+            tokio::select! {
+                Some(payload) = async {
+                    match receiver.as_mut() {
+                        Some(r) => r.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    forward(&socket, &payload).await;
+                }
+                capsule = capsules.next() => match capsule {
+                    Some(Ok(Capsule::Datagram(payload))) => forward(&socket, &payload).await,
+                    Some(Ok(_)) => continue,
+                    Some(Err(error)) => {
+                        tracing::debug!(%error, "capsule stream failed; closing the tunnel");
+                        let _ = capsules_tx.send(Err(error)).await;
+                        return;
+                    }
+                    // The client closed its side: the tunnel ends (RFC 9298 §3).
+                    None => return,
+                },
+                received = socket.recv(&mut buf[1..]) => match received {
+                    Ok(n) => {
+                        // Context ID 0, then the UDP payload.
+                        buf[0] = 0;
+                        back_to_client(sender.as_ref(), &capsules_tx, &buf[..=n]);
+                    }
+                    // An ICMP error (port unreachable, say) on the connected socket: UDP
+                    // goes on.
+                    Err(_) => continue,
+                },
+                () = &mut idle => {
+                    tracing::debug!("tunnel idle; closing");
+                    return;
+                }
+            }
+            idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
+        }
+    }
+}
+
+/// Sends one datagram from the client to the target, if it carries context ID 0.
+async fn forward(socket: &UdpSocket, payload: &[u8]) {
+    // Another context (RFC 9298 §4: unknown ones are dropped), or no context ID at all,
+    // goes nowhere.
+    if let Some((0, udp)) = split_context_id(payload) {
+        // UDP: a send that fails is a datagram lost.
+        let _ = socket.send(udp).await;
+    }
+}
+
+/// Sends one datagram (context ID and UDP payload) to the client: in a QUIC DATAGRAM frame
+/// when it takes them, else (or when too large for one) in a DATAGRAM capsule. Both queues
+/// are bounded; a full one drops the datagram.
+fn back_to_client(
+    sender: Option<&DatagramSender>,
+    capsules: &mpsc::Sender<Result<Bytes, CapsuleError>>,
+    payload: &[u8],
+) {
+    if let Some(sender) = sender {
+        match sender.send(Bytes::copy_from_slice(payload)) {
+            Ok(()) => return,
+            Err(tower_quiche::datagram::SendDatagramError::TooLarge { .. })
+            | Err(tower_quiche::datagram::SendDatagramError::NotSupported) => {}
+            Err(_) => return,
+        }
+    }
+    let mut capsule = BytesMut::with_capacity(payload.len() + 9);
+    Capsule::Datagram(Bytes::copy_from_slice(payload)).encode(&mut capsule);
+    let _ = capsules.try_send(Ok(capsule.freeze()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_come_from_the_template() {
+        let t = |p: &str| parse_target(p);
+        assert_eq!(
+            t("/.well-known/masque/udp/127.0.0.1/53/"),
+            Some(("127.0.0.1".into(), "53".into()))
+        );
+        assert_eq!(
+            t("/.well-known/masque/udp/2001%3Adb8%3A%3A1/443/"),
+            Some(("2001:db8::1".into(), "443".into()))
+        );
+        assert_eq!(t("/.well-known/masque/udp/host/"), None);
+        assert_eq!(t("/.well-known/masque/udp//53/"), None);
+        assert_eq!(t("/other/127.0.0.1/53/"), None);
+        assert_eq!(t("/.well-known/masque/udp/a/1/extra/"), None);
+        assert_eq!(t("/.well-known/masque/udp/bad%zz/1/"), None);
+    }
+
+    #[test]
+    fn the_allow_list_matches_nets() {
+        let loopback: Net = "127.0.0.0/8".parse().unwrap();
+        assert!(loopback.contains("127.1.2.3".parse().unwrap()));
+        assert!(loopback.contains("::ffff:127.0.0.1".parse().unwrap()));
+        assert!(!loopback.contains("10.0.0.1".parse().unwrap()));
+        let all: Net = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains("192.0.2.1".parse().unwrap()));
+        assert!("10.0.0.0/33".parse::<Net>().is_err());
+    }
+
+    #[test]
+    fn context_ids_are_varints() {
+        assert_eq!(split_context_id(&[0, 1, 2]), Some((0, &[1u8, 2][..])));
+        assert_eq!(split_context_id(&[0x40, 0, 9]), Some((0, &[9u8][..])));
+        assert_eq!(split_context_id(&[2, 9]), Some((2, &[9u8][..])));
+        assert_eq!(split_context_id(&[]), None);
+        assert_eq!(split_context_id(&[0x80, 0]), None);
+    }
+}
