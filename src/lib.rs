@@ -128,6 +128,8 @@ pub mod quic;
 pub mod server;
 #[cfg(test)]
 mod testing;
+#[cfg(feature = "axum")]
+pub mod ws;
 // The examples' echo protocol, which the unit tests borrow, names the crate `tower_quiche`.
 #[cfg(test)]
 extern crate self as tower_quiche;

@@ -1029,37 +1029,6 @@ async fn no_extended_connect_to_a_server_that_does_not_allow_it() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// WebSocket over HTTP/3 (RFC 9220): `/ws` echoes text and binary messages and answers a
-/// close; another `:protocol` is refused.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websocket_over_http3_echoes_messages_and_answers_a_close() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::WebSocketStream;
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    let certs = test_certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
-    let client = client(&certs);
-    let run = async {
-        let tunnel = client.tunnel(server.url("/ws"), "websocket").await.unwrap();
-        let mut ws = WebSocketStream::from_raw_socket(tunnel, Role::Client, None).await;
-        ws.send(Message::text("hello over h3")).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello over h3"));
-        let binary = Message::binary(vec![0u8, 1, 2, 255]);
-        ws.send(binary.clone()).await.unwrap();
-        assert_eq!(ws.next().await.unwrap().unwrap(), binary);
-        ws.close(None).await.unwrap();
-        let mut answered = false;
-        while let Some(message) = ws.next().await {
-            answered |= matches!(message, Ok(Message::Close(_)));
-        }
-        assert!(answered, "the server answered the close");
-        let refused = client.tunnel(server.url("/ws"), "chat").await.unwrap_err();
-        assert!(refused.to_string().contains("400"), "{refused}");
-    };
-    timeout(TEST_TIMEOUT, run).await.unwrap();
-}
-
 /// A tunnel may be quiet for longer than QUIC's idle timeout: the client keeps the
 /// connection alive while streams are open, not only while it waits in the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,6 @@
 //! The route contract every test server serves (`ROUTES.md` in the shared folder):
 //! `/hello`, `/bytes/{n}`, `/echo`, `/sink`, `/trailers`, `/slow`, and 404 for the rest;
-//! and `/ws`, a WebSocket echo over HTTP/3 (extended CONNECT, RFC 9220).
+//! and `/ws`, a WebSocket echo over HTTP/3, HTTP/2 and HTTP/1.1.
 
 #![allow(dead_code)]
 
@@ -36,42 +36,20 @@ pub fn router() -> Router {
         .route("/ws", websocket_echo())
 }
 
-/// `/ws`: a WebSocket echo over HTTP/3 (RFC 9220 extended CONNECT with `:protocol`
-/// `websocket`): text and binary messages come back as they went, pings are answered, and
-/// a close is answered with a close.
+/// `/ws`: a WebSocket echo (text and binary messages come back as they went, pings are
+/// answered, a close is answered with a close) over every protocol: HTTP/3 and HTTP/2 by
+/// extended CONNECT (`:protocol websocket`), HTTP/1.1 by `Upgrade: websocket`. One
+/// handler, through `tower_quiche::ws::WebSocketUpgrade`.
 pub fn websocket_echo() -> axum::routing::MethodRouter {
-    axum::routing::on(
-        axum::routing::MethodFilter::CONNECT,
-        |request: axum::extract::Request| async move {
-            let websocket = request
-                .extensions()
-                .get::<tower_quiche::server::Protocol>()
-                .is_some_and(|p| p.as_bytes() == b"websocket");
-            if !websocket {
-                return (StatusCode::BAD_REQUEST, "CONNECT /ws is for :protocol websocket").into_response();
-            }
-            let (tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
-            tokio::spawn(echo_messages(tunnel));
-            Response::new(Body::new(body))
-        },
-    )
+    axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move { ws.on_upgrade(echo_messages) })
 }
 
-/// The largest WebSocket message (and frame) `/ws` takes.
-const MAX_WS_MESSAGE: usize = 1 << 20;
-
-async fn echo_messages(tunnel: tower_quiche::tunnel::Tunnel) {
+async fn echo_messages(mut ws: tower_quiche::ws::WebSocket) {
     use futures_util::SinkExt;
-    use tokio_tungstenite::tungstenite::Message;
-    use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-    // An echo needs no 64 MiB messages (tungstenite's default): a client's message is held
-    // whole before it is echoed, so this bounds what one WebSocket can make the server hold.
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(MAX_WS_MESSAGE))
-        .max_frame_size(Some(MAX_WS_MESSAGE));
-    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(tunnel, Role::Server, Some(config)).await;
+    use tower_quiche::ws::Message;
     // tungstenite answers pings and the client's close itself, as it reads on: read until
-    // the end, so that the answer to a close goes out.
+    // the end, so that the answer to a close goes out. Messages are at most 1 MiB (the
+    // extractor's default), which bounds what one client makes the server hold.
     while let Some(Ok(message)) = ws.next().await {
         if matches!(message, Message::Text(_) | Message::Binary(_)) && ws.send(message).await.is_err() {
             break;

@@ -288,7 +288,8 @@ impl Builder {
 
     /// Whether clients may send extended CONNECT requests (RFC 9220: WebSocket over HTTP/3
     /// and other protocols tunnelled in a request stream), as SETTINGS_ENABLE_CONNECT_PROTOCOL
-    /// tells them. Such a request reaches the service like any other, with its
+    /// tells them; on the TCP side of [`serve_with_tcp`](Self::serve_with_tcp) the same for
+    /// HTTP/2 (RFC 8441), where hyper hands such a stream over as an upgrade. Such a request reaches the service like any other, with its
     /// [`Protocol`] as an extension; [`Tunnel`](crate::tunnel::Tunnel) makes its bodies a
     /// byte stream. A tunnel may sit idle: the [body stall
     /// timeout](Self::body_stall_timeout) does not apply to CONNECT streams. Turned off, a
@@ -468,8 +469,13 @@ impl Builder {
     {
         let settings = self.settings();
         let tcp_service = service.clone();
-        let prepared = tcp::Transport::new(listener.config(), &self.tcp, self.max_header_list_size)
-            .map(|transport| (transport, listener.local_addr().port()));
+        let prepared = tcp::Transport::new(
+            listener.config(),
+            &self.tcp,
+            self.max_header_list_size,
+            self.connect_protocol,
+        )
+        .map(|transport| (transport, listener.local_addr().port()));
         let run: RunFn = Box::new(move |signal| {
             Box::pin(async move {
                 let (transport, port) = prepared?;

@@ -68,7 +68,12 @@ pub(crate) struct Transport {
 
 impl Transport {
     /// TLS from the QUIC listener's configuration; HTTP limits from the server's builder.
-    pub(crate) fn new(config: &ServerConfig, limits: &Limits, max_header_list_size: usize) -> Result<Self, Error> {
+    pub(crate) fn new(
+        config: &ServerConfig,
+        limits: &Limits,
+        max_header_list_size: usize,
+        connect_protocol: bool,
+    ) -> Result<Self, Error> {
         let mut http = auto::Builder::new(TokioExecutor::new());
         // Without a timer hyper silently ignores its timeouts and keep-alive settings.
         http.http1()
@@ -86,6 +91,10 @@ impl Transport {
             // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
             // means the same on both.
             .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX));
+        if connect_protocol {
+            // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
+            http.http2().enable_connect_protocol();
+        }
         Ok(Transport {
             acceptor: acceptor(config)?,
             http,

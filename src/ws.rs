@@ -1,0 +1,387 @@
+//! WebSocket for axum handlers, over every protocol the server speaks (`axum` feature):
+//! one route serves WebSocket over HTTP/3 and HTTP/2 (extended CONNECT, RFC 9220 and RFC
+//! 8441) and over HTTP/1.1 (`Upgrade: websocket`, RFC 6455), so a route written once works
+//! for every client of [`server::serve_with_tcp`](crate::server::serve_with_tcp).
+//!
+//! ```no_run
+//! use axum::Router;
+//! use axum::response::Response;
+//! use axum::routing::any;
+//! use futures_util::{SinkExt, StreamExt};
+//! use tower_quiche::ws::{Message, WebSocket, WebSocketUpgrade};
+//!
+//! async fn echo(ws: WebSocketUpgrade) -> Response {
+//!     ws.on_upgrade(|mut socket: WebSocket| async move {
+//!         while let Some(Ok(message)) = socket.next().await {
+//!             if message.is_text() || message.is_binary() {
+//!                 if socket.send(message).await.is_err() {
+//!                     break;
+//!                 }
+//!             }
+//!         }
+//!     })
+//! }
+//!
+//! // `any`: HTTP/1.1 asks with GET, HTTP/2 and HTTP/3 with CONNECT.
+//! let app: Router = Router::new().route("/ws", any(echo));
+//! ```
+//!
+//! The extractor takes the request's body (an HTTP/3 WebSocket is carried in it), so it is
+//! the handler's last argument. A request that is no WebSocket handshake is refused with
+//! what the RFCs ask: `405` for another method, `426 Upgrade Required` (with
+//! `sec-websocket-version: 13`) for another WebSocket version, `400` otherwise.
+//!
+//! Messages and frames are held to [`DEFAULT_MAX_MESSAGE`] unless
+//! [`WebSocketUpgrade::max_message_size`] says otherwise: a peer's message is held whole
+//! before the handler sees it.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum_core::body::Body;
+use axum_core::extract::{FromRequest, Request};
+use axum_core::response::{IntoResponse, Response};
+use http::header::{self, HeaderValue};
+use http::{Method, StatusCode, Version};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+
+pub use tokio_tungstenite::tungstenite::Error;
+pub use tokio_tungstenite::tungstenite::Message;
+
+use crate::h3::tunnel::{Tunnel, TunnelBody};
+
+/// The largest message (and frame) a WebSocket takes by default: 1 MiB. A message is held
+/// whole before the handler reads it, so this bounds what one client makes the server hold
+/// (tungstenite's own default is 64 MiB).
+pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
+/// A WebSocket: a `Stream` of received [`Message`]s and a `Sink` of messages to send
+/// (tokio-tungstenite's), over whichever protocol carried the handshake.
+pub type WebSocket = WebSocketStream<Upgraded>;
+
+/// The byte stream under a [`WebSocket`]: an HTTP/3 CONNECT stream, or (over TCP) the
+/// connection or HTTP/2 stream hyper hands over after the handshake.
+pub struct Upgraded(Io);
+
+enum Io {
+    Http3(Tunnel),
+    #[cfg(feature = "tcp")]
+    Hyper(hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl std::fmt::Debug for Upgraded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let over = match self.0 {
+            Io::Http3(_) => "HTTP/3",
+            #[cfg(feature = "tcp")]
+            Io::Hyper(_) => "TCP",
+        };
+        f.debug_tuple("Upgraded").field(&over).finish()
+    }
+}
+
+/// Forwards an `AsyncRead`/`AsyncWrite` method to whichever stream is under it.
+macro_rules! forward {
+    ($self:ident, $io:ident => $call:expr) => {
+        match &mut $self.get_mut().0 {
+            Io::Http3($io) => $call,
+            #[cfg(feature = "tcp")]
+            Io::Hyper($io) => $call,
+        }
+    };
+}
+
+impl AsyncRead for Upgraded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        forward!(self, io => Pin::new(io).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Upgraded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        forward!(self, io => Pin::new(io).poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        forward!(self, io => Pin::new(io).poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        forward!(self, io => Pin::new(io).poll_shutdown(cx))
+    }
+}
+
+/// A WebSocket handshake a handler can accept with [`on_upgrade`](Self::on_upgrade): an
+/// axum extractor (see the [module docs](self)).
+pub struct WebSocketUpgrade {
+    how: How,
+    config: WebSocketConfig,
+    /// The subprotocols the client offered (`sec-websocket-protocol`).
+    offered: Option<HeaderValue>,
+    /// The one chosen from them, sent back.
+    chosen: Option<HeaderValue>,
+}
+
+enum How {
+    /// HTTP/3 extended CONNECT: the tunnel is the request's body and the response's.
+    Http3(Tunnel, TunnelBody),
+    /// HTTP/2 extended CONNECT (`accept_key: None`, answered 200) or HTTP/1.1 Upgrade
+    /// (answered 101 with the key's accept value): hyper hands the stream over after the
+    /// response.
+    #[cfg(feature = "tcp")]
+    Hyper {
+        on_upgrade: hyper::upgrade::OnUpgrade,
+        accept_key: Option<String>,
+    },
+}
+
+impl std::fmt::Debug for WebSocketUpgrade {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocketUpgrade")
+            .field("offered", &self.offered)
+            .field("chosen", &self.chosen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WebSocketUpgrade {
+    /// The largest message and frame taken from the client. Defaults to
+    /// [`DEFAULT_MAX_MESSAGE`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.max_message_size(Some(bytes)).max_frame_size(Some(bytes));
+        self
+    }
+
+    /// The subprotocols this handler speaks, in order of preference: the first the client
+    /// also offered (`sec-websocket-protocol`) is chosen and sent back. When none matches,
+    /// none is sent, and the client decides whether to go on (RFC 6455 §4.2.2).
+    pub fn protocols<I>(mut self, protocols: I) -> Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        let offered: Vec<&str> = self
+            .offered
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(',').map(str::trim).collect())
+            .unwrap_or_default();
+        self.chosen = protocols
+            .into_iter()
+            .find(|p| offered.contains(&p.as_ref()))
+            .and_then(|p| HeaderValue::from_str(p.as_ref()).ok());
+        self
+    }
+
+    /// The subprotocol chosen by [`protocols`](Self::protocols), if any.
+    pub fn selected_protocol(&self) -> Option<&HeaderValue> {
+        self.chosen.as_ref()
+    }
+
+    /// Accepts the handshake: returns the response to answer with, and runs `callback` with
+    /// the WebSocket in a task of its own once the connection hands the stream over (at
+    /// once on HTTP/3; after the response has gone on TCP).
+    pub fn on_upgrade<F, Fut>(self, callback: F) -> Response
+    where
+        F: FnOnce(WebSocket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let WebSocketUpgrade {
+            how, config, chosen, ..
+        } = self;
+        let mut response = match how {
+            How::Http3(tunnel, body) => {
+                tokio::spawn(async move {
+                    let socket =
+                        WebSocketStream::from_raw_socket(Upgraded(Io::Http3(tunnel)), Role::Server, Some(config)).await;
+                    callback(socket).await;
+                });
+                Response::new(Body::new(body))
+            }
+            #[cfg(feature = "tcp")]
+            How::Hyper { on_upgrade, accept_key } => {
+                tokio::spawn(async move {
+                    match on_upgrade.await {
+                        Ok(upgraded) => {
+                            let io = Upgraded(Io::Hyper(hyper_util::rt::TokioIo::new(upgraded)));
+                            callback(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "WebSocket handshake not completed"),
+                    }
+                });
+                let mut response = Response::new(Body::empty());
+                if let Some(key) = accept_key {
+                    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    let headers = response.headers_mut();
+                    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                    if let Ok(accept) = HeaderValue::from_str(&key) {
+                        headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+                    }
+                }
+                response
+            }
+        };
+        if let Some(protocol) = chosen {
+            response.headers_mut().insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        response
+    }
+}
+
+/// Why a request is not a WebSocket handshake this server can accept; answered with the
+/// status RFC 6455 and RFC 8441 ask for.
+#[derive(Debug)]
+pub struct WebSocketUpgradeRejection {
+    status: StatusCode,
+    reason: &'static str,
+}
+
+impl WebSocketUpgradeRejection {
+    fn new(status: StatusCode, reason: &'static str) -> Self {
+        WebSocketUpgradeRejection { status, reason }
+    }
+
+    /// The status the rejection answers with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl std::fmt::Display for WebSocketUpgradeRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.reason)
+    }
+}
+
+impl std::error::Error for WebSocketUpgradeRejection {}
+
+impl IntoResponse for WebSocketUpgradeRejection {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, self.reason).into_response();
+        if self.status == StatusCode::UPGRADE_REQUIRED {
+            // RFC 6455 §4.4: the versions the server speaks.
+            response
+                .headers_mut()
+                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        }
+        response
+    }
+}
+
+impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
+    type Rejection = WebSocketUpgradeRejection;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
+        let reject = WebSocketUpgradeRejection::new;
+        let headers = request.headers();
+        if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+            return Err(reject(
+                StatusCode::UPGRADE_REQUIRED,
+                "only WebSocket version 13 is spoken here",
+            ));
+        }
+        let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let how = if request.method() == Method::CONNECT {
+            extended_connect(request)?
+        } else if request.method() == Method::GET && request.version() <= Version::HTTP_11 {
+            http1_upgrade(request)?
+        } else {
+            return Err(reject(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket handshake is a GET with Upgrade (HTTP/1.1) or an extended CONNECT (HTTP/2, HTTP/3)",
+            ));
+        };
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(DEFAULT_MAX_MESSAGE))
+            .max_frame_size(Some(DEFAULT_MAX_MESSAGE));
+        Ok(WebSocketUpgrade {
+            how,
+            config,
+            offered,
+            chosen: None,
+        })
+    }
+}
+
+/// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): CONNECT with `:protocol websocket`.
+fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> {
+    let not_websocket = || {
+        WebSocketUpgradeRejection::new(
+            StatusCode::BAD_REQUEST,
+            "a CONNECT for a WebSocket carries :protocol websocket",
+        )
+    };
+    if let Some(protocol) = request.extensions().get::<crate::h3::fields::Protocol>() {
+        if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+            return Err(not_websocket());
+        }
+        let (tunnel, body) = Tunnel::new(request.into_body());
+        return Ok(How::Http3(tunnel, body));
+    }
+    #[cfg(feature = "tcp")]
+    if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
+        if !protocol.as_str().eq_ignore_ascii_case("websocket") {
+            return Err(not_websocket());
+        }
+        let mut request = request;
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        return Ok(How::Hyper {
+            on_upgrade,
+            accept_key: None,
+        });
+    }
+    let _ = request;
+    Err(not_websocket())
+}
+
+/// RFC 6455 §4.2.1: GET with `Connection: upgrade`, `Upgrade: websocket` and a key.
+fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
+    let headers = request.headers();
+    let lists = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !lists(header::CONNECTION, "upgrade") || !lists(header::UPGRADE, "websocket") {
+        return Err(WebSocketUpgradeRejection::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "a WebSocket handshake over HTTP/1.1 carries Connection: upgrade and Upgrade: websocket",
+        ));
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+        return Err(WebSocketUpgradeRejection::new(
+            StatusCode::BAD_REQUEST,
+            "a WebSocket handshake over HTTP/1.1 carries Sec-WebSocket-Key",
+        ));
+    };
+    #[cfg(feature = "tcp")]
+    {
+        let accept_key = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut request = request;
+        if request.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
+            return Err(WebSocketUpgradeRejection::new(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ));
+        }
+        let on_upgrade = hyper::upgrade::on(&mut request);
+        Ok(How::Hyper {
+            on_upgrade,
+            accept_key: Some(accept_key),
+        })
+    }
+    #[cfg(not(feature = "tcp"))]
+    {
+        let _ = key;
+        Err(WebSocketUpgradeRejection::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "this server serves WebSocket over HTTP/3 only (tower-quiche built without `tcp`)",
+        ))
+    }
+}

@@ -1,0 +1,196 @@
+//! One WebSocket route (`/ws`, through `tower_quiche::ws::WebSocketUpgrade`) served over
+//! every protocol of `serve_with_tcp`: HTTP/3 and HTTP/2 by extended CONNECT (RFC 9220,
+//! RFC 8441), HTTP/1.1 by `Upgrade: websocket` (RFC 6455). Each client sends text and
+//! binary messages, gets them back, and has its close answered.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, StatusCode, Version};
+use http_body_util::Empty;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::{TEST_TIMEOUT, certs, init_tracing, tcp};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tower_quiche::client::{Client, Protocol};
+use tower_quiche::quic::{ClientConfig, Listener, ServerConfig};
+
+struct Server {
+    addr: std::net::SocketAddr,
+    ca_pem: String,
+    _shutdown: oneshot::Sender<()>,
+}
+
+/// The examples' routes (with `/ws`) on UDP and TCP, on one port.
+async fn server() -> Server {
+    init_tracing();
+    let certs = certs();
+    let config = ServerConfig::builder()
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .build()
+        .unwrap();
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let addr = listener.local_addr();
+    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let serve = tower_quiche::server::serve_with_tcp(listener, tcp, support::h3::routes::router())
+        .with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+    tokio::spawn(std::future::IntoFuture::into_future(serve));
+    Server {
+        addr,
+        ca_pem: certs.ca_pem,
+        _shutdown: tx,
+    }
+}
+
+impl Server {
+    fn url(&self, scheme: &str) -> String {
+        format!("{scheme}://localhost:{}/ws", self.addr.port())
+    }
+
+    fn h3_client(&self) -> Client {
+        let config = ClientConfig::builder().ca_pem(&self.ca_pem).build().unwrap();
+        Client::builder()
+            .http3_prior_knowledge()
+            .quic_config(config)
+            .build()
+            .unwrap()
+    }
+
+    /// An HTTP/3 extended CONNECT to `/ws` for `protocol`.
+    fn h3_connect(&self, protocol: &str, version_13: bool) -> Request<()> {
+        let mut request = extended_connect(&self.url("https"), version_13);
+        request.extensions_mut().insert(Protocol::new(protocol));
+        request
+    }
+}
+
+/// Text and binary messages come back as sent; the close is answered.
+async fn echoes<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, over: &str) {
+    let text = Message::text(format!("hello over {over}"));
+    ws.send(text.clone()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), text, "{over}");
+    let binary = Message::binary(vec![0u8, 1, 2, 255]);
+    ws.send(binary.clone()).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), binary, "{over}");
+    ws.close(None).await.unwrap();
+    let mut answered = false;
+    while let Some(message) = ws.next().await {
+        answered |= matches!(message, Ok(Message::Close(_)));
+    }
+    assert!(answered, "{over}: the server answered the close");
+}
+
+/// An extended CONNECT for `protocol` at `/ws`, as RFC 9220 and RFC 8441 shape it.
+fn extended_connect(url: &str, version_13: bool) -> Request<()> {
+    let mut request = Request::builder().method(Method::CONNECT).uri(url);
+    if version_13 {
+        request = request.header("sec-websocket-version", "13");
+    }
+    request.body(()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_websocket_route_serves_http3_http2_and_http11() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server().await;
+
+        // HTTP/3: an extended CONNECT through the client's tunnel.
+        let client = server.h3_client();
+        let tunnel = client.open_tunnel(server.h3_connect("websocket", true)).await.unwrap();
+        echoes(
+            WebSocketStream::from_raw_socket(tunnel, Role::Client, None).await,
+            "HTTP/3",
+        )
+        .await;
+
+        // HTTP/2: an extended CONNECT on a hyper client, once the server's SETTINGS (which
+        // allow it) have arrived.
+        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let mut attempts = 0;
+        let response = loop {
+            let mut request = extended_connect(&server.url("https"), true).map(|()| Empty::<Bytes>::new());
+            request
+                .extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+            match send.send_request(request).await {
+                Ok(response) => break response,
+                // Sent before the server's SETTINGS arrived: hyper refuses it locally.
+                Err(e) if e.is_user() && attempts < 100 => {
+                    attempts += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("HTTP/2 extended CONNECT: {e}"),
+            }
+        };
+        assert_eq!(response.status(), StatusCode::OK);
+        let upgraded = hyper::upgrade::on(response).await.unwrap();
+        echoes(
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await,
+            "HTTP/2",
+        )
+        .await;
+
+        // HTTP/1.1: GET with Upgrade, by tungstenite's own client handshake.
+        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+            .await
+            .unwrap();
+        let request = server.url("wss").into_client_request().unwrap();
+        let (ws, response) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        echoes(ws, "HTTP/1.1").await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server().await;
+        let client = server.h3_client();
+        // Another :protocol: 400.
+        let refused = client.open_tunnel(server.h3_connect("chat", true)).await.unwrap_err();
+        assert!(refused.to_string().contains("400"), "{refused}");
+        // No sec-websocket-version: 426 Upgrade Required, naming the version spoken.
+        let refused = client
+            .open_tunnel(server.h3_connect("websocket", false))
+            .await
+            .unwrap_err();
+        assert!(refused.to_string().contains("426"), "{refused}");
+        // A plain GET over HTTP/3: 405.
+        let response = client
+            .get(server.url("https"))
+            .header("sec-websocket-version", "13")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        // HTTP/1.1 GET without Upgrade: 426 with the version header.
+        let request = Request::get(server.url("https"))
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let response = tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await;
+        assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
+        assert_eq!(response.headers()["sec-websocket-version"], "13");
+    })
+    .await
+    .unwrap();
+}
