@@ -83,6 +83,15 @@ pub(crate) enum Kind {
     Reset,
     /// An application-level error (raised by an [`Application`](crate::quic::Application)).
     Application,
+    /// The client did not follow a redirect: too many, or to a URL it must not follow.
+    #[cfg(feature = "client")]
+    Redirect,
+    /// A response body could not be decoded (its `content-encoding` did not match it).
+    #[cfg(feature = "client")]
+    Decode,
+    /// A response body was larger than the client's limit for reading it whole.
+    #[cfg(feature = "client")]
+    TooLarge,
 }
 
 impl Error {
@@ -227,6 +236,29 @@ impl Error {
         self.inner.code == Some(Code::Stream(crate::codes::H3_REQUEST_REJECTED))
     }
 
+    /// (`client` feature) A redirect was not followed: more of them than the client's
+    /// [`redirect::Policy`](crate::client::redirect::Policy) allows (a loop, say), or one to
+    /// a URL that is not `https`. The message names the URL.
+    #[cfg(feature = "client")]
+    pub fn is_redirect(&self) -> bool {
+        self.inner.kind == Kind::Redirect
+    }
+
+    /// (`client` feature) A response body could not be decoded: its bytes were not what
+    /// its `content-encoding` (gzip, br, zstd) said.
+    #[cfg(feature = "client")]
+    pub fn is_decode(&self) -> bool {
+        self.inner.kind == Kind::Decode
+    }
+
+    /// (`client` feature) A response body read whole (`bytes`, `text`, `json`) was larger
+    /// than [`max_response_body_size`](crate::client::Builder::max_response_body_size),
+    /// counted after decoding.
+    #[cfg(feature = "client")]
+    pub fn is_too_large(&self) -> bool {
+        self.inner.kind == Kind::TooLarge
+    }
+
     /// The error carries an application error code (set by an application or sent by the
     /// peer's application in CONNECTION_CLOSE).
     pub fn is_application(&self) -> bool {
@@ -285,6 +317,12 @@ impl fmt::Display for Error {
             Kind::Protocol => "protocol error",
             Kind::Reset => "stream reset by peer",
             Kind::Application => "application error",
+            #[cfg(feature = "client")]
+            Kind::Redirect => "redirect not followed",
+            #[cfg(feature = "client")]
+            Kind::Decode => "response body could not be decoded",
+            #[cfg(feature = "client")]
+            Kind::TooLarge => "response body too large",
         };
         f.write_str(what)?;
         if let Some(message) = &self.inner.message {

@@ -105,6 +105,8 @@
 //! - `dev-certs`: development certificates, `tls::self_signed`, `tls::DevCa` and
 //!   `tls::GeneratedCert`.
 //! - `json` (implies `client`): JSON helpers on the client (serde).
+//! - `gzip` (default), `brotli`, `zstd` (each implies `client`): the client decodes
+//!   responses in that content coding (`client::Builder::gzip`, `brotli`, `zstd`).
 //! - `qlog`: a qlog trace per connection (`quic::TransportConfig::qlog_dir`).
 //! - `gcongestion`: quiche's congestion control ported from Google's QUIC.
 //! - `rpk`: raw public keys (RFC 7250) instead of certificates, through boring.

@@ -64,11 +64,13 @@ async fn dual_with(
     }
 }
 
-/// An HTTP/3 client that trusts `ca_pem`.
+/// An HTTP/3 client that trusts `ca_pem`, and hands bodies over as they came (not
+/// decoded: the tests compare the bytes each protocol carried).
 fn h3_client(ca_pem: &str) -> Client {
     let config = ClientConfig::builder().ca_pem(ca_pem).build().unwrap();
     Client::builder()
         .http3_prior_knowledge()
+        .gzip(false)
         .quic_config(config)
         .build()
         .unwrap()

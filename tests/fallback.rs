@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,10 +13,10 @@ use bytes::Bytes;
 use http::header::ALT_SVC;
 use http::{HeaderValue, Request, Version};
 use http_body_util::Empty;
-use support::h3::{H3Server, h3_server_with, listener, trusting};
+use support::dual::{Dual, stop_h3};
+use support::h3::{h3_server_with, trusting};
 use support::*;
 use tokio::net::UdpSocket;
-use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower::{Service, ServiceExt};
 use tower_quiche::client::{Builder, Client, ResponseExt};
@@ -46,60 +45,6 @@ fn routes(alt_svc: Option<HeaderValue>, with_stuck: bool) -> Router {
     } else {
         router
     }
-}
-
-/// Our server on TCP and UDP on one port (`server::serve_with_tcp`).
-struct Dual {
-    addr: SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
-}
-
-impl Dual {
-    async fn start(certs: &Certs, app: Router) -> Dual {
-        Dual::start_on(listener(certs).await, app).await
-    }
-
-    /// With a client CA: mutual TLS on both transports.
-    async fn start_requiring_client_certificates(certs: &Certs, client_ca: &str, app: Router) -> Dual {
-        let config = tower_quiche::quic::ServerConfig::builder()
-            .cert_chain_pem(&certs.leaf.cert_pem)
-            .private_key_pem(&certs.leaf.key_pem)
-            .client_ca_pem(client_ca)
-            .build()
-            .unwrap();
-        let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
-        Dual::start_on(listener, app).await
-    }
-
-    async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
-        init_tracing();
-        let addr = listener.local_addr();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
-        let (tx, rx) = oneshot::channel::<()>();
-        let serve = server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
-            let _ = rx.await;
-        });
-        Dual {
-            addr,
-            shutdown: Some(tx),
-            done: tokio::spawn(serve.into_future()),
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("https://127.0.0.1:{}/hello", self.addr.port())
-    }
-
-    async fn stop(mut self) {
-        let _ = self.shutdown.take().unwrap().send(());
-        self.done.await.unwrap().unwrap();
-    }
-}
-
-async fn stop_h3(mut server: H3Server) {
-    let _ = server.shutdown.take().unwrap().send(());
-    server.done.await.unwrap().unwrap();
 }
 
 /// `h3=":port"`: HTTP/3 on `port` of the same host.

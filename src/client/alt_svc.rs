@@ -15,9 +15,10 @@ use super::Origin;
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// A cap on `ma`, so that no value overflows a deadline.
 const MAX_MAX_AGE: Duration = Duration::from_secs(365 * 24 * 60 * 60);
-/// How long HTTP/3 stays off for an origin after its first failure; each failure after a
-/// retry doubles it (as Chromium does), up to [`MAX_BROKEN`].
-const FIRST_BROKEN: Duration = Duration::from_secs(5 * 60);
+/// How long HTTP/3 stays off for an origin after its first failure, by default
+/// (`Builder::http3_broken_backoff`); each failure after a retry doubles it (as Chromium
+/// does), up to [`MAX_BROKEN`].
+pub(crate) const FIRST_BROKEN: Duration = Duration::from_secs(5 * 60);
 const MAX_BROKEN: Duration = Duration::from_secs(2 * 24 * 60 * 60);
 
 /// One field value of `Alt-Svc`, parsed.
@@ -32,7 +33,7 @@ pub(crate) enum AltSvc {
 /// One alternative service: `protocol="host:port"; ma=…`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Alternative {
-    /// The ALPN protocol ID, percent-decoding not applied (`h3`, `h3-29`, `h2`).
+    /// The ALPN protocol ID, percent-decoded (`h3`, `h3-29`, `h2`; RFC 7838 §3).
     pub(crate) protocol: String,
     /// The host, when another one is named; `None` for the origin's own host.
     pub(crate) host: Option<String>,
@@ -67,6 +68,7 @@ fn parse_alternative(item: &str) -> Option<Alternative> {
     if protocol.is_empty() || !protocol.bytes().all(is_tchar) {
         return None;
     }
+    let protocol = percent_decode(protocol)?;
     // RFC 7838 requires a quoted alt-authority; a token is accepted as leniently as browsers.
     let authority = unquote(authority.trim())?;
     let (host, port) = authority.rsplit_once(':')?;
@@ -84,11 +86,30 @@ fn parse_alternative(item: &str) -> Option<Alternative> {
         }
     }
     Some(Alternative {
-        protocol: protocol.to_string(),
+        protocol,
         host,
         port,
         max_age,
     })
+}
+
+/// A protocol ID with its `%XX` escapes resolved (RFC 7838 §3: `h3%2D29` is `h3-29`, and
+/// `%` itself is always escaped); `None` for a broken escape or bytes that are not UTF-8
+/// (no ALPN ID this client knows is).
+fn percent_decode(token: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(token.len());
+    let mut rest = token.as_bytes();
+    while let Some((&b, tail)) = rest.split_first() {
+        if b == b'%' {
+            let hex = std::str::from_utf8(tail.get(..2)?).ok()?;
+            bytes.push(u8::from_str_radix(hex, 16).ok()?);
+            rest = &tail[2..];
+        } else {
+            bytes.push(b);
+            rest = tail;
+        }
+    }
+    String::from_utf8(bytes).ok()
 }
 
 /// Splits at `separator` outside quoted strings; `None` when a quoted string is unclosed.
@@ -142,6 +163,8 @@ fn is_tchar(b: u8) -> bool {
 pub(crate) struct Cache {
     entries: HashMap<Origin, Entry>,
     capacity: usize,
+    /// How long HTTP/3 stays off after a first failure.
+    first_broken: Duration,
     /// Orders entries by when they were last written, for eviction.
     clock: u64,
 }
@@ -158,10 +181,11 @@ struct Entry {
 }
 
 impl Cache {
-    pub(crate) fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize, first_broken: Duration) -> Self {
         Cache {
             entries: HashMap::new(),
             capacity: capacity.max(1),
+            first_broken,
             clock: 0,
         }
     }
@@ -210,15 +234,16 @@ impl Cache {
         }
     }
 
-    /// HTTP/3 failed for `origin`: off for 5 minutes, doubled for each failure since it
+    /// HTTP/3 failed for `origin`: off for `first_broken`, doubled for each failure since it
     /// last worked. Failures while it is already off (other requests of the same attempt)
     /// do not count again.
     pub(crate) fn mark_broken(&mut self, origin: &Origin, now: Instant) {
+        let first_broken = self.first_broken;
         let entry = self.touch(origin);
         if entry.broken_until.is_some_and(|until| until > now) {
             return;
         }
-        let backoff = FIRST_BROKEN
+        let backoff = first_broken
             .checked_mul(1 << entry.failures.min(20))
             .unwrap_or(MAX_BROKEN)
             .min(MAX_BROKEN);
@@ -310,6 +335,15 @@ mod tests {
             Some(AltSvc::Alternatives(vec![alt("h3", None, 3, 86400)]))
         );
         assert_eq!(parse(b"h3=\":443"), None);
+        // Protocol IDs are percent-decoded (RFC 7838 §3); a broken escape drops the
+        // alternative alone.
+        assert_eq!(
+            parse(b"h3%2D29=\":1\", %68%33=\":2\", h%3=\":3\", h%zz=\":4\", h3%ff=\":5\""),
+            Some(AltSvc::Alternatives(vec![
+                alt("h3-29", None, 1, 86400),
+                alt("h3", None, 2, 86400)
+            ]))
+        );
         // A huge max age is capped, not overflowed.
         assert_eq!(
             parse(b"h3=\":1\"; ma=99999999999999999999"),
@@ -326,7 +360,7 @@ mod tests {
 
     #[test]
     fn the_cache_keeps_h3_on_the_same_host_for_its_max_age() {
-        let mut cache = Cache::new(8);
+        let mut cache = Cache::new(8, FIRST_BROKEN);
         let o = origin("example.com");
         let now = Instant::now();
         let update = |cache: &mut Cache, value: &'static str, now| {
@@ -356,7 +390,7 @@ mod tests {
 
     #[test]
     fn broken_h3_backs_off_exponentially_until_confirmed() {
-        let mut cache = Cache::new(8);
+        let mut cache = Cache::new(8, FIRST_BROKEN);
         let o = origin("example.com");
         let t0 = Instant::now();
         cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), t0);
@@ -382,7 +416,7 @@ mod tests {
 
     #[test]
     fn the_cache_is_bounded_and_forgets_the_oldest() {
-        let mut cache = Cache::new(2);
+        let mut cache = Cache::new(2, FIRST_BROKEN);
         let now = Instant::now();
         for host in ["a", "b", "c"] {
             cache.update(&origin(host), [HeaderValue::from_static("h3=\":1\"")].iter(), now);
@@ -398,7 +432,7 @@ mod tests {
         fn any_field_value_is_handled(value in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
                                       text in "[ -~]{0,48}") {
             let _ = parse(&value);
-            let mut cache = Cache::new(4);
+            let mut cache = Cache::new(4, FIRST_BROKEN);
             let now = Instant::now();
             for v in [HeaderValue::from_bytes(&value).ok(), HeaderValue::from_str(&text).ok()].into_iter().flatten() {
                 cache.update(&origin("example.com"), [v].iter(), now);

@@ -24,23 +24,25 @@ use crate::error::Error;
 use crate::h3::body::RecvBody;
 
 impl Pool {
-    /// HTTP/3 when the origin has a usable connection, or advertised HTTP/3 that is not
-    /// broken and whose connection comes up within the handicap; TCP otherwise.
+    /// HTTP/3 when the origin advertises HTTP/3 (fresh, not cleared) that is not broken,
+    /// on a pooled connection or one that comes up within the handicap; TCP otherwise. A
+    /// pooled connection is used only while HTTP/3 is advertised: an `Alt-Svc: clear`
+    /// (over any protocol) moves the origin's next requests to TCP at once.
     ///
     /// The connection attempt runs on its own task: when the handicap runs out first, this
     /// request goes over TCP and the attempt carries on, shared with later requests, to
     /// serve them once it is up (or to mark HTTP/3 broken when it fails).
     pub(super) async fn auto_route(self: &Arc<Self>, origin: &Origin) -> Route {
-        if let Some(send) = self.pick(origin, false) {
-            return Route::H3(send);
-        }
         let port = self.alt_svc().h3_port(origin, Instant::now());
         let Some(port) = port else {
             return Route::Tcp;
         };
+        if let Some(send) = self.pick(origin, false, None) {
+            return Route::H3(send);
+        }
         let pool = Arc::clone(self);
         let target = origin.clone();
-        let mut attempt = tokio::spawn(async move { pool.connection(&target, port).await });
+        let mut attempt = tokio::spawn(async move { pool.connection(&target, port, None).await });
         match tokio::time::timeout(self.handicap, &mut attempt).await {
             Ok(Ok(Ok(send))) => Route::H3(send),
             // Failed (and marked broken), or no faster than the handicap.
@@ -61,7 +63,12 @@ impl Pool {
         let bodyless = http_body::Body::is_end_stream(request.body());
         let pending = PendingRequest::from_boxed(request)?;
         match self.send_h3(send, pending, &origin, port).await {
-            Ok(response) => Ok(response),
+            Ok(response) => {
+                // An HTTP/3 response's `Alt-Svc` counts as a TCP one's: `clear`, a new port.
+                self.alt_svc()
+                    .update(&origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+                Ok(response)
+            }
             Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error))) => {
                 tracing::debug!(%error, "request not sent over HTTP/3; sending it over TCP");
                 self.send_tcp(head.with_body(unsent.body), &origin).await

@@ -329,6 +329,11 @@ impl SendRequest {
         &self.status
     }
 
+    /// Whether `other` sends on the same connection as this.
+    pub(crate) fn same_connection(&self, other: &SendRequest) -> bool {
+        Arc::ptr_eq(&self.status, &other.status)
+    }
+
     /// Whether the connection can take new requests at all (not closed, no GOAWAY).
     pub fn is_usable(&self) -> bool {
         self.status.usable()

@@ -26,6 +26,19 @@
 //! [`Builder::http3_prior_knowledge`] speaks HTTP/3 only (the only mode without `tcp`);
 //! `Builder::tcp_only` speaks TCP only.
 //!
+//! ## reqwest's conveniences
+//!
+//! Around the pool, [`Client`] stacks tower and tower-http layers, each a [`Builder`]
+//! option with reqwest's name: it follows up to 10 redirects ([`Builder::redirect`],
+//! [`redirect::Policy`]; each hop picks its protocol afresh, so an HTTP/2 answer may lead
+//! to HTTP/3), decodes gzip (the default `gzip` feature), br and zstd (features `brotli`,
+//! `zstd`) responses, adds [`default_headers`](Builder::default_headers) and a
+//! [`user_agent`](Builder::user_agent), and, when asked, bounds a whole request
+//! ([`timeout`](Builder::timeout)) and each wait for a head or a body frame
+//! ([`read_timeout`](Builder::read_timeout)). [`ResponseExt`] reads a body whole under
+//! [`max_response_body_size`](Builder::max_response_body_size) (64 MiB by default, counted
+//! after decoding). [`OriginClient`] is the bare transport, without them.
+//!
 //! ```no_run
 //! use tower_quiche::client::{Client, ResponseExt};
 //!
@@ -42,6 +55,8 @@ mod alt_svc;
 mod auto;
 pub mod conn;
 mod connect;
+mod layers;
+pub mod redirect;
 #[cfg(feature = "tcp")]
 pub(crate) mod tcp;
 
@@ -53,16 +68,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, Uri};
 use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::RecvBody;
 use crate::quic::{ClientConfig, Endpoint};
 use conn::{AnyBody, ConnSettings, Failure, PendingRequest, SendRequest, box_body};
+use layers::{BodyLimit, Conveniences, ReqBody, Stage, Transport};
 
 pub use crate::h3::fields::Protocol;
 
@@ -172,9 +189,9 @@ struct Pool {
 type Attempt = Arc<tokio::sync::OnceCell<Result<SendRequest, Arc<Error>>>>;
 
 impl Pool {
-    /// A live connection to `origin` with room for a request, if there is one. Forgets
-    /// closed and draining ones.
-    fn pick(&self, origin: &Origin, busy_ok: bool) -> Option<SendRequest> {
+    /// A live connection to `origin` with room for a request, if there is one, other than
+    /// `avoid`. Forgets closed and draining ones.
+    fn pick(&self, origin: &Origin, busy_ok: bool, avoid: Option<&SendRequest>) -> Option<SendRequest> {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.get_mut(origin)?;
         list.retain(SendRequest::is_usable);
@@ -183,27 +200,38 @@ impl Pool {
             conns.remove(origin);
             return None;
         }
-        if let Some(c) = list.iter().find(|c| c.status_spare() > 0) {
+        let full = list.len() >= self.max_per_origin;
+        let mut candidates = list
+            .iter()
+            .filter(|c| avoid.is_none_or(|avoid| !avoid.same_connection(c)))
+            .peekable();
+        if let Some(c) = candidates.clone().find(|c| c.status_spare() > 0) {
             return Some(c.clone());
         }
-        if busy_ok || list.len() >= self.max_per_origin {
+        if (busy_ok || full) && candidates.peek().is_some() {
             // Every connection is busy and no more are allowed: queue on the least loaded.
-            return list.iter().min_by_key(|c| c.status_load()).cloned();
+            return candidates.min_by_key(|c| c.status_load()).cloned();
         }
         None
     }
 
-    /// A connection to `origin`, whose HTTP/3 is on `port` of its host.
-    async fn connection(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
-        if let Some(c) = self.pick(origin, false) {
+    /// A connection to `origin`, whose HTTP/3 is on `port` of its host; when `avoid` is
+    /// given, another connection than that one (a new one if need be, even past
+    /// `max_per_origin`: the server refused the request there).
+    async fn connection(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
+        if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
+        }
+        if avoid.is_some() {
+            // Not the shared attempt: its outcome may be the very connection to avoid.
+            return self.connect(origin, port, avoid).await;
         }
         let attempt = {
             let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(connecting.entry(origin.clone()).or_default())
         };
         let outcome = attempt
-            .get_or_init(|| async { self.connect(origin, port).await.map_err(Arc::new) })
+            .get_or_init(|| async { self.connect(origin, port, None).await.map_err(Arc::new) })
             .await;
         // The attempt has its outcome: the next request that finds no connection starts a
         // fresh one (a failure is not remembered beyond those who waited for it).
@@ -221,9 +249,9 @@ impl Pool {
 
     /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection. In auto mode,
     /// a failure marks HTTP/3 broken for the origin and a success confirms it.
-    async fn connect(&self, origin: &Origin, port: u16) -> Result<SendRequest, Error> {
+    async fn connect(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
-        if let Some(c) = self.pick(origin, false) {
+        if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
         }
         let result = self.handshake(origin, port).await;
@@ -272,7 +300,7 @@ impl Pool {
     /// HTTP/3-only mode), or over TCP.
     async fn route(self: &Arc<Self>, origin: &Origin) -> Result<Route, Error> {
         match self.mode {
-            Mode::Http3 => Ok(Route::H3(self.connection(origin, origin.port).await?)),
+            Mode::Http3 => Ok(Route::H3(self.connection(origin, origin.port, None).await?)),
             #[cfg(feature = "tcp")]
             Mode::Tcp => Ok(Route::Tcp),
             #[cfg(feature = "tcp")]
@@ -307,7 +335,8 @@ impl Pool {
     }
 
     /// Sends `request` on `send`; a request the server did not process goes once more to
-    /// another connection (RFC 9114 §4.1.1), to HTTP/3 on `port` of the origin's host.
+    /// another connection (RFC 9114 §4.1.1: the server may refuse it on that connection
+    /// again, for the same reason), to HTTP/3 on `port` of the origin's host.
     async fn send_h3(
         &self,
         mut send: SendRequest,
@@ -318,7 +347,7 @@ impl Pool {
         const ATTEMPTS: usize = 2;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                send = match self.connection(origin, port).await {
+                send = match self.connection(origin, port, Some(&send)).await {
                     Ok(send) => send,
                     Err(e) => return Err(H3Failure::Connect(request, e)),
                 };
@@ -374,6 +403,8 @@ impl SendRequest {
 #[derive(Clone)]
 pub struct Client {
     pool: Arc<Pool>,
+    /// The conveniences (redirects, decompression, timeouts, …) around the pool.
+    service: Stage,
 }
 
 impl std::fmt::Debug for Client {
@@ -401,10 +432,7 @@ impl Client {
         B::Data: Buf + Send,
         B::Error: Into<BoxError>,
     {
-        let pool = Arc::clone(&self.pool);
-        let origin = Origin::of(request.uri());
-        let request = request.map(box_body);
-        async move { pool.send_via(None, request, origin?).await }
+        self.service.clone().oneshot(request.map(ReqBody::of))
     }
 
     /// Starts a GET request.
@@ -503,7 +531,11 @@ impl Client {
             )));
         }
         let (pending, body) = crate::tunnel::Tunnel::outgoing();
-        let mut response = self.send(request.map(|()| body)).await?;
+        // Straight to the pool: a tunnel is no download to decode, redirect or time out.
+        let origin = Origin::of(request.uri())?;
+        let mut response = Arc::clone(&self.pool)
+            .send_via(None, request.map(|()| box_body(body)), origin)
+            .await?;
         if !response.status().is_success() {
             return Err(Error::new(Kind::Protocol).with_message(format!(
                 "the server answered the CONNECT request with {}",
@@ -522,6 +554,10 @@ impl Client {
     /// (concurrency limit, buffer, load balancing) that wait on readiness. A failed
     /// connection attempt makes it ready, and the next `call` returns the error: an error
     /// from `poll_ready` would tell tower the service is gone for good.
+    ///
+    /// It is the bare transport: the [`Builder`]'s conveniences (redirects, decompression,
+    /// default headers, timeouts, the body size limit) are the [`Client`]'s, not its own, as
+    /// gRPC and tower stacks bring their own.
     pub fn origin(&self, url: impl AsRef<str>) -> Result<OriginClient, Error> {
         let uri: Uri = url
             .as_ref()
@@ -678,11 +714,17 @@ pub struct Builder {
     handicap: Duration,
     #[cfg(feature = "tcp")]
     alt_svc_capacity: usize,
+    #[cfg(feature = "tcp")]
+    broken_backoff: Duration,
     quic: Option<ClientConfig>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_per_origin: usize,
     settings: ConnSettings,
+    conveniences: Conveniences,
+    /// The `user-agent` header, once given: it goes into the default headers at `build`,
+    /// so it does not depend on the order of calls.
+    user_agent: Option<Result<HeaderValue, http::Error>>,
 }
 
 impl Default for Builder {
@@ -696,11 +738,15 @@ impl Default for Builder {
             handicap: Duration::from_millis(300),
             #[cfg(feature = "tcp")]
             alt_svc_capacity: 1024,
+            #[cfg(feature = "tcp")]
+            broken_backoff: alt_svc::FIRST_BROKEN,
             quic: None,
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_per_origin: 4,
             settings: ConnSettings::default(),
+            conveniences: Conveniences::default(),
+            user_agent: None,
         }
     }
 }
@@ -820,6 +866,119 @@ impl Builder {
         self
     }
 
+    /// Which redirects are followed. Defaults to [`redirect::Policy::limited(10)`](redirect::Policy::limited)
+    /// (reqwest's default); [`redirect::Policy::none()`](redirect::Policy::none) returns
+    /// 3xx responses as they are. See [`redirect::Policy`] for what is never followed and
+    /// what a request loses when it leaves its origin.
+    ///
+    /// ```no_run
+    /// use tower_quiche::client::{Client, redirect};
+    ///
+    /// # fn run() -> Result<(), tower_quiche::Error> {
+    /// let client = Client::builder().redirect(redirect::Policy::none()).build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn redirect(mut self, policy: redirect::Policy) -> Self {
+        self.conveniences.redirect = policy;
+        self
+    }
+
+    /// (`gzip` feature, on by default) Sends `accept-encoding: gzip` (with the other codings
+    /// that are on) and decodes `content-encoding: gzip` responses, removing their
+    /// `content-encoding` and `content-length`. Defaults to `true`. A request with its own
+    /// `accept-encoding` keeps it. Only the final response of redirects is decoded.
+    #[cfg(feature = "gzip")]
+    pub fn gzip(mut self, enable: bool) -> Self {
+        self.conveniences.gzip = enable;
+        self
+    }
+
+    /// (`brotli` feature) As [`gzip`](Self::gzip), for `br`. Defaults to `true` when the
+    /// feature is on.
+    #[cfg(feature = "brotli")]
+    pub fn brotli(mut self, enable: bool) -> Self {
+        self.conveniences.brotli = enable;
+        self
+    }
+
+    /// (`zstd` feature) As [`gzip`](Self::gzip), for `zstd`. Defaults to `true` when the
+    /// feature is on.
+    #[cfg(feature = "zstd")]
+    pub fn zstd(mut self, enable: bool) -> Self {
+        self.conveniences.zstd = enable;
+        self
+    }
+
+    /// Headers sent with every request that does not have a header of the same name
+    /// (a request's own value wins). Defaults to none. They are carried through redirects,
+    /// except credentials once a redirect leaves the origin.
+    ///
+    /// ```no_run
+    /// use tower_quiche::client::Client;
+    /// use http::{HeaderMap, HeaderValue, header::ACCEPT};
+    ///
+    /// # fn run() -> Result<(), tower_quiche::Error> {
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
+    /// let client = Client::builder().default_headers(headers).user_agent("my-app/1.0").build()?;
+    /// # let _ = client; Ok(()) }
+    /// ```
+    pub fn default_headers(mut self, headers: HeaderMap) -> Self {
+        self.conveniences.default_headers = headers;
+        self
+    }
+
+    /// The `user-agent` header sent with every request that has none. Defaults to none, as
+    /// reqwest's and hyper's. An invalid value fails [`build`](Self::build).
+    pub fn user_agent<V>(mut self, value: V) -> Self
+    where
+        HeaderValue: TryFrom<V>,
+        <HeaderValue as TryFrom<V>>::Error: Into<http::Error>,
+    {
+        self.user_agent = Some(HeaderValue::try_from(value).map_err(Into::into));
+        self
+    }
+
+    /// How long a whole request may take: from the call until the last byte of the
+    /// response body, redirects included. Past it the call, or the body's next frame,
+    /// fails with an error whose [`is_timeout`](Error::is_timeout) is true. Defaults to
+    /// none (a download may take as long as it takes; see
+    /// [`read_timeout`](Self::read_timeout) for a stalled one).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.conveniences.timeout = Some(timeout);
+        self
+    }
+
+    /// How long the client waits for each response head (connecting included) and then
+    /// between two frames of its body: a server that stops sending fails the request or
+    /// the body with an error whose [`is_timeout`](Error::is_timeout) is true, however
+    /// long the transfer as a whole. Time the caller takes between reads does not count.
+    /// Defaults to none (HTTP/3 still notices a dead connection by its idle timeout; a
+    /// live server that trickles is what this bounds).
+    pub fn read_timeout(mut self, timeout: Duration) -> Self {
+        self.conveniences.read_timeout = Some(timeout);
+        self
+    }
+
+    /// The largest response body `ResponseExt::bytes`, `text` and `json` read, counted after
+    /// decoding (so a small compressed body that decodes to gigabytes fails too); past it
+    /// they fail with an error whose [`is_too_large`](Error::is_too_large) is true. Reading
+    /// the body frame by frame has no limit. Defaults to 64 MiB; `None` removes it.
+    pub fn max_response_body_size(mut self, bytes: Option<u64>) -> Self {
+        self.conveniences.max_body = bytes;
+        self
+    }
+
+    /// (`tcp` feature) How long HTTP/3 stays off for an origin after it failed there (in
+    /// the automatic mode), requests going over TCP meanwhile; each failure after a new try
+    /// doubles it, up to 2 days, and a success resets it. Defaults to 5 minutes, as
+    /// Chromium's.
+    #[cfg(feature = "tcp")]
+    pub fn http3_broken_backoff(mut self, backoff: Duration) -> Self {
+        self.broken_backoff = backoff;
+        self
+    }
+
     /// Builds the client, and binds its UDP socket (dual-stack where the system allows)
     /// unless it speaks TCP only.
     pub fn build(self) -> Result<Client, Error> {
@@ -849,23 +1008,31 @@ impl Builder {
         };
         let mut settings = self.settings;
         settings.idle_timeout = Some(self.idle_timeout);
-        Ok(Client {
-            pool: Arc::new(Pool {
-                mode: self.mode,
-                endpoint,
-                #[cfg(feature = "tcp")]
-                tcp,
-                #[cfg(feature = "tcp")]
-                alt_svc: Mutex::new(alt_svc::Cache::new(self.alt_svc_capacity)),
-                #[cfg(feature = "tcp")]
-                handicap: self.handicap,
-                settings: Arc::new(settings),
-                connect_timeout: self.connect_timeout,
-                max_per_origin: self.max_per_origin,
-                conns: Mutex::new(HashMap::new()),
-                connecting: Mutex::new(HashMap::new()),
-            }),
-        })
+        let mut conveniences = self.conveniences;
+        if let Some(user_agent) = self.user_agent {
+            let user_agent =
+                user_agent.map_err(|e| Error::config(format!("the user agent is not a valid header value: {e}")))?;
+            conveniences
+                .default_headers
+                .insert(http::header::USER_AGENT, user_agent);
+        }
+        let pool = Arc::new(Pool {
+            mode: self.mode,
+            endpoint,
+            #[cfg(feature = "tcp")]
+            tcp,
+            #[cfg(feature = "tcp")]
+            alt_svc: Mutex::new(alt_svc::Cache::new(self.alt_svc_capacity, self.broken_backoff)),
+            #[cfg(feature = "tcp")]
+            handicap: self.handicap,
+            settings: Arc::new(settings),
+            connect_timeout: self.connect_timeout,
+            max_per_origin: self.max_per_origin,
+            conns: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
+        });
+        let service = conveniences.stack(Transport(Arc::clone(&pool)));
+        Ok(Client { pool, service })
     }
 }
 
@@ -915,13 +1082,18 @@ impl RequestBuilder {
     pub async fn send(self) -> Result<Response<RecvBody>, Error> {
         let request = self
             .request?
-            .body(Full::new(self.body))
+            .body(ReqBody::bytes(self.body))
             .map_err(|e| Error::invalid_request(e.to_string()))?;
-        self.client.send(request).await
+        self.client.service.oneshot(request).await
     }
 }
 
 /// Reads a response body whole: `.bytes()`, `.text()`, `.json()`.
+///
+/// A response from a [`Client`] is read up to its
+/// [`max_response_body_size`](Builder::max_response_body_size) (64 MiB by default), counted
+/// after decoding: past it, the read fails with an error whose
+/// [`is_too_large`](Error::is_too_large) is true.
 pub trait ResponseExt: Sized + Send {
     /// The whole body (trailers are dropped).
     fn bytes(self) -> impl Future<Output = Result<Bytes, Error>> + Send;
@@ -947,7 +1119,17 @@ pub trait ResponseExt: Sized + Send {
 
 impl ResponseExt for Response<RecvBody> {
     async fn bytes(self) -> Result<Bytes, Error> {
-        Ok(self.into_body().collect().await?.to_bytes())
+        let Some(BodyLimit(limit)) = self.extensions().get::<BodyLimit>().copied() else {
+            return Ok(self.into_body().collect().await?.to_bytes());
+        };
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+        match http_body_util::Limited::new(self.into_body(), limit).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(Error::new(Kind::TooLarge).with_message(
+                format!("the response body is larger than {limit} bytes (Builder::max_response_body_size)"),
+            )),
+            Err(e) => Err(layers::into_error(e)),
+        }
     }
 }
 

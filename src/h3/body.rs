@@ -42,6 +42,9 @@ enum Source {
     /// A response body hyper receives over TCP (HTTP/1.1 or HTTP/2).
     #[cfg(all(feature = "client", feature = "tcp"))]
     Tcp(hyper::body::Incoming),
+    /// A response body as the client's layers hand it on (decoded, under a timeout).
+    #[cfg(feature = "client")]
+    Layered(http_body_util::combinators::BoxBody<Bytes, Error>),
 }
 
 impl std::fmt::Debug for RecvBody {
@@ -52,6 +55,8 @@ impl std::fmt::Debug for RecvBody {
             Source::H3(stream) => d.field("stream_id", &stream.id()),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(_) => d.field("tcp", &true),
+            #[cfg(feature = "client")]
+            Source::Layered(_) => d.field("layered", &true),
         };
         d.finish_non_exhaustive()
     }
@@ -83,6 +88,17 @@ impl RecvBody {
         }
     }
 
+    /// A response body transformed by the client's layers (decoding, timeouts).
+    #[cfg(feature = "client")]
+    pub(crate) fn layered<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes, Error = Error> + Send + Sync + 'static,
+    {
+        RecvBody {
+            source: Source::Layered(http_body_util::combinators::BoxBody::new(body)),
+        }
+    }
+
     /// The body has ended (or failed): an HTTP/3 stream's reader is released at once.
     fn finish(&mut self) {
         if let Source::H3(stream) = std::mem::replace(&mut self.source, Source::Done) {
@@ -102,6 +118,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.poll_recv(cx),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => Pin::new(body).poll_frame(cx).map_err(crate::client::tcp::body_error),
+            #[cfg(feature = "client")]
+            Source::Layered(body) => Pin::new(body).poll_frame(cx),
         };
         if matches!(poll, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
             this.finish();
@@ -115,6 +133,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.recv_is_end(),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => body.is_end_stream(),
+            #[cfg(feature = "client")]
+            Source::Layered(body) => body.is_end_stream(),
         }
     }
 
@@ -124,6 +144,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.recv_size_hint(),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => body.size_hint(),
+            #[cfg(feature = "client")]
+            Source::Layered(body) => body.size_hint(),
         }
     }
 }

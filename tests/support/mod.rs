@@ -95,6 +95,7 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+pub mod dual;
 pub mod h3;
 pub mod scripted;
 pub mod tcp;

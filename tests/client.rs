@@ -1,0 +1,703 @@
+//! The client's conveniences against our own server over HTTP/3 and HTTP/2: redirects
+//! (within and across protocols, loops, refused targets, credentials), decompression, the
+//! body size limit on decoded bytes, default headers, timeouts; the retry of a refused
+//! request on another connection; an HTTP/3 response's own `Alt-Svc`; and
+//! `examples/client` itself.
+
+mod support;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Path as UrlPath;
+use axum::response::IntoResponse;
+use axum::routing::{any, get};
+use bytes::Bytes;
+use http::header::{ALT_SVC, AUTHORIZATION, CONTENT_ENCODING, COOKIE, LOCATION};
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, Version};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use support::dual::{Dual, stop_h3};
+use support::h3::{h3_server_with, listener, trusting};
+use support::*;
+use tokio::time::timeout;
+use tower_quiche::client::{Builder, Client, ResponseExt, redirect};
+use tower_quiche::server;
+
+/// Every route a test here asks for.
+fn app(loops: Arc<AtomicUsize>) -> Router {
+    let compressed = Router::new()
+        .route(
+            "/compressed/{n}",
+            get(|UrlPath(n): UrlPath<usize>, headers: HeaderMap| async move {
+                // Says which codings the client offered; tower-http compresses the body.
+                let offered = headers.get("accept-encoding").cloned();
+                let mut response = pattern(n, 7).into_response();
+                if let Some(offered) = offered {
+                    response.headers_mut().insert("x-offered", offered);
+                }
+                response
+            }),
+        )
+        .layer(tower_http::compression::CompressionLayer::new());
+    Router::new()
+        .route("/hello", get(|| async { "hello" }))
+        // A redirect: `?l=` is the Location, `&code=` the status (302 by default).
+        .route(
+            "/to",
+            any(|uri: Uri| async move {
+                let q = query(&uri);
+                let code = q.get("code").and_then(|c| c.parse().ok()).unwrap_or(302);
+                let mut response = StatusCode::from_u16(code).unwrap().into_response();
+                response.headers_mut().insert(LOCATION, q["l"].parse().unwrap());
+                response
+            }),
+        )
+        .route(
+            "/loop",
+            get(move || {
+                loops.fetch_add(1, Ordering::SeqCst);
+                async { (StatusCode::FOUND, [(LOCATION, "/loop")]) }
+            }),
+        )
+        // The request's headers, a line each, sorted.
+        .route(
+            "/headers",
+            any(|headers: HeaderMap| async move {
+                let mut lines: Vec<String> = headers
+                    .iter()
+                    .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap_or("?")))
+                    .collect();
+                lines.sort();
+                lines.join("\n")
+            }),
+        )
+        .route(
+            "/echo-body",
+            any(|method: http::Method, body: Bytes| async move { format!("{method} {}", body.len()) }),
+        )
+        // 4 MiB of zeros, gzip-compressed to a few KiB, sent as is.
+        .route(
+            "/bomb",
+            get(|| async { ([(CONTENT_ENCODING, "gzip")], gzip(&vec![0u8; 4 << 20])) }),
+        )
+        .route("/stall-head", get(std::future::pending::<&'static str>))
+        .route("/stall-body", get(|| async { body_of(1, None) }))
+        // `n` chunks, one every 50 ms.
+        .route(
+            "/trickle/{n}",
+            get(|UrlPath(n): UrlPath<usize>| async move { body_of(n, Some(Duration::from_millis(50))) }),
+        )
+        .merge(compressed)
+}
+
+/// The query's parameters, percent-decoded (enough for the tests' own URLs).
+fn query(uri: &Uri) -> HashMap<String, String> {
+    let decode = |s: &str| {
+        let mut out = Vec::new();
+        let mut bytes = s.bytes();
+        while let Some(b) = bytes.next() {
+            if b == b'%' {
+                let hex: String = bytes.by_ref().take(2).map(char::from).collect();
+                out.push(u8::from_str_radix(&hex, 16).unwrap());
+            } else {
+                out.push(b);
+            }
+        }
+        String::from_utf8(out).unwrap()
+    };
+    uri.query()
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_string(), decode(v)))
+        .collect()
+}
+
+/// `n` chunks of `chunk`, each `every` after the last; without `every`, the body stalls
+/// for good after them.
+fn body_of(n: usize, every: Option<Duration>) -> axum::body::Body {
+    let chunks = futures_util::stream::unfold(0, move |i| async move {
+        if i == n {
+            if every.is_none() {
+                std::future::pending::<()>().await;
+            }
+            return None;
+        }
+        if let (Some(every), true) = (every, i > 0) {
+            tokio::time::sleep(every).await;
+        }
+        Some((
+            Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"chunk"))),
+            i + 1,
+        ))
+    });
+    axum::body::Body::new(StreamBody::new(chunks))
+}
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+struct Setup {
+    certs: Certs,
+    server: Dual,
+    loops: Arc<AtomicUsize>,
+}
+
+async fn setup() -> Setup {
+    init_tracing();
+    let certs = certs();
+    let loops = Arc::new(AtomicUsize::new(0));
+    let server = Dual::start(&certs, app(Arc::clone(&loops))).await;
+    Setup { certs, server, loops }
+}
+
+/// A change to a client's settings.
+type Configure = fn(Builder) -> Builder;
+
+/// Both protocols a client may speak to our dual server: HTTP/3 with prior knowledge, and
+/// HTTP/2 over TCP.
+const PROTOCOLS: [(Configure, Version); 2] = [
+    (Builder::http3_prior_knowledge, Version::HTTP_3),
+    (Builder::tcp_only, Version::HTTP_2),
+];
+
+fn client(certs: &Certs, configure: impl FnOnce(Builder) -> Builder) -> Client {
+    configure(Client::builder().quic_config(trusting(certs)))
+        .build()
+        .unwrap()
+}
+
+async fn text(client: &Client, url: &str) -> (StatusCode, Version, String) {
+    let response = client.get(url).send().await.unwrap();
+    let (status, version) = (response.status(), response.version());
+    (status, version, response.text().await.unwrap())
+}
+
+/// A stream that cannot be sent again (for 307/308).
+fn streaming(
+    data: &'static [u8],
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, std::io::Error>>> {
+    StreamBody::new(futures_util::stream::iter([Ok(Frame::data(Bytes::from_static(data)))]))
+}
+
+/// 301/302/303 and 307/308 as RFC 9110 §15.4 has them, over both protocols: a POST
+/// redirected with 302 becomes a body-less GET; with 307 it is sent again, body and all,
+/// when the body is bytes; a streaming body cannot be, and the 307 is the answer. With
+/// `Policy::none()` the 302 is the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_follow_the_method_rules_over_both_protocols() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let client = client(&s.certs, protocol);
+            let (status, v, body) = text(&client, &s.server.at("/to?l=/hello")).await;
+            assert_eq!((status, v, body.as_str()), (StatusCode::OK, version, "hello"));
+
+            let post = |code: u16| s.server.at(&format!("/to?l=/echo-body&code={code}"));
+            for (code, expected) in [(302, "GET 0"), (303, "GET 0"), (307, "POST 4"), (308, "POST 4")] {
+                let response = client.post(post(code)).body("data").send().await.unwrap();
+                assert_eq!(response.text().await.unwrap(), expected, "{code} over {version:?}");
+            }
+            let request = Request::post(post(307)).body(streaming(b"data")).unwrap();
+            let response = client.send(request).await.unwrap();
+            assert_eq!(response.status(), 307, "a stream is not sent twice");
+
+            let not_following = self::client(&s.certs, |b| protocol(b).redirect(redirect::Policy::none()));
+            let (status, ..) = text(&not_following, &s.server.at("/to?l=/hello")).await;
+            assert_eq!(status, StatusCode::FOUND);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// The automatic mode: the first request goes over HTTP/2 and is redirected; the
+/// redirect's `Alt-Svc` sends the followed request over HTTP/3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_answered_over_http2_is_followed_over_http3() {
+    let s = setup().await;
+    let client = client(&s.certs, |b| b.http3_handicap(Duration::from_secs(20)));
+    let run = async {
+        let response = client.get(s.server.at("/to?l=/hello")).send().await.unwrap();
+        assert_eq!(response.version(), Version::HTTP_3);
+        let followed = response.extensions().get::<tower_http::follow_redirect::RequestUri>();
+        assert_eq!(
+            followed.map(|u| u.0.path()),
+            Some("/hello"),
+            "the redirect was followed"
+        );
+        assert_eq!(response.text().await.unwrap(), "hello");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// A redirect loop ends in an error once the limit is passed: 10 redirects followed by
+/// default (11 requests), or as many as the policy says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_loop_ends_in_an_error_after_the_limit() {
+    let s = setup().await;
+    let run = async {
+        for (policy, requests) in [(redirect::Policy::default(), 11), (redirect::Policy::limited(2), 3)] {
+            s.loops.store(0, Ordering::SeqCst);
+            let client = client(&s.certs, |b| b.http3_prior_knowledge().redirect(policy));
+            let error = client.get(s.server.at("/loop")).send().await.unwrap_err();
+            assert!(error.is_redirect(), "{error}");
+            assert_eq!(s.loops.load(Ordering::SeqCst), requests);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// A redirect to a cleartext `http://` URL is refused, not followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_http_is_refused() {
+    let s = setup().await;
+    let client = client(&s.certs, Builder::http3_prior_knowledge);
+    let run = async {
+        let target = format!("http://127.0.0.1:{}/hello", s.server.addr.port());
+        let error = client
+            .get(s.server.at(&format!("/to?l={target}")))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.is_redirect(), "{error}");
+        assert!(error.to_string().contains(&target), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// `authorization` and `cookie` go along a redirect within the origin, and are dropped
+/// when it leads to another origin; other headers go along both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_are_dropped_when_a_redirect_leaves_the_origin() {
+    let s = setup().await;
+    let other = Dual::start(&s.certs, app(Arc::default())).await;
+    let client = client(&s.certs, Builder::http3_prior_knowledge);
+    let run = async {
+        let send = |location: String| {
+            client
+                .get(s.server.at(&format!("/to?l={location}")))
+                .header(AUTHORIZATION, "Bearer secret")
+                .header(COOKIE, "session=1")
+                .header("x-kept", "yes")
+                .send()
+        };
+        let same = send("/headers".to_string()).await.unwrap().text().await.unwrap();
+        assert!(same.contains("authorization: Bearer secret"), "{same}");
+        assert!(same.contains("cookie: session=1"), "{same}");
+        let elsewhere = send(other.at("/headers")).await.unwrap().text().await.unwrap();
+        assert!(!elsewhere.contains("authorization"), "{elsewhere}");
+        assert!(!elsewhere.contains("cookie"), "{elsewhere}");
+        assert!(elsewhere.contains("x-kept: yes"), "{elsewhere}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+    other.stop().await;
+}
+
+/// gzip, br and zstd: the client offers each coding that is on, the server compresses,
+/// and the body comes out decoded (without its `content-encoding`), over both protocols.
+/// With every coding off, nothing is offered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_decompressed_in_each_coding() {
+    let s = setup().await;
+    let url = s.server.at("/compressed/100000");
+    let expected = pattern(100_000, 7);
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            for coding in ["gzip", "br", "zstd"] {
+                let client = client(&s.certs, |b| {
+                    protocol(b)
+                        .gzip(coding == "gzip")
+                        .brotli(coding == "br")
+                        .zstd(coding == "zstd")
+                });
+                let response = client.get(&url).send().await.unwrap();
+                assert_eq!(response.version(), version);
+                assert_eq!(response.headers()["x-offered"], coding);
+                assert!(response.headers().get(CONTENT_ENCODING).is_none(), "decoded");
+                assert_eq!(response.bytes().await.unwrap(), expected, "{coding} over {version:?}");
+            }
+            let plain = client(&s.certs, |b| protocol(b).gzip(false).brotli(false).zstd(false));
+            let response = plain.get(&url).send().await.unwrap();
+            assert!(response.headers().get("x-offered").is_none());
+            assert_eq!(response.bytes().await.unwrap(), expected);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// The size limit of `bytes()` counts decoded bytes: 4 MiB of zeros in a few KiB of gzip
+/// is too large for a 1 MiB limit (a decompression bomb), and fine under 8 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_body_size_limit_counts_decoded_bytes() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, _) in PROTOCOLS {
+            let small = client(&s.certs, |b| protocol(b).max_response_body_size(Some(1 << 20)));
+            let response = small.get(s.server.at("/bomb")).send().await.unwrap();
+            let error = response.bytes().await.unwrap_err();
+            assert!(error.is_too_large(), "{error}");
+            let large = client(&s.certs, |b| protocol(b).max_response_body_size(Some(8 << 20)));
+            let body = large
+                .get(s.server.at("/bomb"))
+                .send()
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            assert_eq!(body.len(), 4 << 20);
+            // Uncompressed bodies are held to it as well.
+            let tiny = client(&s.certs, |b| protocol(b).max_response_body_size(Some(4)));
+            let error = tiny.get(s.server.url()).send().await.unwrap().text().await.unwrap_err();
+            assert!(error.is_too_large(), "{error}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// Default headers and the user agent go with every request that has no header of that
+/// name; a request's own value wins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_headers_and_user_agent_are_sent_unless_the_request_has_its_own() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, _) in PROTOCOLS {
+            let mut defaults = HeaderMap::new();
+            defaults.insert("x-default", HeaderValue::from_static("d"));
+            defaults.insert("x-overridden", HeaderValue::from_static("default"));
+            let client = client(&s.certs, |b| {
+                protocol(b).default_headers(defaults).user_agent("test-agent/1")
+            });
+            let seen = client
+                .get(s.server.at("/headers"))
+                .header("x-overridden", "mine")
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for line in ["user-agent: test-agent/1", "x-default: d", "x-overridden: mine"] {
+                assert!(seen.lines().any(|l| l == line), "{line} in {seen}");
+            }
+            assert!(!seen.contains("x-overridden: default"), "{seen}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// `timeout` bounds the whole request: a head that never comes, and a body that keeps
+/// trickling past it. `read_timeout` bounds each wait: a head that never comes, a body
+/// that stops; a body that trickles for longer than it in all, but never stalls that long,
+/// is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeouts_bound_the_request_and_each_wait() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let total = client(&s.certs, |b| protocol(b).timeout(Duration::from_secs(1)));
+            let error = total.get(s.server.at("/stall-head")).send().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+            // 60 chunks 50 ms apart: 3 s in all.
+            let response = total.get(s.server.at("/trickle/60")).send().await.unwrap();
+            let error = response.bytes().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+
+            let read = client(&s.certs, |b| protocol(b).read_timeout(Duration::from_secs(1)));
+            let error = read.get(s.server.at("/stall-head")).send().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+            let response = read.get(s.server.at("/stall-body")).send().await.unwrap();
+            let error = response.bytes().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+            // 30 chunks 50 ms apart: 1.5 s in all, never a second's stall.
+            let body = read.get(s.server.at("/trickle/30")).send().await.unwrap().bytes().await;
+            assert_eq!(body.unwrap().len(), 30 * 5, "over {version:?}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// A raw HTTP/3 server on quiche's h3 layer: on the first connection it refuses every
+/// request with `H3_REQUEST_REJECTED` (as a server does that cannot take it there and
+/// then), on later ones it answers `hello`.
+struct RejectOnFirstConnection {
+    reject: bool,
+    h3: Option<quiche::h3::Connection>,
+}
+
+impl tower_quiche::quic::Application for RejectOnFirstConnection {
+    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+        let config = quiche::h3::Config::new().unwrap();
+        self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+        conn: &mut quiche::Connection,
+    ) -> Result<(), tower_quiche::Error> {
+        use quiche::h3::{Event, Header};
+        let Some(h3) = &mut self.h3 else { return Ok(()) };
+        while let Ok((id, event)) = h3.poll(conn) {
+            if !matches!(event, Event::Headers { .. }) {
+                continue;
+            }
+            if self.reject {
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, tower_quiche::codes::H3_REQUEST_REJECTED);
+                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, tower_quiche::codes::H3_REQUEST_REJECTED);
+            } else {
+                let head = [Header::new(b":status", b"200"), Header::new(b"content-length", b"5")];
+                let _ = h3.send_response(conn, id, &head, false);
+                let _ = h3.send_body(conn, id, b"hello", true);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A request refused unprocessed is sent again on another connection, not on the one
+/// that refused it (which would refuse it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_request_is_retried_on_another_connection() {
+    init_tracing();
+    let certs = certs();
+    let mut listener = listener(&certs).await;
+    let addr = listener.local_addr();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        while let Some(incoming) = listener.accept().await {
+            let reject = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            handles.push(incoming.start(RejectOnFirstConnection { reject, h3: None }));
+        }
+    });
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let run = async {
+        let response = client
+            .get(format!("https://127.0.0.1:{}/", addr.port()))
+            .send()
+            .await
+            .expect("retried on a second connection");
+        assert_eq!(response.text().await.unwrap(), "hello");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.abort();
+}
+
+/// HTTP/3 on its own server (`h3_app`), advertised by a dual front, and a client in the
+/// automatic mode that has moved to it.
+async fn front_and_h3(certs: &Certs, h3_app: Router) -> (Dual, support::h3::H3Server, Client) {
+    let h3 = h3_server_with(certs, server::Builder::new(), h3_app, Arc::default()).await;
+    let alt_svc = HeaderValue::from_str(&format!("h3=\":{}\"", h3.addr.port())).unwrap();
+    let front_app = app(Arc::default()).layer(axum::middleware::map_response(
+        move |mut r: axum::response::Response| {
+            let alt_svc = alt_svc.clone();
+            async move {
+                r.headers_mut().insert(ALT_SVC, alt_svc);
+                r
+            }
+        },
+    ));
+    let front = Dual::start(certs, front_app).await;
+    let client = client(certs, |b| b.http3_handicap(Duration::from_secs(20)));
+    let (_, version, _) = text(&client, &front.url()).await;
+    assert_eq!(version, Version::HTTP_2);
+    let (_, version, _) = text(&client, &front.url()).await;
+    assert_eq!(version, Version::HTTP_3);
+    (front, h3, client)
+}
+
+/// `/alt-svc?v=VALUE` answers with that `Alt-Svc` (over HTTP/3, on the HTTP/3 server).
+fn advertising_app() -> Router {
+    app(Arc::default()).route(
+        "/alt-svc",
+        get(|uri: Uri| async move { ([(ALT_SVC, query(&uri)["v"].clone())], "advertised") }),
+    )
+}
+
+/// An `Alt-Svc: clear` that comes over HTTP/3 moves the origin's next requests to TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_responses_alt_svc_clear_moves_the_origin_to_tcp() {
+    init_tracing();
+    let certs = certs();
+    let run = async {
+        let (front, h3, client) = front_and_h3(&certs, advertising_app()).await;
+        let (_, version, _) = text(&client, &front.at("/alt-svc?v=clear")).await;
+        assert_eq!(version, Version::HTTP_3);
+        let (_, version, _) = text(&client, &front.url()).await;
+        assert_eq!(version, Version::HTTP_2, "cleared");
+        front.stop().await;
+        stop_h3(h3).await;
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// An `Alt-Svc` that comes over HTTP/3 with another port is where the next connection
+/// goes: the first HTTP/3 server stops, the next request reaches the second over HTTP/3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http3_responses_alt_svc_moves_http3_to_a_new_port() {
+    init_tracing();
+    let certs = certs();
+    let run = async {
+        let second = h3_server_with(&certs, server::Builder::new(), app(Arc::default()), Arc::default()).await;
+        let (front, first, client) = front_and_h3(&certs, advertising_app()).await;
+        let moved = format!("/alt-svc?v=h3%3D%22%3A{}%22", second.addr.port());
+        let (_, version, body) = text(&client, &front.at(&moved)).await;
+        assert_eq!((version, body.as_str()), (Version::HTTP_3, "advertised"));
+        stop_h3(first).await;
+        let (_, version, _) = text(&client, &front.url()).await;
+        assert_eq!(version, Version::HTTP_3, "on the new port");
+        front.stop().await;
+        stop_h3(second).await;
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// `examples/client`, built by cargo if need be (a no-op when `cargo test` built it).
+fn example_client() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let status = std::process::Command::new(env!("CARGO"))
+                .args(["build", "--quiet", "--example", "client"])
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("cargo runs");
+            assert!(status.success(), "cargo build --example client");
+            // target/debug/deps/client-… → target/debug/examples/client
+            let exe = std::env::current_exe().unwrap();
+            exe.parent().unwrap().parent().unwrap().join("examples").join("client")
+        })
+        .clone()
+}
+
+struct Run {
+    code: i32,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    /// The `-v` status lines, in order.
+    fn status_lines(&self) -> Vec<&str> {
+        self.stderr.lines().filter(|l| l.starts_with("< HTTP/")).collect()
+    }
+}
+
+async fn run_client(ca: &Path, args: &[&str]) -> Run {
+    let exe = example_client();
+    let output = tokio::process::Command::new(exe)
+        .arg("--ca")
+        .arg(ca)
+        .args(args)
+        .kill_on_drop(true)
+        .output();
+    let output = timeout(TEST_TIMEOUT, output).await.expect("the client ends").unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: output.stdout,
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn ca_file(certs: &Certs, dir: &Path) -> PathBuf {
+    let path = dir.join("ca.pem");
+    std::fs::write(&path, &certs.ca_pem).unwrap();
+    path
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("tower-quiche-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Several URLs on one client, in order: the first over HTTP/2, the client moves to
+/// HTTP/3 by itself; the bodies come out byte for byte, the first into its `-o`, the
+/// others on stdout one after another; `-v` prints each status line with its version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_example_fetches_several_urls_and_moves_to_http3() {
+    let s = setup().await;
+    let dir = temp_dir("client-example");
+    let ca = ca_file(&s.certs, &dir);
+    let first = dir.join("first.out");
+    let urls: Vec<String> = (0..6)
+        .map(|i| s.server.at(&format!("/compressed/{}", 1000 + i)))
+        .collect();
+    let mut args = vec!["-v", "-o", first.to_str().unwrap()];
+    args.extend(urls.iter().map(String::as_str));
+    let run = run_client(&ca, &args).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(std::fs::read(&first).unwrap(), pattern(1000, 7));
+    let rest: Vec<u8> = (1..6).flat_map(|i| pattern(1000 + i, 7).to_vec()).collect();
+    assert_eq!(run.stdout, rest, "the bodies, in order, on stdout");
+    let lines = run.status_lines();
+    assert_eq!(lines.len(), 6, "{}", run.stderr);
+    assert_eq!(lines[0], "< HTTP/2.0 200 OK");
+    assert!(lines.iter().all(|l| l.ends_with(" 200 OK")), "{lines:?}");
+    // The handshake has a head start of 300 ms on each request: by the last one (after
+    // five) it is up, on any machine that runs these tests.
+    assert_eq!(lines[5], "< HTTP/3.0 200 OK", "{lines:?}");
+    // Not asked for compression: none was offered.
+    assert!(!run.stderr.contains("x-offered"), "{}", run.stderr);
+    s.server.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `--http3-only` speaks HTTP/3 from the first request; `-L` follows redirects (without
+/// it, the 302 is the answer); `--compressed` offers the codings and writes the body
+/// decoded; a failed URL does not stop the next, and sets the exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_example_speaks_http3_only_follows_redirects_and_decompresses() {
+    let s = setup().await;
+    let dir = temp_dir("client-example-flags");
+    let ca = ca_file(&s.certs, &dir);
+    let redirecting = s.server.at("/to?l=/hello");
+    let compressed = s.server.at("/compressed/50000");
+
+    let run = run_client(&ca, &["--http3-only", "-v", &redirecting, &compressed]).await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.status_lines(), ["< HTTP/3.0 302 Found", "< HTTP/3.0 200 OK"]);
+    assert_eq!(run.stdout, pattern(50000, 7), "the 302 has no body; the other is raw");
+
+    let run = run_client(
+        &ca,
+        &["--http3-only", "-L", "--compressed", "-v", &redirecting, &compressed],
+    )
+    .await;
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.status_lines(), ["< HTTP/3.0 200 OK", "< HTTP/3.0 200 OK"]);
+    assert!(run.stderr.contains("< x-offered: "), "{}", run.stderr);
+    let mut expected = b"hello".to_vec();
+    expected.extend_from_slice(&pattern(50000, 7));
+    assert_eq!(run.stdout, expected);
+
+    let missing = s.server.at("/no-such-page");
+    let unreachable = "https://127.0.0.1:1/";
+    let run = run_client(&ca, &["--http3-only", "-m", "2", &missing, unreachable, &redirecting]).await;
+    assert_eq!(run.code, 1, "{}", run.stderr);
+    assert!(run.stderr.contains("error: https://127.0.0.1:1/"), "{}", run.stderr);
+    s.server.stop().await;
+    let _ = std::fs::remove_dir_all(dir);
+}
