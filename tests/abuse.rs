@@ -262,6 +262,31 @@ async fn an_initial_flood_stays_under_the_handshake_cap_and_memory_bounded() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// By default a Retry is asked for only under load: an honest client connects in one round
+/// trip, and while a quarter of the handshake cap is held by half-open connections, new
+/// clients go through a Retry (and still connect).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_retry_is_asked_for_only_while_handshakes_pile_up() {
+    let _serial = serial().await;
+    let certs = certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs).max_handshakes_in_progress(4)).await;
+    let run = async {
+        honest_echo(&certs, server.addr).await;
+        let m = server.metrics.snapshot();
+        assert_eq!((m.retries_sent, m.handshakes_completed), (0, 1), "{m:?}");
+        // A half-open handshake: one of the cap's 4.
+        let raw = raw_socket().await;
+        let initial = client_initials(1, raw.local_addr().unwrap(), server.addr);
+        raw.send_to(&initial[0], server.addr).await.unwrap();
+        until(&server.metrics, |m| in_progress(m) == 1).await;
+        honest_echo(&certs, server.addr).await;
+        let m = server.metrics.snapshot();
+        assert!(m.retries_sent >= 1, "the second client went through a Retry: {m:?}");
+        assert_eq!(m.handshakes_completed, 2, "{m:?}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_token_replayed_under_a_fresh_connection_id_is_refused() {
     let _serial = serial().await;

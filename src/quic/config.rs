@@ -107,10 +107,42 @@ impl Default for Settings {
     }
 }
 
+/// When a server validates a new client's address with a Retry (RFC 9000 §8.1.2) before it
+/// keeps any state for the connection.
+///
+/// A Retry proves the client receives at its address, which defeats floods of Initials from
+/// spoofed addresses; it costs the client a round trip. Without it the server still sends
+/// at most three times what an unvalidated client sent (RFC 9000 §8.1), and the caps on
+/// half-open handshakes and connections bound what a flood can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RetryPolicy {
+    /// Every new connection: one more round trip for everyone, always.
+    Always,
+    /// While at least a quarter of the listener's
+    /// [`max_handshakes_in_progress`](ServerConfigBuilder::max_handshakes_in_progress) are in
+    /// use (256 of the default 1,024): honest clients connect in one round trip (and their
+    /// 0-RTT data is taken), and a flood is met with Retries before it fills the cap. The
+    /// default.
+    UnderLoad,
+    /// Never: for a server whose clients are known, or behind something that validates.
+    Never,
+}
+
+impl From<bool> for RetryPolicy {
+    fn from(always: bool) -> Self {
+        if always {
+            RetryPolicy::Always
+        } else {
+            RetryPolicy::Never
+        }
+    }
+}
+
 /// A listener's own settings: admission and address validation.
 #[derive(Debug, Clone)]
 pub(crate) struct ServerSettings {
-    pub(crate) retry: bool,
+    pub(crate) retry: RetryPolicy,
     pub(crate) accept_backlog: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_handshakes: usize,
@@ -121,7 +153,7 @@ pub(crate) struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            retry: true,
+            retry: RetryPolicy::UnderLoad,
             accept_backlog: 1024,
             max_connections: 10_000,
             max_handshakes: 1024,
@@ -744,10 +776,13 @@ impl ServerConfigBuilder {
         self
     }
 
-    /// Whether client addresses are validated with a Retry before any state is kept.
-    /// Defaults to on: it costs one round trip and defeats address spoofing floods.
-    pub fn retry(mut self, enabled: bool) -> Self {
-        self.server.retry = enabled;
+    /// When client addresses are validated with a Retry before any state is kept (RFC 9000
+    /// §8.1.2): `true` ([`RetryPolicy::Always`]), `false` ([`RetryPolicy::Never`]), or a
+    /// [`RetryPolicy`]. Defaults to [`RetryPolicy::UnderLoad`]: a Retry costs every new
+    /// connection a round trip (and 0-RTT data for clients that do not send it again), so
+    /// it is asked for only while handshakes pile up, as in a flood from spoofed addresses.
+    pub fn retry(mut self, policy: impl Into<RetryPolicy>) -> Self {
+        self.server.retry = policy.into();
         self
     }
 

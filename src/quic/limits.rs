@@ -51,6 +51,12 @@ impl Limits {
         }
     }
 
+    /// Whether at least a quarter of the half-open handshake cap is in use: the load at
+    /// which [`RetryPolicy::UnderLoad`](super::RetryPolicy::UnderLoad) validates addresses.
+    pub(crate) fn under_load(&self) -> bool {
+        self.handshakes.load(Ordering::Acquire) >= self.max_handshakes.div_ceil(4)
+    }
+
     /// Takes a connection slot and a handshake slot, or says which cap is reached.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<Slot, DropReason> {
         if !take(&self.connections, self.max_connections) {

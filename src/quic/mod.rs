@@ -87,7 +87,8 @@ mod udp;
 pub use app::{Application, Closed, ConnectionHandle, ConnectionStats};
 pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
 pub use config::{
-    ClientConfig, ClientConfigBuilder, CongestionControl, ServerConfig, ServerConfigBuilder, TransportConfig,
+    ClientConfig, ClientConfigBuilder, CongestionControl, RetryPolicy, ServerConfig, ServerConfigBuilder,
+    TransportConfig,
 };
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};

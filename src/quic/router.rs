@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::cid::{self, ResetKey};
-use super::config::Config;
+use super::config::{Config, RetryPolicy};
 use super::limits::Limits;
 use super::metrics::DropReason;
 use super::routes::{Datagram, InboundQueue, Registration, Route, RouteTable};
@@ -262,7 +262,10 @@ fn accept_initial(
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
-    let answers_our_retry = inner.server.retry && !token.is_empty();
+    let policy = inner.server.retry;
+    // A token answers a Retry of ours, sent under any policy but `Never` (the load may have
+    // fallen since). quiche sends no NEW_TOKEN tokens, so there is no other kind to expect.
+    let answers_our_retry = policy != RetryPolicy::Never && !token.is_empty();
     if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
         // A first Initial (after a Retry the DCID is ours, and may be shorter).
         metrics.datagram_dropped(DropReason::ShortConnectionId);
@@ -273,17 +276,21 @@ fn accept_initial(
         metrics.datagram_dropped(reason);
         return None;
     }
-    let (scid, odcid) = if inner.server.retry {
-        if token.is_empty() {
-            let new_scid = cid::new_id(&*inner.cid_generator);
-            // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
-            let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
-            if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
-                let _ = shared.socket.try_send(from, &out[..n], None);
-                metrics.retry_sent();
-            }
-            return None;
+    let retry_now = match policy {
+        RetryPolicy::Always => true,
+        RetryPolicy::UnderLoad => accept.limits.under_load(),
+        RetryPolicy::Never => false,
+    };
+    let (scid, odcid) = if !answers_our_retry && retry_now {
+        let new_scid = cid::new_id(&*inner.cid_generator);
+        // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
+        let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
+        if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
+            let _ = shared.socket.try_send(from, &out[..n], None);
+            metrics.retry_sent();
         }
+        return None;
+    } else if answers_our_retry {
         match accept.token_key.validate(&from, &hdr.dcid, token) {
             // The client now addresses us by the ID our Retry chose (the token says so), and
             // that ID becomes ours; the original DCID, from the token, goes into the
