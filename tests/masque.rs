@@ -39,9 +39,13 @@ async fn udp_echo(count: usize) -> SocketAddr {
 }
 
 async fn proxy(certs: &Certs) -> SocketAddr {
+    proxy_with(certs, masque::Settings::default()).await
+}
+
+async fn proxy_with(certs: &Certs, settings: masque::Settings) -> SocketAddr {
     let listener = datagram_listener(certs, true).await;
     let addr = listener.local_addr();
-    tokio::spawn(tower_quiche::server::serve(listener, masque::service(masque::Settings::default())).into_future());
+    tokio::spawn(tower_quiche::server::serve(listener, masque::service(settings)).into_future());
     addr
 }
 
@@ -196,6 +200,35 @@ async fn targets_outside_the_allow_list_get_403_and_bad_paths_4xx() {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("400"), "{error}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Shows a defect (review of the `dgram` merge, b11f086): the proxy resolves the client's
+/// target name (a blocking `getaddrinfo` on tokio's blocking pool, a query to the DNS
+/// resolver) before it looks for a free tunnel, so a client beyond `max_tunnels` still
+/// makes the proxy resolve whatever names it likes, as many at once as it has streams; and
+/// the 403/502 answers tell it which names resolve inside the proxy's network. The name
+/// here can never resolve (a NUL byte: the lookup fails at once, with no network traffic),
+/// so the answer shows which check came first: 503 when the limit is checked first, 502
+/// today.
+#[tokio::test]
+async fn a_proxy_without_a_free_tunnel_answers_503_before_resolving_the_target() {
+    init_tracing();
+    let certs = certs();
+    let echo = udp_echo(10).await;
+    let settings = masque::Settings {
+        max_tunnels: 1,
+        ..masque::Settings::default()
+    };
+    let proxy = proxy_with(&certs, settings).await;
+    timeout(TEST_TIMEOUT, async {
+        let client = datagram_client(&certs, true);
+        // The only tunnel, held open.
+        let _held = connect_udp(&client, proxy, &echo.to_string()).await.unwrap();
+        let error = connect_udp(&client, proxy, "no%00such.name:53").await.unwrap_err();
+        assert!(error.to_string().contains("503"), "{error}");
     })
     .await
     .expect("test timed out");

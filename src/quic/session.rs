@@ -88,4 +88,18 @@ mod tests {
         assert_eq!(cache.get(&SessionCache::key("b.example", 0)), None);
         assert_eq!(cache.lock().order.len(), MAX_SERVERS - 1);
     }
+
+    /// Shows a defect (review of 28392fd): a stored session is handed to every connection
+    /// that asks, so concurrent or repeated connections to a server resume with the same
+    /// ticket. RFC 8446 §4.6.1 and Appendix C.4: clients SHOULD NOT reuse a ticket, which
+    /// lets an observer link the connections; and a server that keeps tickets single-use
+    /// against 0-RTT replay (RFC 8446 §8.1) refuses the reuse's early data.
+    #[test]
+    fn a_session_is_offered_to_one_connection_only() {
+        let cache = SessionCache::default();
+        let key = SessionCache::key("a.example", 443);
+        cache.put(&key, b"ticket");
+        assert_eq!(cache.get(&key).as_deref(), Some(&b"ticket"[..]));
+        assert_eq!(cache.get(&key), None, "the ticket was offered once already");
+    }
 }
