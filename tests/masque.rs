@@ -205,14 +205,13 @@ async fn targets_outside_the_allow_list_get_403_and_bad_paths_4xx() {
     .expect("test timed out");
 }
 
-/// Shows a defect (review of the `dgram` merge, b11f086): the proxy resolves the client's
-/// target name (a blocking `getaddrinfo` on tokio's blocking pool, a query to the DNS
-/// resolver) before it looks for a free tunnel, so a client beyond `max_tunnels` still
-/// makes the proxy resolve whatever names it likes, as many at once as it has streams; and
-/// the 403/502 answers tell it which names resolve inside the proxy's network. The name
-/// here can never resolve (a NUL byte: the lookup fails at once, with no network traffic),
-/// so the answer shows which check came first: 503 when the limit is checked first, 502
-/// today.
+/// Found in review of the `dgram` merge (b11f086): the proxy resolved the client's target
+/// name (a blocking `getaddrinfo` on tokio's blocking pool, a query to the DNS resolver)
+/// before it looked for a free tunnel, so a client beyond `max_tunnels` still made the
+/// proxy resolve whatever names it liked, as many at once as it had streams, and learnt
+/// from 403/502 which names resolve inside the proxy's network. The name here can never
+/// resolve (a NUL byte: the lookup fails at once, with no network traffic), so the answer
+/// shows which check comes first: 503 when the limit is checked first, 502 before.
 #[tokio::test]
 async fn a_proxy_without_a_free_tunnel_answers_503_before_resolving_the_target() {
     init_tracing();

@@ -177,6 +177,11 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     let Some(port) = port.parse::<u16>().ok().filter(|&p| p != 0) else {
         return status(StatusCode::BAD_REQUEST);
     };
+    // The tunnel's slot first: a client past the limit costs no name lookup (a blocking
+    // resolver call, a query to the DNS), nor learns which names resolve.
+    let Ok(permit) = tunnels.try_acquire_owned() else {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
     let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
         return status(StatusCode::BAD_GATEWAY);
     };
@@ -188,9 +193,6 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     else {
         tracing::info!(%host, port, "target not allowed: 403");
         return status(StatusCode::FORBIDDEN);
-    };
-    let Ok(permit) = tunnels.try_acquire_owned() else {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
     };
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
