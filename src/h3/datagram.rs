@@ -723,6 +723,33 @@ mod tests {
         assert_eq!(flow.send(&b"x"[..]), Err(SendDatagramError::NotSupported));
     }
 
+    /// Shows a defect (review of the `dgram` merge, b11f086): a server's handler gets its
+    /// datagrams before the client's SETTINGS have arrived (a request stream may overtake
+    /// the control stream), and `Datagrams::from_request` says its sends then wait for them.
+    /// The hub instead takes them off the queue and drops them while the peer is unknown:
+    /// the first datagrams of such a tunnel are lost, however soon the SETTINGS follow.
+    #[test]
+    fn sends_before_the_peers_settings_wait_for_them() {
+        use crate::testing::{Pipe, WakeCount, client_config, server_config};
+        let mut pipe = Pipe::handshaken(
+            &server_config("h3", |t| t.datagrams(16)),
+            &client_config("h3", |t| t.datagrams(16)),
+        );
+        let waker = Arc::new(WakeCount::default()).waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
+        let flow = hub.open(0).unwrap();
+        flow.send(&b"early"[..]).unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown).unwrap();
+        // The client's SETTINGS arrive: it takes datagrams.
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled).unwrap();
+        pipe.flush();
+        let mut buf = [0; 64];
+        let got = pipe.client.dgram_recv(&mut buf).map(|n| buf[..n].to_vec());
+        assert_eq!(got, Ok(datagram(0, b"early").to_vec()), "{:?}", flow.stats());
+        assert_eq!((flow.stats().sent, flow.stats().dropped_outgoing), (1, 0));
+    }
+
     #[test]
     fn a_dropped_receiver_buffers_nothing_more() {
         let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
