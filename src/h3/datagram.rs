@@ -19,7 +19,8 @@
 //!   dropped (RFC 9297 §2.1 allows dropping those not yet seen).
 //! - **Outgoing**: the handles of one connection share one queue of [`OUTGOING_QUEUE`]
 //!   datagrams to the connection's task; past it, and past quiche's own send queue
-//!   (`TransportConfig::datagrams`), datagrams are dropped and counted.
+//!   (`TransportConfig::datagrams`), datagrams are dropped and counted. Until the peer's
+//!   SETTINGS say whether it takes datagrams, they wait in that queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -566,6 +567,12 @@ impl DatagramHub {
         while let Ok(datagram) = conn.dgram_recv_buf() {
             self.route(Bytes::from(datagram))?;
         }
+        if peer == PeerDatagrams::Unknown {
+            // None may be sent before the peer's SETTINGS_H3_DATAGRAM (RFC 9297 §2.1.1):
+            // they wait in the queue (bounded: past it, sends fail with QueueFull), and the
+            // turn that brings the SETTINGS sends them.
+            return Ok(());
+        }
         for _ in 0..SENDS_PER_TURN {
             let Poll::Ready(Some(Outgoing { flow, payload })) = self.outgoing_rx.poll_recv(cx) else {
                 return Ok(());
@@ -596,8 +603,7 @@ impl DatagramHub {
 
     fn send(&mut self, conn: &mut quiche::Connection, peer: PeerDatagrams, flow: &Flow, payload: &[u8]) {
         if flow.closed.load(Ordering::Relaxed) || peer != PeerDatagrams::Enabled {
-            // A stream that ended, or a peer that never said it takes datagrams (RFC 9297
-            // §2.1.1: none may be sent before its SETTINGS_H3_DATAGRAM).
+            // A stream that ended, or a peer whose SETTINGS said it takes no datagrams.
             flow.drop_outgoing();
             return;
         }
@@ -723,11 +729,11 @@ mod tests {
         assert_eq!(flow.send(&b"x"[..]), Err(SendDatagramError::NotSupported));
     }
 
-    /// Shows a defect (review of the `dgram` merge, b11f086): a server's handler gets its
+    /// Found in review of the `dgram` merge (b11f086): a server's handler gets its
     /// datagrams before the client's SETTINGS have arrived (a request stream may overtake
     /// the control stream), and `Datagrams::from_request` says its sends then wait for them.
-    /// The hub instead takes them off the queue and drops them while the peer is unknown:
-    /// the first datagrams of such a tunnel are lost, however soon the SETTINGS follow.
+    /// The hub took them off the queue and dropped them while the peer was unknown: the
+    /// first datagrams of such a tunnel were lost, however soon the SETTINGS followed.
     #[test]
     fn sends_before_the_peers_settings_wait_for_them() {
         use crate::testing::{Pipe, WakeCount, client_config, server_config};
