@@ -132,13 +132,25 @@ async fn a_resumed_connection_sends_a_get_in_0rtt_and_the_server_serves_it_there
 #[tokio::test]
 async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_again_after_the_handshake() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let builder = server::Builder::new().early_data_policy(|_| false);
+        // The policy is asked about requests in early data only: it counts them, so the
+        // test fails should the GET not go early at all (and then no 425 be tested).
+        let refused = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&refused);
+        let builder = server::Builder::new().early_data_policy(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            false
+        });
         let resumed = resumed(builder, trusting).await;
         // The GET goes in 0-RTT, the server answers 425 without calling the service, and
         // the client sends it again once the handshake has completed: the caller sees
         // only the final answer, and the service ran once for it.
         assert_eq!(resumed.get().await, ok("false -"));
         assert_eq!(resumed.calls(), 2);
+        assert_eq!(
+            refused.load(Ordering::SeqCst),
+            1,
+            "one request came early and was refused"
+        );
     })
     .await
     .unwrap();
