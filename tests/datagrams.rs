@@ -113,11 +113,24 @@ async fn datagrams_flow_both_ways_on_an_extended_connect() {
     .expect("test timed out");
 }
 
+/// Sends `payload` until it arrives (at most 10 times, half a second apart) and returns
+/// what arrived. A late copy of an earlier, shorter round's payload (sent again after half
+/// a second on a loaded machine, then both copies arrived) is passed over rather than
+/// taken for this round's; anything else that arrives is returned for the caller to check
+/// (a shortened payload never is, and fails as one that never arrived).
 async fn resend_until_received(from: &Datagrams, to: &mut Datagrams, payload: &Bytes) -> Bytes {
     for _ in 0..10 {
         from.send(payload.clone()).unwrap();
-        if let Ok(got) = timeout(Duration::from_millis(500), to.recv()).await {
-            return got.expect("the flow is open");
+        let arrived = timeout(Duration::from_millis(500), async {
+            loop {
+                let got = to.recv().await.expect("the flow is open");
+                if got.len() >= payload.len() {
+                    return got;
+                }
+            }
+        });
+        if let Ok(got) = arrived.await {
+            return got;
         }
     }
     panic!("a datagram sent 10 times never arrived");
@@ -252,6 +265,97 @@ async fn no_datagrams_unless_both_sides_enable_them() {
             (false, false),
             "ordinary requests never carry them"
         );
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Shows a defect (review of the `dgram` merge, b11f086): RFC 9297 §2.1 says "Receipt of an
+/// HTTP/3 Datagram that includes a larger Stream ID than is currently allowed MUST be
+/// treated as an HTTP/3 connection error of type H3_ID_ERROR". `DatagramHub::route` drops
+/// it as one for a stream not yet seen, and the connection carries on.
+#[tokio::test]
+async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
+    init_tracing();
+    let certs = certs();
+    let (seen_tx, _seen) = mpsc::unbounded_channel();
+    let listener = datagram_listener(&certs, true).await;
+    let addr = listener.local_addr();
+    serve(listener, Default::default(), seen_tx).await;
+    let config = support::scripted::Client::config_with(&certs, |t| t.datagrams(16));
+    let client = support::scripted::Client::connect_with(addr, config, true).await;
+    // Quarter stream ID 2^60 - 1: the last client bidirectional stream QUIC numbers, far
+    // beyond the streams the server lets this client open.
+    let quarter = support::scripted::varint((1 << 60) - 1);
+    client.run(move |_, conn| conn.dgram_send(&quarter).unwrap()).await;
+    let closed = timeout(Duration::from_secs(10), client.conn.closed())
+        .await
+        .expect("the server closes the connection");
+    assert_eq!(
+        closed.error().and_then(|e| e.code()),
+        Some(tower_quiche::Code::Application(tower_quiche::codes::H3_ID_ERROR)),
+        "{:?}",
+        closed.error()
+    );
+}
+
+/// Connection IDs of a fixed length, unique by a counter (a load balancer's routable IDs
+/// are longer than quiche's default 16 bytes; RFC 9000 allows up to 20).
+struct LongIds(usize, std::sync::atomic::AtomicU64);
+
+impl tower_quiche::quic::ConnectionIdGenerator for LongIds {
+    fn id_len(&self) -> usize {
+        self.0
+    }
+    fn generate(&self, out: &mut [u8]) {
+        let n = self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        out.fill(0x5a);
+        out[..8].copy_from_slice(&n.to_be_bytes());
+    }
+}
+
+/// Whether a GET over a new connection to a server whose connection IDs are `id_len`
+/// bytes long, with QUIC datagrams on or not, gets its answer.
+async fn answers_with_ids(certs: &Certs, id_len: usize, datagrams: bool) -> Result<(), tower_quiche::Error> {
+    let transport = support::h3::transport_with_datagrams(datagrams)
+        .connection_id_generator(LongIds(id_len, std::sync::atomic::AtomicU64::new(1)));
+    let config = tower_quiche::quic::ServerConfig::builder()
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .transport(transport)
+        .build()
+        .unwrap();
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let url = format!("https://localhost:{}/", listener.local_addr().port());
+    let service = tower::service_fn(|_: Request<RecvBody>| async {
+        Ok::<_, std::convert::Infallible>(Response::new(String::from("hello")))
+    });
+    tokio::spawn(tower_quiche::server::serve(listener, service).into_future());
+    let client = datagram_client(certs, datagrams);
+    client.get(&url).send().await.map(drop)
+}
+
+/// Shows a defect (review of the `dgram` merge, b11f086, `quic/config.rs`): quiche 0.30
+/// writes a server's transport parameters into 128 bytes, and the trim that makes room for
+/// max_datagram_frame_size leaves 3 of them with 16-byte connection IDs and Retry. Every
+/// byte of connection ID beyond that overflows it: quiche fails the handshake with
+/// BufferTooShort and the server refuses every connection. Here a listener whose CID
+/// generator makes 18-byte IDs (legal: 4 to 20) works without datagrams and refuses
+/// everyone with them. The client's own original destination CID is in the same budget
+/// (as original_destination_connection_id), so with the default 16-byte server IDs a
+/// client whose first Initial carries a 20-byte DCID is refused the same way: 77 + 20 +
+/// 2 × 16 = 129 bytes (quic-go picks 8 to 20 bytes at random, ngtcp2 18).
+#[tokio::test]
+async fn a_server_with_datagrams_takes_connection_ids_of_every_legal_length() {
+    init_tracing();
+    let certs = certs();
+    timeout(TEST_TIMEOUT, async {
+        answers_with_ids(&certs, 18, false)
+            .await
+            .expect("18-byte connection IDs without datagrams");
+        answers_with_ids(&certs, 18, true)
+            .await
+            .expect("18-byte connection IDs with datagrams");
     })
     .await
     .expect("test timed out");

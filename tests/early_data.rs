@@ -132,13 +132,25 @@ async fn a_resumed_connection_sends_a_get_in_0rtt_and_the_server_serves_it_there
 #[tokio::test]
 async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_again_after_the_handshake() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let builder = server::Builder::new().early_data_policy(|_| false);
+        // The policy is asked about requests in early data only: it counts them, so the
+        // test fails should the GET not go early at all (and then no 425 be tested).
+        let refused = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&refused);
+        let builder = server::Builder::new().early_data_policy(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            false
+        });
         let resumed = resumed(builder, trusting).await;
         // The GET goes in 0-RTT, the server answers 425 without calling the service, and
         // the client sends it again once the handshake has completed: the caller sees
         // only the final answer, and the service ran once for it.
         assert_eq!(resumed.get().await, ok("false -"));
         assert_eq!(resumed.calls(), 2);
+        assert_eq!(
+            refused.load(Ordering::SeqCst),
+            1,
+            "one request came early and was refused"
+        );
     })
     .await
     .unwrap();
@@ -206,6 +218,97 @@ async fn early_data_a_restarted_server_rejects_is_sent_again_after_the_handshake
         tokio::spawn(builder.serve(listener, early_router(&calls)).into_future());
         assert_eq!(fetch(&client, client.get(&url)).await, ok("false -"));
         assert_eq!(calls.load(Ordering::SeqCst), 2);
+    })
+    .await
+    .unwrap();
+}
+
+/// Shows a defect (review of 28392fd): with a session cached, a connection counts as made
+/// as soon as its first flight is out (`ConnectionHandle::usable(early)`), so
+/// `client::Builder::connect_timeout` no longer bounds a connection to a server that is
+/// gone. The GET goes out in 0-RTT and then waits for the QUIC handshake timeout (60 s
+/// here, 10 s by default) instead of failing after the 300 ms the caller allowed. The same
+/// cause defeats Happy Eyeballs: a resumed attempt to a dead first address "wins" at once.
+#[tokio::test]
+async fn connect_timeout_still_bounds_a_resumed_connection_to_a_server_that_is_gone() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let certs = certs();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let mut server = one_request_per_connection(&certs, server::Builder::new(), &calls).await;
+        let slow_to_give_up = TransportConfig::default()
+            .handshake_timeout(Duration::from_secs(60))
+            .idle_timeout(Duration::from_secs(60));
+        let config = ClientConfig::builder()
+            .ca_pem(&certs.ca_pem)
+            .transport(slow_to_give_up)
+            .build()
+            .unwrap();
+        let client = Client::builder()
+            .http3_prior_knowledge()
+            .quic_config(config)
+            .connect_timeout(Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let url = server.url("/early");
+        assert_eq!(fetch(&client, client.get(&url)).await, ok("false -"));
+        // The server goes; its address now swallows every packet.
+        server.shutdown.take().unwrap().send(()).unwrap();
+        server.done.await.unwrap().unwrap();
+        let black_hole = tokio::net::UdpSocket::bind(server.addr).await.unwrap();
+        tokio::spawn(async move {
+            let mut buf = [0; 2048];
+            while black_hole.recv(&mut buf).await.is_ok() {}
+        });
+        // Far more than the connect timeout, far less than the handshake timeout: which of
+        // the two ends the request tells them apart without timing anything.
+        let outcome = tokio::time::timeout(Duration::from_secs(20), client.get(&url).send()).await;
+        let error = outcome
+            .expect("the request must fail within the connect timeout, not wait for the handshake timeout")
+            .expect_err("nobody answers");
+        assert!(error.is_timeout(), "{error}");
+    })
+    .await
+    .unwrap();
+}
+
+/// Shows a defect (review of 28392fd): the low-level `client::conn` API sends bodiless GETs
+/// in 0-RTT on a resumed connection whether or not its caller wants that, but when the
+/// server answers `425 Too Early` it hands the caller an error (`is_request_rejected`)
+/// instead of sending the request again after the handshake, as the commit says the
+/// client does (only the pooled `Client` does). A caller who never asked for early data
+/// gets a failure that a full handshake would not have produced.
+#[tokio::test]
+async fn a_425_on_a_low_level_connection_is_sent_again_after_the_handshake() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let certs = certs();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let builder = server::Builder::new().early_data_policy(|_| false);
+        let server = one_request_per_connection(&certs, builder, &calls).await;
+        let endpoint = support::h3::h3_client_endpoint(&certs);
+        let authority = format!("localhost:{}", server.addr.port());
+        let get = || {
+            http::Request::get(server.url("/early"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        // A full handshake: the endpoint keeps the session the server issues.
+        let (mut send, connection) = tower_quiche::client::conn::handshake(&endpoint, &authority)
+            .await
+            .unwrap();
+        let response = send.send_request(get()).await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "false -");
+        drop(send);
+        let _ = connection.await;
+        // The next connection resumes it, and the GET goes in 0-RTT.
+        let (mut send, _connection) = tower_quiche::client::conn::handshake(&endpoint, &authority)
+            .await
+            .unwrap();
+        let response = send
+            .send_request(get())
+            .await
+            .expect("a 425 to a request the caller did not choose to send early is not the caller's failure");
+        assert_eq!(response.status(), http::StatusCode::OK);
+        assert_eq!(response.text().await.unwrap(), "false -");
     })
     .await
     .unwrap();

@@ -39,9 +39,13 @@ async fn udp_echo(count: usize) -> SocketAddr {
 }
 
 async fn proxy(certs: &Certs) -> SocketAddr {
+    proxy_with(certs, masque::Settings::default()).await
+}
+
+async fn proxy_with(certs: &Certs, settings: masque::Settings) -> SocketAddr {
     let listener = datagram_listener(certs, true).await;
     let addr = listener.local_addr();
-    tokio::spawn(tower_quiche::server::serve(listener, masque::service(masque::Settings::default())).into_future());
+    tokio::spawn(tower_quiche::server::serve(listener, masque::service(settings)).into_future());
     addr
 }
 
@@ -78,10 +82,20 @@ async fn udp_datagrams_are_echoed_through_the_proxy() {
         for i in 0..50u16 {
             let udp = format!("datagram {i} {}", "x".repeat(usize::from(i) * 10));
             let mut back = None;
-            // UDP: each is sent again (at most 10 times) until its echo arrives.
+            // UDP: each is sent again (at most 10 times) until its echo arrives. A late
+            // echo of an earlier, shorter datagram (sent again, then both echoed) is
+            // passed over.
             for _ in 0..10 {
                 datagrams.send(with_context_zero(udp.as_bytes())).unwrap();
-                if let Ok(got) = timeout(Duration::from_millis(500), datagrams.recv()).await {
+                let echo = timeout(Duration::from_millis(500), async {
+                    loop {
+                        match datagrams.recv().await {
+                            Some(got) if got.len() <= udp.len() => continue,
+                            got => return got,
+                        }
+                    }
+                });
+                if let Ok(got) = echo.await {
                     back = got;
                     break;
                 }
@@ -91,13 +105,20 @@ async fn udp_datagrams_are_echoed_through_the_proxy() {
             assert_eq!(context, 0);
             assert_eq!(payload, udp.as_bytes());
         }
-        // Another context ID is not UDP: the proxy drops it, nothing comes back.
+        // Another context ID is not UDP: the proxy drops it, nothing comes back. (Late
+        // echoes of the rounds above, "datagram ..." all, are passed over.)
         datagrams.send(Bytes::from_static(b"\x02not udp")).unwrap();
         datagrams.send(with_context_zero(b"after")).unwrap();
-        let back = timeout(Duration::from_secs(5), datagrams.recv())
-            .await
-            .unwrap()
-            .unwrap();
+        let back = timeout(Duration::from_secs(5), async {
+            loop {
+                let got = datagrams.recv().await.unwrap();
+                if !got.starts_with(b"\0datagram ") {
+                    return got;
+                }
+            }
+        })
+        .await
+        .unwrap();
         assert_eq!(&back[..], b"\0after");
         assert_eq!(datagrams.stats().dropped_incoming, 0);
     })
@@ -196,6 +217,34 @@ async fn targets_outside_the_allow_list_get_403_and_bad_paths_4xx() {
             .await
             .unwrap_err();
         assert!(error.to_string().contains("400"), "{error}");
+    })
+    .await
+    .expect("test timed out");
+}
+
+/// Found in review of the `dgram` merge (b11f086): the proxy resolved the client's target
+/// name (a blocking `getaddrinfo` on tokio's blocking pool, a query to the DNS resolver)
+/// before it looked for a free tunnel, so a client beyond `max_tunnels` still made the
+/// proxy resolve whatever names it liked, as many at once as it had streams, and learnt
+/// from 403/502 which names resolve inside the proxy's network. The name here can never
+/// resolve (a NUL byte: the lookup fails at once, with no network traffic), so the answer
+/// shows which check comes first: 503 when the limit is checked first, 502 before.
+#[tokio::test]
+async fn a_proxy_without_a_free_tunnel_answers_503_before_resolving_the_target() {
+    init_tracing();
+    let certs = certs();
+    let echo = udp_echo(10).await;
+    let settings = masque::Settings {
+        max_tunnels: 1,
+        ..masque::Settings::default()
+    };
+    let proxy = proxy_with(&certs, settings).await;
+    timeout(TEST_TIMEOUT, async {
+        let client = datagram_client(&certs, true);
+        // The only tunnel, held open.
+        let _held = connect_udp(&client, proxy, &echo.to_string()).await.unwrap();
+        let error = connect_udp(&client, proxy, "no%00such.name:53").await.unwrap_err();
+        assert!(error.to_string().contains("503"), "{error}");
     })
     .await
     .expect("test timed out");

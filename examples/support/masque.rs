@@ -177,6 +177,11 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     let Some(port) = port.parse::<u16>().ok().filter(|&p| p != 0) else {
         return status(StatusCode::BAD_REQUEST);
     };
+    // The tunnel's slot first: a client past the limit costs no name lookup (a blocking
+    // resolver call, a query to the DNS), nor learns which names resolve.
+    let Ok(permit) = tunnels.try_acquire_owned() else {
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
     let Ok(addrs) = tokio::net::lookup_host((host.as_str(), port)).await else {
         return status(StatusCode::BAD_GATEWAY);
     };
@@ -188,9 +193,6 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     else {
         tracing::info!(%host, port, "target not allowed: 403");
         return status(StatusCode::FORBIDDEN);
-    };
-    let Ok(permit) = tunnels.try_acquire_owned() else {
-        return status(StatusCode::SERVICE_UNAVAILABLE);
     };
     let bind: SocketAddr = if target.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -388,6 +390,25 @@ mod tests {
         let all: Net = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("192.0.2.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Net>().is_err());
+    }
+
+    /// Shows a defect (review of the `dgram` merge, b11f086): by default the proxy relays
+    /// to the host's own loopback, so any client that reaches it (there is no
+    /// authentication) reaches every UDP service bound to 127.0.0.0/8 or ::1 on the proxy's
+    /// host: a stub resolver such as systemd-resolved's 127.0.0.53:53 (an open recursive
+    /// resolver, through the proxy), memcached, statsd, SNMP agents. That is the classic
+    /// SSRF target; RFC 9298 §7 asks proxies to restrict who may tunnel where. A proxy that
+    /// allows nothing until `--allow` says what is intended would be safe by default.
+    #[test]
+    fn by_default_the_proxy_does_not_relay_to_its_own_host() {
+        let settings = Settings::default();
+        for local in ["127.0.0.53", "127.0.0.1", "::1", "::ffff:127.0.0.1"] {
+            let ip: IpAddr = local.parse().unwrap();
+            assert!(
+                !settings.allowed.iter().any(|net| net.contains(ip)),
+                "{local} is reachable through a proxy started without --allow"
+            );
+        }
     }
 
     #[test]

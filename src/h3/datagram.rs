@@ -19,7 +19,8 @@
 //!   dropped (RFC 9297 §2.1 allows dropping those not yet seen).
 //! - **Outgoing**: the handles of one connection share one queue of [`OUTGOING_QUEUE`]
 //!   datagrams to the connection's task; past it, and past quiche's own send queue
-//!   (`TransportConfig::datagrams`), datagrams are dropped and counted.
+//!   (`TransportConfig::datagrams`), datagrams are dropped and counted. Until the peer's
+//!   SETTINGS say whether it takes datagrams, they wait in that queue.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -566,6 +567,12 @@ impl DatagramHub {
         while let Ok(datagram) = conn.dgram_recv_buf() {
             self.route(Bytes::from(datagram))?;
         }
+        if peer == PeerDatagrams::Unknown {
+            // None may be sent before the peer's SETTINGS_H3_DATAGRAM (RFC 9297 §2.1.1):
+            // they wait in the queue (bounded: past it, sends fail with QueueFull), and the
+            // turn that brings the SETTINGS sends them.
+            return Ok(());
+        }
         for _ in 0..SENDS_PER_TURN {
             let Poll::Ready(Some(Outgoing { flow, payload })) = self.outgoing_rx.poll_recv(cx) else {
                 return Ok(());
@@ -596,8 +603,7 @@ impl DatagramHub {
 
     fn send(&mut self, conn: &mut quiche::Connection, peer: PeerDatagrams, flow: &Flow, payload: &[u8]) {
         if flow.closed.load(Ordering::Relaxed) || peer != PeerDatagrams::Enabled {
-            // A stream that ended, or a peer that never said it takes datagrams (RFC 9297
-            // §2.1.1: none may be sent before its SETTINGS_H3_DATAGRAM).
+            // A stream that ended, or a peer whose SETTINGS said it takes no datagrams.
             flow.drop_outgoing();
             return;
         }
@@ -721,6 +727,33 @@ mod tests {
         assert!(flow.send(vec![0; 998]).is_ok());
         hub.max_payload.store(0, Ordering::Relaxed);
         assert_eq!(flow.send(&b"x"[..]), Err(SendDatagramError::NotSupported));
+    }
+
+    /// Found in review of the `dgram` merge (b11f086): a server's handler gets its
+    /// datagrams before the client's SETTINGS have arrived (a request stream may overtake
+    /// the control stream), and `Datagrams::from_request` says its sends then wait for them.
+    /// The hub took them off the queue and dropped them while the peer was unknown: the
+    /// first datagrams of such a tunnel were lost, however soon the SETTINGS followed.
+    #[test]
+    fn sends_before_the_peers_settings_wait_for_them() {
+        use crate::testing::{Pipe, WakeCount, client_config, server_config};
+        let mut pipe = Pipe::handshaken(
+            &server_config("h3", |t| t.datagrams(16)),
+            &client_config("h3", |t| t.datagrams(16)),
+        );
+        let waker = Arc::new(WakeCount::default()).waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
+        let flow = hub.open(0).unwrap();
+        flow.send(&b"early"[..]).unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown).unwrap();
+        // The client's SETTINGS arrive: it takes datagrams.
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled).unwrap();
+        pipe.flush();
+        let mut buf = [0; 64];
+        let got = pipe.client.dgram_recv(&mut buf).map(|n| buf[..n].to_vec());
+        assert_eq!(got, Ok(datagram(0, b"early").to_vec()), "{:?}", flow.stats());
+        assert_eq!((flow.stats().sent, flow.stats().dropped_outgoing), (1, 0));
     }
 
     #[test]

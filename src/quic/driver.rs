@@ -559,11 +559,9 @@ impl<A: Application> Driver<A> {
         let metrics = &self.config.inner.metrics;
         if !self.established {
             metrics.handshake_failed(self.started.elapsed());
-            // A session that did not lead to a handshake (the server no longer takes it,
-            // or is gone) is not offered again.
-            if let Some((cache, key)) = &self.sessions {
-                cache.remove(key);
-            }
+            // The session it resumed, if any, was taken from the cache when it started: a
+            // connection that never completed leaves nothing to forget (and must not drop
+            // the fresh session another connection to the server stored meanwhile).
         }
         metrics.connection_closed(&stats);
         if let AppSlot::Running(app) = &mut self.app {

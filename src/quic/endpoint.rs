@@ -381,11 +381,10 @@ impl Endpoint {
         // name (verification off), none is kept.
         let sessions = server_name.map(|name| (Arc::clone(&self.sessions), SessionCache::key(name, addr.port())));
         if let Some((cache, key)) = &sessions
-            && let Some(session) = cache.get(key)
+            && let Some(session) = cache.take(key)
             && let Err(e) = conn.set_session(&session)
         {
             tracing::debug!(error = %e, "stored session not usable; a full handshake follows");
-            cache.remove(key);
         }
         let (mut registration, inbound) = shared.register();
         registration.add(&scid);

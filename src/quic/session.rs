@@ -5,7 +5,8 @@
 //! reached by and its port (the name its certificate was checked against: a session is
 //! offered only where the same identity is expected). Each key keeps its latest session, as
 //! serialized by quiche (the TLS session and the server's transport parameters, which 0-RTT
-//! data must respect). The cache is bounded; past its size the oldest key goes.
+//! data must respect), and hands it to one connection only. The cache is bounded; past its
+//! size the oldest key goes.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -33,9 +34,16 @@ impl SessionCache {
         format!("{server_name}:{port}").into()
     }
 
-    /// The latest session stored for `key`.
-    pub(crate) fn get(&self, key: &str) -> Option<Arc<[u8]>> {
-        self.lock().sessions.get(key).cloned()
+    /// Takes the latest session stored for `key`: a session is offered on one connection
+    /// only. A ticket used twice lets an observer link the connections (RFC 8446 §4.6.1,
+    /// Appendix C.4), and a server that keeps tickets single-use against 0-RTT replay
+    /// (RFC 8446 §8.1) refuses the second one's early data. The connection that resumes
+    /// it stores the ticket the server issues on it for the next one.
+    pub(crate) fn take(&self, key: &str) -> Option<Arc<[u8]>> {
+        let mut inner = self.lock();
+        let session = inner.sessions.remove(key)?;
+        inner.order.retain(|k| &**k != key);
+        Some(session)
     }
 
     /// Stores `session` for `key`, replacing the one before; the oldest server is forgotten
@@ -49,14 +57,6 @@ impl SessionCache {
                     inner.sessions.remove(&oldest);
                 }
             }
-        }
-    }
-
-    /// Forgets the session of `key` (one the server refused to resume, say).
-    pub(crate) fn remove(&self, key: &str) {
-        let mut inner = self.lock();
-        if inner.sessions.remove(key).is_some() {
-            inner.order.retain(|k| &**k != key);
         }
     }
 
@@ -75,17 +75,32 @@ mod tests {
         let a = SessionCache::key("a.example", 443);
         cache.put(&a, b"one");
         cache.put(&a, b"two");
-        assert_eq!(cache.get(&a).as_deref(), Some(&b"two"[..]));
+        assert_eq!(cache.lock().sessions.get(&a).map(|s| &s[..]), Some(&b"two"[..]));
         for i in 0..MAX_SERVERS {
             cache.put(&SessionCache::key("b.example", i as u16), b"x");
         }
         // `a` was stored first: the cache is full by one, so it went.
-        assert_eq!(cache.get(&a), None);
-        assert!(cache.get(&SessionCache::key("b.example", 0)).is_some());
+        assert!(!cache.lock().sessions.contains_key(&a));
+        assert!(cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().sessions.len(), MAX_SERVERS);
         assert_eq!(cache.lock().order.len(), MAX_SERVERS);
-        cache.remove(&SessionCache::key("b.example", 0));
-        assert_eq!(cache.get(&SessionCache::key("b.example", 0)), None);
+        assert!(cache.take(&SessionCache::key("b.example", 0)).is_some());
+        assert!(!cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().order.len(), MAX_SERVERS - 1);
+    }
+
+    /// Found in review of 28392fd: a stored session was handed to every connection that
+    /// asked, so concurrent or repeated connections to a server resumed with the same
+    /// ticket. RFC 8446 §4.6.1 and Appendix C.4: clients SHOULD NOT reuse a ticket, which
+    /// lets an observer link the connections; and a server that keeps tickets single-use
+    /// against 0-RTT replay (RFC 8446 §8.1) refuses the reuse's early data.
+    #[test]
+    fn a_session_is_offered_to_one_connection_only() {
+        let cache = SessionCache::default();
+        let key = SessionCache::key("a.example", 443);
+        cache.put(&key, b"ticket");
+        assert_eq!(cache.take(&key).as_deref(), Some(&b"ticket"[..]));
+        assert_eq!(cache.take(&key), None, "the ticket was offered once already");
+        assert!(cache.lock().order.is_empty());
     }
 }
