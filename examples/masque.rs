@@ -6,10 +6,16 @@
 //! Clients open `/.well-known/masque/udp/{target_host}/{target_port}/` with an extended
 //! CONNECT (`:protocol = connect-udp`, `capsule-protocol: ?1`), then send UDP payloads as
 //! HTTP datagrams with context ID 0; what the target answers comes back the same way.
-//! Targets must resolve into the allow-list: loopback only unless `--allow` adds ranges
-//! (`--allow 0.0.0.0/0 --allow ::/0` for any). A target outside it gets 403, a path off
-//! the template 404, a request that is not CONNECT-UDP 400. Without `--cert`/`--key` it
-//! generates a development certificate. It stops cleanly on SIGINT or SIGTERM.
+//! Targets must resolve into the allow-list: loopback only unless `--allow` adds ranges. A
+//! target outside it gets 403, a path off the template 404, a request that is not
+//! CONNECT-UDP 400. Without `--cert`/`--key` it generates a development certificate. It
+//! stops cleanly on SIGINT or SIGTERM.
+//!
+//! There is no authentication: whoever reaches the proxy reaches every allowed target, and
+//! the default (loopback, for trying it on one machine) includes the UDP services of the
+//! proxy's own host (a stub resolver on 127.0.0.53, say). Before exposing it, allow only
+//! what clients should reach (RFC 9298 §7): wide ranges such as `0.0.0.0/0` also open
+//! private networks, link-local and multicast addresses.
 
 mod support;
 

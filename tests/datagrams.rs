@@ -270,10 +270,9 @@ async fn no_datagrams_unless_both_sides_enable_them() {
     .expect("test timed out");
 }
 
-/// Shows a defect (review of the `dgram` merge, b11f086): RFC 9297 §2.1 says "Receipt of an
-/// HTTP/3 Datagram that includes a larger Stream ID than is currently allowed MUST be
-/// treated as an HTTP/3 connection error of type H3_ID_ERROR". `DatagramHub::route` drops
-/// it as one for a stream not yet seen, and the connection carries on.
+/// RFC 9297 §2.1: "Receipt of an HTTP/3 Datagram that includes a larger Stream ID than is
+/// currently allowed MUST be treated as an HTTP/3 connection error of type H3_ID_ERROR".
+/// (Found by review: such a datagram was dropped as one for a stream not yet seen.)
 #[tokio::test]
 async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
     init_tracing();
@@ -315,7 +314,8 @@ impl tower_quiche::quic::ConnectionIdGenerator for LongIds {
 }
 
 /// Whether a GET over a new connection to a server whose connection IDs are `id_len`
-/// bytes long, with QUIC datagrams on or not, gets its answer.
+/// bytes long, with QUIC datagrams on or not, gets its answer; a listener that cannot be
+/// bound with those settings is the error.
 async fn answers_with_ids(certs: &Certs, id_len: usize, datagrams: bool) -> Result<(), tower_quiche::Error> {
     let transport = support::h3::transport_with_datagrams(datagrams)
         .connection_id_generator(LongIds(id_len, std::sync::atomic::AtomicU64::new(1)));
@@ -323,9 +323,10 @@ async fn answers_with_ids(certs: &Certs, id_len: usize, datagrams: bool) -> Resu
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
         .transport(transport)
+        .retry(true)
         .build()
         .unwrap();
-    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let listener = Listener::bind("127.0.0.1:0", config).await?;
     let url = format!("https://localhost:{}/", listener.local_addr().port());
     let service = tower::service_fn(|_: Request<RecvBody>| async {
         Ok::<_, std::convert::Infallible>(Response::new(String::from("hello")))
@@ -335,27 +336,27 @@ async fn answers_with_ids(certs: &Certs, id_len: usize, datagrams: bool) -> Resu
     client.get(&url).send().await.map(drop)
 }
 
-/// Shows a defect (review of the `dgram` merge, b11f086, `quic/config.rs`): quiche 0.30
-/// writes a server's transport parameters into 128 bytes, and the trim that makes room for
-/// max_datagram_frame_size leaves 3 of them with 16-byte connection IDs and Retry. Every
-/// byte of connection ID beyond that overflows it: quiche fails the handshake with
-/// BufferTooShort and the server refuses every connection. Here a listener whose CID
-/// generator makes 18-byte IDs (legal: 4 to 20) works without datagrams and refuses
-/// everyone with them. The client's own original destination CID is in the same budget
-/// (as original_destination_connection_id), so with the default 16-byte server IDs a
-/// client whose first Initial carries a 20-byte DCID is refused the same way: 77 + 20 +
-/// 2 × 16 = 129 bytes (quic-go picks 8 to 20 bytes at random, ngtcp2 18).
+/// quiche 0.30 writes a server's transport parameters into 128 bytes; they hold two of the
+/// server's connection IDs (after a Retry) and the client's first one (up to 20 bytes).
+/// Settings that could overflow it would make quiche refuse clients with long first IDs
+/// (BufferTooShort, a silent handshake failure), so the listener refuses them when bound,
+/// saying what to change; the default 8-byte IDs fit with Retry and datagrams.
+/// (Found by review: with 16-byte IDs, datagrams and a Retry, a client whose first DCID
+/// had 20 bytes was refused.)
 #[tokio::test]
-async fn a_server_with_datagrams_takes_connection_ids_of_every_legal_length() {
+async fn a_server_whose_transport_parameters_could_overflow_is_refused_when_bound() {
     init_tracing();
     let certs = certs();
     timeout(TEST_TIMEOUT, async {
-        answers_with_ids(&certs, 18, false)
+        answers_with_ids(&certs, 8, true)
             .await
-            .expect("18-byte connection IDs without datagrams");
-        answers_with_ids(&certs, 18, true)
+            .expect("8-byte IDs, datagrams and Retry");
+        answers_with_ids(&certs, 16, false)
             .await
-            .expect("18-byte connection IDs with datagrams");
+            .expect("16-byte IDs and Retry");
+        let refused = answers_with_ids(&certs, 16, true).await.unwrap_err();
+        assert!(refused.is_config(), "{refused}");
+        assert!(refused.to_string().contains("connection IDs"), "{refused}");
     })
     .await
     .expect("test timed out");

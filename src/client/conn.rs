@@ -95,6 +95,8 @@ pub(crate) struct PendingRequest {
     /// an attacker replays it, RFC 8470 §4) without a body, not already refused as too
     /// early.
     early_data: bool,
+    /// The server answered it `425 Too Early` (it went in 0-RTT data).
+    too_early: bool,
 }
 
 impl PendingRequest {
@@ -111,6 +113,12 @@ impl PendingRequest {
         self.fields
             .first()
             .is_some_and(|f| h3::NameValue::value(f) == b"CONNECT")
+    }
+
+    /// Whether the server refused it only for coming in 0-RTT data: it may go again on the
+    /// same connection, once that connection's handshake has completed.
+    pub(crate) fn refused_as_too_early(&self) -> bool {
+        self.too_early
     }
 
     pub(crate) fn new<B>(request: Request<B>) -> Result<Self, Error>
@@ -149,6 +157,7 @@ impl PendingRequest {
             fields,
             body,
             early_data,
+            too_early: false,
         })
     }
 }
@@ -494,6 +503,9 @@ pub(crate) struct ConnSettings {
     pub(crate) http_datagrams: bool,
     /// The byte budget of one stream's incoming datagrams.
     pub(crate) datagram_buffer: usize,
+    /// Whether safe requests go in 0-RTT data on a resumed connection (the pool, which
+    /// sends a `425 Too Early` request again, says yes; `handshake` alone does not).
+    pub(crate) early_data: bool,
 }
 
 impl Default for ConnSettings {
@@ -505,6 +517,7 @@ impl Default for ConnSettings {
             idle_timeout: None,
             http_datagrams: true,
             datagram_buffer: crate::h3::datagram::DEFAULT_FLOW_BUFFER,
+            early_data: false,
         }
     }
 }
@@ -530,7 +543,7 @@ pub(crate) async fn handshake_with(
         Arc::clone(&settings),
     );
     app.quic_idle_timeout = endpoint.config().inner.s.idle_timeout;
-    app.early_data = endpoint.config().inner.s.early_data;
+    app.early_data = settings.early_data && endpoint.config().inner.s.early_data;
     if endpoint.config().inner.s.datagrams.is_some() {
         app.datagrams = Some(DatagramHub::new(settings.http_datagrams, settings.datagram_buffer));
     }
@@ -947,6 +960,7 @@ impl ClientApp {
             // early data again).
             tracing::debug!(stream_id = id, "425 Too Early: the request is sent again");
             request.early_data = false;
+            request.too_early = true;
             entry.written = true;
             let shared = Arc::clone(&entry.shared);
             let reply = entry.reply.take().expect("checked");
@@ -1262,10 +1276,10 @@ impl Application for ClientApp {
         stream::StreamOwner::run_rounds(self, cx, conn)?;
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
-            if let Err(MalformedDatagram(why)) = hub.process(cx, conn, peer) {
-                tracing::debug!(reason = why, "malformed HTTP datagram: H3_DATAGRAM_ERROR");
+            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer) {
+                tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
                 if conn.local_error().is_none() {
-                    let _ = conn.close(true, MalformedDatagram::CODE, b"");
+                    let _ = conn.close(true, code, b"");
                 }
                 return Ok(());
             }

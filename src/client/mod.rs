@@ -276,6 +276,7 @@ impl Pool {
             .as_ref()
             .ok_or_else(|| Error::config("this client speaks TCP only (Builder::tcp_only)"))?;
         let authority = Origin { port, ..origin.clone() }.authority();
+        let started = std::time::Instant::now();
         let connect = conn::handshake_with(endpoint, &authority, Arc::clone(&self.settings));
         let (send, connection) = tokio::time::timeout(self.connect_timeout, connect)
             .await
@@ -285,6 +286,9 @@ impl Pool {
                     self.connect_timeout
                 ))
             })??;
+        // A resumed connection is handed over before its handshake completes, to send 0-RTT
+        // data: the connect timeout still bounds that handshake.
+        connection.handle().limit_handshake(started + self.connect_timeout);
         // Nobody needs to await the connection's end: the pool sees it through SendRequest.
         drop(connection);
         self.conns
@@ -345,9 +349,12 @@ impl Pool {
         port: u16,
     ) -> Result<Response<RecvBody>, H3Failure> {
         const ATTEMPTS: usize = 2;
+        // A refused request goes to another connection, except one refused only for coming
+        // in 0-RTT data (425 Too Early): its connection has completed its handshake since.
+        let mut avoid_previous = true;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                send = match self.connection(origin, port, Some(&send)).await {
+                send = match self.connection(origin, port, avoid_previous.then_some(&send)).await {
                     Ok(send) => send,
                     Err(e) => return Err(H3Failure::Connect(request, e)),
                 };
@@ -356,7 +363,8 @@ impl Pool {
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
                 Ok(response) => return Ok(response),
                 Err(Failure::Unsent(unsent, error)) if attempt + 1 < ATTEMPTS => {
-                    tracing::debug!(%error, "request not processed; retrying on a new connection");
+                    tracing::debug!(%error, "request not processed; sending it again");
+                    avoid_previous = !unsent.refused_as_too_early();
                     request = unsent;
                 }
                 Err(failure) => return Err(H3Failure::Request(failure)),
@@ -744,7 +752,12 @@ impl Default for Builder {
             connect_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(90),
             max_per_origin: 4,
-            settings: ConnSettings::default(),
+            // The pool sends a request answered `425 Too Early` again, so its connections
+            // may send safe requests in 0-RTT.
+            settings: ConnSettings {
+                early_data: true,
+                ..ConnSettings::default()
+            },
             conveniences: Conveniences::default(),
             user_agent: None,
         }

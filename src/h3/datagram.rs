@@ -430,21 +430,23 @@ impl Drop for DatagramReceiver {
     }
 }
 
-/// A datagram payload that breaks RFC 9297 §2.1: an HTTP/3 connection error of type
-/// H3_DATAGRAM_ERROR.
+/// A datagram that breaks RFC 9297 §2.1: an HTTP/3 connection error, of type
+/// H3_DATAGRAM_ERROR for a payload that is no datagram, or H3_ID_ERROR for a stream the
+/// peer cannot have opened.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) struct MalformedDatagram(pub(crate) &'static str);
-
-impl MalformedDatagram {
-    pub(crate) const CODE: u64 = codes::H3_DATAGRAM_ERROR;
-}
+pub(crate) struct MalformedDatagram(pub(crate) &'static str, pub(crate) u64);
 
 /// Splits an HTTP/3 datagram into its stream ID and payload (RFC 9297 §2.1).
 pub(crate) fn parse(datagram: &[u8]) -> Result<(u64, usize), MalformedDatagram> {
-    let (quarter, len) =
-        varint::decode(datagram).ok_or(MalformedDatagram("a datagram too short for its quarter stream ID"))?;
+    let (quarter, len) = varint::decode(datagram).ok_or(MalformedDatagram(
+        "a datagram too short for its quarter stream ID",
+        codes::H3_DATAGRAM_ERROR,
+    ))?;
     if quarter > MAX_QUARTER_STREAM_ID {
-        return Err(MalformedDatagram("a quarter stream ID beyond 2^60 - 1"));
+        return Err(MalformedDatagram(
+            "a quarter stream ID beyond 2^60 - 1",
+            codes::H3_DATAGRAM_ERROR,
+        ));
     }
     Ok((quarter * 4, len))
 }
@@ -484,6 +486,9 @@ pub(crate) struct DatagramHub {
     frame: Vec<u8>,
     /// Datagrams dropped because no flow took them.
     dropped_unrouted: u64,
+    /// Request streams from this ID on are beyond what the peer may have opened yet (a
+    /// server sets it; `u64::MAX` until then).
+    peer_stream_limit: u64,
 }
 
 impl DatagramHub {
@@ -498,6 +503,7 @@ impl DatagramHub {
             flow_buffer,
             frame: Vec::new(),
             dropped_unrouted: 0,
+            peer_stream_limit: u64::MAX,
         }
     }
 
@@ -585,8 +591,21 @@ impl DatagramHub {
     }
 
     /// Hands one arrived datagram to its stream's flow, or drops it.
+    /// Request streams from `id` on are beyond what the peer may have opened so far: a
+    /// datagram for one is an H3_ID_ERROR (RFC 9297 §2.1).
+    #[cfg(feature = "server")]
+    pub(crate) fn set_peer_stream_limit(&mut self, id: u64) {
+        self.peer_stream_limit = id;
+    }
+
     fn route(&mut self, datagram: Bytes) -> Result<(), MalformedDatagram> {
         let (id, header) = parse(&datagram)?;
+        if id >= self.peer_stream_limit {
+            return Err(MalformedDatagram(
+                "a datagram for a stream beyond the peer's stream limit",
+                codes::H3_ID_ERROR,
+            ));
+        }
         match self.flows.get(&id) {
             Some(flow) => {
                 flow.deliver(datagram.slice(header..));

@@ -151,7 +151,13 @@ impl Closed {
 }
 
 pub(crate) enum Command {
-    Close { code: u64, reason: Bytes },
+    Close {
+        code: u64,
+        reason: Bytes,
+    },
+    /// The handshake must complete by then (or the connection fails as timed out).
+    #[cfg(feature = "client")]
+    HandshakeDeadline(std::time::Instant),
 }
 
 /// A handle to a running connection: wait for its handshake or its end, or close it.
@@ -237,6 +243,14 @@ impl ConnectionHandle {
     /// Whether the connection has closed.
     pub fn is_closed(&self) -> bool {
         matches!(*self.state.borrow(), State::Closed(_))
+    }
+
+    /// Fails the connection as timed out unless its handshake completes by `deadline` (a
+    /// resumed connection is used before then, for 0-RTT data, and its caller's connect
+    /// timeout must still hold).
+    #[cfg(feature = "client")]
+    pub(crate) fn limit_handshake(&self, deadline: std::time::Instant) {
+        let _ = self.commands.try_send(Command::HandshakeDeadline(deadline));
     }
 
     /// Closes the connection with an application error code and reason, which the peer

@@ -230,6 +230,32 @@ impl Config {
         if let Some(queue) = s.datagrams {
             c.enable_dgram(true, queue, queue);
         }
+        if server {
+            let active_cid_limit = if trim_for_datagrams {
+                2
+            } else {
+                s.active_connection_id_limit
+            };
+            let udp_payload = if trim_for_datagrams {
+                s.max_recv_udp_payload.min(MAX_2_BYTE_VARINT)
+            } else {
+                s.max_recv_udp_payload
+            };
+            let id_len = inner.cid_generator.id_len();
+            let retry = inner.server.retry != RetryPolicy::Never;
+            let len = server_transport_params_len(s, udp_payload as u64, active_cid_limit, id_len, retry);
+            if len > QUICHE_TRANSPORT_PARAMS_ROOM {
+                return Err(Error::config(format!(
+                    "a server's transport parameters can reach {len} bytes with these settings \
+                     ({id_len}-byte connection IDs{}{}), and quiche has room for {QUICHE_TRANSPORT_PARAMS_ROOM}: \
+                     it would refuse clients whose first Initial carries a long connection ID. Use shorter \
+                     connection IDs (the default generator's are 8 bytes){}",
+                    if retry { ", Retry possible" } else { "" },
+                    if s.datagrams.is_some() { ", datagrams on" } else { "" },
+                    if retry { ", or RetryPolicy::Never" } else { "" },
+                )));
+            }
+        }
         if s.early_data {
             c.enable_early_data();
         }
@@ -249,6 +275,64 @@ impl Config {
 
 /// The largest value a 2-byte QUIC varint holds.
 const MAX_2_BYTE_VARINT: usize = 16_383;
+
+/// The bytes quiche 0.30 encodes a connection's transport parameters into (tls/mod.rs): a
+/// server whose parameters do not fit fails every handshake (BufferTooShort).
+const QUICHE_TRANSPORT_PARAMS_ROOM: usize = 128;
+
+/// The largest a server's transport parameters get as quiche 0.30 encodes them
+/// (`TransportParams::encode`): each parameter is its ID and length as varints, then its
+/// value. The original destination connection ID is the client's (up to 20 bytes, RFC 9000
+/// §17.2); after a Retry the retry source connection ID is one of ours too.
+fn server_transport_params_len(
+    s: &Settings,
+    udp_payload: u64,
+    active_cid_limit: u64,
+    id_len: usize,
+    retry: bool,
+) -> usize {
+    fn varint(v: u64) -> usize {
+        match v {
+            0..=63 => 1,
+            64..=16_383 => 2,
+            16_384..=1_073_741_823 => 4,
+            _ => 8,
+        }
+    }
+    // A parameter with an integer value (omitted when 0, as quiche does).
+    let int = |v: u64| if v == 0 { 0 } else { 2 + varint(v) };
+    let bytes = |len: usize| 1 + varint(len as u64) + len;
+    // quiche's defaults for what it does not let us set.
+    const ACK_DELAY_EXPONENT: u64 = 3;
+    const MAX_ACK_DELAY_MS: u64 = 25;
+    const MAX_DGRAM_FRAME_SIZE: u64 = 65_536;
+    const STATELESS_RESET_TOKEN: usize = 16;
+    const MAX_CLIENT_CID: usize = 20;
+    bytes(MAX_CLIENT_CID)
+        + int(s.idle_timeout.as_millis() as u64)
+        + bytes(STATELESS_RESET_TOKEN)
+        + int(udp_payload)
+        + int(s.initial_max_data)
+        + int(s.initial_max_stream_data_bidi_local)
+        + int(s.initial_max_stream_data_bidi_remote)
+        + int(s.initial_max_stream_data_uni)
+        + int(s.max_streams_bidi)
+        + int(s.max_streams_uni)
+        + int(ACK_DELAY_EXPONENT)
+        + int(MAX_ACK_DELAY_MS)
+        + if active_cid_limit == 2 {
+            0
+        } else {
+            int(active_cid_limit)
+        }
+        + bytes(id_len)
+        + if retry { bytes(id_len) } else { 0 }
+        + if s.datagrams.is_some() {
+            2 + varint(MAX_DGRAM_FRAME_SIZE)
+        } else {
+            0
+        }
+}
 
 /// Opens the key-log file for appending, creating it readable and writable by its owner
 /// only: it holds the secrets of every session, which decrypt captured traffic.

@@ -52,9 +52,10 @@ const MAX_GSO_SEGMENTS: usize = 64;
 /// which quinn-udp drops silently, as it would an oversized MTU probe.
 const MAX_GSO_BYTES: usize = 65_000;
 
-/// How commands reach the driver; one pending close is all there can usefully be (a
-/// handle finding the queue full knows a close is on its way).
-const COMMAND_QUEUE: usize = 1;
+/// How commands reach the driver: a handshake deadline (sent once, by the client's pool)
+/// and one pending close are all there can usefully be (a handle finding the queue full
+/// knows a close is on its way).
+const COMMAND_QUEUE: usize = 2;
 
 /// The code an application's error closes its connection with: its own application code,
 /// or 0x1 when it carries none or one from another space (a stream's reset code, say, means
@@ -274,6 +275,12 @@ impl<A: Application> Driver<A> {
                 Command::Close { code, reason } => {
                     let _ = self.conn.close(true, code, &reason);
                 }
+                #[cfg(feature = "client")]
+                Command::HandshakeDeadline(at) if !self.established => {
+                    self.handshake_deadline = Some(self.handshake_deadline.map_or(at, |d| d.min(at)));
+                }
+                #[cfg(feature = "client")]
+                Command::HandshakeDeadline(_) => {}
             }
             busy = true;
         }

@@ -325,7 +325,9 @@ impl Endpoint {
 
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's
     /// certificate (a literal IP address, such as `Some("192.0.2.1")`, is checked against
-    /// the certificate's IP SANs). Returns once the handshake has completed.
+    /// the certificate's IP SANs). Returns once the handshake has completed (or, for an
+    /// application that [accepts early data](Application::accepts_early_data), once a resumed
+    /// session lets it send 0-RTT data).
     ///
     /// Without a name, a certificate valid for any name would be accepted: so `None` is
     /// refused with a configuration error while the configuration verifies certificates. It

@@ -93,6 +93,8 @@ pub(crate) struct ServerApp<S> {
     /// skipped ones are remembered: twice the client's limit of concurrent request streams
     /// (it cannot open IDs beyond its credit), at least `MIN_PROBED_STREAMS`.
     probed_streams: usize,
+    /// How many request streams the client may have open at once (its QUIC limit).
+    max_concurrent_streams: u64,
     peer_goaway: bool,
     served: u64,
     /// No request in flight since then.
@@ -137,6 +139,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             heads_pending: HashMap::new(),
             skipped: Vec::new(),
             probed_streams: MIN_PROBED_STREAMS,
+            max_concurrent_streams: u64::MAX / 8,
             peer_goaway: false,
             served: 0,
             idle_since: Some(Instant::now()),
@@ -162,6 +165,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// Sizes the look for request streams without a head to the listener's limit of
     /// concurrent request streams.
     pub(crate) fn with_stream_limit(mut self, max_concurrent_streams: u64) -> Self {
+        self.max_concurrent_streams = max_concurrent_streams;
         let twice = usize::try_from(max_concurrent_streams)
             .unwrap_or(usize::MAX)
             .saturating_mul(2);
@@ -825,9 +829,16 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
-            if let Err(MalformedDatagram(why)) = hub.process(cx, conn, peer) {
-                tracing::debug!(reason = why, "malformed HTTP datagram: H3_DATAGRAM_ERROR");
-                self.fail_connection(conn, MalformedDatagram::CODE);
+            // The client may have opened at most the streams it finished (each below
+            // `next_stream`) and as many again as it may have open at once: a datagram for a
+            // stream beyond that names one it cannot have opened.
+            hub.set_peer_stream_limit(
+                self.next_stream
+                    .saturating_add(self.max_concurrent_streams.saturating_add(1).saturating_mul(4)),
+            );
+            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer) {
+                tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
+                self.fail_connection(conn, code);
                 return Ok(());
             }
         }
