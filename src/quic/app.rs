@@ -7,12 +7,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use futures_util::task::AtomicWaker;
+use tokio::sync::watch;
 
 use crate::error::Error;
 
@@ -128,8 +129,35 @@ impl Closed {
     }
 }
 
-pub(crate) enum Command {
-    Close { code: u64, reason: Bytes },
+/// A close asked for through a [`ConnectionHandle`], on its way to the connection's task.
+///
+/// One slot, not a channel: one close is all there can usefully be (the first asked for
+/// wins until the task takes it), and a slot costs a few dozen bytes where a tokio channel
+/// allocates its shared state and a first block of 32 slots (1.8 KiB) up front, held by
+/// every connection for its whole life.
+#[derive(Default)]
+pub(crate) struct CloseRequest {
+    asked: Mutex<Option<(u64, Bytes)>>,
+    task: AtomicWaker,
+}
+
+impl CloseRequest {
+    fn lock(&self) -> MutexGuard<'_, Option<(u64, Bytes)>> {
+        // An `Option` is consistent whatever a panicking holder did.
+        self.asked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ask(&self, code: u64, reason: Bytes) {
+        self.lock().get_or_insert((code, reason));
+        self.task.wake();
+    }
+
+    /// The close asked for, if any; otherwise the task (`cx`) is woken by the next one.
+    pub(crate) fn poll_take(&self, cx: &Context<'_>) -> Option<(u64, Bytes)> {
+        // Registered before looking, so an ask in between is not missed.
+        self.task.register(cx.waker());
+        self.lock().take()
+    }
 }
 
 /// A handle to a running connection: wait for its handshake or its end, or close it.
@@ -139,7 +167,7 @@ pub(crate) enum Command {
 #[derive(Clone)]
 pub struct ConnectionHandle {
     pub(super) state: watch::Receiver<State>,
-    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) close: Arc<CloseRequest>,
     pub(super) peer_addr: SocketAddr,
     pub(super) trace_id: Arc<str>,
 }
@@ -200,11 +228,7 @@ impl ConnectionHandle {
     /// Closes the connection with an application error code and reason, which the peer
     /// receives in CONNECTION_CLOSE.
     pub fn close(&self, code: u64, reason: impl Into<Bytes>) {
-        // A full queue means a close is already on its way.
-        let _ = self.commands.try_send(Command::Close {
-            code,
-            reason: reason.into(),
-        });
+        self.close.ask(code, reason.into());
     }
 }
 
