@@ -11,7 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
-use crate::quic::{ClientConfig, ServerConfig, TransportConfig};
+use crate::quic::{ClientConfig, ServerConfig, ServerConfigBuilder, TransportConfig};
 
 /// The raw-QUIC echo protocol of the examples (it names this crate `tower_quiche`, which
 /// `lib.rs` makes resolve here for unit tests).
@@ -31,14 +31,19 @@ fn server_cert() -> &'static crate::tls::GeneratedCert {
 
 /// A server configuration with `alpn`, and `adjust` applied to the default transport.
 pub(crate) fn server_config(alpn: &str, adjust: impl FnOnce(TransportConfig) -> TransportConfig) -> ServerConfig {
+    server_builder(alpn)
+        .transport(adjust(TransportConfig::new()))
+        .build()
+        .expect("a server configuration")
+}
+
+/// A server configuration builder with `alpn` and [`server_config`]'s certificate.
+pub(crate) fn server_builder(alpn: &str) -> ServerConfigBuilder {
     let cert = server_cert();
     ServerConfig::builder()
         .alpn([alpn])
         .cert_chain_pem(&cert.cert_pem)
         .private_key_pem(&cert.key_pem)
-        .transport(adjust(TransportConfig::new()))
-        .build()
-        .expect("a server configuration")
 }
 
 /// A client configuration with `alpn` that trusts [`server_config`]'s certificate, and
@@ -61,10 +66,10 @@ pub(crate) struct Pipe {
 impl Pipe {
     /// Two connections, not yet handshaken.
     pub(crate) fn new(server: &ServerConfig, client: &ClientConfig) -> Pipe {
-        let mut server_config = server.config.quiche_config(true).expect("server quiche config");
-        let mut client_config = client.config.quiche_config(false).expect("client quiche config");
         let client_addr: SocketAddr = CLIENT_ADDR.parse().unwrap();
         let server_addr: SocketAddr = SERVER_ADDR.parse().unwrap();
+        let mut server_config = server.config.quiche_config(true).expect("server quiche config");
+        let mut client_config = client.config.quiche_config(false).expect("client quiche config");
         let client_scid = quiche::ConnectionId::from_ref(&[0xc1; 16]);
         let server_scid = quiche::ConnectionId::from_ref(&[0x5e; 16]);
         let client = quiche::connect(

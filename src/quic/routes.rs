@@ -1,4 +1,4 @@
-//! The route table of one socket: which connection each connection ID belongs to, the
+//! The route table of one socket (or of the sockets bound to one address): which connection each connection ID belongs to, the
 //! [`Registration`] through which a connection holds its entries (its lease), and the
 //! inbound queue that carries a connection's datagrams from the router to its task.
 //!
@@ -61,20 +61,21 @@ impl RouteTable {
         self.lock().len()
     }
 
-    /// Every handle to the endpoint is gone: wakes the router to stop when it may.
+    /// Every handle to the endpoint is gone: wakes the routers to stop when they may.
     pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake.notify_waiters();
     }
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Completes when [`close`](Self::close) was called, or the last route of a closing
-    /// table was withdrawn.
-    pub(crate) async fn closed_or_emptied(&self) {
-        self.wake.notified().await
+    /// Completes when [`close`](Self::close) is called, or the last route of a closing
+    /// table is withdrawn, after the returned future was enabled: every router of the
+    /// table's sockets is woken, none gets a permit stored for later.
+    pub(crate) fn closed_or_emptied(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
 }
 
@@ -153,7 +154,7 @@ impl Registration {
             table.is_empty()
         };
         if now_empty && self.table.is_closing() {
-            self.table.wake.notify_one();
+            self.table.wake.notify_waiters();
         }
     }
 }
