@@ -117,6 +117,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub mod __bench;
 #[cfg(feature = "server")]
 pub mod alt_svc;
 #[cfg(feature = "client")]
@@ -126,7 +129,7 @@ mod h3;
 pub mod quic;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(test)]
+#[cfg(any(test, feature = "__bench"))]
 mod testing;
 // The examples' echo protocol, which the unit tests borrow, names the crate `tower_quiche`.
 #[cfg(test)]

@@ -584,28 +584,78 @@ fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
     true
 }
 
+/// What a client connection's task needs, on a socket of its own and with a route table no
+/// router reads: a test or a bench drives the task by hand.
+#[cfg(any(test, feature = "__bench"))]
+fn unrouted_context(client: super::ClientConfig) -> ConnContext {
+    let socket = Socket::bind("127.0.0.1:0".parse().expect("literal address")).expect("a socket");
+    let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.config.inner.s);
+    ConnContext {
+        socket: Arc::new(socket),
+        config: client.config,
+        reset_key: Arc::new(ResetKey::random()),
+        registration,
+        inbound,
+        started: Instant::now(),
+        server_ip: None,
+    }
+}
+
+/// The driver's flush, for the benches (`benches/`, through `crate::__bench`).
+#[cfg(feature = "__bench")]
+pub(crate) mod bench {
+    use super::*;
+    use crate::quic::ClientConfig;
+    use crate::testing::{self, Pipe};
+
+    /// An application that does nothing: the bench times the flush alone.
+    struct Quiet;
+
+    impl Application for Quiet {
+        fn process(&mut self, _: &mut Context<'_>, _: &mut quiche::Connection) -> Result<(), Error> {
+            Ok(())
+        }
+    }
+
+    /// A client connection's task with up to `bytes` of stream data written and not yet sent,
+    /// on a loopback socket whose packets go to a socket nobody reads.
+    pub(crate) struct Flush {
+        driver: Driver<Quiet>,
+        _sink: std::net::UdpSocket,
+    }
+
+    impl Flush {
+        /// Must be called inside a tokio runtime (the socket and the timer are tokio's).
+        pub(crate) fn new(bytes: usize) -> Flush {
+            let sink = std::net::UdpSocket::bind("127.0.0.1:0").expect("a sink socket");
+            let server = testing::server_config("bench", |t| t);
+            let ctx = unrouted_context(testing::client_config("bench", |t| t));
+            let client_addr = ctx.socket.local_addr();
+            let client = ClientConfig {
+                config: ctx.config.clone(),
+            };
+            let mut pipe = Pipe::between(&server, &client, client_addr, sink.local_addr().expect("bound")).handshake();
+            let data = vec![0x5a; bytes];
+            // quiche takes what the stream's credit and its send buffer allow.
+            let written = pipe.client.stream_send(0, &data, false).expect("stream credit");
+            assert!(written > 0, "the stream takes some");
+            let (driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::Gone);
+            Flush { driver, _sink: sink }
+        }
+
+        /// Flushes what quiche lets go now (a congestion window's worth, in GSO batches);
+        /// returns the number of packets.
+        pub(crate) fn flush(&mut self) -> usize {
+            self.driver.flush(&mut Context::from_waker(std::task::Waker::noop()))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quic::ClientConfig;
     use crate::testing::echo::EchoServer;
     use crate::testing::{self, Pipe, WakeCount};
-
-    /// What a client connection's task needs, on a socket of its own and with a route table
-    /// no router reads: the test drives the task by hand.
-    fn unrouted_context(client: ClientConfig) -> ConnContext {
-        let socket = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let (registration, inbound) = Registration::with_queue(&Arc::default(), &client.config.inner.s);
-        ConnContext {
-            socket: Arc::new(socket),
-            config: client.config,
-            reset_key: Arc::new(ResetKey::random()),
-            registration,
-            inbound,
-            started: Instant::now(),
-            server_ip: None,
-        }
-    }
 
     /// A packet that pacing held back is due, but the socket's buffer is full: the task must
     /// sleep until the socket has room, not wake itself for a release time already past.

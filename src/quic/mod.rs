@@ -88,6 +88,8 @@ pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
 pub use config::{
     ClientConfig, ClientConfigBuilder, CongestionControl, ServerConfig, ServerConfigBuilder, TransportConfig,
 };
+#[cfg(feature = "__bench")]
+pub(crate) use driver::bench::Flush as FlushBench;
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
 pub(crate) use notify::{ConnNotify, Queued};

@@ -797,5 +797,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
     }
 }
 
+#[cfg(feature = "__bench")]
+pub(crate) mod bench;
 #[cfg(test)]
 mod tests;
