@@ -729,8 +729,10 @@ impl ServerConfigBuilder {
     /// the addresses); the sockets share one route table, so a connection whose packets
     /// move to another socket (a NAT rebinding changes the hash) is still found, and they
     /// share the listener's caps, its Retry and stateless-reset keys and its TLS session
-    /// tickets. Linux and Android only: elsewhere `SO_REUSEPORT` does not spread datagrams,
-    /// and one socket is bound. `0` counts as 1.
+    /// tickets. Each socket has receive buffers of its own (512 KiB where the kernel offers
+    /// GRO), so a runtime of many threads that serves little traffic may want fewer. Linux
+    /// and Android only: elsewhere `SO_REUSEPORT` does not spread datagrams, and one socket
+    /// is bound. `0` counts as 1.
     pub fn sockets_per_address(mut self, sockets: usize) -> Self {
         self.server.sockets_per_address = Some(sockets.max(1));
         self
