@@ -119,6 +119,9 @@
 #![deny(missing_docs)]
 #![forbid(unsafe_code)]
 
+#[cfg(feature = "__bench")]
+#[doc(hidden)]
+pub mod __bench;
 #[cfg(feature = "server")]
 pub mod alt_svc;
 #[cfg(feature = "client")]
@@ -128,7 +131,7 @@ mod h3;
 pub mod quic;
 #[cfg(feature = "server")]
 pub mod server;
-#[cfg(test)]
+#[cfg(any(test, feature = "__bench"))]
 mod testing;
 #[cfg(feature = "axum")]
 pub mod ws;

@@ -1,9 +1,13 @@
-//! Test support (compiled for unit tests only): two quiche connections joined by an
+//! Test support (compiled for unit tests, and for the benches through the hidden `__bench`
+//! feature): two quiche connections joined by an
 //! in-memory pipe, so the connection and stream logic can be driven without sockets, timers
 //! of the OS network stack, or other tasks. Every packet either side sends is handed to the
 //! other at once, in order; nothing is lost or reordered, so a test's outcome depends only on
 //! what the two sides do. Also a waker that counts its wake-ups, for tests that poll by hand,
 //! and the echo protocol of the examples, an application to drive connections with.
+
+// The benches use the pipe and the configurations, not the rest.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,10 +15,11 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Wake, Waker};
 use std::time::Instant;
 
-use crate::quic::{ClientConfig, ServerConfig, TransportConfig};
+use crate::quic::{ClientConfig, ServerConfig, ServerConfigBuilder, TransportConfig};
 
 /// The raw-QUIC echo protocol of the examples (it names this crate `tower_quiche`, which
 /// `lib.rs` makes resolve here for unit tests).
+#[cfg(test)]
 #[allow(dead_code)]
 #[path = "../examples/support/echo.rs"]
 pub(crate) mod echo;
@@ -31,14 +36,19 @@ fn server_cert() -> &'static crate::tls::GeneratedCert {
 
 /// A server configuration with `alpn`, and `adjust` applied to the default transport.
 pub(crate) fn server_config(alpn: &str, adjust: impl FnOnce(TransportConfig) -> TransportConfig) -> ServerConfig {
+    server_builder(alpn)
+        .transport(adjust(TransportConfig::new()))
+        .build()
+        .expect("a server configuration")
+}
+
+/// A server configuration builder with `alpn` and [`server_config`]'s certificate.
+pub(crate) fn server_builder(alpn: &str) -> ServerConfigBuilder {
     let cert = server_cert();
     ServerConfig::builder()
         .alpn([alpn])
         .cert_chain_pem(&cert.cert_pem)
         .private_key_pem(&cert.key_pem)
-        .transport(adjust(TransportConfig::new()))
-        .build()
-        .expect("a server configuration")
 }
 
 /// A client configuration with `alpn` that trusts [`server_config`]'s certificate, and
@@ -61,10 +71,23 @@ pub(crate) struct Pipe {
 impl Pipe {
     /// Two connections, not yet handshaken.
     pub(crate) fn new(server: &ServerConfig, client: &ClientConfig) -> Pipe {
+        Self::between(
+            server,
+            client,
+            CLIENT_ADDR.parse().unwrap(),
+            SERVER_ADDR.parse().unwrap(),
+        )
+    }
+
+    /// Two connections that believe they are at `client_addr` and `server_addr`.
+    pub(crate) fn between(
+        server: &ServerConfig,
+        client: &ClientConfig,
+        client_addr: SocketAddr,
+        server_addr: SocketAddr,
+    ) -> Pipe {
         let mut server_config = server.config.quiche_config(true).expect("server quiche config");
         let mut client_config = client.config.quiche_config(false).expect("client quiche config");
-        let client_addr: SocketAddr = CLIENT_ADDR.parse().unwrap();
-        let server_addr: SocketAddr = SERVER_ADDR.parse().unwrap();
         let client_scid = quiche::ConnectionId::from_ref(&[0xc1; 16]);
         let server_scid = quiche::ConnectionId::from_ref(&[0x5e; 16]);
         let client = quiche::connect(
@@ -82,7 +105,12 @@ impl Pipe {
 
     /// A pair that has completed its handshake.
     pub(crate) fn handshaken(server: &ServerConfig, client: &ClientConfig) -> Pipe {
-        let mut pipe = Pipe::new(server, client);
+        Pipe::new(server, client).handshake()
+    }
+
+    /// Completes the pair's handshake.
+    pub(crate) fn handshake(self) -> Pipe {
+        let mut pipe = self;
         for _ in 0..32 {
             pipe.flush();
             if pipe.client.is_established() && pipe.server.is_established() {

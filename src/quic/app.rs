@@ -7,12 +7,13 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Context;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use futures_util::task::AtomicWaker;
+use tokio::sync::watch;
 
 use crate::error::Error;
 
@@ -150,14 +151,54 @@ impl Closed {
     }
 }
 
-pub(crate) enum Command {
-    Close {
-        code: u64,
-        reason: Bytes,
-    },
-    /// The handshake must complete by then (or the connection fails as timed out).
+/// What [`ConnectionHandle`]s ask of the connection's task: a close, and (a client's pool)
+/// a deadline for the handshake.
+///
+/// Slots, not a channel: one close is all there can usefully be (the first asked for wins
+/// until the task takes it), and a slot costs a few dozen bytes where a tokio channel
+/// allocates its shared state and a first block of 32 slots (1.8 KiB) up front, held by
+/// every connection for its whole life.
+#[derive(Default)]
+pub(crate) struct HandleRequests {
+    close: Mutex<Option<(u64, Bytes)>>,
+    /// The handshake must complete by then, or the connection fails as timed out.
     #[cfg(feature = "client")]
-    HandshakeDeadline(std::time::Instant),
+    handshake_deadline: Mutex<Option<std::time::Instant>>,
+    task: AtomicWaker,
+}
+
+impl HandleRequests {
+    fn close_slot(&self) -> MutexGuard<'_, Option<(u64, Bytes)>> {
+        // An `Option` is consistent whatever a panicking holder did.
+        self.close.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn ask_close(&self, code: u64, reason: Bytes) {
+        self.close_slot().get_or_insert((code, reason));
+        self.task.wake();
+    }
+
+    #[cfg(feature = "client")]
+    fn limit_handshake(&self, deadline: std::time::Instant) {
+        let mut slot = self.handshake_deadline.lock().unwrap_or_else(|p| p.into_inner());
+        *slot = Some(slot.map_or(deadline, |d| d.min(deadline)));
+        drop(slot);
+        self.task.wake();
+    }
+
+    /// The close asked for, if any; otherwise the task (`cx`) is woken by the next request.
+    pub(crate) fn poll_take_close(&self, cx: &Context<'_>) -> Option<(u64, Bytes)> {
+        // Registered before looking, so an ask in between is not missed.
+        self.task.register(cx.waker());
+        self.close_slot().take()
+    }
+
+    /// The handshake deadline asked for since the last look, if any (the task was
+    /// registered for wake-ups by [`poll_take_close`](Self::poll_take_close)).
+    #[cfg(feature = "client")]
+    pub(crate) fn take_handshake_deadline(&self) -> Option<std::time::Instant> {
+        self.handshake_deadline.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 /// A handle to a running connection: wait for its handshake or its end, or close it.
@@ -167,7 +208,7 @@ pub(crate) enum Command {
 #[derive(Clone)]
 pub struct ConnectionHandle {
     pub(super) state: watch::Receiver<State>,
-    pub(super) commands: mpsc::Sender<Command>,
+    pub(super) requests: Arc<HandleRequests>,
     pub(super) peer_addr: SocketAddr,
     pub(super) trace_id: Arc<str>,
 }
@@ -250,17 +291,13 @@ impl ConnectionHandle {
     /// timeout must still hold).
     #[cfg(feature = "client")]
     pub(crate) fn limit_handshake(&self, deadline: std::time::Instant) {
-        let _ = self.commands.try_send(Command::HandshakeDeadline(deadline));
+        self.requests.limit_handshake(deadline);
     }
 
     /// Closes the connection with an application error code and reason, which the peer
     /// receives in CONNECTION_CLOSE.
     pub fn close(&self, code: u64, reason: impl Into<Bytes>) {
-        // A full queue means a close is already on its way.
-        let _ = self.commands.try_send(Command::Close {
-            code,
-            reason: reason.into(),
-        });
+        self.requests.ask_close(code, reason.into());
     }
 }
 

@@ -148,6 +148,8 @@ pub(crate) struct ServerSettings {
     pub(crate) max_handshakes: usize,
     pub(crate) stateless_replies_per_second: u32,
     pub(crate) stateless_reply_burst: u32,
+    /// Sockets bound per address with SO_REUSEPORT; `None`: one per tokio worker thread.
+    pub(crate) sockets_per_address: Option<usize>,
 }
 
 impl Default for ServerSettings {
@@ -159,6 +161,7 @@ impl Default for ServerSettings {
             max_handshakes: 1024,
             stateless_replies_per_second: 1000,
             stateless_reply_burst: 1000,
+            sockets_per_address: None,
         }
     }
 }
@@ -867,6 +870,23 @@ impl ServerConfigBuilder {
     /// it is asked for only while handshakes pile up, as in a flood from spoofed addresses.
     pub fn retry(mut self, policy: impl Into<RetryPolicy>) -> Self {
         self.server.retry = policy.into();
+        self
+    }
+
+    /// How many UDP sockets [`Listener::bind`](crate::quic::Listener::bind) and
+    /// [`bind_all`](crate::quic::Listener::bind_all) bind to each address, with
+    /// `SO_REUSEPORT`, each read by a receive loop of its own so that receiving spreads
+    /// over the runtime's threads. Defaults to one per tokio worker thread of the runtime
+    /// that binds. The kernel gives each socket the datagrams of some clients (by a hash of
+    /// the addresses); the sockets share one route table, so a connection whose packets
+    /// move to another socket (a NAT rebinding changes the hash) is still found, and they
+    /// share the listener's caps, its Retry and stateless-reset keys and its TLS session
+    /// tickets. Each socket has receive buffers of its own (512 KiB where the kernel offers
+    /// GRO), so a runtime of many threads that serves little traffic may want fewer. Linux
+    /// and Android only: elsewhere `SO_REUSEPORT` does not spread datagrams, and one socket
+    /// is bound. `0` counts as 1.
+    pub fn sockets_per_address(mut self, sockets: usize) -> Self {
+        self.server.sockets_per_address = Some(sockets.max(1));
         self
     }
 

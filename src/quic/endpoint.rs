@@ -57,9 +57,23 @@ impl Drop for CloseOnDrop {
     }
 }
 
+/// How many sockets a listener binds per address: the configured number, or one per worker
+/// thread of the runtime that binds.
+fn sockets_per_address(config: &ServerConfig) -> usize {
+    config.config.inner.server.sockets_per_address.unwrap_or_else(|| {
+        tokio::runtime::Handle::try_current()
+            .map(|runtime| runtime.metrics().num_workers())
+            .unwrap_or(1)
+            .max(1)
+    })
+}
+
 /// A QUIC server endpoint: one or more UDP sockets whose new connections arrive here.
 ///
-/// Each socket has a router task that answers unknown versions with version negotiation,
+/// By default it binds one socket per tokio worker thread to each address, with
+/// `SO_REUSEPORT` on Linux
+/// ([`ServerConfigBuilder::sockets_per_address`](crate::quic::ServerConfigBuilder::sockets_per_address)),
+/// so receiving spreads over the runtime's threads. Each socket has a router task that answers unknown versions with version negotiation,
 /// validates client addresses with Retry (unless turned off), and hands out [`Incoming`]
 /// connections through a bounded backlog. `Listener` is a [`Stream`](futures_core::Stream)
 /// of them; [`Listener::accept`] takes one.
@@ -98,10 +112,11 @@ impl Listener {
         let addrs = tokio::net::lookup_host(addr)
             .await
             .map_err(|e| Error::io("cannot resolve the address to listen on", e))?;
+        let per_address = sockets_per_address(&config);
         let mut last_error = None;
         for addr in addrs {
-            match Socket::bind(addr) {
-                Ok(socket) => return Self::from_sockets(vec![socket], config),
+            match Socket::bind_group(addr, per_address) {
+                Ok(sockets) => return Self::from_sockets(sockets, config),
                 Err(e) => last_error = Some(Error::io(format!("cannot bind UDP {addr}"), e)),
             }
         }
@@ -111,14 +126,20 @@ impl Listener {
     /// Binds a server endpoint on several addresses (say, an IPv4 and an IPv6 one); new
     /// connections from all of them arrive on this one listener.
     pub async fn bind_all(addrs: &[SocketAddr], config: ServerConfig) -> Result<Listener, Error> {
-        let sockets = addrs
-            .iter()
-            .map(|addr| Socket::bind(*addr).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let per_address = sockets_per_address(&config);
+        let mut sockets = Vec::new();
+        for addr in addrs {
+            sockets.extend(
+                Socket::bind_group(*addr, per_address).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?,
+            );
+        }
         Self::from_sockets(sockets, config)
     }
 
     /// Serves on sockets the caller already bound (e.g. inherited from a supervisor).
+    /// Sockets bound to the same address (with `SO_REUSEPORT`) are served as one group, as
+    /// [`ServerConfigBuilder::sockets_per_address`](crate::quic::ServerConfigBuilder::sockets_per_address)
+    /// describes.
     pub fn from_std(sockets: Vec<std::net::UdpSocket>, config: ServerConfig) -> Result<Listener, Error> {
         let sockets = sockets
             .into_iter()
@@ -133,18 +154,27 @@ impl Listener {
         }
         let config = &server_config.config;
         let (tx, rx) = mpsc::channel(config.inner.server.accept_backlog);
-        // One set of caps for the whole listener, whichever socket a client arrives on.
-        let limits = Limits::new(&config.inner.server);
-        let mut shareds = Vec::new();
+        // One set of caps, keys and TLS context for the whole listener, whichever socket a
+        // client arrives on.
+        let accept = router::Accept::new(config.quiche_config(true)?, tx, Limits::new(&config.inner.server));
+        let mut shareds: Vec<Arc<Shared>> = Vec::new();
         let mut local_addrs = Vec::new();
         for socket in sockets {
-            let quiche_config = config.quiche_config(true)?;
-            local_addrs.push(socket.local_addr());
-            let shared = Shared::new(socket, config.clone());
-            router::spawn(
-                Arc::clone(&shared),
-                Some(router::Accept::new(quiche_config, tx.clone(), Arc::clone(&limits))),
-            );
+            let local = socket.local_addr();
+            // The sockets of one address share its routes and reset key (see `Shared`).
+            let shared = match shareds.iter().find(|s| s.socket.local_addr() == local) {
+                Some(group) => Shared::in_group(
+                    socket,
+                    config.clone(),
+                    Arc::clone(&group.routes),
+                    Arc::clone(&group.reset_key),
+                ),
+                None => {
+                    local_addrs.push(local);
+                    Shared::new(socket, config.clone())
+                }
+            };
+            router::spawn(Arc::clone(&shared), Some(accept.clone()));
             shareds.push(shared);
         }
         Ok(Listener {
@@ -165,7 +195,7 @@ impl Listener {
         self.local_addrs[0]
     }
 
-    /// Every bound address.
+    /// Every bound address (once, however many sockets are bound to it).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }
@@ -472,5 +502,179 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(30), run)
             .await
             .expect("every connection finished");
+    }
+
+    /// A UDP relay between a client and a server that plays a NAT: it forwards the
+    /// client's datagrams from an upstream socket of its own, and [`rebind`](Self::rebind)
+    /// moves to a new one, so the server sees the client's address change mid-connection.
+    struct Nat {
+        front: Arc<tokio::net::UdpSocket>,
+        upstream: Arc<Mutex<Arc<tokio::net::UdpSocket>>>,
+        client: Arc<Mutex<Option<SocketAddr>>>,
+    }
+
+    impl Nat {
+        async fn new(server: SocketAddr) -> Nat {
+            let nat = Nat {
+                front: Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+                upstream: Arc::new(Mutex::new(Arc::new(
+                    tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+                ))),
+                client: Arc::default(),
+            };
+            let (front, upstream, client) = (
+                Arc::clone(&nat.front),
+                Arc::clone(&nat.upstream),
+                Arc::clone(&nat.client),
+            );
+            tokio::spawn(async move {
+                let mut buf = vec![0; 65_536];
+                while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                    *client.lock().unwrap() = Some(from);
+                    let out = Arc::clone(&upstream.lock().unwrap());
+                    let _ = out.send_to(&buf[..n], server).await;
+                }
+            });
+            nat.relay_back(Arc::clone(&nat.upstream.lock().unwrap()));
+            nat
+        }
+
+        /// Forwards what the server sends to `upstream` back to the client.
+        fn relay_back(&self, upstream: Arc<tokio::net::UdpSocket>) {
+            let (front, client) = (Arc::clone(&self.front), Arc::clone(&self.client));
+            tokio::spawn(async move {
+                let mut buf = vec![0; 65_536];
+                while let Ok((n, _)) = upstream.recv_from(&mut buf).await {
+                    let to = *client.lock().unwrap();
+                    if let Some(to) = to {
+                        let _ = front.send_to(&buf[..n], to).await;
+                    }
+                }
+            });
+        }
+
+        /// The client's datagrams leave from `upstream` from now on.
+        fn rebind(&self, upstream: tokio::net::UdpSocket) {
+            let upstream = Arc::new(upstream);
+            self.relay_back(Arc::clone(&upstream));
+            *self.upstream.lock().unwrap() = upstream;
+        }
+    }
+
+    /// A listener of two sockets on one address, serving echo connections; and its sockets.
+    async fn two_socket_listener() -> (SocketAddr, Vec<Arc<Shared>>) {
+        let idle = |b: crate::quic::TransportConfig| b.idle_timeout(Duration::from_secs(5));
+        let config = testing::server_builder("echo")
+            .transport(idle(crate::quic::TransportConfig::new()))
+            .sockets_per_address(2)
+            .build()
+            .unwrap();
+        let mut listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+        let sockets = listener._close.0.clone();
+        assert_eq!(sockets.len(), 2, "two sockets bound");
+        assert_eq!(listener.local_addrs(), [listener.local_addr()], "on one address");
+        let server = listener.local_addr();
+        tokio::spawn(async move {
+            while let Some(incoming) = listener.accept().await {
+                incoming.start(EchoServer::new());
+            }
+        });
+        (server, sockets)
+    }
+
+    fn received(sockets: &[Arc<Shared>]) -> Vec<usize> {
+        sockets.iter().map(|s| s.socket.received()).collect()
+    }
+
+    /// The kernel picks one of the sockets of an address by a hash of the client's address;
+    /// a NAT rebinding changes it, so a connection's packets may move to the other socket
+    /// mid-connection: that socket's router must find the connection (one route table for
+    /// the address) and the connection goes on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebound_client_whose_packets_reach_another_socket_is_still_served() {
+        let (server, sockets) = two_socket_listener().await;
+        let nat = Nat::new(server).await;
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), testing::client_config("echo", |b| b)).unwrap();
+        let (app, client) = EchoClient::new();
+        let run = async {
+            let conn = endpoint
+                .connect_addr(nat.front.local_addr().unwrap(), Some("localhost"), app)
+                .await
+                .unwrap();
+            let data = bytes::Bytes::from_static(b"before the rebinding");
+            assert_eq!(client.echo(data.clone()).await.unwrap(), data);
+            // The socket that got the handshake, and a new port whose datagrams the kernel
+            // gives to the other one: found by sending it a stray datagram (dropped by the
+            // router, but counted by its socket).
+            let first = received(&sockets);
+            let other = usize::from(first[1] <= first[0]);
+            let mut moved = None;
+            for _ in 0..64 {
+                let candidate = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+                let before = received(&sockets);
+                candidate.send_to(b"stray", server).await.unwrap();
+                while received(&sockets).iter().sum::<usize>() == before.iter().sum::<usize>() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                if received(&sockets)[other] > before[other] {
+                    moved = Some(candidate);
+                    break;
+                }
+            }
+            let upstream = moved.expect("a port the kernel routes to the other socket");
+            nat.rebind(upstream);
+            let before = received(&sockets);
+            let data = bytes::Bytes::from_static(b"after the rebinding");
+            assert_eq!(client.echo(data.clone()).await.unwrap(), data);
+            assert!(
+                received(&sockets)[other] > before[other],
+                "the connection's packets now reach the other socket"
+            );
+            // And it goes on from there.
+            let data = bytes::Bytes::from(vec![7u8; 100_000]);
+            assert_eq!(client.echo(data.clone()).await.unwrap(), data);
+            assert!(!conn.is_closed());
+        };
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("the rebound connection was served");
+    }
+
+    /// Clients on different ports spread over the sockets of an address, and each socket
+    /// serves its own.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_spread_over_the_sockets_of_an_address_are_all_served() {
+        let (server, sockets) = two_socket_listener().await;
+        let run = async {
+            let mut conns = Vec::new();
+            for i in 0..64 {
+                // A client socket each: a new source port, a new hash.
+                let endpoint =
+                    Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), testing::client_config("echo", |b| b))
+                        .unwrap();
+                let (app, client) = EchoClient::new();
+                let conn = endpoint.connect_addr(server, Some("localhost"), app).await.unwrap();
+                let data = bytes::Bytes::from(format!("connection {i}"));
+                assert_eq!(client.echo(data.clone()).await.unwrap(), data);
+                conns.push((endpoint, conn, client));
+                if i >= 7 && received(&sockets).iter().all(|&n| n > 0) {
+                    break;
+                }
+            }
+            assert!(
+                received(&sockets).iter().all(|&n| n > 0),
+                "both sockets received: {:?}",
+                received(&sockets)
+            );
+            // Every connection is still served, whichever socket it is on.
+            for (i, (_, _, client)) in conns.iter().enumerate() {
+                let data = bytes::Bytes::from(format!("again {i}"));
+                assert_eq!(client.echo(data.clone()).await.unwrap(), data);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(30), run)
+            .await
+            .expect("every connection was served");
     }
 }

@@ -33,7 +33,7 @@
 //! `client`. From the wire up:
 //!
 //! - `udp`: the UDP socket, batched IO (GSO/GRO) through quinn-udp; knows no QUIC.
-//! - `routes`: one socket's route table (connection ID -> connection), the registration
+//! - `routes`: the route table of one address's sockets (connection ID -> connection), the registration
 //!   through which a connection holds its entries, and the bounded inbound queues.
 //! - `cid`, `token`, `limits`: connection ID generation and stateless-reset keys, Retry
 //!   tokens, the listener's connection, handshake and reply caps.
@@ -90,6 +90,8 @@ pub use config::{
     ClientConfig, ClientConfigBuilder, CongestionControl, RetryPolicy, ServerConfig, ServerConfigBuilder,
     TransportConfig,
 };
+#[cfg(feature = "__bench")]
+pub(crate) use driver::bench::Flush as FlushBench;
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
 pub(crate) use notify::{ConnNotify, Queued};

@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -48,6 +48,11 @@ const MIN_RESET_LEN: usize = 21;
 const MAX_RESET_LEN: usize = 43;
 
 /// One socket and what its router, its connections and the endpoint's handles share.
+///
+/// Sockets bound to one address (a listener's `SO_REUSEPORT` group) share one route table
+/// and one reset key: the kernel picks a socket by a hash of the client's address, which a
+/// NAT rebinding changes, so any of them may receive a connection's next packet, and must
+/// find the connection, or answer for it with the token the connection advertised.
 pub(crate) struct Shared {
     pub(crate) socket: Arc<Socket>,
     pub(crate) config: Config,
@@ -56,12 +61,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// A socket with a route table and reset key of its own.
     pub(crate) fn new(socket: Socket, config: Config) -> Arc<Self> {
+        Self::in_group(socket, config, Arc::default(), Arc::new(ResetKey::random()))
+    }
+
+    /// A socket that shares `routes` and `reset_key` with the other sockets of its address.
+    pub(crate) fn in_group(
+        socket: Socket,
+        config: Config,
+        routes: Arc<RouteTable>,
+        reset_key: Arc<ResetKey>,
+    ) -> Arc<Self> {
         Arc::new(Shared {
             socket: Arc::new(socket),
             config,
-            routes: Arc::default(),
-            reset_key: Arc::new(ResetKey::random()),
+            routes,
+            reset_key,
         })
     }
 
@@ -82,10 +98,16 @@ pub(crate) struct Accepted {
     pub(crate) started: Instant,
 }
 
-/// What a server router needs to accept connections.
+/// What a server router needs to accept connections; the routers of every socket of a
+/// listener share it.
+#[derive(Clone)]
 pub(crate) struct Accept {
-    config: quiche::Config,
-    token_key: TokenKey,
+    /// One quiche configuration (one TLS context) for the whole listener, so a session
+    /// ticket issued through one socket resumes through any other. Locked for
+    /// `quiche::accept` only, once per new connection.
+    config: Arc<Mutex<quiche::Config>>,
+    /// One Retry key: a client's second Initial may reach another socket than its first.
+    token_key: Arc<TokenKey>,
     backlog: mpsc::Sender<Accepted>,
     limits: Arc<Limits>,
 }
@@ -93,8 +115,8 @@ pub(crate) struct Accept {
 impl Accept {
     pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Accepted>, limits: Arc<Limits>) -> Self {
         Accept {
-            config,
-            token_key: TokenKey::random(),
+            config: Arc::new(Mutex::new(config)),
+            token_key: Arc::new(TokenKey::random()),
             backlog,
             limits,
         }
@@ -124,6 +146,11 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
     let _enter = span.enter();
     let mut accepted: Vec<Accepted> = Vec::new();
     loop {
+        // Listening before looking, so a close in between is not missed (the other routers
+        // of the address share the signal).
+        let closed_or_emptied = shared.routes.closed_or_emptied();
+        tokio::pin!(closed_or_emptied);
+        closed_or_emptied.as_mut().enable();
         if shared.routes.is_closing() {
             // Every handle is gone: accept nothing new, and linger only while connections
             // still use the socket.
@@ -135,7 +162,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         }
         let filled = tokio::select! {
             biased;
-            () = shared.routes.closed_or_emptied() => continue,
+            () = closed_or_emptied => continue,
             r = std::future::poll_fn(|cx| shared.socket.poll_recv(cx, &mut bufs)) => r,
         };
         let filled = match filled {
@@ -321,11 +348,14 @@ fn accept_initial(
             return None;
         }
     };
-    accept
-        .config
-        .set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
     let local = shared.socket.local_addr();
-    let conn = match quiche::accept(&scid, odcid.as_ref(), local, from, &mut accept.config) {
+    let accepted = {
+        // Held for one `quiche::accept`; a panic inside it leaves nothing half-changed here.
+        let mut config = accept.config.lock().unwrap_or_else(|p| p.into_inner());
+        config.set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
+        quiche::accept(&scid, odcid.as_ref(), local, from, &mut config)
+    };
+    let conn = match accepted {
         Ok(conn) => conn,
         Err(e) => {
             tracing::debug!(error = %e, %from, "quiche refused a new connection");

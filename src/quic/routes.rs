@@ -1,4 +1,4 @@
-//! The route table of one socket: which connection each connection ID belongs to, the
+//! The route table of one socket (or of the sockets bound to one address): which connection each connection ID belongs to, the
 //! [`Registration`] through which a connection holds its entries (its lease), and the
 //! inbound queue that carries a connection's datagrams from the router to its task.
 //!
@@ -13,15 +13,15 @@
 //! (`inbound_queue_bytes`) whatever the peer sends. A datagram that does not fit is refused,
 //! and the router drops it as a congested network would.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::BytesMut;
+use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{Notify, mpsc};
 
 use super::config::Settings;
 use super::limits::Slot;
@@ -61,20 +61,21 @@ impl RouteTable {
         self.lock().len()
     }
 
-    /// Every handle to the endpoint is gone: wakes the router to stop when it may.
+    /// Every handle to the endpoint is gone: wakes the routers to stop when they may.
     pub(crate) fn close(&self) {
         self.closing.store(true, Ordering::Release);
-        self.wake.notify_one();
+        self.wake.notify_waiters();
     }
 
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::Acquire)
     }
 
-    /// Completes when [`close`](Self::close) was called, or the last route of a closing
-    /// table was withdrawn.
-    pub(crate) async fn closed_or_emptied(&self) {
-        self.wake.notified().await
+    /// Completes when [`close`](Self::close) is called, or the last route of a closing
+    /// table is withdrawn, after the returned future was enabled: every router of the
+    /// table's sockets is woken, none gets a permit stored for later.
+    pub(crate) fn closed_or_emptied(&self) -> tokio::sync::futures::Notified<'_> {
+        self.wake.notified()
     }
 }
 
@@ -153,7 +154,7 @@ impl Registration {
             table.is_empty()
         };
         if now_empty && self.table.is_closing() {
-            self.table.wake.notify_one();
+            self.table.wake.notify_waiters();
         }
     }
 }
@@ -166,60 +167,120 @@ impl Drop for Registration {
 
 /// A new queue with the configured bounds.
 pub(crate) fn channel(s: &Settings) -> (Sender, Receiver) {
-    let (tx, rx) = mpsc::channel(s.inbound_queue);
-    let queued = Arc::new(AtomicUsize::new(0));
+    let queue = Arc::new(Queue {
+        max_datagrams: s.inbound_queue,
+        max_bytes: s.inbound_queue_bytes,
+        state: Mutex::default(),
+    });
     (
         Sender {
-            tx,
-            queued: Arc::clone(&queued),
-            max_bytes: s.inbound_queue_bytes,
+            queue: Arc::clone(&queue),
         },
-        Receiver { rx, queued },
+        Receiver { queue },
     )
+}
+
+/// One connection's inbound datagrams, shared by the router (every route of the
+/// connection is a clone of one [`Sender`]) and the connection's task.
+///
+/// A deque under a mutex rather than a channel, for memory: a tokio channel allocates its
+/// first block of 32 slots (2 KiB of datagram handles) and its shared state (512 bytes) when
+/// it is made, and keeps the block for the connection's life. This queue holds no buffer
+/// while it is empty, which is how an idle connection's queue always is: the buffer is
+/// allocated by the datagram that finds it empty and freed by the receiver that empties it.
+/// The lock is held for a push or a pop, never across a wake-up.
+struct Queue {
+    max_datagrams: usize,
+    max_bytes: usize,
+    state: Mutex<QueueState>,
+}
+
+#[derive(Default)]
+struct QueueState {
+    datagrams: VecDeque<Datagram>,
+    /// Bytes of `datagrams`.
+    bytes: usize,
+    /// The connection task, waiting for a datagram.
+    waiting: Option<Waker>,
+    /// The connection's task is gone.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, QueueState> {
+        // Every change under the lock is a push or a pop that cannot panic half-way.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// The router's end (one per routed connection ID, all clones of one another).
 #[derive(Clone)]
 pub(crate) struct Sender {
-    tx: mpsc::Sender<Datagram>,
-    /// Bytes of the datagrams in the queue, shared with the receiver.
-    queued: Arc<AtomicUsize>,
-    max_bytes: usize,
+    queue: Arc<Queue>,
 }
 
 impl Sender {
     /// Queues `datagram` unless either bound is reached or the connection is gone.
     pub(crate) fn try_send(&self, datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
-        let len = datagram.data.len();
-        // Reserve the bytes first, so two senders cannot both squeeze past the bound.
-        let reserved = self
-            .queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q + len <= self.max_bytes).then_some(q + len)
-            })
-            .is_ok();
-        if !reserved {
-            return Err(TrySendError::Full(datagram));
+        let queue = &*self.queue;
+        let waiting = {
+            let mut state = queue.lock();
+            if state.closed {
+                return Err(TrySendError::Closed(datagram));
+            }
+            let len = datagram.data.len();
+            if state.datagrams.len() >= queue.max_datagrams || state.bytes + len > queue.max_bytes {
+                return Err(TrySendError::Full(datagram));
+            }
+            state.bytes += len;
+            state.datagrams.push_back(datagram);
+            state.waiting.take()
+        };
+        if let Some(waker) = waiting {
+            waker.wake();
         }
-        self.tx.try_send(datagram).inspect_err(|_| {
-            self.queued.fetch_sub(len, Ordering::AcqRel);
-        })
+        Ok(())
     }
 }
 
 /// The connection task's end.
 pub(crate) struct Receiver {
-    rx: mpsc::Receiver<Datagram>,
-    queued: Arc<AtomicUsize>,
+    queue: Arc<Queue>,
 }
 
 impl Receiver {
-    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Datagram>> {
-        self.rx.poll_recv(cx).map(|d| {
-            d.inspect(|d| {
-                self.queued.fetch_sub(d.data.len(), Ordering::AcqRel);
-            })
-        })
+    /// The next datagram, or `Pending` (with `cx` to be woken) while there is none. The
+    /// queue never ends: the connection's own registration keeps a sender for as long as
+    /// the connection lives.
+    pub(crate) fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Datagram> {
+        let mut state = self.queue.lock();
+        match state.datagrams.pop_front() {
+            Some(datagram) => {
+                state.bytes -= datagram.data.len();
+                if state.datagrams.is_empty() {
+                    // Drained: an idle connection keeps no buffer.
+                    state.datagrams = VecDeque::new();
+                }
+                Poll::Ready(datagram)
+            }
+            None => {
+                match &mut state.waiting {
+                    Some(waker) if waker.will_wake(cx.waker()) => {}
+                    waiting => *waiting = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let mut state = self.queue.lock();
+        state.closed = true;
+        // What is queued can never be read; free it now rather than with the last route.
+        state.datagrams = VecDeque::new();
+        state.bytes = 0;
     }
 }
 
@@ -255,7 +316,7 @@ mod tests {
             "exactly full"
         );
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        let Poll::Ready(Some(first)) = rx.poll_recv(&mut cx) else {
+        let Poll::Ready(first) = rx.poll_recv(&mut cx) else {
             panic!("a queued datagram")
         };
         assert_eq!(first.data.len(), 6_000);
@@ -270,5 +331,37 @@ mod tests {
         );
         drop(rx);
         assert!(matches!(tx.try_send(datagram(1)), Err(TrySendError::Closed(_))));
+    }
+
+    /// An idle connection's queue is empty, and an empty queue holds no buffer: what it
+    /// needed for a burst is freed once the burst is read.
+    #[test]
+    fn a_drained_queue_holds_no_buffer() {
+        let (tx, mut rx) = channel(&Settings::default());
+        let capacity = || tx.queue.lock().datagrams.capacity();
+        assert_eq!(capacity(), 0, "a new queue");
+        for _ in 0..10 {
+            tx.try_send(datagram(100)).unwrap();
+        }
+        assert!(capacity() >= 10);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for _ in 0..10 {
+            assert!(rx.poll_recv(&mut cx).is_ready());
+        }
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        assert_eq!(capacity(), 0, "drained");
+    }
+
+    /// A datagram wakes the task that found the queue empty.
+    #[test]
+    fn a_datagram_wakes_the_waiting_task() {
+        let (tx, mut rx) = channel(&Settings::default());
+        let wakes = Arc::<crate::testing::WakeCount>::default();
+        let waker = wakes.waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(rx.poll_recv(&mut cx).is_pending());
+        tx.try_send(datagram(1)).unwrap();
+        assert_eq!(wakes.count(), 1);
+        assert!(rx.poll_recv(&mut cx).is_ready());
     }
 }

@@ -25,6 +25,11 @@ const GRO_SLICE_BYTES: usize = 64 * 1024;
 /// With GRO each slice holds up to 64 datagrams; a few slices per syscall suffice.
 const GRO_SLICES: usize = 8;
 
+/// Whether sockets bound with `SO_REUSEPORT` share the datagrams to their address (by a
+/// hash of the 4-tuple). Elsewhere the option only lets several sockets bind, and one of
+/// them gets everything.
+const REUSE_PORT_SPREADS: bool = cfg!(any(target_os = "linux", target_os = "android"));
+
 pub(crate) struct Socket {
     io: tokio::net::UdpSocket,
     state: UdpSocketState,
@@ -40,6 +45,9 @@ pub(crate) struct Socket {
     refuse_one_in: std::sync::atomic::AtomicUsize,
     #[cfg(test)]
     sends: std::sync::atomic::AtomicUsize,
+    /// Test seam: receive batches this socket has read.
+    #[cfg(test)]
+    received: std::sync::atomic::AtomicUsize,
 }
 
 /// Wakers of the tasks waiting for room in a socket's send buffer: at most one per
@@ -86,12 +94,38 @@ impl Socket {
     /// Binds `addr`. IPv6 wildcard sockets are dual-stack, so one client socket reaches both
     /// families.
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
+        Self::bind_with(addr, false)
+    }
+
+    /// Binds `count` sockets to `addr` with `SO_REUSEPORT`, so the kernel spreads the
+    /// datagrams of different clients over them (port 0: the first socket's port for all).
+    /// One socket, or a system whose `SO_REUSEPORT` does not spread, binds one plainly.
+    pub(crate) fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<Self>> {
+        if count <= 1 || !REUSE_PORT_SPREADS {
+            return Ok(vec![Self::bind(addr)?]);
+        }
+        let first = Self::bind_with(addr, true)?;
+        let addr = first.local_addr();
+        let mut group = vec![first];
+        for _ in 1..count {
+            group.push(Self::bind_with(addr, true)?);
+        }
+        Ok(group)
+    }
+
+    fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<Self> {
         let domain = socket2::Domain::for_address(addr);
         let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
             // Best effort: some systems forbid dual-stack sockets.
             let _ = sock.set_only_v6(false);
         }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if reuse_port {
+            sock.set_reuse_port(true)?;
+        }
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let _ = reuse_port;
         sock.bind(&addr.into())?;
         Self::from_std(sock.into())
     }
@@ -116,6 +150,8 @@ impl Socket {
             refuse_one_in: Default::default(),
             #[cfg(test)]
             sends: Default::default(),
+            #[cfg(test)]
+            received: Default::default(),
         })
     }
 
@@ -193,6 +229,12 @@ impl Socket {
         self.refuse_one_in.store(one_in, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Test seam: how many receive batches this socket has read.
+    #[cfg(test)]
+    pub(crate) fn received(&self) -> usize {
+        self.received.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// After `try_send` returned `WouldBlock`: wakes `waker` once the socket can take more
     /// (at once if it already can).
     ///
@@ -222,7 +264,11 @@ impl Socket {
                     .recv((&self.io).into(), &mut iovs[..slices], &mut bufs.meta[..slices])
             });
             match result {
-                Ok(n) => return Poll::Ready(Ok(n)),
+                Ok(n) => {
+                    #[cfg(test)]
+                    self.received.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return Poll::Ready(Ok(n));
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Poll::Ready(Err(e)),
             }

@@ -611,6 +611,12 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         if self.streams.is_empty() {
             self.idle_since = Some(Instant::now());
+            // Nothing in flight: an idle connection keeps no tables (a HashMap keeps its
+            // capacity when emptied); the next request allocates what it needs again.
+            self.streams = HashMap::new();
+            if self.heads_pending.is_empty() {
+                self.heads_pending = HashMap::new();
+            }
         }
     }
 
@@ -890,5 +896,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
     }
 }
 
+#[cfg(feature = "__bench")]
+pub(crate) mod bench;
 #[cfg(test)]
 mod tests;

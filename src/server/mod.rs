@@ -23,6 +23,8 @@
 //! [`RequestInfo`] (the stream ID) and an [`Informational`] handle for 1xx responses.
 
 mod conn;
+#[cfg(feature = "__bench")]
+pub(crate) use conn::bench::InMemory as InMemoryBench;
 mod date;
 mod dispatch;
 mod service;
