@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::header::{ALT_SVC, AUTHORIZATION, CONTENT_ENCODING, COOKIE, LOCATION};
 use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, Version};
 use http_body::Frame;
-use http_body_util::StreamBody;
+use http_body_util::{BodyExt, StreamBody};
 use support::dual::{Dual, stop_h3};
 use support::h3::{h3_server_with, listener, trusting};
 use support::*;
@@ -87,6 +87,16 @@ fn app(loops: Arc<AtomicUsize>) -> Router {
             get(|| async { ([(CONTENT_ENCODING, "gzip")], gzip(&vec![0u8; 4 << 20])) }),
         )
         .route("/stall-head", get(std::future::pending::<&'static str>))
+        // 16 KiB chunks for as long as the client reads: more than it buffers, at once.
+        .route(
+            "/endless",
+            get(|| async {
+                let chunks = futures_util::stream::repeat_with(|| {
+                    Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![7u8; 16 * 1024])))
+                });
+                axum::body::Body::new(StreamBody::new(chunks))
+            }),
+        )
         .route("/stall-body", get(|| async { body_of(1, None) }))
         // `n` chunks, one every 50 ms.
         .route(
@@ -430,6 +440,76 @@ async fn the_timeouts_bound_the_request_and_each_wait() {
             let body = read.get(s.server.at("/trickle/30")).send().await.unwrap().bytes().await;
             assert_eq!(body.unwrap().len(), 30 * 5, "over {version:?}");
         }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// Shows a defect (review): past the whole-request `timeout`, the body's next frame must
+/// fail (as `Builder::timeout` says), but the deadline is looked at only when the body has
+/// nothing ready: a reader slower than the server, which finds a frame waiting each time it
+/// asks, is never timed out. Here the reader pauses past the deadline, with the server's
+/// data waiting in the buffers, and the next frame is data, not the timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_whole_request_timeout_the_next_frame_fails_even_with_data_waiting() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let client = client(&s.certs, |b| protocol(b).timeout(Duration::from_secs(1)));
+            // A connection up first, so that the request below gets its head at once.
+            text(&client, &s.server.url()).await;
+            let response = client.get(s.server.at("/endless")).send().await.unwrap();
+            let mut body = response.into_body();
+            body.frame().await.unwrap().unwrap();
+            // Past the deadline (one second after the call): the server has filled the
+            // client's buffers meanwhile.
+            tokio::time::sleep(Duration::from_millis(1200)).await;
+            let next = body.frame().await.expect("the body has not ended");
+            let error = next.map(|_| ()).expect_err("the deadline has passed");
+            assert!(error.is_timeout(), "{error} over {version:?}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// Shows a defect (review): a default `accept-encoding` is not sent. The decompression
+/// stage sits outside the default headers' stage, so it fills in its own `accept-encoding`
+/// first and the default then finds the header taken; `default_headers` says a default goes
+/// with every request that has no header of its name (and reqwest sends it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_default_accept_encoding_is_sent_as_other_default_headers() {
+    let s = setup().await;
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let mut defaults = HeaderMap::new();
+            defaults.insert("accept-encoding", HeaderValue::from_static("identity"));
+            let client = client(&s.certs, |b| protocol(b).default_headers(defaults));
+            let (_, _, seen) = text(&client, &s.server.at("/headers")).await;
+            assert!(
+                seen.lines().any(|l| l == "accept-encoding: identity"),
+                "over {version:?}: {seen}"
+            );
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// Shows a defect (review): `Policy::limited(0)` returns a redirect as the answer, where
+/// `Policy::limited` says "one more is an error" (as reqwest's `limited(0)` and
+/// `curl -L --max-redirs 0` fail): a caller that asked for a limit of none learns nothing
+/// of the redirect it did not follow, and `examples/client -L --max-redirs 0` exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_limit_of_zero_fails_at_the_first_redirect() {
+    let s = setup().await;
+    let client = client(&s.certs, |b| {
+        b.http3_prior_knowledge().redirect(redirect::Policy::limited(0))
+    });
+    let run = async {
+        let result = client.get(s.server.at("/to?l=/hello")).send().await;
+        let error = result.map(|r| r.status()).expect_err("past a limit of 0");
+        assert!(error.is_redirect(), "{error}");
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     s.server.stop().await;
