@@ -11,9 +11,10 @@
 //! Outermost first:
 //!
 //! 1. the whole-request timeout: covers every redirect and the final body;
-//! 2. decompression: `accept-encoding` is sent with every hop, only the final response is
+//! 2. default headers: added once, so a redirect off the origin strips them like others;
+//!    outside decompression, so that a default `accept-encoding` is the one sent;
+//! 3. decompression: `accept-encoding` is sent with every hop, only the final response is
 //!    decoded (a size limit then counts decoded bytes);
-//! 3. default headers: added once, so a redirect off the origin strips them like others;
 //! 4. redirects: each hop goes through the pool's protocol selection afresh;
 //! 5. the read timeout: per hop, the head and every stall between body frames;
 //! 6. [`Transport`]: the pool (HTTP/3, or TCP in auto mode).
@@ -236,6 +237,9 @@ impl Conveniences {
                 Redirects::new(self.redirect),
             ));
         }
+        // Decompression inside the default headers: it fills in its own `accept-encoding`
+        // when the request has none, which would hide a default one.
+        stage = self.decompress(stage);
         if !self.default_headers.is_empty() {
             let defaults = Arc::new(self.default_headers.clone());
             stage = Stage::new(stage.map_request(move |mut request: Request<ReqBody>| {
@@ -243,7 +247,6 @@ impl Conveniences {
                 request
             }));
         }
-        stage = self.decompress(stage);
         if let Some(timeout) = self.timeout {
             stage = Stage::new(TotalTimeout { inner: stage, timeout });
         }
