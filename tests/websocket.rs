@@ -30,6 +30,11 @@ struct Server {
 
 /// The examples' routes (with `/ws`) on UDP and TCP, on one port.
 async fn server() -> Server {
+    server_with(support::h3::routes::router()).await
+}
+
+/// `app` on UDP and TCP, on one port.
+async fn server_with(app: axum::Router) -> Server {
     init_tracing();
     let certs = certs();
     let config = ServerConfig::builder()
@@ -41,10 +46,9 @@ async fn server() -> Server {
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let serve = tower_quiche::server::serve_with_tcp(listener, tcp, support::h3::routes::router())
-        .with_graceful_shutdown(async move {
-            let _ = rx.await;
-        });
+    let serve = tower_quiche::server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
+        let _ = rx.await;
+    });
     tokio::spawn(std::future::IntoFuture::into_future(serve));
     Server {
         addr,
@@ -190,6 +194,88 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
         let response = tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await;
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()["sec-websocket-version"], "13");
+    })
+    .await
+    .unwrap();
+}
+
+/// An HTTP/1.1 WebSocket handshake to `url` with `key`, more headers beside, sent alone on
+/// a connection; the response's head.
+async fn http11_handshake(server: &Server, path: &str, key: &str, more: &[(&str, &str)]) -> http::Response<Bytes> {
+    let mut request = Request::get(format!("https://localhost:{}{path}", server.addr.port()))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", key);
+    for (name, value) in more {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::default()).unwrap();
+    tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await
+}
+
+/// Shows a defect (review): RFC 6455 §4.2.1 item 5 asks for a `Sec-WebSocket-Key` that is
+/// the base64 of 16 bytes, and §4.2.2 for a 400 otherwise; any value is accepted today (a
+/// 101 with the accept key of whatever was sent). A well-formed key is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_handshake_with_a_malformed_key_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server().await;
+        let valid = http11_handshake(&server, "/ws", "dGhlIHNhbXBsZSBub25jZQ==", &[]).await;
+        assert_eq!(valid.status(), StatusCode::SWITCHING_PROTOCOLS);
+        // Not base64; base64 of 3 bytes; base64 of 17 bytes.
+        for key in ["not a key!", "AAAA", "AAAAAAAAAAAAAAAAAAAAAAA="] {
+            let response = http11_handshake(&server, "/ws", key, &[]).await;
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "key {key:?}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// `/chat` speaks `chat` and `superchat`, preferring `chat`; it says which one it chose.
+fn subprotocol_app() -> axum::Router {
+    axum::Router::new().route(
+        "/chat",
+        axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move {
+            ws.protocols(["chat", "superchat"]).on_upgrade(|_| async {})
+        }),
+    )
+}
+
+/// The handler's first subprotocol that the client offered is chosen, whatever the
+/// client's order. Shows a defect (review): the offer may come as several
+/// `Sec-WebSocket-Protocol` lines (RFC 6455 §11.3.4: the header field "MAY appear multiple
+/// times in an HTTP request"; RFC 9110 §5.3 makes them one list), but only the first line
+/// is read, so a protocol offered on the second is never chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subprotocol_is_chosen_from_every_offered_line() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server_with(subprotocol_app()).await;
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let one_line = http11_handshake(&server, "/chat", key, &[("sec-websocket-protocol", "superchat, chat")]).await;
+        assert_eq!(one_line.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            one_line.headers()["sec-websocket-protocol"],
+            "chat",
+            "the handler's preference"
+        );
+        let two_lines = http11_handshake(
+            &server,
+            "/chat",
+            key,
+            &[
+                ("sec-websocket-protocol", "v2.other"),
+                ("sec-websocket-protocol", "superchat"),
+            ],
+        )
+        .await;
+        assert_eq!(two_lines.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            two_lines.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()),
+            Some(&b"superchat"[..]),
+            "offered on the second line"
+        );
     })
     .await
     .unwrap();
