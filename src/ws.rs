@@ -120,8 +120,9 @@ impl AsyncWrite for Upgraded {
 pub struct WebSocketUpgrade {
     how: How,
     config: WebSocketConfig,
-    /// The subprotocols the client offered (`sec-websocket-protocol`).
-    offered: Option<HeaderValue>,
+    /// The subprotocols the client offered: every `sec-websocket-protocol` line (one list,
+    /// RFC 6455 §11.3.4 and RFC 9110 §5.3).
+    offered: Vec<HeaderValue>,
     /// The one chosen from them, sent back.
     chosen: Option<HeaderValue>,
 }
@@ -166,10 +167,10 @@ impl WebSocketUpgrade {
     {
         let offered: Vec<&str> = self
             .offered
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(',').map(str::trim).collect())
-            .unwrap_or_default();
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(str::trim))
+            .collect();
         self.chosen = protocols
             .into_iter()
             .find(|p| offered.contains(&p.as_ref()))
@@ -285,7 +286,11 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
                 "only WebSocket version 13 is spoken here",
             ));
         }
-        let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let offered = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .cloned()
+            .collect();
         let how = if request.method() == Method::CONNECT {
             extended_connect(request)?
         } else if request.method() == Method::GET && request.version() <= Version::HTTP_11 {
@@ -339,6 +344,12 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
     Err(not_websocket())
 }
 
+/// RFC 6455 §4.2.1 item 5: the base64 of 16 bytes, which is 22 base64 characters and `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let is_base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key.ends_with(b"==") && key[..22].iter().all(is_base64)
+}
+
 /// RFC 6455 §4.2.1: GET with `Connection: upgrade`, `Upgrade: websocket` and a key.
 fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
     let headers = request.headers();
@@ -354,10 +365,13 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
             "a WebSocket handshake over HTTP/1.1 carries Connection: upgrade and Upgrade: websocket",
         ));
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|key| is_websocket_key(key.as_bytes()))
+    else {
         return Err(WebSocketUpgradeRejection::new(
             StatusCode::BAD_REQUEST,
-            "a WebSocket handshake over HTTP/1.1 carries Sec-WebSocket-Key",
+            "a WebSocket handshake over HTTP/1.1 carries a Sec-WebSocket-Key: the base64 of 16 bytes",
         ));
     };
     #[cfg(feature = "tcp")]
