@@ -26,6 +26,7 @@ struct Server {
     addr: std::net::SocketAddr,
     ca_pem: String,
     _shutdown: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
 }
 
 /// The examples' routes (with `/ws`) on UDP and TCP, on one port.
@@ -35,6 +36,11 @@ async fn server() -> Server {
 
 /// `app` on UDP and TCP, on one port.
 async fn server_with(app: axum::Router) -> Server {
+    serve(tower_quiche::server::Builder::new(), app).await
+}
+
+/// `app` on UDP and TCP, on one port, as `builder` has it.
+async fn serve(builder: tower_quiche::server::Builder, app: axum::Router) -> Server {
     init_tracing();
     let certs = certs();
     let config = ServerConfig::builder()
@@ -46,14 +52,17 @@ async fn server_with(app: axum::Router) -> Server {
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let serve = tower_quiche::server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
-        let _ = rx.await;
-    });
-    tokio::spawn(std::future::IntoFuture::into_future(serve));
+    let serve = builder
+        .serve_with_tcp(listener, tcp, app)
+        .with_graceful_shutdown(async move {
+            let _ = rx.await;
+        });
+    let done = tokio::spawn(std::future::IntoFuture::into_future(serve));
     Server {
         addr,
         ca_pem: certs.ca_pem,
         _shutdown: tx,
+        done,
     }
 }
 
@@ -275,6 +284,78 @@ async fn the_subprotocol_is_chosen_from_every_offered_line() {
             two_lines.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()),
             Some(&b"superchat"[..]),
             "offered on the second line"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// A WebSocket over HTTP/1.1 to the examples' `/ws`, echoing already.
+async fn http11_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>> {
+    let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+        .await
+        .unwrap();
+    let request = server.url("wss").into_client_request().unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    ws.send(Message::text("up")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("up"));
+    ws
+}
+
+/// Shows a defect (review): a WebSocket over HTTP/1.1 leaves `tcp_max_connections`. Once
+/// hyper hands the upgraded stream over, the connection's task ends and frees its slot,
+/// while the WebSocket goes on on that TCP connection: a client can hold any number of
+/// them, past the limit meant to bound descriptors and tasks. Here, with a limit of one, a
+/// second connection must wait while the WebSocket is open (as it waits for any open
+/// connection), and is served once it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_websocket_keeps_its_tcp_connection_slot() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().tcp_max_connections(1);
+        let server = serve(builder, support::h3::routes::router()).await;
+        let ws = http11_websocket(&server).await;
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let url = format!("https://localhost:{}/", addr.port());
+        let mut second = tokio::spawn(async move {
+            let request = Request::get(url).body(http_body_util::Full::default()).unwrap();
+            tcp::try_send(addr, &ca, Version::HTTP_11, None, request)
+                .await
+                .map(|r| r.status())
+        });
+        // Not served while the WebSocket is open (the window only bounds how long we look).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut second)
+                .await
+                .is_err(),
+            "a second connection was served past the limit of one, beside an open WebSocket"
+        );
+        drop(ws);
+        let status = second.await.unwrap().expect("served once the WebSocket closed");
+        assert!(status.is_success() || status.is_client_error(), "{status}");
+    })
+    .await
+    .unwrap();
+}
+
+/// Shows a defect (review): a graceful shutdown ends every connection by its deadline,
+/// but a WebSocket over HTTP/1.1, no longer hyper's connection, outlives it (and the server
+/// it came from): its handler runs on, and its client stays connected. Here the server
+/// stops with a short deadline; the WebSocket must be closed by then (the wait below only
+/// bounds the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_ends_http11_websockets_by_its_deadline() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(200));
+        let server = serve(builder, support::h3::routes::router()).await;
+        let mut ws = http11_websocket(&server).await;
+        let Server { _shutdown, done, .. } = server;
+        drop(_shutdown);
+        done.await.unwrap().unwrap();
+        // Closed: the stream ends or fails (no close handshake: the deadline cut it).
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(
+            matches!(next, Ok(None | Some(Err(_)))),
+            "the WebSocket is still open after the server stopped: {next:?}"
         );
     })
     .await
