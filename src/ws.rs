@@ -137,6 +137,9 @@ enum How {
     Hyper {
         on_upgrade: hyper::upgrade::OnUpgrade,
         accept_key: Option<String>,
+        /// The TCP connection's slot and shutdown deadline, which the WebSocket keeps once
+        /// hyper has handed the stream over.
+        lease: Option<crate::server::tcp::UpgradeLease>,
     },
 }
 
@@ -204,14 +207,24 @@ impl WebSocketUpgrade {
                 Response::new(Body::new(body))
             }
             #[cfg(feature = "tcp")]
-            How::Hyper { on_upgrade, accept_key } => {
-                tokio::spawn(async move {
+            How::Hyper {
+                on_upgrade,
+                accept_key,
+                lease,
+            } => {
+                let session = async move {
                     match on_upgrade.await {
                         Ok(upgraded) => {
                             let io = Upgraded(Io::Hyper(hyper_util::rt::TokioIo::new(upgraded)));
                             callback(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "WebSocket handshake not completed"),
+                    }
+                };
+                tokio::spawn(async move {
+                    match lease {
+                        Some(lease) => lease.run(session).await,
+                        None => session.await,
                     }
                 });
                 let mut response = Response::new(Body::empty());
@@ -334,10 +347,12 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
             return Err(not_websocket());
         }
         let mut request = request;
+        let lease = request.extensions().get().cloned();
         let on_upgrade = hyper::upgrade::on(&mut request);
         return Ok(How::Hyper {
             on_upgrade,
             accept_key: None,
+            lease,
         });
     }
     let _ = request;
@@ -384,10 +399,12 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
                 "this connection cannot be upgraded",
             ));
         }
+        let lease = request.extensions().get().cloned();
         let on_upgrade = hyper::upgrade::on(&mut request);
         Ok(How::Hyper {
             on_upgrade,
             accept_key: Some(accept_key),
+            lease,
         })
     }
     #[cfg(not(feature = "tcp"))]
