@@ -781,3 +781,73 @@ async fn the_client_example_speaks_http3_only_follows_redirects_and_decompresses
     s.server.stop().await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sends its name when dropped: a handler's future, or a response body's stream, that the
+/// server gave up on because the client reset its stream (or closed its connection).
+struct OnDrop(&'static str, tokio::sync::mpsc::UnboundedSender<&'static str>);
+
+impl Drop for OnDrop {
+    fn drop(&mut self) {
+        let _ = self.1.send(self.0);
+    }
+}
+
+/// `/held-head`: a head that never comes; `/held-body`: one chunk, then a body that never
+/// ends. Each reports when the server drops it.
+fn held_app(dropped: tokio::sync::mpsc::UnboundedSender<&'static str>) -> Router {
+    let for_body = dropped.clone();
+    Router::new()
+        .route(
+            "/held-head",
+            get(move || {
+                let guard = OnDrop("head", dropped.clone());
+                async move {
+                    let _guard = guard;
+                    std::future::pending::<&'static str>().await
+                }
+            }),
+        )
+        .route(
+            "/held-body",
+            get(move || {
+                let guard = OnDrop("body", for_body.clone());
+                async move {
+                    use futures_util::StreamExt;
+                    let first = Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"chunk")));
+                    // Then the guard waits in the stream for good.
+                    let never = futures_util::stream::once(async move {
+                        let _guard = guard;
+                        std::future::pending::<Result<Frame<Bytes>, std::io::Error>>().await
+                    });
+                    let chunks = futures_util::stream::iter([first]).chain(never);
+                    axum::body::Body::new(StreamBody::new(chunks))
+                }
+            }),
+        )
+}
+
+/// When `timeout` fires, the request does not linger on the server: waiting for the head,
+/// the dropped call resets its stream (HTTP/3, HTTP/2) and the server drops the handler;
+/// reading the body, the failed body stops the stream and the server drops the body.
+/// (Checked in review: this holds today; it guards against a leak of streams on timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_times_out_is_cancelled_on_the_server() {
+    init_tracing();
+    let certs = certs();
+    let (dropped, mut reported) = tokio::sync::mpsc::unbounded_channel();
+    let server = Dual::start(&certs, app(Arc::default()).merge(held_app(dropped))).await;
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let client = client(&certs, |b| protocol(b).timeout(Duration::from_millis(500)));
+            let error = client.get(server.at("/held-head")).send().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+            assert_eq!(reported.recv().await, Some("head"), "over {version:?}");
+            let response = client.get(server.at("/held-body")).send().await.unwrap();
+            let error = response.bytes().await.unwrap_err();
+            assert!(error.is_timeout(), "{error} over {version:?}");
+            assert_eq!(reported.recv().await, Some("body"), "over {version:?}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
