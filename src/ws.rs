@@ -120,8 +120,9 @@ impl AsyncWrite for Upgraded {
 pub struct WebSocketUpgrade {
     how: How,
     config: WebSocketConfig,
-    /// The subprotocols the client offered (`sec-websocket-protocol`).
-    offered: Option<HeaderValue>,
+    /// The subprotocols the client offered: every `sec-websocket-protocol` line (one list,
+    /// RFC 6455 §11.3.4 and RFC 9110 §5.3).
+    offered: Vec<HeaderValue>,
     /// The one chosen from them, sent back.
     chosen: Option<HeaderValue>,
 }
@@ -136,6 +137,9 @@ enum How {
     Hyper {
         on_upgrade: hyper::upgrade::OnUpgrade,
         accept_key: Option<String>,
+        /// The TCP connection's slot and shutdown deadline, which the WebSocket keeps once
+        /// hyper has handed the stream over.
+        lease: Option<crate::server::tcp::UpgradeLease>,
     },
 }
 
@@ -166,10 +170,10 @@ impl WebSocketUpgrade {
     {
         let offered: Vec<&str> = self
             .offered
-            .as_ref()
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.split(',').map(str::trim).collect())
-            .unwrap_or_default();
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(str::trim))
+            .collect();
         self.chosen = protocols
             .into_iter()
             .find(|p| offered.contains(&p.as_ref()))
@@ -203,14 +207,24 @@ impl WebSocketUpgrade {
                 Response::new(Body::new(body))
             }
             #[cfg(feature = "tcp")]
-            How::Hyper { on_upgrade, accept_key } => {
-                tokio::spawn(async move {
+            How::Hyper {
+                on_upgrade,
+                accept_key,
+                lease,
+            } => {
+                let session = async move {
                     match on_upgrade.await {
                         Ok(upgraded) => {
                             let io = Upgraded(Io::Hyper(hyper_util::rt::TokioIo::new(upgraded)));
                             callback(WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await).await;
                         }
                         Err(e) => tracing::debug!(error = %e, "WebSocket handshake not completed"),
+                    }
+                };
+                tokio::spawn(async move {
+                    match lease {
+                        Some(lease) => lease.run(session).await,
+                        None => session.await,
                     }
                 });
                 let mut response = Response::new(Body::empty());
@@ -285,7 +299,11 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
                 "only WebSocket version 13 is spoken here",
             ));
         }
-        let offered = headers.get(header::SEC_WEBSOCKET_PROTOCOL).cloned();
+        let offered = headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .cloned()
+            .collect();
         let how = if request.method() == Method::CONNECT {
             extended_connect(request)?
         } else if request.method() == Method::GET && request.version() <= Version::HTTP_11 {
@@ -329,14 +347,22 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
             return Err(not_websocket());
         }
         let mut request = request;
+        let lease = request.extensions().get().cloned();
         let on_upgrade = hyper::upgrade::on(&mut request);
         return Ok(How::Hyper {
             on_upgrade,
             accept_key: None,
+            lease,
         });
     }
     let _ = request;
     Err(not_websocket())
+}
+
+/// RFC 6455 §4.2.1 item 5: the base64 of 16 bytes, which is 22 base64 characters and `==`.
+fn is_websocket_key(key: &[u8]) -> bool {
+    let is_base64 = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key.ends_with(b"==") && key[..22].iter().all(is_base64)
 }
 
 /// RFC 6455 §4.2.1: GET with `Connection: upgrade`, `Upgrade: websocket` and a key.
@@ -354,10 +380,13 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
             "a WebSocket handshake over HTTP/1.1 carries Connection: upgrade and Upgrade: websocket",
         ));
     }
-    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) else {
+    let Some(key) = headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .filter(|key| is_websocket_key(key.as_bytes()))
+    else {
         return Err(WebSocketUpgradeRejection::new(
             StatusCode::BAD_REQUEST,
-            "a WebSocket handshake over HTTP/1.1 carries Sec-WebSocket-Key",
+            "a WebSocket handshake over HTTP/1.1 carries a Sec-WebSocket-Key: the base64 of 16 bytes",
         ));
     };
     #[cfg(feature = "tcp")]
@@ -370,10 +399,12 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
                 "this connection cannot be upgraded",
             ));
         }
+        let lease = request.extensions().get().cloned();
         let on_upgrade = hyper::upgrade::on(&mut request);
         Ok(How::Hyper {
             on_upgrade,
             accept_key: Some(accept_key),
+            lease,
         })
     }
     #[cfg(not(feature = "tcp"))]

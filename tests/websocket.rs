@@ -26,10 +26,21 @@ struct Server {
     addr: std::net::SocketAddr,
     ca_pem: String,
     _shutdown: oneshot::Sender<()>,
+    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
 }
 
 /// The examples' routes (with `/ws`) on UDP and TCP, on one port.
 async fn server() -> Server {
+    server_with(support::h3::routes::router()).await
+}
+
+/// `app` on UDP and TCP, on one port.
+async fn server_with(app: axum::Router) -> Server {
+    serve(tower_quiche::server::Builder::new(), app).await
+}
+
+/// `app` on UDP and TCP, on one port, as `builder` has it.
+async fn serve(builder: tower_quiche::server::Builder, app: axum::Router) -> Server {
     init_tracing();
     let certs = certs();
     let config = ServerConfig::builder()
@@ -41,15 +52,17 @@ async fn server() -> Server {
     let addr = listener.local_addr();
     let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
-    let serve = tower_quiche::server::serve_with_tcp(listener, tcp, support::h3::routes::router())
+    let serve = builder
+        .serve_with_tcp(listener, tcp, app)
         .with_graceful_shutdown(async move {
             let _ = rx.await;
         });
-    tokio::spawn(std::future::IntoFuture::into_future(serve));
+    let done = tokio::spawn(std::future::IntoFuture::into_future(serve));
     Server {
         addr,
         ca_pem: certs.ca_pem,
         _shutdown: tx,
+        done,
     }
 }
 
@@ -190,6 +203,160 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
         let response = tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await;
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()["sec-websocket-version"], "13");
+    })
+    .await
+    .unwrap();
+}
+
+/// An HTTP/1.1 WebSocket handshake to `url` with `key`, more headers beside, sent alone on
+/// a connection; the response's head.
+async fn http11_handshake(server: &Server, path: &str, key: &str, more: &[(&str, &str)]) -> http::Response<Bytes> {
+    let mut request = Request::get(format!("https://localhost:{}{path}", server.addr.port()))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", key);
+    for (name, value) in more {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(http_body_util::Full::default()).unwrap();
+    tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await
+}
+
+/// Shows a defect (review): RFC 6455 §4.2.1 item 5 asks for a `Sec-WebSocket-Key` that is
+/// the base64 of 16 bytes, and §4.2.2 for a 400 otherwise; any value is accepted today (a
+/// 101 with the accept key of whatever was sent). A well-formed key is still accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_handshake_with_a_malformed_key_is_refused() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server().await;
+        let valid = http11_handshake(&server, "/ws", "dGhlIHNhbXBsZSBub25jZQ==", &[]).await;
+        assert_eq!(valid.status(), StatusCode::SWITCHING_PROTOCOLS);
+        // Not base64; base64 of 3 bytes; base64 of 17 bytes.
+        for key in ["not a key!", "AAAA", "AAAAAAAAAAAAAAAAAAAAAAA="] {
+            let response = http11_handshake(&server, "/ws", key, &[]).await;
+            assert_eq!(response.status(), StatusCode::BAD_REQUEST, "key {key:?}");
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// `/chat` speaks `chat` and `superchat`, preferring `chat`; it says which one it chose.
+fn subprotocol_app() -> axum::Router {
+    axum::Router::new().route(
+        "/chat",
+        axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move {
+            ws.protocols(["chat", "superchat"]).on_upgrade(|_| async {})
+        }),
+    )
+}
+
+/// The handler's first subprotocol that the client offered is chosen, whatever the
+/// client's order. Shows a defect (review): the offer may come as several
+/// `Sec-WebSocket-Protocol` lines (RFC 6455 §11.3.4: the header field "MAY appear multiple
+/// times in an HTTP request"; RFC 9110 §5.3 makes them one list), but only the first line
+/// is read, so a protocol offered on the second is never chosen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subprotocol_is_chosen_from_every_offered_line() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server_with(subprotocol_app()).await;
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let one_line = http11_handshake(&server, "/chat", key, &[("sec-websocket-protocol", "superchat, chat")]).await;
+        assert_eq!(one_line.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            one_line.headers()["sec-websocket-protocol"],
+            "chat",
+            "the handler's preference"
+        );
+        let two_lines = http11_handshake(
+            &server,
+            "/chat",
+            key,
+            &[
+                ("sec-websocket-protocol", "v2.other"),
+                ("sec-websocket-protocol", "superchat"),
+            ],
+        )
+        .await;
+        assert_eq!(two_lines.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert_eq!(
+            two_lines.headers().get("sec-websocket-protocol").map(|v| v.as_bytes()),
+            Some(&b"superchat"[..]),
+            "offered on the second line"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+/// A WebSocket over HTTP/1.1 to the examples' `/ws`, echoing already.
+async fn http11_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>> {
+    let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+        .await
+        .unwrap();
+    let request = server.url("wss").into_client_request().unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(request, tls).await.unwrap();
+    ws.send(Message::text("up")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("up"));
+    ws
+}
+
+/// Shows a defect (review): a WebSocket over HTTP/1.1 leaves `tcp_max_connections`. Once
+/// hyper hands the upgraded stream over, the connection's task ends and frees its slot,
+/// while the WebSocket goes on on that TCP connection: a client can hold any number of
+/// them, past the limit meant to bound descriptors and tasks. Here, with a limit of one, a
+/// second connection must wait while the WebSocket is open (as it waits for any open
+/// connection), and is served once it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_websocket_keeps_its_tcp_connection_slot() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().tcp_max_connections(1);
+        let server = serve(builder, support::h3::routes::router()).await;
+        let ws = http11_websocket(&server).await;
+        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let url = format!("https://localhost:{}/", addr.port());
+        let mut second = tokio::spawn(async move {
+            let request = Request::get(url).body(http_body_util::Full::default()).unwrap();
+            tcp::try_send(addr, &ca, Version::HTTP_11, None, request)
+                .await
+                .map(|r| r.status())
+        });
+        // Not served while the WebSocket is open (the window only bounds how long we look).
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut second)
+                .await
+                .is_err(),
+            "a second connection was served past the limit of one, beside an open WebSocket"
+        );
+        drop(ws);
+        let status = second.await.unwrap().expect("served once the WebSocket closed");
+        assert!(status.is_success() || status.is_client_error(), "{status}");
+    })
+    .await
+    .unwrap();
+}
+
+/// Shows a defect (review): a graceful shutdown ends every connection by its deadline,
+/// but a WebSocket over HTTP/1.1, no longer hyper's connection, outlives it (and the server
+/// it came from): its handler runs on, and its client stays connected. Here the server
+/// stops with a short deadline; the WebSocket must be closed by then (the wait below only
+/// bounds the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_graceful_shutdown_ends_http11_websockets_by_its_deadline() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(200));
+        let server = serve(builder, support::h3::routes::router()).await;
+        let mut ws = http11_websocket(&server).await;
+        let Server { _shutdown, done, .. } = server;
+        drop(_shutdown);
+        done.await.unwrap().unwrap();
+        // Closed: the stream ends or fails (no close handshake: the deadline cut it).
+        let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+        assert!(
+            matches!(next, Ok(None | Some(Err(_)))),
+            "the WebSocket is still open after the server stopped: {next:?}"
+        );
     })
     .await
     .unwrap();

@@ -11,9 +11,10 @@
 //! Outermost first:
 //!
 //! 1. the whole-request timeout: covers every redirect and the final body;
-//! 2. decompression: `accept-encoding` is sent with every hop, only the final response is
+//! 2. default headers: added once, so a redirect off the origin strips them like others;
+//!    outside decompression, so that a default `accept-encoding` is the one sent;
+//! 3. decompression: `accept-encoding` is sent with every hop, only the final response is
 //!    decoded (a size limit then counts decoded bytes);
-//! 3. default headers: added once, so a redirect off the origin strips them like others;
 //! 4. redirects: each hop goes through the pool's protocol selection afresh;
 //! 5. the read timeout: per hop, the head and every stall between body frames;
 //! 6. [`Transport`]: the pool (HTTP/3, or TCP in auto mode).
@@ -236,6 +237,9 @@ impl Conveniences {
                 Redirects::new(self.redirect),
             ));
         }
+        // Decompression inside the default headers: it fills in its own `accept-encoding`
+        // when the request has none, which would hide a default one.
+        stage = self.decompress(stage);
         if !self.default_headers.is_empty() {
             let defaults = Arc::new(self.default_headers.clone());
             stage = Stage::new(stage.map_request(move |mut request: Request<ReqBody>| {
@@ -243,7 +247,6 @@ impl Conveniences {
                 request
             }));
         }
-        stage = self.decompress(stage);
         if let Some(timeout) = self.timeout {
             stage = Stage::new(TotalTimeout { inner: stage, timeout });
         }
@@ -396,13 +399,12 @@ impl Body for Deadline {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         let this = self.get_mut();
-        if let Poll::Ready(frame) = Pin::new(&mut this.body).poll_frame(cx) {
-            return Poll::Ready(frame);
+        // The deadline first: a reader slower than the server finds a frame ready each time
+        // it asks, and would never be timed out if the body were polled first.
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Some(Err(total_timeout(this.timeout))));
         }
-        match this.sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(total_timeout(this.timeout)))),
-            Poll::Pending => Poll::Pending,
-        }
+        Pin::new(&mut this.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

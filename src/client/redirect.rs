@@ -39,7 +39,8 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Follows up to `max` redirects per request; one more is an error.
+    /// Follows up to `max` redirects per request; one more is an error (with `0`, the
+    /// first redirect is).
     pub fn limited(max: usize) -> Self {
         Policy { max: Some(max) }
     }
@@ -49,9 +50,10 @@ impl Policy {
         Policy { max: None }
     }
 
-    /// Whether any redirect is followed.
+    /// Whether redirects are looked at: followed up to the limit, and an error past it
+    /// (`limited(0)` fails at the first, as reqwest's does), unlike [`none`](Self::none).
     pub(crate) fn follows(&self) -> bool {
-        self.max.is_some_and(|max| max > 0)
+        self.max.is_some()
     }
 }
 

@@ -29,7 +29,7 @@ mod date;
 mod dispatch;
 mod service;
 #[cfg(feature = "tcp")]
-mod tcp;
+pub(crate) mod tcp;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};

@@ -5,7 +5,8 @@
 //!
 //! This module also owns the TCP side's defences against slow and idle clients ([`Limits`]):
 //! a cap on open connections, deadlines for the TLS handshake and for request heads, and
-//! HTTP/2 keep-alive pings, stream and header limits.
+//! HTTP/2 keep-alive pings, stream and header limits. An upgraded HTTP/1.1 connection (a
+//! WebSocket) is no longer hyper's, and keeps them through [`UpgradeLease`].
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -132,12 +133,50 @@ fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
     Ok(b.build())
 }
 
-/// Adds the request's [`ConnectionInfo`] (with its HTTP version) before the service sees it,
-/// and tells the connection that a request arrived.
+/// What a TCP connection holds of the server while it is open, for whoever takes its
+/// stream over after an HTTP/1.1 upgrade (hyper's connection task then ends): its slot among
+/// `tcp_max_connections`, the server's liveness (a shutdown waits for it) and the shutdown
+/// deadline it must end by. Without it a WebSocket over HTTP/1.1 would escape the limit
+/// and outlive the server. An extension of every request on the TCP side.
+#[derive(Clone)]
+pub(crate) struct UpgradeLease {
+    _slot: Arc<OwnedSemaphorePermit>,
+    _alive: mpsc::Sender<()>,
+    // Read by `run`, which only `ws` (the `axum` feature) calls for now.
+    #[cfg_attr(not(feature = "axum"), allow(dead_code))]
+    stop: watch::Receiver<Option<Instant>>,
+}
+
+#[cfg_attr(not(feature = "axum"), allow(dead_code))]
+impl UpgradeLease {
+    /// Runs `work` (what serves the upgraded stream) while holding the connection's slot,
+    /// until it ends or the server's shutdown deadline passes (then it is dropped, as a
+    /// connection is at that deadline).
+    pub(crate) async fn run(mut self, work: impl Future<Output = ()>) {
+        tokio::select! {
+            () = work => {}
+            () = deadline_passed(&mut self.stop) => tracing::debug!("upgraded connection closed at the shutdown deadline"),
+        }
+    }
+}
+
+/// Resolves once a shutdown has begun and its deadline has passed.
+async fn deadline_passed(stop: &mut watch::Receiver<Option<Instant>>) {
+    let at = stop.wait_for(Option::is_some).await.ok().and_then(|d| *d);
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Adds the request's [`ConnectionInfo`] (with its HTTP version) and the connection's
+/// [`UpgradeLease`] before the service sees it, and tells the connection that a request
+/// arrived.
 #[derive(Clone)]
 struct WithInfo<S> {
     inner: S,
     info: ConnectionInfo,
+    lease: UpgradeLease,
     request_seen: Arc<Notify>,
 }
 
@@ -157,6 +196,7 @@ where
         let mut info = self.info.clone();
         info.version = request.version();
         request.extensions_mut().insert(info);
+        request.extensions_mut().insert(self.lease.clone());
         self.request_seen.notify_one();
         self.inner.call(request)
     }
@@ -222,9 +262,16 @@ pub(crate) async fn run<S>(
             version: http::Version::HTTP_11,
         };
         let request_seen = Arc::new(Notify::new());
+        let slot = Arc::new(slot);
+        let lease = UpgradeLease {
+            _slot: Arc::clone(&slot),
+            _alive: alive.clone(),
+            stop: stop.clone(),
+        };
         let service = TowerToHyperService::new(WithInfo {
             inner: service.clone(),
             info,
+            lease,
             request_seen: Arc::clone(&request_seen),
         });
         let watcher = graceful.watcher();
@@ -261,13 +308,7 @@ pub(crate) async fn run<S>(
                 }
             };
             // Past the shutdown deadline the connection is dropped, whatever it was doing.
-            let deadline_passed = async move {
-                let at = deadline.wait_for(Option::is_some).await.ok().and_then(|d| *d);
-                match at {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let deadline_passed = async move { deadline_passed(&mut deadline).await };
             tokio::select! {
                 result = watcher.watch(connection.into_owned()) => {
                     if let Err(e) = result {
