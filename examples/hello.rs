@@ -87,7 +87,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = ServerConfig::builder()
         .cert_chain_pem_file(&cert)
         .private_key_pem_file(&key)
-        .retry(!args.server.no_retry)
+        .retry(args.server.retry_policy())
         .transport(TransportConfig::new().keylog_from_env());
     // The listener's configuration serves both transports, so this one setting requires
     // client certificates over HTTP/3 and over HTTP/1.1 and HTTP/2.

@@ -16,7 +16,8 @@ pub struct Server {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub identity: Identity,
-    /// Turn off address validation (Retry)
+    /// Never validate client addresses with a Retry (by default one is asked for only while
+    /// handshakes pile up)
     #[arg(long)]
     pub no_retry: bool,
 }
@@ -44,8 +45,17 @@ pub struct Trust {
 }
 
 impl Server {
+    /// The library's default (Retry under load), or never with `--no-retry`.
+    pub fn retry_policy(&self) -> tower_quiche::quic::RetryPolicy {
+        if self.no_retry {
+            tower_quiche::quic::RetryPolicy::Never
+        } else {
+            tower_quiche::quic::RetryPolicy::UnderLoad
+        }
+    }
+
     /// The listener's configuration these flags ask for, offering `alpn`: the certificate
-    /// (or a generated one), Retry unless `--no-retry`, TLS secrets logged to
+    /// (or a generated one), Retry under load unless `--no-retry`, TLS secrets logged to
     /// `SSLKEYLOGFILE` when it is set.
     pub fn config(&self, alpn: &str) -> tower_quiche::quic::ServerConfig {
         self.config_with(alpn, tower_quiche::quic::TransportConfig::new())
@@ -63,7 +73,7 @@ impl Server {
             .alpn([alpn])
             .cert_chain_pem_file(cert)
             .private_key_pem_file(key)
-            .retry(!self.no_retry)
+            .retry(self.retry_policy())
             .transport(transport.keylog_from_env())
             .build()
             .unwrap_or_else(|e| fail(&e.to_string()))
