@@ -195,6 +195,33 @@ async fn tcp_wins_the_race_when_quic_does_not_connect_within_the_handicap() {
     server.stop().await;
 }
 
+/// While a QUIC attempt is already slower than the handicap (UDP blocked, a long connect
+/// timeout), later requests go over TCP at once instead of each waiting the handicap again.
+/// The handicap here (5 s) is far longer than a loopback request: a request that waited it
+/// again would miss the bound, one that did not takes milliseconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_quic_is_slower_than_the_handicap_later_requests_go_straight_to_tcp() {
+    let certs = certs();
+    let (_sink, server) = front_with_blackholed_h3(&certs).await;
+    let client = timed_client(&certs, Duration::from_secs(60), Duration::from_secs(5));
+    let run = async {
+        // Over TCP, learning the (blackholed) Alt-Svc.
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        // Waits the handicap once, then TCP.
+        assert_eq!(hello(&client, &server.url()).await, Version::HTTP_2);
+        for i in 0..5 {
+            let at_once = timeout(Duration::from_millis(2500), hello(&client, &server.url())).await;
+            assert_eq!(
+                at_once.ok(),
+                Some(Version::HTTP_2),
+                "request {i} waited the handicap again"
+            );
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
 /// HTTP/3 breaking mid-run (its server stops): later requests continue over TCP.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_breaking_mid_run_continues_over_tcp() {

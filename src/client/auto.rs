@@ -40,6 +40,11 @@ impl Pool {
         if let Some(send) = self.pick(origin, false, None) {
             return Route::H3(send);
         }
+        if self.attempt_overdue(origin) {
+            // An attempt already slower than the handicap (blocked UDP, say): this request
+            // goes over TCP at once instead of waiting the handicap again.
+            return Route::Tcp;
+        }
         let pool = Arc::clone(self);
         let target = origin.clone();
         let mut attempt = tokio::spawn(async move { pool.connection(&target, port, None).await });
@@ -48,6 +53,15 @@ impl Pool {
             // Failed (and marked broken), or no faster than the handicap.
             _ => Route::Tcp,
         }
+    }
+
+    /// Whether an HTTP/3 connection attempt to `origin` has run longer than the handicap
+    /// without an outcome.
+    fn attempt_overdue(&self, origin: &Origin) -> bool {
+        let connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        connecting
+            .get(origin)
+            .is_some_and(|a| a.outcome.get().is_none() && a.started.elapsed() >= self.handicap)
     }
 
     /// Sends `request` over HTTP/3 on `send`, and over TCP when HTTP/3 fails in a way that

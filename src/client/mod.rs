@@ -181,12 +181,18 @@ struct Pool {
     conns: Mutex<HashMap<Origin, Vec<SendRequest>>>,
     /// One connection attempt per origin at a time: every request waiting for a connection
     /// to that origin shares its outcome, success or failure. Removed when it has one.
-    connecting: Mutex<HashMap<Origin, Attempt>>,
+    connecting: Mutex<HashMap<Origin, Arc<Attempt>>>,
 }
 
 /// A connection attempt and, once it has ended, its outcome. If the request driving it is
 /// dropped, another waiting one carries it on.
-type Attempt = Arc<tokio::sync::OnceCell<Result<SendRequest, Arc<Error>>>>;
+struct Attempt {
+    /// When it began: in auto mode, one slower than the handicap sends later requests
+    /// straight to TCP instead of making each wait the handicap again.
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
+    started: std::time::Instant,
+    outcome: tokio::sync::OnceCell<Result<SendRequest, Arc<Error>>>,
+}
 
 impl Pool {
     /// A live connection to `origin` with room for a request, if there is one, other than
@@ -228,9 +234,15 @@ impl Pool {
         }
         let attempt = {
             let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(connecting.entry(origin.clone()).or_default())
+            Arc::clone(connecting.entry(origin.clone()).or_insert_with(|| {
+                Arc::new(Attempt {
+                    started: std::time::Instant::now(),
+                    outcome: tokio::sync::OnceCell::new(),
+                })
+            }))
         };
         let outcome = attempt
+            .outcome
             .get_or_init(|| async { self.connect(origin, port, None).await.map_err(Arc::new) })
             .await;
         // The attempt has its outcome: the next request that finds no connection starts a
