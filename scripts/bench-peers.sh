@@ -29,14 +29,20 @@ log=$(mktemp)
 trap 'rm -f "$conf" "$log"' EXIT
 "$PEERS/run-bench.sh" -f "$conf" | tee "$log"
 
-# The last table printed is the one to read (aggregate.md with REPEAT>1, else summary.md).
+# The table to read: the medians with REPEAT>1 (the aggregate prints them after "Median of",
+# followed by a table of ranges that must not be read), else the one run's summary.
 python3 - "$log" <<'EOF'
 import re, sys
 
 NUM = re.compile(r"-?\d[\d,]*\.?\d*")
 table, header = {}, None
-for line in open(sys.argv[1]):
-    line = line.rstrip("\n")
+lines = open(sys.argv[1]).read().splitlines()
+medians = [i for i, line in enumerate(lines) if line.startswith("Median of")]
+if medians:
+    start = medians[-1]
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("Range")), len(lines))
+    lines = lines[start:end]
+for line in lines:
     if not line.startswith("| ") or line.startswith("|---"):
         continue
     cells = [c.strip() for c in line.strip("|").split("|")]
