@@ -59,9 +59,12 @@ impl Pool {
     /// without an outcome.
     fn attempt_overdue(&self, origin: &Origin) -> bool {
         let connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
-        connecting
-            .get(origin)
-            .is_some_and(|a| a.outcome.get().is_none() && a.started.elapsed() >= self.handicap)
+        connecting.get(origin).is_some_and(|a| {
+            let elapsed = a.started.elapsed();
+            // Past the connect timeout it has an outcome any moment; never taken for a
+            // slow attempt for longer than that.
+            a.outcome.get().is_none() && elapsed >= self.handicap && elapsed < self.connect_timeout
+        })
     }
 
     /// Sends `request` over HTTP/3 on `send`, and over TCP when HTTP/3 fails in a way that

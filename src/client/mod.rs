@@ -184,6 +184,31 @@ struct Pool {
     connecting: Mutex<HashMap<Origin, Arc<Attempt>>>,
 }
 
+/// One request's wait for a shared [`Attempt`]. When it ends — with the outcome, or dropped
+/// (the request was cancelled) as the last waiter — the attempt leaves the pool's map: the
+/// next request that finds no connection starts a fresh one (a failure is not remembered
+/// beyond those who waited for it, and an attempt nobody drives is not taken for a slow one).
+struct AttemptWaiter<'a> {
+    pool: &'a Pool,
+    origin: &'a Origin,
+    attempt: Arc<Attempt>,
+}
+
+impl Drop for AttemptWaiter<'_> {
+    fn drop(&mut self) {
+        let mut connecting = self.pool.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and this waiter only: no other request waits for it.
+        let last_waiter = Arc::strong_count(&self.attempt) <= 2;
+        if connecting
+            .get(self.origin)
+            .is_some_and(|a| Arc::ptr_eq(a, &self.attempt))
+            && (self.attempt.outcome.initialized() || last_waiter)
+        {
+            connecting.remove(self.origin);
+        }
+    }
+}
+
 /// A connection attempt and, once it has ended, its outcome. If the request driving it is
 /// dropped, another waiting one carries it on.
 struct Attempt {
@@ -241,19 +266,19 @@ impl Pool {
                 })
             }))
         };
-        let outcome = attempt
+        let waiter = AttemptWaiter {
+            pool: self,
+            origin,
+            attempt,
+        };
+        let outcome = waiter
+            .attempt
             .outcome
             .get_or_init(|| async { self.connect(origin, port, None).await.map_err(Arc::new) })
-            .await;
-        // The attempt has its outcome: the next request that finds no connection starts a
-        // fresh one (a failure is not remembered beyond those who waited for it).
-        {
-            let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
-            if connecting.get(origin).is_some_and(|a| Arc::ptr_eq(a, &attempt)) {
-                connecting.remove(origin);
-            }
-        }
-        match outcome {
+            .await
+            .clone();
+        drop(waiter);
+        match &outcome {
             Ok(send) => Ok(send.clone()),
             Err(e) => Err(e.duplicate()),
         }

@@ -314,7 +314,8 @@ impl<A: Application> Driver<A> {
             self.conn.on_timeout();
             busy = true;
         }
-        if self.handshake_deadline.is_some_and(|d| d <= now) {
+        // A handshake that completed in this very turn made its deadline.
+        if self.handshake_deadline.is_some_and(|d| d <= now) && !self.conn.is_established() {
             self.handshake_timed_out = true;
             return Turn::Closed;
         }

@@ -51,10 +51,19 @@ impl Limits {
         }
     }
 
-    /// Whether at least a quarter of the half-open handshake cap is in use: the load at
-    /// which [`RetryPolicy::UnderLoad`](super::RetryPolicy::UnderLoad) validates addresses.
+    /// Whether the listener is loaded enough for
+    /// [`RetryPolicy::UnderLoad`](super::RetryPolicy::UnderLoad) to validate addresses: a
+    /// quarter of the half-open handshake cap in use (below the cap itself, so a cap of 1
+    /// means always), or fewer free connection slots than that quarter (half-open
+    /// handshakes hold connection slots too, so spoofed Initials could otherwise fill the
+    /// last ones without ever drawing a Retry).
     pub(crate) fn under_load(&self) -> bool {
-        self.handshakes.load(Ordering::Acquire) >= self.max_handshakes.div_ceil(4)
+        let threshold = self
+            .max_handshakes
+            .div_ceil(4)
+            .min(self.max_handshakes.saturating_sub(1));
+        self.handshakes.load(Ordering::Acquire) >= threshold
+            || self.connections.load(Ordering::Acquire).saturating_add(threshold) >= self.max_connections
     }
 
     /// Takes a connection slot and a handshake slot, or says which cap is reached.
@@ -164,6 +173,27 @@ mod tests {
             ..ServerSettings::default()
         };
         Limits::new(&s)
+    }
+
+    #[test]
+    fn load_counts_half_open_handshakes_and_scarce_connection_slots() {
+        // A quarter of the handshake cap.
+        let l = limits(1000, 8);
+        let held: Vec<Slot> = (0..2).map(|_| l.admit().unwrap()).collect();
+        assert!(l.under_load());
+        drop(held);
+        assert!(!l.under_load());
+        // A cap of 1: a Retry always, or one half-open handshake would lock everyone out.
+        assert!(limits(1000, 1).under_load());
+        // Few free connection slots, however few handshakes: established connections
+        // fill all but the last quarter-cap's worth.
+        let l = limits(10, 8);
+        let mut held: Vec<Slot> = (0..8).map(|_| l.admit().unwrap()).collect();
+        held.iter_mut().for_each(Slot::established);
+        assert_eq!(l.counts(), (8, 0));
+        assert!(l.under_load(), "2 free slots, threshold 2");
+        held.pop();
+        assert!(!l.under_load());
     }
 
     #[test]

@@ -328,6 +328,13 @@ fn accept_initial(
                 quiche::ConnectionId::from_vec(hdr.dcid.to_vec()),
                 Some(quiche::ConnectionId::from_vec(odcid)),
             ),
+            // A token that does not validate (a NEW_TOKEN token of another server under
+            // the same name, a key changed by a restart, a NAT rebinding since the Retry):
+            // while a Retry would not be asked for anyway, the client is taken as if it
+            // had sent none (RFC 9000 §8.1.3), not left to resend it until it times out.
+            _ if policy == RetryPolicy::UnderLoad && !retry_now && hdr.dcid.len() >= MIN_CLIENT_DCID_LEN => {
+                (cid::new_id(&*inner.cid_generator), None)
+            }
             _ => {
                 metrics.datagram_dropped(DropReason::InvalidToken);
                 return None;
