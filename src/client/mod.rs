@@ -1187,6 +1187,44 @@ impl ResponseExt for Response<RecvBody> {
 mod tests {
     use super::*;
 
+    /// A request cancelled while it alone waits for a connection attempt takes the attempt
+    /// out of the pool's map: left there with no outcome, it would pass for an attempt
+    /// still under way (in auto mode, one slower than the handicap, which sends every later
+    /// request of the origin to TCP). (Found by review.)
+    #[tokio::test]
+    async fn an_attempt_whose_only_waiter_is_cancelled_leaves_the_pool() {
+        // An address that swallows every datagram: the handshake never completes.
+        let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        // No handshake gets as far as a certificate: none needs trusting (nor the system's
+        // roots reading).
+        let config = ClientConfig::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let client = Client::builder()
+            .http3_prior_knowledge()
+            .quic_config(config)
+            .connect_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        let url = format!("https://127.0.0.1:{}/", sink.local_addr().unwrap().port());
+        let request = tokio::spawn({
+            let client = client.clone();
+            async move { client.get(url).send().await }
+        });
+        let connecting = || client.pool.connecting.lock().unwrap().len();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while connecting() == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the attempt starts");
+        request.abort();
+        let _ = request.await;
+        assert_eq!(connecting(), 0, "the cancelled attempt left the map");
+    }
+
     /// A URL the client cannot use is the caller's mistake, said as such: not a setting.
     #[test]
     fn unusable_urls_are_invalid_requests_not_configuration_errors() {
