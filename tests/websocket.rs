@@ -12,21 +12,20 @@ use futures_util::{SinkExt, StreamExt};
 use http::{Method, Request, StatusCode, Version};
 use http_body_util::Empty;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::{TEST_TIMEOUT, certs, init_tracing, tcp};
+use support::dual::Dual;
+use support::{TEST_TIMEOUT, certs, tcp};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tower_quiche::client::{Client, Protocol};
-use tower_quiche::quic::{ClientConfig, Listener, ServerConfig};
+use tower_quiche::quic::ClientConfig;
 
+/// A dual server and the CA that issued its certificate.
 struct Server {
-    addr: std::net::SocketAddr,
+    dual: Dual,
     ca_pem: String,
-    _shutdown: oneshot::Sender<()>,
-    done: tokio::task::JoinHandle<Result<(), tower_quiche::Error>>,
 }
 
 /// The examples' routes (with `/ws`) on UDP and TCP, on one port.
@@ -41,34 +40,17 @@ async fn server_with(app: axum::Router) -> Server {
 
 /// `app` on UDP and TCP, on one port, as `builder` has it.
 async fn serve(builder: tower_quiche::server::Builder, app: axum::Router) -> Server {
-    init_tracing();
     let certs = certs();
-    let config = ServerConfig::builder()
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
-    let addr = listener.local_addr();
-    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let serve = builder
-        .serve_with_tcp(listener, tcp, app)
-        .with_graceful_shutdown(async move {
-            let _ = rx.await;
-        });
-    let done = tokio::spawn(std::future::IntoFuture::into_future(serve));
+    let dual = Dual::start_with(builder, support::h3::listener(&certs).await, app).await;
     Server {
-        addr,
+        dual,
         ca_pem: certs.ca_pem,
-        _shutdown: tx,
-        done,
     }
 }
 
 impl Server {
     fn url(&self, scheme: &str) -> String {
-        format!("{scheme}://localhost:{}/ws", self.addr.port())
+        format!("{scheme}://localhost:{}/ws", self.dual.addr.port())
     }
 
     fn h3_client(&self) -> Client {
@@ -129,7 +111,7 @@ async fn one_websocket_route_serves_http3_http2_and_http11() {
 
         // HTTP/2: an extended CONNECT on a hyper client, once the server's SETTINGS (which
         // allow it) have arrived.
-        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+        let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_2, None)
             .await
             .unwrap();
         let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
@@ -161,7 +143,7 @@ async fn one_websocket_route_serves_http3_http2_and_http11() {
         .await;
 
         // HTTP/1.1: GET with Upgrade, by tungstenite's own client handshake.
-        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+        let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_11, None)
             .await
             .unwrap();
         let request = server.url("wss").into_client_request().unwrap();
@@ -200,7 +182,7 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
             .header("sec-websocket-version", "13")
             .body(http_body_util::Full::default())
             .unwrap();
-        let response = tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await;
+        let response = tcp::send(server.dual.addr, &server.ca_pem, Version::HTTP_11, request).await;
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()["sec-websocket-version"], "13");
     })
@@ -211,7 +193,7 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
 /// An HTTP/1.1 WebSocket handshake to `url` with `key`, more headers beside, sent alone on
 /// a connection; the response's head.
 async fn http11_handshake(server: &Server, path: &str, key: &str, more: &[(&str, &str)]) -> http::Response<Bytes> {
-    let mut request = Request::get(format!("https://localhost:{}{path}", server.addr.port()))
+    let mut request = Request::get(format!("https://localhost:{}{path}", server.dual.addr.port()))
         .header("connection", "upgrade")
         .header("upgrade", "websocket")
         .header("sec-websocket-version", "13")
@@ -220,7 +202,7 @@ async fn http11_handshake(server: &Server, path: &str, key: &str, more: &[(&str,
         request = request.header(*name, *value);
     }
     let request = request.body(http_body_util::Full::default()).unwrap();
-    tcp::send(server.addr, &server.ca_pem, Version::HTTP_11, request).await
+    tcp::send(server.dual.addr, &server.ca_pem, Version::HTTP_11, request).await
 }
 
 /// Shows a defect (review): RFC 6455 §4.2.1 item 5 asks for a `Sec-WebSocket-Key` that is
@@ -292,7 +274,7 @@ async fn the_subprotocol_is_chosen_from_every_offered_line() {
 
 /// A WebSocket over HTTP/1.1 to the examples' `/ws`, echoing already.
 async fn http11_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>> {
-    let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+    let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_11, None)
         .await
         .unwrap();
     let request = server.url("wss").into_client_request().unwrap();
@@ -314,7 +296,7 @@ async fn an_http11_websocket_keeps_its_tcp_connection_slot() {
         let builder = tower_quiche::server::Builder::new().tcp_max_connections(1);
         let server = serve(builder, support::h3::routes::router()).await;
         let ws = http11_websocket(&server).await;
-        let (addr, ca) = (server.addr, server.ca_pem.clone());
+        let (addr, ca) = (server.dual.addr, server.ca_pem.clone());
         let url = format!("https://localhost:{}/", addr.port());
         let mut second = tokio::spawn(async move {
             let request = Request::get(url).body(http_body_util::Full::default()).unwrap();
@@ -348,9 +330,7 @@ async fn a_graceful_shutdown_ends_http11_websockets_by_its_deadline() {
         let builder = tower_quiche::server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(200));
         let server = serve(builder, support::h3::routes::router()).await;
         let mut ws = http11_websocket(&server).await;
-        let Server { _shutdown, done, .. } = server;
-        drop(_shutdown);
-        done.await.unwrap().unwrap();
+        server.dual.stop().await;
         // Closed: the stream ends or fails (no close handshake: the deadline cut it).
         let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
         assert!(

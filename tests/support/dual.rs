@@ -37,13 +37,20 @@ impl Dual {
     }
 
     pub async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
+        Dual::start_with(server::Builder::new(), listener, app).await
+    }
+
+    /// As `builder` has it (timeouts, limits).
+    pub async fn start_with(builder: server::Builder, listener: tower_quiche::quic::Listener, app: Router) -> Dual {
         init_tracing();
         let addr = listener.local_addr();
         let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
-        let serve = server::serve_with_tcp(listener, tcp, app).with_graceful_shutdown(async move {
-            let _ = rx.await;
-        });
+        let serve = builder
+            .serve_with_tcp(listener, tcp, app)
+            .with_graceful_shutdown(async move {
+                let _ = rx.await;
+            });
         Dual {
             addr,
             shutdown: Some(tx),
