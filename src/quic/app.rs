@@ -7,7 +7,8 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::Context;
 use std::time::Duration;
 
@@ -160,44 +161,56 @@ impl Closed {
 /// every connection for its whole life.
 #[derive(Default)]
 pub(crate) struct HandleRequests {
-    close: Mutex<Option<(u64, Bytes)>>,
-    /// The handshake must complete by then, or the connection fails as timed out.
-    #[cfg(feature = "client")]
-    handshake_deadline: Mutex<Option<std::time::Instant>>,
+    asked: Mutex<Asked>,
+    /// Something was asked since the task last looked: the task takes the lock only then,
+    /// not on every turn.
+    pending: AtomicBool,
     task: AtomicWaker,
 }
 
+/// What handles asked for since the task last looked.
+#[derive(Default)]
+pub(crate) struct Asked {
+    /// The first close asked for.
+    pub(crate) close: Option<(u64, Bytes)>,
+    /// The handshake must complete by then (the earliest asked), or the connection fails
+    /// as timed out.
+    #[cfg(feature = "client")]
+    pub(crate) handshake_deadline: Option<std::time::Instant>,
+}
+
 impl HandleRequests {
-    fn close_slot(&self) -> MutexGuard<'_, Option<(u64, Bytes)>> {
-        // An `Option` is consistent whatever a panicking holder did.
-        self.close.lock().unwrap_or_else(|p| p.into_inner())
+    fn ask(&self, f: impl FnOnce(&mut Asked)) {
+        // `Asked` is consistent whatever a panicking holder did.
+        f(&mut self.asked.lock().unwrap_or_else(|p| p.into_inner()));
+        self.pending.store(true, Ordering::Release);
+        self.task.wake();
     }
 
     fn ask_close(&self, code: u64, reason: Bytes) {
-        self.close_slot().get_or_insert((code, reason));
-        self.task.wake();
+        self.ask(|asked| {
+            asked.close.get_or_insert((code, reason));
+        });
     }
 
     #[cfg(feature = "client")]
     fn limit_handshake(&self, deadline: std::time::Instant) {
-        let mut slot = self.handshake_deadline.lock().unwrap_or_else(|p| p.into_inner());
-        *slot = Some(slot.map_or(deadline, |d| d.min(deadline)));
-        drop(slot);
-        self.task.wake();
+        self.ask(|asked| {
+            asked.handshake_deadline = Some(asked.handshake_deadline.map_or(deadline, |d| d.min(deadline)));
+        });
     }
 
-    /// The close asked for, if any; otherwise the task (`cx`) is woken by the next request.
-    pub(crate) fn poll_take_close(&self, cx: &Context<'_>) -> Option<(u64, Bytes)> {
+    /// What was asked since the last look, if anything; otherwise the task (`cx`) is woken
+    /// by the next ask.
+    pub(crate) fn poll_take(&self, cx: &Context<'_>) -> Option<Asked> {
         // Registered before looking, so an ask in between is not missed.
         self.task.register(cx.waker());
-        self.close_slot().take()
-    }
-
-    /// The handshake deadline asked for since the last look, if any (the task was
-    /// registered for wake-ups by [`poll_take_close`](Self::poll_take_close)).
-    #[cfg(feature = "client")]
-    pub(crate) fn take_handshake_deadline(&self) -> Option<std::time::Instant> {
-        self.handshake_deadline.lock().unwrap_or_else(|p| p.into_inner()).take()
+        if !self.pending.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        Some(std::mem::take(
+            &mut *self.asked.lock().unwrap_or_else(|p| p.into_inner()),
+        ))
     }
 }
 

@@ -274,15 +274,16 @@ impl<A: Application> Future for Driver<A> {
 impl<A: Application> Driver<A> {
     fn turn(&mut self, cx: &mut Context<'_>) -> Turn {
         let mut busy = false;
-        if let Some((code, reason)) = self.requests.poll_take_close(cx) {
-            let _ = self.conn.close(true, code, &reason);
-            busy = true;
-        }
-        #[cfg(feature = "client")]
-        if let Some(at) = self.requests.take_handshake_deadline()
-            && !self.established
-        {
-            self.handshake_deadline = Some(self.handshake_deadline.map_or(at, |d| d.min(at)));
+        if let Some(asked) = self.requests.poll_take(cx) {
+            if let Some((code, reason)) = asked.close {
+                let _ = self.conn.close(true, code, &reason);
+            }
+            #[cfg(feature = "client")]
+            if let Some(at) = asked.handshake_deadline
+                && !self.established
+            {
+                self.handshake_deadline = Some(self.handshake_deadline.map_or(at, |d| d.min(at)));
+            }
             busy = true;
         }
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
