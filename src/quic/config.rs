@@ -121,9 +121,10 @@ pub enum RetryPolicy {
     Always,
     /// While at least a quarter of the listener's
     /// [`max_handshakes_in_progress`](ServerConfigBuilder::max_handshakes_in_progress) are in
-    /// use (256 of the default 1,024): honest clients connect in one round trip (and their
-    /// 0-RTT data is taken), and a flood is met with Retries before it fills the cap. The
-    /// default.
+    /// use (256 of the default 1,024; always with a cap of 1), or fewer connection slots
+    /// than that quarter are free: honest clients connect in one round trip (and their
+    /// 0-RTT data is taken), and a flood is met with Retries before it fills either cap.
+    /// The default.
     UnderLoad,
     /// Never: for a server whose clients are known, or behind something that validates.
     Never,
