@@ -208,7 +208,6 @@ impl Config {
         c.set_initial_max_streams_uni(s.max_streams_uni);
         c.set_max_connection_window(s.max_connection_window);
         c.set_max_stream_window(s.max_stream_window);
-        c.set_max_recv_udp_payload_size(s.max_recv_udp_payload);
         // quiche 0.30 encodes a server's transport parameters into 128 bytes (tls/mod.rs),
         // and with a Retry's connection IDs the defaults leave about 4 of them: the 6 of
         // max_datagram_frame_size do not fit, and every connection would be refused
@@ -216,9 +215,12 @@ impl Config {
         // a 2-byte varint (16,383 bytes, above any real path's MTU) and the connection-ID
         // limit at 2, the default, which is not sent.
         let trim_for_datagrams = server && s.datagrams.is_some();
-        if trim_for_datagrams {
-            c.set_max_recv_udp_payload_size(s.max_recv_udp_payload.min(MAX_2_BYTE_VARINT));
-        }
+        let (udp_payload, active_cid_limit) = if trim_for_datagrams {
+            (s.max_recv_udp_payload.min(MAX_2_BYTE_VARINT), 2)
+        } else {
+            (s.max_recv_udp_payload, s.active_connection_id_limit)
+        };
+        c.set_max_recv_udp_payload_size(udp_payload);
         c.set_max_send_udp_payload_size(s.max_send_udp_payload);
         c.set_cc_algorithm(match s.congestion_control {
             CongestionControl::Cubic => quiche::CongestionControlAlgorithm::CUBIC,
@@ -226,25 +228,11 @@ impl Config {
             CongestionControl::Bbr2 => quiche::CongestionControlAlgorithm::Bbr2Gcongestion,
         });
         c.enable_pacing(s.pacing);
-        c.set_active_connection_id_limit(if trim_for_datagrams {
-            2
-        } else {
-            s.active_connection_id_limit
-        });
+        c.set_active_connection_id_limit(active_cid_limit);
         if let Some(queue) = s.datagrams {
             c.enable_dgram(true, queue, queue);
         }
         if server {
-            let active_cid_limit = if trim_for_datagrams {
-                2
-            } else {
-                s.active_connection_id_limit
-            };
-            let udp_payload = if trim_for_datagrams {
-                s.max_recv_udp_payload.min(MAX_2_BYTE_VARINT)
-            } else {
-                s.max_recv_udp_payload
-            };
             let id_len = inner.cid_generator.id_len();
             let retry = inner.server.retry != RetryPolicy::Never;
             let len = server_transport_params_len(s, udp_payload as u64, active_cid_limit, id_len, retry);
