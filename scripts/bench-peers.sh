@@ -9,11 +9,22 @@
 #   WORKLOADS="hello64 hello32" REPEAT=1 scripts/bench-peers.sh   # a subset, once
 # Every knob of run-bench.sh (DURATION, WORKLOADS, SERVER_CPUS, ...) passes through.
 # Builds examples/bench_server in release, and the peers when they are not built yet
-# (about 20 minutes on 2 cores, once). Loopback only.
+# (about 20 minutes on 2 cores, once; in target/peers when ../shared/peers is read-only).
+# Loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PEERS=${PEERS:-$(cd "$ROOT/../shared/peers" && pwd)}
 export REPEAT=${REPEAT:-3}
+
+# The harness builds into, and writes its results under, its own directory. When that is
+# read-only (a shared checkout), it runs from a writable copy in our target directory.
+if [[ ! -w $PEERS ]]; then
+  copy=$ROOT/target/peers
+  mkdir -p "$copy"
+  (cd "$PEERS" && tar --exclude=./target --exclude=./results -cf - .) | (cd "$copy" && tar -xf -)
+  chmod -R u+w "$copy"
+  PEERS=$copy
+fi
 
 cargo build --release --example bench_server --manifest-path "$ROOT/Cargo.toml"
 if [[ ! -x $PEERS/target/release/peer-h3quinn || ! -x $PEERS/target/release/bulk ]]; then

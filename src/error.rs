@@ -4,6 +4,7 @@
 //! the protocol error code with [`Error::code`], which says which of QUIC's three code
 //! spaces it is in, so the internal layers can change how they fail without breaking anyone.
 
+use crate::quic::QuicheConnection;
 use std::fmt;
 
 /// A boxed error, as tower and http-body use them.
@@ -349,7 +350,7 @@ impl std::error::Error for Error {
 /// `verify_error` is what our certificate verifier recorded, if anything: BoringSSL only
 /// sends an alert number, and "unable to get local issuer certificate" is what a user needs.
 pub(crate) fn from_close(
-    conn: &quiche::Connection,
+    conn: &QuicheConnection,
     handshake_timed_out: bool,
     verify_error: Option<String>,
 ) -> Option<Error> {

@@ -36,13 +36,12 @@
 //!
 //! ```no_run
 //! use std::task::Context;
-//! use tower_quiche::quic::{Application, Listener, ServerConfig};
-//! use tower_quiche::quiche;
+//! use tower_quiche::quic::{Application, Listener, QuicheConnection, ServerConfig};
 //!
 //! struct Hello;
 //!
 //! impl Application for Hello {
-//!     fn process(&mut self, _: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+//!     fn process(&mut self, _: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
 //!         let mut buf = [0; 1024];
 //!         for stream in conn.readable() {
 //!             while let Ok((_, fin)) = conn.stream_recv(stream, &mut buf) {

@@ -9,6 +9,7 @@
 // The benches use the pipe and the configurations, not the rest.
 #![cfg_attr(not(test), allow(dead_code))]
 
+use crate::quic::QuicheConnection;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -64,8 +65,8 @@ pub(crate) fn client_config(alpn: &str, adjust: impl FnOnce(TransportConfig) -> 
 
 /// A client and a server connection whose packets travel through memory.
 pub(crate) struct Pipe {
-    pub(crate) client: quiche::Connection,
-    pub(crate) server: quiche::Connection,
+    pub(crate) client: QuicheConnection,
+    pub(crate) server: QuicheConnection,
 }
 
 impl Pipe {
@@ -90,7 +91,7 @@ impl Pipe {
         let mut client_config = client.config.quiche_config(false).expect("client quiche config");
         let client_scid = quiche::ConnectionId::from_ref(&[0xc1; 16]);
         let server_scid = quiche::ConnectionId::from_ref(&[0x5e; 16]);
-        let client = quiche::connect(
+        let client = quiche::connect_with_buffer_factory(
             Some("localhost"),
             &client_scid,
             client_addr,
@@ -98,7 +99,7 @@ impl Pipe {
             &mut client_config,
         )
         .expect("client connection");
-        let server = quiche::accept(&server_scid, None, server_addr, client_addr, &mut server_config)
+        let server = quiche::accept_with_buf_factory(&server_scid, None, server_addr, client_addr, &mut server_config)
             .expect("server connection");
         Pipe { client, server }
     }
@@ -152,7 +153,7 @@ impl Pipe {
 }
 
 /// Hands every packet `from` has to send to `to`. Returns whether there was any.
-fn transfer(from: &mut quiche::Connection, to: &mut quiche::Connection) -> bool {
+fn transfer(from: &mut QuicheConnection, to: &mut QuicheConnection) -> bool {
     let mut buf = [0; 1500];
     let mut moved = false;
     // Bounded: quiche stops at its congestion window; this only guards against a bug.

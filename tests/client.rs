@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tower_quiche::quic::QuicheConnection;
 
 use axum::Router;
 use axum::extract::Path as UrlPath;
@@ -524,7 +525,7 @@ struct RejectOnFirstConnection {
 }
 
 impl tower_quiche::quic::Application for RejectOnFirstConnection {
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         let config = quiche::h3::Config::new().unwrap();
         self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
         Ok(())
@@ -533,7 +534,7 @@ impl tower_quiche::quic::Application for RejectOnFirstConnection {
     fn process(
         &mut self,
         _cx: &mut std::task::Context<'_>,
-        conn: &mut quiche::Connection,
+        conn: &mut QuicheConnection,
     ) -> Result<(), tower_quiche::Error> {
         use quiche::h3::{Event, Header};
         let Some(h3) = &mut self.h3 else { return Ok(()) };

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::Context;
 use std::time::Duration;
+use tower_quiche::quic::QuicheConnection;
 
 use support::echo::EchoClient;
 use support::*;
@@ -486,7 +487,7 @@ struct Flood {
 }
 
 impl Application for Flood {
-    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         while let Ok(n) = conn.stream_send(0, &self.chunk, false) {
             self.written.fetch_add(n as u64, Ordering::Relaxed);
             if n < self.chunk.len() {
@@ -545,17 +546,13 @@ async fn a_peer_that_stops_reading_stalls_the_sender() {
 struct RecordsSni(Option<tokio::sync::oneshot::Sender<Option<String>>>);
 
 impl Application for RecordsSni {
-    fn on_established(&mut self, conn: &mut tower_quiche::quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         if let Some(tx) = self.0.take() {
             let _ = tx.send(conn.server_name().map(str::to_string));
         }
         Ok(())
     }
-    fn process(
-        &mut self,
-        _: &mut Context<'_>,
-        _: &mut tower_quiche::quiche::Connection,
-    ) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, _: &mut Context<'_>, _: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         Ok(())
     }
 }

@@ -8,6 +8,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::task::Context;
 use std::time::Duration;
+use tower_quiche::quic::QuicheConnection;
 
 use support::echo::EchoClient;
 use support::*;
@@ -362,7 +363,7 @@ struct SendThenClose {
 }
 
 impl Application for SendThenClose {
-    fn process(&mut self, _: &mut Context<'_>, conn: &mut tower_quiche::quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, _: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
         const STREAM: u64 = 2;
         if self.written < self.data.len() {
             if let Ok(n) = conn.stream_send(STREAM, &self.data[self.written..], true) {

@@ -21,6 +21,7 @@
 
 use std::collections::HashMap;
 use std::task::{Context, Poll};
+use tower_quiche::quic::QuicheConnection;
 
 use bytes::{Bytes, BytesMut};
 use tokio::sync::{mpsc, oneshot};
@@ -97,7 +98,7 @@ impl EchoServer {
 }
 
 impl Application for EchoServer {
-    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, _cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         for stream in conn.readable() {
             if !is_client_bidi(stream) {
                 // Not ours to echo: read and discard, so it cannot hold flow-control credit.
@@ -163,7 +164,7 @@ struct Active {
 
 impl Active {
     /// Writes as much of the payload as the stream takes.
-    fn write(&mut self, conn: &mut quiche::Connection, stream: u64) {
+    fn write(&mut self, conn: &mut QuicheConnection, stream: u64) {
         let len = self.job.data.len() as u64;
         while !self.fin_sent {
             let chunk: &[u8] = if self.written < self.job.total {
@@ -282,7 +283,7 @@ impl EchoHandle {
 }
 
 impl Application for EchoClient {
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         loop {
             if self.waiting.is_none() {
                 match self.jobs.poll_recv(cx) {

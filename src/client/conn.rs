@@ -5,6 +5,7 @@
 //! per submitted request when the server's stream credit allows, pumps request bodies from
 //! inside the task, and hands back each response head with a streaming [`RecvBody`].
 
+use crate::quic::QuicheConnection;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -677,7 +678,7 @@ impl ClientApp {
     }
 
     /// Opens streams for waiting requests while the server's credit lasts.
-    fn open_streams(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+    fn open_streams(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
         loop {
             if self.waiting.is_none()
                 && !self.awaiting_settings.is_empty()
@@ -827,7 +828,7 @@ impl ClientApp {
         }
     }
 
-    fn poll_events(&mut self, conn: &mut quiche::Connection) {
+    fn poll_events(&mut self, conn: &mut QuicheConnection) {
         loop {
             let h3 = self.h3.as_mut().expect("created when established");
             match h3.poll(conn) {
@@ -866,7 +867,7 @@ impl ClientApp {
 
     /// Reads a response body from quiche; a body that breaks the rules ends its stream (or
     /// the connection, for a frame out of sequence).
-    fn read_body(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn read_body(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -881,7 +882,7 @@ impl ClientApp {
 
     /// What a response body (or its trailers) that broke the rules costs: its stream, or the
     /// whole connection for a frame out of sequence (RFC 9114 §4.1).
-    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, failure: ReadFailure) {
+    fn on_read_failure(&mut self, conn: &mut QuicheConnection, id: u64, failure: ReadFailure) {
         match failure {
             ReadFailure::Malformed(why) => self.refuse_response(conn, id, Malformed(why)),
             ReadFailure::FrameUnexpected => {
@@ -896,7 +897,7 @@ impl ClientApp {
 
     /// The server finished the response stream: a response must have come, and its body
     /// must be complete; else the response is malformed (RFC 9114 §4.1.2).
-    fn on_finished(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn on_finished(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -914,7 +915,7 @@ impl ClientApp {
 
     /// Refuses a malformed response, a stream error of type H3_MESSAGE_ERROR (RFC 9114
     /// §4.1.2); the caller is told why.
-    fn refuse_response(&mut self, conn: &mut quiche::Connection, id: u64, why: Malformed) {
+    fn refuse_response(&mut self, conn: &mut QuicheConnection, id: u64, why: Malformed) {
         let error = Error::new(Kind::Protocol)
             .with_stream_code(code::H3_MESSAGE_ERROR)
             .with_message(format!("malformed response: {why}"));
@@ -924,7 +925,7 @@ impl ClientApp {
     /// Gives a stream up while the connection lives: the server is told of each direction
     /// still open (RFC 9114 §4.1.1), the response body's reader sees `why`, and a caller
     /// still waiting for the response gets `error`.
-    fn abandon(&mut self, conn: &mut quiche::Connection, id: u64, why: Cancel, error: Error) {
+    fn abandon(&mut self, conn: &mut QuicheConnection, id: u64, why: Cancel, error: Error) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -936,7 +937,7 @@ impl ClientApp {
         self.forget_if_done(conn, id);
     }
 
-    fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
+    fn on_headers(&mut self, conn: &mut QuicheConnection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -1015,7 +1016,7 @@ impl ClientApp {
 
     /// The server reset the response (or refused the request by GOAWAY): the request's
     /// unsent rest is reset too, not left for the server to wait on.
-    fn on_reset(&mut self, conn: &mut quiche::Connection, id: u64, code: u64) {
+    fn on_reset(&mut self, conn: &mut QuicheConnection, id: u64, code: u64) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -1044,7 +1045,7 @@ impl ClientApp {
     /// the buffer's limit; the connection's flow-control window bounds what quiche held, and
     /// the same bytes leave quiche with the connection. Responses that did not arrive whole
     /// fail as the connection closes.
-    fn take_in_what_arrived(&mut self, conn: &mut quiche::Connection) {
+    fn take_in_what_arrived(&mut self, conn: &mut QuicheConnection) {
         if self.h3.is_none() {
             return;
         }
@@ -1077,7 +1078,7 @@ impl ClientApp {
         self.poll_events(conn);
     }
 
-    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn service_stream(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -1117,7 +1118,7 @@ impl ClientApp {
     /// reader can go away on another thread at any moment, also between this turn's look at
     /// the stream and now, and a forgotten stream's data would otherwise be read and
     /// discarded (granting the server credit) until the whole body had arrived.
-    fn forget_if_done(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn forget_if_done(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -1144,7 +1145,7 @@ impl ClientApp {
     /// How often a pooled connection with nothing in flight sends a PING: a third of the
     /// QUIC idle timeout in force (the shorter of ours and the server's), so that a PING or
     /// its acknowledgement may be lost once and the connection still lives.
-    fn keepalive_interval(&self, conn: &quiche::Connection) -> Duration {
+    fn keepalive_interval(&self, conn: &QuicheConnection) -> Duration {
         let peer = conn
             .peer_transport_params()
             .map(|p| Duration::from_millis(p.max_idle_timeout))
@@ -1159,7 +1160,7 @@ impl ClientApp {
     /// by default) is usually longer than QUIC's (30 s), which would otherwise end the
     /// connection first, silently. A PING elicits an acknowledgement: both sides' idle
     /// timers restart.
-    fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+    fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
         let now = Instant::now();
         let mut close_at = None;
         if let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout)
@@ -1196,11 +1197,11 @@ impl ClientApp {
 }
 
 impl stream::StreamOwner for ClientApp {
-    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn poll_events(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         ClientApp::poll_events(self, conn);
         Ok(())
     }
-    fn poll_tasks(&mut self, cx: &mut Context<'_>, _conn: &mut quiche::Connection) {
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, _conn: &mut QuicheConnection) {
         while let Poll::Ready(Some(outcome)) = self.pumps.poll_next_unpin(cx) {
             // The caller learns that its own body failed, not that the server reset the
             // stream (the pump reset it).
@@ -1222,7 +1223,7 @@ impl stream::StreamOwner for ClientApp {
     fn urgency(&self, id: u64) -> u8 {
         self.streams.get(&id).map_or(3, |e| e.shared.urgency())
     }
-    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn service_stream(&mut self, conn: &mut QuicheConnection, id: u64) {
         ClientApp::service_stream(self, conn, id);
     }
 }
@@ -1230,7 +1231,7 @@ impl stream::StreamOwner for ClientApp {
 impl ClientApp {
     /// Starts HTTP/3 on the connection: when the handshake completes, or before, when a
     /// resumed session lets safe requests go in 0-RTT data.
-    fn start_h3(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn start_h3(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         let mut config =
             h3::Config::new().map_err(|e| Error::config(format!("cannot create the HTTP/3 configuration: {e}")))?;
         config.set_max_field_section_size(self.settings.max_response_head);
@@ -1252,11 +1253,11 @@ impl Application for ClientApp {
         self.early_data
     }
 
-    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_early_data(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         self.start_h3(conn)
     }
 
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         if self.h3.is_some() {
             // Started in early data; the server's limits may have changed with the
             // handshake (it can refuse the remembered ones).
@@ -1268,7 +1269,7 @@ impl Application for ClientApp {
         self.start_h3(conn)
     }
 
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
         if self.h3.is_none() {
             return Ok(());
         }
@@ -1308,7 +1309,7 @@ impl Application for ClientApp {
         Ok(())
     }
 
-    fn on_closed(&mut self, conn: &mut quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         self.status.update(|s| s.closed = true);
         self.take_in_what_arrived(conn);
         let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);

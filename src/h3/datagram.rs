@@ -22,6 +22,7 @@
 //!   (`TransportConfig::datagrams`), datagrams are dropped and counted. Until the peer's
 //!   SETTINGS say whether it takes datagrams, they wait in that queue.
 
+use crate::quic::QuicheConnection;
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -461,7 +462,7 @@ pub(crate) enum PeerDatagrams {
 }
 
 impl PeerDatagrams {
-    pub(crate) fn of(h3: &quiche::h3::Connection, conn: &quiche::Connection) -> Self {
+    pub(crate) fn of(h3: &quiche::h3::Connection, conn: &QuicheConnection) -> Self {
         if h3.peer_settings_raw().is_none() {
             PeerDatagrams::Unknown
         } else if h3.dgram_enabled_by_peer(conn) {
@@ -559,7 +560,7 @@ impl DatagramHub {
     pub(crate) fn process(
         &mut self,
         cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
+        conn: &mut QuicheConnection,
         peer: PeerDatagrams,
     ) -> Result<(), MalformedDatagram> {
         let max = match peer {
@@ -620,7 +621,7 @@ impl DatagramHub {
         Ok(())
     }
 
-    fn send(&mut self, conn: &mut quiche::Connection, peer: PeerDatagrams, flow: &Flow, payload: &[u8]) {
+    fn send(&mut self, conn: &mut QuicheConnection, peer: PeerDatagrams, flow: &Flow, payload: &[u8]) {
         if flow.closed.load(Ordering::Relaxed) || peer != PeerDatagrams::Enabled {
             // A stream that ended, or a peer whose SETTINGS said it takes no datagrams.
             flow.drop_outgoing();

@@ -1,6 +1,8 @@
 //! Extensible priorities (RFC 9218): the `priority` field and PRIORITY_UPDATE values, parsed
 //! into what quiche's stream scheduler takes (an urgency and an incremental flag).
 
+use crate::quic::QuicheConnection;
+
 /// A stream's priority: urgency 0 (most urgent) to 7, and whether its data may be
 /// interleaved with other streams of the same urgency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,7 +49,7 @@ impl Priority {
     }
 
     /// Applies it to a stream's place in quiche's send order.
-    pub(crate) fn apply(self, conn: &mut quiche::Connection, id: u64) {
+    pub(crate) fn apply(self, conn: &mut QuicheConnection, id: u64) {
         // Fails only for a stream quiche no longer has: nothing left to order.
         let _ = conn.stream_priority(id, self.urgency, self.incremental);
     }

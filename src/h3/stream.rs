@@ -24,12 +24,13 @@
 //!   [`ConnNotify`] (the stream is queued once until the connection task looks at it), the
 //!   connection task through the wakers kept here.
 
+use crate::quic::QuicheConnection;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use quiche::h3::{self, Header, NameValue};
@@ -391,7 +392,7 @@ impl StreamShared {
     /// Sets the stream's priority, in quiche's send order and in the connection's order of
     /// writes.
     #[cfg(feature = "server")]
-    pub(crate) fn set_priority(&self, conn: &mut quiche::Connection, priority: Priority) {
+    pub(crate) fn set_priority(&self, conn: &mut QuicheConnection, priority: Priority) {
         self.urgency.store(priority.urgency, Ordering::Relaxed);
         priority.apply(conn, self.id());
     }
@@ -599,7 +600,7 @@ impl StreamShared {
     pub(crate) fn read_from(
         &self,
         h3: &mut h3::Connection,
-        conn: &mut quiche::Connection,
+        conn: &mut QuicheConnection,
         id: u64,
     ) -> Result<bool, ReadFailure> {
         let mut state = self.lock();
@@ -712,7 +713,7 @@ impl StreamShared {
 
     /// Writes what the outbox holds, as far as the stream's capacity allows; notices
     /// STOP_SENDING from the peer.
-    pub(crate) fn write_to(&self, h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64) -> WriteOutcome {
+    pub(crate) fn write_to(&self, h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) -> WriteOutcome {
         let mut state = self.lock();
         let s = &mut *state;
         if let Some(code) = s.send.reset.take() {
@@ -798,7 +799,7 @@ impl StreamShared {
     /// peer is told of each direction still open, with RESET_STREAM for a send side not
     /// finished and STOP_SENDING for a receive side still arriving, so that it does not wait
     /// on a stream nobody serves any more (RFC 9114 §4.1.1).
-    pub(crate) fn abort(&self, conn: &mut quiche::Connection, id: u64, why: Cancel) {
+    pub(crate) fn abort(&self, conn: &mut QuicheConnection, id: u64, why: Cancel) {
         let mut state = self.lock();
         if let Some(code) = why.wire_code() {
             if !state.send.done {
@@ -813,7 +814,7 @@ impl StreamShared {
 
     /// Stops receiving (STOP_SENDING with `code`) if the body is still arriving; the reader,
     /// if any, sees the body end with an error. Returns whether it stopped anything.
-    pub(crate) fn stop_receiving(&self, conn: &mut quiche::Connection, id: u64, code: u64) -> bool {
+    pub(crate) fn stop_receiving(&self, conn: &mut QuicheConnection, id: u64, code: u64) -> bool {
         let mut state = self.lock();
         if !state.recv.open() {
             return false;
@@ -879,7 +880,7 @@ enum WriteError {
 }
 
 /// Resets both directions of a stream with `code` and abandons what was queued.
-fn reset_both(conn: &mut quiche::Connection, id: u64, s: &mut StreamState, code: u64) -> WriteOutcome {
+fn reset_both(conn: &mut QuicheConnection, id: u64, s: &mut StreamState, code: u64) -> WriteOutcome {
     if !s.send.done {
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
     }
@@ -901,7 +902,7 @@ fn reset_both(conn: &mut quiche::Connection, id: u64, s: &mut StreamState, code:
 /// window), so a larger frame would wait for ever. With bytes in flight the window may be
 /// small for a moment (after a loss) and grow again: `None`, look again later. Encoding is
 /// exact (quiche's own encoder) and happens only on this blocked path.
-pub(crate) fn head_never_fits(conn: &mut quiche::Connection, id: u64, fields: &[Header]) -> Option<usize> {
+pub(crate) fn head_never_fits(conn: &mut QuicheConnection, id: u64, fields: &[Header]) -> Option<usize> {
     let cwnd = conn.path_stats().find(|p| p.active)?.cwnd;
     if conn.stream_capacity(id).ok()? < cwnd {
         return None;
@@ -922,7 +923,7 @@ fn is_interim(fields: &[Header]) -> bool {
 
 fn write_queued(
     h3: &mut h3::Connection,
-    conn: &mut quiche::Connection,
+    conn: &mut QuicheConnection,
     id: u64,
     out: &mut SendHalf,
 ) -> Result<bool, WriteError> {
@@ -966,11 +967,13 @@ fn write_queued(
     while !out.data.is_empty() {
         let last = out.data.len() == 1 && out.fin && out.trailers.is_none();
         let chunk = out.data.front_mut().expect("not empty");
-        match h3.send_body(conn, id, chunk, last) {
+        let len = chunk.len();
+        // Zero-copy: quiche queues the chunk itself; on a partial write it leaves the part
+        // not taken in `chunk`.
+        match h3.send_body_zc(conn, id, chunk, last) {
             Ok(n) => {
                 out.data_len -= n;
-                if n < chunk.len() {
-                    chunk.advance(n);
+                if n < len {
                     return Ok(false);
                 }
                 out.data.pop_front();
@@ -1003,7 +1006,7 @@ fn write_queued(
 
 /// Reads and drops whatever body data quiche holds for a stream nobody tracks (refused, or
 /// already answered).
-pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id: u64) {
+pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
     SCRATCH.with_borrow_mut(|buf| {
         if buf.is_empty() {
             buf.resize(READ_CHUNK, 0);
@@ -1016,7 +1019,7 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut quiche::Connection, id
 /// finished. quiche forgets a stream once both directions are complete, and closing the
 /// connection before then would discard what it still had to deliver.
 #[cfg(feature = "server")]
-pub(crate) fn stream_alive(conn: &mut quiche::Connection, id: u64) -> bool {
+pub(crate) fn stream_alive(conn: &mut QuicheConnection, id: u64) -> bool {
     !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
 }
 
@@ -1034,9 +1037,9 @@ pub(crate) struct RoundLists {
 /// take in events, run the tasks that live in the connection (request handlers, body
 /// pumps), and move data for the streams they touched.
 pub(crate) trait StreamOwner {
-    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error>;
+    fn poll_events(&mut self, conn: &mut QuicheConnection) -> Result<(), Error>;
     /// Polls the futures that run inside the connection's task.
-    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection);
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection);
     fn notify(&self) -> &ConnNotify;
     /// The stream lists the rounds reuse.
     fn round_lists(&mut self) -> &mut RoundLists;
@@ -1044,7 +1047,7 @@ pub(crate) trait StreamOwner {
     /// A tracked stream's urgency (RFC 9218): lower is written first.
     fn urgency(&self, id: u64) -> u8;
     /// Moves data between quiche and the stream's shared state, both ways.
-    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64);
+    fn service_stream(&mut self, conn: &mut QuicheConnection, id: u64);
 
     /// Rounds, bounded, each serving what the previous one made ready; the first also serves
     /// the streams that were blocked and have room again, or that the peer stopped. Within
@@ -1054,7 +1057,7 @@ pub(crate) trait StreamOwner {
     /// bytes queues its `Finished` event in quiche, and no packet may come to trigger
     /// another round. (Room to send comes only with packets, before this runs: the first
     /// round's look at the writable streams is the only one needed.)
-    fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
         for round in 0..8 {
             self.poll_events(conn)?;
             self.poll_tasks(cx, conn);

@@ -2,9 +2,10 @@
 //! the [`ConnectionHandle`] other tasks hold, and [`ConnectionStats`].
 //!
 //! Each connection runs in one task (the driver) that is the sole owner of its
-//! `quiche::Connection`: no lock guards it. Each turn the driver takes in received datagrams,
+//! `QuicheConnection`: no lock guards it. Each turn the driver takes in received datagrams,
 //! fires quiche's timer, lets the application act, and flushes packets in GSO batches.
 
+use super::bufs::QuicheConnection;
 use std::fmt;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,13 +47,13 @@ pub trait Application: Send + 'static {
     /// application that [accepts early data](Self::accepts_early_data), and only on a
     /// connection that is in it). [`on_established`](Self::on_established) follows when
     /// the handshake completes.
-    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_early_data(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         let _ = conn;
         Ok(())
     }
 
     /// Called once, when the handshake has completed.
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         let _ = conn;
         Ok(())
     }
@@ -60,12 +61,12 @@ pub trait Application: Send + 'static {
     /// Lets the application act on the connection. An error closes the connection, with the
     /// error's [`code`](Error::code) as the application error code (or 0x1 when it has
     /// none).
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error>;
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error>;
 
     /// Called once when the connection has closed; `error` says why, when it was not a clean
     /// close. Nothing can be sent any more, but what the peer sent before it closed can still
     /// be read from `conn`'s streams.
-    fn on_closed(&mut self, conn: &mut quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         let _ = (conn, error);
     }
 }
@@ -100,7 +101,7 @@ pub struct ConnectionStats {
 
 impl ConnectionStats {
     /// Reads the statistics of a quiche connection (what an [`Application`] has at hand).
-    pub fn of(conn: &quiche::Connection) -> Self {
+    pub fn of(conn: &QuicheConnection) -> Self {
         let s = conn.stats();
         let mut stats = ConnectionStats {
             bytes_sent: s.sent_bytes,

@@ -1,4 +1,4 @@
-//! The connection task ("driver"): the sole owner of one `quiche::Connection`.
+//! The connection task ("driver"): the sole owner of one `quiche::Connection` (a [`QuicheConnection`]).
 //!
 //! It is a hand-written future rather than an `async fn` with `select!`, so that one poll
 //! does a whole turn without intermediate futures: take in a close asked for by a handle and
@@ -20,6 +20,7 @@
 //! (`tests/idle_memory.rs`), about 32 KiB are quiche's own (the `Connection` struct alone is
 //! 7.9 KiB, inline in this task) and 5 KiB BoringSSL's.
 
+use super::bufs::QuicheConnection;
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -118,7 +119,7 @@ struct Held {
 }
 
 struct Driver<A> {
-    conn: quiche::Connection,
+    conn: QuicheConnection,
     app: AppSlot<A>,
     app_started: bool,
     /// Whether the application ran in early data (its `on_early_data` was called).
@@ -150,7 +151,7 @@ struct Driver<A> {
 impl<A> Unpin for Driver<A> {}
 
 /// Spawns the task of `conn`, which drives `app` once the handshake has completed.
-pub(crate) fn spawn<A: Application>(conn: quiche::Connection, ctx: ConnContext, app: AppSlot<A>) -> ConnectionHandle {
+pub(crate) fn spawn<A: Application>(conn: QuicheConnection, ctx: ConnContext, app: AppSlot<A>) -> ConnectionHandle {
     let (driver, handle) = Driver::new(conn, ctx, app);
     let span = tracing::debug_span!(
         "quic_conn",
@@ -163,7 +164,7 @@ pub(crate) fn spawn<A: Application>(conn: quiche::Connection, ctx: ConnContext, 
 }
 
 impl<A> Driver<A> {
-    fn new(mut conn: quiche::Connection, ctx: ConnContext, app: AppSlot<A>) -> (Self, ConnectionHandle) {
+    fn new(mut conn: QuicheConnection, ctx: ConnContext, app: AppSlot<A>) -> (Self, ConnectionHandle) {
         let ConnContext {
             socket,
             config,
@@ -674,7 +675,7 @@ pub(crate) mod bench {
     struct Quiet;
 
     impl Application for Quiet {
-        fn process(&mut self, _: &mut Context<'_>, _: &mut quiche::Connection) -> Result<(), Error> {
+        fn process(&mut self, _: &mut Context<'_>, _: &mut QuicheConnection) -> Result<(), Error> {
             Ok(())
         }
     }

@@ -274,7 +274,7 @@ impl Incoming {
     ///
     /// The connection's streams are then accepted and opened through the
     /// [`StreamConnection`]; use [`start`](Self::start) with an [`Application`] of your own
-    /// for the raw `quiche::Connection` instead.
+    /// for the raw `QuicheConnection` instead.
     pub async fn accept_streams(self) -> Result<StreamConnection, Error> {
         let (app, parts) = streams::new(&self.0.shared.config, true);
         let conn = parts.with_handle(self.start(app));
@@ -406,7 +406,7 @@ impl Endpoint {
         let sni = server_name.filter(|_| server_ip.is_none());
         let mut conn = {
             let mut qc = self.quiche_config.lock().unwrap_or_else(|p| p.into_inner());
-            quiche::connect(sni, &scid, shared.socket.local_addr(), peer, &mut qc)
+            quiche::connect_with_buffer_factory(sni, &scid, shared.socket.local_addr(), peer, &mut qc)
                 .map_err(|e| Error::config(format!("cannot start a QUIC connection to {addr}: {e}")))?
         };
         // Sessions are kept per name the server's identity was checked against: with no

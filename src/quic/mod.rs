@@ -3,7 +3,7 @@
 //!
 //! A server binds a [`Listener`] and starts each [`Incoming`] connection with an
 //! [`Application`]; a client [`Endpoint`] connects and hands the connection to one. The
-//! application owns the raw `quiche::Connection` on the connection's task. The HTTP/3
+//! application owns the raw `QuicheConnection` on the connection's task. The HTTP/3
 //! server and client of this crate are two such applications; the echo protocol of the
 //! examples (`examples/support/echo.rs`) is a third, small enough to read in one sitting.
 //!
@@ -39,7 +39,7 @@
 //!   tokens, the listener's connection, handshake and reply caps.
 //! - `router`: the receive loop of one socket: dispatch by connection ID; version
 //!   negotiation, Retry, stateless resets and new connections for unknown IDs.
-//! - `driver`: one connection's task, the sole owner of its `quiche::Connection`. It gets
+//! - `driver`: one connection's task, the sole owner of its `QuicheConnection`. It gets
 //!   what it needs (socket, registration, reset key, configuration) as one context value
 //!   and knows no endpoint.
 //! - `endpoint`: [`Listener`], [`Endpoint`] and [`Incoming`]: bind, accept, connect to an
@@ -47,6 +47,8 @@
 //!   [`Endpoint::connect`] is defined in `client`.
 //! - `config`, [`tls`], `metrics`: [`ServerConfig`] and [`ClientConfig`] over a shared [`TransportConfig`], certificates and roots, the
 //!   [`Metrics`] seam.
+//! - `bufs`: [`QuicheConnection`], quiche's connection with `Bytes` stream buffers
+//!   ([`BytesBufs`]), so body chunks are queued without a copy.
 //! - `app`: the [`Application`] seam, [`ConnectionHandle`], [`Closed`],
 //!   [`ConnectionStats`].
 //! - `streams`: the async stream API, an [`Application`] of its own ([`StreamConnection`],
@@ -57,18 +59,20 @@
 //!
 //! ```text
 //! endpoint -> app cid config driver limits router routes streams udp
-//! streams  -> app config notify
-//! driver   -> app cid config routes tls udp
-//! router   -> cid config limits metrics routes token udp
+//! streams  -> app bufs config notify
+//! driver   -> app bufs cid config routes tls udp
+//! router   -> bufs cid config limits metrics routes token udp
 //! routes   -> config limits
 //! limits   -> config metrics
 //! config   -> cid metrics tls
 //! metrics  -> app
 //! token    -> cid
-//! app, cid, notify, tls, udp -> (none)
+//! app      -> bufs
+//! bufs, cid, notify, tls, udp -> (none)
 //! ```
 
 mod app;
+mod bufs;
 mod cid;
 mod config;
 mod driver;
@@ -85,6 +89,7 @@ mod token;
 mod udp;
 
 pub use app::{Application, Closed, ConnectionHandle, ConnectionStats};
+pub use bufs::{BytesBufs, QuicheConnection};
 pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
 pub use config::{
     ClientConfig, ClientConfigBuilder, CongestionControl, RetryPolicy, ServerConfig, ServerConfigBuilder,

@@ -12,6 +12,7 @@
 //! connections by its connection and handshake caps ([`super::limits`]), and Retry tokens
 //! are single-connection ([`super::token`]).
 
+use super::bufs::QuicheConnection;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -91,7 +92,7 @@ impl Shared {
 /// A connection the router accepted, on its way to the listener's backlog. Dropped there,
 /// its registration withdraws its routes and frees its slot.
 pub(crate) struct Accepted {
-    pub(crate) conn: quiche::Connection,
+    pub(crate) conn: QuicheConnection,
     pub(crate) shared: Arc<Shared>,
     pub(crate) inbound: InboundQueue,
     pub(crate) registration: Registration,
@@ -357,10 +358,10 @@ fn accept_initial(
     };
     let local = shared.socket.local_addr();
     let accepted = {
-        // Held for one `quiche::accept`; a panic inside it leaves nothing half-changed here.
+        // Held for one accept; a panic inside it leaves nothing half-changed here.
         let mut config = accept.config.lock().unwrap_or_else(|p| p.into_inner());
         config.set_stateless_reset_token(Some(shared.reset_key.token(&scid)));
-        quiche::accept(&scid, odcid.as_ref(), local, from, &mut config)
+        quiche::accept_with_buf_factory(&scid, odcid.as_ref(), local, from, &mut config)
     };
     let conn = match accepted {
         Ok(conn) => conn,

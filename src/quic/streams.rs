@@ -21,6 +21,7 @@
 //! - **Close.** When the connection closes, what had fully arrived on a stream stays
 //!   readable; anything else fails with the connection's error, and no call waits for ever.
 
+use super::bufs::QuicheConnection;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io;
@@ -498,7 +499,7 @@ impl StreamsApp {
     /// until the stream is finished both ways, which an unaccepted stream never is. So the
     /// peer can open no more than that many before it must wait for MAX_STREAMS, and the
     /// queue holds at most that many entries, with no data.
-    fn open_peer(&mut self, conn: &mut quiche::Connection, id: u64) -> bool {
+    fn open_peer(&mut self, conn: &mut QuicheConnection, id: u64) -> bool {
         if opened_by_server(id) == self.shared.server {
             return false;
         }
@@ -522,7 +523,7 @@ impl StreamsApp {
 
     /// Creates in quiche the local streams the user opened, so that quiche counts them
     /// against the peer's limit; they join `ready`.
-    fn adopt_local(&mut self, conn: &mut quiche::Connection, ready: &mut Vec<u64>) {
+    fn adopt_local(&mut self, conn: &mut QuicheConnection, ready: &mut Vec<u64>) {
         let new = std::mem::take(&mut self.shared.lock().new_local);
         for stream in new {
             let id = stream.id;
@@ -542,7 +543,7 @@ impl StreamsApp {
     }
 
     /// Tells `open_*` how many streams the peer allows now, when that changed.
-    fn publish_credit(&mut self, conn: &quiche::Connection) {
+    fn publish_credit(&mut self, conn: &QuicheConnection) {
         let allowed = [
             self.created[BIDI] + conn.peer_streams_left_bidi(),
             self.created[UNI] + conn.peer_streams_left_uni(),
@@ -554,7 +555,7 @@ impl StreamsApp {
         }
     }
 
-    fn service(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn service(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(stream) = self.streams.get(&id) else {
             return;
         };
@@ -591,7 +592,7 @@ impl StreamsApp {
     /// Forgets the streams of `sent` quiche forgot: it does once the peer acknowledged all
     /// their bytes and their FIN and, on a bidirectional stream, once the peer's direction
     /// ended too (or the peer stopped the stream).
-    fn check_sent(&mut self, conn: &mut quiche::Connection) {
+    fn check_sent(&mut self, conn: &mut QuicheConnection) {
         self.sent.retain(|&id| conn.stream_capacity(id).is_ok());
         self.sent_check_at = SENT_CHECK_MIN.max(2 * self.sent.len());
     }
@@ -630,7 +631,7 @@ impl StreamsApp {
     /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved for an idle
     /// timeout (a peer that acknowledges nothing lets the connection time out sooner; one
     /// that keeps it alive, ignoring our STOP_SENDING, is given up on here).
-    fn lingered(&mut self, conn: &mut quiche::Connection) -> bool {
+    fn lingered(&mut self, conn: &mut QuicheConnection) -> bool {
         self.check_sent(conn);
         let mut unsent = 0;
         let mut unfinished = self.shared.lock().new_local.len();
@@ -659,7 +660,7 @@ impl StreamsApp {
 
 /// Reads what quiche holds for the stream while its buffer has room; stops the stream if
 /// its reader did.
-fn read_from(conn: &mut quiche::Connection, id: u64, r: &mut RecvHalf) {
+fn read_from(conn: &mut QuicheConnection, id: u64, r: &mut RecvHalf) {
     if r.settled {
         return;
     }
@@ -728,7 +729,7 @@ enum Wait {
 
 /// Hands quiche what the writer wrote, as far as the stream takes it, and the FIN after
 /// it; resets the stream if the writer asked to.
-fn write_to(conn: &mut quiche::Connection, id: u64, w: &mut SendHalf) -> Wait {
+fn write_to(conn: &mut QuicheConnection, id: u64, w: &mut SendHalf) -> Wait {
     if w.done {
         return Wait::Nothing;
     }
@@ -797,7 +798,7 @@ fn write_to(conn: &mut quiche::Connection, id: u64, w: &mut SendHalf) -> Wait {
 /// none, and a peer may grant less than a packet) and whatever the congestion window
 /// (quiche tells its room only mixed with flow control, in `stream_capacity`): the wait is
 /// all that keeps it, and its end is a timer, so it always ends.
-fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> Result<(), Instant> {
+fn bare_fin(conn: &mut QuicheConnection, id: u64, handed: Option<Instant>) -> Result<(), Instant> {
     /// RFC 9000's default, for a peer whose transport parameters are not known.
     const DEFAULT_ACK_DELAY: Duration = Duration::from_millis(25);
     if let Some(handed) = handed
@@ -817,12 +818,12 @@ fn bare_fin(conn: &mut quiche::Connection, id: u64, handed: Option<Instant>) -> 
 }
 
 impl Application for StreamsApp {
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         self.publish_credit(conn);
         Ok(())
     }
 
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
         let mut ready = std::mem::take(&mut self.ready);
         self.shared.notify.take_ready(cx, &mut ready);
         if self.linger.is_none() && self.shared.users.load(Ordering::Acquire) == 0 {
@@ -884,7 +885,7 @@ impl Application for StreamsApp {
         Ok(())
     }
 
-    fn on_closed(&mut self, conn: &mut quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
         let mut state = self.shared.lock();
         state.closed = Some(why());
@@ -933,7 +934,7 @@ fn close_stream(s: &mut StreamState, why: impl Fn() -> Error) {
 /// server, or `Endpoint::connect_streams` on a client. It is a [`ConnectionHandle`] with
 /// streams: the handle's methods ([`close`](ConnectionHandle::close),
 /// [`closed`](ConnectionHandle::closed), [`peer_addr`](ConnectionHandle::peer_addr), …) are
-/// available on it through `Deref`. For the raw `quiche::Connection`, start the connection
+/// available on it through `Deref`. For the raw `QuicheConnection`, start the connection
 /// with an [`Application`] of your own instead.
 ///
 /// Cheap to clone. Once every clone and every stream of the connection is dropped, the

@@ -2,6 +2,7 @@
 //! request streams into `http::Request`s, runs the service for each inside the connection's
 //! task, and writes responses back.
 
+use crate::quic::QuicheConnection;
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -177,7 +178,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.h3.as_mut().expect("created when established")
     }
 
-    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn poll_events(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         loop {
             match self.h3().poll(conn) {
                 Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
@@ -204,7 +205,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 
-    fn fail_connection(&mut self, conn: &mut quiche::Connection, code: u64) {
+    fn fail_connection(&mut self, conn: &mut QuicheConnection, code: u64) {
         if conn.local_error().is_none() {
             let _ = conn.close(true, code, b"");
         }
@@ -213,7 +214,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Starts HTTP/3 on the connection: when the handshake completes, or before, when the
     /// client's first flight carries early data.
-    fn start_h3(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn start_h3(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         if conn.application_proto() != b"h3" {
             // A listener may offer other protocols too: this connection is not ours to serve.
             return Err(Error::config(format!(
@@ -230,7 +231,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Answers a request with an empty response of `status` without calling the service,
     /// and stops reading a body it may have (the response is complete, RFC 9114 §4.1).
-    fn answer_without_service(&mut self, conn: &mut quiche::Connection, id: u64, status: &[u8], more_frames: bool) {
+    fn answer_without_service(&mut self, conn: &mut QuicheConnection, id: u64, status: &[u8], more_frames: bool) {
         let fields = [
             h3::Header::new(b":status", status),
             h3::Header::new(b"content-length", b"0"),
@@ -243,12 +244,12 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// Resets both directions of a stream we do not track with an HTTP/3 error code.
-    fn refuse(conn: &mut quiche::Connection, id: u64, code: u64) {
+    fn refuse(conn: &mut QuicheConnection, id: u64, code: u64) {
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
     }
 
-    fn on_headers(&mut self, conn: &mut quiche::Connection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
+    fn on_headers(&mut self, conn: &mut QuicheConnection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
             // A second HEADERS frame: the request's trailers.
             if let Err(failure) = entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
@@ -381,7 +382,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Gives a CONNECT stream its HTTP datagrams, unless they are off on either side (the
     /// client's SETTINGS may not have arrived yet: then sends wait for them to say).
-    fn open_datagrams(&mut self, conn: &quiche::Connection, id: u64, extensions: &mut http::Extensions) {
+    fn open_datagrams(&mut self, conn: &QuicheConnection, id: u64, extensions: &mut http::Extensions) {
         let Some(hub) = self.datagrams.as_mut() else {
             return;
         };
@@ -401,7 +402,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// frame, data behind a gap) are found by [`probe_silent_streams`](Self::probe_silent_streams).
     /// A stream we answered or refused is never readable again, as we stopped its receiving
     /// side.
-    fn note_pending_heads(&mut self, conn: &mut quiche::Connection, now: Instant) {
+    fn note_pending_heads(&mut self, conn: &mut QuicheConnection, now: Instant) {
         // Past our GOAWAY's limit a head gets no processing: it must not hold the close.
         let limit = self.draining.map_or(u64::MAX, |(limit, _)| limit);
         for id in conn.readable() {
@@ -414,7 +415,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// Request streams quiche holds with nothing to read: IDs the client skipped, and IDs
     /// above the last head (up to the most the client can have open). Their head timeout
     /// runs from now.
-    fn probe_silent_streams(&mut self, conn: &mut quiche::Connection, now: Instant) {
+    fn probe_silent_streams(&mut self, conn: &mut QuicheConnection, now: Instant) {
         let (streams, heads_pending) = (&self.streams, &mut self.heads_pending);
         self.skipped.retain(|&id| {
             if streams.contains_key(&id) {
@@ -455,7 +456,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// A PRIORITY_UPDATE for a request stream (RFC 9218 §7.1): it reorders what is sent.
-    fn on_priority_update(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn on_priority_update(&mut self, conn: &mut QuicheConnection, id: u64) {
         if let Ok(value) = self.h3().take_last_priority_update(id) {
             let priority = Priority::parse([value.as_slice()]);
             match self.streams.get(&id) {
@@ -465,7 +466,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 
-    fn on_data(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn on_data(&mut self, conn: &mut QuicheConnection, id: u64) {
         if !self.streams.contains_key(&id) {
             // A stream we no longer track (refused, or already answered): discard.
             let h3 = self.h3();
@@ -477,7 +478,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Reads a request body from quiche; a body that breaks the rules ends its stream (or the
     /// connection, for a frame out of sequence).
-    fn read_body(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn read_body(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -491,7 +492,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// What a request body (or its trailers) that broke the rules costs: its stream, or the
     /// whole connection for a frame out of sequence (RFC 9114 §4.1).
-    fn on_read_failure(&mut self, conn: &mut quiche::Connection, id: u64, failure: ReadFailure) {
+    fn on_read_failure(&mut self, conn: &mut QuicheConnection, id: u64, failure: ReadFailure) {
         match failure {
             ReadFailure::Malformed(why) => self.end_stream(conn, id, Cancel::Malformed(why)),
             ReadFailure::FrameUnexpected => {
@@ -503,7 +504,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 
-    fn on_finished(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn on_finished(&mut self, conn: &mut QuicheConnection, id: u64) {
         if let Some(entry) = self.streams.get(&id) {
             if let Err(why) = entry.shared.on_finished() {
                 self.end_stream(conn, id, Cancel::Malformed(why.0));
@@ -519,7 +520,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 
-    fn on_reset(&mut self, conn: &mut quiche::Connection, id: u64, code: u64) {
+    fn on_reset(&mut self, conn: &mut QuicheConnection, id: u64, code: u64) {
         if self.heads_pending.remove(&id).is_some() {
             Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
             self.advance_next_stream(id);
@@ -535,7 +536,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// The one way a request in flight ends early: its handler is cancelled, its reader and
     /// producer see why, and both directions of the stream are closed with the code the RFC
     /// gives for that reason.
-    fn end_stream(&mut self, conn: &mut quiche::Connection, id: u64, why: Cancel) {
+    fn end_stream(&mut self, conn: &mut QuicheConnection, id: u64, why: Cancel) {
         let Some(entry) = self.streams.get_mut(&id) else {
             return;
         };
@@ -548,7 +549,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.forget_if_done(conn, id);
     }
 
-    fn poll_requests(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+    fn poll_requests(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
         while let Poll::Ready(Some((id, panicked))) = self.requests.poll_next_unpin(cx) {
             let Some(entry) = self.streams.get_mut(&id) else {
                 continue;
@@ -563,7 +564,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// Moves data between quiche and the stream's shared state, both ways.
-    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn service_stream(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -591,7 +592,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// Drops a stream's state once its response is written and its handler has ended.
-    fn forget_if_done(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn forget_if_done(&mut self, conn: &mut QuicheConnection, id: u64) {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
@@ -622,11 +623,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Whether an answered stream may still be delivering its response: quiche holds it, and
     /// the peer finished its side (or was asked to stop only moments ago).
-    fn still_delivering(conn: &mut quiche::Connection, id: u64, wait_until: Option<Instant>, now: Instant) -> bool {
+    fn still_delivering(conn: &mut QuicheConnection, id: u64, wait_until: Option<Instant>, now: Instant) -> bool {
         stream::stream_alive(conn, id) && (wait_until.is_none_or(|at| now < at) || conn.stream_finished(id))
     }
 
-    fn start_draining(&mut self, conn: &mut quiche::Connection, deadline: Option<Instant>) {
+    fn start_draining(&mut self, conn: &mut QuicheConnection, deadline: Option<Instant>) {
         if let Some((_, current)) = &mut self.draining {
             if deadline.is_some() {
                 *current = deadline;
@@ -646,7 +647,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// Tries again to write each answered stream with output still queued: quiche does not
     /// always say when such a stream can move (a head that did not fit may fit now; a
     /// stream the peer stopped may be gone), and the close waits for them.
-    fn look_at_unwritten_streams(&mut self, conn: &mut quiche::Connection) {
+    fn look_at_unwritten_streams(&mut self, conn: &mut QuicheConnection) {
         let unwritten: Vec<u64> = self
             .streams
             .iter()
@@ -660,7 +661,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Ends requests whose peer stalled: a head not complete within the head timeout, a body
     /// with no progress within the stall timeout while the peer owes bytes.
-    fn check_stream_timers(&mut self, conn: &mut quiche::Connection, now: Instant) {
+    fn check_stream_timers(&mut self, conn: &mut QuicheConnection, now: Instant) {
         self.probe_silent_streams(conn, now);
         let head_timeout = self.settings.request_head_timeout;
         let late_heads: Vec<u64> = self
@@ -699,7 +700,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     fn poll_timers(
         &mut self,
         cx: &mut Context<'_>,
-        conn: &mut quiche::Connection,
+        conn: &mut QuicheConnection,
         now: Instant,
         linger_deadline: Option<Instant>,
     ) {
@@ -761,7 +762,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
     }
 
-    fn close(&mut self, conn: &mut quiche::Connection) {
+    fn close(&mut self, conn: &mut QuicheConnection) {
         if !self.closing {
             self.closing = true;
             let _ = conn.close(true, code::H3_NO_ERROR, b"");
@@ -777,10 +778,10 @@ const LINGERING_PRUNE_MIN: usize = 64;
 const MIN_PROBED_STREAMS: usize = 256;
 
 impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
-    fn poll_events(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn poll_events(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         ServerApp::poll_events(self, conn)
     }
-    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) {
+    fn poll_tasks(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
         self.poll_requests(cx, conn);
     }
     fn notify(&self) -> &ConnNotify {
@@ -795,7 +796,7 @@ impl<S: HttpService<RecvBody>> stream::StreamOwner for ServerApp<S> {
     fn urgency(&self, id: u64) -> u8 {
         self.streams.get(&id).map_or(3, |e| e.shared.urgency())
     }
-    fn service_stream(&mut self, conn: &mut quiche::Connection, id: u64) {
+    fn service_stream(&mut self, conn: &mut QuicheConnection, id: u64) {
         ServerApp::service_stream(self, conn, id);
     }
 }
@@ -805,11 +806,11 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         true
     }
 
-    fn on_early_data(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_early_data(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         self.start_h3(conn)
     }
 
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), Error> {
         if self.h3.is_some() {
             // Started in early data.
             return Ok(());
@@ -817,7 +818,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         self.start_h3(conn)
     }
 
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
         if self.h3.is_none() || self.closing {
             return Ok(());
         }
@@ -881,7 +882,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         Ok(())
     }
 
-    fn on_closed(&mut self, _conn: &mut quiche::Connection, error: Option<&Error>) {
+    fn on_closed(&mut self, _conn: &mut QuicheConnection, error: Option<&Error>) {
         // Whatever is still in flight ends here: bodies see the connection gone.
         for (_, entry) in self.streams.drain() {
             entry.abort.abort();

@@ -21,6 +21,7 @@ use bytes::Bytes;
 use quiche::h3::{self, Header, NameValue};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
+use tower_quiche::quic::QuicheConnection;
 use tower_quiche::quic::{Application, ClientConfig, ClientConfigBuilder, ConnectionHandle, Endpoint, TransportConfig};
 
 use super::{Certs, TEST_TIMEOUT};
@@ -101,7 +102,7 @@ pub fn head<'a>(method: &'a str, path: &'a str) -> Vec<(&'a str, &'a str)> {
 }
 
 /// One thing the scripted client does on its connection's task.
-pub type Step = Box<dyn FnOnce(&mut h3::Connection, &mut quiche::Connection) + Send>;
+pub type Step = Box<dyn FnOnce(&mut h3::Connection, &mut QuicheConnection) + Send>;
 
 /// What the scripted client saw on a stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,12 +127,12 @@ struct Scripted {
 }
 
 impl Application for Scripted {
-    fn on_established(&mut self, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         self.h3 = Some(h3::Connection::with_transport(conn, &h3::Config::new().unwrap()).unwrap());
         Ok(())
     }
 
-    fn process(&mut self, cx: &mut Context<'_>, conn: &mut quiche::Connection) -> Result<(), tower_quiche::Error> {
+    fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
         let h3 = self.h3.as_mut().unwrap();
         while let Poll::Ready(Some(step)) = self.steps.poll_recv(cx) {
             step(h3, conn);
@@ -249,7 +250,7 @@ impl Client {
     /// Runs `f` on the connection's task and returns what it returns.
     pub async fn run<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut h3::Connection, &mut quiche::Connection) -> R + Send + 'static,
+        f: impl FnOnce(&mut h3::Connection, &mut QuicheConnection) -> R + Send + 'static,
     ) -> R {
         let (tx, rx) = oneshot::channel();
         let step: Step = Box::new(move |h3, conn| {

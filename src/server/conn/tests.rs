@@ -4,6 +4,7 @@
 //! and checks what both the client and the handler see, and that the server forgets the
 //! stream afterwards. The property tests at the end send random frame sequences.
 
+use crate::quic::QuicheConnection;
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -614,7 +615,7 @@ async fn a_partial_head_on_a_stream_id_far_ahead_is_rejected_after_the_head_time
 }
 
 /// Moves every packet `from` has to send to `to`, or loses them all.
-fn deliver_or_lose(from: &mut quiche::Connection, to: &mut quiche::Connection, deliver: bool) {
+fn deliver_or_lose(from: &mut QuicheConnection, to: &mut QuicheConnection, deliver: bool) {
     let mut buf = [0; 1500];
     while let Ok((len, info)) = from.send(&mut buf) {
         if deliver {
@@ -837,6 +838,32 @@ async fn an_urgent_request_overtakes_a_background_download() {
     );
     h.until("the download", |h| h.seen(big).finished).await;
     assert_eq!(h.seen(big).body.len(), BIG);
+}
+
+/// A response body chunk goes into quiche's send queue as it is (zero-copy), a part at a
+/// time when the stream's window is smaller: every byte must arrive, in order, once.
+#[tokio::test]
+async fn a_body_chunk_larger_than_the_window_arrives_whole_and_in_order() {
+    const SIZE: usize = 1 << 20;
+    let pattern: Bytes = (0..SIZE + 7).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>().into();
+    let chunk = pattern.slice(7..);
+    let handler = service(move |_| {
+        // Two chunks, the first a slice of a larger buffer, both larger than the window.
+        let (first, second) = (chunk.slice(..SIZE / 3), chunk.slice(SIZE / 3..));
+        async move {
+            let frames = [first, second].map(|c| Ok::<_, BoxError>(Frame::data(c)));
+            Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+        }
+    });
+    const WINDOW: u64 = 48 << 10;
+    let mut h = Harness::with_transport(Builder::new(), handler, |b| {
+        b.initial_max_data(WINDOW).max_windows(WINDOW, WINDOW)
+    });
+    let id = h.send_request(&get("/"), true);
+    h.until("the body", |h| h.seen(id).finished).await;
+    let body = &h.seen(id).body;
+    assert_eq!(body.len(), SIZE);
+    assert!(body[..] == pattern[7..], "the body arrived changed");
 }
 
 /// What oha (h3 + quinn) does when its deadline cancels a request: it stops the response
