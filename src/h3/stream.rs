@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use quiche::h3::{self, Header, NameValue};
@@ -52,10 +52,38 @@ pub(crate) const CHUNK_COST: usize = 64;
 /// scratch buffer of this size, so an idle stream holds no read buffer at all.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// A read at least this large becomes the chunk itself, scratch allocation and all, instead
+/// of being copied out: a bulk upload's body is copied once (quiche to scratch), not
+/// twice. The allocation is the chunk's alone, and at most twice its length.
+const HAND_OVER: usize = READ_CHUNK / 2;
+
 thread_local! {
-    /// Where body bytes land before they are copied into a chunk of their exact size (or
-    /// dropped). Reading never yields, so one buffer per worker thread serves every stream.
-    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Where body bytes land before they become a chunk (see [`HAND_OVER`]) or are
+    /// dropped. Reading never yields, so one buffer per worker thread serves every stream.
+    static SCRATCH: std::cell::RefCell<BytesMut> = std::cell::RefCell::new(BytesMut::new());
+}
+
+/// Reads what quiche holds of a body, up to `room` bytes, into the (empty) scratch buffer.
+fn read_into(
+    scratch: &mut BytesMut,
+    h3: &mut h3::Connection,
+    conn: &mut QuicheConnection,
+    id: u64,
+    room: usize,
+) -> h3::Result<usize> {
+    scratch.clear();
+    scratch.reserve(READ_CHUNK);
+    h3.recv_body_buf(conn, id, scratch.limit(room))
+}
+
+/// The scratch buffer's `n` bytes as a chunk: the buffer itself when the read was large,
+/// else a copy of exactly its size (the buffer stays for the next read).
+fn take_chunk(scratch: &mut BytesMut) -> Bytes {
+    if scratch.len() >= HAND_OVER {
+        std::mem::take(scratch).freeze()
+    } else {
+        Bytes::copy_from_slice(scratch)
+    }
 }
 
 /// Why the incoming body failed, as its reader sees it.
@@ -616,9 +644,6 @@ impl StreamShared {
         }
         let mut woke = false;
         let result = SCRATCH.with_borrow_mut(|scratch| {
-            if scratch.is_empty() {
-                scratch.resize(READ_CHUNK, 0);
-            }
             loop {
                 let room = if r.reader_dropped {
                     READ_CHUNK
@@ -628,14 +653,14 @@ impl StreamShared {
                 if room == 0 {
                     return Ok(false);
                 }
-                match h3.recv_body(conn, id, &mut scratch[..room]) {
+                match read_into(scratch, h3, conn, id, room) {
                     Ok(n) => {
                         r.received += n as u64;
                         if r.content_length.is_some_and(|len| r.received > len) {
                             return Err(ReadFailure::Malformed("the body is longer than its content-length"));
                         }
                         if !r.reader_dropped {
-                            r.chunks.push_back(Bytes::copy_from_slice(&scratch[..n]));
+                            r.chunks.push_back(take_chunk(scratch));
                             r.held += n + CHUNK_COST;
                             woke = true;
                         }
@@ -1007,11 +1032,9 @@ fn write_queued(
 /// Reads and drops whatever body data quiche holds for a stream nobody tracks (refused, or
 /// already answered).
 pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
-    SCRATCH.with_borrow_mut(|buf| {
-        if buf.is_empty() {
-            buf.resize(READ_CHUNK, 0);
-        }
-        while matches!(h3.recv_body(conn, id, buf), Ok(n) if n > 0) {}
+    SCRATCH.with_borrow_mut(|scratch| {
+        while matches!(read_into(scratch, h3, conn, id, READ_CHUNK), Ok(n) if n > 0) {}
+        scratch.clear();
     });
 }
 
