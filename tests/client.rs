@@ -474,6 +474,29 @@ async fn past_the_whole_request_timeout_the_next_frame_fails_even_with_data_wait
     s.server.stop().await;
 }
 
+/// A request for a byte range offers no coding of the client's own (a range of gzip is no
+/// gzip stream), as reqwest does; the same request without `Range` offers its codings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_request_offers_no_coding() {
+    let s = setup().await;
+    let url = s.server.at("/compressed/100000");
+    let run = async {
+        for (protocol, version) in PROTOCOLS {
+            let client = client(&s.certs, |b| protocol(b).gzip(true));
+            let response = client.get(&url).header("range", "bytes=0-99").send().await.unwrap();
+            assert_eq!(response.version(), version);
+            assert!(response.headers().get("x-offered").is_none(), "over {version:?}");
+            assert!(response.headers().get(CONTENT_ENCODING).is_none());
+            assert_eq!(response.bytes().await.unwrap(), pattern(100_000, 7));
+            let response = client.get(&url).send().await.unwrap();
+            let offered = response.headers()["x-offered"].to_str().unwrap();
+            assert!(offered.contains("gzip"), "over {version:?}: {offered}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
 /// Shows a defect (review): a default `accept-encoding` is not sent. The decompression
 /// stage sits outside the default headers' stage, so it fills in its own `accept-encoding`
 /// first and the default then finds the header taken; `default_headers` says a default goes

@@ -14,7 +14,7 @@
 //! 2. default headers: added once, so a redirect off the origin strips them like others;
 //!    outside decompression, so that a default `accept-encoding` is the one sent;
 //! 3. decompression: `accept-encoding` is sent with every hop, only the final response is
-//!    decoded (a size limit then counts decoded bytes);
+//!    decoded (a size limit then counts decoded bytes); not for `Range` requests;
 //! 4. redirects: each hop goes through the pool's protocol selection afresh;
 //! 5. the read timeout: per hop, the head and every stall between body frames;
 //! 6. [`Transport`]: the pool (HTTP/3, or TCP in auto mode).
@@ -283,12 +283,13 @@ impl Conveniences {
         if !any {
             return stage;
         }
-        Stage::new(
+        let decoded = Stage::new(
             ServiceBuilder::new()
                 .map_response(|r: Response<DecompressionBody<RecvBody>>| r.map(layered))
                 .layer(layer)
-                .service(stage),
-        )
+                .service(stage.clone()),
+        );
+        Stage::new(ExceptRanges { decoded, plain: stage })
     }
 
     #[cfg(not(any(feature = "gzip", feature = "brotli", feature = "zstd")))]
@@ -343,6 +344,38 @@ pub(crate) fn into_error(error: BoxError) -> Error {
     Error::new(Kind::Decode)
         .with_message("the response body could not be decoded")
         .with_source(error)
+}
+
+/// Decompression for every request but those for a byte range, as reqwest does: a range
+/// of an encoded representation is not a stream the decoder can read (RFC 9110 §14.1.2
+/// ranges apply to the encoded bytes), so a `Range` request goes without an
+/// `accept-encoding` of ours and its response body is left as it comes.
+#[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
+#[derive(Clone)]
+struct ExceptRanges {
+    decoded: Stage,
+    plain: Stage,
+}
+
+#[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
+impl Service<Request<ReqBody>> for ExceptRanges {
+    type Response = Response<RecvBody>;
+    type Error = Error;
+    type Future = tower::util::Oneshot<Stage, Request<ReqBody>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        // Each call readies the stage it picks.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        let stage = if request.headers().contains_key(http::header::RANGE) {
+            &self.plain
+        } else {
+            &self.decoded
+        };
+        stage.clone().oneshot(request)
+    }
 }
 
 /// The whole-request timeout: the response head (redirects included) and then its body
