@@ -5,6 +5,7 @@ mod support;
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
@@ -14,12 +15,13 @@ use http::header::ALT_SVC;
 use http::{HeaderValue, Request, Version};
 use http_body_util::Empty;
 use support::dual::{Dual, stop_h3};
-use support::h3::{h3_server_with, trusting};
+use support::h3::{h3_server_on, h3_server_with, trusting};
 use support::*;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
 use tower::{Service, ServiceExt};
 use tower_quiche::client::{Builder, Client, ResponseExt};
+use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
 use tower_quiche::server;
 
 /// `/hello` (and `/stuck`, GET or POST) answers `hello`, with `alt_svc` as its `Alt-Svc`
@@ -407,4 +409,101 @@ impl DevCaPem {
     fn other() -> String {
         tower_quiche::tls::DevCa::new("another CA").unwrap().cert_pem()
     }
+}
+
+/// A UDP relay to `server` that passes datagrams both ways until `blocked` is set, then
+/// drops them all: a path on which UDP stops getting through.
+async fn switchable_path_to(server: std::net::SocketAddr, blocked: Arc<AtomicBool>) -> std::net::SocketAddr {
+    let outside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let inside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let addr = outside.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None));
+    let (to_client, from_client, seen, open) = (
+        Arc::clone(&outside),
+        Arc::clone(&inside),
+        Arc::clone(&client),
+        Arc::clone(&blocked),
+    );
+    tokio::spawn(async move {
+        let mut buf = vec![0; 65_536];
+        while let Ok((n, from)) = outside.recv_from(&mut buf).await {
+            if !open.load(Ordering::SeqCst) {
+                *seen.lock().unwrap() = Some(from);
+                let _ = from_client.send_to(&buf[..n], server).await;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0; 65_536];
+        while let Ok(n) = inside.recv(&mut buf).await {
+            let to = *client.lock().unwrap();
+            if let Some(to) = to.filter(|_| !blocked.load(Ordering::SeqCst)) {
+                let _ = to_client.send_to(&buf[..n], to).await;
+            }
+        }
+    });
+    addr
+}
+
+/// A client holding a session sends its next GET in 0-RTT on a new connection, usable at
+/// once; when UDP has stopped getting through, that handshake never completes. The request
+/// must not wait for the connect timeout (here longer than the test's) on it: past the
+/// handicap it goes over TCP, and so do the requests after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_connection_whose_handshake_stalls_loses_its_requests_to_tcp() {
+    let certs = certs();
+    // One request per connection: each HTTP/3 request opens a connection that resumes the
+    // session of the one before.
+    let h3_builder = server::Builder::new()
+        .max_requests_per_connection(1)
+        .graceful_shutdown_timeout(Duration::from_millis(100));
+    // Nothing but the handicap may end the stalled handshake within the test's time: a
+    // resumed connection's idle timeout is the smaller of its own and the server's.
+    let patient = || {
+        TransportConfig::default()
+            .handshake_timeout(TEST_TIMEOUT * 2)
+            .idle_timeout(TEST_TIMEOUT * 2)
+    };
+    let quic = ServerConfig::builder().transport(patient());
+    let h3 = h3_server_on(&certs, quic, h3_builder, app(None), Arc::default()).await;
+    let blocked = Arc::new(AtomicBool::new(false));
+    let path = switchable_path_to(h3.addr, Arc::clone(&blocked)).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(path.port())))).await;
+    let quic = ClientConfig::builder()
+        .ca_pem(&certs.ca_pem)
+        .transport(patient())
+        .build()
+        .unwrap();
+    let client = Client::builder()
+        .quic_config(quic)
+        .connect_timeout(TEST_TIMEOUT * 2)
+        .http3_handicap(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        // Upgraded (the first attempt may lose the race on a slow machine), then once more
+        // so that a session is held for certain.
+        let mut on_h3 = 0;
+        for _ in 0..100 {
+            if hello(&client, &front.url()).await == Version::HTTP_3 {
+                on_h3 += 1;
+                if on_h3 == 2 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(on_h3, 2, "HTTP/3 was used");
+        while client.pooled_connections() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        blocked.store(true, Ordering::SeqCst);
+        for _ in 0..3 {
+            assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+    stop_h3(h3).await;
 }

@@ -78,7 +78,16 @@ async fn echoes<S: AsyncRead + AsyncWrite + Unpin>(mut ws: WebSocketStream<S>, o
     let binary = Message::binary(vec![0u8, 1, 2, 255]);
     ws.send(binary.clone()).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), binary, "{over}");
-    ws.close(None).await.unwrap();
+    if let Err(e) = ws.close(None).await {
+        // Over HTTP/2 a server that has answered the close ends its stream, and hyper then
+        // resets the client's unfinished half with NO_ERROR (RFC 9113 §8.1), which can
+        // reach the client while it still flushes its Close: the close went through.
+        assert!(
+            over == "HTTP/2" && format!("{e:?}").contains("NO_ERROR"),
+            "{over}: closing failed: {e}"
+        );
+        return;
+    }
     let mut answered = false;
     while let Some(message) = ws.next().await {
         answered |= matches!(message, Ok(Message::Close(_)));

@@ -38,6 +38,16 @@ impl Pool {
             return Route::Tcp;
         };
         if let Some(send) = self.pick(origin, false, None) {
+            if send
+                .status()
+                .early_since()
+                .is_some_and(|since| since.elapsed() >= self.handicap)
+            {
+                // A resumed connection still in its handshake after the handicap: UDP may
+                // no longer get through, and it would hold the request for the connect
+                // timeout.
+                return Route::Tcp;
+            }
             return Route::H3(send);
         }
         if self.attempt_overdue(origin) {
@@ -79,7 +89,29 @@ impl Pool {
         let head = Head::of(&request);
         let bodyless = http_body::Body::is_end_stream(request.body());
         let pending = PendingRequest::from_boxed(request)?;
-        match self.send_h3(send, pending, &origin, port).await {
+        let early_since = send.status().early_since();
+        let sent = self.send_h3(send.clone(), pending, &origin, port);
+        let outcome = match early_since {
+            // A request in 0-RTT data on a resumed connection (only bodiless safe ones go
+            // early): usable at once, its handshake has yet to show that UDP gets through.
+            // Past the handicap with the handshake still under way, the request goes over
+            // TCP instead (it is safe to send twice), and the HTTP/3 one is cancelled.
+            Some(since) if bodyless && head.method.is_idempotent() => {
+                tokio::pin!(sent);
+                tokio::select! {
+                    outcome = &mut sent => outcome,
+                    () = tokio::time::sleep_until((since + self.handicap).into()) => {
+                        if send.status().early_since().is_some() {
+                            tracing::debug!("0-RTT handshake slower than the handicap; sending over TCP");
+                            return self.send_tcp(head.with_body(None), &origin).await;
+                        }
+                        sent.await
+                    }
+                }
+            }
+            _ => sent.await,
+        };
+        match outcome {
             Ok(response) => {
                 // An HTTP/3 response's `Alt-Svc` counts as a TCP one's: `clear`, a new port.
                 self.alt_svc()

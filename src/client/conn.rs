@@ -203,6 +203,8 @@ struct StatusInner {
     goaway: bool,
     closed: bool,
     established: bool,
+    /// When HTTP/3 started in 0-RTT data, while the handshake has not completed since.
+    early_since: Option<std::time::Instant>,
     /// Tasks to wake when a request may go (or never will). One entry per task: a task
     /// polled again while it waits is not listed again.
     waiters: Vec<Waker>,
@@ -236,6 +238,12 @@ impl Status {
     pub(crate) fn load(&self) -> u64 {
         let s = self.lock();
         s.outstanding + s.in_flight as u64
+    }
+
+    /// Since when the connection has carried requests in 0-RTT data without its handshake
+    /// completing; `None` once it has completed (or for a connection that never went early).
+    pub(crate) fn early_since(&self) -> Option<std::time::Instant> {
+        self.lock().early_since
     }
 
     fn update(&self, f: impl FnOnce(&mut StatusInner)) {
@@ -1240,9 +1248,11 @@ impl ClientApp {
         self.h3 = Some(h3);
         let credit = conn.peer_streams_left_bidi();
         self.credit_told = credit;
+        let early = !conn.is_established();
         self.status.update(|s| {
             s.credit = credit;
             s.established = true;
+            s.early_since = early.then(std::time::Instant::now);
         });
         Ok(())
     }
@@ -1263,7 +1273,10 @@ impl Application for ClientApp {
             // handshake (it can refuse the remembered ones).
             let credit = conn.peer_streams_left_bidi();
             self.credit_told = credit;
-            self.status.update(|s| s.credit = credit);
+            self.status.update(|s| {
+                s.credit = credit;
+                s.early_since = None;
+            });
             return Ok(());
         }
         self.start_h3(conn)

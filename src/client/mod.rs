@@ -14,7 +14,10 @@
 //! response (RFC 7838: `ma`, 24 hours by default; `clear`; another port on the same host)
 //! is remembered per origin, and later requests go over HTTP/3. QUIC gets a head start
 //! (`Builder::http3_handicap`, 300 ms): when its handshake takes longer, the request goes
-//! over TCP while the handshake carries on for the next ones. A QUIC attempt that fails
+//! over TCP while the handshake carries on for the next ones. A resumed connection is
+//! usable at once, for requests in 0-RTT data; while its handshake has not completed
+//! within the handicap (UDP no longer gets through, say), its early requests go over TCP
+//! too, and so do later ones. A QUIC attempt that fails
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
 //! days, reset once it works — and requests go over TCP meanwhile, without an error.
