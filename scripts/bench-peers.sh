@@ -9,21 +9,21 @@
 #   WORKLOADS="hello64 hello32" REPEAT=1 scripts/bench-peers.sh   # a subset, once
 # Every knob of run-bench.sh (DURATION, WORKLOADS, SERVER_CPUS, ...) passes through.
 # Builds examples/bench_server in release, and the peers when they are not built yet
-# (about 20 minutes on 2 cores, once; in target/peers when ../shared/peers is read-only).
+# (about 20 minutes on 2 cores, once, in target/peers).
 # Loopback only.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-PEERS=${PEERS:-$(cd "$ROOT/../shared/peers" && pwd)}
 export REPEAT=${REPEAT:-3}
 
-# The harness builds into, and writes its results under, its own directory. When that is
-# read-only (a shared checkout), it runs from a writable copy in our target directory.
-if [[ ! -w $PEERS ]]; then
-  copy=$ROOT/target/peers
-  mkdir -p "$copy"
-  (cd "$PEERS" && tar --exclude=./target --exclude=./results -cf - .) | (cd "$copy" && tar -xf -)
-  chmod -R u+w "$copy"
-  PEERS=$copy
+# The harness builds into, and writes its results under, its own directory; the shared
+# checkout is read-only, so (unless PEERS names another) it runs from a copy in our target
+# directory, synced from ../shared/peers on every run (tar keeps the files' times, so the
+# built peers stay fresh).
+if [[ -z ${PEERS:-} ]]; then
+  PEERS=$ROOT/target/peers
+  mkdir -p "$PEERS"
+  (cd "$ROOT/../shared/peers" && tar --exclude=./target --exclude=./results -cf - .) | (cd "$PEERS" && tar -xf -)
+  chmod -R u+w "$PEERS"
 fi
 
 cargo build --release --example bench_server --manifest-path "$ROOT/Cargo.toml"

@@ -142,6 +142,63 @@ async fn an_origin_client_upgrades_too() {
     server.stop().await;
 }
 
+/// An [`OriginClient`](tower_quiche::client::OriginClient) in auto mode reserves a stream
+/// when ready and uses that reservation for its request: with one connection per origin
+/// and two streams allowed, two requests are in flight at once. (A request that took a
+/// second stream over its reservation would leave the other waiting for ever here, as the
+/// server answers only once both have arrived.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_client_uses_the_stream_it_reserved() {
+    let certs = certs();
+    let pair = Arc::new(tokio::sync::Barrier::new(2));
+    let h3_app = routes(None, false).route(
+        "/pair",
+        get(move || {
+            let pair = Arc::clone(&pair);
+            async move {
+                pair.wait().await;
+                "hello"
+            }
+        }),
+    );
+    let quic = ServerConfig::builder().transport(TransportConfig::default().max_concurrent_bidi_streams(2));
+    let h3 = h3_server_on(&certs, quic, server::Builder::new(), h3_app, Arc::default()).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(h3.addr.port())))).await;
+    let client = client(&certs, |b| {
+        b.http3_handicap(Duration::from_secs(20)).max_connections_per_origin(1)
+    });
+    let mut origin = client
+        .origin(format!("https://127.0.0.1:{}", front.addr.port()))
+        .unwrap();
+    let get = |path: &str| Request::get(path).body(Empty::<Bytes>::new()).unwrap();
+    let run = async {
+        for expected in [Version::HTTP_2, Version::HTTP_3] {
+            let service = ServiceExt::<Request<Empty<Bytes>>>::ready(&mut origin).await.unwrap();
+            let response = service.call(get("/hello")).await.unwrap();
+            assert_eq!(response.version(), expected);
+            assert_eq!(response.text().await.unwrap(), "hello");
+        }
+        // The first is under way (on its stream, waiting for the second) before the second
+        // is made ready.
+        let first = ServiceExt::<Request<Empty<Bytes>>>::ready(&mut origin)
+            .await
+            .unwrap()
+            .call(get("/pair"));
+        let first = tokio::spawn(first);
+        let second = ServiceExt::<Request<Empty<Bytes>>>::ready(&mut origin)
+            .await
+            .unwrap()
+            .call(get("/pair"));
+        let (first, second) = tokio::join!(first, second);
+        let (first, second) = (first.unwrap().unwrap(), second.unwrap());
+        assert_eq!((first.version(), second.version()), (Version::HTTP_3, Version::HTTP_3));
+        assert_eq!(client.pooled_connections(), 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+    stop_h3(h3).await;
+}
+
 /// UDP blocked: `Alt-Svc` points at a socket that swallows every datagram. Every request
 /// succeeds over TCP; the QUIC attempt that failed marks HTTP/3 broken, so it is not made
 /// again for every request: one attempt in all.
@@ -411,28 +468,41 @@ impl DevCaPem {
     }
 }
 
-/// A UDP relay to `server` that passes datagrams both ways until `blocked` is set, then
-/// drops them all: a path on which UDP stops getting through.
-async fn switchable_path_to(server: std::net::SocketAddr, blocked: Arc<AtomicBool>) -> std::net::SocketAddr {
+/// A UDP relay to a server: it passes datagrams both ways until `blocked` is set, then
+/// drops them all (a path on which UDP stops getting through), noting whether the client
+/// sent 0-RTT data meanwhile.
+struct SwitchablePath {
+    addr: std::net::SocketAddr,
+    blocked: Arc<AtomicBool>,
+    early_data_dropped: Arc<AtomicBool>,
+}
+
+async fn switchable_path_to(server: std::net::SocketAddr) -> SwitchablePath {
     let outside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
     let inside = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let addr = outside.local_addr().unwrap();
+    let path = SwitchablePath {
+        addr: outside.local_addr().unwrap(),
+        blocked: Arc::default(),
+        early_data_dropped: Arc::default(),
+    };
     let client = Arc::new(std::sync::Mutex::new(None));
-    let (to_client, from_client, seen, open) = (
-        Arc::clone(&outside),
-        Arc::clone(&inside),
-        Arc::clone(&client),
-        Arc::clone(&blocked),
-    );
+    let (to_client, seen) = (Arc::clone(&outside), Arc::clone(&client));
+    let (blocked, early) = (Arc::clone(&path.blocked), Arc::clone(&path.early_data_dropped));
+    let from_client = Arc::clone(&inside);
     tokio::spawn(async move {
         let mut buf = vec![0; 65_536];
         while let Ok((n, from)) = outside.recv_from(&mut buf).await {
-            if !open.load(Ordering::SeqCst) {
-                *seen.lock().unwrap() = Some(from);
-                let _ = from_client.send_to(&buf[..n], server).await;
+            if blocked.load(Ordering::SeqCst) {
+                if carries_0rtt(&buf[..n]) {
+                    early.store(true, Ordering::SeqCst);
+                }
+                continue;
             }
+            *seen.lock().unwrap() = Some(from);
+            let _ = from_client.send_to(&buf[..n], server).await;
         }
     });
+    let blocked = Arc::clone(&path.blocked);
     tokio::spawn(async move {
         let mut buf = vec![0; 65_536];
         while let Ok(n) = inside.recv(&mut buf).await {
@@ -442,7 +512,46 @@ async fn switchable_path_to(server: std::net::SocketAddr, blocked: Arc<AtomicBoo
             }
         }
     });
-    addr
+    path
+}
+
+/// Whether a datagram holds a QUIC v1 0-RTT packet among the long-header packets coalesced
+/// in it (RFC 9000 §12.2, §17.2).
+fn carries_0rtt(mut datagram: &[u8]) -> bool {
+    fn varint(b: &[u8]) -> Option<(usize, usize)> {
+        let first = *b.first()?;
+        let len = 1 << (first >> 6);
+        let rest = b.get(1..len)?;
+        Some((
+            rest.iter()
+                .fold(usize::from(first & 0x3f), |v, x| v << 8 | usize::from(*x)),
+            len,
+        ))
+    }
+    let next = |d: &[u8]| -> Option<usize> {
+        let kind = (d[0] >> 4) & 0x3;
+        let mut at = 5;
+        at += 1 + usize::from(*d.get(at)?);
+        at += 1 + usize::from(*d.get(at)?);
+        if kind == 0 {
+            let (token, n) = varint(d.get(at..)?)?;
+            at += n + token;
+        }
+        let (len, n) = varint(d.get(at..)?)?;
+        Some(at + n + len)
+    };
+    while datagram.first().is_some_and(|b| b & 0x80 != 0) {
+        match (datagram[0] >> 4) & 0x3 {
+            1 => return true,
+            3 => return false,
+            _ => {}
+        }
+        let Some(end) = next(datagram) else {
+            return false;
+        };
+        datagram = datagram.get(end..).unwrap_or_default();
+    }
+    false
 }
 
 /// A client holding a session sends its next GET in 0-RTT on a new connection, usable at
@@ -466,9 +575,8 @@ async fn a_resumed_connection_whose_handshake_stalls_loses_its_requests_to_tcp()
     };
     let quic = ServerConfig::builder().transport(patient());
     let h3 = h3_server_on(&certs, quic, h3_builder, app(None), Arc::default()).await;
-    let blocked = Arc::new(AtomicBool::new(false));
-    let path = switchable_path_to(h3.addr, Arc::clone(&blocked)).await;
-    let front = Dual::start(&certs, app(Some(alt_svc_to(path.port())))).await;
+    let path = switchable_path_to(h3.addr).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(path.addr.port())))).await;
     let quic = ClientConfig::builder()
         .ca_pem(&certs.ca_pem)
         .transport(patient())
@@ -498,10 +606,14 @@ async fn a_resumed_connection_whose_handshake_stalls_loses_its_requests_to_tcp()
         while client.pooled_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        blocked.store(true, Ordering::SeqCst);
+        path.blocked.store(true, Ordering::SeqCst);
         for _ in 0..3 {
             assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
         }
+        assert!(
+            path.early_data_dropped.load(Ordering::SeqCst),
+            "the blocked connection resumed its session and sent 0-RTT data"
+        );
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     front.stop().await;

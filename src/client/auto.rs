@@ -38,17 +38,16 @@ impl Pool {
             return Route::Tcp;
         };
         if let Some(send) = self.pick(origin, false, None) {
-            if send
-                .status()
-                .early_since()
-                .is_some_and(|since| since.elapsed() >= self.handicap)
-            {
-                // A resumed connection still in its handshake after the handicap: UDP may
-                // no longer get through, and it would hold the request for the connect
-                // timeout.
-                return Route::Tcp;
+            if !self.stalled(&send) {
+                return Route::H3(send);
             }
-            return Route::H3(send);
+            // A resumed connection still in its handshake after the handicap: UDP may no
+            // longer get through, and it would hold the request for the connect timeout.
+            // Another connection, if one is up, else TCP.
+            return match self.pick(origin, false, Some(&send)) {
+                Some(other) if !self.stalled(&other) => Route::H3(other),
+                _ => Route::Tcp,
+            };
         }
         if self.attempt_overdue(origin) {
             // An attempt already slower than the handicap (blocked UDP, say): this request
@@ -63,6 +62,14 @@ impl Pool {
             // Failed (and marked broken), or no faster than the handicap.
             _ => Route::Tcp,
         }
+    }
+
+    /// Whether `send`'s connection has carried early data for longer than the handicap
+    /// without completing its handshake.
+    fn stalled(&self, send: &SendRequest) -> bool {
+        send.status()
+            .early_since()
+            .is_some_and(|since| since.elapsed() >= self.handicap)
     }
 
     /// Whether an HTTP/3 connection attempt to `origin` has run longer than the handicap
@@ -89,24 +96,28 @@ impl Pool {
         let head = Head::of(&request);
         let bodyless = http_body::Body::is_end_stream(request.body());
         let pending = PendingRequest::from_boxed(request)?;
-        let early_since = send.status().early_since();
-        let sent = self.send_h3(send.clone(), pending, &origin, port);
-        let outcome = match early_since {
+        let status = send.shared_status();
+        let sent = self.send_h3(send, pending, &origin, port);
+        let outcome = match status.early_since() {
             // A request in 0-RTT data on a resumed connection (only bodiless safe ones go
             // early): usable at once, its handshake has yet to show that UDP gets through.
             // Past the handicap with the handshake still under way, the request goes over
-            // TCP instead (it is safe to send twice), and the HTTP/3 one is cancelled.
+            // TCP instead (an idempotent request may be sent twice, RFC 9110 §9.2.2).
             Some(since) if bodyless && head.method.is_idempotent() => {
-                tokio::pin!(sent);
-                tokio::select! {
-                    outcome = &mut sent => outcome,
-                    () = tokio::time::sleep_until((since + self.handicap).into()) => {
-                        if send.status().early_since().is_some() {
-                            tracing::debug!("0-RTT handshake slower than the handicap; sending over TCP");
-                            return self.send_tcp(head.with_body(None), &origin).await;
-                        }
-                        sent.await
+                let mut sent = Box::pin(sent);
+                let first = tokio::select! {
+                    outcome = &mut sent => Some(outcome),
+                    () = tokio::time::sleep_until((since + self.handicap).into()) => None,
+                };
+                match first {
+                    Some(outcome) => outcome,
+                    None if status.early_since().is_some() => {
+                        // Cancelled first, so that no HTTP/3 copy leaves once TCP has it.
+                        drop(sent);
+                        tracing::debug!("0-RTT handshake slower than the handicap; sending over TCP");
+                        return self.send_tcp(head.with_body(None), &origin).await;
                     }
+                    None => sent.await,
                 }
             }
             _ => sent.await,

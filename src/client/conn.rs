@@ -347,6 +347,11 @@ impl SendRequest {
         &self.status
     }
 
+    /// The connection's status, to look at after this handle is gone.
+    pub(crate) fn shared_status(&self) -> Arc<Status> {
+        Arc::clone(&self.status)
+    }
+
     /// Whether `other` sends on the same connection as this.
     pub(crate) fn same_connection(&self, other: &SendRequest) -> bool {
         Arc::ptr_eq(&self.status, &other.status)

@@ -14,7 +14,8 @@
 //! 2. default headers: added once, so a redirect off the origin strips them like others;
 //!    outside decompression, so that a default `accept-encoding` is the one sent;
 //! 3. decompression: `accept-encoding` is sent with every hop, only the final response is
-//!    decoded (a size limit then counts decoded bytes); not for `Range` requests;
+//!    decoded (a size limit then counts decoded bytes); a `Range` request asks for
+//!    `identity`;
 //! 4. redirects: each hop goes through the pool's protocol selection afresh;
 //! 5. the read timeout: per hop, the head and every stall between body frames;
 //! 6. [`Transport`]: the pool (HTTP/3, or TCP in auto mode).
@@ -283,19 +284,34 @@ impl Conveniences {
         if !any {
             return stage;
         }
-        let decoded = Stage::new(
+        Stage::new(
             ServiceBuilder::new()
+                .map_request(identity_for_ranges)
                 .map_response(|r: Response<DecompressionBody<RecvBody>>| r.map(layered))
                 .layer(layer)
-                .service(stage.clone()),
-        );
-        Stage::new(ExceptRanges { decoded, plain: stage })
+                .service(stage),
+        )
     }
 
     #[cfg(not(any(feature = "gzip", feature = "brotli", feature = "zstd")))]
     fn decompress(&self, stage: Stage) -> Stage {
         stage
     }
+}
+
+/// A request for a byte range asks for no coding (`accept-encoding: identity`, unless it
+/// says otherwise), as reqwest offers none for it: a range of a gzip body is no gzip
+/// stream. A response that is encoded all the same is still decoded.
+#[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
+fn identity_for_ranges(mut request: Request<ReqBody>) -> Request<ReqBody> {
+    let headers = request.headers_mut();
+    if headers.contains_key(http::header::RANGE) && !headers.contains_key(http::header::ACCEPT_ENCODING) {
+        headers.insert(
+            http::header::ACCEPT_ENCODING,
+            http::HeaderValue::from_static("identity"),
+        );
+    }
+    request
 }
 
 /// Adds each default header the request does not have (by name: a request's own value
@@ -344,38 +360,6 @@ pub(crate) fn into_error(error: BoxError) -> Error {
     Error::new(Kind::Decode)
         .with_message("the response body could not be decoded")
         .with_source(error)
-}
-
-/// Decompression for every request but those for a byte range, as reqwest does: a range
-/// of an encoded representation is not a stream the decoder can read (RFC 9110 §14.1.2
-/// ranges apply to the encoded bytes), so a `Range` request goes without an
-/// `accept-encoding` of ours and its response body is left as it comes.
-#[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
-#[derive(Clone)]
-struct ExceptRanges {
-    decoded: Stage,
-    plain: Stage,
-}
-
-#[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
-impl Service<Request<ReqBody>> for ExceptRanges {
-    type Response = Response<RecvBody>;
-    type Error = Error;
-    type Future = tower::util::Oneshot<Stage, Request<ReqBody>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Error>> {
-        // Each call readies the stage it picks.
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let stage = if request.headers().contains_key(http::header::RANGE) {
-            &self.plain
-        } else {
-            &self.decoded
-        };
-        stage.clone().oneshot(request)
-    }
 }
 
 /// The whole-request timeout: the response head (redirects included) and then its body

@@ -939,8 +939,8 @@ impl Builder {
     /// (`gzip` feature, on by default) Sends `accept-encoding: gzip` (with the other codings
     /// that are on) and decodes `content-encoding: gzip` responses, removing their
     /// `content-encoding` and `content-length`. Defaults to `true`. A request with its own
-    /// `accept-encoding` keeps it. Only the final response of redirects is decoded. A request
-    /// with a `Range` header is left alone: nothing offered, nothing decoded.
+    /// `accept-encoding` keeps it; one with a `Range` header asks for `identity` (a range of
+    /// a gzip body is no gzip stream). Only the final response of redirects is decoded.
     #[cfg(feature = "gzip")]
     pub fn gzip(mut self, enable: bool) -> Self {
         self.conveniences.gzip = enable;

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use quiche::h3::{self, Header, NameValue};
@@ -56,6 +56,13 @@ const READ_CHUNK: usize = 64 * 1024;
 /// of being copied out: a bulk upload's body is copied once (quiche to scratch), not
 /// twice. The allocation is the chunk's alone, and at most twice its length.
 const HAND_OVER: usize = READ_CHUNK / 2;
+
+/// The smallest body chunk quiche is handed as it is rather than copied. quiche keeps what
+/// it is handed until the peer acknowledges it, and a `Bytes` keeps its whole allocation
+/// alive: a small slice of a large buffer (a range of a cached file, say) would hold all of
+/// it for a round trip, where copying it costs little. A chunk this large is most of what
+/// it pins, in any body that is not cut from something far larger.
+const ZERO_COPY_MIN: usize = 16 * 1024;
 
 thread_local! {
     /// Where body bytes land before they become a chunk (see [`HAND_OVER`]) or are
@@ -993,12 +1000,21 @@ fn write_queued(
         let last = out.data.len() == 1 && out.fin && out.trailers.is_none();
         let chunk = out.data.front_mut().expect("not empty");
         let len = chunk.len();
-        // Zero-copy: quiche queues the chunk itself; on a partial write it leaves the part
-        // not taken in `chunk`.
-        match h3.send_body_zc(conn, id, chunk, last) {
+        // A large chunk is queued as it is (zero-copy; on a partial write quiche leaves the
+        // part not taken in `chunk`), a small one copied (see `ZERO_COPY_MIN`).
+        let zero_copy = len >= ZERO_COPY_MIN;
+        let written = if zero_copy {
+            h3.send_body_zc(conn, id, chunk, last)
+        } else {
+            h3.send_body(conn, id, chunk, last)
+        };
+        match written {
             Ok(n) => {
                 out.data_len -= n;
                 if n < len {
+                    if !zero_copy {
+                        chunk.advance(n);
+                    }
                     return Ok(false);
                 }
                 out.data.pop_front();

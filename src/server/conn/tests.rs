@@ -840,18 +840,26 @@ async fn an_urgent_request_overtakes_a_background_download() {
     assert_eq!(h.seen(big).body.len(), BIG);
 }
 
-/// A response body chunk goes into quiche's send queue as it is (zero-copy), a part at a
-/// time when the stream's window is smaller: every byte must arrive, in order, once.
+/// A large response body chunk goes into quiche's send queue as it is (zero-copy), a part
+/// at a time when the stream's window is smaller; small ones are copied, also a part at a
+/// time: every byte must arrive, in order, once.
 #[tokio::test]
-async fn a_body_chunk_larger_than_the_window_arrives_whole_and_in_order() {
+async fn body_chunks_larger_and_smaller_than_the_window_arrive_whole_and_in_order() {
     const SIZE: usize = 1 << 20;
     let pattern: Bytes = (0..SIZE + 7).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>().into();
-    let chunk = pattern.slice(7..);
+    let body = pattern.slice(7..);
     let handler = service(move |_| {
-        // Two chunks, the first a slice of a larger buffer, both larger than the window.
-        let (first, second) = (chunk.slice(..SIZE / 3), chunk.slice(SIZE / 3..));
+        // A third in one chunk (a slice of a larger buffer), a third in 1000-byte chunks
+        // (copied), the rest in one chunk: the large ones are larger than the window.
+        let mut chunks = vec![body.slice(..SIZE / 3)];
+        chunks.extend(
+            (SIZE / 3..2 * SIZE / 3)
+                .step_by(1000)
+                .map(|at| body.slice(at..(at + 1000).min(2 * SIZE / 3))),
+        );
+        chunks.push(body.slice(2 * SIZE / 3..));
         async move {
-            let frames = [first, second].map(|c| Ok::<_, BoxError>(Frame::data(c)));
+            let frames = chunks.into_iter().map(|c| Ok::<_, BoxError>(Frame::data(c)));
             Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
         }
     });
