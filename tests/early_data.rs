@@ -191,6 +191,34 @@ async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_agai
     .unwrap();
 }
 
+/// Two GETs go early on one resumed connection and are both answered 425. Sent again after
+/// the handshake, the first is served and, the connection's one request done, the server
+/// refuses the second (GOAWAY). The 425 did not use up the second's resend: it goes on a
+/// new connection and is answered.
+#[tokio::test]
+async fn a_request_answered_425_can_still_be_resent_once_elsewhere() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let refused = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&refused);
+        let builder = server::Builder::new().early_data_policy(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            false
+        });
+        let resumed = resumed(builder, trusting).await;
+        let Resumed { client, url, .. } = &resumed;
+        let (first, second) = tokio::join!(client.get(url).send(), client.get(url).send());
+        for response in [first, second] {
+            let response = response.expect("each GET is answered");
+            assert_eq!(response.status(), 200);
+            assert_eq!(response.text().await.unwrap(), "false -");
+        }
+        assert_eq!(refused.load(Ordering::SeqCst), 2, "both went early and were refused");
+        assert_eq!(resumed.calls(), 3);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn requests_that_are_not_safe_to_replay_wait_for_the_handshake() {
     tokio::time::timeout(TEST_TIMEOUT, async {

@@ -380,7 +380,8 @@ impl Pool {
 
     /// Sends `request` on `send`; a request the server did not process goes once more to
     /// another connection (RFC 9114 §4.1.1: the server may refuse it on that connection
-    /// again, for the same reason), to HTTP/3 on `port` of the origin's host.
+    /// again, for the same reason), to HTTP/3 on `port` of the origin's host. A request
+    /// answered `425 Too Early` goes again besides, once.
     async fn send_h3(
         &self,
         mut send: SendRequest,
@@ -388,13 +389,19 @@ impl Pool {
         origin: &Origin,
         port: u16,
     ) -> Result<Response<RecvBody>, H3Failure> {
-        const ATTEMPTS: usize = 2;
-        // A refused request goes to another connection, except one refused only for coming
-        // in 0-RTT data (425 Too Early): its connection has completed its handshake since.
-        let mut avoid_previous = true;
-        for attempt in 0..ATTEMPTS {
-            if attempt > 0 {
-                send = match self.connection(origin, port, avoid_previous.then_some(&send)).await {
+        // One resend for a request the server did not process, plus the one a 425 asks for
+        // (a request goes in early data once, so there is one such at most).
+        const RESENDS: usize = 1;
+        let mut resends = 0;
+        let mut too_early_resent = false;
+        // When it goes again: whether it must avoid the connection that refused it. A
+        // refused request goes to another connection, except one refused only for coming in
+        // 0-RTT data (425 Too Early): its connection has completed its handshake since.
+        let mut avoid_previous: Option<bool> = None;
+        loop {
+            if let Some(avoid) = avoid_previous.take() {
+                let avoid = avoid.then_some(&send);
+                send = match self.connection(origin, port, avoid).await {
                     Ok(send) => send,
                     Err(e) => return Err(H3Failure::Connect(request, e)),
                 };
@@ -402,15 +409,22 @@ impl Pool {
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
                 Ok(response) => return Ok(response),
-                Err(Failure::Unsent(unsent, error)) if attempt + 1 < ATTEMPTS => {
+                Err(Failure::Unsent(unsent, error)) => {
+                    let too_early = unsent.refused_as_too_early() && !too_early_resent;
+                    if too_early {
+                        too_early_resent = true;
+                    } else if resends == RESENDS {
+                        return Err(H3Failure::Request(Failure::Unsent(unsent, error)));
+                    } else {
+                        resends += 1;
+                    }
                     tracing::debug!(%error, "request not processed; sending it again");
-                    avoid_previous = !unsent.refused_as_too_early();
+                    avoid_previous = Some(!too_early);
                     request = unsent;
                 }
                 Err(failure) => return Err(H3Failure::Request(failure)),
             }
         }
-        unreachable!("the last attempt returns")
     }
 }
 
