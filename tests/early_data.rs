@@ -151,6 +151,18 @@ async fn resumed(builder: server::Builder, config: impl FnOnce(&Certs) -> Client
     }
 }
 
+/// A server builder whose early-data policy refuses every request, and the count of the
+/// requests it refused.
+fn refusing_early_data() -> (server::Builder, Arc<AtomicUsize>) {
+    let refused = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&refused);
+    let builder = server::Builder::new().early_data_policy(move |_| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        false
+    });
+    (builder, refused)
+}
+
 #[tokio::test]
 async fn a_resumed_connection_sends_a_get_in_0rtt_and_the_server_serves_it_there() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -169,12 +181,7 @@ async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_agai
     tokio::time::timeout(TEST_TIMEOUT, async {
         // The policy is asked about requests in early data only: it counts them, so the
         // test fails should the GET not go early at all (and then no 425 be tested).
-        let refused = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&refused);
-        let builder = server::Builder::new().early_data_policy(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            false
-        });
+        let (builder, refused) = refusing_early_data();
         let resumed = resumed(builder, trusting).await;
         // The GET goes in 0-RTT, the server answers 425 without calling the service, and
         // the client sends it again once the handshake has completed: the caller sees
@@ -198,12 +205,7 @@ async fn a_request_the_server_will_not_serve_early_is_answered_425_and_sent_agai
 #[tokio::test]
 async fn a_request_answered_425_can_still_be_resent_once_elsewhere() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let refused = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&refused);
-        let builder = server::Builder::new().early_data_policy(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-            false
-        });
+        let (builder, refused) = refusing_early_data();
         let resumed = resumed(builder, trusting).await;
         let Resumed { client, url, .. } = &resumed;
         let (first, second) = tokio::join!(client.get(url).send(), client.get(url).send());
