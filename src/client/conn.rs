@@ -242,6 +242,7 @@ impl Status {
 
     /// Since when the connection has carried requests in 0-RTT data without its handshake
     /// completing; `None` once it has completed (or for a connection that never went early).
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
     pub(crate) fn early_since(&self) -> Option<std::time::Instant> {
         self.lock().early_since
     }
@@ -348,6 +349,7 @@ impl SendRequest {
     }
 
     /// The connection's status, to look at after this handle is gone.
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
     pub(crate) fn shared_status(&self) -> Arc<Status> {
         Arc::clone(&self.status)
     }
