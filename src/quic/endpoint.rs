@@ -586,6 +586,29 @@ mod tests {
         sockets.iter().map(|s| s.socket.received()).collect()
     }
 
+    /// Whether the kernel gives `candidate`'s datagrams to socket `other`: three stray
+    /// datagrams in a row land there (one could be an earlier candidate's, late).
+    async fn lands_on(
+        sockets: &[Arc<Shared>],
+        other: usize,
+        candidate: &tokio::net::UdpSocket,
+        server: SocketAddr,
+    ) -> bool {
+        for _ in 0..3 {
+            let before = received(sockets)[other];
+            candidate.send_to(b"stray", server).await.unwrap();
+            let landed = tokio::time::timeout(Duration::from_millis(500), async {
+                while received(sockets)[other] == before {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+            if landed.await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// The kernel picks one of the sockets of an address by a hash of the client's address;
     /// a NAT rebinding changes it, so a connection's packets may move to the other socket
     /// mid-connection: that socket's router must find the connection (one route table for
@@ -612,12 +635,7 @@ mod tests {
             let mut moved = None;
             for _ in 0..64 {
                 let candidate = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-                let before = received(&sockets);
-                candidate.send_to(b"stray", server).await.unwrap();
-                while received(&sockets).iter().sum::<usize>() == before.iter().sum::<usize>() {
-                    tokio::time::sleep(Duration::from_millis(1)).await;
-                }
-                if received(&sockets)[other] > before[other] {
+                if lands_on(&sockets, other, &candidate, server).await {
                     moved = Some(candidate);
                     break;
                 }
