@@ -1,7 +1,7 @@
 //! One HTTP/3 client connection, in hyper's shape: [`handshake`] returns a [`SendRequest`]
 //! that submits requests and a [`Connection`] that resolves when the connection ends.
 //!
-//! The connection's task (the QUIC layer's driver) runs a [`ClientApp`]: it opens a stream
+//! The connection's task (the QUIC layer's driver) runs a `ClientApp`: it opens a stream
 //! per submitted request when the server's stream credit allows, pumps request bodies from
 //! inside the task, and hands back each response head with a streaming [`RecvBody`].
 
