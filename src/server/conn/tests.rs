@@ -874,6 +874,22 @@ async fn body_chunks_larger_and_smaller_than_the_window_arrive_whole_and_in_orde
     assert!(body[..] == pattern[7..], "the body arrived changed");
 }
 
+/// Between bursts of requests a connection keeps its stream table (growing it again for
+/// every burst cost a rehash at each doubling); once idle for longer, it releases it.
+#[tokio::test]
+async fn the_stream_table_outlives_a_burst_and_goes_once_the_connection_idles() {
+    let mut h = Harness::new(Builder::new(), echo());
+    let burst: Vec<u64> = (0..20).map(|_| h.send_request(&get("/"), true)).collect();
+    h.until("the burst answered", |h| burst.iter().all(|&id| h.seen(id).finished))
+        .await;
+    h.until("its streams forgotten", |h| h.app.streams.is_empty()).await;
+    assert!(
+        h.app.streams.capacity() >= burst.len(),
+        "the table is kept between bursts"
+    );
+    h.until("the table released", |h| h.app.streams.capacity() == 0).await;
+}
+
 /// What oha (h3 + quinn) does when its deadline cancels a request: it stops the response
 /// (STOP_SENDING) of a request it had finished sending. quiche then resets our side, and
 /// once the reset is acknowledged it forgets the stream. The handler answering after that
