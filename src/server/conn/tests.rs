@@ -887,6 +887,14 @@ async fn the_stream_table_outlives_a_burst_and_goes_once_the_connection_idles() 
         h.app.streams.capacity() >= burst.len(),
         "the table is kept between bursts"
     );
+    // The connection's timer is set for the release: an idle connection is not polled
+    // otherwise (this harness polls it every millisecond anyway).
+    assert!(h.app.tables_release().is_some());
+    assert_eq!(
+        h.app.timer_at,
+        h.app.tables_release(),
+        "the timer wakes the connection for it"
+    );
     h.until("the table released", |h| h.app.streams.capacity() == 0).await;
 }
 
