@@ -1048,10 +1048,11 @@ fn write_queued(
 /// Reads and drops whatever body data quiche holds for a stream nobody tracks (refused, or
 /// already answered).
 pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
-    SCRATCH.with_borrow_mut(|scratch| {
-        while matches!(read_into(scratch, h3, conn, id, READ_CHUNK), Ok(n) if n > 0) {}
-        scratch.clear();
-    });
+    SCRATCH.with_borrow_mut(
+        |scratch| {
+            while matches!(read_into(scratch, h3, conn, id, READ_CHUNK), Ok(n) if n > 0) {}
+        },
+    );
 }
 
 /// Whether quiche still holds a stream: data not yet sent or acknowledged, or a side not

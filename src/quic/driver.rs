@@ -26,15 +26,16 @@
 //! clients on the other (2026-11-27), in shares of the server's samples:
 //!
 //! - A 100 MiB download: quiche building packets 16 % (`send_single`) plus its recovery
-//!   5 % and its copy of stream data into packets 2 %; AES-GCM 15 %; the kernel's UDP send
-//!   17 %, in GSO batches (one `sendmsg` per 42 packets). This driver and the HTTP/3 layer
+//!   5 % and its copy of stream data into packets 2 %; AES-GCM 15–17 %; the kernel 17 %
+//!   (the UDP send, in GSO batches of 42 packets per `sendmsg`, and the ACKs' receive). This driver and the HTTP/3 layer
 //!   are under 3 %; body chunks reach quiche without a copy ([`QuicheConnection`]).
-//! - A 100 MiB upload: AES-GCM 12 %, the kernel's receive 25 %, quiche's receive path (its
-//!   reassembly buffer is a B-tree with an allocation per STREAM frame) about 15 %,
-//!   malloc and free 8 %, the router's copy into its arena and the inbound queue about 5 %.
+//! - A 100 MiB upload: AES-GCM 12 %, the kernel 25 % (mostly the receive), quiche's
+//!   receive path (its reassembly buffer is a B-tree with an allocation per STREAM frame)
+//!   about 15 %, malloc and free 8 %, the router and the inbound queue about 4 % besides
+//!   the router's copy into its arena (part of the 6–7 % of `memmove`).
 //!   One ACK leaves per driver turn (one `sendmsg` per 27 packets received).
-//! - 32 connections with one request each at a time: one `sendmsg` per response (23 %,
-//!   mostly the kernel delivering the datagram over loopback), quiche's `recv` 13 % and
+//! - 32 connections with one request each at a time: one `sendmsg` per response (23 %:
+//!   the kernel's send path, a third of it delivering the datagram over loopback), quiche's `recv` 13 % and
 //!   packet building 10 %, quiche's HTTP/3 and QPACK 14 %, ours about 12 % spread over
 //!   building the `http::Request`, polling the service and the response head, with no
 //!   function above 3 % of its own.
