@@ -54,8 +54,10 @@ const READ_CHUNK: usize = 64 * 1024;
 
 /// A read at least this large becomes the chunk itself, scratch allocation and all, instead
 /// of being copied out: a bulk upload's body is copied once (quiche to scratch), not
-/// twice. The allocation is the chunk's alone, and at most twice its length.
-const HAND_OVER: usize = READ_CHUNK / 2;
+/// twice. The allocation is the chunk's alone, and at most 4/3 of its length: the receive
+/// buffer's limit counts the chunk's bytes, so a peer that makes every read just over
+/// this size pins at most a third more than the limit says.
+const HAND_OVER: usize = READ_CHUNK / 4 * 3;
 
 /// The smallest body chunk quiche is handed as it is rather than copied. quiche keeps what
 /// it is handed until the peer acknowledges it, and a `Bytes` keeps its whole allocation
