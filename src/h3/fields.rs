@@ -30,7 +30,7 @@ fn is_connection_specific(name: &[u8]) -> bool {
 }
 
 /// The size of a field section as RFC 9114 §4.2.2 counts it (name + value + 32 per field).
-pub(crate) fn section_size(list: &[Header]) -> usize {
+pub(crate) fn section_size<T: NameValue>(list: &[T]) -> usize {
     list.iter().map(|h| h.name().len() + h.value().len() + 32).sum()
 }
 
@@ -253,11 +253,16 @@ impl Protocol {
 fn push_fields(out: &mut Vec<Header>, headers: &HeaderMap) {
     for (name, value) in headers {
         let name = name.as_str().as_bytes();
-        if is_connection_specific(name) || (name == b"te" && value.as_bytes() != b"trailers") {
-            continue;
+        if regular_field_allowed(name, value.as_bytes()) {
+            out.push(Header::new(name, value.as_bytes()));
         }
-        out.push(Header::new(name, value.as_bytes()));
     }
+}
+
+/// Whether HTTP/3 may carry a regular field the `http` types allow (RFC 9114 §4.2): not a
+/// connection-specific one, and `te` only as "trailers".
+fn regular_field_allowed(name: &[u8], value: &[u8]) -> bool {
+    !is_connection_specific(name) && (name != b"te" || value == b"trailers")
 }
 
 /// Whether a response has no content whatever its head says (RFC 9110 §6.4.1): the answer
@@ -284,20 +289,126 @@ pub(crate) fn response_fields(
     content_length: Option<u64>,
     connect: bool,
 ) -> Vec<Header> {
-    let mut out = Vec::with_capacity(headers.len() + 2);
-    out.push(Header::new(b":status", status.as_str().as_bytes()));
-    push_fields(&mut out, headers);
-    if forbids_content_length(connect, status) {
-        out.retain(|field| field.name() != b"content-length");
-        return out;
+    let head = ResponseHead::new(status, headers, content_length, connect);
+    head.fields().map(|(name, value)| Header::new(name, value)).collect()
+}
+
+/// A response head on its way out: the service's status and header map as they are, with
+/// what HTTP/3 changes about them noted beside. Its fields are lent to quiche's encoder when
+/// the head is written ([`OutFields::lend`]), so no name or value is copied on the way; a
+/// list of quiche's `Header`s would cost two allocations per field.
+#[cfg(feature = "server")]
+pub(crate) struct ResponseHead<H = HeaderMap> {
+    status: StatusCode,
+    headers: H,
+    /// The `content-length` to add: the head had none and the body's exact size is known.
+    added_length: Option<Digits>,
+    /// The response must not carry `content-length` ([`forbids_content_length`]).
+    drop_length: bool,
+}
+
+#[cfg(feature = "server")]
+impl<H: std::borrow::Borrow<HeaderMap>> ResponseHead<H> {
+    /// `connect` when it answers a CONNECT request; `content_length` is the body's exact
+    /// size when known (see [`response_fields`]).
+    pub(crate) fn new(status: StatusCode, headers: H, content_length: Option<u64>, connect: bool) -> Self {
+        let drop_length = forbids_content_length(connect, status);
+        let added_length = content_length
+            .filter(|_| !drop_length && !headers.borrow().contains_key(CONTENT_LENGTH))
+            .map(itoa_u64);
+        ResponseHead {
+            status,
+            headers,
+            added_length,
+            drop_length,
+        }
     }
-    if let Some(length) = content_length
-        && !headers.contains_key(CONTENT_LENGTH)
-    {
-        let buf = itoa_u64(length);
-        out.push(Header::new(b"content-length", buf.as_bytes()));
+
+    /// The fields in the order they are sent: `:status`, the regular fields HTTP/3 allows,
+    /// then an added `content-length`.
+    pub(crate) fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let regular = self.headers.borrow().iter().filter_map(|(name, value)| {
+            let name = name.as_str().as_bytes();
+            let allowed = regular_field_allowed(name, value.as_bytes())
+                && !(self.drop_length && name == CONTENT_LENGTH.as_str().as_bytes());
+            allowed.then_some((name, value.as_bytes()))
+        });
+        std::iter::once((&b":status"[..], self.status.as_str().as_bytes()))
+            .chain(regular)
+            .chain(self.added_length.iter().map(|d| (&b"content-length"[..], d.as_bytes())))
     }
-    out
+
+    /// Runs `f` on the fields as quiche's encoder takes them, borrowed, not copied.
+    pub(crate) fn lend<R>(&self, f: impl FnOnce(&[(&[u8], &[u8])]) -> R) -> R {
+        lend_from(self.fields(), f)
+    }
+}
+
+/// A field section queued to send.
+pub(crate) enum OutFields {
+    /// Fields made one by one: 1xx heads, trailers.
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    List(Vec<Header>),
+    /// A final response head, lent to quiche when written.
+    #[cfg(feature = "server")]
+    Response(ResponseHead),
+}
+
+/// Fields lent to quiche on the stack when a head has at most this many; more (rare) go
+/// through a vector.
+const LENT_ON_STACK: usize = 24;
+
+impl OutFields {
+    /// Runs `f` on the fields as quiche's encoder takes them, borrowed, not copied.
+    pub(crate) fn lend<R>(&self, f: impl FnOnce(&[(&[u8], &[u8])]) -> R) -> R {
+        match self {
+            OutFields::List(list) => lend_from(list.iter().map(|h| (h.name(), h.value())), f),
+            #[cfg(feature = "server")]
+            OutFields::Response(head) => head.lend(f),
+        }
+    }
+
+    /// Whether the section is an interim (1xx) response head.
+    pub(crate) fn is_interim(&self) -> bool {
+        self.status_class() == Some(b'1')
+    }
+
+    /// The first digit of the `:status`, if the section is a response head.
+    pub(crate) fn status_class(&self) -> Option<u8> {
+        match self {
+            OutFields::List(list) => list
+                .first()
+                .filter(|f| f.name() == b":status")
+                .and_then(|f| f.value().first().copied()),
+            #[cfg(feature = "server")]
+            OutFields::Response(head) => head.status.as_str().as_bytes().first().copied(),
+        }
+    }
+}
+
+impl From<Vec<Header>> for OutFields {
+    fn from(list: Vec<Header>) -> Self {
+        OutFields::List(list)
+    }
+}
+
+fn lend_from<'a, R>(
+    mut fields: impl Iterator<Item = (&'a [u8], &'a [u8])>,
+    f: impl FnOnce(&[(&'a [u8], &'a [u8])]) -> R,
+) -> R {
+    let mut on_stack: [(&[u8], &[u8]); LENT_ON_STACK] = [(&[], &[]); LENT_ON_STACK];
+    let mut n = 0;
+    for field in fields.by_ref() {
+        if n == LENT_ON_STACK {
+            let mut all = on_stack.to_vec();
+            all.push(field);
+            all.extend(fields);
+            return f(&all);
+        }
+        on_stack[n] = field;
+        n += 1;
+    }
+    f(&on_stack[..n])
 }
 
 /// Formats a length without going through `format!`.
@@ -614,6 +725,32 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_queued_response_head_lends_its_fields_in_order_however_many() {
+        // Fewer fields than fit on the stack, exactly as many, and more.
+        for extra in [3, LENT_ON_STACK - 2, LENT_ON_STACK - 1, LENT_ON_STACK + 9] {
+            let mut headers = HeaderMap::new();
+            headers.insert("connection", "close".parse().unwrap());
+            for i in 0..extra {
+                headers.append("x-field", i.to_string().parse().unwrap());
+            }
+            let expected: Vec<(Vec<u8>, Vec<u8>)> = response_fields(StatusCode::OK, &headers, Some(7), false)
+                .iter()
+                .map(|h| (h.name().to_vec(), h.value().to_vec()))
+                .collect();
+            // :status, the fields but `connection`, content-length.
+            assert_eq!(expected.len(), extra + 2);
+            let queued = OutFields::Response(ResponseHead::new(StatusCode::OK, headers, Some(7), false));
+            let lent: Vec<(Vec<u8>, Vec<u8>)> =
+                queued.lend(|fields| fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect());
+            assert_eq!(lent, expected, "{extra} regular fields");
+            assert_eq!(queued.status_class(), Some(b'2'));
+            assert!(!queued.is_interim());
+        }
+        let interim = OutFields::List(response_fields(StatusCode::EARLY_HINTS, &HeaderMap::new(), None, false));
+        assert!(interim.is_interim());
+        assert_eq!(interim.lend(|fields| fields.len()), 1);
+    }
     #[test]
     fn trailers_refuse_pseudo_headers() {
         assert!(trailers_from_fields(&fields(&[(":status", "200")])).is_err());

@@ -22,6 +22,8 @@ pub(crate) mod fields;
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod priority;
 #[cfg(any(feature = "server", feature = "client"))]
+pub(crate) mod queue;
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) mod stream;
 #[cfg(any(feature = "server", feature = "client"))]
 pub mod tunnel;

@@ -36,8 +36,9 @@ use http_body::{Frame, SizeHint};
 use quiche::h3::{self, Header, NameValue};
 
 use super::codes;
-use super::fields::{self, Malformed};
+use super::fields::{self, Malformed, OutFields};
 use super::priority::Priority;
+use super::queue::InlineQueue;
 use crate::error::{Error, Kind};
 pub(crate) use crate::quic::ConnNotify;
 use crate::quic::Queued;
@@ -249,7 +250,7 @@ impl RecvHalf {
 /// What the producer queued and the connection task has not written yet.
 struct SendHalf {
     /// 1xx heads, then the final head; each with "fin" (no body follows).
-    heads: VecDeque<(Vec<Header>, bool)>,
+    heads: InlineQueue<(OutFields, bool)>,
     /// Whether a HEADERS frame went out already (later ones are "additional headers").
     head_sent: bool,
     /// The final (non-1xx) head is queued.
@@ -257,7 +258,7 @@ struct SendHalf {
     /// The final head is queued and its status is 2xx (to a CONNECT: the tunnel is open).
     #[cfg_attr(not(feature = "server"), allow(dead_code))]
     final_success: bool,
-    data: VecDeque<Bytes>,
+    data: InlineQueue<Bytes>,
     /// What `data` costs against `limit`: bytes plus [`CHUNK_COST`] per chunk, so that a
     /// producer of tiny frames (a chatty tunnel, an event stream) is held to its buffer in
     /// memory, not only in bytes.
@@ -372,11 +373,11 @@ impl StreamShared {
                     content_length,
                 },
                 send: SendHalf {
-                    heads: VecDeque::new(),
+                    heads: InlineQueue::default(),
                     head_sent: false,
                     final_queued: false,
                     final_success: false,
-                    data: VecDeque::new(),
+                    data: InlineQueue::default(),
                     data_len: 0,
                     limit: limits.send_buffer.max(1),
                     trailers: None,
@@ -535,23 +536,21 @@ impl StreamShared {
                 let error = Error::new(Kind::Closed).with_message("the final response head is already on its way");
                 return (Err(error), false);
             }
-            s.send.heads.push_back((fields, false));
+            s.send.heads.push_back((OutFields::List(fields), false));
             (Ok(()), true)
         })
     }
 
     /// Queues the final head; `fin` when no body follows.
     #[cfg(feature = "server")]
-    pub(crate) fn push_head(&self, fields: Vec<Header>, fin: bool) {
+    pub(crate) fn push_head(&self, fields: OutFields, fin: bool) {
         self.update(|s| {
             if s.send.done {
                 return ((), false);
             }
             s.progress += 1;
             s.send.final_queued = true;
-            s.send.final_success = fields
-                .first()
-                .is_some_and(|f| f.name() == b":status" && f.value().first() == Some(&b'2'));
+            s.send.final_success = fields.status_class() == Some(b'2');
             s.send.heads.push_back((fields, fin));
             s.send.fin |= fin;
             ((), true)
@@ -768,9 +767,11 @@ impl StreamShared {
         if s.send.final_queued
             && let Some((fields, _)) = s.send.heads.back()
         {
-            let priorities = fields.iter().filter(|f| f.name() == b"priority").map(|f| f.value());
-            if priorities.clone().next().is_some() {
-                let priority = Priority::parse(priorities);
+            let priority = fields.lend(|fields| {
+                let priorities = fields.iter().filter(|f| f.0 == b"priority").map(|f| f.1);
+                priorities.clone().next().is_some().then(|| Priority::parse(priorities))
+            });
+            if let Some(priority) = priority {
                 self.urgency.store(priority.urgency, Ordering::Relaxed);
                 priority.apply(conn, id);
             }
@@ -936,7 +937,7 @@ fn reset_both(conn: &mut QuicheConnection, id: u64, s: &mut StreamState, code: u
 /// window), so a larger frame would wait for ever. With bytes in flight the window may be
 /// small for a moment (after a loss) and grow again: `None`, look again later. Encoding is
 /// exact (quiche's own encoder) and happens only on this blocked path.
-pub(crate) fn head_never_fits(conn: &mut QuicheConnection, id: u64, fields: &[Header]) -> Option<usize> {
+pub(crate) fn head_never_fits<T: NameValue>(conn: &mut QuicheConnection, id: u64, fields: &[T]) -> Option<usize> {
     let cwnd = conn.path_stats().find(|p| p.active)?.cwnd;
     if conn.stream_capacity(id).ok()? < cwnd {
         return None;
@@ -946,13 +947,6 @@ pub(crate) fn head_never_fits(conn: &mut QuicheConnection, id: u64, fields: &[He
     // Frame type and length varints: at most 1 + 8 bytes.
     let frame = len + 9;
     (frame > cwnd).then_some(frame)
-}
-
-/// Whether a field section is an interim (1xx) response head.
-fn is_interim(fields: &[Header]) -> bool {
-    fields
-        .first()
-        .is_some_and(|f| f.name() == b":status" && f.value().first() == Some(&b'1'))
 }
 
 fn write_queued(
@@ -966,11 +960,13 @@ fn write_queued(
         _ => None,
     };
     while let Some((fields, fin)) = out.heads.front() {
-        let result = if out.head_sent {
-            h3.send_additional_headers(conn, id, fields, false, *fin)
-        } else {
-            h3.send_response(conn, id, fields, *fin)
-        };
+        let result = fields.lend(|fields| {
+            if out.head_sent {
+                h3.send_additional_headers(conn, id, fields, false, *fin)
+            } else {
+                h3.send_response(conn, id, fields, *fin)
+            }
+        });
         match result {
             Ok(()) => {
                 out.head_sent = true;
@@ -979,9 +975,9 @@ fn write_queued(
                     return Ok(true);
                 }
             }
-            Err(h3::Error::StreamBlocked) => match head_never_fits(conn, id, fields) {
+            Err(h3::Error::StreamBlocked) => match fields.lend(|fields| head_never_fits(conn, id, fields)) {
                 // An interim head is a hint: the response goes on without it.
-                Some(len) if is_interim(fields) => {
+                Some(len) if fields.is_interim() => {
                     tracing::warn!(
                         stream_id = id,
                         head_bytes = len,

@@ -13,7 +13,7 @@ use http_body::Body;
 use super::HttpService;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{forbids_content_length, is_bodyless, response_fields};
+use crate::h3::fields::{OutFields, ResponseHead, forbids_content_length, is_bodyless};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S: HttpService<RecvBody>>(
@@ -64,10 +64,8 @@ pub(crate) async fn respond<S: HttpService<RecvBody>>(
         None => Some(0),
     };
     let end = bodyless || body.as_ref().is_none_or(Body::is_end_stream);
-    stream.push_head(
-        response_fields(parts.status, &parts.headers, content_length, connect),
-        end,
-    );
+    let head = ResponseHead::new(parts.status, parts.headers, content_length, connect);
+    stream.push_head(OutFields::Response(head), end);
     if let Some(body) = body.filter(|_| !end) {
         // A failed response body resets the stream (logged by the pump): the client sees
         // the response end in an error.
