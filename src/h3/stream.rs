@@ -583,7 +583,9 @@ impl StreamShared {
                 return ((), false);
             }
             s.progress += 1;
-            s.send.trailers = Some(fields);
+            // No field left to send (quiche cannot encode an empty section): the body just
+            // ends.
+            s.send.trailers = Some(fields).filter(|fields| !fields.is_empty());
             s.send.fin = true;
             ((), true)
         })

@@ -76,13 +76,42 @@ impl ConnNotify {
         }
     }
 
-    /// Moves the ready streams into `out` and registers the connection task's waker.
+    /// Moves the ready streams into `out`, behind what it holds, and registers the
+    /// connection task's waker.
     pub(crate) fn take_ready(&self, cx: &Context<'_>, out: &mut Vec<u64>) {
         let mut inner = self.lock();
-        std::mem::swap(&mut inner.ready, out);
+        if out.is_empty() {
+            // Trades allocations rather than copying: both lists keep their capacity.
+            std::mem::swap(&mut inner.ready, out);
+        } else {
+            out.append(&mut inner.ready);
+        }
         match &inner.waker {
             Some(w) if w.will_wake(cx.waker()) => {}
             _ => inner.waker = Some(cx.waker().clone()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ConnNotify;
+    use std::task::{Context, Waker};
+
+    #[test]
+    fn streams_taken_join_those_the_caller_already_holds() {
+        let notify = ConnNotify::default();
+        let cx = Context::from_waker(Waker::noop());
+        notify.notify(5);
+        // Streams the connection task carries over (to read again) stay in its list.
+        let mut ready = vec![1, 2];
+        notify.take_ready(&cx, &mut ready);
+        assert_eq!(ready, [1, 2, 5]);
+        ready.clear();
+        notify.take_ready(&cx, &mut ready);
+        assert!(ready.is_empty(), "each stream is taken once");
+        notify.notify(7);
+        notify.take_ready(&cx, &mut ready);
+        assert_eq!(ready, [7]);
     }
 }

@@ -239,13 +239,22 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     /// Answers a request with an empty response of `status` without calling the service,
     /// and stops reading a body it may have (the response is complete, RFC 9114 §4.1).
-    fn answer_without_service(&mut self, conn: &mut QuicheConnection, id: u64, status: &[u8], more_frames: bool) {
+    /// When the answer cannot be sent now (the connection's send window is full), the
+    /// stream is reset with `code_if_blocked` instead.
+    fn answer_without_service(
+        &mut self,
+        conn: &mut QuicheConnection,
+        id: u64,
+        status: &[u8],
+        more_frames: bool,
+        code_if_blocked: u64,
+    ) {
         let fields = [
             h3::Header::new(b":status", status),
             h3::Header::new(b"content-length", b"0"),
         ];
         if self.h3().send_response(conn, id, &fields, true).is_err() {
-            Self::refuse(conn, id, code::H3_EXCESSIVE_LOAD);
+            Self::refuse(conn, id, code_if_blocked);
         } else if more_frames {
             let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
         }
@@ -275,9 +284,19 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
             return;
         }
+        // The client may have stopped the response already (STOP_SENDING behind the
+        // request, in the same packet): quiche then has nothing of ours to send, forgets a
+        // request whose body ended as soon as it is read, and gives the client its stream
+        // credit back. A handler started now would run outside the limit on concurrent
+        // streams, for a response no one can receive.
+        if let Err(quiche::Error::StreamStopped(_) | quiche::Error::InvalidStreamState(_)) = conn.stream_capacity(id) {
+            tracing::debug!(stream_id = id, "request stopped by the client before it was served");
+            Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
+            return;
+        }
         if fields::section_size(&list) > self.settings.max_header_list_size {
             tracing::debug!(stream_id = id, "request header section too large: 431");
-            self.answer_without_service(conn, id, b"431", more_frames);
+            self.answer_without_service(conn, id, b"431", more_frames, code::H3_EXCESSIVE_LOAD);
             return;
         }
         let head = match request_from_fields(&list) {
@@ -309,7 +328,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let early_data = !conn.is_established();
         if early_data && !self.settings.early_data_policy.allows(&head.request) {
             tracing::debug!(stream_id = id, method = %head.request.method(), "request in early data: 425");
-            self.answer_without_service(conn, id, b"425", more_frames);
+            // Blocked, the request is rejected unprocessed, which tells the client to send it
+            // again as a 425 would (RFC 9114 §4.1.1).
+            self.answer_without_service(conn, id, b"425", more_frames, code::H3_REQUEST_REJECTED);
             return;
         }
         let limits = Limits {

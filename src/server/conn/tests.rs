@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Wake, Waker};
 
 use bytes::Bytes;
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::Frame;
 use http_body_util::{BodyExt, Full, StreamBody};
 use proptest::prelude::*;
@@ -485,6 +485,46 @@ async fn stop_sending_on_a_streaming_response_drops_its_body_and_forgets_the_str
         .unwrap();
     h.until("the body dropped", |h| drops.get() == 1 && h.forgot_everything())
         .await;
+    assert_eq!(h.connection_error(), None);
+}
+
+#[tokio::test]
+async fn a_request_stopped_in_the_packet_that_carried_it_runs_no_handler() {
+    // STOP_SENDING right behind a whole request (HEADERS with FIN): quiche forgets the
+    // stream as soon as the request is read and gives the client its stream credit back, so
+    // a handler started for it would run outside the limit on concurrent streams, unseen.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let handler = service(move |_request: Request<RecvBody>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Response<BoxBody>>()
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let mut stopped = Vec::new();
+    for _ in 0..3 {
+        let id = h.send_request(&get("/slow"), true);
+        h.pipe
+            .client
+            .stream_shutdown(id, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED)
+            .unwrap();
+        stopped.push(id);
+    }
+    // A request with a body, stopped likewise: its body is not read either.
+    let with_body = h.send_request(&post("/slow", Some(10)), false);
+    h.pipe
+        .client
+        .stream_shutdown(with_body, quiche::Shutdown::Read, code::H3_REQUEST_CANCELLED)
+        .unwrap();
+    h.settle();
+    // A request that is not stopped is still served.
+    let served = h.send_request(&get("/slow"), true);
+    h.until("the unstopped request's handler", |h| {
+        h.app.streams.contains_key(&served)
+    })
+    .await;
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "handlers called");
+    assert_eq!(h.app.streams.keys().copied().collect::<Vec<_>>(), vec![served]);
+    assert!(h.app.requests.len() == 1, "only the unstopped request's handler runs");
     assert_eq!(h.connection_error(), None);
 }
 
@@ -1293,6 +1333,38 @@ async fn an_unanswered_connect_whose_body_stalls_is_still_reaped() {
     h.until("the stalled CONNECT reset", |h| h.seen(0).reset.is_some())
         .await;
     assert_eq!(h.seen(0).reset, Some(code::H3_REQUEST_CANCELLED));
+}
+
+/// Trailers with no field HTTP/3 can carry (none at all, or only connection-specific ones)
+/// end the body as if there were none: quiche cannot encode an empty field section.
+#[tokio::test]
+async fn a_response_whose_trailers_are_empty_ends_cleanly() {
+    for trailers in [
+        HeaderMap::new(),
+        HeaderMap::from_iter([(http::header::CONNECTION, "close".parse().unwrap())]),
+    ] {
+        let handler = service(move |_request: Request<RecvBody>| {
+            let trailers = trailers.clone();
+            async move {
+                let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+                    Ok(Frame::data(Bytes::from_static(b"body"))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+            }
+        });
+        let mut h = Harness::new(Builder::new(), handler);
+        let id = h.send_request(&get("/"), true);
+        h.until("the response", |h| h.seen(id).finished || h.seen(id).reset.is_some())
+            .await;
+        let seen = h.seen(id);
+        assert_eq!(
+            (seen.status, seen.reset, &seen.body[..]),
+            (Some(200), None, &b"body"[..])
+        );
+        assert_eq!(seen.trailers, None);
+        h.until("the stream forgotten", Harness::forgot_everything).await;
+    }
 }
 
 /// An empty DATA frame (RFC 9114 allows it) must not stall the body behind it: quiche ends
