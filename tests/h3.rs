@@ -611,53 +611,83 @@ fn hand_fed_body() -> (
     (feed, http_body_util::StreamBody::new(frames))
 }
 
+/// A raw HTTP/3 server on the QUIC layer's seam that answers every request with a
+/// malformed response (tower-quiche's own server refuses to send one): a content-length of
+/// 3, then ten bytes and no end. It reads and drops request bodies, and reports how each
+/// request stream was reset.
+struct LyingLength {
+    h3: Option<quiche::h3::Connection>,
+    resets: tokio::sync::mpsc::UnboundedSender<u64>,
+}
+
+impl tower_quiche::quic::Application for LyingLength {
+    fn on_established(&mut self, conn: &mut tower_quiche::quic::QuicheConnection) -> Result<(), tower_quiche::Error> {
+        let config = quiche::h3::Config::new().unwrap();
+        self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+        conn: &mut tower_quiche::quic::QuicheConnection,
+    ) -> Result<(), tower_quiche::Error> {
+        let Some(h3) = self.h3.as_mut() else { return Ok(()) };
+        while let Ok((id, event)) = h3.poll(conn) {
+            match event {
+                quiche::h3::Event::Headers { .. } => {
+                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"3")];
+                    let _ = h3.send_response(conn, id, &head, false);
+                    let _ = h3.send_body(conn, id, b"0123456789", false);
+                }
+                quiche::h3::Event::Data => while h3.recv_body(conn, id, &mut [0; 4096]).is_ok() {},
+                quiche::h3::Event::Reset(code) => {
+                    let _ = self.resets.send(code);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
-/// resets the request body it has not finished sending, so the server's handler learns
-/// why instead of waiting for the rest.
+/// resets the request body it has not finished sending, so the server learns why instead
+/// of waiting for the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_response_makes_the_client_reset_its_unfinished_request() {
-    use futures_util::StreamExt;
     let certs = test_certs();
-    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
-    let router = axum::Router::new().route(
-        "/lying-length",
-        axum::routing::post(move |body: axum::body::Body| {
-            let ended_tx = ended_tx.clone();
-            async move {
-                // The request body is read beside the response; how it ends is reported.
-                tokio::spawn(async move {
-                    let error = body.collect().await.err().map(axum::Error::into_inner);
-                    let _ = ended_tx.send(error.and_then(|e| e.downcast::<tower_quiche::Error>().ok()));
-                });
-                // Ten bytes for a content-length of 3, and no end: a malformed response.
-                let chunk = http_body::Frame::data(bytes::Bytes::from_static(b"0123456789"));
-                let lying = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(chunk)])
-                    .chain(futures_util::stream::pending());
-                let body = axum::body::Body::new(http_body_util::StreamBody::new(lying));
-                ([("content-length", "3")], body)
-            }
-        }),
-    );
-    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let config = tower_quiche::quic::ServerConfig::builder()
+        .cert_chain_pem(&certs.leaf.cert_pem)
+        .private_key_pem(&certs.leaf.key_pem)
+        .build()
+        .unwrap();
+    let mut listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let url = format!("https://localhost:{}/lying-length", listener.local_addr().port());
+    let (resets_tx, mut resets) = tokio::sync::mpsc::unbounded_channel();
+    let serving = tokio::spawn(async move {
+        while let Some(incoming) = listener.accept().await {
+            incoming.start(LyingLength {
+                h3: None,
+                resets: resets_tx.clone(),
+            });
+        }
+    });
     let client = client(&certs);
     let run = async {
         let (feed, body) = hand_fed_body();
         feed.send(bytes::Bytes::from_static(b"request")).await.unwrap();
-        let request = Request::post(server.url("/lying-length")).body(body).unwrap();
+        let request = Request::post(url).body(body).unwrap();
         let response = client.send(request).await.unwrap();
         assert_eq!(response.headers()["content-length"], "3");
         let err = response.into_body().collect().await.unwrap_err();
         assert!(err.is_protocol(), "{err}");
-        let seen = ended.recv().await.unwrap().expect("the request body ended in an error");
-        assert!(seen.is_reset(), "the server saw the client reset the request: {seen}");
-        assert_eq!(
-            seen.code(),
-            Some(tower_quiche::Code::Stream(tower_quiche::codes::H3_MESSAGE_ERROR)),
-            "{seen}"
-        );
+        let code = resets.recv().await.expect("the server saw the request reset");
+        assert_eq!(code, tower_quiche::codes::H3_MESSAGE_ERROR);
         drop(feed);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
+    serving.abort();
 }
 
 /// RFC 9114 §4.1: a server may answer without reading the request and ask the client to
@@ -945,6 +975,34 @@ async fn a_failing_request_body_is_reported_as_the_bodys_error() {
         assert!(!error.is_reset(), "{error}");
         assert!(error.to_string().contains("the disk went away"), "{error}");
         // The connection serves on.
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A request body longer or shorter than the content-length its head declares fails as the
+/// caller's error before it makes a malformed message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_breaks_its_content_length_fails_as_the_callers_error() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        for (declared, chunks) in [("10", vec!["abc", "de"]), ("3", vec!["abc", "de"])] {
+            let frames: Vec<Result<http_body::Frame<bytes::Bytes>, std::io::Error>> = chunks
+                .iter()
+                .map(|c| Ok(http_body::Frame::data(bytes::Bytes::from_static(c.as_bytes()))))
+                .collect();
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+            let request = Request::post(server.url("/sink"))
+                .header("content-length", declared)
+                .body(body)
+                .unwrap();
+            let error = client.clone().oneshot(request).await.unwrap_err();
+            assert!(error.is_body(), "content-length {declared}: {error}");
+            assert!(error.to_string().contains("content-length"), "{error}");
+        }
         let response = client.get(server.url("/hello")).send().await.unwrap();
         assert_eq!(response.text().await.unwrap(), "hello world");
     };

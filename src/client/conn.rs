@@ -92,6 +92,8 @@ where
 pub(crate) struct PendingRequest {
     pub(crate) fields: Vec<h3::Header>,
     pub(crate) body: Option<AnyBody>,
+    /// The length its head declares, which the body must match.
+    content_length: Option<u64>,
     /// Whether it may go in 0-RTT data on a resumed connection: a safe method (harmless if
     /// an attacker replays it, RFC 8470 §4) without a body, not already refused as too
     /// early.
@@ -141,11 +143,13 @@ impl PendingRequest {
             *request.method(),
             http::Method::GET | http::Method::HEAD | http::Method::CONNECT
         );
+        let mut content_length = fields::content_length(request.headers()).ok().flatten();
         if let Some(len) = exact
             && !request.headers().contains_key(http::header::CONTENT_LENGTH)
             && (len > 0 || !bodyless_method)
         {
             fields.push(h3::Header::new(b"content-length", len.to_string().as_bytes()));
+            content_length = Some(len);
         }
         let safe = matches!(
             *request.method(),
@@ -157,6 +161,7 @@ impl PendingRequest {
         Ok(PendingRequest {
             fields,
             body,
+            content_length,
             early_data,
             too_early: false,
         })
@@ -812,11 +817,15 @@ impl ClientApp {
                 _ => None,
             };
             let body = request.body.take();
+            let content_length = request.content_length;
             let retry = body.is_none().then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
                 self.pumps.push(Box::pin(async move {
-                    pump_body(body, &pump_stream).await.err().map(|e| (id, e))
+                    pump_body(body, &pump_stream, content_length)
+                        .await
+                        .err()
+                        .map(|e| (id, e))
                 }));
             }
             // A notification before the stream had its ID went nowhere.

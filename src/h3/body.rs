@@ -169,46 +169,85 @@ fn reset_code(error: &BoxError) -> u64 {
 /// outbox has room, so a fast body waits for the stream instead of filling memory. Ends the
 /// stream (FIN, or trailers) when the body ends, and resets it when the body fails (with
 /// [`reset_code`]'s code), returning the body's error.
-pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared) -> Result<(), BoxError>
+///
+/// `content_length` is what the head declared: a body that turns out longer or shorter
+/// would make the message malformed (RFC 9114 §4.1.2), so the stream is reset with
+/// H3_INTERNAL_ERROR instead, before the byte past the length goes out (hyper's HTTP/1
+/// fails such a body likewise).
+pub(crate) async fn pump_body<B>(body: B, stream: &StreamShared, content_length: Option<u64>) -> Result<(), BoxError>
 where
     B: Body,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
-    loop {
+    let mut sent: u64 = 0;
+    let result = loop {
         if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
             // The peer stopped reading, or the stream was cancelled: stop producing.
             return Ok(());
         }
         match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-            None => {
-                stream.finish();
-                return Ok(());
-            }
+            None => break Ok(None),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) => {
                     let bytes = data.copy_to_bytes(data.remaining());
+                    sent = sent.saturating_add(bytes.len() as u64);
+                    if content_length.is_some_and(|declared| sent > declared) {
+                        break Err(LengthMismatch { content_length, sent }.into());
+                    }
                     if !bytes.is_empty() {
                         stream.push_data(bytes);
                     }
                     if body.is_end_stream() {
-                        stream.finish();
-                        return Ok(());
+                        break Ok(None);
                     }
                 }
                 Err(frame) => {
                     if let Ok(trailers) = frame.into_trailers() {
-                        stream.push_trailers(trailer_fields(&trailers));
-                        return Ok(());
+                        break Ok(Some(trailers));
                     }
                 }
             },
-            Some(Err(e)) => {
-                let e = e.into();
-                tracing::debug!(error = %e, "body error; resetting the stream");
-                stream.reset(reset_code(&e));
-                return Err(e);
-            }
+            Some(Err(e)) => break Err(e.into()),
+        }
+    };
+    let result = result.and_then(|trailers| match content_length {
+        Some(declared) if sent != declared => Err(LengthMismatch { content_length, sent }.into()),
+        _ => Ok(trailers),
+    });
+    match result {
+        Ok(None) => stream.finish(),
+        Ok(Some(trailers)) => stream.push_trailers(trailer_fields(&trailers)),
+        Err(e) => {
+            tracing::debug!(error = %e, "body error; resetting the stream");
+            stream.reset(reset_code(&e));
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A body that does not match its head's `content-length`.
+#[derive(Debug)]
+struct LengthMismatch {
+    content_length: Option<u64>,
+    /// Bytes the body yielded, up to and including the frame that went past the length.
+    sent: u64,
+}
+
+impl std::fmt::Display for LengthMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let declared = self.content_length.unwrap_or_default();
+        if self.sent > declared {
+            write!(f, "the body is longer than its content-length ({declared} bytes)")
+        } else {
+            write!(
+                f,
+                "the body ended after {} of its content-length's {declared} bytes",
+                self.sent
+            )
         }
     }
 }
+
+impl std::error::Error for LengthMismatch {}

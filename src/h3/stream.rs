@@ -864,7 +864,6 @@ impl StreamShared {
 
     /// Whether the connection needs nothing more from quiche for the incoming body: it is
     /// complete, failed, or nobody will read it.
-    #[cfg(feature = "client")]
     pub(crate) fn recv_settled(&self) -> bool {
         let s = self.lock();
         !s.recv.open() || s.recv.reader_dropped

@@ -625,15 +625,18 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let Some(entry) = self.streams.get(&id) else {
             return;
         };
-        if !(entry.responded && entry.written) {
+        // A request body someone still reads (the handler answered at once and reads on
+        // elsewhere; one direction of a tunnel closed before the other) is delivered to its
+        // end; the stall timer bounds a client that stops sending it.
+        if !(entry.responded && entry.written) || !entry.shared.recv_settled() {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close(id);
         }
-        // The response is complete without the rest of the request: ask the client to stop
-        // sending it (RFC 9114 §4.1).
+        // The response is complete and nobody reads the rest of the request: ask the client
+        // to stop sending it (RFC 9114 §4.1).
         let stopped = entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
         if stream::stream_alive(conn, id) {
             self.lingering

@@ -13,7 +13,9 @@ use http_body::Body;
 use super::HttpService;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{OutFields, ResponseHead, forbids_content_length, is_bodyless};
+use crate::h3::fields::{
+    OutFields, ResponseHead, content_length as content_length_field, forbids_content_length, is_bodyless,
+};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S: HttpService<RecvBody>>(
@@ -64,11 +66,17 @@ pub(crate) async fn respond<S: HttpService<RecvBody>>(
         None => Some(0),
     };
     let end = bodyless || body.as_ref().is_none_or(Body::is_end_stream);
+    // The length the head will declare, which the body must match.
+    let declared_length = match content_length_field(&parts.headers) {
+        _ if forbids_content_length(connect, parts.status) => None,
+        Ok(Some(field)) => Some(field),
+        _ => content_length,
+    };
     let head = ResponseHead::new(parts.status, parts.headers, content_length, connect);
     stream.push_head(OutFields::Response(head), end);
     if let Some(body) = body.filter(|_| !end) {
         // A failed response body resets the stream (logged by the pump): the client sees
         // the response end in an error.
-        let _ = pump_body(body, &stream).await;
+        let _ = pump_body(body, &stream, declared_length).await;
     }
 }

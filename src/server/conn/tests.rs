@@ -461,6 +461,50 @@ async fn a_reset_mid_body_cancels_the_handler_and_forgets_the_stream() {
 }
 
 #[tokio::test]
+async fn a_request_body_still_read_after_the_response_ended_arrives_whole() {
+    // A handler that answers at once and reads the upload elsewhere (202 Accepted, or one
+    // direction of a CONNECT tunnel closing before the other): the body is still wanted.
+    let (got_tx, mut got_rx) = mpsc::channel::<Result<usize, String>>(1);
+    let handler = service(move |request: Request<RecvBody>| {
+        let got = got_tx.clone();
+        async move {
+            tokio::spawn(async move {
+                let read = request.into_body().collect().await;
+                let _ = got
+                    .send(read.map(|b| b.to_bytes().len()).map_err(|e| e.to_string()))
+                    .await;
+            });
+            Response::new(full("accepted"))
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&post("/upload", None), false);
+    h.send_body(id, &[1; 1000], false);
+    h.until("the whole response", |h| h.seen(id).finished).await;
+    h.send_body(id, &[2; 3000], true);
+    h.until("the stream forgotten", Harness::forgot_everything).await;
+    let read = tokio::time::timeout(PATIENCE, got_rx.recv())
+        .await
+        .expect("the reader ends");
+    assert_eq!(read, Some(Ok(4000)));
+    assert_eq!(h.seen(id).reset, None);
+}
+
+#[tokio::test]
+async fn a_request_body_nobody_reads_is_stopped_once_the_response_ended() {
+    let handler = service(|_request: Request<RecvBody>| async { Response::new(full("no thanks")) });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&post("/upload", None), false);
+    h.send_body(id, &[1; 1000], false);
+    h.until("the whole response and the stream forgotten", |h| {
+        h.seen(id).finished && h.forgot_everything()
+    })
+    .await;
+    // RFC 9114 §4.1: the client is asked to stop sending, with H3_NO_ERROR.
+    assert!(h.pipe.client.stream_writable(id, 1).is_err(), "the client was stopped");
+}
+
+#[tokio::test]
 async fn stop_sending_on_a_streaming_response_drops_its_body_and_forgets_the_stream() {
     let drops = DropCount::default();
     let d = drops.clone();
@@ -1333,6 +1377,58 @@ async fn an_unanswered_connect_whose_body_stalls_is_still_reaped() {
     h.until("the stalled CONNECT reset", |h| h.seen(0).reset.is_some())
         .await;
     assert_eq!(h.seen(0).reset, Some(code::H3_REQUEST_CANCELLED));
+}
+
+/// A response body longer or shorter than the content-length its head declares would be a
+/// malformed message (RFC 9114 §4.1.2): the stream is reset instead, and no byte past the
+/// length goes out.
+#[tokio::test]
+async fn a_response_body_that_breaks_its_content_length_is_reset() {
+    for (declared, chunks, delivered) in [
+        ("10", vec!["abc", "de"], "abcde"),
+        ("3", vec!["abc", "de"], "abc"),
+        ("2", vec!["abc"], ""),
+    ] {
+        let handler = service(move |_request: Request<RecvBody>| {
+            let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+                .iter()
+                .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+                .collect();
+            async move {
+                let mut response = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync());
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, declared.parse().unwrap());
+                response
+            }
+        });
+        let mut h = Harness::new(Builder::new(), handler);
+        let id = h.send_request(&get("/"), true);
+        h.until("the reset", |h| h.seen(id).reset.is_some() || h.seen(id).finished)
+            .await;
+        let seen = h.seen(id);
+        assert_eq!(seen.reset, Some(code::H3_INTERNAL_ERROR), "content-length {declared}");
+        assert!(!seen.finished);
+        assert!(
+            delivered.as_bytes().starts_with(&seen.body),
+            "content-length {declared}: {:?}",
+            seen.body
+        );
+        h.until("the stream forgotten", Harness::forgot_everything).await;
+        assert_eq!(h.connection_error(), None);
+    }
+    // A body that keeps to its length ends cleanly.
+    let handler = service(|_request: Request<RecvBody>| async {
+        let mut response = Response::new(full("abcde"));
+        response
+            .headers_mut()
+            .insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
+        response
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&get("/"), true);
+    h.until("the response", |h| h.seen(id).finished).await;
+    assert_eq!((h.seen(id).reset, &h.seen(id).body[..]), (None, &b"abcde"[..]));
 }
 
 /// Trailers with no field HTTP/3 can carry (none at all, or only connection-specific ones)
