@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-use tower_quiche::quic::QuicheConnection;
 
 use axum::Router;
 use axum::extract::Path as UrlPath;
@@ -24,7 +23,7 @@ use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri, Version};
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use support::dual::{Dual, stop_h3};
-use support::h3::{h3_server_with, listener, trusting};
+use support::h3::{RawH3, h3_server_with, listener, trusting};
 use support::*;
 use tokio::time::timeout;
 use tower_quiche::client::{Builder, Client, ResponseExt, redirect};
@@ -549,45 +548,6 @@ async fn a_redirect_limit_of_zero_fails_at_the_first_redirect() {
     s.server.stop().await;
 }
 
-/// A raw HTTP/3 server on quiche's h3 layer: on the first connection it refuses every
-/// request with `H3_REQUEST_REJECTED` (as a server does that cannot take it there and
-/// then), on later ones it answers `hello`.
-struct RejectOnFirstConnection {
-    reject: bool,
-    h3: Option<quiche::h3::Connection>,
-}
-
-impl tower_quiche::quic::Application for RejectOnFirstConnection {
-    fn on_established(&mut self, conn: &mut QuicheConnection) -> Result<(), tower_quiche::Error> {
-        let config = quiche::h3::Config::new().unwrap();
-        self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
-        Ok(())
-    }
-
-    fn process(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-        conn: &mut QuicheConnection,
-    ) -> Result<(), tower_quiche::Error> {
-        use quiche::h3::{Event, Header};
-        let Some(h3) = &mut self.h3 else { return Ok(()) };
-        while let Ok((id, event)) = h3.poll(conn) {
-            if !matches!(event, Event::Headers { .. }) {
-                continue;
-            }
-            if self.reject {
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, tower_quiche::codes::H3_REQUEST_REJECTED);
-                let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, tower_quiche::codes::H3_REQUEST_REJECTED);
-            } else {
-                let head = [Header::new(b":status", b"200"), Header::new(b"content-length", b"5")];
-                let _ = h3.send_response(conn, id, &head, false);
-                let _ = h3.send_body(conn, id, b"hello", true);
-            }
-        }
-        Ok(())
-    }
-}
-
 /// A request refused unprocessed is sent again on another connection, not on the one
 /// that refused it (which would refuse it again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -601,8 +561,24 @@ async fn a_rejected_request_is_retried_on_another_connection() {
     let server = tokio::spawn(async move {
         let mut handles = Vec::new();
         while let Some(incoming) = listener.accept().await {
+            // On the first connection every request is refused unprocessed with
+            // H3_REQUEST_REJECTED (as a server does that cannot take it there and then); on
+            // later ones it is answered `hello`.
             let reject = counter.fetch_add(1, Ordering::SeqCst) == 0;
-            handles.push(incoming.start(RejectOnFirstConnection { reject, h3: None }));
+            handles.push(incoming.start(RawH3::new(move |h3, conn, id, event| {
+                if !matches!(event, quiche::h3::Event::Headers { .. }) {
+                    return;
+                }
+                if reject {
+                    let code = tower_quiche::codes::H3_REQUEST_REJECTED;
+                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+                } else {
+                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"5")];
+                    let _ = h3.send_response(conn, id, &head, false);
+                    let _ = h3.send_body(conn, id, b"hello", true);
+                }
+            })));
         }
     });
     let client = client(&certs, Builder::http3_prior_knowledge);

@@ -611,66 +611,34 @@ fn hand_fed_body() -> (
     (feed, http_body_util::StreamBody::new(frames))
 }
 
-/// A raw HTTP/3 server on the QUIC layer's seam that answers every request with a
-/// malformed response (tower-quiche's own server refuses to send one): a content-length of
-/// 3, then ten bytes and no end. It reads and drops request bodies, and reports how each
-/// request stream was reset.
-struct LyingLength {
-    h3: Option<quiche::h3::Connection>,
-    resets: tokio::sync::mpsc::UnboundedSender<u64>,
-}
-
-impl tower_quiche::quic::Application for LyingLength {
-    fn on_established(&mut self, conn: &mut tower_quiche::quic::QuicheConnection) -> Result<(), tower_quiche::Error> {
-        let config = quiche::h3::Config::new().unwrap();
-        self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
-        Ok(())
-    }
-
-    fn process(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-        conn: &mut tower_quiche::quic::QuicheConnection,
-    ) -> Result<(), tower_quiche::Error> {
-        let Some(h3) = self.h3.as_mut() else { return Ok(()) };
-        while let Ok((id, event)) = h3.poll(conn) {
-            match event {
-                quiche::h3::Event::Headers { .. } => {
-                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"3")];
-                    let _ = h3.send_response(conn, id, &head, false);
-                    let _ = h3.send_body(conn, id, b"0123456789", false);
-                }
-                quiche::h3::Event::Data => while h3.recv_body(conn, id, &mut [0; 4096]).is_ok() {},
-                quiche::h3::Event::Reset(code) => {
-                    let _ = self.resets.send(code);
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-}
-
 /// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
 /// resets the request body it has not finished sending, so the server learns why instead
 /// of waiting for the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_response_makes_the_client_reset_its_unfinished_request() {
+    use quiche::h3::Event;
     let certs = test_certs();
-    let config = tower_quiche::quic::ServerConfig::builder()
-        .cert_chain_pem(&certs.leaf.cert_pem)
-        .private_key_pem(&certs.leaf.key_pem)
-        .build()
-        .unwrap();
-    let mut listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let mut listener = listener(&certs).await;
     let url = format!("https://localhost:{}/lying-length", listener.local_addr().port());
     let (resets_tx, mut resets) = tokio::sync::mpsc::unbounded_channel();
     let serving = tokio::spawn(async move {
         while let Some(incoming) = listener.accept().await {
-            incoming.start(LyingLength {
-                h3: None,
-                resets: resets_tx.clone(),
-            });
+            let resets = resets_tx.clone();
+            // Every request gets a malformed response (tower-quiche's own server refuses
+            // to send one): a content-length of 3, then ten bytes and no end. Request
+            // bodies are read and dropped; how each request stream was reset is reported.
+            incoming.start(RawH3::new(move |h3, conn, id, event| match event {
+                Event::Headers { .. } => {
+                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"3")];
+                    let _ = h3.send_response(conn, id, &head, false);
+                    let _ = h3.send_body(conn, id, b"0123456789", false);
+                }
+                Event::Data => while h3.recv_body(conn, id, &mut [0; 4096]).is_ok() {},
+                Event::Reset(code) => {
+                    let _ = resets.send(code);
+                }
+                _ => {}
+            }));
         }
     });
     let client = client(&certs);

@@ -439,3 +439,51 @@ impl http_body::Body for PatternBody {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// A raw HTTP/3 server connection on quiche's h3 layer, run on the QUIC layer's
+/// `Application` seam: for tests that need a server tower-quiche's own never is (one that
+/// refuses requests unprocessed, or answers with a malformed message). `on_event` sees each
+/// event of the connection's HTTP/3 side.
+pub struct RawH3<F> {
+    h3: Option<quiche::h3::Connection>,
+    on_event: F,
+}
+
+/// What a [`RawH3`] server does with one event on stream `id`.
+pub trait OnH3Event:
+    FnMut(&mut quiche::h3::Connection, &mut tower_quiche::quic::QuicheConnection, u64, quiche::h3::Event) + Send + 'static
+{
+}
+
+impl<F> OnH3Event for F where
+    F: FnMut(&mut quiche::h3::Connection, &mut tower_quiche::quic::QuicheConnection, u64, quiche::h3::Event)
+        + Send
+        + 'static
+{
+}
+
+impl<F: OnH3Event> RawH3<F> {
+    pub fn new(on_event: F) -> Self {
+        RawH3 { h3: None, on_event }
+    }
+}
+
+impl<F: OnH3Event> tower_quiche::quic::Application for RawH3<F> {
+    fn on_established(&mut self, conn: &mut tower_quiche::quic::QuicheConnection) -> Result<(), tower_quiche::Error> {
+        let config = quiche::h3::Config::new().unwrap();
+        self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        _cx: &mut Context<'_>,
+        conn: &mut tower_quiche::quic::QuicheConnection,
+    ) -> Result<(), tower_quiche::Error> {
+        let Some(h3) = self.h3.as_mut() else { return Ok(()) };
+        while let Ok((id, event)) = h3.poll(conn) {
+            (self.on_event)(h3, conn, id, event);
+        }
+        Ok(())
+    }
+}
