@@ -628,7 +628,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // A request body someone still reads (the handler answered at once and reads on
         // elsewhere; one direction of a tunnel closed before the other) is delivered to its
         // end; the stall timer bounds a client that stops sending it.
-        if !(entry.responded && entry.written) || !entry.shared.recv_settled() {
+        if !(entry.responded && entry.written && entry.shared.recv_settled()) {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
