@@ -148,3 +148,12 @@ pub use h3::tunnel;
 pub use h3::{capsule, datagram};
 pub use quic::tls;
 pub use quiche;
+
+/// The longest timeout the crate keeps: what a builder is given beyond it (`Duration::MAX`,
+/// say, for "never") becomes this. Thirty years mean never, and a deadline `now + timeout`
+/// stays within what `Instant` can hold, where adding `Duration::MAX` panics. tokio's own
+/// timers cap their deadlines the same way.
+pub(crate) fn at_most_never(timeout: std::time::Duration) -> std::time::Duration {
+    const NEVER: std::time::Duration = std::time::Duration::from_secs(30 * 365 * 24 * 3600);
+    timeout.min(NEVER)
+}

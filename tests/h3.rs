@@ -83,8 +83,10 @@ async fn hundred_mib_download_and_upload_with_hashes() {
     );
 }
 
+/// A burst larger than a connection's submission queue (1,024) plus its stream credit
+/// waits for room, as it waits for streams: every request is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn five_hundred_concurrent_requests_on_one_connection() {
+async fn two_thousand_concurrent_requests_on_one_connection() {
     let certs = test_certs();
     let server = h3_server(&certs, server::Builder::new()).await;
     let client = Client::builder()
@@ -94,7 +96,7 @@ async fn five_hundred_concurrent_requests_on_one_connection() {
         .build()
         .unwrap();
     let run = async {
-        let tasks: Vec<_> = (0..500)
+        let tasks: Vec<_> = (0..2000)
             .map(|i| {
                 let client = client.clone();
                 let url = server.url(&format!("/bytes/{}", 1000 + i));
@@ -111,7 +113,7 @@ async fn five_hundred_concurrent_requests_on_one_connection() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     let m = server.metrics.snapshot();
-    assert_eq!(m.handshakes_completed, 1, "all 500 on one connection: {m:?}");
+    assert_eq!(m.handshakes_completed, 1, "all on one connection: {m:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,6 +145,50 @@ async fn a_thousand_requests_with_a_concurrency_limit_share_one_handshake() {
         "one handshake served them all"
     );
     assert_eq!(client.pooled_connections(), 1);
+}
+
+/// `Duration::MAX` is how a user says "never" for a timeout: every timeout of the client,
+/// the server and the transport takes it, and requests go on as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_of_duration_max_mean_never() {
+    let certs = test_certs();
+    let never = Duration::MAX;
+    let server = h3_server_on(
+        &certs,
+        tower_quiche::quic::ServerConfig::builder().transport(
+            tower_quiche::quic::TransportConfig::new()
+                .idle_timeout(never)
+                .handshake_timeout(never),
+        ),
+        server::Builder::new()
+            .request_head_timeout(never)
+            .connection_idle_timeout(never)
+            .body_stall_timeout(never)
+            .graceful_shutdown_timeout(never),
+        axum::Router::new().route("/hello", axum::routing::get(|| async { "hello world" })),
+        Default::default(),
+    )
+    .await;
+    let client = Client::builder()
+        .http3_prior_knowledge()
+        .quic_config(trusting(&certs))
+        .connect_timeout(never)
+        .pool_idle_timeout(never)
+        .timeout(never)
+        .read_timeout(never)
+        .build()
+        .unwrap();
+    let run = async {
+        for _ in 0..3 {
+            let response = client.get(server.url("/hello")).send().await.unwrap();
+            assert_eq!(response.text().await.unwrap(), "hello world");
+            // The pooled connection idles between requests: its idle deadline is computed.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(client.pooled_connections(), 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    assert_eq!(server.metrics.snapshot().handshakes_completed, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -366,7 +366,9 @@ impl SendRequest {
 
     /// Whether the connection can take new requests at all (not closed, no GOAWAY).
     pub fn is_usable(&self) -> bool {
-        self.status.usable()
+        // A connection task that ended without saying so (it panicked) leaves the queue
+        // closed behind it.
+        self.status.usable() && !self.submit.is_closed()
     }
 
     /// Sends a request; the response arrives with a streaming body. The request URI must
@@ -379,7 +381,7 @@ impl SendRequest {
     {
         match PendingRequest::new(request) {
             Ok(pending) => self.send_pending(pending),
-            Err(e) => ResponseFuture::failed(e),
+            Err(e) => ResponseFuture::failed(Failure::Failed(e)),
         }
     }
 
@@ -399,23 +401,61 @@ impl SendRequest {
             shared: Arc::clone(&shared),
             reply,
         };
-        match self.submit.try_send(submission) {
-            Ok(()) => ResponseFuture {
-                rx: Some(rx),
-                shared: Some(shared),
-                error: None,
-            },
-            Err(e) => {
+        let queued = match self.submit.try_send(submission) {
+            Ok(()) => None,
+            // More requests wait for this connection than its queue holds (a burst of
+            // thousands): this one waits for room, as it would for a stream, rather than
+            // fail unsent.
+            Err(mpsc::error::TrySendError::Full(submission)) => Some(Queued {
+                room: Box::pin(self.submit.clone().reserve_owned()),
+                submission: Some(submission),
+                status: Arc::clone(&self.status),
+            }),
+            Err(mpsc::error::TrySendError::Closed(submission)) => {
                 self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
-                // The request inside `e` is dropped: it never reached the connection.
-                drop(e);
-                let error = if self.status.lock().closed {
-                    closed_error()
-                } else {
-                    rejected_error("too many requests are waiting for this connection")
-                };
-                ResponseFuture::failed(error)
+                return ResponseFuture::failed(Failure::Unsent(submission.request, closed_error()));
             }
+        };
+        ResponseFuture {
+            queued,
+            rx: Some(rx),
+            shared: Some(shared),
+            error: None,
+        }
+    }
+}
+
+/// A request waiting for room in its connection's submission queue.
+struct Queued {
+    room: Pin<Box<dyn Future<Output = Result<mpsc::OwnedPermit<Submission>, mpsc::error::SendError<()>>> + Send>>,
+    submission: Option<Submission>,
+    status: Arc<Status>,
+}
+
+impl Queued {
+    /// Submits the request once there is room; gives it back unsent if the connection
+    /// closed first.
+    fn poll_submit(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Failure>> {
+        let room = std::task::ready!(self.room.as_mut().poll(cx));
+        let submission = self.submission.take().expect("submitted once");
+        Poll::Ready(match room {
+            Ok(permit) => {
+                permit.send(submission);
+                Ok(())
+            }
+            Err(_) => {
+                self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
+                Err(Failure::Unsent(submission.request, closed_error()))
+            }
+        })
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if self.submission.is_some() {
+            // Never submitted: the connection will not count it off.
+            self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
         }
     }
 }
@@ -424,9 +464,11 @@ impl SendRequest {
 /// arrives cancels the request (the stream is reset with H3_REQUEST_CANCELLED).
 #[must_use = "the request is cancelled when this future is dropped"]
 pub struct ResponseFuture {
+    /// Set while the request waits for room in the connection's queue.
+    queued: Option<Queued>,
     rx: Option<oneshot::Receiver<Result<Response<RecvBody>, Failure>>>,
     shared: Option<Arc<StreamShared>>,
-    error: Option<Error>,
+    error: Option<Failure>,
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -436,17 +478,27 @@ impl std::fmt::Debug for ResponseFuture {
 }
 
 impl ResponseFuture {
-    fn failed(error: Error) -> Self {
+    fn failed(failure: Failure) -> Self {
         ResponseFuture {
+            queued: None,
             rx: None,
             shared: None,
-            error: Some(error),
+            error: Some(failure),
         }
     }
 
     pub(crate) fn poll_failure(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<RecvBody>, Failure>> {
-        if let Some(error) = self.error.take() {
-            return Poll::Ready(Err(Failure::Failed(error)));
+        if let Some(failure) = self.error.take() {
+            return Poll::Ready(Err(failure));
+        }
+        if let Some(queued) = self.queued.as_mut() {
+            let submitted = std::task::ready!(queued.poll_submit(cx));
+            self.queued = None;
+            if let Err(failure) = submitted {
+                self.rx = None;
+                self.shared = None;
+                return Poll::Ready(Err(failure));
+            }
         }
         let Some(rx) = self.rx.as_mut() else {
             return Poll::Ready(Err(Failure::Failed(closed_error())));
@@ -472,6 +524,10 @@ impl Future for ResponseFuture {
 
 impl Drop for ResponseFuture {
     fn drop(&mut self) {
+        if self.queued.is_some() {
+            // Never submitted: nothing to cancel (dropping it counts it off).
+            return;
+        }
         if let (Some(shared), Some(_)) = (self.shared.take(), self.rx.as_ref()) {
             // Not answered yet: cancel the request.
             shared.reset(code::H3_REQUEST_CANCELLED);

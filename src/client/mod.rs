@@ -841,7 +841,7 @@ impl Builder {
 
     /// How long establishing a connection may take. Defaults to 10 s.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
+        self.connect_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -849,7 +849,7 @@ impl Builder {
     /// Until then it sends a PING every third of the QUIC idle timeout, which would
     /// otherwise close it sooner (30 s by default, or what the server asks for).
     pub fn pool_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout;
+        self.idle_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -921,7 +921,7 @@ impl Builder {
     /// handshake carries on for later requests. Defaults to 300 ms.
     #[cfg(feature = "tcp")]
     pub fn http3_handicap(mut self, handicap: Duration) -> Self {
-        self.handicap = handicap;
+        self.handicap = crate::at_most_never(handicap);
         self
     }
 
@@ -1013,7 +1013,7 @@ impl Builder {
     /// none (a download may take as long as it takes; see
     /// [`read_timeout`](Self::read_timeout) for a stalled one).
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.conveniences.timeout = Some(timeout);
+        self.conveniences.timeout = Some(crate::at_most_never(timeout));
         self
     }
 
@@ -1024,7 +1024,7 @@ impl Builder {
     /// Defaults to none (HTTP/3 still notices a dead connection by its idle timeout; a
     /// live server that trickles is what this bounds).
     pub fn read_timeout(mut self, timeout: Duration) -> Self {
-        self.conveniences.read_timeout = Some(timeout);
+        self.conveniences.read_timeout = Some(crate::at_most_never(timeout));
         self
     }
 
@@ -1043,7 +1043,7 @@ impl Builder {
     /// Chromium's.
     #[cfg(feature = "tcp")]
     pub fn http3_broken_backoff(mut self, backoff: Duration) -> Self {
-        self.broken_backoff = backoff;
+        self.broken_backoff = crate::at_most_never(backoff);
         self
     }
 

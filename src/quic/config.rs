@@ -533,14 +533,14 @@ impl TransportConfig {
 
     /// How long a connection may stay silent before it is closed. Defaults to 30 s.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.s.idle_timeout = timeout;
+        self.s.idle_timeout = crate::at_most_never(timeout);
         self
     }
 
     /// How long a handshake may take before the connection is abandoned. Defaults to 10 s,
     /// long enough for lossy paths and short enough to free abandoned state.
     pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.s.handshake_timeout = timeout;
+        self.s.handshake_timeout = crate::at_most_never(timeout);
         self
     }
 

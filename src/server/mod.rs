@@ -244,7 +244,7 @@ impl Builder {
     /// else is in flight on its connection. Defaults to 10 s: a head is one flight of
     /// packets, and an edge should not hold a half-sent one much longer.
     pub fn request_head_timeout(mut self, timeout: Duration) -> Self {
-        self.request_head_timeout = timeout.max(Duration::from_millis(1));
+        self.request_head_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
     }
 
@@ -252,7 +252,7 @@ impl Builder {
     /// GOAWAY and closes it gracefully. Defaults to 30 s, the QUIC idle timeout's default:
     /// long enough for a browser to reuse the connection for its next page.
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
-        self.connection_idle_timeout = timeout;
+        self.connection_idle_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -263,7 +263,7 @@ impl Builder {
     /// handler spends working, or a slow reader, does not count. Defaults to 30 s (nginx
     /// allows 60 s between two reads of a body or two writes of a response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
-        self.body_stall_timeout = timeout.max(Duration::from_millis(1));
+        self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
     }
 
@@ -359,7 +359,7 @@ impl Builder {
     /// How long a graceful shutdown waits for requests in flight before closing their
     /// connections anyway. Defaults to 30 s.
     pub fn graceful_shutdown_timeout(mut self, timeout: Duration) -> Self {
-        self.graceful_shutdown_timeout = timeout;
+        self.graceful_shutdown_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -508,7 +508,7 @@ impl Builder {
     /// longer is most likely holding the socket on purpose.
     #[cfg(feature = "tcp")]
     pub fn tcp_tls_handshake_timeout(mut self, timeout: Duration) -> Self {
-        self.tcp.tls_handshake_timeout = timeout;
+        self.tcp.tls_handshake_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -520,7 +520,7 @@ impl Builder {
     /// stalling client holds one of the [`tcp_max_connections`](Builder::tcp_max_connections).
     #[cfg(feature = "tcp")]
     pub fn tcp_header_read_timeout(mut self, timeout: Duration) -> Self {
-        self.tcp.header_read_timeout = timeout;
+        self.tcp.header_read_timeout = crate::at_most_never(timeout);
         self
     }
 
@@ -530,8 +530,8 @@ impl Builder {
     /// idle timeouts of common NATs and load balancers.
     #[cfg(feature = "tcp")]
     pub fn http2_keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.tcp.http2_keep_alive_interval = interval;
-        self.tcp.http2_keep_alive_timeout = timeout;
+        self.tcp.http2_keep_alive_interval = crate::at_most_never(interval);
+        self.tcp.http2_keep_alive_timeout = crate::at_most_never(timeout);
         self
     }
 
