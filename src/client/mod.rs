@@ -331,12 +331,12 @@ impl Pool {
         connection.handle().limit_handshake(started + self.connect_timeout);
         // Nobody needs to await the connection's end: the pool sees it through SendRequest.
         drop(connection);
-        self.conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(origin.clone())
-            .or_default()
-            .push(send.clone());
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        // Closed connections leave with each new one, whatever their origin: `pick` forgets
+        // those of origins asked for again, and a crawler or a proxy reaches any number of
+        // origins it never asks for again.
+        forget_closed(&mut conns);
+        conns.entry(origin.clone()).or_default().push(send.clone());
         Ok(send)
     }
 
@@ -638,14 +638,17 @@ impl Client {
     /// pooled by hyper-util, are not counted.
     pub fn pooled_connections(&self) -> usize {
         let mut conns = self.pool.conns.lock().unwrap_or_else(|p| p.into_inner());
-        conns
-            .values_mut()
-            .map(|l| {
-                l.retain(SendRequest::is_usable);
-                l.len()
-            })
-            .sum()
+        forget_closed(&mut conns);
+        conns.values().map(Vec::len).sum()
     }
+}
+
+/// Drops the pool's closed and draining connections, and the origins left with none.
+fn forget_closed(conns: &mut HashMap<Origin, Vec<SendRequest>>) {
+    conns.retain(|_, list| {
+        list.retain(SendRequest::is_usable);
+        !list.is_empty()
+    });
 }
 
 impl<B> Service<Request<B>> for Client
@@ -1241,6 +1244,54 @@ mod tests {
         request.abort();
         let _ = request.await;
         assert_eq!(connecting(), 0, "the cancelled attempt left the map");
+    }
+
+    /// A pooled connection that closed leaves the pool with its origin once another
+    /// connection is made, even if its origin is never asked for again (a crawler's or a
+    /// proxy's pool would grow with every origin it ever reached). (Found by review.)
+    #[cfg(feature = "server")]
+    #[tokio::test]
+    async fn origins_whose_connections_closed_leave_the_pool() {
+        let listener = crate::quic::Listener::bind("127.0.0.1:0", crate::testing::server_config("h3", |t| t))
+            .await
+            .unwrap();
+        let port = listener.local_addr().port();
+        let hello = tower::service_fn(|_request: Request<crate::RecvBody>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(Bytes::from_static(
+                b"hello",
+            ))))
+        });
+        let server = tokio::spawn(crate::server::serve(listener, hello).into_future());
+        let config = ClientConfig::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let client = Client::builder()
+            .http3_prior_knowledge()
+            .quic_config(config)
+            .pool_idle_timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let origins = || client.pool.conns.lock().unwrap().len();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            // Two origins on one server: by address, then by name.
+            client.get(format!("https://127.0.0.1:{port}/")).send().await.unwrap();
+            assert_eq!(origins(), 1);
+            // The pooled connection closes itself once idle for 50 ms.
+            loop {
+                let conns = client.pool.conns.lock().unwrap();
+                if conns.values().flatten().all(|c| !c.is_usable()) {
+                    break;
+                }
+                drop(conns);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            client.get(format!("https://localhost:{port}/")).send().await.unwrap();
+        })
+        .await
+        .expect("both requests answered");
+        assert_eq!(origins(), 1, "only the origin with a live connection is kept");
+        server.abort();
     }
 
     /// A URL the client cannot use is the caller's mistake, said as such: not a setting.
