@@ -425,9 +425,13 @@ impl SendRequest {
     }
 }
 
+/// Room in a connection's submission queue, once there is some (an error: the connection
+/// closed first).
+type Room = Pin<Box<dyn Future<Output = Result<mpsc::OwnedPermit<Submission>, mpsc::error::SendError<()>>> + Send>>;
+
 /// A request waiting for room in its connection's submission queue.
 struct Queued {
-    room: Pin<Box<dyn Future<Output = Result<mpsc::OwnedPermit<Submission>, mpsc::error::SendError<()>>> + Send>>,
+    room: Room,
     submission: Option<Submission>,
     status: Arc<Status>,
 }

@@ -1208,6 +1208,18 @@ impl ResponseExt for Response<RecvBody> {
 mod tests {
     use super::*;
 
+    /// An HTTP/3-only client that trusts any certificate (none of these tests is about
+    /// certificates, and none needs the system's roots read), with `configure` applied.
+    fn http3_client(configure: impl FnOnce(Builder) -> Builder) -> Client {
+        let config = ClientConfig::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        configure(Client::builder().http3_prior_knowledge().quic_config(config))
+            .build()
+            .unwrap()
+    }
+
     /// A request cancelled while it alone waits for a connection attempt takes the attempt
     /// out of the pool's map: left there with no outcome, it would pass for an attempt
     /// still under way (in auto mode, one slower than the handicap, which sends every later
@@ -1216,18 +1228,8 @@ mod tests {
     async fn an_attempt_whose_only_waiter_is_cancelled_leaves_the_pool() {
         // An address that swallows every datagram: the handshake never completes.
         let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        // No handshake gets as far as a certificate: none needs trusting (nor the system's
-        // roots reading).
-        let config = ClientConfig::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .unwrap();
-        let client = Client::builder()
-            .http3_prior_knowledge()
-            .quic_config(config)
-            .connect_timeout(Duration::from_secs(60))
-            .build()
-            .unwrap();
+        // No handshake gets as far as a certificate.
+        let client = http3_client(|b| b.connect_timeout(Duration::from_secs(60)));
         let url = format!("https://127.0.0.1:{}/", sink.local_addr().unwrap().port());
         let request = tokio::spawn({
             let client = client.clone();
@@ -1262,28 +1264,24 @@ mod tests {
             ))))
         });
         let server = tokio::spawn(crate::server::serve(listener, hello).into_future());
-        let config = ClientConfig::builder()
-            .danger_accept_invalid_certs(true)
-            .build()
-            .unwrap();
-        let client = Client::builder()
-            .http3_prior_knowledge()
-            .quic_config(config)
-            .pool_idle_timeout(Duration::from_millis(50))
-            .build()
-            .unwrap();
+        let client = http3_client(|b| b.pool_idle_timeout(Duration::from_millis(50)));
         let origins = || client.pool.conns.lock().unwrap().len();
         tokio::time::timeout(Duration::from_secs(10), async {
             // Two origins on one server: by address, then by name.
             client.get(format!("https://127.0.0.1:{port}/")).send().await.unwrap();
             assert_eq!(origins(), 1);
             // The pooled connection closes itself once idle for 50 ms.
-            loop {
-                let conns = client.pool.conns.lock().unwrap();
-                if conns.values().flatten().all(|c| !c.is_usable()) {
-                    break;
-                }
-                drop(conns);
+            let all_closed = || {
+                client
+                    .pool
+                    .conns
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .flatten()
+                    .all(|c| !c.is_usable())
+            };
+            while !all_closed() {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             client.get(format!("https://localhost:{port}/")).send().await.unwrap();
