@@ -1082,6 +1082,34 @@ async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A tunnel is carried over HTTP/3 only (the TCP side has none): a client in the automatic
+/// mode opens one over HTTP/3 at the origin's own port before any `Alt-Svc` told it where
+/// HTTP/3 is, instead of sending the CONNECT over TCP; a TCP-only client refuses to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_goes_over_http3_in_the_automatic_mode_and_is_refused_over_tcp_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let auto = Client::builder().quic_config(trusting(&certs)).build().unwrap();
+    let tcp_only = Client::builder()
+        .quic_config(trusting(&certs))
+        .tcp_only()
+        .build()
+        .unwrap();
+    let run = async {
+        let mut tunnel = auto.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap();
+        tunnel.write_all(b"over http/3").await.unwrap();
+        let mut back = [0u8; 11];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"over http/3");
+        assert_eq!(auto.pooled_connections(), 1);
+        let error = tcp_only.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap_err();
+        assert!(error.is_invalid_request(), "{error}");
+        assert!(error.to_string().contains("needs HTTP/3"), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// A server that does not allow extended CONNECT says so in its SETTINGS; the client does
 /// not send one then, and says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

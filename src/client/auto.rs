@@ -165,7 +165,7 @@ impl Pool {
         Ok(response)
     }
 
-    fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {
+    pub(super) fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {
         self.alt_svc.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

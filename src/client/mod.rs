@@ -360,22 +360,47 @@ impl Pool {
         request: Request<AnyBody>,
         origin: Origin,
     ) -> Result<Response<RecvBody>, Error> {
+        // A tunnel (CONNECT, plain or extended) is carried over HTTP/3 only: the TCP side
+        // sends requests with bodies and has no tunnels.
+        let tunnel = request.method() == Method::CONNECT;
         let route = match reserved {
             Some(route) => route,
+            #[cfg(feature = "tcp")]
+            None if tunnel && self.mode == Mode::Tcp => Route::Tcp,
+            None if tunnel => Route::H3(self.connection(&origin, self.h3_port(&origin), None).await?),
             None => self.route(&origin).await?,
         };
         match route {
             #[cfg(feature = "tcp")]
+            Route::Tcp if tunnel => Err(Error::invalid_request(
+                "a CONNECT tunnel needs HTTP/3, and this client reaches the origin over TCP only \
+                 (Builder::tcp_only)",
+            )),
+            #[cfg(feature = "tcp")]
             Route::Tcp => self.send_tcp(request, &origin).await,
             #[cfg(feature = "tcp")]
-            Route::H3(send) if self.mode == Mode::Auto => self.send_h3_or_tcp(send, request, origin).await,
+            Route::H3(send) if self.mode == Mode::Auto && !tunnel => self.send_h3_or_tcp(send, request, origin).await,
             Route::H3(send) => {
                 let pending = PendingRequest::from_boxed(request)?;
-                self.send_h3(send, pending, &origin, origin.port)
+                let port = self.h3_port(&origin);
+                self.send_h3(send, pending, &origin, port)
                     .await
                     .map_err(H3Failure::into_error)
             }
         }
+    }
+
+    /// The port of the origin's HTTP/3: where its `Alt-Svc` points in the auto mode, else
+    /// (or when it advertised none yet) the origin's own, as with prior knowledge.
+    fn h3_port(&self, origin: &Origin) -> u16 {
+        #[cfg(feature = "tcp")]
+        if self.mode == Mode::Auto {
+            return self
+                .alt_svc()
+                .h3_port(origin, std::time::Instant::now())
+                .unwrap_or(origin.port);
+        }
+        origin.port
     }
 
     /// Sends `request` on `send`; a request the server did not process goes once more to
@@ -542,6 +567,10 @@ impl Client {
     /// AsyncWrite`). The server must allow extended CONNECT (its SETTINGS say so) and
     /// answer 2xx; otherwise this fails, with the status in the error's message.
     ///
+    /// Tunnels go over HTTP/3 only: in the automatic mode to where the origin's `Alt-Svc`
+    /// points, or to the origin's own port before it advertised any; a
+    /// [`tcp_only`](Builder::tcp_only) client refuses them.
+    ///
     /// ```no_run
     /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
     /// # async fn run(client: tower_quiche::client::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -567,7 +596,8 @@ impl Client {
     /// Opens a tunnel with a CONNECT request head of your own: headers beside the
     /// [`Protocol`] extension, as CONNECT-UDP (RFC 9298) needs `capsule-protocol: ?1`. The
     /// tunnel's stream carries HTTP datagrams when both sides enable them
-    /// ([`Tunnel::datagrams`](crate::tunnel::Tunnel::datagrams)); over TCP it has none.
+    /// ([`Tunnel::datagrams`](crate::tunnel::Tunnel::datagrams)). It goes over HTTP/3 as
+    /// [`tunnel`](Self::tunnel) says.
     ///
     /// ```no_run
     /// use http::{Method, Request};
