@@ -221,6 +221,13 @@ impl Error {
         )
     }
 
+    /// The connection closed with no error of a kind more telling (timeout, TLS, protocol,
+    /// application code): lost, as far as this side knows.
+    #[cfg(all(feature = "client", feature = "tcp"))]
+    pub(crate) fn is_closed_without_reason(&self) -> bool {
+        self.inner.kind == Kind::Closed
+    }
+
     /// The peer broke the QUIC or application protocol.
     pub fn is_protocol(&self) -> bool {
         self.inner.kind == Kind::Protocol

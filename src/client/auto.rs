@@ -134,8 +134,7 @@ impl Pool {
                 self.send_tcp(head.with_body(unsent.body), &origin).await
             }
             Err(H3Failure::Request(Failure::Failed(error))) => {
-                let path_failed = !error.is_reset() && (error.is_closed() || error.is_io());
-                if path_failed {
+                if lost_the_path(&error) {
                     self.alt_svc().mark_broken(&origin, Instant::now());
                     if bodyless && head.method.is_idempotent() {
                         tracing::debug!(%error, "HTTP/3 failed before the response; resending over TCP");
@@ -179,6 +178,17 @@ fn for_tcp(mut request: Request<AnyBody>) -> Request<AnyBody> {
     request
 }
 
+/// Whether an HTTP/3 request failed because its connection was lost on the way — timed
+/// out, its socket failed, or it ended without the server saying why — which is what a
+/// network that drops UDP looks like: HTTP/3 is then marked broken, and a bodiless
+/// idempotent request goes again over TCP. A stream's error (a reset, a malformed
+/// response), a TLS failure, a protocol error or the server's own close with a code all
+/// say the server was reached over HTTP/3, and a request it may have processed must not
+/// be sent again.
+fn lost_the_path(error: &Error) -> bool {
+    error.code().is_none() && (error.is_timeout() || error.is_io() || error.is_closed_without_reason())
+}
+
 /// What a resend over TCP needs of a request sent over HTTP/3 (whose head becomes HTTP/3
 /// fields): a copy of its head, taken before. Extensions are not kept.
 struct Head {
@@ -206,5 +216,39 @@ impl Head {
         *request.version_mut() = self.version;
         *request.headers_mut() = self.headers;
         request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lost_the_path;
+    use crate::codes;
+    use crate::error::{Error, Kind};
+
+    #[test]
+    fn only_a_lost_connection_counts_as_a_broken_path() {
+        let lost = [
+            Error::new(Kind::Timeout).with_message("idle timeout"),
+            Error::new(Kind::Io).with_message("network unreachable"),
+            Error::new(Kind::Closed).with_message("the HTTP/3 connection is closed"),
+        ];
+        for error in &lost {
+            assert!(lost_the_path(error), "{error}");
+        }
+        let reached = [
+            // A malformed response: the client resets its stream.
+            Error::new(Kind::Protocol).with_stream_code(codes::H3_MESSAGE_ERROR),
+            // The server refused the request (GOAWAY, REQUEST_REJECTED).
+            Error::new(Kind::Closed).with_stream_code(codes::H3_REQUEST_REJECTED),
+            Error::new(Kind::Reset).with_stream_code(codes::H3_INTERNAL_ERROR),
+            // No extended CONNECT at this server.
+            Error::new(Kind::Protocol).with_message("the server does not accept extended CONNECT"),
+            Error::new(Kind::Tls).with_message("certificate verify failed"),
+            // The server closed the connection, saying why.
+            Error::new(Kind::Application).with_code(crate::Code::Application(codes::H3_INTERNAL_ERROR)),
+        ];
+        for error in &reached {
+            assert!(!lost_the_path(error), "{error}");
+        }
     }
 }
