@@ -657,6 +657,29 @@ fn hand_fed_body() -> (
     (feed, http_body_util::StreamBody::new(frames))
 }
 
+/// A request dropped while its body waits for its next frame drops that body at once (its
+/// producer learns that nobody listens), as hyper does, instead of holding it until the
+/// body yields again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_request_drops_its_waiting_body_at_once() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let (feed, body) = hand_fed_body();
+        feed.send(bytes::Bytes::from_static(b"start")).await.unwrap();
+        let request = Request::post(server.url("/sink")).body(body).unwrap();
+        let cancelled = timeout(Duration::from_millis(200), client.send(request)).await;
+        assert!(cancelled.is_err(), "the server waits for the rest of the body");
+        timeout(Duration::from_secs(5), feed.closed())
+            .await
+            .expect("the request body is dropped once the request is");
+        let response = client.get(server.url("/hello")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
 /// resets the request body it has not finished sending, so the server learns why instead
 /// of waiting for the rest.

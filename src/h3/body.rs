@@ -186,7 +186,17 @@ where
             // The peer stopped reading, or the stream was cancelled: stop producing.
             return Ok(());
         }
-        match poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        // While the body has no frame ready, a cancelled stream (the request was dropped,
+        // the peer reset it) ends the pump at once: the body is dropped now, not when it
+        // next yields (a channel's sender learns that nobody listens).
+        let frame = poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+            Poll::Pending => stream.poll_cancelled(cx).map(|()| None),
+            Poll::Ready(frame) => Poll::Ready(Some(frame)),
+        });
+        let Some(frame) = frame.await else {
+            return Ok(());
+        };
+        match frame {
             None => break Ok(None),
             Some(Ok(frame)) => match frame.into_data() {
                 Ok(mut data) => {

@@ -528,6 +528,19 @@ impl StreamShared {
         Poll::Pending
     }
 
+    /// Ready once the stream was cancelled (stopped or reset); otherwise the producer's task
+    /// is woken when it is. For a producer that waits on something else (its body's next
+    /// frame), so that it stops at once rather than at its next frame.
+    pub(crate) fn poll_cancelled(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.lock();
+        let s = &mut state.send;
+        if s.cancelled.is_some() {
+            return Poll::Ready(());
+        }
+        s.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+
     /// Queues a 1xx head; refused once the final head is queued.
     #[cfg(feature = "server")]
     pub(crate) fn push_informational(&self, fields: Vec<Header>) -> Result<(), Error> {
