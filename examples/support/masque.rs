@@ -302,7 +302,10 @@ impl Tunnel {
                     Some(Ok(_)) => continue,
                     Some(Err(error)) => {
                         tracing::debug!(%error, "capsule stream failed; closing the tunnel");
-                        let _ = capsules_tx.send(Err(error)).await;
+                        // The response body resets the stream with the error's code once its
+                        // queue reaches it. A client that does not read its response holds
+                        // the tunnel's slot no longer than an idle tunnel would.
+                        let _ = tokio::time::timeout(idle_timeout, capsules_tx.send(Err(error))).await;
                         return;
                     }
                     // The client closed its side: the tunnel ends (RFC 9298 §3).
