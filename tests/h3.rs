@@ -680,6 +680,36 @@ async fn a_cancelled_request_drops_its_waiting_body_at_once() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A request in flight when the server closes its connection fails with the server's
+/// close code, even H3_NO_ERROR: the server was reached (the automatic mode does not take
+/// such a failure for a network that drops UDP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_cut_by_the_servers_close_carries_its_code() {
+    let certs = test_certs();
+    let mut listener = listener(&certs).await;
+    let url = format!("https://localhost:{}/", listener.local_addr().port());
+    let serving = tokio::spawn(async move {
+        while let Some(incoming) = listener.accept().await {
+            incoming.start(RawH3::new(|_h3, conn, _id, event| {
+                if matches!(event, quiche::h3::Event::Headers { .. }) {
+                    let _ = conn.close(true, tower_quiche::codes::H3_NO_ERROR, b"going away");
+                }
+            }));
+        }
+    });
+    let client = client(&certs);
+    let run = async {
+        let error = client.get(url).send().await.unwrap_err();
+        assert_eq!(
+            error.code(),
+            Some(tower_quiche::Code::Application(tower_quiche::codes::H3_NO_ERROR)),
+            "{error}"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    serving.abort();
+}
+
 /// RFC 9114 §4.1.1: a client that gives up a stream because the response is malformed
 /// resets the request body it has not finished sending, so the server learns why instead
 /// of waiting for the rest.
@@ -1129,6 +1159,26 @@ async fn a_tunnel_goes_over_http3_in_the_automatic_mode_and_is_refused_over_tcp_
         let error = tcp_only.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap_err();
         assert!(error.is_invalid_request(), "{error}");
         assert!(error.to_string().contains("needs HTTP/3"), "{error}");
+        // Through an origin client of a fresh automatic client, whose `poll_ready` reserves
+        // TCP for an origin that advertised no HTTP/3 yet.
+        let fresh = Client::builder().quic_config(trusting(&certs)).build().unwrap();
+        let mut origin = fresh.origin(server.url("/")).unwrap();
+        let mut connect = Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(server.url("/tunnel-echo"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        connect
+            .extensions_mut()
+            .insert(tower_quiche::client::Protocol::new("echo"));
+        let response = ServiceExt::<Request<Empty<bytes::Bytes>>>::ready(&mut origin)
+            .await
+            .unwrap()
+            .call(connect)
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        assert_eq!(response.version(), http::Version::HTTP_3);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -244,8 +244,9 @@ mod tests {
             // No extended CONNECT at this server.
             Error::new(Kind::Protocol).with_message("the server does not accept extended CONNECT"),
             Error::new(Kind::Tls).with_message("certificate verify failed"),
-            // The server closed the connection, saying why.
+            // The server closed the connection, saying why, or cleanly.
             Error::new(Kind::Application).with_code(crate::Code::Application(codes::H3_INTERNAL_ERROR)),
+            Error::new(Kind::Closed).with_code(crate::Code::Application(codes::H3_NO_ERROR)),
         ];
         for error in &reached {
             assert!(!lost_the_path(error), "{error}");

@@ -9,7 +9,7 @@ use crate::quic::QuicheConnection;
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -417,7 +417,7 @@ impl SendRequest {
             }
         };
         ResponseFuture {
-            queued,
+            queued: queued.map(Mutex::new),
             rx: Some(rx),
             shared: Some(shared),
             error: None,
@@ -468,11 +468,12 @@ impl Drop for Queued {
 /// arrives cancels the request (the stream is reset with H3_REQUEST_CANCELLED).
 #[must_use = "the request is cancelled when this future is dropped"]
 pub struct ResponseFuture {
-    /// Set while the request waits for room in the connection's queue.
-    queued: Option<Queued>,
+    /// Set while the request waits for room in the connection's queue. (The mutexes keep
+    /// the future `Sync`, as a request body is not: only `&mut self` reaches inside.)
+    queued: Option<Mutex<Queued>>,
     rx: Option<oneshot::Receiver<Result<Response<RecvBody>, Failure>>>,
     shared: Option<Arc<StreamShared>>,
-    error: Option<Failure>,
+    error: Option<Mutex<Failure>>,
 }
 
 impl std::fmt::Debug for ResponseFuture {
@@ -487,15 +488,16 @@ impl ResponseFuture {
             queued: None,
             rx: None,
             shared: None,
-            error: Some(failure),
+            error: Some(Mutex::new(failure)),
         }
     }
 
     pub(crate) fn poll_failure(&mut self, cx: &mut Context<'_>) -> Poll<Result<Response<RecvBody>, Failure>> {
         if let Some(failure) = self.error.take() {
-            return Poll::Ready(Err(failure));
+            return Poll::Ready(Err(failure.into_inner().unwrap_or_else(PoisonError::into_inner)));
         }
         if let Some(queued) = self.queued.as_mut() {
+            let queued = queued.get_mut().unwrap_or_else(PoisonError::into_inner);
             let submitted = std::task::ready!(queued.poll_submit(cx));
             self.queued = None;
             if let Err(failure) = submitted {
@@ -1401,7 +1403,21 @@ impl Application for ClientApp {
     fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         self.status.update(|s| s.closed = true);
         self.take_in_what_arrived(conn);
-        let why = || error.map(Error::duplicate).unwrap_or_else(closed_error);
+        // A close the server chose (even with H3_NO_ERROR) keeps its code: it says the
+        // server was reached, which a lost connection does not (`auto::lost_the_path`).
+        let peer_code = conn.peer_error().map(|e| {
+            if e.is_app {
+                crate::Code::Application(e.error_code)
+            } else {
+                crate::Code::Transport(e.error_code)
+            }
+        });
+        let why = || {
+            error.map(Error::duplicate).unwrap_or_else(|| match peer_code {
+                Some(code) => closed_error().with_code(code),
+                None => closed_error(),
+            })
+        };
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close_all();
         }

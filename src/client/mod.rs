@@ -364,6 +364,12 @@ impl Pool {
         // sends requests with bodies and has no tunnels.
         let tunnel = request.method() == Method::CONNECT;
         let route = match reserved {
+            // An origin client's `poll_ready` may have reserved TCP (no `Alt-Svc` yet, or
+            // HTTP/3 broken): a tunnel goes over HTTP/3 all the same.
+            #[cfg(feature = "tcp")]
+            Some(Route::Tcp) if tunnel && self.mode != Mode::Tcp => {
+                Route::H3(self.connection(&origin, self.h3_port(&origin), None).await?)
+            }
             Some(route) => route,
             #[cfg(feature = "tcp")]
             None if tunnel && self.mode == Mode::Tcp => Route::Tcp,
@@ -1320,6 +1326,16 @@ mod tests {
         .expect("both requests answered");
         assert_eq!(origins(), 1, "only the origin with a live connection is kept");
         server.abort();
+    }
+
+    /// The futures and handles a caller holds are `Send` and `Sync`, as hyper's are: a
+    /// request body (not `Sync`) waiting inside one must not take that away.
+    #[test]
+    fn the_client_s_futures_are_send_and_sync() {
+        fn send_and_sync<T: Send + Sync>() {}
+        send_and_sync::<conn::ResponseFuture>();
+        send_and_sync::<conn::SendRequest>();
+        send_and_sync::<Client>();
     }
 
     /// A URL the client cannot use is the caller's mistake, said as such: not a setting.

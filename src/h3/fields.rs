@@ -727,30 +727,45 @@ mod tests {
 
     #[test]
     fn a_queued_response_head_lends_its_fields_in_order_however_many() {
+        let owned = |pairs: &[(&[u8], &[u8])]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            pairs.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect()
+        };
         // Fewer fields than fit on the stack, exactly as many, and more.
         for extra in [3, LENT_ON_STACK - 2, LENT_ON_STACK - 1, LENT_ON_STACK + 9] {
             let mut headers = HeaderMap::new();
             headers.insert("connection", "close".parse().unwrap());
+            headers.insert("te", "gzip".parse().unwrap());
+            let mut expected = vec![(b":status".to_vec(), b"200".to_vec())];
             for i in 0..extra {
                 headers.append("x-field", i.to_string().parse().unwrap());
+                expected.push((b"x-field".to_vec(), i.to_string().into_bytes()));
             }
-            let expected: Vec<(Vec<u8>, Vec<u8>)> = response_fields(StatusCode::OK, &headers, Some(7), false)
-                .iter()
-                .map(|h| (h.name().to_vec(), h.value().to_vec()))
-                .collect();
-            // :status, the fields but `connection`, content-length.
-            assert_eq!(expected.len(), extra + 2);
+            expected.push((b"content-length".to_vec(), b"7".to_vec()));
             let queued = OutFields::Response(ResponseHead::new(StatusCode::OK, headers, Some(7), false));
-            let lent: Vec<(Vec<u8>, Vec<u8>)> =
-                queued.lend(|fields| fields.iter().map(|(n, v)| (n.to_vec(), v.to_vec())).collect());
-            assert_eq!(lent, expected, "{extra} regular fields");
+            assert_eq!(queued.lend(owned), expected, "{extra} regular fields");
             assert_eq!(queued.status_class(), Some(b'2'));
             assert!(!queued.is_interim());
+        }
+        // The service's own content-length wins over the body's size; none at all on a 204
+        // or a 2xx to CONNECT.
+        let with_length = HeaderMap::from_iter([(CONTENT_LENGTH, "5".parse().unwrap())]);
+        for (status, connect, expected) in [
+            (
+                StatusCode::OK,
+                false,
+                vec![(&b":status"[..], &b"200"[..]), (b"content-length", b"5")],
+            ),
+            (StatusCode::NO_CONTENT, false, vec![(b":status", b"204")]),
+            (StatusCode::OK, true, vec![(b":status", b"200")]),
+        ] {
+            let head = ResponseHead::new(status, with_length.clone(), Some(9), connect);
+            assert_eq!(head.lend(owned), owned(&expected), "{status}, CONNECT: {connect}");
         }
         let interim = OutFields::List(response_fields(StatusCode::EARLY_HINTS, &HeaderMap::new(), None, false));
         assert!(interim.is_interim());
         assert_eq!(interim.lend(|fields| fields.len()), 1);
     }
+
     #[test]
     fn trailers_refuse_pseudo_headers() {
         assert!(trailers_from_fields(&fields(&[(":status", "200")])).is_err());

@@ -728,7 +728,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             // An open tunnel (a 2xx answer to CONNECT) may sit idle; a CONNECT not yet
             // answered is held to the stall timeout like any request.
             let open_tunnel = entry.tunnel && entry.shared.answered_with_success();
-            if open_tunnel || progress != entry.still_since.0 || !waiting_on_peer {
+            // A stream kept after its response only for the reader of its request body
+            // (`forget_if_done`) is held to the stall timeout whoever stands still, the
+            // client or a reader that holds the body without reading it.
+            let waiting = waiting_on_peer || (entry.responded && entry.written);
+            if open_tunnel || progress != entry.still_since.0 || !waiting {
                 entry.still_since = (progress, now);
             } else if entry.still_since.1 + stall <= now {
                 stalled.push(id);

@@ -72,6 +72,16 @@ pub(crate) async fn respond<S: HttpService<RecvBody>>(
         Ok(Some(field)) => Some(field),
         _ => content_length,
     };
+    if end && !bodyless && declared_length.is_some_and(|length| length > 0) {
+        // A body that ended before it began under a head that declares bytes: sent, it
+        // would be a malformed message (RFC 9114 §4.1.2), as `pump_body` says for others.
+        tracing::debug!(
+            content_length = declared_length,
+            "the response body is empty but its content-length is not; resetting the stream"
+        );
+        stream.reset(code::H3_INTERNAL_ERROR);
+        return;
+    }
     let head = ResponseHead::new(parts.status, parts.headers, content_length, connect);
     stream.push_head(OutFields::Response(head), end);
     if let Some(body) = body.filter(|_| !end) {

@@ -491,6 +491,40 @@ async fn a_request_body_still_read_after_the_response_ended_arrives_whole() {
 }
 
 #[tokio::test]
+async fn a_request_body_held_unread_after_the_response_is_ended_by_the_stall_timeout() {
+    // The handler answers and keeps the body somewhere that never reads it: the stream,
+    // kept for that reader, would otherwise hold the connection open for ever.
+    let (held_tx, mut held_rx) = mpsc::unbounded_channel::<RecvBody>();
+    let handler = service(move |request: Request<RecvBody>| {
+        let _ = held_tx.send(request.into_body());
+        async { Response::new(full("accepted")) }
+    });
+    let builder = Builder::new()
+        .request_body_buffer(4096)
+        .body_stall_timeout(Duration::from_millis(200));
+    let mut h = Harness::new(builder, handler);
+    let id = h.send_request(&post("/upload", None), false);
+    h.until("the whole response", |h| h.seen(id).finished).await;
+    // More than the body buffer: the server stops reading, the client stops sending.
+    let mut sent = 0;
+    for _ in 0..20 {
+        sent += h.send_body(id, &[7; 4096], false);
+        h.settle();
+    }
+    assert!(sent > 4096, "the client filled the body buffer: {sent} bytes");
+    h.until("the stalled stream ended", Harness::forgot_everything).await;
+    let mut body = held_rx.recv().await.expect("the handler kept the body");
+    let error = loop {
+        match body.frame().await {
+            Some(Ok(_)) => continue,
+            Some(Err(error)) => break error,
+            None => panic!("the body ended as if complete"),
+        }
+    };
+    assert!(error.is_timeout(), "{error}");
+}
+
+#[tokio::test]
 async fn a_request_body_nobody_reads_is_stopped_once_the_response_ended() {
     let handler = service(|_request: Request<RecvBody>| async { Response::new(full("no thanks")) });
     let mut h = Harness::new(Builder::new(), handler);
@@ -1388,22 +1422,20 @@ async fn a_response_body_that_breaks_its_content_length_is_reset() {
         ("10", vec!["abc", "de"], "abcde"),
         ("3", vec!["abc", "de"], "abc"),
         ("2", vec!["abc"], ""),
+        // An empty body under a head that declares bytes: reset before the head goes.
+        ("4", vec![], ""),
     ] {
-        let handler = service(move |_request: Request<RecvBody>| {
+        let body = move || {
+            if chunks.is_empty() {
+                return full("");
+            }
             let frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
                 .iter()
                 .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
                 .collect();
-            async move {
-                let mut response = Response::new(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync());
-                response
-                    .headers_mut()
-                    .insert(http::header::CONTENT_LENGTH, declared.parse().unwrap());
-                response
-            }
-        });
-        let mut h = Harness::new(Builder::new(), handler);
-        let id = h.send_request(&get("/"), true);
+            StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync()
+        };
+        let (mut h, id) = get_with_declared_length(body, declared);
         h.until("the reset", |h| h.seen(id).reset.is_some() || h.seen(id).finished)
             .await;
         let seen = h.seen(id);
@@ -1418,17 +1450,27 @@ async fn a_response_body_that_breaks_its_content_length_is_reset() {
         assert_eq!(h.connection_error(), None);
     }
     // A body that keeps to its length ends cleanly.
-    let handler = service(|_request: Request<RecvBody>| async {
-        let mut response = Response::new(full("abcde"));
+    let (mut h, id) = get_with_declared_length(|| full("abcde"), "5");
+    h.until("the response", |h| h.seen(id).finished).await;
+    assert_eq!((h.seen(id).reset, &h.seen(id).body[..]), (None, &b"abcde"[..]));
+}
+
+/// A harness whose handler answers with `body()` under `content-length: declared`, and the
+/// ID of a GET sent to it.
+fn get_with_declared_length(
+    body: impl Fn() -> BoxBody + Clone + Send + 'static,
+    declared: &'static str,
+) -> (Harness<impl HttpService<RecvBody>>, u64) {
+    let handler = service(move |_request: Request<RecvBody>| {
+        let mut response = Response::new(body());
         response
             .headers_mut()
-            .insert(http::header::CONTENT_LENGTH, "5".parse().unwrap());
-        response
+            .insert(http::header::CONTENT_LENGTH, declared.parse().unwrap());
+        async move { response }
     });
     let mut h = Harness::new(Builder::new(), handler);
     let id = h.send_request(&get("/"), true);
-    h.until("the response", |h| h.seen(id).finished).await;
-    assert_eq!((h.seen(id).reset, &h.seen(id).body[..]), (None, &b"abcde"[..]));
+    (h, id)
 }
 
 /// Trailers with no field HTTP/3 can carry (none at all, or only connection-specific ones)
