@@ -6,11 +6,14 @@
 //!   failure) goes over TCP, and HTTP/3 is marked broken for the origin;
 //! - a request the server refused unprocessed (GOAWAY, `H3_REQUEST_REJECTED`), once more
 //!   refused after the usual retry on a new connection, goes over TCP;
-//! - a request whose connection failed before any of its response arrived (the QUIC
-//!   connection closed or timed out, not a stream reset) marks HTTP/3 broken, and is resent
-//!   over TCP only when that is safe: an idempotent method (RFC 9110 §9.2.2) and no body
-//!   (the body of a request is consumed as it is sent, and not kept for a resend);
-//! - anything else (a stream reset, an error in the response body) is the caller's error.
+//! - a request whose connection ended before any of its response arrived (the QUIC
+//!   connection timed out, failed, or was closed, by the server too) is resent over TCP
+//!   only when that is safe: an idempotent method (RFC 9110 §9.2.2) and no body (the body
+//!   of a request is consumed as it is sent, and not kept for a resend). HTTP/3 is marked
+//!   broken only when the connection was lost (timed out, a socket error, closed without
+//!   a reason), not when the server closed it saying why: that server was reached;
+//! - anything else (a stream reset, a malformed response, an error in the response body)
+//!   is the caller's error.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -136,10 +139,10 @@ impl Pool {
             Err(H3Failure::Request(Failure::Failed(error))) => {
                 if lost_the_path(&error) {
                     self.alt_svc().mark_broken(&origin, Instant::now());
-                    if bodyless && head.method.is_idempotent() {
-                        tracing::debug!(%error, "HTTP/3 failed before the response; resending over TCP");
-                        return self.send_tcp(head.with_body(None), &origin).await;
-                    }
+                }
+                if connection_ended(&error) && bodyless && head.method.is_idempotent() {
+                    tracing::debug!(%error, "HTTP/3 connection ended before the response; resending over TCP");
+                    return self.send_tcp(head.with_body(None), &origin).await;
                 }
                 Err(error)
             }
@@ -180,13 +183,20 @@ fn for_tcp(mut request: Request<AnyBody>) -> Request<AnyBody> {
 
 /// Whether an HTTP/3 request failed because its connection was lost on the way — timed
 /// out, its socket failed, or it ended without the server saying why — which is what a
-/// network that drops UDP looks like: HTTP/3 is then marked broken, and a bodiless
-/// idempotent request goes again over TCP. A stream's error (a reset, a malformed
-/// response), a TLS failure, a protocol error or the server's own close with a code all
-/// say the server was reached over HTTP/3, and a request it may have processed must not
-/// be sent again.
+/// network that drops UDP looks like: HTTP/3 is then marked broken. A stream's error (a
+/// reset, a malformed response), a TLS failure, a protocol error or the server's own close
+/// with a code (even H3_NO_ERROR) all say the server was reached over HTTP/3.
 fn lost_the_path(error: &Error) -> bool {
     error.code().is_none() && (error.is_timeout() || error.is_io() || error.is_closed_without_reason())
+}
+
+/// Whether an HTTP/3 request failed because its whole connection ended — lost, or closed
+/// by the server (a graceful shutdown's deadline) — rather than for something about the
+/// request itself (its stream reset, its response malformed, a protocol error): a bodiless
+/// idempotent request may then go again (RFC 9110 §9.2.2).
+fn connection_ended(error: &Error) -> bool {
+    let stream_error = matches!(error.code(), Some(crate::Code::Stream(_)));
+    !stream_error && (error.is_timeout() || error.is_io() || error.is_closed_without_reason() || error.is_application())
 }
 
 /// What a resend over TCP needs of a request sent over HTTP/3 (whose head becomes HTTP/3
@@ -221,7 +231,7 @@ impl Head {
 
 #[cfg(test)]
 mod tests {
-    use super::lost_the_path;
+    use super::{connection_ended, lost_the_path};
     use crate::codes;
     use crate::error::{Error, Kind};
 
@@ -250,6 +260,31 @@ mod tests {
         ];
         for error in &reached {
             assert!(!lost_the_path(error), "{error}");
+        }
+    }
+
+    #[test]
+    fn a_request_may_go_again_when_its_whole_connection_ended_not_its_stream() {
+        let ended = [
+            Error::new(Kind::Timeout).with_message("idle timeout"),
+            Error::new(Kind::Io).with_message("network unreachable"),
+            Error::new(Kind::Closed).with_message("the HTTP/3 connection is closed"),
+            // The server's graceful shutdown closed it before the response.
+            Error::new(Kind::Closed).with_code(crate::Code::Application(codes::H3_NO_ERROR)),
+            Error::new(Kind::Application).with_code(crate::Code::Application(codes::H3_INTERNAL_ERROR)),
+        ];
+        for error in &ended {
+            assert!(connection_ended(error), "{error}");
+        }
+        let about_the_request = [
+            Error::new(Kind::Protocol).with_stream_code(codes::H3_MESSAGE_ERROR),
+            Error::new(Kind::Reset).with_stream_code(codes::H3_INTERNAL_ERROR),
+            Error::new(Kind::Closed).with_stream_code(codes::H3_REQUEST_REJECTED),
+            Error::new(Kind::Protocol).with_message("the server does not accept extended CONNECT"),
+            Error::new(Kind::Tls).with_message("certificate verify failed"),
+        ];
+        for error in &about_the_request {
+            assert!(!connection_ended(error), "{error}");
         }
     }
 }

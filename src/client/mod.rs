@@ -365,7 +365,8 @@ impl Pool {
         let tunnel = request.method() == Method::CONNECT;
         let route = match reserved {
             // An origin client's `poll_ready` may have reserved TCP (no `Alt-Svc` yet, or
-            // HTTP/3 broken): a tunnel goes over HTTP/3 all the same.
+            // HTTP/3 broken): a tunnel goes over HTTP/3 all the same, and waits here for
+            // its connection (`poll_ready` cannot see the method).
             #[cfg(feature = "tcp")]
             Some(Route::Tcp) if tunnel && self.mode != Mode::Tcp => {
                 Route::H3(self.connection(&origin, self.h3_port(&origin), None).await?)

@@ -259,9 +259,13 @@ impl Builder {
     /// How long a request may make no progress while the client owes bytes: body bytes
     /// for a handler that waits for them, or flow-control credit for a response that is
     /// ready to go. Past it (checked a few times per timeout, so within 1.25 times it)
-    /// the stream is reset with `H3_REQUEST_CANCELLED` and the handler's body read fails with an error whose `is_timeout()` is true. Time a
-    /// handler spends working, or a slow reader, does not count. Defaults to 30 s (nginx
-    /// allows 60 s between two reads of a body or two writes of a response).
+    /// the stream is reset with `H3_REQUEST_CANCELLED` and the handler's body read fails
+    /// with an error whose `is_timeout()` is true. Time a handler spends working, or a slow
+    /// reader, does not count, with one exception: once the response is complete, a stream
+    /// is kept only for whoever still reads its request body, and then a reader that takes
+    /// nothing for this long ends it too (one that holds the body unread would keep the
+    /// connection open for ever). Defaults to 30 s (nginx allows 60 s between two reads
+    /// of a body or two writes of a response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
         self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
