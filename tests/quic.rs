@@ -622,3 +622,72 @@ async fn an_ip_address_is_verified_but_not_sent_as_sni() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A server bound to a wildcard address answers from the address each client sent to,
+/// not from one the kernel picks by its routes: a client on a connected socket (or behind
+/// a NAT) discards a reply from another address. Loopback has many addresses: the client
+/// talks to 127.0.0.2, which the kernel would never pick as the source towards 127.0.0.1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wildcard_server_answers_from_the_address_it_was_sent_to() {
+    init_tracing();
+    // IPv4's wildcard, and IPv6's, dual-stack, where IPv4 clients arrive as mapped
+    // addresses.
+    for wildcard in ["0.0.0.0:0", "[::]:0"] {
+        if wildcard.starts_with('[') && UdpSocket::bind("[::1]:0").is_err() {
+            eprintln!("skipped {wildcard}: this machine has no IPv6");
+            continue;
+        }
+        answers_from_where_it_was_sent(wildcard).await;
+    }
+}
+
+async fn answers_from_where_it_was_sent(wildcard: &str) {
+    let server = echo_server(wildcard, server_builder(&server_certs())).await;
+    let there: SocketAddr = format!("127.0.0.2:{}", server.addr.port()).parse().unwrap();
+    let run = async {
+        // A socket connected to 127.0.0.2 takes datagrams from there only.
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(there).await.unwrap();
+        let mut buf = vec![0u8; 65_536];
+        // The first flight of a handshake (the connection's task sends it) ...
+        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+        config.set_application_protos(&[b"echo"]).unwrap();
+        config.verify_peer(false);
+        let scid = [7u8; 16];
+        let mut client = quiche::connect(
+            Some("localhost"),
+            &quiche::ConnectionId::from_ref(&scid),
+            socket.local_addr().unwrap(),
+            there,
+            &mut config,
+        )
+        .unwrap();
+        let (n, _) = client.send(&mut buf).unwrap();
+        socket.send(&buf[..n]).await.unwrap();
+        let got = socket.recv(&mut buf).await.unwrap();
+        let header = quiche::Header::from_slice(&mut buf[..got], 16).unwrap();
+        assert_eq!(header.ty, quiche::Type::Initial, "the server's first flight");
+        // ... and the router's own answers: a version negotiation.
+        let mut unknown_version = vec![0u8; 1200];
+        unknown_version[..7].copy_from_slice(&[0xc0, 0x1a, 0x2a, 0x3a, 0x4a, 0x08, 0x01]);
+        socket.send(&unknown_version).await.unwrap();
+        let got = socket.recv(&mut buf).await.unwrap();
+        let header = quiche::Header::from_slice(&mut buf[..got], 16).unwrap();
+        assert_eq!(header.ty, quiche::Type::VersionNegotiation);
+        // A whole exchange over the crate's own client.
+        let certs_ca = CERTS.with(|c| c.ca_pem.clone());
+        let config = ClientConfig::builder().alpn(["echo"]).ca_pem(certs_ca).build().unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let (app, client) = EchoClient::new();
+        let conn = endpoint
+            .connect_addr(there, Some("localhost"), app)
+            .await
+            .expect("handshake");
+        let sent = pattern(10_000, 1);
+        assert!(client.echo(sent.clone()).await.expect("echo") == sent);
+        conn.close(0, "");
+    };
+    timeout(TEST_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| panic!("{wildcard}: answers from 127.0.0.2"));
+}

@@ -162,7 +162,11 @@ struct Driver<A> {
     started: Instant,
     held: VecDeque<Held>,
     verify_error: Option<String>,
+    /// The connection's local address: on a wildcard socket, the one its peer sent its
+    /// first packet to (`router`).
     local: SocketAddr,
+    /// The source address its packets ask for ([`Socket::source_for`]).
+    source: Option<IpAddr>,
     server_ip: Option<IpAddr>,
     sessions: Option<(Arc<SessionCache>, Arc<str>)>,
     /// The session last stored (its address and length in quiche's buffer): a new ticket
@@ -233,7 +237,12 @@ impl<A> Driver<A> {
             config.inner.metrics.handshake_started();
         }
         let handshake_deadline = Some(started + config.inner.s.handshake_timeout);
-        let local = socket.local_addr();
+        let local = conn
+            .path_stats()
+            .next()
+            .map(|p| p.local_addr)
+            .unwrap_or(socket.local_addr());
+        let source = socket.source_for(local);
         let driver = Driver {
             conn,
             app,
@@ -255,6 +264,7 @@ impl<A> Driver<A> {
             held: VecDeque::new(),
             verify_error: None,
             local,
+            source,
             server_ip,
             sessions,
             session_stored: (0, 0),
@@ -483,7 +493,7 @@ impl<A: Application> Driver<A> {
 
     /// Sends what quiche has to send; returns the number of packets it produced.
     fn flush(&mut self, cx: &mut Context<'_>) -> usize {
-        if !drain_held(&self.socket, &mut self.held, cx) {
+        if !drain_held(&self.socket, self.source, &mut self.held, cx) {
             return 0;
         }
         SEND_BUF.with_borrow_mut(|buf| self.flush_into(buf, cx))
@@ -491,6 +501,7 @@ impl<A: Application> Driver<A> {
 
     fn flush_into(&mut self, buf: &mut Vec<u8>, cx: &mut Context<'_>) -> usize {
         let socket = &*self.socket;
+        let source = self.source;
         let mtu = self.conn.max_send_udp_payload_size();
         let max_segments = socket
             .max_gso_segments()
@@ -507,7 +518,7 @@ impl<A: Application> Driver<A> {
         let mut packets = 0;
         loop {
             if count == max_segments {
-                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, source, &mut self.held, &buf[..len], to, segment, count, cx) {
                     return packets;
                 }
                 (len, count) = (0, 0);
@@ -526,7 +537,7 @@ impl<A: Application> Driver<A> {
             if pacing && info.at > due_by {
                 // Send what is due, and hold this packet until its release time.
                 if count > 0 {
-                    send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx);
+                    send_or_hold(socket, source, &mut self.held, &buf[..len], to, segment, count, cx);
                 }
                 self.held.push_back(Held {
                     data: buf[len..len + n].to_vec(),
@@ -538,7 +549,7 @@ impl<A: Application> Driver<A> {
             }
             if count > 0 && (info.to != to || n > segment) {
                 // It cannot join this GSO batch: send the batch, then start the next with it.
-                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, source, &mut self.held, &buf[..len], to, segment, count, cx) {
                     self.held.push_back(Held {
                         data: buf[len..len + n].to_vec(),
                         to: info.to,
@@ -557,14 +568,14 @@ impl<A: Application> Driver<A> {
             count += 1;
             if n < segment {
                 // A short datagram can only end a GSO batch.
-                if !send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx) {
+                if !send_or_hold(socket, source, &mut self.held, &buf[..len], to, segment, count, cx) {
                     return packets;
                 }
                 (len, count) = (0, 0);
             }
         }
         if count > 0 {
-            send_or_hold(socket, &mut self.held, &buf[..len], to, segment, count, cx);
+            send_or_hold(socket, source, &mut self.held, &buf[..len], to, segment, count, cx);
         }
         packets
     }
@@ -618,8 +629,10 @@ impl<A: Application> Driver<A> {
 
 /// Sends one datagram or GSO batch; if the socket buffer is full, keeps a copy to send when
 /// it drains. Returns false when the data was held (stop producing more).
+#[allow(clippy::too_many_arguments)]
 fn send_or_hold(
     socket: &Socket,
+    source: Option<IpAddr>,
     held: &mut VecDeque<Held>,
     data: &[u8],
     to: SocketAddr,
@@ -628,7 +641,7 @@ fn send_or_hold(
     cx: &mut Context<'_>,
 ) -> bool {
     let segment = (count > 1).then_some(segment);
-    match socket.try_send(to, data, segment) {
+    match socket.try_send(to, source, data, segment) {
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
             held.push_back(Held {
                 data: data.to_vec(),
@@ -645,7 +658,7 @@ fn send_or_hold(
 }
 
 /// Sends held packets in order. Returns true when nothing is held any more.
-fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
+fn drain_held(socket: &Socket, source: Option<IpAddr>, held: &mut VecDeque<Held>, cx: &mut Context<'_>) -> bool {
     while let Some(front) = held.front_mut() {
         if let Some(at) = front.release {
             if at > Instant::now() + PACING_GRANULARITY {
@@ -656,7 +669,7 @@ fn drain_held(socket: &Socket, held: &mut VecDeque<Held>, cx: &mut Context<'_>) 
             // poll itself again at once for as long as the buffer stays full.
             front.release = None;
         }
-        match socket.try_send(front.to, &front.data, front.segment) {
+        match socket.try_send(front.to, source, &front.data, front.segment) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 socket.wake_when_writable(cx.waker());
                 return false;

@@ -99,6 +99,7 @@ pub use config::{
 pub(crate) use driver::bench::Flush as FlushBench;
 pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) use notify::{ConnNotify, Queued};
 #[cfg(feature = "client")]
 pub(crate) use streams::new as new_streams;

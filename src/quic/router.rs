@@ -14,7 +14,7 @@
 
 use super::bufs::QuicheConnection;
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -177,7 +177,8 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         };
         {
             let mut routes = shared.routes.lock();
-            bufs.for_each(filled, |datagram, from| {
+            bufs.for_each(filled, |datagram, from, dst| {
+                let local = shared.socket.local_for(dst);
                 dispatch(
                     &shared,
                     &mut routes,
@@ -186,6 +187,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
                     &mut out,
                     datagram,
                     from,
+                    local,
                     &mut accepted,
                 )
             });
@@ -210,8 +212,11 @@ fn dispatch(
     out: &mut [u8],
     datagram: &mut [u8],
     from: SocketAddr,
+    local: SocketAddr,
     accepted: &mut Vec<Accepted>,
 ) {
+    // Replies leave from the address the datagram came to.
+    let source = shared.socket.source_for(local);
     let metrics = &*shared.config.inner.metrics;
     let id_len = shared.config.inner.cid_generator.id_len();
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
@@ -244,7 +249,7 @@ fn dispatch(
         return;
     };
     if hdr.ty == quiche::Type::Short {
-        send_stateless_reset(shared, accept, out, datagram.len(), &hdr.dcid, from);
+        send_stateless_reset(shared, accept, out, datagram.len(), &hdr.dcid, from, source);
         return;
     }
     if hdr.ty == quiche::Type::VersionNegotiation {
@@ -263,7 +268,7 @@ fn dispatch(
         {
             // Counted before it leaves, so whoever receives it sees it counted.
             metrics.version_negotiation_sent();
-            let _ = shared.socket.try_send(from, &out[..n], None);
+            let _ = shared.socket.try_send(from, source, &out[..n], None);
         }
         return;
     }
@@ -271,7 +276,7 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
-    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, &hdr) {
+    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, local, &hdr) {
         accepted.push(incoming);
     }
 }
@@ -285,6 +290,7 @@ fn accept_initial(
     out: &mut [u8],
     datagram: &[u8],
     from: SocketAddr,
+    local: SocketAddr,
     hdr: &quiche::Header<'_>,
 ) -> Option<Accepted> {
     let inner = &*shared.config.inner;
@@ -314,7 +320,9 @@ fn accept_initial(
         // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
         let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
         if let Ok(n) = quiche::retry(&hdr.scid, &hdr.dcid, &new_scid, &token, hdr.version, out) {
-            let _ = shared.socket.try_send(from, &out[..n], None);
+            let _ = shared
+                .socket
+                .try_send(from, shared.socket.source_for(local), &out[..n], None);
             metrics.retry_sent();
         }
         return None;
@@ -356,7 +364,8 @@ fn accept_initial(
             return None;
         }
     };
-    let local = shared.socket.local_addr();
+    // The connection's local address is the one the client sent to: its packets leave
+    // from there (`driver`), whichever address of a wildcard socket that is.
     let accepted = {
         // Held for one accept; a panic inside it leaves nothing half-changed here.
         let mut config = accept.config.lock().unwrap_or_else(|p| p.into_inner());
@@ -405,6 +414,7 @@ fn send_stateless_reset(
     received: usize,
     dcid: &[u8],
     to: SocketAddr,
+    source: Option<IpAddr>,
 ) {
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         shared
@@ -426,5 +436,5 @@ fn send_stateless_reset(
     reset[len - 16..].copy_from_slice(&shared.reset_key.token(dcid).to_be_bytes());
     // Counted before it leaves, so whoever receives it sees it counted.
     shared.config.inner.metrics.stateless_reset_sent();
-    let _ = shared.socket.try_send(to, reset, None);
+    let _ = shared.socket.try_send(to, source, reset, None);
 }

@@ -8,7 +8,7 @@
 //! them that found it so is woken once it has room.
 
 use std::io::{self, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Wake, Waker, ready};
 
@@ -164,6 +164,26 @@ impl Socket {
         self.state.max_gso_segments()
     }
 
+    /// The local address a datagram that arrived at `dst` was sent to: `dst` on a socket
+    /// bound to a wildcard address (which has as many as its host), the socket's own
+    /// otherwise.
+    pub(crate) fn local_for(&self, dst: Option<IpAddr>) -> SocketAddr {
+        match dst {
+            Some(ip) if self.local.ip().is_unspecified() => SocketAddr::new(ip, self.local.port()),
+            _ => self.local,
+        }
+    }
+
+    /// The source address to ask for when sending from `local` (see [`local_for`]): on a
+    /// wildcard socket, the address the peer sent to, or the kernel would pick one by its
+    /// routes (on a host with several addresses, maybe another, which a client on a
+    /// connected socket, or behind a NAT, discards); `None` otherwise.
+    ///
+    /// [`local_for`]: Self::local_for
+    pub(crate) fn source_for(&self, local: SocketAddr) -> Option<IpAddr> {
+        (self.local.ip().is_unspecified() && !local.ip().is_unspecified()).then(|| local.ip())
+    }
+
     /// Maps an address to the form this socket sends to (IPv4 peers of a dual-stack IPv6
     /// socket are addressed as `::ffff:a.b.c.d`).
     pub(crate) fn peer_address_for(&self, peer: SocketAddr) -> SocketAddr {
@@ -185,15 +205,22 @@ impl Socket {
     }
 
     /// Sends one datagram, or a GSO batch of `segment_size`-byte datagrams (the last may be
-    /// shorter). `WouldBlock` means the socket buffer is full; other errors are logged by
-    /// quinn-udp and dropped, as UDP loss.
-    pub(crate) fn try_send(&self, to: SocketAddr, contents: &[u8], segment_size: Option<usize>) -> io::Result<()> {
+    /// shorter), from local address `from` when given (else the one the kernel picks).
+    /// `WouldBlock` means the socket buffer is full; other errors are logged by quinn-udp
+    /// and dropped, as UDP loss.
+    pub(crate) fn try_send(
+        &self,
+        to: SocketAddr,
+        from: Option<IpAddr>,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> io::Result<()> {
         let transmit = Transmit {
             destination: to,
             ecn: None,
             contents,
             segment_size,
-            src_ip: None,
+            src_ip: from,
         };
         // Send first and ask tokio only when the kernel says the buffer is full: a UDP
         // socket is almost always writable, and tokio does not know that until its reactor
@@ -299,9 +326,10 @@ pub(crate) struct RecvBuffers {
 }
 
 impl RecvBuffers {
-    /// Calls `f(datagram, from)` for every datagram of the first `filled` slices, splitting
-    /// GRO slices into their segments.
-    pub(crate) fn for_each(&mut self, filled: usize, mut f: impl FnMut(&mut [u8], SocketAddr)) {
+    /// Calls `f(datagram, from, to)` for every datagram of the first `filled` slices,
+    /// splitting GRO slices into their segments; `to` is the local address it was sent to,
+    /// when the system says (a socket bound to a wildcard address has several).
+    pub(crate) fn for_each(&mut self, filled: usize, mut f: impl FnMut(&mut [u8], SocketAddr, Option<IpAddr>)) {
         let slice_len = self.slice_len;
         for (i, meta) in self.meta[..filled].iter().enumerate() {
             let slice = &mut self.storage[i * slice_len..i * slice_len + meta.len.min(slice_len)];
@@ -311,7 +339,7 @@ impl RecvBuffers {
                 meta.stride
             };
             for datagram in slice.chunks_mut(stride) {
-                f(datagram, meta.addr);
+                f(datagram, meta.addr, meta.dst_ip);
             }
         }
     }
@@ -329,12 +357,12 @@ mod tests {
         let segments = a.max_gso_segments().min(4);
         let payload: Vec<u8> = (0..segments * 100).map(|i| (i / 100) as u8).collect();
         let seg = (segments > 1).then_some(100);
-        a.try_send(b.local_addr(), &payload, seg).unwrap();
+        a.try_send(b.local_addr(), None, &payload, seg).unwrap();
         let mut bufs = b.recv_buffers(1500);
         let mut got = Vec::new();
         while got.len() < segments {
             let n = std::future::poll_fn(|cx| b.poll_recv(cx, &mut bufs)).await.unwrap();
-            bufs.for_each(n, |d, from| {
+            bufs.for_each(n, |d, from, _| {
                 assert_eq!(from, a.local_addr());
                 got.push(d.to_vec());
             });
@@ -355,7 +383,7 @@ mod tests {
         a.refuse_sends(1);
         let waiting: Vec<Arc<WakeCount>> = (0..4).map(|_| Arc::default()).collect();
         for w in &waiting {
-            let refused = a.try_send(b.local_addr(), b"x", None).unwrap_err();
+            let refused = a.try_send(b.local_addr(), None, b"x", None).unwrap_err();
             assert_eq!(refused.kind(), io::ErrorKind::WouldBlock);
             a.wake_when_writable(&w.waker());
         }
@@ -366,7 +394,7 @@ mod tests {
         // Room again: a datagram that leaves frees its buffer space, and the kernel reports
         // the socket writable to tokio's reactor.
         a.refuse_sends(0);
-        a.try_send(b.local_addr(), b"y", None).unwrap();
+        a.try_send(b.local_addr(), None, b"y", None).unwrap();
         let woken = async {
             while waiting.iter().all(|w| w.count() == 0) {
                 tokio::task::yield_now().await;
