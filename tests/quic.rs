@@ -641,6 +641,14 @@ async fn a_wildcard_server_answers_from_the_address_it_was_sent_to() {
     }
 }
 
+/// A quiche client configuration for the first flight of a handshake written by hand.
+fn config_for_raw() -> quiche::Config {
+    let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
+    config.set_application_protos(&[b"echo"]).unwrap();
+    config.verify_peer(false);
+    config
+}
+
 async fn answers_from_where_it_was_sent(wildcard: &str) {
     let server = echo_server(wildcard, server_builder(&server_certs())).await;
     let there: SocketAddr = format!("127.0.0.2:{}", server.addr.port()).parse().unwrap();
@@ -650,16 +658,13 @@ async fn answers_from_where_it_was_sent(wildcard: &str) {
         socket.connect(there).await.unwrap();
         let mut buf = vec![0u8; 65_536];
         // The first flight of a handshake (the connection's task sends it) ...
-        let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
-        config.set_application_protos(&[b"echo"]).unwrap();
-        config.verify_peer(false);
         let scid = [7u8; 16];
         let mut client = quiche::connect(
             Some("localhost"),
             &quiche::ConnectionId::from_ref(&scid),
             socket.local_addr().unwrap(),
             there,
-            &mut config,
+            &mut config_for_raw(),
         )
         .unwrap();
         let (n, _) = client.send(&mut buf).unwrap();
@@ -686,6 +691,23 @@ async fn answers_from_where_it_was_sent(wildcard: &str) {
         let sent = pattern(10_000, 1);
         assert!(client.echo(sent.clone()).await.expect("echo") == sent);
         conn.close(0, "");
+        // A listener says which of its addresses each connection arrived on.
+        let config = server_builder(&server_certs()).build().unwrap();
+        let mut listener = tower_quiche::quic::Listener::bind(wildcard, config).await.unwrap();
+        let there: SocketAddr = format!("127.0.0.2:{}", listener.local_addr().port()).parse().unwrap();
+        socket.connect(there).await.unwrap();
+        let mut client = quiche::connect(
+            None,
+            &quiche::ConnectionId::from_ref(&scid),
+            socket.local_addr().unwrap(),
+            there,
+            &mut config_for_raw(),
+        )
+        .unwrap();
+        let (n, _) = client.send(&mut buf).unwrap();
+        socket.send(&buf[..n]).await.unwrap();
+        let incoming = listener.accept().await.expect("a connection");
+        assert_eq!(incoming.local_addr(), there);
     };
     timeout(TEST_TIMEOUT, run)
         .await

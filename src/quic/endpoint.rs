@@ -251,9 +251,11 @@ impl Incoming {
         &self.0.shared.config
     }
 
-    /// The local address the connection arrived on.
+    /// The local address the connection arrived on: on a socket bound to a wildcard
+    /// address, the one the client sent to.
     pub fn local_addr(&self) -> SocketAddr {
-        self.0.shared.socket.local_addr()
+        let local = self.0.conn.path_stats().next().map(|p| p.local_addr);
+        Socket::canonical(local.unwrap_or(self.0.shared.socket.local_addr()))
     }
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
