@@ -430,6 +430,53 @@ async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected(
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// An HTTP/2 client answers the server's PINGs by itself: past its first request, only
+/// the idle timeout keeps one that sends nothing more from holding its connection (and
+/// its slot among `tcp_max_connections`) for ever. A connection with a request in flight
+/// is not idle, however long the request takes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_without_a_request_in_flight_close_after_the_idle_timeout() {
+    let app = app().route(
+        "/three-idle-timeouts",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            "slow"
+        }),
+    );
+    let server = dual(
+        app,
+        server::Builder::new()
+            .connection_idle_timeout(Duration::from_millis(500))
+            .http2_keep_alive(Duration::from_millis(100), Duration::from_secs(5)),
+    )
+    .await;
+    let run = async {
+        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+            .await
+            .unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        let mut conn = tokio::spawn(conn);
+        // A request that takes three idle timeouts: the connection stays.
+        let response = send.send_request(server.get("/three-idle-timeouts")).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        drop(response);
+        assert!(!conn.is_finished(), "closed while a request was in flight");
+        // Then nothing but PINGs: closed after the idle timeout.
+        timeout(Duration::from_secs(10), &mut conn)
+            .await
+            .expect("the server closes an idle connection")
+            .unwrap()
+            .ok();
+        assert!(send.is_closed());
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() {
     // A long head timeout, so the idle connections stay until the test closes them.

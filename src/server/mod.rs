@@ -250,7 +250,11 @@ impl Builder {
 
     /// How long a connection may go with no request in flight before the server sends
     /// GOAWAY and closes it gracefully. Defaults to 30 s, the QUIC idle timeout's default:
-    /// long enough for a browser to reuse the connection for its next page.
+    /// long enough for a browser to reuse the connection for its next page. With
+    /// [`serve_with_tcp`](Self::serve_with_tcp) it bounds TCP connections too, after their
+    /// first request (closed then, without a GOAWAY): an HTTP/2 client that only answers
+    /// PINGs would otherwise hold its connection, and its slot among
+    /// `tcp_max_connections`, for ever.
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
         self.connection_idle_timeout = crate::at_most_never(timeout);
         self
@@ -475,9 +479,13 @@ impl Builder {
     {
         let settings = self.settings();
         let tcp_service = service.clone();
+        let limits = tcp::Limits {
+            idle_timeout: self.connection_idle_timeout,
+            ..self.tcp.clone()
+        };
         let prepared = tcp::Transport::new(
             listener.config(),
-            &self.tcp,
+            &limits,
             self.max_header_list_size,
             self.connect_protocol,
         )

@@ -10,6 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,9 @@ use crate::quic::ServerConfig;
 pub(crate) struct Limits {
     pub(crate) tls_handshake_timeout: Duration,
     pub(crate) header_read_timeout: Duration,
+    /// How long a connection may have no request in flight (after its first) before it is
+    /// closed: the server's `connection_idle_timeout`.
+    pub(crate) idle_timeout: Duration,
     pub(crate) max_connections: usize,
     pub(crate) http2_keep_alive_interval: Duration,
     pub(crate) http2_keep_alive_timeout: Duration,
@@ -48,6 +52,7 @@ impl Default for Limits {
         Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
             max_connections: 10_000,
             http2_keep_alive_interval: Duration::from_secs(20),
             http2_keep_alive_timeout: Duration::from_secs(20),
@@ -177,28 +182,132 @@ struct WithInfo<S> {
     inner: S,
     info: ConnectionInfo,
     lease: UpgradeLease,
-    request_seen: Arc<Notify>,
+    activity: Arc<Activity>,
+}
+
+/// What a TCP connection has in flight, for its idle timer: hyper bounds an HTTP/1.1
+/// connection's wait for the next head, but nothing bounds an HTTP/2 connection without
+/// streams, whose client need only answer PINGs to hold its slot for ever.
+#[derive(Default)]
+struct Activity {
+    /// Requests whose response has not ended (its body dropped).
+    in_flight: AtomicUsize,
+    /// Signalled when a request starts or its response ends.
+    changed: Notify,
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_one();
+        InFlight(Arc::clone(self))
+    }
+
+    /// Ends when the connection has had no request in flight for `idle_timeout`, or has
+    /// seen no request at all within `first_request_timeout` of its start.
+    async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
+        let mut timeout = first_request_timeout;
+        loop {
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                if tokio::time::timeout(timeout, self.changed.notified()).await.is_err() {
+                    return;
+                }
+            } else {
+                self.changed.notified().await;
+            }
+            timeout = idle_timeout;
+        }
+    }
+}
+
+/// One request in flight on a TCP connection, until its response body is dropped.
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_one();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its request counted in flight until it is dropped.
+    pub(crate) struct Counted<B> {
+        #[pin]
+        body: B,
+        _in_flight: InFlight,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        self.project().body.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 impl<S, B> Service<Request<Incoming>> for WithInfo<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
 {
-    type Response = Response<B>;
+    type Response = Response<Counted<B>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = CountedResponse<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> S::Future {
+    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let mut info = self.info.clone();
         info.version = request.version();
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
-        self.request_seen.notify_one();
-        self.inner.call(request)
+        CountedResponse {
+            in_flight: Some(self.activity.start()),
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response on its way, its request counted in flight; its body takes the count over.
+    pub(crate) struct CountedResponse<F> {
+        #[pin]
+        inner: F,
+        in_flight: Option<InFlight>,
+    }
+}
+
+impl<F, B, E> Future for CountedResponse<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<Counted<B>>, E>;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = std::task::ready!(this.inner.poll(cx));
+        let in_flight = this.in_flight.take().expect("polled after completion");
+        Poll::Ready(result.map(|response| {
+            response.map(|body| Counted {
+                body,
+                _in_flight: in_flight,
+            })
+        }))
     }
 }
 
@@ -261,7 +370,7 @@ pub(crate) async fn run<S>(
             local_addr,
             version: http::Version::HTTP_11,
         };
-        let request_seen = Arc::new(Notify::new());
+        let activity = Arc::new(Activity::default());
         let slot = Arc::new(slot);
         let lease = UpgradeLease {
             _slot: Arc::clone(&slot),
@@ -272,12 +381,16 @@ pub(crate) async fn run<S>(
             inner: service.clone(),
             info,
             lease,
-            request_seen: Arc::clone(&request_seen),
+            activity: Arc::clone(&activity),
         });
         let watcher = graceful.watcher();
         let alive = alive.clone();
         let mut deadline = stop.clone();
-        let (tls_handshake_timeout, header_read_timeout) = (limits.tls_handshake_timeout, limits.header_read_timeout);
+        let (tls_handshake_timeout, header_read_timeout, idle_timeout) = (
+            limits.tls_handshake_timeout,
+            limits.header_read_timeout,
+            limits.idle_timeout,
+        );
         tokio::spawn(async move {
             let _alive = alive;
             let _slot = slot;
@@ -298,15 +411,10 @@ pub(crate) async fn run<S>(
             let connection = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
             // hyper times HTTP/1.1 heads only once it has chosen HTTP/1.1, and HTTP/2 not at
             // all: a client that sends nothing, or part of the HTTP/2 preface, would hold its
-            // connection forever. Its first request must come within the head timeout.
-            let first_request_late = async move {
-                if tokio::time::timeout(header_read_timeout, request_seen.notified())
-                    .await
-                    .is_ok()
-                {
-                    std::future::pending::<()>().await;
-                }
-            };
+            // connection forever. Its first request must come within the head timeout, and
+            // it may not go without a request in flight for longer than the idle timeout
+            // after (an HTTP/2 client answering PINGs would hold its slot for ever).
+            let idle = async move { activity.idle(header_read_timeout, idle_timeout).await };
             // Past the shutdown deadline the connection is dropped, whatever it was doing.
             let deadline_passed = async move { deadline_passed(&mut deadline).await };
             tokio::select! {
@@ -316,7 +424,7 @@ pub(crate) async fn run<S>(
                     }
                 }
                 () = deadline_passed => tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline"),
-                () = first_request_late => tracing::debug!(peer = %remote_addr, "no request within the header read timeout; TCP connection closed"),
+                () = idle => tracing::debug!(peer = %remote_addr, "no request in flight within the head or idle timeout; TCP connection closed"),
             }
         });
     }
