@@ -147,6 +147,7 @@ pub(crate) struct ServerSettings {
     pub(crate) accept_backlog: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_handshakes: usize,
+    pub(crate) max_handshakes_per_address: usize,
     pub(crate) stateless_replies_per_second: u32,
     pub(crate) stateless_reply_burst: u32,
     /// Sockets bound per address with SO_REUSEPORT; `None`: one per tokio worker thread.
@@ -160,6 +161,7 @@ impl Default for ServerSettings {
             accept_backlog: 1024,
             max_connections: 10_000,
             max_handshakes: 1024,
+            max_handshakes_per_address: 64,
             stateless_replies_per_second: 1000,
             stateless_reply_burst: 1000,
             sockets_per_address: None,
@@ -913,6 +915,21 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// How many of those handshakes one client address (an IPv4 address, or an IPv6 /64,
+    /// one host's usual share) may have in progress once the listener is loaded: a quarter
+    /// of [`max_handshakes_in_progress`](Self::max_handshakes_in_progress) in use, as for
+    /// [`RetryPolicy::UnderLoad`]. Defaults to 64, a sixteenth of the default cap: one host
+    /// that passes address validation (a Retry) and then stalls its handshakes cannot take
+    /// every slot, while below the load threshold one host's burst (a load test, a NAT's
+    /// clients reconnecting) is served at once. Past it, that address's new Initials are
+    /// dropped (counted as
+    /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)). Must be at
+    /// least 1.
+    pub fn max_handshakes_in_progress_per_address(mut self, handshakes: usize) -> Self {
+        self.server.max_handshakes_per_address = handshakes;
+        self
+    }
+
     /// How many stateless replies (stateless resets, RFC 9000 §10.3, and version
     /// negotiation packets, §6) one listener sends, as a token bucket: `burst` at once,
     /// refilled at `per_second`. Defaults to 1,000 per second with a burst of 1,000. Both
@@ -933,10 +950,10 @@ impl ServerConfigBuilder {
     /// [`ServerConfig`].
     pub fn build(self) -> Result<ServerConfig, Error> {
         let s = &self.server;
-        if s.max_connections == 0 || s.max_handshakes == 0 {
+        if s.max_connections == 0 || s.max_handshakes == 0 || s.max_handshakes_per_address == 0 {
             return Err(Error::config(
-                "max_connections and max_handshakes_in_progress must be at least 1 (a listener that admits \
-                 no connection serves nothing)",
+                "max_connections, max_handshakes_in_progress and max_handshakes_in_progress_per_address must \
+                 be at least 1 (a listener that admits no connection serves nothing)",
             ));
         }
         if s.stateless_replies_per_second > 0 && s.stateless_reply_burst == 0 {
@@ -1160,6 +1177,8 @@ mod tests {
         assert!(err.contains("max_connections"), "{err}");
         let err = build(server().max_handshakes_in_progress(0));
         assert!(err.contains("max_handshakes_in_progress"), "{err}");
+        let err = build(server().max_handshakes_in_progress_per_address(0));
+        assert!(err.contains("max_handshakes_in_progress_per_address"), "{err}");
         let err = build(server().stateless_reply_rate(10, 0));
         assert!(err.contains("burst of at least 1"), "{err}");
         server()

@@ -8,6 +8,8 @@
 //! that gives its share back as the connection moves on, so the counts stay exact however
 //! the connection ends.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -19,9 +21,33 @@ use super::metrics::DropReason;
 pub(crate) struct Limits {
     max_connections: usize,
     max_handshakes: usize,
+    max_handshakes_per_address: usize,
     connections: AtomicUsize,
     handshakes: AtomicUsize,
+    /// Handshakes in progress per client address ([`AddressKey`]); at most
+    /// `max_handshakes` entries, as each counts at least one.
+    handshakes_by_address: Mutex<HashMap<AddressKey, usize>>,
     replies: Mutex<TokenBucket>,
+}
+
+/// What counts as one client address for the per-address handshake cap: an IPv4 address
+/// (plain or mapped into IPv6), or an IPv6 /64, the prefix one host usually gets whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum AddressKey {
+    V4(u32),
+    V6(u64),
+}
+
+impl AddressKey {
+    pub(crate) fn of(ip: IpAddr) -> Self {
+        match ip {
+            IpAddr::V4(v4) => AddressKey::V4(v4.to_bits()),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => AddressKey::V4(v4.to_bits()),
+                None => AddressKey::V6((v6.to_bits() >> 64) as u64),
+            },
+        }
+    }
 }
 
 impl Limits {
@@ -29,8 +55,10 @@ impl Limits {
         Arc::new(Limits {
             max_connections: s.max_connections,
             max_handshakes: s.max_handshakes,
+            max_handshakes_per_address: s.max_handshakes_per_address,
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
+            handshakes_by_address: Mutex::new(HashMap::new()),
             replies: Mutex::new(TokenBucket::new(
                 s.stateless_replies_per_second,
                 s.stateless_reply_burst,
@@ -39,16 +67,43 @@ impl Limits {
         })
     }
 
-    /// Whether a new connection would be admitted now. The router asks before sending a
-    /// Retry, so that a client it would refuse anyway costs no reply.
-    pub(crate) fn check(&self) -> Result<(), DropReason> {
+    /// Whether a new connection from `from` would be admitted now. The router asks before
+    /// sending a Retry, so that a client it would refuse anyway costs no reply.
+    pub(crate) fn check(&self, from: IpAddr) -> Result<(), DropReason> {
         if self.connections.load(Ordering::Acquire) >= self.max_connections {
             Err(DropReason::ConnectionLimit)
-        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
+        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes
+            || self.address_over_its_share(self.address_handshakes(AddressKey::of(from)))
+        {
             Err(DropReason::HandshakeLimit)
         } else {
             Ok(())
         }
+    }
+
+    fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<AddressKey, usize>> {
+        // Held for a map operation; a panic cannot leave the counts half-changed.
+        self.handshakes_by_address.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn address_handshakes(&self, key: AddressKey) -> usize {
+        self.by_address().get(&key).copied().unwrap_or(0)
+    }
+
+    /// Whether an address with `count` handshakes in progress may start no more: only
+    /// while the handshakes are many (see [`under_load`](Self::under_load)), so that one
+    /// host's burst (a load test, a NAT's clients reconnecting) is served at once while
+    /// the listener has room, and cannot take the room that remains once it has not.
+    fn address_over_its_share(&self, count: usize) -> bool {
+        count >= self.max_handshakes_per_address && self.handshakes.load(Ordering::Acquire) >= self.load_threshold()
+    }
+
+    /// A quarter of the half-open handshake cap (below the cap itself, so a cap of 1 means
+    /// always).
+    fn load_threshold(&self) -> usize {
+        self.max_handshakes
+            .div_ceil(4)
+            .min(self.max_handshakes.saturating_sub(1))
     }
 
     /// Whether the listener is loaded enough for
@@ -58,16 +113,14 @@ impl Limits {
     /// handshakes hold connection slots too, so spoofed Initials could otherwise fill the
     /// last ones without ever drawing a Retry).
     pub(crate) fn under_load(&self) -> bool {
-        let threshold = self
-            .max_handshakes
-            .div_ceil(4)
-            .min(self.max_handshakes.saturating_sub(1));
+        let threshold = self.load_threshold();
         self.handshakes.load(Ordering::Acquire) >= threshold
             || self.connections.load(Ordering::Acquire).saturating_add(threshold) >= self.max_connections
     }
 
-    /// Takes a connection slot and a handshake slot, or says which cap is reached.
-    pub(crate) fn admit(self: &Arc<Self>) -> Result<Slot, DropReason> {
+    /// Takes a connection slot and a handshake slot for a client at `from`, or says which
+    /// cap is reached.
+    pub(crate) fn admit(self: &Arc<Self>, from: IpAddr) -> Result<Slot, DropReason> {
         if !take(&self.connections, self.max_connections) {
             return Err(DropReason::ConnectionLimit);
         }
@@ -75,9 +128,21 @@ impl Limits {
             self.connections.fetch_sub(1, Ordering::AcqRel);
             return Err(DropReason::HandshakeLimit);
         }
+        let address = AddressKey::of(from);
+        {
+            let mut by_address = self.by_address();
+            let count = by_address.entry(address).or_insert(0);
+            if self.address_over_its_share(*count) {
+                drop(by_address);
+                self.handshakes.fetch_sub(1, Ordering::AcqRel);
+                self.connections.fetch_sub(1, Ordering::AcqRel);
+                return Err(DropReason::HandshakeLimit);
+            }
+            *count += 1;
+        }
         Ok(Slot {
             limits: Arc::clone(self),
-            handshaking: true,
+            handshaking: Some(address),
         })
     }
 
@@ -110,14 +175,22 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 /// fails its handshake, or is never accepted by the application.
 pub(crate) struct Slot {
     limits: Arc<Limits>,
-    handshaking: bool,
+    /// While the handshake is in progress: the client's address, as counted.
+    handshaking: Option<AddressKey>,
 }
 
 impl Slot {
     /// The handshake has completed: the connection no longer counts as half-open.
     pub(crate) fn established(&mut self) {
-        if std::mem::take(&mut self.handshaking) {
+        if let Some(address) = self.handshaking.take() {
             self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
+            let mut by_address = self.limits.by_address();
+            if let Some(count) = by_address.get_mut(&address) {
+                *count -= 1;
+                if *count == 0 {
+                    by_address.remove(&address);
+                }
+            }
         }
     }
 }
@@ -166,6 +239,8 @@ mod tests {
 
     use super::*;
 
+    const HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
     fn limits(connections: usize, handshakes: usize) -> Arc<Limits> {
         let s = ServerSettings {
             max_connections: connections,
@@ -179,7 +254,7 @@ mod tests {
     fn load_counts_half_open_handshakes_and_scarce_connection_slots() {
         // A quarter of the handshake cap.
         let l = limits(1000, 8);
-        let held: Vec<Slot> = (0..2).map(|_| l.admit().unwrap()).collect();
+        let held: Vec<Slot> = (0..2).map(|_| l.admit(HOST).unwrap()).collect();
         assert!(l.under_load());
         drop(held);
         assert!(!l.under_load());
@@ -188,7 +263,7 @@ mod tests {
         // Few free connection slots, however few handshakes: established connections
         // fill all but the last quarter-cap's worth.
         let l = limits(10, 8);
-        let mut held: Vec<Slot> = (0..8).map(|_| l.admit().unwrap()).collect();
+        let mut held: Vec<Slot> = (0..8).map(|_| l.admit(HOST).unwrap()).collect();
         held.iter_mut().for_each(Slot::established);
         assert_eq!(l.counts(), (8, 0));
         assert!(l.under_load(), "2 free slots, threshold 2");
@@ -199,19 +274,19 @@ mod tests {
     #[test]
     fn slots_count_exactly_however_the_connection_ends() {
         let limits = limits(3, 2);
-        let mut a = limits.admit().unwrap();
-        let b = limits.admit().unwrap();
+        let mut a = limits.admit(HOST).unwrap();
+        let b = limits.admit(HOST).unwrap();
         assert_eq!(limits.counts(), (2, 2));
-        assert_eq!(limits.admit().err(), Some(DropReason::HandshakeLimit));
-        assert_eq!(limits.check(), Err(DropReason::HandshakeLimit));
+        assert_eq!(limits.admit(HOST).err(), Some(DropReason::HandshakeLimit));
+        assert_eq!(limits.check(HOST), Err(DropReason::HandshakeLimit));
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         // Established: frees its handshake slot once, however often it is told.
         a.established();
         a.established();
         assert_eq!(limits.counts(), (2, 1));
-        let c = limits.admit().unwrap();
-        assert_eq!(limits.admit().err(), Some(DropReason::ConnectionLimit));
-        assert_eq!(limits.check(), Err(DropReason::ConnectionLimit));
+        let c = limits.admit(HOST).unwrap();
+        assert_eq!(limits.admit(HOST).err(), Some(DropReason::ConnectionLimit));
+        assert_eq!(limits.check(HOST), Err(DropReason::ConnectionLimit));
         // Dies while handshaking: frees both slots.
         drop(b);
         assert_eq!(limits.counts(), (2, 1));
@@ -220,7 +295,58 @@ mod tests {
         assert_eq!(limits.counts(), (1, 1));
         drop(c);
         assert_eq!(limits.counts(), (0, 0));
-        assert_eq!(limits.check(), Ok(()));
+        assert_eq!(limits.check(HOST), Ok(()));
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_the_handshakes() {
+        let s = ServerSettings {
+            max_handshakes: 8,
+            max_handshakes_per_address: 2,
+            ..ServerSettings::default()
+        };
+        let limits = Limits::new(&s);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut first = limits.admit(ip("192.0.2.1")).unwrap();
+        let _second = limits.admit(ip("192.0.2.1")).unwrap();
+        // The same IPv4 address mapped into IPv6 (a dual-stack socket's view) is the same.
+        for same in ["192.0.2.1", "::ffff:192.0.2.1"] {
+            assert_eq!(limits.admit(ip(same)).err(), Some(DropReason::HandshakeLimit), "{same}");
+            assert_eq!(limits.check(ip(same)), Err(DropReason::HandshakeLimit), "{same}");
+        }
+        assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
+        let _other = limits.admit(ip("192.0.2.2")).unwrap();
+        // IPv6: one /64 is one address.
+        let _v6 = limits.admit(ip("2001:db8::1")).unwrap();
+        let _v6_same_prefix = limits.admit(ip("2001:db8::2")).unwrap();
+        assert_eq!(
+            limits.admit(ip("2001:db8::ffff:3")).err(),
+            Some(DropReason::HandshakeLimit)
+        );
+        let _v6_next_prefix = limits.admit(ip("2001:db8:0:1::1")).unwrap();
+        // A completed handshake gives its address's share back.
+        first.established();
+        let _third = limits.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(limits.by_address().len(), 4);
+        drop((first, _second, _third, _other, _v6, _v6_same_prefix, _v6_next_prefix));
+        assert!(limits.by_address().is_empty(), "no entry outlives its handshakes");
+        assert_eq!(limits.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_listener_with_room_lets_one_address_burst_past_its_share() {
+        // A quarter of 1,024 handshakes is the load threshold: below it, one address may
+        // have more than its 64.
+        let limits = limits(10_000, 1024);
+        let held: Vec<Slot> = (0..200).map(|_| limits.admit(HOST).unwrap()).collect();
+        assert_eq!(limits.check(HOST), Ok(()));
+        let more: Vec<Slot> = (0..55).map(|_| limits.admit(HOST).unwrap()).collect();
+        // The next would be the 256th in progress, which loads the listener: this address
+        // is over its share then, others are not.
+        assert_eq!(limits.admit(HOST).err(), Some(DropReason::HandshakeLimit));
+        let other = "192.0.2.9".parse::<IpAddr>().unwrap();
+        assert!(limits.admit(other).is_ok());
+        drop((held, more));
     }
 
     #[test]

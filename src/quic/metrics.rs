@@ -31,7 +31,8 @@ pub enum DropReason {
     /// (`ServerConfigBuilder::max_connections`).
     ConnectionLimit,
     /// A new Initial arrived while the listener had its maximum number of handshakes in
-    /// progress (`ServerConfigBuilder::max_handshakes_in_progress`).
+    /// progress (`ServerConfigBuilder::max_handshakes_in_progress`), or its sender's address
+    /// had (`max_handshakes_in_progress_per_address`).
     HandshakeLimit,
     /// A client's first Initial had a destination connection ID shorter than the 8 bytes
     /// RFC 9000 §7.2 requires.

@@ -305,7 +305,7 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::ShortConnectionId);
         return None;
     }
-    if let Err(reason) = accept.limits.check() {
+    if let Err(reason) = accept.limits.check(from.ip()) {
         // Full: not even a Retry, which would only bring the client back to be refused.
         metrics.datagram_dropped(reason);
         return None;
@@ -357,7 +357,7 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
-    let slot = match accept.limits.admit() {
+    let slot = match accept.limits.admit(from.ip()) {
         Ok(slot) => slot,
         Err(reason) => {
             metrics.datagram_dropped(reason);
