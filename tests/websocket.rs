@@ -118,38 +118,7 @@ async fn one_websocket_route_serves_http3_http2_and_http11() {
         )
         .await;
 
-        // HTTP/2: an extended CONNECT on a hyper client, once the server's SETTINGS (which
-        // allow it) have arrived.
-        let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_2, None)
-            .await
-            .unwrap();
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let mut attempts = 0;
-        let response = loop {
-            let mut request = extended_connect(&server.url("https"), true).map(|()| Empty::<Bytes>::new());
-            request
-                .extensions_mut()
-                .insert(hyper::ext::Protocol::from_static("websocket"));
-            match send.send_request(request).await {
-                Ok(response) => break response,
-                // Sent before the server's SETTINGS arrived: hyper refuses it locally.
-                Err(e) if e.is_user() && attempts < 100 => {
-                    attempts += 1;
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                Err(e) => panic!("HTTP/2 extended CONNECT: {e}"),
-            }
-        };
-        assert_eq!(response.status(), StatusCode::OK);
-        let upgraded = hyper::upgrade::on(response).await.unwrap();
-        echoes(
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await,
-            "HTTP/2",
-        )
-        .await;
+        echoes(http2_websocket(&server).await, "HTTP/2").await;
 
         // HTTP/1.1: GET with Upgrade, by tungstenite's own client handshake.
         let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_11, None)
@@ -276,6 +245,53 @@ async fn the_subprotocol_is_chosen_from_every_offered_line() {
             Some(&b"superchat"[..]),
             "offered on the second line"
         );
+    })
+    .await
+    .unwrap();
+}
+
+/// A WebSocket over HTTP/2: an extended CONNECT on a hyper client, once the server's
+/// SETTINGS (which allow it) have arrived.
+async fn http2_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>> {
+    let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_2, None)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut attempts = 0;
+    let response = loop {
+        let mut request = extended_connect(&server.url("https"), true).map(|()| Empty::<Bytes>::new());
+        request
+            .extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        match send.send_request(request).await {
+            Ok(response) => break response,
+            // Sent before the server's SETTINGS arrived: hyper refuses it locally.
+            Err(e) if e.is_user() && attempts < 100 => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Err(e) => panic!("HTTP/2 extended CONNECT: {e}"),
+        }
+    };
+    assert_eq!(response.status(), StatusCode::OK);
+    let upgraded = hyper::upgrade::on(response).await.unwrap();
+    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
+}
+
+/// A WebSocket over HTTP/2 lives on its connection with no request in flight that the
+/// connection's idle timeout would see: it must outlast that timeout all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_websocket_outlives_the_connection_idle_timeout() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().connection_idle_timeout(Duration::from_millis(200));
+        let server = serve(builder, support::h3::routes::router()).await;
+        let ws = http2_websocket(&server).await;
+        // Five idle timeouts of silence.
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        echoes(ws, "HTTP/2, after a silence").await;
     })
     .await
     .unwrap();

@@ -73,7 +73,7 @@ impl Limits {
         if self.connections.load(Ordering::Acquire) >= self.max_connections {
             Err(DropReason::ConnectionLimit)
         } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes
-            || self.address_over_its_share(self.address_handshakes(AddressKey::of(from)))
+            || (self.loaded() && self.address_handshakes(AddressKey::of(from)) >= self.max_handshakes_per_address)
         {
             Err(DropReason::HandshakeLimit)
         } else {
@@ -95,7 +95,12 @@ impl Limits {
     /// host's burst (a load test, a NAT's clients reconnecting) is served at once while
     /// the listener has room, and cannot take the room that remains once it has not.
     fn address_over_its_share(&self, count: usize) -> bool {
-        count >= self.max_handshakes_per_address && self.handshakes.load(Ordering::Acquire) >= self.load_threshold()
+        count >= self.max_handshakes_per_address && self.loaded()
+    }
+
+    /// Whether the half-open handshakes reach the load threshold (read before any lock).
+    fn loaded(&self) -> bool {
+        self.handshakes.load(Ordering::Acquire) >= self.load_threshold()
     }
 
     /// A quarter of the half-open handshake cap (below the cap itself, so a cap of 1 means

@@ -28,7 +28,7 @@ use super::limits::Limits;
 use super::metrics::DropReason;
 use super::routes::{Datagram, InboundQueue, Registration, Route, RouteTable};
 use super::token::TokenKey;
-use super::udp::Socket;
+use super::udp::{self, Socket};
 
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
 /// one allocation serves about 48 full-size datagrams, and is reused as soon as the
@@ -178,6 +178,17 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         {
             let mut routes = shared.routes.lock();
             bufs.for_each(filled, |datagram, from, dst| {
+                if dst.is_some_and(|ip| !udp::is_unicast(ip)) {
+                    // Sent to a group or to the whole link (a wildcard socket receives
+                    // those): no QUIC peer addresses a server so, and no reply may leave
+                    // from such an address.
+                    shared
+                        .config
+                        .inner
+                        .metrics
+                        .datagram_dropped(DropReason::UnknownConnection);
+                    return;
+                }
                 let local = shared.socket.local_for(dst);
                 dispatch(
                     &shared,

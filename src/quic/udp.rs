@@ -169,7 +169,7 @@ impl Socket {
     /// otherwise.
     pub(crate) fn local_for(&self, dst: Option<IpAddr>) -> SocketAddr {
         match dst {
-            Some(ip) if self.local.ip().is_unspecified() => SocketAddr::new(ip, self.local.port()),
+            Some(ip) if self.local.ip().is_unspecified() && is_unicast(ip) => SocketAddr::new(ip, self.local.port()),
             _ => self.local,
         }
     }
@@ -181,7 +181,7 @@ impl Socket {
     ///
     /// [`local_for`]: Self::local_for
     pub(crate) fn source_for(&self, local: SocketAddr) -> Option<IpAddr> {
-        (self.local.ip().is_unspecified() && !local.ip().is_unspecified()).then(|| local.ip())
+        (self.local.ip().is_unspecified() && is_unicast(local.ip())).then(|| local.ip())
     }
 
     /// Maps an address to the form this socket sends to (IPv4 peers of a dual-stack IPv6
@@ -317,6 +317,20 @@ impl Socket {
     }
 }
 
+/// Whether `ip` can be a datagram's source: not unspecified, multicast or broadcast (the
+/// kernel refuses those with EINVAL, which quinn-udp takes for a socket without GSO, for
+/// good), also when mapped into IPv6.
+pub(crate) fn is_unicast(ip: IpAddr) -> bool {
+    let ip = match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    };
+    match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
+}
+
 /// Reused receive buffers of one socket: `slices` slices of `slice_len` bytes.
 pub(crate) struct RecvBuffers {
     storage: Vec<u8>,
@@ -371,6 +385,27 @@ mod tests {
             assert_eq!(d.len(), 100);
             assert!(d.iter().all(|&x| x == i as u8), "segment {i} intact and in order");
         }
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_socket_answers_from_unicast_addresses_only() {
+        let wildcard = Socket::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = wildcard.local_addr().port();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let local = wildcard.local_for(Some(ip("127.0.0.2")));
+        assert_eq!(local, SocketAddr::new(ip("127.0.0.2"), port));
+        assert_eq!(wildcard.source_for(local), Some(ip("127.0.0.2")));
+        // A datagram sent to a group or to everyone on the link: no source of its own.
+        for group in ["224.0.0.1", "255.255.255.255", "ff02::1", "::ffff:224.0.0.1"] {
+            let local = wildcard.local_for(Some(ip(group)));
+            assert_eq!(local, wildcard.local_addr(), "{group}");
+            assert_eq!(wildcard.source_for(local), None, "{group}");
+        }
+        assert_eq!(wildcard.local_for(None), wildcard.local_addr());
+        // A socket bound to one address sends from it without asking.
+        let bound = Socket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(bound.local_for(Some(ip("127.0.0.1"))), bound.local_addr());
+        assert_eq!(bound.source_for(bound.local_addr()), None);
     }
 
     #[tokio::test]

@@ -254,7 +254,9 @@ impl Builder {
     /// [`serve_with_tcp`](Self::serve_with_tcp) it bounds TCP connections too, after their
     /// first request (closed then, without a GOAWAY): an HTTP/2 client that only answers
     /// PINGs would otherwise hold its connection, and its slot among
-    /// `tcp_max_connections`, for ever.
+    /// `tcp_max_connections`, for ever. A TCP connection that has carried a tunnel (a
+    /// CONNECT answered 2xx, such as a WebSocket over HTTP/2) is never closed for idling:
+    /// the tunnel's traffic is no request the timer sees.
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
         self.connection_idle_timeout = crate::at_most_never(timeout);
         self

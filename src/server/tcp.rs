@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -194,6 +194,9 @@ struct Activity {
     in_flight: AtomicUsize,
     /// Signalled when a request starts or its response ends.
     changed: Notify,
+    /// A CONNECT was answered 2xx: over HTTP/2 a tunnel (a WebSocket, say) lives on the
+    /// connection with no response body to count, so the connection is never idle again.
+    tunnel_opened: AtomicBool,
 }
 
 impl Activity {
@@ -208,6 +211,9 @@ impl Activity {
     async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
         let mut timeout = first_request_timeout;
         loop {
+            if self.tunnel_opened.load(Ordering::SeqCst) {
+                std::future::pending::<()>().await;
+            }
             if self.in_flight.load(Ordering::SeqCst) == 0 {
                 if tokio::time::timeout(timeout, self.changed.notified()).await.is_err() {
                     return;
@@ -278,6 +284,7 @@ where
         request.extensions_mut().insert(self.lease.clone());
         CountedResponse {
             in_flight: Some(self.activity.start()),
+            connect: request.method() == http::Method::CONNECT,
             inner: self.inner.call(request),
         }
     }
@@ -289,6 +296,7 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: F,
         in_flight: Option<InFlight>,
+        connect: bool,
     }
 }
 
@@ -302,6 +310,9 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let in_flight = this.in_flight.take().expect("polled after completion");
+        if *this.connect && result.as_ref().is_ok_and(|response| response.status().is_success()) {
+            in_flight.0.tunnel_opened.store(true, Ordering::SeqCst);
+        }
         Poll::Ready(result.map(|response| {
             response.map(|body| Counted {
                 body,
