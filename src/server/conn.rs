@@ -108,6 +108,9 @@ pub(crate) struct ServerApp<S> {
     served: u64,
     /// No request in flight since then.
     idle_since: Option<Instant>,
+    /// How long the connection keeps its stream tables once idle: `RELEASE_TABLES_AFTER`
+    /// (a field so that tests do not depend on how fast the machine runs them).
+    release_tables_after: Duration,
     /// When the per-stream timers are checked next.
     next_stream_check: Option<Instant>,
     timer: Pin<Box<Sleep>>,
@@ -152,6 +155,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             peer_goaway: false,
             served: 0,
             idle_since: Some(Instant::now()),
+            release_tables_after: RELEASE_TABLES_AFTER,
             next_stream_check: None,
             timer: Box::pin(tokio::time::sleep_until(tokio::time::Instant::now())),
             timer_at: None,
@@ -651,7 +655,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// When an idle connection releases its stream tables, if it holds any.
     fn tables_release(&self) -> Option<Instant> {
         let held = self.streams.capacity() > 0 || self.heads_pending.capacity() > 0;
-        self.idle_since.filter(|_| held).map(|t| t + RELEASE_TABLES_AFTER)
+        self.idle_since.filter(|_| held).map(|t| t + self.release_tables_after)
     }
 
     /// An idle connection keeps no tables; the next request allocates what it needs again.

@@ -997,6 +997,8 @@ async fn body_chunks_larger_and_smaller_than_the_window_arrive_whole_and_in_orde
 #[tokio::test]
 async fn the_stream_table_outlives_a_burst_and_goes_once_the_connection_idles() {
     let mut h = Harness::new(Builder::new(), echo());
+    // An hour, until the table is seen kept: a slow machine cannot outrun the release.
+    h.app.release_tables_after = Duration::from_secs(3600);
     let burst: Vec<u64> = (0..20).map(|_| h.send_request(&get("/"), true)).collect();
     h.until("the burst answered", |h| burst.iter().all(|&id| h.seen(id).finished))
         .await;
@@ -1006,13 +1008,17 @@ async fn the_stream_table_outlives_a_burst_and_goes_once_the_connection_idles() 
         "the table is kept between bursts"
     );
     // The connection's timer is set for the release: an idle connection is not polled
-    // otherwise (this harness polls it every millisecond anyway).
+    // otherwise (this harness polls it every millisecond anyway). Five seconds: sooner than
+    // the connection's other deadlines, and later than a turn can take.
+    h.app.release_tables_after = Duration::from_secs(5);
+    h.settle();
     assert!(h.app.tables_release().is_some());
     assert_eq!(
         h.app.timer_at,
         h.app.tables_release(),
         "the timer wakes the connection for it"
     );
+    h.app.release_tables_after = Duration::ZERO;
     h.until("the table released", |h| h.app.streams.capacity() == 0).await;
 }
 
