@@ -134,7 +134,7 @@ async fn one_client_socket_carries_twenty_connections() {
                 .expect("handshake");
             conns.push((conn, client));
         }
-        assert!(endpoint.open_connections() >= 20, "all twenty share the socket");
+        assert_eq!(endpoint.open_connections(), 20, "all twenty share the socket");
         let tasks: Vec<_> = conns
             .iter()
             .enumerate()

@@ -352,7 +352,7 @@ impl Endpoint {
 
     /// How many connections currently use this endpoint's socket.
     pub fn open_connections(&self) -> usize {
-        self.shared.routes.len()
+        self.shared.routes.connections()
     }
 
     /// Connects to `addr`; `server_name` is sent as SNI and checked against the server's

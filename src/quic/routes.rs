@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -42,6 +42,8 @@ pub(crate) type InboundQueue = Receiver;
 #[derive(Default)]
 pub(crate) struct RouteTable {
     map: Mutex<HashMap<Box<[u8]>, Route>>,
+    /// Connections with at least one route (each has several IDs in `map`).
+    connections: AtomicUsize,
     /// Set when every handle to the endpoint is gone: the router stops once the last
     /// connection has left the table.
     closing: AtomicBool,
@@ -59,6 +61,11 @@ impl RouteTable {
     /// The number of routed connection IDs (zero once no connection uses the socket).
     pub(crate) fn len(&self) -> usize {
         self.lock().len()
+    }
+
+    /// The number of connections routed here (each has one ID or more).
+    pub(crate) fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Every handle to the endpoint is gone: wakes the routers to stop when they may.
@@ -85,6 +92,8 @@ impl RouteTable {
 pub(crate) struct Registration {
     table: Arc<RouteTable>,
     ids: Vec<Box<[u8]>>,
+    /// Counted among the table's connections (from its first route until released).
+    counted: bool,
     route: Route,
     slot: Option<Slot>,
 }
@@ -97,6 +106,7 @@ impl Registration {
         let registration = Registration {
             table: Arc::clone(table),
             ids: Vec::new(),
+            counted: false,
             route: tx,
             slot: None,
         };
@@ -124,6 +134,13 @@ impl Registration {
     pub(crate) fn add(&mut self, id: &[u8]) {
         let key: Box<[u8]> = id.into();
         self.table.lock().insert(key.clone(), self.route.clone());
+        self.push_id(key);
+    }
+
+    fn push_id(&mut self, key: Box<[u8]>) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.table.connections.fetch_add(1, Ordering::AcqRel);
+        }
         self.ids.push(key);
     }
 
@@ -132,7 +149,7 @@ impl Registration {
     pub(crate) fn add_locked(&mut self, table: &mut HashMap<Box<[u8]>, Route>, id: &[u8]) {
         let key: Box<[u8]> = id.into();
         table.insert(key.clone(), self.route.clone());
-        self.ids.push(key);
+        self.push_id(key);
     }
 
     /// Withdraws the route of `id` (a retired connection ID).
@@ -146,6 +163,9 @@ impl Registration {
     /// Withdraws every route of the connection now; a closed connection does this before it
     /// reports itself closed, so nobody who saw it closed finds its routes still there.
     pub(crate) fn release(&mut self) {
+        if std::mem::take(&mut self.counted) {
+            self.table.connections.fetch_sub(1, Ordering::AcqRel);
+        }
         let now_empty = {
             let mut table = self.table.lock();
             for key in self.ids.drain(..) {
