@@ -457,6 +457,40 @@ async fn a_make_service_sees_the_peer_address() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A make-service that never answers holds up new connections, but not a graceful
+/// shutdown: the server stops when told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_make_service_that_never_answers_does_not_hold_up_the_shutdown() {
+    let certs = test_certs();
+    let listener = listener(&certs).await;
+    let port = listener.local_addr().port();
+    let (made_tx, mut made) = tokio::sync::mpsc::unbounded_channel();
+    let make = tower::service_fn(move |_info: server::ConnectionInfo| {
+        let _ = made_tx.send(());
+        std::future::pending::<Result<axum::Router, std::convert::Infallible>>()
+    });
+    let (stop_tx, stop) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(
+        server::serve_make_service(listener, make)
+            .with_graceful_shutdown(async move {
+                let _ = stop.await;
+            })
+            .into_future(),
+    );
+    let endpoint = h3_client_endpoint(&certs);
+    let run = async {
+        // The handshake waits on the server's application, which waits on the make-service.
+        let connecting = tokio::spawn(async move {
+            let _ = tower_quiche::client::conn::handshake(&endpoint, &format!("localhost:{port}")).await;
+        });
+        made.recv().await.expect("the make-service was called");
+        stop_tx.send(()).unwrap();
+        serving.await.unwrap().unwrap();
+        connecting.abort();
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("the server stopped");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn goaway_moves_new_requests_to_a_new_connection() {
     let certs = test_certs();

@@ -737,7 +737,13 @@ where
         };
         let Some(incoming) = incoming else { break };
         let info = ConnectionInfo::of(&incoming);
-        let service = match make(&mut make_service, info.clone()).await {
+        // A make-service that waits (not ready, or slow to build) holds up accepting, as
+        // tower's contract has it, but not the shutdown.
+        let made = tokio::select! {
+            made = make(&mut make_service, info.clone()) => made,
+            () = &mut signal => break,
+        };
+        let service = match made {
             Ok(service) => service,
             Err(e) => {
                 tracing::warn!(error = %e, peer = %info.remote_addr, "make-service failed; refusing the connection");
