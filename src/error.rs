@@ -28,6 +28,15 @@ pub enum Code {
 }
 
 impl Code {
+    /// The code a CONNECTION_CLOSE carried: an application's, or a transport error.
+    pub(crate) fn of_close(err: &quiche::ConnectionError) -> Code {
+        if err.is_app {
+            Code::Application(err.error_code)
+        } else {
+            Code::Transport(err.error_code)
+        }
+    }
+
     /// The number on the wire.
     pub fn value(self) -> u64 {
         match self {
@@ -221,10 +230,10 @@ impl Error {
         )
     }
 
-    /// The connection closed with no error of a kind more telling (timeout, TLS, protocol,
-    /// application code): lost, as far as this side knows.
+    /// The connection closed, and nothing more telling (a timeout, TLS, a protocol error,
+    /// an application's error) is known of why; it may carry the peer's close code.
     #[cfg(all(feature = "client", feature = "tcp"))]
-    pub(crate) fn is_closed_without_reason(&self) -> bool {
+    pub(crate) fn is_plainly_closed(&self) -> bool {
         self.inner.kind == Kind::Closed
     }
 
@@ -391,7 +400,7 @@ pub(crate) fn from_close(
         }
         return Some(
             Error::new(Kind::Application)
-                .with_code(Code::Application(err.error_code))
+                .with_code(Code::of_close(err))
                 .with_message(detail),
         );
     }

@@ -641,12 +641,17 @@ async fn a_wildcard_server_answers_from_the_address_it_was_sent_to() {
     }
 }
 
-/// A quiche client configuration for the first flight of a handshake written by hand.
-fn config_for_raw() -> quiche::Config {
+/// Sends the first flight of a handshake (a client Initial, written by quiche) to `to` on
+/// `socket`.
+async fn send_first_flight(socket: &tokio::net::UdpSocket, to: SocketAddr) {
     let mut config = quiche::Config::new(quiche::PROTOCOL_VERSION).unwrap();
     config.set_application_protos(&[b"echo"]).unwrap();
     config.verify_peer(false);
-    config
+    let scid = quiche::ConnectionId::from_ref(&[7u8; 16]);
+    let mut client = quiche::connect(Some("localhost"), &scid, socket.local_addr().unwrap(), to, &mut config).unwrap();
+    let mut buf = [0u8; 1500];
+    let (n, _) = client.send(&mut buf).unwrap();
+    socket.send(&buf[..n]).await.unwrap();
 }
 
 async fn answers_from_where_it_was_sent(wildcard: &str) {
@@ -658,17 +663,7 @@ async fn answers_from_where_it_was_sent(wildcard: &str) {
         socket.connect(there).await.unwrap();
         let mut buf = vec![0u8; 65_536];
         // The first flight of a handshake (the connection's task sends it) ...
-        let scid = [7u8; 16];
-        let mut client = quiche::connect(
-            Some("localhost"),
-            &quiche::ConnectionId::from_ref(&scid),
-            socket.local_addr().unwrap(),
-            there,
-            &mut config_for_raw(),
-        )
-        .unwrap();
-        let (n, _) = client.send(&mut buf).unwrap();
-        socket.send(&buf[..n]).await.unwrap();
+        send_first_flight(&socket, there).await;
         let got = socket.recv(&mut buf).await.unwrap();
         let header = quiche::Header::from_slice(&mut buf[..got], 16).unwrap();
         assert_eq!(header.ty, quiche::Type::Initial, "the server's first flight");
@@ -696,16 +691,7 @@ async fn answers_from_where_it_was_sent(wildcard: &str) {
         let mut listener = tower_quiche::quic::Listener::bind(wildcard, config).await.unwrap();
         let there: SocketAddr = format!("127.0.0.2:{}", listener.local_addr().port()).parse().unwrap();
         socket.connect(there).await.unwrap();
-        let mut client = quiche::connect(
-            None,
-            &quiche::ConnectionId::from_ref(&scid),
-            socket.local_addr().unwrap(),
-            there,
-            &mut config_for_raw(),
-        )
-        .unwrap();
-        let (n, _) = client.send(&mut buf).unwrap();
-        socket.send(&buf[..n]).await.unwrap();
+        send_first_flight(&socket, there).await;
         let incoming = listener.accept().await.expect("a connection");
         assert_eq!(incoming.local_addr(), there);
     };

@@ -187,7 +187,7 @@ fn for_tcp(mut request: Request<AnyBody>) -> Request<AnyBody> {
 /// reset, a malformed response), a TLS failure, a protocol error or the server's own close
 /// with a code (even H3_NO_ERROR) all say the server was reached over HTTP/3.
 fn lost_the_path(error: &Error) -> bool {
-    error.code().is_none() && (error.is_timeout() || error.is_io() || error.is_closed_without_reason())
+    error.code().is_none() && connection_ended(error)
 }
 
 /// Whether an HTTP/3 request failed because its whole connection ended — lost, or closed
@@ -196,7 +196,7 @@ fn lost_the_path(error: &Error) -> bool {
 /// idempotent request may then go again (RFC 9110 §9.2.2).
 fn connection_ended(error: &Error) -> bool {
     let stream_error = matches!(error.code(), Some(crate::Code::Stream(_)));
-    !stream_error && (error.is_timeout() || error.is_io() || error.is_closed_without_reason() || error.is_application())
+    !stream_error && (error.is_timeout() || error.is_io() || error.is_plainly_closed() || error.is_application())
 }
 
 /// What a resend over TCP needs of a request sent over HTTP/3 (whose head becomes HTTP/3

@@ -1405,13 +1405,7 @@ impl Application for ClientApp {
         self.take_in_what_arrived(conn);
         // A close the server chose (even with H3_NO_ERROR) keeps its code: it says the
         // server was reached, which a lost connection does not (`auto::lost_the_path`).
-        let peer_code = conn.peer_error().map(|e| {
-            if e.is_app {
-                crate::Code::Application(e.error_code)
-            } else {
-                crate::Code::Transport(e.error_code)
-            }
-        });
+        let peer_code = conn.peer_error().map(crate::Code::of_close);
         let why = || {
             error.map(Error::duplicate).unwrap_or_else(|| match peer_code {
                 Some(code) => closed_error().with_code(code),

@@ -305,6 +305,9 @@ pub(crate) struct ResponseHead<H = HeaderMap> {
     added_length: Option<Digits>,
     /// The response must not carry `content-length` ([`forbids_content_length`]).
     drop_length: bool,
+    /// The length the head declares, which the body must match: the service's own field
+    /// (the body's size when that field is unreadable), or the added one.
+    declared_length: Option<u64>,
 }
 
 #[cfg(feature = "server")]
@@ -316,12 +319,23 @@ impl<H: std::borrow::Borrow<HeaderMap>> ResponseHead<H> {
         let added_length = content_length
             .filter(|_| !drop_length && !headers.borrow().contains_key(CONTENT_LENGTH))
             .map(itoa_u64);
+        let declared_length = match self::content_length(headers.borrow()) {
+            _ if drop_length => None,
+            Ok(Some(field)) => Some(field),
+            _ => content_length,
+        };
         ResponseHead {
             status,
             headers,
             added_length,
             drop_length,
+            declared_length,
         }
+    }
+
+    /// The length the head declares, which the body must match (`None`: any length).
+    pub(crate) fn declared_length(&self) -> Option<u64> {
+        self.declared_length
     }
 
     /// The fields in the order they are sent: `:status`, the regular fields HTTP/3 allows,
@@ -383,12 +397,6 @@ impl OutFields {
             #[cfg(feature = "server")]
             OutFields::Response(head) => head.status.as_str().as_bytes().first().copied(),
         }
-    }
-}
-
-impl From<Vec<Header>> for OutFields {
-    fn from(list: Vec<Header>) -> Self {
-        OutFields::List(list)
     }
 }
 

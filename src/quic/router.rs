@@ -178,18 +178,6 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
         {
             let mut routes = shared.routes.lock();
             bufs.for_each(filled, |datagram, from, dst| {
-                if dst.is_some_and(|ip| !udp::is_unicast(ip)) {
-                    // Sent to a group or to the whole link (a wildcard socket receives
-                    // those): no QUIC peer addresses a server so, and no reply may leave
-                    // from such an address.
-                    shared
-                        .config
-                        .inner
-                        .metrics
-                        .datagram_dropped(DropReason::UnknownConnection);
-                    return;
-                }
-                let local = shared.socket.local_for(dst);
                 dispatch(
                     &shared,
                     &mut routes,
@@ -198,7 +186,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
                     &mut out,
                     datagram,
                     from,
-                    local,
+                    dst,
                     &mut accepted,
                 )
             });
@@ -223,12 +211,16 @@ fn dispatch(
     out: &mut [u8],
     datagram: &mut [u8],
     from: SocketAddr,
-    local: SocketAddr,
+    dst: Option<IpAddr>,
     accepted: &mut Vec<Accepted>,
 ) {
-    // Replies leave from the address the datagram came to.
-    let source = shared.socket.source_for(local);
     let metrics = &*shared.config.inner.metrics;
+    if dst.is_some_and(|ip| !udp::is_unicast(ip)) {
+        // Sent to a group or to the whole link (a wildcard socket receives those): no QUIC
+        // peer addresses a server so, and no reply may leave from such an address.
+        metrics.datagram_dropped(DropReason::UnknownConnection);
+        return;
+    }
     let id_len = shared.config.inner.cid_generator.id_len();
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
         Ok(hdr) => hdr,
@@ -255,6 +247,10 @@ fn dispatch(
         }
         return;
     }
+    // Not for a connection we know: whatever answers it leaves from the address it came
+    // to.
+    let local = shared.socket.local_for(dst);
+    let source = shared.socket.source_for(local);
     let Some(accept) = accept else {
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;

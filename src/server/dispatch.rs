@@ -13,9 +13,7 @@ use http_body::Body;
 use super::HttpService;
 use crate::h3::body::{RecvBody, pump_body};
 use crate::h3::codes as code;
-use crate::h3::fields::{
-    OutFields, ResponseHead, content_length as content_length_field, forbids_content_length, is_bodyless,
-};
+use crate::h3::fields::{OutFields, ResponseHead, forbids_content_length, is_bodyless};
 use crate::h3::stream::StreamShared;
 
 pub(crate) async fn respond<S: HttpService<RecvBody>>(
@@ -65,24 +63,12 @@ pub(crate) async fn respond<S: HttpService<RecvBody>>(
         Some(_) => None,
         None => Some(0),
     };
-    let end = bodyless || body.as_ref().is_none_or(Body::is_end_stream);
-    // The length the head will declare, which the body must match.
-    let declared_length = match content_length_field(&parts.headers) {
-        _ if forbids_content_length(connect, parts.status) => None,
-        Ok(Some(field)) => Some(field),
-        _ => content_length,
-    };
-    if end && !bodyless && declared_length.is_some_and(|length| length > 0) {
-        // A body that ended before it began under a head that declares bytes: sent, it
-        // would be a malformed message (RFC 9114 §4.1.2), as `pump_body` says for others.
-        tracing::debug!(
-            content_length = declared_length,
-            "the response body is empty but its content-length is not; resetting the stream"
-        );
-        stream.reset(code::H3_INTERNAL_ERROR);
-        return;
-    }
     let head = ResponseHead::new(parts.status, parts.headers, content_length, connect);
+    let declared_length = head.declared_length();
+    // An empty body ends with the head, unless the head declares bytes: then it goes
+    // through the pump, which resets the stream for the length it breaks.
+    let end =
+        bodyless || (body.as_ref().is_none_or(Body::is_end_stream) && declared_length.is_none_or(|length| length == 0));
     stream.push_head(OutFields::Response(head), end);
     if let Some(body) = body.filter(|_| !end) {
         // A failed response body resets the stream (logged by the pump): the client sees
