@@ -447,6 +447,9 @@ async fn tcp_connections_without_a_request_in_flight_close_after_the_idle_timeou
         app,
         server::Builder::new()
             .connection_idle_timeout(Duration::from_millis(500))
+            // Far longer than the test waits: the idle timer, not the first-request one,
+            // must close the connection.
+            .tcp_header_read_timeout(Duration::from_secs(60))
             .http2_keep_alive(Duration::from_millis(100), Duration::from_secs(5)),
     )
     .await;

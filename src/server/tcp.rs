@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -188,40 +188,72 @@ struct WithInfo<S> {
 /// What a TCP connection has in flight, for its idle timer: hyper bounds an HTTP/1.1
 /// connection's wait for the next head, but nothing bounds an HTTP/2 connection without
 /// streams, whose client need only answer PINGs to hold its slot for ever.
-#[derive(Default)]
+///
+/// Requests only count themselves in and out (two atomic operations and a clock read):
+/// the timer looks when it is due, so no request wakes the connection's task.
 struct Activity {
+    /// When the connection started: the base of `last_end_ms`.
+    since: Instant,
     /// Requests whose response has not ended (its body dropped).
     in_flight: AtomicUsize,
-    /// Signalled when a request starts or its response ends.
-    changed: Notify,
+    /// A request has come.
+    requested: AtomicBool,
+    /// When the last response ended, in milliseconds since `since`.
+    last_end_ms: AtomicU64,
     /// A CONNECT was answered 2xx: over HTTP/2 a tunnel (a WebSocket, say) lives on the
     /// connection with no response body to count, so the connection is never idle again.
     tunnel_opened: AtomicBool,
 }
 
 impl Activity {
+    fn new() -> Self {
+        Activity {
+            since: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            requested: AtomicBool::new(false),
+            last_end_ms: AtomicU64::new(0),
+            tunnel_opened: AtomicBool::new(false),
+        }
+    }
+
     fn start(self: &Arc<Self>) -> InFlight {
-        self.in_flight.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_one();
+        self.requested.store(true, Ordering::Release);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         InFlight(Arc::clone(self))
+    }
+
+    fn end(&self) {
+        // The time first: whoever sees the count fall sees when.
+        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_end_ms.store(ms, Ordering::Release);
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Ends when the connection has had no request in flight for `idle_timeout`, or has
     /// seen no request at all within `first_request_timeout` of its start.
     async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
-        let mut timeout = first_request_timeout;
         loop {
-            if self.tunnel_opened.load(Ordering::SeqCst) {
+            if self.tunnel_opened.load(Ordering::Acquire) {
                 std::future::pending::<()>().await;
             }
-            if self.in_flight.load(Ordering::SeqCst) == 0 {
-                if tokio::time::timeout(timeout, self.changed.notified()).await.is_err() {
-                    return;
-                }
+            let now = Instant::now();
+            let (quiet_since, limit) = if self.requested.load(Ordering::Acquire) {
+                let ended = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
+                (self.since + ended, idle_timeout)
             } else {
-                self.changed.notified().await;
-            }
-            timeout = idle_timeout;
+                (self.since, first_request_timeout)
+            };
+            let next = if self.in_flight.load(Ordering::Acquire) > 0 {
+                // Busy: look again a whole timeout later (the earliest it could be idle).
+                now + limit
+            } else if quiet_since + limit <= now {
+                return;
+            } else {
+                quiet_since + limit
+            };
+            // Never past one idle timeout from now: a request may come and go meanwhile
+            // (while the first-request deadline, maybe the longer, is awaited).
+            tokio::time::sleep_until(next.min(now + idle_timeout).into()).await;
         }
     }
 }
@@ -231,8 +263,7 @@ struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_one();
+        self.0.end();
     }
 }
 
@@ -311,7 +342,7 @@ where
         let result = std::task::ready!(this.inner.poll(cx));
         let in_flight = this.in_flight.take().expect("polled after completion");
         if *this.connect && result.as_ref().is_ok_and(|response| response.status().is_success()) {
-            in_flight.0.tunnel_opened.store(true, Ordering::SeqCst);
+            in_flight.0.tunnel_opened.store(true, Ordering::Release);
         }
         Poll::Ready(result.map(|response| {
             response.map(|body| Counted {
@@ -381,7 +412,7 @@ pub(crate) async fn run<S>(
             local_addr,
             version: http::Version::HTTP_11,
         };
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::new());
         let slot = Arc::new(slot);
         let lease = UpgradeLease {
             _slot: Arc::clone(&slot),
