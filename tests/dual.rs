@@ -469,12 +469,13 @@ async fn tcp_connections_without_a_request_in_flight_close_after_the_idle_timeou
         assert_eq!(response.status(), StatusCode::OK);
         drop(response);
         assert!(!conn.is_finished(), "closed while a request was in flight");
-        // Then nothing but PINGs: closed after the idle timeout.
+        // Then nothing but PINGs: shut down (a GOAWAY, which ends the client's connection
+        // without an error) after the idle timeout.
         timeout(Duration::from_secs(10), &mut conn)
             .await
             .expect("the server closes an idle connection")
             .unwrap()
-            .ok();
+            .expect("a graceful shutdown");
         assert!(send.is_closed());
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
@@ -514,6 +515,144 @@ async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() 
         let status = third.await.unwrap().expect("served once a connection closed");
         assert_eq!(status, StatusCode::OK);
         assert!(!server.done.is_finished(), "the server keeps running");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A response body that yields 16 KiB chunks, `count` of them or for ever, each `every`
+/// apart or as fast as it is polled, and says on `dropped` when the server drops it.
+struct Chunks {
+    count: Option<usize>,
+    every: Option<tokio::time::Interval>,
+    dropped: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if let Some(every) = &mut self.every {
+            std::task::ready!(every.poll_tick(cx));
+        }
+        match &mut self.count {
+            Some(0) => return std::task::Poll::Ready(None),
+            Some(count) => *count -= 1,
+            None => {}
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&[b'x'; 16 * 1024])))))
+    }
+}
+
+impl Drop for Chunks {
+    fn drop(&mut self) {
+        if let Some(dropped) = &self.dropped {
+            let _ = dropped.send(());
+        }
+    }
+}
+
+/// nginx's `send_timeout`: a TCP client that takes none of a response (an HTTP/2 stream
+/// window left at zero, an HTTP/1.1 socket it does not read) loses its connection after the
+/// body stall timeout, and the response (with its handler's state) is dropped. A handler
+/// slower than the timeout, and a body slower than it that the client reads, are not
+/// stalls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_timeout() {
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel();
+    let app = app()
+        .route(
+            "/endless",
+            get(move || {
+                let dropped = Some(dropped_tx.clone());
+                async move {
+                    axum::body::Body::new(Chunks {
+                        count: None,
+                        every: None,
+                        dropped,
+                    })
+                }
+            }),
+        )
+        .route(
+            "/late-head",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                "late but whole"
+            }),
+        )
+        .route(
+            "/slow-body",
+            get(|| async {
+                let every = tokio::time::interval(Duration::from_millis(300));
+                axum::body::Body::new(Chunks {
+                    count: Some(6),
+                    every: Some(every),
+                    dropped: None,
+                })
+            }),
+        );
+    let server = dual(
+        app,
+        server::Builder::new()
+            .body_stall_timeout(Duration::from_millis(500))
+            // Far longer than the test waits: only the stall timer may close connections.
+            .connection_idle_timeout(Duration::from_secs(60))
+            .tcp_header_read_timeout(Duration::from_secs(60)),
+    )
+    .await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let late = server.tcp(version, server.get("/late-head")).await;
+            assert_eq!(late.body().as_ref(), b"late but whole", "{version:?}");
+            let slow = server.tcp(version, server.get("/slow-body")).await;
+            assert_eq!(slow.body().len(), 6 * 16 * 1024, "{version:?}");
+
+            let (mut connection, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
+                .await
+                .unwrap();
+            let unread = connection.send(server.get("/endless")).await.unwrap();
+            assert_eq!(unread.status(), StatusCode::OK);
+            timeout(Duration::from_secs(15), dropped.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{version:?}: the server still holds a response its client does not take"));
+            drop(unread);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// `max_requests_per_connection` holds on TCP as on HTTP/3: past it the connection is shut
+/// down (GOAWAY over HTTP/2, `connection: close` over HTTP/1.1) once its requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_shut_down_after_max_requests_per_connection() {
+    let server = dual(
+        app(),
+        server::Builder::new()
+            .max_requests_per_connection(2)
+            .connection_idle_timeout(Duration::from_secs(60))
+            .tcp_header_read_timeout(Duration::from_secs(60)),
+    )
+    .await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let (mut connection, driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
+                .await
+                .unwrap();
+            for _ in 0..2 {
+                let response = connection.send(server.get("/version")).await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK, "{version:?}");
+                response.into_body().collect().await.unwrap();
+            }
+            timeout(Duration::from_secs(15), driver)
+                .await
+                .unwrap_or_else(|_| panic!("{version:?}: the connection outlived its request limit"))
+                .unwrap()
+                .unwrap_or_else(|e| panic!("{version:?}: not a graceful shutdown: {e}"));
+        }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -252,9 +252,10 @@ impl Builder {
     /// GOAWAY and closes it gracefully. Defaults to 30 s, the QUIC idle timeout's default:
     /// long enough for a browser to reuse the connection for its next page. With
     /// [`serve_with_tcp`](Self::serve_with_tcp) it bounds TCP connections too, after their
-    /// first request (closed then, without a GOAWAY): an HTTP/2 client that only answers
-    /// PINGs would otherwise hold its connection, and its slot among
-    /// `tcp_max_connections`, for ever. A TCP connection that has carried a tunnel (a
+    /// first request: an HTTP/2 client that only answers PINGs would otherwise hold its
+    /// connection, and its slot among `tcp_max_connections`, for ever. Such a connection is
+    /// shut down as hyper does gracefully (GOAWAY over HTTP/2), and dropped if it is still
+    /// open one more idle timeout later. A TCP connection that has carried a tunnel (a
     /// CONNECT answered 2xx, such as a WebSocket over HTTP/2) is never closed for idling:
     /// the tunnel's traffic is no request the timer sees.
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
@@ -272,20 +273,31 @@ impl Builder {
     /// nothing for this long ends it too (one that holds the body unread would keep the
     /// connection open for ever). Defaults to 30 s (nginx allows 60 s between two reads
     /// of a body or two writes of a response).
+    ///
+    /// With [`serve_with_tcp`](Self::serve_with_tcp) it bounds responses on TCP too: when a
+    /// response has waited this long for the client to take it (an HTTP/2 stream window
+    /// left at zero, an HTTP/1.1 socket nobody reads) and no other response on the
+    /// connection moved meanwhile, the connection is closed. hyper gives no way to reset one
+    /// HTTP/2 stream from outside, so the whole connection goes, as nginx's `send_timeout`
+    /// does. TCP request bodies are not timed: a handler that waits for a body a client
+    /// trickles in waits as long as the client keeps its connection (tower-http's
+    /// `RequestBodyTimeoutLayer` bounds that).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
         self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
     }
 
     /// After this many requests a connection sends GOAWAY, finishes them, and closes; the
-    /// client opens a new one. Defaults to unlimited.
+    /// client opens a new one. With [`serve_with_tcp`](Self::serve_with_tcp) the same holds
+    /// for TCP connections (`connection: close` over HTTP/1.1). Defaults to unlimited.
     pub fn max_requests_per_connection(mut self, requests: u64) -> Self {
         self.max_requests_per_connection = Some(requests.max(1));
         self
     }
 
     /// How many bytes of a request body may wait for the handler to read them; beyond it
-    /// the client is held back by QUIC flow control. Defaults to 64 KiB.
+    /// the client is held back by QUIC flow control. Defaults to 64 KiB. HTTP/3 only: over
+    /// TCP hyper's own buffering and HTTP/2 windows apply.
     pub fn request_body_buffer(mut self, bytes: usize) -> Self {
         self.request_body_buffer = bytes.max(1);
         self
@@ -483,6 +495,8 @@ impl Builder {
         let tcp_service = service.clone();
         let limits = tcp::Limits {
             idle_timeout: self.connection_idle_timeout,
+            stall_timeout: self.body_stall_timeout,
+            max_requests: self.max_requests_per_connection,
             ..self.tcp.clone()
         };
         let prepared = tcp::Transport::new(

@@ -4,8 +4,9 @@
 //! TLS); connections are served by hyper-util's automatic HTTP/1.1 / HTTP/2 builder.
 //!
 //! This module also owns the TCP side's defences against slow and idle clients ([`Limits`]):
-//! a cap on open connections, deadlines for the TLS handshake and for request heads, and
-//! HTTP/2 keep-alive pings, stream and header limits. An upgraded HTTP/1.1 connection (a
+//! a cap on open connections, deadlines for the TLS handshake and for request heads, an
+//! idle timeout, a stall timeout for responses the client does not take, and HTTP/2
+//! keep-alive pings, stream and header limits. An upgraded HTTP/1.1 connection (a
 //! WebSocket) is no longer hyper's, and keeps them through [`UpgradeLease`].
 
 use std::net::SocketAddr;
@@ -19,10 +20,9 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -41,6 +41,12 @@ pub(crate) struct Limits {
     /// How long a connection may have no request in flight (after its first) before it is
     /// closed: the server's `connection_idle_timeout`.
     pub(crate) idle_timeout: Duration,
+    /// How long a response may wait for the client to take what hyper has of it before the
+    /// connection is closed: the server's `body_stall_timeout`.
+    pub(crate) stall_timeout: Duration,
+    /// After this many requests the connection shuts down gracefully: the server's
+    /// `max_requests_per_connection`.
+    pub(crate) max_requests: Option<u64>,
     pub(crate) max_connections: usize,
     pub(crate) http2_keep_alive_interval: Duration,
     pub(crate) http2_keep_alive_timeout: Duration,
@@ -53,6 +59,8 @@ impl Default for Limits {
             tls_handshake_timeout: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
+            stall_timeout: Duration::from_secs(30),
+            max_requests: None,
             max_connections: 10_000,
             http2_keep_alive_interval: Duration::from_secs(20),
             http2_keep_alive_timeout: Duration::from_secs(20),
@@ -185,94 +193,174 @@ struct WithInfo<S> {
     activity: Arc<Activity>,
 }
 
-/// What a TCP connection has in flight, for its idle timer: hyper bounds an HTTP/1.1
-/// connection's wait for the next head, but nothing bounds an HTTP/2 connection without
-/// streams, whose client need only answer PINGs to hold its slot for ever.
+/// What a TCP connection has in flight, for its timers.
 ///
-/// Requests only count themselves in and out (two atomic operations and a clock read):
-/// the timer looks when it is due, so no request wakes the connection's task.
+/// - Idle: hyper bounds an HTTP/1.1 connection's wait for the next head, but nothing bounds
+///   an HTTP/2 connection without streams, whose client need only answer PINGs to hold its
+///   slot for ever.
+/// - Stall: nothing in hyper bounds a response the client does not take (an HTTP/2 stream
+///   window left at zero, an HTTP/1.1 socket nobody reads): the request stays in flight and
+///   its handler's state stays held for ever.
+///
+/// Requests and response bodies only count themselves in and out (atomic operations and a
+/// clock read): the timer looks when it is due, so no request wakes the connection's task.
 struct Activity {
-    /// When the connection started: the base of `last_end_ms`.
+    /// When the connection started: the base of the `_ms` clocks below.
     since: Instant,
     /// Requests whose response has not ended (its body dropped).
     in_flight: AtomicUsize,
-    /// A request has come.
-    requested: AtomicBool,
+    /// Requests so far, for `max_requests`.
+    requests: AtomicU64,
+    max_requests: u64,
+    /// Set when `requests` reaches `max_requests`.
+    request_limit_reached: Notify,
     /// When the last response ended, in milliseconds since `since`.
     last_end_ms: AtomicU64,
     /// A CONNECT was answered 2xx: over HTTP/2 a tunnel (a WebSocket, say) lives on the
     /// connection with no response body to count, so the connection is never idle again.
     tunnel_opened: AtomicBool,
+    /// Response bodies that handed hyper their head or a frame and have not been polled
+    /// since: hyper polls a body again once it has room for more, so these wait for the
+    /// client to take what was sent.
+    bodies_waiting: AtomicUsize,
+    /// When a response body last handed hyper something or was polled after doing so, in
+    /// milliseconds since `since`: the last time the client was seen taking a response.
+    last_body_progress_ms: AtomicU64,
+}
+
+/// Why a connection's timer says it should close.
+#[derive(Debug, PartialEq, Eq)]
+enum Quiet {
+    /// No request in flight for the idle timeout (or none at all within the head timeout).
+    Idle,
+    /// A response has waited for the client to take it for the stall timeout, and no other
+    /// response on the connection moved meanwhile.
+    Stalled,
 }
 
 impl Activity {
-    fn new() -> Self {
+    fn new(max_requests: Option<u64>) -> Self {
         Activity {
             since: Instant::now(),
             in_flight: AtomicUsize::new(0),
-            requested: AtomicBool::new(false),
+            requests: AtomicU64::new(0),
+            max_requests: max_requests.unwrap_or(u64::MAX),
+            request_limit_reached: Notify::new(),
             last_end_ms: AtomicU64::new(0),
             tunnel_opened: AtomicBool::new(false),
+            bodies_waiting: AtomicUsize::new(0),
+            last_body_progress_ms: AtomicU64::new(0),
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at_ms(&self, ms: &AtomicU64) -> Instant {
+        self.since + Duration::from_millis(ms.load(Ordering::Acquire))
+    }
+
     fn start(self: &Arc<Self>) -> InFlight {
-        self.requested.store(true, Ordering::Release);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        InFlight(Arc::clone(self))
+        if self.requests.fetch_add(1, Ordering::AcqRel) + 1 == self.max_requests {
+            self.request_limit_reached.notify_one();
+        }
+        InFlight {
+            activity: Arc::clone(self),
+            waiting: false,
+        }
     }
 
     fn end(&self) {
         // The time first: whoever sees the count fall sees when.
-        let ms = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_end_ms.store(ms, Ordering::Release);
+        self.last_end_ms.store(self.now_ms(), Ordering::Release);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Ends when the connection has had no request in flight for `idle_timeout`, or has
-    /// seen no request at all within `first_request_timeout` of its start.
-    async fn idle(&self, first_request_timeout: Duration, idle_timeout: Duration) {
+    /// Resolves when the connection should close, and says why. Idle is only reported for a
+    /// quiet spell that began at or after `idle_from` (a connection already asked to shut
+    /// down gets a whole idle timeout more). Looks a few times per stall timeout while
+    /// waiting, so a stall is seen within 1.25 times it.
+    async fn quiet(&self, limits: &Limits, idle_from: Instant) -> Quiet {
+        let look_every = limits.idle_timeout.min(limits.stall_timeout / 4);
         loop {
-            if self.tunnel_opened.load(Ordering::Acquire) {
-                std::future::pending::<()>().await;
-            }
             let now = Instant::now();
-            let (quiet_since, limit) = if self.requested.load(Ordering::Acquire) {
-                let ended = Duration::from_millis(self.last_end_ms.load(Ordering::Acquire));
-                (self.since + ended, idle_timeout)
-            } else {
-                (self.since, first_request_timeout)
-            };
-            let next = if self.in_flight.load(Ordering::Acquire) > 0 {
-                // Busy: look again a whole timeout later (the earliest it could be idle).
-                now + limit
-            } else if quiet_since + limit <= now {
-                return;
-            } else {
-                quiet_since + limit
-            };
-            // Never past one idle timeout from now: a request may come and go meanwhile
-            // (while the first-request deadline, maybe the longer, is awaited).
-            tokio::time::sleep_until(next.min(now + idle_timeout).into()).await;
+            let mut next = now + look_every;
+            if self.bodies_waiting.load(Ordering::Acquire) > 0 {
+                let stalled_at = self.at_ms(&self.last_body_progress_ms) + limits.stall_timeout;
+                if stalled_at <= now {
+                    return Quiet::Stalled;
+                }
+                next = next.min(stalled_at);
+            }
+            if !self.tunnel_opened.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0 {
+                let (quiet_since, limit) = if self.requests.load(Ordering::Acquire) > 0 {
+                    (self.at_ms(&self.last_end_ms), limits.idle_timeout)
+                } else {
+                    (self.since, limits.header_read_timeout)
+                };
+                let idle_at = quiet_since.max(idle_from) + limit;
+                if idle_at <= now {
+                    return Quiet::Idle;
+                }
+                next = next.min(idle_at);
+            }
+            tokio::time::sleep_until(next.into()).await;
         }
     }
 }
 
 /// One request in flight on a TCP connection, until its response body is dropped.
-struct InFlight(Arc<Activity>);
+struct InFlight {
+    activity: Arc<Activity>,
+    /// Counted in `bodies_waiting`.
+    waiting: bool,
+}
+
+impl InFlight {
+    /// The response handed hyper its head or a frame: it now waits for hyper to want more.
+    fn handed_over(&mut self) {
+        let activity = &self.activity;
+        // The time first: whoever sees the count rise sees when.
+        activity
+            .last_body_progress_ms
+            .store(activity.now_ms(), Ordering::Release);
+        if !self.waiting {
+            self.waiting = true;
+            activity.bodies_waiting.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// hyper polls the body: what it was handed has been taken (or buffered) after all.
+    fn polled(&mut self) {
+        if self.waiting {
+            self.waiting = false;
+            let activity = &self.activity;
+            activity
+                .last_body_progress_ms
+                .store(activity.now_ms(), Ordering::Release);
+            activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.end();
+        if self.waiting {
+            self.activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
+        }
+        self.activity.end();
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its request counted in flight until it is dropped.
+    /// A response body that keeps its request counted in flight until it is dropped, and
+    /// tells the connection's stall timer when it waits for the client.
     pub(crate) struct Counted<B> {
         #[pin]
         body: B,
-        _in_flight: InFlight,
+        in_flight: InFlight,
     }
 }
 
@@ -284,7 +372,13 @@ impl<B: http_body::Body> http_body::Body for Counted<B> {
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        this.in_flight.polled();
+        let frame = this.body.poll_frame(cx);
+        if let Poll::Ready(Some(Ok(_))) = frame {
+            this.in_flight.handed_over();
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
@@ -340,21 +434,26 @@ where
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
-        let in_flight = this.in_flight.take().expect("polled after completion");
-        if *this.connect && result.as_ref().is_ok_and(|response| response.status().is_success()) {
-            in_flight.0.tunnel_opened.store(true, Ordering::Release);
+        let mut in_flight = this.in_flight.take().expect("polled after completion");
+        if let Ok(response) = &result {
+            let tunnel = *this.connect && response.status().is_success();
+            if tunnel {
+                in_flight.activity.tunnel_opened.store(true, Ordering::Release);
+            }
+            // The head goes to the client now; hyper polls the body once it can send some
+            // (over HTTP/2, once the stream has window). A tunnel's or an upgrade's body is
+            // not the response's data: hyper hands the stream over instead.
+            if !tunnel && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+                in_flight.handed_over();
+            }
         }
-        Poll::Ready(result.map(|response| {
-            response.map(|body| Counted {
-                body,
-                _in_flight: in_flight,
-            })
-        }))
+        Poll::Ready(result.map(|response| response.map(|body| Counted { body, in_flight })))
     }
 }
 
 /// Accepts TCP connections until `stop` carries a deadline, then lets the open ones finish
-/// (hyper's graceful shutdown) until that deadline.
+/// (hyper's graceful shutdown) until that deadline. Each connection holds an `alive`
+/// sender, so the server's shutdown waits for them.
 ///
 /// With `max_connections` open, it stops accepting until one closes rather than accepting
 /// and closing at once: waiting connections queue in the kernel's listen backlog (bounded by
@@ -371,11 +470,10 @@ pub(crate) async fn run<S>(
 ) where
     S: HttpService<Incoming>,
 {
-    let graceful = GracefulShutdown::new();
     let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let service = alt_svc.layer(service);
     let Transport { acceptor, http, limits } = transport;
-    let (acceptor, http) = (Arc::new(acceptor), Arc::new(http));
+    let (acceptor, http, limits) = (Arc::new(acceptor), Arc::new(http), Arc::new(limits));
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -412,7 +510,7 @@ pub(crate) async fn run<S>(
             local_addr,
             version: http::Version::HTTP_11,
         };
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::new(limits.max_requests));
         let slot = Arc::new(slot);
         let lease = UpgradeLease {
             _slot: Arc::clone(&slot),
@@ -425,14 +523,11 @@ pub(crate) async fn run<S>(
             lease,
             activity: Arc::clone(&activity),
         });
-        let watcher = graceful.watcher();
         let alive = alive.clone();
         let mut deadline = stop.clone();
-        let (tls_handshake_timeout, header_read_timeout, idle_timeout) = (
-            limits.tls_handshake_timeout,
-            limits.header_read_timeout,
-            limits.idle_timeout,
-        );
+        let limits = Arc::clone(&limits);
+        let tls_handshake_timeout = limits.tls_handshake_timeout;
+        let mut shutdown_begun = stop.clone();
         tokio::spawn(async move {
             let _alive = alive;
             let _slot = slot;
@@ -450,32 +545,67 @@ pub(crate) async fn run<S>(
                     return;
                 }
             };
-            let connection = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            // hyper times HTTP/1.1 heads only once it has chosen HTTP/1.1, and HTTP/2 not at
-            // all: a client that sends nothing, or part of the HTTP/2 preface, would hold its
-            // connection forever. Its first request must come within the head timeout, and
-            // it may not go without a request in flight for longer than the idle timeout
-            // after (an HTTP/2 client answering PINGs would hold its slot for ever).
-            let idle = async move { activity.idle(header_read_timeout, idle_timeout).await };
-            // Past the shutdown deadline the connection is dropped, whatever it was doing.
-            let deadline_passed = async move { deadline_passed(&mut deadline).await };
-            tokio::select! {
-                result = watcher.watch(connection.into_owned()) => {
-                    if let Err(e) = result {
-                        tracing::debug!(peer = %remote_addr, error = %e, "TCP connection ended with an error");
+            let connection = http
+                .serve_connection_with_upgrades(TokioIo::new(tls), service)
+                .into_owned();
+            let mut connection = std::pin::pin!(connection);
+            // Once asked to shut down (GOAWAY over HTTP/2, `connection: close` over HTTP/1.1)
+            // the connection finishes what is in flight and ends by itself.
+            let mut closing = false;
+            // The idle timer counts from here (a connection asked to close for idling gets
+            // one more idle timeout to do so).
+            let mut idle_from = activity.since;
+            loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(peer = %remote_addr, error = %e, "TCP connection ended with an error");
+                        }
+                        break;
                     }
+                    // Past the shutdown deadline the connection is dropped, whatever it was doing.
+                    () = deadline_passed(&mut deadline) => {
+                        tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline");
+                        break;
+                    }
+                    _ = shutdown_begun.wait_for(Option::is_some), if !closing => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    () = activity.request_limit_reached.notified(), if !closing => {
+                        tracing::debug!(peer = %remote_addr, "request limit reached; shutting the TCP connection down");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                    // hyper times HTTP/1.1 heads only once it has chosen HTTP/1.1, and HTTP/2
+                    // not at all: a client that sends nothing, or part of the HTTP/2 preface,
+                    // would hold its connection forever. Its first request must come within
+                    // the head timeout, and it may not go without a request in flight for
+                    // longer than the idle timeout after. A client that does not take its
+                    // responses is cut off after the stall timeout.
+                    quiet = activity.quiet(&limits, idle_from) => match quiet {
+                        Quiet::Stalled => {
+                            // The client takes nothing: a GOAWAY or close would wait behind
+                            // what it does not read.
+                            tracing::debug!(peer = %remote_addr, "a response waited for the client past the stall timeout; TCP connection closed");
+                            break;
+                        }
+                        Quiet::Idle if closing => {
+                            tracing::debug!(peer = %remote_addr, "TCP connection still open an idle timeout after it was asked to close; closed");
+                            break;
+                        }
+                        Quiet::Idle => {
+                            // A GOAWAY first, so that a request racing the close is either
+                            // served or known by the client to be unprocessed.
+                            tracing::debug!(peer = %remote_addr, "no request in flight within the head or idle timeout; shutting the TCP connection down");
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                            idle_from = Instant::now();
+                        }
+                    },
                 }
-                () = deadline_passed => tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline"),
-                () = idle => tracing::debug!(peer = %remote_addr, "no request in flight within the head or idle timeout; TCP connection closed"),
             }
         });
     }
     drop(tcp);
-    let deadline = (*stop.borrow()).unwrap_or_else(Instant::now);
-    if tokio::time::timeout_at(deadline.into(), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::debug!("TCP connections still open at the shutdown deadline");
-    }
 }

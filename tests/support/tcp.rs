@@ -92,3 +92,41 @@ pub async fn send(addr: SocketAddr, ca_pem: &str, version: Version, req: Request
         .await
         .expect("request over TLS on TCP")
 }
+
+/// Requests on one open TLS connection, over HTTP/1.1 or HTTP/2, whose bodies are the
+/// caller's to read (or not).
+pub enum Connection {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+/// The task driving a [`Connection`]: it ends when the connection does.
+pub type Driver = tokio::task::JoinHandle<Result<(), hyper::Error>>;
+
+impl Connection {
+    /// Opens a connection as [`connect`] does, its protocol picked by `version`.
+    pub async fn open(addr: SocketAddr, ca_pem: &str, version: Version) -> Result<(Self, Driver), BoxError> {
+        let io = TokioIo::new(connect(addr, ca_pem, version, None).await?);
+        Ok(if version == Version::HTTP_2 {
+            let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            (Connection::Http2(send), tokio::spawn(conn))
+        } else {
+            let (send, conn) = hyper::client::conn::http1::handshake(io).await?;
+            (Connection::Http1(send), tokio::spawn(conn))
+        })
+    }
+
+    /// Sends `request` and returns its response once its head has come.
+    pub async fn send(&mut self, request: Request<Full<Bytes>>) -> hyper::Result<Response<hyper::body::Incoming>> {
+        match self {
+            Connection::Http1(send) => {
+                send.ready().await?;
+                send.send_request(request).await
+            }
+            Connection::Http2(send) => {
+                send.ready().await?;
+                send.send_request(request).await
+            }
+        }
+    }
+}
