@@ -336,6 +336,34 @@ async fn a_retry_token_replayed_under_a_fresh_connection_id_is_refused() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A token the server did not mint (a NEW_TOKEN token of another server under the same
+/// name) is taken as no token (RFC 9000 §8.1.3): under a policy that asks for a Retry, the
+/// client gets one, where it used to be dropped and left to time out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_initial_with_a_token_from_elsewhere_draws_a_retry() {
+    let _serial = serial().await;
+    let certs = certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs).retry(true)).await;
+    let run = async {
+        let raw = raw_socket().await;
+        let scid = random_id(8);
+        let initial = long_header(1, &random_id(16), &scid, b"a NEW_TOKEN token of another server", 1200);
+        raw.send_to(&initial, server.addr).await.unwrap();
+        let replies = barrier(&raw, server.addr).await;
+        let retries: Vec<_> = replies
+            .iter()
+            .map(|p| header(p))
+            .filter(|h| h.ty == quiche::Type::Retry)
+            .collect();
+        assert_eq!(retries.len(), 1, "{replies:?}");
+        assert_eq!(retries[0].dcid.as_ref(), &scid[..], "the Retry answers this client");
+        let m = server.metrics.snapshot();
+        assert_eq!(m.dropped_invalid_token, 0, "{m:?}");
+        assert_eq!(m.retries_sent, 1, "{m:?}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn initials_with_a_connection_id_shorter_than_8_bytes_are_dropped() {
     let _serial = serial().await;

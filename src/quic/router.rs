@@ -304,9 +304,12 @@ fn accept_initial(
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
     let policy = inner.server.retry;
-    // A token answers a Retry of ours, sent under any policy but `Never` (the load may have
-    // fallen since). quiche sends no NEW_TOKEN tokens, so there is no other kind to expect.
-    let answers_our_retry = policy != RetryPolicy::Never && !token.is_empty();
+    // A token of ours answers a Retry of ours, sent under any policy but `Never` (the load
+    // may have fallen since). Any other token (quiche sends no NEW_TOKEN tokens, but another
+    // server under the same name may have) is taken as none at all (RFC 9000 §8.1.3): such
+    // a client has had no Retry yet, and can take one. (One that answers a Retry of this
+    // server's previous process ignores ours, and times out as it would have anyway.)
+    let answers_our_retry = policy != RetryPolicy::Never && accept.token_key.is_ours(token);
     if !answers_our_retry && hdr.dcid.len() < MIN_CLIENT_DCID_LEN {
         // A first Initial (after a Retry the DCID is ours, and may be shorter).
         metrics.datagram_dropped(DropReason::ShortConnectionId);
@@ -344,10 +347,10 @@ fn accept_initial(
                 quiche::ConnectionId::from_vec(hdr.dcid.to_vec()),
                 Some(quiche::ConnectionId::from_vec(odcid)),
             ),
-            // A token that does not validate (a NEW_TOKEN token of another server under
-            // the same name, a key changed by a restart, a NAT rebinding since the Retry):
-            // while a Retry would not be asked for anyway, the client is taken as if it
-            // had sent none (RFC 9000 §8.1.3), not left to resend it until it times out.
+            // A token of ours that does not validate (expired, a NAT rebinding since the
+            // Retry, a replay): while a Retry would not be asked for anyway, the client is
+            // taken as if it had sent none (RFC 9000 §8.1.3), not left to resend it until
+            // it times out. Otherwise it is dropped: the client has had its one Retry.
             _ if policy == RetryPolicy::UnderLoad && !retry_now && hdr.dcid.len() >= MIN_CLIENT_DCID_LEN => {
                 (cid::new_id(&*inner.cid_generator), None)
             }

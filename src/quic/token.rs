@@ -1,7 +1,8 @@
 //! Address-validation tokens for Retry (RFC 9000 §8.1.2).
 //!
-//! A token is `nonce(12) || AES-128-GCM(expiry || original DCID) || tag(16)`, with the
-//! client's address and the Retry's source connection ID as additional authenticated data:
+//! A token is `key_id(4) || nonce(12) || AES-128-GCM(expiry || original DCID) || tag(16)`,
+//! with the client's address and the Retry's source connection ID as additional
+//! authenticated data:
 //! it cannot be forged without the endpoint's key, it expires, and it is bound to the address
 //! it was sent to and to the connection ID the server chose in that Retry, which the client
 //! must use as the DCID of its next Initial (RFC 9000 §7.2, §17.2.5). So one token opens one
@@ -15,6 +16,10 @@ use boring::symm::{Cipher, decrypt_aead, encrypt_aead};
 
 use super::cid::fill_random;
 
+/// Marks the tokens of one key, so that a token from elsewhere (a NEW_TOKEN token of
+/// another server under the same name) is told from one of ours that fails: only ours
+/// answer a Retry of ours. Random, so a foreign token looks like ours once in 2^32.
+const KEY_ID_LEN: usize = 4;
 const NONCE_LEN: usize = 12;
 const TAG_LEN: usize = 16;
 
@@ -22,7 +27,10 @@ const TAG_LEN: usize = 16;
 /// seconds are plenty; longer only widens the replay window.
 pub(crate) const RETRY_TOKEN_LIFETIME: Duration = Duration::from_secs(10);
 
-pub(crate) struct TokenKey([u8; 16]);
+pub(crate) struct TokenKey {
+    key: [u8; 16],
+    id: [u8; KEY_ID_LEN],
+}
 
 /// The additional authenticated data: the peer's address, then the Retry's source connection
 /// ID.
@@ -58,7 +66,15 @@ impl TokenKey {
     pub(crate) fn random() -> Self {
         let mut key = [0; 16];
         fill_random(&mut key);
-        TokenKey(key)
+        let mut id = [0; KEY_ID_LEN];
+        fill_random(&mut id);
+        TokenKey { key, id }
+    }
+
+    /// Whether `token` was minted with this key (valid or not): only such a token answers a
+    /// Retry of ours. Any other is treated as no token at all (RFC 9000 §8.1.3).
+    pub(crate) fn is_ours(&self, token: &[u8]) -> bool {
+        token.starts_with(&self.id)
     }
 
     /// Mints a token for a client at `peer` whose first Initial had `odcid` as its DCID, sent
@@ -79,7 +95,7 @@ impl TokenKey {
         let mut tag = [0; TAG_LEN];
         let Ok(sealed) = encrypt_aead(
             Cipher::aes_128_gcm(),
-            &self.0,
+            &self.key,
             Some(&nonce),
             &aad[..aad_len],
             &plain,
@@ -87,7 +103,8 @@ impl TokenKey {
         ) else {
             return Vec::new();
         };
-        let mut token = Vec::with_capacity(NONCE_LEN + sealed.len() + TAG_LEN);
+        let mut token = Vec::with_capacity(KEY_ID_LEN + NONCE_LEN + sealed.len() + TAG_LEN);
+        token.extend_from_slice(&self.id);
         token.extend_from_slice(&nonce);
         token.extend_from_slice(&sealed);
         token.extend_from_slice(&tag);
@@ -98,6 +115,7 @@ impl TokenKey {
     /// expired, was issued to another address, or arrives in an Initial whose DCID is not the
     /// ID our Retry chose.
     pub(crate) fn validate(&self, peer: &SocketAddr, dcid: &[u8], token: &[u8]) -> Option<Vec<u8>> {
+        let token = token.strip_prefix(&self.id)?;
         if token.len() < NONCE_LEN + 8 + TAG_LEN {
             return None;
         }
@@ -106,7 +124,7 @@ impl TokenKey {
         let (aad, aad_len) = bound_to(peer, dcid)?;
         let plain = decrypt_aead(
             Cipher::aes_128_gcm(),
-            &self.0,
+            &self.key,
             Some(nonce),
             &aad[..aad_len],
             sealed,
@@ -140,6 +158,19 @@ mod tests {
             key.validate(&peer(), RETRY_SCID, &token).as_deref(),
             Some(&b"original-dcid"[..])
         );
+    }
+
+    #[test]
+    fn a_key_knows_its_own_tokens_valid_or_not() {
+        let key = TokenKey::random();
+        let mut token = key.mint(&peer(), b"odcid", RETRY_SCID);
+        assert!(key.is_ours(&token));
+        let last = token.len() - 1;
+        token[last] ^= 1;
+        assert!(key.is_ours(&token), "refused, but still ours");
+        assert!(!TokenKey::random().is_ours(&token), "another key's");
+        assert!(!key.is_ours(b"a NEW_TOKEN token of some other server"));
+        assert!(!key.is_ours(&[]));
     }
 
     #[test]
