@@ -875,7 +875,10 @@ impl ServerConfigBuilder {
     /// tickets. Each socket has receive buffers of its own (512 KiB where the kernel offers
     /// GRO), so a runtime of many threads that serves little traffic may want fewer. Linux
     /// and Android only: elsewhere `SO_REUSEPORT` does not spread datagrams, and one socket
-    /// is bound. `0` counts as 1.
+    /// is bound. `0` counts as 1. A port another socket already holds is refused, however
+    /// many sockets are asked for (a probe without `SO_REUSEPORT` binds first), so a second
+    /// server started on the same port fails instead of taking over some of the first
+    /// one's clients.
     pub fn sockets_per_address(mut self, sockets: usize) -> Self {
         self.server.sockets_per_address = Some(sockets.max(1));
         self

@@ -68,6 +68,20 @@ fn sockets_per_address(config: &ServerConfig) -> usize {
     })
 }
 
+/// A bind that failed, saying what to change when the port is taken.
+fn bind_error(addr: SocketAddr, e: std::io::Error) -> Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        Error::io(
+            format!(
+                "cannot bind UDP {addr}: another socket holds the port (another server running?); pick another port or stop it"
+            ),
+            e,
+        )
+    } else {
+        Error::io(format!("cannot bind UDP {addr}"), e)
+    }
+}
+
 /// A QUIC server endpoint: one or more UDP sockets whose new connections arrive here.
 ///
 /// By default it binds one socket per tokio worker thread to each address, with
@@ -115,23 +129,24 @@ impl Listener {
         let per_address = sockets_per_address(&config);
         let mut last_error = None;
         for addr in addrs {
-            match Socket::bind_group(addr, per_address) {
+            match Socket::bind_group(addr, per_address, false) {
                 Ok(sockets) => return Self::from_sockets(sockets, config),
-                Err(e) => last_error = Some(Error::io(format!("cannot bind UDP {addr}"), e)),
+                Err(e) => last_error = Some(bind_error(addr, e)),
             }
         }
         Err(last_error.unwrap_or_else(|| Error::invalid_request("the address to listen on resolved to nothing")))
     }
 
     /// Binds a server endpoint on several addresses (say, an IPv4 and an IPv6 one); new
-    /// connections from all of them arrive on this one listener.
+    /// connections from all of them arrive on this one listener. An IPv6 wildcard (`[::]`)
+    /// listed beside an IPv4 address serves IPv6 only, so `0.0.0.0:443` and `[::]:443`
+    /// bind together.
     pub async fn bind_all(addrs: &[SocketAddr], config: ServerConfig) -> Result<Listener, Error> {
         let per_address = sockets_per_address(&config);
+        let v6_only = addrs.iter().any(SocketAddr::is_ipv4);
         let mut sockets = Vec::new();
         for addr in addrs {
-            sockets.extend(
-                Socket::bind_group(*addr, per_address).map_err(|e| Error::io(format!("cannot bind UDP {addr}"), e))?,
-            );
+            sockets.extend(Socket::bind_group(*addr, per_address, v6_only).map_err(|e| bind_error(*addr, e))?);
         }
         Self::from_sockets(sockets, config)
     }
@@ -560,6 +575,51 @@ mod tests {
             let upstream = Arc::new(upstream);
             self.relay_back(Arc::clone(&upstream));
             *self.upstream.lock().unwrap() = upstream;
+        }
+    }
+
+    fn two_sockets_per_address() -> ServerConfig {
+        testing::server_builder("echo").sockets_per_address(2).build().unwrap()
+    }
+
+    /// `SO_REUSEPORT` would let a second listener join the first one's port and take some of
+    /// its clients; it is refused as a plain bind would be, with an error that says why.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_second_listener_on_a_port_in_use_is_refused() {
+        let first = Listener::bind("127.0.0.1:0", two_sockets_per_address()).await.unwrap();
+        let err = Listener::bind(first.local_addr(), two_sockets_per_address())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("another socket holds the port"), "{err}");
+        // A port some other program holds without SO_REUSEPORT, likewise.
+        let other = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let err = Listener::bind(other.local_addr().unwrap(), two_sockets_per_address())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("another socket holds the port"), "{err}");
+    }
+
+    /// `0.0.0.0:P` and `[::]:P` together: the IPv6 wildcard serves IPv6 only, where a
+    /// dual-stack socket would clash with the IPv4 one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_ipv4_and_an_ipv6_wildcard_bind_together_on_one_port() {
+        for per_address in [1, 2] {
+            // A port free on both families: a dual-stack socket held it.
+            let port = std::net::UdpSocket::bind("[::]:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let addrs = [
+                SocketAddr::from(([0, 0, 0, 0], port)),
+                SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)),
+            ];
+            let config = testing::server_builder("echo")
+                .sockets_per_address(per_address)
+                .build()
+                .unwrap();
+            let listener = Listener::bind_all(&addrs, config).await.unwrap();
+            assert_eq!(listener.local_addrs(), addrs, "{per_address} per address");
         }
     }
 

@@ -94,31 +94,46 @@ impl Socket {
     /// Binds `addr`. IPv6 wildcard sockets are dual-stack, so one client socket reaches both
     /// families.
     pub(crate) fn bind(addr: SocketAddr) -> io::Result<Self> {
-        Self::bind_with(addr, false)
+        Self::bind_with(addr, false, false)
     }
 
     /// Binds `count` sockets to `addr` with `SO_REUSEPORT`, so the kernel spreads the
     /// datagrams of different clients over them (port 0: the first socket's port for all).
-    /// One socket, or a system whose `SO_REUSEPORT` does not spread, binds one plainly.
-    pub(crate) fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<Self>> {
+    /// One socket, or a system whose `SO_REUSEPORT` does not spread, binds one plainly. An
+    /// IPv6 wildcard is dual-stack unless `v6_only` (when an IPv4 address is bound beside
+    /// it, which a dual-stack socket on the same port would clash with).
+    ///
+    /// A port another socket holds is refused, as a plain bind refuses it: the kernel lets
+    /// an `SO_REUSEPORT` socket join others of the same user on their port, so a second
+    /// server started by mistake would otherwise take over part of the first one's clients
+    /// (whose connections it does not know). A probe bound without `SO_REUSEPORT` asks
+    /// first; a server that binds between the probe and the group is not seen.
+    pub(crate) fn bind_group(addr: SocketAddr, count: usize, v6_only: bool) -> io::Result<Vec<Self>> {
         if count <= 1 || !REUSE_PORT_SPREADS {
-            return Ok(vec![Self::bind(addr)?]);
+            return Ok(vec![Self::bind_with(addr, false, v6_only)?]);
         }
-        let first = Self::bind_with(addr, true)?;
-        let addr = first.local_addr();
-        let mut group = vec![first];
-        for _ in 1..count {
-            group.push(Self::bind_with(addr, true)?);
-        }
-        Ok(group)
+        let addr = {
+            let probe = Self::bound(addr, false, v6_only)?;
+            let bound = probe.local_addr()?.as_socket();
+            bound.ok_or_else(|| io::Error::other("the probe socket has no IP address"))?
+        };
+        (0..count).map(|_| Self::bind_with(addr, true, v6_only)).collect()
     }
 
-    fn bind_with(addr: SocketAddr, reuse_port: bool) -> io::Result<Self> {
+    fn bind_with(addr: SocketAddr, reuse_port: bool, v6_only: bool) -> io::Result<Self> {
+        Self::from_std(Self::bound(addr, reuse_port, v6_only)?.into())
+    }
+
+    fn bound(addr: SocketAddr, reuse_port: bool, v6_only: bool) -> io::Result<socket2::Socket> {
         let domain = socket2::Domain::for_address(addr);
         let sock = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         if addr.is_ipv6() && addr.ip().is_unspecified() {
-            // Best effort: some systems forbid dual-stack sockets.
-            let _ = sock.set_only_v6(false);
+            if v6_only {
+                sock.set_only_v6(true)?;
+            } else {
+                // Best effort: some systems forbid dual-stack sockets.
+                let _ = sock.set_only_v6(false);
+            }
         }
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if reuse_port {
@@ -127,7 +142,7 @@ impl Socket {
         #[cfg(not(any(target_os = "linux", target_os = "android")))]
         let _ = reuse_port;
         sock.bind(&addr.into())?;
-        Self::from_std(sock.into())
+        Ok(sock)
     }
 
     pub(crate) fn from_std(sock: std::net::UdpSocket) -> io::Result<Self> {
