@@ -12,6 +12,14 @@
 //! 16 MiB per connection. The byte bound makes a queue's memory a setting
 //! (`inbound_queue_bytes`) whatever the peer sends. A datagram that does not fit is refused,
 //! and the router drops it as a congested network would.
+//!
+//! What a queued datagram keeps allocated is more than its length: it is a slice of the
+//! router's 64 KiB receive arena, which stays allocated while any datagram cut from it is
+//! queued. A connection whose task stands still while other traffic flows past can so pin
+//! up to `inbound_queue` arenas (16 MiB at the defaults), until its task reads again. That
+//! is bounded and lasts only while a task is stalled; charging each datagram its arena
+//! would instead refuse honest bursts spread over many connections, and copying each one
+//! out would cost an allocation per datagram.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

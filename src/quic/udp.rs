@@ -7,6 +7,7 @@
 //! The connections that share a socket share its send buffer: when it is full, every one of
 //! them that found it so is woken once it has room.
 
+use std::collections::HashMap;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -51,12 +52,15 @@ pub(crate) struct Socket {
 }
 
 /// Wakers of the tasks waiting for room in a socket's send buffer: at most one per
-/// connection, and touched only when a send finds the buffer full.
+/// connection, and touched only when a send finds the buffer full. Keyed by the waker's
+/// task (its data and vtable pointers, what `Waker::will_wake` compares), so listing a
+/// task that is listed already costs a lookup, not a scan: thousands of connections may
+/// find one full buffer at once.
 #[derive(Default)]
-struct SendWaiters(Mutex<Vec<Waker>>);
+struct SendWaiters(Mutex<HashMap<(usize, usize), Waker>>);
 
 impl SendWaiters {
-    fn list(&self) -> MutexGuard<'_, Vec<Waker>> {
+    fn list(&self) -> MutexGuard<'_, HashMap<(usize, usize), Waker>> {
         // A list of wakers is valid whatever a panicking holder left in it.
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -64,10 +68,8 @@ impl SendWaiters {
     /// Adds `waker` unless its task is listed already (a connection woken by a packet may
     /// find the buffer full again before it has room).
     fn add(&self, waker: &Waker) {
-        let mut list = self.list();
-        if !list.iter().any(|w| w.will_wake(waker)) {
-            list.push(waker.clone());
-        }
+        let task = (waker.data() as usize, std::ptr::from_ref(waker.vtable()) as usize);
+        self.list().entry(task).or_insert_with(|| waker.clone());
     }
 }
 
@@ -79,7 +81,7 @@ impl Wake for SendWaiters {
     fn wake_by_ref(self: &Arc<Self>) {
         // Woken outside the lock, so a task that runs at once may list itself again.
         let mut waiting = std::mem::take(&mut *self.list());
-        for waker in waiting.drain(..) {
+        for (_, waker) in waiting.drain() {
             waker.wake();
         }
         // Keep the allocation for the next time the buffer fills.
@@ -378,6 +380,23 @@ impl RecvBuffers {
 mod tests {
     use super::*;
     use crate::testing::WakeCount;
+
+    #[test]
+    fn send_waiters_list_each_task_once_and_wake_every_one() {
+        let waiters = Arc::<SendWaiters>::default();
+        let (a, b) = (Arc::<WakeCount>::default(), Arc::<WakeCount>::default());
+        waiters.add(&a.waker());
+        waiters.add(&a.waker());
+        waiters.add(&b.waker());
+        assert_eq!(waiters.list().len(), 2, "one entry per task");
+        waiters.wake_by_ref();
+        assert_eq!((a.count(), b.count()), (1, 1));
+        assert!(waiters.list().is_empty());
+        // Listed again after a wake-up, and woken again.
+        waiters.add(&b.waker());
+        waiters.wake_by_ref();
+        assert_eq!((a.count(), b.count()), (1, 2));
+    }
 
     #[tokio::test]
     async fn batched_send_and_receive_round_trip() {
