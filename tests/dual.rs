@@ -519,12 +519,34 @@ async fn past_the_tcp_connection_limit_clients_wait_until_a_connection_closes() 
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// A response body that yields 16 KiB chunks, `count` of them or for ever, each `every`
-/// apart or as fast as it is polled, and says on `dropped` when the server drops it.
+/// A response body that yields chunks of `size` bytes, `count` of them or for ever, each
+/// `every` apart or as fast as it is polled, and says on `dropped` when the server drops it.
 struct Chunks {
+    size: usize,
     count: Option<usize>,
     every: Option<tokio::time::Interval>,
     dropped: Option<tokio::sync::mpsc::UnboundedSender<()>>,
+}
+
+impl Chunks {
+    fn new(size: usize, count: Option<usize>) -> Self {
+        Chunks {
+            size,
+            count,
+            every: None,
+            dropped: None,
+        }
+    }
+
+    fn every(mut self, period: Duration) -> Self {
+        self.every = Some(tokio::time::interval(period));
+        self
+    }
+
+    fn on_drop(mut self, dropped: tokio::sync::mpsc::UnboundedSender<()>) -> Self {
+        self.dropped = Some(dropped);
+        self
+    }
 }
 
 impl http_body::Body for Chunks {
@@ -543,7 +565,7 @@ impl http_body::Body for Chunks {
             Some(count) => *count -= 1,
             None => {}
         }
-        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(&[b'x'; 16 * 1024])))))
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from(vec![b'x'; self.size])))))
     }
 }
 
@@ -555,62 +577,33 @@ impl Drop for Chunks {
     }
 }
 
-/// nginx's `send_timeout`: a TCP client that takes none of a response (an HTTP/2 stream
-/// window left at zero, an HTTP/1.1 socket it does not read) loses its connection after the
-/// body stall timeout, and the response (with its handler's state) is dropped. A handler
-/// slower than the timeout, and a body slower than it that the client reads, are not
-/// stalls.
+/// A dual server whose body stall timeout is one second, and whose other timeouts are far
+/// longer than the tests wait: only the stall timer may close connections.
+async fn dual_stalling_after_one_second(app: Router) -> Dual {
+    let builder = server::Builder::new()
+        .body_stall_timeout(Duration::from_secs(1))
+        .connection_idle_timeout(Duration::from_secs(60))
+        .tcp_header_read_timeout(Duration::from_secs(60));
+    dual(app, builder).await
+}
+
+/// nginx's `send_timeout`: a TCP client that takes none of a response (an HTTP/1.1 socket
+/// it does not read, an HTTP/2 connection whose window it leaves closed) loses its
+/// connection after the body stall timeout, and the response (with its handler's state) is
+/// dropped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_timeout() {
     let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel();
-    let app = app()
-        .route(
-            "/endless",
-            get(move || {
-                let dropped = Some(dropped_tx.clone());
-                async move {
-                    axum::body::Body::new(Chunks {
-                        count: None,
-                        every: None,
-                        dropped,
-                    })
-                }
-            }),
-        )
-        .route(
-            "/late-head",
-            get(|| async {
-                tokio::time::sleep(Duration::from_millis(1500)).await;
-                "late but whole"
-            }),
-        )
-        .route(
-            "/slow-body",
-            get(|| async {
-                let every = tokio::time::interval(Duration::from_millis(300));
-                axum::body::Body::new(Chunks {
-                    count: Some(6),
-                    every: Some(every),
-                    dropped: None,
-                })
-            }),
-        );
-    let server = dual(
-        app,
-        server::Builder::new()
-            .body_stall_timeout(Duration::from_millis(500))
-            // Far longer than the test waits: only the stall timer may close connections.
-            .connection_idle_timeout(Duration::from_secs(60))
-            .tcp_header_read_timeout(Duration::from_secs(60)),
-    )
-    .await;
+    let app = app().route(
+        "/endless",
+        get(move || {
+            let dropped = dropped_tx.clone();
+            async move { axum::body::Body::new(Chunks::new(16 * 1024, None).on_drop(dropped)) }
+        }),
+    );
+    let server = dual_stalling_after_one_second(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
-            let late = server.tcp(version, server.get("/late-head")).await;
-            assert_eq!(late.body().as_ref(), b"late but whole", "{version:?}");
-            let slow = server.tcp(version, server.get("/slow-body")).await;
-            assert_eq!(slow.body().len(), 6 * 16 * 1024, "{version:?}");
-
             let (mut connection, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
                 .await
                 .unwrap();
@@ -620,6 +613,57 @@ async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_time
                 .await
                 .unwrap_or_else(|_| panic!("{version:?}: the server still holds a response its client does not take"));
             drop(unread);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// What the TCP stall timer must not cut: a handler slower than the timeout, a body slower
+/// than it that the client reads, and one frame far larger than the socket's buffers that
+/// the client reads slowly (hyper polls the body again only once the frame is out, but the
+/// socket takes bytes all along).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_slow_handlers_slow_bodies_and_slow_readers_are_not_stalls() {
+    const BIG_FRAME: usize = 32 << 20;
+    let app = app()
+        .route(
+            "/late-head",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                "late but whole"
+            }),
+        )
+        .route(
+            "/slow-body",
+            get(|| async { axum::body::Body::new(Chunks::new(16 * 1024, Some(6)).every(Duration::from_millis(300))) }),
+        )
+        .route(
+            "/big-frame",
+            get(|| async { axum::body::Body::new(Chunks::new(BIG_FRAME, Some(1))) }),
+        );
+    let server = dual_stalling_after_one_second(app).await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let late = server.tcp(version, server.get("/late-head")).await;
+            assert_eq!(late.body().as_ref(), b"late but whole", "{version:?}");
+            let slow = server.tcp(version, server.get("/slow-body")).await;
+            assert_eq!(slow.body().len(), 6 * 16 * 1024, "{version:?}");
+
+            // About 10 MB/s: more than three stall timeouts for the one frame.
+            let (mut connection, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
+                .await
+                .unwrap();
+            let mut body = connection.send(server.get("/big-frame")).await.unwrap().into_body();
+            let (mut received, mut paced) = (0, 0);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.unwrap_or_else(|e| panic!("{version:?}: cut after {received} bytes: {e}"));
+                received += frame.data_ref().map_or(0, Bytes::len);
+                if received - paced >= 1 << 20 {
+                    paced = received;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            assert_eq!(received, BIG_FRAME, "{version:?}");
         }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
@@ -642,9 +686,18 @@ async fn tcp_connections_shut_down_after_max_requests_per_connection() {
             let (mut connection, driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
                 .await
                 .unwrap();
-            for _ in 0..2 {
+            for request in 1..=2 {
                 let response = connection.send(server.get("/version")).await.unwrap();
                 assert_eq!(response.status(), StatusCode::OK, "{version:?}");
+                // Over HTTP/1.1 the last response says so, or a request the client sends
+                // meanwhile would meet a closed connection.
+                let close = response.headers().get(http::header::CONNECTION);
+                let last_on_http1 = request == 2 && version == Version::HTTP_11;
+                assert_eq!(
+                    close.is_some_and(|v| v == "close"),
+                    last_on_http1,
+                    "{version:?} #{request}"
+                );
                 response.into_body().collect().await.unwrap();
             }
             timeout(Duration::from_secs(15), driver)

@@ -281,17 +281,22 @@ async fn http2_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + As
     WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
 }
 
-/// A WebSocket over HTTP/2 lives on its connection with no request in flight that the
-/// connection's idle timeout would see: it must outlast that timeout all the same.
+/// A WebSocket over HTTP/2 or HTTP/1.1 has no request in flight, nor a response body,
+/// that the connection's idle and stall timers would see: it must outlast both all the
+/// same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_http2_websocket_outlives_the_connection_idle_timeout() {
+async fn websockets_over_tcp_outlive_the_idle_and_stall_timeouts() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let builder = tower_quiche::server::Builder::new().connection_idle_timeout(Duration::from_millis(200));
+        let builder = tower_quiche::server::Builder::new()
+            .connection_idle_timeout(Duration::from_millis(200))
+            .body_stall_timeout(Duration::from_millis(200));
         let server = serve(builder, support::h3::routes::router()).await;
-        let ws = http2_websocket(&server).await;
-        // Five idle timeouts of silence.
+        let over_http2 = http2_websocket(&server).await;
+        let over_http11 = http11_websocket(&server).await;
+        // Five idle and stall timeouts of silence.
         tokio::time::sleep(Duration::from_millis(1000)).await;
-        echoes(ws, "HTTP/2, after a silence").await;
+        echoes(over_http2, "HTTP/2, after a silence").await;
+        echoes(over_http11, "HTTP/1.1, after a silence").await;
     })
     .await
     .unwrap();

@@ -139,13 +139,13 @@ impl Listener {
 
     /// Binds a server endpoint on several addresses (say, an IPv4 and an IPv6 one); new
     /// connections from all of them arrive on this one listener. An IPv6 wildcard (`[::]`)
-    /// listed beside an IPv4 address serves IPv6 only, so `0.0.0.0:443` and `[::]:443`
-    /// bind together.
+    /// listed beside an IPv4 address on the same port serves IPv6 only, so `0.0.0.0:443`
+    /// and `[::]:443` bind together.
     pub async fn bind_all(addrs: &[SocketAddr], config: ServerConfig) -> Result<Listener, Error> {
         let per_address = sockets_per_address(&config);
-        let v6_only = addrs.iter().any(SocketAddr::is_ipv4);
         let mut sockets = Vec::new();
         for addr in addrs {
+            let v6_only = addr.port() != 0 && addrs.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
             sockets.extend(Socket::bind_group(*addr, per_address, v6_only).map_err(|e| bind_error(*addr, e))?);
         }
         Self::from_sockets(sockets, config)
@@ -621,6 +621,22 @@ mod tests {
             let listener = Listener::bind_all(&addrs, config).await.unwrap();
             assert_eq!(listener.local_addrs(), addrs, "{per_address} per address");
         }
+        // On different ports the IPv6 wildcard stays dual-stack: it holds its port for IPv4
+        // too.
+        let v6_port = std::net::UdpSocket::bind("[::]:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addrs = [
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, v6_port)),
+        ];
+        let _listener = Listener::bind_all(&addrs, two_sockets_per_address()).await.unwrap();
+        assert!(
+            std::net::UdpSocket::bind(("0.0.0.0", v6_port)).is_err(),
+            "the IPv6 wildcard serves IPv4 as well"
+        );
     }
 
     /// A listener of two sockets on one address, serving echo connections; and its sockets.

@@ -109,17 +109,27 @@ impl Socket {
     /// an `SO_REUSEPORT` socket join others of the same user on their port, so a second
     /// server started by mistake would otherwise take over part of the first one's clients
     /// (whose connections it does not know). A probe bound without `SO_REUSEPORT` asks
-    /// first; a server that binds between the probe and the group is not seen.
+    /// first; a server that binds between the probe and the group is not seen. With port 0
+    /// another socket may take the probe's port in between: then a few more ports are
+    /// tried.
     pub(crate) fn bind_group(addr: SocketAddr, count: usize, v6_only: bool) -> io::Result<Vec<Self>> {
         if count <= 1 || !REUSE_PORT_SPREADS {
             return Ok(vec![Self::bind_with(addr, false, v6_only)?]);
         }
-        let addr = {
-            let probe = Self::bound(addr, false, v6_only)?;
-            let bound = probe.local_addr()?.as_socket();
-            bound.ok_or_else(|| io::Error::other("the probe socket has no IP address"))?
-        };
-        (0..count).map(|_| Self::bind_with(addr, true, v6_only)).collect()
+        let attempts = if addr.port() == 0 { 4 } else { 1 };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let probed = {
+                let probe = Self::bound(addr, false, v6_only)?;
+                let bound = probe.local_addr()?.as_socket();
+                bound.ok_or_else(|| io::Error::other("the probe socket has no IP address"))?
+            };
+            match (0..count).map(|_| Self::bind_with(probed, true, v6_only)).collect() {
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse && attempt < attempts => continue,
+                group => return group,
+            }
+        }
     }
 
     fn bind_with(addr: SocketAddr, reuse_port: bool, v6_only: bool) -> io::Result<Self> {

@@ -274,14 +274,17 @@ impl Builder {
     /// connection open for ever). Defaults to 30 s (nginx allows 60 s between two reads
     /// of a body or two writes of a response).
     ///
-    /// With [`serve_with_tcp`](Self::serve_with_tcp) it bounds responses on TCP too: when a
-    /// response has waited this long for the client to take it (an HTTP/2 stream window
-    /// left at zero, an HTTP/1.1 socket nobody reads) and no other response on the
-    /// connection moved meanwhile, the connection is closed. hyper gives no way to reset one
-    /// HTTP/2 stream from outside, so the whole connection goes, as nginx's `send_timeout`
-    /// does. TCP request bodies are not timed: a handler that waits for a body a client
-    /// trickles in waits as long as the client keeps its connection (tower-http's
-    /// `RequestBodyTimeoutLayer` bounds that).
+    /// With [`serve_with_tcp`](Self::serve_with_tcp) it bounds responses on TCP too, as
+    /// nginx's `send_timeout` does: when a response has waited this long for hyper to want
+    /// more of it while the socket took no byte (a client that reads nothing, an HTTP/2
+    /// connection window left at zero), the connection is closed. A client that reads a
+    /// large response slowly is not cut. hyper gives no view of one HTTP/2 stream's window
+    /// and no way to reset one stream from outside, so the whole connection goes, and a
+    /// client that starves some streams while it reads others is bounded only by
+    /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). TCP request
+    /// bodies are not timed: a handler that waits for a body a client trickles in waits as
+    /// long as the client keeps its connection (tower-http's `RequestBodyTimeoutLayer`
+    /// bounds that).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
         self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self

@@ -10,6 +10,7 @@
 //! WebSocket) is no longer hyper's, and keeps them through [`UpgradeLease`].
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
@@ -21,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower_layer::Layer;
@@ -198,12 +200,15 @@ struct WithInfo<S> {
 /// - Idle: hyper bounds an HTTP/1.1 connection's wait for the next head, but nothing bounds
 ///   an HTTP/2 connection without streams, whose client need only answer PINGs to hold its
 ///   slot for ever.
-/// - Stall: nothing in hyper bounds a response the client does not take (an HTTP/2 stream
-///   window left at zero, an HTTP/1.1 socket nobody reads): the request stays in flight and
-///   its handler's state stays held for ever.
+/// - Stall: nothing in hyper bounds a response the client does not take (an HTTP/2
+///   connection window left at zero, an HTTP/1.1 socket nobody reads): the request stays in
+///   flight and its handler's state stays held for ever. A stall is a response waiting for
+///   hyper to want more of it while the socket takes nothing, as nginx's `send_timeout`
+///   times the gap between two writes: a client that reads a large frame slowly is not
+///   stalled.
 ///
-/// Requests and response bodies only count themselves in and out (atomic operations and a
-/// clock read): the timer looks when it is due, so no request wakes the connection's task.
+/// Requests, response bodies and socket writes only note themselves (atomic operations and
+/// a clock read): the timer looks when it is due, so nothing wakes the connection's task.
 struct Activity {
     /// When the connection started: the base of the `_ms` clocks below.
     since: Instant,
@@ -223,9 +228,12 @@ struct Activity {
     /// since: hyper polls a body again once it has room for more, so these wait for the
     /// client to take what was sent.
     bodies_waiting: AtomicUsize,
-    /// When a response body last handed hyper something or was polled after doing so, in
-    /// milliseconds since `since`: the last time the client was seen taking a response.
-    last_body_progress_ms: AtomicU64,
+    /// When `bodies_waiting` last rose from zero.
+    waiting_since_ms: AtomicU64,
+    /// When a waiting body was last polled again: the client made room.
+    last_taken_ms: AtomicU64,
+    /// When the socket last took bytes ([`Metered`]).
+    last_write_ms: AtomicU64,
 }
 
 /// Why a connection's timer says it should close.
@@ -233,10 +241,14 @@ struct Activity {
 enum Quiet {
     /// No request in flight for the idle timeout (or none at all within the head timeout).
     Idle,
-    /// A response has waited for the client to take it for the stall timeout, and no other
-    /// response on the connection moved meanwhile.
+    /// A response has waited for the client for the stall timeout, while the socket took
+    /// nothing and no other response was taken.
     Stalled,
 }
+
+/// The shortest the timer sleeps between looks, however short the timeouts: a zero idle
+/// timeout would otherwise wake a busy connection's task every millisecond.
+const MIN_LOOK_EVERY: Duration = Duration::from_millis(10);
 
 impl Activity {
     fn new(max_requests: Option<u64>) -> Self {
@@ -249,7 +261,9 @@ impl Activity {
             last_end_ms: AtomicU64::new(0),
             tunnel_opened: AtomicBool::new(false),
             bodies_waiting: AtomicUsize::new(0),
-            last_body_progress_ms: AtomicU64::new(0),
+            waiting_since_ms: AtomicU64::new(0),
+            last_taken_ms: AtomicU64::new(0),
+            last_write_ms: AtomicU64::new(0),
         }
     }
 
@@ -257,49 +271,66 @@ impl Activity {
         u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    fn stamp(&self, clock: &AtomicU64) {
+        clock.store(self.now_ms(), Ordering::Release);
+    }
+
     fn at_ms(&self, ms: &AtomicU64) -> Instant {
         self.since + Duration::from_millis(ms.load(Ordering::Acquire))
     }
 
-    fn start(self: &Arc<Self>) -> InFlight {
+    /// A request arrived: counted in flight until its response body is dropped. The flag
+    /// says whether it is the last one `max_requests` allows.
+    fn start(self: &Arc<Self>) -> (InFlight, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
-        if self.requests.fetch_add(1, Ordering::AcqRel) + 1 == self.max_requests {
+        let last = self.requests.fetch_add(1, Ordering::AcqRel) + 1 == self.max_requests;
+        if last {
             self.request_limit_reached.notify_one();
         }
-        InFlight {
+        let in_flight = InFlight {
             activity: Arc::clone(self),
             waiting: false,
-        }
+        };
+        (in_flight, last)
     }
 
     fn end(&self) {
         // The time first: whoever sees the count fall sees when.
-        self.last_end_ms.store(self.now_ms(), Ordering::Release);
+        self.stamp(&self.last_end_ms);
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Resolves when the connection should close, and says why. Idle is only reported for a
-    /// quiet spell that began at or after `idle_from` (a connection already asked to shut
-    /// down gets a whole idle timeout more). Looks a few times per stall timeout while
+    /// quiet spell that began at or after `idle_from`; once the connection has been asked to
+    /// shut down (`closing`), socket writes count as activity too, so a response hyper
+    /// still flushes to a slow reader is not cut. Looks a few times per stall timeout while
     /// waiting, so a stall is seen within 1.25 times it.
-    async fn quiet(&self, limits: &Limits, idle_from: Instant) -> Quiet {
-        let look_every = limits.idle_timeout.min(limits.stall_timeout / 4);
+    async fn quiet(&self, limits: &Limits, idle_from: Instant, closing: bool) -> Quiet {
+        let look_every = limits.idle_timeout.min(limits.stall_timeout / 4).max(MIN_LOOK_EVERY);
         loop {
             let now = Instant::now();
             let mut next = now + look_every;
             if self.bodies_waiting.load(Ordering::Acquire) > 0 {
-                let stalled_at = self.at_ms(&self.last_body_progress_ms) + limits.stall_timeout;
+                let moved = [&self.waiting_since_ms, &self.last_taken_ms, &self.last_write_ms]
+                    .into_iter()
+                    .map(|clock| self.at_ms(clock))
+                    .max()
+                    .unwrap_or(self.since);
+                let stalled_at = moved + limits.stall_timeout;
                 if stalled_at <= now {
                     return Quiet::Stalled;
                 }
                 next = next.min(stalled_at);
             }
             if !self.tunnel_opened.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0 {
-                let (quiet_since, limit) = if self.requests.load(Ordering::Acquire) > 0 {
+                let (mut quiet_since, limit) = if self.requests.load(Ordering::Acquire) > 0 {
                     (self.at_ms(&self.last_end_ms), limits.idle_timeout)
                 } else {
                     (self.since, limits.header_read_timeout)
                 };
+                if closing {
+                    quiet_since = quiet_since.max(self.at_ms(&self.last_write_ms));
+                }
                 let idle_at = quiet_since.max(idle_from) + limit;
                 if idle_at <= now {
                     return Quiet::Idle;
@@ -308,6 +339,62 @@ impl Activity {
             }
             tokio::time::sleep_until(next.into()).await;
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A TCP connection's TLS stream, noting in its [`Activity`] when the socket takes
+    /// bytes: what the stall timer counts as the client reading.
+    struct Metered<S> {
+        #[pin]
+        inner: S,
+        activity: Arc<Activity>,
+    }
+}
+
+impl<S> Metered<S> {
+    fn wrote(activity: &Activity, written: &Poll<std::io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(1..))) {
+            activity.stamp(&activity.last_write_ms);
+        }
+    }
+}
+
+impl<S: AsyncRead> AsyncRead for Metered<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite> AsyncWrite for Metered<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let written = this.inner.poll_write(cx, buf);
+        Self::wrote(this.activity, &written);
+        written
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.project();
+        let written = this.inner.poll_write_vectored(cx, bufs);
+        Self::wrote(this.activity, &written);
+        written
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 
@@ -321,13 +408,15 @@ struct InFlight {
 impl InFlight {
     /// The response handed hyper its head or a frame: it now waits for hyper to want more.
     fn handed_over(&mut self) {
-        let activity = &self.activity;
-        // The time first: whoever sees the count rise sees when.
-        activity
-            .last_body_progress_ms
-            .store(activity.now_ms(), Ordering::Release);
         if !self.waiting {
             self.waiting = true;
+            let activity = &self.activity;
+            // The time first: whoever sees the count rise sees when. (Should another body
+            // stop waiting in between, leaving an older time here, its `polled` stamped
+            // `last_taken_ms` meanwhile.)
+            if activity.bodies_waiting.load(Ordering::Acquire) == 0 {
+                activity.stamp(&activity.waiting_since_ms);
+            }
             activity.bodies_waiting.fetch_add(1, Ordering::AcqRel);
         }
     }
@@ -337,9 +426,7 @@ impl InFlight {
         if self.waiting {
             self.waiting = false;
             let activity = &self.activity;
-            activity
-                .last_body_progress_ms
-                .store(activity.now_ms(), Ordering::Release);
+            activity.stamp(&activity.last_taken_ms);
             activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -407,9 +494,15 @@ where
         info.version = request.version();
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
+        let (in_flight, last) = self.activity.start();
         CountedResponse {
-            in_flight: Some(self.activity.start()),
+            in_flight: Some(in_flight),
             connect: request.method() == http::Method::CONNECT,
+            // The connection shuts down after this request: over HTTP/1.x hyper does so
+            // by itself after a response that says `connection: close`, where a graceful
+            // shutdown from outside may come after the head has gone without it. (HTTP/2
+            // gets its GOAWAY from the connection's task.)
+            close_after: last && request.version() <= http::Version::HTTP_11,
             inner: self.inner.call(request),
         }
     }
@@ -422,6 +515,7 @@ pin_project_lite::pin_project! {
         inner: F,
         in_flight: Option<InFlight>,
         connect: bool,
+        close_after: bool,
     }
 }
 
@@ -447,7 +541,15 @@ where
                 in_flight.handed_over();
             }
         }
-        Poll::Ready(result.map(|response| response.map(|body| Counted { body, in_flight })))
+        let close_after = *this.close_after;
+        Poll::Ready(result.map(|mut response| {
+            if close_after {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+            }
+            response.map(|body| Counted { body, in_flight })
+        }))
     }
 }
 
@@ -545,6 +647,10 @@ pub(crate) async fn run<S>(
                     return;
                 }
             };
+            let tls = Metered {
+                inner: tls,
+                activity: Arc::clone(&activity),
+            };
             let connection = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .into_owned();
@@ -583,7 +689,7 @@ pub(crate) async fn run<S>(
                     // the head timeout, and it may not go without a request in flight for
                     // longer than the idle timeout after. A client that does not take its
                     // responses is cut off after the stall timeout.
-                    quiet = activity.quiet(&limits, idle_from) => match quiet {
+                    quiet = activity.quiet(&limits, idle_from, closing) => match quiet {
                         Quiet::Stalled => {
                             // The client takes nothing: a GOAWAY or close would wait behind
                             // what it does not read.
@@ -592,6 +698,11 @@ pub(crate) async fn run<S>(
                         }
                         Quiet::Idle if closing => {
                             tracing::debug!(peer = %remote_addr, "TCP connection still open an idle timeout after it was asked to close; closed");
+                            break;
+                        }
+                        Quiet::Idle if activity.requests.load(Ordering::Acquire) == 0 => {
+                            // Nothing to let finish: the client has not even sent a request head.
+                            tracing::debug!(peer = %remote_addr, "no request within the head timeout; TCP connection closed");
                             break;
                         }
                         Quiet::Idle => {
