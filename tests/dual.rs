@@ -577,12 +577,12 @@ impl Drop for Chunks {
     }
 }
 
-/// A dual server whose body stall timeout is one second, and whose other timeouts are far
-/// longer than the tests wait: only the stall timer may close connections.
+/// A dual server whose body stall and idle timeouts are one second, and whose head timeout
+/// is far longer than the tests wait.
 async fn dual_stalling_after_one_second(app: Router) -> Dual {
     let builder = server::Builder::new()
         .body_stall_timeout(Duration::from_secs(1))
-        .connection_idle_timeout(Duration::from_secs(60))
+        .connection_idle_timeout(Duration::from_secs(1))
         .tcp_header_read_timeout(Duration::from_secs(60));
     dual(app, builder).await
 }
@@ -618,10 +618,12 @@ async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_time
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// What the TCP stall timer must not cut: a handler slower than the timeout, a body slower
-/// than it that the client reads, and one frame far larger than the socket's buffers that
-/// the client reads slowly (hyper polls the body again only once the frame is out, but the
-/// socket takes bytes all along).
+/// What the TCP stall and idle timers must not cut: a handler slower than the timeouts, a
+/// body slower than them that the client reads, and one frame far larger than the
+/// socket's buffers that the client reads slowly. hyper polls that body again only once
+/// the frame is out, but the socket takes bytes all along; and hyper may drop the body
+/// (the request no longer in flight, the connection idle and asked to close) while it
+/// still holds much of the frame to write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_slow_handlers_slow_bodies_and_slow_readers_are_not_stalls() {
     const BIG_FRAME: usize = 32 << 20;
