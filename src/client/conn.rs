@@ -5,8 +5,8 @@
 //! per submitted request when the server's stream credit allows, pumps request bodies from
 //! inside the task, and hands back each response head with a streaming [`RecvBody`].
 
-use crate::quic::QuicheConnection;
-use std::collections::{HashMap, VecDeque};
+use crate::quic::{QuicheConnection, StreamIdMap};
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -705,7 +705,7 @@ pub(crate) struct ClientApp {
     notify: Arc<ConnNotify>,
     settings: Arc<ConnSettings>,
     h3: Option<h3::Connection>,
-    streams: HashMap<u64, Entry>,
+    streams: StreamIdMap<Entry>,
     pumps: FuturesUnordered<PumpFuture>,
     lists: stream::RoundLists,
     goaway: Option<u64>,
@@ -743,7 +743,7 @@ impl ClientApp {
             notify,
             settings,
             h3: None,
-            streams: HashMap::new(),
+            streams: StreamIdMap::default(),
             pumps: FuturesUnordered::new(),
             lists: stream::RoundLists::default(),
             goaway: None,

@@ -22,8 +22,8 @@
 //!   (`TransportConfig::datagrams`), datagrams are dropped and counted. Until the peer's
 //!   SETTINGS say whether it takes datagrams, they wait in that queue.
 
-use crate::quic::QuicheConnection;
-use std::collections::{HashMap, VecDeque};
+use crate::quic::{QuicheConnection, StreamIdMap};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -478,7 +478,7 @@ pub(crate) struct DatagramHub {
     /// Whether streams get flows (the server's or client's switch); when not, every
     /// datagram that arrives is dropped.
     enabled: bool,
-    flows: HashMap<u64, Arc<Flow>>,
+    flows: StreamIdMap<Arc<Flow>>,
     outgoing_tx: mpsc::Sender<Outgoing>,
     outgoing_rx: mpsc::Receiver<Outgoing>,
     max_payload: Arc<AtomicUsize>,
@@ -497,7 +497,7 @@ impl DatagramHub {
         let (outgoing_tx, outgoing_rx) = mpsc::channel(OUTGOING_QUEUE);
         DatagramHub {
             enabled,
-            flows: HashMap::new(),
+            flows: StreamIdMap::default(),
             outgoing_tx,
             outgoing_rx,
             max_payload: Arc::new(AtomicUsize::new(PEER_UNKNOWN)),

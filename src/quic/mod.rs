@@ -53,13 +53,14 @@
 //!   [`ConnectionStats`].
 //! - `streams`: the async stream API, an [`Application`] of its own ([`StreamConnection`],
 //!   [`SendStream`], [`RecvStream`]); `notify`: how tasks other than the connection's wake
-//!   it for a stream (the HTTP/3 streams use it too).
+//!   it for a stream (the HTTP/3 streams use it too); `stream_ids`: maps keyed by stream
+//!   ID, with a cheap hash.
 //!
 //! Imports inside the module (module -> the modules it uses) form no cycle:
 //!
 //! ```text
 //! endpoint -> app cid config driver limits router routes streams udp
-//! streams  -> app bufs config notify
+//! streams  -> app bufs config notify stream_ids
 //! driver   -> app bufs cid config routes tls udp
 //! router   -> bufs cid config limits metrics routes token udp
 //! routes   -> config limits
@@ -68,7 +69,7 @@
 //! metrics  -> app
 //! token    -> cid
 //! app      -> bufs
-//! bufs, cid, notify, tls, udp -> (none)
+//! bufs, cid, notify, stream_ids, tls, udp -> (none)
 //! ```
 
 mod app;
@@ -83,6 +84,7 @@ mod notify;
 mod router;
 mod routes;
 mod session;
+mod stream_ids;
 mod streams;
 pub mod tls;
 mod token;
@@ -103,4 +105,5 @@ pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetri
 pub(crate) use notify::{ConnNotify, Queued};
 #[cfg(feature = "client")]
 pub(crate) use streams::new as new_streams;
+pub(crate) use stream_ids::StreamIdMap;
 pub use streams::{RecvStream, SendStream, StreamConnection};

@@ -22,7 +22,7 @@
 //!   readable; anything else fails with the connection's error, and no call waits for ever.
 
 use super::bufs::QuicheConnection;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::io;
 use std::ops::Deref;
@@ -40,6 +40,7 @@ use tokio::time::Sleep;
 use super::app::{Application, ConnectionHandle};
 use super::config::Config;
 use super::notify::{ConnNotify, Queued};
+use super::stream_ids::{StreamIdMap, StreamIdSet};
 use crate::error::{Code, Error, Kind};
 
 /// The code a [`SendStream`] dropped before it finished resets its stream with
@@ -344,13 +345,13 @@ impl ConnShared {
 /// streams' buffers on the connection's task.
 pub(crate) struct StreamsApp {
     shared: Arc<ConnShared>,
-    streams: HashMap<u64, Arc<Stream>>,
+    streams: StreamIdMap<Arc<Stream>>,
     /// Streams with bytes quiche could not take: looked at again when quiche lists them
     /// writable.
-    blocked: HashSet<u64>,
+    blocked: StreamIdSet,
     /// Streams whose FIN without data waits ([`bare_fin`]): looked at again every turn, and
     /// when the earliest of them is due.
-    fins: HashSet<u64>,
+    fins: StreamIdSet,
     fin_due: Option<Instant>,
     /// Wakes the connection task when the earliest FIN is due, or the linger gives up.
     timer: Pin<Box<Sleep>>,
@@ -360,7 +361,7 @@ pub(crate) struct StreamsApp {
     /// through, and the streams quiche forgot dropped, whenever it reaches `sent_check_at`,
     /// which is then twice what is left: it holds at most twice the streams quiche holds,
     /// plus a few, at a constant cost per stream.
-    sent: HashSet<u64>,
+    sent: StreamIdSet,
     sent_check_at: usize,
     /// Set once every handle is gone: see [`StreamsApp::start_linger`].
     linger: Option<Linger>,
@@ -461,13 +462,13 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
     });
     let app = StreamsApp {
         shared: Arc::clone(&shared),
-        streams: HashMap::new(),
-        blocked: HashSet::new(),
-        fins: HashSet::new(),
+        streams: StreamIdMap::default(),
+        blocked: StreamIdSet::default(),
+        fins: StreamIdSet::default(),
         fin_due: None,
         timer: Box::pin(tokio::time::sleep(Duration::ZERO)),
         ready: Vec::new(),
-        sent: HashSet::new(),
+        sent: StreamIdSet::default(),
         sent_check_at: SENT_CHECK_MIN,
         linger: None,
         idle_timeout: s.idle_timeout,

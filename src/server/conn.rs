@@ -2,8 +2,7 @@
 //! request streams into `http::Request`s, runs the service for each inside the connection's
 //! task, and writes responses back.
 
-use crate::quic::QuicheConnection;
-use std::collections::HashMap;
+use crate::quic::{QuicheConnection, StreamIdMap};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -76,7 +75,7 @@ pub(crate) struct ServerApp<S> {
     settings: Arc<Settings>,
     info: ConnectionInfo,
     h3: Option<h3::Connection>,
-    streams: HashMap<u64, Entry>,
+    streams: StreamIdMap<Entry>,
     requests: FuturesUnordered<RequestFuture>,
     notify: Arc<ConnNotify>,
     lists: stream::RoundLists,
@@ -91,7 +90,7 @@ pub(crate) struct ServerApp<S> {
     next_stream: u64,
     /// Request streams quiche holds whose head has not arrived yet, since when we know of
     /// them: each must complete its head within `request_head_timeout`.
-    heads_pending: HashMap<u64, Instant>,
+    heads_pending: StreamIdMap<Instant>,
     /// Request stream IDs below `next_stream` that no head arrived on: the client opened
     /// them implicitly by using a higher one (RFC 9000 §3.2), and their bytes may come yet,
     /// possibly behind a gap that keeps them unreadable, or never. Looked for at each timer
@@ -140,7 +139,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             settings,
             info,
             h3: None,
-            streams: HashMap::new(),
+            streams: StreamIdMap::default(),
             requests: FuturesUnordered::new(),
             notify: Arc::new(ConnNotify::default()),
             lists: stream::RoundLists::default(),
@@ -148,7 +147,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             draining: None,
             close_not_before: None,
             next_stream: 0,
-            heads_pending: HashMap::new(),
+            heads_pending: StreamIdMap::default(),
             skipped: Vec::new(),
             probed_streams: MIN_PROBED_STREAMS,
             max_concurrent_streams: u64::MAX / 8,
@@ -661,10 +660,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// An idle connection keeps no tables; the next request allocates what it needs again.
     fn release_tables(&mut self) {
         if self.streams.is_empty() {
-            self.streams = HashMap::new();
+            self.streams = StreamIdMap::default();
         }
         if self.heads_pending.is_empty() {
-            self.heads_pending = HashMap::new();
+            self.heads_pending = StreamIdMap::default();
         }
     }
 
