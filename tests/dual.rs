@@ -577,13 +577,16 @@ impl Drop for Chunks {
     }
 }
 
-/// A dual server whose body stall and idle timeouts are one second, and whose head timeout
-/// is far longer than the tests wait.
-async fn dual_stalling_after_one_second(app: Router) -> Dual {
+/// A dual server whose body stall and idle timeouts are two seconds, whose head timeout is
+/// far longer than the tests wait, and whose HTTP/2 connections PING every 300 ms (the
+/// client's acknowledgements, and the PINGs' own bytes, must not count as taking a
+/// response).
+async fn dual_stalling_after_two_seconds(app: Router) -> Dual {
     let builder = server::Builder::new()
-        .body_stall_timeout(Duration::from_secs(1))
-        .connection_idle_timeout(Duration::from_secs(1))
-        .tcp_header_read_timeout(Duration::from_secs(60));
+        .body_stall_timeout(Duration::from_secs(2))
+        .connection_idle_timeout(Duration::from_secs(2))
+        .tcp_header_read_timeout(Duration::from_secs(60))
+        .http2_keep_alive(Duration::from_millis(300), Duration::from_secs(10));
     dual(app, builder).await
 }
 
@@ -601,7 +604,7 @@ async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_time
             async move { axum::body::Body::new(Chunks::new(16 * 1024, None).on_drop(dropped)) }
         }),
     );
-    let server = dual_stalling_after_one_second(app).await;
+    let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
             let (mut connection, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
@@ -626,24 +629,24 @@ async fn tcp_responses_the_client_does_not_take_are_dropped_after_the_stall_time
 /// still holds much of the frame to write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_slow_handlers_slow_bodies_and_slow_readers_are_not_stalls() {
-    const BIG_FRAME: usize = 32 << 20;
+    const BIG_FRAME: usize = 64 << 20;
     let app = app()
         .route(
             "/late-head",
             get(|| async {
-                tokio::time::sleep(Duration::from_millis(2500)).await;
+                tokio::time::sleep(Duration::from_millis(5000)).await;
                 "late but whole"
             }),
         )
         .route(
             "/slow-body",
-            get(|| async { axum::body::Body::new(Chunks::new(16 * 1024, Some(6)).every(Duration::from_millis(300))) }),
+            get(|| async { axum::body::Body::new(Chunks::new(16 * 1024, Some(6)).every(Duration::from_millis(600))) }),
         )
         .route(
             "/big-frame",
             get(|| async { axum::body::Body::new(Chunks::new(BIG_FRAME, Some(1))) }),
         );
-    let server = dual_stalling_after_one_second(app).await;
+    let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
             let late = server.tcp(version, server.get("/late-head")).await;
@@ -651,7 +654,7 @@ async fn tcp_slow_handlers_slow_bodies_and_slow_readers_are_not_stalls() {
             let slow = server.tcp(version, server.get("/slow-body")).await;
             assert_eq!(slow.body().len(), 6 * 16 * 1024, "{version:?}");
 
-            // About 10 MB/s: more than three stall timeouts for the one frame.
+            // About 10 MB/s: more than three stall and idle timeouts for the one frame.
             let (mut connection, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, version)
                 .await
                 .unwrap();

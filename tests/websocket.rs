@@ -314,6 +314,20 @@ async fn http11_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + A
     ws
 }
 
+/// The last request `max_requests_per_connection` allows may be a WebSocket handshake: its
+/// 101 keeps `connection: upgrade` (a `connection: close` in its place would fail the
+/// handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http11_websocket_may_be_a_connections_last_request() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let builder = tower_quiche::server::Builder::new().max_requests_per_connection(1);
+        let server = serve(builder, support::h3::routes::router()).await;
+        echoes(http11_websocket(&server).await, "HTTP/1.1, as the last request").await;
+    })
+    .await
+    .unwrap();
+}
+
 /// Shows a defect (review): a WebSocket over HTTP/1.1 leaves `tcp_max_connections`. Once
 /// hyper hands the upgraded stream over, the connection's task ends and frees its slot,
 /// while the WebSocket goes on on that TCP connection: a client can hold any number of

@@ -103,7 +103,7 @@ pub use endpoint::{Endpoint, Incoming, Listener};
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) use notify::{ConnNotify, Queued};
+pub(crate) use stream_ids::StreamIdMap;
 #[cfg(feature = "client")]
 pub(crate) use streams::new as new_streams;
-pub(crate) use stream_ids::StreamIdMap;
 pub use streams::{RecvStream, SendStream, StreamConnection};

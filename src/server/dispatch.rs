@@ -77,10 +77,7 @@ impl<S: Service<Request<RecvBody>>> Future for CallWhenReady<S> {
                     if let Err(e) = ready!(service.poll_ready(cx)) {
                         return Poll::Ready(Err(("service not ready", e)));
                     }
-                    let Some(request) = request.take() else {
-                        // Never: the request leaves only in the call just below.
-                        return Poll::Pending;
-                    };
+                    let request = request.take().expect("the request leaves only in the call just below");
                     let call = service.call(request);
                     self.set(CallWhenReady::Calling { call });
                 }

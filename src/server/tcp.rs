@@ -232,9 +232,17 @@ struct Activity {
     waiting_since_ms: AtomicU64,
     /// When a waiting body was last polled again: the client made room.
     last_taken_ms: AtomicU64,
-    /// When the socket last took bytes ([`Metered`]).
+    /// When the socket last took [`PROGRESS_BYTES`] since the time before ([`Metered`]).
     last_write_ms: AtomicU64,
+    /// A request came over HTTP/2: socket writes then say nothing of the responses (see
+    /// [`Activity::quiet`]).
+    http2: AtomicBool,
 }
+
+/// How many bytes the socket must take for a write to count as the client reading: an
+/// HTTP/2 connection writes a few dozen bytes for each PING (hyper's keep-alive, or the
+/// client's own) and each SETTINGS, which must not keep a connection that carries no data.
+const PROGRESS_BYTES: u64 = 16 * 1024;
 
 /// Why a connection's timer says it should close.
 #[derive(Debug, PartialEq, Eq)]
@@ -245,6 +253,11 @@ enum Quiet {
     /// nothing and no other response was taken.
     Stalled,
 }
+
+/// How long a connection that sent no request within the head timeout has to take its
+/// GOAWAY (over HTTP/2 a round trip: the GOAWAY, a PING and its acknowledgement) before it
+/// is dropped.
+const NO_REQUEST_GOAWAY_GRACE: Duration = Duration::from_secs(1);
 
 /// The shortest the timer sleeps between looks, however short the timeouts: a zero idle
 /// timeout would otherwise wake a busy connection's task every millisecond.
@@ -264,6 +277,7 @@ impl Activity {
             waiting_since_ms: AtomicU64::new(0),
             last_taken_ms: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
+            http2: AtomicBool::new(false),
         }
     }
 
@@ -300,22 +314,28 @@ impl Activity {
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Resolves when the connection should close, and says why. Idle is only reported for a
-    /// quiet spell that began at or after `idle_from`; once the connection has been asked to
-    /// shut down (`closing`), socket writes count as activity too, so a response hyper
-    /// still flushes to a slow reader is not cut. Looks a few times per stall timeout while
-    /// waiting, so a stall is seen within 1.25 times it.
+    /// Resolves when the connection should close, and says why. Looks a few times per stall
+    /// timeout while waiting, so a stall is seen within 1.25 times it.
+    ///
+    /// - Stall: over HTTP/1.x a waiting body is taken as progress while the socket takes
+    ///   bytes (hyper polls it again only once its frame is out, however large). Over
+    ///   HTTP/2 hyper hands each frame to h2 whole once the stream has any window, and
+    ///   polls the body again at once, so the body's own polls are the progress; writes are
+    ///   not, for a client can draw PING acknowledgements at will.
+    /// - Idle: only reported for a quiet spell that began at or after `idle_from`; once the
+    ///   connection has been asked to shut down (`closing`), socket writes count as activity
+    ///   too, so a response hyper or h2 still flushes to a slow reader after dropping its
+    ///   body is not cut.
     async fn quiet(&self, limits: &Limits, idle_from: Instant, closing: bool) -> Quiet {
         let look_every = limits.idle_timeout.min(limits.stall_timeout / 4).max(MIN_LOOK_EVERY);
         loop {
             let now = Instant::now();
             let mut next = now + look_every;
             if self.bodies_waiting.load(Ordering::Acquire) > 0 {
-                let moved = [&self.waiting_since_ms, &self.last_taken_ms, &self.last_write_ms]
-                    .into_iter()
-                    .map(|clock| self.at_ms(clock))
-                    .max()
-                    .unwrap_or(self.since);
+                let mut moved = self.at_ms(&self.waiting_since_ms).max(self.at_ms(&self.last_taken_ms));
+                if !self.http2.load(Ordering::Acquire) {
+                    moved = moved.max(self.at_ms(&self.last_write_ms));
+                }
                 let stalled_at = moved + limits.stall_timeout;
                 if stalled_at <= now {
                     return Quiet::Stalled;
@@ -343,19 +363,33 @@ impl Activity {
 }
 
 pin_project_lite::pin_project! {
-    /// A TCP connection's TLS stream, noting in its [`Activity`] when the socket takes
-    /// bytes: what the stall timer counts as the client reading.
+    /// A TCP connection's TLS stream, noting in its [`Activity`] each time the socket has
+    /// taken [`PROGRESS_BYTES`] more: what the timers count as the client reading.
     struct Metered<S> {
         #[pin]
         inner: S,
         activity: Arc<Activity>,
+        // Taken since the last note.
+        unnoted: u64,
     }
 }
 
 impl<S> Metered<S> {
-    fn wrote(activity: &Activity, written: &Poll<std::io::Result<usize>>) {
-        if matches!(written, Poll::Ready(Ok(1..))) {
-            activity.stamp(&activity.last_write_ms);
+    fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Metered {
+            inner,
+            activity,
+            unnoted: 0,
+        }
+    }
+
+    fn wrote(activity: &Activity, unnoted: &mut u64, written: &Poll<std::io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = written {
+            *unnoted += *n as u64;
+            if *unnoted >= PROGRESS_BYTES {
+                *unnoted = 0;
+                activity.stamp(&activity.last_write_ms);
+            }
         }
     }
 }
@@ -370,7 +404,7 @@ impl<S: AsyncWrite> AsyncWrite for Metered<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let written = this.inner.poll_write(cx, buf);
-        Self::wrote(this.activity, &written);
+        Self::wrote(this.activity, this.unnoted, &written);
         written
     }
 
@@ -381,7 +415,7 @@ impl<S: AsyncWrite> AsyncWrite for Metered<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let written = this.inner.poll_write_vectored(cx, bufs);
-        Self::wrote(this.activity, &written);
+        Self::wrote(this.activity, this.unnoted, &written);
         written
     }
 
@@ -492,6 +526,9 @@ where
     fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
         let mut info = self.info.clone();
         info.version = request.version();
+        if info.version == http::Version::HTTP_2 {
+            self.activity.http2.store(true, Ordering::Release);
+        }
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
         let (in_flight, last) = self.activity.start();
@@ -529,24 +566,26 @@ where
         let this = self.project();
         let result = std::task::ready!(this.inner.poll(cx));
         let mut in_flight = this.in_flight.take().expect("polled after completion");
-        if let Ok(response) = &result {
-            let tunnel = *this.connect && response.status().is_success();
+        let connect = *this.connect;
+        let close_after = *this.close_after;
+        Poll::Ready(result.map(|mut response| {
+            let tunnel = connect && response.status().is_success();
+            // An upgrade or a tunnel hands the connection over: hyper keeps nothing of it,
+            // and its body is not the response's data.
+            let hands_over = tunnel || response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
             if tunnel {
                 in_flight.activity.tunnel_opened.store(true, Ordering::Release);
             }
-            // The head goes to the client now; hyper polls the body once it can send some
-            // (over HTTP/2, once the stream has window). A tunnel's or an upgrade's body is
-            // not the response's data: hyper hands the stream over instead.
-            if !tunnel && response.status() != http::StatusCode::SWITCHING_PROTOCOLS {
+            if !hands_over {
+                // The head goes to the client now; hyper polls the body once it can send
+                // some (over HTTP/2, once the stream has window).
                 in_flight.handed_over();
-            }
-        }
-        let close_after = *this.close_after;
-        Poll::Ready(result.map(|mut response| {
-            if close_after {
-                response
-                    .headers_mut()
-                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                if close_after {
+                    // Not on an upgrade: it would replace `connection: upgrade`.
+                    response
+                        .headers_mut()
+                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                }
             }
             response.map(|body| Counted { body, in_flight })
         }))
@@ -647,10 +686,7 @@ pub(crate) async fn run<S>(
                     return;
                 }
             };
-            let tls = Metered {
-                inner: tls,
-                activity: Arc::clone(&activity),
-            };
+            let tls = Metered::new(tls, Arc::clone(&activity));
             let connection = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)
                 .into_owned();
@@ -661,7 +697,15 @@ pub(crate) async fn run<S>(
             // The idle timer counts from here (a connection asked to close for idling gets
             // one more idle timeout to do so).
             let mut idle_from = activity.since;
+            // A connection that never sent a request gets this long to take its GOAWAY.
+            let mut goaway_grace: Option<Instant> = None;
             loop {
+                let grace_over = async {
+                    match goaway_grace {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     result = connection.as_mut() => {
                         if let Err(e) = result {
@@ -677,6 +721,10 @@ pub(crate) async fn run<S>(
                     _ = shutdown_begun.wait_for(Option::is_some), if !closing => {
                         connection.as_mut().graceful_shutdown();
                         closing = true;
+                    }
+                    () = grace_over => {
+                        tracing::debug!(peer = %remote_addr, "no request within the head timeout; TCP connection closed");
+                        break;
                     }
                     () = activity.request_limit_reached.notified(), if !closing => {
                         tracing::debug!(peer = %remote_addr, "request limit reached; shutting the TCP connection down");
@@ -701,9 +749,13 @@ pub(crate) async fn run<S>(
                             break;
                         }
                         Quiet::Idle if activity.requests.load(Ordering::Acquire) == 0 => {
-                            // Nothing to let finish: the client has not even sent a request head.
-                            tracing::debug!(peer = %remote_addr, "no request within the head timeout; TCP connection closed");
-                            break;
+                            // A GOAWAY too (a first request may be racing it), but only a
+                            // moment to take it: this client has held its slot for a head
+                            // timeout without asking for anything.
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                            idle_from = Instant::now();
+                            goaway_grace = Some(idle_from + NO_REQUEST_GOAWAY_GRACE);
                         }
                         Quiet::Idle => {
                             // A GOAWAY first, so that a request racing the close is either
