@@ -315,13 +315,18 @@ async fn http11_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + A
 }
 
 /// The last request `max_requests_per_connection` allows may be a WebSocket handshake: its
-/// 101 keeps `connection: upgrade` (a `connection: close` in its place would fail the
-/// handshake).
+/// 101 keeps `connection: upgrade` alone (a `close` in its place, or beside it, fails
+/// tungstenite's handshake). The handler waits a moment first, as one that looks
+/// something up would: the connection learns of the limit before the head goes out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http11_websocket_may_be_a_connections_last_request() {
     tokio::time::timeout(TEST_TIMEOUT, async {
         let builder = tower_quiche::server::Builder::new().max_requests_per_connection(1);
-        let server = serve(builder, support::h3::routes::router()).await;
+        let slow_to_answer = axum::middleware::from_fn(|request, next: axum::middleware::Next| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            next.run(request).await
+        });
+        let server = serve(builder, support::h3::routes::router().layer(slow_to_answer)).await;
         echoes(http11_websocket(&server).await, "HTTP/1.1, as the last request").await;
     })
     .await

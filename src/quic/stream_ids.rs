@@ -81,6 +81,13 @@ mod tests {
         assert!(tags.len() > 32, "{} of 128 tags used", tags.len());
     }
 
+    /// The seed changes where IDs land, so which ones collide is not the same everywhere.
+    #[test]
+    fn the_seed_moves_every_id() {
+        let (one, other) = (StreamIdHash(1), StreamIdHash(2));
+        assert!((0..64u64).all(|i| one.hash_one(i * 4) != other.hash_one(i * 4)));
+    }
+
     #[test]
     fn a_map_finds_what_it_holds() {
         let mut map = StreamIdMap::default();

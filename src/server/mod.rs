@@ -278,10 +278,11 @@ impl Builder {
     /// nginx's `send_timeout` does: when a response has waited this long for hyper to want
     /// more of it, the connection is closed. Over HTTP/1.1 the wait counts while the
     /// socket takes less than 16 KiB (so a client that reads a large response slowly is
-    /// not cut); over HTTP/2 while the stream gets no window (a client that reads nothing,
-    /// or leaves the connection window at zero). hyper gives no way to reset one HTTP/2
+    /// not cut); over HTTP/2 while no response on the connection gets window for its next
+    /// 16 KiB (a client that reads nothing, or leaves the connection window at zero; new
+    /// requests it sends meanwhile do not count). hyper gives no way to reset one HTTP/2
     /// stream from outside, so the whole connection goes, and a client that starves some
-    /// streams while it lets others move is bounded only by
+    /// streams while it reads others is bounded only by
     /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). TCP request
     /// bodies are not timed: a handler that waits for a body a client trickles in waits as
     /// long as the client keeps its connection (tower-http's `RequestBodyTimeoutLayer`

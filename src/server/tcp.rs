@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use boring::ssl::{AlpnError, SslAcceptor, SslMethod};
+use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -201,11 +202,10 @@ struct WithInfo<S> {
 ///   an HTTP/2 connection without streams, whose client need only answer PINGs to hold its
 ///   slot for ever.
 /// - Stall: nothing in hyper bounds a response the client does not take (an HTTP/2
-///   connection window left at zero, an HTTP/1.1 socket nobody reads): the request stays in
-///   flight and its handler's state stays held for ever. A stall is a response waiting for
-///   hyper to want more of it while the socket takes nothing, as nginx's `send_timeout`
-///   times the gap between two writes: a client that reads a large frame slowly is not
-///   stalled.
+///   window left at zero, an HTTP/1.1 socket nobody reads): the request stays in flight
+///   and its handler's state stays held for ever. A stall is a response waiting for hyper
+///   to want more of it while nothing moves, as nginx's `send_timeout` times the gap
+///   between two writes (see [`Activity::quiet`] for what moving is on each protocol).
 ///
 /// Requests, response bodies and socket writes only note themselves (atomic operations and
 /// a clock read): the timer looks when it is due, so nothing wakes the connection's task.
@@ -249,8 +249,7 @@ const PROGRESS_BYTES: u64 = 16 * 1024;
 enum Quiet {
     /// No request in flight for the idle timeout (or none at all within the head timeout).
     Idle,
-    /// A response has waited for the client for the stall timeout, while the socket took
-    /// nothing and no other response was taken.
+    /// A response has waited for the client for the stall timeout, while nothing moved.
     Stalled,
 }
 
@@ -304,6 +303,7 @@ impl Activity {
         let in_flight = InFlight {
             activity: Arc::clone(self),
             waiting: false,
+            after_head: false,
         };
         (in_flight, last)
     }
@@ -318,14 +318,17 @@ impl Activity {
     /// timeout while waiting, so a stall is seen within 1.25 times it.
     ///
     /// - Stall: over HTTP/1.x a waiting body is taken as progress while the socket takes
-    ///   bytes (hyper polls it again only once its frame is out, however large). Over
-    ///   HTTP/2 hyper hands each frame to h2 whole once the stream has any window, and
-    ///   polls the body again at once, so the body's own polls are the progress; writes are
-    ///   not, for a client can draw PING acknowledgements at will.
-    /// - Idle: only reported for a quiet spell that began at or after `idle_from`; once the
-    ///   connection has been asked to shut down (`closing`), socket writes count as activity
-    ///   too, so a response hyper or h2 still flushes to a slow reader after dropping its
-    ///   body is not cut.
+    ///   bytes, [`PROGRESS_BYTES`] at a time (hyper polls it again only once its frame is
+    ///   out, however large). Over HTTP/2 writes do not count (a client can draw PING
+    ///   acknowledgements at will): there the progress is a body polled again after one of
+    ///   its frames, which hyper does once h2 has sent all but what the stream's window
+    ///   covers of the frame before ([`Counted`] cuts frames to [`PROGRESS_BYTES`], so that
+    ///   is often). The poll that follows a head is no progress: h2 polls a new body at once,
+    ///   so a client's cheap requests would otherwise keep its stalled ones.
+    /// - Idle: only reported for a quiet spell that began at or after `idle_from`. Once an
+    ///   HTTP/1.x connection has been asked to shut down (`closing`), socket writes count as
+    ///   activity too: hyper drops a body once it has buffered its last frame, which a slow
+    ///   reader may take long to drain.
     async fn quiet(&self, limits: &Limits, idle_from: Instant, closing: bool) -> Quiet {
         let look_every = limits.idle_timeout.min(limits.stall_timeout / 4).max(MIN_LOOK_EVERY);
         loop {
@@ -348,7 +351,7 @@ impl Activity {
                 } else {
                     (self.since, limits.header_read_timeout)
                 };
-                if closing {
+                if closing && !self.http2.load(Ordering::Acquire) {
                     quiet_since = quiet_since.max(self.at_ms(&self.last_write_ms));
                 }
                 let idle_at = quiet_since.max(idle_from) + limit;
@@ -437,11 +440,15 @@ struct InFlight {
     activity: Arc<Activity>,
     /// Counted in `bodies_waiting`.
     waiting: bool,
+    /// What it waits after is its head (see `polled`).
+    after_head: bool,
 }
 
 impl InFlight {
-    /// The response handed hyper its head or a frame: it now waits for hyper to want more.
-    fn handed_over(&mut self) {
+    /// The response handed hyper its head (`head`) or a frame: it now waits for hyper to
+    /// want more.
+    fn handed_over(&mut self, head: bool) {
+        self.after_head = head;
         if !self.waiting {
             self.waiting = true;
             let activity = &self.activity;
@@ -456,11 +463,15 @@ impl InFlight {
     }
 
     /// hyper polls the body: what it was handed has been taken (or buffered) after all.
+    /// After a frame that is progress; after the head it is not (h2 polls a new body at
+    /// once, whatever the windows).
     fn polled(&mut self) {
         if self.waiting {
             self.waiting = false;
             let activity = &self.activity;
-            activity.stamp(&activity.last_taken_ms);
+            if !self.after_head {
+                activity.stamp(&activity.last_taken_ms);
+            }
             activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
         }
     }
@@ -477,37 +488,113 @@ impl Drop for InFlight {
 
 pin_project_lite::pin_project! {
     /// A response body that keeps its request counted in flight until it is dropped, and
-    /// tells the connection's stall timer when it waits for the client.
+    /// tells the connection's stall timer when it waits for the client. Over HTTP/2 it
+    /// hands hyper data frames of at most [`PROGRESS_BYTES`], so that each poll says that
+    /// much went out (see [`Activity::quiet`]).
     pub(crate) struct Counted<B> {
         #[pin]
         body: B,
         in_flight: InFlight,
+        // What is left of a frame cut to size.
+        rest: Option<Bytes>,
     }
 }
 
-impl<B: http_body::Body> http_body::Body for Counted<B> {
-    type Data = B::Data;
+/// A data frame of a [`Counted`] body: as the body made it, or a piece of a larger one.
+pub(crate) enum Piece<D> {
+    Whole(D),
+    Cut(Bytes),
+}
+
+impl<D: Buf> Buf for Piece<D> {
+    fn remaining(&self) -> usize {
+        match self {
+            Piece::Whole(data) => data.remaining(),
+            Piece::Cut(bytes) => bytes.remaining(),
+        }
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self {
+            Piece::Whole(data) => data.chunk(),
+            Piece::Cut(bytes) => bytes.chunk(),
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        match self {
+            Piece::Whole(data) => data.chunks_vectored(dst),
+            Piece::Cut(bytes) => bytes.chunks_vectored(dst),
+        }
+    }
+
+    fn advance(&mut self, cnt: usize) {
+        match self {
+            Piece::Whole(data) => data.advance(cnt),
+            Piece::Cut(bytes) => bytes.advance(cnt),
+        }
+    }
+}
+
+impl<B> http_body::Body for Counted<B>
+where
+    B: http_body::Body<Data: Buf>,
+{
+    type Data = Piece<B::Data>;
     type Error = B::Error;
 
     fn poll_frame(
         self: std::pin::Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, B::Error>>> {
         let this = self.project();
         this.in_flight.polled();
-        let frame = this.body.poll_frame(cx);
-        if let Poll::Ready(Some(Ok(_))) = frame {
-            this.in_flight.handed_over();
+        let frame = if this.rest.is_some() {
+            let bytes = this.rest.as_mut().map_or_else(Bytes::new, |rest| {
+                rest.split_to(rest.len().min(PROGRESS_BYTES as usize))
+            });
+            if this.rest.as_ref().is_some_and(Bytes::is_empty) {
+                *this.rest = None;
+            }
+            http_body::Frame::data(Piece::Cut(bytes))
+        } else {
+            match std::task::ready!(this.body.poll_frame(cx)) {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data)
+                        if data.remaining() > PROGRESS_BYTES as usize
+                            && this.in_flight.activity.http2.load(Ordering::Acquire) =>
+                    {
+                        let mut bytes = data.copy_to_bytes(data.remaining());
+                        let piece = bytes.split_to(PROGRESS_BYTES as usize);
+                        *this.rest = Some(bytes);
+                        http_body::Frame::data(Piece::Cut(piece))
+                    }
+                    Ok(data) => http_body::Frame::data(Piece::Whole(data)),
+                    Err(frame) => frame.map_data(Piece::Whole),
+                },
+                other => return Poll::Ready(other.map(|frame| frame.map(|frame| frame.map_data(Piece::Whole)))),
+            }
+        };
+        if frame.is_data() {
+            this.in_flight.handed_over(false);
         }
-        frame
+        Poll::Ready(Some(Ok(frame)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_none() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.body.size_hint()
+        let mut hint = self.body.size_hint();
+        if let Some(rest) = &self.rest {
+            let rest = rest.len() as u64;
+            hint.set_lower(hint.lower().saturating_add(rest));
+            if let Some(upper) = hint.upper() {
+                hint.set_upper(upper.saturating_add(rest));
+            }
+        }
+        hint
     }
 }
 
@@ -579,15 +666,30 @@ where
             if !hands_over {
                 // The head goes to the client now; hyper polls the body once it can send
                 // some (over HTTP/2, once the stream has window).
-                in_flight.handed_over();
-                if close_after {
-                    // Not on an upgrade: it would replace `connection: upgrade`.
+                in_flight.handed_over(true);
+                let says_close = |value: &http::HeaderValue| {
+                    value
+                        .to_str()
+                        .is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("close")))
+                };
+                if close_after
+                    && !response
+                        .headers()
+                        .get_all(http::header::CONNECTION)
+                        .iter()
+                        .any(says_close)
+                {
+                    // Beside whatever the service put there (not on an upgrade: `hands_over`).
                     response
                         .headers_mut()
-                        .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                        .append(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                 }
             }
-            response.map(|body| Counted { body, in_flight })
+            response.map(|body| Counted {
+                body,
+                in_flight,
+                rest: None,
+            })
         }))
     }
 }
@@ -721,15 +823,30 @@ pub(crate) async fn run<S>(
                     _ = shutdown_begun.wait_for(Option::is_some), if !closing => {
                         connection.as_mut().graceful_shutdown();
                         closing = true;
+                        idle_from = Instant::now();
                     }
                     () = grace_over => {
+                        if activity.requests.load(Ordering::Acquire) > 0 {
+                            // A first request raced the GOAWAY, and was taken: it is let
+                            // finish as any other on a closing connection.
+                            goaway_grace = None;
+                            continue;
+                        }
                         tracing::debug!(peer = %remote_addr, "no request within the head timeout; TCP connection closed");
                         break;
                     }
                     () = activity.request_limit_reached.notified(), if !closing => {
-                        tracing::debug!(peer = %remote_addr, "request limit reached; shutting the TCP connection down");
-                        connection.as_mut().graceful_shutdown();
-                        closing = true;
+                        // Over HTTP/1.x the last response says `connection: close` (or hands
+                        // the connection over), and hyper closes after it: shutting down from
+                        // here could come before its head and add `close` to a 101's
+                        // `upgrade`. (Decided here, not in the branch's condition: that is
+                        // read only when the loop comes round, before the first request.)
+                        if activity.http2.load(Ordering::Acquire) {
+                            tracing::debug!(peer = %remote_addr, "request limit reached; shutting the TCP connection down");
+                            connection.as_mut().graceful_shutdown();
+                            closing = true;
+                            idle_from = Instant::now();
+                        }
                     }
                     // hyper times HTTP/1.1 heads only once it has chosen HTTP/1.1, and HTTP/2
                     // not at all: a client that sends nothing, or part of the HTTP/2 preface,
