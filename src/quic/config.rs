@@ -152,6 +152,8 @@ pub(crate) struct ServerSettings {
     pub(crate) stateless_reply_burst: u32,
     /// Sockets bound per address with SO_REUSEPORT; `None`: one per tokio worker thread.
     pub(crate) sockets_per_address: Option<usize>,
+    /// May join other sockets' SO_REUSEPORT group on the port (a hand-over restart).
+    pub(crate) share_port: bool,
 }
 
 impl Default for ServerSettings {
@@ -165,6 +167,7 @@ impl Default for ServerSettings {
             stateless_replies_per_second: 1000,
             stateless_reply_burst: 1000,
             sockets_per_address: None,
+            share_port: false,
         }
     }
 }
@@ -878,9 +881,21 @@ impl ServerConfigBuilder {
     /// is bound. `0` counts as 1. A port another socket already holds is refused, however
     /// many sockets are asked for (a probe without `SO_REUSEPORT` binds first), so a second
     /// server started on the same port fails instead of taking over some of the first
-    /// one's clients.
+    /// one's clients; see [`share_port`](Self::share_port).
     pub fn sockets_per_address(mut self, sockets: usize) -> Self {
         self.server.sockets_per_address = Some(sockets.max(1));
+        self
+    }
+
+    /// Whether the listener may bind a port that sockets of this user already hold with
+    /// `SO_REUSEPORT` (Linux and Android), and share the port's datagrams with them. For a
+    /// hand-over restart: the new server starts while the old one drains its connections.
+    /// Meanwhile the kernel spreads clients over both servers by a hash of their addresses,
+    /// and each knows only its own connections (a client that lands on the other one is
+    /// answered with a stateless reset), so turn it on only for that. Defaults to off: a
+    /// port in use is an error.
+    pub fn share_port(mut self, share: bool) -> Self {
+        self.server.share_port = share;
         self
     }
 

@@ -68,12 +68,18 @@ fn sockets_per_address(config: &ServerConfig) -> usize {
     })
 }
 
+/// Whether the listener may join other sockets' `SO_REUSEPORT` group on its port.
+fn share_port(config: &ServerConfig) -> bool {
+    config.config.inner.server.share_port
+}
+
 /// A bind that failed, saying what to change when the port is taken.
 fn bind_error(addr: SocketAddr, e: std::io::Error) -> Error {
     if e.kind() == std::io::ErrorKind::AddrInUse {
         Error::io(
             format!(
-                "cannot bind UDP {addr}: another socket holds the port (another server running?); pick another port or stop it"
+                "cannot bind UDP {addr}: another socket holds the port (another server running?); pick another \
+                 port, stop it, or for a hand-over restart turn on ServerConfigBuilder::share_port in both"
             ),
             e,
         )
@@ -129,7 +135,7 @@ impl Listener {
         let per_address = sockets_per_address(&config);
         let mut last_error = None;
         for addr in addrs {
-            match Socket::bind_group(addr, per_address, false) {
+            match Socket::bind_group(addr, per_address, false, share_port(&config)) {
                 Ok(sockets) => return Self::from_sockets(sockets, config),
                 Err(e) => last_error = Some(bind_error(addr, e)),
             }
@@ -146,7 +152,8 @@ impl Listener {
         let mut sockets = Vec::new();
         for addr in addrs {
             let v6_only = addr.port() != 0 && addrs.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
-            sockets.extend(Socket::bind_group(*addr, per_address, v6_only).map_err(|e| bind_error(*addr, e))?);
+            let group = Socket::bind_group(*addr, per_address, v6_only, share_port(&config));
+            sockets.extend(group.map_err(|e| bind_error(*addr, e))?);
         }
         Self::from_sockets(sockets, config)
     }
@@ -597,6 +604,17 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("another socket holds the port"), "{err}");
+        // Unless both share the port, as for a hand-over restart.
+        let sharing = || {
+            testing::server_builder("echo")
+                .sockets_per_address(2)
+                .share_port(true)
+                .build()
+                .unwrap()
+        };
+        let old = Listener::bind("127.0.0.1:0", sharing()).await.unwrap();
+        let new = Listener::bind(old.local_addr(), sharing()).await.unwrap();
+        assert_eq!(new.local_addr(), old.local_addr());
     }
 
     /// `0.0.0.0:P` and `[::]:P` together: the IPv6 wildcard serves IPv6 only, where a

@@ -111,8 +111,14 @@ impl Socket {
     /// (whose connections it does not know). A probe bound without `SO_REUSEPORT` asks
     /// first; a server that binds between the probe and the group is not seen. With port 0
     /// another socket may take the probe's port in between: then a few more ports are
-    /// tried.
-    pub(crate) fn bind_group(addr: SocketAddr, count: usize, v6_only: bool) -> io::Result<Vec<Self>> {
+    /// tried. With `share` there is no probe, and even one socket sets `SO_REUSEPORT`: the
+    /// group may join others on the port (a hand-over restart).
+    pub(crate) fn bind_group(addr: SocketAddr, count: usize, v6_only: bool, share: bool) -> io::Result<Vec<Self>> {
+        if share {
+            return (0..count.max(1))
+                .map(|_| Self::bind_with(addr, true, v6_only))
+                .collect();
+        }
         if count <= 1 || !REUSE_PORT_SPREADS {
             return Ok(vec![Self::bind_with(addr, false, v6_only)?]);
         }
