@@ -6,8 +6,8 @@
 //! may only open streams below the limit it was granted, so such a map holds at most the
 //! concurrent-stream limit of entries, and colliding keys only lengthen probes within that
 //! bound. Still, a peer chooses which of its streams stay open, so the hash is seeded per
-//! process: which IDs collide cannot be worked out from outside. (quiche keys its own
-//! stream map with a plain identity hash.)
+//! process: which IDs collide differs from one server process to the next. (quiche keys
+//! its own stream map with a plain identity hash.)
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher, RandomState};
