@@ -888,12 +888,17 @@ impl ServerConfigBuilder {
     }
 
     /// Whether the listener may bind a port that sockets of this user already hold with
-    /// `SO_REUSEPORT` (Linux and Android), and share the port's datagrams with them. For a
-    /// hand-over restart: the new server starts while the old one drains its connections.
-    /// Meanwhile the kernel spreads clients over both servers by a hash of their addresses,
-    /// and each knows only its own connections (a client that lands on the other one is
-    /// answered with a stateless reset), so turn it on only for that. Defaults to off: a
-    /// port in use is an error.
+    /// `SO_REUSEPORT` (Linux and Android; elsewhere it changes nothing), and share the
+    /// port's datagrams with them. Defaults to off: a port in use is an error.
+    ///
+    /// It lets a new server start taking clients before an old one on the port has
+    /// stopped, which is all it does: the kernel spreads datagrams over both servers'
+    /// sockets by a hash of the addresses, re-spread as sockets come and go, and neither
+    /// server knows the other's connections. The old server's connections whose datagrams
+    /// now reach the new one are lost (its stateless resets carry another key, so their
+    /// clients wait out their idle timeout), and clients that reach the old one once it has
+    /// stopped accepting are not answered until it exits. A hand-over that loses nothing
+    /// passes the sockets themselves to the new process ([`Listener::from_std`](crate::quic::Listener::from_std)).
     pub fn share_port(mut self, share: bool) -> Self {
         self.server.share_port = share;
         self

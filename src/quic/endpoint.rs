@@ -79,7 +79,7 @@ fn bind_error(addr: SocketAddr, e: std::io::Error) -> Error {
         Error::io(
             format!(
                 "cannot bind UDP {addr}: another socket holds the port (another server running?); pick another \
-                 port, stop it, or for a hand-over restart turn on ServerConfigBuilder::share_port in both"
+                 port or stop it (ServerConfigBuilder::share_port says when two servers may share one)"
             ),
             e,
         )
@@ -613,8 +613,9 @@ mod tests {
                 .unwrap()
         };
         let old = Listener::bind("127.0.0.1:0", sharing()).await.unwrap();
+        assert_eq!(old.local_addrs().len(), 1, "one port for the whole group");
         let new = Listener::bind(old.local_addr(), sharing()).await.unwrap();
-        assert_eq!(new.local_addr(), old.local_addr());
+        assert_eq!(new.local_addrs(), [old.local_addr()]);
     }
 
     /// `0.0.0.0:P` and `[::]:P` together: the IPv6 wildcard serves IPv6 only, where a

@@ -111,16 +111,15 @@ impl Socket {
     /// (whose connections it does not know). A probe bound without `SO_REUSEPORT` asks
     /// first; a server that binds between the probe and the group is not seen. With port 0
     /// another socket may take the probe's port in between: then a few more ports are
-    /// tried. With `share` there is no probe, and even one socket sets `SO_REUSEPORT`: the
-    /// group may join others on the port (a hand-over restart).
+    /// tried. With `share` even one socket sets `SO_REUSEPORT`, and a given port is bound
+    /// without a probe: the group may join others on it (a hand-over restart). Port 0 is
+    /// still probed, so that the whole group has one port, a free one.
     pub(crate) fn bind_group(addr: SocketAddr, count: usize, v6_only: bool, share: bool) -> io::Result<Vec<Self>> {
-        if share {
-            return (0..count.max(1))
-                .map(|_| Self::bind_with(addr, true, v6_only))
-                .collect();
-        }
-        if count <= 1 || !REUSE_PORT_SPREADS {
+        if !REUSE_PORT_SPREADS || (count <= 1 && !share) {
             return Ok(vec![Self::bind_with(addr, false, v6_only)?]);
+        }
+        if share && addr.port() != 0 {
+            return (0..count).map(|_| Self::bind_with(addr, true, v6_only)).collect();
         }
         let attempts = if addr.port() == 0 { 4 } else { 1 };
         let mut attempt = 0;

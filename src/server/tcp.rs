@@ -491,12 +491,13 @@ pin_project_lite::pin_project! {
     /// tells the connection's stall timer when it waits for the client. Over HTTP/2 it
     /// hands hyper data frames of at most [`PROGRESS_BYTES`], so that each poll says that
     /// much went out (see [`Activity::quiet`]).
-    pub(crate) struct Counted<B> {
+    pub(crate) struct Counted<B: http_body::Body> {
         #[pin]
         body: B,
         in_flight: InFlight,
-        // What is left of a frame cut to size.
-        rest: Option<Bytes>,
+        // What is left of a frame being cut to size (copied out 16 KiB at a time: no copy
+        // at all for `Bytes`).
+        rest: Option<B::Data>,
     }
 }
 
@@ -549,14 +550,12 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, B::Error>>> {
         let this = self.project();
         this.in_flight.polled();
-        let frame = if this.rest.is_some() {
-            let bytes = this.rest.as_mut().map_or_else(Bytes::new, |rest| {
-                rest.split_to(rest.len().min(PROGRESS_BYTES as usize))
-            });
-            if this.rest.as_ref().is_some_and(Bytes::is_empty) {
+        let frame = if let Some(rest) = this.rest.as_mut() {
+            let piece = rest.copy_to_bytes(rest.remaining().min(PROGRESS_BYTES as usize));
+            if !rest.has_remaining() {
                 *this.rest = None;
             }
-            http_body::Frame::data(Piece::Cut(bytes))
+            http_body::Frame::data(Piece::Cut(piece))
         } else {
             match std::task::ready!(this.body.poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
@@ -564,9 +563,8 @@ where
                         if data.remaining() > PROGRESS_BYTES as usize
                             && this.in_flight.activity.http2.load(Ordering::Acquire) =>
                     {
-                        let mut bytes = data.copy_to_bytes(data.remaining());
-                        let piece = bytes.split_to(PROGRESS_BYTES as usize);
-                        *this.rest = Some(bytes);
+                        let piece = data.copy_to_bytes(PROGRESS_BYTES as usize);
+                        *this.rest = Some(data);
                         http_body::Frame::data(Piece::Cut(piece))
                     }
                     Ok(data) => http_body::Frame::data(Piece::Whole(data)),
@@ -575,7 +573,8 @@ where
                 other => return Poll::Ready(other.map(|frame| frame.map(|frame| frame.map_data(Piece::Whole)))),
             }
         };
-        if frame.is_data() {
+        // An empty frame is nothing taken: hyper polls again at once, whatever the window.
+        if frame.data_ref().is_some_and(Buf::has_remaining) {
             this.in_flight.handed_over(false);
         }
         Poll::Ready(Some(Ok(frame)))
@@ -588,7 +587,7 @@ where
     fn size_hint(&self) -> http_body::SizeHint {
         let mut hint = self.body.size_hint();
         if let Some(rest) = &self.rest {
-            let rest = rest.len() as u64;
+            let rest = rest.remaining() as u64;
             hint.set_lower(hint.lower().saturating_add(rest));
             if let Some(upper) = hint.upper() {
                 hint.set_upper(upper.saturating_add(rest));
@@ -601,6 +600,7 @@ where
 impl<S, B> Service<Request<Incoming>> for WithInfo<S>
 where
     S: Service<Request<Incoming>, Response = Response<B>>,
+    B: http_body::Body,
 {
     type Response = Response<Counted<B>>;
     type Error = S::Error;
@@ -646,6 +646,7 @@ pin_project_lite::pin_project! {
 impl<F, B, E> Future for CountedResponse<F>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    B: http_body::Body,
 {
     type Output = Result<Response<Counted<B>>, E>;
 
