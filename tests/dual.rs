@@ -430,6 +430,31 @@ async fn tcp_clients_that_stall_before_a_complete_request_head_are_disconnected(
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// The head timeout counts from the end of the TLS handshake, as its docs say: a client
+/// whose handshake was slow (here 1.5 s of a 2 s head timeout) still has the whole timeout
+/// for its first request (sent 1 s after the handshake).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_head_timeout_counts_from_the_end_of_the_tls_handshake() {
+    let server = dual(
+        app(),
+        server::Builder::new().tcp_header_read_timeout(Duration::from_secs(2)),
+    )
+    .await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let tls = tcp::connect_after(server.addr, &server.ca_pem, version, None, Duration::from_millis(1500))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let response = tcp::request(tls, version, server.get("/version"))
+                .await
+                .unwrap_or_else(|e| panic!("{version:?}: {e}"));
+            assert_eq!(response.status(), StatusCode::OK, "{version:?}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// An HTTP/2 client answers the server's PINGs by itself: past its first request, only
 /// the idle timeout keeps one that sends nothing more from holding its connection (and
 /// its slot among `tcp_max_connections`) for ever. A connection with a request in flight

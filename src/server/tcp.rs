@@ -754,19 +754,13 @@ pub(crate) async fn run<S>(
             local_addr,
             version: http::Version::HTTP_11,
         };
-        let activity = Arc::new(Activity::new(limits.max_requests));
         let slot = Arc::new(slot);
         let lease = UpgradeLease {
             _slot: Arc::clone(&slot),
             _alive: alive.clone(),
             stop: stop.clone(),
         };
-        let service = TowerToHyperService::new(WithInfo {
-            inner: service.clone(),
-            info,
-            lease,
-            activity: Arc::clone(&activity),
-        });
+        let service = service.clone();
         let alive = alive.clone();
         let mut deadline = stop.clone();
         let limits = Arc::clone(&limits);
@@ -789,6 +783,15 @@ pub(crate) async fn run<S>(
                     return;
                 }
             };
+            // The connection's clocks start now: the first request's deadline is counted
+            // from the end of the TLS handshake, as `tcp_header_read_timeout` says.
+            let activity = Arc::new(Activity::new(limits.max_requests));
+            let service = TowerToHyperService::new(WithInfo {
+                inner: service,
+                info,
+                lease,
+                activity: Arc::clone(&activity),
+            });
             let tls = Metered::new(tls, Arc::clone(&activity));
             let connection = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), service)

@@ -27,6 +27,18 @@ pub async fn connect(
     version: Version,
     identity: Option<&GeneratedCert>,
 ) -> Result<SslStream<TcpStream>, BoxError> {
+    connect_after(addr, ca_pem, version, identity, std::time::Duration::ZERO).await
+}
+
+/// [`connect`], with `pause` between the TCP connection and the TLS handshake (a slow
+/// client, or a slow link).
+pub async fn connect_after(
+    addr: SocketAddr,
+    ca_pem: &str,
+    version: Version,
+    identity: Option<&GeneratedCert>,
+    pause: std::time::Duration,
+) -> Result<SslStream<TcpStream>, BoxError> {
     let mut connector = SslConnector::builder(SslMethod::tls())?;
     connector
         .cert_store_mut()
@@ -45,6 +57,7 @@ pub async fn connect(
     }
     let config = connector.build().configure()?;
     let tcp = TcpStream::connect(addr).await?;
+    tokio::time::sleep(pause).await;
     let tls = tokio_boring::connect(config, "localhost", tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
