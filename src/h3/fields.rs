@@ -316,13 +316,16 @@ impl<H: std::borrow::Borrow<HeaderMap>> ResponseHead<H> {
     /// size when known (see [`response_fields`]).
     pub(crate) fn new(status: StatusCode, headers: H, content_length: Option<u64>, connect: bool) -> Self {
         let drop_length = forbids_content_length(connect, status);
-        let added_length = content_length
-            .filter(|_| !drop_length && !headers.borrow().contains_key(CONTENT_LENGTH))
-            .map(itoa_u64);
-        let declared_length = match self::content_length(headers.borrow()) {
-            _ if drop_length => None,
-            Ok(Some(field)) => Some(field),
-            _ => content_length,
+        // One look at the service's own field: it wins when valid; without one, the body's
+        // size is added.
+        let (added_length, declared_length) = if drop_length {
+            (None, None)
+        } else {
+            match self::content_length(headers.borrow()) {
+                Ok(Some(field)) => (None, Some(field)),
+                Ok(None) => (content_length.map(itoa_u64), content_length),
+                Err(_) => (None, content_length),
+            }
         };
         ResponseHead {
             status,

@@ -40,12 +40,9 @@ pub(crate) enum AddressKey {
 
 impl AddressKey {
     pub(crate) fn of(ip: IpAddr) -> Self {
-        match ip {
+        match ip.to_canonical() {
             IpAddr::V4(v4) => AddressKey::V4(v4.to_bits()),
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => AddressKey::V4(v4.to_bits()),
-                None => AddressKey::V6((v6.to_bits() >> 64) as u64),
-            },
+            IpAddr::V6(v6) => AddressKey::V6((v6.to_bits() >> 64) as u64),
         }
     }
 }

@@ -100,7 +100,8 @@ impl Socket {
     }
 
     /// Binds `count` sockets to `addr` with `SO_REUSEPORT`, so the kernel spreads the
-    /// datagrams of different clients over them (port 0: the first socket's port for all).
+    /// datagrams of different clients over them (port 0: one free port, found by the probe
+    /// below, for all).
     /// One socket, or a system whose `SO_REUSEPORT` does not spread, binds one plainly. An
     /// IPv6 wildcard is dual-stack unless `v6_only` (when an IPv4 address is bound beside
     /// it, which a dual-stack socket on the same port would clash with).
@@ -353,11 +354,7 @@ impl Socket {
 /// kernel refuses those with EINVAL, which quinn-udp takes for a socket without GSO, for
 /// good), also when mapped into IPv6.
 pub(crate) fn is_unicast(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    };
-    match ip {
+    match ip.to_canonical() {
         IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_multicast() || v4.is_broadcast()),
         IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
     }

@@ -242,7 +242,7 @@ struct Activity {
 /// How many bytes the socket must take for a write to count as the client reading: an
 /// HTTP/2 connection writes a few dozen bytes for each PING (hyper's keep-alive, or the
 /// client's own) and each SETTINGS, which must not keep a connection that carries no data.
-const PROGRESS_BYTES: u64 = 16 * 1024;
+const PROGRESS_BYTES: usize = 16 * 1024;
 
 /// Why a connection's timer says it should close.
 #[derive(Debug, PartialEq, Eq)]
@@ -373,7 +373,7 @@ pin_project_lite::pin_project! {
         inner: S,
         activity: Arc<Activity>,
         // Taken since the last note.
-        unnoted: u64,
+        unnoted: usize,
     }
 }
 
@@ -386,9 +386,9 @@ impl<S> Metered<S> {
         }
     }
 
-    fn wrote(activity: &Activity, unnoted: &mut u64, written: &Poll<std::io::Result<usize>>) {
+    fn wrote(activity: &Activity, unnoted: &mut usize, written: &Poll<std::io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = written {
-            *unnoted += *n as u64;
+            *unnoted += *n;
             if *unnoted >= PROGRESS_BYTES {
                 *unnoted = 0;
                 activity.stamp(&activity.last_write_ms);
@@ -460,6 +460,15 @@ impl InFlight {
             }
             activity.bodies_waiting.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// `data` goes to hyper as a frame, and the body waits for hyper to want more. An empty
+    /// frame is nothing taken: hyper polls again at once, whatever the window.
+    fn hand_over<D: Buf>(&mut self, data: D) -> http_body::Frame<D> {
+        if data.has_remaining() {
+            self.handed_over(false);
+        }
+        http_body::Frame::data(data)
     }
 
     /// hyper polls the body: what it was handed has been taken (or buffered) after all.
@@ -550,34 +559,29 @@ where
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, B::Error>>> {
         let this = self.project();
         this.in_flight.polled();
-        let frame = if let Some(rest) = this.rest.as_mut() {
-            let piece = rest.copy_to_bytes(rest.remaining().min(PROGRESS_BYTES as usize));
-            if !rest.has_remaining() {
-                *this.rest = None;
-            }
-            http_body::Frame::data(Piece::Cut(piece))
-        } else {
+        if this.rest.is_none() {
             match std::task::ready!(this.body.poll_frame(cx)) {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(mut data)
-                        if data.remaining() > PROGRESS_BYTES as usize
+                    // Cut below, with what is left of an earlier one.
+                    Ok(data)
+                        if data.remaining() > PROGRESS_BYTES
                             && this.in_flight.activity.http2.load(Ordering::Acquire) =>
                     {
-                        let piece = data.copy_to_bytes(PROGRESS_BYTES as usize);
                         *this.rest = Some(data);
-                        http_body::Frame::data(Piece::Cut(piece))
                     }
-                    Ok(data) => http_body::Frame::data(Piece::Whole(data)),
-                    Err(frame) => frame.map_data(Piece::Whole),
+                    Ok(data) => return Poll::Ready(Some(Ok(this.in_flight.hand_over(Piece::Whole(data))))),
+                    Err(frame) => return Poll::Ready(Some(Ok(frame.map_data(Piece::Whole)))),
                 },
                 other => return Poll::Ready(other.map(|frame| frame.map(|frame| frame.map_data(Piece::Whole)))),
             }
-        };
-        // An empty frame is nothing taken: hyper polls again at once, whatever the window.
-        if frame.data_ref().is_some_and(Buf::has_remaining) {
-            this.in_flight.handed_over(false);
         }
-        Poll::Ready(Some(Ok(frame)))
+        let piece = this.rest.as_mut().map_or_else(Bytes::new, |rest| {
+            rest.copy_to_bytes(rest.remaining().min(PROGRESS_BYTES))
+        });
+        if this.rest.as_ref().is_some_and(|rest| !rest.has_remaining()) {
+            *this.rest = None;
+        }
+        Poll::Ready(Some(Ok(this.in_flight.hand_over(Piece::Cut(piece)))))
     }
 
     fn is_end_stream(&self) -> bool {
