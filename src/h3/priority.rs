@@ -3,6 +3,11 @@
 
 use crate::quic::QuicheConnection;
 
+/// The `priority` field's name, made once: looking a field up by a `&str` parses the name
+/// on every request.
+#[cfg(feature = "server")]
+pub(crate) const FIELD: http::HeaderName = http::HeaderName::from_static("priority");
+
 /// A stream's priority: urgency 0 (most urgent) to 7, and whether its data may be
 /// interleaved with other streams of the same urgency.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,6 @@
 //! are single-connection ([`super::token`]).
 
 use super::bufs::QuicheConnection;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -25,8 +24,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use super::cid::{self, ResetKey};
 use super::config::{Config, RetryPolicy};
 use super::limits::Limits;
-use super::metrics::DropReason;
-use super::routes::{Datagram, InboundQueue, Registration, Route, RouteTable};
+use super::metrics::{DropReason, Metrics};
+use super::routes::{Datagram, InboundQueue, Registration, RouteMap, RouteTable};
 use super::token::TokenKey;
 use super::udp::{self, Socket};
 
@@ -205,7 +204,7 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     shared: &Arc<Shared>,
-    routes: &mut HashMap<Box<[u8]>, Route>,
+    routes: &mut RouteMap,
     accept: Option<&mut Accept>,
     arena: &mut BytesMut,
     out: &mut [u8],
@@ -222,6 +221,13 @@ fn dispatch(
         return;
     }
     let id_len = shared.config.inner.cid_generator.id_len();
+    // Most datagrams are short-header packets of known connections: their ID is read in
+    // place, where quiche's parser would copy it into an allocation of its own.
+    if let Some(dcid) = short_header_dcid(datagram, id_len)
+        && forward(metrics, routes, arena, datagram, from, dcid)
+    {
+        return;
+    }
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
         Ok(hdr) => hdr,
         Err(_) => {
@@ -229,22 +235,7 @@ fn dispatch(
             return;
         }
     };
-    if let Some(route) = routes.get(&*hdr.dcid) {
-        if arena.capacity() < datagram.len() {
-            // Reclaims the arena's memory if every datagram cut from it is gone.
-            arena.reserve(ARENA_BYTES.max(datagram.len()));
-        }
-        arena.extend_from_slice(datagram);
-        let data = arena.split();
-        match route.try_send(Datagram { data, from }) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => metrics.datagram_dropped(DropReason::QueueFull),
-            Err(TrySendError::Closed(_)) => {
-                // The connection is gone; its registration removes the rest of its IDs.
-                routes.remove(&*hdr.dcid);
-                metrics.datagram_dropped(DropReason::UnknownConnection);
-            }
-        }
+    if forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
         return;
     }
     // Not for a connection we know: whatever answers it leaves from the address it came
@@ -288,10 +279,52 @@ fn dispatch(
     }
 }
 
+/// The destination connection ID of a short-header packet (RFC 9000 §17.3): the
+/// `id_len` bytes after the first, as quiche's parser reads them. `None` for a long header
+/// or a datagram too short to hold one.
+fn short_header_dcid(datagram: &[u8], id_len: usize) -> Option<&[u8]> {
+    let first = *datagram.first()?;
+    if first & 0x80 != 0 {
+        return None;
+    }
+    datagram.get(1..1 + id_len)
+}
+
+/// Queues a datagram, copied into the arena, for the connection `dcid` routes to, if any:
+/// whether there was one.
+fn forward(
+    metrics: &dyn Metrics,
+    routes: &mut RouteMap,
+    arena: &mut BytesMut,
+    datagram: &[u8],
+    from: SocketAddr,
+    dcid: &[u8],
+) -> bool {
+    let Some(route) = routes.get(dcid) else {
+        return false;
+    };
+    if arena.capacity() < datagram.len() {
+        // Reclaims the arena's memory if every datagram cut from it is gone.
+        arena.reserve(ARENA_BYTES.max(datagram.len()));
+    }
+    arena.extend_from_slice(datagram);
+    let data = arena.split();
+    match route.try_send(Datagram { data, from }) {
+        Ok(()) => {}
+        Err(TrySendError::Full(_)) => metrics.datagram_dropped(DropReason::QueueFull),
+        Err(TrySendError::Closed(_)) => {
+            // The connection is gone; its registration removes the rest of its IDs.
+            routes.remove(dcid);
+            metrics.datagram_dropped(DropReason::UnknownConnection);
+        }
+    }
+    true
+}
+
 #[allow(clippy::too_many_arguments)]
 fn accept_initial(
     shared: &Arc<Shared>,
-    routes: &mut HashMap<Box<[u8]>, Route>,
+    routes: &mut RouteMap,
     accept: &mut Accept,
     arena: &mut BytesMut,
     out: &mut [u8],
@@ -447,4 +480,25 @@ fn send_stateless_reset(
     // Counted before it leaves, so whoever receives it sees it counted.
     shared.config.inner.metrics.stateless_reset_sent();
     let _ = shared.socket.try_send(to, source, reset, None);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_header_dcid;
+
+    /// A short header's ID is read in place, as quiche's parser reads it; long headers and
+    /// datagrams too short for an ID are left to that parser.
+    #[test]
+    fn a_short_headers_id_is_read_in_place() {
+        let packet = [0x41, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10];
+        assert_eq!(short_header_dcid(&packet, 8), Some(&packet[1..9]));
+        let parsed = quiche::Header::from_slice(&mut packet.clone(), 8).unwrap();
+        assert_eq!(&*parsed.dcid, &packet[1..9]);
+        assert_eq!(short_header_dcid(&packet[..9], 8), Some(&packet[1..9]));
+        assert_eq!(short_header_dcid(&packet[..8], 8), None, "one byte short");
+        assert_eq!(short_header_dcid(&[], 8), None);
+        let mut long = packet;
+        long[0] = 0xc3;
+        assert_eq!(short_header_dcid(&long, 8), None, "a long header");
+    }
 }

@@ -32,6 +32,7 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::config::Settings;
+use super::id_hash::IdHash;
 use super::limits::Slot;
 
 /// A received datagram on its way to its connection.
@@ -42,6 +43,8 @@ pub(crate) struct Datagram {
 
 /// Where the router sends a connection's datagrams.
 pub(crate) type Route = Sender;
+/// Routes by connection ID.
+pub(crate) type RouteMap = HashMap<Box<[u8]>, Route, IdHash>;
 /// Where a connection's task takes them from.
 pub(crate) type InboundQueue = Receiver;
 
@@ -49,7 +52,7 @@ pub(crate) type InboundQueue = Receiver;
 /// the endpoint is closed and the last connection has gone.
 #[derive(Default)]
 pub(crate) struct RouteTable {
-    map: Mutex<HashMap<Box<[u8]>, Route>>,
+    map: Mutex<RouteMap>,
     /// Connections with at least one route (each has several IDs in `map`).
     connections: AtomicUsize,
     /// Set when every handle to the endpoint is gone: the router stops once the last
@@ -60,7 +63,7 @@ pub(crate) struct RouteTable {
 
 impl RouteTable {
     /// The table, locked.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, HashMap<Box<[u8]>, Route>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, RouteMap> {
         // The map stays consistent even if a holder panicked: every operation on it is a
         // single insert or remove.
         self.map.lock().unwrap_or_else(|p| p.into_inner())
@@ -154,7 +157,7 @@ impl Registration {
 
     /// Routes `id` to this connection in a table its caller holds locked (the router, which
     /// registers a new connection while dispatching).
-    pub(crate) fn add_locked(&mut self, table: &mut HashMap<Box<[u8]>, Route>, id: &[u8]) {
+    pub(crate) fn add_locked(&mut self, table: &mut RouteMap, id: &[u8]) {
         let key: Box<[u8]> = id.into();
         table.insert(key.clone(), self.route.clone());
         self.push_id(key);

@@ -24,7 +24,7 @@ use crate::h3::body::RecvBody;
 use crate::h3::codes as code;
 use crate::h3::datagram::{DatagramHub, MalformedDatagram, PeerDatagrams};
 use crate::h3::fields::{self, request_from_fields};
-use crate::h3::priority::Priority;
+use crate::h3::priority::{self, Priority};
 use crate::h3::stream::{self, Cancel, ConnNotify, Limits, ReadFailure, StreamShared, WriteOutcome};
 use crate::quic::Application;
 
@@ -344,7 +344,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // the response's own `priority` field may change it later.
         let shared =
             StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
-        let priorities = head.request.headers().get_all("priority");
+        let priorities = head.request.headers().get_all(priority::FIELD);
         if priorities.iter().next().is_some() {
             shared.set_priority(conn, Priority::parse(priorities.iter().map(|v| v.as_bytes())));
         }
