@@ -1169,6 +1169,26 @@ async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// An extended CONNECT asked for on a fresh connection waits for the server's SETTINGS
+/// (RFC 9220 §3) and goes in the turn that reads them: nothing else would wake the
+/// connection for it until a timer did. Eight fresh clients, so that some ask before the
+/// SETTINGS are read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_waiting_for_the_servers_settings_opens_when_they_arrive() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    for round in 0..8 {
+        let client = client(&certs);
+        // A liveness bound, far below the 30 s idle timeout that ended such a wait.
+        let opened = timeout(
+            Duration::from_secs(10),
+            client.tunnel(server.url("/tunnel-echo"), "echo"),
+        )
+        .await;
+        assert!(matches!(opened, Ok(Ok(_))), "round {round}: the tunnel did not open");
+    }
+}
+
 /// A tunnel is carried over HTTP/3 only (the TCP side has none): a client in the automatic
 /// mode opens one over HTTP/3 at the origin's own port before any `Alt-Svc` told it where
 /// HTTP/3 is, instead of sending the CONNECT over TCP; a TCP-only client refuses to.

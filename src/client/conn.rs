@@ -1366,6 +1366,12 @@ impl Application for ClientApp {
         }
         self.open_streams(cx, conn);
         stream::StreamOwner::run_rounds(self, cx, conn)?;
+        if self.waiting.is_some() || !self.awaiting_settings.is_empty() {
+            // What the rounds read may let them go now: the server's SETTINGS (an extended
+            // CONNECT waits for them), or its GOAWAY (they are refused, to go elsewhere).
+            // No turn follows to look again (`repeat_after_progress`).
+            self.open_streams(cx, conn);
+        }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
             if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer) {
@@ -1398,6 +1404,12 @@ impl Application for ClientApp {
         }
         self.poll_idle(cx, conn);
         Ok(())
+    }
+
+    /// `process` acts on what each turn brings in the same call (see above) and the rounds
+    /// wake the task when they stop with work left.
+    fn repeat_after_progress(&self) -> bool {
+        false
     }
 
     fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {

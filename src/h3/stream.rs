@@ -1117,7 +1117,7 @@ pub(crate) trait StreamOwner {
             let mut ready = std::mem::take(&mut lists.ready);
             // The frames behind them are parsed now (`poll_events`): several empty DATA
             // frames in a row take a round each, at most this turn's rounds, then the next
-            // turn's (no wake-up of our own: a partial frame waits for its bytes).
+            // turn's (a partial frame waits for its bytes).
             ready.append(&mut lists.read_again);
             self.notify().take_ready(cx, &mut ready);
             if round == 0 {
@@ -1134,9 +1134,12 @@ pub(crate) trait StreamOwner {
             ready.clear();
             self.round_lists().ready = ready;
             if done {
-                break;
+                return Ok(());
             }
         }
+        // Out of rounds with streams still to serve (a run of empty DATA frames, say): the
+        // next turn serves them, and nothing but this wake would bring it.
+        cx.waker().wake_by_ref();
         Ok(())
     }
 }

@@ -28,7 +28,10 @@ use crate::error::Error;
 ///
 /// Work that arrives from other tasks (a request to send, a handle dropped) must wake the
 /// connection task: register `cx`'s waker with whatever those tasks signal through (a
-/// channel's `poll_recv`, for instance), exactly as in [`Future::poll`].
+/// channel's `poll_recv`, for instance), exactly as in [`Future::poll`]. After a turn that
+/// received or sent anything, the task takes another, so `process` runs again and sees what
+/// its previous call and the flush after it changed; an application that needs no such
+/// turn says so with [`repeat_after_progress`](Self::repeat_after_progress).
 ///
 /// Every method runs on the connection's task, so none may block.
 pub trait Application: Send + 'static {
@@ -62,6 +65,23 @@ pub trait Application: Send + 'static {
     /// error's [`code`](Error::code) as the application error code (or 0x1 when it has
     /// none).
     fn process(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error>;
+
+    /// Whether, once the handshake has completed, a turn that received datagrams or sent
+    /// packets is followed at once by another (default `true`), in which
+    /// [`process`](Self::process) runs again.
+    ///
+    /// Return `false` when `process` leaves nothing for such a turn to find: it acts on all
+    /// that the datagrams brought in the call that follows them, and when it returns with
+    /// work left that nothing else will signal (a budget of its own spent, say), it wakes
+    /// `cx`'s waker itself. A turn then happens only when something wakes the task (a
+    /// datagram, quiche's timer, the application's own wakers), which saves one turn per
+    /// exchange: about 3,000 instructions a request when 32 connections send one request
+    /// each (callgrind). Room a stream lacks comes with the peer's acknowledgements, which
+    /// arrive as datagrams: no wake is needed to wait for it. During the handshake turns
+    /// always repeat while there is progress.
+    fn repeat_after_progress(&self) -> bool {
+        true
+    }
 
     /// Called once when the connection has closed; `error` says why, when it was not a clean
     /// close. Nothing can be sent any more, but what the peer sent before it closed can still

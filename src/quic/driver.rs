@@ -3,7 +3,9 @@
 //! It is a hand-written future rather than an `async fn` with `select!`, so that one poll
 //! does a whole turn without intermediate futures: take in a close asked for by a handle and
 //! received datagrams (bounded per turn), fire quiche's timer, let the application act, flush packets in GSO
-//! batches. It repeats while there is progress, up to [`MAX_TURNS`] per poll, then yields so
+//! batches. Another turn follows at once while datagrams are left over, and after a turn
+//! with progress (unless the application says it needs none:
+//! [`Application::repeat_after_progress`]); up to [`MAX_TURNS`] per poll, then it yields so
 //! one busy connection cannot starve the others on its worker thread.
 //!
 //! What it needs from its endpoint — the socket, its registration in the socket's route
@@ -320,11 +322,12 @@ impl<A: Application> Driver<A> {
             }
             busy = true;
         }
+        let mut taken = 0;
         for _ in 0..MAX_DATAGRAMS_PER_TURN {
             let Poll::Ready(mut datagram) = self.rx.poll_recv(cx) else {
                 break;
             };
-            busy = true;
+            taken += 1;
             let info = quiche::RecvInfo {
                 from: datagram.from,
                 to: self.local,
@@ -344,6 +347,9 @@ impl<A: Application> Driver<A> {
                 self.verify_error = Some(reason);
             }
         }
+        // More may be queued: the queue has not said it is empty, so it will not wake us.
+        let more_queued = taken == MAX_DATAGRAMS_PER_TURN;
+        busy |= taken > 0;
         let now = Instant::now();
         if self.conn.timeout_instant().is_some_and(|t| t <= now) {
             self.conn.on_timeout();
@@ -400,10 +406,26 @@ impl<A: Application> Driver<A> {
         self.after_flush();
         if self.conn.is_closed() {
             Turn::Closed
-        } else if busy || sent > 0 {
+        } else if more_queued || ((busy || sent > 0) && (!self.established || self.repeats_after_progress())) {
+            // During the handshake, what one turn did can give the next something to do
+            // that nothing wakes the task for (a client's first flight makes 0-RTT
+            // possible, and its application starts in the turn after it): turns repeat
+            // while there is progress. Once established, so they do for an application
+            // that asks (`Application::repeat_after_progress`); for one that does not,
+            // every source of work wakes the task (the inbound queue, a handle's request,
+            // the application's own wakers, the socket, the timer).
             Turn::Busy
         } else {
             Turn::Idle
+        }
+    }
+
+    /// Whether the application wants a turn after each turn with progress (see
+    /// [`Application::repeat_after_progress`]); without one yet, turns repeat.
+    fn repeats_after_progress(&self) -> bool {
+        match &self.app {
+            AppSlot::Running(app) => app.repeat_after_progress(),
+            _ => true,
         }
     }
 

@@ -941,6 +941,13 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         Ok(())
     }
 
+    /// `process` acts on what each turn brings in the same call: heads before the rounds,
+    /// the closing checks and timers after them; the rounds and the datagram hub wake the
+    /// task when they stop with work left.
+    fn repeat_after_progress(&self) -> bool {
+        false
+    }
+
     fn on_closed(&mut self, _conn: &mut QuicheConnection, error: Option<&Error>) {
         // Whatever is still in flight ends here: bodies see the connection gone.
         for (_, entry) in self.streams.drain() {
