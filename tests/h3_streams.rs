@@ -89,6 +89,17 @@ async fn a_trailer_section_is_held_to_the_field_section_limit() {
     assert_eq!(client.response(id).await.0, 200);
 }
 
+/// The server closes the client's connection with `code`.
+async fn assert_closed_with(client: &Client, code: u64) {
+    let closed = timeout(TEST_TIMEOUT, client.conn.closed()).await.unwrap();
+    assert_eq!(
+        closed.error().and_then(|e| e.code()),
+        Some(tower_quiche::Code::Application(code)),
+        "{:?}",
+        closed.error()
+    );
+}
+
 /// quiche's h3 layer finds this one itself; the test guards that it stays a connection error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn data_after_trailers_is_a_frame_unexpected_connection_error() {
@@ -98,13 +109,7 @@ async fn data_after_trailers_is_a_frame_unexpected_connection_error() {
     client.trailers(id, &[("x-t", "1")], false).await;
     // quiche's client would refuse to send this: a DATA frame after the trailers.
     client.body(id, b"late".to_vec(), true).await;
-    let closed = timeout(TEST_TIMEOUT, client.conn.closed()).await.unwrap();
-    assert_eq!(
-        closed.error().and_then(|e| e.code()),
-        Some(tower_quiche::Code::Application(H3_FRAME_UNEXPECTED)),
-        "{:?}",
-        closed.error()
-    );
+    assert_closed_with(&client, H3_FRAME_UNEXPECTED).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -262,4 +267,41 @@ async fn an_informational_status_as_the_final_response_becomes_a_500() {
     }
     let id = client.request(&head("GET", "/status/200"), true).await;
     assert_eq!(client.response(id).await, (200, 18));
+}
+
+/// A run of empty DATA frames (RFC 9114 allows them) longer than the server's rounds per
+/// turn, with the body behind it, in one write: each frame takes a round, and the turns
+/// the server wakes itself for read the rest, where nothing else would wake it once its
+/// acknowledgement has gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_of_empty_data_frames_does_not_stall_the_body_behind_it() {
+    let (_server, mut client) = serve(server::Builder::new()).await;
+    let id = client.request(&head("POST", "/digest"), false).await;
+    let mut bytes: Vec<u8> = (0..40).flat_map(|_| frame(DATA, &[])).collect();
+    bytes.extend(frame(DATA, b"abc"));
+    client.send_raw(id, bytes, true).await.unwrap();
+    // A liveness bound far below the 30 s idle timeout such a stall would last.
+    let (status, body) = timeout(Duration::from_secs(10), client.response_body(id))
+        .await
+        .expect("the body behind the empty frames is read");
+    assert_eq!(status, 200);
+    let expected = format!("3 {}", hex(&boring::sha::sha256(b"abc")));
+    assert_eq!(String::from_utf8_lossy(&body), expected);
+}
+
+/// A flood of empty DATA frames costs the server a round each: past 64 in a row it is an
+/// H3_EXCESSIVE_LOAD connection error (as HTTP/2 servers refuse an "empty frames flood"),
+/// and the server serves other clients on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_empty_data_frames_is_an_excessive_load_connection_error() {
+    let certs = certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = Client::connect(&server, &certs).await;
+    let id = client.request(&head("POST", "/digest"), false).await;
+    let flood: Vec<u8> = (0..500).flat_map(|_| frame(DATA, &[])).collect();
+    client.send_raw(id, flood, false).await.unwrap();
+    assert_closed_with(&client, H3_EXCESSIVE_LOAD).await;
+    let mut other = Client::connect(&server, &certs).await;
+    let id = other.request(&head("GET", "/hello"), true).await;
+    assert_eq!(other.response(id).await.0, 200);
 }

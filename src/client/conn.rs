@@ -977,6 +977,12 @@ impl ClientApp {
                 }
             }
             ReadFailure::Reset(code) => self.on_reset(conn, id, code),
+            ReadFailure::ExcessiveLoad => {
+                tracing::debug!(stream_id = id, "a flood of empty DATA frames: H3_EXCESSIVE_LOAD");
+                if conn.local_error().is_none() {
+                    let _ = conn.close(true, code::H3_EXCESSIVE_LOAD, b"");
+                }
+            }
             ReadFailure::Closed => self.abandon(conn, id, Cancel::ConnectionClosed, closed_error()),
         }
     }
@@ -1370,7 +1376,12 @@ impl Application for ClientApp {
             // What the rounds read may let them go now: the server's SETTINGS (an extended
             // CONNECT waits for them), or its GOAWAY (they are refused, to go elsewhere).
             // No turn follows to look again (`repeat_after_progress`).
+            let opened = self.next_request_id;
             self.open_streams(cx, conn);
+            if self.next_request_id != opened {
+                // The rounds that poll a new stream's body have run: the next turn does.
+                cx.waker().wake_by_ref();
+            }
         }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);

@@ -53,6 +53,13 @@ pub(crate) const CHUNK_COST: usize = 64;
 /// scratch buffer of this size, so an idle stream holds no read buffer at all.
 const READ_CHUNK: usize = 64 * 1024;
 
+/// Empty DATA frames in a row (no body byte between them) a body may carry before the peer
+/// is taken for an attacker: each costs the connection's task a round (quiche parses the
+/// frame behind one only on its next poll), and a flood of them, two bytes each, would cost
+/// a core far more than its bytes (HTTP/2's "empty frames flood", CVE-2019-9518). An honest
+/// peer sends a few, if any.
+const MAX_EMPTY_DATA_FRAMES_IN_A_ROW: u32 = 64;
+
 /// A read at least this large becomes the chunk itself, scratch allocation and all, instead
 /// of being copied out: a bulk upload's body is copied once (quiche to scratch), not
 /// twice. The allocation is the chunk's alone, and at most 4/3 of its length: the receive
@@ -192,6 +199,9 @@ pub(crate) enum ReadFailure {
     FrameUnexpected,
     /// The peer reset the stream.
     Reset(u64),
+    /// More empty DATA frames in a row than [`MAX_EMPTY_DATA_FRAMES_IN_A_ROW`]: a connection
+    /// error of type H3_EXCESSIVE_LOAD (RFC 9114 §10.5).
+    ExcessiveLoad,
     /// quiche failed the stream otherwise (the connection is going away).
     Closed,
 }
@@ -223,6 +233,9 @@ struct RecvHalf {
     /// quiche holds more of the stream behind a frame it has not parsed yet (see
     /// [`StreamShared::read_from`]): read again after the next poll.
     behind_frame: bool,
+    /// Reads in a row that stopped behind a frame without a body byte: empty DATA frames
+    /// (see [`MAX_EMPTY_DATA_FRAMES_IN_A_ROW`]).
+    empty_frames: u32,
     /// Body bytes received from the peer, read or discarded.
     received: u64,
     content_length: Option<u64>,
@@ -369,6 +382,7 @@ impl StreamShared {
                     reader_dropped: false,
                     pending: false,
                     behind_frame: false,
+                    empty_frames: 0,
                     received: 0,
                     content_length,
                 },
@@ -679,6 +693,7 @@ impl StreamShared {
                 match read_into(scratch, h3, conn, id, room) {
                     Ok(n) => {
                         r.received += n as u64;
+                        r.empty_frames = 0;
                         if r.content_length.is_some_and(|len| r.received > len) {
                             return Err(ReadFailure::Malformed("the body is longer than its content-length"));
                         }
@@ -695,6 +710,14 @@ impl StreamShared {
                         // stream that waits on its peer.)
                         r.pending = false;
                         r.behind_frame = conn.stream_readable(id);
+                        if r.behind_frame {
+                            // A read that took bytes reset the count: this one stopped at
+                            // the end of a frame.
+                            r.empty_frames += 1;
+                            if r.empty_frames > MAX_EMPTY_DATA_FRAMES_IN_A_ROW {
+                                return Err(ReadFailure::ExcessiveLoad);
+                            }
+                        }
                         return Ok(r.behind_frame);
                     }
                     Err(h3::Error::TransportError(quiche::Error::StreamReset(code))) => {
@@ -1138,8 +1161,12 @@ pub(crate) trait StreamOwner {
             }
         }
         // Out of rounds with streams still to serve (a run of empty DATA frames, say): the
-        // next turn serves them, and nothing but this wake would bring it.
-        cx.waker().wake_by_ref();
+        // next turn serves them, and nothing but this wake would bring it. Not once the
+        // connection is closing: quiche's HTTP/3 layer parses nothing more then, and the
+        // same streams would be ready again on every turn until the close has gone out.
+        if conn.local_error().is_none() {
+            cx.waker().wake_by_ref();
+        }
         Ok(())
     }
 }

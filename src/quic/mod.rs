@@ -53,23 +53,23 @@
 //!   [`ConnectionStats`].
 //! - `streams`: the async stream API, an [`Application`] of its own ([`StreamConnection`],
 //!   [`SendStream`], [`RecvStream`]); `notify`: how tasks other than the connection's wake
-//!   it for a stream (the HTTP/3 streams use it too); `id_hash`: the hash of maps keyed by
-//!   stream ID and of the route table.
+//!   it for a stream (the HTTP/3 streams use it too); `stream_ids`: maps keyed by stream
+//!   ID, with a cheap hash.
 //!
 //! Imports inside the module (module -> the modules it uses) form no cycle:
 //!
 //! ```text
 //! endpoint -> app cid config driver limits router routes streams udp
-//! streams  -> app bufs config id_hash notify
+//! streams  -> app bufs config notify stream_ids
 //! driver   -> app bufs cid config routes tls udp
 //! router   -> bufs cid config limits metrics routes token udp
-//! routes   -> config id_hash limits
+//! routes   -> config limits
 //! limits   -> config metrics
 //! config   -> cid metrics tls
 //! metrics  -> app
 //! token    -> cid
 //! app      -> bufs
-//! bufs, cid, id_hash, notify, tls, udp -> (none)
+//! bufs, cid, notify, stream_ids, tls, udp -> (none)
 //! ```
 
 mod app;
@@ -78,13 +78,13 @@ mod cid;
 mod config;
 mod driver;
 mod endpoint;
-mod id_hash;
 mod limits;
 mod metrics;
 mod notify;
 mod router;
 mod routes;
 mod session;
+mod stream_ids;
 mod streams;
 pub mod tls;
 mod token;
@@ -100,10 +100,10 @@ pub use config::{
 #[cfg(feature = "__bench")]
 pub(crate) use driver::bench::Flush as FlushBench;
 pub use endpoint::{Endpoint, Incoming, Listener};
-pub(crate) use id_hash::StreamIdMap;
 pub use metrics::{AtomicMetrics, DropReason, Metrics, MetricsSnapshot, NoopMetrics};
 #[cfg(any(feature = "server", feature = "client"))]
 pub(crate) use notify::{ConnNotify, Queued};
+pub(crate) use stream_ids::StreamIdMap;
 #[cfg(feature = "client")]
 pub(crate) use streams::new as new_streams;
 pub use streams::{RecvStream, SendStream, StreamConnection};

@@ -32,7 +32,6 @@ use tokio::sync::Notify;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::config::Settings;
-use super::id_hash::IdHash;
 use super::limits::Slot;
 
 /// A received datagram on its way to its connection.
@@ -44,7 +43,7 @@ pub(crate) struct Datagram {
 /// Where the router sends a connection's datagrams.
 pub(crate) type Route = Sender;
 /// Routes by connection ID.
-pub(crate) type RouteMap = HashMap<Box<[u8]>, Route, IdHash>;
+pub(crate) type RouteMap = HashMap<Box<[u8]>, Route>;
 /// Where a connection's task takes them from.
 pub(crate) type InboundQueue = Receiver;
 

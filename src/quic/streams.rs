@@ -39,8 +39,8 @@ use tokio::time::Sleep;
 
 use super::app::{Application, ConnectionHandle};
 use super::config::Config;
-use super::id_hash::{StreamIdMap, StreamIdSet};
 use super::notify::{ConnNotify, Queued};
+use super::stream_ids::{StreamIdMap, StreamIdSet};
 use crate::error::{Code, Error, Kind};
 
 /// The code a [`SendStream`] dropped before it finished resets its stream with

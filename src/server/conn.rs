@@ -532,6 +532,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
             }
             ReadFailure::Reset(code) => self.on_reset(conn, id, code),
+            ReadFailure::ExcessiveLoad => {
+                tracing::debug!(stream_id = id, "a flood of empty DATA frames: H3_EXCESSIVE_LOAD");
+                self.fail_connection(conn, code::H3_EXCESSIVE_LOAD);
+            }
             ReadFailure::Closed => self.end_stream(conn, id, Cancel::ConnectionClosed),
         }
     }
@@ -777,7 +781,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         let due = self.next_stream_check.is_some_and(|at| at <= now);
         if due {
+            let before = (self.heads_pending.len(), self.streams.len());
             self.check_stream_timers(conn, now);
+            if (self.draining.is_some() || self.peer_goaway) && (self.heads_pending.len(), self.streams.len()) != before
+            {
+                // What held the close may have gone: the close check, which `process` ran
+                // before the timers, looks again on the turn this wake brings.
+                cx.waker().wake_by_ref();
+            }
         }
         if self.tables_release().is_some_and(|at| at <= now) {
             self.release_tables();

@@ -28,7 +28,7 @@ use super::{Certs, TEST_TIMEOUT};
 
 #[allow(unused_imports)] // Not every test binary matches every code.
 pub use tower_quiche::codes::{
-    H3_FRAME_UNEXPECTED, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
+    H3_EXCESSIVE_LOAD, H3_FRAME_UNEXPECTED, H3_MESSAGE_ERROR, H3_NO_ERROR, H3_REQUEST_CANCELLED, H3_REQUEST_REJECTED,
 };
 
 /// Frame types (RFC 9114 §7.2) and stream types (§6.2) the tests write by hand.
