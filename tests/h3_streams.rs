@@ -289,19 +289,20 @@ async fn a_run_of_empty_data_frames_does_not_stall_the_body_behind_it() {
     assert_eq!(String::from_utf8_lossy(&body), expected);
 }
 
-/// A flood of empty DATA frames costs the server a round each: past 64 in a row it is an
-/// H3_EXCESSIVE_LOAD connection error (as HTTP/2 servers refuse an "empty frames flood"),
-/// and the server serves other clients on.
+/// A flood of empty DATA frames (each costs the server a round; past what the peer's bytes
+/// pay for, the rest waits for its next datagram): the server neither panics nor closes the
+/// connection for valid frames, and serves other clients meanwhile. (What the flood costs is
+/// bounded by `may_wake_for_more_rounds`, unit-tested in `h3::stream`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_flood_of_empty_data_frames_is_an_excessive_load_connection_error() {
+async fn a_flood_of_empty_data_frames_leaves_the_server_serving() {
     let certs = certs();
     let server = h3_server(&certs, server::Builder::new()).await;
     let client = Client::connect(&server, &certs).await;
     let id = client.request(&head("POST", "/digest"), false).await;
-    let flood: Vec<u8> = (0..500).flat_map(|_| frame(DATA, &[])).collect();
+    let flood: Vec<u8> = (0..5000).flat_map(|_| frame(DATA, &[])).collect();
     client.send_raw(id, flood, false).await.unwrap();
-    assert_closed_with(&client, H3_EXCESSIVE_LOAD).await;
     let mut other = Client::connect(&server, &certs).await;
-    let id = other.request(&head("GET", "/hello"), true).await;
-    assert_eq!(other.response(id).await.0, 200);
+    let next = other.request(&head("GET", "/hello"), true).await;
+    assert_eq!(other.response(next).await.0, 200);
+    assert!(!client.conn.is_closed(), "valid frames do not close the connection");
 }

@@ -977,12 +977,6 @@ impl ClientApp {
                 }
             }
             ReadFailure::Reset(code) => self.on_reset(conn, id, code),
-            ReadFailure::ExcessiveLoad => {
-                tracing::debug!(stream_id = id, "a flood of empty DATA frames: H3_EXCESSIVE_LOAD");
-                if conn.local_error().is_none() {
-                    let _ = conn.close(true, code::H3_EXCESSIVE_LOAD, b"");
-                }
-            }
             ReadFailure::Closed => self.abandon(conn, id, Cancel::ConnectionClosed, closed_error()),
         }
     }

@@ -53,13 +53,6 @@ pub(crate) const CHUNK_COST: usize = 64;
 /// scratch buffer of this size, so an idle stream holds no read buffer at all.
 const READ_CHUNK: usize = 64 * 1024;
 
-/// Empty DATA frames in a row (no body byte between them) a body may carry before the peer
-/// is taken for an attacker: each costs the connection's task a round (quiche parses the
-/// frame behind one only on its next poll), and a flood of them, two bytes each, would cost
-/// a core far more than its bytes (HTTP/2's "empty frames flood", CVE-2019-9518). An honest
-/// peer sends a few, if any.
-const MAX_EMPTY_DATA_FRAMES_IN_A_ROW: u32 = 64;
-
 /// A read at least this large becomes the chunk itself, scratch allocation and all, instead
 /// of being copied out: a bulk upload's body is copied once (quiche to scratch), not
 /// twice. The allocation is the chunk's alone, and at most 4/3 of its length: the receive
@@ -199,9 +192,6 @@ pub(crate) enum ReadFailure {
     FrameUnexpected,
     /// The peer reset the stream.
     Reset(u64),
-    /// More empty DATA frames in a row than [`MAX_EMPTY_DATA_FRAMES_IN_A_ROW`]: a connection
-    /// error of type H3_EXCESSIVE_LOAD (RFC 9114 §10.5).
-    ExcessiveLoad,
     /// quiche failed the stream otherwise (the connection is going away).
     Closed,
 }
@@ -233,9 +223,6 @@ struct RecvHalf {
     /// quiche holds more of the stream behind a frame it has not parsed yet (see
     /// [`StreamShared::read_from`]): read again after the next poll.
     behind_frame: bool,
-    /// Reads in a row that stopped behind a frame without a body byte: empty DATA frames
-    /// (see [`MAX_EMPTY_DATA_FRAMES_IN_A_ROW`]).
-    empty_frames: u32,
     /// Body bytes received from the peer, read or discarded.
     received: u64,
     content_length: Option<u64>,
@@ -382,7 +369,6 @@ impl StreamShared {
                     reader_dropped: false,
                     pending: false,
                     behind_frame: false,
-                    empty_frames: 0,
                     received: 0,
                     content_length,
                 },
@@ -693,7 +679,6 @@ impl StreamShared {
                 match read_into(scratch, h3, conn, id, room) {
                     Ok(n) => {
                         r.received += n as u64;
-                        r.empty_frames = 0;
                         if r.content_length.is_some_and(|len| r.received > len) {
                             return Err(ReadFailure::Malformed("the body is longer than its content-length"));
                         }
@@ -710,14 +695,6 @@ impl StreamShared {
                         // stream that waits on its peer.)
                         r.pending = false;
                         r.behind_frame = conn.stream_readable(id);
-                        if r.behind_frame {
-                            // A read that took bytes reset the count: this one stopped at
-                            // the end of a frame.
-                            r.empty_frames += 1;
-                            if r.empty_frames > MAX_EMPTY_DATA_FRAMES_IN_A_ROW {
-                                return Err(ReadFailure::ExcessiveLoad);
-                            }
-                        }
                         return Ok(r.behind_frame);
                     }
                     Err(h3::Error::TransportError(quiche::Error::StreamReset(code))) => {
@@ -1106,6 +1083,33 @@ pub(crate) struct RoundLists {
     /// Streams whose body stopped at a frame quiche had not parsed yet (see
     /// [`StreamShared::read_from`]): read again once the next round's poll has parsed it.
     pub(crate) read_again: Vec<u64>,
+    /// Rounds spent on turns the rounds themselves asked for, over the connection's life
+    /// (see [`may_wake_for_more_rounds`]).
+    extra_rounds: u64,
+}
+
+/// Rounds per turn.
+const ROUNDS: u64 = 8;
+
+/// Turns the rounds may ask for beyond those the peer's datagrams bring, in rounds: a free
+/// allowance, then one round per [`BYTES_PER_EXTRA_ROUND`] the peer has sent.
+const FREE_EXTRA_ROUNDS: u64 = 1024;
+
+/// What the peer pays, in bytes received, for each round beyond the free allowance.
+///
+/// A round parses one frame behind an empty DATA frame (quiche parses the next frame only
+/// on its next poll), and an empty DATA frame is 2 bytes: a run of them is read to its end
+/// by turns the rounds ask for, where nothing else would wake the connection. A flood of
+/// them, or of one-byte frames between empty ones, would otherwise cost a round every few
+/// bytes for as long as it lasts (HTTP/2's "empty frames flood", CVE-2019-9518): past what
+/// the peer paid for, the rest waits for its next datagram, as it did before the rounds
+/// asked for turns.
+const BYTES_PER_EXTRA_ROUND: u64 = 4;
+
+/// Whether the rounds, out of rounds with streams still to serve, may ask for another turn
+/// after `extra_rounds` such rounds on a connection that has received `received_bytes`.
+fn may_wake_for_more_rounds(extra_rounds: u64, received_bytes: u64) -> bool {
+    extra_rounds <= FREE_EXTRA_ROUNDS.saturating_add(received_bytes / BYTES_PER_EXTRA_ROUND)
 }
 
 /// The per-turn work of a connection's HTTP/3 side, shared by the server and the client:
@@ -1133,7 +1137,7 @@ pub(crate) trait StreamOwner {
     /// another round. (Room to send comes only with packets, before this runs: the first
     /// round's look at the writable streams is the only one needed.)
     fn run_rounds(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) -> Result<(), Error> {
-        for round in 0..8 {
+        for round in 0..ROUNDS {
             self.poll_events(conn)?;
             self.poll_tasks(cx, conn);
             let lists = self.round_lists();
@@ -1161,12 +1165,31 @@ pub(crate) trait StreamOwner {
             }
         }
         // Out of rounds with streams still to serve (a run of empty DATA frames, say): the
-        // next turn serves them, and nothing but this wake would bring it. Not once the
-        // connection is closing: quiche's HTTP/3 layer parses nothing more then, and the
-        // same streams would be ready again on every turn until the close has gone out.
-        if conn.local_error().is_none() {
+        // next turn serves them, and nothing but this wake would bring it, as far as the
+        // peer has paid for such turns. Not once the connection is closing: quiche's
+        // HTTP/3 layer parses nothing more then, and the same streams would be ready again
+        // on every turn until the close has gone out.
+        let lists = self.round_lists();
+        lists.extra_rounds = lists.extra_rounds.saturating_add(ROUNDS);
+        if conn.local_error().is_none() && may_wake_for_more_rounds(lists.extra_rounds, conn.stats().recv_bytes) {
             cx.waker().wake_by_ref();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Turns the rounds ask for are free up to the allowance, then paid for by the bytes
+    /// the peer sent: 4,000 bytes buy 1,000 rounds.
+    #[test]
+    fn rounds_beyond_the_allowance_are_paid_for_by_the_bytes_received() {
+        assert!(may_wake_for_more_rounds(FREE_EXTRA_ROUNDS, 0));
+        assert!(!may_wake_for_more_rounds(FREE_EXTRA_ROUNDS + ROUNDS, 0));
+        assert!(may_wake_for_more_rounds(FREE_EXTRA_ROUNDS + 1000, 4000));
+        assert!(!may_wake_for_more_rounds(FREE_EXTRA_ROUNDS + 1000 + ROUNDS, 4000));
+        assert!(!may_wake_for_more_rounds(u64::MAX, u64::MAX), "no overflow");
     }
 }

@@ -532,10 +532,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
             }
             ReadFailure::Reset(code) => self.on_reset(conn, id, code),
-            ReadFailure::ExcessiveLoad => {
-                tracing::debug!(stream_id = id, "a flood of empty DATA frames: H3_EXCESSIVE_LOAD");
-                self.fail_connection(conn, code::H3_EXCESSIVE_LOAD);
-            }
             ReadFailure::Closed => self.end_stream(conn, id, Cancel::ConnectionClosed),
         }
     }
