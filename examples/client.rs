@@ -17,6 +17,7 @@ mod support;
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -76,20 +77,20 @@ struct Args {
 }
 
 #[tokio::main]
-async fn main() {
+async fn main() -> ExitCode {
     let args = Args::parse();
     let client = match build_client(&args) {
         Ok(client) => client,
         Err(message) => {
             eprintln!("error: {message}");
-            std::process::exit(2);
+            return ExitCode::from(2);
         }
     };
     let headers = match parse_headers(&args.headers) {
         Ok(headers) => headers,
         Err(message) => {
             eprintln!("error: {message}");
-            std::process::exit(2);
+            return ExitCode::from(2);
         }
     };
     let (mut failed, mut http_error) = (false, false);
@@ -102,11 +103,14 @@ async fn main() {
             }
         }
     }
+    // Returned, not `process::exit`: the runtime then shuts down, and each open connection
+    // tells its server it is closed as its task goes.
     if failed {
-        std::process::exit(1);
-    }
-    if http_error {
-        std::process::exit(22);
+        ExitCode::from(1)
+    } else if http_error {
+        ExitCode::from(22)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

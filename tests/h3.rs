@@ -1278,3 +1278,43 @@ async fn a_quiet_tunnel_outlives_the_quic_idle_timeout() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A client whose runtime shuts down while its connection is open (its process exiting,
+/// say) closes the connection as it goes: the server learns of it at once, not after its
+/// 30 s idle timeout (a graceful shutdown of the server would wait that long for it).
+#[test]
+fn a_connection_whose_runtime_shuts_down_is_closed_at_once() {
+    let server_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let certs = test_certs();
+    let server = server_runtime.block_on(h3_server(&certs, server::Builder::new()));
+    let client_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = server.url("/hello");
+    // The client outlives its runtime: its connection task is dropped with the runtime,
+    // not closed because the client went away.
+    let kept = client_runtime.block_on(async {
+        let client = client(&certs);
+        let response = client.get(url).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+        client
+    });
+    assert_eq!(server.metrics.snapshot().connections_closed, 0);
+    drop(client_runtime);
+    let closed = server_runtime.block_on(async {
+        let closing = async {
+            while server.metrics.snapshot().connections_closed == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        timeout(Duration::from_secs(10), closing).await
+    });
+    assert!(closed.is_ok(), "the server still holds the connection");
+    drop(kept);
+}

@@ -281,6 +281,29 @@ enum Turn {
     Closed,
 }
 
+/// A task dropped while its connection is open (its runtime shut down: the process is
+/// exiting, say) tells the peer, as the kernel does for a TCP socket: without a
+/// CONNECTION_CLOSE the peer keeps the connection, and whatever waits on it (a graceful
+/// shutdown that waits for its responses to be delivered), until its idle timeout. Best
+/// effort: one packet, a transport close with NO_ERROR (the application's own codes are
+/// its to choose while it runs), or the close the connection already had, sent without
+/// waiting for room in the socket.
+impl<A> Drop for Driver<A> {
+    fn drop(&mut self) {
+        if self.conn.is_closed() || self.conn.is_draining() {
+            return;
+        }
+        if self.conn.local_error().is_none() {
+            // A close asked for earlier (and perhaps not sent yet) keeps its code.
+            let _ = self.conn.close(false, 0x0, b"");
+        }
+        let mut packet = vec![0u8; self.conn.max_send_udp_payload_size()];
+        if let Ok((len, info)) = self.conn.send(&mut packet) {
+            let _ = self.socket.try_send(info.to, self.source, &packet[..len], None);
+        }
+    }
+}
+
 impl<A: Application> Future for Driver<A> {
     type Output = ();
 
