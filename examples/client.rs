@@ -76,8 +76,20 @@ struct Args {
     urls: Vec<String>,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let code = runtime.block_on(run());
+    // Returned, not `process::exit`: shutting the runtime down drops each open
+    // connection's task, which tells its server the connection is closed. Bounded, as
+    // `process::exit` was: a name lookup stuck on a blocking thread does not hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(500));
+    code
+}
+
+async fn run() -> ExitCode {
     let args = Args::parse();
     let client = match build_client(&args) {
         Ok(client) => client,
@@ -103,8 +115,6 @@ async fn main() -> ExitCode {
             }
         }
     }
-    // Returned, not `process::exit`: the runtime then shuts down, and each open connection
-    // tells its server it is closed as its task goes.
     if failed {
         ExitCode::from(1)
     } else if http_error {

@@ -174,6 +174,8 @@ struct Driver<A> {
     /// The session last stored (its address and length in quiche's buffer): a new ticket
     /// replaces the buffer, so a change says there is one to store.
     session_stored: (usize, usize),
+    /// The connection has ended and said so (`finish`): nothing is left to tell the peer.
+    finished: bool,
 }
 
 // The driver never pins the application in place: it only calls `&mut` methods on it.
@@ -270,6 +272,7 @@ impl<A> Driver<A> {
             server_ip,
             sessions,
             session_stored: (0, 0),
+            finished: false,
         };
         (driver, handle)
     }
@@ -290,16 +293,28 @@ enum Turn {
 /// waiting for room in the socket.
 impl<A> Drop for Driver<A> {
     fn drop(&mut self) {
-        if self.conn.is_closed() || self.conn.is_draining() {
+        // Not while unwinding: a panic inside quiche may have left the connection half
+        // updated, and a second panic here would abort the process. Nor once the task has
+        // ended the connection itself (a handshake that timed out ends silently).
+        if std::thread::panicking() || self.finished || self.conn.is_closed() || self.conn.is_draining() {
             return;
         }
         if self.conn.local_error().is_none() {
             // A close asked for earlier (and perhaps not sent yet) keeps its code.
             let _ = self.conn.close(false, 0x0, b"");
         }
+        // The first packets may be something else (a path probe on a path being
+        // validated): a few tries. A connection whose congestion window is full has no room
+        // for the close, and ends at the peer's idle timeout as before.
         let mut packet = vec![0u8; self.conn.max_send_udp_payload_size()];
-        if let Ok((len, info)) = self.conn.send(&mut packet) {
+        for _ in 0..4 {
+            let Ok((len, info)) = self.conn.send(&mut packet) else {
+                break;
+            };
             let _ = self.socket.try_send(info.to, self.source, &packet[..len], None);
+            if self.conn.is_draining() || self.conn.is_closed() {
+                break;
+            }
         }
     }
 }
@@ -644,6 +659,7 @@ impl<A: Application> Driver<A> {
     }
 
     fn finish(&mut self) {
+        self.finished = true;
         let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
         let stats = ConnectionStats::of(&self.conn);
         let metrics = &self.config.inner.metrics;
