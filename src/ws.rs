@@ -368,12 +368,7 @@ fn is_websocket_key(key: &[u8]) -> bool {
 /// RFC 6455 §4.2.1: GET with `Connection: upgrade`, `Upgrade: websocket` and a key.
 fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
     let headers = request.headers();
-    let lists = |name: header::HeaderName, token: &str| {
-        headers.get_all(name).iter().any(|v| {
-            v.to_str()
-                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-        })
-    };
+    let lists = |name, token| crate::server::lists_token(headers, name, token);
     if !lists(header::CONNECTION, "upgrade") || !lists(header::UPGRADE, "websocket") {
         return Err(WebSocketUpgradeRejection::new(
             StatusCode::UPGRADE_REQUIRED,

@@ -219,7 +219,8 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             return Err(Malformed("neither :authority nor host"));
         }
         // Built from its parts, not through `Uri::builder()`, which moves the whole
-        // `Parts` through a `Result` at each step (about 1,100 instructions a request).
+        // `Parts` through a `Result` at each step (with the `host` below sharing the
+        // authority's bytes, about 400 instructions a request less, callgrind).
         let mut parts = uri::Parts::default();
         parts.scheme = Some(uri::Scheme::try_from(scheme).map_err(|_| Malformed("invalid :scheme"))?);
         if let Some(authority) = authority {

@@ -1083,16 +1083,17 @@ pub(crate) struct RoundLists {
     /// Streams whose body stopped at a frame quiche had not parsed yet (see
     /// [`StreamShared::read_from`]): read again once the next round's poll has parsed it.
     pub(crate) read_again: Vec<u64>,
-    /// Rounds spent on turns the rounds themselves asked for, over the connection's life
-    /// (see [`may_wake_for_more_rounds`]).
+    /// Rounds spent, over the connection's life, in calls that ran out of rounds with
+    /// streams still to serve (see [`may_wake_for_more_rounds`]).
     extra_rounds: u64,
 }
 
 /// Rounds per turn.
 const ROUNDS: u64 = 8;
 
-/// Turns the rounds may ask for beyond those the peer's datagrams bring, in rounds: a free
-/// allowance, then one round per [`BYTES_PER_EXTRA_ROUND`] the peer has sent.
+/// Rounds a connection may spend in calls that ran out of rounds, and still ask for a turn
+/// of their own: a free allowance, then one round per [`BYTES_PER_EXTRA_ROUND`] the peer
+/// has sent.
 const FREE_EXTRA_ROUNDS: u64 = 1024;
 
 /// What the peer pays, in bytes received, for each round beyond the free allowance.

@@ -288,9 +288,9 @@ enum Turn {
 /// exiting, say) tells the peer, as the kernel does for a TCP socket: without a
 /// CONNECTION_CLOSE the peer keeps the connection, and whatever waits on it (a graceful
 /// shutdown that waits for its responses to be delivered), until its idle timeout. Best
-/// effort: one packet, a transport close with NO_ERROR (the application's own codes are
-/// its to choose while it runs), or the close the connection already had, sent without
-/// waiting for room in the socket.
+/// effort: a transport close with NO_ERROR (the application's own codes are its to choose
+/// while it runs), or the close the connection already had, in at most a few packets sent
+/// without waiting for room in the socket.
 impl<A> Drop for Driver<A> {
     fn drop(&mut self) {
         // Not while unwinding: a panic inside quiche may have left the connection half

@@ -223,11 +223,10 @@ fn dispatch(
     let id_len = shared.config.inner.cid_generator.id_len();
     // Most datagrams are short-header packets of known connections: their ID is read in
     // place, where quiche's parser would copy it into an allocation of its own.
-    if let Some(dcid) = short_header_dcid(datagram, id_len)
-        && forward(metrics, routes, arena, datagram, from, dcid)
-    {
-        return;
-    }
+    let short = match short_header_dcid(datagram, id_len) {
+        Some(dcid) if forward(metrics, routes, arena, datagram, from, dcid) => return,
+        dcid => dcid.is_some(),
+    };
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
         Ok(hdr) => hdr,
         Err(_) => {
@@ -235,7 +234,8 @@ fn dispatch(
             return;
         }
     };
-    if forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
+    // A short header's ID was looked up above: quiche read the same bytes.
+    if !short && forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
         return;
     }
     // Not for a connection we know: whatever answers it leaves from the address it came

@@ -827,6 +827,17 @@ where
     make_service.call(info).await.map_err(Into::into)
 }
 
+/// Whether a comma-separated list field (`connection`, `upgrade`) names `token`, in any of
+/// its lines, ignoring case (RFC 9110 §5.6.1).
+#[cfg(any(feature = "tcp", feature = "axum"))]
+pub(crate) fn lists_token(headers: &HeaderMap, name: http::header::HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .to_str()
+            .is_ok_and(|value| value.split(',').any(|listed| listed.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

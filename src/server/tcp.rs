@@ -575,10 +575,9 @@ where
                 other => return Poll::Ready(other.map(|frame| frame.map(|frame| frame.map_data(Piece::Whole)))),
             }
         }
-        let piece = this.rest.as_mut().map_or_else(Bytes::new, |rest| {
-            rest.copy_to_bytes(rest.remaining().min(PROGRESS_BYTES))
-        });
-        if this.rest.as_ref().is_some_and(|rest| !rest.has_remaining()) {
+        let rest = this.rest.as_mut().expect("an empty `rest` was filled above");
+        let piece = rest.copy_to_bytes(rest.remaining().min(PROGRESS_BYTES));
+        if !rest.has_remaining() {
             *this.rest = None;
         }
         Poll::Ready(Some(Ok(this.in_flight.hand_over(Piece::Cut(piece)))))
@@ -672,18 +671,7 @@ where
                 // The head goes to the client now; hyper polls the body once it can send
                 // some (over HTTP/2, once the stream has window).
                 in_flight.handed_over(true);
-                let says_close = |value: &http::HeaderValue| {
-                    value
-                        .to_str()
-                        .is_ok_and(|v| v.split(',').any(|token| token.trim().eq_ignore_ascii_case("close")))
-                };
-                if close_after
-                    && !response
-                        .headers()
-                        .get_all(http::header::CONNECTION)
-                        .iter()
-                        .any(says_close)
-                {
+                if close_after && !super::lists_token(response.headers(), http::header::CONNECTION, "close") {
                     // Beside whatever the service put there (not on an upgrade: `hands_over`).
                     response
                         .headers_mut()
