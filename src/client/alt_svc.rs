@@ -386,6 +386,10 @@ mod tests {
         update(&mut cache, "h3=\":4\"", now);
         update(&mut cache, "h3=\"", now);
         assert_eq!(cache.h3_port(&o, now), Some(4));
+        // The host compares without regard to case, however the URL spelled it.
+        let upper = Origin::of(&"https://EXAMPLE.com/".parse().unwrap()).unwrap();
+        cache.update(&upper, [HeaderValue::from_static("h3=\"Example.COM:5\"")].iter(), now);
+        assert_eq!(cache.h3_port(&o, now), Some(5));
     }
 
     #[test]

@@ -111,7 +111,10 @@ impl Origin {
         let host = uri.host().ok_or_else(|| {
             Error::invalid_request(format!("'{uri}' is not an absolute URL: use https://host[:port]/path"))
         })?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+        // Host names are case-insensitive (RFC 3986 §3.2.2): one origin, however spelled,
+        // has one pool and one Alt-Svc entry, which an alternative naming the host in lower
+        // case (as the parser keeps it) matches.
+        let host = host.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase();
         Ok(Origin {
             scheme: scheme.to_string(),
             host,
@@ -184,22 +187,30 @@ struct Pool {
     conns: Mutex<HashMap<Origin, Vec<SendRequest>>>,
     /// One connection attempt per origin at a time: every request waiting for a connection
     /// to that origin shares its outcome, success or failure. Removed when it has one.
-    connecting: Mutex<HashMap<Origin, Arc<Attempt>>>,
+    connecting: Attempts,
+    /// The same for requests a connection refused unprocessed (RFC 9114 §4.1.1), which
+    /// need another one: a GOAWAY or a loaded server refuses every request in flight at
+    /// once, and one new connection serves them all, where an attempt each would open as
+    /// many connections as there were requests.
+    connecting_elsewhere: Attempts,
 }
+
+/// Connection attempts under way, by origin.
+type Attempts = Mutex<HashMap<Origin, Arc<Attempt>>>;
 
 /// One request's wait for a shared [`Attempt`]. When it ends — with the outcome, or dropped
 /// (the request was cancelled) as the last waiter — the attempt leaves the pool's map: the
 /// next request that finds no connection starts a fresh one (a failure is not remembered
 /// beyond those who waited for it, and an attempt nobody drives is not taken for a slow one).
 struct AttemptWaiter<'a> {
-    pool: &'a Pool,
+    attempts: &'a Attempts,
     origin: &'a Origin,
     attempt: Arc<Attempt>,
 }
 
 impl Drop for AttemptWaiter<'_> {
     fn drop(&mut self) {
-        let mut connecting = self.pool.connecting.lock().unwrap_or_else(|p| p.into_inner());
+        let mut connecting = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
         // Held by the map and this waiter only: no other request waits for it.
         let last_waiter = Arc::strong_count(&self.attempt) <= 2;
         if connecting
@@ -256,12 +267,34 @@ impl Pool {
         if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
         }
-        if avoid.is_some() {
-            // Not the shared attempt: its outcome may be the very connection to avoid.
-            return self.connect(origin, port, avoid).await;
+        let Some(avoid) = avoid else {
+            return Self::shared_attempt(&self.connecting, origin, self.connect(origin, port, None)).await;
+        };
+        // Not the attempt of `connecting`: its outcome may be the very connection to avoid.
+        // Requests refused by different connections may share one all the same: the
+        // outcome is a connection that was not there when the attempt began, or one whose
+        // request `pick`ed it; one that is this request's own to avoid is not taken.
+        let shared = Self::shared_attempt(
+            &self.connecting_elsewhere,
+            origin,
+            self.connect(origin, port, Some(avoid)),
+        )
+        .await?;
+        if shared.same_connection(avoid) {
+            return self.connect(origin, port, Some(avoid)).await;
         }
+        Ok(shared)
+    }
+
+    /// Waits for the attempt to reach `origin` in `attempts`, starting it with `connect`
+    /// when there is none: every request waiting shares its outcome.
+    async fn shared_attempt(
+        attempts: &Attempts,
+        origin: &Origin,
+        connect: impl Future<Output = Result<SendRequest, Error>>,
+    ) -> Result<SendRequest, Error> {
         let attempt = {
-            let mut connecting = self.connecting.lock().unwrap_or_else(|p| p.into_inner());
+            let mut connecting = attempts.lock().unwrap_or_else(|p| p.into_inner());
             Arc::clone(connecting.entry(origin.clone()).or_insert_with(|| {
                 Arc::new(Attempt {
                     started: std::time::Instant::now(),
@@ -270,19 +303,19 @@ impl Pool {
             }))
         };
         let waiter = AttemptWaiter {
-            pool: self,
+            attempts,
             origin,
             attempt,
         };
         let outcome = waiter
             .attempt
             .outcome
-            .get_or_init(|| async { self.connect(origin, port, None).await.map_err(Arc::new) })
+            .get_or_init(|| async { connect.await.map_err(Arc::new) })
             .await
             .clone();
         drop(waiter);
-        match &outcome {
-            Ok(send) => Ok(send.clone()),
+        match outcome {
+            Ok(send) => Ok(send),
             Err(e) => Err(e.duplicate()),
         }
     }
@@ -1019,7 +1052,7 @@ impl Builder {
 
     /// Headers sent with every request that does not have a header of the same name
     /// (a request's own value wins). Defaults to none. They are carried through redirects,
-    /// except credentials once a redirect leaves the origin.
+    /// except credentials and `host` once a redirect leaves the origin.
     ///
     /// ```no_run
     /// use tower_quiche::client::Client;
@@ -1138,6 +1171,7 @@ impl Builder {
             max_per_origin: self.max_per_origin,
             conns: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
+            connecting_elsewhere: Mutex::new(HashMap::new()),
         });
         let service = conveniences.stack(Transport(Arc::clone(&pool)));
         Ok(Client { pool, service })
@@ -1244,6 +1278,15 @@ impl ResponseExt for Response<RecvBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `https://Example.COM` and `https://example.com` are one origin.
+    #[test]
+    fn an_origins_host_is_compared_in_lower_case() {
+        let of = |url: &str| Origin::of(&url.parse().unwrap()).unwrap();
+        assert_eq!(of("https://Example.COM/a"), of("https://example.com/b"));
+        assert_eq!(of("https://EXAMPLE.com:8443/").authority(), "example.com:8443");
+        assert_eq!(of("https://[::1]/").authority(), "[::1]:443");
+    }
 
     /// An HTTP/3-only client that trusts any certificate (none of these tests is about
     /// certificates, and none needs the system's roots read), with `configure` applied.

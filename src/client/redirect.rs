@@ -6,7 +6,7 @@
 //! so a redirect may cross protocols: an HTTP/2 answer may send the request to an origin
 //! served over HTTP/3, and the other way round.
 
-use http::header::{AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION};
+use http::header::{AUTHORIZATION, COOKIE, HOST, PROXY_AUTHORIZATION};
 use http::{Request, Uri};
 use tower_http::follow_redirect::policy::{Action, Attempt, Policy as TowerPolicy};
 
@@ -22,7 +22,8 @@ use crate::error::{Error, Kind};
 ///   `https` (this client speaks no cleartext HTTP, and a downgrade would expose the
 ///   request; reqwest follows one over plain TCP, curl `--proto-redir =https` refuses it);
 /// - drops `authorization`, `cookie` and `proxy-authorization` once a redirect leaves the
-///   request's origin (scheme, host, port), for every later hop, as reqwest does;
+///   request's origin (scheme, host, port), for every later hop, as reqwest does, and a
+///   `host` the request carried (each hop's comes from its URL);
 /// - changes a POST answered with 301 or 302, and any method but HEAD answered with 303,
 ///   into a body-less GET (RFC 9110 §15.4);
 /// - follows 307 and 308 with the same method and body only when the body can be sent
@@ -107,7 +108,9 @@ impl TowerPolicy<ReqBody, Error> for Redirects {
     fn on_request(&mut self, request: &mut Request<ReqBody>) {
         if self.left_origin {
             // The original request's headers are carried to every hop: strip them on each.
-            for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
+            // A `host` the caller set names the first origin: over TCP it would go to the
+            // new one as it is (hyper-util adds one from the URI only when there is none).
+            for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION, HOST] {
                 request.headers_mut().remove(name);
             }
         }
