@@ -286,10 +286,14 @@ impl SendHalf {
         }
     }
 
-    /// Whether bytes wait for the peer's flow-control credit.
+    /// Whether bytes wait for the peer's flow-control credit: a head, body bytes, trailers,
+    /// or the FIN alone (after a body whose end came after its last bytes went out, the FIN
+    /// goes in an empty DATA frame, whose 2 bytes need credit too).
     #[cfg(feature = "server")]
     fn owes_peer(&self) -> bool {
-        !self.done && self.final_queued && (!self.heads.is_empty() || self.data_len > 0 || self.trailers.is_some())
+        !self.done
+            && self.final_queued
+            && (!self.heads.is_empty() || self.data_len > 0 || self.trailers.is_some() || self.fin)
     }
 
     fn abandon(&mut self, code: u64) {
@@ -310,6 +314,11 @@ struct StreamState {
     /// way, a chunk read, a part queued. The owner's stall timer compares it between checks,
     /// so no movement pays for a clock read.
     progress: u64,
+    /// Counts the movements of the sending side alone: a head, body bytes, trailers or the
+    /// FIN handed to quiche. The owner's stall timer sees from it whether the connection
+    /// is sending at all (see [`StallLook::sent`]).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    sent: u64,
     /// Already in the connection's ready list.
     queued: bool,
 }
@@ -389,6 +398,7 @@ impl StreamShared {
                     waker: None,
                 },
                 progress: 0,
+                sent: 0,
                 queued: false,
             }),
         }
@@ -794,8 +804,9 @@ impl StreamShared {
         let before = s.send.data_len;
         let heads_before = s.send.heads.len();
         let outcome = write_queued(h3, conn, id, &mut s.send);
-        if s.send.data_len < before || s.send.heads.len() < heads_before {
+        if s.send.data_len < before || s.send.heads.len() < heads_before || matches!(outcome, Ok(true)) {
             s.progress += 1;
+            s.sent += 1;
         }
         if s.send.data_len < before && s.send.data_len < s.send.limit {
             s.send.wake();
@@ -896,16 +907,34 @@ impl StreamShared {
         s.recv.reader_dropped && s.recv.open()
     }
 
-    /// The stream's progress count, and whether it waits on the peer: body bytes owed to
-    /// a reader with room, or queued bytes the peer's flow control holds back. It does not
-    /// while it waits on us (the handler is working, the reader is slow). A stream waiting
-    /// on the peer whose count stays put is stalled.
+    /// What the stall timer needs to know of the stream (see [`StallLook`]).
     #[cfg(feature = "server")]
-    pub(crate) fn progress(&self) -> (u64, bool) {
+    pub(crate) fn stall_look(&self) -> StallLook {
         let s = self.lock();
-        let recv_owed = s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit);
-        (s.progress, recv_owed || s.send.owes_peer())
+        StallLook {
+            progress: s.progress,
+            sent: s.sent,
+            owed_body: s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit),
+            owed_credit: s.send.owes_peer(),
+        }
     }
+}
+
+/// A stream as the stall timer sees it. A stream waiting on the peer whose progress count
+/// stays put is stalled. It does not wait on the peer while it waits on us (the handler is
+/// working, the reader is slow).
+#[cfg(feature = "server")]
+pub(crate) struct StallLook {
+    /// Counts every movement of the stream, either way.
+    pub(crate) progress: u64,
+    /// Counts the movements of its sending side.
+    pub(crate) sent: u64,
+    /// Body bytes are owed to a reader with room.
+    pub(crate) owed_body: bool,
+    /// Queued bytes (or the FIN) wait for flow-control credit, or for their turn: the
+    /// connection's congestion window and more urgent streams come first, so this is the
+    /// peer's doing only while no stream of the connection is sending either.
+    pub(crate) owed_credit: bool,
 }
 
 fn cancel_state(state: &mut StreamState, why: Cancel) {

@@ -41,6 +41,8 @@ struct Entry {
     /// The stream's progress count at the last timer check, and since when it has stood
     /// still.
     still_since: (u64, Instant),
+    /// The count of its sending side's movements at the last timer check.
+    sent: u64,
     /// A CONNECT request: once answered 2xx it is a tunnel (a WebSocket, say), which may
     /// sit idle as long as both ends like; the body stall timeout does not end it.
     tunnel: bool,
@@ -398,6 +400,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 responded: false,
                 written: false,
                 still_since: (0, Instant::now()),
+                sent: 0,
                 tunnel,
             },
         );
@@ -725,9 +728,30 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
         self.look_at_unwritten_streams(conn);
         let stall = self.settings.body_stall_timeout;
+        let looks: Vec<(u64, stream::StallLook)> = self
+            .streams
+            .iter()
+            .map(|(&id, entry)| (id, entry.shared.stall_look()))
+            .collect();
+        // Whether the connection sent anything since the last look. A response that waits
+        // for its turn while others go out (the congestion window is full, or the
+        // connection's credit goes to more urgent streams or lower IDs first, RFC 9218)
+        // waits on us, not on the peer: a long download must not get a small request
+        // behind it reset.
+        let mut sending = false;
+        for (id, look) in &looks {
+            if let Some(entry) = self.streams.get_mut(id) {
+                sending |= look.sent != entry.sent;
+                entry.sent = look.sent;
+            }
+        }
         let mut stalled = Vec::new();
-        for (&id, entry) in &mut self.streams {
-            let (progress, waiting_on_peer) = entry.shared.progress();
+        for (id, look) in looks {
+            let Some(entry) = self.streams.get_mut(&id) else {
+                continue;
+            };
+            let progress = look.progress;
+            let waiting_on_peer = look.owed_body || (look.owed_credit && !sending);
             // An open tunnel (a 2xx answer to CONNECT) may sit idle; a CONNECT not yet
             // answered is held to the stall timeout like any request.
             let open_tunnel = entry.tunnel && entry.shared.answered_with_success();

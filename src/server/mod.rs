@@ -265,7 +265,13 @@ impl Builder {
 
     /// How long a request may make no progress while the client owes bytes: body bytes
     /// for a handler that waits for them, or flow-control credit for a response that is
-    /// ready to go. Past it (checked a few times per timeout, so within 1.25 times it)
+    /// ready to go (its FIN included). A response that waits for its turn while others go
+    /// out (more urgent ones first, RFC 9218, or a full congestion window) waits on the
+    /// server, not the client, so the wait for credit counts only while nothing on the
+    /// connection is sent: a client that withholds credit from some responses while it
+    /// takes others keeps them, as many as
+    /// [`max_concurrent_bidi_streams`](crate::quic::TransportConfig::max_concurrent_bidi_streams)
+    /// allows. Past it (checked a few times per timeout, so within 1.25 times it)
     /// the stream is reset with `H3_REQUEST_CANCELLED` and the handler's body read fails
     /// with an error whose `is_timeout()` is true. Time a handler spends working, or a slow
     /// reader, does not count, with one exception: once the response is complete, a stream

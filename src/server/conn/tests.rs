@@ -77,6 +77,13 @@ fn get(path: &str) -> Vec<h3::Header> {
     ])
 }
 
+/// A GET with a `priority` field (RFC 9218).
+fn get_with_priority(path: &str, priority: &str) -> Vec<h3::Header> {
+    let mut list = get(path);
+    list.push(h3::Header::new(b"priority", priority.as_bytes()));
+    list
+}
+
 fn post(path: &str, content_length: Option<usize>) -> Vec<h3::Header> {
     let mut list = fields(&[
         (":method", "POST"),
@@ -96,6 +103,8 @@ struct Harness<S> {
     app: ServerApp<S>,
     client: h3::Connection,
     seen: HashMap<u64, Seen>,
+    /// Whether the client reads response bodies (and so gives the server credit again).
+    reads_bodies: bool,
     goaway: Option<u64>,
     woken: Arc<Woken>,
     shutdown: Option<oneshot::Sender<Option<Instant>>>,
@@ -137,6 +146,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
             app,
             client,
             seen: HashMap::new(),
+            reads_bodies: true,
             goaway: None,
             woken: Arc::default(),
             shutdown: Some(shutdown_tx),
@@ -281,6 +291,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
                         seen.headers = pairs(&list);
                     }
                 }
+                h3::Event::Data if !self.reads_bodies => {}
                 h3::Event::Data => {
                     let mut buf = [0; 4096];
                     while let Ok(n) = self.client.recv_body(&mut self.pipe.client, id, &mut buf) {
@@ -928,16 +939,11 @@ async fn an_urgent_request_overtakes_a_background_download() {
     let mut h = Harness::with_transport(Builder::new(), handler, |b| {
         b.initial_max_data(WINDOW).max_windows(WINDOW, WINDOW)
     });
-    let with_priority = |path: &str, priority: &str| {
-        let mut list = get(path);
-        list.push(h3::Header::new(b"priority", priority.as_bytes()));
-        list
-    };
-    let big = h.send_request(&with_priority("/big", "u=7"), true);
+    let big = h.send_request(&get_with_priority("/big", "u=7"), true);
     while h.seen(big).body.len() < 1 << 20 {
         h.round();
     }
-    let small = h.send_request(&with_priority("/small", "u=0"), true);
+    let small = h.send_request(&get_with_priority("/small", "u=0"), true);
     let big_before = h.seen(big).body.len();
     for _ in 0..100_000 {
         if h.seen(small).finished {
@@ -956,6 +962,105 @@ async fn an_urgent_request_overtakes_a_background_download() {
     );
     h.until("the download", |h| h.seen(big).finished).await;
     assert_eq!(h.seen(big).body.len(), BIG);
+}
+
+/// A response body that waits for its turn behind a more urgent download (RFC 9218 §4: a
+/// server may send nothing of it until the download ends) waits on the server, not on the
+/// client, however long the download takes: the stall timer must not reset it. (Found by
+/// review: it was reset once the download had lasted the stall timeout.)
+#[tokio::test]
+async fn a_response_waiting_behind_a_more_urgent_download_is_not_taken_for_stalled() {
+    const BIG: usize = 4 << 20;
+    const SMALL: usize = 1000;
+    // The small response: its head at once, its bytes a little later (while the download
+    // goes on: they wait their turn), its end once the download is over (a body that ends
+    // completes the handler's future, and that stream is written at once).
+    let download_over = Arc::new(tokio::sync::Notify::new());
+    let over = Arc::clone(&download_over);
+    let handler = service(move |request: Request<RecvBody>| {
+        let over = Arc::clone(&over);
+        async move {
+            if request.uri().path() == "/big" {
+                return Response::new(full(vec![1u8; BIG]));
+            }
+            let body = futures_util::stream::unfold(false, move |sent| {
+                let over = Arc::clone(&over);
+                async move {
+                    if sent {
+                        over.notified().await;
+                        return None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Some((Ok::<_, BoxError>(Frame::data(Bytes::from(vec![1u8; SMALL]))), true))
+                }
+            });
+            Response::new(StreamBody::new(body).boxed_unsync())
+        }
+    });
+    // The client's connection window is the bottleneck (its stream windows are far
+    // larger), so the download always has more to send than the connection may, and the
+    // more urgent stream takes all of the connection's credit first.
+    const WINDOW: u64 = 64 << 10;
+    const STALL: Duration = Duration::from_millis(50);
+    let mut h = Harness::with_transport(Builder::new().body_stall_timeout(STALL), handler, |b| {
+        b.initial_max_data(WINDOW)
+            .initial_max_stream_data(16 * WINDOW)
+            .max_windows(WINDOW, 16 * WINDOW)
+    });
+    let big = h.send_request(&get_with_priority("/big", "u=0"), true);
+    while h.seen(big).body.len() < 256 << 10 {
+        h.round();
+    }
+    let small = h.send_request(&get_with_priority("/small", "u=7"), true);
+    // A window per round at most, and a round every 2 ms at least: the download lasts
+    // more than 60 rounds, over twice the stall timeout.
+    let give_up = Instant::now() + PATIENCE;
+    while !h.seen(big).finished && h.seen(big).reset.is_none() {
+        h.round();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(Instant::now() < give_up, "gave up waiting for the download");
+    }
+    assert_eq!(h.seen(big).body.len(), BIG);
+    download_over.notify_one();
+    h.until("the small response", |h| {
+        h.seen(small).finished || h.seen(small).reset.is_some()
+    })
+    .await;
+    assert_eq!(h.seen(small).reset, None, "the response behind the download was reset");
+    assert_eq!(h.seen(small).body.len(), SMALL);
+}
+
+/// A response whose body ends after its last bytes went out ends with an empty DATA
+/// frame, whose 2 bytes need credit like any other. A client that gives credit for the
+/// body but not for that frame leaves only the FIN unsent: the stall timer must end such a
+/// stream too, or it is held for ever. Which body size leaves exactly the FIN depends on
+/// the head's encoded size, so every size near the credit is tried at once, on streams of
+/// their own. (Found by review.)
+#[tokio::test]
+async fn a_response_whose_fin_alone_waits_for_credit_is_ended_by_the_stall_timer() {
+    const CREDIT: usize = 2000;
+    const SIZES: std::ops::Range<usize> = CREDIT - 96..CREDIT;
+    let handler = service(|request: Request<RecvBody>| async move {
+        let size: usize = request.uri().path()[1..].parse().unwrap();
+        // The bytes first; the end in a later poll, after they have gone out.
+        let body = futures_util::stream::unfold(false, move |sent| async move {
+            if sent {
+                tokio::task::yield_now().await;
+                return None;
+            }
+            Some((Ok::<_, BoxError>(Frame::data(Bytes::from(vec![1u8; size]))), true))
+        });
+        Response::new(StreamBody::new(body).boxed_unsync())
+    });
+    let builder = Builder::new().body_stall_timeout(Duration::from_millis(50));
+    let mut h = Harness::with_transport(builder, handler, |b| b.initial_max_stream_data(CREDIT as u64));
+    // The client takes nothing: the credit it gave at the start is all there is.
+    h.reads_bodies = false;
+    for size in SIZES {
+        h.send_request(&get(&format!("/{size}")), true);
+    }
+    h.until("every stream ended, sent in full or reset", Harness::forgot_everything)
+        .await;
 }
 
 /// A large response body chunk goes into quiche's send queue as it is (zero-copy), a part
