@@ -87,7 +87,11 @@ fn join_cookie_crumbs(headers: &mut HeaderMap) -> Result<(), Malformed> {
         joined.extend_from_slice(crumb.as_bytes());
     }
     let value = HeaderValue::from_bytes(&joined).map_err(|_| Malformed("invalid cookie field"))?;
-    headers.insert(COOKIE, value);
+    // Replacing an entry still reserves room for one more: a map the peer filled to its
+    // limit refuses it (where `insert` would panic).
+    headers
+        .try_insert(COOKIE, value)
+        .map_err(|_| Malformed("too many fields"))?;
     Ok(())
 }
 
@@ -131,12 +135,16 @@ fn shared_authority(authority: &[u8]) -> Result<(uri::Authority, Bytes), Malform
 }
 
 /// Adds a `host` field with the authority's bytes (shared, not copied): handlers written
-/// for HTTP/1.1 look for the host there.
+/// for HTTP/1.1 look for the host there. Fails on a map the peer filled to its limit
+/// (`insert` would panic there, as `append` would).
 #[cfg(feature = "server")]
-fn add_host(headers: &mut HeaderMap, authority: Bytes) {
+fn add_host(headers: &mut HeaderMap, authority: Bytes) -> Result<(), Malformed> {
     if let Ok(value) = HeaderValue::from_maybe_shared(authority) {
-        headers.insert(HOST, value);
+        headers
+            .try_insert(HOST, value)
+            .map_err(|_| Malformed("too many fields"))?;
     }
+    Ok(())
 }
 
 /// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
@@ -190,7 +198,7 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             .ok_or(Malformed("CONNECT without :authority"))?;
         let (authority, bytes) = shared_authority(authority)?;
         if host.is_none() {
-            add_host(&mut headers, bytes);
+            add_host(&mut headers, bytes)?;
         }
         let mut parts = uri::Parts::default();
         parts.authority = Some(authority);
@@ -227,7 +235,7 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             let (authority, bytes) = shared_authority(authority)?;
             parts.authority = Some(authority);
             if host.is_none() {
-                add_host(&mut headers, bytes);
+                add_host(&mut headers, bytes)?;
             }
         }
         parts.path_and_query = Some(if path == b"*" {
@@ -894,6 +902,35 @@ mod tests {
             (":path", "/"),
         ]);
         request.extend(list);
+        assert!(request_from_fields(&request).is_err());
+    }
+
+    /// A head with exactly as many fields as a header map holds leaves no room for the
+    /// `host` the server adds from `:authority`, nor for joining cookie crumbs: malformed,
+    /// not a panic. (Found by review: `HeaderMap::insert` panicked there.)
+    #[test]
+    fn a_full_header_map_has_no_room_for_host_and_is_malformed_not_a_panic() {
+        let mut map = HeaderMap::new();
+        let holds = (0..)
+            .take_while(|i| {
+                let name = HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap();
+                map.try_append(name, HeaderValue::from_static("v")).is_ok()
+            })
+            .count();
+        let mut request = fields(&[
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":authority", "example.com"),
+            (":path", "/"),
+        ]);
+        request.extend((0..holds).map(|i| Header::new(format!("x-{i}").as_bytes(), b"v")));
+        assert!(request_from_fields(&request).is_err());
+        request.pop();
+        assert_eq!(request_from_fields(&request).unwrap().request.headers().len(), holds);
+        // Cookie crumbs (first, while the map has room) in a map then filled: joining them
+        // replaces one entry, which still asks for room.
+        let crumbs = [Header::new(b"cookie", b"a=1"), Header::new(b"cookie", b"b=2")];
+        request.splice(4..4, crumbs);
         assert!(request_from_fields(&request).is_err());
     }
 

@@ -304,7 +304,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             self.answer_without_service(conn, id, b"431", more_frames, code::H3_EXCESSIVE_LOAD);
             return;
         }
-        let head = match request_from_fields(&list) {
+        let mut head = match request_from_fields(&list) {
             // RFC 9220 §3: :protocol from a client the server did not allow to send it.
             Ok(head)
                 if !self.settings.connect_protocol && head.request.extensions().get::<fields::Protocol>().is_some() =>
@@ -331,7 +331,20 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // A request in 0-RTT data, which an attacker can replay (RFC 8470): served now only
         // if safe to repeat, else the client is told to send it again after the handshake.
         let early_data = !conn.is_established();
-        if early_data && !self.settings.early_data_policy.allows(&head.request) {
+        // Served early, it carries what an intermediary that forwards early data must add
+        // (RFC 8470 §5.1), so that the service, and servers behind it, know; a head that
+        // filled its map to the limit has no room for it, and waits like a refused one.
+        if early_data
+            && (!self.settings.early_data_policy.allows(&head.request)
+                || head
+                    .request
+                    .headers_mut()
+                    .try_insert(
+                        http::HeaderName::from_static("early-data"),
+                        http::HeaderValue::from_static("1"),
+                    )
+                    .is_err())
+        {
             tracing::debug!(stream_id = id, method = %head.request.method(), "request in early data: 425");
             // Blocked, the request is rejected unprocessed, which tells the client to send it
             // again as a 425 would (RFC 9114 §4.1.1).
@@ -371,14 +384,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             stream_id: id,
             early_data,
         });
-        if early_data {
-            // What an intermediary that forwards early data must add (RFC 8470 §5.1), so
-            // that the service, and servers behind it, know.
-            request.headers_mut().insert(
-                http::HeaderName::from_static("early-data"),
-                http::HeaderValue::from_static("1"),
-            );
-        }
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });

@@ -162,7 +162,9 @@ impl EarlyDataPolicy {
 }
 
 /// The smallest hard limit on a field section that quiche decodes at all (advertised as
-/// SETTINGS_MAX_FIELD_SECTION_SIZE); beyond it the stream fails. Sections between
+/// SETTINGS_MAX_FIELD_SECTION_SIZE); beyond it quiche closes the whole connection with
+/// H3_EXCESSIVE_LOAD (a client that keeps to the limit it was told never gets there).
+/// Sections between
 /// `max_header_list_size` and the hard limit (four times it, at least this) get a 431
 /// response, which tells a client more than a reset would. It also bounds what a peer can
 /// park in partial heads, for at most the request head timeout: quiche takes a HEADERS
@@ -228,7 +230,9 @@ impl Builder {
 
     /// The largest request header section, counted as RFC 9114 §4.2.2 does (the sum of
     /// name, value and 32 bytes per field). Larger requests get `431 Request Header Fields
-    /// Too Large`; the same limit holds for trailer sections (a larger one resets the
+    /// Too Large`, up to four times this (at least 64 KiB), the limit the server advertises
+    /// in its SETTINGS, past which quiche closes the connection; the same limit holds for
+    /// trailer sections (a larger one resets the
     /// stream with H3_MESSAGE_ERROR). On TCP it is HTTP/2's `SETTINGS_MAX_HEADER_LIST_SIZE`
     /// and sizes the HTTP/1.1 read buffer (at least 8 KiB) a request head must fit in.
     /// Defaults to 16 KiB, as hyper's: real request heads are a few KiB, and a peer can
