@@ -346,8 +346,9 @@ pub(crate) enum WriteOutcome {
 pub(crate) struct StreamShared {
     /// The stream ID; a client learns it only when the connection opens the stream.
     id: AtomicU64,
-    /// Its urgency (RFC 9218, 0 = most urgent): the connection writes streams in this order.
-    urgency: AtomicU8,
+    /// Its priority (RFC 9218; [`Priority::to_bits`]): the connection writes streams in
+    /// order of urgency (0 = most urgent), and a response head carries it to quiche.
+    priority: AtomicU8,
     notify: Arc<ConnNotify>,
     state: Mutex<StreamState>,
 }
@@ -362,7 +363,7 @@ impl StreamShared {
     ) -> Self {
         StreamShared {
             id: AtomicU64::new(id),
-            urgency: AtomicU8::new(Priority::default().urgency),
+            priority: AtomicU8::new(Priority::default().to_bits()),
             notify,
             state: Mutex::new(StreamState {
                 recv: RecvHalf {
@@ -441,12 +442,16 @@ impl StreamShared {
     /// writes.
     #[cfg(feature = "server")]
     pub(crate) fn set_priority(&self, conn: &mut QuicheConnection, priority: Priority) {
-        self.urgency.store(priority.urgency, Ordering::Relaxed);
+        self.priority.store(priority.to_bits(), Ordering::Relaxed);
         priority.apply(conn, self.id());
     }
 
     pub(crate) fn urgency(&self) -> u8 {
-        self.urgency.load(Ordering::Relaxed)
+        self.priority().urgency
+    }
+
+    fn priority(&self) -> Priority {
+        Priority::from_bits(self.priority.load(Ordering::Relaxed))
     }
 
     #[cfg(feature = "client")]
@@ -797,13 +802,13 @@ impl StreamShared {
                 priorities.clone().next().is_some().then(|| Priority::parse(priorities))
             });
             if let Some(priority) = priority {
-                self.urgency.store(priority.urgency, Ordering::Relaxed);
+                self.priority.store(priority.to_bits(), Ordering::Relaxed);
                 priority.apply(conn, id);
             }
         }
         let before = s.send.data_len;
         let heads_before = s.send.heads.len();
-        let outcome = write_queued(h3, conn, id, &mut s.send);
+        let outcome = write_queued(h3, conn, id, self.priority(), &mut s.send);
         if s.send.data_len < before || s.send.heads.len() < heads_before || matches!(outcome, Ok(true)) {
             s.progress += 1;
             s.sent += 1;
@@ -996,6 +1001,7 @@ fn write_queued(
     h3: &mut h3::Connection,
     conn: &mut QuicheConnection,
     id: u64,
+    priority: Priority,
     out: &mut SendHalf,
 ) -> Result<bool, WriteError> {
     let stopped = |e: &h3::Error| match e {
@@ -1007,7 +1013,7 @@ fn write_queued(
             if out.head_sent {
                 h3.send_additional_headers(conn, id, fields, false, *fin)
             } else {
-                h3.send_response(conn, id, fields, *fin)
+                h3.send_response_with_priority(conn, id, fields, &priority.to_quiche(), *fin)
             }
         });
         match result {

@@ -90,6 +90,11 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
+    /// PRIORITY_UPDATEs left with quiche for request streams whose head had not arrived
+    /// (RFC 9218 §7: one may come first), to be taken with the head: while none is left,
+    /// a request costs no look for one. It may count one whose stream never comes, which
+    /// costs each later request a lookup, no more.
+    early_priority_updates: usize,
     /// Request streams quiche holds whose head has not arrived yet, since when we know of
     /// them: each must complete its head within `request_head_timeout`.
     heads_pending: StreamIdMap<Instant>,
@@ -149,6 +154,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             draining: None,
             close_not_before: None,
             next_stream: 0,
+            early_priority_updates: 0,
             heads_pending: StreamIdMap::default(),
             skipped: Vec::new(),
             probed_streams: MIN_PROBED_STREAMS,
@@ -363,6 +369,12 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         if priorities.iter().next().is_some() {
             shared.set_priority(conn, Priority::parse(priorities.iter().map(|v| v.as_bytes())));
         }
+        if self.early_priority_updates > 0
+            && let Ok(value) = self.h3().take_last_priority_update(id)
+        {
+            self.early_priority_updates -= 1;
+            shared.set_priority(conn, Priority::parse([value.as_slice()]));
+        }
         let mut request = head.request.map(|()| {
             if more_frames {
                 RecvBody::new(Arc::clone(&shared))
@@ -496,7 +508,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// A PRIORITY_UPDATE for a request stream (RFC 9218 §7.1): it reorders what is sent.
+    /// One for a stream whose head has not arrived stays with quiche (which keeps the last
+    /// for each stream, up to its stream limit) until the head does: it overrides the
+    /// head's own `priority` then.
     fn on_priority_update(&mut self, conn: &mut QuicheConnection, id: u64) {
+        if !self.streams.contains_key(&id) && (id >= self.next_stream || self.heads_pending.contains_key(&id)) {
+            self.early_priority_updates += 1;
+            return;
+        }
         if let Ok(value) = self.h3().take_last_priority_update(id) {
             let priority = Priority::parse([value.as_slice()]);
             match self.streams.get(&id) {
