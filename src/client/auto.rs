@@ -159,7 +159,7 @@ impl Pool {
             .tcp
             .as_ref()
             .ok_or_else(|| Error::config("this client speaks HTTP/3 only (Builder::http3_prior_knowledge)"))?;
-        let response = tcp.send(for_tcp(request)).await?;
+        let response = tcp.send(for_tcp(request, origin)?).await?;
         if self.mode == Mode::Auto {
             self.alt_svc()
                 .update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
@@ -173,12 +173,31 @@ impl Pool {
 }
 
 /// `request` as hyper's client takes it: HTTP/1.1 as the version asked for (hyper uses
-/// HTTP/2 when ALPN chose it).
-fn for_tcp(mut request: Request<AnyBody>) -> Request<AnyBody> {
+/// HTTP/2 when ALPN chose it), and its URI naming `origin`, where hyper-util connects.
+/// An origin client's request may name another authority (in its URI, or its `host`,
+/// which [`Origin::complete`] moved there): it goes to the client's origin all the same,
+/// as over HTTP/3 (where that authority is the `:authority` on the origin's connection),
+/// and keeps the authority it named as its `host`.
+fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<AnyBody>, Error> {
     if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
         *request.version_mut() = Version::HTTP_11;
     }
-    request
+    if Origin::of(request.uri()).ok().as_ref() != Some(origin) {
+        if let Some(host) = request.uri().host() {
+            let named = match request.uri().port_u16() {
+                Some(port) => format!("{host}:{port}"),
+                None => host.to_string(),
+            };
+            let named = http::HeaderValue::try_from(named)
+                .map_err(|e| Error::invalid_request(format!("cannot send this request: {e}")))?;
+            request.headers_mut().entry(http::header::HOST).or_insert(named);
+        }
+        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        *request.uri_mut() = format!("https://{}{path}", origin.authority())
+            .parse()
+            .map_err(|e| Error::invalid_request(format!("cannot send this request: {e}")))?;
+    }
+    Ok(request)
 }
 
 /// Whether an HTTP/3 request failed because its connection was lost on the way — timed

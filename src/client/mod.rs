@@ -687,6 +687,12 @@ impl Client {
     /// connection attempt makes it ready, and the next `call` returns the error: an error
     /// from `poll_ready` would tell tower the service is gone for good.
     ///
+    /// Every request goes to that origin, over HTTP/3 and over TCP alike, whatever
+    /// authority it names: a path alone takes its `host` (or the origin's authority), and
+    /// an authority other than the origin's (in the URI, or the `host` a proxy forwards)
+    /// is sent as the request's `:authority` (HTTP/3) or `host` (TCP) on the origin's
+    /// connection, never connected to.
+    ///
     /// It is the bare transport: the [`Builder`]'s conveniences (redirects, decompression,
     /// default headers, timeouts, the body size limit) are the [`Client`]'s, not its own, as
     /// gRPC and tower stacks bring their own.
