@@ -360,6 +360,84 @@ async fn an_origin_client_sends_requests_naming_other_hosts_to_its_origin() {
     s.server.stop().await;
 }
 
+/// A request body whose `poll_frame` panics.
+struct PanickingBody;
+
+impl http_body::Body for PanickingBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        panic!("a request body that panics (on purpose: tests/client.rs)");
+    }
+}
+
+/// A request body that panics (bodies are polled in the connection's task) fails its
+/// own request only, as a handler that panics does on a server: the connection, and the
+/// other requests on it, go on. (Found by review: it took the connection down, and a
+/// response body being read on it waited for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_body_that_panics_fails_its_own_request_only() {
+    let s = setup().await;
+    let client = client(&s.certs, Builder::http3_prior_knowledge);
+    let run = async {
+        // A response being read on the connection: one byte, then the body stays open.
+        let response = client.get(s.server.at("/stall-body")).send().await.unwrap();
+        let mut reading = response.into_body();
+        assert!(reading.frame().await.unwrap().unwrap().is_data());
+        let request = Request::post(s.server.at("/echo-body")).body(PanickingBody).unwrap();
+        let error = client.clone().oneshot(request).await.expect_err("the body panicked");
+        assert!(error.is_body(), "{error}");
+        // The connection serves on, and the reader still waits on it.
+        let (_, version, text) = text(&client, &s.server.at("/hello")).await;
+        assert_eq!((version, text.as_str()), (Version::HTTP_3, "hello"));
+        assert_eq!(client.pooled_connections(), 1);
+        let waits = std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(http_body::Body::poll_frame(std::pin::Pin::new(&mut reading), cx).is_pending())
+        });
+        assert!(waits.await, "the response being read ended");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    s.server.stop().await;
+}
+
+/// A connection whose task is dropped without closing in order (its runtime shut down,
+/// say) leaves nobody waiting on it: a response body being read on another runtime ends
+/// in an error. (Found by review: its reader waited for ever.)
+#[test]
+fn a_response_body_whose_connection_is_dropped_ends_in_an_error() {
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let test_runtime = runtime();
+    let s = test_runtime.block_on(setup());
+    let client_runtime = runtime();
+    let (client, mut reading) = client_runtime.block_on(async {
+        let client = client(&s.certs, Builder::http3_prior_knowledge);
+        // One byte, then the body stays open.
+        let response = client.get(s.server.at("/stall-body")).send().await.unwrap();
+        let mut reading = response.into_body();
+        assert!(reading.frame().await.unwrap().unwrap().is_data());
+        (client, reading)
+    });
+    drop(client_runtime);
+    test_runtime.block_on(async {
+        let next = timeout(TEST_TIMEOUT, reading.frame())
+            .await
+            .expect("the reader was left waiting");
+        assert!(matches!(next, Some(Err(_))), "the body ended as {next:?}");
+        s.server.stop().await;
+    });
+    drop(client);
+}
+
 /// gzip, br and zstd: the client offers each coding that is on, the server compresses,
 /// and the body comes out decoded (without its `content-encoding`), over both protocols.
 /// With every coding off, nothing is offered.

@@ -8,12 +8,14 @@
 use crate::quic::{QuicheConnection, StreamIdMap};
 use std::collections::VecDeque;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
+use futures_util::FutureExt;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use http::{Request, Response};
 use http_body::Body;
@@ -884,10 +886,20 @@ impl ClientApp {
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
                 self.pumps.push(Box::pin(async move {
-                    pump_body(body, &pump_stream, content_length)
+                    // A body that panics (its `poll_frame` runs in this task) fails its own
+                    // request, as a handler that panics does on a server: the connection
+                    // and its other requests go on.
+                    match AssertUnwindSafe(pump_body(body, &pump_stream, content_length))
+                        .catch_unwind()
                         .await
-                        .err()
-                        .map(|e| (id, e))
+                    {
+                        Ok(pumped) => pumped.err().map(|e| (id, e)),
+                        Err(_) => {
+                            tracing::warn!(stream_id = id, "request body panicked; resetting its stream");
+                            pump_stream.reset(code::H3_INTERNAL_ERROR);
+                            Some((id, "the request body panicked".into()))
+                        }
+                    }
                 }));
             }
             // A notification before the stream had its ID went nowhere.
@@ -1278,6 +1290,22 @@ impl ClientApp {
         }
         if self.timer.as_mut().poll(cx).is_ready() {
             cx.waker().wake_by_ref();
+        }
+    }
+}
+
+/// A connection's task that ends without `on_closed` (it panicked: request bodies are
+/// polled in it, and one may panic; or its runtime shut down) leaves nobody waiting on it:
+/// readers of response bodies and tunnels get an error, and whoever waits for the
+/// connection's readiness learns it is gone. After `on_closed` nothing is left to do.
+impl Drop for ClientApp {
+    fn drop(&mut self) {
+        self.status.update(|s| s.closed = true);
+        if let Some(hub) = self.datagrams.as_mut() {
+            hub.close_all();
+        }
+        for (_, entry) in self.streams.drain() {
+            entry.shared.cancel(Cancel::ConnectionClosed);
         }
     }
 }
