@@ -266,9 +266,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         ];
         if self.h3().send_response(conn, id, &fields, true).is_err() {
             Self::refuse(conn, id, code_if_blocked);
-        } else if more_frames {
+            return;
+        }
+        if more_frames {
             let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
         }
+        // Delivered before a graceful close, as any answer is (`forget_if_done`).
+        self.lingering
+            .push((id, more_frames.then(|| Instant::now() + LINGER_UNFINISHED)));
     }
 
     /// Resets both directions of a stream we do not track with an HTTP/3 error code.
