@@ -173,25 +173,16 @@ impl Pool {
 }
 
 /// `request` as hyper's client takes it: HTTP/1.1 as the version asked for (hyper uses
-/// HTTP/2 when ALPN chose it), and its URI naming `origin`, where hyper-util connects.
-/// An origin client's request may name another authority (in its URI, or its `host`,
+/// HTTP/2 when ALPN chose it), and its URI naming `origin`, where hyper-util connects. An
+/// origin client's request may name another authority (in its URI, or in its `host`,
 /// which [`Origin::complete`] moved there): it goes to the client's origin all the same,
-/// as over HTTP/3 (where that authority is the `:authority` on the origin's connection),
-/// and keeps the authority it named as its `host`.
+/// and names it (hyper-util cannot connect to one authority and name another); a `host`
+/// the request carries goes as it is, as hyper-util sends it.
 fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<AnyBody>, Error> {
     if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
         *request.version_mut() = Version::HTTP_11;
     }
     if Origin::of(request.uri()).ok().as_ref() != Some(origin) {
-        if let Some(host) = request.uri().host() {
-            let named = match request.uri().port_u16() {
-                Some(port) => format!("{host}:{port}"),
-                None => host.to_string(),
-            };
-            let named = http::HeaderValue::try_from(named)
-                .map_err(|e| Error::invalid_request(format!("cannot send this request: {e}")))?;
-            request.headers_mut().entry(http::header::HOST).or_insert(named);
-        }
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         *request.uri_mut() = format!("https://{}{path}", origin.authority())
             .parse()

@@ -1,7 +1,7 @@
 //! The [`Client`](super::Client)'s conveniences, reqwest's set, as tower and tower-http
 //! layers around the pool: redirects (tower-http's `FollowRedirect`, with
 //! [`redirect::Policy`](super::redirect::Policy)), decompression (tower-http's
-//! `Decompression`), default headers (tower's `MapRequest`), a read timeout (tower's
+//! `Decompression` for gzip and br, [`super::zstd`] for zstd), default headers (tower's `MapRequest`), a read timeout (tower's
 //! `Timeout` for each response head, tower-http's `ResponseBodyTimeout` between body
 //! frames), and a whole-request timeout (ours: tower's `Timeout` ends at the head, and the
 //! body must be bounded too).
@@ -260,35 +260,61 @@ impl Conveniences {
         }
     }
 
-    /// `stage` under tower-http's decompression for the codings that are on, if any is.
+    /// `stage` under decompression for the codings that are on, if any is: tower-http's
+    /// for gzip and br, ours for zstd (`super::zstd`, which bounds its window). Each
+    /// request that has no `accept-encoding` offers them all.
     #[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
     fn decompress(&self, stage: Stage) -> Stage {
-        use tower_http::decompression::{DecompressionBody, DecompressionLayer};
-        let layer = DecompressionLayer::new().no_deflate().no_gzip().no_br().no_zstd();
-        let mut any = false;
-        #[cfg(feature = "gzip")]
-        let layer = {
-            any |= self.gzip;
-            layer.gzip(self.gzip)
-        };
-        #[cfg(feature = "brotli")]
-        let layer = {
-            any |= self.brotli;
-            layer.br(self.brotli)
-        };
+        let mut offered: Vec<&str> = Vec::new();
         #[cfg(feature = "zstd")]
-        let layer = {
-            any |= self.zstd;
-            layer.zstd(self.zstd)
-        };
-        if !any {
+        if self.zstd {
+            offered.push("zstd");
+        }
+        #[cfg(feature = "gzip")]
+        if self.gzip {
+            offered.push("gzip");
+        }
+        #[cfg(feature = "brotli")]
+        if self.brotli {
+            offered.push("br");
+        }
+        if offered.is_empty() {
             return stage;
         }
+        let offer = http::HeaderValue::try_from(offered.join(",")).expect("coding names are valid field values");
+        #[cfg(any(feature = "gzip", feature = "brotli"))]
+        let stage = {
+            use tower_http::decompression::{DecompressionBody, DecompressionLayer};
+            let layer = DecompressionLayer::new().no_deflate().no_gzip().no_br().no_zstd();
+            #[cfg(feature = "gzip")]
+            let layer = layer.gzip(self.gzip);
+            #[cfg(feature = "brotli")]
+            let layer = layer.br(self.brotli);
+            Stage::new(
+                ServiceBuilder::new()
+                    .map_response(|r: Response<DecompressionBody<RecvBody>>| r.map(layered))
+                    .layer(layer)
+                    .service(stage),
+            )
+        };
+        #[cfg(feature = "zstd")]
+        let stage = if self.zstd {
+            Stage::new(stage.map_response(super::zstd::decode))
+        } else {
+            stage
+        };
         Stage::new(
             ServiceBuilder::new()
                 .map_request(identity_for_ranges)
-                .map_response(|r: Response<DecompressionBody<RecvBody>>| r.map(layered))
-                .layer(layer)
+                .map_request(move |mut request: Request<ReqBody>| {
+                    // tower-http offers the codings it decodes when a request has none; this
+                    // offer, made first, is the whole set.
+                    request
+                        .headers_mut()
+                        .entry(http::header::ACCEPT_ENCODING)
+                        .or_insert_with(|| offer.clone());
+                    request
+                })
                 .service(stage),
         )
     }
@@ -327,7 +353,7 @@ fn add_missing(headers: &mut HeaderMap, defaults: &HeaderMap) {
 }
 
 /// A layer's response body, back into the client's [`RecvBody`] with our error type.
-fn layered<B>(body: B) -> RecvBody
+pub(crate) fn layered<B>(body: B) -> RecvBody
 where
     B: Body<Data = Bytes> + Send + Sync + 'static,
     B::Error: Into<BoxError>,

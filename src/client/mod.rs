@@ -62,6 +62,8 @@ mod layers;
 pub mod redirect;
 #[cfg(feature = "tcp")]
 pub(crate) mod tcp;
+#[cfg(feature = "zstd")]
+mod zstd;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -688,10 +690,11 @@ impl Client {
     /// from `poll_ready` would tell tower the service is gone for good.
     ///
     /// Every request goes to that origin, over HTTP/3 and over TCP alike, whatever
-    /// authority it names: a path alone takes its `host` (or the origin's authority), and
-    /// an authority other than the origin's (in the URI, or the `host` a proxy forwards)
-    /// is sent as the request's `:authority` (HTTP/3) or `host` (TCP) on the origin's
-    /// connection, never connected to.
+    /// authority it names (in its URI, or in the `host` a proxy forwards); none other is
+    /// ever connected to. Over HTTP/3 the authority it names is its `:authority` on the
+    /// origin's connection (a path alone takes its `host`, or the origin's authority).
+    /// Over TCP hyper-util names the origin it connects to, and sends a `host` the request
+    /// carries as it is.
     ///
     /// It is the bare transport: the [`Builder`]'s conveniences (redirects, decompression,
     /// default headers, timeouts, the body size limit) are the [`Client`]'s, not its own, as

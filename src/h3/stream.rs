@@ -912,6 +912,13 @@ impl StreamShared {
         s.recv.reader_dropped && s.recv.open()
     }
 
+    /// Whether all that is left to send is the FIN (see [`SendHalf::owes_peer`]).
+    #[cfg(all(test, feature = "server"))]
+    pub(crate) fn waits_with_only_its_fin(&self) -> bool {
+        let s = &self.lock().send;
+        !s.done && s.final_queued && s.fin && s.heads.is_empty() && s.data_len == 0 && s.trailers.is_none()
+    }
+
     /// What the stall timer needs to know of the stream (see [`StallLook`]).
     #[cfg(feature = "server")]
     pub(crate) fn stall_look(&self) -> StallLook {

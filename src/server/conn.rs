@@ -90,6 +90,9 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
+    /// A stream was forgotten since the last timer check: it sent its response (or gave
+    /// up) meanwhile, which the check cannot see in `streams` any more.
+    forgot_since_check: bool,
     /// PRIORITY_UPDATEs left with quiche for request streams whose head had not arrived
     /// (RFC 9218 §7: one may come first), to be taken with the head: while none is left,
     /// a request costs no look for one. It may count one whose stream never comes, which
@@ -155,6 +158,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             close_not_before: None,
             next_stream: 0,
             early_priority_updates: 0,
+            forgot_since_check: false,
             heads_pending: StreamIdMap::default(),
             skipped: Vec::new(),
             probed_streams: MIN_PROBED_STREAMS,
@@ -517,7 +521,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// for each stream, up to its stream limit) until the head does: it overrides the
     /// head's own `priority` then.
     fn on_priority_update(&mut self, conn: &mut QuicheConnection, id: u64) {
-        if !self.streams.contains_key(&id) && (id >= self.next_stream || self.heads_pending.contains_key(&id)) {
+        let head_to_come = id >= self.next_stream || self.heads_pending.contains_key(&id) || self.skipped.contains(&id);
+        if !self.streams.contains_key(&id) && head_to_come {
             self.early_priority_updates += 1;
             return;
         }
@@ -667,6 +672,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
+        self.forgot_since_check = true;
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close(id);
         }
@@ -767,7 +773,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // connection's credit goes to more urgent streams or lower IDs first, RFC 9218)
         // waits on us, not on the peer: a long download must not get a small request
         // behind it reset.
-        let mut sending = false;
+        // Streams answered and forgotten since the last look count too: a steady run of
+        // short, more urgent responses keeps a long one waiting without any of them being
+        // there when the timer looks.
+        let mut sending = std::mem::take(&mut self.forgot_since_check);
         for (id, look) in &looks {
             if let Some(entry) = self.streams.get_mut(id) {
                 sending |= look.sent != entry.sent;

@@ -271,11 +271,14 @@ impl Builder {
     /// for a handler that waits for them, or flow-control credit for a response that is
     /// ready to go (its FIN included). A response that waits for its turn while others go
     /// out (more urgent ones first, RFC 9218, or a full congestion window) waits on the
-    /// server, not the client, so the wait for credit counts only while nothing on the
-    /// connection is sent: a client that withholds credit from some responses while it
-    /// takes others keeps them, as many as
+    /// server, not the client, and the server cannot tell that from a client that
+    /// withholds credit: so the wait for credit counts only while nothing on the
+    /// connection is sent, and any response sent meanwhile (on credit the client gave
+    /// earlier, read or not) starts it again. A client can so keep responses it takes
+    /// nothing of, each holding its `response_body_buffer`, as many as
     /// [`max_concurrent_bidi_streams`](crate::quic::TransportConfig::max_concurrent_bidi_streams)
-    /// allows. Past it (checked a few times per timeout, so within 1.25 times it)
+    /// allows, as it can by taking a byte now and then. Past it (checked a few times per
+    /// timeout, so within 1.25 times it)
     /// the stream is reset with `H3_REQUEST_CANCELLED` and the handler's body read fails
     /// with an error whose `is_timeout()` is true. Time a handler spends working, or a slow
     /// reader, does not count, with one exception: once the response is complete, a stream

@@ -105,6 +105,8 @@ struct Harness<S> {
     seen: HashMap<u64, Seen>,
     /// Whether the client reads response bodies (and so gives the server credit again).
     reads_bodies: bool,
+    /// Streams whose response body the client does not read, whatever `reads_bodies` says.
+    unread: Vec<u64>,
     goaway: Option<u64>,
     woken: Arc<Woken>,
     shutdown: Option<oneshot::Sender<Option<Instant>>>,
@@ -147,6 +149,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
             client,
             seen: HashMap::new(),
             reads_bodies: true,
+            unread: Vec::new(),
             goaway: None,
             woken: Arc::default(),
             shutdown: Some(shutdown_tx),
@@ -299,7 +302,7 @@ impl<S: HttpService<RecvBody>> Harness<S> {
                         seen.headers = pairs(&list);
                     }
                 }
-                h3::Event::Data if !self.reads_bodies => {}
+                h3::Event::Data if !self.reads_bodies || self.unread.contains(&id) => {}
                 h3::Event::Data => {
                     let mut buf = [0; 4096];
                     while let Ok(n) = self.client.recv_body(&mut self.pipe.client, id, &mut buf) {
@@ -1042,14 +1045,18 @@ async fn a_priority_update_that_comes_before_its_request_applies_to_it() {
 /// field), not quiche's default: quiche's HTTP/3 layer sets a stream's place in its own
 /// send order with each response head, and lists writable streams most urgent first.
 /// (Found by review: every head put its stream back to `u=3` there.)
-#[tokio::test]
-async fn a_response_head_keeps_its_streams_priority_in_quiche() {
-    let handler = service(|_request: Request<RecvBody>| async {
-        // A head, and a body that never comes: the stream stays writable.
+/// A handler whose response is a head and a body that never comes: its stream stays
+/// writable, with nothing to write.
+fn head_only() -> impl HttpService<RecvBody> {
+    service(|_request: Request<RecvBody>| async {
         let body = futures_util::stream::pending::<Result<Frame<Bytes>, BoxError>>();
         Response::new(StreamBody::new(body).boxed_unsync())
-    });
-    let mut h = Harness::new(Builder::new(), handler);
+    })
+}
+
+#[tokio::test]
+async fn a_response_head_keeps_its_streams_priority_in_quiche() {
+    let mut h = Harness::new(Builder::new(), head_only());
     let plain = h.send_request(&get("/"), true);
     let urgent = h.send_request(&get_with_priority("/", "u=0"), true);
     h.until("both heads", |h| {
@@ -1063,6 +1070,28 @@ async fn a_response_head_keeps_its_streams_priority_in_quiche() {
         .filter(|id| [plain, urgent].contains(id))
         .collect();
     assert_eq!(order, [urgent, plain]);
+}
+
+/// A PRIORITY_UPDATE for a stream whose head is overtaken by a later stream's (packets
+/// reordered) also waits for that head. (Found by review: only streams past the highest
+/// head seen waited.)
+#[tokio::test]
+async fn a_priority_update_for_an_overtaken_head_waits_for_it() {
+    let mut h = Harness::new(Builder::new(), head_only());
+    // Stream 8's head arrives first; then an update for stream 4; then stream 4's head.
+    h.send_raw_request(8, &get("/"), true);
+    h.settle();
+    h.client
+        .send_priority_update_for_request(&mut h.pipe.client, 4, &h3::Priority::new(7, false))
+        .unwrap();
+    h.settle();
+    h.send_raw_request(4, &get("/"), true);
+    h.until("both heads", |h| {
+        h.seen(4).status.is_some() && h.seen(8).status.is_some()
+    })
+    .await;
+    let order: Vec<u64> = h.pipe.server.writable().filter(|id| [4, 8].contains(id)).collect();
+    assert_eq!(order, [8, 4], "stream 4 went at u=3, not at the u=7 its update asked");
 }
 
 /// A response body that waits for its turn behind a more urgent download (RFC 9218 §4: a
@@ -1131,6 +1160,45 @@ async fn a_response_waiting_behind_a_more_urgent_download_is_not_taken_for_stall
     assert_eq!(h.seen(small).body.len(), SMALL);
 }
 
+/// A response that waits for credit is not timed while the connection sends, even when
+/// each response sent meanwhile is answered and gone between two looks of the timer; once
+/// nothing is sent, it is. (Found by review: only streams still there at a look counted,
+/// so a steady run of short responses, each gone by the next look, did not.)
+#[tokio::test]
+async fn a_wait_for_credit_counts_only_while_the_connection_sends_nothing() {
+    const CREDIT: u64 = 16 << 10;
+    const STALL: Duration = Duration::from_millis(50);
+    let handler = service(|request: Request<RecvBody>| async move {
+        let size = if request.uri().path() == "/long" { 1 << 20 } else { 1000 };
+        Response::new(full(vec![1u8; size]))
+    });
+    let mut h = Harness::with_transport(Builder::new().body_stall_timeout(STALL), handler, |b| {
+        b.initial_max_stream_data(CREDIT)
+    });
+    // The client takes none of it: its stream's credit runs out at once.
+    let long = h.send_request(&get("/long"), true);
+    h.unread.push(long);
+    h.round();
+    // One short response after another, each answered in a few rounds at once, then 3 ms
+    // with none in flight (when the timer mostly looks), for over twice the stall timeout.
+    for _ in 0..40 {
+        let short = h.send_request(&get("/short"), true);
+        for _ in 0..1000 {
+            if h.seen(short).finished {
+                break;
+            }
+            h.round();
+        }
+        assert!(h.seen(short).finished, "a short response");
+        h.round();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        assert_eq!(h.seen(long).reset, None, "reset while the connection was sending");
+    }
+    h.until("the long response reset", |h| h.seen(long).reset.is_some())
+        .await;
+    assert_eq!(h.seen(long).reset, Some(code::H3_REQUEST_CANCELLED));
+}
+
 /// A response whose body ends after its last bytes went out ends with an empty DATA
 /// frame, whose 2 bytes need credit like any other. A client that gives credit for the
 /// body but not for that frame leaves only the FIN unsent: the stall timer must end such a
@@ -1160,6 +1228,10 @@ async fn a_response_whose_fin_alone_waits_for_credit_is_ended_by_the_stall_timer
     for size in SIZES {
         h.send_request(&get(&format!("/{size}")), true);
     }
+    h.until("a stream with only its FIN left to send", |h| {
+        h.app.streams.values().any(|e| e.shared.waits_with_only_its_fin())
+    })
+    .await;
     h.until("every stream ended, sent in full or reset", Harness::forgot_everything)
         .await;
 }
