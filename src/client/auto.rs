@@ -176,8 +176,8 @@ impl Pool {
 /// HTTP/2 when ALPN chose it), and its URI naming `origin`, where hyper-util connects. An
 /// origin client's request may name another authority (in its URI, or in its `host`,
 /// which [`Origin::complete`] moved there): it goes to the client's origin all the same,
-/// and names it (hyper-util cannot connect to one authority and name another); a `host`
-/// the request carries goes as it is, as hyper-util sends it.
+/// and names it, `host` included (hyper-util cannot connect to one authority and name
+/// another, and HTTP/2 forbids a `host` that disagrees with `:authority`).
 fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<AnyBody>, Error> {
     if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
         *request.version_mut() = Version::HTTP_11;
@@ -187,6 +187,8 @@ fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<Any
         *request.uri_mut() = format!("https://{}{path}", origin.authority())
             .parse()
             .map_err(|e| Error::invalid_request(format!("cannot send this request: {e}")))?;
+        // hyper-util adds the origin's over HTTP/1.1.
+        request.headers_mut().remove(http::header::HOST);
     }
     Ok(request)
 }

@@ -693,8 +693,8 @@ impl Client {
     /// authority it names (in its URI, or in the `host` a proxy forwards); none other is
     /// ever connected to. Over HTTP/3 the authority it names is its `:authority` on the
     /// origin's connection (a path alone takes its `host`, or the origin's authority).
-    /// Over TCP hyper-util names the origin it connects to, and sends a `host` the request
-    /// carries as it is.
+    /// Over TCP the request names the origin, `host` included: hyper-util names the
+    /// authority it connects to, and HTTP/2 forbids a `host` that disagrees with it.
     ///
     /// It is the bare transport: the [`Builder`]'s conveniences (redirects, decompression,
     /// default headers, timeouts, the body size limit) are the [`Client`]'s, not its own, as

@@ -4,21 +4,29 @@
 //! zstd's own limit on the window a frame may ask for: 128 MiB. A server could so make the
 //! client hold that much for each response it decodes, whatever its size. RFC 9659 §3 has
 //! encoders keep the window to 8 MiB, as browsers require; this decoder refuses more (a
-//! decoding error, as any corrupt body).
+//! decoding error, as any corrupt body). Otherwise it decodes as tower-http's did: every
+//! frame of the body (RFC 8878 §3.1: one or more, skippable ones included), its trailers
+//! passed on, and an empty body (the answer to a HEAD, a 304) left empty.
 
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 
-use futures_util::TryStreamExt;
+use async_compression::tokio::bufread::ZstdDecoder;
+use bytes::{Bytes, BytesMut};
+use futures_core::Stream;
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{HeaderMap, Response};
 use http_body::{Body, Frame};
-use http_body_util::{BodyDataStream, StreamBody};
-use tokio_util::io::{ReaderStream, StreamReader};
+use tokio_util::io::StreamReader;
 
 use crate::h3::body::RecvBody;
 
 /// The largest window a zstd-coded response may use: 2^23 bytes, 8 MiB (RFC 9659 §3).
 const WINDOW_LOG_MAX: u32 = 23;
+
+/// How much decoded data one frame of the decoded body holds at most.
+const CHUNK: usize = 16 * 1024;
 
 /// Whether a response's only content coding is zstd (several codings in a row are left
 /// alone, as tower-http leaves them).
@@ -31,22 +39,110 @@ pub(crate) fn is_zstd(headers: &HeaderMap) -> bool {
 }
 
 /// `response` with its zstd-coded body decoded, and without the coding's
-/// `content-encoding` and `content-length`; any other response as it is. An empty body
-/// (the answer to a HEAD, a 204) stays empty.
+/// `content-encoding` and `content-length`; any other response as it is.
 pub(crate) fn decode(response: Response<RecvBody>) -> Response<RecvBody> {
-    if !is_zstd(response.headers()) || response.body().is_end_stream() {
+    if !is_zstd(response.headers()) {
         return response;
     }
     let (mut parts, body) = response.into_parts();
     parts.headers.remove(CONTENT_ENCODING);
     parts.headers.remove(CONTENT_LENGTH);
-    // The body's own errors travel through the reader as the I/O errors it needs, and come
-    // out as they went in (`layers::into_error` finds ours inside an `io::Error`).
-    let coded = StreamReader::new(BodyDataStream::new(body).map_err(io::Error::other));
+    let coded = Coded {
+        body,
+        trailers: None,
+        any_data: false,
+    };
     let params = [async_compression::zstd::DParameter::window_log_max(WINDOW_LOG_MAX)];
-    let decoder = async_compression::tokio::bufread::ZstdDecoder::with_params(coded, &params);
-    let frames = ReaderStream::new(decoder).map_ok(Frame::data);
-    Response::from_parts(parts, super::layers::layered(StreamBody::new(frames)))
+    let mut decoder = ZstdDecoder::with_params(StreamReader::new(coded), &params);
+    decoder.multiple_members(true);
+    let decoded = Decoded {
+        decoder,
+        buf: BytesMut::new(),
+        done: false,
+    };
+    Response::from_parts(parts, super::layers::layered(decoded))
+}
+
+/// The coded body's data, as the decoder reads it; its trailers are kept aside.
+struct Coded {
+    body: RecvBody,
+    trailers: Option<HeaderMap>,
+    /// Whether any data came: a body that had none is empty, not a truncated frame.
+    any_data: bool,
+}
+
+impl Stream for Coded {
+    type Item = io::Result<Bytes>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+                None => return Poll::Ready(None),
+                // Ours, inside an `io::Error`, which `layers::into_error` finds again.
+                Some(Err(e)) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                Some(Ok(frame)) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {}
+                Ok(data) => {
+                    this.any_data = true;
+                    return Poll::Ready(Some(Ok(data)));
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        this.trailers = Some(trailers);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The decoded body: what the decoder reads, a chunk at a time, then the trailers.
+struct Decoded {
+    decoder: ZstdDecoder<StreamReader<Coded, Bytes>>,
+    buf: BytesMut,
+    done: bool,
+}
+
+impl Body for Decoded {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        this.buf.reserve(CHUNK);
+        let read = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut this.decoder),
+            cx,
+            &mut this.buf
+        ));
+        match read {
+            Ok(0) => {
+                this.done = true;
+                let trailers = this.decoder.get_mut().get_mut().trailers.take();
+                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
+            }
+            Ok(_) => Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze())))),
+            // An empty body has no frame to decode, and says so by ending at once.
+            Err(_) if !this.decoder.get_ref().get_ref().any_data => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+            Err(e) => {
+                this.done = true;
+                Poll::Ready(Some(Err(e)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
 }
 
 #[cfg(test)]

@@ -90,8 +90,8 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
-    /// A stream was forgotten since the last timer check: it sent its response (or gave
-    /// up) meanwhile, which the check cannot see in `streams` any more.
+    /// A stream that sent since the last timer check was forgotten since: the check cannot
+    /// see it in `streams` any more.
     forgot_since_check: bool,
     /// PRIORITY_UPDATEs left with quiche for request streams whose head had not arrived
     /// (RFC 9218 §7: one may come first), to be taken with the head: while none is left,
@@ -672,7 +672,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
-        self.forgot_since_check = true;
+        // Only if it sent since the timer last looked: one reset unanswered (by the client,
+        // or by the stall timer itself) sent nothing.
+        self.forgot_since_check |= entry.shared.stall_look().sent != entry.sent;
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close(id);
         }
