@@ -124,6 +124,21 @@ fn app(loops: Arc<AtomicUsize>) -> Router {
             }),
         )
         .route(
+            "/zstd-fails",
+            get(|| async {
+                // The head, then (once it has gone) an error before any byte of the body: the
+                // stream is reset.
+                let failing = futures_util::stream::once(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err::<Frame<Bytes>, _>(std::io::Error::other("failed"))
+                });
+                (
+                    [(CONTENT_ENCODING, "zstd")],
+                    axum::body::Body::new(StreamBody::new(failing)),
+                )
+            }),
+        )
+        .route(
             "/zstd-trailers",
             get(|| async {
                 let mut trailers = HeaderMap::new();
@@ -419,7 +434,8 @@ async fn an_origin_client_sends_requests_naming_other_hosts_to_its_origin() {
 /// A zstd-coded body may use a window of up to 8 MiB (RFC 9659 §3), and no more: a server
 /// cannot make the client hold zstd's own limit (128 MiB) for each response it decodes.
 /// (Found by review.) Otherwise every body decodes whole: several frames, a skippable one
-/// first, trailers after it, and none at all for a HEAD.
+/// first, trailers after it, and none at all for a HEAD; a body that fails before its
+/// first byte fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zstd_bodies_decode_whole_within_an_8_mib_window() {
     let s = setup().await;
@@ -447,6 +463,13 @@ async fn zstd_bodies_decode_whole_within_an_8_mib_window() {
                 "",
                 "{version:?}: a HEAD has no body to decode"
             );
+            // A body that fails before its first byte is no empty body (should the reset
+            // overtake the head, the request fails as a whole: no empty body either).
+            let failed = match client.get(s.server.at("/zstd-fails")).send().await {
+                Ok(response) => response.bytes().await,
+                Err(e) => Err(e),
+            };
+            assert!(failed.is_err(), "{version:?}: {failed:?}");
             let response = client.get(s.server.at("/zstd-window/24")).send().await.unwrap();
             let error = response.bytes().await.expect_err("a 16 MiB window");
             assert!(error.is_decode(), "{version:?}: {error}");

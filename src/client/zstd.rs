@@ -25,7 +25,8 @@ use crate::h3::body::RecvBody;
 /// The largest window a zstd-coded response may use: 2^23 bytes, 8 MiB (RFC 9659 §3).
 const WINDOW_LOG_MAX: u32 = 23;
 
-/// How much decoded data one frame of the decoded body holds at most.
+/// The room made for decoded data before each read (a read may fill more, up to what the
+/// buffer already had).
 const CHUNK: usize = 16 * 1024;
 
 /// Whether a response's only content coding is zstd (several codings in a row are left
@@ -51,6 +52,7 @@ pub(crate) fn decode(response: Response<RecvBody>) -> Response<RecvBody> {
         body,
         trailers: None,
         any_data: false,
+        failed: false,
     };
     let params = [async_compression::zstd::DParameter::window_log_max(WINDOW_LOG_MAX)];
     let mut decoder = ZstdDecoder::with_params(StreamReader::new(coded), &params);
@@ -67,8 +69,12 @@ pub(crate) fn decode(response: Response<RecvBody>) -> Response<RecvBody> {
 struct Coded {
     body: RecvBody,
     trailers: Option<HeaderMap>,
-    /// Whether any data came: a body that had none is empty, not a truncated frame.
+    /// Whether any data came: a body that ended cleanly with none is empty, not a
+    /// truncated frame.
     any_data: bool,
+    /// Whether the body failed (a reset, a timeout, a lost connection): that error is the
+    /// body's, empty or not.
+    failed: bool,
 }
 
 impl Stream for Coded {
@@ -80,7 +86,10 @@ impl Stream for Coded {
             let frame = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
                 None => return Poll::Ready(None),
                 // Ours, inside an `io::Error`, which `layers::into_error` finds again.
-                Some(Err(e)) => return Poll::Ready(Some(Err(io::Error::other(e)))),
+                Some(Err(e)) => {
+                    this.failed = true;
+                    return Poll::Ready(Some(Err(io::Error::other(e))));
+                }
                 Some(Ok(frame)) => frame,
             };
             match frame.into_data() {
@@ -128,8 +137,9 @@ impl Body for Decoded {
                 Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
             }
             Ok(_) => Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze())))),
-            // An empty body has no frame to decode, and says so by ending at once.
-            Err(_) if !this.decoder.get_ref().get_ref().any_data => {
+            // A body that ended cleanly with no data (the answer to a HEAD, a 304) has no
+            // frame to decode: it is empty, not truncated.
+            Err(_) if !this.decoder.get_ref().get_ref().any_data && !this.decoder.get_ref().get_ref().failed => {
                 this.done = true;
                 Poll::Ready(None)
             }
