@@ -457,6 +457,38 @@ async fn a_make_service_sees_the_peer_address() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A server may open a connection with no stream credit for requests, and grant it
+/// later: the handshake completes all the same, as soon as the connection is established,
+/// and readiness waits for the credit. (Found by review: the handshake waited for credit,
+/// here until the idle timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_completes_without_stream_credit() {
+    let certs = test_certs();
+    let quic = tower_quiche::quic::ServerConfig::builder()
+        .transport(tower_quiche::quic::TransportConfig::default().max_concurrent_bidi_streams(0));
+    let server = h3_server_on(
+        &certs,
+        quic,
+        server::Builder::new(),
+        test_router(Arc::default()),
+        Arc::default(),
+    )
+    .await;
+    let endpoint = h3_client_endpoint(&certs);
+    let authority = format!("localhost:{}", server.addr.port());
+    // A task of its own: nothing but the connection wakes it (a timeout around it here
+    // would, and hide a handshake that waits for a wake-up that never comes). Well within
+    // what ended the wait before: the next thing the connection heard, or its idle timeout.
+    let handshake = tokio::spawn(async move { tower_quiche::client::conn::handshake(&endpoint, &authority).await });
+    let (mut send, _conn) = timeout(Duration::from_secs(5), handshake)
+        .await
+        .expect("the handshake waited for stream credit")
+        .unwrap()
+        .unwrap();
+    let ready = std::future::poll_fn(|cx| std::task::Poll::Ready(send.poll_ready(cx).is_pending()));
+    assert!(ready.await, "ready without credit");
+}
+
 /// A make-service that never answers holds up new connections, but not a graceful
 /// shutdown: the server stops when told to.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

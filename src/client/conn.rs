@@ -257,8 +257,11 @@ impl Status {
     fn update(&self, f: impl FnOnce(&mut StatusInner)) {
         let waiters = {
             let mut s = self.lock();
+            let was_established = s.established;
             f(&mut s);
-            if s.closed || s.goaway || s.credit > s.outstanding {
+            // The handshake's wait ends when the connection is established, whatever the
+            // credit (a server may open with none, and grant it later).
+            if s.closed || s.goaway || s.credit > s.outstanding || (s.established && !was_established) {
                 std::mem::take(&mut s.waiters)
             } else {
                 Vec::new()
