@@ -207,21 +207,26 @@ type Attempts = Mutex<HashMap<Origin, Arc<Attempt>>>;
 struct AttemptWaiter<'a> {
     attempts: &'a Attempts,
     origin: &'a Origin,
-    attempt: Arc<Attempt>,
+    /// Taken (and dropped) under the map's lock when the waiter goes, so that waiters
+    /// that go at once on two threads count each other out: each would otherwise see the
+    /// other's reference and leave the attempt in the map.
+    attempt: Option<Arc<Attempt>>,
 }
 
 impl Drop for AttemptWaiter<'_> {
     fn drop(&mut self) {
         let mut connecting = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(attempt) = self.attempt.take() else {
+            return;
+        };
         // Held by the map and this waiter only: no other request waits for it.
-        let last_waiter = Arc::strong_count(&self.attempt) <= 2;
-        if connecting
-            .get(self.origin)
-            .is_some_and(|a| Arc::ptr_eq(a, &self.attempt))
-            && (self.attempt.outcome.initialized() || last_waiter)
+        let last_waiter = Arc::strong_count(&attempt) <= 2;
+        if connecting.get(self.origin).is_some_and(|a| Arc::ptr_eq(a, &attempt))
+            && (attempt.outcome.initialized() || last_waiter)
         {
             connecting.remove(self.origin);
         }
+        drop(attempt);
     }
 }
 
@@ -307,10 +312,12 @@ impl Pool {
         let waiter = AttemptWaiter {
             attempts,
             origin,
-            attempt,
+            attempt: Some(attempt),
         };
         let outcome = waiter
             .attempt
+            .as_ref()
+            .expect("taken only when the waiter goes")
             .outcome
             .get_or_init(|| async { connect.await.map_err(Arc::new) })
             .await
