@@ -510,6 +510,7 @@ async fn a_request_body_that_panics_fails_its_own_request_only() {
         let request = Request::post(s.server.at("/echo-body")).body(PanickingBody).unwrap();
         let error = client.clone().oneshot(request).await.expect_err("the body panicked");
         assert!(error.is_body(), "{error}");
+        assert!(error.to_string().contains("a request body that panics"), "{error}");
         // The connection serves on, and the reader still waits on it.
         let (_, version, text) = text(&client, &s.server.at("/hello")).await;
         assert_eq!((version, text.as_str()), (Version::HTTP_3, "hello"));

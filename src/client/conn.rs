@@ -897,10 +897,16 @@ impl ClientApp {
                         .await
                     {
                         Ok(pumped) => pumped.err().map(|e| (id, e)),
-                        Err(_) => {
-                            tracing::warn!(stream_id = id, "request body panicked; resetting its stream");
+                        Err(payload) => {
+                            // A panic's message is a `&str` or a `String` (from `panic!`).
+                            let message = payload
+                                .downcast_ref::<&str>()
+                                .map(|s| (*s).to_owned())
+                                .or_else(|| payload.downcast_ref::<String>().cloned())
+                                .unwrap_or_default();
+                            tracing::warn!(stream_id = id, message, "request body panicked; resetting its stream");
                             pump_stream.reset(code::H3_INTERNAL_ERROR);
-                            Some((id, "the request body panicked".into()))
+                            Some((id, format!("it panicked: {message}").into()))
                         }
                     }
                 }));
