@@ -182,7 +182,7 @@ fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<Any
     if !matches!(request.version(), Version::HTTP_10 | Version::HTTP_11) {
         *request.version_mut() = Version::HTTP_11;
     }
-    if Origin::of(request.uri()).ok().as_ref() != Some(origin) {
+    if !origin.is_named_by(request.uri()) {
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
         *request.uri_mut() = format!("https://{}{path}", origin.authority())
             .parse()

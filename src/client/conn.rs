@@ -1202,7 +1202,8 @@ impl ClientApp {
         };
         // Also once the request is written: the caller may give up on the response.
         let h3 = self.h3.as_mut().expect("created when established");
-        match shared.write_to(h3, conn, id) {
+        // Whether anything went out concerns only a server's stall timer.
+        match shared.write_to(h3, conn, id, &mut false) {
             WriteOutcome::Pending => {}
             // The server stopped reading the request; its response still counts (RFC 9114
             // §4.1).
@@ -1309,12 +1310,24 @@ impl ClientApp {
 /// connection's readiness learns it is gone. After `on_closed` nothing is left to do.
 impl Drop for ClientApp {
     fn drop(&mut self) {
+        self.end_streams(closed_error);
+    }
+}
+
+impl ClientApp {
+    /// Marks the connection closed (waking whoever waits for its readiness), closes its
+    /// datagram flows, and ends every stream: readers get an error, and a request still
+    /// waiting for its response head fails with `why`.
+    fn end_streams(&mut self, why: impl Fn() -> Error) {
         self.status.update(|s| s.closed = true);
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close_all();
         }
         for (_, entry) in self.streams.drain() {
             entry.shared.cancel(Cancel::ConnectionClosed);
+            if let Some(reply) = entry.reply {
+                let _ = reply.send(Err(Failure::Failed(why())));
+            }
         }
     }
 }
@@ -1466,15 +1479,7 @@ impl Application for ClientApp {
                 None => closed_error(),
             })
         };
-        if let Some(hub) = self.datagrams.as_mut() {
-            hub.close_all();
-        }
-        for (_, entry) in self.streams.drain() {
-            entry.shared.cancel(Cancel::ConnectionClosed);
-            if let Some(reply) = entry.reply {
-                let _ = reply.send(Err(Failure::Failed(why())));
-            }
-        }
+        self.end_streams(why);
         for Submission { request, reply, .. } in self.waiting.take().into_iter().chain(self.awaiting_settings.drain(..))
         {
             let _ = reply.send(Err(Failure::Unsent(request, why())));

@@ -1,8 +1,8 @@
 //! The [`Client`](super::Client)'s conveniences, reqwest's set, as tower and tower-http
 //! layers around the pool: redirects (tower-http's `FollowRedirect`, with
 //! [`redirect::Policy`](super::redirect::Policy)), decompression (tower-http's
-//! `Decompression` for gzip and br, [`super::zstd`] for zstd), default headers (tower's `MapRequest`), a read timeout (tower's
-//! `Timeout` for each response head, tower-http's `ResponseBodyTimeout` between body
+//! `Decompression` for gzip and br, [`super::zstd`] for zstd), default headers (tower's
+//! `MapRequest`), a read timeout (tower's `Timeout` for each response head, tower-http's `ResponseBodyTimeout` between body
 //! frames), and a whole-request timeout (ours: tower's `Timeout` ends at the head, and the
 //! body must be bounded too).
 //!
@@ -283,7 +283,7 @@ impl Conveniences {
         }
         let offer = http::HeaderValue::try_from(offered.join(",")).expect("coding names are valid field values");
         #[cfg(any(feature = "gzip", feature = "brotli"))]
-        let stage = {
+        let stage = if offered.iter().any(|&c| c != "zstd") {
             use tower_http::decompression::{DecompressionBody, DecompressionLayer};
             let layer = DecompressionLayer::new().no_deflate().no_gzip().no_br().no_zstd();
             #[cfg(feature = "gzip")]
@@ -296,6 +296,8 @@ impl Conveniences {
                     .layer(layer)
                     .service(stage),
             )
+        } else {
+            stage
         };
         #[cfg(feature = "zstd")]
         let stage = if self.zstd {
@@ -303,20 +305,10 @@ impl Conveniences {
         } else {
             stage
         };
-        Stage::new(
-            ServiceBuilder::new()
-                .map_request(identity_for_ranges)
-                .map_request(move |mut request: Request<ReqBody>| {
-                    // tower-http offers the codings it decodes when a request has none; this
-                    // offer, made first, is the whole set.
-                    request
-                        .headers_mut()
-                        .entry(http::header::ACCEPT_ENCODING)
-                        .or_insert_with(|| offer.clone());
-                    request
-                })
-                .service(stage),
-        )
+        Stage::new(stage.map_request(move |mut request: Request<ReqBody>| {
+            offer_codings(&mut request, &offer);
+            request
+        }))
     }
 
     #[cfg(not(any(feature = "gzip", feature = "brotli", feature = "zstd")))]
@@ -325,19 +317,22 @@ impl Conveniences {
     }
 }
 
-/// A request for a byte range asks for no coding (`accept-encoding: identity`, unless it
-/// says otherwise), as reqwest offers none for it: a range of a gzip body is no gzip
-/// stream. A response that is encoded all the same is still decoded.
+/// Offers the codings the client decodes (`offer`) to a request that names none. A request
+/// for a byte range asks for none (`accept-encoding: identity`), as reqwest does: a range
+/// of a gzip body is no gzip stream. A response that is encoded all the same is still
+/// decoded. (tower-http's layer offers only what it decodes itself, when the request has
+/// nothing: this offer, made first, is the whole set.)
 #[cfg(any(feature = "gzip", feature = "brotli", feature = "zstd"))]
-fn identity_for_ranges(mut request: Request<ReqBody>) -> Request<ReqBody> {
+fn offer_codings(request: &mut Request<ReqBody>, offer: &http::HeaderValue) {
     let headers = request.headers_mut();
-    if headers.contains_key(http::header::RANGE) && !headers.contains_key(http::header::ACCEPT_ENCODING) {
-        headers.insert(
-            http::header::ACCEPT_ENCODING,
-            http::HeaderValue::from_static("identity"),
-        );
+    if !headers.contains_key(http::header::ACCEPT_ENCODING) {
+        let value = if headers.contains_key(http::header::RANGE) {
+            http::HeaderValue::from_static("identity")
+        } else {
+            offer.clone()
+        };
+        headers.insert(http::header::ACCEPT_ENCODING, value);
     }
-    request
 }
 
 /// Adds each default header the request does not have (by name: a request's own value

@@ -124,6 +124,19 @@ impl Origin {
         })
     }
 
+    /// Whether `uri` names this origin, as [`Origin::of`] would read it (without building
+    /// one: this is asked of every request over TCP).
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
+    fn is_named_by(&self, uri: &Uri) -> bool {
+        uri.scheme_str().unwrap_or("https") == self.scheme
+            && uri.port_u16().unwrap_or(443) == self.port
+            && uri.host().is_some_and(|h| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .eq_ignore_ascii_case(&self.host)
+            })
+    }
+
     /// `request` with an absolute URI, as both protocols need: a path alone is completed
     /// with this origin's scheme and the request's `Host` (as HTTP/3's `:authority` has
     /// always taken it), or this origin's authority when it has none.
@@ -1302,6 +1315,12 @@ mod tests {
         assert_eq!(of("https://Example.COM/a"), of("https://example.com/b"));
         assert_eq!(of("https://EXAMPLE.com:8443/").authority(), "example.com:8443");
         assert_eq!(of("https://[::1]/").authority(), "[::1]:443");
+        let named = |origin: &str, url: &str| of(origin).is_named_by(&url.parse().unwrap());
+        assert!(named("https://example.com", "https://EXAMPLE.com:443/x"));
+        assert!(named("https://[::1]:8443", "https://[::1]:8443/"));
+        assert!(!named("https://example.com", "https://example.com:8443/"));
+        assert!(!named("https://example.com", "https://example.org/"));
+        assert!(!named("https://example.com", "/path"));
     }
 
     /// An HTTP/3-only client that trusts any certificate (none of these tests is about

@@ -130,23 +130,17 @@ impl Body for Decoded {
             cx,
             &mut this.buf
         ));
+        if let Ok(1..) = read {
+            return Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))));
+        }
+        this.done = true;
+        let coded = this.decoder.get_mut().get_mut();
         match read {
-            Ok(0) => {
-                this.done = true;
-                let trailers = this.decoder.get_mut().get_mut().trailers.take();
-                Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))))
-            }
-            Ok(_) => Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze())))),
+            Ok(_) => Poll::Ready(coded.trailers.take().map(|t| Ok(Frame::trailers(t)))),
             // A body that ended cleanly with no data (the answer to a HEAD, a 304) has no
             // frame to decode: it is empty, not truncated.
-            Err(_) if !this.decoder.get_ref().get_ref().any_data && !this.decoder.get_ref().get_ref().failed => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-            Err(e) => {
-                this.done = true;
-                Poll::Ready(Some(Err(e)))
-            }
+            Err(_) if !coded.any_data && !coded.failed => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
         }
     }
 

@@ -147,6 +147,18 @@ fn add_host(headers: &mut HeaderMap, authority: Bytes) -> Result<(), Malformed> 
     Ok(())
 }
 
+/// Adds `early-data: 1`, which an intermediary that forwards a request from early data
+/// must add (RFC 8470 §5.1); false on a map the peer filled to its limit.
+#[cfg(feature = "server")]
+pub(crate) fn mark_early_data(headers: &mut HeaderMap) -> bool {
+    headers
+        .try_insert(
+            http::HeaderName::from_static("early-data"),
+            HeaderValue::from_static("1"),
+        )
+        .is_ok()
+}
+
 /// Builds a request head from the fields of a request's HEADERS frame (RFC 9114 §4.3.1).
 #[cfg(feature = "server")]
 pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malformed> {

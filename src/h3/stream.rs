@@ -314,11 +314,6 @@ struct StreamState {
     /// way, a chunk read, a part queued. The owner's stall timer compares it between checks,
     /// so no movement pays for a clock read.
     progress: u64,
-    /// Counts the movements of the sending side alone: a head, body bytes, trailers or the
-    /// FIN handed to quiche. The owner's stall timer sees from it whether the connection
-    /// is sending at all (see [`StallLook::sent`]).
-    #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    sent: u64,
     /// Already in the connection's ready list.
     queued: bool,
 }
@@ -399,7 +394,6 @@ impl StreamShared {
                     waker: None,
                 },
                 progress: 0,
-                sent: 0,
                 queued: false,
             }),
         }
@@ -775,8 +769,16 @@ impl StreamShared {
     }
 
     /// Writes what the outbox holds, as far as the stream's capacity allows; notices
-    /// STOP_SENDING from the peer.
-    pub(crate) fn write_to(&self, h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) -> WriteOutcome {
+    /// STOP_SENDING from the peer. Sets `sent` when anything went to quiche (a head, body
+    /// bytes, trailers, the FIN): the server's stall timer learns from it whether the
+    /// connection is sending at all.
+    pub(crate) fn write_to(
+        &self,
+        h3: &mut h3::Connection,
+        conn: &mut QuicheConnection,
+        id: u64,
+        sent: &mut bool,
+    ) -> WriteOutcome {
         let mut state = self.lock();
         let s = &mut *state;
         if let Some(code) = s.send.reset.take() {
@@ -811,7 +813,7 @@ impl StreamShared {
         let outcome = write_queued(h3, conn, id, self.priority(), &mut s.send);
         if s.send.data_len < before || s.send.heads.len() < heads_before || matches!(outcome, Ok(true)) {
             s.progress += 1;
-            s.sent += 1;
+            *sent = true;
         }
         if s.send.data_len < before && s.send.data_len < s.send.limit {
             s.send.wake();
@@ -925,7 +927,6 @@ impl StreamShared {
         let s = self.lock();
         StallLook {
             progress: s.progress,
-            sent: s.sent,
             owed_body: s.recv.open() && !s.recv.pending && (s.recv.reader_dropped || s.recv.held < s.recv.limit),
             owed_credit: s.send.owes_peer(),
         }
@@ -939,8 +940,6 @@ impl StreamShared {
 pub(crate) struct StallLook {
     /// Counts every movement of the stream, either way.
     pub(crate) progress: u64,
-    /// Counts the movements of its sending side.
-    pub(crate) sent: u64,
     /// Body bytes are owed to a reader with room.
     pub(crate) owed_body: bool,
     /// Queued bytes (or the FIN) wait for flow-control credit, or for their turn: the

@@ -41,8 +41,6 @@ struct Entry {
     /// The stream's progress count at the last timer check, and since when it has stood
     /// still.
     still_since: (u64, Instant),
-    /// The count of its sending side's movements at the last timer check.
-    sent: u64,
     /// A CONNECT request: once answered 2xx it is a tunnel (a WebSocket, say), which may
     /// sit idle as long as both ends like; the body stall timeout does not end it.
     tunnel: bool,
@@ -90,9 +88,9 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
-    /// A stream that sent since the last timer check was forgotten since: the check cannot
-    /// see it in `streams` any more.
-    forgot_since_check: bool,
+    /// Some stream handed quiche something to send since the stall timer last looked
+    /// (streams answered and forgotten since included).
+    sent_since_check: bool,
     /// PRIORITY_UPDATEs left with quiche for request streams whose head had not arrived
     /// (RFC 9218 §7: one may come first), to be taken with the head: while none is left,
     /// a request costs no look for one. It may count one whose stream never comes, which
@@ -158,7 +156,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             close_not_before: None,
             next_stream: 0,
             early_priority_updates: 0,
-            forgot_since_check: false,
+            sent_since_check: false,
             heads_pending: StreamIdMap::default(),
             skipped: Vec::new(),
             probed_streams: MIN_PROBED_STREAMS,
@@ -349,17 +347,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // Served early, it carries what an intermediary that forwards early data must add
         // (RFC 8470 §5.1), so that the service, and servers behind it, know; a head that
         // filled its map to the limit has no room for it, and waits like a refused one.
-        if early_data
-            && (!self.settings.early_data_policy.allows(&head.request)
-                || head
-                    .request
-                    .headers_mut()
-                    .try_insert(
-                        http::HeaderName::from_static("early-data"),
-                        http::HeaderValue::from_static("1"),
-                    )
-                    .is_err())
-        {
+        let refused_early = early_data
+            && !(self.settings.early_data_policy.allows(&head.request)
+                && fields::mark_early_data(head.request.headers_mut()));
+        if refused_early {
             tracing::debug!(stream_id = id, method = %head.request.method(), "request in early data: 425");
             // Blocked, the request is rejected unprocessed, which tells the client to send it
             // again as a 425 would (RFC 9114 §4.1.1).
@@ -426,7 +417,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 responded: false,
                 written: false,
                 still_since: (0, Instant::now()),
-                sent: 0,
                 tunnel,
             },
         );
@@ -647,7 +637,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         };
         if !entry.written {
             let h3 = self.h3.as_mut().expect("created when established");
-            match shared.write_to(h3, conn, id) {
+            match shared.write_to(h3, conn, id, &mut self.sent_since_check) {
                 WriteOutcome::Pending => {}
                 WriteOutcome::Complete => entry.written = true,
                 WriteOutcome::Aborted | WriteOutcome::Stopped => {
@@ -672,9 +662,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             return;
         }
         let entry = self.streams.remove(&id).expect("present");
-        // Only if it sent since the timer last looked: one reset unanswered (by the client,
-        // or by the stall timer itself) sent nothing.
-        self.forgot_since_check |= entry.shared.stall_look().sent != entry.sent;
         if let Some(hub) = self.datagrams.as_mut() {
             hub.close(id);
         }
@@ -765,31 +752,16 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
         self.look_at_unwritten_streams(conn);
         let stall = self.settings.body_stall_timeout;
-        let looks: Vec<(u64, stream::StallLook)> = self
-            .streams
-            .iter()
-            .map(|(&id, entry)| (id, entry.shared.stall_look()))
-            .collect();
         // Whether the connection sent anything since the last look. A response that waits
         // for its turn while others go out (the congestion window is full, or the
         // connection's credit goes to more urgent streams or lower IDs first, RFC 9218)
         // waits on us, not on the peer: a long download must not get a small request
-        // behind it reset.
-        // Streams answered and forgotten since the last look count too: a steady run of
-        // short, more urgent responses keeps a long one waiting without any of them being
-        // there when the timer looks.
-        let mut sending = std::mem::take(&mut self.forgot_since_check);
-        for (id, look) in &looks {
-            if let Some(entry) = self.streams.get_mut(id) {
-                sending |= look.sent != entry.sent;
-                entry.sent = look.sent;
-            }
-        }
+        // behind it reset. Responses sent and forgotten between two looks count too (a
+        // steady run of short, more urgent ones); requests reset unanswered sent nothing.
+        let sending = std::mem::take(&mut self.sent_since_check);
         let mut stalled = Vec::new();
-        for (id, look) in looks {
-            let Some(entry) = self.streams.get_mut(&id) else {
-                continue;
-            };
+        for (&id, entry) in &mut self.streams {
+            let look = entry.shared.stall_look();
             let progress = look.progress;
             let waiting_on_peer = look.owed_body || (look.owed_credit && !sending);
             // An open tunnel (a 2xx answer to CONNECT) may sit idle; a CONNECT not yet
