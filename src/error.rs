@@ -137,6 +137,13 @@ impl Error {
         self
     }
 
+    /// An error hyper reported for a message over TCP, classified (`what` says which
+    /// message failed, e.g. "the request body over TCP failed").
+    #[cfg(feature = "tcp")]
+    pub(crate) fn from_hyper(e: hyper::Error, what: &'static str) -> Self {
+        Error::new(hyper_kind(&e)).with_message(what).with_source(e)
+    }
+
     pub(crate) fn config(message: impl Into<String>) -> Self {
         Error::new(Kind::Config).with_message(message)
     }
@@ -358,6 +365,19 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.inner.source.as_ref().map(|s| &**s as _)
+    }
+}
+
+/// What a hyper error says went wrong: a timeout, a message that broke HTTP/1.1 or HTTP/2,
+/// or else a connection or stream that ended.
+#[cfg(feature = "tcp")]
+pub(crate) fn hyper_kind(e: &hyper::Error) -> Kind {
+    if e.is_timeout() {
+        Kind::Timeout
+    } else if e.is_parse() || e.is_parse_status() {
+        Kind::Protocol
+    } else {
+        Kind::Closed
     }
 }
 

@@ -739,6 +739,158 @@ async fn tcp_large_frames_read_slowly_are_not_stalls() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// POSTs to `path` on a new TCP connection of `version` with a body fed through the returned
+/// sender, and returns the response's status once it comes.
+async fn post_streamed(
+    server: &Dual,
+    version: Version,
+    path: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<StatusCode, hyper::Error>>,
+) {
+    // The body ends when the sender is dropped, and waits (a client that stops sending)
+    // while it is kept.
+    let (send, chunks) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        chunks,
+        |mut chunks| async move {
+            let chunk = chunks.recv().await?;
+            Some((Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)), chunks))
+        },
+    )));
+    let request = Request::post(server.url(path)).body(body).unwrap();
+    let io = hyper_util::rt::TokioIo::new(tcp::connect(server.addr, &server.ca_pem, version, None).await.unwrap());
+    let status = if version == Version::HTTP_2 {
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) })
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) })
+    };
+    (send, status)
+}
+
+/// What a handler made of the request body it read: the bytes it got, and whether the read
+/// ended in a timeout (`Some(true)`), another error (`Some(false)`) or the body's end.
+type BodyOutcome = (usize, Option<bool>);
+
+/// Reads `body` to its end or first error. With `busy` it first takes one frame, then asks
+/// once more for 100 ms (starting a wait for the client), then works for `busy` without
+/// reading, as a handler busy with the first part would.
+async fn read_body(body: axum::body::Body, busy: Option<Duration>) -> BodyOutcome {
+    let mut body = body;
+    let mut read = 0;
+    if let Some(busy) = busy {
+        match body.frame().await {
+            Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
+            other => panic!("the first frame: {other:?}"),
+        }
+        assert!(
+            timeout(Duration::from_millis(100), body.frame()).await.is_err(),
+            "the second frame came early"
+        );
+        tokio::time::sleep(busy).await;
+    }
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => read += frame.data_ref().map_or(0, Bytes::len),
+            Err(e) => {
+                let timed_out = e
+                    .into_inner()
+                    .downcast_ref::<tower_quiche::Error>()
+                    .is_some_and(tower_quiche::Error::is_timeout);
+                return (read, Some(timed_out));
+            }
+        }
+    }
+    (read, None)
+}
+
+/// An app whose `/upload` reads the request body (busy for `busy` after its first frame,
+/// when given) and reports what it got on `outcomes`; it answers 408 when the read timed
+/// out.
+fn uploads(busy: Option<Duration>, outcomes: tokio::sync::mpsc::UnboundedSender<BodyOutcome>) -> Router {
+    app().route(
+        "/upload",
+        post(move |request: axum::extract::Request| {
+            let outcomes = outcomes.clone();
+            async move {
+                let outcome = read_body(request.into_body(), busy).await;
+                let _ = outcomes.send(outcome);
+                if outcome.1 == Some(true) {
+                    StatusCode::REQUEST_TIMEOUT
+                } else {
+                    StatusCode::OK
+                }
+            }
+        }),
+    )
+}
+
+/// Slowloris with a body: a TCP client that sends a request head and part of its body,
+/// then nothing, no longer holds the handler (and its connection) for as long as it keeps
+/// the connection open: after the body stall timeout the handler's read fails with a
+/// timeout, as over HTTP/3, and the handler's answer reaches the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_request_bodies_the_client_stops_sending_time_out() {
+    let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let server = dual_stalling_after_two_seconds(uploads(None, outcomes_tx)).await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let (send, status) = post_streamed(&server, version, "/upload").await;
+            send.send(Bytes::from_static(b"the first part")).await.unwrap();
+            let outcome = timeout(Duration::from_secs(15), outcomes.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("{version:?}: the handler still waits for a body its client stopped sending")
+                });
+            assert_eq!(outcome, Some((14, Some(true))), "{version:?}");
+            let status = timeout(Duration::from_secs(15), status).await.unwrap().unwrap();
+            assert_eq!(status.unwrap(), StatusCode::REQUEST_TIMEOUT, "{version:?}");
+            drop(send);
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// What the TCP request body timer must not cut: a client sending its body slower than the
+/// stall timeout in all (a part every 700 ms for 3.5 s, under a 2 s timeout), and a handler
+/// that waited for the client, then worked for longer than the timeout while the client
+/// sent the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_slow_request_bodies_and_busy_handlers_are_not_stalls() {
+    for busy in [None, Some(Duration::from_secs(3))] {
+        let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
+        let server = dual_stalling_after_two_seconds(uploads(busy, outcomes_tx)).await;
+        let run = async {
+            for version in [Version::HTTP_11, Version::HTTP_2] {
+                let (send, status) = post_streamed(&server, version, "/upload").await;
+                let parts = if busy.is_some() { 2 } else { 5 };
+                for part in 0..parts {
+                    if part > 0 {
+                        tokio::time::sleep(Duration::from_millis(if busy.is_some() { 500 } else { 700 })).await;
+                    }
+                    send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+                }
+                drop(send);
+                let outcome = outcomes.recv().await;
+                assert_eq!(outcome, Some((parts * 1000, None)), "{version:?}, busy {busy:?}");
+                assert_eq!(
+                    status.await.unwrap().unwrap(),
+                    StatusCode::OK,
+                    "{version:?}, busy {busy:?}"
+                );
+            }
+        };
+        timeout(TEST_TIMEOUT, run).await.unwrap();
+    }
+}
+
 /// `max_requests_per_connection` holds on TCP as on HTTP/3: past it the connection is shut
 /// down (GOAWAY over HTTP/2, `connection: close` over HTTP/1.1) once its requests are served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

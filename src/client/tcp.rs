@@ -180,7 +180,7 @@ fn request_error(e: hyper_util::client::legacy::Error) -> Error {
             return ours.duplicate();
         }
         if let Some(hyper) = s.downcast_ref::<hyper::Error>() {
-            return Error::new(hyper_kind(hyper))
+            return Error::new(crate::error::hyper_kind(hyper))
                 .with_message("the request over TCP failed")
                 .with_source(e);
         }
@@ -193,17 +193,5 @@ fn request_error(e: hyper_util::client::legacy::Error) -> Error {
 
 /// The error of a response body over TCP.
 pub(crate) fn body_error(e: hyper::Error) -> Error {
-    Error::new(hyper_kind(&e))
-        .with_message("the response body over TCP failed")
-        .with_source(e)
-}
-
-fn hyper_kind(e: &hyper::Error) -> Kind {
-    if e.is_timeout() {
-        Kind::Timeout
-    } else if e.is_parse() || e.is_parse_status() {
-        Kind::Protocol
-    } else {
-        Kind::Closed
-    }
+    Error::from_hyper(e, "the response body over TCP failed")
 }

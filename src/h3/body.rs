@@ -28,8 +28,10 @@ use crate::error::{BoxError, Error};
 ///
 /// Dropping the body tells the connection to discard the rest of it.
 ///
-/// The client (with the `tcp` feature) also returns responses that came over HTTP/1.1 or
-/// HTTP/2 as a `RecvBody`: [`http::Response::version`] says which protocol carried it.
+/// With the `tcp` feature, messages that came over HTTP/1.1 or HTTP/2 have a `RecvBody`
+/// too (hyper reads them): the server's requests on the TCP side of `serve_with_tcp`,
+/// under the same body stall timeout, and the client's responses. Their `version` says
+/// which protocol carried them.
 pub struct RecvBody {
     source: Source,
 }
@@ -42,6 +44,9 @@ enum Source {
     /// A response body hyper receives over TCP (HTTP/1.1 or HTTP/2).
     #[cfg(all(feature = "client", feature = "tcp"))]
     Tcp(hyper::body::Incoming),
+    /// A request body the server receives over TCP, under the body stall timeout.
+    #[cfg(all(feature = "server", feature = "tcp"))]
+    TcpRequest(crate::server::tcp::TcpRequestBody),
     /// A response body as the client's layers hand it on (decoded, under a timeout).
     #[cfg(feature = "client")]
     Layered(http_body_util::combinators::BoxBody<Bytes, Error>),
@@ -55,6 +60,8 @@ impl std::fmt::Debug for RecvBody {
             Source::H3(stream) => d.field("stream_id", &stream.id()),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(_) => d.field("tcp", &true),
+            #[cfg(all(feature = "server", feature = "tcp"))]
+            Source::TcpRequest(_) => d.field("tcp", &true),
             #[cfg(feature = "client")]
             Source::Layered(_) => d.field("layered", &true),
         };
@@ -88,6 +95,14 @@ impl RecvBody {
         }
     }
 
+    /// A request body received over TCP by the server's hyper.
+    #[cfg(all(feature = "server", feature = "tcp"))]
+    pub(crate) fn tcp_request(body: crate::server::tcp::TcpRequestBody) -> Self {
+        RecvBody {
+            source: Source::TcpRequest(body),
+        }
+    }
+
     /// A response body transformed by the client's layers (decoding, timeouts).
     #[cfg(feature = "client")]
     pub(crate) fn layered<B>(body: B) -> Self
@@ -118,6 +133,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.poll_recv(cx),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => Pin::new(body).poll_frame(cx).map_err(crate::client::tcp::body_error),
+            #[cfg(all(feature = "server", feature = "tcp"))]
+            Source::TcpRequest(body) => body.poll_frame(cx),
             #[cfg(feature = "client")]
             Source::Layered(body) => Pin::new(body).poll_frame(cx),
         };
@@ -133,6 +150,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.recv_is_end(),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => body.is_end_stream(),
+            #[cfg(all(feature = "server", feature = "tcp"))]
+            Source::TcpRequest(body) => body.is_end_stream(),
             #[cfg(feature = "client")]
             Source::Layered(body) => body.is_end_stream(),
         }
@@ -144,6 +163,8 @@ impl Body for RecvBody {
             Source::H3(stream) => stream.recv_size_hint(),
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(body) => body.size_hint(),
+            #[cfg(all(feature = "server", feature = "tcp"))]
+            Source::TcpRequest(body) => body.size_hint(),
             #[cfg(feature = "client")]
             Source::Layered(body) => body.size_hint(),
         }

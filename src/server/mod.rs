@@ -296,10 +296,10 @@ impl Builder {
     /// requests it sends meanwhile do not count). hyper gives no way to reset one HTTP/2
     /// stream from outside, so the whole connection goes, and a client that starves some
     /// streams while it reads others is bounded only by
-    /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). TCP request
-    /// bodies are not timed: a handler that waits for a body a client trickles in waits as
-    /// long as the client keeps its connection (tower-http's `RequestBodyTimeoutLayer`
-    /// bounds that).
+    /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). A TCP request
+    /// body is timed as an HTTP/3 one: a handler that has waited this long for bytes the
+    /// client does not send gets an error whose `is_timeout()` is true (and hyper ends the
+    /// request's stream, or over HTTP/1.1 the connection, after its response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
         self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
@@ -502,12 +502,13 @@ impl Builder {
     /// Requests have the same shape on every protocol: a [`ConnectionInfo`] extension
     /// carries the HTTP version. One graceful shutdown drains both transports.
     ///
-    /// The service must accept both request body types ([`RecvBody`] and hyper's
-    /// `Incoming`), as an axum `Router` and body-generic tower layers do.
+    /// Request bodies are a [`RecvBody`] on every protocol, so one `service_fn` over
+    /// `Request<RecvBody>` serves them all; over TCP they are timed by the
+    /// [`body_stall_timeout`](Self::body_stall_timeout) as over HTTP/3.
     #[cfg(feature = "tcp")]
     pub fn serve_with_tcp<S>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
     where
-        S: HttpService<RecvBody> + HttpService<hyper::body::Incoming>,
+        S: HttpService<RecvBody>,
     {
         let settings = self.settings();
         let tcp_service = service.clone();
@@ -611,7 +612,7 @@ pub fn serve<S: HttpService<RecvBody>>(listener: Listener, service: S) -> Serve 
 #[cfg(feature = "tcp")]
 pub fn serve_with_tcp<S>(listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
 where
-    S: HttpService<RecvBody> + HttpService<hyper::body::Incoming>,
+    S: HttpService<RecvBody>,
 {
     Builder::new().serve_with_tcp(listener, tcp, service)
 }

@@ -33,6 +33,7 @@ use super::ConnectionInfo;
 use super::HttpService;
 use crate::alt_svc::AltSvcLayer;
 use crate::error::Error;
+use crate::h3::body::RecvBody;
 use crate::quic::ServerConfig;
 
 /// The TCP side's limits, set through [`Builder`](super::Builder) (whose setters document
@@ -194,6 +195,8 @@ struct WithInfo<S> {
     info: ConnectionInfo,
     lease: UpgradeLease,
     activity: Arc<Activity>,
+    /// For request bodies ([`TcpRequestBody`]).
+    stall_timeout: Duration,
 }
 
 /// What a TCP connection has in flight, for its timers.
@@ -600,9 +603,76 @@ where
     }
 }
 
+/// A request body received over TCP, timed as HTTP/3 request bodies are (hyper times
+/// neither the head's body nor the wait for it): a handler that waits for bytes the client
+/// does not send gets, once the body stall timeout has passed without any, an error whose
+/// `is_timeout()` is true, instead of waiting (and holding the connection's slot) for as
+/// long as the client keeps its connection. A client that sends slowly, and a handler
+/// that reads slowly, are not stalls: the clock runs from a read that found nothing, and
+/// stops at the next bytes.
+///
+/// hyper reads ahead of the handler (a chunk over HTTP/1.1, the stream's window over
+/// HTTP/2), so bytes the client sent while the handler was busy are there when it asks.
+pub(crate) struct TcpRequestBody {
+    body: Incoming,
+    stall_timeout: Duration,
+    /// When the current wait for bytes runs out; kept between waits (reset, not
+    /// reallocated), and made only for a body that ever waits.
+    stalls_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The last read found nothing: `stalls_at` times this wait.
+    waiting: bool,
+}
+
+impl TcpRequestBody {
+    pub(crate) fn new(body: Incoming, stall_timeout: Duration) -> Self {
+        TcpRequestBody {
+            body,
+            stall_timeout,
+            stalls_at: None,
+            waiting: false,
+        }
+    }
+
+    pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Error>>> {
+        use http_body::Body as _;
+        if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
+            self.waiting = false;
+            return Poll::Ready(
+                frame.map(|frame| frame.map_err(|e| Error::from_hyper(e, "the request body over TCP failed"))),
+            );
+        }
+        let deadline = tokio::time::Instant::now() + self.stall_timeout;
+        let stalls_at = match &mut self.stalls_at {
+            Some(stalls_at) => {
+                if !self.waiting {
+                    stalls_at.as_mut().reset(deadline);
+                }
+                stalls_at
+            }
+            None => self.stalls_at.insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        self.waiting = true;
+        std::task::ready!(stalls_at.as_mut().poll(cx));
+        Poll::Ready(Some(Err(Error::new(crate::error::Kind::Timeout).with_message(
+            format!(
+                "the request body stalled: the client sent none of it for the body stall timeout ({:?})",
+                self.stall_timeout
+            ),
+        ))))
+    }
+
+    pub(crate) fn is_end_stream(&self) -> bool {
+        http_body::Body::is_end_stream(&self.body)
+    }
+
+    pub(crate) fn size_hint(&self) -> http_body::SizeHint {
+        http_body::Body::size_hint(&self.body)
+    }
+}
+
 impl<S, B> Service<Request<Incoming>> for WithInfo<S>
 where
-    S: Service<Request<Incoming>, Response = Response<B>>,
+    S: Service<Request<RecvBody>, Response = Response<B>>,
     B: http_body::Body,
 {
     type Response = Response<Counted<B>>;
@@ -613,7 +683,8 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+        let mut request = request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, self.stall_timeout)));
         let mut info = self.info.clone();
         info.version = request.version();
         if info.version == http::Version::HTTP_2 {
@@ -704,7 +775,7 @@ pub(crate) async fn run<S>(
     mut stop: watch::Receiver<Option<Instant>>,
     alive: mpsc::Sender<()>,
 ) where
-    S: HttpService<Incoming>,
+    S: HttpService<RecvBody>,
 {
     let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let service = alt_svc.layer(service);
@@ -783,6 +854,7 @@ pub(crate) async fn run<S>(
                 info,
                 lease,
                 activity: Arc::clone(&activity),
+                stall_timeout: limits.stall_timeout,
             });
             let tls = Metered::new(tls, Arc::clone(&activity));
             let connection = http
