@@ -139,7 +139,7 @@ impl Error {
 
     /// An error hyper reported for a message over TCP, classified (`what` says which
     /// message failed, e.g. "the request body over TCP failed").
-    #[cfg(feature = "tcp")]
+    #[cfg(all(feature = "tcp", any(feature = "client", feature = "server")))]
     pub(crate) fn from_hyper(e: hyper::Error, what: &'static str) -> Self {
         Error::new(hyper_kind(&e)).with_message(what).with_source(e)
     }
@@ -370,7 +370,7 @@ impl std::error::Error for Error {
 
 /// What a hyper error says went wrong: a timeout, a message that broke HTTP/1.1 or HTTP/2,
 /// or else a connection or stream that ended.
-#[cfg(feature = "tcp")]
+#[cfg(all(feature = "tcp", any(feature = "client", feature = "server")))]
 pub(crate) fn hyper_kind(e: &hyper::Error) -> Kind {
     if e.is_timeout() {
         Kind::Timeout

@@ -740,14 +740,14 @@ async fn tcp_large_frames_read_slowly_are_not_stalls() {
 }
 
 /// POSTs to `path` on a new TCP connection of `version` with a body fed through the returned
-/// sender, and returns the response's status once it comes.
+/// sender, and returns the response once its head comes.
 async fn post_streamed(
     server: &Dual,
     version: Version,
     path: &str,
 ) -> (
     tokio::sync::mpsc::Sender<Bytes>,
-    tokio::task::JoinHandle<Result<StatusCode, hyper::Error>>,
+    tokio::task::JoinHandle<Result<Response<hyper::body::Incoming>, hyper::Error>>,
 ) {
     // The body ends when the sender is dropped, and waits (a client that stops sending)
     // while it is kept.
@@ -761,39 +761,66 @@ async fn post_streamed(
     )));
     let request = Request::post(server.url(path)).body(body).unwrap();
     let io = hyper_util::rt::TokioIo::new(tcp::connect(server.addr, &server.ca_pem, version, None).await.unwrap());
-    let status = if version == Version::HTTP_2 {
+    let response = if version == Version::HTTP_2 {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
             .await
             .unwrap();
         tokio::spawn(conn);
-        tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) })
+        tokio::spawn(async move { sender.send_request(request).await })
     } else {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
         tokio::spawn(conn);
-        tokio::spawn(async move { sender.send_request(request).await.map(|r| r.status()) })
+        tokio::spawn(async move { sender.send_request(request).await })
     };
-    (send, status)
+    (send, response)
+}
+
+/// The status of a response [`post_streamed`] awaits, within 15 s.
+async fn status_of(
+    response: tokio::task::JoinHandle<Result<Response<hyper::body::Incoming>, hyper::Error>>,
+) -> StatusCode {
+    timeout(Duration::from_secs(15), response)
+        .await
+        .expect("no response within 15 s")
+        .unwrap()
+        .unwrap()
+        .status()
 }
 
 /// What a handler made of the request body it read: the bytes it got, and whether the read
 /// ended in a timeout (`Some(true)`), another error (`Some(false)`) or the body's end.
 type BodyOutcome = (usize, Option<bool>);
 
-/// Reads `body` to its end or first error. With `busy` it first takes one frame, then asks
-/// once more for 100 ms (starting a wait for the client), then works for `busy` without
-/// reading, as a handler busy with the first part would.
-async fn read_body(body: axum::body::Body, busy: Option<Duration>) -> BodyOutcome {
+/// How a handler of [`uploads`] reads.
+#[derive(Clone, Copy, Debug)]
+enum Reader {
+    /// Everything, as it comes.
+    Steady,
+    /// One frame, then a wait for the client (a read that finds nothing for 100 ms), then
+    /// this long at work without reading, then the rest.
+    BusyAfterWaiting(Duration),
+}
+
+/// Reads `body` as `reader` says, to its end or first error; tells `waiting` when a busy
+/// reader has started waiting for the client.
+async fn read_body(
+    body: axum::body::Body,
+    reader: Reader,
+    waiting: &tokio::sync::mpsc::UnboundedSender<()>,
+) -> BodyOutcome {
     let mut body = body;
     let mut read = 0;
-    if let Some(busy) = busy {
+    if let Reader::BusyAfterWaiting(busy) = reader {
         match body.frame().await {
             Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
-            other => panic!("the first frame: {other:?}"),
+            other => return (read, Some(matches!(other, Some(Err(_))))),
         }
-        assert!(
-            timeout(Duration::from_millis(100), body.frame()).await.is_err(),
-            "the second frame came early"
-        );
+        if timeout(Duration::from_millis(100), body.frame()).await.is_ok() {
+            // The client sends its next part only once told: nothing came, or the test is
+            // broken. Reported as an error the test then sees.
+            return (read, Some(false));
+        }
+        let _ = waiting.send(());
         tokio::time::sleep(busy).await;
     }
     while let Some(frame) = body.frame().await {
@@ -811,25 +838,65 @@ async fn read_body(body: axum::body::Body, busy: Option<Duration>) -> BodyOutcom
     (read, None)
 }
 
-/// An app whose `/upload` reads the request body (busy for `busy` after its first frame,
-/// when given) and reports what it got on `outcomes`; it answers 408 when the read timed
-/// out.
-fn uploads(busy: Option<Duration>, outcomes: tokio::sync::mpsc::UnboundedSender<BodyOutcome>) -> Router {
-    app().route(
-        "/upload",
-        post(move |request: axum::extract::Request| {
-            let outcomes = outcomes.clone();
-            async move {
-                let outcome = read_body(request.into_body(), busy).await;
-                let _ = outcomes.send(outcome);
-                if outcome.1 == Some(true) {
-                    StatusCode::REQUEST_TIMEOUT
-                } else {
-                    StatusCode::OK
+/// Where [`uploads`] handlers report.
+struct UploadReports {
+    outcomes: tokio::sync::mpsc::UnboundedReceiver<BodyOutcome>,
+    waiting: tokio::sync::mpsc::UnboundedReceiver<()>,
+}
+
+impl UploadReports {
+    async fn outcome(&mut self, what: &str) -> BodyOutcome {
+        timeout(Duration::from_secs(15), self.outcomes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no outcome from the handler within 15 s"))
+            .unwrap()
+    }
+
+    async fn waiting(&mut self, what: &str) {
+        timeout(Duration::from_secs(15), self.waiting.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}: the handler did not start waiting within 15 s"))
+            .unwrap();
+    }
+}
+
+/// An app with two routes that read their request body as `reader` says and report what
+/// they got: `/upload` answers after it (408 when the read timed out); `/duplex` answers at
+/// once, with 7 parts of 1,000 bytes 500 ms apart, while it reads (as a gRPC stream whose
+/// server sends while its client is quiet).
+fn uploads(reader: Reader) -> (Router, UploadReports) {
+    let (outcomes_tx, outcomes) = tokio::sync::mpsc::unbounded_channel();
+    let (waiting_tx, waiting) = tokio::sync::mpsc::unbounded_channel();
+    let (duplex_outcomes, duplex_waiting) = (outcomes_tx.clone(), waiting_tx.clone());
+    let app = app()
+        .route(
+            "/upload",
+            post(move |request: axum::extract::Request| {
+                let (outcomes, waiting) = (outcomes_tx.clone(), waiting_tx.clone());
+                async move {
+                    let outcome = read_body(request.into_body(), reader, &waiting).await;
+                    let _ = outcomes.send(outcome);
+                    if outcome.1 == Some(true) {
+                        StatusCode::REQUEST_TIMEOUT
+                    } else {
+                        StatusCode::OK
+                    }
                 }
-            }
-        }),
-    )
+            }),
+        )
+        .route(
+            "/duplex",
+            post(move |request: axum::extract::Request| {
+                let (outcomes, waiting) = (duplex_outcomes.clone(), duplex_waiting.clone());
+                async move {
+                    tokio::spawn(async move {
+                        let _ = outcomes.send(read_body(request.into_body(), reader, &waiting).await);
+                    });
+                    axum::body::Body::new(Chunks::new(1000, Some(7)).every(Duration::from_millis(500)))
+                }
+            }),
+        );
+    (app, UploadReports { outcomes, waiting })
 }
 
 /// Slowloris with a body: a TCP client that sends a request head and part of its body,
@@ -838,57 +905,79 @@ fn uploads(busy: Option<Duration>, outcomes: tokio::sync::mpsc::UnboundedSender<
 /// timeout, as over HTTP/3, and the handler's answer reaches the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_request_bodies_the_client_stops_sending_time_out() {
-    let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
-    let server = dual_stalling_after_two_seconds(uploads(None, outcomes_tx)).await;
+    let (app, mut reports) = uploads(Reader::Steady);
+    let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
-            let (send, status) = post_streamed(&server, version, "/upload").await;
+            let what = format!("{version:?}");
+            let (send, response) = post_streamed(&server, version, "/upload").await;
             send.send(Bytes::from_static(b"the first part")).await.unwrap();
-            let outcome = timeout(Duration::from_secs(15), outcomes.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{version:?}: the handler still waits for a body its client stopped sending")
-                });
-            assert_eq!(outcome, Some((14, Some(true))), "{version:?}");
-            let status = timeout(Duration::from_secs(15), status).await.unwrap().unwrap();
-            assert_eq!(status.unwrap(), StatusCode::REQUEST_TIMEOUT, "{version:?}");
+            assert_eq!(reports.outcome(&what).await, (14, Some(true)), "{what}");
+            assert_eq!(status_of(response).await, StatusCode::REQUEST_TIMEOUT, "{what}");
             drop(send);
         }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// What the TCP request body timer must not cut: a client sending its body slower than the
-/// stall timeout in all (a part every 700 ms for 3.5 s, under a 2 s timeout), and a handler
-/// that waited for the client, then worked for longer than the timeout while the client
-/// sent the rest.
+/// What the TCP request body timer must not cut (under a 2 s timeout):
+/// - a client that sends its body slower than the timeout in all (6 parts 700 ms apart:
+///   3.5 s);
+/// - a handler that waited for the client, then worked for 3 s without reading while the
+///   client sent the rest;
+/// - a quiet client whose response moves: a duplex exchange whose handler reads while it
+///   answers for 3 s, its client sending one part and the end only once it has the whole
+///   response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_slow_request_bodies_and_busy_handlers_are_not_stalls() {
-    for busy in [None, Some(Duration::from_secs(3))] {
-        let (outcomes_tx, mut outcomes) = tokio::sync::mpsc::unbounded_channel();
-        let server = dual_stalling_after_two_seconds(uploads(busy, outcomes_tx)).await;
+async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stalls() {
+    for reader in [Reader::Steady, Reader::BusyAfterWaiting(Duration::from_secs(3))] {
+        let (app, mut reports) = uploads(reader);
+        let server = dual_stalling_after_two_seconds(app).await;
         let run = async {
             for version in [Version::HTTP_11, Version::HTTP_2] {
-                let (send, status) = post_streamed(&server, version, "/upload").await;
-                let parts = if busy.is_some() { 2 } else { 5 };
-                for part in 0..parts {
-                    if part > 0 {
-                        tokio::time::sleep(Duration::from_millis(if busy.is_some() { 500 } else { 700 })).await;
+                let what = format!("{version:?}, {reader:?}");
+                let (send, response) = post_streamed(&server, version, "/upload").await;
+                send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+                let parts = match reader {
+                    Reader::Steady => {
+                        for _ in 1..6 {
+                            tokio::time::sleep(Duration::from_millis(700)).await;
+                            send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+                        }
+                        6
                     }
-                    send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
-                }
+                    Reader::BusyAfterWaiting(_) => {
+                        reports.waiting(&what).await;
+                        send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+                        2
+                    }
+                };
                 drop(send);
-                let outcome = outcomes.recv().await;
-                assert_eq!(outcome, Some((parts * 1000, None)), "{version:?}, busy {busy:?}");
-                assert_eq!(
-                    status.await.unwrap().unwrap(),
-                    StatusCode::OK,
-                    "{version:?}, busy {busy:?}"
-                );
+                assert_eq!(reports.outcome(&what).await, (parts * 1000, None), "{what}");
+                assert_eq!(status_of(response).await, StatusCode::OK, "{what}");
             }
         };
         timeout(TEST_TIMEOUT, run).await.unwrap();
     }
+    let (app, mut reports) = uploads(Reader::Steady);
+    let server = dual_stalling_after_two_seconds(app).await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let what = format!("{version:?}, duplex");
+            let (send, response) = post_streamed(&server, version, "/duplex").await;
+            send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+            let response = timeout(Duration::from_secs(15), response)
+                .await
+                .unwrap()
+                .unwrap()
+                .unwrap();
+            let answer = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(answer.len(), 7 * 1000, "{what}");
+            drop(send);
+            assert_eq!(reports.outcome(&what).await, (1000, None), "{what}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
 /// `max_requests_per_connection` holds on TCP as on HTTP/3: past it the connection is shut

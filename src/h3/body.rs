@@ -61,7 +61,7 @@ impl std::fmt::Debug for RecvBody {
             #[cfg(all(feature = "client", feature = "tcp"))]
             Source::Tcp(_) => d.field("tcp", &true),
             #[cfg(all(feature = "server", feature = "tcp"))]
-            Source::TcpRequest(_) => d.field("tcp", &true),
+            Source::TcpRequest(_) => d.field("tcp_request", &true),
             #[cfg(feature = "client")]
             Source::Layered(_) => d.field("layered", &true),
         };

@@ -287,6 +287,11 @@ impl Builder {
     /// connection open for ever). Defaults to 30 s (nginx allows 60 s between two reads
     /// of a body or two writes of a response).
     ///
+    /// The server cannot tell a client that stalls from one with nothing to say yet: a
+    /// streaming request that goes quiet for longer than this (a gRPC client or
+    /// bidirectional stream waiting for its user, say) ends in the timeout too, as behind
+    /// nginx's `client_body_timeout`. Raise it for services with such streams.
+    ///
     /// With [`serve_with_tcp`](Self::serve_with_tcp) it bounds responses on TCP too, as
     /// nginx's `send_timeout` does: when a response has waited this long for hyper to want
     /// more of it, the connection is closed. Over HTTP/1.1 the wait counts while the
@@ -297,9 +302,10 @@ impl Builder {
     /// stream from outside, so the whole connection goes, and a client that starves some
     /// streams while it reads others is bounded only by
     /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). A TCP request
-    /// body is timed as an HTTP/3 one: a handler that has waited this long for bytes the
-    /// client does not send gets an error whose `is_timeout()` is true (and hyper ends the
-    /// request's stream, or over HTTP/1.1 the connection, after its response).
+    /// body falls under it too: a handler that has waited this long for bytes the client
+    /// does not send, while no response on the connection moved, gets an error whose
+    /// `is_timeout()` is true (hyper then ends the request's stream, or over HTTP/1.1 the
+    /// connection, after its response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {
         self.body_stall_timeout = crate::at_most_never(timeout).max(Duration::from_millis(1));
         self
@@ -503,8 +509,11 @@ impl Builder {
     /// carries the HTTP version. One graceful shutdown drains both transports.
     ///
     /// Request bodies are a [`RecvBody`] on every protocol, so one `service_fn` over
-    /// `Request<RecvBody>` serves them all; over TCP they are timed by the
-    /// [`body_stall_timeout`](Self::body_stall_timeout) as over HTTP/3.
+    /// `Request<RecvBody>` serves them all; over TCP they fall under the
+    /// [`body_stall_timeout`](Self::body_stall_timeout) too, and their errors are hyper's,
+    /// classified (a reset HTTP/2 stream `is_closed`, not `is_reset`). A CONNECT tunnel
+    /// over TCP (HTTP/2's extended CONNECT, HTTP/1.1's `Upgrade`) is hyper's upgrade of
+    /// the request, not its body, as `ws::WebSocketUpgrade` (feature `axum`) handles it.
     #[cfg(feature = "tcp")]
     pub fn serve_with_tcp<S>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
     where

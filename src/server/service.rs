@@ -12,8 +12,9 @@ mod sealed {
 }
 
 /// A [`tower::Service`](tower_service::Service) the server can run for requests with bodies
-/// of type `ReqBody` ([`RecvBody`](crate::RecvBody), over HTTP/3 and over TCP): it answers `Response<B>` for a body the server can send, it and its futures can move
-/// between threads, and its errors convert to [`BoxError`].
+/// of type `ReqBody` ([`RecvBody`](crate::RecvBody), over HTTP/3 and over TCP): it answers
+/// `Response<B>` for a body the server can send, it and its futures can move between
+/// threads, and its errors convert to [`BoxError`].
 ///
 /// Every service of that shape implements it: an axum `Router`, a tonic server, a
 /// `tower::ServiceBuilder` stack, a `service_fn`. It exists so signatures say

@@ -5,8 +5,9 @@
 //!
 //! This module also owns the TCP side's defences against slow and idle clients ([`Limits`]):
 //! a cap on open connections, deadlines for the TLS handshake and for request heads, an
-//! idle timeout, a stall timeout for responses the client does not take, and HTTP/2
-//! keep-alive pings, stream and header limits. An upgraded HTTP/1.1 connection (a
+//! idle timeout, a stall timeout for responses the client does not take and for request
+//! bodies it stops sending ([`TcpRequestBody`]), and HTTP/2 keep-alive pings, stream,
+//! window and header limits. An upgraded HTTP/1.1 connection (a
 //! WebSocket) is no longer hyper's, and keeps them through [`UpgradeLease`].
 
 use std::net::SocketAddr;
@@ -46,7 +47,8 @@ pub(crate) struct Limits {
     /// closed: the server's `connection_idle_timeout`.
     pub(crate) idle_timeout: Duration,
     /// How long a response may wait for the client to take what hyper has of it before the
-    /// connection is closed: the server's `body_stall_timeout`.
+    /// connection is closed, and a handler for request body bytes before its read fails:
+    /// the server's `body_stall_timeout`.
     pub(crate) stall_timeout: Duration,
     /// After this many requests the connection shuts down gracefully: the server's
     /// `max_requests_per_connection`.
@@ -73,6 +75,11 @@ impl Default for Limits {
     }
 }
 
+/// An HTTP/2 flow-control window of `bytes`, within what HTTP/2 allows (RFC 9113 §6.9.1).
+fn h2_window(bytes: u64) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX).clamp(65_535, (1 << 31) - 1)
+}
+
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_HTTP1_BUFFER: usize = 8 * 1024;
 
@@ -92,6 +99,7 @@ impl Transport {
         max_header_list_size: usize,
         connect_protocol: bool,
     ) -> Result<Self, Error> {
+        let transport = &config.config.inner.s;
         let mut http = auto::Builder::new(TokioExecutor::new());
         // Without a timer hyper silently ignores its timeouts and keep-alive settings.
         http.http1()
@@ -108,7 +116,14 @@ impl Transport {
             .max_concurrent_streams(limits.http2_max_concurrent_streams)
             // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
             // means the same on both.
-            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX))
+            // Flow-control windows as the QUIC listener's (1 MiB a stream, 16 MiB the
+            // connection by default), where hyper's give the connection no more than one
+            // stream: one request whose handler pauses its reading would then leave the
+            // client no window to send the others' bodies, and their handlers would wait
+            // for bytes it may not send (and time out).
+            .initial_stream_window_size(h2_window(transport.initial_max_stream_data_bidi_remote))
+            .initial_connection_window_size(h2_window(transport.initial_max_data));
         if connect_protocol {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
@@ -195,8 +210,6 @@ struct WithInfo<S> {
     info: ConnectionInfo,
     lease: UpgradeLease,
     activity: Arc<Activity>,
-    /// For request bodies ([`TcpRequestBody`]).
-    stall_timeout: Duration,
 }
 
 /// What a TCP connection has in flight, for its timers.
@@ -240,6 +253,11 @@ struct Activity {
     /// A request came over HTTP/2: socket writes then say nothing of the responses (see
     /// [`Activity::quiet`]).
     http2: AtomicBool,
+    /// The body stall timeout, for request bodies ([`TcpRequestBody`]).
+    stall_timeout: Duration,
+    /// The runtime the connection runs on: request bodies' timers are made on it, whichever
+    /// executor a handler polls them from.
+    runtime: tokio::runtime::Handle,
 }
 
 /// How many bytes the socket must take for a write to count as the client reading: an
@@ -266,12 +284,13 @@ const NO_REQUEST_GOAWAY_GRACE: Duration = Duration::from_secs(1);
 const MIN_LOOK_EVERY: Duration = Duration::from_millis(10);
 
 impl Activity {
-    fn new(max_requests: Option<u64>) -> Self {
+    /// Called on the connection's runtime (whose handle it keeps).
+    fn new(limits: &Limits) -> Self {
         Activity {
             since: Instant::now(),
             in_flight: AtomicUsize::new(0),
             requests: AtomicU64::new(0),
-            max_requests: max_requests.unwrap_or(u64::MAX),
+            max_requests: limits.max_requests.unwrap_or(u64::MAX),
             request_limit_reached: Notify::new(),
             last_end_ms: AtomicU64::new(0),
             tunnel_opened: AtomicBool::new(false),
@@ -280,6 +299,8 @@ impl Activity {
             last_taken_ms: AtomicU64::new(0),
             last_write_ms: AtomicU64::new(0),
             http2: AtomicBool::new(false),
+            stall_timeout: limits.stall_timeout,
+            runtime: tokio::runtime::Handle::current(),
         }
     }
 
@@ -289,6 +310,18 @@ impl Activity {
 
     fn stamp(&self, clock: &AtomicU64) {
         clock.store(self.now_ms(), Ordering::Release);
+    }
+
+    /// When a response on the connection last moved, in milliseconds since `since`: one
+    /// was taken after a frame (hyper polled it again) or, over HTTP/1.x, the socket took
+    /// [`PROGRESS_BYTES`] (see [`Activity::quiet`]).
+    fn response_moved_ms(&self) -> u64 {
+        let taken = self.last_taken_ms.load(Ordering::Acquire);
+        if self.http2.load(Ordering::Acquire) {
+            taken
+        } else {
+            taken.max(self.last_write_ms.load(Ordering::Acquire))
+        }
     }
 
     fn at_ms(&self, ms: &AtomicU64) -> Instant {
@@ -338,11 +371,11 @@ impl Activity {
             let now = Instant::now();
             let mut next = now + look_every;
             if self.bodies_waiting.load(Ordering::Acquire) > 0 {
-                let mut moved = self.at_ms(&self.waiting_since_ms).max(self.at_ms(&self.last_taken_ms));
-                if !self.http2.load(Ordering::Acquire) {
-                    moved = moved.max(self.at_ms(&self.last_write_ms));
-                }
-                let stalled_at = moved + limits.stall_timeout;
+                let moved_ms = self
+                    .waiting_since_ms
+                    .load(Ordering::Acquire)
+                    .max(self.response_moved_ms());
+                let stalled_at = self.since + Duration::from_millis(moved_ms) + limits.stall_timeout;
                 if stalled_at <= now {
                     return Quiet::Stalled;
                 }
@@ -603,62 +636,81 @@ where
     }
 }
 
-/// A request body received over TCP, timed as HTTP/3 request bodies are (hyper times
-/// neither the head's body nor the wait for it): a handler that waits for bytes the client
-/// does not send gets, once the body stall timeout has passed without any, an error whose
+/// A request body received over TCP, under the body stall timeout as HTTP/3 request bodies
+/// are (hyper times the head, not the body): a handler that waits for bytes the client
+/// does not send gets, once the timeout has passed without any, an error whose
 /// `is_timeout()` is true, instead of waiting (and holding the connection's slot) for as
-/// long as the client keeps its connection. A client that sends slowly, and a handler
-/// that reads slowly, are not stalls: the clock runs from a read that found nothing, and
-/// stops at the next bytes.
-///
-/// hyper reads ahead of the handler (a chunk over HTTP/1.1, the stream's window over
-/// HTTP/2), so bytes the client sent while the handler was busy are there when it asks.
+/// long as the client keeps its connection. What does not count:
+/// - a client that sends slowly, and a handler that reads slowly: the clock runs from a
+///   read that found nothing, and stops at the next bytes. hyper reads ahead of the
+///   handler (a chunk over HTTP/1.1, the stream's window over HTTP/2), so bytes the client
+///   sent while the handler was busy are there when it asks;
+/// - a wait while responses on the connection move ([`Activity::response_moved_ms`]): a
+///   duplex exchange (a gRPC stream whose server sends while its client is quiet) is no
+///   stall, as on HTTP/3 a stream's response moving keeps its request.
 pub(crate) struct TcpRequestBody {
     body: Incoming,
-    stall_timeout: Duration,
+    activity: Arc<Activity>,
     /// When the current wait for bytes runs out; kept between waits (reset, not
     /// reallocated), and made only for a body that ever waits.
     stalls_at: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The last read found nothing: `stalls_at` times this wait.
-    waiting: bool,
+    /// When the last read found nothing (milliseconds since `activity.since`); `None`
+    /// while the body is not waiting.
+    waiting_since_ms: Option<u64>,
 }
 
 impl TcpRequestBody {
-    pub(crate) fn new(body: Incoming, stall_timeout: Duration) -> Self {
+    fn new(body: Incoming, activity: Arc<Activity>) -> Self {
         TcpRequestBody {
             body,
-            stall_timeout,
+            activity,
             stalls_at: None,
-            waiting: false,
+            waiting_since_ms: None,
         }
     }
 
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, Error>>> {
         use http_body::Body as _;
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
-            self.waiting = false;
+            self.waiting_since_ms = None;
             return Poll::Ready(
                 frame.map(|frame| frame.map_err(|e| Error::from_hyper(e, "the request body over TCP failed"))),
             );
         }
-        let deadline = tokio::time::Instant::now() + self.stall_timeout;
-        let stalls_at = match &mut self.stalls_at {
-            Some(stalls_at) => {
-                if !self.waiting {
-                    stalls_at.as_mut().reset(deadline);
-                }
-                stalls_at
+        let activity = &self.activity;
+        let stall_ms = u64::try_from(activity.stall_timeout.as_millis()).unwrap_or(u64::MAX);
+        let waiting_since_ms = *self.waiting_since_ms.get_or_insert_with(|| activity.now_ms());
+        loop {
+            let stalls_at_ms = waiting_since_ms
+                .max(activity.response_moved_ms())
+                .saturating_add(stall_ms);
+            if stalls_at_ms <= activity.now_ms() {
+                return Poll::Ready(Some(Err(Error::new(crate::error::Kind::Timeout).with_message(
+                    format!(
+                        "the request body stalled: the client sent none of it for the body stall timeout ({:?})",
+                        activity.stall_timeout
+                    ),
+                ))));
             }
-            None => self.stalls_at.insert(Box::pin(tokio::time::sleep_until(deadline))),
-        };
-        self.waiting = true;
-        std::task::ready!(stalls_at.as_mut().poll(cx));
-        Poll::Ready(Some(Err(Error::new(crate::error::Kind::Timeout).with_message(
-            format!(
-                "the request body stalled: the client sent none of it for the body stall timeout ({:?})",
-                self.stall_timeout
-            ),
-        ))))
+            let deadline = tokio::time::Instant::from_std(activity.since + Duration::from_millis(stalls_at_ms));
+            let stalls_at = match &mut self.stalls_at {
+                Some(stalls_at) => {
+                    if stalls_at.deadline() != deadline {
+                        stalls_at.as_mut().reset(deadline);
+                    }
+                    stalls_at
+                }
+                None => {
+                    // The connection's runtime, whichever executor polls the body.
+                    let _runtime = activity.runtime.enter();
+                    self.stalls_at.insert(Box::pin(tokio::time::sleep_until(deadline)))
+                }
+            };
+            if stalls_at.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            // The deadline passed: look again, with the responses' progress since.
+        }
     }
 
     pub(crate) fn is_end_stream(&self) -> bool {
@@ -684,7 +736,8 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let mut request = request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, self.stall_timeout)));
+        let activity = Arc::clone(&self.activity);
+        let mut request = request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, activity)));
         let mut info = self.info.clone();
         info.version = request.version();
         if info.version == http::Version::HTTP_2 {
@@ -848,13 +901,12 @@ pub(crate) async fn run<S>(
             };
             // The connection's clocks start now: the first request's deadline is counted
             // from the end of the TLS handshake, as `tcp_header_read_timeout` says.
-            let activity = Arc::new(Activity::new(limits.max_requests));
+            let activity = Arc::new(Activity::new(&limits));
             let service = TowerToHyperService::new(WithInfo {
                 inner: service,
                 info,
                 lease,
                 activity: Arc::clone(&activity),
-                stall_timeout: limits.stall_timeout,
             });
             let tls = Metered::new(tls, Arc::clone(&activity));
             let connection = http
