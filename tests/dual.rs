@@ -739,18 +739,15 @@ async fn tcp_large_frames_read_slowly_are_not_stalls() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// POSTs to `path` on a new TCP connection of `version` with a body fed through the returned
-/// sender, and returns the response once its head comes.
-async fn post_streamed(
+/// A POST to `path` whose body is fed through the returned sender: it ends when the sender
+/// is dropped, and waits (a client that stops sending) while it is kept.
+fn streamed_post(
     server: &Dual,
-    version: Version,
     path: &str,
 ) -> (
     tokio::sync::mpsc::Sender<Bytes>,
-    tokio::task::JoinHandle<Result<Response<hyper::body::Incoming>, hyper::Error>>,
+    Request<impl http_body::Body<Data = Bytes, Error = std::convert::Infallible> + Send + 'static>,
 ) {
-    // The body ends when the sender is dropped, and waits (a client that stops sending)
-    // while it is kept.
     let (send, chunks) = tokio::sync::mpsc::channel::<Bytes>(4);
     let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
         chunks,
@@ -759,7 +756,20 @@ async fn post_streamed(
             Some((Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)), chunks))
         },
     )));
-    let request = Request::post(server.url(path)).body(body).unwrap();
+    (send, Request::post(server.url(path)).body(body).unwrap())
+}
+
+/// Sends a [`streamed_post`] on a new TCP connection of `version`, and returns the response
+/// once its head comes.
+async fn post_streamed(
+    server: &Dual,
+    version: Version,
+    path: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<Result<Response<hyper::body::Incoming>, hyper::Error>>,
+) {
+    let (send, request) = streamed_post(server, path);
     let io = hyper_util::rt::TokioIo::new(tcp::connect(server.addr, &server.ca_pem, version, None).await.unwrap());
     let response = if version == Version::HTTP_2 {
         let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
@@ -860,37 +870,42 @@ impl UploadReports {
     }
 }
 
-/// An app with two routes that read their request body as `reader` says and report what
-/// they got: `/upload` answers after it (408 when the read timed out); `/duplex` answers at
-/// once, with 7 parts of 1,000 bytes 500 ms apart, while it reads (as a gRPC stream whose
+/// How long a [`Reader::BusyAfterWaiting`] handler works: past the 2 s stall timeout.
+const BUSY: Duration = Duration::from_secs(3);
+
+/// An app whose routes read their request body and report what they got: `/upload`
+/// ([`Reader::Steady`]) and `/upload/busy` ([`Reader::BusyAfterWaiting`] for [`BUSY`])
+/// answer after it (408 when the read timed out); `/duplex` reads steadily while it
+/// answers at once, with 7 parts of 1,000 bytes 500 ms apart (as a gRPC stream whose
 /// server sends while its client is quiet).
-fn uploads(reader: Reader) -> (Router, UploadReports) {
+fn uploads() -> (Router, UploadReports) {
     let (outcomes_tx, outcomes) = tokio::sync::mpsc::unbounded_channel();
     let (waiting_tx, waiting) = tokio::sync::mpsc::unbounded_channel();
-    let (duplex_outcomes, duplex_waiting) = (outcomes_tx.clone(), waiting_tx.clone());
-    let app = app()
-        .route(
-            "/upload",
-            post(move |request: axum::extract::Request| {
-                let (outcomes, waiting) = (outcomes_tx.clone(), waiting_tx.clone());
-                async move {
-                    let outcome = read_body(request.into_body(), reader, &waiting).await;
-                    let _ = outcomes.send(outcome);
-                    if outcome.1 == Some(true) {
-                        StatusCode::REQUEST_TIMEOUT
-                    } else {
-                        StatusCode::OK
-                    }
+    let upload = |reader: Reader| {
+        let (outcomes, waiting) = (outcomes_tx.clone(), waiting_tx.clone());
+        post(move |request: axum::extract::Request| {
+            let (outcomes, waiting) = (outcomes.clone(), waiting.clone());
+            async move {
+                let outcome = read_body(request.into_body(), reader, &waiting).await;
+                let _ = outcomes.send(outcome);
+                if outcome.1 == Some(true) {
+                    StatusCode::REQUEST_TIMEOUT
+                } else {
+                    StatusCode::OK
                 }
-            }),
-        )
+            }
+        })
+    };
+    let app = app()
+        .route("/upload", upload(Reader::Steady))
+        .route("/upload/busy", upload(Reader::BusyAfterWaiting(BUSY)))
         .route(
             "/duplex",
             post(move |request: axum::extract::Request| {
-                let (outcomes, waiting) = (duplex_outcomes.clone(), duplex_waiting.clone());
+                let (outcomes, waiting) = (outcomes_tx.clone(), waiting_tx.clone());
                 async move {
                     tokio::spawn(async move {
-                        let _ = outcomes.send(read_body(request.into_body(), reader, &waiting).await);
+                        let _ = outcomes.send(read_body(request.into_body(), Reader::Steady, &waiting).await);
                     });
                     axum::body::Body::new(Chunks::new(1000, Some(7)).every(Duration::from_millis(500)))
                 }
@@ -905,7 +920,7 @@ fn uploads(reader: Reader) -> (Router, UploadReports) {
 /// timeout, as over HTTP/3, and the handler's answer reaches the client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_request_bodies_the_client_stops_sending_time_out() {
-    let (app, mut reports) = uploads(Reader::Steady);
+    let (app, mut reports) = uploads();
     let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
@@ -930,13 +945,16 @@ async fn tcp_request_bodies_the_client_stops_sending_time_out() {
 ///   response.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stalls() {
-    for reader in [Reader::Steady, Reader::BusyAfterWaiting(Duration::from_secs(3))] {
-        let (app, mut reports) = uploads(reader);
-        let server = dual_stalling_after_two_seconds(app).await;
+    let (app, mut reports) = uploads();
+    let server = dual_stalling_after_two_seconds(app).await;
+    for (path, reader) in [
+        ("/upload", Reader::Steady),
+        ("/upload/busy", Reader::BusyAfterWaiting(BUSY)),
+    ] {
         let run = async {
             for version in [Version::HTTP_11, Version::HTTP_2] {
                 let what = format!("{version:?}, {reader:?}");
-                let (send, response) = post_streamed(&server, version, "/upload").await;
+                let (send, response) = post_streamed(&server, version, path).await;
                 send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
                 let parts = match reader {
                     Reader::Steady => {
@@ -959,8 +977,6 @@ async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stal
         };
         timeout(TEST_TIMEOUT, run).await.unwrap();
     }
-    let (app, mut reports) = uploads(Reader::Steady);
-    let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
             let what = format!("{version:?}, duplex");
