@@ -474,6 +474,51 @@ async fn a_flood_of_unknown_packets_draws_no_more_replies_than_the_budget() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// RFC 9308 §8.1: a server answers nothing that comes from the port of a UDP service that
+/// reflects or answers anything (DNS, chargen, memcached, …): a stateless reset there would
+/// feed a reflection attack, or a loop of replies with that service that spends the
+/// listener's reply budget for good. The same packet from an ordinary port draws its reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_from_ports_of_reflecting_services_are_not_answered() {
+    let _serial = serial().await;
+    let certs = certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let run = async {
+        // The ports above 1023 need no privilege; one of them is free here.
+        let reflecting = [3702, 5355, 1900, 11211, 5353]
+            .into_iter()
+            .find_map(|port| std::net::UdpSocket::bind(("127.0.0.1", port)).ok())
+            .expect("one of the reflecting service ports above 1023 is free");
+        reflecting.set_nonblocking(true).unwrap();
+        let reflecting = UdpSocket::from_std(reflecting).unwrap();
+        // A short-header packet for a connection nobody has: its answer is a reset.
+        let mut packet = random_id(100);
+        packet[0] = 0x40 | (packet[0] & 0x3f);
+        reflecting.send_to(&packet, server.addr).await.unwrap();
+        timeout(
+            Duration::from_secs(10),
+            until(&server.metrics, |m| m.dropped_blocked_source >= 1),
+        )
+        .await
+        .expect("the datagram from the reflecting port is dropped");
+        let ordinary = raw_socket().await;
+        ordinary.send_to(&packet, server.addr).await.unwrap();
+        let mut reply = [0; 1500];
+        let (len, _) = timeout(Duration::from_secs(10), ordinary.recv_from(&mut reply))
+            .await
+            .expect("the ordinary port's packet draws a stateless reset")
+            .unwrap();
+        assert!(len < packet.len());
+        let m = server.metrics.snapshot();
+        assert_eq!((m.stateless_resets_sent, m.dropped_blocked_source), (1, 1), "{m:?}");
+        assert!(
+            reflecting.try_recv_from(&mut reply).is_err(),
+            "nothing went to the reflecting port"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_connections_is_enforced_and_a_closed_connection_frees_its_slot() {
     let _serial = serial().await;

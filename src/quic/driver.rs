@@ -406,6 +406,9 @@ impl<A: Application> Driver<A> {
         if wrong_address {
             // The verify callback refuses such a certificate during the handshake; this
             // second look makes a connection to an address fail closed should it ever not.
+            // The handshake is over, so its deadline goes: past, it would wake the task on
+            // every turn while the close drains.
+            self.handshake_deadline = None;
             if self.verify_error.is_none() {
                 self.verify_error =
                     Some("certificate verify failed: IP address mismatch (checked after the handshake)".into());

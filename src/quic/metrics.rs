@@ -40,11 +40,15 @@ pub enum DropReason {
     /// A stateless reset or version negotiation was due, but the listener's budget for them
     /// (`ConfigBuilder::stateless_reply_rate`) was spent.
     RateLimited,
+    /// The sender cannot be a QUIC peer: its port is 0 (no reply can go there), its address
+    /// is no unicast one, or (on a server) its port is that of a UDP service seen in
+    /// reflection attacks, or one that would answer our replies for ever (RFC 9308 §8.1).
+    BlockedSource,
 }
 
 impl DropReason {
     /// How many reasons there are: the length of [`AtomicMetrics`]' counter array.
-    const COUNT: usize = DropReason::RateLimited as usize + 1;
+    const COUNT: usize = DropReason::BlockedSource as usize + 1;
 }
 
 /// Counts what operators watch. Every method defaults to doing nothing.
@@ -139,6 +143,8 @@ pub struct MetricsSnapshot {
     pub dropped_short_connection_id: u64,
     /// Stateless resets and version negotiations not sent for lack of budget.
     pub dropped_rate_limited: u64,
+    /// Datagrams from a sender that cannot be a QUIC peer (see [`DropReason::BlockedSource`]).
+    pub dropped_blocked_source: u64,
     /// Retry packets sent.
     pub retries_sent: u64,
     /// Version negotiation packets sent.
@@ -182,6 +188,7 @@ impl AtomicMetrics {
             dropped_handshake_limit: d(DropReason::HandshakeLimit),
             dropped_short_connection_id: d(DropReason::ShortConnectionId),
             dropped_rate_limited: d(DropReason::RateLimited),
+            dropped_blocked_source: d(DropReason::BlockedSource),
             retries_sent: self.retries_sent.load(Relaxed),
             version_negotiations_sent: self.version_negotiations_sent.load(Relaxed),
             stateless_resets_sent: self.stateless_resets_sent.load(Relaxed),

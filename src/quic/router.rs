@@ -201,6 +201,41 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
     }
 }
 
+/// UDP source ports of services seen in reflection attacks, or that answer any datagram
+/// (and so would answer our replies, and we theirs, for ever), which no QUIC client uses:
+/// Google's QUIC server drops datagrams from these (RFC 9308 §8.1). Sorted.
+const REFLECTING_PORTS: [u16; 16] = [
+    0,     // no reply can be sent to port 0
+    17,    // Quote of the Day
+    19,    // chargen
+    53,    // DNS
+    111,   // portmap
+    123,   // NTP
+    137,   // NetBIOS name service
+    138,   // NetBIOS datagram service
+    161,   // SNMP
+    389,   // CLDAP
+    500,   // IKE
+    1900,  // SSDP
+    3702,  // WS-Discovery
+    5353,  // mDNS
+    5355,  // LLMNR
+    11211, // memcached
+];
+
+/// Whether a datagram from `from` may be handled at all. Anything handled may be answered
+/// (a stateless reset, a Retry, a connection's packets), and an answer to port 0 or to a
+/// group address cannot leave: Linux refuses it with EINVAL, which quinn-udp takes for a
+/// socket without GSO and turns GSO off on the socket for good, for every connection on
+/// it. A server also ignores the ports of [`REFLECTING_PORTS`] (a client's router talks to
+/// the servers it chose only).
+fn answerable(from: SocketAddr, server: bool) -> bool {
+    if from.port() == 0 || !udp::is_unicast(from.ip()) {
+        return false;
+    }
+    !server || REFLECTING_PORTS.binary_search(&from.port()).is_err()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     shared: &Arc<Shared>,
@@ -214,6 +249,10 @@ fn dispatch(
     accepted: &mut Vec<Accepted>,
 ) {
     let metrics = &*shared.config.inner.metrics;
+    if !answerable(from, accept.is_some()) {
+        metrics.datagram_dropped(DropReason::BlockedSource);
+        return;
+    }
     if dst.is_some_and(|ip| !udp::is_unicast(ip)) {
         // Sent to a group or to the whole link (a wildcard socket receives those): no QUIC
         // peer addresses a server so, and no reply may leave from such an address.
@@ -484,7 +523,46 @@ fn send_stateless_reset(
 
 #[cfg(test)]
 mod tests {
-    use super::short_header_dcid;
+    use super::{REFLECTING_PORTS, answerable, short_header_dcid};
+
+    /// Senders no reply can reach, and (on a server) the ports of reflecting services, are
+    /// not handled; any other unicast sender is.
+    #[test]
+    fn senders_that_cannot_be_quic_peers_are_not_handled() {
+        assert!(REFLECTING_PORTS.is_sorted(), "binary_search needs them sorted");
+        for server in [true, false] {
+            for from in [
+                "127.0.0.1:0",
+                "[::1]:0",
+                "0.0.0.0:4433",
+                "[::]:4433",
+                "224.0.0.1:4433",
+                "[ff02::1]:4433",
+            ] {
+                assert!(!answerable(from.parse().unwrap(), server), "{from}, server {server}");
+            }
+            for from in [
+                "127.0.0.1:4433",
+                "[::1]:50000",
+                "[::ffff:10.0.0.1]:1024",
+                "10.0.0.1:65535",
+            ] {
+                assert!(answerable(from.parse().unwrap(), server), "{from}, server {server}");
+            }
+        }
+        for port in REFLECTING_PORTS {
+            let from = std::net::SocketAddr::from(([192, 0, 2, 1], port));
+            assert!(!answerable(from, true), "{from} on a server");
+        }
+        assert!(
+            answerable("192.0.2.1:53".parse().unwrap(), false),
+            "a client may talk to any port it chose"
+        );
+        assert!(
+            !answerable("[::ffff:192.0.2.1]:53".parse().unwrap(), true),
+            "IPv4-mapped"
+        );
+    }
 
     /// A short header's ID is read in place, as quiche's parser reads it; long headers and
     /// datagrams too short for an ID are left to that parser.
