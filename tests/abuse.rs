@@ -474,6 +474,40 @@ async fn a_flood_of_unknown_packets_draws_no_more_replies_than_the_budget() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A listener whose application does not accept makes no more connections than its
+/// backlog holds, even from Initials that arrive together (one receive batch offers its new
+/// connections to the backlog only at its end): the others are refused before any state is
+/// made, rather than handshakes started and then thrown away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_accept_backlog_starts_no_handshake_it_cannot_hold() {
+    const BACKLOG: usize = 2;
+    const INITIALS: u64 = 12;
+    let _serial = serial().await;
+    let certs = certs();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = server_builder(&certs)
+        .accept_backlog(BACKLOG)
+        .metrics(Arc::clone(&metrics))
+        .build()
+        .unwrap();
+    // Never accepted from.
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let run = async {
+        let raw = raw_socket().await;
+        for initial in client_initials(INITIALS as usize, raw.local_addr().unwrap(), listener.local_addr()) {
+            raw.send_to(&initial, listener.local_addr()).await.unwrap();
+        }
+        until(&metrics, |m| m.handshakes_started + m.dropped_backlog_full >= INITIALS).await;
+        let m = metrics.snapshot();
+        assert_eq!(
+            (m.handshakes_started, m.dropped_backlog_full),
+            (BACKLOG as u64, INITIALS - BACKLOG as u64),
+            "{m:?}"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// RFC 9308 §8.1: a server answers nothing that comes from the port of a UDP service that
 /// reflects or answers anything (DNS, chargen, memcached, …): a stateless reset there would
 /// feed a reflection attack, or a loop of replies with that service that spends the

@@ -175,7 +175,10 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
             }
         };
         {
-            let mut routes = shared.routes.lock();
+            let mut routes = BatchRoutes {
+                table: &shared.routes,
+                held: None,
+            };
             bufs.for_each(filled, |datagram, from, dst| {
                 dispatch(
                     &shared,
@@ -223,6 +226,26 @@ const REFLECTING_PORTS: [u16; 16] = [
     11211, // memcached
 ];
 
+/// The route map of the socket's address as the router holds it through a batch: locked
+/// while it forwards datagrams to known connections (once per batch of those), and let go
+/// before anything slow (a Retry's or a reset's crypto and `sendmsg`, `quiche::accept`),
+/// so that the other routers of the address, and connections adding or withdrawing IDs,
+/// are not held up behind a flood of Initials or unknown packets.
+struct BatchRoutes<'a> {
+    table: &'a RouteTable,
+    held: Option<std::sync::MutexGuard<'a, RouteMap>>,
+}
+
+impl BatchRoutes<'_> {
+    fn map(&mut self) -> &mut RouteMap {
+        self.held.get_or_insert_with(|| self.table.lock())
+    }
+
+    fn let_go(&mut self) {
+        self.held = None;
+    }
+}
+
 /// Whether a datagram from `from` may be handled at all. Anything handled may be answered
 /// (a stateless reset, a Retry, a connection's packets), and an answer to port 0 or to a
 /// group address cannot leave: Linux refuses it with EINVAL, which quinn-udp takes for a
@@ -239,7 +262,7 @@ fn answerable(from: SocketAddr, server: bool) -> bool {
 #[allow(clippy::too_many_arguments)]
 fn dispatch(
     shared: &Arc<Shared>,
-    routes: &mut RouteMap,
+    routes: &mut BatchRoutes<'_>,
     accept: Option<&mut Accept>,
     arena: &mut BytesMut,
     out: &mut [u8],
@@ -263,7 +286,7 @@ fn dispatch(
     // Most datagrams are short-header packets of known connections: their ID is read in
     // place, where quiche's parser would copy it into an allocation of its own.
     let short = match short_header_dcid(datagram, id_len) {
-        Some(dcid) if forward(metrics, routes, arena, datagram, from, dcid) => return,
+        Some(dcid) if forward(metrics, routes.map(), arena, datagram, from, dcid) => return,
         dcid => dcid.is_some(),
     };
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
@@ -274,9 +297,10 @@ fn dispatch(
         }
     };
     // A short header's ID was looked up above: quiche read the same bytes.
-    if !short && forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
+    if !short && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid) {
         return;
     }
+    routes.let_go();
     // Not for a connection we know: whatever answers it leaves from the address it came
     // to.
     let local = shared.socket.local_for(dst);
@@ -313,7 +337,8 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
-    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, local, &hdr) {
+    let pending = accepted.len();
+    if let Some(incoming) = accept_initial(shared, routes, accept, pending, arena, out, datagram, from, local, &hdr) {
         accepted.push(incoming);
     }
 }
@@ -363,8 +388,9 @@ fn forward(
 #[allow(clippy::too_many_arguments)]
 fn accept_initial(
     shared: &Arc<Shared>,
-    routes: &mut RouteMap,
+    routes: &mut BatchRoutes<'_>,
     accept: &mut Accept,
+    pending: usize,
     arena: &mut BytesMut,
     out: &mut [u8],
     datagram: &[u8],
@@ -434,8 +460,10 @@ fn accept_initial(
     } else {
         (cid::new_id(&*inner.cid_generator), None)
     };
-    if accept.backlog.capacity() == 0 {
-        // The application is not accepting fast enough: keep no state; the client retries.
+    if accept.backlog.capacity() <= pending {
+        // The application is not accepting fast enough (counting the `pending` connections
+        // this batch made, offered to it after the batch): keep no state; the client
+        // retries.
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
@@ -462,6 +490,13 @@ fn accept_initial(
             return None;
         }
     };
+    let routes = routes.map();
+    // The map was let go meanwhile: another router of the address may have made the
+    // connection this Initial asks for (the client's address changed between two of its
+    // Initials). The Initial goes to that one; this one, and its slot, are dropped.
+    if forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
+        return None;
+    }
     metrics.handshake_started();
     let (mut registration, inbound) = shared.register();
     registration.hold(slot);
