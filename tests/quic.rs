@@ -157,6 +157,36 @@ async fn one_client_socket_carries_twenty_connections() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// Port 0 is refused before anything is sent: Linux refuses a send there with EINVAL,
+/// which would turn GSO off on the endpoint's socket for every connection on it (a
+/// redirect can name such a URL). The endpoint goes on serving its other connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_to_port_0_is_refused_before_anything_is_sent() {
+    let certs = server_certs();
+    let server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let endpoint =
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
+    let run = async {
+        let (app, _) = EchoClient::new();
+        let refused = endpoint
+            .connect_addr("127.0.0.1:0".parse().unwrap(), Some("localhost"), app)
+            .await
+            .expect_err("port 0");
+        assert!(refused.is_invalid_request(), "{refused}");
+        assert_eq!(endpoint.open_connections(), 0);
+        let (app, client) = EchoClient::new();
+        let conn = endpoint
+            .connect_addr(server.addr, Some("localhost"), app)
+            .await
+            .expect("handshake");
+        let sent = pattern(64 * 1024, 7);
+        assert!(client.echo(sent.clone()).await.expect("echo") == sent);
+        conn.close(0, "done");
+        conn.closed().await;
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn untrusted_ca_and_wrong_name_fail_with_tls_errors() {
     let certs = server_certs();

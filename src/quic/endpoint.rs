@@ -416,6 +416,14 @@ impl Endpoint {
         addr: SocketAddr,
         server_name: Option<&str>,
     ) -> Result<Connecting<A>, Error> {
+        if addr.port() == 0 {
+            // Linux refuses to send there with EINVAL, which quinn-udp takes for a socket
+            // without GSO, and turns GSO off on the socket for good: for every connection
+            // on this endpoint (a redirect to `https://host:0/` could ask for it).
+            return Err(Error::invalid_request(format!(
+                "cannot connect to {addr}: port 0 is no server's port"
+            )));
+        }
         let shared = &self.shared;
         let peer = shared.socket.peer_address_for(addr);
         let scid = cid::new_id(&*shared.config.inner.cid_generator);

@@ -19,6 +19,7 @@ use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::OwnedPermit;
 use tokio::sync::mpsc::error::TrySendError;
 
 use super::cid::{self, ResetKey};
@@ -144,7 +145,9 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
     let mut out = vec![0u8; 1500];
     let span = tracing::debug_span!("quic_router", local = %shared.socket.local_addr());
     let _enter = span.enter();
-    let mut accepted: Vec<Accepted> = Vec::new();
+    // New connections and their places in the listener's backlog, offered at the end of
+    // the batch (outside the route lock: a refused one unregisters itself on drop).
+    let mut accepted: Vec<(OwnedPermit<Accepted>, Accepted)> = Vec::new();
     loop {
         // Listening before looking, so a close in between is not missed (the other routers
         // of the address share the signal).
@@ -193,22 +196,17 @@ async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
                 )
             });
         }
-        // Offered outside the route lock: a refused connection unregisters itself on drop.
-        if let Some(accept) = &accept {
-            for incoming in accepted.drain(..) {
-                if accept.backlog.try_send(incoming).is_err() {
-                    shared.config.inner.metrics.datagram_dropped(DropReason::BacklogFull);
-                }
-            }
+        for (backlog_place, incoming) in accepted.drain(..) {
+            backlog_place.send(incoming);
         }
     }
 }
 
 /// UDP source ports of services seen in reflection attacks, or that answer any datagram
-/// (and so would answer our replies, and we theirs, for ever), which no QUIC client uses:
-/// Google's QUIC server drops datagrams from these (RFC 9308 §8.1). Sorted.
-const REFLECTING_PORTS: [u16; 16] = [
-    0,     // no reply can be sent to port 0
+/// (and so would answer a stateless reset, and we their answer, for ever), which no QUIC
+/// client uses: Google's QUIC server drops datagrams from these (RFC 9308 §8.1), as a
+/// server router here drops those for no connection it knows. Sorted (checked when built).
+const REFLECTING_PORTS: [u16; 15] = [
     17,    // Quote of the Day
     19,    // chargen
     53,    // DNS
@@ -226,11 +224,23 @@ const REFLECTING_PORTS: [u16; 16] = [
     11211, // memcached
 ];
 
+const _: () = {
+    let mut i = 1;
+    while i < REFLECTING_PORTS.len() {
+        assert!(
+            REFLECTING_PORTS[i - 1] < REFLECTING_PORTS[i],
+            "REFLECTING_PORTS must be sorted"
+        );
+        i += 1;
+    }
+};
+
 /// The route map of the socket's address as the router holds it through a batch: locked
-/// while it forwards datagrams to known connections (once per batch of those), and let go
-/// before anything slow (a Retry's or a reset's crypto and `sendmsg`, `quiche::accept`),
-/// so that the other routers of the address, and connections adding or withdrawing IDs,
-/// are not held up behind a flood of Initials or unknown packets.
+/// while it forwards datagrams to known connections or only drops datagrams (once per run
+/// of those), and let go before anything slow (a Retry's or a reset's crypto and
+/// `sendmsg`, `quiche::accept`), so that the other routers of the address, and
+/// connections adding or withdrawing IDs, are not held up behind a flood of Initials or
+/// unknown packets.
 struct BatchRoutes<'a> {
     table: &'a RouteTable,
     held: Option<std::sync::MutexGuard<'a, RouteMap>>,
@@ -246,17 +256,18 @@ impl BatchRoutes<'_> {
     }
 }
 
-/// Whether a datagram from `from` may be handled at all. Anything handled may be answered
-/// (a stateless reset, a Retry, a connection's packets), and an answer to port 0 or to a
-/// group address cannot leave: Linux refuses it with EINVAL, which quinn-udp takes for a
-/// socket without GSO and turns GSO off on the socket for good, for every connection on
-/// it. A server also ignores the ports of [`REFLECTING_PORTS`] (a client's router talks to
-/// the servers it chose only).
-fn answerable(from: SocketAddr, server: bool) -> bool {
-    if from.port() == 0 || !udp::is_unicast(from.ip()) {
-        return false;
-    }
-    !server || REFLECTING_PORTS.binary_search(&from.port()).is_err()
+/// Whether a datagram from `from` may be handled at all: not from port 0, to which Linux
+/// refuses to send with EINVAL (which quinn-udp takes for a socket without GSO, and turns
+/// GSO off on the socket for good, for every connection on it), nor from an address that
+/// is no single peer's (unspecified, a group, the broadcast address). Checked before a
+/// datagram reaches even a known connection, whose quiche would answer a new address.
+fn answerable(from: SocketAddr) -> bool {
+    from.port() != 0 && udp::is_unicast(from.ip())
+}
+
+/// Whether `port` is one of [`REFLECTING_PORTS`].
+fn reflecting(port: u16) -> bool {
+    REFLECTING_PORTS.binary_search(&port).is_ok()
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -269,10 +280,10 @@ fn dispatch(
     datagram: &mut [u8],
     from: SocketAddr,
     dst: Option<IpAddr>,
-    accepted: &mut Vec<Accepted>,
+    accepted: &mut Vec<(OwnedPermit<Accepted>, Accepted)>,
 ) {
     let metrics = &*shared.config.inner.metrics;
-    if !answerable(from, accept.is_some()) {
+    if !answerable(from) {
         metrics.datagram_dropped(DropReason::BlockedSource);
         return;
     }
@@ -300,17 +311,21 @@ fn dispatch(
     if !short && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid) {
         return;
     }
-    routes.let_go();
     // Not for a connection we know: whatever answers it leaves from the address it came
-    // to.
+    // to. What is only dropped is dropped with the routes still held; they are let go
+    // before anything slow (crypto, a send, a new connection).
     let local = shared.socket.local_for(dst);
     let source = shared.socket.source_for(local);
     let Some(accept) = accept else {
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     };
+    if reflecting(from.port()) {
+        metrics.datagram_dropped(DropReason::BlockedSource);
+        return;
+    }
     if hdr.ty == quiche::Type::Short {
-        send_stateless_reset(shared, accept, out, datagram.len(), &hdr.dcid, from, source);
+        send_stateless_reset(shared, routes, accept, out, datagram.len(), &hdr.dcid, from, source);
         return;
     }
     if hdr.ty == quiche::Type::VersionNegotiation {
@@ -327,6 +342,7 @@ fn dispatch(
         } else if accept.may_reply(shared)
             && let Ok(n) = quiche::negotiate_version(&hdr.scid, &hdr.dcid, out)
         {
+            routes.let_go();
             // Counted before it leaves, so whoever receives it sees it counted.
             metrics.version_negotiation_sent();
             let _ = shared.socket.try_send(from, source, &out[..n], None);
@@ -337,8 +353,7 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
     }
-    let pending = accepted.len();
-    if let Some(incoming) = accept_initial(shared, routes, accept, pending, arena, out, datagram, from, local, &hdr) {
+    if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, local, &hdr) {
         accepted.push(incoming);
     }
 }
@@ -390,14 +405,13 @@ fn accept_initial(
     shared: &Arc<Shared>,
     routes: &mut BatchRoutes<'_>,
     accept: &mut Accept,
-    pending: usize,
     arena: &mut BytesMut,
     out: &mut [u8],
     datagram: &[u8],
     from: SocketAddr,
     local: SocketAddr,
     hdr: &quiche::Header<'_>,
-) -> Option<Accepted> {
+) -> Option<(OwnedPermit<Accepted>, Accepted)> {
     let inner = &*shared.config.inner;
     let metrics = &*inner.metrics;
     let token = hdr.token.as_deref().unwrap_or_default();
@@ -423,6 +437,7 @@ fn accept_initial(
         RetryPolicy::UnderLoad => accept.limits.under_load(),
         RetryPolicy::Never => false,
     };
+    routes.let_go();
     let (scid, odcid) = if !answers_our_retry && retry_now {
         let new_scid = cid::new_id(&*inner.cid_generator);
         // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
@@ -460,13 +475,13 @@ fn accept_initial(
     } else {
         (cid::new_id(&*inner.cid_generator), None)
     };
-    if accept.backlog.capacity() <= pending {
-        // The application is not accepting fast enough (counting the `pending` connections
-        // this batch made, offered to it after the batch): keep no state; the client
-        // retries.
+    // A place in the backlog, taken now (the connections a batch makes are offered at its
+    // end, and every router of the listener offers to the one backlog): with none, the
+    // application is not accepting fast enough; keep no state, the client retries.
+    let Ok(backlog_place) = accept.backlog.clone().try_reserve_owned() else {
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
-    }
+    };
     let slot = match accept.limits.admit(from.ip()) {
         Ok(slot) => slot,
         Err(reason) => {
@@ -490,24 +505,28 @@ fn accept_initial(
             return None;
         }
     };
-    let routes = routes.map();
-    // The map was let go meanwhile: another router of the address may have made the
-    // connection this Initial asks for (the client's address changed between two of its
-    // Initials). The Initial goes to that one; this one, and its slot, are dropped.
-    if forward(metrics, routes, arena, datagram, from, &hdr.dcid) {
-        return None;
-    }
-    metrics.handshake_started();
     let (mut registration, inbound) = shared.register();
-    registration.hold(slot);
-    // Registered directly in the map we hold locked: the Registration records the IDs and
-    // removes them when the connection ends.
-    for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
-        .into_iter()
-        .flatten()
     {
-        registration.add_locked(routes, id);
+        let map = routes.map();
+        // The map was let go meanwhile: another router of the address may have made the
+        // connection this Initial asks for (the client's address changed between two of
+        // its Initials). The Initial goes to that one; this one, its slot and its place in
+        // the backlog are dropped (after the map is let go).
+        if forward(metrics, map, arena, datagram, from, &hdr.dcid) {
+            routes.let_go();
+            return None;
+        }
+        // The Registration records the IDs and removes them when the connection ends.
+        for id in [Some(&*scid), odcid.is_none().then_some(&*hdr.dcid)]
+            .into_iter()
+            .flatten()
+        {
+            registration.add_locked(map, id);
+        }
     }
+    routes.let_go();
+    registration.hold(slot);
+    metrics.handshake_started();
     arena.reserve(datagram.len());
     arena.extend_from_slice(datagram);
     let _ = registration.route().try_send(Datagram {
@@ -515,17 +534,20 @@ fn accept_initial(
         from,
     });
     tracing::debug!(%from, trace_id = conn.trace_id(), "new connection");
-    Some(Accepted {
+    let accepted = Accepted {
         conn,
         shared: Arc::clone(shared),
         inbound,
         registration,
         started: Instant::now(),
-    })
+    };
+    Some((backlog_place, accepted))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn send_stateless_reset(
     shared: &Shared,
+    routes: &mut BatchRoutes<'_>,
     accept: &Accept,
     out: &mut [u8],
     received: usize,
@@ -544,6 +566,7 @@ fn send_stateless_reset(
     if !accept.may_reply(shared) {
         return;
     }
+    routes.let_go();
     // Smaller than what caused it, so resets cannot loop between two endpoints.
     let len = (received - 1).min(MAX_RESET_LEN);
     let reset = &mut out[..len];
@@ -558,45 +581,42 @@ fn send_stateless_reset(
 
 #[cfg(test)]
 mod tests {
-    use super::{REFLECTING_PORTS, answerable, short_header_dcid};
+    use super::{REFLECTING_PORTS, answerable, reflecting, short_header_dcid};
 
-    /// Senders no reply can reach, and (on a server) the ports of reflecting services, are
-    /// not handled; any other unicast sender is.
+    /// Senders no reply can reach are not handled; any other unicast sender is. A server
+    /// also ignores, for connections it does not know, the ports of reflecting services.
     #[test]
     fn senders_that_cannot_be_quic_peers_are_not_handled() {
-        assert!(REFLECTING_PORTS.is_sorted(), "binary_search needs them sorted");
-        for server in [true, false] {
-            for from in [
-                "127.0.0.1:0",
-                "[::1]:0",
-                "0.0.0.0:4433",
-                "[::]:4433",
-                "224.0.0.1:4433",
-                "[ff02::1]:4433",
-            ] {
-                assert!(!answerable(from.parse().unwrap(), server), "{from}, server {server}");
-            }
-            for from in [
-                "127.0.0.1:4433",
-                "[::1]:50000",
-                "[::ffff:10.0.0.1]:1024",
-                "10.0.0.1:65535",
-            ] {
-                assert!(answerable(from.parse().unwrap(), server), "{from}, server {server}");
-            }
+        for from in [
+            "127.0.0.1:0",
+            "[::1]:0",
+            "0.0.0.0:4433",
+            "[::]:4433",
+            "224.0.0.1:4433",
+            "255.255.255.255:4433",
+            "[ff02::1]:4433",
+            "[::ffff:224.0.0.1]:4433",
+            "[::ffff:0.0.0.0]:4433",
+            "[::ffff:255.255.255.255]:4433",
+        ] {
+            assert!(!answerable(from.parse().unwrap()), "{from}");
+        }
+        for from in [
+            "127.0.0.1:4433",
+            "[::1]:50000",
+            "[::ffff:10.0.0.1]:1024",
+            "10.0.0.1:65535",
+            "[fe80::1%2]:4433",
+            "192.0.2.1:53",
+        ] {
+            assert!(answerable(from.parse().unwrap()), "{from}");
         }
         for port in REFLECTING_PORTS {
-            let from = std::net::SocketAddr::from(([192, 0, 2, 1], port));
-            assert!(!answerable(from, true), "{from} on a server");
+            assert!(reflecting(port), "{port}");
         }
-        assert!(
-            answerable("192.0.2.1:53".parse().unwrap(), false),
-            "a client may talk to any port it chose"
-        );
-        assert!(
-            !answerable("[::ffff:192.0.2.1]:53".parse().unwrap(), true),
-            "IPv4-mapped"
-        );
+        for port in [0, 443, 1024, 4433, 11210, 11212, 65535] {
+            assert!(!reflecting(port), "{port}");
+        }
     }
 
     /// A short header's ID is read in place, as quiche's parser reads it; long headers and
