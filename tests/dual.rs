@@ -875,9 +875,11 @@ const BUSY: Duration = Duration::from_secs(3);
 
 /// An app whose routes read their request body and report what they got: `/upload`
 /// ([`Reader::Steady`]) and `/upload/busy` ([`Reader::BusyAfterWaiting`] for [`BUSY`])
-/// answer after it (408 when the read timed out); `/duplex` reads steadily while it
-/// answers at once, with 7 parts of 1,000 bytes 500 ms apart (as a gRPC stream whose
-/// server sends while its client is quiet).
+/// answer after it (408 when the read timed out), as `/upload/elsewhere` does, which reads
+/// steadily on a thread of its own, in a runtime without timers; `/duplex` reads
+/// steadily while it answers at once, with 7 parts of 1,000 bytes 500 ms apart (as a gRPC
+/// stream whose server sends while its client is quiet). `/stream` answers 20 such parts
+/// (10 s) without reading.
 fn uploads() -> (Router, UploadReports) {
     let (outcomes_tx, outcomes) = tokio::sync::mpsc::unbounded_channel();
     let (waiting_tx, waiting) = tokio::sync::mpsc::unbounded_channel();
@@ -896,9 +898,35 @@ fn uploads() -> (Router, UploadReports) {
             }
         })
     };
+    let elsewhere = (outcomes_tx.clone(), waiting_tx.clone());
     let app = app()
         .route("/upload", upload(Reader::Steady))
         .route("/upload/busy", upload(Reader::BusyAfterWaiting(BUSY)))
+        .route(
+            "/upload/elsewhere",
+            post(move |request: axum::extract::Request| {
+                let (outcomes, waiting) = elsewhere.clone();
+                async move {
+                    let (read_tx, read) = oneshot::channel();
+                    std::thread::spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                        let _ =
+                            read_tx.send(runtime.block_on(read_body(request.into_body(), Reader::Steady, &waiting)));
+                    });
+                    let outcome = read.await.expect("the reading thread panicked");
+                    let _ = outcomes.send(outcome);
+                    if outcome.1 == Some(true) {
+                        StatusCode::REQUEST_TIMEOUT
+                    } else {
+                        StatusCode::OK
+                    }
+                }
+            }),
+        )
+        .route(
+            "/stream",
+            post(|| async { axum::body::Body::new(Chunks::new(1000, Some(20)).every(Duration::from_millis(500))) }),
+        )
         .route(
             "/duplex",
             post(move |request: axum::extract::Request| {
@@ -923,14 +951,54 @@ async fn tcp_request_bodies_the_client_stops_sending_time_out() {
     let (app, mut reports) = uploads();
     let server = dual_stalling_after_two_seconds(app).await;
     let run = async {
+        // `/upload/elsewhere` reads on another thread, in a runtime without timers: the
+        // body's timer is the connection's runtime's.
         for version in [Version::HTTP_11, Version::HTTP_2] {
-            let what = format!("{version:?}");
-            let (send, response) = post_streamed(&server, version, "/upload").await;
-            send.send(Bytes::from_static(b"the first part")).await.unwrap();
-            assert_eq!(reports.outcome(&what).await, (14, Some(true)), "{what}");
-            assert_eq!(status_of(response).await, StatusCode::REQUEST_TIMEOUT, "{what}");
-            drop(send);
+            for path in ["/upload", "/upload/elsewhere"] {
+                let what = format!("{version:?} {path}");
+                let (send, response) = post_streamed(&server, version, path).await;
+                send.send(Bytes::from_static(b"the first part")).await.unwrap();
+                assert_eq!(reports.outcome(&what).await, (14, Some(true)), "{what}");
+                assert_eq!(status_of(response).await, StatusCode::REQUEST_TIMEOUT, "{what}");
+                drop(send);
+            }
         }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// Only the request's own response keeps its body's wait from counting: over HTTP/2, a
+/// stalled upload beside a response that streams on the same connection (for 10 s) still
+/// times out, while that response goes on (a client could otherwise draw responses at
+/// will to keep any number of stalled bodies).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_a_stalled_body_is_not_kept_by_other_requests_responses() {
+    let (app, mut reports) = uploads();
+    let server = dual_stalling_after_two_seconds(app).await;
+    let run = async {
+        let io = hyper_util::rt::TokioIo::new(
+            tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+                .await
+                .unwrap(),
+        );
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let (no_body, request) = streamed_post(&server, "/stream");
+        drop(no_body);
+        let stream = sender.send_request(request).await.unwrap();
+        let streaming = tokio::spawn(async move { stream.into_body().collect().await.unwrap().to_bytes().len() });
+        let (send, request) = streamed_post(&server, "/upload");
+        let response = tokio::spawn(async move { sender.send_request(request).await });
+        send.send(Bytes::from_static(b"the first part")).await.unwrap();
+        assert_eq!(reports.outcome("the stalled upload").await, (14, Some(true)));
+        assert!(
+            !streaming.is_finished(),
+            "the upload timed out only once the other response had ended"
+        );
+        assert_eq!(status_of(response).await, StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(streaming.await.unwrap(), 20 * 1000);
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -29,9 +29,11 @@ use crate::error::{BoxError, Error};
 /// Dropping the body tells the connection to discard the rest of it.
 ///
 /// With the `tcp` feature, messages that came over HTTP/1.1 or HTTP/2 have a `RecvBody`
-/// too (hyper reads them): the server's requests on the TCP side of `serve_with_tcp`,
-/// under the same body stall timeout, and the client's responses. Their `version` says
-/// which protocol carried them.
+/// too (hyper reads them): the server's requests on the TCP side of `serve_with_tcp`, and
+/// the client's responses. Their `version` says which protocol carried them. Over TCP the
+/// errors are hyper's, classified (a reset HTTP/2 stream `is_closed`, not `is_reset`), and
+/// the server's body stall timeout counts the wait of a handler that reads while neither
+/// the client sends nor the request's own response moves.
 pub struct RecvBody {
     source: Source,
 }

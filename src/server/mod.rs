@@ -288,9 +288,10 @@ impl Builder {
     /// of a body or two writes of a response).
     ///
     /// The server cannot tell a client that stalls from one with nothing to say yet: a
-    /// streaming request that goes quiet for longer than this (a gRPC client or
-    /// bidirectional stream waiting for its user, say) ends in the timeout too, as behind
-    /// nginx's `client_body_timeout`. Raise it for services with such streams.
+    /// streaming request that goes quiet for longer than this while its response does not
+    /// move either (a gRPC client or bidirectional stream waiting for its user, say) ends
+    /// in the timeout too, as behind nginx's `client_body_timeout`. Raise it for services
+    /// with such streams.
     ///
     /// With [`serve_with_tcp`](Self::serve_with_tcp) it bounds responses on TCP too, as
     /// nginx's `send_timeout` does: when a response has waited this long for hyper to want
@@ -303,7 +304,7 @@ impl Builder {
     /// streams while it reads others is bounded only by
     /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). A TCP request
     /// body falls under it too: a handler that has waited this long for bytes the client
-    /// does not send, while no response on the connection moved, gets an error whose
+    /// does not send, while the request's own response did not move, gets an error whose
     /// `is_timeout()` is true (hyper then ends the request's stream, or over HTTP/1.1 the
     /// connection, after its response).
     pub fn body_stall_timeout(mut self, timeout: Duration) -> Self {

@@ -295,15 +295,18 @@ impl Activity {
         u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Sets `clock` to now, unless a later time is there already (two threads stamping at
+    /// once must not move it back).
     fn stamp(&self, clock: &AtomicU64) {
-        clock.store(self.now_ms(), Ordering::Release);
+        clock.fetch_max(self.now_ms(), Ordering::AcqRel);
     }
 
-    /// When a response on the connection last moved, in milliseconds since `since`: one
-    /// was taken after a frame (hyper polled it again) or, over HTTP/1.x, the socket took
-    /// [`PROGRESS_BYTES`] (see [`Activity::quiet`]).
-    fn response_moved_ms(&self) -> u64 {
-        let taken = self.last_taken_ms.load(Ordering::Acquire);
+    /// When a response last moved, in milliseconds since `since`, given when it was last
+    /// `taken` after a frame (hyper polled it again): over HTTP/1.x also when the socket
+    /// last took [`PROGRESS_BYTES`] (HTTP/1.x serves one request at a time, so those
+    /// writes are its response's; see [`Activity::quiet`]).
+    fn moved_ms(&self, taken: &AtomicU64) -> u64 {
+        let taken = taken.load(Ordering::Acquire);
         if self.http2.load(Ordering::Acquire) {
             taken
         } else {
@@ -317,7 +320,7 @@ impl Activity {
 
     /// A request arrived: counted in flight until its response body is dropped. The flag
     /// says whether it is the last one `max_requests` allows.
-    fn start(self: &Arc<Self>) -> (InFlight, bool) {
+    fn start(self: &Arc<Self>, moved_ms: Arc<AtomicU64>) -> (InFlight, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let last = self.requests.fetch_add(1, Ordering::AcqRel) + 1 == self.max_requests;
         if last {
@@ -325,6 +328,7 @@ impl Activity {
         }
         let in_flight = InFlight {
             activity: Arc::clone(self),
+            moved_ms,
             waiting: false,
             after_head: false,
         };
@@ -361,7 +365,7 @@ impl Activity {
                 let moved_ms = self
                     .waiting_since_ms
                     .load(Ordering::Acquire)
-                    .max(self.response_moved_ms());
+                    .max(self.moved_ms(&self.last_taken_ms));
                 let stalled_at = self.since + Duration::from_millis(moved_ms) + limits.stall_timeout;
                 if stalled_at <= now {
                     return Quiet::Stalled;
@@ -461,6 +465,10 @@ impl<S: AsyncWrite> AsyncWrite for Metered<S> {
 /// One request in flight on a TCP connection, until its response body is dropped.
 struct InFlight {
     activity: Arc<Activity>,
+    /// When this request's response was last taken after a frame (as `last_taken_ms`, in
+    /// milliseconds since `activity.since`), shared with its request body
+    /// ([`TcpRequestBody`]).
+    moved_ms: Arc<AtomicU64>,
     /// Counted in `bodies_waiting`.
     waiting: bool,
     /// What it waits after is its head (see `polled`).
@@ -503,6 +511,7 @@ impl InFlight {
             let activity = &self.activity;
             if !self.after_head {
                 activity.stamp(&activity.last_taken_ms);
+                activity.stamp(&self.moved_ms);
             }
             activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
         }
@@ -632,26 +641,34 @@ where
 ///   read that found nothing, and stops at the next bytes. hyper reads ahead of the
 ///   handler (a chunk over HTTP/1.1, the stream's window over HTTP/2), so bytes the client
 ///   sent while the handler was busy are there when it asks;
-/// - a wait while responses on the connection move ([`Activity::response_moved_ms`]): a
-///   duplex exchange (a gRPC stream whose server sends while its client is quiet) is no
-///   stall, as on HTTP/3 a stream's response moving keeps its request.
+/// - a wait while the request's own response moves ([`InFlight::moved_ms`]; over
+///   HTTP/1.x, while the socket takes it): a duplex exchange (a gRPC stream whose server
+///   sends while its client is quiet) is no stall, as on HTTP/3 a stream's response moving
+///   keeps its request. Other requests' responses do not count: a client could draw those
+///   at will to keep any number of stalled bodies.
 pub(crate) struct TcpRequestBody {
     body: Incoming,
     activity: Arc<Activity>,
+    /// When this request's response last moved ([`InFlight::moved_ms`]).
+    response_moved_ms: Arc<AtomicU64>,
     /// When the current wait for bytes runs out; kept between waits (reset, not
     /// reallocated), and made only for a body that ever waits.
     stalls_at: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline `stalls_at` is set for, in milliseconds since `activity.since`.
+    armed_ms: u64,
     /// When the last read found nothing (milliseconds since `activity.since`); `None`
     /// while the body is not waiting.
     waiting_since_ms: Option<u64>,
 }
 
 impl TcpRequestBody {
-    fn new(body: Incoming, activity: Arc<Activity>) -> Self {
+    fn new(body: Incoming, activity: Arc<Activity>, response_moved_ms: Arc<AtomicU64>) -> Self {
         TcpRequestBody {
             body,
             activity,
+            response_moved_ms,
             stalls_at: None,
+            armed_ms: 0,
             waiting_since_ms: None,
         }
     }
@@ -667,14 +684,16 @@ impl TcpRequestBody {
         let activity = &self.activity;
         let stall_ms = u64::try_from(activity.stall_timeout.as_millis()).unwrap_or(u64::MAX);
         let waiting_since_ms = *self.waiting_since_ms.get_or_insert_with(|| activity.now_ms());
+        let mut fired = false;
         loop {
-            let stalls_at_ms = waiting_since_ms
-                .max(activity.response_moved_ms())
-                .saturating_add(stall_ms);
-            if stalls_at_ms <= activity.now_ms() {
+            let moved_ms = activity.moved_ms(&self.response_moved_ms);
+            let stalls_at_ms = waiting_since_ms.max(moved_ms).saturating_add(stall_ms);
+            // The timer is trusted once it has fired for this deadline (a paused or
+            // advanced tokio clock runs ahead of `now_ms`'s).
+            if stalls_at_ms <= activity.now_ms() || (fired && stalls_at_ms <= self.armed_ms) {
                 return Poll::Ready(Some(Err(Error::new(crate::error::Kind::Timeout).with_message(
                     format!(
-                        "the request body stalled: the client sent none of it for the body stall timeout ({:?})",
+                        "the request body stalled: the client sent nothing more of it for the body stall timeout ({:?})",
                         activity.stall_timeout
                     ),
                 ))));
@@ -682,7 +701,7 @@ impl TcpRequestBody {
             let deadline = tokio::time::Instant::from_std(activity.since + Duration::from_millis(stalls_at_ms));
             let stalls_at = match &mut self.stalls_at {
                 Some(stalls_at) => {
-                    if stalls_at.deadline() != deadline {
+                    if self.armed_ms != stalls_at_ms {
                         stalls_at.as_mut().reset(deadline);
                     }
                     stalls_at
@@ -693,10 +712,12 @@ impl TcpRequestBody {
                     self.stalls_at.insert(Box::pin(tokio::time::sleep_until(deadline)))
                 }
             };
+            self.armed_ms = stalls_at_ms;
             if stalls_at.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            // The deadline passed: look again, with the responses' progress since.
+            // The deadline passed: look again, with the response's progress since.
+            fired = true;
         }
     }
 
@@ -724,7 +745,10 @@ where
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
         let activity = Arc::clone(&self.activity);
-        let mut request = request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, activity)));
+        let response_moved_ms = Arc::new(AtomicU64::new(0));
+        let moved_ms = Arc::clone(&response_moved_ms);
+        let mut request =
+            request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, activity, response_moved_ms)));
         let mut info = self.info.clone();
         info.version = request.version();
         if info.version == http::Version::HTTP_2 {
@@ -732,7 +756,7 @@ where
         }
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
-        let (in_flight, last) = self.activity.start();
+        let (in_flight, last) = self.activity.start(moved_ms);
         CountedResponse {
             in_flight: Some(in_flight),
             connect: request.method() == http::Method::CONNECT,
