@@ -166,7 +166,16 @@ impl Registration {
     pub(crate) fn remove(&mut self, id: &[u8]) {
         if let Some(pos) = self.ids.iter().position(|k| &**k == id) {
             let key = self.ids.swap_remove(pos);
-            self.table.lock().remove(&key);
+            self.withdraw(&mut self.table.lock(), &key);
+        }
+    }
+
+    /// Removes `key`'s route if it is still this connection's: another connection may have
+    /// taken the ID since (a client-chosen original ID, or a custom ID generator's
+    /// predictable one), and its route must stay.
+    fn withdraw(&self, table: &mut RouteMap, key: &[u8]) {
+        if table.get(key).is_some_and(|route| route.same_queue(&self.route)) {
+            table.remove(key);
         }
     }
 
@@ -178,8 +187,8 @@ impl Registration {
         }
         let now_empty = {
             let mut table = self.table.lock();
-            for key in self.ids.drain(..) {
-                table.remove(&key);
+            for key in std::mem::take(&mut self.ids) {
+                self.withdraw(&mut table, &key);
             }
             table.is_empty()
         };
@@ -250,6 +259,11 @@ pub(crate) struct Sender {
 }
 
 impl Sender {
+    /// Whether `other` feeds the same queue (routes the same connection).
+    fn same_queue(&self, other: &Sender) -> bool {
+        Arc::ptr_eq(&self.queue, &other.queue)
+    }
+
     /// Queues `datagram` unless either bound is reached or the connection is gone.
     pub(crate) fn try_send(&self, datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
         let queue = &*self.queue;
@@ -325,6 +339,38 @@ mod tests {
             data: BytesMut::zeroed(len),
             from: "127.0.0.1:1".parse().unwrap(),
         }
+    }
+
+    /// A connection that ends withdraws only the routes that are still its own: one that
+    /// another connection took over (the same ID registered since) stays.
+    #[test]
+    fn a_connection_withdraws_only_routes_that_are_still_its_own() {
+        let table = Arc::new(RouteTable::default());
+        let s = Settings::default();
+        let (mut first, _first_rx) = Registration::with_queue(&table, &s);
+        let (mut second, mut second_rx) = Registration::with_queue(&table, &s);
+        first.add(b"shared-id");
+        first.add(b"first-only");
+        second.add(b"shared-id");
+        first.remove(b"shared-id");
+        drop(first);
+        let route = table
+            .lock()
+            .get(&b"shared-id"[..])
+            .cloned()
+            .expect("the second's route stays");
+        route.try_send(datagram(10)).unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            second_rx.poll_recv(&mut cx).is_ready(),
+            "it reaches the second connection"
+        );
+        assert!(
+            table.lock().get(&b"first-only"[..]).is_none(),
+            "the first's own route went"
+        );
+        second.release();
+        assert!(table.lock().is_empty());
     }
 
     #[test]
