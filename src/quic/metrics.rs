@@ -53,7 +53,9 @@ impl DropReason {
 
 /// Counts what operators watch. Every method defaults to doing nothing.
 ///
-/// Implementations must be cheap: they are called from the packet path.
+/// Implementations must be cheap and must not block: they are called from the packet path,
+/// and the router calls [`datagram_dropped`](Metrics::datagram_dropped) while it holds its
+/// socket's route table (which the other sockets of the address share).
 pub trait Metrics: Send + Sync + 'static {
     /// A new connection started its handshake.
     fn handshake_started(&self) {}

@@ -314,8 +314,6 @@ fn dispatch(
     // Not for a connection we know: whatever answers it leaves from the address it came
     // to. What is only dropped is dropped with the routes still held; they are let go
     // before anything slow (crypto, a send, a new connection).
-    let local = shared.socket.local_for(dst);
-    let source = shared.socket.source_for(local);
     let Some(accept) = accept else {
         metrics.datagram_dropped(DropReason::UnknownConnection);
         return;
@@ -324,6 +322,8 @@ fn dispatch(
         metrics.datagram_dropped(DropReason::BlockedSource);
         return;
     }
+    let local = shared.socket.local_for(dst);
+    let source = shared.socket.source_for(local);
     if hdr.ty == quiche::Type::Short {
         send_stateless_reset(shared, routes, accept, out, datagram.len(), &hdr.dcid, from, source);
         return;

@@ -298,10 +298,12 @@ impl Builder {
     /// more of it, the connection is closed. Over HTTP/1.1 the wait counts while the
     /// socket takes less than 16 KiB (so a client that reads a large response slowly is
     /// not cut); over HTTP/2 while no response on the connection gets window for its next
-    /// 16 KiB (a client that reads nothing, or leaves the connection window at zero; new
-    /// requests it sends meanwhile do not count). hyper gives no way to reset one HTTP/2
-    /// stream from outside, so the whole connection goes, and a client that starves some
-    /// streams while it reads others is bounded only by
+    /// piece of up to 16 KiB (a client that reads nothing, or leaves the connection window
+    /// at zero; new requests' heads do not count). hyper gives no way to reset one HTTP/2
+    /// stream from outside, so the whole connection goes; and as on HTTP/3 the server
+    /// cannot tell a response the client withholds window from one it reads after others,
+    /// so a client that starves some streams while it reads others (or a small response
+    /// now and then) is bounded only by
     /// [`http2_max_concurrent_streams`](Self::http2_max_concurrent_streams). A TCP request
     /// body falls under it too: a handler that has waited this long for bytes the client
     /// does not send, while the request's own response did not move, gets an error whose

@@ -303,8 +303,10 @@ impl Activity {
 
     /// When a response last moved, in milliseconds since `since`, given when it was last
     /// `taken` after a frame (hyper polled it again): over HTTP/1.x also when the socket
-    /// last took [`PROGRESS_BYTES`] (HTTP/1.x serves one request at a time, so those
-    /// writes are its response's; see [`Activity::quiet`]).
+    /// last took [`PROGRESS_BYTES`] (see [`Activity::quiet`]). HTTP/1.x answers one request
+    /// at a time, so those writes are its response's, but for the tail of the one before
+    /// (hyper reads a pipelined request while it still flushes up to its write buffer of
+    /// the last response), which may so count for the next one's body once.
     fn moved_ms(&self, taken: &AtomicU64) -> u64 {
         let taken = taken.load(Ordering::Acquire);
         if self.http2.load(Ordering::Acquire) {
