@@ -809,6 +809,8 @@ enum Reader {
     /// One frame, then a wait for the client (a read that finds nothing for 100 ms), then
     /// this long at work without reading, then the rest.
     BusyAfterWaiting(Duration),
+    /// Nothing for this long (a handler at work before it reads), then everything.
+    Late(Duration),
 }
 
 /// Reads `body` as `reader` says, to its end or first error; tells `waiting` when a busy
@@ -820,6 +822,9 @@ async fn read_body(
 ) -> BodyOutcome {
     let mut body = body;
     let mut read = 0;
+    if let Reader::Late(busy) = reader {
+        tokio::time::sleep(busy).await;
+    }
     if let Reader::BusyAfterWaiting(busy) = reader {
         match body.frame().await {
             Some(Ok(frame)) => read += frame.data_ref().map_or(0, Bytes::len),
@@ -902,6 +907,7 @@ fn uploads() -> (Router, UploadReports) {
     let app = app()
         .route("/upload", upload(Reader::Steady))
         .route("/upload/busy", upload(Reader::BusyAfterWaiting(BUSY)))
+        .route("/upload/late", upload(Reader::Late(BUSY)))
         .route(
             "/upload/elsewhere",
             post(move |request: axum::extract::Request| {
@@ -1037,6 +1043,7 @@ async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stal
                         send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
                         2
                     }
+                    Reader::Late(_) => unreachable!("not among the readers above"),
                 };
                 drop(send);
                 assert_eq!(reports.outcome(&what).await, (parts * 1000, None), "{what}");
@@ -1059,6 +1066,51 @@ async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stal
             assert_eq!(answer.len(), 7 * 1000, "{what}");
             drop(send);
             assert_eq!(reports.outcome(&what).await, (1000, None), "{what}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// HTTP/2 flow control and the request body timer: a request whose handler has not
+/// started reading (for 3 s, past the 2 s stall timeout) while a stream window's worth of
+/// its body came must leave the client window to send another request's body on the
+/// connection. With hyper's windows (the connection's no larger than one stream's) the
+/// other handler waited for bytes the client could not send, and timed out (0 bytes read,
+/// 408). (h2's client sends requests as a browser does; the paused handler must read
+/// nothing: 10 bytes read and released would let the other body trickle in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_http2_a_paused_reader_leaves_window_for_other_requests() {
+    const PAUSED_BODY: usize = 10 + 3 * 512 * 1024;
+    const OTHER_BODY: usize = 256 * 1024;
+    let (app, mut reports) = uploads();
+    let server = dual_stalling_after_two_seconds(app).await;
+    let run = async {
+        let tls = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_2, None)
+            .await
+            .unwrap();
+        let (client, connection) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(connection);
+        let mut client = client.ready().await.unwrap();
+        let post = |path: &str| Request::post(server.url(path)).body(()).unwrap();
+        let (paused_response, mut paused) = client.send_request(post("/upload/late"), false).unwrap();
+        paused.send_data(Bytes::from(vec![b'x'; 10]), false).unwrap();
+        // 1.5 MiB more while its handler does not read: h2 sends what the windows allow
+        // (the stream's 1 MiB) and keeps the rest.
+        for _ in 0..3 {
+            paused.send_data(Bytes::from(vec![b'x'; 512 * 1024]), false).unwrap();
+        }
+        paused.send_data(Bytes::new(), true).unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut client = client.ready().await.unwrap();
+        let (other_response, mut other) = client.send_request(post("/upload"), false).unwrap();
+        other.send_data(Bytes::from(vec![b'x'; OTHER_BODY]), true).unwrap();
+        let t0 = std::time::Instant::now();
+        assert_eq!(reports.outcome("the other request").await, (OTHER_BODY, None));
+        eprintln!("OTHER after {:?}", t0.elapsed());
+        assert_eq!(reports.outcome("the paused request").await, (PAUSED_BODY, None));
+        for response in [other_response, paused_response] {
+            let response = timeout(Duration::from_secs(15), response).await.unwrap().unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
         }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();

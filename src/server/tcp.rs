@@ -6,8 +6,8 @@
 //! This module also owns the TCP side's defences against slow and idle clients ([`Limits`]):
 //! a cap on open connections, deadlines for the TLS handshake and for request heads, an
 //! idle timeout, a stall timeout for responses the client does not take and for request
-//! bodies it stops sending ([`TcpRequestBody`]), and HTTP/2 keep-alive pings, stream and
-//! header limits. An upgraded HTTP/1.1 connection (a
+//! bodies it stops sending ([`TcpRequestBody`]), and HTTP/2 keep-alive pings, stream,
+//! window and header limits. An upgraded HTTP/1.1 connection (a
 //! WebSocket) is no longer hyper's, and keeps them through [`UpgradeLease`].
 
 use std::net::SocketAddr;
@@ -75,6 +75,11 @@ impl Default for Limits {
     }
 }
 
+/// An HTTP/2 flow-control window of `bytes`, within what HTTP/2 allows (RFC 9113 §6.9.1).
+fn h2_window(bytes: u64) -> u32 {
+    u32::try_from(bytes).unwrap_or(u32::MAX).clamp(65_535, (1 << 31) - 1)
+}
+
 /// hyper refuses an HTTP/1 read buffer smaller than this.
 const MIN_HTTP1_BUFFER: usize = 8 * 1024;
 
@@ -94,6 +99,7 @@ impl Transport {
         max_header_list_size: usize,
         connect_protocol: bool,
     ) -> Result<Self, Error> {
+        let transport = &config.config.inner.s;
         let mut http = auto::Builder::new(TokioExecutor::new());
         // Without a timer hyper silently ignores its timeouts and keep-alive settings.
         http.http1()
@@ -110,7 +116,15 @@ impl Transport {
             .max_concurrent_streams(limits.http2_max_concurrent_streams)
             // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
             // means the same on both.
-            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX))
+            // Flow-control windows as the QUIC listener's (1 MiB a stream, 16 MiB the
+            // connection, by default), where hyper's give the connection no more than one
+            // stream: a request whose handler has not started reading its body would then
+            // leave the client no window for the other requests' bodies, and their handlers,
+            // waiting for bytes the client may not send, would time out. Unread data per
+            // connection is bounded as on HTTP/3.
+            .initial_stream_window_size(h2_window(transport.initial_max_stream_data_bidi_remote))
+            .initial_connection_window_size(h2_window(transport.initial_max_data));
         if connect_protocol {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
