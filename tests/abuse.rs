@@ -508,6 +508,44 @@ async fn a_full_accept_backlog_starts_no_handshake_it_cannot_hold() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// With the backlog full, a new client is not even sent a Retry (which would only bring it
+/// back to be refused, and costs the server a token's crypto and a send).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_accept_backlog_sends_no_retry() {
+    let _serial = serial().await;
+    let certs = certs();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = server_builder(&certs)
+        .accept_backlog(1)
+        .retry(true)
+        .metrics(Arc::clone(&metrics))
+        .build()
+        .unwrap();
+    // Never accepted from.
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let server = listener.local_addr();
+    let run = async {
+        // A client through its Retry into the backlog (its handshake then waits there).
+        let config = client_builder(&certs).build().unwrap();
+        let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let waiting = tokio::spawn(async move {
+            let (app, _) = echo::EchoClient::new();
+            let _ = endpoint.connect_addr(server, Some("localhost"), app).await;
+        });
+        until(&metrics, |m| m.handshakes_started == 1).await;
+        // (The client may have sent its first Initial twice, and drawn two Retries.)
+        let retries = metrics.snapshot().retries_sent;
+        let raw = raw_socket().await;
+        let initial = client_initials(1, raw.local_addr().unwrap(), server);
+        raw.send_to(&initial[0], server).await.unwrap();
+        until(&metrics, |m| m.dropped_backlog_full + m.retries_sent > retries).await;
+        let m = metrics.snapshot();
+        assert_eq!((m.retries_sent, m.dropped_backlog_full), (retries, 1), "{m:?}");
+        waiting.abort();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// RFC 9308 §8.1: a server answers nothing that comes from the port of a UDP service that
 /// reflects or answers anything (DNS, chargen, memcached, …): a stateless reset there would
 /// feed a reflection attack, or a loop of replies with that service that spends the

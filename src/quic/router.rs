@@ -432,6 +432,12 @@ fn accept_initial(
         metrics.datagram_dropped(reason);
         return None;
     }
+    if accept.backlog.capacity() == 0 {
+        // Likewise while the application takes no connection: the place is reserved below,
+        // once the connection is made; this spares a Retry's crypto and send meanwhile.
+        metrics.datagram_dropped(DropReason::BacklogFull);
+        return None;
+    }
     let retry_now = match policy {
         RetryPolicy::Always => true,
         RetryPolicy::UnderLoad => accept.limits.under_load(),
