@@ -35,6 +35,39 @@ use super::udp::{self, Socket};
 /// connections have consumed them all.
 const ARENA_BYTES: usize = 64 * 1024;
 
+/// The router's receive arena ([`ARENA_BYTES`] at a time), numbered so that a connection's
+/// queue can tell how many arenas its datagrams keep allocated (see [`super::routes`]).
+struct Arena {
+    bytes: BytesMut,
+    /// Changes with each allocation (or reclaimed one); never 0, which marks a datagram
+    /// with an allocation of its own.
+    id: u64,
+}
+
+impl Arena {
+    fn new() -> Self {
+        Arena {
+            bytes: BytesMut::with_capacity(ARENA_BYTES),
+            id: 1,
+        }
+    }
+
+    /// A copy of `datagram` from `from`, cut from the arena.
+    fn cut(&mut self, datagram: &[u8], from: SocketAddr) -> Datagram {
+        if self.bytes.capacity() < datagram.len() {
+            // Reclaims the arena's memory if every datagram cut from it is gone.
+            self.bytes.reserve(ARENA_BYTES.max(datagram.len()));
+            self.id += 1;
+        }
+        self.bytes.extend_from_slice(datagram);
+        Datagram {
+            data: self.bytes.split(),
+            from,
+            arena: self.id,
+        }
+    }
+}
+
 /// QUIC clients pad Initials to 1200 bytes (RFC 9000 §14.1); smaller ones are not answered,
 /// which also keeps us from amplifying spoofed traffic.
 const MIN_INITIAL_LEN: usize = 1200;
@@ -141,7 +174,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, accept: Option<Accept>) {
 async fn run(shared: Arc<Shared>, mut accept: Option<Accept>) {
     let max_datagram = shared.config.inner.s.max_recv_udp_payload;
     let mut bufs = shared.socket.recv_buffers(max_datagram);
-    let mut arena = BytesMut::with_capacity(ARENA_BYTES);
+    let mut arena = Arena::new();
     let mut out = vec![0u8; 1500];
     let span = tracing::debug_span!("quic_router", local = %shared.socket.local_addr());
     let _enter = span.enter();
@@ -275,7 +308,7 @@ fn dispatch(
     shared: &Arc<Shared>,
     routes: &mut BatchRoutes<'_>,
     accept: Option<&mut Accept>,
-    arena: &mut BytesMut,
+    arena: &mut Arena,
     out: &mut [u8],
     datagram: &mut [u8],
     from: SocketAddr,
@@ -374,7 +407,7 @@ fn short_header_dcid(datagram: &[u8], id_len: usize) -> Option<&[u8]> {
 fn forward(
     metrics: &dyn Metrics,
     routes: &mut RouteMap,
-    arena: &mut BytesMut,
+    arena: &mut Arena,
     datagram: &[u8],
     from: SocketAddr,
     dcid: &[u8],
@@ -382,13 +415,7 @@ fn forward(
     let Some(route) = routes.get(dcid) else {
         return false;
     };
-    if arena.capacity() < datagram.len() {
-        // Reclaims the arena's memory if every datagram cut from it is gone.
-        arena.reserve(ARENA_BYTES.max(datagram.len()));
-    }
-    arena.extend_from_slice(datagram);
-    let data = arena.split();
-    match route.try_send(Datagram { data, from }) {
+    match route.try_send(arena.cut(datagram, from)) {
         Ok(()) => {}
         Err(TrySendError::Full(_)) => metrics.datagram_dropped(DropReason::QueueFull),
         Err(TrySendError::Closed(_)) => {
@@ -405,7 +432,7 @@ fn accept_initial(
     shared: &Arc<Shared>,
     routes: &mut BatchRoutes<'_>,
     accept: &mut Accept,
-    arena: &mut BytesMut,
+    arena: &mut Arena,
     out: &mut [u8],
     datagram: &[u8],
     from: SocketAddr,
@@ -533,12 +560,7 @@ fn accept_initial(
     routes.let_go();
     registration.hold(slot);
     metrics.handshake_started();
-    arena.reserve(datagram.len());
-    arena.extend_from_slice(datagram);
-    let _ = registration.route().try_send(Datagram {
-        data: arena.split(),
-        from,
-    });
+    let _ = registration.route().try_send(arena.cut(datagram, from));
     tracing::debug!(%from, trace_id = conn.trace_id(), "new connection");
     let accepted = Accepted {
         conn,

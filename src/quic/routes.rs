@@ -15,11 +15,14 @@
 //!
 //! What a queued datagram keeps allocated is more than its length: it is a slice of the
 //! router's 64 KiB receive arena, which stays allocated while any datagram cut from it is
-//! queued. A connection whose task stands still while other traffic flows past can so pin
-//! up to `inbound_queue` arenas (16 MiB at the defaults), until its task reads again. That
-//! is bounded and lasts only while a task is stalled; charging each datagram its arena
-//! would instead refuse honest bursts spread over many connections, and copying each one
-//! out would cost an allocation per datagram.
+//! queued. A connection whose task stands still (or that the application has not accepted
+//! yet) while other traffic flows past could so keep up to `inbound_queue` arenas (16 MiB at
+//! the defaults) for a few bytes each: small datagrams, sent a little apart, each land in
+//! an arena of their own. A queue therefore counts the arenas its datagrams keep
+//! ([`MAX_QUEUE_ARENAS`] at most); past that, a datagram from yet another arena is copied
+//! into an allocation of its own size. A task that keeps up never gets there, so the copy
+//! (an allocation per datagram) is paid only by one that lags; charging each datagram its
+//! arena instead would refuse honest bursts spread over many connections.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -38,7 +41,14 @@ use super::limits::Slot;
 pub(crate) struct Datagram {
     pub(crate) data: BytesMut,
     pub(crate) from: SocketAddr,
+    /// The router's arena `data` is cut from (its number), or 0 for an allocation of its
+    /// own.
+    pub(crate) arena: u64,
 }
+
+/// How many of the router's arenas one connection's queue may keep allocated (512 KiB);
+/// see the module's docs.
+const MAX_QUEUE_ARENAS: usize = 8;
 
 /// Where the router sends a connection's datagrams.
 pub(crate) type Route = Sender;
@@ -239,6 +249,9 @@ struct QueueState {
     datagrams: VecDeque<Datagram>,
     /// Bytes of `datagrams`.
     bytes: usize,
+    /// Runs of consecutive `datagrams` cut from one arena: how many arenas they keep (the
+    /// router cuts from one arena after another, so a queue's arenas come in order).
+    arenas: usize,
     /// The connection task, waiting for a datagram.
     waiting: Option<Waker>,
     /// The connection's task is gone.
@@ -264,8 +277,9 @@ impl Sender {
         Arc::ptr_eq(&self.queue, &other.queue)
     }
 
-    /// Queues `datagram` unless either bound is reached or the connection is gone.
-    pub(crate) fn try_send(&self, datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
+    /// Queues `datagram` unless either bound is reached or the connection is gone; copies
+    /// it out of its arena if the queue keeps [`MAX_QUEUE_ARENAS`] already.
+    pub(crate) fn try_send(&self, mut datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
         let queue = &*self.queue;
         let waiting = {
             let mut state = queue.lock();
@@ -275,6 +289,14 @@ impl Sender {
             let len = datagram.data.len();
             if state.datagrams.len() >= queue.max_datagrams || state.bytes + len > queue.max_bytes {
                 return Err(TrySendError::Full(datagram));
+            }
+            let new_arena =
+                datagram.arena != 0 && state.datagrams.back().is_none_or(|last| last.arena != datagram.arena);
+            if new_arena && state.arenas >= MAX_QUEUE_ARENAS {
+                datagram.data = BytesMut::from(&datagram.data[..]);
+                datagram.arena = 0;
+            } else if new_arena {
+                state.arenas += 1;
             }
             state.bytes += len;
             state.datagrams.push_back(datagram);
@@ -301,6 +323,10 @@ impl Receiver {
         match state.datagrams.pop_front() {
             Some(datagram) => {
                 state.bytes -= datagram.data.len();
+                if datagram.arena != 0 && state.datagrams.front().is_none_or(|next| next.arena != datagram.arena) {
+                    // The last of its run.
+                    state.arenas -= 1;
+                }
                 if state.datagrams.is_empty() {
                     // Drained: an idle connection keeps no buffer.
                     state.datagrams = VecDeque::new();
@@ -325,6 +351,7 @@ impl Drop for Receiver {
         // What is queued can never be read; free it now rather than with the last route.
         state.datagrams = VecDeque::new();
         state.bytes = 0;
+        state.arenas = 0;
     }
 }
 
@@ -338,7 +365,63 @@ mod tests {
         Datagram {
             data: BytesMut::zeroed(len),
             from: "127.0.0.1:1".parse().unwrap(),
+            arena: 0,
         }
+    }
+
+    /// A queue whose task does not read keeps at most [`MAX_QUEUE_ARENAS`] of the router's
+    /// arenas, however the datagrams are spread over them; the rest are copied out, and
+    /// reading frees the count again.
+    #[test]
+    fn a_queue_keeps_a_bounded_number_of_arenas() {
+        let (tx, mut rx) = channel(&Settings::default());
+        // Two small datagrams from each of 40 arenas (64 KiB each), as a connection that
+        // reads nothing gets them while other traffic fills the arenas between.
+        let mut arenas = Vec::new();
+        for id in 1..=40u64 {
+            let mut arena = BytesMut::with_capacity(64 * 1024);
+            for _ in 0..2 {
+                arena.extend_from_slice(&[7; 20]);
+                let data = arena.split();
+                tx.try_send(Datagram {
+                    data,
+                    from: "127.0.0.1:1".parse().unwrap(),
+                    arena: id,
+                })
+                .unwrap();
+            }
+            arenas.push(arena);
+        }
+        let kept = |rx: &Receiver| {
+            let state = rx.queue.lock();
+            let cut = state.datagrams.iter().filter(|d| d.arena != 0).count();
+            let own = state
+                .datagrams
+                .iter()
+                .filter(|d| d.arena == 0 && d.data.capacity() == 20)
+                .count();
+            (state.arenas, cut, own)
+        };
+        assert_eq!(
+            kept(&rx),
+            (MAX_QUEUE_ARENAS, 2 * MAX_QUEUE_ARENAS, 80 - 2 * MAX_QUEUE_ARENAS)
+        );
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        for read in 1..=80 {
+            assert!(rx.poll_recv(&mut cx).is_ready());
+            let expected = MAX_QUEUE_ARENAS.saturating_sub(read / 2);
+            assert_eq!(kept(&rx).0, expected, "after {read} read");
+        }
+        // Reading freed the count: arenas are kept again.
+        let mut arena = BytesMut::with_capacity(64 * 1024);
+        arena.extend_from_slice(&[7; 20]);
+        tx.try_send(Datagram {
+            data: arena.split(),
+            from: "127.0.0.1:1".parse().unwrap(),
+            arena: 41,
+        })
+        .unwrap();
+        assert_eq!(kept(&rx), (1, 1, 0));
     }
 
     /// A connection that ends withdraws only the routes that are still its own: one that
