@@ -905,8 +905,9 @@ impl ServerConfigBuilder {
     }
 
     /// How many new connections may wait for the application to accept them. Defaults to
-    /// 1024; beyond it new Initials are dropped (the client retries), so a slow acceptor
-    /// cannot make the server hoard state.
+    /// 1024; beyond it new Initials are dropped, without a Retry (the client sends its
+    /// Initial again after its probe timeout, about a second), so a slow acceptor cannot
+    /// make the server hoard state.
     pub fn accept_backlog(mut self, connections: usize) -> Self {
         self.server.accept_backlog = connections.max(1);
         self

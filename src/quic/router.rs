@@ -33,14 +33,22 @@ use super::udp::{self, Socket};
 /// Received datagrams are copied into this arena, and each queued datagram is a slice of it:
 /// one allocation serves about 48 full-size datagrams, and is reused as soon as the
 /// connections have consumed them all.
-const ARENA_BYTES: usize = 64 * 1024;
+pub(crate) const ARENA_BYTES: usize = 64 * 1024;
+
+/// The next arena's number, for every router of the process: the routers of one address
+/// feed the same queues, which must tell their arenas apart.
+static NEXT_ARENA: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_arena() -> u64 {
+    NEXT_ARENA.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
 
 /// The router's receive arena ([`ARENA_BYTES`] at a time), numbered so that a connection's
 /// queue can tell how many arenas its datagrams keep allocated (see [`super::routes`]).
 struct Arena {
     bytes: BytesMut,
-    /// Changes with each allocation (or reclaimed one); never 0, which marks a datagram
-    /// with an allocation of its own.
+    /// Changes with each allocation (or reclaimed one), unique in the process; never 0,
+    /// which marks a datagram with an allocation of its own.
     id: u64,
 }
 
@@ -48,7 +56,7 @@ impl Arena {
     fn new() -> Self {
         Arena {
             bytes: BytesMut::with_capacity(ARENA_BYTES),
-            id: 1,
+            id: next_arena(),
         }
     }
 
@@ -57,7 +65,7 @@ impl Arena {
         if self.bytes.capacity() < datagram.len() {
             // Reclaims the arena's memory if every datagram cut from it is gone.
             self.bytes.reserve(ARENA_BYTES.max(datagram.len()));
-            self.id += 1;
+            self.id = next_arena();
         }
         self.bytes.extend_from_slice(datagram);
         Datagram {
@@ -609,7 +617,20 @@ fn send_stateless_reset(
 
 #[cfg(test)]
 mod tests {
-    use super::{REFLECTING_PORTS, answerable, reflecting, short_header_dcid};
+    use super::{ARENA_BYTES, Arena, REFLECTING_PORTS, answerable, reflecting, short_header_dcid};
+
+    /// Arenas are numbered across every router (those of one address feed the same
+    /// queues), and a new allocation takes a new number.
+    #[test]
+    fn arenas_are_numbered_across_routers() {
+        let from = "127.0.0.1:4433".parse().unwrap();
+        let (mut one, mut other) = (Arena::new(), Arena::new());
+        let (a, b) = (one.cut(&[1; 100], from).arena, other.cut(&[1; 100], from).arena);
+        assert!(a != 0 && b != 0 && a != b);
+        assert_eq!(one.cut(&[1; 100], from).arena, a, "the same arena");
+        let next = one.cut(&vec![1; ARENA_BYTES], from).arena;
+        assert!(next != a && next != b, "a new allocation");
+    }
 
     /// Senders no reply can reach are not handled; any other unicast sender is. A server
     /// also ignores, for connections it does not know, the ports of reflecting services.

@@ -18,11 +18,14 @@
 //! queued. A connection whose task stands still (or that the application has not accepted
 //! yet) while other traffic flows past could so keep up to `inbound_queue` arenas (16 MiB at
 //! the defaults) for a few bytes each: small datagrams, sent a little apart, each land in
-//! an arena of their own. A queue therefore counts the arenas its datagrams keep
-//! ([`MAX_QUEUE_ARENAS`] at most); past that, a datagram from yet another arena is copied
-//! into an allocation of its own size. A task that keeps up never gets there, so the copy
-//! (an allocation per datagram) is paid only by one that lags; charging each datagram its
-//! arena instead would refuse honest bursts spread over many connections.
+//! an arena of their own. A queue therefore counts the arenas its datagrams keep; past
+//! [`MAX_QUEUE_ARENAS`], and while they hold less than a quarter of an arena each on
+//! average, a datagram from yet another arena is copied into an allocation of its own
+//! size. So a queue keeps at most 8 arenas or 4 times its bytes (2 MiB at the defaults),
+//! and a dense flow (full-size datagrams, a GRO batch) is never copied; the copy (an
+//! allocation per datagram) is paid by sparse datagrams to a queue that lags. Charging
+//! each datagram its arena instead would refuse honest bursts spread over many
+//! connections.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -46,8 +49,9 @@ pub(crate) struct Datagram {
     pub(crate) arena: u64,
 }
 
-/// How many of the router's arenas one connection's queue may keep allocated (512 KiB);
-/// see the module's docs.
+/// How many of the router's arenas one connection's queue may keep whatever its datagrams'
+/// sizes; beyond, only while they fill a quarter of an arena each on average. See the
+/// module's docs.
 const MAX_QUEUE_ARENAS: usize = 8;
 
 /// Where the router sends a connection's datagrams.
@@ -278,7 +282,8 @@ impl Sender {
     }
 
     /// Queues `datagram` unless either bound is reached or the connection is gone; copies
-    /// it out of its arena if the queue keeps [`MAX_QUEUE_ARENAS`] already.
+    /// it out of its arena if the queue keeps [`MAX_QUEUE_ARENAS`] sparsely filled ones
+    /// already.
     pub(crate) fn try_send(&self, mut datagram: Datagram) -> Result<(), TrySendError<Datagram>> {
         let queue = &*self.queue;
         let waiting = {
@@ -292,7 +297,8 @@ impl Sender {
             }
             let new_arena =
                 datagram.arena != 0 && state.datagrams.back().is_none_or(|last| last.arena != datagram.arena);
-            if new_arena && state.arenas >= MAX_QUEUE_ARENAS {
+            let sparse = state.bytes < state.arenas * (super::router::ARENA_BYTES / 4);
+            if new_arena && state.arenas >= MAX_QUEUE_ARENAS && sparse {
                 datagram.data = BytesMut::from(&datagram.data[..]);
                 datagram.arena = 0;
             } else if new_arena {
@@ -422,6 +428,30 @@ mod tests {
         })
         .unwrap();
         assert_eq!(kept(&rx), (1, 1, 0));
+        drop(arenas);
+    }
+
+    /// Datagrams that fill their arenas (a quarter of one each, on average, or more) are
+    /// never copied out, however many arenas the queue keeps: a dense flow that lags pays
+    /// no allocation per datagram, and the queue's bytes bound what it keeps (4 times).
+    #[test]
+    fn a_queue_keeps_the_arenas_of_dense_datagrams() {
+        let (tx, rx) = channel(&Settings::default());
+        let mut arenas = Vec::new();
+        for id in 1..=20u64 {
+            let mut arena = BytesMut::with_capacity(64 * 1024);
+            arena.extend_from_slice(&[7; 20 * 1024]);
+            tx.try_send(Datagram {
+                data: arena.split(),
+                from: "127.0.0.1:1".parse().unwrap(),
+                arena: id,
+            })
+            .unwrap();
+            arenas.push(arena);
+        }
+        let state = rx.queue.lock();
+        assert_eq!(state.arenas, 20);
+        assert!(state.datagrams.iter().all(|d| d.arena != 0), "none copied");
     }
 
     /// A connection that ends withdraws only the routes that are still its own: one that

@@ -75,6 +75,9 @@ impl Default for Limits {
     }
 }
 
+/// How many streams' windows an HTTP/2 connection's window holds (see `Transport::new`).
+const H2_STREAMS_PER_CONNECTION_WINDOW: u32 = 4;
+
 /// An HTTP/2 flow-control window of `bytes`, within what HTTP/2 allows (RFC 9113 §6.9.1).
 fn h2_window(bytes: u64) -> u32 {
     u32::try_from(bytes).unwrap_or(u32::MAX).clamp(65_535, (1 << 31) - 1)
@@ -100,6 +103,7 @@ impl Transport {
         connect_protocol: bool,
     ) -> Result<Self, Error> {
         let transport = &config.config.inner.s;
+        let stream_window = h2_window(transport.initial_max_stream_data_bidi_remote);
         let mut http = auto::Builder::new(TokioExecutor::new());
         // Without a timer hyper silently ignores its timeouts and keep-alive settings.
         http.http1()
@@ -117,14 +121,19 @@ impl Transport {
             // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
             // means the same on both.
             .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX))
-            // Flow-control windows as the QUIC listener's (1 MiB a stream, 16 MiB the
-            // connection, by default), where hyper's give the connection no more than one
-            // stream: a request whose handler has not started reading its body would then
-            // leave the client no window for the other requests' bodies, and their handlers,
-            // waiting for bytes the client may not send, would time out. Unread data per
-            // connection is bounded as on HTTP/3.
-            .initial_stream_window_size(h2_window(transport.initial_max_stream_data_bidi_remote))
-            .initial_connection_window_size(h2_window(transport.initial_max_data));
+            // A stream's window as the QUIC listener's (1 MiB by default), the connection's
+            // four of them (at most the QUIC listener's), where hyper's gives the connection
+            // no more than one stream: a request whose handler has not started reading its
+            // body would then leave the client no window for the other requests' bodies,
+            // and their handlers, waiting for bytes the client may not send, would time
+            // out. Four streams must so stall together to starve the rest, and a connection
+            // holds at most 4 MiB of unread bodies (a QUIC one 16 MiB by default), whatever
+            // the QUIC windows are raised to for fast uploads.
+            .initial_stream_window_size(stream_window)
+            .initial_connection_window_size(
+                h2_window(transport.initial_max_data)
+                    .min(stream_window.saturating_mul(H2_STREAMS_PER_CONNECTION_WINDOW)),
+            );
         if connect_protocol {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
