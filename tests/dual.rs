@@ -17,7 +17,7 @@ use support::*;
 use tokio::sync::oneshot;
 use tokio::time::timeout;
 use tower_quiche::client::{Client, ResponseExt};
-use tower_quiche::quic::{ClientConfig, Listener, ServerConfig, ServerConfigBuilder};
+use tower_quiche::quic::{ClientConfig, ServerConfig, ServerConfigBuilder};
 use tower_quiche::server::{self, ConnectionInfo};
 use tower_quiche::tls::DevCa;
 
@@ -44,11 +44,8 @@ async fn dual_with(
     let config = ServerConfig::builder()
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem);
-    let listener = Listener::bind("127.0.0.1:0", configure(config).build().unwrap())
-        .await
-        .unwrap();
+    let (listener, tcp) = bind_udp_and_tcp(configure(config).build().unwrap()).await;
     let addr = listener.local_addr();
-    let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (tx, rx) = oneshot::channel::<()>();
     let serve = builder
         .serve_with_tcp(listener, tcp, app)

@@ -375,8 +375,17 @@ async fn tcp_only_never_sends_a_datagram() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http3_prior_knowledge_never_opens_tcp() {
     let certs = certs();
-    let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
-    let tcp = tokio::net::TcpListener::bind(h3.addr).await.unwrap();
+    // The OS picks the UDP port alone; its TCP twin may be taken (then both go elsewhere).
+    let mut tries = 0..20;
+    let (h3, tcp) = loop {
+        assert!(tries.next().is_some(), "no port free on both UDP and TCP in 20 tries");
+        let h3 = h3_server_with(&certs, server::Builder::new(), app(None), Arc::default()).await;
+        match tokio::net::TcpListener::bind(h3.addr).await {
+            Ok(tcp) => break (h3, tcp),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => stop_h3(h3).await,
+            Err(e) => panic!("binding TCP beside QUIC: {e}"),
+        }
+    };
     let client = client(&certs, Builder::http3_prior_knowledge);
     let url = format!("https://127.0.0.1:{}/hello", h3.addr.port());
     let run = async {

@@ -41,7 +41,7 @@ async fn server_with(app: axum::Router) -> Server {
 /// `app` on UDP and TCP, on one port, as `builder` has it.
 async fn serve(builder: tower_quiche::server::Builder, app: axum::Router) -> Server {
     let certs = certs();
-    let dual = Dual::start_with(builder, support::h3::listener(&certs).await, app).await;
+    let dual = Dual::start_with(builder, support::h3::server_config(&certs), app).await;
     Server {
         dual,
         ca_pem: certs.ca_pem,

@@ -9,8 +9,10 @@ use axum::Router;
 use tokio::sync::oneshot;
 use tower_quiche::server;
 
-use super::h3::{H3Server, listener};
-use super::{Certs, init_tracing};
+use tower_quiche::quic::ServerConfig;
+
+use super::h3::{H3Server, server_config};
+use super::{Certs, bind_udp_and_tcp, init_tracing};
 
 /// Our server on TCP and UDP on one port (`server::serve_with_tcp`).
 pub struct Dual {
@@ -21,7 +23,7 @@ pub struct Dual {
 
 impl Dual {
     pub async fn start(certs: &Certs, app: Router) -> Dual {
-        Dual::start_on(listener(certs).await, app).await
+        Dual::start_on(server_config(certs), app).await
     }
 
     /// With a client CA: mutual TLS on both transports.
@@ -32,19 +34,18 @@ impl Dual {
             .client_ca_pem(client_ca)
             .build()
             .unwrap();
-        let listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
-        Dual::start_on(listener, app).await
+        Dual::start_on(config, app).await
     }
 
-    pub async fn start_on(listener: tower_quiche::quic::Listener, app: Router) -> Dual {
-        Dual::start_with(server::Builder::new(), listener, app).await
+    pub async fn start_on(config: ServerConfig, app: Router) -> Dual {
+        Dual::start_with(server::Builder::new(), config, app).await
     }
 
     /// As `builder` has it (timeouts, limits).
-    pub async fn start_with(builder: server::Builder, listener: tower_quiche::quic::Listener, app: Router) -> Dual {
+    pub async fn start_with(builder: server::Builder, config: ServerConfig, app: Router) -> Dual {
         init_tracing();
+        let (listener, tcp) = bind_udp_and_tcp(config).await;
         let addr = listener.local_addr();
-        let tcp = tokio::net::TcpListener::bind(addr).await.unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let serve = builder
             .serve_with_tcp(listener, tcp, app)

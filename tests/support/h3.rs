@@ -306,12 +306,16 @@ pub async fn h3_server_on(
 
 /// An HTTP/3 listener on 127.0.0.1 with the test certificate.
 pub async fn listener(certs: &Certs) -> Listener {
-    let config = ServerConfig::builder()
+    Listener::bind("127.0.0.1:0", server_config(certs)).await.unwrap()
+}
+
+/// The HTTP/3 server configuration of the test certificate.
+pub fn server_config(certs: &Certs) -> ServerConfig {
+    ServerConfig::builder()
         .cert_chain_pem(&certs.leaf.cert_pem)
         .private_key_pem(&certs.leaf.key_pem)
         .build()
-        .unwrap();
-    Listener::bind("127.0.0.1:0", config).await.unwrap()
+        .unwrap()
 }
 
 /// A transport with QUIC datagrams (queues of 256 each way), which HTTP datagrams need, or

@@ -99,3 +99,18 @@ pub mod dual;
 pub mod h3;
 pub mod scripted;
 pub mod tcp;
+
+/// A QUIC listener on a port of 127.0.0.1 the OS picks, and a TCP listener on the same
+/// port, as `serve_with_tcp` serves them. The OS picks the UDP port alone, and its TCP twin
+/// may be taken (by another test's connection, say): then both are bound again elsewhere.
+pub async fn bind_udp_and_tcp(config: ServerConfig) -> (Listener, tokio::net::TcpListener) {
+    for _ in 0..20 {
+        let listener = Listener::bind("127.0.0.1:0", config.clone()).await.unwrap();
+        match tokio::net::TcpListener::bind(listener.local_addr()).await {
+            Ok(tcp) => return (listener, tcp),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("binding TCP beside QUIC: {e}"),
+        }
+    }
+    panic!("no port of 127.0.0.1 free on both UDP and TCP in 20 tries");
+}
