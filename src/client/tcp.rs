@@ -180,6 +180,8 @@ fn request_error(e: hyper_util::client::legacy::Error) -> Error {
             return ours.duplicate();
         }
         if let Some(hyper) = s.downcast_ref::<hyper::Error>() {
+            // Not `Error::from_hyper`: the source kept is hyper-util's error, which says
+            // more (the connect step) than the hyper error inside it.
             return Error::new(crate::error::hyper_kind(hyper))
                 .with_message("the request over TCP failed")
                 .with_source(e);

@@ -345,7 +345,7 @@ impl Activity {
 
     /// A request arrived: counted in flight until its response body is dropped. The flag
     /// says whether it is the last one `max_requests` allows.
-    fn start(self: &Arc<Self>, moved_ms: Arc<AtomicU64>) -> (InFlight, bool) {
+    fn start(self: &Arc<Self>, moved_ms: Option<Arc<AtomicU64>>) -> (InFlight, bool) {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
         let last = self.requests.fetch_add(1, Ordering::AcqRel) + 1 == self.max_requests;
         if last {
@@ -492,8 +492,8 @@ struct InFlight {
     activity: Arc<Activity>,
     /// When this request's response was last taken after a frame (as `last_taken_ms`, in
     /// milliseconds since `activity.since`), shared with its request body
-    /// ([`TcpRequestBody`]).
-    moved_ms: Arc<AtomicU64>,
+    /// ([`TcpRequestBody`]); `None` for a request that came without one.
+    moved_ms: Option<Arc<AtomicU64>>,
     /// Counted in `bodies_waiting`.
     waiting: bool,
     /// What it waits after is its head (see `polled`).
@@ -536,7 +536,9 @@ impl InFlight {
             let activity = &self.activity;
             if !self.after_head {
                 activity.stamp(&activity.last_taken_ms);
-                activity.stamp(&self.moved_ms);
+                if let Some(moved_ms) = &self.moved_ms {
+                    activity.stamp(moved_ms);
+                }
             }
             activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
         }
@@ -769,11 +771,18 @@ where
     }
 
     fn call(&mut self, request: Request<Incoming>) -> Self::Future {
-        let activity = Arc::clone(&self.activity);
-        let response_moved_ms = Arc::new(AtomicU64::new(0));
-        let moved_ms = Arc::clone(&response_moved_ms);
-        let mut request =
-            request.map(|body| RecvBody::tcp_request(TcpRequestBody::new(body, activity, response_moved_ms)));
+        // A request that came without a body (most do) gets an empty one: nothing to time,
+        // so no shared clock to allocate.
+        let (mut request, moved_ms) = if http_body::Body::is_end_stream(request.body()) {
+            (request.map(|_| RecvBody::empty()), None)
+        } else {
+            let moved_ms = Arc::new(AtomicU64::new(0));
+            let body = |body| TcpRequestBody::new(body, Arc::clone(&self.activity), Arc::clone(&moved_ms));
+            (
+                request.map(|incoming| RecvBody::tcp_request(body(incoming))),
+                Some(moved_ms),
+            )
+        };
         let mut info = self.info.clone();
         info.version = request.version();
         if info.version == http::Version::HTTP_2 {
