@@ -147,6 +147,16 @@ fn add_host(headers: &mut HeaderMap, authority: Bytes) -> Result<(), Malformed> 
     Ok(())
 }
 
+/// Whether a request asks for a 100 (Continue) before it sends its body (RFC 9110
+/// §10.1.1; the expectation's name is case-insensitive).
+#[cfg(feature = "server")]
+pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(http::header::EXPECT)
+        .iter()
+        .any(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 /// Adds `early-data: 1`, which an intermediary that forwards a request from early data
 /// must add (RFC 8470 §5.1); false on a map the peer filled to its limit.
 #[cfg(feature = "server")]
@@ -208,7 +218,16 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
         let authority = authority
             .filter(|a| !a.is_empty())
             .ok_or(Malformed("CONNECT without :authority"))?;
+        if host.is_some_and(|h| h != authority) {
+            // RFC 9114 §4.3.1: both present, they must agree (a proxy that checks one and
+            // connects to the other is told two things).
+            return Err(Malformed(":authority and host differ"));
+        }
         let (authority, bytes) = shared_authority(authority)?;
+        if authority.port().is_none() {
+            // The authority-form of RFC 9110 §7.1: host and port (RFC 9114 §4.4).
+            return Err(Malformed("CONNECT :authority without a port"));
+        }
         if host.is_none() {
             add_host(&mut headers, bytes)?;
         }
@@ -225,6 +244,12 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
             .ok_or(Malformed("missing or empty :path"))?;
         if path != b"*" && path[0] != b'/' {
             return Err(Malformed(":path is neither absolute nor \"*\""));
+        }
+        if path.contains(&b'#') {
+            // A path and a query, no fragment (RFC 9114 §4.3.1): `http` would cut the path
+            // at the '#', and serve `/a` to a `/a#.css` that a cache in front took for a
+            // stylesheet.
+            return Err(Malformed(":path with a fragment"));
         }
         if path == b"*" && method != Method::OPTIONS {
             return Err(Malformed("\"*\" :path outside OPTIONS"));
@@ -697,6 +722,24 @@ mod tests {
                 "CONNECT with scheme/path",
             ),
             (vec![(":method", "CONNECT")], "CONNECT without authority"),
+            (
+                vec![(":method", "CONNECT"), (":authority", "a:443"), ("host", "b:443")],
+                "CONNECT whose :authority and host differ",
+            ),
+            (
+                vec![(":method", "CONNECT"), (":authority", "a:443"), ("host", "")],
+                "CONNECT with an empty host",
+            ),
+            (vec![(":method", "CONNECT"), (":authority", "a")], "CONNECT to no port"),
+            (
+                vec![
+                    (":method", "GET"),
+                    (":scheme", "https"),
+                    (":authority", "a"),
+                    (":path", "/account#.css"),
+                ],
+                "a fragment in :path",
+            ),
             ([&base[..], &[("host", "b")]].concat(), ":authority and host differ"),
             ([&base[..], &[("content-length", "x")]].concat(), "bad content-length"),
             (
@@ -727,6 +770,8 @@ mod tests {
             "a:443",
             "a CONNECT's host is its authority too"
         );
+        let with_host = parse(&[(":method", "CONNECT"), (":authority", "a:443"), ("host", "a:443")]);
+        assert_eq!(with_host.unwrap().request.uri().authority().unwrap(), "a:443");
         let options = parse(&[
             (":method", "OPTIONS"),
             (":scheme", "https"),

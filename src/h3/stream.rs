@@ -226,6 +226,13 @@ struct RecvHalf {
     /// Body bytes received from the peer, read or discarded.
     received: u64,
     content_length: Option<u64>,
+    /// A trailer section came: no body may follow it (RFC 9114 §4.1). quiche refuses DATA
+    /// after trailers only when DATA came before them.
+    trailers_seen: bool,
+    /// The request asked for a 100 (Continue) before its body (`expect: 100-continue`,
+    /// RFC 9110 §10.1.1): sent when the reader first waits for body bytes that have not
+    /// come, as hyper does over HTTP/1.1, unless the final head is on its way by then.
+    continue_owed: bool,
 }
 
 impl RecvHalf {
@@ -376,6 +383,8 @@ impl StreamShared {
                     behind_frame: false,
                     received: 0,
                     content_length,
+                    trailers_seen: false,
+                    continue_owed: false,
                 },
                 send: SendHalf {
                     heads: InlineQueue::default(),
@@ -486,8 +495,22 @@ impl StreamShared {
                 };
             }
             r.waker = Some(cx.waker().clone());
+            let continue_now = std::mem::take(&mut r.continue_owed) && r.received == 0;
+            if continue_now && !s.send.final_queued && !s.send.done {
+                s.send
+                    .heads
+                    .push_back((OutFields::List(vec![Header::new(b":status", b"100")]), false));
+                return (Poll::Pending, true);
+            }
             (Poll::Pending, false)
         })
+    }
+
+    /// The request asked for a 100 (Continue) before sending its body: owe one to the
+    /// reader's first wait (see `RecvHalf::continue_owed`).
+    #[cfg(feature = "server")]
+    pub(crate) fn owe_continue(&self) {
+        self.lock().recv.continue_owed = true;
     }
 
     pub(crate) fn recv_is_end(&self) -> bool {
@@ -687,6 +710,9 @@ impl StreamShared {
                 }
                 match read_into(scratch, h3, conn, id, room) {
                     Ok(n) => {
+                        if r.trailers_seen && n > 0 {
+                            return Err(ReadFailure::FrameUnexpected);
+                        }
                         r.received += n as u64;
                         if r.content_length.is_some_and(|len| r.received > len) {
                             return Err(ReadFailure::Malformed("the body is longer than its content-length"));
@@ -729,8 +755,10 @@ impl StreamShared {
 
     /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
     /// §4.2.2 counting). Bad trailers are a malformed message. (quiche refuses a second
-    /// trailer section, and DATA after one, as a connection error itself.)
+    /// trailer section itself, and DATA after one when DATA came before it; DATA after
+    /// trailers that followed the head directly is refused by `read_from`.)
     pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), ReadFailure> {
+        self.lock().recv.trailers_seen = true;
         let trailers = if fields::section_size(list) > max_size {
             Err(Malformed("the trailer section is larger than the field-section limit"))
         } else {

@@ -286,8 +286,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     fn on_headers(&mut self, conn: &mut QuicheConnection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
         if let Some(entry) = self.streams.get(&id) {
-            // A second HEADERS frame: the request's trailers.
-            if let Err(failure) = entry.shared.on_trailers(&list, self.settings.max_header_list_size) {
+            // A second HEADERS frame: the request's trailers. A CONNECT stream carries only
+            // DATA after its head (RFC 9114 §4.4).
+            let read = if entry.tunnel {
+                Err(ReadFailure::FrameUnexpected)
+            } else {
+                entry.shared.on_trailers(&list, self.settings.max_header_list_size)
+            };
+            if let Err(failure) = read {
                 self.on_read_failure(conn, id, failure);
             }
             return;
@@ -365,6 +371,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // the response's own `priority` field may change it later.
         let shared =
             StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
+        if more_frames && fields::expects_continue(head.request.headers()) {
+            shared.owe_continue();
+        }
         let priorities = head.request.headers().get_all(priority::FIELD);
         if priorities.iter().next().is_some() {
             shared.set_priority(conn, Priority::parse(priorities.iter().map(|v| v.as_bytes())));
@@ -555,7 +564,10 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         match failure {
             ReadFailure::Malformed(why) => self.end_stream(conn, id, Cancel::Malformed(why)),
             ReadFailure::FrameUnexpected => {
-                tracing::debug!(stream_id = id, "a frame after the trailers: H3_FRAME_UNEXPECTED");
+                tracing::debug!(
+                    stream_id = id,
+                    "a frame out of sequence (after the trailers, or after a CONNECT's head): H3_FRAME_UNEXPECTED"
+                );
                 self.fail_connection(conn, code::H3_FRAME_UNEXPECTED);
             }
             ReadFailure::Reset(code) => self.on_reset(conn, id, code),

@@ -43,6 +43,8 @@ impl Wake for Woken {
 /// What the client saw on one request stream.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 struct Seen {
+    /// The 1xx statuses, in order.
+    informational: Vec<u16>,
     status: Option<u16>,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -298,6 +300,9 @@ impl<S: HttpService<RecvBody>> Harness<S> {
                     if seen.status.is_some_and(|s| s >= 200) {
                         seen.trailers = Some(pairs(&list));
                     } else {
+                        if let Some(status) = status.filter(|s| (100..200).contains(s)) {
+                            seen.informational.push(status);
+                        }
                         seen.status = status;
                         seen.headers = pairs(&list);
                     }
@@ -444,6 +449,83 @@ async fn a_request_with_a_body_and_trailers_is_echoed_with_them() {
     assert_eq!(seen.body, body);
     assert_eq!(seen.trailers, Some(vec![("x-checksum".to_string(), "abc".to_string())]));
     assert!(h.forgot_everything());
+}
+
+/// `expect: 100-continue` (RFC 9110 §10.1.1): a client that waits for a 100 before sending
+/// its body gets one once the handler reads; a handler that answers without reading sends
+/// no 100 (the client need not send the body); no expectation, no 100.
+#[tokio::test]
+async fn a_request_that_expects_100_continue_gets_it_when_its_body_is_read() {
+    let expecting = |path: &str| {
+        let mut list = post(path, Some(5));
+        list.push(h3::Header::new(b"expect", b"100-Continue"));
+        list
+    };
+    let handler = service(|request: Request<RecvBody>| async move {
+        if request.uri().path() == "/refuse" {
+            return Response::builder().status(413).body(full("")).unwrap();
+        }
+        let body = request.into_body().collect().await.unwrap().to_bytes();
+        Response::new(full(body))
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&expecting("/echo"), false);
+    h.until("a 100 (Continue)", |h| h.seen(id).informational == [100]).await;
+    assert_eq!(h.seen(id).status, Some(100), "nothing final before the body");
+    h.send_body(id, b"hello", true);
+    h.until("the echo", |h| h.seen(id).finished).await;
+    let seen = h.seen(id);
+    assert_eq!(
+        (seen.informational, seen.status, &seen.body[..]),
+        (vec![100], Some(200), &b"hello"[..])
+    );
+
+    let refused = h.send_request(&expecting("/refuse"), false);
+    h.until("the refusal", |h| h.seen(refused).status == Some(413)).await;
+    assert_eq!(
+        h.seen(refused).informational,
+        Vec::<u16>::new(),
+        "no 100 before a final answer"
+    );
+
+    let plain = h.send_request(&post("/echo", Some(5)), false);
+    h.settle();
+    h.send_body(plain, b"hello", true);
+    h.until("the plain echo", |h| h.seen(plain).finished).await;
+    assert_eq!(h.seen(plain).informational, Vec::<u16>::new(), "no 100 unasked");
+    assert!(h.forgot_everything());
+}
+
+/// RFC 9114 §4.1: DATA after the trailer section is a frame out of sequence, a connection
+/// error, also when no DATA came before the trailers (quiche lets that one through); and a
+/// CONNECT stream carries only DATA after its head (§4.4).
+#[tokio::test]
+async fn data_after_trailers_and_headers_inside_a_tunnel_close_the_connection() {
+    let data_after_trailers = || {
+        let mut bytes = Vec::new();
+        put_frame(&mut bytes, 0x1, &field_section(&pairs(&post("/echo", None))));
+        put_frame(&mut bytes, 0x1, &field_section(&[("x-trailer".into(), "1".into())]));
+        put_frame(&mut bytes, 0x0, b"abc");
+        bytes
+    };
+    let headers_in_a_tunnel = || {
+        let mut bytes = Vec::new();
+        let connect = fields(&[(":method", "CONNECT"), (":authority", "localhost:443")]);
+        put_frame(&mut bytes, 0x1, &field_section(&pairs(&connect)));
+        put_frame(&mut bytes, 0x0, b"abc");
+        put_frame(&mut bytes, 0x1, &field_section(&[("x-trailer".into(), "1".into())]));
+        bytes
+    };
+    for (what, bytes) in [
+        ("DATA after trailers", data_after_trailers()),
+        ("HEADERS after a CONNECT's head", headers_in_a_tunnel()),
+    ] {
+        let mut h = Harness::new(Builder::new(), echo());
+        assert_eq!(h.send_raw(0, &bytes, true), bytes.len());
+        h.until(what, |h| h.connection_error().is_some()).await;
+        assert_eq!(h.connection_error(), Some(code::H3_FRAME_UNEXPECTED), "{what}");
+        assert_ne!(h.seen(0).status, Some(200), "{what}");
+    }
 }
 
 #[tokio::test]
