@@ -369,6 +369,93 @@ async fn mutual_tls_on_tcp_requires_a_certificate_from_the_client_ca() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A client offering protocols, none of them ours, is refused with no_application_protocol
+/// (RFC 7301 §3.2), not served as if it had offered HTTP; one that offers no ALPN at all is
+/// served whichever HTTP its first bytes speak.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_clients_offering_no_protocol_of_ours_are_refused() {
+    let server = dual(app(), server::Builder::new()).await;
+    let run = async {
+        let offering = |alpn: Option<&'static [u8]>| {
+            tcp::connect_offering(server.addr, &server.ca_pem, alpn, None, Duration::ZERO)
+        };
+        let refused = offering(Some(b"\x03foo\x0aacme-tls/1")).await;
+        let error = refused.expect_err("a client offering only foo is refused").to_string();
+        assert!(error.contains("TLS handshake"), "{error}");
+        for spoken in [Version::HTTP_11, Version::HTTP_2] {
+            let tls = offering(None).await.expect("TLS without ALPN");
+            let response = tcp::request(tls, spoken, server.get("/version")).await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK, "{spoken:?} without ALPN");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// One client address cannot take every TLS handshake slot of the TCP side: once a quarter
+/// of the listener's `max_handshakes_in_progress` are in use, an address gets its
+/// `max_handshakes_in_progress_per_address`, and its connections past that are closed at
+/// once, while other addresses are served; a handshake given up frees its place.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_handshakes_one_address_never_finishes_do_not_shut_others_out() {
+    use tokio::io::AsyncReadExt;
+    let server = dual_with(app(), server::Builder::new(), |config| {
+        config
+            .max_handshakes_in_progress(4)
+            .max_handshakes_in_progress_per_address(1)
+    })
+    .await;
+    let run = async {
+        // A connection whose handshake is done no longer counts.
+        let _established = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+            .await
+            .unwrap();
+        // No TLS at all: it holds 127.0.0.1's one handshake until the TLS handshake timeout
+        // (10 s).
+        let mut held = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let mut buf = [0u8; 1];
+        let open = timeout(Duration::from_secs(1), held.read(&mut buf)).await;
+        assert!(open.is_err(), "the address's one handshake is admitted: {open:?}");
+        let mut refused = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        let closed = timeout(Duration::from_secs(5), refused.read(&mut buf)).await;
+        assert!(
+            matches!(closed, Ok(Ok(0) | Err(_))),
+            "a second handshake from the same address is refused at once: {closed:?}"
+        );
+        let elsewhere = tcp::send_from(
+            "127.0.0.2".parse().unwrap(),
+            server.addr,
+            &server.ca_pem,
+            server.get("/version"),
+        )
+        .await
+        .expect("another address is served");
+        assert_eq!(elsewhere.status(), StatusCode::OK);
+        drop(held);
+        // The server learns of the close when it next reads: 127.0.0.1 is served again soon.
+        let mut served = None;
+        for _ in 0..50 {
+            match tcp::try_send(
+                server.addr,
+                &server.ca_pem,
+                Version::HTTP_11,
+                None,
+                server.get("/version"),
+            )
+            .await
+            {
+                Ok(response) => {
+                    served = Some(response.status());
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        assert_eq!(served, Some(StatusCode::OK), "the address's place is free again");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// Reads until the server closes the connection (EOF or a reset), returning what it sent;
 /// panics if it stays open for `within`.
 async fn closed_by_server(tls: &mut tokio_boring::SslStream<tokio::net::TcpStream>, within: Duration) -> Vec<u8> {

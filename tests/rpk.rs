@@ -74,3 +74,55 @@ async fn a_trusted_raw_public_key_connects_and_another_does_not() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A client CA beside a raw public key: the server still requires a client certificate
+/// from that CA (it used to present its key and ask clients for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_public_key_server_with_a_client_ca_requires_a_client_certificate() {
+    init_tracing();
+    let (server_private, server_public) = key_pair();
+    let clients = certs();
+    let server = echo_server(
+        "127.0.0.1:0",
+        ServerConfig::builder()
+            .alpn([echo::ALPN])
+            .raw_public_key_pem(&server_private)
+            .client_ca_pem(&clients.ca_pem),
+    )
+    .await;
+    let client = |with_certificate: bool| {
+        let mut config = ClientConfig::builder()
+            .alpn([echo::ALPN])
+            .trust_raw_public_key_pem(&server_public);
+        if with_certificate {
+            config = config
+                .cert_chain_pem(&clients.leaf.cert_pem)
+                .private_key_pem(&clients.leaf.key_pem);
+        }
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config.build().unwrap()).unwrap()
+    };
+    let run = async {
+        match client(false)
+            .connect_addr(server.addr, Some("localhost"), echo::EchoClient::new().0)
+            .await
+        {
+            // The refusal may come during the handshake or right after it.
+            Ok(conn) => {
+                let closed = conn.closed().await;
+                assert!(closed.error().is_some_and(|e| e.is_tls()), "{closed:?}");
+            }
+            Err(err) => assert!(err.is_tls(), "{err}"),
+        }
+        let (app, echo) = echo::EchoClient::new();
+        let conn = client(true)
+            .connect_addr(server.addr, Some("localhost"), app)
+            .await
+            .expect("a client certificate from the CA is accepted");
+        assert_eq!(
+            &echo.echo(bytes::Bytes::from_static(b"both")).await.unwrap()[..],
+            b"both"
+        );
+        conn.close(0, "");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -78,7 +78,7 @@ mod cid;
 mod config;
 mod driver;
 mod endpoint;
-mod limits;
+pub(crate) mod limits;
 mod metrics;
 mod notify;
 mod router;

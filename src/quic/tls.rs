@@ -264,7 +264,9 @@ impl TlsMaterial {
                 .map_err(|e| tls_err("public key", e))?;
             b.add_credential(&credential.build())
                 .map_err(|e| tls_err("add credential", e))?;
-            b.set_verify(SslVerifyMode::NONE);
+            // A client CA asks clients for a certificate here too: a server that presents
+            // a raw key still requires what its configuration says of clients.
+            self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
         } else {
             b.set_server_certificate_types(&[CertificateType::RAW_PUBLIC_KEY])
                 .map_err(|e| tls_err("certificate types", e))?;

@@ -92,6 +92,7 @@ pub(crate) struct Transport {
     acceptor: SslAcceptor,
     http: auto::Builder<TokioExecutor>,
     limits: Limits,
+    handshakes: Arc<crate::quic::limits::Limits>,
 }
 
 impl Transport {
@@ -138,10 +139,18 @@ impl Transport {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
         }
+        // The TLS handshakes in progress fall under the QUIC listener's handshake caps,
+        // counted apart: `max_handshakes_in_progress` in all and, once a quarter of those
+        // are in use, `max_handshakes_in_progress_per_address` per client address, so that
+        // one host opening connections it never finishes cannot take every slot
+        // (`tcp_max_connections` bounds the connections themselves).
+        let mut handshake_caps = config.config.inner.server.clone();
+        handshake_caps.max_connections = usize::MAX;
         Ok(Transport {
             acceptor: acceptor(config)?,
             http,
             limits: limits.clone(),
+            handshakes: crate::quic::limits::Limits::new(&handshake_caps),
         })
     }
 }
@@ -169,8 +178,10 @@ fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
     // The same client verification as the QUIC side: mutual TLS is meaningless if a client
     // without a certificate can reach the service over TCP instead.
     tls.verify_clients(&mut b).map_err(|e| err("client CA", e))?;
+    // A client that offers protocols, none of them ours, is refused with
+    // no_application_protocol (RFC 7301 §3.2), not served as if it had offered HTTP.
     b.set_alpn_select_callback(|_, client| {
-        boring::ssl::select_next_proto(crate::quic::tls::TCP_ALPN, client).ok_or(AlpnError::NOACK)
+        boring::ssl::select_next_proto(crate::quic::tls::TCP_ALPN, client).ok_or(AlpnError::ALERT_FATAL)
     });
     Ok(b.build())
 }
@@ -877,7 +888,12 @@ pub(crate) async fn run<S>(
 {
     let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let service = alt_svc.layer(service);
-    let Transport { acceptor, http, limits } = transport;
+    let Transport {
+        acceptor,
+        http,
+        limits,
+        handshakes,
+    } = transport;
     let (acceptor, http, limits) = (Arc::new(acceptor), Arc::new(http), Arc::new(limits));
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max_connections));
@@ -907,6 +923,13 @@ pub(crate) async fn run<S>(
                 continue;
             }
         };
+        let mut handshake = match handshakes.admit(remote_addr.ip()) {
+            Ok(slot) => slot,
+            Err(_) => {
+                tracing::debug!(peer = %remote_addr, "too many TLS handshakes in progress (from this address); TCP connection closed");
+                continue;
+            }
+        };
         let _ = stream.set_nodelay(true);
         let acceptor = Arc::clone(&acceptor);
         let http = Arc::clone(&http);
@@ -931,7 +954,10 @@ pub(crate) async fn run<S>(
             let _alive = alive;
             let _slot = slot;
             let tls = match tokio::time::timeout(tls_handshake_timeout, tokio_boring::accept(&acceptor, stream)).await {
-                Ok(Ok(tls)) => tls,
+                Ok(Ok(tls)) => {
+                    handshake.established();
+                    tls
+                }
                 Ok(Err(e)) => {
                     // A refused client certificate leaves its reason here; taking it also
                     // keeps it from being reported for a later connection on this thread.

@@ -39,16 +39,34 @@ pub async fn connect_after(
     identity: Option<&GeneratedCert>,
     pause: std::time::Duration,
 ) -> Result<SslStream<TcpStream>, BoxError> {
-    let mut connector = SslConnector::builder(SslMethod::tls())?;
-    connector
-        .cert_store_mut()
-        .add_cert(boring::x509::X509::from_pem(ca_pem.as_bytes())?)?;
     let alpn: &[u8] = if version == Version::HTTP_2 {
         b"\x02h2"
     } else {
         b"\x08http/1.1"
     };
-    connector.set_alpn_protos(alpn)?;
+    let tls = connect_offering(addr, ca_pem, Some(alpn), identity, pause).await?;
+    let negotiated = tls.ssl().selected_alpn_protocol().map(<[u8]>::to_vec);
+    let expected: &[u8] = if version == Version::HTTP_2 { b"h2" } else { b"http/1.1" };
+    assert_eq!(negotiated.as_deref(), Some(expected), "ALPN");
+    Ok(tls)
+}
+
+/// Opens a TLS connection that offers `alpn` (in its wire form; `None`: no ALPN extension),
+/// whatever the server then picks.
+pub async fn connect_offering(
+    addr: SocketAddr,
+    ca_pem: &str,
+    alpn: Option<&[u8]>,
+    identity: Option<&GeneratedCert>,
+    pause: std::time::Duration,
+) -> Result<SslStream<TcpStream>, BoxError> {
+    let mut connector = SslConnector::builder(SslMethod::tls())?;
+    connector
+        .cert_store_mut()
+        .add_cert(boring::x509::X509::from_pem(ca_pem.as_bytes())?)?;
+    if let Some(alpn) = alpn {
+        connector.set_alpn_protos(alpn)?;
+    }
     if let Some(identity) = identity {
         let cert = boring::x509::X509::from_pem(identity.cert_pem.as_bytes())?;
         let key = boring::pkey::PKey::private_key_from_pem(identity.key_pem.as_bytes())?;
@@ -61,10 +79,33 @@ pub async fn connect_after(
     let tls = tokio_boring::connect(config, "localhost", tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    let negotiated = tls.ssl().selected_alpn_protocol().map(<[u8]>::to_vec);
-    let expected: &[u8] = if version == Version::HTTP_2 { b"h2" } else { b"http/1.1" };
-    assert_eq!(negotiated.as_deref(), Some(expected), "ALPN");
     Ok(tls)
+}
+
+/// Sends one request over HTTP/1.1 on a new TLS connection from the local address `from`
+/// (another loopback address than the usual 127.0.0.1, say).
+pub async fn send_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    ca_pem: &str,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Bytes>, BoxError> {
+    let mut connector = SslConnector::builder(SslMethod::tls())?;
+    connector
+        .cert_store_mut()
+        .add_cert(boring::x509::X509::from_pem(ca_pem.as_bytes())?)?;
+    connector.set_alpn_protos(b"\x08http/1.1")?;
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(addr).await?;
+    let tls = tokio_boring::connect(connector.build().configure()?, "localhost", tcp)
+        .await
+        .map_err(|e| format!("TLS handshake: {e}"))?;
+    request(tls, Version::HTTP_11, req).await
 }
 
 /// Sends one request on an open TLS connection and collects the response.
