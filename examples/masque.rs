@@ -6,7 +6,8 @@
 //! Clients open `/.well-known/masque/udp/{target_host}/{target_port}/` with an extended
 //! CONNECT (`:protocol = connect-udp`, `capsule-protocol: ?1`), then send UDP payloads as
 //! HTTP datagrams with context ID 0; what the target answers comes back the same way.
-//! Targets must resolve into the allow-list: loopback only unless `--allow` adds ranges. A
+//! Targets must resolve into the allow-list: loopback only, unless `--allow` names the
+//! ranges to allow instead (loopback is then allowed only if named too). A
 //! target outside it gets 403, a path off the template 404, a request that is not
 //! CONNECT-UDP 400. Without `--cert`/`--key` it generates a development certificate. It
 //! stops cleanly on SIGINT or SIGTERM.
@@ -33,7 +34,7 @@ use tower_quiche::quic::{Listener, TransportConfig};
 struct Args {
     #[command(flatten)]
     server: support::Server,
-    /// Also allow targets in this address range (ADDR or ADDR/PREFIX; repeatable) [default: loopback only]
+    /// Allow targets in this address range (ADDR or ADDR/PREFIX; repeatable); replaces the default [default: loopback only]
     #[arg(long, value_name = "NET")]
     allow: Vec<masque::Net>,
     /// Most tunnels open at once (503 beyond)
@@ -60,7 +61,11 @@ async fn main() {
         idle_timeout: Duration::from_secs(args.idle_timeout.max(1)),
         ..masque::Settings::default()
     };
-    settings.allowed.extend(args.allow);
+    if !args.allow.is_empty() {
+        // Named ranges replace loopback: a proxy opened to 192.0.2.0/24 must not also
+        // reach its own host's UDP services.
+        settings.allowed = args.allow;
+    }
     let transport = TransportConfig::new().datagrams(DATAGRAM_QUEUE);
     let listener = Listener::bind(args.server.listen, args.server.config_with("h3", transport))
         .await

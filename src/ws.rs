@@ -253,11 +253,26 @@ impl WebSocketUpgrade {
 pub struct WebSocketUpgradeRejection {
     status: StatusCode,
     reason: &'static str,
+    /// A 426 to an HTTP/1.x request names the protocol to upgrade to (RFC 9110 §15.5.22);
+    /// HTTP/2 and HTTP/3 have no `Upgrade` field.
+    names_upgrade: bool,
 }
 
 impl WebSocketUpgradeRejection {
     fn new(status: StatusCode, reason: &'static str) -> Self {
-        WebSocketUpgradeRejection { status, reason }
+        WebSocketUpgradeRejection {
+            status,
+            reason,
+            names_upgrade: false,
+        }
+    }
+
+    /// A 426 over HTTP/1.x: with `Upgrade: websocket`.
+    fn upgrade_required(reason: &'static str, version: Version) -> Self {
+        WebSocketUpgradeRejection {
+            names_upgrade: version <= Version::HTTP_11,
+            ..Self::new(StatusCode::UPGRADE_REQUIRED, reason)
+        }
     }
 
     /// The status the rejection answers with.
@@ -279,9 +294,13 @@ impl IntoResponse for WebSocketUpgradeRejection {
         let mut response = (self.status, self.reason).into_response();
         if self.status == StatusCode::UPGRADE_REQUIRED {
             // RFC 6455 §4.4: the versions the server speaks.
-            response
-                .headers_mut()
-                .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            let headers = response.headers_mut();
+            headers.insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+            if self.names_upgrade {
+                // RFC 9110 §15.5.22 (the protocol), §7.8 (`upgrade` in Connection beside it).
+                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            }
         }
         response
     }
@@ -291,12 +310,19 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
     type Rejection = WebSocketUpgradeRejection;
 
     async fn from_request(request: Request, _state: &S) -> Result<Self, Self::Rejection> {
-        let reject = WebSocketUpgradeRejection::new;
+        let connect = request.method() == Method::CONNECT;
+        let http1_get = request.method() == Method::GET && request.version() <= Version::HTTP_11;
+        if !(connect || http1_get) {
+            return Err(WebSocketUpgradeRejection::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket handshake is a GET with Upgrade (HTTP/1.1) or an extended CONNECT (HTTP/2, HTTP/3)",
+            ));
+        }
         let headers = request.headers();
         if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
-            return Err(reject(
-                StatusCode::UPGRADE_REQUIRED,
+            return Err(WebSocketUpgradeRejection::upgrade_required(
                 "only WebSocket version 13 is spoken here",
+                request.version(),
             ));
         }
         let offered = headers
@@ -304,15 +330,10 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
             .iter()
             .cloned()
             .collect();
-        let how = if request.method() == Method::CONNECT {
+        let how = if connect {
             extended_connect(request)?
-        } else if request.method() == Method::GET && request.version() <= Version::HTTP_11 {
-            http1_upgrade(request)?
         } else {
-            return Err(reject(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "a WebSocket handshake is a GET with Upgrade (HTTP/1.1) or an extended CONNECT (HTTP/2, HTTP/3)",
-            ));
+            http1_upgrade(request)?
         };
         let config = WebSocketConfig::default()
             .max_message_size(Some(DEFAULT_MAX_MESSAGE))
@@ -370,9 +391,9 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
     let headers = request.headers();
     let lists = |name, token| crate::server::lists_token(headers, name, token);
     if !lists(header::CONNECTION, "upgrade") || !lists(header::UPGRADE, "websocket") {
-        return Err(WebSocketUpgradeRejection::new(
-            StatusCode::UPGRADE_REQUIRED,
+        return Err(WebSocketUpgradeRejection::upgrade_required(
             "a WebSocket handshake over HTTP/1.1 carries Connection: upgrade and Upgrade: websocket",
+            request.version(),
         ));
     }
     let Some(key) = headers
@@ -389,9 +410,9 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
         let accept_key = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let mut request = request;
         if request.extensions().get::<hyper::upgrade::OnUpgrade>().is_none() {
-            return Err(WebSocketUpgradeRejection::new(
-                StatusCode::UPGRADE_REQUIRED,
+            return Err(WebSocketUpgradeRejection::upgrade_required(
                 "this connection cannot be upgraded",
+                request.version(),
             ));
         }
         let lease = request.extensions().get().cloned();

@@ -163,6 +163,16 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
         let response = tcp::send(server.dual.addr, &server.ca_pem, Version::HTTP_11, request).await;
         assert_eq!(response.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(response.headers()["sec-websocket-version"], "13");
+        // RFC 9110 §15.5.22: a 426 names the protocol to upgrade to (and §7.8: with
+        // `upgrade` in Connection).
+        assert_eq!(response.headers()["upgrade"], "websocket");
+        assert_eq!(response.headers()["connection"], "upgrade");
+        // Another method, whatever else it lacks: 405, before the version is looked at.
+        let request = Request::post(server.url("https"))
+            .body(http_body_util::Full::default())
+            .unwrap();
+        let response = tcp::send(server.dual.addr, &server.ca_pem, Version::HTTP_11, request).await;
+        assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
     })
     .await
     .unwrap();

@@ -13,7 +13,8 @@
 //!
 //! Bounded everywhere: at most `max_tunnels` tunnels at once (503 beyond), one UDP socket
 //! each, closed after `idle_timeout` without a datagram either way; the response body's
-//! capsule queue holds at most `CAPSULE_QUEUE` datagrams (more are dropped), and the
+//! capsule queue holds at most `CAPSULE_QUEUE` datagrams and `CAPSULE_QUEUE_BYTES` bytes
+//! (more are dropped), and the
 //! connection's datagram queues are the library's.
 
 #![allow(dead_code)]
@@ -22,6 +23,7 @@ use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -41,6 +43,10 @@ pub const TEMPLATE_PREFIX: &str = "/.well-known/masque/udp/";
 /// How many datagrams may wait in a response body's capsule queue (when the client takes
 /// no QUIC datagrams): beyond it the target's datagrams are dropped, as UDP would.
 pub const CAPSULE_QUEUE: usize = 64;
+
+/// How many bytes of capsules may wait there: UDP payloads reach 64 KiB, and 64 of them
+/// would keep 4 MiB per tunnel of a client that does not read.
+pub const CAPSULE_QUEUE_BYTES: usize = 256 * 1024;
 
 /// The largest UDP payload.
 const MAX_UDP_PAYLOAD: usize = 65_527;
@@ -118,11 +124,18 @@ impl Default for Settings {
 
 /// The response body: capsules the tunnel sends on the stream, open while the tunnel is.
 /// A [`CapsuleError`] ends it and resets the stream with the error's code.
-pub struct TunnelBody(mpsc::Receiver<Result<Bytes, CapsuleError>>);
+pub struct TunnelBody {
+    capsules: mpsc::Receiver<Result<Bytes, CapsuleError>>,
+    /// Bytes of capsules in `capsules`, against [`CAPSULE_QUEUE_BYTES`].
+    queued: Arc<AtomicUsize>,
+}
 
 impl TunnelBody {
     fn empty() -> Self {
-        TunnelBody(mpsc::channel(1).1)
+        TunnelBody {
+            capsules: mpsc::channel(1).1,
+            queued: Arc::default(),
+        }
     }
 }
 
@@ -131,7 +144,11 @@ impl Body for TunnelBody {
     type Error = CapsuleError;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, CapsuleError>>> {
-        self.0.poll_recv(cx).map(|next| next.map(|item| item.map(Frame::data)))
+        let next = std::task::ready!(self.capsules.poll_recv(cx));
+        if let Some(Ok(capsule)) = &next {
+            self.queued.fetch_sub(capsule.len(), Ordering::AcqRel);
+        }
+        Poll::Ready(next.map(|item| item.map(Frame::data)))
     }
 }
 
@@ -205,16 +222,21 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     };
     let datagrams = Datagrams::from_request(&mut request);
     let (capsules_tx, capsules_rx) = mpsc::channel(CAPSULE_QUEUE);
+    let queued = Arc::new(AtomicUsize::new(0));
     let tunnel = Tunnel {
         socket,
         datagrams,
         capsules: CapsuleReader::new(request.into_body()),
         capsules_tx,
+        queued: Arc::clone(&queued),
         idle_timeout: settings.idle_timeout,
         _permit: permit,
     };
     tokio::spawn(tunnel.run());
-    let mut response = Response::new(TunnelBody(capsules_rx));
+    let mut response = Response::new(TunnelBody {
+        capsules: capsules_rx,
+        queued,
+    });
     response
         .headers_mut()
         .insert(CAPSULE_PROTOCOL, capsule_protocol_value());
@@ -266,6 +288,8 @@ struct Tunnel {
     datagrams: Option<Datagrams>,
     capsules: CapsuleReader<RecvBody>,
     capsules_tx: mpsc::Sender<Result<Bytes, CapsuleError>>,
+    /// Bytes waiting in `capsules_tx`'s queue.
+    queued: Arc<AtomicUsize>,
     idle_timeout: Duration,
     _permit: OwnedSemaphorePermit,
 }
@@ -277,6 +301,7 @@ impl Tunnel {
             datagrams,
             mut capsules,
             capsules_tx,
+            queued,
             idle_timeout,
             _permit,
         } = self;
@@ -315,7 +340,7 @@ impl Tunnel {
                     Ok(n) => {
                         // Context ID 0, then the UDP payload.
                         buf[0] = 0;
-                        back_to_client(sender.as_ref(), &capsules_tx, &buf[..=n]);
+                        back_to_client(sender.as_ref(), &capsules_tx, &queued, &buf[..=n]);
                     }
                     // An ICMP error (port unreachable, say) on the connected socket: UDP
                     // goes on.
@@ -343,10 +368,12 @@ async fn forward(socket: &UdpSocket, payload: &[u8]) {
 
 /// Sends one datagram (context ID and UDP payload) to the client: in a QUIC DATAGRAM frame
 /// when it takes them, else (or when too large for one) in a DATAGRAM capsule. Both queues
-/// are bounded; a full one drops the datagram.
+/// are bounded (the capsules' in datagrams and in bytes, `queued`); a full one drops the
+/// datagram.
 fn back_to_client(
     sender: Option<&DatagramSender>,
     capsules: &mpsc::Sender<Result<Bytes, CapsuleError>>,
+    queued: &AtomicUsize,
     payload: &[u8],
 ) {
     if let Some(sender) = sender {
@@ -359,12 +386,45 @@ fn back_to_client(
     }
     let mut capsule = BytesMut::with_capacity(payload.len() + 9);
     Capsule::Datagram(Bytes::copy_from_slice(payload)).encode(&mut capsule);
-    let _ = capsules.try_send(Ok(capsule.freeze()));
+    let len = capsule.len();
+    let within = queued
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+            (q + len <= CAPSULE_QUEUE_BYTES).then_some(q + len)
+        })
+        .is_ok();
+    if within && capsules.try_send(Ok(capsule.freeze())).is_err() {
+        queued.fetch_sub(len, Ordering::AcqRel);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A client that reads nothing keeps at most `CAPSULE_QUEUE_BYTES` of the target's
+    /// datagrams queued, however large they are; what it reads makes room again.
+    #[tokio::test]
+    async fn the_capsule_queue_is_bounded_in_bytes() {
+        let (tx, rx) = mpsc::channel(CAPSULE_QUEUE);
+        let queued = Arc::new(AtomicUsize::new(0));
+        for _ in 0..CAPSULE_QUEUE {
+            back_to_client(None, &tx, &queued, &[0; MAX_UDP_PAYLOAD]);
+        }
+        let held = queued.load(Ordering::Acquire);
+        assert!(held <= CAPSULE_QUEUE_BYTES, "{held} bytes queued");
+        let each = held / rx.len();
+        assert!(each > MAX_UDP_PAYLOAD, "{each}");
+        assert_eq!(rx.len(), CAPSULE_QUEUE_BYTES / each, "whole datagrams, as many as fit");
+        let mut body = TunnelBody {
+            capsules: rx,
+            queued: Arc::clone(&queued),
+        };
+        let frame = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await;
+        assert!(frame.is_some_and(|f| f.is_ok()));
+        assert_eq!(queued.load(Ordering::Acquire), held - each, "room made by the read");
+        back_to_client(None, &tx, &queued, &[0; MAX_UDP_PAYLOAD]);
+        assert_eq!(queued.load(Ordering::Acquire), held, "and taken again");
+    }
 
     #[test]
     fn targets_come_from_the_template() {

@@ -190,33 +190,39 @@ impl Cache {
         }
     }
 
-    /// Takes in the `Alt-Svc` fields of a response from `origin`: a field that parses
-    /// replaces what was known (RFC 7838 §3.1), `clear` forgets it, an `h3` alternative on
-    /// the same host (first in the server's order) is remembered for its `ma`. Alternatives
-    /// on other hosts and other protocols (`h3-29`, `h2`) are ignored.
+    /// Takes in the `Alt-Svc` fields of a response from `origin`: what parses replaces what
+    /// was known (RFC 7838 §3.1), `clear` forgets it, an `h3` alternative on the same host
+    /// (first in the server's order) is remembered for its `ma`. Alternatives on other hosts
+    /// and other protocols (`h3-29`, `h2`) are ignored. Several field lines are one list
+    /// (RFC 9110 §5.3): an `h3` on one line is not forgotten for an `h2` on the next.
     pub(crate) fn update<'a>(&mut self, origin: &Origin, fields: impl Iterator<Item = &'a HeaderValue>, now: Instant) {
+        let mut parsed_any = false;
+        let mut h3 = None;
         for field in fields {
             let Some(parsed) = parse(field.as_bytes()) else {
                 continue;
             };
-            let h3 = match parsed {
-                AltSvc::Clear => None,
-                AltSvc::Alternatives(alternatives) => alternatives
+            parsed_any = true;
+            if let (None, AltSvc::Alternatives(alternatives)) = (h3, parsed) {
+                h3 = alternatives
                     .into_iter()
                     .find(|a| a.protocol == "h3" && a.host.as_deref().is_none_or(|h| h == origin.host))
                     .and_then(|a| Some((a.port, now.checked_add(a.max_age)?)))
-                    .filter(|(_, until)| *until > now),
-            };
-            match (h3, self.entries.get_mut(origin)) {
-                (None, Some(entry)) => {
-                    entry.h3 = None;
-                    if entry.broken_until.is_none() {
-                        self.entries.remove(origin);
-                    }
-                }
-                (None, None) => {}
-                (Some(h3), _) => self.touch(origin).h3 = Some(h3),
+                    .filter(|(_, until)| *until > now);
             }
+        }
+        if !parsed_any {
+            return;
+        }
+        match (h3, self.entries.get_mut(origin)) {
+            (None, Some(entry)) => {
+                entry.h3 = None;
+                if entry.broken_until.is_none() {
+                    self.entries.remove(origin);
+                }
+            }
+            (None, None) => {}
+            (Some(h3), _) => self.touch(origin).h3 = Some(h3),
         }
     }
 
@@ -390,6 +396,18 @@ mod tests {
         let upper = Origin::of(&"https://EXAMPLE.com/".parse().unwrap()).unwrap();
         cache.update(&upper, [HeaderValue::from_static("h3=\"Example.COM:5\"")].iter(), now);
         assert_eq!(cache.h3_port(&o, now), Some(5));
+        // Several field lines are one list (RFC 9110 §5.3), in order.
+        let lines = |values: [&'static str; 2]| values.map(HeaderValue::from_static);
+        cache.update(&o, lines(["h3=\":6\"", "h2=\":7\""]).iter(), now);
+        assert_eq!(cache.h3_port(&o, now), Some(6), "an h2 line after an h3 line");
+        cache.update(&o, lines(["h2=\":7\"", "h3=\":8\", h3=\":9\""]).iter(), now);
+        assert_eq!(cache.h3_port(&o, now), Some(8), "the first h3 of all lines");
+        cache.update(&o, lines(["h3=\"", "h2=\":7\""]).iter(), now);
+        assert_eq!(
+            cache.h3_port(&o, now),
+            None,
+            "the line that parses replaces what was known"
+        );
     }
 
     #[test]

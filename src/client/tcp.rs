@@ -2,7 +2,7 @@
 //! known to speak HTTP/3 and for when the QUIC path is broken.
 //!
 //! hyper-util's pooled client does the HTTP, over a connector of ours: hyper-util's
-//! `HttpConnector` for TCP (Happy Eyeballs, no Nagle), then TLS through tokio-boring with
+//! `HttpConnector` for TCP (Happy Eyeballs, no Nagle, keep-alive probes), then TLS through tokio-boring with
 //! the BoringSSL context the QUIC side builds from the same [`ClientConfig`] (the same
 //! roots, the same `danger_accept_invalid_certs`, the same client certificate), offering
 //! ALPN `h2` then `http/1.1`.
@@ -38,12 +38,8 @@ impl TcpClient {
         let mut tls = config.config.inner.tls.context_builder(false)?;
         tls.set_alpn_protos(TCP_ALPN)
             .map_err(|e| Error::config(format!("TLS setup for TCP failed (ALPN): {e}")))?;
-        let mut http = HttpConnector::new();
-        // The scheme is https: the TLS is ours, on top.
-        http.enforce_http(false);
-        http.set_nodelay(true);
         let connector = Connector {
-            http,
+            http: tcp_connector(),
             tls: tls.build(),
             verify_name: config.config.verifies_server_name(),
             connect_timeout,
@@ -61,6 +57,26 @@ impl TcpClient {
         let response = self.inner.request(request).await.map_err(request_error)?;
         Ok(response.map(RecvBody::tcp))
     }
+}
+
+/// How long a TCP connection may be silent before the kernel probes its peer, how far
+/// apart the probes are, and how many go unanswered before it is given up: a peer that
+/// vanished (a host gone, a NAT that forgot the flow) fails a request waiting on it, and a
+/// pooled connection, within a minute, as reqwest's defaults do; without probes a request
+/// whose bytes were all acknowledged waits for an answer for ever.
+const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
+const TCP_KEEPALIVE_PROBES: u32 = 3;
+
+/// hyper-util's TCP connector as the TLS on top needs it: any scheme (the TLS is ours), no
+/// Nagle, keep-alive probes ([`TCP_KEEPALIVE`]).
+fn tcp_connector() -> HttpConnector {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_keepalive(Some(TCP_KEEPALIVE));
+    http.set_keepalive_interval(Some(TCP_KEEPALIVE));
+    http.set_keepalive_retries(Some(TCP_KEEPALIVE_PROBES));
+    http
 }
 
 /// Opens TLS connections over TCP.
@@ -196,4 +212,25 @@ fn request_error(e: hyper_util::client::legacy::Error) -> Error {
 /// The error of a response body over TCP.
 pub(crate) fn body_error(e: hyper::Error) -> Error {
     Error::from_hyper(e, "the response body over TCP failed")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection's socket probes a silent peer (what finds a vanished one).
+    #[tokio::test]
+    async fn tcp_connections_probe_a_silent_peer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let uri: Uri = format!("https://{}/", listener.local_addr().unwrap()).parse().unwrap();
+        let tcp = tcp_connector().call(uri).await.unwrap().into_inner();
+        let socket = socket2::SockRef::from(&tcp);
+        assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE");
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
+            assert_eq!(socket.tcp_keepalive_interval().unwrap(), TCP_KEEPALIVE);
+            assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_PROBES);
+        }
+    }
 }
