@@ -406,10 +406,13 @@ async fn tcp_handshakes_one_address_never_finishes_do_not_shut_others_out() {
     })
     .await;
     let run = async {
-        // A connection whose handshake is done no longer counts.
-        let _established = tcp::connect(server.addr, &server.ca_pem, Version::HTTP_11, None)
+        // A connection whose handshake is done no longer counts (answered, so the server
+        // has seen the handshake end, not only the client).
+        let (mut established, _driver) = tcp::Connection::open(server.addr, &server.ca_pem, Version::HTTP_11)
             .await
             .unwrap();
+        let answer = established.send(server.get("/version")).await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
         // No TLS at all: it holds 127.0.0.1's one handshake until the TLS handshake timeout
         // (10 s).
         let mut held = tokio::net::TcpStream::connect(server.addr).await.unwrap();
