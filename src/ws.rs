@@ -292,6 +292,12 @@ impl std::error::Error for WebSocketUpgradeRejection {}
 impl IntoResponse for WebSocketUpgradeRejection {
     fn into_response(self) -> Response {
         let mut response = (self.status, self.reason).into_response();
+        if self.status == StatusCode::METHOD_NOT_ALLOWED {
+            // RFC 9110 §15.5.6: the methods a handshake may use.
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, CONNECT"));
+        }
         if self.status == StatusCode::UPGRADE_REQUIRED {
             // RFC 6455 §4.4: the versions the server speaks.
             let headers = response.headers_mut();

@@ -382,6 +382,8 @@ async fn tcp_clients_offering_no_protocol_of_ours_are_refused() {
         let refused = offering(Some(b"\x03foo\x0aacme-tls/1")).await;
         let error = refused.expect_err("a client offering only foo is refused").to_string();
         assert!(error.contains("TLS handshake"), "{error}");
+        let http10 = offering(Some(b"\x08http/1.0")).await.expect("HTTP/1.0 is ours too");
+        assert_eq!(http10.ssl().selected_alpn_protocol(), Some(&b"http/1.0"[..]));
         for spoken in [Version::HTTP_11, Version::HTTP_2] {
             let tls = offering(None).await.expect("TLS without ALPN");
             let response = tcp::request(tls, spoken, server.get("/version")).await.unwrap();
@@ -392,17 +394,15 @@ async fn tcp_clients_offering_no_protocol_of_ours_are_refused() {
 }
 
 /// One client address cannot take every TLS handshake slot of the TCP side: once a quarter
-/// of the listener's `max_handshakes_in_progress` are in use, an address gets its
+/// of `tcp_max_connections` are in a handshake, an address gets the listener's
 /// `max_handshakes_in_progress_per_address`, and its connections past that are closed at
 /// once, while other addresses are served; a handshake given up frees its place.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_handshakes_one_address_never_finishes_do_not_shut_others_out() {
     use tokio::io::AsyncReadExt;
-    let server = dual_with(app(), server::Builder::new(), |config| {
-        config
-            .max_handshakes_in_progress(4)
-            .max_handshakes_in_progress_per_address(1)
+    let server = dual_with(app(), server::Builder::new().tcp_max_connections(4), |config| {
+        config.max_handshakes_in_progress_per_address(1)
     })
     .await;
     let run = async {

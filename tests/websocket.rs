@@ -173,6 +173,7 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
             .unwrap();
         let response = tcp::send(server.dual.addr, &server.ca_pem, Version::HTTP_11, request).await;
         assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(response.headers()["allow"], "GET, CONNECT", "RFC 9110 §15.5.6");
     })
     .await
     .unwrap();

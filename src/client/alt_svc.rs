@@ -194,24 +194,30 @@ impl Cache {
     /// was known (RFC 7838 §3.1), `clear` forgets it, an `h3` alternative on the same host
     /// (first in the server's order) is remembered for its `ma`. Alternatives on other hosts
     /// and other protocols (`h3-29`, `h2`) are ignored. Several field lines are one list
-    /// (RFC 9110 §5.3): an `h3` on one line is not forgotten for an `h2` on the next.
+    /// (RFC 9110 §5.3): an `h3` on one line is not forgotten for an `h2` on the next, and a
+    /// list that does not parse whole (a malformed line, or `clear` beside anything, which
+    /// must stand alone, RFC 7838 §3) changes nothing.
     pub(crate) fn update<'a>(&mut self, origin: &Origin, fields: impl Iterator<Item = &'a HeaderValue>, now: Instant) {
-        let mut parsed_any = false;
+        let (mut lines, mut clear) = (0, false);
         let mut h3 = None;
         for field in fields {
             let Some(parsed) = parse(field.as_bytes()) else {
-                continue;
+                return;
             };
-            parsed_any = true;
-            if let (None, AltSvc::Alternatives(alternatives)) = (h3, parsed) {
-                h3 = alternatives
-                    .into_iter()
-                    .find(|a| a.protocol == "h3" && a.host.as_deref().is_none_or(|h| h == origin.host))
-                    .and_then(|a| Some((a.port, now.checked_add(a.max_age)?)))
-                    .filter(|(_, until)| *until > now);
+            lines += 1;
+            match parsed {
+                AltSvc::Clear => clear = true,
+                AltSvc::Alternatives(alternatives) if h3.is_none() => {
+                    h3 = alternatives
+                        .into_iter()
+                        .find(|a| a.protocol == "h3" && a.host.as_deref().is_none_or(|h| h == origin.host))
+                        .and_then(|a| Some((a.port, now.checked_add(a.max_age)?)))
+                        .filter(|(_, until)| *until > now);
+                }
+                AltSvc::Alternatives(_) => {}
             }
         }
-        if !parsed_any {
+        if lines == 0 || (clear && lines > 1) {
             return;
         }
         match (h3, self.entries.get_mut(origin)) {
@@ -405,9 +411,17 @@ mod tests {
         cache.update(&o, lines(["h3=\"", "h2=\":7\""]).iter(), now);
         assert_eq!(
             cache.h3_port(&o, now),
-            None,
-            "the line that parses replaces what was known"
+            Some(8),
+            "a list with a malformed line changes nothing"
         );
+        cache.update(&o, lines(["clear", "h2=\":7\""]).iter(), now);
+        assert_eq!(
+            cache.h3_port(&o, now),
+            Some(8),
+            "clear beside another line changes nothing"
+        );
+        cache.update(&o, lines(["h2=\":7\"", "h2=\":9\""]).iter(), now);
+        assert_eq!(cache.h3_port(&o, now), None, "lines without h3 replace it");
     }
 
     #[test]

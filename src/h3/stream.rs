@@ -495,7 +495,7 @@ impl StreamShared {
                 };
             }
             r.waker = Some(cx.waker().clone());
-            let continue_now = std::mem::take(&mut r.continue_owed) && r.received == 0;
+            let continue_now = std::mem::take(&mut r.continue_owed) && r.received == 0 && !r.trailers_seen;
             if continue_now && !s.send.final_queued && !s.send.done {
                 s.send
                     .heads
@@ -580,6 +580,10 @@ impl StreamShared {
             if s.send.final_queued || s.send.done {
                 let error = Error::new(Kind::Closed).with_message("the final response head is already on its way");
                 return (Err(error), false);
+            }
+            if fields.first().is_some_and(|status| status.value() == b"100") {
+                // The handler sent its own 100: it is not owed again.
+                s.recv.continue_owed = false;
             }
             s.send.heads.push_back((OutFields::List(fields), false));
             (Ok(()), true)
@@ -754,11 +758,15 @@ impl StreamShared {
     }
 
     /// A HEADERS frame after the head: the message's trailers, held to `max_size` (RFC 9114
-    /// §4.2.2 counting). Bad trailers are a malformed message. (quiche refuses a second
-    /// trailer section itself, and DATA after one when DATA came before it; DATA after
-    /// trailers that followed the head directly is refused by `read_from`.)
+    /// §4.2.2 counting). Bad trailers are a malformed message; a second trailer section,
+    /// or DATA after one (refused by `read_from`), is a frame out of sequence (quiche
+    /// refuses them only after DATA, and only on a peer's streams).
     pub(crate) fn on_trailers(&self, list: &[Header], max_size: usize) -> Result<(), ReadFailure> {
-        self.lock().recv.trailers_seen = true;
+        if std::mem::replace(&mut self.lock().recv.trailers_seen, true) {
+            // A second trailer section: quiche lets it through when no DATA came before
+            // the first, and on streams we opened (a client's) it tracks no frame order.
+            return Err(ReadFailure::FrameUnexpected);
+        }
         let trailers = if fields::section_size(list) > max_size {
             Err(Malformed("the trailer section is larger than the field-section limit"))
         } else {

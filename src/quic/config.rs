@@ -934,10 +934,6 @@ impl ServerConfigBuilder {
     /// memory nor take every connection slot. At the cap, new Initials are dropped (counted
     /// as [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)); a
     /// connection stops counting once its handshake completes or it ends. Must be at least 1.
-    ///
-    /// A server's TCP side (`server::Builder::serve_with_tcp`) holds its TLS handshakes to
-    /// this and to [`max_handshakes_in_progress_per_address`](Self::max_handshakes_in_progress_per_address)
-    /// too, counted apart from QUIC's; a TCP connection past them is closed at once.
     pub fn max_handshakes_in_progress(mut self, handshakes: usize) -> Self {
         self.server.max_handshakes = handshakes;
         self
@@ -953,6 +949,10 @@ impl ServerConfigBuilder {
     /// dropped (counted as
     /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)). Must be at
     /// least 1.
+    ///
+    /// A server's TCP side (`server::Builder::serve_with_tcp`) gives each address the same
+    /// share of its TLS handshakes, once a quarter of its `tcp_max_connections` are in one;
+    /// an address's connections past it are closed at once.
     pub fn max_handshakes_in_progress_per_address(mut self, handshakes: usize) -> Self {
         self.server.max_handshakes_per_address = handshakes;
         self

@@ -75,8 +75,9 @@ impl PemSource {
 }
 
 /// The ALPN list of HTTP over TLS on TCP, in wire format and order of preference: `h2`, then
-/// `http/1.1`. The server's TCP side selects from it, the client's offers it.
-#[cfg(feature = "tcp")]
+/// `http/1.1`. The client's TCP side offers it; the server's selects from it and
+/// `http/1.0`.
+#[cfg(all(feature = "tcp", feature = "client"))]
 pub(crate) const TCP_ALPN: &[u8] = b"\x02h2\x08http/1.1";
 
 /// Parsed TLS material of a configuration, shared by every endpoint built from it.

@@ -371,7 +371,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // the response's own `priority` field may change it later.
         let shared =
             StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
-        if more_frames && fields::expects_continue(head.request.headers()) {
+        // Not for a CONNECT: its 2xx is the answer to go on, and it owes no body.
+        if more_frames
+            && head.request.method() != http::Method::CONNECT
+            && fields::expects_continue(head.request.headers())
+        {
             shared.owe_continue();
         }
         let priorities = head.request.headers().get_all(priority::FIELD);

@@ -555,11 +555,11 @@ impl Builder {
     /// task and its buffers, so this bounds what a flood of connections can take. Defaults
     /// to 10,000, well above what one honest client uses (browsers open one HTTP/2
     /// connection per site, six at most over HTTP/1.1), and within memory a small server
-    /// has; raise `ulimit -n` to match. Connections still in their TLS handshake are also
-    /// held to the QUIC listener's handshake caps
-    /// ([`max_handshakes_in_progress`](crate::quic::ServerConfigBuilder::max_handshakes_in_progress),
-    /// in all and per client address once a quarter of them are in use), so that one
-    /// address cannot take every slot with handshakes it never finishes.
+    /// has; raise `ulimit -n` to match. Once a quarter of them are in their TLS handshake,
+    /// one client address may have at most the QUIC listener's
+    /// [`max_handshakes_in_progress_per_address`](crate::quic::ServerConfigBuilder::max_handshakes_in_progress_per_address)
+    /// in it (its further connections are closed at once), so that one address cannot
+    /// take every slot with handshakes it never finishes.
     #[cfg(feature = "tcp")]
     pub fn tcp_max_connections(mut self, connections: usize) -> Self {
         self.tcp.max_connections = connections.max(1);

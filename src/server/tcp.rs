@@ -139,13 +139,16 @@ impl Transport {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
         }
-        // The TLS handshakes in progress fall under the QUIC listener's handshake caps,
-        // counted apart: `max_handshakes_in_progress` in all and, once a quarter of those
-        // are in use, `max_handshakes_in_progress_per_address` per client address, so that
-        // one host opening connections it never finishes cannot take every slot
-        // (`tcp_max_connections` bounds the connections themselves).
+        // Once a quarter of `tcp_max_connections` are in their TLS handshake, one client
+        // address may have at most the QUIC listener's
+        // `max_handshakes_in_progress_per_address` of them, so that one host opening
+        // connections it never finishes cannot take every slot. No cap of their own
+        // besides: the connection slots (`tcp_max_connections`, whose clients wait in the
+        // listen backlog at the limit) bound them, and a TCP client that is closed on,
+        // unlike a QUIC one whose Initial is dropped, does not try again.
         let mut handshake_caps = config.config.inner.server.clone();
         handshake_caps.max_connections = usize::MAX;
+        handshake_caps.max_handshakes = limits.max_connections.max(1);
         Ok(Transport {
             acceptor: acceptor(config)?,
             http,
@@ -154,6 +157,11 @@ impl Transport {
         })
     }
 }
+
+/// The protocols the TCP side speaks, in ALPN's wire form and our order of preference:
+/// what the client offers (`quic::tls::TCP_ALPN`), and HTTP/1.0, which hyper serves too
+/// (`curl --http1.0` offers it alone).
+const SERVED_ALPN: &[u8] = b"\x02h2\x08http/1.1\x08http/1.0";
 
 /// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, its client
 /// CA when it requires client certificates (mutual TLS), ALPN `h2` then `http/1.1`.
@@ -181,7 +189,7 @@ fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
     // A client that offers protocols, none of them ours, is refused with
     // no_application_protocol (RFC 7301 §3.2), not served as if it had offered HTTP.
     b.set_alpn_select_callback(|_, client| {
-        boring::ssl::select_next_proto(crate::quic::tls::TCP_ALPN, client).ok_or(AlpnError::ALERT_FATAL)
+        boring::ssl::select_next_proto(SERVED_ALPN, client).ok_or(AlpnError::ALERT_FATAL)
     });
     Ok(b.build())
 }

@@ -465,6 +465,13 @@ async fn a_request_that_expects_100_continue_gets_it_when_its_body_is_read() {
         if request.uri().path() == "/refuse" {
             return Response::builder().status(413).body(full("")).unwrap();
         }
+        if request.uri().path() == "/own" {
+            // A handler that sends its own 100 is not sent another.
+            let informational = request.extensions().get::<Informational>().unwrap();
+            informational
+                .send(http::StatusCode::CONTINUE, &HeaderMap::new())
+                .unwrap();
+        }
         let body = request.into_body().collect().await.unwrap().to_bytes();
         Response::new(full(body))
     });
@@ -493,6 +500,30 @@ async fn a_request_that_expects_100_continue_gets_it_when_its_body_is_read() {
     h.send_body(plain, b"hello", true);
     h.until("the plain echo", |h| h.seen(plain).finished).await;
     assert_eq!(h.seen(plain).informational, Vec::<u16>::new(), "no 100 unasked");
+
+    let own = h.send_request(&expecting("/own"), false);
+    h.until("the handler's 100", |h| !h.seen(own).informational.is_empty())
+        .await;
+    h.send_body(own, b"hello", true);
+    h.until("the echo after its own 100", |h| h.seen(own).finished).await;
+    assert_eq!(h.seen(own).informational, vec![100], "one 100, the handler's");
+
+    // A CONNECT's answer is its 2xx: no 100 before it, whatever it asks.
+    let mut connect = fields(&[(":method", "CONNECT"), (":authority", "localhost:443")]);
+    connect.push(h3::Header::new(b"expect", b"100-continue"));
+    h.send_raw_request(4 * 4, &connect, false);
+    h.settle();
+    h.send_raw(
+        4 * 4,
+        &{
+            let mut data = Vec::new();
+            put_frame(&mut data, 0x0, b"hello");
+            data
+        },
+        true,
+    );
+    h.until("the CONNECT's answer", |h| h.seen(16).finished).await;
+    assert_eq!((h.seen(16).informational, h.seen(16).status), (vec![], Some(200)));
     assert!(h.forgot_everything());
 }
 
@@ -516,8 +547,16 @@ async fn data_after_trailers_and_headers_inside_a_tunnel_close_the_connection() 
         put_frame(&mut bytes, 0x1, &field_section(&[("x-trailer".into(), "1".into())]));
         bytes
     };
+    let two_trailer_sections = || {
+        let mut bytes = Vec::new();
+        put_frame(&mut bytes, 0x1, &field_section(&pairs(&post("/echo", None))));
+        put_frame(&mut bytes, 0x1, &field_section(&[("x-trailer".into(), "1".into())]));
+        put_frame(&mut bytes, 0x1, &field_section(&[("x-trailer".into(), "2".into())]));
+        bytes
+    };
     for (what, bytes) in [
         ("DATA after trailers", data_after_trailers()),
+        ("a second trailer section", two_trailer_sections()),
         ("HEADERS after a CONNECT's head", headers_in_a_tunnel()),
     ] {
         let mut h = Harness::new(Builder::new(), echo());
