@@ -264,13 +264,26 @@ async fn the_subprotocol_is_chosen_from_every_offered_line() {
 /// A WebSocket over HTTP/2: an extended CONNECT on a hyper client, once the server's
 /// SETTINGS (which allow it) have arrived.
 async fn http2_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>> {
+    http2_websocket_and_connection(server).await.0
+}
+
+/// A WebSocket over HTTP/2 as [`http2_websocket`] opens it, the client connection's sender
+/// (kept, the connection stays open while the server keeps it) and its task, which ends
+/// when the connection does.
+async fn http2_websocket_and_connection(
+    server: &Server,
+) -> (
+    WebSocketStream<impl AsyncRead + AsyncWrite + Unpin + use<>>,
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
     let tls = tcp::connect(server.dual.addr, &server.ca_pem, Version::HTTP_2, None)
         .await
         .unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
         .await
         .unwrap();
-    tokio::spawn(conn);
+    let conn = tokio::spawn(conn);
     let mut attempts = 0;
     let response = loop {
         let mut request = extended_connect(&server.url("https"), true).map(|()| Empty::<Bytes>::new());
@@ -289,7 +302,8 @@ async fn http2_websocket(server: &Server) -> WebSocketStream<impl AsyncRead + As
     };
     assert_eq!(response.status(), StatusCode::OK);
     let upgraded = hyper::upgrade::on(response).await.unwrap();
-    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    (ws, send, conn)
 }
 
 /// A WebSocket over HTTP/2 or HTTP/1.1 has no request in flight, nor a response body,
@@ -302,12 +316,19 @@ async fn websockets_over_tcp_outlive_the_idle_and_stall_timeouts() {
             .connection_idle_timeout(Duration::from_millis(200))
             .body_stall_timeout(Duration::from_millis(200));
         let server = serve(builder, support::h3::routes::router()).await;
-        let over_http2 = http2_websocket(&server).await;
+        let (over_http2, _send, http2_connection) = http2_websocket_and_connection(&server).await;
         let over_http11 = http11_websocket(&server).await;
         // Five idle and stall timeouts of silence.
         tokio::time::sleep(Duration::from_millis(1000)).await;
         echoes(over_http2, "HTTP/2, after a silence").await;
         echoes(over_http11, "HTTP/1.1, after a silence").await;
+        // Its tunnel ended, the HTTP/2 connection is idle again: the server closes it
+        // (GOAWAY) after the idle timeout, though the client keeps it.
+        let closed = tokio::time::timeout(Duration::from_secs(10), http2_connection).await;
+        assert!(
+            closed.is_ok(),
+            "the HTTP/2 connection outlived its tunnel by 50 idle timeouts"
+        );
     })
     .await
     .unwrap();

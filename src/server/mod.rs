@@ -259,9 +259,9 @@ impl Builder {
     /// first request: an HTTP/2 client that only answers PINGs would otherwise hold its
     /// connection, and its slot among `tcp_max_connections`, for ever. Such a connection is
     /// shut down as hyper does gracefully (GOAWAY over HTTP/2), and dropped if it is still
-    /// open one more idle timeout later. A TCP connection that has carried a tunnel (a
-    /// CONNECT answered 2xx, such as a WebSocket over HTTP/2) is never closed for idling:
-    /// the tunnel's traffic is no request the timer sees.
+    /// open one more idle timeout later. A TCP connection is not idle while it carries a
+    /// tunnel (a CONNECT answered 2xx, such as a WebSocket over HTTP/2), however quiet: the
+    /// idle timeout counts from when its last tunnel ended.
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
         self.connection_idle_timeout = crate::at_most_never(timeout);
         self

@@ -21,7 +21,7 @@ use boring::ssl::{AlpnError, SslAcceptor, SslMethod};
 use bytes::{Buf, Bytes};
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -90,9 +90,88 @@ const MIN_HTTP1_BUFFER: usize = 8 * 1024;
 /// configuration errors reported) before serving starts.
 pub(crate) struct Transport {
     acceptor: SslAcceptor,
-    http: auto::Builder<TokioExecutor>,
+    http: HttpSettings,
     limits: Limits,
     handshakes: Arc<crate::quic::limits::Limits>,
+}
+
+/// What hyper's connection builder is made of. A builder is made per connection: its
+/// executor counts the connection's own tasks ([`ConnExecutor`]).
+#[derive(Clone)]
+struct HttpSettings {
+    max_header_list_size: usize,
+    stream_window: u32,
+    connection_window: u32,
+    connect_protocol: bool,
+}
+
+impl HttpSettings {
+    fn builder(&self, limits: &Limits, executor: ConnExecutor) -> auto::Builder<ConnExecutor> {
+        let mut http = auto::Builder::new(executor);
+        // Without a timer hyper silently ignores its timeouts and keep-alive settings.
+        http.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(limits.header_read_timeout)
+            // The head must fit in the read buffer (hyper answers 431 otherwise), so this
+            // bounds an HTTP/1.1 head as `max_header_list_size` bounds the others, instead
+            // of hyper's default of about 400 KiB per connection.
+            .max_buf_size(self.max_header_list_size.max(MIN_HTTP1_BUFFER));
+        http.http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(limits.http2_keep_alive_interval)
+            .keep_alive_timeout(limits.http2_keep_alive_timeout)
+            .max_concurrent_streams(limits.http2_max_concurrent_streams)
+            // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
+            // means the same on both.
+            .max_header_list_size(u32::try_from(self.max_header_list_size).unwrap_or(u32::MAX))
+            .initial_stream_window_size(self.stream_window)
+            .initial_connection_window_size(self.connection_window);
+        if self.connect_protocol {
+            // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
+            http.http2().enable_connect_protocol();
+        }
+        http
+    }
+}
+
+/// hyper's executor for one connection: it spawns on tokio, as hyper-util's does, and
+/// counts the connection's tasks that run ([`Activity::tasks`]): over HTTP/2 one per
+/// stream until its response is sent, and one per tunnel (a CONNECT answered 2xx, a
+/// WebSocket say) until the tunnel's sending side ends. So a connection whose tunnel is
+/// open is not idle, and one whose tunnels have all ended is again.
+#[derive(Clone)]
+struct ConnExecutor(Arc<Activity>);
+
+impl<F> hyper::rt::Executor<F> for ConnExecutor
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, future: F) {
+        let task = Task::new(&self.0);
+        tokio::spawn(async move {
+            let _task = task;
+            future.await;
+        });
+    }
+}
+
+/// One of a connection's tasks, counted while it lives.
+struct Task(Arc<Activity>);
+
+impl Task {
+    fn new(activity: &Arc<Activity>) -> Self {
+        activity.tasks.fetch_add(1, Ordering::AcqRel);
+        Task(Arc::clone(activity))
+    }
+}
+
+impl Drop for Task {
+    fn drop(&mut self) {
+        // The time first: whoever sees the count fall sees when (the idle clock starts
+        // when the last tunnel ended, as when the last response did).
+        self.0.stamp(&self.0.last_end_ms);
+        self.0.tasks.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Transport {
@@ -104,41 +183,22 @@ impl Transport {
         connect_protocol: bool,
     ) -> Result<Self, Error> {
         let transport = &config.config.inner.s;
+        // HTTP/2 windows: a stream's as the QUIC listener's (1 MiB by default), the
+        // connection's four of them (at most the QUIC listener's), where hyper's gives the
+        // connection no more than one stream: a request whose handler has not started
+        // reading its body would then leave the client no window for the other requests'
+        // bodies, and their handlers, waiting for bytes the client may not send, would time
+        // out. Four streams must so stall together to starve the rest, and a connection
+        // holds at most 4 MiB of unread bodies (a QUIC one 16 MiB by default), whatever the
+        // QUIC windows are raised to for fast uploads.
         let stream_window = h2_window(transport.initial_max_stream_data_bidi_remote);
-        let mut http = auto::Builder::new(TokioExecutor::new());
-        // Without a timer hyper silently ignores its timeouts and keep-alive settings.
-        http.http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(limits.header_read_timeout)
-            // The head must fit in the read buffer (hyper answers 431 otherwise), so this
-            // bounds an HTTP/1.1 head as `max_header_list_size` bounds the others, instead
-            // of hyper's default of about 400 KiB per connection.
-            .max_buf_size(max_header_list_size.max(MIN_HTTP1_BUFFER));
-        http.http2()
-            .timer(TokioTimer::new())
-            .keep_alive_interval(limits.http2_keep_alive_interval)
-            .keep_alive_timeout(limits.http2_keep_alive_timeout)
-            .max_concurrent_streams(limits.http2_max_concurrent_streams)
-            // HTTP/2 counts a header list as HTTP/3 does (RFC 9113 §6.5.2), so one limit
-            // means the same on both.
-            .max_header_list_size(u32::try_from(max_header_list_size).unwrap_or(u32::MAX))
-            // A stream's window as the QUIC listener's (1 MiB by default), the connection's
-            // four of them (at most the QUIC listener's), where hyper's gives the connection
-            // no more than one stream: a request whose handler has not started reading its
-            // body would then leave the client no window for the other requests' bodies,
-            // and their handlers, waiting for bytes the client may not send, would time
-            // out. Four streams must so stall together to starve the rest, and a connection
-            // holds at most 4 MiB of unread bodies (a QUIC one 16 MiB by default), whatever
-            // the QUIC windows are raised to for fast uploads.
-            .initial_stream_window_size(stream_window)
-            .initial_connection_window_size(
-                h2_window(transport.initial_max_data)
-                    .min(stream_window.saturating_mul(H2_STREAMS_PER_CONNECTION_WINDOW)),
-            );
-        if connect_protocol {
-            // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
-            http.http2().enable_connect_protocol();
-        }
+        let http = HttpSettings {
+            max_header_list_size,
+            stream_window,
+            connection_window: h2_window(transport.initial_max_data)
+                .min(stream_window.saturating_mul(H2_STREAMS_PER_CONNECTION_WINDOW)),
+            connect_protocol,
+        };
         // Once a quarter of `tcp_max_connections` are in their TLS handshake, one client
         // address may have at most the QUIC listener's
         // `max_handshakes_in_progress_per_address` of them, so that one host opening
@@ -266,9 +326,10 @@ struct Activity {
     request_limit_reached: Notify,
     /// When the last response ended, in milliseconds since `since`.
     last_end_ms: AtomicU64,
-    /// A CONNECT was answered 2xx: over HTTP/2 a tunnel (a WebSocket, say) lives on the
-    /// connection with no response body to count, so the connection is never idle again.
-    tunnel_opened: AtomicBool,
+    /// hyper's tasks of this connection that run ([`ConnExecutor`]): over HTTP/2 each
+    /// stream's until its response is sent, and each tunnel's (a WebSocket, say: a CONNECT
+    /// answered 2xx, whose response has no body to count) until it ends.
+    tasks: AtomicUsize,
     /// Response bodies that handed hyper their head or a frame and have not been polled
     /// since: hyper polls a body again once it has room for more, so these wait for the
     /// client to take what was sent.
@@ -322,7 +383,7 @@ impl Activity {
             max_requests: limits.max_requests.unwrap_or(u64::MAX),
             request_limit_reached: Notify::new(),
             last_end_ms: AtomicU64::new(0),
-            tunnel_opened: AtomicBool::new(false),
+            tasks: AtomicUsize::new(0),
             bodies_waiting: AtomicUsize::new(0),
             waiting_since_ms: AtomicU64::new(0),
             last_taken_ms: AtomicU64::new(0),
@@ -416,7 +477,7 @@ impl Activity {
                 }
                 next = next.min(stalled_at);
             }
-            if !self.tunnel_opened.load(Ordering::Acquire) && self.in_flight.load(Ordering::Acquire) == 0 {
+            if self.tasks.load(Ordering::Acquire) == 0 && self.in_flight.load(Ordering::Acquire) == 0 {
                 let (mut quiet_since, limit) = if self.requests.load(Ordering::Acquire) > 0 {
                     (self.at_ms(&self.last_end_ms), limits.idle_timeout)
                 } else {
@@ -852,9 +913,6 @@ where
             // An upgrade or a tunnel hands the connection over: hyper keeps nothing of it,
             // and its body is not the response's data.
             let hands_over = tunnel || response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-            if tunnel {
-                in_flight.activity.tunnel_opened.store(true, Ordering::Release);
-            }
             if !hands_over {
                 // The head goes to the client now; hyper polls the body once it can send
                 // some (over HTTP/2, once the stream has window).
@@ -988,9 +1046,8 @@ pub(crate) async fn run<S>(
                 activity: Arc::clone(&activity),
             });
             let tls = Metered::new(tls, Arc::clone(&activity));
-            let connection = http
-                .serve_connection_with_upgrades(TokioIo::new(tls), service)
-                .into_owned();
+            let http = http.builder(&limits, ConnExecutor(Arc::clone(&activity)));
+            let connection = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
             let mut connection = std::pin::pin!(connection);
             // Once asked to shut down (GOAWAY over HTTP/2, `connection: close` over HTTP/1.1)
             // the connection finishes what is in flight and ends by itself.
