@@ -254,6 +254,57 @@ async fn tcp_wins_the_race_when_quic_does_not_connect_within_the_handicap() {
     server.stop().await;
 }
 
+/// A server that completes the QUIC handshake but grants no request stream
+/// (initial_max_streams_bidi 0, no MAX_STREAMS): requests go over TCP once the handicap is
+/// up, that server's HTTP/3 is marked broken when the connect timeout passes (later
+/// requests go straight to TCP), and no such connection is pooled. With HTTP/3 only, the
+/// request fails after the connect timeout, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_grants_no_request_stream_is_not_used() {
+    let certs = certs();
+    let streamless = h3_server_on(
+        &certs,
+        ServerConfig::builder().transport(TransportConfig::new().max_concurrent_bidi_streams(0)),
+        server::Builder::new(),
+        app(None),
+        Default::default(),
+    )
+    .await;
+    let server = Dual::start(&certs, app(Some(alt_svc_to(streamless.addr.port())))).await;
+    let auto = timed_client(&certs, Duration::from_millis(1500), Duration::from_millis(100));
+    let run = async {
+        assert_eq!(hello(&auto, &server.url()).await, Version::HTTP_2, "before Alt-Svc");
+        assert_eq!(hello(&auto, &server.url()).await, Version::HTTP_2, "after the handicap");
+        let post = auto
+            .post(format!("{}/stuck", server.url()))
+            .body("x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(post.version(), Version::HTTP_2, "a request with a body too");
+        // Past the connect timeout the attempt has failed and marked HTTP/3 broken.
+        tokio::time::sleep(Duration::from_millis(2000)).await;
+        for _ in 0..3 {
+            let answered = timeout(Duration::from_secs(5), hello(&auto, &server.url())).await;
+            assert_eq!(answered, Ok(Version::HTTP_2), "straight over TCP");
+        }
+        assert_eq!(auto.pooled_connections(), 0, "no connection without streams is pooled");
+
+        let h3_only = client(&certs, |b| {
+            b.http3_prior_knowledge().connect_timeout(Duration::from_millis(500))
+        });
+        let error = h3_only
+            .get(format!("{}/hello", streamless.url))
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.is_timeout(), "{error}");
+        assert!(error.to_string().contains("granted no request stream"), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.stop().await;
+}
+
 /// While a QUIC attempt is already slower than the handicap (UDP blocked, a long connect
 /// timeout), later requests go over TCP at once instead of each waiting the handicap again.
 /// The handicap here (5 s) is far longer than a loopback request: a request that waited it

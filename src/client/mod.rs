@@ -386,6 +386,27 @@ impl Pool {
         connection.handle().limit_handshake(started + self.connect_timeout);
         // Nobody needs to await the connection's end: the pool sees it through SendRequest.
         drop(connection);
+        if send.status().spare() == 0 {
+            // A server that granted no request stream (its initial_max_streams_bidi 0, no
+            // MAX_STREAMS since): not pooled unless it grants one within the connect
+            // timeout. Requests would wait on it for the QUIC idle timeout (for ever if the
+            // server sends PINGs), and in auto mode every such handshake would confirm
+            // HTTP/3 for an origin that serves nothing over it.
+            let mut probe = send.clone();
+            let deadline = started + self.connect_timeout;
+            match tokio::time::timeout_at(deadline.into(), probe.ready()).await {
+                // The probe's reservation goes with it.
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(Error::new(Kind::Timeout).with_message(format!(
+                        "{authority} completed the QUIC handshake but granted no request stream \
+                         (initial_max_streams_bidi 0, no MAX_STREAMS) within {:?}",
+                        self.connect_timeout
+                    )));
+                }
+            }
+        }
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         // Closed connections leave with each new one, whatever their origin: `pick` forgets
         // those of origins asked for again, and a crawler or a proxy reaches any number of
