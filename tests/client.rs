@@ -842,6 +842,90 @@ async fn rejected_requests_are_retried_together_on_one_other_connection() {
     server.abort();
 }
 
+/// A request whose body was all in memory goes again, whole, after a server refused it
+/// unprocessed once its body was on the way (RFC 9114 §4.1.1: H3_REQUEST_REJECTED means
+/// not processed); one whose body was a stream (consumed as it was sent) fails with the
+/// refusal instead of going again without its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_request_goes_again_with_its_body_when_the_body_was_in_memory() {
+    init_tracing();
+    let certs = certs();
+    let mut listener = listener(&certs).await;
+    let addr = listener.local_addr();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        while let Some(incoming) = listener.accept().await {
+            // The first connection refuses each request once some of its body has come; the
+            // others answer with the length and sum of the body they received.
+            let reject = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            let mut bodies: HashMap<u64, (usize, u64)> = HashMap::new();
+            handles.push(incoming.start(RawH3::new(move |h3, conn, id, event| {
+                let mut buf = [0u8; 16 * 1024];
+                match event {
+                    quiche::h3::Event::Data if reject => {
+                        while h3.recv_body(conn, id, &mut buf).is_ok() {}
+                        let code = tower_quiche::codes::H3_REQUEST_REJECTED;
+                        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+                        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+                    }
+                    quiche::h3::Event::Data => {
+                        let (len, sum) = bodies.entry(id).or_default();
+                        while let Ok(n) = h3.recv_body(conn, id, &mut buf) {
+                            *len += n;
+                            *sum += buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
+                        }
+                    }
+                    quiche::h3::Event::Finished if !reject => {
+                        let (len, sum) = bodies.remove(&id).unwrap_or_default();
+                        let answer = format!("{len}:{sum}");
+                        let length = answer.len().to_string();
+                        let head = [(&b":status"[..], &b"200"[..]), (b"content-length", length.as_bytes())];
+                        let _ = h3.send_response(conn, id, &head, false);
+                        let _ = h3.send_body(conn, id, answer.as_bytes(), true);
+                    }
+                    _ => {}
+                }
+            })));
+        }
+    });
+    let buffered = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/upload", addr.port());
+    let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let expected = format!("{}:{}", body.len(), body.iter().map(|&b| u64::from(b)).sum::<u64>());
+    let run = async {
+        let response = buffered
+            .post(&url)
+            .body(body.clone())
+            .send()
+            .await
+            .expect("sent again, with its body, on another connection");
+        assert_eq!(response.text().await.unwrap(), expected);
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            2,
+            "refused on one connection, served on another"
+        );
+
+        // A streaming body is not kept: the refusal is the caller's (on a fresh client, so
+        // that its first connection is a refusing one again).
+        accepted.store(0, Ordering::SeqCst);
+        let streaming = client(&certs, Builder::http3_prior_knowledge);
+        let chunks = body
+            .chunks(16 * 1024)
+            .map(|c| Ok::<_, std::io::Error>(Frame::data(Bytes::copy_from_slice(c))))
+            .collect::<Vec<_>>();
+        let request = Request::post(&url)
+            .body(StreamBody::new(futures_util::stream::iter(chunks)))
+            .unwrap();
+        let error = streaming.oneshot(request).await.unwrap_err();
+        assert!(error.is_request_rejected(), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.abort();
+}
+
 /// HTTP/3 on its own server (`h3_app`), advertised by a dual front, and a client in the
 /// automatic mode that has moved to it.
 async fn front_and_h3(certs: &Certs, h3_app: Router) -> (Dual, support::h3::H3Server, Client) {

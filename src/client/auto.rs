@@ -5,7 +5,9 @@
 //! - a request no HTTP/3 connection could be made for (handshake timeout, refused, TLS
 //!   failure) goes over TCP, and HTTP/3 is marked broken for the origin;
 //! - a request the server refused unprocessed (GOAWAY, `H3_REQUEST_REJECTED`), once more
-//!   refused after the usual retry on a new connection, goes over TCP;
+//!   refused after the usual retry on a new connection, goes over TCP (a request whose body
+//!   was a stream, consumed as it was sent, fails instead: one whose body was all in
+//!   memory, a `Full<Bytes>` say, goes again with it);
 //! - a request whose connection ended before any of its response arrived (the QUIC
 //!   connection timed out, failed, or was closed, by the server too) is resent over TCP
 //!   only when that is safe: an idempotent method (RFC 9110 §9.2.2) and no body (the body
@@ -94,11 +96,12 @@ impl Pool {
         send: SendRequest,
         request: Request<AnyBody>,
         origin: Origin,
+        replay: Option<bytes::Bytes>,
     ) -> Result<Response<RecvBody>, Error> {
         let port = self.alt_svc().h3_port(&origin, Instant::now()).unwrap_or(origin.port);
         let head = Head::of(&request);
         let bodyless = http_body::Body::is_end_stream(request.body());
-        let pending = PendingRequest::from_boxed(request)?;
+        let pending = PendingRequest::from_boxed(request)?.with_replay(replay);
         let status = send.shared_status();
         let sent = self.send_h3(send, pending, &origin, port);
         let outcome = match status.early_since() {

@@ -90,7 +90,8 @@ where
 }
 
 /// A request ready to go: its head as HTTP/3 fields and its body (None: it ends with the
-/// head). Kept whole until a stream takes it, so a refused request can be sent again.
+/// head). Kept whole until a stream takes it, so a refused request can be sent again (and
+/// after that with its body's bytes, when they were all in memory: `replay`).
 pub(crate) struct PendingRequest {
     pub(crate) fields: Vec<h3::Header>,
     pub(crate) body: Option<AnyBody>,
@@ -102,6 +103,11 @@ pub(crate) struct PendingRequest {
     early_data: bool,
     /// The server answered it `425 Too Early` (it went in 0-RTT data).
     too_early: bool,
+    /// The body's bytes, when it was all in memory (a `Full<Bytes>`, say; see
+    /// [`with_replay`](Self::with_replay)): kept until the response head, so that a request
+    /// the server refused unprocessed (GOAWAY, H3_REQUEST_REJECTED) goes again with its
+    /// body. A streaming body is consumed as it is sent: such a request fails instead.
+    replay: Option<Bytes>,
 }
 
 impl PendingRequest {
@@ -118,6 +124,26 @@ impl PendingRequest {
         self.fields
             .first()
             .is_some_and(|f| h3::NameValue::value(f) == b"CONNECT")
+    }
+
+    /// `bytes` are the body, whole (a shared reference, not a copy): the request may be
+    /// sent again after its body went out.
+    pub(crate) fn with_replay(mut self, bytes: Option<Bytes>) -> Self {
+        if self.body.is_some() {
+            self.replay = bytes;
+        }
+        self
+    }
+
+    /// The request as it was before its body was sent, for sending again; `None` when its
+    /// body went out and is not kept.
+    fn rewound(mut self) -> Option<Self> {
+        if self.body.is_none()
+            && let Some(bytes) = &self.replay
+        {
+            self.body = Some(box_body(http_body_util::Full::new(bytes.clone())));
+        }
+        (self.body.is_some() || self.replay.is_none()).then_some(self)
     }
 
     /// Whether the server refused it only for coming in 0-RTT data: it may go again on the
@@ -166,12 +192,14 @@ impl PendingRequest {
             content_length,
             early_data,
             too_early: false,
+            replay: None,
         })
     }
 }
 
 /// Why a request failed; `Unsent` requests were not processed by the server (never sent,
-/// refused by GOAWAY, or H3_REQUEST_REJECTED before any body was sent) and may be retried.
+/// refused by GOAWAY, or H3_REQUEST_REJECTED, with its body still to send or kept) and may
+/// be retried.
 pub(crate) enum Failure {
     Unsent(PendingRequest, Error),
     Failed(Error),
@@ -675,7 +703,7 @@ struct Entry {
     shared: Arc<StreamShared>,
     /// Until the response head arrives.
     reply: Option<Reply>,
-    /// The request, kept while it can still be retried (no body was sent).
+    /// The request, kept while it can still be retried (no body, or its bytes kept).
     retry: Option<PendingRequest>,
     informational: Vec<Response<()>>,
     written: bool,
@@ -885,7 +913,9 @@ impl ClientApp {
             };
             let body = request.body.take();
             let content_length = request.content_length;
-            let retry = body.is_none().then_some(request);
+            // Kept for a resend if the server refuses it unprocessed: a bodyless request, or
+            // one whose body's bytes are kept.
+            let retry = (body.is_none() || request.replay.is_some()).then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
                 self.pumps.push(Box::pin(async move {
@@ -1137,7 +1167,7 @@ impl ClientApp {
                     .with_stream_code(code)
                     .with_message("the server reset the request stream")
             };
-            let failure = match entry.retry.take() {
+            let failure = match entry.retry.take().and_then(PendingRequest::rewound) {
                 Some(request) if code == code::H3_REQUEST_REJECTED => Failure::Unsent(request, error),
                 _ => Failure::Failed(error),
             };

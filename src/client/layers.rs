@@ -86,6 +86,15 @@ impl ReqBody {
         }
     }
 
+    /// The body's bytes, when they are all in memory (shared, not copied): what a request
+    /// refused unprocessed is sent again with.
+    pub(crate) fn replay(&self) -> Option<Bytes> {
+        match &self.0 {
+            Inner::Bytes(bytes) => bytes.clone(),
+            Inner::Stream(_) => None,
+        }
+    }
+
     /// A copy to send again, when this body can be sent again.
     pub(crate) fn try_clone(&self) -> Option<ReqBody> {
         match &self.0 {
@@ -164,7 +173,11 @@ impl Service<Request<ReqBody>> for Transport {
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let pool = Arc::clone(&self.0);
         let origin = Origin::of(request.uri());
-        Box::pin(async move { pool.send_via(None, request.map(ReqBody::into_any), origin?).await })
+        let replay = request.body().replay();
+        Box::pin(async move {
+            pool.send_via(None, request.map(ReqBody::into_any), origin?, replay)
+                .await
+        })
     }
 }
 

@@ -435,6 +435,7 @@ impl Pool {
         reserved: Option<Route>,
         request: Request<AnyBody>,
         origin: Origin,
+        replay: Option<Bytes>,
     ) -> Result<Response<RecvBody>, Error> {
         // A tunnel (CONNECT, plain or extended) is carried over HTTP/3 only: the TCP side
         // sends requests with bodies and has no tunnels.
@@ -462,9 +463,11 @@ impl Pool {
             #[cfg(feature = "tcp")]
             Route::Tcp => self.send_tcp(request, &origin).await,
             #[cfg(feature = "tcp")]
-            Route::H3(send) if self.mode == Mode::Auto && !tunnel => self.send_h3_or_tcp(send, request, origin).await,
+            Route::H3(send) if self.mode == Mode::Auto && !tunnel => {
+                self.send_h3_or_tcp(send, request, origin, replay).await
+            }
             Route::H3(send) => {
-                let pending = PendingRequest::from_boxed(request)?;
+                let pending = PendingRequest::from_boxed(request)?.with_replay(replay);
                 let port = self.h3_port(&origin);
                 self.send_h3(send, pending, &origin, port)
                     .await
@@ -709,7 +712,7 @@ impl Client {
         // Straight to the pool: a tunnel is no download to decode, redirect or time out.
         let origin = Origin::of(request.uri())?;
         let mut response = Arc::clone(&self.pool)
-            .send_via(None, request.map(|()| box_body(body)), origin)
+            .send_via(None, request.map(|()| box_body(body)), origin, None)
             .await?;
         if !response.status().is_success() {
             return Err(Error::new(Kind::Protocol).with_message(format!(
@@ -887,7 +890,12 @@ where
         // the pool chooses.
         let reserved = self.ready.take();
         let request = origin.complete(request);
-        Box::pin(async move { pool.send_via(reserved, request?.map(box_body), origin).await })
+        Box::pin(async move {
+            let request = request?.map(layers::ReqBody::of);
+            let replay = request.body().replay();
+            pool.send_via(reserved, request.map(layers::ReqBody::into_any), origin, replay)
+                .await
+        })
     }
 }
 
