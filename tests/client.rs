@@ -789,6 +789,34 @@ async fn a_redirect_limit_of_zero_fails_at_the_first_redirect() {
     s.server.stop().await;
 }
 
+/// A server of raw HTTP/3 connections at the returned address, each driven by the
+/// handler `make` builds for it (told whether it is the first connection, the one that
+/// refuses), the count of connections it accepted, and its task.
+async fn refusing_first_connection<F: support::h3::OnH3Event>(
+    certs: &Certs,
+    make: impl Fn(bool) -> F + Send + 'static,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    let mut listener = listener(certs).await;
+    let addr = listener.local_addr();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        while let Some(incoming) = listener.accept().await {
+            let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            handles.push(incoming.start(RawH3::new(make(first))));
+        }
+    });
+    (addr, accepted, server)
+}
+
+/// Refuses stream `id` unprocessed, both ways, with H3_REQUEST_REJECTED.
+fn refuse_unprocessed(conn: &mut tower_quiche::quic::QuicheConnection, id: u64) {
+    let code = tower_quiche::codes::H3_REQUEST_REJECTED;
+    let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
+    let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+}
+
 /// A request refused unprocessed is sent again on another connection, not on the one
 /// that refused it (which would refuse it again); requests refused together share one new
 /// connection, rather than opening one each (a GOAWAY, or a loaded server, refuses every
@@ -797,33 +825,24 @@ async fn a_redirect_limit_of_zero_fails_at_the_first_redirect() {
 async fn rejected_requests_are_retried_together_on_one_other_connection() {
     init_tracing();
     let certs = certs();
-    let mut listener = listener(&certs).await;
-    let addr = listener.local_addr();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = tokio::spawn(async move {
-        let mut handles = Vec::new();
-        while let Some(incoming) = listener.accept().await {
-            // On the first connection every request is refused unprocessed with
-            // H3_REQUEST_REJECTED (as a server does that cannot take it there and then); on
-            // later ones it is answered `hello`.
-            let reject = counter.fetch_add(1, Ordering::SeqCst) == 0;
-            handles.push(incoming.start(RawH3::new(move |h3, conn, id, event| {
-                if !matches!(event, quiche::h3::Event::Headers { .. }) {
-                    return;
-                }
-                if reject {
-                    let code = tower_quiche::codes::H3_REQUEST_REJECTED;
-                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
-                    let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
-                } else {
-                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"5")];
-                    let _ = h3.send_response(conn, id, &head, false);
-                    let _ = h3.send_body(conn, id, b"hello", true);
-                }
-            })));
+    // On the first connection every request is refused unprocessed with
+    // H3_REQUEST_REJECTED (as a server does that cannot take it there and then); on later
+    // ones it is answered `hello`.
+    let (addr, accepted, server) = refusing_first_connection(&certs, |reject| {
+        move |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+            if !matches!(event, quiche::h3::Event::Headers { .. }) {
+                return;
+            }
+            if reject {
+                refuse_unprocessed(conn, id);
+            } else {
+                let head = [(&b":status"[..], &b"200"[..]), (b"content-length", b"5")];
+                let _ = h3.send_response(conn, id, &head, false);
+                let _ = h3.send_body(conn, id, b"hello", true);
+            }
         }
-    });
+    })
+    .await;
     let client = client(&certs, Builder::http3_prior_knowledge);
     let url = format!("https://127.0.0.1:{}/", addr.port());
     let run = async {
@@ -850,46 +869,37 @@ async fn rejected_requests_are_retried_together_on_one_other_connection() {
 async fn a_rejected_request_goes_again_with_its_body_when_the_body_was_in_memory() {
     init_tracing();
     let certs = certs();
-    let mut listener = listener(&certs).await;
-    let addr = listener.local_addr();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = tokio::spawn(async move {
-        let mut handles = Vec::new();
-        while let Some(incoming) = listener.accept().await {
-            // The first connection refuses each request once some of its body has come; the
-            // others answer with the length and sum of the body they received.
-            let reject = counter.fetch_add(1, Ordering::SeqCst) == 0;
-            let mut bodies: HashMap<u64, (usize, u64)> = HashMap::new();
-            handles.push(incoming.start(RawH3::new(move |h3, conn, id, event| {
-                let mut buf = [0u8; 16 * 1024];
-                match event {
-                    quiche::h3::Event::Data if reject => {
-                        while h3.recv_body(conn, id, &mut buf).is_ok() {}
-                        let code = tower_quiche::codes::H3_REQUEST_REJECTED;
-                        let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
-                        let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
-                    }
-                    quiche::h3::Event::Data => {
-                        let (len, sum) = bodies.entry(id).or_default();
-                        while let Ok(n) = h3.recv_body(conn, id, &mut buf) {
-                            *len += n;
-                            *sum += buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
-                        }
-                    }
-                    quiche::h3::Event::Finished if !reject => {
-                        let (len, sum) = bodies.remove(&id).unwrap_or_default();
-                        let answer = format!("{len}:{sum}");
-                        let length = answer.len().to_string();
-                        let head = [(&b":status"[..], &b"200"[..]), (b"content-length", length.as_bytes())];
-                        let _ = h3.send_response(conn, id, &head, false);
-                        let _ = h3.send_body(conn, id, answer.as_bytes(), true);
-                    }
-                    _ => {}
+    // The first connection refuses each request once some of its body has come; the others
+    // answer with the length and sum of the body they received.
+    let (addr, accepted, server) = refusing_first_connection(&certs, |reject| {
+        let mut bodies: HashMap<u64, (usize, u64)> = HashMap::new();
+        move |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+            let mut buf = [0u8; 16 * 1024];
+            match event {
+                quiche::h3::Event::Data if reject => {
+                    while h3.recv_body(conn, id, &mut buf).is_ok() {}
+                    refuse_unprocessed(conn, id);
                 }
-            })));
+                quiche::h3::Event::Data => {
+                    let (len, sum) = bodies.entry(id).or_default();
+                    while let Ok(n) = h3.recv_body(conn, id, &mut buf) {
+                        *len += n;
+                        *sum += buf[..n].iter().map(|&b| u64::from(b)).sum::<u64>();
+                    }
+                }
+                quiche::h3::Event::Finished if !reject => {
+                    let (len, sum) = bodies.remove(&id).unwrap_or_default();
+                    let answer = format!("{len}:{sum}");
+                    let length = answer.len().to_string();
+                    let head = [(&b":status"[..], &b"200"[..]), (b"content-length", length.as_bytes())];
+                    let _ = h3.send_response(conn, id, &head, false);
+                    let _ = h3.send_body(conn, id, answer.as_bytes(), true);
+                }
+                _ => {}
+            }
         }
-    });
+    })
+    .await;
     let buffered = client(&certs, Builder::http3_prior_knowledge);
     let url = format!("https://127.0.0.1:{}/upload", addr.port());
     let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
