@@ -790,9 +790,9 @@ async fn a_redirect_limit_of_zero_fails_at_the_first_redirect() {
 }
 
 /// A server of raw HTTP/3 connections at the returned address, each driven by the
-/// handler `make` builds for it (told whether it is the first connection, the one that
-/// refuses), the count of connections it accepted, and its task.
-async fn refusing_first_connection<F: support::h3::OnH3Event>(
+/// handler `make` builds for it (told whether it is the server's first connection), the
+/// count of connections it accepted, and its task.
+async fn raw_h3_server<F: support::h3::OnH3Event>(
     certs: &Certs,
     make: impl Fn(bool) -> F + Send + 'static,
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
@@ -828,7 +828,7 @@ async fn rejected_requests_are_retried_together_on_one_other_connection() {
     // On the first connection every request is refused unprocessed with
     // H3_REQUEST_REJECTED (as a server does that cannot take it there and then); on later
     // ones it is answered `hello`.
-    let (addr, accepted, server) = refusing_first_connection(&certs, |reject| {
+    let (addr, accepted, server) = raw_h3_server(&certs, |reject| {
         move |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
             if !matches!(event, quiche::h3::Event::Headers { .. }) {
                 return;
@@ -871,7 +871,7 @@ async fn a_rejected_request_goes_again_with_its_body_when_the_body_was_in_memory
     let certs = certs();
     // The first connection refuses each request once some of its body has come; the others
     // answer with the length and sum of the body they received.
-    let (addr, accepted, server) = refusing_first_connection(&certs, |reject| {
+    let (addr, accepted, server) = raw_h3_server(&certs, |reject| {
         let mut bodies: HashMap<u64, (usize, u64)> = HashMap::new();
         move |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
             let mut buf = [0u8; 16 * 1024];
@@ -931,6 +931,38 @@ async fn a_rejected_request_goes_again_with_its_body_when_the_body_was_in_memory
             .unwrap();
         let error = streaming.oneshot(request).await.unwrap_err();
         assert!(error.is_request_rejected(), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.abort();
+}
+
+/// A response that has no content (to HEAD, a 204, a 304) but comes with DATA is malformed
+/// (RFC 9110 §6.4.1, RFC 9114 §4.1.2): its body fails, as h2 resets such a stream, instead
+/// of handing the caller bytes that are no body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_on_a_response_without_content_fails_its_body() {
+    init_tracing();
+    let certs = certs();
+    let (addr, _, server) = raw_h3_server(&certs, |_| {
+        |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+            if let quiche::h3::Event::Headers { list, .. } = event {
+                let head = quiche::h3::NameValue::value(&list[0]) == b"HEAD";
+                let status: &[u8] = if head { b"200" } else { b"204" };
+                let _ = h3.send_response(conn, id, &[(&b":status"[..], status)], false);
+                let _ = h3.send_body(conn, id, b"xyz", true);
+            }
+        }
+    })
+    .await;
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/", addr.port());
+    let run = async {
+        for request in [client.head(&url), client.get(&url)] {
+            let response = request.send().await.expect("the head is fine");
+            let status = response.status();
+            let body = response.bytes().await;
+            assert!(body.is_err(), "{status}: DATA on a response without content: {body:?}");
+        }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
     server.abort();

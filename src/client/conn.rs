@@ -1118,10 +1118,14 @@ impl ClientApp {
             }
             return;
         }
-        if !fields::is_bodyless(entry.head_request, response.status()) {
-            let content_length = fields::content_length(response.headers()).ok().flatten();
-            entry.shared.expect_content_length(content_length);
-        }
+        // A response without content (to HEAD, a 204, a 304) is held to none, whatever its
+        // content-length says: DATA on it is malformed (RFC 9114 §4.1.2), as h2 resets it.
+        let content_length = if fields::is_bodyless(entry.head_request, response.status()) {
+            Some(0)
+        } else {
+            fields::content_length(response.headers()).ok().flatten()
+        };
+        entry.shared.expect_content_length(content_length);
         if !more_frames && let Err(why) = entry.shared.on_finished() {
             // A head with FIN that promises a body: malformed, not an empty success.
             return self.refuse_response(conn, id, why);
