@@ -968,6 +968,36 @@ async fn data_on_a_response_without_content_fails_its_body() {
     server.abort();
 }
 
+/// A bidirectional stream the server opens is a connection error (RFC 9114 §6.1,
+/// H3_STREAM_CREATION_ERROR): the client closes, and the request on the connection fails at
+/// once instead of waiting for an answer (this server sends none) until the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_opening_a_bidirectional_stream_is_a_connection_error() {
+    init_tracing();
+    let certs = certs();
+    let (addr, _, server) = raw_h3_server(&certs, |_| {
+        |_h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, _id, event| {
+            if let quiche::h3::Event::Headers { .. } = event {
+                // A HEADERS frame on stream 1, as quiche's h3 layer would not send one.
+                let mut section = [0u8; 64];
+                let len = quiche::h3::qpack::Encoder::new()
+                    .encode(&[quiche::h3::Header::new(b":status", b"200")], &mut section)
+                    .unwrap();
+                let mut frame = vec![0x01, len as u8];
+                frame.extend_from_slice(&section[..len]);
+                let _ = conn.stream_send(1, &frame, true);
+            }
+        }
+    })
+    .await;
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/", addr.port());
+    let failed = timeout(Duration::from_secs(10), client.get(&url).send()).await;
+    let error = failed.expect("the request ends before the idle timeout").unwrap_err();
+    assert!(error.is_closed(), "{error}");
+    server.abort();
+}
+
 /// HTTP/3 on its own server (`h3_app`), advertised by a dual front, and a client in the
 /// automatic mode that has moved to it.
 async fn front_and_h3(certs: &Certs, h3_app: Router) -> (Dual, support::h3::H3Server, Client) {

@@ -968,7 +968,19 @@ impl ClientApp {
     fn poll_events(&mut self, conn: &mut QuicheConnection) {
         loop {
             let h3 = self.h3.as_mut().expect("created when established");
-            match h3.poll(conn) {
+            let event = h3.poll(conn);
+            if let Ok((id, h3::Event::Headers { .. } | h3::Event::Data | h3::Event::Finished | h3::Event::Reset(_))) =
+                &event
+                && id % 4 == 1
+            {
+                // A bidirectional stream the server opened: HTTP/3 has none (RFC 9114 §6.1).
+                tracing::debug!(stream_id = id, "the server opened a bidirectional stream");
+                if conn.local_error().is_none() {
+                    let _ = conn.close(true, code::H3_STREAM_CREATION_ERROR, b"");
+                }
+                return;
+            }
+            match event {
                 Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => {
                     if self.streams.contains_key(&id) {
