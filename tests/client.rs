@@ -936,6 +936,39 @@ async fn a_rejected_request_goes_again_with_its_body_when_the_body_was_in_memory
     server.abort();
 }
 
+/// A server that sent a 1xx has begun with the request: a refusal after it does not send a
+/// body again (RFC 9114 §4.1.1 allows no such refusal; the body may have been acted on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_is_not_sent_again_after_an_informational_response() {
+    init_tracing();
+    let certs = certs();
+    // A 103 when the head comes; the refusal once the whole body has (a round trip or more
+    // later, so the 103 has reached the client: a reset discards what it overtakes).
+    let (addr, accepted, server) = raw_h3_server(&certs, |_| {
+        |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| match event {
+            quiche::h3::Event::Headers { .. } => {
+                let _ = h3.send_response(conn, id, &[(&b":status"[..], &b"103"[..])], false);
+            }
+            quiche::h3::Event::Data => {
+                let mut buf = [0u8; 16 * 1024];
+                while h3.recv_body(conn, id, &mut buf).is_ok() {}
+            }
+            quiche::h3::Event::Finished => refuse_unprocessed(conn, id),
+            _ => {}
+        }
+    })
+    .await;
+    let client = client(&certs, Builder::http3_prior_knowledge);
+    let url = format!("https://127.0.0.1:{}/upload", addr.port());
+    let run = async {
+        let error = client.post(&url).body(vec![7u8; 50_000]).send().await.unwrap_err();
+        assert!(error.is_request_rejected(), "{error}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "not sent again");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.abort();
+}
+
 /// A response that has no content (to HEAD, a 204, a 304) but comes with DATA is malformed
 /// (RFC 9110 §6.4.1, RFC 9114 §4.1.2): its body fails, as h2 resets such a stream, instead
 /// of handing the caller bytes that are no body.

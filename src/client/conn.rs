@@ -1121,6 +1121,11 @@ impl ClientApp {
             return;
         }
         if response.status().is_informational() {
+            if entry.retry.as_ref().is_some_and(|r| r.replay.is_some()) {
+                // The server has begun with it: a body is not sent twice on the word of a
+                // refusal that follows (which RFC 9114 §4.1.1 does not allow anyway).
+                entry.retry = None;
+            }
             // 1xx: not the response; kept for those who ask, up to a bound a server cannot
             // grow (each head is bounded, their number is not).
             if entry.informational.len() < MAX_INFORMATIONAL {
@@ -1183,9 +1188,13 @@ impl ClientApp {
                     .with_stream_code(code)
                     .with_message("the server reset the request stream")
             };
-            let failure = match entry.retry.take().and_then(PendingRequest::rewound) {
-                Some(request) if code == code::H3_REQUEST_REJECTED => Failure::Unsent(request, error),
-                _ => Failure::Failed(error),
+            let unsent = match entry.retry.take() {
+                Some(request) if code == code::H3_REQUEST_REJECTED => request.rewound(),
+                _ => None,
+            };
+            let failure = match unsent {
+                Some(request) => Failure::Unsent(request, error),
+                None => Failure::Failed(error),
             };
             let _ = reply.send(Err(failure));
         }

@@ -261,7 +261,9 @@ impl Builder {
     /// shut down as hyper does gracefully (GOAWAY over HTTP/2), and dropped if it is still
     /// open one more idle timeout later. A TCP connection is not idle while it carries a
     /// tunnel (a CONNECT answered 2xx, such as a WebSocket over HTTP/2), however quiet: the
-    /// idle timeout counts from when its last tunnel ended.
+    /// idle timeout counts from when its last tunnel ended, that is when the server's side
+    /// of it finished sending (a tunnel the server has shut for writing while the client
+    /// still sends counts as ended).
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
         self.connection_idle_timeout = crate::at_most_never(timeout);
         self
