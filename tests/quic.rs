@@ -305,6 +305,69 @@ async fn mutual_tls_requires_a_client_certificate() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A client CA that is an intermediate is trusted as named: a client certificate it issued
+/// is accepted (BoringSSL alone would want the chain to end at a self-signed root), one its
+/// own CA issued directly is not; and a root CA still accepts the intermediate's clients
+/// when they send the intermediate along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_with_a_client_ca_that_is_an_intermediate() {
+    let certs = server_certs();
+    let root = tower_quiche::tls::DevCa::new("client root").unwrap();
+    let intermediate = root.intermediate("client intermediate").unwrap();
+    let issued = intermediate.issue(&["client"]).unwrap();
+    let by_the_root = root.issue(&["other client"]).unwrap();
+    let connects = |server: std::net::SocketAddr, chain: String, key: String| {
+        let config = client_builder(&certs)
+            .cert_chain_pem(&chain)
+            .private_key_pem(&key)
+            .build()
+            .unwrap();
+        async move {
+            let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
+            let (app, client) = EchoClient::new();
+            let Ok(conn) = endpoint.connect_addr(server, Some("localhost"), app).await else {
+                return false;
+            };
+            // A refused certificate may show only after the client's side of the handshake.
+            let echoed = client.echo(bytes::Bytes::from_static(b"mtls")).await;
+            conn.close(0, "");
+            echoed.is_ok()
+        }
+    };
+    let run = async {
+        let trusting_intermediate = echo_server(
+            "127.0.0.1:0",
+            server_builder(&certs).client_ca_pem(&intermediate.cert_pem()),
+        )
+        .await;
+        assert!(
+            connects(
+                trusting_intermediate.addr,
+                issued.cert_pem.clone(),
+                issued.key_pem.clone()
+            )
+            .await,
+            "a client certificate from the intermediate named as client CA"
+        );
+        assert!(
+            !connects(
+                trusting_intermediate.addr,
+                by_the_root.cert_pem.clone(),
+                by_the_root.key_pem.clone()
+            )
+            .await,
+            "a certificate the root issued is not the intermediate's"
+        );
+        let trusting_root = echo_server("127.0.0.1:0", server_builder(&certs).client_ca_pem(&root.cert_pem())).await;
+        let chain = format!("{}{}", issued.cert_pem, intermediate.cert_pem());
+        assert!(
+            connects(trusting_root.addr, chain, issued.key_pem.clone()).await,
+            "the intermediate's client, with its chain, under the root"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// A long-header packet: first byte, version, DCID and SCID, padded to `len`.
 fn long_header(first: u8, version: u32, len: usize) -> Vec<u8> {
     let mut p = vec![first];

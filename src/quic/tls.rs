@@ -295,12 +295,17 @@ impl TlsMaterial {
     }
 }
 
+/// A trust store of `certs`, each an anchor of its own: a chain verifies once it reaches
+/// any of them, an intermediate CA included (`X509_V_FLAG_PARTIAL_CHAIN`), as a CA named
+/// to trust is meant; without the flag BoringSSL insists on a self-signed root at the end,
+/// and a client CA given as an intermediate refuses every client.
 fn store_of(certs: &[X509]) -> Result<boring::x509::store::X509Store, boring::error::ErrorStack> {
     let mut store = X509StoreBuilder::new()?;
     for cert in certs {
         // A bundle may hold the same certificate twice; that is not an error for us.
         let _ = store.add_cert(cert.clone());
     }
+    store.set_flags(boring::x509::verify::X509VerifyFlags::PARTIAL_CHAIN);
     Ok(store.build())
 }
 

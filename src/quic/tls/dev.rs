@@ -121,6 +121,21 @@ impl DevCa {
             .unwrap_or_default()
     }
 
+    /// Issues an intermediate CA certificate named `name`, signed by this CA: a CA of its
+    /// own that issues leaves, whose chains run leaf, intermediate, this CA.
+    pub fn intermediate(&self, name: &str) -> Result<DevCa, Error> {
+        (|| {
+            let key = new_key()?;
+            let mut b = builder_for(name, &key)?;
+            b.set_issuer_name(self.cert.subject_name())?;
+            b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
+            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+            b.sign(&self.key, MessageDigest::sha256())?;
+            Ok(DevCa { cert: b.build(), key })
+        })()
+        .map_err(generation_error)
+    }
+
     /// Issues a leaf certificate for `names` (DNS names or IP addresses; the first is also the
     /// common name), valid for server and client authentication.
     pub fn issue(&self, names: &[&str]) -> Result<GeneratedCert, Error> {
