@@ -337,7 +337,7 @@ async fn mutual_tls_with_a_client_ca_that_is_an_intermediate() {
     let run = async {
         let trusting_intermediate = echo_server(
             "127.0.0.1:0",
-            server_builder(&certs).client_ca_pem(&intermediate.cert_pem()),
+            server_builder(&certs).client_ca_pem(intermediate.cert_pem()),
         )
         .await;
         assert!(
@@ -358,7 +358,7 @@ async fn mutual_tls_with_a_client_ca_that_is_an_intermediate() {
             .await,
             "a certificate the root issued is not the intermediate's"
         );
-        let trusting_root = echo_server("127.0.0.1:0", server_builder(&certs).client_ca_pem(&root.cert_pem())).await;
+        let trusting_root = echo_server("127.0.0.1:0", server_builder(&certs).client_ca_pem(root.cert_pem())).await;
         let chain = format!("{}{}", issued.cert_pem, intermediate.cert_pem());
         assert!(
             connects(trusting_root.addr, chain, issued.key_pem.clone()).await,
