@@ -313,6 +313,35 @@ async fn a_stop_surfaces_on_write_with_its_code() {
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }
 
+/// A stop that comes with (or before) the end of the peer's direction still fails the
+/// writer with its code: reading that end makes quiche forget the stream, which counts a
+/// stopped direction as complete, and a write after it would otherwise wait for ever. And
+/// a peer that drops both halves (STOP_SENDING and RESET_STREAM at once) fails both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_with_the_peers_end_still_fails_the_writer() {
+    let pair = pair(|b| b, |b| b).await;
+    let run = async {
+        let ((mut client_send, mut client_recv), (mut server_send, mut server_recv)) = stream_between(&pair).await;
+        client_recv.stop(7);
+        client_send.shutdown().await.unwrap();
+        server_recv.read_to_end(&mut Vec::new()).await.unwrap();
+        let e = write_until_error(&mut server_send).await;
+        assert_eq!(inner(&e).code(), Some(Code::Stream(7)), "{e}");
+
+        let ((client_send, client_recv), (mut server_send, mut server_recv)) = stream_between(&pair).await;
+        drop(client_send);
+        drop(client_recv);
+        let e = server_recv
+            .read_to_end(&mut Vec::new())
+            .await
+            .expect_err("the read fails");
+        assert!(inner(&e).is_reset(), "{e}");
+        let e = write_until_error(&mut server_send).await;
+        assert_eq!(inner(&e).code(), Some(Code::Stream(0)), "{e}");
+    };
+    timeout(TEST_TIMEOUT, run).await.expect("in time");
+}
+
 /// A writer dropped before it finished resets its stream with code 0; a reader dropped
 /// before the end stops it with code 0; a writer that finished and was dropped still
 /// delivers everything.

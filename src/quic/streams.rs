@@ -562,6 +562,14 @@ impl StreamsApp {
         };
         let mut state = stream.lock();
         state.queued = false;
+        if !state.send.done
+            && let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id)
+        {
+            // The peer stopped our direction. Said before reading: once the peer's end is
+            // read, quiche forgets a stream it counts complete both ways (a stopped
+            // direction counts so), and no write would learn of the stop.
+            state.send.fail(Failure::PeerStopped(code));
+        }
         read_from(conn, id, &mut state.recv);
         let was_done = state.send.done;
         let wait = write_to(conn, id, &mut state.send);
@@ -763,7 +771,14 @@ fn write_to(conn: &mut QuicheConnection, id: u64, w: &mut SendHalf) -> Wait {
             }
             if n < len { Wait::Quiche } else { Wait::Nothing }
         }
-        Err(quiche::Error::Done) => Wait::Quiche,
+        Err(quiche::Error::Done) if conn.stream_capacity(id).is_ok() => Wait::Quiche,
+        Err(quiche::Error::Done) => {
+            // quiche no longer has the stream (it would list it writable never again).
+            w.fail(Failure::Closed(
+                Error::new(Kind::Closed).with_message("the stream ended before its writer finished"),
+            ));
+            Wait::Nothing
+        }
         Err(quiche::Error::StreamStopped(code)) => {
             w.fail(Failure::PeerStopped(code));
             Wait::Nothing
@@ -852,8 +867,18 @@ impl Application for StreamsApp {
             drop(state);
             self.shared.accepted.notify_waiters();
         }
-        if !self.blocked.is_empty() {
-            ready.extend(conn.writable().filter(|id| self.blocked.contains(id)));
+        if !self.blocked.is_empty() || !self.sent.is_empty() {
+            for id in conn.writable() {
+                if self.blocked.contains(&id) {
+                    ready.push(id);
+                } else if self.sent.contains(&id) && conn.stream_capacity(id).is_err() {
+                    // Its FIN went out, then the peer stopped it: quiche lists it writable
+                    // and forgets it only when asked (its acknowledgements do not), keeping
+                    // it, and a stream of the peer's credit, for as long as nobody asks.
+                    // Asked, it is gone.
+                    self.sent.remove(&id);
+                }
+            }
         }
         ready.extend(self.fins.iter().copied());
         self.fin_due = None;
@@ -1306,6 +1331,63 @@ impl Drop for SendStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::{Pipe, client_config, server_config};
+
+    /// A stream whose FIN went out and which the peer stopped before acknowledging it is
+    /// forgotten by quiche only when asked: the connection asks at once, so the peer gets
+    /// its stream credit back (before, only once 64 such streams had piled up: with a
+    /// limit of 4 streams, the peer ran out of them for good).
+    #[tokio::test]
+    async fn a_stream_stopped_after_its_fin_went_out_gives_its_credit_back() {
+        let limit = |t: crate::quic::TransportConfig| t.max_concurrent_bidi_streams(4);
+        let server = server_config("streams", limit);
+        let mut pipe = Pipe::handshaken(&server, &client_config("streams", limit));
+        let (mut app, _parts) = new(&server.config, true);
+        app.on_established(&mut pipe.server).unwrap();
+        // The client's request and end; the server reads them and answers with its own end.
+        pipe.client.stream_send(0, b"hi", true).unwrap();
+        pipe.flush();
+        let mut buf = [0; 16];
+        assert_eq!(pipe.server.stream_recv(0, &mut buf).unwrap(), (2, true));
+        pipe.server.stream_send(0, b"yo", true).unwrap();
+        app.sent.insert(0);
+        // The client stops the stream before the answer reaches it (the answer's packets
+        // wait), and the stop reaches the server.
+        pipe.client.stream_shutdown(0, quiche::Shutdown::Read, 7).unwrap();
+        let mut out = [0; 1500];
+        let mut held = Vec::new();
+        while let Ok((len, info)) = pipe.server.send(&mut out) {
+            held.push((out[..len].to_vec(), info));
+        }
+        while let Ok((len, info)) = pipe.client.send(&mut out) {
+            let _ = pipe.server.recv(
+                &mut out[..len],
+                quiche::RecvInfo {
+                    from: info.from,
+                    to: info.to,
+                },
+            );
+        }
+        for (mut packet, info) in held {
+            let _ = pipe.client.recv(
+                &mut packet,
+                quiche::RecvInfo {
+                    from: info.from,
+                    to: info.to,
+                },
+            );
+        }
+        pipe.flush();
+        // quiche holds it, listed writable (what a stop does), though both ways are done.
+        assert!(pipe.server.writable().any(|id| id == 0), "the stopped stream is held");
+        let waker = std::task::Waker::noop();
+        app.process(&mut Context::from_waker(waker), &mut pipe.server).unwrap();
+        assert!(
+            !pipe.server.writable().any(|id| id == 0),
+            "the stopped stream is forgotten"
+        );
+        assert!(app.sent.is_empty());
+    }
 
     #[test]
     fn seen_indexes_are_told_apart_from_new_ones_in_any_order() {
