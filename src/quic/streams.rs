@@ -363,6 +363,9 @@ pub(crate) struct StreamsApp {
     /// plus a few, at a constant cost per stream.
     sent: StreamIdSet,
     sent_check_at: usize,
+    /// The peer's STOP_SENDING frames so far (quiche's count): `sent` is looked through
+    /// again when it moves.
+    stops_seen: u64,
     /// Set once every handle is gone: see [`StreamsApp::start_linger`].
     linger: Option<Linger>,
     /// The connection's idle timeout: how long a linger waits without progress.
@@ -470,6 +473,7 @@ pub(crate) fn new(config: &Config, server: bool) -> (StreamsApp, StreamConnectio
         ready: Vec::new(),
         sent: StreamIdSet::default(),
         sent_check_at: SENT_CHECK_MIN,
+        stops_seen: 0,
         linger: None,
         idle_timeout: s.idle_timeout,
         seen: [Seen::default(), Seen::default()],
@@ -562,12 +566,16 @@ impl StreamsApp {
         };
         let mut state = stream.lock();
         state.queued = false;
-        if !state.send.done
+        if state.recv.taken
+            && !state.send.done
             && let Err(quiche::Error::StreamStopped(code)) = conn.stream_capacity(id)
         {
             // The peer stopped our direction. Said before reading: once the peer's end is
             // read, quiche forgets a stream it counts complete both ways (a stopped
-            // direction counts so), and no write would learn of the stop.
+            // direction counts so), and no write would learn of the stop. Not before the
+            // stream is accepted: there is no writer to tell yet, and a stream quiche
+            // forgot while it waits in the accept queue would give the peer its credit
+            // back (the queue's bound is that credit).
             state.send.fail(Failure::PeerStopped(code));
         }
         read_from(conn, id, &mut state.recv);
@@ -867,18 +875,16 @@ impl Application for StreamsApp {
             drop(state);
             self.shared.accepted.notify_waiters();
         }
-        if !self.blocked.is_empty() || !self.sent.is_empty() {
-            for id in conn.writable() {
-                if self.blocked.contains(&id) {
-                    ready.push(id);
-                } else if self.sent.contains(&id) && conn.stream_capacity(id).is_err() {
-                    // Its FIN went out, then the peer stopped it: quiche lists it writable
-                    // and forgets it only when asked (its acknowledgements do not), keeping
-                    // it, and a stream of the peer's credit, for as long as nobody asks.
-                    // Asked, it is gone.
-                    self.sent.remove(&id);
-                }
-            }
+        if !self.blocked.is_empty() {
+            ready.extend(conn.writable().filter(|id| self.blocked.contains(id)));
+        }
+        let stops = conn.stats().stopped_stream_count_remote;
+        if stops != self.stops_seen {
+            // A stream whose FIN went out and which the peer then stopped is forgotten by
+            // quiche only when asked (its acknowledgements do not), and holds a stream of
+            // the peer's credit until then: asked as soon as a stop arrives.
+            self.stops_seen = stops;
+            self.check_sent(conn);
         }
         ready.extend(self.fins.iter().copied());
         self.fin_due = None;
