@@ -116,7 +116,9 @@
 //! [`quic::TransportConfig::keylog_from_env`].
 
 #![deny(missing_docs)]
-#![forbid(unsafe_code)]
+// One foreign call (in `quic::tls`: BoringSSL's SSL_set_shed_handshake_config, which the
+// `boring` crate does not wrap) is allowed where it is made; nothing else may be unsafe.
+#![deny(unsafe_code)]
 
 #[cfg(feature = "__bench")]
 #[doc(hidden)]

@@ -188,6 +188,13 @@ impl TlsMaterial {
         }
         if server {
             self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
+            // What only the handshake needs (the certificate, cipher and ALPN settings each
+            // `SSL` copies from the context) is freed once it completes: BoringSSL holds
+            // 1.2 KiB less per idle connection (`tests/idle_memory.rs`).
+            b.set_select_certificate_callback(|mut hello| {
+                shed_handshake_config(hello.ssl_mut());
+                Ok(())
+            });
         } else if self.verify_server {
             if self.roots.is_empty() {
                 // Every server would fail verification: say so now, with what to do, rather
@@ -292,6 +299,19 @@ impl TlsMaterial {
             });
         }
         Ok(b)
+    }
+}
+
+/// Has BoringSSL free `ssl`'s handshake configuration once its handshake completes
+/// (`SSL_set_shed_handshake_config`): nothing reads it afterwards (a QUIC connection has no
+/// renegotiation, and the session, keys and peer certificate are kept apart).
+fn shed_handshake_config(ssl: &mut boring::ssl::SslRef) {
+    use foreign_types::ForeignTypeRef;
+    // SAFETY: `as_ptr` is the live `SSL` this reference borrows, and the call only sets a
+    // flag on it.
+    #[allow(unsafe_code)]
+    unsafe {
+        boring_sys::SSL_set_shed_handshake_config(ssl.as_ptr(), 1);
     }
 }
 
