@@ -188,13 +188,7 @@ impl TlsMaterial {
         }
         if server {
             self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
-            // What only the handshake needs (the certificate, cipher and ALPN settings each
-            // `SSL` copies from the context) is freed once it completes: BoringSSL holds
-            // 1.2 KiB less per idle connection (`tests/idle_memory.rs`).
-            b.set_select_certificate_callback(|mut hello| {
-                shed_handshake_config(hello.ssl_mut());
-                Ok(())
-            });
+            shed_handshake_config_when_done(&mut b);
         } else if self.verify_server {
             if self.roots.is_empty() {
                 // Every server would fail verification: say so now, with what to do, rather
@@ -272,6 +266,7 @@ impl TlsMaterial {
                 .map_err(|e| tls_err("public key", e))?;
             b.add_credential(&credential.build())
                 .map_err(|e| tls_err("add credential", e))?;
+            shed_handshake_config_when_done(&mut b);
             // A client CA asks clients for a certificate here too: a server that presents
             // a raw key still requires what its configuration says of clients.
             self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
@@ -302,13 +297,26 @@ impl TlsMaterial {
     }
 }
 
+/// Servers: what only the handshake needs (the certificate and cipher settings each `SSL`
+/// copies from the context) is freed once the handshake completes: BoringSSL holds 1.2 KiB
+/// less per idle connection (`tests/idle_memory.rs`). Set from the certificate-selection
+/// callback, which BoringSSL calls for every server handshake (resumptions included); a
+/// context has one such callback, so one set later for another purpose must keep this.
+fn shed_handshake_config_when_done(b: &mut SslContextBuilder) {
+    b.set_select_certificate_callback(|mut hello| {
+        shed_handshake_config(hello.ssl_mut());
+        Ok(())
+    });
+}
+
 /// Has BoringSSL free `ssl`'s handshake configuration once its handshake completes
 /// (`SSL_set_shed_handshake_config`): nothing reads it afterwards (a QUIC connection has no
 /// renegotiation, and the session, keys and peer certificate are kept apart).
 fn shed_handshake_config(ssl: &mut boring::ssl::SslRef) {
     use foreign_types::ForeignTypeRef;
-    // SAFETY: `as_ptr` is the live `SSL` this reference borrows, and the call only sets a
-    // flag on it.
+    // SAFETY: `as_ptr` is the live `SSL` this reference borrows (it is called during the
+    // handshake, while the configuration still exists), and the call only sets a flag on
+    // it (idempotent). The crate's one unsafe block (`.ci/run` checks there is one).
     #[allow(unsafe_code)]
     unsafe {
         boring_sys::SSL_set_shed_handshake_config(ssl.as_ptr(), 1);
