@@ -270,11 +270,9 @@ async fn no_datagrams_unless_both_sides_enable_them() {
     .expect("test timed out");
 }
 
-/// RFC 9297 §2.1: "Receipt of an HTTP/3 Datagram that includes a larger Stream ID than is
-/// currently allowed MUST be treated as an HTTP/3 connection error of type H3_ID_ERROR".
-/// (Found by review: such a datagram was dropped as one for a stream not yet seen.)
-#[tokio::test]
-async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
+/// A scripted client with QUIC datagrams on, connected to a server (datagrams on) whose
+/// every request is a tunnel held open while the client's side is.
+async fn scripted_client_of_a_datagram_server() -> support::scripted::Client {
     init_tracing();
     let certs = certs();
     let (seen_tx, _seen) = mpsc::unbounded_channel();
@@ -282,7 +280,15 @@ async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
     let addr = listener.local_addr();
     serve(listener, Default::default(), seen_tx).await;
     let config = support::scripted::Client::config_with(&certs, |t| t.datagrams(16));
-    let client = support::scripted::Client::connect_with(addr, config, true).await;
+    support::scripted::Client::connect_with(addr, config, true).await
+}
+
+/// RFC 9297 §2.1: "Receipt of an HTTP/3 Datagram that includes a larger Stream ID than is
+/// currently allowed MUST be treated as an HTTP/3 connection error of type H3_ID_ERROR".
+/// (Found by review: such a datagram was dropped as one for a stream not yet seen.)
+#[tokio::test]
+async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
+    let client = scripted_client_of_a_datagram_server().await;
     // Quarter stream ID 2^60 - 1: the last client bidirectional stream QUIC numbers, far
     // beyond the streams the server lets this client open.
     let quarter = support::scripted::varint((1 << 60) - 1);
@@ -296,6 +302,31 @@ async fn a_datagram_for_a_stream_beyond_the_peers_limit_is_an_h3_id_error() {
         "{:?}",
         closed.error()
     );
+}
+
+/// An HTTP datagram on a request whose method defines none (a POST here) ends that request
+/// with H3_DATAGRAM_ERROR (RFC 9297 §2); the connection goes on.
+#[tokio::test]
+async fn a_datagram_on_a_request_that_takes_none_aborts_it() {
+    let mut client = scripted_client_of_a_datagram_server().await;
+    let post = client.request(&support::scripted::head("POST", "/tunnel"), false).await;
+    assert_eq!(
+        client.outcome(post).await,
+        support::scripted::Seen::Status(200),
+        "answered, still open"
+    );
+    let mut datagram = support::scripted::varint(post / 4);
+    datagram.extend_from_slice(b"stray");
+    client.run(move |_, conn| conn.dgram_send(&datagram).unwrap()).await;
+    assert_eq!(
+        client.reset_code(post, Duration::from_secs(10)).await,
+        Some(tower_quiche::codes::H3_DATAGRAM_ERROR)
+    );
+    let (status, _) = {
+        let get = client.request(&support::scripted::head("GET", "/tunnel"), true).await;
+        client.response(get).await
+    };
+    assert_eq!(status, 200, "the connection serves on");
 }
 
 /// Connection IDs of a fixed length, unique by a counter (a load balancer's routable IDs

@@ -1484,7 +1484,7 @@ impl Application for ClientApp {
         }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
-            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer) {
+            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, None) {
                 tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
                 if conn.local_error().is_none() {
                     let _ = conn.close(true, code, b"");

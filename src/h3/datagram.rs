@@ -557,11 +557,15 @@ impl DatagramHub {
 
     /// Moves datagrams between quiche and the flows, both ways. A datagram that breaks
     /// RFC 9297 §2.1 is a connection error: its code is returned (the caller closes).
+    /// `unrouted`, when given, gets the stream of each datagram no flow took (one entry per
+    /// datagram read this turn: quiche's receive queue bounds them), for the owner to tell
+    /// requests that have no datagrams from streams not seen yet or closed.
     pub(crate) fn process(
         &mut self,
         cx: &mut Context<'_>,
         conn: &mut QuicheConnection,
         peer: PeerDatagrams,
+        mut unrouted: Option<&mut Vec<u64>>,
     ) -> Result<(), MalformedDatagram> {
         let max = match peer {
             PeerDatagrams::Unknown => PEER_UNKNOWN,
@@ -572,7 +576,11 @@ impl DatagramHub {
         // quiche's receive queue is bounded (`TransportConfig::datagrams`; it drops the
         // oldest when full), so this loop is too.
         while let Ok(datagram) = conn.dgram_recv_buf() {
-            self.route(Bytes::from(datagram))?;
+            if let Some(id) = self.route(Bytes::from(datagram))?
+                && let Some(unrouted) = unrouted.as_deref_mut()
+            {
+                unrouted.push(id);
+            }
         }
         if peer == PeerDatagrams::Unknown {
             // None may be sent before the peer's SETTINGS_H3_DATAGRAM (RFC 9297 §2.1.1):
@@ -599,7 +607,8 @@ impl DatagramHub {
         self.peer_stream_limit = id;
     }
 
-    fn route(&mut self, datagram: Bytes) -> Result<(), MalformedDatagram> {
+    /// Hands a datagram to its stream's flow; returns the stream when no flow took it.
+    fn route(&mut self, datagram: Bytes) -> Result<Option<u64>, MalformedDatagram> {
         let (id, header) = parse(&datagram)?;
         if id >= self.peer_stream_limit {
             return Err(MalformedDatagram(
@@ -610,15 +619,16 @@ impl DatagramHub {
         match self.flows.get(&id) {
             Some(flow) => {
                 flow.deliver(datagram.slice(header..));
+                Ok(None)
             }
             None => {
                 // Not yet seen, already closed, or no datagram stream: RFC 9297 §2.1 lets
                 // the first be dropped and requires it for the second.
                 self.dropped_unrouted += 1;
                 tracing::trace!(stream_id = id, "a datagram for a stream without a flow; dropped");
+                Ok(Some(id))
             }
         }
-        Ok(())
     }
 
     fn send(&mut self, conn: &mut QuicheConnection, peer: PeerDatagrams, flow: &Flow, payload: &[u8]) {
@@ -766,9 +776,11 @@ mod tests {
         let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
         let flow = hub.open(0).unwrap();
         flow.send(&b"early"[..]).unwrap();
-        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown).unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown, None)
+            .unwrap();
         // The client's SETTINGS arrive: it takes datagrams.
-        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled).unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled, None)
+            .unwrap();
         pipe.flush();
         let mut buf = [0; 64];
         let got = pipe.client.dgram_recv(&mut buf).map(|n| buf[..n].to_vec());

@@ -138,6 +138,10 @@ pub(crate) enum Cancel {
     /// No progress within the stall timeout; the stream is reset with this code.
     #[cfg(feature = "server")]
     Stalled(u64),
+    /// An HTTP datagram came for a request whose method defines none (RFC 9297 §2): the
+    /// request is aborted with H3_DATAGRAM_ERROR.
+    #[cfg(feature = "server")]
+    StrayDatagram,
     /// The connection is gone.
     ConnectionClosed,
 }
@@ -149,6 +153,8 @@ impl Cancel {
             Cancel::Malformed(why) => RecvError::Malformed(why),
             #[cfg(feature = "server")]
             Cancel::Stalled(_) => RecvError::TimedOut,
+            #[cfg(feature = "server")]
+            Cancel::StrayDatagram => RecvError::Malformed("an HTTP datagram on a request that takes none"),
             Cancel::PeerStopped(_) | Cancel::ConnectionClosed => RecvError::Closed,
         }
     }
@@ -164,6 +170,8 @@ impl Cancel {
             Cancel::Malformed(_) => Some(codes::H3_MESSAGE_ERROR),
             #[cfg(feature = "server")]
             Cancel::Stalled(code) => Some(code),
+            #[cfg(feature = "server")]
+            Cancel::StrayDatagram => Some(codes::H3_DATAGRAM_ERROR),
             // quiche failed the stream while the connection lives on: the peer must learn
             // that nobody serves it (on a closed connection nothing is sent).
             Cancel::ConnectionClosed => Some(codes::H3_REQUEST_CANCELLED),
@@ -175,6 +183,8 @@ impl Cancel {
             Cancel::PeerReset(code) | Cancel::PeerStopped(code) => code,
             #[cfg(feature = "server")]
             Cancel::Stalled(code) => code,
+            #[cfg(feature = "server")]
+            Cancel::StrayDatagram => codes::H3_DATAGRAM_ERROR,
             Cancel::Malformed(_) => codes::H3_MESSAGE_ERROR,
             Cancel::ConnectionClosed => codes::H3_REQUEST_CANCELLED,
         }

@@ -131,6 +131,8 @@ pub(crate) struct ServerApp<S> {
     /// HTTP datagram flows of CONNECT streams (RFC 9297), when the listener's transport
     /// enables QUIC datagrams.
     datagrams: Option<DatagramHub>,
+    /// The streams of datagrams no flow took in a turn (kept for its allocation).
+    unrouted_datagrams: Vec<u64>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -172,6 +174,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             lingering: Vec::new(),
             lingering_prune_at: LINGERING_PRUNE_MIN,
             datagrams: None,
+            unrouted_datagrams: Vec::new(),
             _alive: alive,
         }
     }
@@ -961,11 +964,22 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                 self.next_stream
                     .saturating_add(self.max_concurrent_streams.saturating_add(1).saturating_mul(4)),
             );
-            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer) {
+            let mut unrouted = std::mem::take(&mut self.unrouted_datagrams);
+            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, Some(&mut unrouted)) {
                 tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
                 self.fail_connection(conn, code);
                 return Ok(());
             }
+            for id in unrouted.drain(..) {
+                // RFC 9297 §2: a datagram for a request whose method defines none (not a
+                // CONNECT) ends that request; one for a stream not seen yet, or gone, is
+                // dropped.
+                if self.streams.get(&id).is_some_and(|entry| !entry.tunnel) {
+                    tracing::debug!(stream_id = id, "an HTTP datagram on a request that takes none");
+                    self.end_stream(conn, id, Cancel::StrayDatagram);
+                }
+            }
+            self.unrouted_datagrams = unrouted;
         }
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
