@@ -235,15 +235,21 @@ impl Cache {
     /// The port to reach `origin`'s HTTP/3 at, when it advertised one that is still fresh
     /// and HTTP/3 is not marked broken there.
     pub(crate) fn h3_port(&mut self, origin: &Origin, now: Instant) -> Option<u16> {
+        let port = self.advertised_port(origin, now)?;
+        match self.entries.get(origin)?.broken_until {
+            Some(until) if until > now => None,
+            _ => Some(port),
+        }
+    }
+
+    /// The port `origin` advertised for HTTP/3, still fresh, whether or not HTTP/3 is
+    /// marked broken there: where what must go over HTTP/3 all the same (a tunnel) goes.
+    pub(crate) fn advertised_port(&mut self, origin: &Origin, now: Instant) -> Option<u16> {
         let entry = self.entries.get_mut(origin)?;
         if entry.h3.is_some_and(|(_, until)| until <= now) {
             entry.h3 = None;
         }
-        let (port, _) = entry.h3?;
-        match entry.broken_until {
-            Some(until) if until > now => None,
-            _ => Some(port),
-        }
+        entry.h3.map(|(port, _)| port)
     }
 
     /// HTTP/3 failed for `origin`: off for `first_broken`, doubled for each failure since it
@@ -434,6 +440,11 @@ mod tests {
         // Other failures of the same attempt do not extend it.
         cache.mark_broken(&o, t0 + Duration::from_secs(1));
         assert_eq!(cache.h3_port(&o, t0 + Duration::from_secs(299)), None);
+        assert_eq!(
+            cache.advertised_port(&o, t0 + Duration::from_secs(299)),
+            Some(443),
+            "where a tunnel goes meanwhile, not the origin's own port"
+        );
         let t1 = t0 + Duration::from_secs(300);
         assert_eq!(cache.h3_port(&o, t1), Some(443));
         cache.mark_broken(&o, t1);

@@ -478,12 +478,15 @@ impl Pool {
 
     /// The port of the origin's HTTP/3: where its `Alt-Svc` points in the auto mode, else
     /// (or when it advertised none yet) the origin's own, as with prior knowledge.
+    ///
+    /// The advertised port holds while HTTP/3 is marked broken too: what goes over HTTP/3
+    /// then all the same (a tunnel, which TCP does not carry) goes where the origin said.
     fn h3_port(&self, origin: &Origin) -> u16 {
         #[cfg(feature = "tcp")]
         if self.mode == Mode::Auto {
             return self
                 .alt_svc()
-                .h3_port(origin, std::time::Instant::now())
+                .advertised_port(origin, std::time::Instant::now())
                 .unwrap_or(origin.port);
         }
         origin.port
