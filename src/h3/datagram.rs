@@ -623,7 +623,8 @@ impl DatagramHub {
             }
             None => {
                 // Not yet seen, already closed, or no datagram stream: RFC 9297 §2.1 lets
-                // the first be dropped and requires it for the second.
+                // the first be dropped and requires it for the second; the owner decides
+                // on the third (a server aborts a request that is no CONNECT).
                 self.dropped_unrouted += 1;
                 tracing::trace!(stream_id = id, "a datagram for a stream without a flow; dropped");
                 Ok(Some(id))

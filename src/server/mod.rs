@@ -389,8 +389,11 @@ impl Builder {
     /// [`TransportConfig::datagrams`](crate::quic::TransportConfig::datagrams), which is off
     /// by default: a server offers datagrams only when asked to. quiche's HTTP/3 layer
     /// sends SETTINGS_H3_DATAGRAM whenever the transport has QUIC datagrams on, so turning
-    /// this off with them on drops every HTTP datagram that arrives. Defaults to on (HTTP
-    /// datagrams follow the transport).
+    /// this off with them on drops every HTTP datagram that arrives on a CONNECT. Either
+    /// way, one on a request that is no CONNECT aborts that request with H3_DATAGRAM_ERROR
+    /// (RFC 9297 §2; every CONNECT, plain or extended, is let keep its datagrams or drop
+    /// them, whether or not its protocol defines any). Defaults to on (HTTP datagrams
+    /// follow the transport).
     pub fn http_datagrams(mut self, enabled: bool) -> Self {
         self.http_datagrams = enabled;
         self
