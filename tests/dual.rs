@@ -1025,6 +1025,19 @@ fn uploads() -> (Router, UploadReports) {
             "/stream",
             post(|| async { axum::body::Body::new(Chunks::new(1000, Some(20)).every(Duration::from_millis(500))) }),
         )
+        .route("/upload/after", {
+            // Answers at once, and reads the upload after its (empty) response ended.
+            let (outcomes, waiting) = (outcomes_tx.clone(), waiting_tx.clone());
+            post(move |request: axum::extract::Request| {
+                let (outcomes, waiting) = (outcomes.clone(), waiting.clone());
+                async move {
+                    tokio::spawn(async move {
+                        let _ = outcomes.send(read_body(request.into_body(), Reader::Steady, &waiting).await);
+                    });
+                    StatusCode::ACCEPTED
+                }
+            })
+        })
         .route(
             "/duplex",
             post(move |request: axum::extract::Request| {
@@ -1158,6 +1171,31 @@ async fn tcp_slow_request_bodies_busy_handlers_and_duplex_exchanges_are_not_stal
             assert_eq!(answer.len(), 7 * 1000, "{what}");
             drop(send);
             assert_eq!(reports.outcome(&what).await, (1000, None), "{what}");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// A handler that answers at once and reads the upload afterwards: while the body brings
+/// bytes the connection is not idle, though no response is in flight (it used to be closed
+/// an idle timeout after the response, the upload cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_an_upload_read_after_its_response_keeps_the_connection() {
+    let (app, mut reports) = uploads();
+    let server = dual_stalling_after_two_seconds(app).await;
+    let run = async {
+        for version in [Version::HTTP_11, Version::HTTP_2] {
+            let what = format!("{version:?}, read after the response");
+            let (send, response) = post_streamed(&server, version, "/upload/after").await;
+            send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+            assert_eq!(status_of(response).await, StatusCode::ACCEPTED, "{what}");
+            // 5.6 s: past the idle timeout (2 s) and the grace after it (2 s more).
+            for _ in 0..8 {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                send.send(Bytes::from(vec![b'x'; 1000])).await.unwrap();
+            }
+            drop(send);
+            assert_eq!(reports.outcome(&what).await, (9 * 1000, None), "{what}");
         }
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();

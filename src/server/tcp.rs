@@ -326,6 +326,9 @@ struct Activity {
     request_limit_reached: Notify,
     /// When the last response ended, in milliseconds since `since`.
     last_end_ms: AtomicU64,
+    /// When a request body last brought bytes: a handler still reading an upload after its
+    /// response ended keeps the connection from idling.
+    last_body_ms: AtomicU64,
     /// hyper's tasks of this connection that run ([`ConnExecutor`]): over HTTP/2 each
     /// stream's until its response is sent, and each tunnel's (a WebSocket, say: a CONNECT
     /// answered 2xx, whose response has no body to count) until it ends.
@@ -383,6 +386,7 @@ impl Activity {
             max_requests: limits.max_requests.unwrap_or(u64::MAX),
             request_limit_reached: Notify::new(),
             last_end_ms: AtomicU64::new(0),
+            last_body_ms: AtomicU64::new(0),
             tasks: AtomicUsize::new(0),
             bodies_waiting: AtomicUsize::new(0),
             waiting_since_ms: AtomicU64::new(0),
@@ -479,7 +483,8 @@ impl Activity {
             }
             if self.tasks.load(Ordering::Acquire) == 0 && self.in_flight.load(Ordering::Acquire) == 0 {
                 let (mut quiet_since, limit) = if self.requests.load(Ordering::Acquire) > 0 {
-                    (self.at_ms(&self.last_end_ms), limits.idle_timeout)
+                    let last_moved = self.at_ms(&self.last_end_ms).max(self.at_ms(&self.last_body_ms));
+                    (last_moved, limits.idle_timeout)
                 } else {
                     (self.since, limits.header_read_timeout)
                 };
@@ -784,6 +789,10 @@ impl TcpRequestBody {
         use http_body::Body as _;
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
             self.waiting_since_ms = None;
+            if matches!(&frame, Some(Ok(frame)) if frame.is_data()) {
+                // Bytes moving: the connection is not idle, whether or not a response is.
+                self.activity.stamp(&self.activity.last_body_ms);
+            }
             return Poll::Ready(
                 frame.map(|frame| frame.map_err(|e| Error::from_hyper(e, "the request body over TCP failed"))),
             );
