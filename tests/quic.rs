@@ -322,16 +322,22 @@ async fn mutual_tls_with_a_client_ca_that_is_an_intermediate() {
             .private_key_pem(&key)
             .build()
             .unwrap();
+        // Served, or refused: whether by TLS, and what was said.
         async move {
             let endpoint = Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap();
             let (app, client) = EchoClient::new();
-            let Ok(conn) = endpoint.connect_addr(server, Some("localhost"), app).await else {
-                return false;
+            let conn = match endpoint.connect_addr(server, Some("localhost"), app).await {
+                Ok(conn) => conn,
+                Err(e) => return Err((e.is_tls(), e.to_string())),
             };
             // A refused certificate may show only after the client's side of the handshake.
-            let echoed = client.echo(bytes::Bytes::from_static(b"mtls")).await;
-            conn.close(0, "");
-            echoed.is_ok()
+            if client.echo(bytes::Bytes::from_static(b"mtls")).await.is_ok() {
+                conn.close(0, "");
+                return Ok(());
+            }
+            let closed = conn.closed().await;
+            let error = closed.error();
+            Err((error.is_some_and(|e| e.is_tls()), format!("{error:?}")))
         }
     };
     let run = async {
@@ -346,22 +352,26 @@ async fn mutual_tls_with_a_client_ca_that_is_an_intermediate() {
                 issued.cert_pem.clone(),
                 issued.key_pem.clone()
             )
-            .await,
+            .await
+            .is_ok(),
             "a client certificate from the intermediate named as client CA"
         );
+        let refused = connects(
+            trusting_intermediate.addr,
+            by_the_root.cert_pem.clone(),
+            by_the_root.key_pem.clone(),
+        )
+        .await;
         assert!(
-            !connects(
-                trusting_intermediate.addr,
-                by_the_root.cert_pem.clone(),
-                by_the_root.key_pem.clone()
-            )
-            .await,
-            "a certificate the root issued is not the intermediate's"
+            matches!(refused, Err((true, _))),
+            "a certificate the root issued is not the intermediate's: refused by TLS, {refused:?}"
         );
         let trusting_root = echo_server("127.0.0.1:0", server_builder(&certs).client_ca_pem(root.cert_pem())).await;
         let chain = format!("{}{}", issued.cert_pem, intermediate.cert_pem());
         assert!(
-            connects(trusting_root.addr, chain, issued.key_pem.clone()).await,
+            connects(trusting_root.addr, chain, issued.key_pem.clone())
+                .await
+                .is_ok(),
             "the intermediate's client, with its chain, under the root"
         );
     };

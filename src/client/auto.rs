@@ -98,10 +98,7 @@ impl Pool {
         origin: Origin,
         replay: Option<bytes::Bytes>,
     ) -> Result<Response<RecvBody>, Error> {
-        let port = self
-            .alt_svc()
-            .advertised_port(&origin, Instant::now())
-            .unwrap_or(origin.port);
+        let port = self.h3_port(&origin);
         let head = Head::of(&request);
         let bodyless = http_body::Body::is_end_stream(request.body());
         let pending = PendingRequest::from_boxed(request)?.with_replay(replay);

@@ -135,15 +135,15 @@ impl PendingRequest {
         self
     }
 
-    /// The request as it was before its body was sent, for sending again; `None` when its
-    /// body went out and is not kept.
-    fn rewound(mut self) -> Option<Self> {
+    /// The request as it was before its body was sent, for sending again: a request is kept
+    /// for that only while it has no body or keeps its bytes (see `Entry::retry`).
+    fn rewound(mut self) -> Self {
         if self.body.is_none()
             && let Some(bytes) = &self.replay
         {
             self.body = Some(box_body(http_body_util::Full::new(bytes.clone())));
         }
-        (self.body.is_some() || self.replay.is_none()).then_some(self)
+        self
     }
 
     /// Whether the server refused it only for coming in 0-RTT data: it may go again on the
@@ -968,19 +968,17 @@ impl ClientApp {
     fn poll_events(&mut self, conn: &mut QuicheConnection) {
         loop {
             let h3 = self.h3.as_mut().expect("created when established");
-            let event = h3.poll(conn);
-            if let Ok((id, h3::Event::Headers { .. } | h3::Event::Data | h3::Event::Finished | h3::Event::Reset(_))) =
-                &event
-                && id % 4 == 1
-            {
-                // A bidirectional stream the server opened: HTTP/3 has none (RFC 9114 §6.1).
-                tracing::debug!(stream_id = id, "the server opened a bidirectional stream");
-                if conn.local_error().is_none() {
-                    let _ = conn.close(true, code::H3_STREAM_CREATION_ERROR, b"");
+            match h3.poll(conn) {
+                Ok((id, h3::Event::Headers { .. } | h3::Event::Data | h3::Event::Finished | h3::Event::Reset(_)))
+                    if id % 4 == 1 =>
+                {
+                    // A bidirectional stream the server opened: HTTP/3 has none (RFC 9114 §6.1).
+                    tracing::debug!(stream_id = id, "the server opened a bidirectional stream");
+                    if conn.local_error().is_none() {
+                        let _ = conn.close(true, code::H3_STREAM_CREATION_ERROR, b"");
+                    }
+                    return;
                 }
-                return;
-            }
-            match event {
                 Ok((id, h3::Event::Headers { list, more_frames })) => self.on_headers(conn, id, list, more_frames),
                 Ok((id, h3::Event::Data)) => {
                     if self.streams.contains_key(&id) {
@@ -1188,13 +1186,9 @@ impl ClientApp {
                     .with_stream_code(code)
                     .with_message("the server reset the request stream")
             };
-            let unsent = match entry.retry.take() {
-                Some(request) if code == code::H3_REQUEST_REJECTED => request.rewound(),
-                _ => None,
-            };
-            let failure = match unsent {
-                Some(request) => Failure::Unsent(request, error),
-                None => Failure::Failed(error),
+            let failure = match entry.retry.take() {
+                Some(request) if code == code::H3_REQUEST_REJECTED => Failure::Unsent(request.rewound(), error),
+                _ => Failure::Failed(error),
             };
             let _ = reply.send(Err(failure));
         }

@@ -173,11 +173,7 @@ impl Service<Request<ReqBody>> for Transport {
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let pool = Arc::clone(&self.0);
         let origin = Origin::of(request.uri());
-        let replay = request.body().replay();
-        Box::pin(async move {
-            pool.send_via(None, request.map(ReqBody::into_any), origin?, replay)
-                .await
-        })
+        Box::pin(async move { pool.send_via(None, request, origin?).await })
     }
 }
 

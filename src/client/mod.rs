@@ -83,7 +83,7 @@ use tower_service::Service;
 use crate::error::{BoxError, Error, Kind};
 use crate::h3::body::RecvBody;
 use crate::quic::{ClientConfig, Endpoint};
-use conn::{AnyBody, ConnSettings, Failure, PendingRequest, SendRequest, box_body};
+use conn::{ConnSettings, Failure, PendingRequest, SendRequest};
 use layers::{BodyLimit, Conveniences, ReqBody, Stage, Transport};
 
 pub use crate::h3::fields::Protocol;
@@ -381,9 +381,10 @@ impl Pool {
                     self.connect_timeout
                 ))
             })??;
+        let deadline = started + self.connect_timeout;
         // A resumed connection is handed over before its handshake completes, to send 0-RTT
         // data: the connect timeout still bounds that handshake.
-        connection.handle().limit_handshake(started + self.connect_timeout);
+        connection.handle().limit_handshake(deadline);
         // Nobody needs to await the connection's end: the pool sees it through SendRequest.
         drop(connection);
         if send.status().spare() == 0 {
@@ -393,7 +394,6 @@ impl Pool {
             // server sends PINGs), and in auto mode every such handshake would confirm
             // HTTP/3 for an origin that serves nothing over it.
             let mut probe = send.clone();
-            let deadline = started + self.connect_timeout;
             match tokio::time::timeout_at(deadline.into(), probe.ready()).await {
                 // The probe's reservation goes with it.
                 Ok(Ok(())) => {}
@@ -433,9 +433,8 @@ impl Pool {
     async fn send_via(
         self: Arc<Self>,
         reserved: Option<Route>,
-        request: Request<AnyBody>,
+        request: Request<layers::ReqBody>,
         origin: Origin,
-        replay: Option<Bytes>,
     ) -> Result<Response<RecvBody>, Error> {
         // A tunnel (CONNECT, plain or extended) is carried over HTTP/3 only: the TCP side
         // sends requests with bodies and has no tunnels.
@@ -461,13 +460,18 @@ impl Pool {
                  (Builder::tcp_only)",
             )),
             #[cfg(feature = "tcp")]
-            Route::Tcp => self.send_tcp(request, &origin).await,
+            Route::Tcp => self.send_tcp(request.map(layers::ReqBody::into_any), &origin).await,
+            // Over HTTP/3 a body all in memory is kept, shared, to go again if the server
+            // refuses the request unprocessed (hyper-util has its own rules over TCP).
             #[cfg(feature = "tcp")]
             Route::H3(send) if self.mode == Mode::Auto && !tunnel => {
-                self.send_h3_or_tcp(send, request, origin, replay).await
+                let replay = request.body().replay();
+                self.send_h3_or_tcp(send, request.map(layers::ReqBody::into_any), origin, replay)
+                    .await
             }
             Route::H3(send) => {
-                let pending = PendingRequest::from_boxed(request)?.with_replay(replay);
+                let replay = request.body().replay();
+                let pending = PendingRequest::from_boxed(request.map(layers::ReqBody::into_any))?.with_replay(replay);
                 let port = self.h3_port(&origin);
                 self.send_h3(send, pending, &origin, port)
                     .await
@@ -715,7 +719,7 @@ impl Client {
         // Straight to the pool: a tunnel is no download to decode, redirect or time out.
         let origin = Origin::of(request.uri())?;
         let mut response = Arc::clone(&self.pool)
-            .send_via(None, request.map(|()| box_body(body)), origin, None)
+            .send_via(None, request.map(|()| layers::ReqBody::of(body)), origin)
             .await?;
         if !response.status().is_success() {
             return Err(Error::new(Kind::Protocol).with_message(format!(
@@ -893,12 +897,7 @@ where
         // the pool chooses.
         let reserved = self.ready.take();
         let request = origin.complete(request);
-        Box::pin(async move {
-            let request = request?.map(layers::ReqBody::of);
-            let replay = request.body().replay();
-            pool.send_via(reserved, request.map(layers::ReqBody::into_any), origin, replay)
-                .await
-        })
+        Box::pin(async move { pool.send_via(reserved, request?.map(layers::ReqBody::of), origin).await })
     }
 }
 

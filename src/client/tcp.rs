@@ -2,10 +2,10 @@
 //! known to speak HTTP/3 and for when the QUIC path is broken.
 //!
 //! hyper-util's pooled client does the HTTP, over a connector of ours: hyper-util's
-//! `HttpConnector` for TCP (Happy Eyeballs, no Nagle, keep-alive probes), then TLS through tokio-boring with
-//! the BoringSSL context the QUIC side builds from the same [`ClientConfig`] (the same
-//! roots, the same `danger_accept_invalid_certs`, the same client certificate), offering
-//! ALPN `h2` then `http/1.1`.
+//! `HttpConnector` for TCP (Happy Eyeballs, no Nagle, keep-alive probes), then TLS through
+//! tokio-boring with the BoringSSL context the QUIC side builds from the same
+//! [`ClientConfig`] (the same roots, the same `danger_accept_invalid_certs`, the same client
+//! certificate), offering ALPN `h2` then `http/1.1`.
 
 use std::future::Future;
 use std::io;

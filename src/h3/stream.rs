@@ -297,6 +297,16 @@ struct SendHalf {
 }
 
 impl SendHalf {
+    /// Queues a 1xx head, unless the final head is on its way already (or the stream is
+    /// done); says whether it did.
+    fn queue_interim(&mut self, fields: Vec<Header>) -> bool {
+        if self.final_queued || self.done {
+            return false;
+        }
+        self.heads.push_back((OutFields::List(fields), false));
+        true
+    }
+
     fn wake(&mut self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
@@ -506,13 +516,8 @@ impl StreamShared {
             }
             r.waker = Some(cx.waker().clone());
             let continue_now = std::mem::take(&mut r.continue_owed) && r.received == 0 && !r.trailers_seen;
-            if continue_now && !s.send.final_queued && !s.send.done {
-                s.send
-                    .heads
-                    .push_back((OutFields::List(vec![Header::new(b":status", b"100")]), false));
-                return (Poll::Pending, true);
-            }
-            (Poll::Pending, false)
+            let queued = continue_now && s.send.queue_interim(vec![Header::new(b":status", b"100")]);
+            (Poll::Pending, queued)
         })
     }
 
@@ -587,15 +592,15 @@ impl StreamShared {
     #[cfg(feature = "server")]
     pub(crate) fn push_informational(&self, fields: Vec<Header>) -> Result<(), Error> {
         self.update(|s| {
-            if s.send.final_queued || s.send.done {
+            let hundred = fields.first().is_some_and(|status| status.value() == b"100");
+            if !s.send.queue_interim(fields) {
                 let error = Error::new(Kind::Closed).with_message("the final response head is already on its way");
                 return (Err(error), false);
             }
-            if fields.first().is_some_and(|status| status.value() == b"100") {
+            if hundred {
                 // The handler sent its own 100: it is not owed again.
                 s.recv.continue_owed = false;
             }
-            s.send.heads.push_back((OutFields::List(fields), false));
             (Ok(()), true)
         })
     }

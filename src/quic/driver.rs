@@ -393,8 +393,12 @@ impl<A: Application> Driver<A> {
             self.conn.on_timeout();
             busy = true;
         }
-        // A handshake that completed in this very turn made its deadline.
-        if self.handshake_deadline.is_some_and(|d| d <= now) && !self.conn.is_established() {
+        if self.conn.is_established() {
+            // The handshake is over, its deadline with it (one that completed in this very
+            // turn made it): past, the deadline would wake the task on every turn, say while
+            // a connection refused after the handshake drains its close.
+            self.handshake_deadline = None;
+        } else if self.handshake_deadline.is_some_and(|d| d <= now) {
             self.handshake_timed_out = true;
             return Turn::Closed;
         }
@@ -406,9 +410,6 @@ impl<A: Application> Driver<A> {
         if wrong_address {
             // The verify callback refuses such a certificate during the handshake; this
             // second look makes a connection to an address fail closed should it ever not.
-            // The handshake is over, so its deadline goes: past, it would wake the task on
-            // every turn while the close drains.
-            self.handshake_deadline = None;
             if self.verify_error.is_none() {
                 self.verify_error =
                     Some("certificate verify failed: IP address mismatch (checked after the handshake)".into());
@@ -417,7 +418,6 @@ impl<A: Application> Driver<A> {
             }
         } else if !self.established && self.conn.is_established() {
             self.established = true;
-            self.handshake_deadline = None;
             self.registration.established();
             self.config.inner.metrics.handshake_completed(self.started.elapsed());
             tracing::debug!(alpn = %String::from_utf8_lossy(self.conn.application_proto()), "handshake complete");

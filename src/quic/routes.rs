@@ -199,6 +199,11 @@ impl Registration {
         if std::mem::take(&mut self.counted) {
             self.table.connections.fetch_sub(1, Ordering::AcqRel);
         }
+        if self.ids.is_empty() {
+            // Nothing to withdraw, and no lock taken: a registration dropped while its
+            // router holds the table (`router::BatchRoutes`) must not wait on it.
+            return;
+        }
         let now_empty = {
             let mut table = self.table.lock();
             for key in std::mem::take(&mut self.ids) {
@@ -253,8 +258,10 @@ struct QueueState {
     datagrams: VecDeque<Datagram>,
     /// Bytes of `datagrams`.
     bytes: usize,
-    /// Runs of consecutive `datagrams` cut from one arena: how many arenas they keep (the
-    /// router cuts from one arena after another, so a queue's arenas come in order).
+    /// Runs of consecutive `datagrams` cut from one arena: how many arenas they keep (a
+    /// router cuts from one arena after another, so one router's arenas come in order;
+    /// with several routers feeding a queue, runs may interleave and count an arena more
+    /// than once, which only makes copies come sooner).
     arenas: usize,
     /// The connection task, waiting for a datagram.
     waiting: Option<Waker>,
@@ -297,8 +304,9 @@ impl Sender {
             }
             let new_arena =
                 datagram.arena != 0 && state.datagrams.back().is_none_or(|last| last.arena != datagram.arena);
-            let sparse = state.bytes < state.arenas * (super::router::ARENA_BYTES / 4);
-            if new_arena && state.arenas >= MAX_QUEUE_ARENAS && sparse {
+            // Sparse: its datagrams fill less than a quarter of an arena each on average.
+            let sparse = || state.bytes < state.arenas * (super::router::ARENA_BYTES / 4);
+            if new_arena && state.arenas >= MAX_QUEUE_ARENAS && sparse() {
                 datagram.data = BytesMut::from(&datagram.data[..]);
                 datagram.arena = 0;
             } else if new_arena {

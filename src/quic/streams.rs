@@ -878,7 +878,13 @@ impl Application for StreamsApp {
         if !self.blocked.is_empty() {
             ready.extend(conn.writable().filter(|id| self.blocked.contains(id)));
         }
-        let stops = conn.stats().stopped_stream_count_remote;
+        // `stats()` sums over every stream quiche holds: read only when there is something
+        // to look through.
+        let stops = if self.sent.is_empty() {
+            self.stops_seen
+        } else {
+            conn.stats().stopped_stream_count_remote
+        };
         if stops != self.stops_seen {
             // A stream whose FIN went out and which the peer then stopped is forgotten by
             // quiche only when asked (its acknowledgements do not), and holds a stream of

@@ -182,14 +182,20 @@ impl TlsMaterial {
             b.set_private_key(key).map_err(|e| tls_err("private key", e))?;
             b.check_private_key().map_err(|e| tls_err("key check", e))?;
         }
+        if server {
+            // Whatever the server presents (a certificate or a raw key), what its
+            // configuration says of clients holds.
+            self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
+            shed_handshake_config_when_done(&mut b);
+        }
         #[cfg(feature = "rpk")]
         if self.rpk.own.is_some() || !self.rpk.trusted.is_empty() {
             return self.rpk_context(b, server);
         }
         if server {
-            self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
-            shed_handshake_config_when_done(&mut b);
-        } else if self.verify_server {
+            return Ok(b);
+        }
+        if self.verify_server {
             if self.roots.is_empty() {
                 // Every server would fail verification: say so now, with what to do, rather
                 // than as a handshake failure later.
@@ -266,10 +272,6 @@ impl TlsMaterial {
                 .map_err(|e| tls_err("public key", e))?;
             b.add_credential(&credential.build())
                 .map_err(|e| tls_err("add credential", e))?;
-            shed_handshake_config_when_done(&mut b);
-            // A client CA asks clients for a certificate here too: a server that presents
-            // a raw key still requires what its configuration says of clients.
-            self.verify_clients(&mut b).map_err(|e| tls_err("client CA", e))?;
         } else {
             b.set_server_certificate_types(&[CertificateType::RAW_PUBLIC_KEY])
                 .map_err(|e| tls_err("certificate types", e))?;

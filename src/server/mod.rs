@@ -263,7 +263,8 @@ impl Builder {
     /// tunnel (a CONNECT answered 2xx, such as a WebSocket over HTTP/2), however quiet: the
     /// idle timeout counts from when its last tunnel ended, that is when the server's side
     /// of it finished sending (a tunnel the server has shut for writing while the client
-    /// still sends counts as ended).
+    /// still sends counts as ended). Nor while a request body still brings bytes after its
+    /// response ended (a handler that answered at once and reads the upload afterwards).
     pub fn connection_idle_timeout(mut self, timeout: Duration) -> Self {
         self.connection_idle_timeout = crate::at_most_never(timeout);
         self

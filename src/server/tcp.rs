@@ -97,7 +97,7 @@ pub(crate) struct Transport {
 
 /// What hyper's connection builder is made of. A builder is made per connection: its
 /// executor counts the connection's own tasks ([`ConnExecutor`]).
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 struct HttpSettings {
     max_header_list_size: usize,
     stream_window: u32,
@@ -189,8 +189,8 @@ impl Transport {
         // reading its body would then leave the client no window for the other requests'
         // bodies, and their handlers, waiting for bytes the client may not send, would time
         // out. Four streams must so stall together to starve the rest, and a connection
-        // holds at most 4 MiB of unread bodies (a QUIC one 16 MiB by default), whatever the
-        // QUIC windows are raised to for fast uploads.
+        // holds at most four stream windows of unread bodies (4 MiB by default; a QUIC one
+        // 16 MiB by default), however far QUIC's connection window is raised for uploads.
         let stream_window = h2_window(transport.initial_max_stream_data_bidi_remote);
         let http = HttpSettings {
             max_header_list_size,
@@ -224,7 +224,8 @@ impl Transport {
 const SERVED_ALPN: &[u8] = b"\x02h2\x08http/1.1\x08http/1.0";
 
 /// The TLS acceptor for the TCP side: the QUIC listener's certificate and key, its client
-/// CA when it requires client certificates (mutual TLS), ALPN `h2` then `http/1.1`.
+/// CA when it requires client certificates (mutual TLS), ALPN `h2`, `http/1.1` or
+/// `http/1.0` ([`SERVED_ALPN`]; a client offering none of them is refused).
 fn acceptor(config: &ServerConfig) -> Result<SslAcceptor, Error> {
     let tls = &config.config.inner.tls;
     let err =
@@ -324,7 +325,8 @@ struct Activity {
     max_requests: u64,
     /// Set when `requests` reaches `max_requests`.
     request_limit_reached: Notify,
-    /// When the last response ended, in milliseconds since `since`.
+    /// When the last response ended (or the last of the connection's tasks, a tunnel say:
+    /// [`Task`]), in milliseconds since `since`.
     last_end_ms: AtomicU64,
     /// When a request body last brought bytes: a handler still reading an upload after its
     /// response ended keeps the connection from idling.
@@ -461,10 +463,12 @@ impl Activity {
     ///   covers of the frame before ([`Counted`] cuts frames to [`PROGRESS_BYTES`], so that
     ///   is often). The poll that follows a head is no progress: h2 polls a new body at once,
     ///   so a client's cheap requests would otherwise keep its stalled ones.
-    /// - Idle: only reported for a quiet spell that began at or after `idle_from`. Once an
-    ///   HTTP/1.x connection has been asked to shut down (`closing`), socket writes count as
-    ///   activity too: hyper drops a body once it has buffered its last frame, which a slow
-    ///   reader may take long to drain.
+    /// - Idle: no response in flight and none of the connection's tasks running (a tunnel),
+    ///   since the last response or task ended and the last request body bytes came
+    ///   (`last_body_ms`). Only reported for a quiet spell that began at or after
+    ///   `idle_from`. Once an HTTP/1.x connection has been asked to shut down (`closing`),
+    ///   socket writes count as activity too: hyper drops a body once it has buffered its
+    ///   last frame, which a slow reader may take long to drain.
     async fn quiet(&self, limits: &Limits, idle_from: Instant, closing: bool) -> Quiet {
         let look_every = limits.idle_timeout.min(limits.stall_timeout / 4).max(MIN_LOOK_EVERY);
         loop {
@@ -620,9 +624,10 @@ impl InFlight {
             self.waiting = false;
             let activity = &self.activity;
             if !self.after_head {
-                activity.stamp(&activity.last_taken_ms);
+                let now_ms = activity.now_ms();
+                activity.last_taken_ms.fetch_max(now_ms, Ordering::AcqRel);
                 if let Some(moved_ms) = &self.moved_ms {
-                    activity.stamp(moved_ms);
+                    moved_ms.fetch_max(now_ms, Ordering::AcqRel);
                 }
             }
             activity.bodies_waiting.fetch_sub(1, Ordering::AcqRel);
@@ -789,8 +794,12 @@ impl TcpRequestBody {
         use http_body::Body as _;
         if let Poll::Ready(frame) = Pin::new(&mut self.body).poll_frame(cx) {
             self.waiting_since_ms = None;
-            if matches!(&frame, Some(Ok(frame)) if frame.is_data()) {
-                // Bytes moving: the connection is not idle, whether or not a response is.
+            if matches!(&frame, Some(Ok(frame)) if frame.is_data())
+                && self.activity.in_flight.load(Ordering::Acquire) == 0
+            {
+                // Bytes moving: the connection is not idle, though no response is in flight.
+                // (While one is, the idle clock is not looked at, and it starts again from
+                // that response's end, later than these bytes.)
                 self.activity.stamp(&self.activity.last_body_ms);
             }
             return Poll::Ready(
@@ -969,7 +978,7 @@ pub(crate) async fn run<S>(
         limits,
         handshakes,
     } = transport;
-    let (acceptor, http, limits) = (Arc::new(acceptor), Arc::new(http), Arc::new(limits));
+    let (acceptor, limits) = (Arc::new(acceptor), Arc::new(limits));
     let max_connections = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS);
     let slots = Arc::new(Semaphore::new(max_connections));
     loop {
@@ -1007,7 +1016,6 @@ pub(crate) async fn run<S>(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = Arc::clone(&acceptor);
-        let http = Arc::clone(&http);
         let info = ConnectionInfo {
             remote_addr,
             local_addr,

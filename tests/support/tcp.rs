@@ -60,6 +60,37 @@ pub async fn connect_offering(
     identity: Option<&GeneratedCert>,
     pause: std::time::Duration,
 ) -> Result<SslStream<TcpStream>, BoxError> {
+    let tcp = TcpStream::connect(addr).await?;
+    tokio::time::sleep(pause).await;
+    tls_over(tcp, ca_pem, alpn, identity).await
+}
+
+/// Sends one request over HTTP/1.1 on a new TLS connection from the local address `from`
+/// (another loopback address than the usual 127.0.0.1, say).
+pub async fn send_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    ca_pem: &str,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Bytes>, BoxError> {
+    let socket = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    let tcp = socket.connect(addr).await?;
+    let tls = tls_over(tcp, ca_pem, Some(b"\x08http/1.1"), None).await?;
+    request(tls, Version::HTTP_11, req).await
+}
+
+/// The TLS handshake over `tcp`: trusting `ca_pem`, offering `alpn`, presenting `identity`.
+async fn tls_over(
+    tcp: TcpStream,
+    ca_pem: &str,
+    alpn: Option<&[u8]>,
+    identity: Option<&GeneratedCert>,
+) -> Result<SslStream<TcpStream>, BoxError> {
     let mut connector = SslConnector::builder(SslMethod::tls())?;
     connector
         .cert_store_mut()
@@ -73,39 +104,10 @@ pub async fn connect_offering(
         connector.set_certificate(&cert)?;
         connector.set_private_key(&key)?;
     }
-    let config = connector.build().configure()?;
-    let tcp = TcpStream::connect(addr).await?;
-    tokio::time::sleep(pause).await;
-    let tls = tokio_boring::connect(config, "localhost", tcp)
-        .await
-        .map_err(|e| format!("TLS handshake: {e}"))?;
-    Ok(tls)
-}
-
-/// Sends one request over HTTP/1.1 on a new TLS connection from the local address `from`
-/// (another loopback address than the usual 127.0.0.1, say).
-pub async fn send_from(
-    from: std::net::IpAddr,
-    addr: SocketAddr,
-    ca_pem: &str,
-    req: Request<Full<Bytes>>,
-) -> Result<Response<Bytes>, BoxError> {
-    let mut connector = SslConnector::builder(SslMethod::tls())?;
-    connector
-        .cert_store_mut()
-        .add_cert(boring::x509::X509::from_pem(ca_pem.as_bytes())?)?;
-    connector.set_alpn_protos(b"\x08http/1.1")?;
-    let socket = if from.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(from, 0))?;
-    let tcp = socket.connect(addr).await?;
     let tls = tokio_boring::connect(connector.build().configure()?, "localhost", tcp)
         .await
         .map_err(|e| format!("TLS handshake: {e}"))?;
-    request(tls, Version::HTTP_11, req).await
+    Ok(tls)
 }
 
 /// Sends one request on an open TLS connection and collects the response.

@@ -96,21 +96,29 @@ fn add_names(b: &mut boring::x509::X509Builder, names: &[&str]) -> Result<(), bo
     b.append_extension(&ext)
 }
 
+/// A CA named `name` with a new P-256 key, signed by `issuer` (its name and key), or by
+/// itself when `None`.
+fn ca(name: &str, issuer: Option<&DevCa>) -> Result<DevCa, boring::error::ErrorStack> {
+    let key = new_key()?;
+    let mut b = builder_for(name, &key)?;
+    match issuer {
+        Some(issuer) => b.set_issuer_name(issuer.cert.subject_name())?,
+        None => {
+            let mut own = X509NameBuilder::new()?;
+            own.append_entry_by_nid(Nid::COMMONNAME, name)?;
+            b.set_issuer_name(&own.build())?;
+        }
+    }
+    b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
+    b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
+    b.sign(issuer.map_or(&key, |issuer| &issuer.key), MessageDigest::sha256())?;
+    Ok(DevCa { cert: b.build(), key })
+}
+
 impl DevCa {
     /// Creates a CA with a new P-256 key; `name` becomes its common name.
     pub fn new(name: &str) -> Result<Self, Error> {
-        (|| {
-            let key = new_key()?;
-            let mut b = builder_for(name, &key)?;
-            let mut issuer = X509NameBuilder::new()?;
-            issuer.append_entry_by_nid(Nid::COMMONNAME, name)?;
-            b.set_issuer_name(&issuer.build())?;
-            b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
-            b.sign(&key, MessageDigest::sha256())?;
-            Ok(DevCa { cert: b.build(), key })
-        })()
-        .map_err(generation_error)
+        ca(name, None).map_err(generation_error)
     }
 
     /// The CA certificate in PEM: what clients must trust.
@@ -124,16 +132,7 @@ impl DevCa {
     /// Issues an intermediate CA certificate named `name`, signed by this CA: a CA of its
     /// own that issues leaves, whose chains run leaf, intermediate, this CA.
     pub fn intermediate(&self, name: &str) -> Result<DevCa, Error> {
-        (|| {
-            let key = new_key()?;
-            let mut b = builder_for(name, &key)?;
-            b.set_issuer_name(self.cert.subject_name())?;
-            b.append_extension(&*BasicConstraints::new().critical().ca().build()?)?;
-            b.append_extension(&*KeyUsage::new().critical().key_cert_sign().crl_sign().build()?)?;
-            b.sign(&self.key, MessageDigest::sha256())?;
-            Ok(DevCa { cert: b.build(), key })
-        })()
-        .map_err(generation_error)
+        ca(name, Some(self)).map_err(generation_error)
     }
 
     /// Issues a leaf certificate for `names` (DNS names or IP addresses; the first is also the
