@@ -158,6 +158,9 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// Ports below this are privileged: only the superuser may listen on them (Unix).
+const PRIVILEGED_PORTS_END: u16 = 1024;
+
 /// Per origin: where its HTTP/3 is, until when, and whether it is broken. Bounded: past
 /// `capacity` origins, the one touched longest ago is forgotten.
 pub(crate) struct Cache {
@@ -193,7 +196,10 @@ impl Cache {
     /// Takes in the `Alt-Svc` fields of a response from `origin`: what parses replaces what
     /// was known (RFC 7838 §3.1), `clear` forgets it, an `h3` alternative on the same host
     /// (first in the server's order) is remembered for its `ma`. Alternatives on other hosts
-    /// and other protocols (`h3-29`, `h2`) are ignored. Several field lines are one list
+    /// and other protocols (`h3-29`, `h2`) are ignored, and so is one that would move an
+    /// origin on a privileged port (below 1024) to an unprivileged one: on a shared host any
+    /// user may listen there, and a header that user slips into a response would take the
+    /// origin's traffic (RFC 7838 §9.1; browsers refuse such moves too). Several field lines are one list
     /// (RFC 9110 §5.3): an `h3` on one line is not forgotten for an `h2` on the next, and a
     /// list that does not parse whole (a malformed line, or `clear` beside anything, which
     /// must stand alone, RFC 7838 §3) changes nothing.
@@ -210,7 +216,11 @@ impl Cache {
                 AltSvc::Alternatives(alternatives) if h3.is_none() => {
                     h3 = alternatives
                         .into_iter()
-                        .find(|a| a.protocol == "h3" && a.host.as_deref().is_none_or(|h| h == origin.host))
+                        .find(|a| {
+                            a.protocol == "h3"
+                                && a.host.as_deref().is_none_or(|h| h == origin.host)
+                                && (origin.port >= PRIVILEGED_PORTS_END || a.port < PRIVILEGED_PORTS_END)
+                        })
                         .and_then(|a| Some((a.port, now.checked_add(a.max_age)?)))
                         .filter(|(_, until)| *until > now);
                 }
@@ -374,6 +384,30 @@ mod tests {
                 ..alt("h3", None, 1, 0)
             }]))
         );
+    }
+
+    #[test]
+    fn a_privileged_origin_port_is_not_moved_to_an_unprivileged_one() {
+        let mut cache = Cache::new(8, FIRST_BROKEN);
+        let now = Instant::now();
+        let on_port = |port| Origin {
+            port,
+            ..origin("example.com")
+        };
+        let update = |cache: &mut Cache, o: &Origin, value: &'static str| {
+            cache.update(o, [HeaderValue::from_static(value)].iter(), now)
+        };
+        let (https, high) = (on_port(443), on_port(8443));
+        update(&mut cache, &https, "h3=\":8443\"");
+        assert_eq!(cache.h3_port(&https, now), None, "443 to 8443");
+        update(&mut cache, &https, "h3=\":8443\", h3=\":443\"");
+        assert_eq!(cache.h3_port(&https, now), Some(443), "the first alternative allowed");
+        update(&mut cache, &https, "h3=\":1023\"");
+        assert_eq!(cache.h3_port(&https, now), Some(1023), "privileged to privileged");
+        update(&mut cache, &high, "h3=\":9443\"");
+        assert_eq!(cache.h3_port(&high, now), Some(9443), "unprivileged to unprivileged");
+        update(&mut cache, &high, "h3=\":443\"");
+        assert_eq!(cache.h3_port(&high, now), Some(443), "unprivileged to privileged");
     }
 
     #[test]
