@@ -392,3 +392,37 @@ async fn a_server_whose_transport_parameters_could_overflow_is_refused_when_boun
     .await
     .expect("test timed out");
 }
+
+/// The client's side of the same rule: a datagram the server sends on a GET ends that
+/// request with H3_DATAGRAM_ERROR (RFC 9297 §2) instead of being dropped while the request
+/// waits (this server never answers) for the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_datagram_on_a_get_fails_that_request_on_the_client() {
+    let certs = certs();
+    let mut listener = datagram_listener(&certs, true).await;
+    let addr = listener.local_addr();
+    let server = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        while let Some(incoming) = listener.accept().await {
+            handles.push(incoming.start(support::h3::RawH3::new(
+                |_h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+                    if let quiche::h3::Event::Headers { .. } = event {
+                        let mut datagram = support::scripted::varint(id / 4);
+                        datagram.extend_from_slice(b"stray");
+                        conn.dgram_send(&datagram).unwrap();
+                    }
+                },
+            )));
+        }
+    });
+    let client = datagram_client(&certs, true);
+    let url = format!("https://127.0.0.1:{}/", addr.port());
+    let failed = timeout(Duration::from_secs(10), client.get(&url).send()).await;
+    let error = failed.expect("the request ends before the idle timeout").unwrap_err();
+    assert_eq!(
+        error.code(),
+        Some(tower_quiche::Code::Stream(tower_quiche::codes::H3_DATAGRAM_ERROR)),
+        "{error}"
+    );
+    server.abort();
+}

@@ -713,6 +713,8 @@ struct Entry {
     early_data: bool,
     /// A CONNECT stream's HTTP datagrams, until the response head takes them.
     datagrams: Option<Datagrams>,
+    /// A CONNECT (plain or extended): the one method whose stream may carry datagrams.
+    tunnel: bool,
 }
 
 /// A request body's pump; it ends with the stream ID and the error of a body that failed.
@@ -915,6 +917,7 @@ impl ClientApp {
             let content_length = request.content_length;
             // Kept for a resend if the server refuses it unprocessed: a bodyless request, or
             // one whose body's bytes are kept.
+            let tunnel = request.is_connect();
             let retry = (body.is_none() || request.replay.is_some()).then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);
@@ -955,6 +958,7 @@ impl ClientApp {
                     head_request,
                     early_data,
                     datagrams,
+                    tunnel,
                 },
             );
             if self.idle_since.take().is_some() {
@@ -1478,12 +1482,24 @@ impl Application for ClientApp {
         }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
-            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, None) {
+            let mut unrouted = Vec::new();
+            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, Some(&mut unrouted)) {
                 tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
                 if conn.local_error().is_none() {
                     let _ = conn.close(true, code, b"");
                 }
                 return Ok(());
+            }
+            for id in unrouted {
+                // RFC 9297 §2: a datagram for a request whose method defines none (not a
+                // CONNECT) ends that request; one for a stream gone is dropped.
+                if self.streams.get(&id).is_some_and(|entry| !entry.tunnel) {
+                    tracing::debug!(stream_id = id, "an HTTP datagram on a request that takes none");
+                    let error = Error::new(Kind::Protocol)
+                        .with_stream_code(code::H3_DATAGRAM_ERROR)
+                        .with_message("the server sent an HTTP datagram on a request that takes none");
+                    self.abandon(conn, id, Cancel::StrayDatagram, error);
+                }
             }
         }
         // Told only when it changes: every turn would take the lock for nothing.

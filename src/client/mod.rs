@@ -1018,7 +1018,9 @@ impl Builder {
     /// the client's transport, [`TransportConfig::datagrams`](crate::quic::TransportConfig::datagrams)
     /// in [`quic_config`](Self::quic_config), off by default; quiche then sends
     /// SETTINGS_H3_DATAGRAM whatever this says, and with this off every HTTP datagram that
-    /// arrives is dropped. Defaults to on (HTTP datagrams follow the transport).
+    /// arrives on a CONNECT is dropped. Either way, one on a request that is no CONNECT
+    /// fails that request with H3_DATAGRAM_ERROR (RFC 9297 §2). Defaults to on (HTTP
+    /// datagrams follow the transport).
     pub fn http_datagrams(mut self, enabled: bool) -> Self {
         self.settings.http_datagrams = enabled;
         self

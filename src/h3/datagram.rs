@@ -15,8 +15,10 @@
 //! - **Incoming**: each flow buffers at most its byte budget (`datagram_buffer` of the
 //!   server and client builders, 64 KiB by default, each datagram charged
 //!   [`DATAGRAM_COST`] more); a slow reader loses datagrams, memory does not grow.
-//!   Datagrams for a stream with no flow (not yet seen, already closed, not a CONNECT) are
-//!   dropped (RFC 9297 §2.1 allows dropping those not yet seen).
+//!   Datagrams for a stream with no flow (not yet seen, already closed, a CONNECT whose
+//!   datagrams are off) are dropped (RFC 9297 §2.1 allows dropping those not yet seen);
+//!   the server and the client each abort a request of theirs that is no CONNECT when one
+//!   names it (RFC 9297 §2).
 //! - **Outgoing**: the handles of one connection share one queue of [`OUTGOING_QUEUE`]
 //!   datagrams to the connection's task; past it, and past quiche's own send queue
 //!   (`TransportConfig::datagrams`), datagrams are dropped and counted. Until the peer's
@@ -557,9 +559,10 @@ impl DatagramHub {
 
     /// Moves datagrams between quiche and the flows, both ways. A datagram that breaks
     /// RFC 9297 §2.1 is a connection error: its code is returned (the caller closes).
-    /// `unrouted`, when given, gets the stream of each datagram no flow took (one entry per
-    /// datagram read this turn: quiche's receive queue bounds them), for the owner to tell
-    /// requests that have no datagrams from streams not seen yet or closed.
+    /// `unrouted`, when given, gets the streams of the datagrams no flow took (each once,
+    /// sorted; at most one per datagram read this turn: quiche's receive queue bounds
+    /// them), for the owner to tell requests that have no datagrams (RFC 9297 §2: such a
+    /// request is aborted with H3_DATAGRAM_ERROR) from streams not seen yet or closed.
     pub(crate) fn process(
         &mut self,
         cx: &mut Context<'_>,
@@ -581,6 +584,11 @@ impl DatagramHub {
             {
                 unrouted.push(id);
             }
+        }
+        if let Some(unrouted) = unrouted {
+            // Several may name one stream: it ends once.
+            unrouted.sort_unstable();
+            unrouted.dedup();
         }
         if peer == PeerDatagrams::Unknown {
             // None may be sent before the peer's SETTINGS_H3_DATAGRAM (RFC 9297 §2.1.1):

@@ -140,7 +140,6 @@ pub(crate) enum Cancel {
     Stalled(u64),
     /// An HTTP datagram came for a request whose method defines none (RFC 9297 §2): the
     /// request is aborted with H3_DATAGRAM_ERROR.
-    #[cfg(feature = "server")]
     StrayDatagram,
     /// The connection is gone.
     ConnectionClosed,
@@ -153,7 +152,6 @@ impl Cancel {
             Cancel::Malformed(why) => RecvError::Malformed(why),
             #[cfg(feature = "server")]
             Cancel::Stalled(_) => RecvError::TimedOut,
-            #[cfg(feature = "server")]
             Cancel::StrayDatagram => RecvError::Malformed("an HTTP datagram on a request that takes none"),
             Cancel::PeerStopped(_) | Cancel::ConnectionClosed => RecvError::Closed,
         }
@@ -170,7 +168,6 @@ impl Cancel {
             Cancel::Malformed(_) => Some(codes::H3_MESSAGE_ERROR),
             #[cfg(feature = "server")]
             Cancel::Stalled(code) => Some(code),
-            #[cfg(feature = "server")]
             Cancel::StrayDatagram => Some(codes::H3_DATAGRAM_ERROR),
             // quiche failed the stream while the connection lives on: the peer must learn
             // that nobody serves it (on a closed connection nothing is sent).
@@ -183,7 +180,6 @@ impl Cancel {
             Cancel::PeerReset(code) | Cancel::PeerStopped(code) => code,
             #[cfg(feature = "server")]
             Cancel::Stalled(code) => code,
-            #[cfg(feature = "server")]
             Cancel::StrayDatagram => codes::H3_DATAGRAM_ERROR,
             Cancel::Malformed(_) => codes::H3_MESSAGE_ERROR,
             Cancel::ConnectionClosed => codes::H3_REQUEST_CANCELLED,

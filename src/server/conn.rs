@@ -970,9 +970,6 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                 self.fail_connection(conn, code);
                 return Ok(());
             }
-            // Several may name one stream: it ends once.
-            unrouted.sort_unstable();
-            unrouted.dedup();
             for id in unrouted.drain(..) {
                 // RFC 9297 §2: a datagram for a request whose method defines none (not a
                 // CONNECT) ends that request; one for a stream not seen yet, or gone, is
