@@ -142,7 +142,7 @@ extern crate self as tower_quiche;
 
 pub use error::{BoxError, Code, Error};
 #[cfg(any(feature = "server", feature = "client"))]
-pub use h3::body::RecvBody;
+pub use h3::body::{RecvBody, ResetStream};
 pub use h3::codes;
 #[cfg(any(feature = "server", feature = "client"))]
 pub use h3::tunnel;

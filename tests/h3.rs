@@ -1201,6 +1201,49 @@ async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A tunnel its handler resets (a CONNECT proxy whose target failed) ends for the client in
+/// a read error that carries the code (RFC 9114 §4.4: H3_CONNECT_ERROR), not in a clean end
+/// that would pass for the whole content. The handler's `ResetStream` reaches the stream
+/// through axum's body, which wraps it in an `axum::Error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_its_handler_resets_ends_in_an_error_with_the_code() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tower_quiche::{Code, Error, codes};
+    let certs = test_certs();
+    let router = axum::Router::new().route(
+        "/reset-tunnel",
+        axum::routing::on(
+            axum::routing::MethodFilter::CONNECT,
+            |request: axum::extract::Request| async move {
+                let (mut tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
+                tokio::spawn(async move {
+                    // The target "fails" once the client has sent its first bytes.
+                    let mut first = [0u8; 5];
+                    tunnel.read_exact(&mut first).await.unwrap();
+                    tunnel.write_all(b"partial").await.unwrap();
+                    tunnel.reset(codes::H3_CONNECT_ERROR);
+                });
+                axum::response::Response::new(axum::body::Body::new(body))
+            },
+        ),
+    );
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let run = async {
+        let mut tunnel = client.tunnel(server.url("/reset-tunnel"), "echo").await.unwrap();
+        tunnel.write_all(b"hello").await.unwrap();
+        // What was written before the reset may or may not arrive; the end is an error.
+        let mut received = Vec::new();
+        let error = tunnel.read_to_end(&mut received).await.unwrap_err();
+        assert_eq!(
+            Error::from_io(&error).and_then(Error::code),
+            Some(Code::Stream(codes::H3_CONNECT_ERROR)),
+            "{error}"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// An extended CONNECT asked for on a fresh connection waits for the server's SETTINGS
 /// (RFC 9220 §3) and goes in the turn that reads them: nothing else would wake the
 /// connection for it until a timer did. Eight fresh clients, so that some ask before the

@@ -179,13 +179,58 @@ impl Drop for RecvBody {
     }
 }
 
-/// The code a stream is reset with when its outgoing body fails: a [`CapsuleError`]'s own
-/// (a malformed capsule stream is H3_MESSAGE_ERROR, RFC 9297 §3.3), H3_INTERNAL_ERROR for
-/// any other error.
+/// An error for an outgoing message body (a server's response body, a client's request
+/// body) to fail with when its HTTP/3 stream must be reset with a code of its choosing: any
+/// other error resets it with H3_INTERNAL_ERROR.
+///
+/// The stream is reset both ways (RESET_STREAM and STOP_SENDING carry the code). It is found
+/// through wrappers that keep it as their [`source`](std::error::Error::source), such as
+/// `axum::Error`. [`Tunnel::reset`](crate::tunnel::Tunnel::reset) fails a tunnel's body with
+/// it. Over HTTP/2 and HTTP/1.1 (the TCP side) hyper ends the stream or the connection its
+/// own way, whatever the code.
+///
+/// ```
+/// use bytes::Bytes;
+/// use http_body_util::{BodyExt, StreamBody};
+/// use http_body::Frame;
+/// use tower_quiche::{BoxError, ResetStream, codes};
+///
+/// // A body that sends a part, then fails its stream with H3_REQUEST_CANCELLED.
+/// let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+///     Ok(Frame::data(Bytes::from_static(b"partial"))),
+///     Err(ResetStream(codes::H3_REQUEST_CANCELLED).into()),
+/// ];
+/// let body = StreamBody::new(futures_util::stream::iter(frames)).boxed();
+/// # let _ = body;
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetStream(pub u64);
+
+impl std::fmt::Display for ResetStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the stream is reset with code {:#x}", self.0)
+    }
+}
+
+impl std::error::Error for ResetStream {}
+
+/// The code a stream is reset with when its outgoing body fails: a [`ResetStream`]'s, a
+/// [`CapsuleError`]'s own (a malformed capsule stream is H3_MESSAGE_ERROR, RFC 9297 §3.3),
+/// found through the error's sources; H3_INTERNAL_ERROR for any other error. (A reset the
+/// body read from elsewhere, say a proxied response's, is not passed on: its code would
+/// claim things of this stream, such as H3_REQUEST_REJECTED's "not processed".)
 fn reset_code(error: &BoxError) -> u64 {
-    error
-        .downcast_ref::<CapsuleError>()
-        .map_or(codes::H3_INTERNAL_ERROR, CapsuleError::code)
+    let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+    while let Some(error) = next {
+        if let Some(ResetStream(code)) = error.downcast_ref::<ResetStream>() {
+            return *code;
+        }
+        if let Some(capsule) = error.downcast_ref::<CapsuleError>() {
+            return capsule.code();
+        }
+        next = error.source();
+    }
+    codes::H3_INTERNAL_ERROR
 }
 
 /// Pumps a message body into the stream's outbox: one frame at a time, and only while the

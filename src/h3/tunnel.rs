@@ -29,6 +29,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
@@ -37,6 +39,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio::io::{AsyncRead, AsyncWrite, DuplexStream, ReadBuf};
 
+use super::body::ResetStream;
 use super::datagram::Datagrams;
 use crate::error::BoxError;
 
@@ -50,8 +53,12 @@ const FRAME: usize = 16 * 1024;
 /// One side of a CONNECT tunnel: reads what the peer sends, writes what goes to it.
 ///
 /// Shutting the writer down ([`AsyncWriteExt::shutdown`](tokio::io::AsyncWriteExt::shutdown),
-/// or dropping the tunnel) ends the outgoing body, which finishes the stream. A read error
-/// means the peer reset the stream (or the connection went).
+/// or dropping the tunnel) ends the outgoing body, which finishes the stream; [`reset`]
+/// ends it abruptly instead. A read error means the peer reset the stream (or the
+/// connection went); the first one carries the peer's code ([`Error::from_io`]).
+///
+/// [`reset`]: Tunnel::reset
+/// [`Error::from_io`]: crate::Error::from_io
 pub struct Tunnel {
     incoming: UnsyncBoxBody<Bytes, BoxError>,
     /// What arrived and has not been read yet.
@@ -60,6 +67,9 @@ pub struct Tunnel {
     /// The incoming body failed (the peer reset the stream): every later read fails too.
     incoming_failed: bool,
     outgoing: DuplexStream,
+    /// Shared with the [`TunnelBody`]: the code [`Tunnel::reset`] asked for, plus one (0:
+    /// none; codes are below 2^62).
+    reset: Arc<AtomicU64>,
     /// The stream's HTTP datagrams, on a client, until taken.
     datagrams: Option<Datagrams>,
 }
@@ -67,6 +77,7 @@ pub struct Tunnel {
 /// The outgoing half of a tunnel, as a message body: what the [`Tunnel`] writes.
 pub struct TunnelBody {
     outgoing: DuplexStream,
+    reset: Arc<AtomicU64>,
     /// Where a read lands before it is copied into a frame of its own size: a frame that
     /// kept a larger buffer would pin it while it waits for the peer's flow control.
     scratch: Box<[u8]>,
@@ -77,6 +88,7 @@ pub struct TunnelBody {
 /// before the response arrives); [`with_incoming`](Self::with_incoming) completes it.
 pub struct PendingTunnel {
     outgoing: DuplexStream,
+    reset: Arc<AtomicU64>,
 }
 
 impl Tunnel {
@@ -95,10 +107,15 @@ impl Tunnel {
     /// the response's body is there.
     pub fn outgoing() -> (PendingTunnel, TunnelBody) {
         let (writer, reader) = tokio::io::duplex(BUFFER);
+        let reset = Arc::new(AtomicU64::new(0));
         (
-            PendingTunnel { outgoing: writer },
+            PendingTunnel {
+                outgoing: writer,
+                reset: Arc::clone(&reset),
+            },
             TunnelBody {
                 outgoing: reader,
+                reset,
                 scratch: vec![0; FRAME].into_boxed_slice(),
                 done: false,
             },
@@ -119,12 +136,25 @@ impl PendingTunnel {
             incoming_done: false,
             incoming_failed: false,
             outgoing: self.outgoing,
+            reset: self.reset,
             datagrams: None,
         }
     }
 }
 
 impl Tunnel {
+    /// Ends the tunnel abruptly: over HTTP/3 its stream is reset both ways with `code`
+    /// instead of finished, so the peer learns that the tunnel failed rather than ended.
+    /// RFC 9114 §4.4: a CONNECT proxy whose TCP connection fails (a RST from the target,
+    /// say) resets with [`H3_CONNECT_ERROR`](crate::codes::H3_CONNECT_ERROR). What was
+    /// written and not sent yet is dropped. Over HTTP/2 and HTTP/1.1 hyper ends the stream
+    /// or the connection its own way ([`ResetStream`](crate::ResetStream)).
+    pub fn reset(self, code: u64) {
+        // Before the writer drops (with `self`): the body reads the code when it wakes to
+        // the writer's end.
+        self.reset.store(code.saturating_add(1), Ordering::Release);
+    }
+
     /// Takes the HTTP datagrams (RFC 9297) of the tunnel's stream, when the client opened
     /// it with datagrams enabled on both sides (see
     /// [`client::Builder::http_datagrams`](crate::client::Builder::http_datagrams)); `None`
@@ -216,6 +246,10 @@ impl Body for TunnelBody {
         let this = &mut *self;
         if this.done {
             return Poll::Ready(None);
+        }
+        if let Some(code) = this.reset.load(Ordering::Acquire).checked_sub(1) {
+            this.done = true;
+            return Poll::Ready(Some(Err(ResetStream(code).into())));
         }
         let mut buf = ReadBuf::new(&mut this.scratch);
         match ready!(Pin::new(&mut this.outgoing).poll_read(cx, &mut buf)) {
