@@ -1141,6 +1141,10 @@ impl ClientApp {
         // content-length says: DATA on it is malformed (RFC 9114 §4.1.2), as h2 resets it.
         let content_length = if fields::is_bodyless(entry.head_request, response.status()) {
             Some(0)
+        } else if entry.tunnel && response.status().is_success() {
+            // The tunnel's bytes, however many: a client must ignore the content-length of
+            // a 2xx to CONNECT (RFC 9110 §8.6), which some servers send (`0`).
+            None
         } else {
             fields::content_length(response.headers()).ok().flatten()
         };

@@ -800,12 +800,16 @@ impl StreamShared {
         if !r.open() {
             return Ok(());
         }
-        r.fin = true;
         r.pending = false;
-        r.wake();
         if r.content_length.is_some_and(|len| len != r.received) {
-            return Err(Malformed("the body is shorter than its content-length"));
+            // The reader sees an error, not an end: a clean end here would pass a truncated
+            // body for the whole one.
+            let why = Malformed("the body is shorter than its content-length");
+            r.fail(RecvError::Malformed(why.0));
+            return Err(why);
         }
+        r.fin = true;
+        r.wake();
         Ok(())
     }
 

@@ -451,6 +451,8 @@ pub fn hex(bytes: &[u8]) -> String {
 pub struct RawH3<F> {
     h3: Option<quiche::h3::Connection>,
     on_event: F,
+    /// SETTINGS_ENABLE_CONNECT_PROTOCOL (RFC 9220), which a client's tunnel waits for.
+    extended_connect: bool,
 }
 
 /// What a [`RawH3`] server does with one event on stream `id`.
@@ -468,13 +470,24 @@ impl<F> OnH3Event for F where
 
 impl<F: OnH3Event> RawH3<F> {
     pub fn new(on_event: F) -> Self {
-        RawH3 { h3: None, on_event }
+        RawH3 {
+            h3: None,
+            on_event,
+            extended_connect: false,
+        }
+    }
+
+    /// Allows extended CONNECT (the client's `tunnel` asks for it).
+    pub fn extended_connect(mut self) -> Self {
+        self.extended_connect = true;
+        self
     }
 }
 
 impl<F: OnH3Event> tower_quiche::quic::Application for RawH3<F> {
     fn on_established(&mut self, conn: &mut tower_quiche::quic::QuicheConnection) -> Result<(), tower_quiche::Error> {
-        let config = quiche::h3::Config::new().unwrap();
+        let mut config = quiche::h3::Config::new().unwrap();
+        config.enable_extended_connect(self.extended_connect);
         self.h3 = Some(quiche::h3::Connection::with_transport(conn, &config).unwrap());
         Ok(())
     }
