@@ -746,6 +746,73 @@ async fn a_cancelled_request_drops_its_waiting_body_at_once() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A response body that yields empty frames until `stop` is set, then ends; or, should
+/// nothing set it, gives up at `give_up_at` and says so in `gave_up`.
+struct EmptyFrames {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    give_up_at: std::time::Instant,
+    gave_up: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for EmptyFrames {
+    type Data = bytes::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        if self.stop.load(Ordering::Relaxed) {
+            return std::task::Poll::Ready(None);
+        }
+        if std::time::Instant::now() >= self.give_up_at {
+            self.gave_up.store(true, Ordering::Relaxed);
+            return std::task::Poll::Ready(None);
+        }
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(bytes::Bytes::new()))))
+    }
+}
+
+/// A response body that is always ready with an empty frame does not hold the connection's
+/// task (which polls every response body) for good: another request on the same connection
+/// is answered meanwhile. (Found by review: the pump never returned `Pending`, so the
+/// connection froze and its worker thread spun.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_of_endless_empty_frames_does_not_freeze_its_connection() {
+    let certs = test_certs();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gave_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (body_stop, body_gave_up) = (Arc::clone(&stop), Arc::clone(&gave_up));
+    let router = axum::Router::new()
+        .route(
+            "/empty-frames",
+            axum::routing::get(move || {
+                let body = EmptyFrames {
+                    stop: Arc::clone(&body_stop),
+                    // Far beyond any wait for `/hello` on a connection that is not frozen.
+                    give_up_at: std::time::Instant::now() + Duration::from_secs(20),
+                    gave_up: Arc::clone(&body_gave_up),
+                };
+                async move { axum::response::Response::new(axum::body::Body::new(body)) }
+            }),
+        )
+        .route("/hello", axum::routing::get(|| async { "hello" }));
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
+    let client = client(&certs);
+    let endless = client.get(server.url("/empty-frames")).send().await.unwrap();
+    // The same client, so the same connection. A frozen connection answers only once the
+    // endless body gives up (not a timeout here: a frozen worker thread can hold up the
+    // timer too).
+    let hello = client.get(server.url("/hello")).send().await.unwrap();
+    assert!(
+        !gave_up.load(Ordering::Relaxed),
+        "answered only after the endless body gave up"
+    );
+    stop.store(true, Ordering::Relaxed);
+    assert_eq!(hello.text().await.unwrap(), "hello");
+    assert!(endless.bytes().await.unwrap().is_empty());
+}
+
 /// A raw HTTP/3 server whose every connection `make` drives (`RawH3`), and the URL of
 /// `path` on it.
 async fn raw_server<F: OnH3Event>(

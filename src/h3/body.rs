@@ -233,6 +233,10 @@ fn reset_code(error: &BoxError) -> u64 {
     codes::H3_INTERNAL_ERROR
 }
 
+/// How many frames in a row that queue nothing a body may yield before its pump lets the
+/// connection's task run the rest of its work.
+const IDLE_FRAMES_BEFORE_YIELD: u32 = 32;
+
 /// Pumps a message body into the stream's outbox: one frame at a time, and only while the
 /// outbox has room, so a fast body waits for the stream instead of filling memory. Ends the
 /// stream (FIN, or trailers) when the body ends, and resets it when the body fails (with
@@ -249,7 +253,15 @@ where
 {
     let mut body = pin!(body);
     let mut sent: u64 = 0;
+    // Frames in a row that queued nothing (empty data, a kind we do not send): room is
+    // always there for those, so a body that yields them without end would never let the
+    // connection's task (which polls every pump) go on to anything else.
+    let mut idle_frames = 0u32;
     let result = loop {
+        if idle_frames >= IDLE_FRAMES_BEFORE_YIELD {
+            idle_frames = 0;
+            tokio::task::yield_now().await;
+        }
         if poll_fn(|cx| stream.poll_send_room(cx)).await.is_err() {
             // The peer stopped reading, or the stream was cancelled: stop producing.
             return Ok(());
@@ -273,7 +285,10 @@ where
                     if content_length.is_some_and(|declared| sent > declared) {
                         break Err(LengthMismatch { content_length, sent }.into());
                     }
-                    if !bytes.is_empty() {
+                    if bytes.is_empty() {
+                        idle_frames += 1;
+                    } else {
+                        idle_frames = 0;
                         stream.push_data(bytes);
                     }
                     if body.is_end_stream() {
@@ -284,6 +299,7 @@ where
                     if let Ok(trailers) = frame.into_trailers() {
                         break Ok(Some(trailers));
                     }
+                    idle_frames += 1;
                 }
             },
             Some(Err(e)) => break Err(e.into()),
