@@ -746,6 +746,33 @@ async fn a_cancelled_request_drops_its_waiting_body_at_once() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A connection that drains because it reached its request cap still ends at the server's
+/// shutdown deadline: a tunnel open on it (which no stall timer ends) does not keep it open
+/// after `serve` has returned. (Found by review: a drain that had begun ignored the
+/// shutdown and its deadline.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_draining_for_its_request_cap_ends_at_the_shutdown_deadline() {
+    use tokio::io::AsyncReadExt;
+    let certs = test_certs();
+    let builder = server::Builder::new()
+        .max_requests_per_connection(1)
+        .graceful_shutdown_timeout(Duration::from_millis(200));
+    let mut server = h3_server(&certs, builder).await;
+    let client = client(&certs);
+    let run = async {
+        // The connection's one request: it drains, and its tunnel stays open.
+        let mut tunnel = client.tunnel(server.url("/tunnel-echo"), "echo").await.unwrap();
+        server.shutdown.take().unwrap().send(()).unwrap();
+        (&mut server.done).await.unwrap().unwrap();
+        let mut rest = Vec::new();
+        // Far less than the 30 s QUIC idle timeout (which the client's keep-alive PINGs for
+        // an open tunnel would put off anyway).
+        let ended = timeout(Duration::from_secs(10), tunnel.read_to_end(&mut rest)).await;
+        assert!(ended.is_ok(), "the tunnel outlived the server's shutdown");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// A response body that yields empty frames until `stop` is set, then ends; or, should
 /// nothing set it, gives up at `give_up_at` and says so in `gave_up`.
 struct EmptyFrames {

@@ -81,11 +81,15 @@ pub(crate) struct ServerApp<S> {
     lists: stream::RoundLists,
     /// Resolves with the drain deadline when the server shuts down.
     shutdown: Pin<Box<dyn Future<Output = Option<Instant>> + Send>>,
-    /// GOAWAY sent: the stream ID from which requests are refused, and the deadline.
+    /// Draining (a GOAWAY sent, or waiting for room, `goaway_unsent`): the stream ID from
+    /// which requests are refused, and the deadline.
     draining: Option<(u64, Option<Instant>)>,
     /// A close comes no sooner than this after our GOAWAY, so the GOAWAY leaves in a packet
-    /// of its own first (closing discards what quiche has not sent).
+    /// of its own first (closing discards what quiche has not sent); while the GOAWAY
+    /// waits for room, how long the close waits for it.
     close_not_before: Option<Instant>,
+    /// The GOAWAY of `draining` found no room in quiche yet (`send_goaway`).
+    goaway_unsent: bool,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
     /// Some stream handed quiche something to send since the stall timer last looked
@@ -156,6 +160,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             shutdown,
             draining: None,
             close_not_before: None,
+            goaway_unsent: false,
             next_stream: 0,
             early_priority_updates: 0,
             sent_since_check: false,
@@ -721,19 +726,43 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
 
     fn start_draining(&mut self, conn: &mut QuicheConnection, deadline: Option<Instant>) {
         if let Some((_, current)) = &mut self.draining {
-            if deadline.is_some() {
-                *current = deadline;
-            }
+            // Already draining (a request cap, the idle timeout): a server shutdown that
+            // comes later still bounds it, whichever deadline is sooner.
+            *current = match (*current, deadline) {
+                (Some(current), Some(new)) => Some(current.min(new)),
+                (current, new) => current.or(new),
+            };
             return;
         }
         let limit = self.next_stream;
-        tracing::debug!(last_stream = limit, "sending GOAWAY");
-        if let Some(h3) = self.h3.as_mut() {
-            let _ = h3.send_goaway(conn, limit);
+        self.draining = Some((limit, deadline));
+        self.goaway_unsent = true;
+        // A bound for a GOAWAY that finds no room (see `send_goaway`): the close goes
+        // without it then, as a connection that idles out would.
+        self.close_not_before = Some(Instant::now() + self.settings.connection_idle_timeout);
+        self.send_goaway(conn);
+    }
+
+    /// Sends the GOAWAY of `draining`, if it has not gone yet. quiche writes it whole or
+    /// not at all: with the congestion window full (a bulk response in flight) or the
+    /// client's credit for our control stream spent, it has no room, and the next turns
+    /// try again (the close waits for it, up to the bound `start_draining` set). Once it
+    /// has gone, the close comes no sooner than two round trips later.
+    fn send_goaway(&mut self, conn: &mut QuicheConnection) {
+        let (Some((limit, _)), Some(h3)) = (self.draining, self.h3.as_mut()) else {
+            return;
+        };
+        if !self.goaway_unsent {
+            return;
         }
+        match h3.send_goaway(conn, limit) {
+            Err(quiche::h3::Error::StreamBlocked) => return,
+            Ok(()) => tracing::debug!(last_stream = limit, "GOAWAY sent"),
+            Err(e) => tracing::debug!(error = %e, "GOAWAY not sent"),
+        }
+        self.goaway_unsent = false;
         let rtt = conn.path_stats().next().map_or(Duration::ZERO, |p| p.rtt);
         self.close_not_before = Some(Instant::now() + (rtt * 2).clamp(GOAWAY_GRACE_MIN, GOAWAY_GRACE_MAX));
-        self.draining = Some((limit, deadline));
     }
 
     /// Tries again to write each answered stream with output still queued: quiche does not
@@ -943,12 +972,11 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         if self.h3.is_none() || self.closing {
             return Ok(());
         }
-        if self.draining.is_none()
-            && let Poll::Ready(deadline) = self.shutdown.as_mut().poll(cx)
-        {
+        if let Poll::Ready(deadline) = self.shutdown.as_mut().poll(cx) {
             self.shutdown = Box::pin(std::future::pending());
             self.start_draining(conn, deadline);
         }
+        self.send_goaway(conn);
         let now = Instant::now();
         self.note_pending_heads(conn, now);
         stream::StreamOwner::run_rounds(self, cx, conn)?;

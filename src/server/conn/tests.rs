@@ -844,6 +844,37 @@ async fn goaway_drains_requests_in_flight_and_refuses_later_ones() {
     assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
 }
 
+/// A GOAWAY that finds no room (a response the client does not read has spent its
+/// connection credit) goes once the client gives credit again, before the close, rather
+/// than never. (Found by review: it was tried once, and the close came without it.)
+#[tokio::test]
+async fn a_goaway_without_room_goes_once_the_client_gives_credit() {
+    const CREDIT: u64 = 64 * 1024;
+    let handler = service(|_| async move { Response::new(full(vec![7u8; 4 * CREDIT as usize])) });
+    let mut h = Harness::with_transport(Builder::new(), handler, |b| {
+        b.initial_max_data(CREDIT).max_windows(CREDIT, CREDIT)
+    });
+    h.reads_bodies = false;
+    let id = h.send_request(&get("/big"), true);
+    h.settle();
+    let _ = h.shutdown.take().unwrap().send(Some(Instant::now() + PATIENCE));
+    h.settle();
+    assert_eq!(h.goaway, None, "no room for the GOAWAY while the credit is spent");
+    // The client reads from now on, starting with what its quiche already holds (its Data
+    // event came while it did not read): the credit comes back.
+    h.reads_bodies = true;
+    let mut buf = [0; 4096];
+    while let Ok(n) = h.client.recv_body(&mut h.pipe.client, id, &mut buf) {
+        h.seen.entry(id).or_default().body.extend_from_slice(&buf[..n]);
+    }
+    h.until("the response and the close", |h| {
+        h.seen(id).finished && h.connection_error().is_some()
+    })
+    .await;
+    assert_eq!(h.goaway, Some(id + 4), "the GOAWAY went before the close");
+    assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
+}
+
 /// A request answered without the service (here 431, a head over the limit) is delivered
 /// before a graceful close, like any answer: the close waits for it, not only for the
 /// GOAWAY's grace of two round trips. (Found by review: a 431 still in quiche when the
