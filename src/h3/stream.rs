@@ -260,6 +260,14 @@ impl RecvHalf {
     }
 }
 
+/// How many 1xx heads may wait to be sent on one stream: [`Informational::send`] does not
+/// wait, so without a bound a handler sending them in a loop to a client that grants no
+/// credit would queue without end.
+///
+/// [`Informational::send`]: crate::server::Informational::send
+#[cfg(feature = "server")]
+const MAX_WAITING_INTERIM_HEADS: usize = 16;
+
 /// What the producer queued and the connection task has not written yet.
 struct SendHalf {
     /// 1xx heads, then the final head; each with "fin" (no body follows).
@@ -584,10 +592,17 @@ impl StreamShared {
         Poll::Pending
     }
 
-    /// Queues a 1xx head; refused once the final head is queued.
+    /// Queues a 1xx head; refused once the final head is queued, and while
+    /// [`MAX_WAITING_INTERIM_HEADS`] wait to be sent (the peer's flow control holds them).
     #[cfg(feature = "server")]
     pub(crate) fn push_informational(&self, fields: Vec<Header>) -> Result<(), Error> {
         self.update(|s| {
+            if s.send.heads.len() >= MAX_WAITING_INTERIM_HEADS && !s.send.final_queued {
+                let error = Error::new(Kind::Closed).with_message(format!(
+                    "{MAX_WAITING_INTERIM_HEADS} informational responses already wait to be sent"
+                ));
+                return (Err(error), false);
+            }
             let hundred = fields.first().is_some_and(|status| status.value() == b"100");
             if !s.send.queue_interim(fields) {
                 let error = Error::new(Kind::Closed).with_message("the final response head is already on its way");

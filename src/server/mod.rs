@@ -102,8 +102,10 @@ impl fmt::Debug for Informational {
 }
 
 impl Informational {
-    /// Queues an informational response. Fails for a status outside 1xx (and 101, which
-    /// HTTP/3 forbids), or once the final response has been queued.
+    /// Queues an informational response; it never waits. Fails for a status outside 1xx
+    /// (and 101, which HTTP/3 forbids), once the final response has been queued, and while
+    /// 16 informational responses of the request already wait to be sent (the client's
+    /// flow control holds them back).
     pub fn send(&self, status: StatusCode, headers: &HeaderMap) -> Result<(), Error> {
         if !status.is_informational() || status == StatusCode::SWITCHING_PROTOCOLS {
             return Err(Error::config(format!(

@@ -844,6 +844,37 @@ async fn goaway_drains_requests_in_flight_and_refuses_later_ones() {
     assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
 }
 
+/// 1xx heads a handler sends faster than they leave wait in a bounded queue: past 16 the
+/// send fails (it never waits), and the ones queued all reach the client before the final
+/// response. (Found by review: the queue had no bound.)
+#[tokio::test]
+async fn informational_responses_waiting_to_be_sent_are_bounded() {
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    let handler = service(move |request: Request<RecvBody>| {
+        let counted = Arc::clone(&counted);
+        async move {
+            let informational = request.extensions().get::<Informational>().unwrap();
+            // In one poll: nothing leaves before the handler yields.
+            let sent = (0..100)
+                .filter(|_| {
+                    informational
+                        .send(http::StatusCode::from_u16(103).unwrap(), &HeaderMap::new())
+                        .is_ok()
+                })
+                .count();
+            counted.store(sent, Ordering::SeqCst);
+            Response::new(full("done"))
+        }
+    });
+    let mut h = Harness::new(Builder::new(), handler);
+    let id = h.send_request(&get("/hints"), true);
+    h.until("the response", |h| h.seen(id).finished).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 16);
+    assert_eq!(h.seen(id).informational, vec![103; 16]);
+    assert_eq!(h.seen(id).body, b"done");
+}
+
 /// A GOAWAY that finds no room (a response the client does not read has spent its
 /// connection credit) goes once the client gives credit again, before the close, rather
 /// than never. (Found by review: it was tried once, and the close came without it.)
