@@ -87,6 +87,7 @@ async fn a_trailer_section_is_held_to_the_field_section_limit() {
     client.body(id, b"abc".to_vec(), false).await;
     client.trailers(id, &[("x-small", "1")], true).await;
     assert_eq!(client.response(id).await.0, 200);
+    assert_eq!(client.field(id, "x-small"), ["1"], "the trailer reached the handler");
 }
 
 /// The server closes the client's connection with `code`.

@@ -525,6 +525,11 @@ impl Builder {
     /// classified (a reset HTTP/2 stream `is_closed`, not `is_reset`). A CONNECT tunnel
     /// over TCP (HTTP/2's extended CONNECT, HTTP/1.1's `Upgrade`) is hyper's upgrade of
     /// the request, not its body, as `ws::WebSocketUpgrade` (feature `axum`) handles it.
+    /// An HTTP/1.1 connection `ws::WebSocketUpgrade` takes over keeps its place among
+    /// [`tcp_max_connections`](Self::tcp_max_connections) and ends at the graceful
+    /// shutdown's deadline; one taken over another way (axum's own `extract::ws`,
+    /// `hyper::upgrade::on`) leaves both behind, as it would with hyper's own server: hyper
+    /// hands the stream over and its connection ends.
     #[cfg(feature = "tcp")]
     pub fn serve_with_tcp<S>(self, listener: Listener, tcp: tokio::net::TcpListener, service: S) -> Serve
     where
