@@ -90,6 +90,10 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// The GOAWAY of `draining` found no room in quiche yet (`send_goaway`).
     goaway_unsent: bool,
+    /// Until when request IDs the client skipped below the GOAWAY limit hold the close:
+    /// their packets may only be late (a loss), and the GOAWAY promised to process them
+    /// (RFC 9114 §5.2). A head timeout from the start of the drain.
+    skipped_hold_until: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
     /// Some stream handed quiche something to send since the stall timer last looked
@@ -161,6 +165,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             draining: None,
             close_not_before: None,
             goaway_unsent: false,
+            skipped_hold_until: None,
             next_stream: 0,
             early_priority_updates: 0,
             sent_since_check: false,
@@ -736,6 +741,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         let limit = self.next_stream;
         self.draining = Some((limit, deadline));
+        self.skipped_hold_until = Some(Instant::now() + self.settings.request_head_timeout);
         self.goaway_unsent = true;
         // A bound for a GOAWAY that finds no room (see `send_goaway`): the close goes
         // without it then, as a connection that idles out would.
@@ -1011,7 +1017,8 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         }
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
-        // the close too (for at most the head timeout).
+        // the close too (for at most the head timeout), as do IDs the client skipped below
+        // it, whose packets may be late (`skipped_hold_until`).
         if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() && {
             self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
             self.heads_pending.is_empty()
@@ -1019,7 +1026,12 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
             self.lingering
                 .retain(|&(id, wait_until)| Self::still_delivering(conn, id, wait_until, now));
             let goaway_out = self.close_not_before.is_none_or(|at| at <= now);
-            if self.lingering.is_empty() && goaway_out {
+            let skipped_hold = self
+                .draining
+                .filter(|&(limit, _)| self.skipped.iter().any(|&id| id < limit))
+                .and(self.skipped_hold_until)
+                .filter(|&at| at > now);
+            if self.lingering.is_empty() && goaway_out && skipped_hold.is_none() {
                 tracing::debug!("no request in flight after GOAWAY; closing");
                 self.close(conn);
                 return Ok(());
@@ -1030,6 +1042,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                 .iter()
                 .filter_map(|&(_, wait_until)| wait_until)
                 .chain(self.close_not_before)
+                .chain(skipped_hold)
                 .filter(|&at| at > now)
                 .min();
         } else if self.lingering.len() > self.lingering_prune_at {

@@ -875,6 +875,34 @@ async fn informational_responses_waiting_to_be_sent_are_bounded() {
     assert_eq!(h.seen(id).body, b"done");
 }
 
+/// A request below the GOAWAY's limit whose packets come late (the client used stream 4
+/// first: stream 0's packet was lost) is still served: the GOAWAY promised it (RFC 9114
+/// §5.2), so the close waits for it, up to the head timeout. (Found by review: the server
+/// closed once stream 4 was answered.)
+#[tokio::test]
+async fn a_request_below_the_goaway_limit_that_comes_late_is_still_served() {
+    let mut h = Harness::new(Builder::new(), echo());
+    h.send_raw_request(4, &get("/first"), true);
+    h.until("the answer on stream 4", |h| h.seen(4).finished).await;
+    let _ = h.shutdown.take().unwrap().send(Some(Instant::now() + PATIENCE));
+    h.until("GOAWAY", |h| h.goaway.is_some()).await;
+    assert_eq!(h.goaway, Some(8));
+    // Longer than the GOAWAY's grace (at most 200 ms), after which the close would come.
+    let until = Instant::now() + Duration::from_millis(300);
+    while Instant::now() < until {
+        h.settle();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!h.pipe.server.is_closed(), "closed with stream 0 unserved");
+    h.send_raw_request(0, &get("/late"), true);
+    h.until("the late answer and the close", |h| {
+        h.seen(0).finished && h.connection_error().is_some()
+    })
+    .await;
+    assert_eq!(h.seen(0).status, Some(200));
+    assert_eq!(h.connection_error(), Some(code::H3_NO_ERROR));
+}
+
 /// A GOAWAY that finds no room (a response the client does not read has spent its
 /// connection credit) goes once the client gives credit again, before the close, rather
 /// than never. (Found by review: it was tried once, and the close came without it.)
