@@ -160,7 +160,10 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
                 |axum::extract::Path(n): axum::extract::Path<usize>, request: axum::extract::Request| async move {
                     let hints = request.extensions().get::<server::Informational>().unwrap().clone();
                     for _ in 0..n {
-                        hints.send(StatusCode::EARLY_HINTS, &HeaderMap::new()).unwrap();
+                        // At most 16 wait to be sent: past that, let them go out first.
+                        while hints.send(StatusCode::EARLY_HINTS, &HeaderMap::new()).is_err() {
+                            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                        }
                     }
                     "final"
                 },
