@@ -746,6 +746,67 @@ async fn a_cancelled_request_drops_its_waiting_body_at_once() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A UDP relay in front of `server` that holds every datagram, either way, for `delay`:
+/// a path with a long round trip. Returns the address to reach the server through.
+async fn slow_path(server: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
+    let outside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let inside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    inside.connect(server).await.unwrap();
+    let addr = outside.local_addr().unwrap();
+    let client = Arc::new(std::sync::Mutex::new(None));
+    let (out, ins, peer) = (Arc::clone(&outside), Arc::clone(&inside), Arc::clone(&client));
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = out.recv_from(&mut buf).await {
+            *peer.lock().unwrap() = Some(from);
+            let (datagram, ins) = (buf[..n].to_vec(), Arc::clone(&ins));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = ins.send(&datagram).await;
+            });
+        }
+    });
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = inside.recv(&mut buf).await {
+            let Some(to) = *client.lock().unwrap() else { continue };
+            let (datagram, outside) = (buf[..n].to_vec(), Arc::clone(&outside));
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                let _ = outside.send_to(&datagram, to).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request that stops waiting while its connection's handshake is under way (its
+/// caller's timeout, shorter than the handshake on a slow path) does not abandon that
+/// handshake: the next request finds the connection it made, instead of starting a
+/// handshake of its own that the same timeout would cut again. (Found by review: the
+/// attempt ran inside the first request's future, and went with it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_stops_waiting_leaves_the_handshake_to_the_next() {
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    // 100 ms each way: the handshake takes at least two round trips, 400 ms.
+    let relay = slow_path(server.addr, Duration::from_millis(100)).await;
+    let client = client(&certs);
+    let url = format!("https://localhost:{}/hello", relay.port());
+    let run = async {
+        let gave_up = timeout(Duration::from_millis(150), client.get(&url).send()).await;
+        assert!(gave_up.is_err(), "answered sooner than the handshake can complete");
+        let hello = client.get(&url).send().await.unwrap();
+        assert_eq!(hello.text().await.unwrap(), "hello world");
+        assert_eq!(
+            server.metrics.snapshot().handshakes_started,
+            1,
+            "the second request used the first one's handshake"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// A connection that drains because it reached its request cap still ends at the server's
 /// shutdown deadline: a tunnel open on it (which no stall timer ends) does not keep it open
 /// after `serve` has returned. (Found by review: a drain that had begun ignored the

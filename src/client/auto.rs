@@ -85,7 +85,7 @@ impl Pool {
             let elapsed = a.started.elapsed();
             // Past the connect timeout it has an outcome any moment; never taken for a
             // slow attempt for longer than that.
-            a.outcome.get().is_none() && elapsed >= self.handicap && elapsed < self.connect_timeout
+            a.outcome.peek().is_none() && elapsed >= self.handicap && elapsed < self.connect_timeout
         })
     }
 

@@ -213,45 +213,26 @@ struct Pool {
 /// Connection attempts under way, by origin.
 type Attempts = Mutex<HashMap<Origin, Arc<Attempt>>>;
 
-/// One request's wait for a shared [`Attempt`]. When it ends — with the outcome, or dropped
-/// (the request was cancelled) as the last waiter — the attempt leaves the pool's map: the
+/// A connection attempt, run in a task of its own, and its outcome once it has ended.
+///
+/// The task, not a request, drives it: a request that stops waiting (its timeout fired,
+/// its caller gave up) abandons neither the handshake the others wait for nor one the next
+/// request would have to start over (on a slow path with a short timeout, no request would
+/// ever get a connection). The task takes the attempt out of the map when it ends: the
 /// next request that finds no connection starts a fresh one (a failure is not remembered
-/// beyond those who waited for it, and an attempt nobody drives is not taken for a slow one).
-struct AttemptWaiter<'a> {
-    attempts: &'a Attempts,
-    origin: &'a Origin,
-    /// Taken (and dropped) under the map's lock when the waiter goes, so that waiters
-    /// that go at once on two threads count each other out: each would otherwise see the
-    /// other's reference and leave the attempt in the map.
-    attempt: Option<Arc<Attempt>>,
-}
-
-impl Drop for AttemptWaiter<'_> {
-    fn drop(&mut self) {
-        let mut connecting = self.attempts.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(attempt) = self.attempt.take() else {
-            return;
-        };
-        // Held by the map and this waiter only: no other request waits for it.
-        let last_waiter = Arc::strong_count(&attempt) <= 2;
-        if connecting.get(self.origin).is_some_and(|a| Arc::ptr_eq(a, &attempt))
-            && (attempt.outcome.initialized() || last_waiter)
-        {
-            connecting.remove(self.origin);
-        }
-        drop(attempt);
-    }
-}
-
-/// A connection attempt and, once it has ended, its outcome. If the request driving it is
-/// dropped, another waiting one carries it on.
+/// beyond those who waited for it); a success is in the pool by then.
 struct Attempt {
+    /// Tells it from a later attempt to the same origin in the map.
+    id: u64,
     /// When it began: in auto mode, one slower than the handicap sends later requests
     /// straight to TCP instead of making each wait the handicap again.
     #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
     started: std::time::Instant,
-    outcome: tokio::sync::OnceCell<Result<SendRequest, Arc<Error>>>,
+    outcome: futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<SendRequest, Arc<Error>>>>,
 }
+
+/// Numbers [`Attempt`]s.
+static ATTEMPT_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 impl Pool {
     /// A live connection to `origin` with room for a request, if there is one, other than
@@ -283,60 +264,73 @@ impl Pool {
     /// A connection to `origin`, whose HTTP/3 is on `port` of its host; when `avoid` is
     /// given, another connection than that one (a new one if need be, even past
     /// `max_per_origin`: the server refused the request there).
-    async fn connection(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
+    async fn connection(
+        self: &Arc<Self>,
+        origin: &Origin,
+        port: u16,
+        avoid: Option<&SendRequest>,
+    ) -> Result<SendRequest, Error> {
         if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
         }
         let Some(avoid) = avoid else {
-            return Self::shared_attempt(&self.connecting, origin, self.connect(origin, port, None)).await;
+            return self.shared_attempt(|pool| &pool.connecting, origin, port, None).await;
         };
         // Not the attempt of `connecting`: its outcome may be the very connection to avoid.
         // Requests refused by different connections may share one all the same: the
         // outcome is a connection that was not there when the attempt began, or one whose
         // request `pick`ed it; one that is this request's own to avoid is not taken.
-        let shared = Self::shared_attempt(
-            &self.connecting_elsewhere,
-            origin,
-            self.connect(origin, port, Some(avoid)),
-        )
-        .await?;
+        let shared = self
+            .shared_attempt(|pool| &pool.connecting_elsewhere, origin, port, Some(avoid.clone()))
+            .await?;
         if shared.same_connection(avoid) {
             return self.connect(origin, port, Some(avoid)).await;
         }
         Ok(shared)
     }
 
-    /// Waits for the attempt to reach `origin` in `attempts`, starting it with `connect`
-    /// when there is none: every request waiting shares its outcome.
+    /// Waits for the attempt to reach `origin` in the map `attempts` picks, starting one
+    /// (`connect` to `port`, avoiding `avoid`) when there is none: every request waiting
+    /// shares its outcome.
     async fn shared_attempt(
-        attempts: &Attempts,
+        self: &Arc<Self>,
+        attempts: fn(&Pool) -> &Attempts,
         origin: &Origin,
-        connect: impl Future<Output = Result<SendRequest, Error>>,
+        port: u16,
+        avoid: Option<SendRequest>,
     ) -> Result<SendRequest, Error> {
-        let attempt = {
-            let mut connecting = attempts.lock().unwrap_or_else(|p| p.into_inner());
-            Arc::clone(connecting.entry(origin.clone()).or_insert_with(|| {
+        let outcome = {
+            let mut map = attempts(self).lock().unwrap_or_else(|p| p.into_inner());
+            let attempt = map.entry(origin.clone()).or_insert_with(|| {
+                let id = ATTEMPT_IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let pool = Arc::clone(self);
+                let target = origin.clone();
+                let task = tokio::spawn(async move {
+                    let outcome = pool.connect(&target, port, avoid.as_ref()).await.map_err(Arc::new);
+                    let mut map = attempts(&pool).lock().unwrap_or_else(|p| p.into_inner());
+                    if map.get(&target).is_some_and(|a| a.id == id) {
+                        map.remove(&target);
+                    }
+                    outcome
+                });
+                let outcome = async move {
+                    task.await.unwrap_or_else(|e| {
+                        Err(Arc::new(
+                            Error::new(Kind::Closed).with_message(format!("the connection attempt failed: {e}")),
+                        ))
+                    })
+                };
                 Arc::new(Attempt {
+                    id,
                     started: std::time::Instant::now(),
-                    outcome: tokio::sync::OnceCell::new(),
+                    outcome: futures_util::FutureExt::shared(
+                        Box::pin(outcome) as futures_util::future::BoxFuture<'static, _>
+                    ),
                 })
-            }))
+            });
+            attempt.outcome.clone()
         };
-        let waiter = AttemptWaiter {
-            attempts,
-            origin,
-            attempt: Some(attempt),
-        };
-        let outcome = waiter
-            .attempt
-            .as_ref()
-            .expect("taken only when the waiter goes")
-            .outcome
-            .get_or_init(|| async { connect.await.map_err(Arc::new) })
-            .await
-            .clone();
-        drop(waiter);
-        match outcome {
+        match outcome.await {
             Ok(send) => Ok(send),
             Err(e) => Err(e.duplicate()),
         }
@@ -501,7 +495,7 @@ impl Pool {
     /// again, for the same reason), to HTTP/3 on `port` of the origin's host. A request
     /// answered `425 Too Early` goes again besides, once.
     async fn send_h3(
-        &self,
+        self: &Arc<Self>,
         mut send: SendRequest,
         mut request: PendingRequest,
         origin: &Origin,
