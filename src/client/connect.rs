@@ -26,13 +26,14 @@ impl Endpoint {
     /// The name is resolved with the system resolver. When it has several addresses, they
     /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
     /// starts every 250 ms (or at once when one fails), and the first handshake to complete
-    /// wins. The host name is sent as SNI and the server's certificate must be valid for it
+    /// wins. A stored session is resumed toward the address that issued it only, which is
+    /// tried first. The host name is sent as SNI and the server's certificate must be valid for it
     /// (unless verification is turned off). A TLS failure is final: it would fail the same
     /// way elsewhere.
     ///
     /// To connect to one address, use [`connect_addr`](Self::connect_addr).
     pub async fn connect<A: Application>(&self, authority: &str, app: A) -> Result<ConnectionHandle, Error> {
-        let (host, _) = split_authority(authority)?;
+        let (host, port) = split_authority(authority)?;
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host(authority)
             .await
             .map_err(|e| Error::io(format!("cannot resolve '{authority}'"), e))?
@@ -41,7 +42,7 @@ impl Endpoint {
             format!("'{authority}' resolved to no address"),
             std::io::ErrorKind::NotFound.into(),
         );
-        let mut addrs = interleave_families(addrs).into_iter();
+        let mut addrs = resumption_first(interleave_families(addrs), self.resumes_at(host, port)).into_iter();
         let mut attempts = FuturesUnordered::new();
         // An application that sends 0-RTT data takes a resumed connection as soon as it
         // can send; then the first address tried wins unless it fails at once.
@@ -117,6 +118,18 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
     }
 }
 
+/// Moves `previous`, the address a stored session came from, to the front of `addrs` when
+/// it is there: the session resumes toward it only, and a resumed connection wins the race
+/// as soon as it can send 0-RTT data, so it had better be where the server answered last
+/// time (not, say, an IPv6 address that never answers).
+fn resumption_first(mut addrs: Vec<SocketAddr>, previous: Option<SocketAddr>) -> Vec<SocketAddr> {
+    if let Some(at) = previous.and_then(|previous| addrs.iter().position(|&a| a == previous)) {
+        let previous = addrs.remove(at);
+        addrs.insert(0, previous);
+    }
+    addrs
+}
+
 /// Splits `host:port` (or `[v6]:port`) into the host, without brackets, and the port.
 fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
     let bad = || {
@@ -136,6 +149,22 @@ fn split_authority(authority: &str) -> Result<(&str, u16), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_address_a_session_came_from_is_tried_first() {
+        let addrs: Vec<SocketAddr> = ["[2001:db8::1]:443", "192.0.2.1:443", "[2001:db8::2]:443"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        let previous = Some(addrs[1]);
+        assert_eq!(
+            resumption_first(addrs.clone(), previous),
+            [addrs[1], addrs[0], addrs[2]]
+        );
+        assert_eq!(resumption_first(addrs.clone(), None), addrs);
+        let elsewhere = Some("198.51.100.1:443".parse().unwrap());
+        assert_eq!(resumption_first(addrs.clone(), elsewhere), addrs, "not among them");
+    }
 
     #[test]
     fn families_alternate_in_the_resolvers_order_starting_with_ipv6() {

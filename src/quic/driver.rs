@@ -64,7 +64,7 @@ use super::app::{Application, Closed, ConnectionHandle, ConnectionStats, HandleR
 use super::cid::{self, ResetKey};
 use super::config::Config;
 use super::routes::{InboundQueue, Registration};
-use super::session::SessionCache;
+use super::session::SessionSlot;
 use super::tls;
 use super::udp::Socket;
 use crate::error::{self, Error};
@@ -122,7 +122,7 @@ pub(crate) struct ConnContext {
     pub(crate) server_ip: Option<IpAddr>,
     /// A client's session cache and its key for this server: sessions the server issues
     /// are stored there for the next connection to resume.
-    pub(crate) sessions: Option<(Arc<SessionCache>, Arc<str>)>,
+    pub(crate) sessions: Option<SessionSlot>,
 }
 
 /// The application of a connection: running, or (client connects) waiting to be handed over
@@ -170,7 +170,7 @@ struct Driver<A> {
     /// The source address its packets ask for ([`Socket::source_for`]).
     source: Option<IpAddr>,
     server_ip: Option<IpAddr>,
-    sessions: Option<(Arc<SessionCache>, Arc<str>)>,
+    sessions: Option<SessionSlot>,
     /// The session last stored (its address and length in quiche's buffer): a new ticket
     /// replaces the buffer, so a change says there is one to store.
     session_stored: (usize, usize),
@@ -525,13 +525,13 @@ impl<A: Application> Driver<A> {
             tracing::debug!("resumed session: 0-RTT data can be sent");
             self.state.send_replace(State::EarlyData);
         }
-        if let Some((cache, key)) = &self.sessions
+        if let Some(slot) = &self.sessions
             && let Some(session) = self.conn.session()
         {
             let seen = (session.as_ptr() as usize, session.len());
             if seen != self.session_stored {
                 self.session_stored = seen;
-                cache.put(key, session);
+                slot.store(session);
             }
         }
     }

@@ -20,7 +20,7 @@ use super::driver::{self, ConnContext};
 use super::limits::Limits;
 use super::router::{self, Accepted, Shared};
 use super::routes::{InboundQueue, Registration};
-use super::session::SessionCache;
+use super::session::{SessionCache, SessionSlot};
 use super::streams::{self, StreamConnection};
 use super::udp::Socket;
 use crate::error::Error;
@@ -32,7 +32,7 @@ fn context(
     inbound: InboundQueue,
     started: Instant,
     server_ip: Option<IpAddr>,
-    sessions: Option<(Arc<SessionCache>, Arc<str>)>,
+    sessions: Option<SessionSlot>,
 ) -> ConnContext {
     ConnContext {
         server_ip,
@@ -409,6 +409,12 @@ impl Endpoint {
             .start(app))
     }
 
+    /// The address a session stored for `server_name` on `port` was received from: the one
+    /// address a connection resumes it toward (see [`SessionCache`]).
+    pub(crate) fn resumes_at(&self, server_name: &str, port: u16) -> Option<SocketAddr> {
+        self.sessions.address_of(&SessionCache::key(server_name, port))
+    }
+
     /// Starts a connection to `addr` whose application is handed over once the handshake
     /// completes, so that an attempt that fails or loses a race does not consume it.
     pub(crate) fn start_connection<A: Application>(
@@ -443,9 +449,13 @@ impl Endpoint {
         };
         // Sessions are kept per name the server's identity was checked against: with no
         // name (verification off), none is kept.
-        let sessions = server_name.map(|name| (Arc::clone(&self.sessions), SessionCache::key(name, addr.port())));
-        if let Some((cache, key)) = &sessions
-            && let Some(session) = cache.take(key)
+        let sessions = server_name.map(|name| SessionSlot {
+            cache: Arc::clone(&self.sessions),
+            key: SessionCache::key(name, addr.port()),
+            addr,
+        });
+        if let Some(slot) = &sessions
+            && let Some(session) = slot.cache.take(&slot.key, addr)
             && let Err(e) = conn.set_session(&session)
         {
             tracing::debug!(error = %e, "stored session not usable; a full handshake follows");

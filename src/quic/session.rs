@@ -7,13 +7,36 @@
 //! serialized by quiche (the TLS session and the server's transport parameters, which 0-RTT
 //! data must respect), and hands it to one connection only. The cache is bounded; past its
 //! size the oldest key goes.
+//!
+//! A session is resumed toward the address whose connection received it, and no other:
+//! [`Endpoint::connect`](super::Endpoint::connect) tries that address first. A name with
+//! several addresses (IPv6 and IPv4, say) would otherwise resume on whichever comes first,
+//! and a resumed connection counts as up as soon as it can send 0-RTT data: one on an
+//! address that does not answer (a broken IPv6 path) would win the race and hold its
+//! requests for the connect timeout, at every resumption.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 /// Servers a client endpoint remembers a session for. A session is a few KiB (a ticket and
 /// the server's certificate chain), so this bounds the cache to a few MiB.
 const MAX_SERVERS: usize = 256;
+
+/// Where a client connection stores the sessions its server issues: the cache, the
+/// server's key, and the address connected to.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionSlot {
+    pub(crate) cache: Arc<SessionCache>,
+    pub(crate) key: Arc<str>,
+    pub(crate) addr: SocketAddr,
+}
+
+impl SessionSlot {
+    pub(crate) fn store(&self, session: &[u8]) {
+        self.cache.put(&self.key, session, self.addr);
+    }
+}
 
 /// A bounded map from server to its latest session.
 #[derive(Debug, Default)]
@@ -23,7 +46,8 @@ pub(crate) struct SessionCache {
 
 #[derive(Debug, Default)]
 struct Inner {
-    sessions: HashMap<Arc<str>, Arc<[u8]>>,
+    /// Each server's session, and the address of the connection that received it.
+    sessions: HashMap<Arc<str>, (Arc<[u8]>, SocketAddr)>,
     /// Keys in the order they were first stored, for eviction.
     order: VecDeque<Arc<str>>,
 }
@@ -39,18 +63,27 @@ impl SessionCache {
     /// Appendix C.4), and a server that keeps tickets single-use against 0-RTT replay
     /// (RFC 8446 §8.1) refuses the second one's early data. The connection that resumes
     /// it stores the ticket the server issues on it for the next one.
-    pub(crate) fn take(&self, key: &str) -> Option<Arc<[u8]>> {
+    /// Only a connection to the address that received it takes it.
+    pub(crate) fn take(&self, key: &str, addr: SocketAddr) -> Option<Arc<[u8]>> {
         let mut inner = self.lock();
-        let session = inner.sessions.remove(key)?;
+        if inner.sessions.get(key)?.1 != addr {
+            return None;
+        }
+        let (session, _) = inner.sessions.remove(key)?;
         inner.order.retain(|k| &**k != key);
         Some(session)
     }
 
-    /// Stores `session` for `key`, replacing the one before; the oldest server is forgotten
-    /// when the cache is full.
-    pub(crate) fn put(&self, key: &Arc<str>, session: &[u8]) {
+    /// The address the session stored for `key` was received from, if there is one.
+    pub(crate) fn address_of(&self, key: &str) -> Option<SocketAddr> {
+        self.lock().sessions.get(key).map(|&(_, addr)| addr)
+    }
+
+    /// Stores `session`, received on a connection to `addr`, for `key`, replacing the one
+    /// before; the oldest server is forgotten when the cache is full.
+    pub(crate) fn put(&self, key: &Arc<str>, session: &[u8], addr: SocketAddr) {
         let mut inner = self.lock();
-        if inner.sessions.insert(Arc::clone(key), session.into()).is_none() {
+        if inner.sessions.insert(Arc::clone(key), (session.into(), addr)).is_none() {
             inner.order.push_back(Arc::clone(key));
             while inner.order.len() > MAX_SERVERS {
                 if let Some(oldest) = inner.order.pop_front() {
@@ -69,22 +102,28 @@ impl SessionCache {
 mod tests {
     use super::*;
 
+    const ADDR: &str = "192.0.2.1:443";
+
+    fn addr() -> SocketAddr {
+        ADDR.parse().unwrap()
+    }
+
     #[test]
     fn each_server_keeps_its_latest_session_and_the_oldest_server_goes_first() {
         let cache = SessionCache::default();
         let a = SessionCache::key("a.example", 443);
-        cache.put(&a, b"one");
-        cache.put(&a, b"two");
-        assert_eq!(cache.lock().sessions.get(&a).map(|s| &s[..]), Some(&b"two"[..]));
+        cache.put(&a, b"one", addr());
+        cache.put(&a, b"two", addr());
+        assert_eq!(cache.lock().sessions.get(&a).map(|s| &s.0[..]), Some(&b"two"[..]));
         for i in 0..MAX_SERVERS {
-            cache.put(&SessionCache::key("b.example", i as u16), b"x");
+            cache.put(&SessionCache::key("b.example", i as u16), b"x", addr());
         }
         // `a` was stored first: the cache is full by one, so it went.
         assert!(!cache.lock().sessions.contains_key(&a));
         assert!(cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().sessions.len(), MAX_SERVERS);
         assert_eq!(cache.lock().order.len(), MAX_SERVERS);
-        assert!(cache.take(&SessionCache::key("b.example", 0)).is_some());
+        assert!(cache.take(&SessionCache::key("b.example", 0), addr()).is_some());
         assert!(!cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().order.len(), MAX_SERVERS - 1);
     }
@@ -98,9 +137,23 @@ mod tests {
     fn a_session_is_offered_to_one_connection_only() {
         let cache = SessionCache::default();
         let key = SessionCache::key("a.example", 443);
-        cache.put(&key, b"ticket");
-        assert_eq!(cache.take(&key).as_deref(), Some(&b"ticket"[..]));
-        assert_eq!(cache.take(&key), None, "the ticket was offered once already");
+        cache.put(&key, b"ticket", addr());
+        assert_eq!(cache.take(&key, addr()).as_deref(), Some(&b"ticket"[..]));
+        assert_eq!(cache.take(&key, addr()), None, "the ticket was offered once already");
         assert!(cache.lock().order.is_empty());
+    }
+
+    /// A session is resumed toward the address whose connection received it only: another
+    /// address of the same name (a broken IPv6 path, say) gets a full handshake, which a
+    /// Happy Eyeballs race does not take for a connection that is up.
+    #[test]
+    fn a_session_is_resumed_toward_the_address_that_received_it_only() {
+        let cache = SessionCache::default();
+        let key = SessionCache::key("a.example", 443);
+        cache.put(&key, b"ticket", addr());
+        let other: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        assert_eq!(cache.address_of(&key), Some(addr()));
+        assert_eq!(cache.take(&key, other), None);
+        assert_eq!(cache.take(&key, addr()).as_deref(), Some(&b"ticket"[..]), "still there");
     }
 }
