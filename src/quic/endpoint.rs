@@ -411,6 +411,7 @@ impl Endpoint {
 
     /// The address a session stored for `server_name` on `port` was received from: the one
     /// address a connection resumes it toward (see [`SessionCache`]).
+    #[cfg(feature = "client")]
     pub(crate) fn resumes_at(&self, server_name: &str, port: u16) -> Option<SocketAddr> {
         self.sessions.address_of(&SessionCache::key(server_name, port))
     }

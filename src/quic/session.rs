@@ -75,6 +75,7 @@ impl SessionCache {
     }
 
     /// The address the session stored for `key` was received from, if there is one.
+    #[cfg(any(feature = "client", test))]
     pub(crate) fn address_of(&self, key: &str) -> Option<SocketAddr> {
         self.lock().sessions.get(key).map(|&(_, addr)| addr)
     }
