@@ -167,9 +167,10 @@ impl Error {
 
     /// An error an [`Application`](crate::quic::Application) raises to close its connection
     /// with `code` (an application protocol error code, sent to the peer in CONNECTION_CLOSE).
+    /// A code above 2^62 − 1, the largest QUIC carries, is sent (and reported) as that.
     pub fn application(code: u64, message: impl Into<String>) -> Self {
         Error::new(Kind::Application)
-            .with_code(Code::Application(code))
+            .with_code(Code::Application(crate::quic::wire_code(code)))
             .with_message(message)
     }
 

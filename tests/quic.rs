@@ -583,6 +583,31 @@ async fn an_application_close_delivers_its_code_to_the_peer() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A close code larger than QUIC carries (2^62 - 1 at most) goes as that maximum: quiche
+/// would panic encoding it, in the connection's task. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_close_code_beyond_quics_range_is_sent_as_its_largest() {
+    let certs = server_certs();
+    let mut server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
+    let endpoint =
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
+    let run = async {
+        let conn = endpoint
+            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
+            .await
+            .unwrap();
+        let server_conn = server.connections.recv().await.unwrap();
+        server_conn.established().await.unwrap();
+        conn.close(u64::MAX, "out of range");
+        let closed = server_conn.closed().await;
+        assert_eq!(
+            closed.error().and_then(tower_quiche::Error::code),
+            Some(tower_quiche::Code::Application((1 << 62) - 1))
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// Writes on one stream as fast as the stream takes it and never reads the echo.
 struct Flood {
     written: Arc<AtomicU64>,

@@ -186,7 +186,7 @@ impl Drop for RecvBody {
 /// The stream is reset both ways (RESET_STREAM and STOP_SENDING carry the code). It is found
 /// through wrappers that keep it as their [`source`](std::error::Error::source), such as
 /// `axum::Error`. [`Tunnel::reset`](crate::tunnel::Tunnel::reset) fails a tunnel's body with
-/// it. Over HTTP/2 and HTTP/1.1 (the TCP side) hyper ends the stream or the connection its
+/// it. A code above 2^62 − 1, more than QUIC carries, resets with H3_INTERNAL_ERROR. Over HTTP/2 and HTTP/1.1 (the TCP side) hyper ends the stream or the connection its
 /// own way, whatever the code.
 ///
 /// ```
@@ -222,8 +222,13 @@ impl std::error::Error for ResetStream {}
 fn reset_code(error: &BoxError) -> u64 {
     let mut next: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
     while let Some(error) = next {
-        if let Some(ResetStream(code)) = error.downcast_ref::<ResetStream>() {
-            return *code;
+        if let Some(&ResetStream(code)) = error.downcast_ref::<ResetStream>() {
+            // One QUIC cannot carry (above 2^62 - 1) is no code of ours to send.
+            return if code <= crate::quic::MAX_CODE {
+                code
+            } else {
+                codes::H3_INTERNAL_ERROR
+            };
         }
         if let Some(capsule) = error.downcast_ref::<CapsuleError>() {
             return capsule.code();
@@ -345,3 +350,31 @@ impl std::fmt::Display for LengthMismatch {
 }
 
 impl std::error::Error for LengthMismatch {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A [`ResetStream`] picks the code, found through wrappers; one QUIC cannot carry is
+    /// H3_INTERNAL_ERROR (quiche would panic encoding it, taking the connection's task).
+    #[test]
+    fn a_reset_streams_code_is_found_and_kept_within_quic() {
+        #[derive(Debug)]
+        struct Wrapper(ResetStream);
+        impl std::fmt::Display for Wrapper {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "wrapped")
+            }
+        }
+        impl std::error::Error for Wrapper {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let code = |e: BoxError| reset_code(&e);
+        assert_eq!(code(ResetStream(0x10f).into()), 0x10f);
+        assert_eq!(code(Wrapper(ResetStream(0x10f)).into()), 0x10f);
+        assert_eq!(code(ResetStream(u64::MAX).into()), codes::H3_INTERNAL_ERROR);
+        assert_eq!(code("any other".into()), codes::H3_INTERNAL_ERROR);
+    }
+}

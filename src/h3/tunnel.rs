@@ -147,8 +147,11 @@ impl Tunnel {
     /// instead of finished, so the peer learns that the tunnel failed rather than ended.
     /// RFC 9114 §4.4: a CONNECT proxy whose TCP connection fails (a RST from the target,
     /// say) resets with [`H3_CONNECT_ERROR`](crate::codes::H3_CONNECT_ERROR). What was
-    /// written and not sent yet is dropped. Over HTTP/2 and HTTP/1.1 hyper ends the stream
-    /// or the connection its own way ([`ResetStream`](crate::ResetStream)).
+    /// written and not sent yet is dropped. The reset leaves as the body's frames do, once
+    /// the stream may send: a peer whose flow control holds the stream back (it reads
+    /// nothing of the tunnel) gets it when it grants credit again. Over HTTP/2 and HTTP/1.1
+    /// hyper ends the stream or the connection its own way
+    /// ([`ResetStream`](crate::ResetStream)).
     pub fn reset(self, code: u64) {
         // Before the writer drops (with `self`): the body reads the code when it wakes to
         // the writer's end.

@@ -329,10 +329,21 @@ impl ConnectionHandle {
     }
 
     /// Closes the connection with an application error code and reason, which the peer
-    /// receives in CONNECTION_CLOSE.
+    /// receives in CONNECTION_CLOSE. A code above 2^62 − 1, the largest QUIC carries, is
+    /// sent as that.
     pub fn close(&self, code: u64, reason: impl Into<Bytes>) {
-        self.requests.ask_close(code, reason.into());
+        self.requests.ask_close(wire_code(code), reason.into());
     }
+}
+
+/// The largest error code QUIC carries (a variable-length integer, RFC 9000 §16). quiche
+/// panics encoding a larger one, in the connection's task (every stream of the connection
+/// would go with it): each code an application hands the QUIC layer passes [`wire_code`].
+pub(crate) const MAX_CODE: u64 = (1 << 62) - 1;
+
+/// `code` as it is sent: one QUIC cannot carry goes as [`MAX_CODE`].
+pub(crate) fn wire_code(code: u64) -> u64 {
+    code.min(MAX_CODE)
 }
 
 /// What a handle reports when the connection's task is gone without saying how it ended.

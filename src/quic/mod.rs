@@ -91,6 +91,7 @@ mod token;
 mod udp;
 
 pub use app::{Application, Closed, ConnectionHandle, ConnectionStats};
+pub(crate) use app::{MAX_CODE, wire_code};
 pub use bufs::{BytesBufs, QuicheConnection};
 pub use cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
 pub use config::{

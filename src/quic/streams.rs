@@ -1131,13 +1131,14 @@ impl RecvStream {
 
     /// Stops receiving: the peer gets STOP_SENDING with `code` (unless the stream had
     /// ended already), and what arrived but was not read is discarded. Later reads fail.
+    /// A code above 2^62 − 1, the largest QUIC carries, is sent as that.
     pub fn stop(&mut self, code: u64) {
         self.stream.update(|s| {
             let r = &mut s.recv;
             if r.stopped.is_some() {
                 return ((), false);
             }
-            r.stopped = Some(code);
+            r.stopped = Some(super::app::wire_code(code));
             r.buf = BytesMut::new();
             r.failure.get_or_insert(Failure::Local("the stream was stopped"));
             ((), !r.settled)
@@ -1252,8 +1253,9 @@ impl SendStream {
         });
     }
 
-    /// Resets the stream with `code` (RESET_STREAM): what was written and not yet sent is
-    /// discarded, and later writes fail. No effect once the stream has ended (its FIN
+    /// Resets the stream with `code` (RESET_STREAM; above 2^62 − 1, the largest QUIC
+    /// carries, it is sent as that): what was written and not yet sent is discarded, and
+    /// later writes fail. No effect once the stream has ended (its FIN
     /// handed to QUIC, or the peer stopped it).
     pub fn reset(&mut self, code: u64) {
         self.stream.update(|s| {
@@ -1261,7 +1263,7 @@ impl SendStream {
             if w.done || w.reset.is_some() {
                 return ((), false);
             }
-            w.reset = Some(code);
+            w.reset = Some(super::app::wire_code(code));
             w.buf = BytesMut::new();
             w.failure.get_or_insert(Failure::Local("the stream was reset"));
             ((), true)
