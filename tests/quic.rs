@@ -559,8 +559,9 @@ async fn idle_timeout_closes_both_sides() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_application_close_delivers_its_code_to_the_peer() {
+/// How the server's side of a connection ended after the client closed it with `code`
+/// and `reason`.
+async fn server_side_of_a_client_close(code: u64, reason: &'static str) -> Arc<tower_quiche::quic::Closed> {
     let certs = server_certs();
     let mut server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
     let endpoint =
@@ -572,40 +573,31 @@ async fn an_application_close_delivers_its_code_to_the_peer() {
             .unwrap();
         let server_conn = server.connections.recv().await.unwrap();
         server_conn.established().await.unwrap();
-        conn.close(0x42, "bye");
-        let closed = server_conn.closed().await;
-        let err = closed.error().expect("an application error");
-        assert!(err.is_application(), "{err}");
-        assert_eq!(err.code(), Some(tower_quiche::Code::Application(0x42)));
-        assert!(err.to_string().contains("bye"), "{err}");
-        assert!(closed.stats().packets_received > 0);
+        conn.close(code, reason);
+        server_conn.closed().await
     };
-    timeout(TEST_TIMEOUT, run).await.unwrap();
+    timeout(TEST_TIMEOUT, run).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_application_close_delivers_its_code_to_the_peer() {
+    let closed = server_side_of_a_client_close(0x42, "bye").await;
+    let err = closed.error().expect("an application error");
+    assert!(err.is_application(), "{err}");
+    assert_eq!(err.code(), Some(tower_quiche::Code::Application(0x42)));
+    assert!(err.to_string().contains("bye"), "{err}");
+    assert!(closed.stats().packets_received > 0);
 }
 
 /// A close code larger than QUIC carries (2^62 - 1 at most) goes as that maximum: quiche
 /// would panic encoding it, in the connection's task. (Found by review.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_close_code_beyond_quics_range_is_sent_as_its_largest() {
-    let certs = server_certs();
-    let mut server = echo_server("127.0.0.1:0", server_builder(&certs)).await;
-    let endpoint =
-        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
-    let run = async {
-        let conn = endpoint
-            .connect_addr(server.addr, Some("localhost"), EchoClient::new().0)
-            .await
-            .unwrap();
-        let server_conn = server.connections.recv().await.unwrap();
-        server_conn.established().await.unwrap();
-        conn.close(u64::MAX, "out of range");
-        let closed = server_conn.closed().await;
-        assert_eq!(
-            closed.error().and_then(tower_quiche::Error::code),
-            Some(tower_quiche::Code::Application((1 << 62) - 1))
-        );
-    };
-    timeout(TEST_TIMEOUT, run).await.unwrap();
+    let closed = server_side_of_a_client_close(u64::MAX, "out of range").await;
+    assert_eq!(
+        closed.error().and_then(tower_quiche::Error::code),
+        Some(tower_quiche::Code::Application((1 << 62) - 1))
+    );
 }
 
 /// Writes on one stream as fast as the stream takes it and never reads the echo.
