@@ -26,8 +26,9 @@ impl Endpoint {
     /// The name is resolved with the system resolver. When it has several addresses, they
     /// are tried Happy-Eyeballs style (RFC 8305): IPv6 and IPv4 alternate, a new attempt
     /// starts every 250 ms (or at once when one fails), and the first handshake to complete
-    /// wins. A stored session is resumed toward the address that issued it only, which is
-    /// tried first. The host name is sent as SNI and the server's certificate must be valid for it
+    /// wins. With a stored session, the address whose connection received it is tried
+    /// first, and only a resumed connection there wins as soon as it can send 0-RTT data;
+    /// elsewhere its handshake must complete. The host name is sent as SNI and the server's certificate must be valid for it
     /// (unless verification is turned off). A TLS failure is final: it would fail the same
     /// way elsewhere.
     ///
@@ -42,14 +43,17 @@ impl Endpoint {
             format!("'{authority}' resolved to no address"),
             std::io::ErrorKind::NotFound.into(),
         );
-        let mut addrs = resumption_first(interleave_families(addrs), self.resumes_at(host, port)).into_iter();
+        let stored = self.resumes_at(host, port);
+        let mut addrs = resumption_first(interleave_families(addrs), stored).into_iter();
         let mut attempts = FuturesUnordered::new();
         // An application that sends 0-RTT data takes a resumed connection as soon as it
-        // can send; then the first address tried wins unless it fails at once.
+        // can send, at the address that issued the session (tried first): there it wins
+        // unless it fails at once. A resumption elsewhere (the DNS answer changed) is not
+        // known to answer: it wins once its handshake completes, as a fresh one does.
         let early = app.accepts_early_data();
         let attempt = |addr: SocketAddr| {
             let started = self.start_connection::<A>(addr, Some(host));
-            async move { started?.usable(early).await }
+            async move { started?.usable(early && Some(addr) == stored).await }
         };
         let next_start = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(next_start);

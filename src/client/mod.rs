@@ -231,6 +231,25 @@ struct Attempt {
     outcome: futures_util::future::Shared<futures_util::future::BoxFuture<'static, Result<SendRequest, Arc<Error>>>>,
 }
 
+/// Takes an [`Attempt`] out of its map when its task ends, however it ends (a panic, the
+/// runtime shutting down): a settled attempt left there would answer every later request
+/// to its origin with its outcome.
+struct AttemptEnd {
+    pool: Arc<Pool>,
+    attempts: fn(&Pool) -> &Attempts,
+    origin: Origin,
+    id: u64,
+}
+
+impl Drop for AttemptEnd {
+    fn drop(&mut self) {
+        let mut map = (self.attempts)(&self.pool).lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&self.origin).is_some_and(|a| a.id == self.id) {
+            map.remove(&self.origin);
+        }
+    }
+}
+
 /// Numbers [`Attempt`]s.
 static ATTEMPT_IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -306,12 +325,16 @@ impl Pool {
                 let pool = Arc::clone(self);
                 let target = origin.clone();
                 let task = tokio::spawn(async move {
-                    let outcome = pool.connect(&target, port, avoid.as_ref()).await.map_err(Arc::new);
-                    let mut map = attempts(&pool).lock().unwrap_or_else(|p| p.into_inner());
-                    if map.get(&target).is_some_and(|a| a.id == id) {
-                        map.remove(&target);
-                    }
-                    outcome
+                    let end = AttemptEnd {
+                        pool,
+                        attempts,
+                        origin: target,
+                        id,
+                    };
+                    end.pool
+                        .connect(&end.origin, port, avoid.as_ref())
+                        .await
+                        .map_err(Arc::new)
                 });
                 let outcome = async move {
                     task.await.unwrap_or_else(|e| {

@@ -456,7 +456,7 @@ impl Endpoint {
             addr,
         });
         if let Some(slot) = &sessions
-            && let Some(session) = slot.cache.take(&slot.key, addr)
+            && let Some(session) = slot.cache.take(&slot.key)
             && let Err(e) = conn.set_session(&session)
         {
             tracing::debug!(error = %e, "stored session not usable; a full handshake follows");

@@ -8,12 +8,13 @@
 //! data must respect), and hands it to one connection only. The cache is bounded; past its
 //! size the oldest key goes.
 //!
-//! A session is resumed toward the address whose connection received it, and no other:
-//! [`Endpoint::connect`](super::Endpoint::connect) tries that address first. A name with
-//! several addresses (IPv6 and IPv4, say) would otherwise resume on whichever comes first,
-//! and a resumed connection counts as up as soon as it can send 0-RTT data: one on an
-//! address that does not answer (a broken IPv6 path) would win the race and hold its
-//! requests for the connect timeout, at every resumption.
+//! Each session remembers the address whose connection received it:
+//! [`Endpoint::connect`](super::Endpoint::connect) tries that address first, and only a
+//! resumed connection to it counts as up as soon as it can send 0-RTT data. A name with
+//! several addresses (IPv6 and IPv4, say) would otherwise resume on whichever came first,
+//! and one that does not answer (a broken IPv6 path) would win the race at once and hold
+//! its requests for the connect timeout, at every resumption. Another address of the name
+//! (DNS that rotates) still resumes the session, once its handshake completes.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -63,12 +64,8 @@ impl SessionCache {
     /// Appendix C.4), and a server that keeps tickets single-use against 0-RTT replay
     /// (RFC 8446 §8.1) refuses the second one's early data. The connection that resumes
     /// it stores the ticket the server issues on it for the next one.
-    /// Only a connection to the address that received it takes it.
-    pub(crate) fn take(&self, key: &str, addr: SocketAddr) -> Option<Arc<[u8]>> {
+    pub(crate) fn take(&self, key: &str) -> Option<Arc<[u8]>> {
         let mut inner = self.lock();
-        if inner.sessions.get(key)?.1 != addr {
-            return None;
-        }
         let (session, _) = inner.sessions.remove(key)?;
         inner.order.retain(|k| &**k != key);
         Some(session)
@@ -124,7 +121,7 @@ mod tests {
         assert!(cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().sessions.len(), MAX_SERVERS);
         assert_eq!(cache.lock().order.len(), MAX_SERVERS);
-        assert!(cache.take(&SessionCache::key("b.example", 0), addr()).is_some());
+        assert!(cache.take(&SessionCache::key("b.example", 0)).is_some());
         assert!(!cache.lock().sessions.contains_key(&SessionCache::key("b.example", 0)));
         assert_eq!(cache.lock().order.len(), MAX_SERVERS - 1);
     }
@@ -139,22 +136,23 @@ mod tests {
         let cache = SessionCache::default();
         let key = SessionCache::key("a.example", 443);
         cache.put(&key, b"ticket", addr());
-        assert_eq!(cache.take(&key, addr()).as_deref(), Some(&b"ticket"[..]));
-        assert_eq!(cache.take(&key, addr()), None, "the ticket was offered once already");
+        assert_eq!(cache.take(&key).as_deref(), Some(&b"ticket"[..]));
+        assert_eq!(cache.take(&key), None, "the ticket was offered once already");
         assert!(cache.lock().order.is_empty());
     }
 
-    /// A session is resumed toward the address whose connection received it only: another
-    /// address of the same name (a broken IPv6 path, say) gets a full handshake, which a
-    /// Happy Eyeballs race does not take for a connection that is up.
+    /// A session remembers the address whose connection received it (Happy Eyeballs tries
+    /// it first, and counts only a connection there as up once it can send 0-RTT data).
     #[test]
-    fn a_session_is_resumed_toward_the_address_that_received_it_only() {
+    fn a_session_remembers_the_address_that_received_it() {
         let cache = SessionCache::default();
         let key = SessionCache::key("a.example", 443);
         cache.put(&key, b"ticket", addr());
-        let other: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         assert_eq!(cache.address_of(&key), Some(addr()));
-        assert_eq!(cache.take(&key, other), None);
-        assert_eq!(cache.take(&key, addr()).as_deref(), Some(&b"ticket"[..]), "still there");
+        let other: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        cache.put(&key, b"newer", other);
+        assert_eq!(cache.address_of(&key), Some(other), "the latest session's");
+        assert_eq!(cache.take(&key).as_deref(), Some(&b"newer"[..]));
+        assert_eq!(cache.address_of(&key), None);
     }
 }
