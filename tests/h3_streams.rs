@@ -249,6 +249,26 @@ async fn no_content_length_on_a_2xx_to_connect_or_on_a_204() {
     assert_eq!(client.field(id, "content-length"), ["0"]);
 }
 
+/// A CONNECT's `content-length` does not bound its tunnel (RFC 9110 §9.3.6: a CONNECT
+/// has no content): a client that sends `content-length: 0` still tunnels its bytes.
+/// (Found by review: the first byte was "more than the content-length" and reset the
+/// stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connects_content_length_does_not_bound_its_tunnel() {
+    let (_server, mut client) = serve(server::Builder::new()).await;
+    let connect = [
+        (":method", "CONNECT"),
+        (":protocol", "echo"),
+        (":scheme", "https"),
+        (":authority", "localhost"),
+        (":path", "/tunnel-echo"),
+        ("content-length", "0"),
+    ];
+    let id = client.request(&connect, false).await;
+    client.body(id, b"tunnelled".to_vec(), true).await;
+    assert_eq!(client.response_body(id).await, (200, b"tunnelled".to_vec()));
+}
+
 /// A 1xx is never a final response (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5):
 /// a service that answers with one gets a 500 out, as from hyper's HTTP/1 server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

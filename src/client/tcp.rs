@@ -70,9 +70,11 @@ const TCP_KEEPALIVE_PROBES: u32 = 3;
 /// How long bytes sent may go unacknowledged before the kernel gives the connection up
 /// (`TCP_USER_TIMEOUT`, Linux): keep-alive probes go only while nothing is outstanding, so
 /// a request written to a peer that vanished would otherwise be retransmitted for about
-/// 15 minutes (`tcp_retries2`) before it failed. The probes' own minute.
+/// 15 minutes (`tcp_retries2`) before it failed. Five minutes, not the probes' one: Linux
+/// applies it to a peer that keeps its receive window shut too (a server that does not
+/// read an upload for a while), which is alive.
 #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// hyper-util's TCP connector as the TLS on top needs it: any scheme (the TLS is ours), no
 /// Nagle, keep-alive probes ([`TCP_KEEPALIVE`]) and, on Linux, a bound on unacknowledged

@@ -382,8 +382,12 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         };
         // The client's view of the request's urgency (RFC 9218 §4); a PRIORITY_UPDATE or
         // the response's own `priority` field may change it later.
-        let shared =
-            StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
+        // A CONNECT's stream carries the tunnel's bytes, however many: a `content-length`
+        // on it (RFC 9110 §9.3.6: it has no content) does not bound them.
+        let content_length = head
+            .content_length
+            .filter(|_| head.request.method() != http::Method::CONNECT);
+        let shared = StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, content_length, !more_frames);
         // Not for a CONNECT: its 2xx is the answer to go on, and it owes no body.
         if more_frames
             && head.request.method() != http::Method::CONNECT
