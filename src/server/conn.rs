@@ -90,10 +90,6 @@ pub(crate) struct ServerApp<S> {
     close_not_before: Option<Instant>,
     /// The GOAWAY of `draining` found no room in quiche yet (`send_goaway`).
     goaway_unsent: bool,
-    /// Until when request IDs the client skipped below the GOAWAY limit hold the close:
-    /// their packets may only be late (a loss), and the GOAWAY promised to process them
-    /// (RFC 9114 §5.2). A head timeout from the start of the drain.
-    skipped_hold_until: Option<Instant>,
     /// One past the highest request stream whose head arrived.
     next_stream: u64,
     /// Some stream handed quiche something to send since the stall timer last looked
@@ -112,7 +108,10 @@ pub(crate) struct ServerApp<S> {
     /// possibly behind a gap that keeps them unreadable, or never. Looked for at each timer
     /// check. Bounded: a skipped ID holds one of the client's stream credits for good, and
     /// the list stops at `probed_streams`.
-    skipped: Vec<u64>,
+    /// With when each was skipped: one skipped recently below the GOAWAY limit holds the
+    /// close (its packets may only be late, and the GOAWAY promised to process it, RFC 9114
+    /// §5.2), for at most a head timeout from then.
+    skipped: Vec<(u64, Instant)>,
     /// How many request stream IDs are looked for beyond the last head, and how many
     /// skipped ones are remembered: twice the client's limit of concurrent request streams
     /// (it cannot open IDs beyond its credit), at least `MIN_PROBED_STREAMS`.
@@ -165,7 +164,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             draining: None,
             close_not_before: None,
             goaway_unsent: false,
-            skipped_hold_until: None,
             next_stream: 0,
             early_priority_updates: 0,
             sent_since_check: false,
@@ -498,7 +496,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// runs from now.
     fn probe_silent_streams(&mut self, conn: &mut QuicheConnection, now: Instant) {
         let (streams, heads_pending) = (&self.streams, &mut self.heads_pending);
-        self.skipped.retain(|&id| {
+        self.skipped.retain(|&(id, _)| {
             if streams.contains_key(&id) {
                 return false;
             }
@@ -522,7 +520,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// (an answered stream must never be taken for one still without its head).
     fn advance_next_stream(&mut self, id: u64) {
         if id < self.next_stream {
-            if let Some(at) = self.skipped.iter().position(|&s| s == id) {
+            if let Some(at) = self.skipped.iter().position(|&(s, _)| s == id) {
                 self.skipped.swap_remove(at);
             }
             return;
@@ -532,7 +530,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             .step_by(4)
             .filter(|s| !self.heads_pending.contains_key(s))
             .take(room);
-        self.skipped.extend(skipped);
+        let now = Instant::now();
+        self.skipped.extend(skipped.map(|id| (id, now)));
         self.next_stream = id + 4;
     }
 
@@ -541,7 +540,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     /// for each stream, up to its stream limit) until the head does: it overrides the
     /// head's own `priority` then.
     fn on_priority_update(&mut self, conn: &mut QuicheConnection, id: u64) {
-        let head_to_come = id >= self.next_stream || self.heads_pending.contains_key(&id) || self.skipped.contains(&id);
+        let head_to_come = id >= self.next_stream
+            || self.heads_pending.contains_key(&id)
+            || self.skipped.iter().any(|&(s, _)| s == id);
         if !self.streams.contains_key(&id) && head_to_come {
             self.early_priority_updates += 1;
             return;
@@ -745,7 +746,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         let limit = self.next_stream;
         self.draining = Some((limit, deadline));
-        self.skipped_hold_until = Some(Instant::now() + self.settings.request_head_timeout);
         self.goaway_unsent = true;
         // A bound for a GOAWAY that finds no room (see `send_goaway`): the close goes
         // without it then, as a connection that idles out would.
@@ -1022,7 +1022,7 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold
         // the close too (for at most the head timeout), as do IDs the client skipped below
-        // it, whose packets may be late (`skipped_hold_until`).
+        // it recently, whose packets may be late (`skipped`).
         if (self.draining.is_some() || self.peer_goaway) && self.streams.is_empty() && self.requests.is_empty() && {
             self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
             self.heads_pending.is_empty()
@@ -1030,10 +1030,13 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
             self.lingering
                 .retain(|&(id, wait_until)| Self::still_delivering(conn, id, wait_until, now));
             let goaway_out = self.close_not_before.is_none_or(|at| at <= now);
+            let head_timeout = self.settings.request_head_timeout;
             let skipped_hold = self
                 .draining
-                .filter(|&(limit, _)| self.skipped.iter().any(|&id| id < limit))
-                .and(self.skipped_hold_until)
+                .and_then(|(limit, _)| {
+                    let below = self.skipped.iter().filter(|&&(id, _)| id < limit);
+                    below.filter_map(|&(_, since)| since.checked_add(head_timeout)).max()
+                })
                 .filter(|&at| at > now);
             if self.lingering.is_empty() && goaway_out && skipped_hold.is_none() {
                 tracing::debug!("no request in flight after GOAWAY; closing");
