@@ -1385,16 +1385,16 @@ mod tests {
             .unwrap()
     }
 
-    /// A request cancelled while it alone waits for a connection attempt takes the attempt
-    /// out of the pool's map: left there with no outcome, it would pass for an attempt
-    /// still under way (in auto mode, one slower than the handicap, which sends every later
-    /// request of the origin to TCP). (Found by review.)
+    /// A connection attempt goes on when the one request waiting for it is cancelled (the
+    /// next request may use it), and leaves the pool's map when it ends: a settled attempt
+    /// left there would answer later requests with its outcome, and one with no outcome
+    /// would pass for an attempt under way (in auto mode, one slower than the handicap,
+    /// which sends every later request of the origin to TCP).
     #[tokio::test]
-    async fn an_attempt_whose_only_waiter_is_cancelled_leaves_the_pool() {
+    async fn an_attempt_outlives_its_cancelled_waiter_and_leaves_the_pool_when_it_ends() {
         // An address that swallows every datagram: the handshake never completes.
         let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        // No handshake gets as far as a certificate.
-        let client = http3_client(|b| b.connect_timeout(Duration::from_secs(60)));
+        let client = http3_client(|b| b.connect_timeout(Duration::from_millis(300)));
         let url = format!("https://127.0.0.1:{}/", sink.local_addr().unwrap().port());
         let request = tokio::spawn({
             let client = client.clone();
@@ -1410,7 +1410,14 @@ mod tests {
         .expect("the attempt starts");
         request.abort();
         let _ = request.await;
-        assert_eq!(connecting(), 0, "the cancelled attempt left the map");
+        assert_eq!(connecting(), 1, "the attempt goes on without its waiter");
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while connecting() != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the attempt left the map when its connect timeout ended it");
     }
 
     /// A pooled connection that closed leaves the pool with its origin once another
