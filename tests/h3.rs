@@ -1416,6 +1416,35 @@ async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A `content-length` the caller put on its CONNECT does not bound the tunnel's bytes (RFC
+/// 9110 §9.3.6: a CONNECT has no content). (Found by review: the first byte failed the
+/// request body as longer than its length.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_content_length_on_the_clients_connect_does_not_bound_its_tunnel() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let certs = test_certs();
+    let server = h3_server(&certs, server::Builder::new()).await;
+    let client = client(&certs);
+    let run = async {
+        let mut request = Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(server.url("/tunnel-echo"))
+            .header("content-length", "0")
+            .body(())
+            .unwrap();
+        request
+            .extensions_mut()
+            .insert(tower_quiche::client::Protocol::new("echo"));
+        let mut tunnel = client.open_tunnel(request).await.unwrap();
+        tunnel.write_all(b"tunnelled").await.unwrap();
+        tunnel.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        tunnel.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"tunnelled");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// A tunnel its handler resets (a CONNECT proxy whose target failed) ends for the client in
 /// a read error that carries the code (RFC 9114 §4.4: H3_CONNECT_ERROR), not in a clean end
 /// that would pass for the whole content. The handler's `ResetStream` reaches the stream

@@ -267,6 +267,12 @@ async fn a_connects_content_length_does_not_bound_its_tunnel() {
     let id = client.request(&connect, false).await;
     client.body(id, b"tunnelled".to_vec(), true).await;
     assert_eq!(client.response_body(id).await, (200, b"tunnelled".to_vec()));
+    // Nor is it owed: a CONNECT head that ends its stream at once, whatever length it
+    // names, is a tunnel that ends at once.
+    let mut ended = connect;
+    ended[5] = ("content-length", "5");
+    let id = client.request(&ended, true).await;
+    assert_eq!(client.response_body(id).await, (200, Vec::new()));
 }
 
 /// A 1xx is never a final response (RFC 9110 §15.2) and HTTP/3 has no 101 (RFC 9114 §4.5):

@@ -914,10 +914,12 @@ impl ClientApp {
                 _ => None,
             };
             let body = request.body.take();
-            let content_length = request.content_length;
+            let tunnel = request.is_connect();
+            // A tunnel's bytes are not bounded by a `content-length` the caller set on its
+            // CONNECT (RFC 9110 §9.3.6: a CONNECT has no content).
+            let content_length = request.content_length.filter(|_| !tunnel);
             // Kept for a resend if the server refuses it unprocessed: a bodyless request, or
             // one whose body's bytes are kept.
-            let tunnel = request.is_connect();
             let retry = (body.is_none() || request.replay.is_some()).then_some(request);
             if let Some(body) = body {
                 let pump_stream = Arc::clone(&shared);

@@ -123,9 +123,9 @@ fn interleave_families(addrs: Vec<SocketAddr>) -> Vec<SocketAddr> {
 }
 
 /// Moves `previous`, the address a stored session came from, to the front of `addrs` when
-/// it is there: the session resumes toward it only, and a resumed connection wins the race
-/// as soon as it can send 0-RTT data, so it had better be where the server answered last
-/// time (not, say, an IPv6 address that never answers).
+/// it is there: a resumed connection to it wins the race as soon as it can send 0-RTT data,
+/// and it is where the server answered last time (not, say, an IPv6 address that never
+/// answers).
 fn resumption_first(mut addrs: Vec<SocketAddr>, previous: Option<SocketAddr>) -> Vec<SocketAddr> {
     if let Some(at) = previous.and_then(|previous| addrs.iter().position(|&a| a == previous)) {
         let previous = addrs.remove(at);

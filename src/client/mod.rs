@@ -336,8 +336,21 @@ impl Pool {
                         .await
                         .map_err(Arc::new)
                 });
+                // A task dropped before it first ran (a runtime shutting down) never armed
+                // its `AttemptEnd`: its first waiter takes the attempt out instead. Weak: the
+                // map holds this future.
+                let pool = Arc::downgrade(self);
+                let origin = origin.clone();
                 let outcome = async move {
                     task.await.unwrap_or_else(|e| {
+                        if let Some(pool) = pool.upgrade() {
+                            drop(AttemptEnd {
+                                pool,
+                                attempts,
+                                origin,
+                                id,
+                            });
+                        }
                         Err(Arc::new(
                             Error::new(Kind::Closed).with_message(format!("the connection attempt failed: {e}")),
                         ))
@@ -1394,7 +1407,7 @@ mod tests {
     async fn an_attempt_outlives_its_cancelled_waiter_and_leaves_the_pool_when_it_ends() {
         // An address that swallows every datagram: the handshake never completes.
         let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let client = http3_client(|b| b.connect_timeout(Duration::from_millis(300)));
+        let client = http3_client(|b| b.connect_timeout(Duration::from_secs(3)));
         let url = format!("https://127.0.0.1:{}/", sink.local_addr().unwrap().port());
         let request = tokio::spawn({
             let client = client.clone();

@@ -67,18 +67,15 @@ impl TcpClient {
 const TCP_KEEPALIVE: Duration = Duration::from_secs(15);
 const TCP_KEEPALIVE_PROBES: u32 = 3;
 
-/// How long bytes sent may go unacknowledged before the kernel gives the connection up
-/// (`TCP_USER_TIMEOUT`, Linux): keep-alive probes go only while nothing is outstanding, so
-/// a request written to a peer that vanished would otherwise be retransmitted for about
-/// 15 minutes (`tcp_retries2`) before it failed. Five minutes, not the probes' one: Linux
-/// applies it to a peer that keeps its receive window shut too (a server that does not
-/// read an upload for a while), which is alive.
-#[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-const TCP_USER_TIMEOUT: Duration = Duration::from_secs(300);
+// `TCP_USER_TIMEOUT` is not set. It would bound how long a request written to a peer that
+// vanished waits (keep-alive probes go only while nothing is outstanding: the kernel
+// retransmits for about 15 minutes, `tcp_retries2`), but Linux also applies it to a peer
+// that keeps its receive window shut (a server that reads an upload slowly, which is
+// alive) and lets it override the keep-alive count above: one value cannot serve all
+// three, and reqwest and hyper leave it unset too.
 
 /// hyper-util's TCP connector as the TLS on top needs it: any scheme (the TLS is ours), no
-/// Nagle, keep-alive probes ([`TCP_KEEPALIVE`]) and, on Linux, a bound on unacknowledged
-/// bytes ([`TCP_USER_TIMEOUT`]).
+/// Nagle, keep-alive probes ([`TCP_KEEPALIVE`]).
 fn tcp_connector() -> HttpConnector {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
@@ -86,8 +83,6 @@ fn tcp_connector() -> HttpConnector {
     http.set_keepalive(Some(TCP_KEEPALIVE));
     http.set_keepalive_interval(Some(TCP_KEEPALIVE));
     http.set_keepalive_retries(Some(TCP_KEEPALIVE_PROBES));
-    #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-    http.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
     http
 }
 
@@ -230,8 +225,7 @@ pub(crate) fn body_error(e: hyper::Error) -> Error {
 mod tests {
     use super::*;
 
-    /// A connection's socket probes a silent peer, and gives up bytes a peer never
-    /// acknowledges (what finds a vanished one, idle or not).
+    /// A connection's socket probes a silent peer (what finds a vanished one).
     #[tokio::test]
     async fn tcp_connections_probe_a_silent_peer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -244,7 +238,6 @@ mod tests {
             assert_eq!(socket.tcp_keepalive_time().unwrap(), TCP_KEEPALIVE);
             assert_eq!(socket.tcp_keepalive_interval().unwrap(), TCP_KEEPALIVE);
             assert_eq!(socket.tcp_keepalive_retries().unwrap(), TCP_KEEPALIVE_PROBES);
-            assert_eq!(socket.tcp_user_timeout().unwrap(), Some(TCP_USER_TIMEOUT));
         }
     }
 }

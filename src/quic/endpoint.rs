@@ -409,8 +409,8 @@ impl Endpoint {
             .start(app))
     }
 
-    /// The address a session stored for `server_name` on `port` was received from: the one
-    /// address a connection resumes it toward (see [`SessionCache`]).
+    /// The address a session stored for `server_name` on `port` was received from: Happy
+    /// Eyeballs tries it first (see [`SessionCache`]).
     #[cfg(feature = "client")]
     pub(crate) fn resumes_at(&self, server_name: &str, port: u16) -> Option<SocketAddr> {
         self.sessions.address_of(&SessionCache::key(server_name, port))

@@ -353,6 +353,11 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 return;
             }
         };
+        // A CONNECT's stream carries the tunnel's bytes, however many: a `content-length`
+        // on it (RFC 9110 §9.3.6: it has no content) neither bounds them nor is owed.
+        if head.request.method() == http::Method::CONNECT {
+            head.content_length = None;
+        }
         if !more_frames && head.content_length.is_some_and(|len| len > 0) {
             tracing::debug!(stream_id = id, "request ended before its content-length");
             Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
@@ -380,12 +385,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         };
         // The client's view of the request's urgency (RFC 9218 §4); a PRIORITY_UPDATE or
         // the response's own `priority` field may change it later.
-        // A CONNECT's stream carries the tunnel's bytes, however many: a `content-length`
-        // on it (RFC 9110 §9.3.6: it has no content) does not bound them.
-        let content_length = head
-            .content_length
-            .filter(|_| head.request.method() != http::Method::CONNECT);
-        let shared = StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, content_length, !more_frames);
+        let shared =
+            StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
         // Not for a CONNECT: its 2xx is the answer to go on, and it owes no body.
         if more_frames
             && head.request.method() != http::Method::CONNECT
@@ -525,12 +526,25 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             }
             return;
         }
+        if id == self.next_stream {
+            // The usual case, nothing skipped: no clock read per request.
+            self.next_stream = id + 4;
+            return;
+        }
+        let now = Instant::now();
+        if self.skipped.len() >= self.probed_streams {
+            // Full of IDs skipped long ago that never came: those a head timeout old make
+            // room, or a fresh one (a packet merely late) would not be remembered, and
+            // would not hold a graceful close.
+            let head_timeout = self.settings.request_head_timeout;
+            self.skipped
+                .retain(|&(_, since)| since.checked_add(head_timeout).is_none_or(|until| until > now));
+        }
         let room = self.probed_streams.saturating_sub(self.skipped.len());
         let skipped = (self.next_stream..id)
             .step_by(4)
             .filter(|s| !self.heads_pending.contains_key(s))
             .take(room);
-        let now = Instant::now();
         self.skipped.extend(skipped.map(|id| (id, now)));
         self.next_stream = id + 4;
     }
