@@ -585,7 +585,13 @@ async fn dropping_every_handle_delivers_a_finished_bidi_stream_then_closes() {
         assert!(back[..] == data[..], "content");
         handle.closed().await;
         let closed = server.closed().await;
-        assert!(closed.error().is_none(), "a clean close: {:?}", closed.error());
+        // Promptly and cleanly, or (the prompt close missed, see above) at the idle
+        // timeout: both are the documented contract; nothing else is.
+        assert!(
+            closed.error().is_none_or(tower_quiche::Error::is_timeout),
+            "a clean close or the idle timeout: {:?}",
+            closed.error()
+        );
     };
     timeout(TEST_TIMEOUT, run).await.expect("in time");
 }
