@@ -559,6 +559,64 @@ async fn idle_timeout_closes_both_sides() {
     );
 }
 
+/// A connection the server refuses tells the client: an `Incoming` refused, and one still
+/// waiting to be accepted when the listener goes (a server shutting down). The client
+/// gets CONNECTION_REFUSED at once instead of waiting out its handshake timeout. (Found by
+/// review: a shutting-down server dropped its backlog silently.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_the_server_does_not_start_are_refused_at_once() {
+    let certs = server_certs();
+    let client_endpoint = || {
+        // A handshake timeout far beyond the test's bound: only a refusal ends it in time.
+        let config = client_builder(&certs)
+            .transport(TransportConfig::new().handshake_timeout(Duration::from_secs(120)))
+            .build()
+            .unwrap();
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap()
+    };
+    let connect = |endpoint: Endpoint, addr| {
+        tokio::spawn(async move {
+            endpoint
+                .connect_addr(addr, Some("localhost"), EchoClient::new().0)
+                .await
+        })
+    };
+    // The server's first flight goes before the close (the client could not read the
+    // close without it), so the client may count its handshake complete first.
+    let refused = |result: Result<tower_quiche::quic::ConnectionHandle, tower_quiche::Error>| async move {
+        let code = match result {
+            Err(error) => error.code(),
+            Ok(handle) => handle.closed().await.error().and_then(tower_quiche::Error::code),
+        };
+        assert_eq!(code, Some(tower_quiche::Code::Transport(0x2)));
+    };
+    let metrics = Arc::new(tower_quiche::quic::AtomicMetrics::new());
+    let config = server_builder(&certs).metrics(Arc::clone(&metrics)).build().unwrap();
+    let mut listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let addr = listener.local_addr();
+    // An `Incoming` refused.
+    let connecting = connect(client_endpoint(), addr);
+    listener.accept().await.unwrap().refuse();
+    timeout(Duration::from_secs(20), async {
+        refused(connecting.await.unwrap()).await
+    })
+    .await
+    .unwrap();
+    // A listener dropped with a connection waiting in its backlog: the router has queued
+    // it for `accept` once it counted its handshake as started.
+    let connecting = connect(client_endpoint(), addr);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metrics.snapshot().handshakes_started < 2 && tokio::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(listener);
+    timeout(Duration::from_secs(20), async {
+        refused(connecting.await.unwrap()).await
+    })
+    .await
+    .unwrap();
+}
+
 /// How the server's side of a connection ended after the client closed it with `code`
 /// and `reason`.
 async fn server_side_of_a_client_close(code: u64, reason: &'static str) -> Arc<tower_quiche::quic::Closed> {

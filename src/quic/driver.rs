@@ -97,6 +97,9 @@ fn application_code(e: &Error) -> u64 {
     }
 }
 
+/// QUIC's transport error for a connection the server refuses (RFC 9000 §20.1).
+const CONNECTION_REFUSED: u64 = 0x2;
+
 thread_local! {
     /// The GSO batch being assembled. Flushing never yields mid-way, so one buffer per
     /// worker thread serves every connection: an idle connection holds no send buffer.
@@ -131,6 +134,19 @@ pub(crate) enum AppSlot<A> {
     Running(A),
     Waiting(oneshot::Receiver<A>),
     Gone,
+    /// A server connection refused before it started (its `Incoming` was dropped): once
+    /// the client's first packets are read and the server's first flight has gone out,
+    /// it closes with CONNECTION_REFUSED.
+    Refused,
+}
+
+/// The application of a connection that never runs one ([`AppSlot::Refused`]).
+pub(crate) struct NoApplication;
+
+impl Application for NoApplication {
+    fn process(&mut self, _cx: &mut Context<'_>, _conn: &mut QuicheConnection) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Packets the socket could not take yet (full buffer), or that pacing holds back.
@@ -443,7 +459,14 @@ impl<A: Application> Driver<A> {
         if retired {
             self.issue_connection_ids();
         }
-        let sent = self.flush(cx);
+        let mut sent = self.flush(cx);
+        if matches!(self.app, AppSlot::Refused) && self.conn.local_error().is_none() && sent > 0 {
+            // Only now: the close goes in the handshake's packet space, which the client
+            // can read only with the server's first flight (a close before it would be
+            // undecryptable, and a close before any packet was read sends nothing).
+            let _ = self.conn.close(false, CONNECTION_REFUSED, b"");
+            sent += self.flush(cx);
+        }
         self.after_flush();
         if self.conn.is_closed() {
             Turn::Closed

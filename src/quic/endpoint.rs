@@ -224,12 +224,24 @@ impl Listener {
 
     /// Waits for the next new connection. Returns `None` only if every router stopped.
     pub async fn accept(&mut self) -> Option<Incoming> {
-        self.incoming.recv().await.map(Incoming)
+        self.incoming.recv().await.map(Incoming::new)
     }
 
     /// Polls for the next new connection.
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.incoming.poll_recv(cx).map(|a| a.map(Incoming))
+        self.incoming.poll_recv(cx).map(|a| a.map(Incoming::new))
+    }
+}
+
+impl Drop for Listener {
+    /// Refuses the connections still waiting to be accepted ([`Incoming::refuse`]): their
+    /// clients learn it at once instead of waiting out their handshake timeout (a server
+    /// shutting down). The accept queue bounds what this costs.
+    fn drop(&mut self) {
+        self.incoming.close();
+        while let Ok(accepted) = self.incoming.try_recv() {
+            Incoming::new(accepted).refuse();
+        }
     }
 }
 
@@ -242,9 +254,10 @@ impl futures_core::Stream for Listener {
 }
 
 /// A new server-side connection, not yet started: its first packets are queued. Call
-/// [`Incoming::start`] with the [`Application`] that will drive it; dropping it refuses the
-/// connection (the client times out).
-pub struct Incoming(Accepted);
+/// [`Incoming::start`] with the [`Application`] that will drive it, or
+/// [`Incoming::refuse`] to tell the client no; dropping it refuses the connection silently
+/// (the client times out).
+pub struct Incoming(Option<Accepted>);
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -255,10 +268,20 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
+    fn new(accepted: Accepted) -> Self {
+        Incoming(Some(accepted))
+    }
+
+    fn accepted(&self) -> &Accepted {
+        self.0
+            .as_ref()
+            .expect("taken only by `start`, which consumes the Incoming")
+    }
+
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
         Socket::canonical(
-            self.0
+            self.accepted()
                 .conn
                 .path_stats()
                 .next()
@@ -270,27 +293,47 @@ impl Incoming {
     /// The configuration of the listener it arrived on.
     #[cfg(feature = "server")]
     pub(crate) fn config(&self) -> &super::config::Config {
-        &self.0.shared.config
+        &self.accepted().shared.config
     }
 
     /// The local address the connection arrived on: on a socket bound to a wildcard
     /// address, the one the client sent to.
     pub fn local_addr(&self) -> SocketAddr {
-        let local = self.0.conn.path_stats().next().map(|p| p.local_addr);
-        Socket::canonical(local.unwrap_or(self.0.shared.socket.local_addr()))
+        let accepted = self.accepted();
+        let local = accepted.conn.path_stats().next().map(|p| p.local_addr);
+        Socket::canonical(local.unwrap_or(accepted.shared.socket.local_addr()))
     }
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
-    pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
+    pub fn start<A: Application>(mut self, app: A) -> ConnectionHandle {
+        let accepted = self.0.take().expect("an Incoming is started once");
+        Self::spawn(accepted, driver::AppSlot::Running(app))
+    }
+
+    /// Refuses the connection and tells the client: it gets CONNECTION_REFUSED (RFC 9000
+    /// §20.1) in a CONNECTION_CLOSE, at once instead of at its handshake timeout. The close
+    /// follows the server's first handshake flight, which the client needs to read it, so
+    /// this costs what that flight does (a TLS signature); dropping the `Incoming` costs
+    /// nothing, for clients not worth the answer. Needs a tokio runtime (the connection's
+    /// task sends it); outside one it is dropped.
+    pub fn refuse(mut self) {
+        if let Some(accepted) = self.0.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            let _ = Self::spawn(accepted, driver::AppSlot::<driver::NoApplication>::Refused);
+        }
+    }
+
+    fn spawn<A: Application>(accepted: Accepted, app: driver::AppSlot<A>) -> ConnectionHandle {
         let Accepted {
             conn,
             shared,
             inbound,
             registration,
             started,
-        } = self.0;
+        } = accepted;
         let ctx = context(&shared, registration, inbound, started, None, None);
-        driver::spawn(conn, ctx, driver::AppSlot::Running(app))
+        driver::spawn(conn, ctx, app)
     }
 
     /// Starts the connection with the async stream API, and waits until its handshake has
@@ -300,7 +343,7 @@ impl Incoming {
     /// [`StreamConnection`]; use [`start`](Self::start) with an [`Application`] of your own
     /// for the raw `QuicheConnection` instead.
     pub async fn accept_streams(self) -> Result<StreamConnection, Error> {
-        let (app, parts) = streams::new(&self.0.shared.config, true);
+        let (app, parts) = streams::new(&self.accepted().shared.config, true);
         let conn = parts.with_handle(self.start(app));
         conn.established().await?;
         Ok(conn)
