@@ -459,13 +459,19 @@ impl<A: Application> Driver<A> {
         if retired {
             self.issue_connection_ids();
         }
-        let mut sent = self.flush(cx);
-        if matches!(self.app, AppSlot::Refused) && self.conn.local_error().is_none() && sent > 0 {
+        let sent = self.flush(cx);
+        if matches!(self.app, AppSlot::Refused) && taken > 0 {
             // Only now: the close goes in the handshake's packet space, which the client
             // can read only with the server's first flight (a close before it would be
-            // undecryptable, and a close before any packet was read sends nothing).
-            let _ = self.conn.close(false, CONNECTION_REFUSED, b"");
-            sent += self.flush(cx);
+            // undecryptable, and a close before any packet was read sends nothing). Then
+            // the task ends at once, without the closing period: a refusal keeps nothing
+            // (its route, its slots, the listener's socket) after the server is gone. A
+            // first packet that answered nothing (undecryptable) is dropped silently.
+            if sent > 0 && self.conn.local_error().is_none() {
+                let _ = self.conn.close(false, CONNECTION_REFUSED, b"");
+                self.flush(cx);
+            }
+            return Turn::Closed;
         }
         self.after_flush();
         if self.conn.is_closed() {

@@ -803,12 +803,16 @@ where
         // tower's contract has it, but not the shutdown.
         let made = tokio::select! {
             made = make(&mut make_service, info.clone()) => made,
-            () = &mut signal => break,
+            () = &mut signal => {
+                incoming.refuse();
+                break;
+            }
         };
         let service = match made {
             Ok(service) => service,
             Err(e) => {
                 tracing::warn!(error = %e, peer = %info.remote_addr, "make-service failed; refusing the connection");
+                incoming.refuse();
                 continue;
             }
         };
