@@ -1416,19 +1416,41 @@ async fn an_extended_connect_tunnel_carries_bytes_both_ways_and_may_sit_idle() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// A `content-length` the caller put on its CONNECT does not bound the tunnel's bytes (RFC
-/// 9110 §9.3.6: a CONNECT has no content). (Found by review: the first byte failed the
-/// request body as longer than its length.)
+/// A `content-length` the caller put on its CONNECT neither bounds the tunnel's bytes nor
+/// goes to the server (RFC 9110 §9.3.6: a CONNECT has no content). (Found by review: the
+/// first byte failed the request body as longer than its length.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_content_length_on_the_clients_connect_does_not_bound_its_tunnel() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let certs = test_certs();
-    let server = h3_server(&certs, server::Builder::new()).await;
+    let router = test_router(Default::default()).route(
+        "/connect-length",
+        // Writes the `content-length` the CONNECT arrived with ("none" without), then
+        // echoes the tunnel.
+        axum::routing::on(
+            axum::routing::MethodFilter::CONNECT,
+            |request: axum::extract::Request| async move {
+                let length = request
+                    .headers()
+                    .get("content-length")
+                    .map_or("none".to_string(), |v| v.to_str().unwrap_or("?").to_string());
+                let (tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
+                tokio::spawn(async move {
+                    let (mut read, mut write) = tokio::io::split(tunnel);
+                    write.write_all(format!("{length};").as_bytes()).await.unwrap();
+                    let _ = tokio::io::copy(&mut read, &mut write).await;
+                    let _ = write.shutdown().await;
+                });
+                axum::response::Response::new(axum::body::Body::new(body))
+            },
+        ),
+    );
+    let server = h3_server_with(&certs, server::Builder::new(), router, Default::default()).await;
     let client = client(&certs);
     let run = async {
         let mut request = Request::builder()
             .method(http::Method::CONNECT)
-            .uri(server.url("/tunnel-echo"))
+            .uri(server.url("/connect-length"))
             .header("content-length", "0")
             .body(())
             .unwrap();
@@ -1440,7 +1462,7 @@ async fn a_content_length_on_the_clients_connect_does_not_bound_its_tunnel() {
         tunnel.shutdown().await.unwrap();
         let mut back = Vec::new();
         tunnel.read_to_end(&mut back).await.unwrap();
-        assert_eq!(back, b"tunnelled");
+        assert_eq!(back, b"none;tunnelled");
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -171,8 +171,18 @@ impl PendingRequest {
             *request.method(),
             http::Method::GET | http::Method::HEAD | http::Method::CONNECT
         );
-        let mut content_length = fields::content_length(request.headers()).ok().flatten();
+        let connect = request.method() == http::Method::CONNECT;
+        if connect {
+            // A CONNECT has no content (RFC 9110 §9.3.6): its stream carries the tunnel's
+            // bytes, however many, and a length on it would only mislead the server.
+            fields.retain(|field| h3::NameValue::name(field) != b"content-length");
+        }
+        let mut content_length = fields::content_length(request.headers())
+            .ok()
+            .flatten()
+            .filter(|_| !connect);
         if let Some(len) = exact
+            && !connect
             && !request.headers().contains_key(http::header::CONTENT_LENGTH)
             && (len > 0 || !bodyless_method)
         {
@@ -915,9 +925,8 @@ impl ClientApp {
             };
             let body = request.body.take();
             let tunnel = request.is_connect();
-            // A tunnel's bytes are not bounded by a `content-length` the caller set on its
-            // CONNECT (RFC 9110 §9.3.6: a CONNECT has no content).
-            let content_length = request.content_length.filter(|_| !tunnel);
+            // None on a CONNECT (`from_boxed`): its tunnel's bytes are not bounded.
+            let content_length = request.content_length;
             // Kept for a resend if the server refuses it unprocessed: a bodyless request, or
             // one whose body's bytes are kept.
             let retry = (body.is_none() || request.replay.is_some()).then_some(request);
