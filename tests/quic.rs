@@ -602,6 +602,46 @@ async fn connections_the_server_does_not_start_are_refused_at_once() {
     })
     .await
     .unwrap();
+    // A certificate larger than three times the client's first datagram: the first flight
+    // uses up the server's anti-amplification budget (RFC 9000 §8.1), and the close waits
+    // for the client's acknowledgement to raise it. (Found by review: the task ended with
+    // the close unsent.)
+    let names: Vec<String> = (0..600).map(|i| format!("host-{i}.tower-quiche.example")).collect();
+    let mut names: Vec<&str> = names.iter().map(String::as_str).collect();
+    names.push("localhost");
+    let big = tower_quiche::tls::DevCa::new("tower-quiche test CA").unwrap();
+    let big_leaf = big.issue(&names).unwrap();
+    // Far beyond three times the client's first flight (a few 1,200-byte datagrams).
+    assert!(
+        big_leaf.cert_pem.len() > 16 * 1024,
+        "{} bytes of PEM",
+        big_leaf.cert_pem.len()
+    );
+    let big_config = tower_quiche::quic::ServerConfig::builder()
+        .alpn([support::echo::ALPN])
+        .cert_chain_pem(&big_leaf.cert_pem)
+        .private_key_pem(&big_leaf.key_pem)
+        .build()
+        .unwrap();
+    let mut big_listener = tower_quiche::quic::Listener::bind("127.0.0.1:0", big_config)
+        .await
+        .unwrap();
+    let big_client = {
+        let config = tower_quiche::quic::ClientConfig::builder()
+            .alpn([support::echo::ALPN])
+            .ca_pem(big.cert_pem())
+            .transport(TransportConfig::new().handshake_timeout(Duration::from_secs(120)))
+            .build()
+            .unwrap();
+        Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), config).unwrap()
+    };
+    let connecting = connect(big_client, big_listener.local_addr());
+    big_listener.accept().await.unwrap().refuse();
+    timeout(Duration::from_secs(20), async {
+        refused(connecting.await.unwrap()).await
+    })
+    .await
+    .unwrap();
     // A listener dropped with a connection waiting in its backlog: the router has queued
     // it for `accept` once it counted its handshake as started.
     let connecting = connect(client_endpoint(), addr);

@@ -459,19 +459,26 @@ impl<A: Application> Driver<A> {
         if retired {
             self.issue_connection_ids();
         }
-        let sent = self.flush(cx);
-        if matches!(self.app, AppSlot::Refused) && taken > 0 {
-            // Only now: the close goes in the handshake's packet space, which the client
-            // can read only with the server's first flight (a close before it would be
-            // undecryptable, and a close before any packet was read sends nothing). Then
-            // the task ends at once, without the closing period: a refusal keeps nothing
-            // (its route, its slots, the listener's socket) after the server is gone. A
-            // first packet that answered nothing (undecryptable) is dropped silently.
-            if sent > 0 && self.conn.local_error().is_none() {
+        let mut sent = self.flush(cx);
+        if matches!(self.app, AppSlot::Refused) {
+            if self.conn.local_error().is_none() && taken > 0 {
+                if sent == 0 {
+                    // The client's packets answered nothing (undecryptable): nobody to tell.
+                    return Turn::Closed;
+                }
+                // Only now: the close goes in the handshake's packet space, which the client
+                // can read only with the server's first flight (closed before it, quiche
+                // could not build the close).
                 let _ = self.conn.close(false, CONNECTION_REFUSED, b"");
-                self.flush(cx);
+                sent = self.flush(cx);
             }
-            return Turn::Closed;
+            // Once the close has gone the task ends, without the closing period: a refusal
+            // keeps nothing (its route, its slots, the listener's socket) after the server
+            // is gone. Until then (the first flight used up the 3x anti-amplification
+            // budget, or the socket was full) it waits, at most to the handshake deadline.
+            if self.conn.local_error().is_some() && sent > 0 && self.held.is_empty() {
+                return Turn::Closed;
+            }
         }
         self.after_flush();
         if self.conn.is_closed() {

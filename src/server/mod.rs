@@ -811,8 +811,10 @@ where
         let service = match made {
             Ok(service) => service,
             Err(e) => {
+                // Dropped, not `refuse`d: a make-service that fails under load (shedding it)
+                // must not buy each refusal a TLS signature.
                 tracing::warn!(error = %e, peer = %info.remote_addr, "make-service failed; refusing the connection");
-                incoming.refuse();
+                drop(incoming);
                 continue;
             }
         };
