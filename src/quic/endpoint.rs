@@ -239,9 +239,21 @@ impl Drop for Listener {
     /// shutting down). The accept queue bounds what this costs.
     fn drop(&mut self) {
         self.incoming.close();
-        while let Ok(accepted) = self.incoming.try_recv() {
-            Incoming::new(accepted).refuse();
+        if tokio::runtime::Handle::try_current().is_err() {
+            // No runtime to refuse in (`refuse` needs one): they go silently.
+            return;
         }
+        // A router may hold a place it reserved in the queue and fill it at the end of its
+        // batch, after this drop: the queue is drained until those places are filled too
+        // (`recv` ends once the queue is closed, empty and no reservation is left), in a
+        // task of its own, since a drop cannot wait.
+        let (_, empty) = mpsc::channel(1);
+        let mut incoming = std::mem::replace(&mut self.incoming, empty);
+        tokio::spawn(async move {
+            while let Some(accepted) = incoming.recv().await {
+                Incoming::new(accepted).refuse();
+            }
+        });
     }
 }
 
