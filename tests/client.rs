@@ -796,18 +796,7 @@ async fn raw_h3_server<F: support::h3::OnH3Event>(
     certs: &Certs,
     make: impl Fn(bool) -> F + Send + 'static,
 ) -> (std::net::SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
-    let mut listener = listener(certs).await;
-    let addr = listener.local_addr();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
-    let server = tokio::spawn(async move {
-        let mut handles = Vec::new();
-        while let Some(incoming) = listener.accept().await {
-            let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
-            handles.push(incoming.start(RawH3::new(make(first))));
-        }
-    });
-    (addr, accepted, server)
+    support::h3::raw_h3_server_on(listener(certs).await, move |first| RawH3::new(make(first)))
 }
 
 /// Refuses stream `id` unprocessed, both ways, with H3_REQUEST_REJECTED.

@@ -399,21 +399,17 @@ async fn a_server_whose_transport_parameters_could_overflow_is_refused_when_boun
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_datagram_on_a_get_fails_that_request_on_the_client() {
     let certs = certs();
-    let mut listener = datagram_listener(&certs, true).await;
-    let addr = listener.local_addr();
-    let server = tokio::spawn(async move {
-        let mut handles = Vec::new();
-        while let Some(incoming) = listener.accept().await {
-            handles.push(incoming.start(support::h3::RawH3::new(
-                |_h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
-                    if let quiche::h3::Event::Headers { .. } = event {
-                        let mut datagram = support::scripted::varint(id / 4);
-                        datagram.extend_from_slice(b"stray");
-                        conn.dgram_send(&datagram).unwrap();
-                    }
-                },
-            )));
-        }
+    let listener = datagram_listener(&certs, true).await;
+    let (addr, _, server) = support::h3::raw_h3_server_on(listener, |_| {
+        support::h3::RawH3::new(
+            |_h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+                if let quiche::h3::Event::Headers { .. } = event {
+                    let mut datagram = support::scripted::varint(id / 4);
+                    datagram.extend_from_slice(b"stray");
+                    conn.dgram_send(&datagram).unwrap();
+                }
+            },
+        )
     });
     let client = datagram_client(&certs, true);
     let url = format!("https://127.0.0.1:{}/", addr.port());

@@ -908,14 +908,8 @@ async fn raw_server<F: OnH3Event>(
     path: &str,
     make: impl Fn() -> RawH3<F> + Send + 'static,
 ) -> (String, tokio::task::JoinHandle<()>) {
-    let mut listener = listener(certs).await;
-    let url = format!("https://localhost:{}{path}", listener.local_addr().port());
-    let serving = tokio::spawn(async move {
-        while let Some(incoming) = listener.accept().await {
-            incoming.start(make());
-        }
-    });
-    (url, serving)
+    let (addr, _, serving) = raw_h3_server_on(listener(certs).await, move |_| make());
+    (format!("https://localhost:{}{path}", addr.port()), serving)
 }
 
 /// A raw server connection that answers every request `200` with a `content-length` of

@@ -183,6 +183,16 @@ struct Entry {
     touched: u64,
 }
 
+impl Entry {
+    /// The advertised HTTP/3 port while it is fresh; a stale one is forgotten.
+    fn fresh_port(&mut self, now: Instant) -> Option<u16> {
+        if self.h3.is_some_and(|(_, until)| until <= now) {
+            self.h3 = None;
+        }
+        self.h3.map(|(port, _)| port)
+    }
+}
+
 impl Cache {
     pub(crate) fn new(capacity: usize, first_broken: Duration) -> Self {
         Cache {
@@ -245,8 +255,9 @@ impl Cache {
     /// The port to reach `origin`'s HTTP/3 at, when it advertised one that is still fresh
     /// and HTTP/3 is not marked broken there.
     pub(crate) fn h3_port(&mut self, origin: &Origin, now: Instant) -> Option<u16> {
-        let port = self.advertised_port(origin, now)?;
-        match self.entries.get(origin)?.broken_until {
+        let entry = self.entries.get_mut(origin)?;
+        let port = entry.fresh_port(now)?;
+        match entry.broken_until {
             Some(until) if until > now => None,
             _ => Some(port),
         }
@@ -255,11 +266,7 @@ impl Cache {
     /// The port `origin` advertised for HTTP/3, still fresh, whether or not HTTP/3 is
     /// marked broken there: where what must go over HTTP/3 all the same (a tunnel) goes.
     pub(crate) fn advertised_port(&mut self, origin: &Origin, now: Instant) -> Option<u16> {
-        let entry = self.entries.get_mut(origin)?;
-        if entry.h3.is_some_and(|(_, until)| until <= now) {
-            entry.h3 = None;
-        }
-        entry.h3.map(|(port, _)| port)
+        self.entries.get_mut(origin)?.fresh_port(now)
     }
 
     /// HTTP/3 failed for `origin`: off for `first_broken`, doubled for each failure since it

@@ -1152,7 +1152,7 @@ impl ClientApp {
         // content-length says: DATA on it is malformed (RFC 9114 §4.1.2), as h2 resets it.
         let content_length = if fields::is_bodyless(entry.head_request, response.status()) {
             Some(0)
-        } else if entry.tunnel && response.status().is_success() {
+        } else if fields::forbids_content_length(entry.tunnel, response.status()) {
             // The tunnel's bytes, however many: a client must ignore the content-length of
             // a 2xx to CONNECT (RFC 9110 §8.6), which some servers send (`0`).
             None
@@ -1497,14 +1497,16 @@ impl Application for ClientApp {
         }
         if let Some(hub) = self.datagrams.as_mut() {
             let peer = PeerDatagrams::of(self.h3.as_ref().expect("created when established"), conn);
-            let mut unrouted = Vec::new();
-            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, Some(&mut unrouted)) {
-                tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
-                if conn.local_error().is_none() {
-                    let _ = conn.close(true, code, b"");
+            let unrouted = match hub.process(cx, conn, peer) {
+                Ok(unrouted) => unrouted,
+                Err(MalformedDatagram(why, code)) => {
+                    tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
+                    if conn.local_error().is_none() {
+                        let _ = conn.close(true, code, b"");
+                    }
+                    return Ok(());
                 }
-                return Ok(());
-            }
+            };
             for id in unrouted {
                 // RFC 9297 §2: a datagram for a request whose method defines none (not a
                 // CONNECT) ends that request; one for a stream gone is dropped.

@@ -559,17 +559,17 @@ impl DatagramHub {
 
     /// Moves datagrams between quiche and the flows, both ways. A datagram that breaks
     /// RFC 9297 §2.1 is a connection error: its code is returned (the caller closes).
-    /// `unrouted`, when given, gets the streams of the datagrams no flow took (each once,
-    /// sorted; at most one per datagram read this turn: quiche's receive queue bounds
-    /// them), for the owner to tell requests that have no datagrams (RFC 9297 §2: such a
-    /// request is aborted with H3_DATAGRAM_ERROR) from streams not seen yet or closed.
+    /// Returns the streams of the datagrams no flow took (each once, sorted; at most one per
+    /// datagram read this turn: quiche's receive queue bounds them; no allocation while
+    /// there is none), for the owner to tell requests that have no datagrams (RFC 9297 §2:
+    /// such a request is aborted with H3_DATAGRAM_ERROR) from streams not seen yet or
+    /// closed.
     pub(crate) fn process(
         &mut self,
         cx: &mut Context<'_>,
         conn: &mut QuicheConnection,
         peer: PeerDatagrams,
-        mut unrouted: Option<&mut Vec<u64>>,
-    ) -> Result<(), MalformedDatagram> {
+    ) -> Result<Vec<u64>, MalformedDatagram> {
         let max = match peer {
             PeerDatagrams::Unknown => PEER_UNKNOWN,
             PeerDatagrams::Enabled => conn.dgram_max_writable_len().unwrap_or(0),
@@ -578,33 +578,30 @@ impl DatagramHub {
         self.max_payload.store(max, Ordering::Relaxed);
         // quiche's receive queue is bounded (`TransportConfig::datagrams`; it drops the
         // oldest when full), so this loop is too.
+        let mut unrouted = Vec::new();
         while let Ok(datagram) = conn.dgram_recv_buf() {
-            if let Some(id) = self.route(Bytes::from(datagram))?
-                && let Some(unrouted) = unrouted.as_deref_mut()
-            {
+            if let Some(id) = self.route(Bytes::from(datagram))? {
                 unrouted.push(id);
             }
         }
-        if let Some(unrouted) = unrouted {
-            // Several may name one stream: it ends once.
-            unrouted.sort_unstable();
-            unrouted.dedup();
-        }
+        // Several may name one stream: it ends once.
+        unrouted.sort_unstable();
+        unrouted.dedup();
         if peer == PeerDatagrams::Unknown {
             // None may be sent before the peer's SETTINGS_H3_DATAGRAM (RFC 9297 §2.1.1):
             // they wait in the queue (bounded: past it, sends fail with QueueFull), and the
             // turn that brings the SETTINGS sends them.
-            return Ok(());
+            return Ok(unrouted);
         }
         for _ in 0..SENDS_PER_TURN {
             let Poll::Ready(Some(Outgoing { flow, payload })) = self.outgoing_rx.poll_recv(cx) else {
-                return Ok(());
+                return Ok(unrouted);
             };
             self.send(conn, peer, &flow, &payload);
         }
         // More are queued: another turn takes them, after the rest of the connection ran.
         cx.waker().wake_by_ref();
-        Ok(())
+        Ok(unrouted)
     }
 
     /// Hands one arrived datagram to its stream's flow, or drops it.
@@ -785,11 +782,9 @@ mod tests {
         let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
         let flow = hub.open(0).unwrap();
         flow.send(&b"early"[..]).unwrap();
-        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown, None)
-            .unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Unknown).unwrap();
         // The client's SETTINGS arrive: it takes datagrams.
-        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled, None)
-            .unwrap();
+        hub.process(&mut cx, &mut pipe.server, PeerDatagrams::Enabled).unwrap();
         pipe.flush();
         let mut buf = [0; 64];
         let got = pipe.client.dgram_recv(&mut buf).map(|n| buf[..n].to_vec());

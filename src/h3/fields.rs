@@ -123,6 +123,9 @@ pub(crate) fn content_length(headers: &HeaderMap) -> Result<Option<u64>, Malform
 #[derive(Debug)]
 pub(crate) struct RequestHead {
     pub(crate) request: Request<()>,
+    /// What the body must be long; none on a CONNECT, whose stream carries the tunnel's
+    /// bytes however many (RFC 9110 §9.3.6: it has no content; a `content-length` there
+    /// bounds nothing).
     pub(crate) content_length: Option<u64>,
 }
 
@@ -282,7 +285,7 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
         });
         Uri::from_parts(parts).map_err(|_| Malformed("invalid :scheme, :authority or :path"))?
     };
-    let content_length = content_length(&headers)?;
+    let content_length = content_length(&headers)?.filter(|_| method != Method::CONNECT);
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -339,8 +342,7 @@ pub(crate) fn is_bodyless(head_request: bool, status: StatusCode) -> bool {
 
 /// Whether a response must not carry `content-length` (RFC 9110 §8.6): a 1xx or 204
 /// response, and a 2xx response to CONNECT (`connect`), whose content is the tunnel that
-/// follows, not a body of some length (§9.3.6).
-#[cfg(feature = "server")]
+/// follows, not a body of some length (§9.3.6). A client ignores one there.
 pub(crate) fn forbids_content_length(connect: bool, status: StatusCode) -> bool {
     status.is_informational() || status == StatusCode::NO_CONTENT || (connect && status.is_success())
 }
@@ -1075,7 +1077,8 @@ mod tests {
                     prop_assert!(headers.get_all(HOST).iter().count() <= 1);
                     prop_assert!(headers.get_all(COOKIE).iter().count() <= 1);
                     prop_assert!(head.request.uri().authority().is_none_or(|a| !a.as_str().contains('@')));
-                    prop_assert_eq!(head.content_length, content_length(headers).unwrap());
+                    let connect = head.request.method() == Method::CONNECT;
+                    prop_assert_eq!(head.content_length, content_length(headers).unwrap().filter(|_| !connect));
                 }
             }
 

@@ -3,8 +3,9 @@
 
 use bytes::BufMut;
 
-/// The largest value a variable-length integer holds: 2^62 - 1.
-pub(crate) const MAX: u64 = (1 << 62) - 1;
+/// The largest value a variable-length integer holds: 2^62 - 1 (QUIC's error codes are
+/// such integers, hence the name there).
+pub(crate) const MAX: u64 = crate::quic::MAX_CODE;
 
 /// Reads a variable-length integer from the front of `buf`: its value and how many bytes it
 /// took, or `None` when `buf` ends before it does.

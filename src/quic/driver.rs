@@ -134,9 +134,9 @@ pub(crate) enum AppSlot<A> {
     Running(A),
     Waiting(oneshot::Receiver<A>),
     Gone,
-    /// A server connection refused before it started (its `Incoming` was dropped): once
-    /// the client's first packets are read and the server's first flight has gone out,
-    /// it closes with CONNECTION_REFUSED.
+    /// A server connection refused before it started (`Incoming::refuse`): once the
+    /// client's first packets are read and the server's first flight has gone out, it
+    /// closes with CONNECTION_REFUSED.
     Refused,
 }
 

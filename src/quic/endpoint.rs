@@ -224,12 +224,12 @@ impl Listener {
 
     /// Waits for the next new connection. Returns `None` only if every router stopped.
     pub async fn accept(&mut self) -> Option<Incoming> {
-        self.incoming.recv().await.map(Incoming::new)
+        self.incoming.recv().await.map(Incoming)
     }
 
     /// Polls for the next new connection.
     pub fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Option<Incoming>> {
-        self.incoming.poll_recv(cx).map(|a| a.map(Incoming::new))
+        self.incoming.poll_recv(cx).map(|a| a.map(Incoming))
     }
 }
 
@@ -251,7 +251,7 @@ impl Drop for Listener {
         let mut incoming = std::mem::replace(&mut self.incoming, empty);
         tokio::spawn(async move {
             while let Some(accepted) = incoming.recv().await {
-                Incoming::new(accepted).refuse();
+                Incoming(accepted).refuse();
             }
         });
     }
@@ -269,7 +269,7 @@ impl futures_core::Stream for Listener {
 /// [`Incoming::start`] with the [`Application`] that will drive it, or
 /// [`Incoming::refuse`] to tell the client no; dropping it refuses the connection silently
 /// (the client times out).
-pub struct Incoming(Option<Accepted>);
+pub struct Incoming(Accepted);
 
 impl std::fmt::Debug for Incoming {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -280,20 +280,10 @@ impl std::fmt::Debug for Incoming {
 }
 
 impl Incoming {
-    fn new(accepted: Accepted) -> Self {
-        Incoming(Some(accepted))
-    }
-
-    fn accepted(&self) -> &Accepted {
-        self.0
-            .as_ref()
-            .expect("taken only by `start`, which consumes the Incoming")
-    }
-
     /// The client's address.
     pub fn peer_addr(&self) -> SocketAddr {
         Socket::canonical(
-            self.accepted()
+            self.0
                 .conn
                 .path_stats()
                 .next()
@@ -305,21 +295,19 @@ impl Incoming {
     /// The configuration of the listener it arrived on.
     #[cfg(feature = "server")]
     pub(crate) fn config(&self) -> &super::config::Config {
-        &self.accepted().shared.config
+        &self.0.shared.config
     }
 
     /// The local address the connection arrived on: on a socket bound to a wildcard
     /// address, the one the client sent to.
     pub fn local_addr(&self) -> SocketAddr {
-        let accepted = self.accepted();
-        let local = accepted.conn.path_stats().next().map(|p| p.local_addr);
-        Socket::canonical(local.unwrap_or(accepted.shared.socket.local_addr()))
+        let local = self.0.conn.path_stats().next().map(|p| p.local_addr);
+        Socket::canonical(local.unwrap_or(self.0.shared.socket.local_addr()))
     }
 
     /// Spawns the connection's task, which completes the handshake and then drives `app`.
-    pub fn start<A: Application>(mut self, app: A) -> ConnectionHandle {
-        let accepted = self.0.take().expect("an Incoming is started once");
-        Self::spawn(accepted, driver::AppSlot::Running(app))
+    pub fn start<A: Application>(self, app: A) -> ConnectionHandle {
+        Self::spawn(self.0, driver::AppSlot::Running(app))
     }
 
     /// Refuses the connection and tells the client: it gets CONNECTION_REFUSED (RFC 9000
@@ -328,11 +316,9 @@ impl Incoming {
     /// this costs what that flight does (a TLS signature); dropping the `Incoming` costs
     /// nothing, for clients not worth the answer. Needs a tokio runtime (the connection's
     /// task sends it); outside one it is dropped.
-    pub fn refuse(mut self) {
-        if let Some(accepted) = self.0.take()
-            && tokio::runtime::Handle::try_current().is_ok()
-        {
-            let _ = Self::spawn(accepted, driver::AppSlot::<driver::NoApplication>::Refused);
+    pub fn refuse(self) {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let _ = Self::spawn(self.0, driver::AppSlot::<driver::NoApplication>::Refused);
         }
     }
 
@@ -355,7 +341,7 @@ impl Incoming {
     /// [`StreamConnection`]; use [`start`](Self::start) with an [`Application`] of your own
     /// for the raw `QuicheConnection` instead.
     pub async fn accept_streams(self) -> Result<StreamConnection, Error> {
-        let (app, parts) = streams::new(&self.accepted().shared.config, true);
+        let (app, parts) = streams::new(&self.0.shared.config, true);
         let conn = parts.with_handle(self.start(app));
         conn.established().await?;
         Ok(conn)

@@ -138,8 +138,6 @@ pub(crate) struct ServerApp<S> {
     /// HTTP datagram flows of CONNECT streams (RFC 9297), when the listener's transport
     /// enables QUIC datagrams.
     datagrams: Option<DatagramHub>,
-    /// The streams of datagrams no flow took in a turn (kept for its allocation).
-    unrouted_datagrams: Vec<u64>,
     _alive: mpsc::Sender<()>,
 }
 
@@ -182,7 +180,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             lingering: Vec::new(),
             lingering_prune_at: LINGERING_PRUNE_MIN,
             datagrams: None,
-            unrouted_datagrams: Vec::new(),
             _alive: alive,
         }
     }
@@ -353,11 +350,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                 return;
             }
         };
-        // A CONNECT's stream carries the tunnel's bytes, however many: a `content-length`
-        // on it (RFC 9110 §9.3.6: it has no content) neither bounds them nor is owed.
-        if head.request.method() == http::Method::CONNECT {
-            head.content_length = None;
-        }
+        let tunnel = head.request.method() == http::Method::CONNECT;
         if !more_frames && head.content_length.is_some_and(|len| len > 0) {
             tracing::debug!(stream_id = id, "request ended before its content-length");
             Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
@@ -388,10 +381,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let shared =
             StreamShared::new_incoming(id, Arc::clone(&self.notify), limits, head.content_length, !more_frames);
         // Not for a CONNECT: its 2xx is the answer to go on, and it owes no body.
-        if more_frames
-            && head.request.method() != http::Method::CONNECT
-            && fields::expects_continue(head.request.headers())
-        {
+        if more_frames && !tunnel && fields::expects_continue(head.request.headers()) {
             shared.owe_continue();
         }
         let priorities = head.request.headers().get_all(priority::FIELD);
@@ -428,7 +418,6 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });
-        let tunnel = request.method() == http::Method::CONNECT;
         if tunnel {
             self.open_datagrams(conn, id, request.extensions_mut());
         }
@@ -1016,13 +1005,15 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                 self.next_stream
                     .saturating_add(self.max_concurrent_streams.saturating_add(1).saturating_mul(4)),
             );
-            let mut unrouted = std::mem::take(&mut self.unrouted_datagrams);
-            if let Err(MalformedDatagram(why, code)) = hub.process(cx, conn, peer, Some(&mut unrouted)) {
-                tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
-                self.fail_connection(conn, code);
-                return Ok(());
-            }
-            for id in unrouted.drain(..) {
+            let unrouted = match hub.process(cx, conn, peer) {
+                Ok(unrouted) => unrouted,
+                Err(MalformedDatagram(why, code)) => {
+                    tracing::debug!(reason = why, code, "malformed HTTP datagram: connection error");
+                    self.fail_connection(conn, code);
+                    return Ok(());
+                }
+            };
+            for id in unrouted {
                 // RFC 9297 §2: a datagram for a request whose method defines none (not a
                 // CONNECT) ends that request; one for a stream not seen yet, or gone, is
                 // dropped.
@@ -1031,7 +1022,6 @@ impl<S: HttpService<RecvBody>> Application for ServerApp<S> {
                     self.end_stream(conn, id, Cancel::StrayDatagram);
                 }
             }
-            self.unrouted_datagrams = unrouted;
         }
         let mut linger_deadline = None;
         // Heads still arriving below the GOAWAY limit were promised processing: they hold

@@ -9,9 +9,8 @@ use http::HeaderValue;
 
 struct Cached {
     value: HeaderValue,
-    /// The start of the second `value` names.
-    second: SystemTime,
-    /// The start of the next second, when `value` is stale.
+    /// The start of the next second, when `value` is stale (the second `value` names
+    /// starts one second before).
     next_update: SystemTime,
 }
 
@@ -22,7 +21,6 @@ impl Cached {
         let second = now - into_second;
         Cached {
             value: render(now),
-            second,
             next_update: second + Duration::from_secs(1),
         }
     }
@@ -31,7 +29,7 @@ impl Cached {
     /// it, or before it after the clock was set back (which would otherwise freeze the
     /// date until the clock caught up again).
     fn value_at(&mut self, now: SystemTime) -> HeaderValue {
-        if now >= self.next_update || now < self.second {
+        if now >= self.next_update || now < self.next_update - Duration::from_secs(1) {
             *self = Cached::at(now);
         }
         self.value.clone()

@@ -487,6 +487,30 @@ impl<F: OnH3Event> RawH3<F> {
     }
 }
 
+/// A server of raw HTTP/3 connections on `listener`, each driven by the [`RawH3`] `make`
+/// builds for it (told whether it is the listener's first connection): its address, the
+/// count of connections it accepted, and its task.
+pub fn raw_h3_server_on<F: OnH3Event>(
+    mut listener: Listener,
+    make: impl Fn(bool) -> RawH3<F> + Send + 'static,
+) -> (
+    SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    let addr = listener.local_addr();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    let server = tokio::spawn(async move {
+        let mut handles = Vec::new();
+        while let Some(incoming) = listener.accept().await {
+            let first = counter.fetch_add(1, Ordering::SeqCst) == 0;
+            handles.push(incoming.start(make(first)));
+        }
+    });
+    (addr, accepted, server)
+}
+
 impl<F: OnH3Event> tower_quiche::quic::Application for RawH3<F> {
     fn on_established(&mut self, conn: &mut tower_quiche::quic::QuicheConnection) -> Result<(), tower_quiche::Error> {
         let mut config = quiche::h3::Config::new().unwrap();
