@@ -342,17 +342,8 @@ async fn http3_breaking_mid_run_continues_over_tcp() {
     let client = client(&certs, |b| b.connect_timeout(Duration::from_secs(1)));
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
-        // Once the handshake is up (the first attempt may lose the race on a slow machine),
-        // requests go over HTTP/3.
-        let mut upgraded = false;
-        for _ in 0..50 {
-            if hello(&client, &front.url()).await == Version::HTTP_3 {
-                upgraded = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        assert!(upgraded, "HTTP/3 was used");
+        // Once the handshake is up, requests go over HTTP/3.
+        until_on_h3(&client, &front.url(), 1).await;
         stop_h3(h3).await;
         for _ in 0..5 {
             assert_ne!(hello(&client, &front.url()).await, Version::HTTP_3);
@@ -614,6 +605,76 @@ fn carries_0rtt(mut datagram: &[u8]) -> bool {
     false
 }
 
+/// A pooled HTTP/3 connection whose path goes silent (UDP stops getting through) is not
+/// chosen for new requests once several probe timeouts went unanswered: they go over TCP
+/// at once rather than wait on it until QUIC's idle timeout (30 s). A request already
+/// sent on it waits on, and completes when the path comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_whose_path_goes_silent_is_not_chosen_for_new_requests() {
+    let certs = certs();
+    let h3 = h3_server_on(
+        &certs,
+        ServerConfig::builder(),
+        server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100)),
+        app(None),
+        Arc::default(),
+    )
+    .await;
+    let path = switchable_path_to(h3.addr).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(path.addr.port())))).await;
+    let client = timed_client(&certs, TEST_TIMEOUT, Duration::from_millis(300));
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        until_on_h3(&client, &front.url(), 1).await;
+        assert_eq!(client.pooled_connections(), 1);
+        path.blocked.store(true, Ordering::SeqCst);
+        // Unacknowledged, it makes the client probe (a pooled connection with nothing in
+        // flight would only PING every 10 s).
+        let in_flight = tokio::spawn({
+            let (client, url) = (client.clone(), front.url());
+            async move { hello(&client, &url).await }
+        });
+        // Long before QUIC's idle timeout, the silent connection leaves the pool.
+        let left = async {
+            while client.pooled_connections() > 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        timeout(Duration::from_secs(10), left)
+            .await
+            .expect("the silent connection left the pool within 10 s");
+        let next = timeout(Duration::from_secs(10), hello(&client, &front.url()))
+            .await
+            .expect("a new request does not wait on the silent connection");
+        assert_eq!(next, Version::HTTP_2);
+        path.blocked.store(false, Ordering::SeqCst);
+        assert_eq!(
+            in_flight.await.unwrap(),
+            Version::HTTP_3,
+            "the request sent before completes"
+        );
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+    stop_h3(h3).await;
+}
+
+/// GETs `url` until `times` of its answers came over HTTP/3 (the client's first attempt
+/// may lose its race against TCP on a slow machine), at most 100 tries 50 ms apart.
+async fn until_on_h3(client: &Client, url: &str, times: usize) {
+    let mut on_h3 = 0;
+    for _ in 0..100 {
+        if hello(client, url).await == Version::HTTP_3 {
+            on_h3 += 1;
+            if on_h3 == times {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("HTTP/3 was used {on_h3} times, not {times}");
+}
+
 /// A client holding a session sends its next GET in 0-RTT on a new connection, usable at
 /// once; when UDP has stopped getting through, that handshake never completes. The request
 /// must not wait for the connect timeout (here longer than the test's) on it: past the
@@ -650,19 +711,8 @@ async fn a_resumed_connection_whose_handshake_stalls_loses_its_requests_to_tcp()
         .unwrap();
     let run = async {
         assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
-        // Upgraded (the first attempt may lose the race on a slow machine), then once more
-        // so that a session is held for certain.
-        let mut on_h3 = 0;
-        for _ in 0..100 {
-            if hello(&client, &front.url()).await == Version::HTTP_3 {
-                on_h3 += 1;
-                if on_h3 == 2 {
-                    break;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert_eq!(on_h3, 2, "HTTP/3 was used");
+        // Twice, so that a session is held for certain.
+        until_on_h3(&client, &front.url(), 2).await;
         while client.pooled_connections() > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

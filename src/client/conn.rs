@@ -247,6 +247,8 @@ struct StatusInner {
     in_flight: usize,
     goaway: bool,
     closed: bool,
+    /// The path has gone silent ([`PathWatch`]); cleared when the server is heard again.
+    silent: bool,
     established: bool,
     /// When HTTP/3 started in 0-RTT data, while the handshake has not completed since.
     early_since: Option<std::time::Instant>,
@@ -271,7 +273,7 @@ impl Status {
     /// Whether new requests may go to this connection.
     pub(crate) fn usable(&self) -> bool {
         let s = self.lock();
-        !s.goaway && !s.closed
+        !s.goaway && !s.closed && !s.silent
     }
 
     /// Streams free for new requests right now.
@@ -407,7 +409,11 @@ impl SendRequest {
         Arc::ptr_eq(&self.status, &other.status)
     }
 
-    /// Whether the connection can take new requests at all (not closed, no GOAWAY).
+    /// Whether the connection can take new requests at all: not closed, no GOAWAY, and its
+    /// path not silent. Silent: the server has acknowledged nothing through several probe
+    /// timeouts in a row, over a second at least (a network that stopped passing UDP, a
+    /// server gone); requests sent before wait on, and the connection is usable again if
+    /// the server is heard from. A pool opens a new connection rather than use it.
     pub fn is_usable(&self) -> bool {
         // A connection task that ended without saying so (it panicked) leaves the queue
         // closed behind it.
@@ -738,6 +744,52 @@ const AWAITING_SETTINGS: usize = 16;
 /// The most often a pooled connection sends keep-alive PINGs, whatever the idle timeout.
 const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
 
+/// Finds a connection whose path has gone silent. quiche's probe timeouts (PTOs) fire only
+/// while ack-eliciting packets (requests, or the keep-alive PINGs of a pooled connection)
+/// go unacknowledged, each twice as late as the one before: [`SILENT_AFTER_PTOS`] of them
+/// with no packet received in between is about fifteen times the path's usual answer
+/// time. A connection so silent is not chosen for new requests, which would otherwise
+/// wait on it until QUIC's idle timeout (30 s): a pool opens another (in auto mode raced
+/// against TCP). [`SILENT_AFTER_AT_LEAST`] keeps a loopback or LAN path, whose PTOs are a
+/// few tens of milliseconds, from being given up for a server busy for a moment.
+#[derive(Default)]
+struct PathWatch {
+    /// Packets received on all paths when last looked.
+    received: usize,
+    /// PTOs counted on all paths when a packet was last received.
+    ptos_when_heard: usize,
+    /// When a packet was last seen to have been received (at the latest).
+    heard_at: Option<Instant>,
+    silent: bool,
+}
+
+const SILENT_AFTER_PTOS: usize = 4;
+const SILENT_AFTER_AT_LEAST: Duration = Duration::from_secs(1);
+
+impl PathWatch {
+    /// Looks at the connection's counters; `Some(silent)` when the path's state changed.
+    fn check(&mut self, conn: &QuicheConnection, now: Instant) -> Option<bool> {
+        let (received, ptos) = conn
+            .path_stats()
+            .fold((0, 0), |(r, p), path| (r + path.recv, p + path.total_pto_count));
+        if received != self.received || self.heard_at.is_none() {
+            self.received = received;
+            self.ptos_when_heard = ptos;
+            self.heard_at = Some(now);
+            return std::mem::take(&mut self.silent).then_some(false);
+        }
+        let silent = ptos.saturating_sub(self.ptos_when_heard) >= SILENT_AFTER_PTOS
+            && self
+                .heard_at
+                .is_some_and(|at| now.duration_since(at) >= SILENT_AFTER_AT_LEAST);
+        if silent && !self.silent {
+            self.silent = true;
+            return Some(true);
+        }
+        None
+    }
+}
+
 /// The client side of one HTTP/3 connection, as a QUIC [`Application`].
 pub(crate) struct ClientApp {
     submissions: mpsc::Receiver<Submission>,
@@ -771,6 +823,7 @@ pub(crate) struct ClientApp {
     /// HTTP datagram flows of CONNECT streams (RFC 9297), when the endpoint's transport
     /// enables QUIC datagrams.
     datagrams: Option<DatagramHub>,
+    path_watch: PathWatch,
 }
 
 impl ClientApp {
@@ -801,6 +854,7 @@ impl ClientApp {
             timer_at: None,
             early_data: false,
             datagrams: None,
+            path_watch: PathWatch::default(),
         }
     }
 
@@ -1336,8 +1390,7 @@ impl ClientApp {
     /// by default) is usually longer than QUIC's (30 s), which would otherwise end the
     /// connection first, silently. A PING elicits an acknowledgement: both sides' idle
     /// timers restart.
-    fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
-        let now = Instant::now();
+    fn poll_idle(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection, now: Instant) {
         let mut close_at = None;
         if let (Some(since), Some(timeout)) = (self.idle_since, self.settings.idle_timeout)
             && self.waiting.is_none()
@@ -1539,7 +1592,14 @@ impl Application for ClientApp {
             let _ = conn.close(true, code::H3_NO_ERROR, b"");
             return Ok(());
         }
-        self.poll_idle(cx, conn);
+        let now = Instant::now();
+        if let Some(silent) = self.path_watch.check(conn, now) {
+            if silent {
+                tracing::debug!("no answer through several probe timeouts: not used for new requests");
+            }
+            self.status.update(|s| s.silent = silent);
+        }
+        self.poll_idle(cx, conn, now);
         Ok(())
     }
 

@@ -83,9 +83,12 @@ pub trait Application: Send + 'static {
         true
     }
 
-    /// Called once when the connection has closed; `error` says why, when it was not a clean
-    /// close. Nothing can be sent any more, but what the peer sent before it closed can still
-    /// be read from `conn`'s streams.
+    /// Called once when the connection closes: as soon as a CONNECTION_CLOSE is sent or
+    /// received (not after the closing or draining period that follows, in which nothing
+    /// more is sent or received), or when it ends without one (idle timeout, failed
+    /// handshake). `error` says why, when it was not a clean close. Nothing can be sent any
+    /// more, but what the peer sent before it closed can still be read from `conn`'s
+    /// streams. The application is dropped right after; nothing else is called.
     fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         let _ = (conn, error);
     }

@@ -132,6 +132,10 @@ pub(crate) struct ConnContext {
 /// once the handshake has completed.
 pub(crate) enum AppSlot<A> {
     Running(A),
+    /// Told of the close ([`Application::on_closed`]) while the task lingers in the closing
+    /// or draining period; dropped with the task (a server's `serve` waits for that: the
+    /// task holds the listener's socket).
+    Closed(A),
     Waiting(oneshot::Receiver<A>),
     Gone,
     /// A server connection refused before it started (`Incoming::refuse`): once the
@@ -481,6 +485,10 @@ impl<A: Application> Driver<A> {
             }
         }
         self.after_flush();
+        if self.conn.is_draining() && matches!(self.app, AppSlot::Running(_)) {
+            let error = error::from_close(&self.conn, false, self.verify_error.clone());
+            self.close_app(error.as_ref());
+        }
         if self.conn.is_closed() {
             Turn::Closed
         } else if more_queued || ((busy || sent > 0) && (!self.established || self.repeats_after_progress())) {
@@ -697,6 +705,19 @@ impl<A: Application> Driver<A> {
         self.timer.as_mut().poll(cx).is_ready()
     }
 
+    /// Tells the application that the connection has closed: at the end, or as soon as the
+    /// connection closes (its CONNECTION_CLOSE sent or received), not after the closing or
+    /// draining period (three probe timeouts, RFC 9000 §10.2) in which nothing more can be
+    /// sent or received. A client's pool then stops choosing the connection at once,
+    /// requests waiting for it fail unsent (to go elsewhere), and a server's handlers stop
+    /// working for answers that could not go out.
+    fn close_app(&mut self, error: Option<&Error>) {
+        if let AppSlot::Running(mut app) = std::mem::replace(&mut self.app, AppSlot::Gone) {
+            app.on_closed(&mut self.conn, error);
+            self.app = AppSlot::Closed(app);
+        }
+    }
+
     fn finish(&mut self) {
         self.finished = true;
         let error = error::from_close(&self.conn, self.handshake_timed_out, self.verify_error.take());
@@ -709,9 +730,7 @@ impl<A: Application> Driver<A> {
             // the fresh session another connection to the server stored meanwhile).
         }
         metrics.connection_closed(&stats);
-        if let AppSlot::Running(app) = &mut self.app {
-            app.on_closed(&mut self.conn, error.as_ref());
-        }
+        self.close_app(error.as_ref());
         tracing::debug!(
             error = error.as_ref().map(tracing::field::display),
             rtt_us = stats.rtt.as_micros() as u64,
@@ -894,6 +913,49 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(10), woken)
             .await
             .expect("the socket woke the task");
+    }
+
+    /// The application hears of a close as soon as the peer's CONNECTION_CLOSE arrives, not
+    /// after the draining period (three probe timeouts) in which the task lingers: a client
+    /// pool must stop choosing the connection at once.
+    #[tokio::test]
+    async fn the_application_is_told_of_a_close_when_it_arrives_not_after_the_draining_period() {
+        /// Records its `on_closed`, and whether the connection was closed for good then.
+        struct Recorder(Arc<std::sync::Mutex<Option<bool>>>);
+
+        impl Application for Recorder {
+            fn process(&mut self, _: &mut Context<'_>, _: &mut QuicheConnection) -> Result<(), Error> {
+                Ok(())
+            }
+
+            fn on_closed(&mut self, conn: &mut QuicheConnection, _: Option<&Error>) {
+                *self.0.lock().unwrap() = Some(conn.is_closed());
+            }
+        }
+
+        let server = testing::server_config("test", |b| b);
+        let client = testing::client_config("test", |b| b);
+        let mut pipe = Pipe::handshaken(&server, &client);
+        let told = Arc::default();
+        let ctx = unrouted_context(client);
+        let (mut driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::Running(Recorder(Arc::clone(&told))));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(Pin::new(&mut driver).poll(&mut cx).is_pending());
+        assert_eq!(*told.lock().unwrap(), None, "open");
+        pipe.server.close(true, 0x100, b"bye").unwrap();
+        let mut packet = [0; 1500];
+        let (len, info) = pipe.server.send(&mut packet).unwrap();
+        let to = driver.local;
+        driver
+            .conn
+            .recv(&mut packet[..len], quiche::RecvInfo { from: info.from, to })
+            .unwrap();
+        assert!(
+            Pin::new(&mut driver).poll(&mut cx).is_pending(),
+            "the task lingers, draining"
+        );
+        assert!(driver.conn.is_draining());
+        assert_eq!(*told.lock().unwrap(), Some(false), "told while draining, once");
     }
 
     /// A connect attempt that is abandoned mid-handshake (a Happy Eyeballs loser) closes
