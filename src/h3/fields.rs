@@ -285,7 +285,12 @@ pub(crate) fn request_from_fields(list: &[Header]) -> Result<RequestHead, Malfor
         });
         Uri::from_parts(parts).map_err(|_| Malformed("invalid :scheme, :authority or :path"))?
     };
-    let content_length = content_length(&headers)?.filter(|_| method != Method::CONNECT);
+    let mut content_length = content_length(&headers)?;
+    if method == Method::CONNECT && content_length.take().is_some() {
+        // A CONNECT has no content (RFC 9110 §9.3.6): a length would bound nothing, and is
+        // not handed on (a proxy forwarding the head would pass it to the target).
+        headers.remove(CONTENT_LENGTH);
+    }
     let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -772,6 +777,12 @@ mod tests {
             "a:443",
             "a CONNECT's host is its authority too"
         );
+        let with_length = parse(&[(":method", "CONNECT"), (":authority", "a:443"), ("content-length", "5")]).unwrap();
+        assert_eq!(with_length.content_length, None, "a CONNECT's length bounds nothing");
+        assert!(
+            !with_length.request.headers().contains_key("content-length"),
+            "nor is it handed on"
+        );
         let with_host = parse(&[(":method", "CONNECT"), (":authority", "a:443"), ("host", "a:443")]);
         assert_eq!(with_host.unwrap().request.uri().authority().unwrap(), "a:443");
         let options = parse(&[
@@ -1077,8 +1088,11 @@ mod tests {
                     prop_assert!(headers.get_all(HOST).iter().count() <= 1);
                     prop_assert!(headers.get_all(COOKIE).iter().count() <= 1);
                     prop_assert!(head.request.uri().authority().is_none_or(|a| !a.as_str().contains('@')));
-                    let connect = head.request.method() == Method::CONNECT;
-                    prop_assert_eq!(head.content_length, content_length(headers).unwrap().filter(|_| !connect));
+                    if head.request.method() == Method::CONNECT {
+                        prop_assert!(head.content_length.is_none() && !headers.contains_key(CONTENT_LENGTH));
+                    } else {
+                        prop_assert_eq!(head.content_length, content_length(headers).unwrap());
+                    }
                 }
             }
 
