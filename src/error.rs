@@ -87,6 +87,9 @@ pub(crate) enum Kind {
     Timeout,
     /// The connection was closed, by us or by the peer.
     Closed,
+    /// The peer answered with a stateless reset (RFC 9000 §10.3): it no longer has the
+    /// connection (it restarted, say). Unlike a silent loss, this says the path works.
+    StatelessReset,
     /// The connection was closed because the peer broke the protocol.
     Protocol,
     /// A stream was reset by the peer.
@@ -234,8 +237,15 @@ impl Error {
     pub fn is_closed(&self) -> bool {
         matches!(
             self.inner.kind,
-            Kind::Closed | Kind::Timeout | Kind::Tls | Kind::Protocol | Kind::Application
+            Kind::Closed | Kind::StatelessReset | Kind::Timeout | Kind::Tls | Kind::Protocol | Kind::Application
         )
+    }
+
+    /// The peer ended the connection with a stateless reset: it had lost the connection
+    /// (restarted, say) but answered over the same path.
+    #[cfg(all(feature = "client", feature = "tcp"))]
+    pub(crate) fn is_stateless_reset(&self) -> bool {
+        self.inner.kind == Kind::StatelessReset
     }
 
     /// The connection closed, and nothing more telling (a timeout, TLS, a protocol error,
@@ -339,6 +349,7 @@ impl fmt::Display for Error {
             Kind::Tls => "TLS handshake failed",
             Kind::Timeout => "timed out",
             Kind::Closed => "connection closed",
+            Kind::StatelessReset => "connection reset by the peer",
             Kind::Protocol => "protocol error",
             Kind::Reset => "stream reset by peer",
             Kind::Application => "application error",
@@ -382,17 +393,34 @@ pub(crate) fn hyper_kind(e: &hyper::Error) -> Kind {
     }
 }
 
-/// Builds the error that describes why a QUIC connection closed, from quiche's view of it.
+/// What ended a QUIC connection that quiche does not record as such.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum SeenEnd {
+    /// Nothing: quiche's view says it all.
+    #[default]
+    Quiche,
+    /// The handshake outlived its deadline (the connection's task ended it).
+    HandshakeDeadline,
+    /// A packet closed it without an error, which only a stateless reset does.
+    StatelessReset,
+}
+
+/// Builds the error that describes why a QUIC connection closed, from quiche's view of it
+/// and what the connection's task saw (`seen`).
 ///
 /// `verify_error` is what our certificate verifier recorded, if anything: BoringSSL only
 /// sends an alert number, and "unable to get local issuer certificate" is what a user needs.
-pub(crate) fn from_close(
-    conn: &QuicheConnection,
-    handshake_timed_out: bool,
-    verify_error: Option<String>,
-) -> Option<Error> {
-    if handshake_timed_out {
-        return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
+pub(crate) fn from_close(conn: &QuicheConnection, seen: SeenEnd, verify_error: Option<String>) -> Option<Error> {
+    match seen {
+        SeenEnd::Quiche => {}
+        SeenEnd::HandshakeDeadline => {
+            return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
+        }
+        SeenEnd::StatelessReset => {
+            return Some(Error::new(Kind::StatelessReset).with_message(
+                "the peer no longer has this connection (it restarted, say) and said so with a stateless reset",
+            ));
+        }
     }
     if conn.is_timed_out() {
         let message = if conn.is_established() {

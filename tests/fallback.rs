@@ -15,7 +15,7 @@ use http::header::ALT_SVC;
 use http::{HeaderValue, Request, Version};
 use http_body_util::Empty;
 use support::dual::{Dual, stop_h3};
-use support::h3::{h3_server_on, h3_server_with, trusting};
+use support::h3::{h3_server_at, h3_server_on, h3_server_with, trusting};
 use support::*;
 use tokio::net::UdpSocket;
 use tokio::time::timeout;
@@ -657,6 +657,114 @@ async fn a_pooled_connection_whose_path_goes_silent_is_not_chosen_for_new_reques
     timeout(TEST_TIMEOUT, run).await.unwrap();
     front.stop().await;
     stop_h3(h3).await;
+}
+
+/// A request queued on a busy connection (no stream credit left, no other connection
+/// allowed) whose path goes silent is not left waiting for credit there: unsent, it goes
+/// to a new connection, and is answered once the path carries datagrams again, while the
+/// request that holds the old connection's only stream never ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_queued_on_a_connection_whose_path_goes_silent_goes_to_another() {
+    let certs = certs();
+    let router = app(None).route("/hang", axum::routing::post(std::future::pending::<&str>));
+    let one_stream = ServerConfig::builder().transport(TransportConfig::default().max_concurrent_bidi_streams(1));
+    let builder = server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100));
+    let h3 = h3_server_on(&certs, one_stream, builder, router, Arc::default()).await;
+    let path = switchable_path_to(h3.addr).await;
+    let client = client(&certs, |b| b.http3_prior_knowledge().max_connections_per_origin(1));
+    let base = format!("https://localhost:{}", path.addr.port());
+    let run = async {
+        assert_eq!(hello(&client, &format!("{base}/hello")).await, Version::HTTP_3);
+        // The connection's only stream, held for good; its body is sent bit by bit.
+        let (body_tx, body_rx) = tokio::sync::mpsc::channel::<Result<http_body::Frame<Bytes>, std::io::Error>>(4);
+        let chunks = futures_util::stream::unfold(body_rx, |mut rx| async move { Some((rx.recv().await?, rx)) });
+        let hanging = Request::post(format!("{base}/hang"))
+            .body(http_body_util::StreamBody::new(Box::pin(chunks)))
+            .unwrap();
+        let _hanging = tokio::spawn({
+            let client = client.clone();
+            async move { client.send(hanging).await }
+        });
+        body_tx
+            .send(Ok(http_body::Frame::data(Bytes::from_static(b"a"))))
+            .await
+            .unwrap();
+        // Queued behind it: no credit, and no second connection allowed.
+        let queued = tokio::spawn({
+            let (client, url) = (client.clone(), format!("{base}/hello"));
+            async move { hello(&client, &url).await }
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!queued.is_finished(), "the second request waits for credit");
+        path.blocked.store(true, Ordering::SeqCst);
+        // Unacknowledged, it makes the client probe.
+        body_tx
+            .send(Ok(http_body::Frame::data(Bytes::from_static(b"b"))))
+            .await
+            .unwrap();
+        // The queued request, unsent, goes to a new connection: with the session of the
+        // first, it leaves at once in 0-RTT data (which the blocked path swallows).
+        let moved = async {
+            while !path.early_data_dropped.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        timeout(Duration::from_secs(10), moved)
+            .await
+            .expect("the queued request left the silent connection within 10 s");
+        path.blocked.store(false, Ordering::SeqCst);
+        let answered = timeout(Duration::from_secs(15), queued)
+            .await
+            .expect("the queued request went to another connection");
+        assert_eq!(answered.unwrap(), Version::HTTP_3);
+        drop(body_tx);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    stop_h3(h3).await;
+}
+
+/// A server restarted with the same stateless reset key answers the old connection's
+/// next packet with a stateless reset: the client learns at once that the connection is
+/// gone (its GET goes again, over TCP), and does not take it for a path that drops UDP:
+/// HTTP/3 is not marked broken, and the next requests go over HTTP/3 to the new server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stateless_reset_from_a_restarted_server_does_not_mark_http3_broken() {
+    let certs = certs();
+    let key = [0x42; 32];
+    let quic = || ServerConfig::builder().stateless_reset_key(key);
+    let builder = || server::Builder::new().graceful_shutdown_timeout(Duration::from_millis(100));
+    let first = h3_server_on(&certs, quic(), builder(), app(None), Arc::default()).await;
+    let addr = first.addr;
+    let path = switchable_path_to(addr).await;
+    let front = Dual::start(&certs, app(Some(alt_svc_to(path.addr.port())))).await;
+    // Marked broken, HTTP/3 would not be tried again within the test.
+    let client = client(&certs, |b| b.http3_broken_backoff(TEST_TIMEOUT * 2));
+    let run = async {
+        assert_eq!(hello(&client, &front.url()).await, Version::HTTP_2);
+        until_on_h3(&client, &front.url(), 1).await;
+        // The server goes without the client hearing of it (its close is lost), and comes
+        // back on the same address with the same key.
+        path.blocked.store(true, Ordering::SeqCst);
+        stop_h3(first).await;
+        let second = h3_server_at(addr, &certs, quic(), builder(), app(None), Arc::default()).await;
+        path.blocked.store(false, Ordering::SeqCst);
+        assert_eq!(
+            client.pooled_connections(),
+            1,
+            "the client still holds the old connection"
+        );
+        assert_eq!(
+            hello(&client, &front.url()).await,
+            Version::HTTP_2,
+            "the reset GET goes again over TCP"
+        );
+        assert!(second.metrics.snapshot().stateless_resets_sent >= 1);
+        until_on_h3(&client, &front.url(), 1).await;
+        second
+    };
+    let second = timeout(TEST_TIMEOUT, run).await.unwrap();
+    front.stop().await;
+    stop_h3(second).await;
 }
 
 /// GETs `url` until `times` of its answers came over HTTP/3 (the client's first attempt

@@ -13,7 +13,8 @@
 //!   only when that is safe: an idempotent method (RFC 9110 §9.2.2) and no body (the body
 //!   of a request is consumed as it is sent, and not kept for a resend). HTTP/3 is marked
 //!   broken only when the connection was lost (timed out, a socket error, closed without
-//!   a reason), not when the server closed it saying why: that server was reached;
+//!   a reason), not when the server closed it saying why, nor when it answered with a
+//!   stateless reset (it had lost the connection, restarted say): that server was reached;
 //! - anything else (a stream reset, a malformed response, an error in the response body)
 //!   is the caller's error.
 
@@ -199,10 +200,11 @@ fn for_tcp(mut request: Request<AnyBody>, origin: &Origin) -> Result<Request<Any
 /// Whether an HTTP/3 request failed because its connection was lost on the way — timed
 /// out, its socket failed, or it ended without the server saying why — which is what a
 /// network that drops UDP looks like: HTTP/3 is then marked broken. A stream's error (a
-/// reset, a malformed response), a TLS failure, a protocol error or the server's own close
-/// with a code (even H3_NO_ERROR) all say the server was reached over HTTP/3.
+/// reset, a malformed response), a TLS failure, a protocol error, the server's own close
+/// with a code (even H3_NO_ERROR) or its stateless reset all say the server was reached
+/// over HTTP/3.
 fn lost_the_path(error: &Error) -> bool {
-    error.code().is_none() && connection_ended(error)
+    error.code().is_none() && !error.is_stateless_reset() && connection_ended(error)
 }
 
 /// Whether an HTTP/3 request failed because its whole connection ended — lost, or closed
@@ -211,7 +213,12 @@ fn lost_the_path(error: &Error) -> bool {
 /// idempotent request may then go again (RFC 9110 §9.2.2).
 fn connection_ended(error: &Error) -> bool {
     let stream_error = matches!(error.code(), Some(crate::Code::Stream(_)));
-    !stream_error && (error.is_timeout() || error.is_io() || error.is_plainly_closed() || error.is_application())
+    !stream_error
+        && (error.is_timeout()
+            || error.is_io()
+            || error.is_plainly_closed()
+            || error.is_stateless_reset()
+            || error.is_application())
 }
 
 /// What a resend over TCP needs of a request sent over HTTP/3 (whose head becomes HTTP/3
@@ -272,6 +279,8 @@ mod tests {
             // The server closed the connection, saying why, or cleanly.
             Error::new(Kind::Application).with_code(crate::Code::Application(codes::H3_INTERNAL_ERROR)),
             Error::new(Kind::Closed).with_code(crate::Code::Application(codes::H3_NO_ERROR)),
+            // It had lost the connection (restarted), and answered.
+            Error::new(Kind::StatelessReset),
         ];
         for error in &reached {
             assert!(!lost_the_path(error), "{error}");
@@ -287,6 +296,7 @@ mod tests {
             // The server's graceful shutdown closed it before the response.
             Error::new(Kind::Closed).with_code(crate::Code::Application(codes::H3_NO_ERROR)),
             Error::new(Kind::Application).with_code(crate::Code::Application(codes::H3_INTERNAL_ERROR)),
+            Error::new(Kind::StatelessReset),
         ];
         for error in &ended {
             assert!(connection_ended(error), "{error}");

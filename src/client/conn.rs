@@ -301,7 +301,7 @@ impl Status {
             f(&mut s);
             // The handshake's wait ends when the connection is established, whatever the
             // credit (a server may open with none, and grant it later).
-            if s.closed || s.goaway || s.credit > s.outstanding || (s.established && !was_established) {
+            if s.closed || s.goaway || s.silent || s.credit > s.outstanding || (s.established && !was_established) {
                 std::mem::take(&mut s.waiters)
             } else {
                 Vec::new()
@@ -320,6 +320,12 @@ fn closed_error() -> Error {
     Error::new(Kind::Closed).with_message("the HTTP/3 connection is closed")
 }
 
+/// Why a request waits on no connection whose path went silent ([`PathWatch`]).
+fn silent_error() -> Error {
+    Error::new(Kind::Closed)
+        .with_message("the connection's path went silent (no answer through several probe timeouts)")
+}
+
 fn rejected_error(why: &str) -> Error {
     Error::new(Kind::Closed)
         .with_stream_code(code::H3_REQUEST_REJECTED)
@@ -329,7 +335,8 @@ fn rejected_error(why: &str) -> Error {
 /// Submits requests on one HTTP/3 connection. Cheap to clone.
 ///
 /// [`poll_ready`](Self::poll_ready) reports real capacity: it is pending while the server's
-/// stream credit is used up, and fails once the connection is closed or going away.
+/// stream credit is used up, and fails once the connection is closed or going away, or
+/// while its path is silent (see [`is_usable`](Self::is_usable)).
 pub struct SendRequest {
     submit: mpsc::Sender<Submission>,
     status: Arc<Status>,
@@ -380,6 +387,9 @@ impl SendRequest {
         if s.goaway {
             return Poll::Ready(Err(rejected_error("the server is going away (GOAWAY)")));
         }
+        if s.silent {
+            return Poll::Ready(Err(silent_error()));
+        }
         if s.credit > s.outstanding {
             s.outstanding += 1;
             self.reserved = true;
@@ -410,10 +420,13 @@ impl SendRequest {
     }
 
     /// Whether the connection can take new requests at all: not closed, no GOAWAY, and its
-    /// path not silent. Silent: the server has acknowledged nothing through several probe
-    /// timeouts in a row, over a second at least (a network that stopped passing UDP, a
-    /// server gone); requests sent before wait on, and the connection is usable again if
-    /// the server is heard from. A pool opens a new connection rather than use it.
+    /// path not silent. Silent: the server has acknowledged nothing through four probe
+    /// timeouts in a row, over a second at least since the first (a network that stopped
+    /// passing UDP, a server gone). Requests sent before wait on; those not yet given a
+    /// stream fail unsent (a [`Client`](crate::client::Client) sends them on another
+    /// connection); the connection is usable again if the server is heard from. A
+    /// `Client`'s pool forgets it (it closes once the requests on it have ended) and
+    /// opens another.
     pub fn is_usable(&self) -> bool {
         // A connection task that ended without saying so (it panicked) leaves the queue
         // closed behind it.
@@ -750,38 +763,62 @@ const KEEPALIVE_MIN: Duration = Duration::from_millis(100);
 /// with no packet received in between is about fifteen times the path's usual answer
 /// time. A connection so silent is not chosen for new requests, which would otherwise
 /// wait on it until QUIC's idle timeout (30 s): a pool opens another (in auto mode raced
-/// against TCP). [`SILENT_AFTER_AT_LEAST`] keeps a loopback or LAN path, whose PTOs are a
-/// few tens of milliseconds, from being given up for a server busy for a moment.
+/// against TCP). [`SILENT_AFTER_AT_LEAST`], counted from the first unanswered PTO (not
+/// from the last packet heard, which on a quiet connection may be seconds old), keeps a
+/// loopback or LAN path, whose PTOs are a few tens of milliseconds, from being given up
+/// for a server busy for a moment.
+///
+/// What it cannot see: a path that fails one way only (the server's own probes still
+/// arrive, and count as heard), and a dead path before the client sends something (a
+/// pooled connection sends a PING a third of its idle timeout after its last request; the
+/// first request after the path died is the one that finds it, and waits on).
 #[derive(Default)]
 struct PathWatch {
     /// Packets received on all paths when last looked.
     received: usize,
-    /// PTOs counted on all paths when a packet was last received.
+    /// PTOs counted on all paths when a packet was last seen received.
     ptos_when_heard: usize,
-    /// When a packet was last seen to have been received (at the latest).
-    heard_at: Option<Instant>,
+    /// When a PTO was first seen since a packet was last received.
+    unanswered_since: Option<Instant>,
+    /// When to read quiche's counters next (they are built per path on every read).
+    next_look: Option<Instant>,
     silent: bool,
 }
 
 const SILENT_AFTER_PTOS: usize = 4;
 const SILENT_AFTER_AT_LEAST: Duration = Duration::from_secs(1);
+/// How often the counters are read at most: a PTO seen one look late changes nothing
+/// against [`SILENT_AFTER_AT_LEAST`].
+const PATH_LOOK_EVERY: Duration = Duration::from_millis(20);
 
 impl PathWatch {
-    /// Looks at the connection's counters; `Some(silent)` when the path's state changed.
+    /// Looks at the connection's counters, at most every [`PATH_LOOK_EVERY`]; `Some(silent)`
+    /// when the path's state changed.
     fn check(&mut self, conn: &QuicheConnection, now: Instant) -> Option<bool> {
+        if self.next_look.is_some_and(|at| now < at) {
+            return None;
+        }
+        self.next_look = Some(now + PATH_LOOK_EVERY);
         let (received, ptos) = conn
             .path_stats()
             .fold((0, 0), |(r, p), path| (r + path.recv, p + path.total_pto_count));
-        if received != self.received || self.heard_at.is_none() {
+        self.observe(received, ptos, now)
+    }
+
+    /// `received` packets and `ptos` probe timeouts so far, at `now`.
+    fn observe(&mut self, received: usize, ptos: usize, now: Instant) -> Option<bool> {
+        if received != self.received {
             self.received = received;
             self.ptos_when_heard = ptos;
-            self.heard_at = Some(now);
+            self.unanswered_since = None;
             return std::mem::take(&mut self.silent).then_some(false);
         }
-        let silent = ptos.saturating_sub(self.ptos_when_heard) >= SILENT_AFTER_PTOS
-            && self
-                .heard_at
-                .is_some_and(|at| now.duration_since(at) >= SILENT_AFTER_AT_LEAST);
+        let unanswered = ptos.saturating_sub(self.ptos_when_heard);
+        if unanswered == 0 {
+            return None;
+        }
+        let since = *self.unanswered_since.get_or_insert(now);
+        let silent = unanswered >= SILENT_AFTER_PTOS && now.duration_since(since) >= SILENT_AFTER_AT_LEAST;
         if silent && !self.silent {
             self.silent = true;
             return Some(true);
@@ -858,12 +895,31 @@ impl ClientApp {
         }
     }
 
+    /// Whether requests not yet given a stream go elsewhere instead ([`refusal`](Self::refusal)).
+    fn refuses(&self) -> bool {
+        self.goaway.is_some() || self.path_watch.silent
+    }
+
+    /// Why requests not yet given a stream go elsewhere instead (unsent, so safe to):
+    /// the server's GOAWAY, or a path gone silent (requests sent before wait on).
+    fn refusal(&self) -> Option<Error> {
+        if !self.refuses() {
+            None
+        } else if self.goaway.is_some() {
+            Some(rejected_error("the server is going away (GOAWAY)"))
+        } else if self.path_watch.silent {
+            Some(silent_error())
+        } else {
+            None
+        }
+    }
+
     /// Opens streams for waiting requests while the server's credit lasts.
     fn open_streams(&mut self, cx: &mut Context<'_>, conn: &mut QuicheConnection) {
         loop {
             if self.waiting.is_none()
                 && !self.awaiting_settings.is_empty()
-                && self.h3.as_ref().is_some_and(|h3| h3.peer_settings_raw().is_some())
+                && (self.h3.as_ref().is_some_and(|h3| h3.peer_settings_raw().is_some()) || self.refuses())
             {
                 self.waiting = self.awaiting_settings.pop_front();
             }
@@ -880,13 +936,12 @@ impl ClientApp {
                 self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
                 continue;
             }
-            if self.goaway.is_some() {
+            if let Some(why) = self.refusal() {
+                // Ahead of the credit and early-data checks: a request waiting for either
+                // here would wait in vain.
                 let Submission { request, reply, .. } = self.waiting.take().expect("present");
                 self.status.update(|s| s.outstanding = s.outstanding.saturating_sub(1));
-                let _ = reply.send(Err(Failure::Unsent(
-                    request,
-                    rejected_error("the server is going away (GOAWAY)"),
-                )));
+                let _ = reply.send(Err(Failure::Unsent(request, why)));
                 continue;
             }
             if conn.peer_streams_left_bidi() == 0 {
@@ -1594,10 +1649,12 @@ impl Application for ClientApp {
         }
         let now = Instant::now();
         if let Some(silent) = self.path_watch.check(conn, now) {
+            self.status.update(|s| s.silent = silent);
             if silent {
                 tracing::debug!("no answer through several probe timeouts: not used for new requests");
+                // Requests waiting for a stream here go elsewhere (`refusal`).
+                self.open_streams(cx, conn);
             }
-            self.status.update(|s| s.silent = silent);
         }
         self.poll_idle(cx, conn, now);
         Ok(())
@@ -1630,5 +1687,39 @@ impl Application for ClientApp {
         while let Ok(Submission { request, reply, .. }) = self.submissions.try_recv() {
             let _ = reply.send(Err(Failure::Unsent(request, why())));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Four PTOs unanswered are not enough before a second has passed since the first,
+    /// whenever the last packet came; a packet heard ends the silence and starts over.
+    #[test]
+    fn a_path_is_silent_after_four_unanswered_ptos_over_a_second_from_the_first() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut watch = PathWatch::default();
+        assert_eq!(watch.observe(10, 0, at(0)), None, "heard: nothing changes");
+        // Quiet for a minute (a pooled connection), then a request goes unanswered.
+        assert_eq!(watch.observe(10, 0, at(60_000)), None);
+        assert_eq!(watch.observe(10, 1, at(60_030)), None, "the first PTO starts the count");
+        assert_eq!(
+            watch.observe(10, 4, at(60_400)),
+            None,
+            "four PTOs, but within the second"
+        );
+        assert_eq!(watch.observe(10, 5, at(61_029)), None);
+        assert_eq!(
+            watch.observe(10, 6, at(61_030)),
+            Some(true),
+            "a second since the first PTO"
+        );
+        assert_eq!(watch.observe(10, 7, at(62_000)), None, "told once");
+        assert_eq!(watch.observe(11, 7, at(62_100)), Some(false), "heard again");
+        assert_eq!(watch.observe(11, 8, at(62_200)), None, "counts from the last heard");
+        assert_eq!(watch.observe(11, 10, at(63_300)), None, "three PTOs only");
+        assert_eq!(watch.observe(11, 11, at(63_400)), Some(true));
     }
 }

@@ -49,10 +49,22 @@ pub(crate) fn new_id(generator: &dyn ConnectionIdGenerator) -> quiche::Connectio
 /// connection advertised, without remembering anything per connection.
 pub(crate) struct ResetKey([u8; 32]);
 
+/// A secret: configurations that hold one print without it.
+impl std::fmt::Debug for ResetKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetKey(..)")
+    }
+}
+
 impl ResetKey {
     pub(crate) fn random() -> Self {
         let mut key = [0; 32];
         fill_random(&mut key);
+        ResetKey(key)
+    }
+
+    /// A key the user chose (`ServerConfigBuilder::stateless_reset_key`).
+    pub(crate) fn new(key: [u8; 32]) -> Self {
         ResetKey(key)
     }
 

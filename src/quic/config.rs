@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator};
+use super::cid::{ConnectionIdGenerator, RandomConnectionIdGenerator, ResetKey};
 use super::metrics::{Metrics, NoopMetrics};
 use super::tls::{PemSource, TlsMaterial};
 use crate::error::Error;
@@ -154,6 +154,8 @@ pub(crate) struct ServerSettings {
     pub(crate) sockets_per_address: Option<usize>,
     /// May join other sockets' SO_REUSEPORT group on the port (a hand-over restart).
     pub(crate) share_port: bool,
+    /// The key stateless reset tokens derive from; `None`: a random one per listener.
+    pub(crate) reset_key: Option<Arc<ResetKey>>,
 }
 
 impl Default for ServerSettings {
@@ -168,6 +170,7 @@ impl Default for ServerSettings {
             stateless_reply_burst: 1000,
             sockets_per_address: None,
             share_port: false,
+            reset_key: None,
         }
     }
 }
@@ -903,12 +906,37 @@ impl ServerConfigBuilder {
     /// stopped, which is all it does: the kernel spreads datagrams over both servers'
     /// sockets by a hash of the addresses, re-spread as sockets come and go, and neither
     /// server knows the other's connections. The old server's connections whose datagrams
-    /// now reach the new one are lost (its stateless resets carry another key, so their
-    /// clients wait out their idle timeout), and clients that reach the old one once it has
+    /// now reach the new one are lost (unless both use one
+    /// [`stateless_reset_key`](Self::stateless_reset_key), their clients wait out their
+    /// idle timeout: the new server's stateless resets carry another key), and clients that reach the old one once it has
     /// stopped accepting are not answered until it exits. A hand-over that loses nothing
     /// passes the sockets themselves to the new process ([`Listener::from_std`](crate::quic::Listener::from_std)).
     pub fn share_port(mut self, share: bool) -> Self {
         self.server.share_port = share;
+        self
+    }
+
+    /// The secret the listener derives its stateless reset tokens from (RFC 9000 §10.3): 32
+    /// random bytes, kept as secret as the TLS key. Defaults to a random key per listener.
+    ///
+    /// A server that keeps its key across restarts answers the packets of connections it
+    /// lost (it crashed, or was restarted without a graceful shutdown, or took over a
+    /// port with [`share_port`](Self::share_port)) with a stateless reset their clients
+    /// recognise: they learn at once that the connection is gone instead of waiting out
+    /// their idle timeout, and open a new one. Servers behind one address may share a
+    /// key only when every connection's packets reach the server that holds it (a load
+    /// balancer routing by connection ID): a packet that reaches another would get its
+    /// connection reset, which an attacker who sees the connection ID could cause (RFC
+    /// 9000 §10.3.2). Whoever knows the key can end any of the server's connections whose
+    /// ID it knows.
+    ///
+    /// ```
+    /// let key: [u8; 32] = std::array::from_fn(|i| i as u8); // read it from a secret store
+    /// let builder = tower_quiche::quic::ServerConfig::builder().stateless_reset_key(key);
+    /// # let _ = builder;
+    /// ```
+    pub fn stateless_reset_key(mut self, key: [u8; 32]) -> Self {
+        self.server.reset_key = Some(Arc::new(ResetKey::new(key)));
         self
     }
 

@@ -26,7 +26,7 @@ use super::cid::{self, ResetKey};
 use super::config::{Config, RetryPolicy};
 use super::limits::Limits;
 use super::metrics::{DropReason, Metrics};
-use super::routes::{Datagram, InboundQueue, Registration, RouteMap, RouteTable};
+use super::routes::{Datagram, InboundQueue, Registration, RouteMap, RouteTable, reset_token_key};
 use super::token::TokenKey;
 use super::udp::{self, Socket};
 
@@ -103,9 +103,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A socket with a route table and reset key of its own.
+    /// A socket with a route table of its own, and the configured reset key (or one of its
+    /// own).
     pub(crate) fn new(socket: Socket, config: Config) -> Arc<Self> {
-        Self::in_group(socket, config, Arc::default(), Arc::new(ResetKey::random()))
+        let reset_key = config.inner.server.reset_key.clone();
+        let reset_key = reset_key.unwrap_or_else(|| Arc::new(ResetKey::random()));
+        Self::in_group(socket, config, Arc::default(), reset_key)
     }
 
     /// A socket that shares `routes` and `reset_key` with the other sockets of its address.
@@ -350,6 +353,19 @@ fn dispatch(
     };
     // A short header's ID was looked up above: quiche read the same bytes.
     if !short && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid) {
+        return;
+    }
+    // A stateless reset (RFC 9000 §10.3) looks like a short-header packet with a random ID;
+    // its last 16 bytes are the token of a connection whose peer has lost it. It goes to
+    // that connection, whose quiche checks the token again and closes.
+    if short
+        && let Some(token) = datagram
+            .len()
+            .checked_sub(16)
+            .filter(|_| datagram.len() >= MIN_RESET_LEN)
+        && let Ok(token) = <&[u8; 16]>::try_from(&datagram[token..])
+        && forward(metrics, routes.map(), arena, datagram, from, &reset_token_key(token))
+    {
         return;
     }
     // Not for a connection we know: whatever answers it leaves from the address it came

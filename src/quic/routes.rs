@@ -61,6 +61,19 @@ pub(crate) type RouteMap = HashMap<Box<[u8]>, Route>;
 /// Where a connection's task takes them from.
 pub(crate) type InboundQueue = Receiver;
 
+/// The route-table key of a stateless reset token (RFC 9000 §10.3). A reset's destination
+/// ID is random, so the endpoint finds the connection by the last 16 bytes of the datagram
+/// instead; its key is the token and a padding byte, longer than any connection ID (20
+/// bytes at most), so never taken for one, and the table and a registration's lease serve
+/// for both.
+pub(crate) fn reset_token_key(token: &[u8; 16]) -> [u8; RESET_TOKEN_KEY_LEN] {
+    let mut key = [0; RESET_TOKEN_KEY_LEN];
+    key[..16].copy_from_slice(token);
+    key
+}
+
+const RESET_TOKEN_KEY_LEN: usize = quiche::MAX_CONN_ID_LEN + 1;
+
 /// One socket's routes, keyed by connection ID, and the signal that stops its router once
 /// the endpoint is closed and the last connection has gone.
 #[derive(Default)]
@@ -152,6 +165,12 @@ impl Registration {
     /// The connection's queue, for a datagram the router hands over directly.
     pub(crate) fn route(&self) -> &Route {
         &self.route
+    }
+
+    /// Routes the stateless resets that carry `token` to this connection (the token its
+    /// peer gave for it): see [`reset_token_key`].
+    pub(crate) fn add_reset_token(&mut self, token: u128) {
+        self.add(&reset_token_key(&token.to_be_bytes()));
     }
 
     /// Routes `id` to this connection.

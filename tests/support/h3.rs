@@ -278,6 +278,18 @@ pub async fn h3_server_on(
     router: Router,
     probe: Arc<Probe>,
 ) -> H3Server {
+    h3_server_at("127.0.0.1:0".parse().unwrap(), certs, quic, builder, router, probe).await
+}
+
+/// [`h3_server_on`], on `addr` (a server restarted where another was).
+pub async fn h3_server_at(
+    addr: SocketAddr,
+    certs: &Certs,
+    quic: ServerConfigBuilder,
+    builder: server::Builder,
+    router: Router,
+    probe: Arc<Probe>,
+) -> H3Server {
     super::init_tracing();
     let metrics = Arc::new(AtomicMetrics::new());
     let config = quic
@@ -286,7 +298,7 @@ pub async fn h3_server_on(
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let listener = Listener::bind(addr, config).await.unwrap();
     let addr = listener.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(
