@@ -287,6 +287,21 @@ impl Status {
         s.outstanding + s.in_flight as u64
     }
 
+    /// Ready once the connection's handshake has completed (at once when it has): `true`;
+    /// `false` once it can take no new request (closed, GOAWAY, silent).
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
+    pub(crate) fn poll_handshake_done(&self, cx: &mut Context<'_>) -> Poll<bool> {
+        let mut s = self.lock();
+        if s.closed || s.goaway || s.silent {
+            return Poll::Ready(false);
+        }
+        if s.established && s.early_since.is_none() {
+            return Poll::Ready(true);
+        }
+        s.wait(cx.waker());
+        Poll::Pending
+    }
+
     /// Since when the connection has carried requests in 0-RTT data without its handshake
     /// completing; `None` once it has completed (or for a connection that never went early).
     #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
@@ -297,11 +312,13 @@ impl Status {
     fn update(&self, f: impl FnOnce(&mut StatusInner)) {
         let waiters = {
             let mut s = self.lock();
-            let was_established = s.established;
+            let (was_established, was_early) = (s.established, s.early_since.is_some());
             f(&mut s);
             // The handshake's wait ends when the connection is established, whatever the
-            // credit (a server may open with none, and grant it later).
-            if s.closed || s.goaway || s.silent || s.credit > s.outstanding || (s.established && !was_established) {
+            // credit (a server may open with none, and grant it later); so does a wait
+            // for a handshake begun in early data to complete (`poll_handshake_done`).
+            let handshake_done = (s.established && !was_established) || (was_early && s.early_since.is_none());
+            if s.closed || s.goaway || s.silent || s.credit > s.outstanding || handshake_done {
                 std::mem::take(&mut s.waiters)
             } else {
                 Vec::new()
@@ -780,25 +797,18 @@ struct PathWatch {
     ptos_when_heard: usize,
     /// When a PTO was first seen since a packet was last received.
     unanswered_since: Option<Instant>,
-    /// When to read quiche's counters next (they are built per path on every read).
-    next_look: Option<Instant>,
     silent: bool,
 }
 
 const SILENT_AFTER_PTOS: usize = 4;
 const SILENT_AFTER_AT_LEAST: Duration = Duration::from_secs(1);
-/// How often the counters are read at most: a PTO seen one look late changes nothing
-/// against [`SILENT_AFTER_AT_LEAST`].
-const PATH_LOOK_EVERY: Duration = Duration::from_millis(20);
 
 impl PathWatch {
-    /// Looks at the connection's counters, at most every [`PATH_LOOK_EVERY`]; `Some(silent)`
-    /// when the path's state changed.
+    /// Looks at the connection's counters (on every turn: a PTO fires in a turn of its own,
+    /// which a look skipped for economy would miss until the next, seconds later once they
+    /// have backed off; quiche builds the counters per path, some tens of nanoseconds);
+    /// `Some(silent)` when the path's state changed.
     fn check(&mut self, conn: &QuicheConnection, now: Instant) -> Option<bool> {
-        if self.next_look.is_some_and(|at| now < at) {
-            return None;
-        }
-        self.next_look = Some(now + PATH_LOOK_EVERY);
         let (received, ptos) = conn
             .path_stats()
             .fold((0, 0), |(r, p), path| (r + path.recv, p + path.total_pto_count));

@@ -526,6 +526,38 @@ impl Pool {
         origin.port
     }
 
+    /// The connection a request the server did not process goes to next ([`connection`]
+    /// with `avoid`). In auto mode it waits no longer than the handicap for a new one
+    /// whose handshake has completed (one still in 0-RTT data has not yet shown that UDP
+    /// passes), as a request's first attempt does: past it, the request goes over TCP (the
+    /// attempt goes on for the next requests). A request moved off a connection whose path
+    /// went silent would otherwise wait the whole connect timeout where UDP no longer
+    /// passes.
+    ///
+    /// [`connection`]: Self::connection
+    async fn reconnect(
+        self: &Arc<Self>,
+        origin: &Origin,
+        port: u16,
+        avoid: Option<&SendRequest>,
+    ) -> Result<SendRequest, Error> {
+        #[cfg(feature = "tcp")]
+        if self.mode == Mode::Auto {
+            let up = async {
+                let send = self.connection(origin, port, avoid).await?;
+                if std::future::poll_fn(|cx| send.status().poll_handshake_done(cx)).await {
+                    Ok(send)
+                } else {
+                    Err(Error::new(Kind::Closed).with_message("the new HTTP/3 connection ended in its handshake"))
+                }
+            };
+            return tokio::time::timeout(self.handicap, up).await.unwrap_or_else(|_| {
+                Err(Error::new(Kind::Timeout).with_message("no new HTTP/3 connection within the handicap"))
+            });
+        }
+        self.connection(origin, port, avoid).await
+    }
+
     /// Sends `request` on `send`; a request the server did not process goes once more to
     /// another connection (RFC 9114 §4.1.1: the server may refuse it on that connection
     /// again, for the same reason), to HTTP/3 on `port` of the origin's host. A request
@@ -549,7 +581,7 @@ impl Pool {
         loop {
             if let Some(avoid) = avoid_previous.take() {
                 let avoid = avoid.then_some(&send);
-                send = match self.connection(origin, port, avoid).await {
+                send = match self.reconnect(origin, port, avoid).await {
                     Ok(send) => send,
                     Err(e) => return Err(H3Failure::Connect(request, e)),
                 };

@@ -917,18 +917,22 @@ impl ServerConfigBuilder {
     }
 
     /// The secret the listener derives its stateless reset tokens from (RFC 9000 §10.3): 32
-    /// random bytes, kept as secret as the TLS key. Defaults to a random key per listener.
+    /// random bytes, kept as secret as the TLS key. Defaults to a random key per bound
+    /// address. A configured key is derived per bound address too (the address as bound:
+    /// `0.0.0.0:443` for a wildcard), so that a packet one of the server's addresses
+    /// receives cannot make it give out the token of a connection on another (RFC 9000
+    /// §10.3.2), while a restart on the same address keeps its tokens.
     ///
     /// A server that keeps its key across restarts answers the packets of connections it
     /// lost (it crashed, or was restarted without a graceful shutdown, or took over a
     /// port with [`share_port`](Self::share_port)) with a stateless reset their clients
     /// recognise: they learn at once that the connection is gone instead of waiting out
-    /// their idle timeout, and open a new one. Servers behind one address may share a
-    /// key only when every connection's packets reach the server that holds it (a load
-    /// balancer routing by connection ID): a packet that reaches another would get its
-    /// connection reset, which an attacker who sees the connection ID could cause (RFC
-    /// 9000 §10.3.2). Whoever knows the key can end any of the server's connections whose
-    /// ID it knows.
+    /// their idle timeout, and open a new one. Servers that bind the same address behind
+    /// a load balancer may share a key only when every connection's packets reach the
+    /// server that holds it (the balancer routes by connection ID): a packet that reached
+    /// another would get its connection reset, which an attacker who sees the connection
+    /// ID could cause (RFC 9000 §10.3.2). Whoever knows the key can end any of the
+    /// server's connections whose ID it knows.
     ///
     /// ```
     /// let key: [u8; 32] = std::array::from_fn(|i| i as u8); // read it from a secret store

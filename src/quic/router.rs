@@ -103,12 +103,14 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A socket with a route table of its own, and the configured reset key (or one of its
-    /// own).
+    /// A socket with a route table of its own, and a reset key derived for its address from
+    /// the configured one (or one of its own).
     pub(crate) fn new(socket: Socket, config: Config) -> Arc<Self> {
-        let reset_key = config.inner.server.reset_key.clone();
-        let reset_key = reset_key.unwrap_or_else(|| Arc::new(ResetKey::random()));
-        Self::in_group(socket, config, Arc::default(), reset_key)
+        let reset_key = match &config.inner.server.reset_key {
+            Some(key) => key.for_address(socket.local_addr()),
+            None => ResetKey::random(),
+        };
+        Self::in_group(socket, config, Arc::default(), Arc::new(reset_key))
     }
 
     /// A socket that shares `routes` and `reset_key` with the other sockets of its address.
@@ -352,7 +354,12 @@ fn dispatch(
         }
     };
     // A short header's ID was looked up above: quiche read the same bytes.
-    if !short && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid) {
+    // (A connection ID is 20 bytes at most: a longer one, which quiche parses from an
+    // unsupported version's header, could only match a reset token's key.)
+    if !short
+        && hdr.dcid.len() <= quiche::MAX_CONN_ID_LEN
+        && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid)
+    {
         return;
     }
     // A stateless reset (RFC 9000 §10.3) looks like a short-header packet with a random ID;

@@ -168,9 +168,18 @@ impl Registration {
     }
 
     /// Routes the stateless resets that carry `token` to this connection (the token its
-    /// peer gave for it): see [`reset_token_key`].
+    /// peer gave for it): see [`reset_token_key`]. A token another connection holds stays
+    /// that one's: a server that gives several connections one token (which RFC 9000
+    /// §10.3 forbids) has its resets reach the first of them only.
     pub(crate) fn add_reset_token(&mut self, token: u128) {
-        self.add(&reset_token_key(&token.to_be_bytes()));
+        let key: Box<[u8]> = reset_token_key(&token.to_be_bytes()).into();
+        let mut table = self.table.lock();
+        if table.contains_key(&key) {
+            return;
+        }
+        table.insert(key.clone(), self.route.clone());
+        drop(table);
+        self.push_id(key);
     }
 
     /// Routes `id` to this connection.
@@ -511,6 +520,29 @@ mod tests {
         );
         second.release();
         assert!(table.lock().is_empty());
+    }
+
+    /// A reset token two connections were given reaches the first that holds it, while it
+    /// does; the second, ending, does not take it away.
+    #[test]
+    fn a_reset_token_stays_with_its_first_holder() {
+        let table = Arc::new(RouteTable::default());
+        let s = Settings::default();
+        let (mut first, mut first_rx) = Registration::with_queue(&table, &s);
+        let (mut second, _second_rx) = Registration::with_queue(&table, &s);
+        first.add_reset_token(7);
+        second.add_reset_token(7);
+        second.release();
+        let key = reset_token_key(&7u128.to_be_bytes());
+        let route = table.lock().get(&key[..]).cloned().expect("the first's route stays");
+        route.try_send(datagram(10)).unwrap();
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(
+            first_rx.poll_recv(&mut cx).is_ready(),
+            "it reaches the first connection"
+        );
+        first.release();
+        assert!(table.lock().is_empty(), "the token goes with its holder");
     }
 
     #[test]

@@ -298,7 +298,20 @@ pub async fn h3_server_at(
         .metrics(Arc::clone(&metrics))
         .build()
         .unwrap();
-    let listener = Listener::bind(addr, config).await.unwrap();
+    // A server stopped on `addr` lets its sockets go once its routers have seen their
+    // last connection leave, a moment after `serve` returned: a few tries.
+    let mut tries = 0;
+    let listener = loop {
+        match Listener::bind(addr, config.clone()).await {
+            Ok(listener) => break listener,
+            Err(e) if addr.port() != 0 && tries < 50 => {
+                tries += 1;
+                tracing::debug!(%e, "address still held; trying again");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("cannot bind {addr}: {e}"),
+        }
+    };
     let addr = listener.local_addr();
     let (tx, rx) = oneshot::channel::<()>();
     let done = tokio::spawn(
