@@ -1168,3 +1168,72 @@ async fn reserved_frame_and_stream_types_are_ignored_and_memory_bounded() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A listener bound to two addresses that share a configured stateless reset key: a
+/// packet for a live connection of one address, sent to the other, draws no reset (which
+/// would carry the live connection's token: whoever sees its ID could then end it, RFC
+/// 9000 §10.3.2), while a packet for an unknown connection still does. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_connections_id_sent_to_another_address_draws_no_reset() {
+    let _serial = serial().await;
+    let certs = certs();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = server_builder(&certs)
+        .stateless_reset_key([9; 32])
+        .metrics(Arc::clone(&metrics))
+        .build()
+        .unwrap();
+    let addrs = ["127.0.0.1:0".parse().unwrap(), "127.0.0.2:0".parse().unwrap()];
+    let mut listener = Listener::bind_all(&addrs, config).await.unwrap();
+    let (home, other) = (listener.local_addrs()[0], listener.local_addrs()[1]);
+    let (accepted_tx, mut accepted) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(incoming) = listener.accept().await {
+            let _ = accepted_tx.send(incoming.start(echo::EchoServer::new()));
+        }
+    });
+    let run = async {
+        let endpoint =
+            Endpoint::client_bound("127.0.0.1:0".parse().unwrap(), client_builder(&certs).build().unwrap()).unwrap();
+        let client = endpoint
+            .connect_addr(home, Some("localhost"), echo::EchoClient::new().0)
+            .await
+            .unwrap();
+        let server_side = accepted.recv().await.unwrap();
+        server_side.established().await.unwrap();
+        // The server's ID of the connection: quiche's trace ID is its hex.
+        let hex = server_side.trace_id();
+        let id: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let short_packet = |dcid: &[u8]| {
+            let mut packet = vec![0x40];
+            packet.extend_from_slice(dcid);
+            packet.extend_from_slice(&random_id(60));
+            packet
+        };
+        let raw = raw_socket().await;
+        raw.send_to(&short_packet(&id), other).await.unwrap();
+        timeout(
+            Duration::from_secs(10),
+            until(&metrics, |m| m.dropped_unknown_connection >= 1),
+        )
+        .await
+        .expect("the live connection's ID is dropped at the other address");
+        raw.send_to(&short_packet(&random_id(id.len())), other).await.unwrap();
+        timeout(
+            Duration::from_secs(10),
+            until(&metrics, |m| m.stateless_resets_sent >= 1),
+        )
+        .await
+        .expect("an unknown ID draws a reset");
+        assert_eq!(
+            metrics.snapshot().stateless_resets_sent,
+            1,
+            "one reset: for the unknown ID only"
+        );
+        client.close(0, "done");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

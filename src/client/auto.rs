@@ -104,7 +104,7 @@ impl Pool {
         let bodyless = http_body::Body::is_end_stream(request.body());
         let pending = PendingRequest::from_boxed(request)?.with_replay(replay);
         let status = send.shared_status();
-        let sent = self.send_h3(send, pending, &origin, port);
+        let sent = self.send_h3(send, pending, &origin, port, true);
         let outcome = match status.early_since() {
             // A request in 0-RTT data on a resumed connection (only bodiless safe ones go
             // early): usable at once, its handshake has yet to show that UDP gets through.

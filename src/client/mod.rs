@@ -503,7 +503,7 @@ impl Pool {
                 let replay = request.body().replay();
                 let pending = PendingRequest::from_boxed(request.map(layers::ReqBody::into_any))?.with_replay(replay);
                 let port = self.h3_port(&origin);
-                self.send_h3(send, pending, &origin, port)
+                self.send_h3(send, pending, &origin, port, false)
                     .await
                     .map_err(H3Failure::into_error)
             }
@@ -527,12 +527,13 @@ impl Pool {
     }
 
     /// The connection a request the server did not process goes to next ([`connection`]
-    /// with `avoid`). In auto mode it waits no longer than the handicap for a new one
-    /// whose handshake has completed (one still in 0-RTT data has not yet shown that UDP
-    /// passes), as a request's first attempt does: past it, the request goes over TCP (the
-    /// attempt goes on for the next requests). A request moved off a connection whose path
-    /// went silent would otherwise wait the whole connect timeout where UDP no longer
-    /// passes.
+    /// with `avoid`). A request that can go over TCP instead (`tcp_fallback`: auto mode,
+    /// not a tunnel) waits no longer than the handicap for a new one whose handshake has
+    /// completed (one still in 0-RTT data has not yet shown that UDP passes), as a
+    /// request's first attempt does: past it, it goes over TCP (the attempt goes on for the
+    /// next requests). A request moved off a connection whose path went silent would
+    /// otherwise wait the whole connect timeout where UDP no longer passes. Others (a
+    /// tunnel, HTTP/3 only) wait up to the connect timeout.
     ///
     /// [`connection`]: Self::connection
     async fn reconnect(
@@ -540,9 +541,12 @@ impl Pool {
         origin: &Origin,
         port: u16,
         avoid: Option<&SendRequest>,
+        tcp_fallback: bool,
     ) -> Result<SendRequest, Error> {
+        #[cfg(not(feature = "tcp"))]
+        let _ = tcp_fallback;
         #[cfg(feature = "tcp")]
-        if self.mode == Mode::Auto {
+        if tcp_fallback {
             let up = async {
                 let send = self.connection(origin, port, avoid).await?;
                 if std::future::poll_fn(|cx| send.status().poll_handshake_done(cx)).await {
@@ -561,13 +565,15 @@ impl Pool {
     /// Sends `request` on `send`; a request the server did not process goes once more to
     /// another connection (RFC 9114 §4.1.1: the server may refuse it on that connection
     /// again, for the same reason), to HTTP/3 on `port` of the origin's host. A request
-    /// answered `425 Too Early` goes again besides, once.
+    /// answered `425 Too Early` goes again besides, once. `tcp_fallback`: whether it can
+    /// go over TCP instead (see [`reconnect`](Self::reconnect)).
     async fn send_h3(
         self: &Arc<Self>,
         mut send: SendRequest,
         mut request: PendingRequest,
         origin: &Origin,
         port: u16,
+        tcp_fallback: bool,
     ) -> Result<Response<RecvBody>, H3Failure> {
         // One resend for a request the server did not process, plus the one a 425 asks for
         // (a request goes in early data once, so there is one such at most).
@@ -581,7 +587,7 @@ impl Pool {
         loop {
             if let Some(avoid) = avoid_previous.take() {
                 let avoid = avoid.then_some(&send);
-                send = match self.reconnect(origin, port, avoid).await {
+                send = match self.reconnect(origin, port, avoid, tcp_fallback).await {
                     Ok(send) => send,
                     Err(e) => return Err(H3Failure::Connect(request, e)),
                 };

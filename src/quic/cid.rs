@@ -68,19 +68,6 @@ impl ResetKey {
         ResetKey(key)
     }
 
-    /// The key of the sockets bound to `addr`, derived from this one: each address gets its
-    /// own, so that a packet sent to another address of the server, which does not hold
-    /// the connection, cannot make it give out the token of a connection on this one (RFC
-    /// 9000 §10.3.2); the same address gets the same key after a restart.
-    pub(crate) fn for_address(&self, addr: std::net::SocketAddr) -> ResetKey {
-        let mut info = match addr.ip() {
-            std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
-            std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
-        };
-        info.extend_from_slice(&addr.port().to_be_bytes());
-        ResetKey(hmac_sha256(&self.0, &info).unwrap_or([0; 32]))
-    }
-
     pub(crate) fn token(&self, cid: &[u8]) -> u128 {
         let mac = hmac_sha256(&self.0, cid).unwrap_or([0; 32]);
         let mut token = [0; 16];
@@ -100,22 +87,6 @@ mod tests {
         assert_eq!(a.token(b"cid-1"), a.token(b"cid-1"));
         assert_ne!(a.token(b"cid-1"), a.token(b"cid-2"));
         assert_ne!(a.token(b"cid-1"), b.token(b"cid-1"));
-    }
-
-    #[test]
-    fn a_configured_key_gives_each_address_its_own_key_the_same_every_time() {
-        let key = ResetKey::new([7; 32]);
-        let a: std::net::SocketAddr = "192.0.2.1:443".parse().unwrap();
-        let b: std::net::SocketAddr = "192.0.2.2:443".parse().unwrap();
-        let c: std::net::SocketAddr = "192.0.2.1:8443".parse().unwrap();
-        let token = |k: &ResetKey| k.token(b"cid-1");
-        assert_eq!(
-            token(&key.for_address(a)),
-            token(&ResetKey::new([7; 32]).for_address(a))
-        );
-        assert_ne!(token(&key.for_address(a)), token(&key.for_address(b)));
-        assert_ne!(token(&key.for_address(a)), token(&key.for_address(c)));
-        assert_ne!(token(&key.for_address(a)), token(&key));
     }
 
     #[test]

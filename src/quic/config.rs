@@ -906,10 +906,11 @@ impl ServerConfigBuilder {
     /// stopped, which is all it does: the kernel spreads datagrams over both servers'
     /// sockets by a hash of the addresses, re-spread as sockets come and go, and neither
     /// server knows the other's connections. The old server's connections whose datagrams
-    /// now reach the new one are lost (unless both use one
-    /// [`stateless_reset_key`](Self::stateless_reset_key), their clients wait out their
-    /// idle timeout: the new server's stateless resets carry another key), and clients that reach the old one once it has
-    /// stopped accepting are not answered until it exits. A hand-over that loses nothing
+    /// now reach the new one are lost (their clients wait out their idle timeout: the new
+    /// server's stateless resets carry another key; do not give both one
+    /// [`stateless_reset_key`](Self::stateless_reset_key), see there), and clients that
+    /// reach the old one once it has stopped accepting are not answered until it exits.
+    /// A hand-over that loses nothing
     /// passes the sockets themselves to the new process ([`Listener::from_std`](crate::quic::Listener::from_std)).
     pub fn share_port(mut self, share: bool) -> Self {
         self.server.share_port = share;
@@ -918,21 +919,23 @@ impl ServerConfigBuilder {
 
     /// The secret the listener derives its stateless reset tokens from (RFC 9000 §10.3): 32
     /// random bytes, kept as secret as the TLS key. Defaults to a random key per bound
-    /// address. A configured key is derived per bound address too (the address as bound:
-    /// `0.0.0.0:443` for a wildcard), so that a packet one of the server's addresses
-    /// receives cannot make it give out the token of a connection on another (RFC 9000
-    /// §10.3.2), while a restart on the same address keeps its tokens.
+    /// address.
     ///
     /// A server that keeps its key across restarts answers the packets of connections it
-    /// lost (it crashed, or was restarted without a graceful shutdown, or took over a
-    /// port with [`share_port`](Self::share_port)) with a stateless reset their clients
-    /// recognise: they learn at once that the connection is gone instead of waiting out
-    /// their idle timeout, and open a new one. Servers that bind the same address behind
-    /// a load balancer may share a key only when every connection's packets reach the
-    /// server that holds it (the balancer routes by connection ID): a packet that reached
-    /// another would get its connection reset, which an attacker who sees the connection
-    /// ID could cause (RFC 9000 §10.3.2). Whoever knows the key can end any of the
-    /// server's connections whose ID it knows.
+    /// lost (it crashed, or was restarted without a graceful shutdown) with a stateless
+    /// reset their clients recognise: they learn at once that the connection is gone
+    /// instead of waiting out their idle timeout, and open a new one.
+    ///
+    /// A key must never be used by a server that can receive packets of a live connection
+    /// it does not hold: it answers them with that connection's token, and whoever sees the
+    /// connection's ID (an observer on the path) can so learn the token and end the
+    /// connection (RFC 9000 §10.3.2). Within one listener this cannot happen: a packet sent
+    /// to one of its addresses for a connection of another draws no reset. Between servers
+    /// it can: servers behind a load balancer may share a key only when the balancer routes
+    /// every packet by connection ID to the server that holds it, and two processes on one
+    /// port with [`share_port`](Self::share_port) must not share one (the kernel hands a
+    /// connection's packets to either, by a hash of a source port an attacker chooses).
+    /// Whoever knows the key can end any of the server's connections whose ID it knows.
     ///
     /// ```
     /// let key: [u8; 32] = std::array::from_fn(|i| i as u8); // read it from a secret store

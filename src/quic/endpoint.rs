@@ -14,12 +14,12 @@ use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 
 use super::app::{Application, ConnectionHandle};
-use super::cid;
+use super::cid::{self, ResetKey};
 use super::config::{ClientConfig, ServerConfig};
 use super::driver::{self, ConnContext};
 use super::limits::Limits;
 use super::router::{self, Accepted, Shared};
-use super::routes::{InboundQueue, Registration};
+use super::routes::{InboundQueue, Registration, RouteTable};
 use super::session::{SessionCache, SessionSlot};
 use super::streams::{self, StreamConnection};
 use super::udp::Socket;
@@ -176,26 +176,28 @@ impl Listener {
         }
         let config = &server_config.config;
         let (tx, rx) = mpsc::channel(config.inner.server.accept_backlog);
+        // The sockets of one address share its routes and reset key (see `Shared`).
+        let mut local_addrs = Vec::new();
+        let mut groups: Vec<(Arc<RouteTable>, Arc<ResetKey>)> = Vec::new();
+        for socket in &sockets {
+            if !local_addrs.contains(&socket.local_addr()) {
+                local_addrs.push(socket.local_addr());
+                groups.push((Arc::default(), Shared::reset_key_of(config)));
+            }
+        }
+        let tables = groups.iter().map(|(routes, _)| Arc::clone(routes)).collect();
         // One set of caps, keys and TLS context for the whole listener, whichever socket a
         // client arrives on.
-        let accept = router::Accept::new(config.quiche_config(true)?, tx, Limits::new(&config.inner.server));
+        let limits = Limits::new(&config.inner.server);
+        let accept = router::Accept::new(config.quiche_config(true)?, tx, limits, tables);
         let mut shareds: Vec<Arc<Shared>> = Vec::new();
-        let mut local_addrs = Vec::new();
         for socket in sockets {
-            let local = socket.local_addr();
-            // The sockets of one address share its routes and reset key (see `Shared`).
-            let shared = match shareds.iter().find(|s| s.socket.local_addr() == local) {
-                Some(group) => Shared::in_group(
-                    socket,
-                    config.clone(),
-                    Arc::clone(&group.routes),
-                    Arc::clone(&group.reset_key),
-                ),
-                None => {
-                    local_addrs.push(local);
-                    Shared::new(socket, config.clone())
-                }
-            };
+            let group = local_addrs
+                .iter()
+                .position(|addr| *addr == socket.local_addr())
+                .expect("every address has a group");
+            let (routes, reset_key) = &groups[group];
+            let shared = Shared::in_group(socket, config.clone(), Arc::clone(routes), Arc::clone(reset_key));
             router::spawn(Arc::clone(&shared), Some(accept.clone()));
             shareds.push(shared);
         }

@@ -103,14 +103,17 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// A socket with a route table of its own, and a reset key derived for its address from
-    /// the configured one (or one of its own).
+    /// A socket with a route table of its own, and the configured reset key (or one of its
+    /// own).
     pub(crate) fn new(socket: Socket, config: Config) -> Arc<Self> {
-        let reset_key = match &config.inner.server.reset_key {
-            Some(key) => key.for_address(socket.local_addr()),
-            None => ResetKey::random(),
-        };
-        Self::in_group(socket, config, Arc::default(), Arc::new(reset_key))
+        let reset_key = Self::reset_key_of(&config);
+        Self::in_group(socket, config, Arc::default(), reset_key)
+    }
+
+    /// The configured reset key, or a random one for a group of sockets of its own.
+    pub(crate) fn reset_key_of(config: &Config) -> Arc<ResetKey> {
+        let configured = config.inner.server.reset_key.clone();
+        configured.unwrap_or_else(|| Arc::new(ResetKey::random()))
     }
 
     /// A socket that shares `routes` and `reset_key` with the other sockets of its address.
@@ -157,16 +160,36 @@ pub(crate) struct Accept {
     token_key: Arc<TokenKey>,
     backlog: mpsc::Sender<Accepted>,
     limits: Arc<Limits>,
+    /// The route tables of every address the listener is bound to: a packet for a
+    /// connection of one address that reaches another is not answered with a reset, which
+    /// would give out the live connection's token when the addresses share a configured
+    /// reset key (RFC 9000 §10.3.2).
+    tables: Arc<[Arc<RouteTable>]>,
 }
 
 impl Accept {
-    pub(crate) fn new(config: quiche::Config, backlog: mpsc::Sender<Accepted>, limits: Arc<Limits>) -> Self {
+    pub(crate) fn new(
+        config: quiche::Config,
+        backlog: mpsc::Sender<Accepted>,
+        limits: Arc<Limits>,
+        tables: Arc<[Arc<RouteTable>]>,
+    ) -> Self {
         Accept {
             config: Arc::new(Mutex::new(config)),
             token_key: Arc::new(TokenKey::random()),
             backlog,
             limits,
+            tables,
         }
+    }
+
+    /// Whether a connection of another of the listener's addresses has the ID `dcid`.
+    fn elsewhere_has(&self, routes: &Arc<RouteTable>, dcid: &[u8]) -> bool {
+        self.tables.len() > 1
+            && self
+                .tables
+                .iter()
+                .any(|table| !Arc::ptr_eq(table, routes) && table.lock().contains_key(dcid))
     }
 
     /// Spends one stateless reply (reset or version negotiation) from the listener's budget;
@@ -614,18 +637,26 @@ fn send_stateless_reset(
     to: SocketAddr,
     source: Option<IpAddr>,
 ) {
-    if received <= MIN_RESET_LEN || dcid.is_empty() {
+    let unanswered = || {
         shared
             .config
             .inner
             .metrics
             .datagram_dropped(DropReason::UnknownConnection);
-        return;
+    };
+    if received <= MIN_RESET_LEN || dcid.is_empty() {
+        return unanswered();
+    }
+    // The other tables are locked one at a time, this one let go first: two routers never
+    // wait for each other's table.
+    routes.let_go();
+    if accept.elsewhere_has(&shared.routes, dcid) {
+        // Sent to the wrong address of the listener (not by a client: it addresses one).
+        return unanswered();
     }
     if !accept.may_reply(shared) {
         return;
     }
-    routes.let_go();
     // Smaller than what caused it, so resets cannot loop between two endpoints.
     let len = (received - 1).min(MAX_RESET_LEN);
     let reset = &mut out[..len];
