@@ -424,6 +424,14 @@ impl<A: Application> Driver<A> {
             self.conn.on_timeout();
             busy = true;
         }
+        if busy {
+            // quiche queues an event for each path the peer opens or that fails validation
+            // (what the datagrams and the timeout just did), kept until taken: a peer that
+            // sends from ever-new ports would otherwise grow this queue without bound.
+            while let Some(event) = self.conn.path_event_next() {
+                tracing::trace!(?event, "path event");
+            }
+        }
         if self.conn.is_established() {
             // The handshake is over, its deadline with it (one that completed in this very
             // turn made it): past, the deadline would wake the task on every turn, say while

@@ -116,7 +116,9 @@ impl TokenKey {
     /// ID our Retry chose.
     pub(crate) fn validate(&self, peer: &SocketAddr, dcid: &[u8], token: &[u8]) -> Option<Vec<u8>> {
         let token = token.strip_prefix(&self.id)?;
-        if token.len() < NONCE_LEN + 8 + TAG_LEN {
+        // What a token of ours can hold (an original DCID is 20 bytes at most): a longer
+        // one is refused before any AES runs over it (an Initial's token may be tens of KB).
+        if !(NONCE_LEN + 8 + TAG_LEN..=NONCE_LEN + 8 + quiche::MAX_CONN_ID_LEN + TAG_LEN).contains(&token.len()) {
             return None;
         }
         let (nonce, rest) = token.split_at(NONCE_LEN);
@@ -158,6 +160,19 @@ mod tests {
             key.validate(&peer(), RETRY_SCID, &token).as_deref(),
             Some(&b"original-dcid"[..])
         );
+    }
+
+    /// The longest token of ours (a 20-byte original DCID) still validates: the length
+    /// bound checked before decryption leaves no valid token out.
+    #[test]
+    fn the_longest_token_of_ours_validates() {
+        let key = TokenKey::random();
+        let odcid = [7; quiche::MAX_CONN_ID_LEN];
+        let token = key.mint(&peer(), &odcid, RETRY_SCID);
+        assert_eq!(key.validate(&peer(), RETRY_SCID, &token).as_deref(), Some(&odcid[..]));
+        let mut longer = token.clone();
+        longer.push(0);
+        assert_eq!(key.validate(&peer(), RETRY_SCID, &longer), None);
     }
 
     #[test]
