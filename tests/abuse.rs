@@ -1237,3 +1237,40 @@ async fn a_live_connections_id_sent_to_another_address_draws_no_reset() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// Spoofed Initials that claim a victim's address (here: never answered, from its IP) fill
+/// its share of the half-open handshakes, and load the listener. The victim's real client
+/// is then not dropped: a Retry proves its address, and proven handshakes have a share of
+/// their own. (Found by review: it was dropped until the spoofed handshakes timed out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spoofed_initials_do_not_lock_their_victims_address_out() {
+    let _serial = serial().await;
+    let certs = certs();
+    let server = echo_server(
+        "127.0.0.1:0",
+        server_builder(&certs)
+            .max_handshakes_in_progress(8)
+            .max_handshakes_in_progress_per_address(2)
+            .transport(TransportConfig::default().handshake_timeout(Duration::from_secs(120))),
+    )
+    .await;
+    let run = async {
+        // Two half-open handshakes from the victim's IP (another port): its share, and the
+        // listener's load threshold (a quarter of 8).
+        let raw = raw_socket().await;
+        for initial in client_initials(2, raw.local_addr().unwrap(), server.addr) {
+            raw.send_to(&initial, server.addr).await.unwrap();
+        }
+        until(&server.metrics, |m| m.handshakes_started >= 2).await;
+        assert_eq!(
+            server.metrics.snapshot().retries_sent,
+            0,
+            "no Retry yet: not loaded then"
+        );
+        timeout(Duration::from_secs(20), honest_echo(&certs, server.addr))
+            .await
+            .expect("the victim's client connects, through a Retry");
+        assert!(server.metrics.snapshot().retries_sent >= 1);
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -989,9 +989,11 @@ impl ServerConfigBuilder {
     /// that passes address validation (a Retry) and then stalls its handshakes cannot take
     /// every slot, while below the load threshold one host's burst (a load test, a NAT's
     /// clients reconnecting) is served at once. Past it, that address's new Initials are
-    /// dropped (counted as
-    /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)). Must be at
-    /// least 1.
+    /// answered with a Retry (unless [`retry`](Self::retry) is `Never`: dropped, counted as
+    /// [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)): Initials
+    /// whose source address nothing proved can be spoofed, so a victim's address could be
+    /// filled by others. Handshakes proven by a Retry token have a share of their own, the
+    /// same size; past it, that address's proven Initials are dropped. Must be at least 1.
     ///
     /// A server's TCP side (`server::Builder::serve_with_tcp`) gives each address the same
     /// share of its TLS handshakes, once a quarter of its `tcp_max_connections` are in one;

@@ -24,9 +24,10 @@ pub(crate) struct Limits {
     max_handshakes_per_address: usize,
     connections: AtomicUsize,
     handshakes: AtomicUsize,
-    /// Handshakes in progress per client address ([`AddressKey`]); at most
+    /// Handshakes in progress per client address ([`AddressKey`]), counted apart for
+    /// addresses unproven and proven by a Retry token ([`ByAddress`]); at most
     /// `max_handshakes` entries, as each counts at least one.
-    handshakes_by_address: Mutex<HashMap<AddressKey, usize>>,
+    handshakes_by_address: Mutex<HashMap<AddressKey, ByAddress>>,
     replies: Mutex<TokenBucket>,
 }
 
@@ -47,6 +48,33 @@ impl AddressKey {
     }
 }
 
+/// An address's handshakes in progress: those whose source address nothing proved, which
+/// anyone can claim by spoofing it, and those that answered a Retry from it. Each class
+/// has the per-address share of its own: spoofed Initials that fill an address's share
+/// (before the load threshold, when none is asked for) leave its real clients the other,
+/// through a Retry.
+#[derive(Debug, Default, Clone, Copy)]
+struct ByAddress {
+    unproven: usize,
+    proven: usize,
+}
+
+impl ByAddress {
+    fn count(&mut self, proven: bool) -> &mut usize {
+        if proven { &mut self.proven } else { &mut self.unproven }
+    }
+}
+
+/// Why a new connection is not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// A cap of the listener: dropped.
+    Full(DropReason),
+    /// The client's address has its share of handshakes unproven: a Retry proves it, and
+    /// the proven share is apart.
+    AddressShare,
+}
+
 impl Limits {
     pub(crate) fn new(s: &ServerSettings) -> Arc<Self> {
         Arc::new(Limits {
@@ -64,27 +92,40 @@ impl Limits {
         })
     }
 
-    /// Whether a new connection from `from` would be admitted now. The router asks before
-    /// sending a Retry, so that a client it would refuse anyway costs no reply.
-    pub(crate) fn check(&self, from: IpAddr) -> Result<(), DropReason> {
+    /// Whether a new connection from `from` (`proven` by a Retry token of ours) would be
+    /// admitted now. The router asks before sending a Retry, so that a client it would
+    /// refuse anyway costs no reply.
+    pub(crate) fn check(&self, from: IpAddr, proven: bool) -> Result<(), Refusal> {
         if self.connections.load(Ordering::Acquire) >= self.max_connections {
-            Err(DropReason::ConnectionLimit)
-        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes
-            || (self.loaded() && self.address_handshakes(AddressKey::of(from)) >= self.max_handshakes_per_address)
-        {
-            Err(DropReason::HandshakeLimit)
+            Err(Refusal::Full(DropReason::ConnectionLimit))
+        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
+            Err(Refusal::Full(DropReason::HandshakeLimit))
+        } else if self.address_over_its_share(self.address_handshakes(AddressKey::of(from), proven)) {
+            Err(self.share_refusal(proven))
         } else {
             Ok(())
         }
     }
 
-    fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<AddressKey, usize>> {
+    /// An address over its share: an unproven one may prove itself (Retry), a proven one
+    /// has had its chance.
+    fn share_refusal(&self, proven: bool) -> Refusal {
+        if proven {
+            Refusal::Full(DropReason::HandshakeLimit)
+        } else {
+            Refusal::AddressShare
+        }
+    }
+
+    fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<AddressKey, ByAddress>> {
         // Held for a map operation; a panic cannot leave the counts half-changed.
         self.handshakes_by_address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn address_handshakes(&self, key: AddressKey) -> usize {
-        self.by_address().get(&key).copied().unwrap_or(0)
+    fn address_handshakes(&self, key: AddressKey, proven: bool) -> usize {
+        self.by_address()
+            .get(&key)
+            .map_or(0, |c| if proven { c.proven } else { c.unproven })
     }
 
     /// Whether an address with `count` handshakes in progress may start no more: only
@@ -120,31 +161,31 @@ impl Limits {
             || self.connections.load(Ordering::Acquire).saturating_add(threshold) >= self.max_connections
     }
 
-    /// Takes a connection slot and a handshake slot for a client at `from`, or says which
-    /// cap is reached.
-    pub(crate) fn admit(self: &Arc<Self>, from: IpAddr) -> Result<Slot, DropReason> {
+    /// Takes a connection slot and a handshake slot for a client at `from` (`proven` by a
+    /// Retry token of ours), or says which cap is reached.
+    pub(crate) fn admit(self: &Arc<Self>, from: IpAddr, proven: bool) -> Result<Slot, Refusal> {
         if !take(&self.connections, self.max_connections) {
-            return Err(DropReason::ConnectionLimit);
+            return Err(Refusal::Full(DropReason::ConnectionLimit));
         }
         if !take(&self.handshakes, self.max_handshakes) {
             self.connections.fetch_sub(1, Ordering::AcqRel);
-            return Err(DropReason::HandshakeLimit);
+            return Err(Refusal::Full(DropReason::HandshakeLimit));
         }
         let address = AddressKey::of(from);
         {
             let mut by_address = self.by_address();
-            let count = by_address.entry(address).or_insert(0);
+            let count = by_address.entry(address).or_default().count(proven);
             if self.address_over_its_share(*count) {
                 drop(by_address);
                 self.handshakes.fetch_sub(1, Ordering::AcqRel);
                 self.connections.fetch_sub(1, Ordering::AcqRel);
-                return Err(DropReason::HandshakeLimit);
+                return Err(self.share_refusal(proven));
             }
             *count += 1;
         }
         Ok(Slot {
             limits: Arc::clone(self),
-            handshaking: Some(address),
+            handshaking: Some((address, proven)),
         })
     }
 
@@ -177,19 +218,21 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 /// fails its handshake, or is never accepted by the application.
 pub(crate) struct Slot {
     limits: Arc<Limits>,
-    /// While the handshake is in progress: the client's address, as counted.
-    handshaking: Option<AddressKey>,
+    /// While the handshake is in progress: the client's address, as counted (and whether
+    /// proven).
+    handshaking: Option<(AddressKey, bool)>,
 }
 
 impl Slot {
     /// The handshake has completed: the connection no longer counts as half-open.
     pub(crate) fn established(&mut self) {
-        if let Some(address) = self.handshaking.take() {
+        if let Some((address, proven)) = self.handshaking.take() {
             self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
             let mut by_address = self.limits.by_address();
-            if let Some(count) = by_address.get_mut(&address) {
-                *count -= 1;
-                if *count == 0 {
+            if let Some(counts) = by_address.get_mut(&address) {
+                let count = counts.count(proven);
+                *count = count.saturating_sub(1);
+                if counts.proven == 0 && counts.unproven == 0 {
                     by_address.remove(&address);
                 }
             }
@@ -256,7 +299,7 @@ mod tests {
     fn load_counts_half_open_handshakes_and_scarce_connection_slots() {
         // A quarter of the handshake cap.
         let l = limits(1000, 8);
-        let held: Vec<Slot> = (0..2).map(|_| l.admit(HOST).unwrap()).collect();
+        let held: Vec<Slot> = (0..2).map(|_| l.admit(HOST, false).unwrap()).collect();
         assert!(l.under_load());
         drop(held);
         assert!(!l.under_load());
@@ -265,7 +308,7 @@ mod tests {
         // Few free connection slots, however few handshakes: established connections
         // fill all but the last quarter-cap's worth.
         let l = limits(10, 8);
-        let mut held: Vec<Slot> = (0..8).map(|_| l.admit(HOST).unwrap()).collect();
+        let mut held: Vec<Slot> = (0..8).map(|_| l.admit(HOST, false).unwrap()).collect();
         held.iter_mut().for_each(Slot::established);
         assert_eq!(l.counts(), (8, 0));
         assert!(l.under_load(), "2 free slots, threshold 2");
@@ -276,19 +319,31 @@ mod tests {
     #[test]
     fn slots_count_exactly_however_the_connection_ends() {
         let limits = limits(3, 2);
-        let mut a = limits.admit(HOST).unwrap();
-        let b = limits.admit(HOST).unwrap();
+        let mut a = limits.admit(HOST, false).unwrap();
+        let b = limits.admit(HOST, false).unwrap();
         assert_eq!(limits.counts(), (2, 2));
-        assert_eq!(limits.admit(HOST).err(), Some(DropReason::HandshakeLimit));
-        assert_eq!(limits.check(HOST), Err(DropReason::HandshakeLimit));
+        assert_eq!(
+            limits.admit(HOST, false).err(),
+            Some(Refusal::Full(DropReason::HandshakeLimit))
+        );
+        assert_eq!(
+            limits.check(HOST, false),
+            Err(Refusal::Full(DropReason::HandshakeLimit))
+        );
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         // Established: frees its handshake slot once, however often it is told.
         a.established();
         a.established();
         assert_eq!(limits.counts(), (2, 1));
-        let c = limits.admit(HOST).unwrap();
-        assert_eq!(limits.admit(HOST).err(), Some(DropReason::ConnectionLimit));
-        assert_eq!(limits.check(HOST), Err(DropReason::ConnectionLimit));
+        let c = limits.admit(HOST, false).unwrap();
+        assert_eq!(
+            limits.admit(HOST, false).err(),
+            Some(Refusal::Full(DropReason::ConnectionLimit))
+        );
+        assert_eq!(
+            limits.check(HOST, false),
+            Err(Refusal::Full(DropReason::ConnectionLimit))
+        );
         // Dies while handshaking: frees both slots.
         drop(b);
         assert_eq!(limits.counts(), (2, 1));
@@ -297,7 +352,7 @@ mod tests {
         assert_eq!(limits.counts(), (1, 1));
         drop(c);
         assert_eq!(limits.counts(), (0, 0));
-        assert_eq!(limits.check(HOST), Ok(()));
+        assert_eq!(limits.check(HOST, false), Ok(()));
     }
 
     #[test]
@@ -309,26 +364,30 @@ mod tests {
         };
         let limits = Limits::new(&s);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let mut first = limits.admit(ip("192.0.2.1")).unwrap();
-        let _second = limits.admit(ip("192.0.2.1")).unwrap();
+        let mut first = limits.admit(ip("192.0.2.1"), false).unwrap();
+        let _second = limits.admit(ip("192.0.2.1"), false).unwrap();
         // The same IPv4 address mapped into IPv6 (a dual-stack socket's view) is the same.
         for same in ["192.0.2.1", "::ffff:192.0.2.1"] {
-            assert_eq!(limits.admit(ip(same)).err(), Some(DropReason::HandshakeLimit), "{same}");
-            assert_eq!(limits.check(ip(same)), Err(DropReason::HandshakeLimit), "{same}");
+            assert_eq!(
+                limits.admit(ip(same), false).err(),
+                Some(Refusal::AddressShare),
+                "{same}"
+            );
+            assert_eq!(limits.check(ip(same), false), Err(Refusal::AddressShare), "{same}");
         }
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
-        let _other = limits.admit(ip("192.0.2.2")).unwrap();
+        let _other = limits.admit(ip("192.0.2.2"), false).unwrap();
         // IPv6: one /64 is one address.
-        let _v6 = limits.admit(ip("2001:db8::1")).unwrap();
-        let _v6_same_prefix = limits.admit(ip("2001:db8::2")).unwrap();
+        let _v6 = limits.admit(ip("2001:db8::1"), false).unwrap();
+        let _v6_same_prefix = limits.admit(ip("2001:db8::2"), false).unwrap();
         assert_eq!(
-            limits.admit(ip("2001:db8::ffff:3")).err(),
-            Some(DropReason::HandshakeLimit)
+            limits.admit(ip("2001:db8::ffff:3"), false).err(),
+            Some(Refusal::AddressShare)
         );
-        let _v6_next_prefix = limits.admit(ip("2001:db8:0:1::1")).unwrap();
+        let _v6_next_prefix = limits.admit(ip("2001:db8:0:1::1"), false).unwrap();
         // A completed handshake gives its address's share back.
         first.established();
-        let _third = limits.admit(ip("192.0.2.1")).unwrap();
+        let _third = limits.admit(ip("192.0.2.1"), false).unwrap();
         assert_eq!(limits.by_address().len(), 4);
         drop((first, _second, _third, _other, _v6, _v6_same_prefix, _v6_next_prefix));
         assert!(limits.by_address().is_empty(), "no entry outlives its handshakes");
@@ -340,15 +399,47 @@ mod tests {
         // A quarter of 1,024 handshakes is the load threshold: below it, one address may
         // have more than its 64.
         let limits = limits(10_000, 1024);
-        let held: Vec<Slot> = (0..200).map(|_| limits.admit(HOST).unwrap()).collect();
-        assert_eq!(limits.check(HOST), Ok(()));
-        let more: Vec<Slot> = (0..55).map(|_| limits.admit(HOST).unwrap()).collect();
+        let held: Vec<Slot> = (0..200).map(|_| limits.admit(HOST, false).unwrap()).collect();
+        assert_eq!(limits.check(HOST, false), Ok(()));
+        let more: Vec<Slot> = (0..55).map(|_| limits.admit(HOST, false).unwrap()).collect();
         // The next would be the 256th in progress, which loads the listener: this address
         // is over its share then, others are not.
-        assert_eq!(limits.admit(HOST).err(), Some(DropReason::HandshakeLimit));
+        assert_eq!(limits.admit(HOST, false).err(), Some(Refusal::AddressShare));
         let other = "192.0.2.9".parse::<IpAddr>().unwrap();
-        assert!(limits.admit(other).is_ok());
+        assert!(limits.admit(other, false).is_ok());
         drop((held, more));
+    }
+
+    /// Spoofed Initials can fill an address's share of unproven handshakes (before the
+    /// load threshold, when no Retry is asked for): its real clients, proven by a Retry,
+    /// have a share of their own, which only proven handshakes fill.
+    #[test]
+    fn handshakes_proven_by_a_retry_have_a_share_apart_from_unproven_ones() {
+        let s = ServerSettings {
+            max_handshakes: 8,
+            max_handshakes_per_address: 2,
+            ..ServerSettings::default()
+        };
+        let limits = Limits::new(&s);
+        let spoofed: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, false).unwrap()).collect();
+        assert_eq!(
+            limits.check(HOST, false),
+            Err(Refusal::AddressShare),
+            "a Retry, not a drop"
+        );
+        assert_eq!(limits.check(HOST, true), Ok(()));
+        let mut proven: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, true).unwrap()).collect();
+        assert_eq!(
+            limits.admit(HOST, true).err(),
+            Some(Refusal::Full(DropReason::HandshakeLimit))
+        );
+        assert_eq!(limits.check(HOST, true), Err(Refusal::Full(DropReason::HandshakeLimit)));
+        // Each class gives back its own.
+        proven.pop();
+        assert_eq!(limits.check(HOST, true), Ok(()));
+        assert_eq!(limits.check(HOST, false), Err(Refusal::AddressShare));
+        drop((spoofed, proven));
+        assert!(limits.by_address().is_empty());
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio::sync::mpsc::error::TrySendError;
 
 use super::cid::{self, ResetKey};
 use super::config::{Config, RetryPolicy};
-use super::limits::Limits;
+use super::limits::{Limits, Refusal};
 use super::metrics::{DropReason, Metrics};
 use super::routes::{Datagram, InboundQueue, Registration, RouteMap, RouteTable, reset_token_key};
 use super::token::TokenKey;
@@ -508,10 +508,22 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::ShortConnectionId);
         return None;
     }
-    if let Err(reason) = accept.limits.check(from.ip()) {
-        // Full: not even a Retry, which would only bring the client back to be refused.
-        metrics.datagram_dropped(reason);
-        return None;
+    // An address with its share of unproven handshakes may be a victim whose address
+    // spoofed Initials claimed: a Retry proves the client's, and proven handshakes have a
+    // share of their own.
+    let mut prove_address = false;
+    match accept.limits.check(from.ip(), answers_our_retry) {
+        Ok(()) => {}
+        Err(Refusal::AddressShare) if policy != RetryPolicy::Never => prove_address = true,
+        Err(Refusal::AddressShare) => {
+            metrics.datagram_dropped(DropReason::HandshakeLimit);
+            return None;
+        }
+        Err(Refusal::Full(reason)) => {
+            // Full: not even a Retry, which would only bring the client back to be refused.
+            metrics.datagram_dropped(reason);
+            return None;
+        }
     }
     if accept.backlog.capacity() == 0 {
         // Likewise while the application takes no connection: the place is reserved below,
@@ -519,11 +531,12 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     }
-    let retry_now = match policy {
-        RetryPolicy::Always => true,
-        RetryPolicy::UnderLoad => accept.limits.under_load(),
-        RetryPolicy::Never => false,
-    };
+    let retry_now = prove_address
+        || match policy {
+            RetryPolicy::Always => true,
+            RetryPolicy::UnderLoad => accept.limits.under_load(),
+            RetryPolicy::Never => false,
+        };
     routes.let_go();
     let (scid, odcid) = if !answers_our_retry && retry_now {
         let new_scid = cid::new_id(&*inner.cid_generator);
@@ -569,10 +582,14 @@ fn accept_initial(
         metrics.datagram_dropped(DropReason::BacklogFull);
         return None;
     };
-    let slot = match accept.limits.admit(from.ip()) {
+    let slot = match accept.limits.admit(from.ip(), odcid.is_some()) {
         Ok(slot) => slot,
-        Err(reason) => {
+        Err(Refusal::Full(reason)) => {
             metrics.datagram_dropped(reason);
+            return None;
+        }
+        Err(Refusal::AddressShare) => {
+            metrics.datagram_dropped(DropReason::HandshakeLimit);
             return None;
         }
     };

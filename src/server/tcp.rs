@@ -1007,7 +1007,8 @@ pub(crate) async fn run<S>(
                 continue;
             }
         };
-        let mut handshake = match handshakes.admit(remote_addr.ip()) {
+        // A TCP connection proves its address.
+        let mut handshake = match handshakes.admit(remote_addr.ip(), true) {
             Ok(slot) => slot,
             Err(_) => {
                 tracing::debug!(peer = %remote_addr, "too many TLS handshakes in progress (from this address); TCP connection closed");
