@@ -753,6 +753,15 @@ async fn queue_then_go_silent(
     tokio::spawn(client.send(hanging));
     let chunk = |b: &'static [u8]| Ok(http_body::Frame::data(Bytes::from_static(b)));
     body_tx.send(chunk(b"a")).await.unwrap();
+    // Taken from the channel once the POST has its stream.
+    let on_its_stream = async {
+        while body_tx.capacity() < body_tx.max_capacity() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    timeout(Duration::from_secs(10), on_its_stream)
+        .await
+        .expect("the POST has the connection's stream");
     // Queued behind it: no credit, and no second connection allowed.
     let queued = tokio::spawn({
         let (client, url) = (client.clone(), format!("{base}/hello"));
