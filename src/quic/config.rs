@@ -930,8 +930,10 @@ impl ServerConfigBuilder {
     /// it does not hold: it answers them with that connection's token, and whoever sees the
     /// connection's ID (an observer on the path) can so learn the token and end the
     /// connection (RFC 9000 §10.3.2). Within one listener this cannot happen: a packet sent
-    /// to one of its addresses for a connection of another draws no reset. Between servers
-    /// it can: servers behind a load balancer may share a key only when the balancer routes
+    /// to one of its addresses for a connection of another draws no reset. Between
+    /// listeners it can (two built from one configuration hold one key: bind one listener
+    /// to all the addresses, [`Listener::bind_all`](crate::quic::Listener::bind_all)), and
+    /// between servers: servers behind a load balancer may share a key only when the balancer routes
     /// every packet by connection ID to the server that holds it, and two processes on one
     /// port with [`share_port`](Self::share_port) must not share one (the kernel hands a
     /// connection's packets to either, by a hash of a source port an attacker chooses).

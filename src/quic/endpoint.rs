@@ -185,7 +185,10 @@ impl Listener {
                 groups.push((Arc::default(), Shared::reset_key_of(config)));
             }
         }
-        let tables = groups.iter().map(|(routes, _)| Arc::clone(routes)).collect();
+        let tables = match config.inner.server.reset_key {
+            Some(_) => groups.iter().map(|(routes, _)| Arc::clone(routes)).collect(),
+            None => Arc::from([]),
+        };
         // One set of caps, keys and TLS context for the whole listener, whichever socket a
         // client arrives on.
         let limits = Limits::new(&config.inner.server);

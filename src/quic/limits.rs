@@ -101,6 +101,10 @@ impl Limits {
         } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
             Err(Refusal::Full(DropReason::HandshakeLimit))
         } else if self.address_over_its_share(self.address_handshakes(AddressKey::of(from), proven)) {
+            if !proven && self.address_over_its_share(self.address_handshakes(AddressKey::of(from), true)) {
+                // Its proven share is full too: a Retry would only bring it back to be refused.
+                return Err(Refusal::Full(DropReason::HandshakeLimit));
+            }
             Err(self.share_refusal(proven))
         } else {
             Ok(())
@@ -231,6 +235,7 @@ impl Slot {
             let mut by_address = self.limits.by_address();
             if let Some(counts) = by_address.get_mut(&address) {
                 let count = counts.count(proven);
+                debug_assert!(*count > 0, "a handshake counted once, given back once");
                 *count = count.saturating_sub(1);
                 if counts.proven == 0 && counts.unproven == 0 {
                     by_address.remove(&address);
@@ -434,6 +439,11 @@ mod tests {
             Some(Refusal::Full(DropReason::HandshakeLimit))
         );
         assert_eq!(limits.check(HOST, true), Err(Refusal::Full(DropReason::HandshakeLimit)));
+        // Both shares full: no Retry, which would only bring the client back to be refused.
+        assert_eq!(
+            limits.check(HOST, false),
+            Err(Refusal::Full(DropReason::HandshakeLimit))
+        );
         // Each class gives back its own.
         proven.pop();
         assert_eq!(limits.check(HOST, true), Ok(()));

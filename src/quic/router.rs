@@ -160,10 +160,11 @@ pub(crate) struct Accept {
     token_key: Arc<TokenKey>,
     backlog: mpsc::Sender<Accepted>,
     limits: Arc<Limits>,
-    /// The route tables of every address the listener is bound to: a packet for a
-    /// connection of one address that reaches another is not answered with a reset, which
-    /// would give out the live connection's token when the addresses share a configured
-    /// reset key (RFC 9000 §10.3.2).
+    /// With a configured reset key, the route tables of every address the listener is
+    /// bound to: a packet for a connection of one address that reaches another is not
+    /// answered with a reset, which would give out the live connection's token (RFC 9000
+    /// §10.3.2). Empty otherwise: each address has a random key of its own, whose resets
+    /// give out nothing of another's.
     tables: Arc<[Arc<RouteTable>]>,
 }
 
@@ -514,6 +515,9 @@ fn accept_initial(
     let mut prove_address = false;
     match accept.limits.check(from.ip(), answers_our_retry) {
         Ok(()) => {}
+        // (`admit` below may still find the address over its share, should another router
+        // load the listener meanwhile: that Initial is dropped, and the client's next,
+        // after its probe timeout, gets the Retry.)
         Err(Refusal::AddressShare) if policy != RetryPolicy::Never => prove_address = true,
         Err(Refusal::AddressShare) => {
             metrics.datagram_dropped(DropReason::HandshakeLimit);
@@ -664,15 +668,16 @@ fn send_stateless_reset(
     if received <= MIN_RESET_LEN || dcid.is_empty() {
         return unanswered();
     }
+    // The budget first: it bounds the work below too, whatever a flood of unknown IDs.
+    if !accept.may_reply(shared) {
+        return;
+    }
     // The other tables are locked one at a time, this one let go first: two routers never
     // wait for each other's table.
     routes.let_go();
     if accept.elsewhere_has(&shared.routes, dcid) {
         // Sent to the wrong address of the listener (not by a client: it addresses one).
         return unanswered();
-    }
-    if !accept.may_reply(shared) {
-        return;
     }
     // Smaller than what caused it, so resets cannot loop between two endpoints.
     let len = (received - 1).min(MAX_RESET_LEN);
