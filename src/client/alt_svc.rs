@@ -287,7 +287,18 @@ impl Cache {
         tracing::debug!(origin = %origin.authority(), ?backoff, "HTTP/3 marked broken; using TCP");
     }
 
-    /// HTTP/3 worked for `origin`: its failures are forgotten.
+    /// A connection to `origin` completed its handshake: HTTP/3 may be used at once, but
+    /// its failures are kept until a response comes ([`confirm`](Self::confirm)). A path
+    /// that passes handshakes and loses requests (a path MTU between QUIC's 1,200-byte
+    /// handshake packets and its larger data packets) so backs off longer each time,
+    /// where forgetting at the handshake retried it at the first backoff every time.
+    pub(crate) fn handshake_worked(&mut self, origin: &Origin) {
+        if let Some(entry) = self.entries.get_mut(origin) {
+            entry.broken_until = None;
+        }
+    }
+
+    /// HTTP/3 worked for `origin` (a response came): its failures are forgotten.
     pub(crate) fn confirm(&mut self, origin: &Origin) {
         if let Some(entry) = self.entries.get_mut(origin) {
             entry.broken_until = None;
@@ -491,7 +502,21 @@ mod tests {
         cache.mark_broken(&o, t1);
         assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(599)), None);
         assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(600)), Some(443));
-        // Once it works, the next failure starts again at 5 minutes.
+        // A handshake that works clears the backoff but not the count: a path that
+        // passes handshakes and loses requests backs off longer each time.
+        cache.handshake_worked(&o);
+        assert_eq!(
+            cache.h3_port(&o, t1 + Duration::from_secs(1)),
+            Some(443),
+            "usable at once"
+        );
+        cache.mark_broken(&o, t1 + Duration::from_secs(1));
+        assert_eq!(
+            cache.h3_port(&o, t1 + Duration::from_secs(1200)),
+            None,
+            "a third failure: 20 minutes"
+        );
+        // Once a response comes, the next failure starts again at 5 minutes.
         cache.confirm(&o);
         let t2 = t1 + Duration::from_secs(600);
         cache.mark_broken(&o, t2);

@@ -132,8 +132,10 @@ impl Pool {
         match outcome {
             Ok(response) => {
                 // An HTTP/3 response's `Alt-Svc` counts as a TCP one's: `clear`, a new port.
-                self.alt_svc()
-                    .update(&origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+                // It also says HTTP/3 works on this path: its failures are forgotten.
+                let mut cache = self.alt_svc();
+                cache.update(&origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+                cache.confirm(&origin);
                 Ok(response)
             }
             Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error))) => {

@@ -384,7 +384,8 @@ impl Pool {
         if self.mode == Mode::Auto {
             let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
-                Ok(_) => cache.confirm(origin),
+                // Its failures are forgotten only once a response comes (`send_h3_or_tcp`).
+                Ok(_) => cache.handshake_worked(origin),
                 Err(e) if !e.is_invalid_request() => {
                     tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
                     cache.mark_broken(origin, std::time::Instant::now());
