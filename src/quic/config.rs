@@ -148,6 +148,7 @@ pub(crate) struct ServerSettings {
     pub(crate) max_connections: usize,
     pub(crate) max_handshakes: usize,
     pub(crate) max_handshakes_per_address: usize,
+    pub(crate) max_connections_per_address: usize,
     pub(crate) stateless_replies_per_second: u32,
     pub(crate) stateless_reply_burst: u32,
     /// Sockets bound per address with SO_REUSEPORT; `None`: one per tokio worker thread.
@@ -166,6 +167,7 @@ impl Default for ServerSettings {
             max_connections: 10_000,
             max_handshakes: 1024,
             max_handshakes_per_address: 64,
+            max_connections_per_address: 1_000,
             stateless_replies_per_second: 1000,
             stateless_reply_burst: 1000,
             sockets_per_address: None,
@@ -972,6 +974,19 @@ impl ServerConfigBuilder {
         self
     }
 
+    /// How many of a listener's connections one client address (an IPv4 address, or an
+    /// IPv6 /64) may hold once the listener is loaded: fewer than a quarter of
+    /// [`max_connections`](Self::max_connections) free. Defaults to 1,000 (a tenth of the
+    /// default cap; one process of a test or a NAT's clients on one server rarely hold
+    /// more). Below the load, one address may hold more; past it, its new Initials are dropped
+    /// (counted as [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit))
+    /// while other addresses still find room: one host that completes handshakes and keeps
+    /// its connections alive cannot take every slot. Must be at least 1.
+    pub fn max_connections_per_address(mut self, connections: usize) -> Self {
+        self.server.max_connections_per_address = connections;
+        self
+    }
+
     /// How many of a listener's connections may be in their handshake at once. Defaults
     /// to 1,024, as [`accept_backlog`](Self::accept_backlog): a reconnect storm of that many
     /// clients is served at once, while a flood of Initials that never complete (each
@@ -1025,10 +1040,15 @@ impl ServerConfigBuilder {
     /// [`ServerConfig`].
     pub fn build(self) -> Result<ServerConfig, Error> {
         let s = &self.server;
-        if s.max_connections == 0 || s.max_handshakes == 0 || s.max_handshakes_per_address == 0 {
+        if s.max_connections == 0
+            || s.max_handshakes == 0
+            || s.max_handshakes_per_address == 0
+            || s.max_connections_per_address == 0
+        {
             return Err(Error::config(
-                "max_connections, max_handshakes_in_progress and max_handshakes_in_progress_per_address must \
-                 be at least 1 (a listener that admits no connection serves nothing)",
+                "max_connections, max_connections_per_address, max_handshakes_in_progress and \
+                 max_handshakes_in_progress_per_address must be at least 1 (a listener that admits no \
+                 connection serves nothing)",
             ));
         }
         if s.stateless_replies_per_second > 0 && s.stateless_reply_burst == 0 {
@@ -1250,6 +1270,8 @@ mod tests {
         assert!(err.contains("raise inbound_queue_bytes"), "{err}");
         let err = build(server().max_connections(0));
         assert!(err.contains("max_connections"), "{err}");
+        let err = build(server().max_connections_per_address(0));
+        assert!(err.contains("max_connections_per_address"), "{err}");
         let err = build(server().max_handshakes_in_progress(0));
         assert!(err.contains("max_handshakes_in_progress"), "{err}");
         let err = build(server().max_handshakes_in_progress_per_address(0));

@@ -22,12 +22,13 @@ pub(crate) struct Limits {
     max_connections: usize,
     max_handshakes: usize,
     max_handshakes_per_address: usize,
+    max_connections_per_address: usize,
     connections: AtomicUsize,
     handshakes: AtomicUsize,
-    /// Handshakes in progress per client address ([`AddressKey`]), counted apart for
-    /// addresses unproven and proven by a Retry token ([`ByAddress`]); at most
-    /// `max_handshakes` entries, as each counts at least one.
-    handshakes_by_address: Mutex<HashMap<AddressKey, ByAddress>>,
+    /// Connections and handshakes in progress per client address ([`AddressKey`]), the
+    /// handshakes counted apart for addresses unproven and proven by a Retry token
+    /// ([`ByAddress`]); at most `max_connections` entries, as each counts at least one.
+    per_address: Mutex<HashMap<AddressKey, ByAddress>>,
     replies: Mutex<TokenBucket>,
 }
 
@@ -57,11 +58,17 @@ impl AddressKey {
 struct ByAddress {
     unproven: usize,
     proven: usize,
+    /// Every connection of the address, handshaking or established.
+    connections: usize,
 }
 
 impl ByAddress {
     fn count(&mut self, proven: bool) -> &mut usize {
         if proven { &mut self.proven } else { &mut self.unproven }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.unproven == 0 && self.proven == 0 && self.connections == 0
     }
 }
 
@@ -81,9 +88,10 @@ impl Limits {
             max_connections: s.max_connections,
             max_handshakes: s.max_handshakes,
             max_handshakes_per_address: s.max_handshakes_per_address,
+            max_connections_per_address: s.max_connections_per_address,
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
-            handshakes_by_address: Mutex::new(HashMap::new()),
+            per_address: Mutex::new(HashMap::new()),
             replies: Mutex::new(TokenBucket::new(
                 s.stateless_replies_per_second,
                 s.stateless_reply_burst,
@@ -97,11 +105,22 @@ impl Limits {
     /// refuse anyway costs no reply.
     pub(crate) fn check(&self, from: IpAddr, proven: bool) -> Result<(), Refusal> {
         if self.connections.load(Ordering::Acquire) >= self.max_connections {
+            return Err(Refusal::Full(DropReason::ConnectionLimit));
+        }
+        if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
+            return Err(Refusal::Full(DropReason::HandshakeLimit));
+        }
+        if !self.loaded() && !self.connections_loaded() {
+            // No per-address share applies: the map is not even looked at.
+            return Ok(());
+        }
+        let Some(mut counts) = self.by_address().get(&AddressKey::of(from)).copied() else {
+            return Ok(());
+        };
+        if self.address_over_its_connections(Some(counts)) {
             Err(Refusal::Full(DropReason::ConnectionLimit))
-        } else if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
-            Err(Refusal::Full(DropReason::HandshakeLimit))
-        } else if self.address_over_its_share(self.address_handshakes(AddressKey::of(from), proven)) {
-            if !proven && self.address_over_its_share(self.address_handshakes(AddressKey::of(from), true)) {
+        } else if self.address_over_its_share(*counts.count(proven)) {
+            if !proven && self.address_over_its_share(counts.proven) {
                 // Its proven share is full too: a Retry would only bring it back to be refused.
                 return Err(Refusal::Full(DropReason::HandshakeLimit));
             }
@@ -123,13 +142,7 @@ impl Limits {
 
     fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<AddressKey, ByAddress>> {
         // Held for a map operation; a panic cannot leave the counts half-changed.
-        self.handshakes_by_address.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn address_handshakes(&self, key: AddressKey, proven: bool) -> usize {
-        self.by_address()
-            .get(&key)
-            .map_or(0, |c| if proven { c.proven } else { c.unproven })
+        self.per_address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether an address with `count` handshakes in progress may start no more: only
@@ -138,6 +151,21 @@ impl Limits {
     /// the listener has room, and cannot take the room that remains once it has not.
     fn address_over_its_share(&self, count: usize) -> bool {
         count >= self.max_handshakes_per_address && self.loaded()
+    }
+
+    /// Whether an address with `counts` may open no more connections: only while at most a
+    /// quarter of the connection slots are free, so that one host (a NAT's many
+    /// clients) may hold many while there is room, and cannot take the room that remains.
+    fn address_over_its_connections(&self, counts: Option<ByAddress>) -> bool {
+        counts.is_some_and(|c| c.connections >= self.max_connections_per_address) && self.connections_loaded()
+    }
+
+    /// Whether at most a quarter of the connection slots are free.
+    fn connections_loaded(&self) -> bool {
+        self.connections
+            .load(Ordering::Acquire)
+            .saturating_add(self.max_connections.div_ceil(4))
+            >= self.max_connections
     }
 
     /// Whether the half-open handshakes reach the load threshold (read before any lock).
@@ -178,18 +206,30 @@ impl Limits {
         let address = AddressKey::of(from);
         {
             let mut by_address = self.by_address();
-            let count = by_address.entry(address).or_default().count(proven);
-            if self.address_over_its_share(*count) {
+            let counts = by_address.entry(address).or_default();
+            let refusal = if self.address_over_its_connections(Some(*counts)) {
+                Some(Refusal::Full(DropReason::ConnectionLimit))
+            } else if self.address_over_its_share(*counts.count(proven)) {
+                Some(self.share_refusal(proven))
+            } else {
+                None
+            };
+            if let Some(refusal) = refusal {
+                if counts.is_empty() {
+                    by_address.remove(&address);
+                }
                 drop(by_address);
                 self.handshakes.fetch_sub(1, Ordering::AcqRel);
                 self.connections.fetch_sub(1, Ordering::AcqRel);
-                return Err(self.share_refusal(proven));
+                return Err(refusal);
             }
-            *count += 1;
+            *counts.count(proven) += 1;
+            counts.connections += 1;
         }
         Ok(Slot {
             limits: Arc::clone(self),
-            handshaking: Some((address, proven)),
+            address,
+            handshaking: Some(proven),
         })
     }
 
@@ -222,24 +262,30 @@ fn take(counter: &AtomicUsize, max: usize) -> bool {
 /// fails its handshake, or is never accepted by the application.
 pub(crate) struct Slot {
     limits: Arc<Limits>,
-    /// While the handshake is in progress: the client's address, as counted (and whether
-    /// proven).
-    handshaking: Option<(AddressKey, bool)>,
+    /// The client's address, as counted.
+    address: AddressKey,
+    /// While the handshake is in progress: whether the address was proven.
+    handshaking: Option<bool>,
 }
 
 impl Slot {
     /// The handshake has completed: the connection no longer counts as half-open.
     pub(crate) fn established(&mut self) {
-        if let Some((address, proven)) = self.handshaking.take() {
+        if let Some(proven) = self.handshaking.take() {
             self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
-            let mut by_address = self.limits.by_address();
-            if let Some(counts) = by_address.get_mut(&address) {
-                let count = counts.count(proven);
-                debug_assert!(*count > 0, "a handshake counted once, given back once");
-                *count = count.saturating_sub(1);
-                if counts.proven == 0 && counts.unproven == 0 {
-                    by_address.remove(&address);
-                }
+            self.give_back(|counts| counts.count(proven));
+        }
+    }
+
+    /// Takes one from the address's count that `which` picks; the entry goes once empty.
+    fn give_back(&self, which: impl FnOnce(&mut ByAddress) -> &mut usize) {
+        let mut by_address = self.limits.by_address();
+        if let Some(counts) = by_address.get_mut(&self.address) {
+            let count = which(counts);
+            debug_assert!(*count > 0, "counted once, given back once");
+            *count = count.saturating_sub(1);
+            if counts.is_empty() {
+                by_address.remove(&self.address);
             }
         }
     }
@@ -248,6 +294,7 @@ impl Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.established();
+        self.give_back(|counts| &mut counts.connections);
         self.limits.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -291,10 +338,12 @@ mod tests {
 
     const HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
+    /// Caps with no per-address share of the connections (tested on its own).
     fn limits(connections: usize, handshakes: usize) -> Arc<Limits> {
         let s = ServerSettings {
             max_connections: connections,
             max_handshakes: handshakes,
+            max_connections_per_address: usize::MAX,
             ..ServerSettings::default()
         };
         Limits::new(&s)
@@ -413,6 +462,50 @@ mod tests {
         let other = "192.0.2.9".parse::<IpAddr>().unwrap();
         assert!(limits.admit(other, false).is_ok());
         drop((held, more));
+    }
+
+    /// One address may hold many connections while there is room, and no more than its
+    /// share once at most a quarter of the slots are free, while other addresses still
+    /// get the rest; a connection that ends gives its address's share back.
+    #[test]
+    fn one_address_holds_at_most_its_share_of_the_connections_once_slots_run_short() {
+        let s = ServerSettings {
+            max_connections: 8,
+            max_connections_per_address: 2,
+            ..ServerSettings::default()
+        };
+        let limits = Limits::new(&s);
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (a, b, c) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3"));
+        let mut held: Vec<Slot> = (0..3).map(|_| limits.admit(a, false).unwrap()).collect();
+        held.iter_mut().for_each(Slot::established);
+        assert_eq!(limits.check(a, false), Ok(()), "past its share while there is room");
+        held.push(limits.admit(b, false).unwrap());
+        held.push(limits.admit(b, false).unwrap());
+        held.iter_mut().for_each(Slot::established);
+        // 5 of 8 taken: 3 free, more than a quarter.
+        held.push(limits.admit(c, false).unwrap());
+        // 6 of 8: 2 free, a quarter: each address holds its share at most.
+        for full in [a, b] {
+            assert_eq!(
+                limits.check(full, false),
+                Err(Refusal::Full(DropReason::ConnectionLimit))
+            );
+            assert_eq!(
+                limits.admit(full, false).err(),
+                Some(Refusal::Full(DropReason::ConnectionLimit))
+            );
+        }
+        held.push(limits.admit(c, false).unwrap());
+        assert_eq!(limits.counts().0, 7, "a refused admission takes nothing");
+        // One of a's ends: 6 of 8 taken, and a at its share still.
+        held.remove(0);
+        assert_eq!(limits.check(a, false), Err(Refusal::Full(DropReason::ConnectionLimit)));
+        // Another: under its share, it may open one again.
+        held.remove(0);
+        assert_eq!(limits.check(a, false), Ok(()));
+        drop(held);
+        assert!(limits.by_address().is_empty(), "no entry outlives its connections");
     }
 
     /// Spoofed Initials can fill an address's share of unproven handshakes (before the
