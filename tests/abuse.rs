@@ -1274,3 +1274,50 @@ async fn spoofed_initials_do_not_lock_their_victims_address_out() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// One client address cannot take every connection slot: once at most a quarter of them
+/// are free, its new connections are refused, while another address still connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_connection_slot() {
+    let _serial = serial().await;
+    let certs = certs();
+    let server = echo_server(
+        "127.0.0.1:0",
+        server_builder(&certs).max_connections(8).max_connections_per_address(2),
+    )
+    .await;
+    let run = async {
+        let connect = |from: &str| {
+            let config = client_builder(&certs)
+                .transport(TransportConfig::default().handshake_timeout(Duration::from_secs(2)))
+                .build()
+                .unwrap();
+            let endpoint = Endpoint::client_bound(from.parse().unwrap(), config).unwrap();
+            let addr = server.addr;
+            async move {
+                let conn = endpoint
+                    .connect_addr(addr, Some("localhost"), echo::EchoClient::new().0)
+                    .await;
+                (endpoint, conn)
+            }
+        };
+        // Five of eight slots: the sixth would leave a quarter free.
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            let (endpoint, conn) = connect("127.0.0.1:0").await;
+            held.push((
+                endpoint,
+                conn.expect("room for this address while the listener has room"),
+            ));
+        }
+        let (_endpoint, refused) = connect("127.0.0.1:0").await;
+        assert!(refused.is_err(), "past its share once slots run short");
+        assert!(server.metrics.snapshot().dropped_connection_limit >= 1);
+        let (_other_endpoint, other) = connect("127.0.0.2:0").await;
+        other.expect("another address still connects");
+        for (_, conn) in &held {
+            conn.close(0, "done");
+        }
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
