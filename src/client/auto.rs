@@ -131,11 +131,7 @@ impl Pool {
         };
         match outcome {
             Ok(response) => {
-                // An HTTP/3 response's `Alt-Svc` counts as a TCP one's: `clear`, a new port.
-                // It also says HTTP/3 works on this path: its failures are forgotten.
-                let mut cache = self.alt_svc();
-                cache.update(&origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
-                cache.confirm(&origin);
+                self.heard_over_h3(&origin, &response);
                 Ok(response)
             }
             Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error))) => {
@@ -171,6 +167,14 @@ impl Pool {
                 .update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
         }
         Ok(response)
+    }
+
+    /// An HTTP/3 response came for `origin`: its `Alt-Svc` counts as a TCP one's (`clear`,
+    /// a new port), and it says HTTP/3 works on this path (its failures are forgotten).
+    pub(super) fn heard_over_h3(&self, origin: &Origin, response: &Response<RecvBody>) {
+        let mut cache = self.alt_svc();
+        cache.update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+        cache.confirm(origin);
     }
 
     pub(super) fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {

@@ -504,9 +504,16 @@ impl Pool {
                 let replay = request.body().replay();
                 let pending = PendingRequest::from_boxed(request.map(layers::ReqBody::into_any))?.with_replay(replay);
                 let port = self.h3_port(&origin);
-                self.send_h3(send, pending, &origin, port, false)
+                let response = self
+                    .send_h3(send, pending, &origin, port, false)
                     .await
-                    .map_err(H3Failure::into_error)
+                    .map_err(H3Failure::into_error)?;
+                // A tunnel's, in auto mode (HTTP/3 only keeps no such record).
+                #[cfg(feature = "tcp")]
+                if self.mode == Mode::Auto {
+                    self.heard_over_h3(&origin, &response);
+                }
+                Ok(response)
             }
         }
     }

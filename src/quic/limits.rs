@@ -110,24 +110,41 @@ impl Limits {
         if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
             return Err(Refusal::Full(DropReason::HandshakeLimit));
         }
-        if !self.loaded() && !self.connections_loaded() {
+        // As if this one were admitted (`admit` counts it before it looks).
+        let slots_short = self.slots_short_at(self.connections.load(Ordering::Acquire).saturating_add(1));
+        if !self.loaded() && !slots_short {
             // No per-address share applies: the map is not even looked at.
             return Ok(());
         }
-        let Some(mut counts) = self.by_address().get(&AddressKey::of(from)).copied() else {
+        let Some(counts) = self.by_address().get(&AddressKey::of(from)).copied() else {
             return Ok(());
         };
-        if self.address_over_its_connections(Some(counts)) {
-            Err(Refusal::Full(DropReason::ConnectionLimit))
-        } else if self.address_over_its_share(*counts.count(proven)) {
+        self.address_refusal(counts, proven, slots_short).map_or(Ok(()), Err)
+    }
+
+    /// Why an address with `counts` may not start one more connection (`proven` by a Retry
+    /// token or not), if it may not; `slots_short` when at most a quarter of the connection
+    /// slots would be free with it.
+    fn address_refusal(&self, mut counts: ByAddress, proven: bool, slots_short: bool) -> Option<Refusal> {
+        if slots_short {
+            // Its connections, but for the half-open ones nothing proved: anyone may claim
+            // an address for those (spoofed Initials), and they must not lock it out.
+            let settled = counts.connections.saturating_sub(counts.unproven);
+            if settled >= self.max_connections_per_address {
+                return Some(Refusal::Full(DropReason::ConnectionLimit));
+            }
+            if !proven && counts.connections >= self.max_connections_per_address {
+                return Some(Refusal::AddressShare);
+            }
+        }
+        if self.address_over_its_share(*counts.count(proven)) {
             if !proven && self.address_over_its_share(counts.proven) {
                 // Its proven share is full too: a Retry would only bring it back to be refused.
-                return Err(Refusal::Full(DropReason::HandshakeLimit));
+                return Some(Refusal::Full(DropReason::HandshakeLimit));
             }
-            Err(self.share_refusal(proven))
-        } else {
-            Ok(())
+            return Some(self.share_refusal(proven));
         }
+        None
     }
 
     /// An address over its share: an unproven one may prove itself (Retry), a proven one
@@ -153,19 +170,12 @@ impl Limits {
         count >= self.max_handshakes_per_address && self.loaded()
     }
 
-    /// Whether an address with `counts` may open no more connections: only while at most a
-    /// quarter of the connection slots are free, so that one host (a NAT's many
-    /// clients) may hold many while there is room, and cannot take the room that remains.
-    fn address_over_its_connections(&self, counts: Option<ByAddress>) -> bool {
-        counts.is_some_and(|c| c.connections >= self.max_connections_per_address) && self.connections_loaded()
-    }
-
-    /// Whether at most a quarter of the connection slots are free.
-    fn connections_loaded(&self) -> bool {
-        self.connections
-            .load(Ordering::Acquire)
-            .saturating_add(self.max_connections.div_ceil(4))
-            >= self.max_connections
+    /// Whether at most a quarter of the connection slots are free with `connections` taken:
+    /// then one address holds no more than its share of them (`max_connections_per_address`),
+    /// so that one host (a NAT's many clients) may hold many while there is room, and
+    /// cannot take the room that remains.
+    fn slots_short_at(&self, connections: usize) -> bool {
+        connections.saturating_add(self.max_connections.div_ceil(4)) >= self.max_connections
     }
 
     /// Whether the half-open handshakes reach the load threshold (read before any lock).
@@ -207,13 +217,9 @@ impl Limits {
         {
             let mut by_address = self.by_address();
             let counts = by_address.entry(address).or_default();
-            let refusal = if self.address_over_its_connections(Some(*counts)) {
-                Some(Refusal::Full(DropReason::ConnectionLimit))
-            } else if self.address_over_its_share(*counts.count(proven)) {
-                Some(self.share_refusal(proven))
-            } else {
-                None
-            };
+            // This connection is counted in `connections` already (taken above).
+            let slots_short = self.slots_short_at(self.connections.load(Ordering::Acquire));
+            let refusal = self.address_refusal(*counts, proven, slots_short);
             if let Some(refusal) = refusal {
                 if counts.is_empty() {
                     by_address.remove(&address);
@@ -338,6 +344,23 @@ mod tests {
 
     const HOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A listener's caps, with `connections` slots of which one address holds
+    /// `per_address` once they run short, and `handshakes` of which it holds
+    /// `handshakes_per_address` under load.
+    fn shares(connections: usize, per_address: usize, handshakes: usize, handshakes_per_address: usize) -> Arc<Limits> {
+        Limits::new(&ServerSettings {
+            max_connections: connections,
+            max_connections_per_address: per_address,
+            max_handshakes: handshakes,
+            max_handshakes_per_address: handshakes_per_address,
+            ..ServerSettings::default()
+        })
+    }
+
     /// Caps with no per-address share of the connections (tested on its own).
     fn limits(connections: usize, handshakes: usize) -> Arc<Limits> {
         let s = ServerSettings {
@@ -411,13 +434,7 @@ mod tests {
 
     #[test]
     fn one_address_holds_at_most_its_share_of_the_handshakes() {
-        let s = ServerSettings {
-            max_handshakes: 8,
-            max_handshakes_per_address: 2,
-            ..ServerSettings::default()
-        };
-        let limits = Limits::new(&s);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let limits = shares(10_000, 1_000, 8, 2);
         let mut first = limits.admit(ip("192.0.2.1"), false).unwrap();
         let _second = limits.admit(ip("192.0.2.1"), false).unwrap();
         // The same IPv4 address mapped into IPv6 (a dual-stack socket's view) is the same.
@@ -469,13 +486,7 @@ mod tests {
     /// get the rest; a connection that ends gives its address's share back.
     #[test]
     fn one_address_holds_at_most_its_share_of_the_connections_once_slots_run_short() {
-        let s = ServerSettings {
-            max_connections: 8,
-            max_connections_per_address: 2,
-            ..ServerSettings::default()
-        };
-        let limits = Limits::new(&s);
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let limits = shares(8, 2, 1024, 64);
         let (a, b, c) = (ip("192.0.2.1"), ip("192.0.2.2"), ip("192.0.2.3"));
         let mut held: Vec<Slot> = (0..3).map(|_| limits.admit(a, false).unwrap()).collect();
         held.iter_mut().for_each(Slot::established);
@@ -508,17 +519,49 @@ mod tests {
         assert!(limits.by_address().is_empty(), "no entry outlives its connections");
     }
 
+    /// Half-open connections nothing proved (spoofed Initials may claim any address) do
+    /// not count against an address's share of the connections: once slots run short, its
+    /// unproven clients get a Retry, and proven ones are admitted up to the share.
+    #[test]
+    fn unproven_half_open_connections_do_not_lock_an_address_out_of_its_connections() {
+        let limits = shares(8, 2, 1024, 64);
+        let victim = ip("192.0.2.1");
+        let mut held: Vec<Slot> = (0..2).map(|_| limits.admit(victim, false).unwrap()).collect();
+        let mut others: Vec<Slot> = (2..6)
+            .map(|i| limits.admit(ip(&format!("192.0.2.{i}")), true).unwrap())
+            .collect();
+        others.iter_mut().for_each(Slot::established);
+        // 6 of 8 taken: slots are short for a seventh.
+        assert_eq!(
+            limits.check(victim, false),
+            Err(Refusal::AddressShare),
+            "a Retry, not a drop"
+        );
+        assert_eq!(limits.check(victim, true), Ok(()));
+        held.push(limits.admit(victim, true).unwrap());
+        held.last_mut().unwrap().established();
+        assert_eq!(limits.check(victim, true), Ok(()), "one settled of its two");
+        held.push(limits.admit(victim, true).unwrap());
+        assert_eq!(
+            limits.check(victim, true),
+            Err(Refusal::Full(DropReason::ConnectionLimit)),
+            "two settled: its share"
+        );
+        assert_eq!(
+            limits.check(victim, false),
+            Err(Refusal::Full(DropReason::ConnectionLimit)),
+            "and no Retry that would only bring it back to be refused"
+        );
+        drop((held, others));
+        assert!(limits.by_address().is_empty());
+    }
+
     /// Spoofed Initials can fill an address's share of unproven handshakes (before the
     /// load threshold, when no Retry is asked for): its real clients, proven by a Retry,
     /// have a share of their own, which only proven handshakes fill.
     #[test]
     fn handshakes_proven_by_a_retry_have_a_share_apart_from_unproven_ones() {
-        let s = ServerSettings {
-            max_handshakes: 8,
-            max_handshakes_per_address: 2,
-            ..ServerSettings::default()
-        };
-        let limits = Limits::new(&s);
+        let limits = shares(10_000, 1_000, 8, 2);
         let spoofed: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, false).unwrap()).collect();
         assert_eq!(
             limits.check(HOST, false),

@@ -543,6 +543,11 @@ fn accept_initial(
         };
     routes.let_go();
     let (scid, odcid) = if !answers_our_retry && retry_now {
+        if let Err(Refusal::Full(reason)) = accept.limits.check(from.ip(), true) {
+            // Refused even once proven: a Retry would only bring the client back to be.
+            metrics.datagram_dropped(reason);
+            return None;
+        }
         let new_scid = cid::new_id(&*inner.cid_generator);
         // Bound to new_scid, the DCID the client must use next (RFC 9000 §17.2.5.2).
         let token = accept.token_key.mint(&from, &hdr.dcid, &new_scid);
