@@ -241,10 +241,10 @@ impl Error {
         )
     }
 
-    /// The peer ended the connection with a stateless reset: it had lost the connection
-    /// (restarted, say) but answered over the same path.
-    #[cfg(all(feature = "client", feature = "tcp"))]
-    pub(crate) fn is_stateless_reset(&self) -> bool {
+    /// The peer ended the connection with a stateless reset (RFC 9000 §10.3): it had lost
+    /// the connection (restarted, say) but answered over the same path, so a new
+    /// connection may well work. [`is_closed`](Self::is_closed) is true too.
+    pub fn is_stateless_reset(&self) -> bool {
         self.inner.kind == Kind::StatelessReset
     }
 
@@ -349,7 +349,7 @@ impl fmt::Display for Error {
             Kind::Tls => "TLS handshake failed",
             Kind::Timeout => "timed out",
             Kind::Closed => "connection closed",
-            Kind::StatelessReset => "connection reset by the peer",
+            Kind::StatelessReset => "stateless reset: the peer no longer has the connection",
             Kind::Protocol => "protocol error",
             Kind::Reset => "stream reset by peer",
             Kind::Application => "application error",
@@ -398,7 +398,7 @@ pub(crate) fn hyper_kind(e: &hyper::Error) -> Kind {
 pub(crate) enum SeenEnd {
     /// Nothing: quiche's view says it all.
     #[default]
-    Quiche,
+    Unremarkable,
     /// The handshake outlived its deadline (the connection's task ended it).
     HandshakeDeadline,
     /// A packet closed it without an error, which only a stateless reset does.
@@ -412,14 +412,15 @@ pub(crate) enum SeenEnd {
 /// sends an alert number, and "unable to get local issuer certificate" is what a user needs.
 pub(crate) fn from_close(conn: &QuicheConnection, seen: SeenEnd, verify_error: Option<String>) -> Option<Error> {
     match seen {
-        SeenEnd::Quiche => {}
+        SeenEnd::Unremarkable => {}
         SeenEnd::HandshakeDeadline => {
             return Some(Error::new(Kind::Timeout).with_message("the QUIC handshake did not complete in time"));
         }
         SeenEnd::StatelessReset => {
-            return Some(Error::new(Kind::StatelessReset).with_message(
-                "the peer no longer has this connection (it restarted, say) and said so with a stateless reset",
-            ));
+            return Some(
+                Error::new(Kind::StatelessReset)
+                    .with_message("it restarted, say, or lost it otherwise (RFC 9000 §10.3)"),
+            );
         }
     }
     if conn.is_timed_out() {

@@ -1172,7 +1172,7 @@ async fn reserved_frame_and_stream_types_are_ignored_and_memory_bounded() {
 /// A listener bound to two addresses that share a configured stateless reset key: a
 /// packet for a live connection of one address, sent to the other, draws no reset (which
 /// would carry the live connection's token: whoever sees its ID could then end it, RFC
-/// 9000 §10.3.2), while a packet for an unknown connection still does. (Found by review.)
+/// 9000 §10.3.2), while a packet for an unknown connection still does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_live_connections_id_sent_to_another_address_draws_no_reset() {
     let _serial = serial().await;
@@ -1241,7 +1241,7 @@ async fn a_live_connections_id_sent_to_another_address_draws_no_reset() {
 /// Spoofed Initials that claim a victim's address (here: never answered, from its IP) fill
 /// its share of the half-open handshakes, and load the listener. The victim's real client
 /// is then not dropped: a Retry proves its address, and proven handshakes have a share of
-/// their own. (Found by review: it was dropped until the spoofed handshakes timed out.)
+/// their own (dropped, it would wait until the spoofed handshakes timed out).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spoofed_initials_do_not_lock_their_victims_address_out() {
     let _serial = serial().await;

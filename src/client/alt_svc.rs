@@ -290,8 +290,8 @@ impl Cache {
     /// A connection to `origin` completed its handshake: HTTP/3 may be used at once, but
     /// its failures are kept until a response comes ([`confirm`](Self::confirm)). A path
     /// that passes handshakes and loses requests (a path MTU between QUIC's 1,200-byte
-    /// handshake packets and its larger data packets) so backs off longer each time,
-    /// where forgetting at the handshake retried it at the first backoff every time.
+    /// handshake packets and its larger data packets) so backs off longer each time
+    /// instead of being retried at the first backoff every time.
     pub(crate) fn handshake_worked(&mut self, origin: &Origin) {
         if let Some(entry) = self.entries.get_mut(origin) {
             entry.broken_until = None;

@@ -352,8 +352,8 @@ fn rejected_error(why: &str) -> Error {
 /// Submits requests on one HTTP/3 connection. Cheap to clone.
 ///
 /// [`poll_ready`](Self::poll_ready) reports real capacity: it is pending while the server's
-/// stream credit is used up, and fails once the connection is closed or going away, or
-/// while its path is silent (see [`is_usable`](Self::is_usable)).
+/// stream credit is used up or the connection's path is silent (see
+/// [`is_usable`](Self::is_usable)), and fails once the connection is closed or going away.
 pub struct SendRequest {
     submit: mpsc::Sender<Submission>,
     status: Arc<Status>,
@@ -404,10 +404,7 @@ impl SendRequest {
         if s.goaway {
             return Poll::Ready(Err(rejected_error("the server is going away (GOAWAY)")));
         }
-        if s.silent {
-            return Poll::Ready(Err(silent_error()));
-        }
-        if s.credit > s.outstanding {
+        if s.credit > s.outstanding && !s.silent {
             s.outstanding += 1;
             self.reserved = true;
             return Poll::Ready(Ok(()));
@@ -441,9 +438,9 @@ impl SendRequest {
     /// timeouts in a row, over a second at least since the first (a network that stopped
     /// passing UDP, a server gone). Requests sent before wait on; those not yet given a
     /// stream fail unsent (a [`Client`](crate::client::Client) sends them on another
-    /// connection); the connection is usable again if the server is heard from. A
-    /// `Client`'s pool forgets it (it closes once the requests on it have ended) and
-    /// opens another.
+    /// connection), and [`poll_ready`](Self::poll_ready) is pending; the connection is
+    /// usable again if the server is heard from. A `Client`'s pool forgets it (it closes
+    /// once the requests on it have ended) and opens another.
     pub fn is_usable(&self) -> bool {
         // A connection task that ended without saying so (it panicked) leaves the queue
         // closed behind it.
@@ -913,9 +910,7 @@ impl ClientApp {
     /// Why requests not yet given a stream go elsewhere instead (unsent, so safe to):
     /// the server's GOAWAY, or a path gone silent (requests sent before wait on).
     fn refusal(&self) -> Option<Error> {
-        if !self.refuses() {
-            None
-        } else if self.goaway.is_some() {
+        if self.goaway.is_some() {
             Some(rejected_error("the server is going away (GOAWAY)"))
         } else if self.path_watch.silent {
             Some(silent_error())

@@ -373,7 +373,8 @@ impl Pool {
     }
 
     /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection. In auto mode,
-    /// a failure marks HTTP/3 broken for the origin and a success confirms it.
+    /// a failure marks HTTP/3 broken for the origin and a success lifts its backoff (its
+    /// failures are forgotten once a response comes).
     async fn connect(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false, avoid) {
@@ -930,6 +931,13 @@ where
             return Poll::Ready(Ok(()));
         }
         loop {
+            if let Some(Route::H3(send)) = &self.ready
+                && !send.is_usable()
+            {
+                // Closed, going away or silent: another connection (its reservation, if
+                // any, goes with it).
+                self.ready = None;
+            }
             match &mut self.ready {
                 Some(Route::H3(send)) => match send.poll_ready(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),

@@ -155,7 +155,7 @@ pub(crate) struct ServerSettings {
     pub(crate) sockets_per_address: Option<usize>,
     /// May join other sockets' SO_REUSEPORT group on the port (a hand-over restart).
     pub(crate) share_port: bool,
-    /// The key stateless reset tokens derive from; `None`: a random one per listener.
+    /// The key stateless reset tokens derive from; `None`: a random one per bound address.
     pub(crate) reset_key: Option<Arc<ResetKey>>,
 }
 
@@ -941,6 +941,10 @@ impl ServerConfigBuilder {
     /// connection's packets to either, by a hash of a source port an attacker chooses).
     /// Whoever knows the key can end any of the server's connections whose ID it knows.
     ///
+    /// A client built on this crate recognises the reset of the connection ID the server
+    /// gave in its handshake (quiche checks no other), which is the one it uses unless it
+    /// migrates.
+    ///
     /// ```
     /// let key: [u8; 32] = std::array::from_fn(|i| i as u8); // read it from a secret store
     /// let builder = tower_quiche::quic::ServerConfig::builder().stateless_reset_key(key);
@@ -975,13 +979,19 @@ impl ServerConfigBuilder {
     }
 
     /// How many of a listener's connections one client address (an IPv4 address, or an
-    /// IPv6 /64) may hold once the listener is loaded: fewer than a quarter of
-    /// [`max_connections`](Self::max_connections) free. Defaults to 1,000 (a tenth of the
-    /// default cap; one process of a test or a NAT's clients on one server rarely hold
-    /// more). Below the load, one address may hold more; past it, its new Initials are dropped
-    /// (counted as [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit))
-    /// while other addresses still find room: one host that completes handshakes and keeps
-    /// its connections alive cannot take every slot. Must be at least 1.
+    /// IPv6 /64) may hold once connection slots run short: at most a quarter of
+    /// [`max_connections`](Self::max_connections) free, counting the new one. Defaults to
+    /// 1,000 (a tenth of the default cap; one process of a test or a NAT's clients on one
+    /// server rarely hold more); a share of three quarters of `max_connections` or more
+    /// never applies. While slots are plenty, one address may hold more; once they run
+    /// short, its new Initials are dropped (counted as
+    /// [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit)) while
+    /// other addresses still find room: one host that completes handshakes and keeps its
+    /// connections alive cannot take every slot. Half-open connections whose address
+    /// nothing proved (spoofable) do not count against it: a client over the share with
+    /// them gets a Retry, unless [`retry`](Self::retry) is `Never` (then dropped, counted
+    /// as [`DropReason::HandshakeLimit`](crate::quic::DropReason::HandshakeLimit)). Must be
+    /// at least 1.
     pub fn max_connections_per_address(mut self, connections: usize) -> Self {
         self.server.max_connections_per_address = connections;
         self

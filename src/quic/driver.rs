@@ -283,7 +283,7 @@ impl<A> Driver<A> {
             timer: Box::pin(tokio::time::sleep_until(started.into())),
             armed: None,
             handshake_deadline,
-            seen_end: error::SeenEnd::Quiche,
+            seen_end: error::SeenEnd::Unremarkable,
             established: false,
             started,
             held: VecDeque::new(),
@@ -529,10 +529,12 @@ impl<A: Application> Driver<A> {
     }
 
     /// Whether the application wants a turn after each turn with progress (see
-    /// [`Application::repeat_after_progress`]); without one yet, turns repeat.
+    /// [`Application::repeat_after_progress`]); without one yet, turns repeat; once it
+    /// has been told of the close, nothing is left to repeat for.
     fn repeats_after_progress(&self) -> bool {
         match &self.app {
             AppSlot::Running(app) => app.repeat_after_progress(),
+            AppSlot::Closed(_) => false,
             _ => true,
         }
     }

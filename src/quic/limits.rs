@@ -28,12 +28,13 @@ pub(crate) struct Limits {
     /// Connections and handshakes in progress per client address ([`AddressKey`]), the
     /// handshakes counted apart for addresses unproven and proven by a Retry token
     /// ([`ByAddress`]); at most `max_connections` entries, as each counts at least one.
-    per_address: Mutex<HashMap<AddressKey, ByAddress>>,
+    by_address: Mutex<HashMap<AddressKey, ByAddress>>,
     replies: Mutex<TokenBucket>,
 }
 
-/// What counts as one client address for the per-address handshake cap: an IPv4 address
-/// (plain or mapped into IPv6), or an IPv6 /64, the prefix one host usually gets whole.
+/// What counts as one client address for the per-address shares of connections and
+/// handshakes: an IPv4 address (plain or mapped into IPv6), or an IPv6 /64, the prefix one
+/// host usually gets whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum AddressKey {
     V4(u32),
@@ -49,11 +50,12 @@ impl AddressKey {
     }
 }
 
-/// An address's handshakes in progress: those whose source address nothing proved, which
-/// anyone can claim by spoofing it, and those that answered a Retry from it. Each class
-/// has the per-address share of its own: spoofed Initials that fill an address's share
-/// (before the load threshold, when none is asked for) leave its real clients the other,
-/// through a Retry.
+/// An address's connections, and its handshakes in progress in two classes: those whose
+/// source address nothing proved, which anyone can claim by spoofing it, and those that
+/// answered a Retry from it. Each class has the per-address share of its own: spoofed
+/// Initials that fill an address's share (before the load threshold, when no Retry is
+/// asked for) leave its real clients the other, through a Retry; nor do they count
+/// against its share of the connections.
 #[derive(Debug, Default, Clone, Copy)]
 struct ByAddress {
     unproven: usize,
@@ -63,7 +65,7 @@ struct ByAddress {
 }
 
 impl ByAddress {
-    fn count(&mut self, proven: bool) -> &mut usize {
+    fn handshakes_mut(&mut self, proven: bool) -> &mut usize {
         if proven { &mut self.proven } else { &mut self.unproven }
     }
 
@@ -72,14 +74,23 @@ impl ByAddress {
     }
 }
 
-/// Why a new connection is not admitted.
+/// Why a new connection is not admitted, as what the router does about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
-    /// A cap of the listener: dropped.
-    Full(DropReason),
-    /// The client's address has its share of handshakes unproven: a Retry proves it, and
-    /// the proven share is apart.
-    AddressShare,
+    /// A cap of the listener, or the address's share even once proven: dropped.
+    Drop(DropReason),
+    /// The client's address has its share, counting what nothing proved: a Retry proves
+    /// it, and proven handshakes and connections are counted apart.
+    Retry,
+}
+
+/// Which of the listener's loads apply to a new connection, counting it.
+#[derive(Debug, Clone, Copy)]
+struct Load {
+    /// The half-open handshakes reach the load threshold: per-address handshake shares.
+    handshakes: bool,
+    /// At most a quarter of the connection slots are free: per-address connection shares.
+    slots: bool,
 }
 
 impl Limits {
@@ -91,7 +102,7 @@ impl Limits {
             max_connections_per_address: s.max_connections_per_address,
             connections: AtomicUsize::new(0),
             handshakes: AtomicUsize::new(0),
-            per_address: Mutex::new(HashMap::new()),
+            by_address: Mutex::new(HashMap::new()),
             replies: Mutex::new(TokenBucket::new(
                 s.stateless_replies_per_second,
                 s.stateless_reply_burst,
@@ -105,82 +116,65 @@ impl Limits {
     /// refuse anyway costs no reply.
     pub(crate) fn check(&self, from: IpAddr, proven: bool) -> Result<(), Refusal> {
         if self.connections.load(Ordering::Acquire) >= self.max_connections {
-            return Err(Refusal::Full(DropReason::ConnectionLimit));
+            return Err(Refusal::Drop(DropReason::ConnectionLimit));
         }
         if self.handshakes.load(Ordering::Acquire) >= self.max_handshakes {
-            return Err(Refusal::Full(DropReason::HandshakeLimit));
+            return Err(Refusal::Drop(DropReason::HandshakeLimit));
         }
         // As if this one were admitted (`admit` counts it before it looks).
-        let slots_short = self.slots_short_at(self.connections.load(Ordering::Acquire).saturating_add(1));
-        if !self.loaded() && !slots_short {
+        let load = self.load_with(1);
+        if !load.handshakes && !load.slots {
             // No per-address share applies: the map is not even looked at.
             return Ok(());
         }
         let Some(counts) = self.by_address().get(&AddressKey::of(from)).copied() else {
             return Ok(());
         };
-        self.address_refusal(counts, proven, slots_short).map_or(Ok(()), Err)
+        self.address_refusal(counts, proven, load).map_or(Ok(()), Err)
+    }
+
+    /// The loads with `more` connections and handshakes than are counted now.
+    fn load_with(&self, more: usize) -> Load {
+        let handshakes = self.handshakes.load(Ordering::Acquire).saturating_add(more);
+        let connections = self.connections.load(Ordering::Acquire).saturating_add(more);
+        Load {
+            handshakes: handshakes >= self.load_threshold(),
+            slots: connections.saturating_add(self.max_connections.div_ceil(4)) >= self.max_connections,
+        }
     }
 
     /// Why an address with `counts` may not start one more connection (`proven` by a Retry
-    /// token or not), if it may not; `slots_short` when at most a quarter of the connection
-    /// slots would be free with it.
-    fn address_refusal(&self, mut counts: ByAddress, proven: bool, slots_short: bool) -> Option<Refusal> {
-        if slots_short {
+    /// token or not), if it may not, under `load`.
+    fn address_refusal(&self, counts: ByAddress, proven: bool, load: Load) -> Option<Refusal> {
+        // One address holds many while there is room (a NAT's clients, a load test), and
+        // cannot take the room that remains once there is not.
+        if load.slots {
             // Its connections, but for the half-open ones nothing proved: anyone may claim
             // an address for those (spoofed Initials), and they must not lock it out.
             let settled = counts.connections.saturating_sub(counts.unproven);
             if settled >= self.max_connections_per_address {
-                return Some(Refusal::Full(DropReason::ConnectionLimit));
+                return Some(Refusal::Drop(DropReason::ConnectionLimit));
             }
             if !proven && counts.connections >= self.max_connections_per_address {
-                return Some(Refusal::AddressShare);
+                return Some(Refusal::Retry);
             }
         }
-        if self.address_over_its_share(*counts.count(proven)) {
-            if !proven && self.address_over_its_share(counts.proven) {
-                // Its proven share is full too: a Retry would only bring it back to be refused.
-                return Some(Refusal::Full(DropReason::HandshakeLimit));
+        let share = self.max_handshakes_per_address;
+        let own = if proven { counts.proven } else { counts.unproven };
+        if load.handshakes && own >= share {
+            // A proven client has had its chance, and an unproven one whose proven share
+            // is full too would only come back from a Retry to be refused.
+            if proven || counts.proven >= share {
+                return Some(Refusal::Drop(DropReason::HandshakeLimit));
             }
-            return Some(self.share_refusal(proven));
+            return Some(Refusal::Retry);
         }
         None
     }
 
-    /// An address over its share: an unproven one may prove itself (Retry), a proven one
-    /// has had its chance.
-    fn share_refusal(&self, proven: bool) -> Refusal {
-        if proven {
-            Refusal::Full(DropReason::HandshakeLimit)
-        } else {
-            Refusal::AddressShare
-        }
-    }
-
     fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<AddressKey, ByAddress>> {
         // Held for a map operation; a panic cannot leave the counts half-changed.
-        self.per_address.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Whether an address with `count` handshakes in progress may start no more: only
-    /// while the handshakes are many (see [`under_load`](Self::under_load)), so that one
-    /// host's burst (a load test, a NAT's clients reconnecting) is served at once while
-    /// the listener has room, and cannot take the room that remains once it has not.
-    fn address_over_its_share(&self, count: usize) -> bool {
-        count >= self.max_handshakes_per_address && self.loaded()
-    }
-
-    /// Whether at most a quarter of the connection slots are free with `connections` taken:
-    /// then one address holds no more than its share of them (`max_connections_per_address`),
-    /// so that one host (a NAT's many clients) may hold many while there is room, and
-    /// cannot take the room that remains.
-    fn slots_short_at(&self, connections: usize) -> bool {
-        connections.saturating_add(self.max_connections.div_ceil(4)) >= self.max_connections
-    }
-
-    /// Whether the half-open handshakes reach the load threshold (read before any lock).
-    fn loaded(&self) -> bool {
-        self.handshakes.load(Ordering::Acquire) >= self.load_threshold()
+        self.by_address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// A quarter of the half-open handshake cap (below the cap itself, so a cap of 1 means
@@ -207,19 +201,18 @@ impl Limits {
     /// Retry token of ours), or says which cap is reached.
     pub(crate) fn admit(self: &Arc<Self>, from: IpAddr, proven: bool) -> Result<Slot, Refusal> {
         if !take(&self.connections, self.max_connections) {
-            return Err(Refusal::Full(DropReason::ConnectionLimit));
+            return Err(Refusal::Drop(DropReason::ConnectionLimit));
         }
         if !take(&self.handshakes, self.max_handshakes) {
             self.connections.fetch_sub(1, Ordering::AcqRel);
-            return Err(Refusal::Full(DropReason::HandshakeLimit));
+            return Err(Refusal::Drop(DropReason::HandshakeLimit));
         }
         let address = AddressKey::of(from);
         {
             let mut by_address = self.by_address();
             let counts = by_address.entry(address).or_default();
-            // This connection is counted in `connections` already (taken above).
-            let slots_short = self.slots_short_at(self.connections.load(Ordering::Acquire));
-            let refusal = self.address_refusal(*counts, proven, slots_short);
+            // This connection is counted already (taken above).
+            let refusal = self.address_refusal(*counts, proven, self.load_with(0));
             if let Some(refusal) = refusal {
                 if counts.is_empty() {
                     by_address.remove(&address);
@@ -229,7 +222,7 @@ impl Limits {
                 self.connections.fetch_sub(1, Ordering::AcqRel);
                 return Err(refusal);
             }
-            *counts.count(proven) += 1;
+            *counts.handshakes_mut(proven) += 1;
             counts.connections += 1;
         }
         Ok(Slot {
@@ -279,7 +272,7 @@ impl Slot {
     pub(crate) fn established(&mut self) {
         if let Some(proven) = self.handshaking.take() {
             self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
-            self.give_back(|counts| counts.count(proven));
+            self.give_back(|counts| counts.handshakes_mut(proven));
         }
     }
 
@@ -401,11 +394,11 @@ mod tests {
         assert_eq!(limits.counts(), (2, 2));
         assert_eq!(
             limits.admit(HOST, false).err(),
-            Some(Refusal::Full(DropReason::HandshakeLimit))
+            Some(Refusal::Drop(DropReason::HandshakeLimit))
         );
         assert_eq!(
             limits.check(HOST, false),
-            Err(Refusal::Full(DropReason::HandshakeLimit))
+            Err(Refusal::Drop(DropReason::HandshakeLimit))
         );
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         // Established: frees its handshake slot once, however often it is told.
@@ -415,11 +408,11 @@ mod tests {
         let c = limits.admit(HOST, false).unwrap();
         assert_eq!(
             limits.admit(HOST, false).err(),
-            Some(Refusal::Full(DropReason::ConnectionLimit))
+            Some(Refusal::Drop(DropReason::ConnectionLimit))
         );
         assert_eq!(
             limits.check(HOST, false),
-            Err(Refusal::Full(DropReason::ConnectionLimit))
+            Err(Refusal::Drop(DropReason::ConnectionLimit))
         );
         // Dies while handshaking: frees both slots.
         drop(b);
@@ -439,22 +432,15 @@ mod tests {
         let _second = limits.admit(ip("192.0.2.1"), false).unwrap();
         // The same IPv4 address mapped into IPv6 (a dual-stack socket's view) is the same.
         for same in ["192.0.2.1", "::ffff:192.0.2.1"] {
-            assert_eq!(
-                limits.admit(ip(same), false).err(),
-                Some(Refusal::AddressShare),
-                "{same}"
-            );
-            assert_eq!(limits.check(ip(same), false), Err(Refusal::AddressShare), "{same}");
+            assert_eq!(limits.admit(ip(same), false).err(), Some(Refusal::Retry), "{same}");
+            assert_eq!(limits.check(ip(same), false), Err(Refusal::Retry), "{same}");
         }
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         let _other = limits.admit(ip("192.0.2.2"), false).unwrap();
         // IPv6: one /64 is one address.
         let _v6 = limits.admit(ip("2001:db8::1"), false).unwrap();
         let _v6_same_prefix = limits.admit(ip("2001:db8::2"), false).unwrap();
-        assert_eq!(
-            limits.admit(ip("2001:db8::ffff:3"), false).err(),
-            Some(Refusal::AddressShare)
-        );
+        assert_eq!(limits.admit(ip("2001:db8::ffff:3"), false).err(), Some(Refusal::Retry));
         let _v6_next_prefix = limits.admit(ip("2001:db8:0:1::1"), false).unwrap();
         // A completed handshake gives its address's share back.
         first.established();
@@ -474,8 +460,10 @@ mod tests {
         assert_eq!(limits.check(HOST, false), Ok(()));
         let more: Vec<Slot> = (0..55).map(|_| limits.admit(HOST, false).unwrap()).collect();
         // The next would be the 256th in progress, which loads the listener: this address
-        // is over its share then, others are not.
-        assert_eq!(limits.admit(HOST, false).err(), Some(Refusal::AddressShare));
+        // is over its share then, others are not; `check` (before a Retry) and `admit`
+        // agree on it.
+        assert_eq!(limits.check(HOST, false), Err(Refusal::Retry));
+        assert_eq!(limits.admit(HOST, false).err(), Some(Refusal::Retry));
         let other = "192.0.2.9".parse::<IpAddr>().unwrap();
         assert!(limits.admit(other, false).is_ok());
         drop((held, more));
@@ -500,18 +488,18 @@ mod tests {
         for full in [a, b] {
             assert_eq!(
                 limits.check(full, false),
-                Err(Refusal::Full(DropReason::ConnectionLimit))
+                Err(Refusal::Drop(DropReason::ConnectionLimit))
             );
             assert_eq!(
                 limits.admit(full, false).err(),
-                Some(Refusal::Full(DropReason::ConnectionLimit))
+                Some(Refusal::Drop(DropReason::ConnectionLimit))
             );
         }
         held.push(limits.admit(c, false).unwrap());
         assert_eq!(limits.counts().0, 7, "a refused admission takes nothing");
         // One of a's ends: 6 of 8 taken, and a at its share still.
         held.remove(0);
-        assert_eq!(limits.check(a, false), Err(Refusal::Full(DropReason::ConnectionLimit)));
+        assert_eq!(limits.check(a, false), Err(Refusal::Drop(DropReason::ConnectionLimit)));
         // Another: under its share, it may open one again.
         held.remove(0);
         assert_eq!(limits.check(a, false), Ok(()));
@@ -524,19 +512,15 @@ mod tests {
     /// unproven clients get a Retry, and proven ones are admitted up to the share.
     #[test]
     fn unproven_half_open_connections_do_not_lock_an_address_out_of_its_connections() {
-        let limits = shares(8, 2, 1024, 64);
+        let limits = shares(12, 2, 1024, 64);
         let victim = ip("192.0.2.1");
         let mut held: Vec<Slot> = (0..2).map(|_| limits.admit(victim, false).unwrap()).collect();
-        let mut others: Vec<Slot> = (2..6)
+        let mut others: Vec<Slot> = (2..8)
             .map(|i| limits.admit(ip(&format!("192.0.2.{i}")), true).unwrap())
             .collect();
         others.iter_mut().for_each(Slot::established);
-        // 6 of 8 taken: slots are short for a seventh.
-        assert_eq!(
-            limits.check(victim, false),
-            Err(Refusal::AddressShare),
-            "a Retry, not a drop"
-        );
+        // 8 of 12 taken: slots are short for a ninth (and the listener far from full).
+        assert_eq!(limits.check(victim, false), Err(Refusal::Retry), "a Retry, not a drop");
         assert_eq!(limits.check(victim, true), Ok(()));
         held.push(limits.admit(victim, true).unwrap());
         held.last_mut().unwrap().established();
@@ -544,12 +528,12 @@ mod tests {
         held.push(limits.admit(victim, true).unwrap());
         assert_eq!(
             limits.check(victim, true),
-            Err(Refusal::Full(DropReason::ConnectionLimit)),
+            Err(Refusal::Drop(DropReason::ConnectionLimit)),
             "two settled: its share"
         );
         assert_eq!(
             limits.check(victim, false),
-            Err(Refusal::Full(DropReason::ConnectionLimit)),
+            Err(Refusal::Drop(DropReason::ConnectionLimit)),
             "and no Retry that would only bring it back to be refused"
         );
         drop((held, others));
@@ -563,27 +547,23 @@ mod tests {
     fn handshakes_proven_by_a_retry_have_a_share_apart_from_unproven_ones() {
         let limits = shares(10_000, 1_000, 8, 2);
         let spoofed: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, false).unwrap()).collect();
-        assert_eq!(
-            limits.check(HOST, false),
-            Err(Refusal::AddressShare),
-            "a Retry, not a drop"
-        );
+        assert_eq!(limits.check(HOST, false), Err(Refusal::Retry), "a Retry, not a drop");
         assert_eq!(limits.check(HOST, true), Ok(()));
         let mut proven: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, true).unwrap()).collect();
         assert_eq!(
             limits.admit(HOST, true).err(),
-            Some(Refusal::Full(DropReason::HandshakeLimit))
+            Some(Refusal::Drop(DropReason::HandshakeLimit))
         );
-        assert_eq!(limits.check(HOST, true), Err(Refusal::Full(DropReason::HandshakeLimit)));
+        assert_eq!(limits.check(HOST, true), Err(Refusal::Drop(DropReason::HandshakeLimit)));
         // Both shares full: no Retry, which would only bring the client back to be refused.
         assert_eq!(
             limits.check(HOST, false),
-            Err(Refusal::Full(DropReason::HandshakeLimit))
+            Err(Refusal::Drop(DropReason::HandshakeLimit))
         );
         // Each class gives back its own.
         proven.pop();
         assert_eq!(limits.check(HOST, true), Ok(()));
-        assert_eq!(limits.check(HOST, false), Err(Refusal::AddressShare));
+        assert_eq!(limits.check(HOST, false), Err(Refusal::Retry));
         drop((spoofed, proven));
         assert!(limits.by_address().is_empty());
     }

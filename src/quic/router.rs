@@ -518,12 +518,12 @@ fn accept_initial(
         // (`admit` below may still find the address over its share, should another router
         // load the listener meanwhile: that Initial is dropped, and the client's next,
         // after its probe timeout, gets the Retry.)
-        Err(Refusal::AddressShare) if policy != RetryPolicy::Never => prove_address = true,
-        Err(Refusal::AddressShare) => {
+        Err(Refusal::Retry) if policy != RetryPolicy::Never => prove_address = true,
+        Err(Refusal::Retry) => {
             metrics.datagram_dropped(DropReason::HandshakeLimit);
             return None;
         }
-        Err(Refusal::Full(reason)) => {
+        Err(Refusal::Drop(reason)) => {
             // Full: not even a Retry, which would only bring the client back to be refused.
             metrics.datagram_dropped(reason);
             return None;
@@ -543,7 +543,7 @@ fn accept_initial(
         };
     routes.let_go();
     let (scid, odcid) = if !answers_our_retry && retry_now {
-        if let Err(Refusal::Full(reason)) = accept.limits.check(from.ip(), true) {
+        if let Err(Refusal::Drop(reason)) = accept.limits.check(from.ip(), true) {
             // Refused even once proven: a Retry would only bring the client back to be.
             metrics.datagram_dropped(reason);
             return None;
@@ -593,11 +593,11 @@ fn accept_initial(
     };
     let slot = match accept.limits.admit(from.ip(), odcid.is_some()) {
         Ok(slot) => slot,
-        Err(Refusal::Full(reason)) => {
+        Err(Refusal::Drop(reason)) => {
             metrics.datagram_dropped(reason);
             return None;
         }
-        Err(Refusal::AddressShare) => {
+        Err(Refusal::Retry) => {
             metrics.datagram_dropped(DropReason::HandshakeLimit);
             return None;
         }

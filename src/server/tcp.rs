@@ -1007,7 +1007,9 @@ pub(crate) async fn run<S>(
                 continue;
             }
         };
-        // A TCP connection proves its address.
+        // A TCP connection proves its address. Its slot lives with the connection (it
+        // also counts the address's connections, a share that never applies here: these
+        // caps have no connection limit, `tcp_max_connections` is enforced apart).
         let mut handshake = match handshakes.admit(remote_addr.ip(), true) {
             Ok(slot) => slot,
             Err(_) => {
