@@ -338,7 +338,7 @@ fn closed_error() -> Error {
 }
 
 /// Why a request waits on no connection whose path went silent ([`PathWatch`]).
-fn silent_error() -> Error {
+pub(crate) fn silent_error() -> Error {
     Error::new(Kind::Closed)
         .with_message("the connection's path went silent (no answer through several probe timeouts)")
 }
@@ -354,6 +354,8 @@ fn rejected_error(why: &str) -> Error {
 /// [`poll_ready`](Self::poll_ready) reports real capacity: it is pending while the server's
 /// stream credit is used up or the connection's path is silent (see
 /// [`is_usable`](Self::is_usable)), and fails once the connection is closed or going away.
+/// A path that stays silent ends the connection at QUIC's idle timeout (never, with the
+/// idle timeout off on both sides: bound the wait yourself then).
 pub struct SendRequest {
     submit: mpsc::Sender<Submission>,
     status: Arc<Status>,

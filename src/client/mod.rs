@@ -426,7 +426,13 @@ impl Pool {
             // server sends PINGs), and in auto mode every such handshake would confirm
             // HTTP/3 for an origin that serves nothing over it.
             let mut probe = send.clone();
-            match tokio::time::timeout_at(deadline.into(), probe.ready()).await {
+            // Pending while the path is silent too: a silent path ends the wait (checked
+            // once the probe waits, so the change wakes it).
+            let granted = std::future::poll_fn(|cx| match probe.poll_ready(cx) {
+                Poll::Pending if !probe.is_usable() => Poll::Ready(Err(conn::silent_error())),
+                ready => ready,
+            });
+            match tokio::time::timeout_at(deadline.into(), granted).await {
                 // The probe's reservation goes with it.
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e),
@@ -941,6 +947,9 @@ where
             match &mut self.ready {
                 Some(Route::H3(send)) => match send.poll_ready(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
+                    // Gone silent since it was looked at above: that change woke nobody
+                    // waiting yet, so it is looked at again now that this task waits.
+                    Poll::Pending if !send.is_usable() => self.ready = None,
                     Poll::Pending => return Poll::Pending,
                     // Closed or going away: find or open another connection.
                     Poll::Ready(Err(_)) => self.ready = None,

@@ -982,8 +982,7 @@ impl ServerConfigBuilder {
     /// IPv6 /64) may hold once connection slots run short: at most a quarter of
     /// [`max_connections`](Self::max_connections) free, counting the new one. Defaults to
     /// 1,000 (a tenth of the default cap; one process of a test or a NAT's clients on one
-    /// server rarely hold more); a share of three quarters of `max_connections` or more
-    /// never applies. While slots are plenty, one address may hold more; once they run
+    /// server rarely hold more); a share of `max_connections` or more never applies. While slots are plenty, one address may hold more; once they run
     /// short, its new Initials are dropped (counted as
     /// [`DropReason::ConnectionLimit`](crate::quic::DropReason::ConnectionLimit)) while
     /// other addresses still find room: one host that completes handshakes and keeps its

@@ -597,6 +597,9 @@ fn accept_initial(
             metrics.datagram_dropped(reason);
             return None;
         }
+        // `check` above said Retry for these already, but for a client whose token of ours
+        // failed and is taken as none: it has had its one Retry (RFC 9000 §17.2.5.2 lets
+        // it take no other), and another router may have loaded the listener meanwhile.
         Err(Refusal::Retry) => {
             metrics.datagram_dropped(DropReason::HandshakeLimit);
             return None;
