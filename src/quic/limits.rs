@@ -341,6 +341,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// Both `check` (asked before a Retry) and `admit` refuse a connection from `from`
+    /// (`proven` or not) with `refusal`.
+    #[track_caller]
+    fn refused(limits: &Arc<Limits>, from: IpAddr, proven: bool, refusal: Refusal) {
+        assert_eq!(limits.check(from, proven), Err(refusal), "check, from {from}");
+        assert_eq!(limits.admit(from, proven).err(), Some(refusal), "admit, from {from}");
+    }
+
     /// A listener's caps, with `connections` slots of which one address holds
     /// `per_address` once they run short, and `handshakes` of which it holds
     /// `handshakes_per_address` under load.
@@ -392,28 +400,14 @@ mod tests {
         let mut a = limits.admit(HOST, false).unwrap();
         let b = limits.admit(HOST, false).unwrap();
         assert_eq!(limits.counts(), (2, 2));
-        assert_eq!(
-            limits.admit(HOST, false).err(),
-            Some(Refusal::Drop(DropReason::HandshakeLimit))
-        );
-        assert_eq!(
-            limits.check(HOST, false),
-            Err(Refusal::Drop(DropReason::HandshakeLimit))
-        );
+        refused(&limits, HOST, false, Refusal::Drop(DropReason::HandshakeLimit));
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         // Established: frees its handshake slot once, however often it is told.
         a.established();
         a.established();
         assert_eq!(limits.counts(), (2, 1));
         let c = limits.admit(HOST, false).unwrap();
-        assert_eq!(
-            limits.admit(HOST, false).err(),
-            Some(Refusal::Drop(DropReason::ConnectionLimit))
-        );
-        assert_eq!(
-            limits.check(HOST, false),
-            Err(Refusal::Drop(DropReason::ConnectionLimit))
-        );
+        refused(&limits, HOST, false, Refusal::Drop(DropReason::ConnectionLimit));
         // Dies while handshaking: frees both slots.
         drop(b);
         assert_eq!(limits.counts(), (2, 1));
@@ -432,8 +426,7 @@ mod tests {
         let _second = limits.admit(ip("192.0.2.1"), false).unwrap();
         // The same IPv4 address mapped into IPv6 (a dual-stack socket's view) is the same.
         for same in ["192.0.2.1", "::ffff:192.0.2.1"] {
-            assert_eq!(limits.admit(ip(same), false).err(), Some(Refusal::Retry), "{same}");
-            assert_eq!(limits.check(ip(same), false), Err(Refusal::Retry), "{same}");
+            refused(&limits, ip(same), false, Refusal::Retry);
         }
         assert_eq!(limits.counts(), (2, 2), "a refused admission takes nothing");
         let _other = limits.admit(ip("192.0.2.2"), false).unwrap();
@@ -462,8 +455,7 @@ mod tests {
         // The next would be the 256th in progress, which loads the listener: this address
         // is over its share then, others are not; `check` (before a Retry) and `admit`
         // agree on it.
-        assert_eq!(limits.check(HOST, false), Err(Refusal::Retry));
-        assert_eq!(limits.admit(HOST, false).err(), Some(Refusal::Retry));
+        refused(&limits, HOST, false, Refusal::Retry);
         let other = "192.0.2.9".parse::<IpAddr>().unwrap();
         assert!(limits.admit(other, false).is_ok());
         drop((held, more));
@@ -486,14 +478,7 @@ mod tests {
         held.push(limits.admit(c, false).unwrap());
         // 6 of 8: 2 free, a quarter: each address holds its share at most.
         for full in [a, b] {
-            assert_eq!(
-                limits.check(full, false),
-                Err(Refusal::Drop(DropReason::ConnectionLimit))
-            );
-            assert_eq!(
-                limits.admit(full, false).err(),
-                Some(Refusal::Drop(DropReason::ConnectionLimit))
-            );
+            refused(&limits, full, false, Refusal::Drop(DropReason::ConnectionLimit));
         }
         held.push(limits.admit(c, false).unwrap());
         assert_eq!(limits.counts().0, 7, "a refused admission takes nothing");
@@ -550,11 +535,7 @@ mod tests {
         assert_eq!(limits.check(HOST, false), Err(Refusal::Retry), "a Retry, not a drop");
         assert_eq!(limits.check(HOST, true), Ok(()));
         let mut proven: Vec<Slot> = (0..2).map(|_| limits.admit(HOST, true).unwrap()).collect();
-        assert_eq!(
-            limits.admit(HOST, true).err(),
-            Some(Refusal::Drop(DropReason::HandshakeLimit))
-        );
-        assert_eq!(limits.check(HOST, true), Err(Refusal::Drop(DropReason::HandshakeLimit)));
+        refused(&limits, HOST, true, Refusal::Drop(DropReason::HandshakeLimit));
         // Both shares full: no Retry, which would only bring the client back to be refused.
         assert_eq!(
             limits.check(HOST, false),
