@@ -394,10 +394,9 @@ pub(crate) fn hyper_kind(e: &hyper::Error) -> Kind {
 }
 
 /// What ended a QUIC connection that quiche does not record as such.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum SeenEnd {
     /// Nothing: quiche's view says it all.
-    #[default]
     Unremarkable,
     /// The handshake outlived its deadline (the connection's task ended it).
     HandshakeDeadline,
@@ -410,7 +409,7 @@ pub(crate) enum SeenEnd {
 ///
 /// `verify_error` is what our certificate verifier recorded, if anything: BoringSSL only
 /// sends an alert number, and "unable to get local issuer certificate" is what a user needs.
-pub(crate) fn from_close(conn: &QuicheConnection, seen: SeenEnd, verify_error: Option<String>) -> Option<Error> {
+pub(crate) fn from_close(conn: &QuicheConnection, seen: SeenEnd, verify_error: Option<&str>) -> Option<Error> {
     match seen {
         SeenEnd::Unremarkable => {}
         SeenEnd::HandshakeDeadline => {

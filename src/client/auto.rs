@@ -60,11 +60,10 @@ impl Pool {
             // goes over TCP at once instead of waiting the handicap again.
             return Route::Tcp;
         }
-        let pool = Arc::clone(self);
-        let target = origin.clone();
-        let mut attempt = tokio::spawn(async move { pool.connection(&target, port, None).await });
-        match tokio::time::timeout(self.handicap, &mut attempt).await {
-            Ok(Ok(Ok(send))) => Route::H3(send),
+        // The attempt runs in a task of its own (`shared_attempt`): past the handicap it
+        // goes on for the next requests, without this one.
+        match tokio::time::timeout(self.handicap, self.connection(origin, port, None)).await {
+            Ok(Ok(send)) => Route::H3(send),
             // Failed (and marked broken), or no faster than the handicap.
             _ => Route::Tcp,
         }

@@ -343,6 +343,11 @@ pub(crate) fn silent_error() -> Error {
         .with_message("the connection's path went silent (no answer through several probe timeouts)")
 }
 
+/// Why a request waits on no connection the server is going away from.
+fn goaway_error() -> Error {
+    rejected_error("the server is going away (GOAWAY)")
+}
+
 fn rejected_error(why: &str) -> Error {
     Error::new(Kind::Closed)
         .with_stream_code(code::H3_REQUEST_REJECTED)
@@ -404,7 +409,7 @@ impl SendRequest {
             return Poll::Ready(Err(closed_error()));
         }
         if s.goaway {
-            return Poll::Ready(Err(rejected_error("the server is going away (GOAWAY)")));
+            return Poll::Ready(Err(goaway_error()));
         }
         if s.credit > s.outstanding && !s.silent {
             s.outstanding += 1;
@@ -436,7 +441,7 @@ impl SendRequest {
     }
 
     /// Whether the connection can take new requests at all: not closed, no GOAWAY, and its
-    /// path not silent. Silent: the server has acknowledged nothing through four probe
+    /// path not silent. Silent: nothing from the server was received through four probe
     /// timeouts in a row, over a second at least since the first (a network that stopped
     /// passing UDP, a server gone). Requests sent before wait on; those not yet given a
     /// stream fail unsent (a [`Client`](crate::client::Client) sends them on another
@@ -913,7 +918,7 @@ impl ClientApp {
     /// the server's GOAWAY, or a path gone silent (requests sent before wait on).
     fn refusal(&self) -> Option<Error> {
         if self.goaway.is_some() {
-            Some(rejected_error("the server is going away (GOAWAY)"))
+            Some(goaway_error())
         } else if self.path_watch.silent {
             Some(silent_error())
         } else {

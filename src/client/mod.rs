@@ -20,7 +20,8 @@
 //! too, and so do later ones. A QUIC attempt that fails
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
-//! days, reset once it works — and requests go over TCP meanwhile, without an error.
+//! days; a new connection's handshake lifts it, an HTTP/3 response resets the count — and
+//! requests go over TCP meanwhile, without an error.
 //! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
 //! server refused it unprocessed, or its connection failed before any of its response and
 //! it is idempotent without a body. [`http::Response::version`] tells which protocol
@@ -385,7 +386,7 @@ impl Pool {
         if self.mode == Mode::Auto {
             let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
-                // Its failures are forgotten only once a response comes (`send_h3_or_tcp`).
+                // Its failures are forgotten only once a response comes (`heard_over_h3`).
                 Ok(_) => cache.handshake_worked(origin),
                 Err(e) if !e.is_invalid_request() => {
                     tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");

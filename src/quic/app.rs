@@ -88,7 +88,8 @@ pub trait Application: Send + 'static {
     /// more is sent or received), or when it ends without one (idle timeout, failed
     /// handshake). `error` says why, when it was not a clean close. Nothing can be sent any
     /// more, but what the peer sent before it closed can still be read from `conn`'s
-    /// streams. The application is dropped right after; nothing else is called.
+    /// streams. Nothing else is called; the application is dropped when the connection's
+    /// task ends (after that period).
     fn on_closed(&mut self, conn: &mut QuicheConnection, error: Option<&Error>) {
         let _ = (conn, error);
     }

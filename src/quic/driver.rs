@@ -123,8 +123,8 @@ pub(crate) struct ConnContext {
     /// A client connecting to an IP address: the address the server's certificate must
     /// carry. No SNI names it (RFC 6066 §3 allows host names only), so the check is ours.
     pub(crate) server_ip: Option<IpAddr>,
-    /// A client's session cache and its key for this server: sessions the server issues
-    /// are stored there for the next connection to resume.
+    /// A client's session cache, its key for this server and the address connected to:
+    /// sessions the server issues are stored there for the next connection to resume.
     pub(crate) sessions: Option<SessionSlot>,
 }
 
@@ -509,7 +509,7 @@ impl<A: Application> Driver<A> {
         }
         self.after_flush();
         if self.conn.is_draining() && matches!(self.app, AppSlot::Running(_)) {
-            let error = error::from_close(&self.conn, self.seen_end, self.verify_error.clone());
+            let error = error::from_close(&self.conn, self.seen_end, self.verify_error.as_deref());
             self.close_app(error.as_ref());
         }
         if self.conn.is_closed() {
@@ -745,7 +745,7 @@ impl<A: Application> Driver<A> {
 
     fn finish(&mut self) {
         self.finished = true;
-        let error = error::from_close(&self.conn, self.seen_end, self.verify_error.take());
+        let error = error::from_close(&self.conn, self.seen_end, self.verify_error.as_deref());
         let stats = ConnectionStats::of(&self.conn);
         let metrics = &self.config.inner.metrics;
         if !self.established {

@@ -84,6 +84,17 @@ pub(crate) enum Refusal {
     Retry,
 }
 
+impl Refusal {
+    /// What a refused Initial counts as when it is dropped (a Retry that cannot be sent,
+    /// under `RetryPolicy::Never` or once past the Retry, counts as the handshake cap).
+    pub(crate) fn dropped_as(self) -> DropReason {
+        match self {
+            Refusal::Drop(reason) => reason,
+            Refusal::Retry => DropReason::HandshakeLimit,
+        }
+    }
+}
+
 /// Which of the listener's loads apply to a new connection, counting it.
 #[derive(Debug, Clone, Copy)]
 struct Load {
@@ -270,19 +281,31 @@ pub(crate) struct Slot {
 impl Slot {
     /// The handshake has completed: the connection no longer counts as half-open.
     pub(crate) fn established(&mut self) {
-        if let Some(proven) = self.handshaking.take() {
-            self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
-            self.give_back(|counts| counts.handshakes_mut(proven));
-        }
+        self.give_back(false);
     }
 
-    /// Takes one from the address's count that `which` picks; the entry goes once empty.
-    fn give_back(&self, which: impl FnOnce(&mut ByAddress) -> &mut usize) {
+    /// Gives back the handshake, if still in progress, and with `connection` the
+    /// connection too: the address's counts under one lock, its entry gone once empty.
+    fn give_back(&mut self, connection: bool) {
+        let handshake = self.handshaking.take();
+        if handshake.is_none() && !connection {
+            return;
+        }
+        if handshake.is_some() {
+            self.limits.handshakes.fetch_sub(1, Ordering::AcqRel);
+        }
         let mut by_address = self.limits.by_address();
         if let Some(counts) = by_address.get_mut(&self.address) {
-            let count = which(counts);
-            debug_assert!(*count > 0, "counted once, given back once");
-            *count = count.saturating_sub(1);
+            let take = |count: &mut usize| {
+                debug_assert!(*count > 0, "counted once, given back once");
+                *count = count.saturating_sub(1);
+            };
+            if let Some(proven) = handshake {
+                take(counts.handshakes_mut(proven));
+            }
+            if connection {
+                take(&mut counts.connections);
+            }
             if counts.is_empty() {
                 by_address.remove(&self.address);
             }
@@ -292,8 +315,7 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.established();
-        self.give_back(|counts| &mut counts.connections);
+        self.give_back(true);
         self.limits.connections.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -365,11 +365,34 @@ fn dispatch(
     }
     let id_len = shared.config.inner.cid_generator.id_len();
     // Most datagrams are short-header packets of known connections: their ID is read in
-    // place, where quiche's parser would copy it into an allocation of its own.
-    let short = match short_header_dcid(datagram, id_len) {
-        Some(dcid) if forward(metrics, routes.map(), arena, datagram, from, dcid) => return,
-        dcid => dcid.is_some(),
-    };
+    // place, where quiche's parser would copy it into an allocation of its own (it reads
+    // nothing else of a short header: one that misses is not parsed again either).
+    if let Some(dcid) = short_header_dcid(datagram, id_len) {
+        if forward(metrics, routes.map(), arena, datagram, from, dcid) {
+            return;
+        }
+        let Some(accept) = accept else {
+            // A client's: a stateless reset (RFC 9000 §10.3) looks like a short-header
+            // packet with a random ID; its last 16 bytes are the token of a connection
+            // whose server has lost it (only clients register tokens, see the driver). It
+            // goes to that connection, whose quiche checks the token again and closes.
+            if datagram.len() >= MIN_RESET_LEN
+                && let Some(token) = datagram.last_chunk::<16>()
+                && forward(metrics, routes.map(), arena, datagram, from, &reset_token_key(token))
+            {
+                return;
+            }
+            metrics.datagram_dropped(DropReason::UnknownConnection);
+            return;
+        };
+        if reflecting(from.port()) {
+            metrics.datagram_dropped(DropReason::BlockedSource);
+            return;
+        }
+        let source = shared.socket.source_for(shared.socket.local_for(dst));
+        send_stateless_reset(shared, routes, accept, out, datagram.len(), dcid, from, source);
+        return;
+    }
     let hdr = match quiche::Header::from_slice(datagram, id_len) {
         Ok(hdr) => hdr,
         Err(_) => {
@@ -377,26 +400,9 @@ fn dispatch(
             return;
         }
     };
-    // A short header's ID was looked up above: quiche read the same bytes.
     // (A connection ID is 20 bytes at most: a longer one, which quiche parses from an
     // unsupported version's header, could only match a reset token's key.)
-    if !short
-        && hdr.dcid.len() <= quiche::MAX_CONN_ID_LEN
-        && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid)
-    {
-        return;
-    }
-    // A stateless reset (RFC 9000 §10.3) looks like a short-header packet with a random ID;
-    // its last 16 bytes are the token of a connection whose peer has lost it. It goes to
-    // that connection, whose quiche checks the token again and closes.
-    if short
-        && let Some(token) = datagram
-            .len()
-            .checked_sub(16)
-            .filter(|_| datagram.len() >= MIN_RESET_LEN)
-        && let Ok(token) = <&[u8; 16]>::try_from(&datagram[token..])
-        && forward(metrics, routes.map(), arena, datagram, from, &reset_token_key(token))
-    {
+    if hdr.dcid.len() <= quiche::MAX_CONN_ID_LEN && forward(metrics, routes.map(), arena, datagram, from, &hdr.dcid) {
         return;
     }
     // Not for a connection we know: whatever answers it leaves from the address it came
@@ -412,10 +418,6 @@ fn dispatch(
     }
     let local = shared.socket.local_for(dst);
     let source = shared.socket.source_for(local);
-    if hdr.ty == quiche::Type::Short {
-        send_stateless_reset(shared, routes, accept, out, datagram.len(), &hdr.dcid, from, source);
-        return;
-    }
     if hdr.ty == quiche::Type::VersionNegotiation {
         // Never answered (RFC 9000 §6.1): two endpoints would negotiate forever. Nor can it
         // concern us: only a server's reply to a client is a version negotiation packet.
@@ -519,13 +521,9 @@ fn accept_initial(
         // load the listener meanwhile: that Initial is dropped, and the client's next,
         // after its probe timeout, gets the Retry.)
         Err(Refusal::Retry) if policy != RetryPolicy::Never => prove_address = true,
-        Err(Refusal::Retry) => {
-            metrics.datagram_dropped(DropReason::HandshakeLimit);
-            return None;
-        }
-        Err(Refusal::Drop(reason)) => {
+        Err(refusal) => {
             // Full: not even a Retry, which would only bring the client back to be refused.
-            metrics.datagram_dropped(reason);
+            metrics.datagram_dropped(refusal.dropped_as());
             return None;
         }
     }
@@ -593,15 +591,11 @@ fn accept_initial(
     };
     let slot = match accept.limits.admit(from.ip(), odcid.is_some()) {
         Ok(slot) => slot,
-        Err(Refusal::Drop(reason)) => {
-            metrics.datagram_dropped(reason);
-            return None;
-        }
-        // `check` above said Retry for these already, but for a client whose token of ours
-        // failed and is taken as none: it has had its one Retry (RFC 9000 §17.2.5.2 lets
-        // it take no other), and another router may have loaded the listener meanwhile.
-        Err(Refusal::Retry) => {
-            metrics.datagram_dropped(DropReason::HandshakeLimit);
+        // A Retry `check` above would have sent already, but for a client whose token of
+        // ours failed and is taken as none (it has had its one Retry, RFC 9000 §17.2.5.2
+        // lets it take no other), or when another router loaded the listener meanwhile.
+        Err(refusal) => {
+            metrics.datagram_dropped(refusal.dropped_as());
             return None;
         }
     };
