@@ -180,6 +180,9 @@ struct Entry {
     broken_until: Option<Instant>,
     /// How many times in a row it failed (the backoff's exponent).
     failures: u32,
+    /// When the newest connection whose handshake completed was opened: a failure of a
+    /// connection opened before it is stale (the path has worked since) and not counted.
+    worked_since: Option<Instant>,
     touched: u64,
 }
 
@@ -269,13 +272,15 @@ impl Cache {
         self.entries.get_mut(origin)?.fresh_port(now)
     }
 
-    /// HTTP/3 failed for `origin`: off for `first_broken`, doubled for each failure since it
-    /// last worked. Failures while it is already off (other requests of the same attempt)
-    /// do not count again.
-    pub(crate) fn mark_broken(&mut self, origin: &Origin, now: Instant) {
+    /// HTTP/3 failed for `origin` on a connection opened at `opened`: off for
+    /// `first_broken`, doubled for each failure since it last worked. Failures while it is
+    /// already off (other requests of the same attempt) do not count again, nor do those of
+    /// a connection opened before one whose handshake has completed since (an old
+    /// connection losing its path while a newer one works says nothing of the path now).
+    pub(crate) fn mark_broken(&mut self, origin: &Origin, opened: Instant, now: Instant) {
         let first_broken = self.first_broken;
         let entry = self.touch(origin);
-        if entry.broken_until.is_some_and(|until| until > now) {
+        if entry.broken_until.is_some_and(|until| until > now) || entry.worked_since.is_some_and(|w| opened < w) {
             return;
         }
         let backoff = first_broken
@@ -292,9 +297,11 @@ impl Cache {
     /// that passes handshakes and loses requests (a path MTU between QUIC's 1,200-byte
     /// handshake packets and its larger data packets) so backs off longer each time
     /// instead of being retried at the first backoff every time.
-    pub(crate) fn handshake_worked(&mut self, origin: &Origin) {
+    /// `opened` is when that connection was opened.
+    pub(crate) fn handshake_worked(&mut self, origin: &Origin, opened: Instant) {
         if let Some(entry) = self.entries.get_mut(origin) {
             entry.broken_until = None;
+            entry.worked_since = entry.worked_since.max(Some(opened));
         }
     }
 
@@ -488,9 +495,9 @@ mod tests {
         let o = origin("example.com");
         let t0 = Instant::now();
         cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), t0);
-        cache.mark_broken(&o, t0);
+        cache.mark_broken(&o, t0, t0);
         // Other failures of the same attempt do not extend it.
-        cache.mark_broken(&o, t0 + Duration::from_secs(1));
+        cache.mark_broken(&o, t0 + Duration::from_secs(1), t0 + Duration::from_secs(1));
         assert_eq!(cache.h3_port(&o, t0 + Duration::from_secs(299)), None);
         assert_eq!(
             cache.advertised_port(&o, t0 + Duration::from_secs(299)),
@@ -499,18 +506,18 @@ mod tests {
         );
         let t1 = t0 + Duration::from_secs(300);
         assert_eq!(cache.h3_port(&o, t1), Some(443));
-        cache.mark_broken(&o, t1);
+        cache.mark_broken(&o, t1, t1);
         assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(599)), None);
         assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(600)), Some(443));
         // A handshake that works clears the backoff but not the count: a path that
         // passes handshakes and loses requests backs off longer each time.
-        cache.handshake_worked(&o);
+        cache.handshake_worked(&o, t1 + Duration::from_secs(1));
         assert_eq!(
             cache.h3_port(&o, t1 + Duration::from_secs(1)),
             Some(443),
             "usable at once"
         );
-        cache.mark_broken(&o, t1 + Duration::from_secs(1));
+        cache.mark_broken(&o, t1 + Duration::from_secs(1), t1 + Duration::from_secs(1));
         assert_eq!(
             cache.h3_port(&o, t1 + Duration::from_secs(1200)),
             None,
@@ -519,12 +526,37 @@ mod tests {
         // Once a response comes, the next failure starts again at 5 minutes.
         cache.confirm(&o);
         let t2 = t1 + Duration::from_secs(600);
-        cache.mark_broken(&o, t2);
+        cache.mark_broken(&o, t2, t2);
         assert_eq!(cache.h3_port(&o, t2 + Duration::from_secs(300)), Some(443));
         // The backoff is capped (and never overflows).
         for _ in 0..100 {
-            cache.mark_broken(&o, t2 + MAX_BROKEN * 200);
+            cache.mark_broken(&o, t2 + MAX_BROKEN * 200, t2 + MAX_BROKEN * 200);
         }
+    }
+
+    /// A connection opened before one whose handshake has completed since may still lose
+    /// its path (its NAT binding, its own PTOs): that failure says nothing of the path now
+    /// and neither turns HTTP/3 off nor doubles its next backoff.
+    #[test]
+    fn a_failure_of_a_connection_older_than_one_that_works_is_not_counted() {
+        let mut cache = Cache::new(8, FIRST_BROKEN);
+        let o = origin("example.com");
+        let t0 = Instant::now();
+        cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), t0);
+        let (older, newer) = (t0, t0 + Duration::from_secs(10));
+        cache.handshake_worked(&o, newer);
+        cache.handshake_worked(&o, older);
+        let t1 = t0 + Duration::from_secs(20);
+        cache.mark_broken(&o, older, t1);
+        assert_eq!(cache.h3_port(&o, t1), Some(443), "the newer connection works");
+        cache.mark_broken(&o, newer, t1);
+        assert_eq!(cache.h3_port(&o, t1), None, "the newer one's own failure counts");
+        let t2 = t1 + FIRST_BROKEN;
+        assert_eq!(
+            cache.h3_port(&o, t2),
+            Some(443),
+            "after the first backoff, not a doubled one"
+        );
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Pool {
             }
             Err(H3Failure::Request(Failure::Failed(error))) => {
                 if lost_the_path(&error) {
-                    self.alt_svc().mark_broken(&origin, Instant::now());
+                    self.alt_svc().mark_broken(&origin, status.opened(), Instant::now());
                 }
                 if connection_ended(&error) && bodyless && head.method.is_idempotent() {
                     tracing::debug!(%error, "HTTP/3 connection ended before the response; resending over TCP");

@@ -232,9 +232,12 @@ struct Submission {
 }
 
 /// The connection's capacity, shared with its [`SendRequest`]s.
-#[derive(Default)]
 pub(crate) struct Status {
     inner: Mutex<StatusInner>,
+    /// When the connection was opened: a failure of it says nothing of HTTP/3's path once
+    /// a connection opened later has completed its handshake.
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
+    opened: Instant,
 }
 
 #[derive(Default)]
@@ -266,6 +269,19 @@ impl StatusInner {
 }
 
 impl Status {
+    fn new() -> Self {
+        Status {
+            inner: Mutex::default(),
+            opened: Instant::now(),
+        }
+    }
+
+    /// When the connection was opened (before its handshake).
+    #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
+    pub(crate) fn opened(&self) -> Instant {
+        self.opened
+    }
+
     fn lock(&self) -> MutexGuard<'_, StatusInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -700,7 +716,7 @@ pub(crate) async fn handshake_with(
     settings: Arc<ConnSettings>,
 ) -> Result<(SendRequest, Connection), Error> {
     let (submit, submissions) = mpsc::channel(SUBMIT_QUEUE);
-    let status = Arc::new(Status::default());
+    let status = Arc::new(Status::new());
     let notify = Arc::new(ConnNotify::default());
     let mut app = ClientApp::new(
         submissions,

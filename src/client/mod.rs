@@ -20,8 +20,9 @@
 //! too, and so do later ones. A QUIC attempt that fails
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
-//! days; a new connection's handshake lifts it, an HTTP/3 response resets the count — and
-//! requests go over TCP meanwhile, without an error.
+//! days; a new connection's handshake lifts it, an HTTP/3 response resets the count, and
+//! a failure of a connection older than one whose handshake has completed is not counted —
+//! and requests go over TCP meanwhile, without an error.
 //! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
 //! server refused it unprocessed, or its connection failed before any of its response and
 //! it is idempotent without a body. [`http::Response::version`] tells which protocol
@@ -381,16 +382,23 @@ impl Pool {
         if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
         }
+        #[cfg(feature = "tcp")]
+        let opened = std::time::Instant::now();
         let result = self.handshake(origin, port).await;
         #[cfg(feature = "tcp")]
         if self.mode == Mode::Auto {
             let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
                 // Its failures are forgotten only once a response comes (`heard_over_h3`).
-                Ok(_) => cache.handshake_worked(origin),
+                // A resumed connection sending 0-RTT data has yet to complete its
+                // handshake: its first response will tell.
+                Ok(send) if send.status().early_since().is_none() => {
+                    cache.handshake_worked(origin, send.status().opened());
+                }
+                Ok(_) => {}
                 Err(e) if !e.is_invalid_request() => {
                     tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
-                    cache.mark_broken(origin, std::time::Instant::now());
+                    cache.mark_broken(origin, opened, std::time::Instant::now());
                 }
                 Err(_) => {}
             }
