@@ -508,6 +508,35 @@ async fn a_full_accept_backlog_starts_no_handshake_it_cannot_hold() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A connection waiting in the backlog (the application has not accepted it, so nobody
+/// reads its queue) holds a client's first flight, whatever a peer sends to its ID: a
+/// backlog of 1,024 such connections is not 1,024 queues at their full bounds (256
+/// datagrams, 512 KiB each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_waiting_in_the_backlog_holds_only_a_first_flight() {
+    const SENT: u64 = 40;
+    // What such a queue holds (`routes::UNSTARTED_DATAGRAMS`).
+    const FIRST_FLIGHT: u64 = 16;
+    let _serial = serial().await;
+    let certs = certs();
+    let metrics = Arc::new(AtomicMetrics::new());
+    let config = server_builder(&certs).metrics(Arc::clone(&metrics)).build().unwrap();
+    // Never accepted from.
+    let listener = Listener::bind("127.0.0.1:0", config).await.unwrap();
+    let run = async {
+        let raw = raw_socket().await;
+        let initial = client_initials(1, raw.local_addr().unwrap(), listener.local_addr()).remove(0);
+        for _ in 0..SENT {
+            raw.send_to(&initial, listener.local_addr()).await.unwrap();
+        }
+        barrier(&raw, listener.local_addr()).await;
+        let m = metrics.snapshot();
+        assert_eq!(m.handshakes_started, 1, "{m:?}");
+        assert_eq!(m.dropped_queue_full, SENT - FIRST_FLIGHT, "{m:?}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 /// With the backlog full, a new client is not even sent a Retry (which would only bring it
 /// back to be refused, and costs the server a token's crypto and a send).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

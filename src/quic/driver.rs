@@ -243,6 +243,7 @@ impl<A> Driver<A> {
                 Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot create qlog file"),
             }
         }
+        inbound.started();
         let (state_tx, state_rx) = watch::channel(State::Handshaking);
         let requests = Arc::<HandleRequests>::default();
         let peer_addr = Socket::canonical(

@@ -616,6 +616,8 @@ fn accept_initial(
         }
     };
     let (mut registration, inbound) = shared.register();
+    // Nobody reads its queue until the application accepts it.
+    let inbound = inbound.until_started();
     {
         let map = routes.map();
         // The map was let go meanwhile: another router of the address may have made the

@@ -26,6 +26,11 @@
 //! allocation per datagram) is paid by sparse datagrams to a queue that lags. Charging
 //! each datagram its arena instead would refuse honest bursts spread over many
 //! connections.
+//!
+//! A connection waiting in a listener's backlog has no task reading its queue, and a
+//! backlog holds up to `accept_backlog` of them: until its task starts, its queue holds a
+//! client's first flight ([`UNSTARTED_DATAGRAMS`], [`UNSTARTED_BYTES`]), each datagram in
+//! an allocation of its own.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -53,6 +58,20 @@ pub(crate) struct Datagram {
 /// sizes; beyond, only while they fill a quarter of an arena each on average. See the
 /// module's docs.
 const MAX_QUEUE_ARENAS: usize = 8;
+
+/// How many datagrams the queue of a connection not started yet (waiting in a listener's
+/// backlog for the application to accept it) holds. Nobody reads it meanwhile, and a
+/// backlog holds up to `accept_backlog` such queues (1,024 by default): at the full bounds
+/// a peer could make that 512 MiB (and pin an arena per datagram). A client has sent
+/// its first flight before it hears the server: an Initial or two, 0-RTT packets within
+/// its first congestion window (about ten), and a probe a second; what does not fit is
+/// dropped as a congested network would, and sent again.
+const UNSTARTED_DATAGRAMS: usize = 16;
+/// The bytes a not yet started connection's queue holds: 16 datagrams of a first flight
+/// (a client sends 1,200 to 1,500-byte ones before it has heard the server), or one of
+/// the largest size accepted (`max_recv_udp_payload`, 64 KiB by default), whichever is
+/// more: 64 MiB for a full backlog at the defaults.
+const UNSTARTED_BYTES: usize = 32 * 1024;
 
 /// Where the router sends a connection's datagrams.
 pub(crate) type Route = Sender;
@@ -256,6 +275,7 @@ pub(crate) fn channel(s: &Settings) -> (Sender, Receiver) {
     let queue = Arc::new(Queue {
         max_datagrams: s.inbound_queue,
         max_bytes: s.inbound_queue_bytes,
+        max_datagram_len: s.max_recv_udp_payload,
         state: Mutex::default(),
     });
     (
@@ -278,6 +298,8 @@ pub(crate) fn channel(s: &Settings) -> (Sender, Receiver) {
 struct Queue {
     max_datagrams: usize,
     max_bytes: usize,
+    /// The largest datagram the endpoint accepts (`max_recv_udp_payload`).
+    max_datagram_len: usize,
     state: Mutex<QueueState>,
 }
 
@@ -295,6 +317,9 @@ struct QueueState {
     waiting: Option<Waker>,
     /// The connection's task is gone.
     closed: bool,
+    /// No task reads the queue yet ([`Receiver::until_started`]): it holds less, and no
+    /// datagram keeps an arena.
+    unstarted: bool,
 }
 
 impl Queue {
@@ -327,14 +352,22 @@ impl Sender {
                 return Err(TrySendError::Closed(datagram));
             }
             let len = datagram.data.len();
-            if state.datagrams.len() >= queue.max_datagrams || state.bytes + len > queue.max_bytes {
+            let (max_datagrams, max_bytes) = if state.unstarted {
+                (
+                    queue.max_datagrams.min(UNSTARTED_DATAGRAMS),
+                    queue.max_bytes.min(UNSTARTED_BYTES.max(queue.max_datagram_len)),
+                )
+            } else {
+                (queue.max_datagrams, queue.max_bytes)
+            };
+            if state.datagrams.len() >= max_datagrams || state.bytes + len > max_bytes {
                 return Err(TrySendError::Full(datagram));
             }
             let new_arena =
                 datagram.arena != 0 && state.datagrams.back().is_none_or(|last| last.arena != datagram.arena);
             // Sparse: its datagrams fill less than a quarter of an arena each on average.
             let sparse = || state.bytes < state.arenas * (super::router::ARENA_BYTES / 4);
-            if new_arena && state.arenas >= MAX_QUEUE_ARENAS && sparse() {
+            if new_arena && (state.unstarted || state.arenas >= MAX_QUEUE_ARENAS && sparse()) {
                 datagram.data = BytesMut::from(&datagram.data[..]);
                 datagram.arena = 0;
             } else if new_arena {
@@ -357,6 +390,19 @@ pub(crate) struct Receiver {
 }
 
 impl Receiver {
+    /// The queue of a connection waiting to be accepted: until [`started`](Self::started),
+    /// it holds at most [`UNSTARTED_DATAGRAMS`] and [`UNSTARTED_BYTES`] (or one datagram of
+    /// the largest size accepted), each in an allocation of its own.
+    pub(crate) fn until_started(self) -> Self {
+        self.queue.lock().unstarted = true;
+        self
+    }
+
+    /// The connection's task reads the queue from now on: its full bounds apply.
+    pub(crate) fn started(&self) {
+        self.queue.lock().unstarted = false;
+    }
+
     /// The next datagram, or `Pending` (with `cx` to be woken) while there is none. The
     /// queue never ends: the connection's own registration keeps a sender for as long as
     /// the connection lives.
@@ -465,6 +511,56 @@ mod tests {
         .unwrap();
         assert_eq!(kept(&rx), (1, 1, 0));
         drop(arenas);
+    }
+
+    /// The queue of a connection waiting in the backlog (nobody reads it) holds a first
+    /// flight, not the full bounds, and keeps no arena; once its task starts, the full
+    /// bounds apply again.
+    #[test]
+    fn a_queue_not_yet_started_holds_a_first_flight_and_no_arena() {
+        let s = Settings::default();
+        let (tx, rx) = channel(&s);
+        let rx = rx.until_started();
+        let from: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let cut = |id: u64, len: usize| {
+            let mut arena = BytesMut::with_capacity(64 * 1024);
+            arena.extend_from_slice(&vec![7; len]);
+            Datagram {
+                data: arena.split(),
+                from,
+                arena: id,
+            }
+        };
+        let mut full = 0;
+        for id in 1..=40 {
+            if let Err(TrySendError::Full(_)) = tx.try_send(cut(id, 1200)) {
+                full += 1;
+            }
+        }
+        assert_eq!(full, 40 - UNSTARTED_DATAGRAMS, "a first flight is held");
+        {
+            let state = rx.queue.lock();
+            assert_eq!(state.arenas, 0);
+            assert!(
+                state
+                    .datagrams
+                    .iter()
+                    .all(|d| d.arena == 0 && d.data.capacity() == 1200)
+            );
+        }
+        // One datagram of the largest size accepted fits, however large.
+        let (big_tx, big_rx) = channel(&s);
+        let _big_rx = big_rx.until_started();
+        big_tx.try_send(cut(1, s.max_recv_udp_payload)).unwrap();
+        assert!(matches!(big_tx.try_send(cut(2, 1)), Err(TrySendError::Full(_))));
+        // Started: the full bounds, and arenas kept.
+        rx.started();
+        for id in 41..=100 {
+            tx.try_send(cut(id, 1200)).unwrap();
+        }
+        let state = rx.queue.lock();
+        assert_eq!(state.datagrams.len(), UNSTARTED_DATAGRAMS + 60);
+        assert!(state.arenas > 0, "arenas are kept once started");
     }
 
     /// Datagrams that fill their arenas (a quarter of one each, on average, or more) are
