@@ -261,6 +261,12 @@ struct StatusInner {
 }
 
 impl StatusInner {
+    /// Whether the connection takes new requests no more (closed, going away, or silent
+    /// for now).
+    fn refuses_new(&self) -> bool {
+        self.closed || self.goaway || self.silent
+    }
+
     fn wait(&mut self, waker: &Waker) {
         if !self.waiters.iter().any(|w| w.will_wake(waker)) {
             self.waiters.push(waker.clone());
@@ -288,8 +294,7 @@ impl Status {
 
     /// Whether new requests may go to this connection.
     pub(crate) fn usable(&self) -> bool {
-        let s = self.lock();
-        !s.goaway && !s.closed && !s.silent
+        !self.lock().refuses_new()
     }
 
     /// Streams free for new requests right now.
@@ -308,7 +313,7 @@ impl Status {
     #[cfg_attr(not(feature = "tcp"), allow(dead_code))]
     pub(crate) fn poll_handshake_done(&self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut s = self.lock();
-        if s.closed || s.goaway || s.silent {
+        if s.refuses_new() {
             return Poll::Ready(false);
         }
         if s.established && s.early_since.is_none() {
@@ -334,7 +339,7 @@ impl Status {
             // credit (a server may open with none, and grant it later); so does a wait
             // for a handshake begun in early data to complete (`poll_handshake_done`).
             let handshake_done = (s.established && !was_established) || (was_early && s.early_since.is_none());
-            if s.closed || s.goaway || s.silent || s.credit > s.outstanding || handshake_done {
+            if s.refuses_new() || s.credit > s.outstanding || handshake_done {
                 std::mem::take(&mut s.waiters)
             } else {
                 Vec::new()
@@ -354,7 +359,7 @@ fn closed_error() -> Error {
 }
 
 /// Why a request waits on no connection whose path went silent ([`PathWatch`]).
-pub(crate) fn silent_error() -> Error {
+fn silent_error() -> Error {
     Error::new(Kind::Closed)
         .with_message("the connection's path went silent (no answer through several probe timeouts)")
 }
@@ -428,6 +433,34 @@ impl SendRequest {
             return Poll::Ready(Err(goaway_error()));
         }
         if s.credit > s.outstanding && !s.silent {
+            s.outstanding += 1;
+            self.reserved = true;
+            return Poll::Ready(Ok(()));
+        }
+        s.wait(cx.waker());
+        Poll::Pending
+    }
+
+    /// [`poll_ready`](Self::poll_ready) for a pool, under one lock: a connection whose
+    /// path is silent fails with [`silent_error`] (as a closed one does) instead of
+    /// waiting, so that its caller moves on to another connection; a reservation made
+    /// earlier fails too once the connection takes new requests no more (it goes with this
+    /// handle).
+    pub(crate) fn poll_reserve(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        let mut s = self.status.lock();
+        if s.closed || self.submit.is_closed() {
+            return Poll::Ready(Err(closed_error()));
+        }
+        if s.goaway {
+            return Poll::Ready(Err(goaway_error()));
+        }
+        if s.silent {
+            return Poll::Ready(Err(silent_error()));
+        }
+        if self.reserved {
+            return Poll::Ready(Ok(()));
+        }
+        if s.credit > s.outstanding {
             s.outstanding += 1;
             self.reserved = true;
             return Poll::Ready(Ok(()));
@@ -1721,6 +1754,60 @@ impl Application for ClientApp {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A waker that counts its wake-ups.
+    struct Counter(std::sync::atomic::AtomicUsize);
+
+    impl std::task::Wake for Counter {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A pool's reservation (`poll_reserve`) fails on a connection whose path is silent,
+    /// where the public `poll_ready` waits (the path may come back); one made before the
+    /// path went silent fails too, and its stream goes back with the handle; one waiting
+    /// for credit is woken when the path goes silent.
+    #[test]
+    fn a_pools_reservation_fails_on_a_silent_connection() {
+        let (submit, _submissions) = mpsc::channel(1);
+        let status = Arc::new(Status::new());
+        status.update(|s| {
+            s.established = true;
+            s.credit = 1;
+        });
+        let mut first = SendRequest {
+            submit,
+            status: Arc::clone(&status),
+            notify: Arc::default(),
+            settings: Arc::default(),
+            reserved: false,
+        };
+        let woken = Arc::new(Counter(Default::default()));
+        let waker = Waker::from(Arc::clone(&woken));
+        let mut cx = Context::from_waker(&waker);
+        let mut second = first.clone();
+        assert!(matches!(first.poll_reserve(&mut cx), Poll::Ready(Ok(()))));
+        assert!(second.poll_reserve(&mut cx).is_pending(), "no credit left");
+        status.update(|s| s.silent = true);
+        assert_eq!(
+            woken.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "woken by the silence"
+        );
+        assert!(matches!(second.poll_reserve(&mut cx), Poll::Ready(Err(_))));
+        assert!(
+            matches!(first.poll_reserve(&mut cx), Poll::Ready(Err(_))),
+            "reserved before"
+        );
+        drop(first);
+        assert_eq!(status.spare(), 1, "its stream went back with the handle");
+        assert!(
+            second.poll_ready(&mut cx).is_pending(),
+            "the public poll_ready waits, credit or not"
+        );
+        assert!(matches!(second.poll_reserve(&mut cx), Poll::Ready(Err(_))));
+    }
 
     /// Four PTOs unanswered are not enough before a second has passed since the first,
     /// whenever the last packet came; a packet heard ends the silence and starts over.

@@ -435,12 +435,8 @@ impl Pool {
             // server sends PINGs), and in auto mode every such handshake would confirm
             // HTTP/3 for an origin that serves nothing over it.
             let mut probe = send.clone();
-            // Pending while the path is silent too: a silent path ends the wait (checked
-            // once the probe waits, so the change wakes it).
-            let granted = std::future::poll_fn(|cx| match probe.poll_ready(cx) {
-                Poll::Pending if !probe.is_usable() => Poll::Ready(Err(conn::silent_error())),
-                ready => ready,
-            });
+            // A silent path ends the wait too.
+            let granted = std::future::poll_fn(|cx| probe.poll_reserve(cx));
             match tokio::time::timeout_at(deadline.into(), granted).await {
                 // The probe's reservation goes with it.
                 Ok(Ok(())) => {}
@@ -946,21 +942,12 @@ where
             return Poll::Ready(Ok(()));
         }
         loop {
-            if let Some(Route::H3(send)) = &self.ready
-                && !send.is_usable()
-            {
-                // Closed, going away or silent: another connection (its reservation, if
-                // any, goes with it).
-                self.ready = None;
-            }
             match &mut self.ready {
-                Some(Route::H3(send)) => match send.poll_ready(cx) {
+                Some(Route::H3(send)) => match send.poll_reserve(cx) {
                     Poll::Ready(Ok(())) => return Poll::Ready(Ok(())),
-                    // Gone silent since it was looked at above: that change woke nobody
-                    // waiting yet, so it is looked at again now that this task waits.
-                    Poll::Pending if !send.is_usable() => self.ready = None,
                     Poll::Pending => return Poll::Pending,
-                    // Closed or going away: find or open another connection.
+                    // Closed, going away or silent: find or open another connection (the
+                    // reservation, if any, goes with the handle).
                     Poll::Ready(Err(_)) => self.ready = None,
                 },
                 // hyper-util's pool reports no capacity: TCP is always ready.
