@@ -180,8 +180,11 @@ struct Entry {
     broken_until: Option<Instant>,
     /// How many times in a row it failed (the backoff's exponent).
     failures: u32,
-    /// When the newest connection whose handshake completed was opened: a failure of a
-    /// connection opened before it is stale (the path has worked since) and not counted.
+    /// When the newest connection that carried an HTTP/3 response was opened: a failure of
+    /// a connection opened before it is stale (the path has worked since) and not counted.
+    /// A completed handshake does not count here: a path that passes handshakes and loses
+    /// larger packets would otherwise have every failure taken for a stale one, as the pool
+    /// opens a new connection once the old one's path goes silent.
     worked_since: Option<Instant>,
     touched: u64,
 }
@@ -246,7 +249,8 @@ impl Cache {
         match (h3, self.entries.get_mut(origin)) {
             (None, Some(entry)) => {
                 entry.h3 = None;
-                if entry.broken_until.is_none() {
+                // Its failures are kept for when HTTP/3 is advertised again.
+                if entry.broken_until.is_none() && entry.failures == 0 {
                     self.entries.remove(origin);
                 }
             }
@@ -275,8 +279,8 @@ impl Cache {
     /// HTTP/3 failed for `origin` on a connection opened at `opened`: off for
     /// `first_broken`, doubled for each failure since it last worked. Failures while it is
     /// already off (other requests of the same attempt) do not count again, nor do those of
-    /// a connection opened before one whose handshake has completed since (an old
-    /// connection losing its path while a newer one works says nothing of the path now).
+    /// a connection opened before one that has carried a response (an old connection
+    /// losing its path while a newer one works says nothing of the path now).
     pub(crate) fn mark_broken(&mut self, origin: &Origin, opened: Instant, now: Instant) {
         let first_broken = self.first_broken;
         let entry = self.touch(origin);
@@ -297,19 +301,23 @@ impl Cache {
     /// that passes handshakes and loses requests (a path MTU between QUIC's 1,200-byte
     /// handshake packets and its larger data packets) so backs off longer each time
     /// instead of being retried at the first backoff every time.
-    /// `opened` is when that connection was opened.
-    pub(crate) fn handshake_worked(&mut self, origin: &Origin, opened: Instant) {
+    pub(crate) fn handshake_worked(&mut self, origin: &Origin) {
         if let Some(entry) = self.entries.get_mut(origin) {
             entry.broken_until = None;
-            entry.worked_since = entry.worked_since.max(Some(opened));
         }
     }
 
-    /// HTTP/3 worked for `origin` (a response came): its failures are forgotten.
-    pub(crate) fn confirm(&mut self, origin: &Origin) {
+    /// HTTP/3 worked for `origin` (a response came, on a connection opened at `opened`):
+    /// its failures are forgotten, and so will be those of connections opened before.
+    pub(crate) fn confirm(&mut self, origin: &Origin, opened: Instant) {
+        self.clock += 1;
+        let clock = self.clock;
         if let Some(entry) = self.entries.get_mut(origin) {
             entry.broken_until = None;
             entry.failures = 0;
+            entry.worked_since = entry.worked_since.max(Some(opened));
+            // In use: the last to be evicted.
+            entry.touched = clock;
         }
     }
 
@@ -511,7 +519,7 @@ mod tests {
         assert_eq!(cache.h3_port(&o, t1 + Duration::from_secs(600)), Some(443));
         // A handshake that works clears the backoff but not the count: a path that
         // passes handshakes and loses requests backs off longer each time.
-        cache.handshake_worked(&o, t1 + Duration::from_secs(1));
+        cache.handshake_worked(&o);
         assert_eq!(
             cache.h3_port(&o, t1 + Duration::from_secs(1)),
             Some(443),
@@ -524,7 +532,7 @@ mod tests {
             "a third failure: 20 minutes"
         );
         // Once a response comes, the next failure starts again at 5 minutes.
-        cache.confirm(&o);
+        cache.confirm(&o, t1);
         let t2 = t1 + Duration::from_secs(600);
         cache.mark_broken(&o, t2, t2);
         assert_eq!(cache.h3_port(&o, t2 + Duration::from_secs(300)), Some(443));
@@ -534,9 +542,11 @@ mod tests {
         }
     }
 
-    /// A connection opened before one whose handshake has completed since may still lose
-    /// its path (its NAT binding, its own PTOs): that failure says nothing of the path now
-    /// and neither turns HTTP/3 off nor doubles its next backoff.
+    /// A connection opened before one that has carried a response since may still lose its
+    /// path (its NAT binding, its own PTOs): that failure says nothing of the path now and
+    /// neither turns HTTP/3 off nor doubles its next backoff. A completed handshake is not
+    /// enough: on a path that passes handshakes and loses larger packets, each connection
+    /// goes silent and the pool opens a newer one, whose handshake works again.
     #[test]
     fn a_failure_of_a_connection_older_than_one_that_works_is_not_counted() {
         let mut cache = Cache::new(8, FIRST_BROKEN);
@@ -544,18 +554,21 @@ mod tests {
         let t0 = Instant::now();
         cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), t0);
         let (older, newer) = (t0, t0 + Duration::from_secs(10));
-        cache.handshake_worked(&o, newer);
-        cache.handshake_worked(&o, older);
+        cache.handshake_worked(&o);
         let t1 = t0 + Duration::from_secs(20);
         cache.mark_broken(&o, older, t1);
-        assert_eq!(cache.h3_port(&o, t1), Some(443), "the newer connection works");
-        cache.mark_broken(&o, newer, t1);
-        assert_eq!(cache.h3_port(&o, t1), None, "the newer one's own failure counts");
+        assert_eq!(cache.h3_port(&o, t1), None, "a handshake alone does not make it stale");
         let t2 = t1 + FIRST_BROKEN;
+        cache.confirm(&o, newer);
+        cache.confirm(&o, older);
+        cache.mark_broken(&o, older, t2);
+        assert_eq!(cache.h3_port(&o, t2), Some(443), "the newer connection works");
+        cache.mark_broken(&o, newer, t2);
+        assert_eq!(cache.h3_port(&o, t2), None, "the newer one's own failure counts");
         assert_eq!(
-            cache.h3_port(&o, t2),
+            cache.h3_port(&o, t2 + FIRST_BROKEN),
             Some(443),
-            "after the first backoff, not a doubled one"
+            "a first backoff, not a doubled one"
         );
     }
 

@@ -129,17 +129,16 @@ impl Pool {
             _ => sent.await,
         };
         match outcome {
-            Ok(response) => {
-                self.heard_over_h3(&origin, &response);
-                Ok(response)
-            }
-            Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error))) => {
+            Ok(response) => Ok(response),
+            Err(H3Failure::Connect(unsent, error) | H3Failure::Request(Failure::Unsent(unsent, error), _)) => {
                 tracing::debug!(%error, "request not sent over HTTP/3; sending it over TCP");
                 self.send_tcp(head.with_body(unsent.body), &origin).await
             }
-            Err(H3Failure::Request(Failure::Failed(error))) => {
+            Err(H3Failure::Request(Failure::Failed(error), opened)) => {
+                // `opened`: the connection it failed on (maybe another than `send`'s, if
+                // it was refused there and went again).
                 if lost_the_path(&error) {
-                    self.alt_svc().mark_broken(&origin, status.opened(), Instant::now());
+                    self.alt_svc().mark_broken(&origin, opened, Instant::now());
                 }
                 if connection_ended(&error) && bodyless && head.method.is_idempotent() {
                     tracing::debug!(%error, "HTTP/3 connection ended before the response; resending over TCP");
@@ -168,12 +167,13 @@ impl Pool {
         Ok(response)
     }
 
-    /// An HTTP/3 response came for `origin`: its `Alt-Svc` counts as a TCP one's (`clear`,
-    /// a new port), and it says HTTP/3 works on this path (its failures are forgotten).
-    pub(super) fn heard_over_h3(&self, origin: &Origin, response: &Response<RecvBody>) {
+    /// An HTTP/3 response came for `origin`, on a connection opened at `opened`: its
+    /// `Alt-Svc` counts as a TCP one's (`clear`, a new port), and it says HTTP/3 works on
+    /// this path (its failures are forgotten, and so will be those of older connections).
+    pub(super) fn heard_over_h3(&self, origin: &Origin, response: &Response<RecvBody>, opened: Instant) {
         let mut cache = self.alt_svc();
         cache.update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
-        cache.confirm(origin);
+        cache.confirm(origin, opened);
     }
 
     pub(super) fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {

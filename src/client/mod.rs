@@ -20,9 +20,10 @@
 //! too, and so do later ones. A QUIC attempt that fails
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
-//! days; a new connection's handshake lifts it, an HTTP/3 response resets the count, and
-//! a failure of a connection older than one whose handshake has completed is not counted —
-//! and requests go over TCP meanwhile, without an error.
+//! days; a new connection's completed handshake lifts it (a resumed one's first response
+//! does), an HTTP/3 response resets the count, and a failure of a connection older than
+//! one that has carried a response is not counted — and requests go over TCP meanwhile,
+//! without an error.
 //! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
 //! server refused it unprocessed, or its connection failed before any of its response and
 //! it is idempotent without a body. [`http::Response::version`] tells which protocol
@@ -375,8 +376,9 @@ impl Pool {
     }
 
     /// Connects to `origin` (its HTTP/3 on `port`) and pools the connection. In auto mode,
-    /// a failure marks HTTP/3 broken for the origin and a success lifts its backoff (its
-    /// failures are forgotten once a response comes).
+    /// a failure marks HTTP/3 broken for the origin and a completed handshake lifts its
+    /// backoff (its failures are forgotten once a response comes; a resumed connection
+    /// still in 0-RTT data lifts nothing before then).
     async fn connect(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false, avoid) {
@@ -392,9 +394,7 @@ impl Pool {
                 // Its failures are forgotten only once a response comes (`heard_over_h3`).
                 // A resumed connection sending 0-RTT data has yet to complete its
                 // handshake: its first response will tell.
-                Ok(send) if send.status().early_since().is_none() => {
-                    cache.handshake_worked(origin, send.status().opened());
-                }
+                Ok(send) if send.status().early_since().is_none() => cache.handshake_worked(origin),
                 Ok(_) => {}
                 Err(e) if !e.is_invalid_request() => {
                     tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
@@ -516,16 +516,9 @@ impl Pool {
                 let replay = request.body().replay();
                 let pending = PendingRequest::from_boxed(request.map(layers::ReqBody::into_any))?.with_replay(replay);
                 let port = self.h3_port(&origin);
-                let response = self
-                    .send_h3(send, pending, &origin, port, false)
+                self.send_h3(send, pending, &origin, port, false)
                     .await
-                    .map_err(H3Failure::into_error)?;
-                // A tunnel's, in auto mode (HTTP/3 only keeps no such record).
-                #[cfg(feature = "tcp")]
-                if self.mode == Mode::Auto {
-                    self.heard_over_h3(&origin, &response);
-                }
-                Ok(response)
+                    .map_err(H3Failure::into_error)
             }
         }
     }
@@ -614,13 +607,23 @@ impl Pool {
             }
             let mut response = send.send_pending(request);
             match std::future::poll_fn(|cx| response.poll_failure(cx)).await {
-                Ok(response) => return Ok(response),
+                Ok(response) => {
+                    // In auto mode, what the response says of HTTP/3 (a tunnel's too).
+                    #[cfg(feature = "tcp")]
+                    if self.mode == Mode::Auto {
+                        self.heard_over_h3(origin, &response, send.status().opened());
+                    }
+                    return Ok(response);
+                }
                 Err(Failure::Unsent(unsent, error)) => {
                     let too_early = unsent.refused_as_too_early() && !too_early_resent;
                     if too_early {
                         too_early_resent = true;
                     } else if resends == RESENDS {
-                        return Err(H3Failure::Request(Failure::Unsent(unsent, error)));
+                        return Err(H3Failure::Request(
+                            Failure::Unsent(unsent, error),
+                            send.status().opened(),
+                        ));
                     } else {
                         resends += 1;
                     }
@@ -628,7 +631,7 @@ impl Pool {
                     avoid_previous = Some(!too_early);
                     request = unsent;
                 }
-                Err(failure) => return Err(H3Failure::Request(failure)),
+                Err(failure) => return Err(H3Failure::Request(failure, send.status().opened())),
             }
         }
     }
@@ -641,15 +644,19 @@ enum H3Failure {
         #[cfg_attr(not(feature = "tcp"), allow(dead_code))] PendingRequest,
         Error,
     ),
-    /// It failed on a connection: unsent (the server did not process it) or not.
-    Request(Failure),
+    /// It failed on a connection (opened at the instant): unsent (the server did not
+    /// process it) or not.
+    Request(
+        Failure,
+        #[cfg_attr(not(feature = "tcp"), allow(dead_code))] std::time::Instant,
+    ),
 }
 
 impl H3Failure {
     fn into_error(self) -> Error {
         match self {
             H3Failure::Connect(_, e) => e,
-            H3Failure::Request(failure) => failure.into_error(),
+            H3Failure::Request(failure, _) => failure.into_error(),
         }
     }
 }

@@ -963,11 +963,11 @@ impl ServerConfigBuilder {
     /// How many new connections may wait for the application to accept them. Defaults to
     /// 1024; beyond it new Initials are dropped, without a Retry (the client sends its
     /// Initial again after its probe timeout, about a second), so a slow acceptor cannot
-    /// make the server hoard state. A connection waiting there holds at most 16 received
-    /// datagrams (a client's first flight) in 32 KiB, or one datagram of
-    /// [`max_recv_udp_payload`](TransportConfig::max_recv_udp_payload); the
-    /// [`inbound_queue`](TransportConfig::inbound_queue) bounds apply once it is
-    /// started.
+    /// make the server hoard state. A connection waiting there holds at most 48 received
+    /// datagrams (a client's first flight) in 64 KiB or
+    /// [`max_recv_udp_payload`](TransportConfig::max_recv_udp_payload), whichever is
+    /// larger (within the [`inbound_queue`](TransportConfig::inbound_queue) bounds, which
+    /// apply in full once it is started).
     pub fn accept_backlog(mut self, connections: usize) -> Self {
         self.server.accept_backlog = connections.max(1);
         self

@@ -15,9 +15,8 @@
 //!
 //! What a queued datagram keeps allocated is more than its length: it is a slice of the
 //! router's 64 KiB receive arena, which stays allocated while any datagram cut from it is
-//! queued. A connection whose task stands still (or that the application has not accepted
-//! yet) while other traffic flows past could so keep up to `inbound_queue` arenas (16 MiB at
-//! the defaults) for a few bytes each: small datagrams, sent a little apart, each land in
+//! queued. A connection whose task stands still while other traffic flows past could so
+//! keep up to `inbound_queue` arenas (16 MiB at the defaults) for a few bytes each: small datagrams, sent a little apart, each land in
 //! an arena of their own. A queue therefore counts the arenas its datagrams keep; past
 //! [`MAX_QUEUE_ARENAS`], and while they hold less than a quarter of an arena each on
 //! average, a datagram from yet another arena is copied into an allocation of its own
@@ -62,16 +61,19 @@ const MAX_QUEUE_ARENAS: usize = 8;
 /// How many datagrams the queue of a connection not started yet (waiting in a listener's
 /// backlog for the application to accept it) holds. Nobody reads it meanwhile, and a
 /// backlog holds up to `accept_backlog` such queues (1,024 by default): at the full bounds
-/// a peer could make that 512 MiB (and pin an arena per datagram). A client has sent
-/// its first flight before it hears the server: an Initial or two, 0-RTT packets within
-/// its first congestion window (about ten), and a probe a second; what does not fit is
-/// dropped as a congested network would, and sent again.
-const UNSTARTED_DATAGRAMS: usize = 16;
-/// The bytes a not yet started connection's queue holds: 16 datagrams of a first flight
-/// (a client sends 1,200 to 1,500-byte ones before it has heard the server), or one of
-/// the largest size accepted (`max_recv_udp_payload`, 64 KiB by default), whichever is
-/// more: 64 MiB for a full backlog at the defaults.
-const UNSTARTED_BYTES: usize = 32 * 1024;
+/// a peer could make that 512 MiB (and pin an arena per datagram). A client has sent its
+/// first flight before it hears the server: an Initial or a few (a large ClientHello),
+/// 0-RTT packets within its first congestion window (10 packets by RFC 9002, 32 in some
+/// browsers), and a probe a second. Even an application that accepts at once does not
+/// start a connection before the router's receive batch that made it has been handled,
+/// which may hold the whole flight. What does not fit is dropped as a congested network
+/// would, and sent again.
+const UNSTARTED_DATAGRAMS: usize = 48;
+/// The bytes a not yet started connection's queue holds at least: 48 datagrams of a first
+/// flight at about 1,350 bytes (a client sends 1,200 to 1,500-byte ones before it has
+/// heard the server). One datagram of the largest size accepted (`max_recv_udp_payload`)
+/// always fits: at the defaults that is 64 KiB too, 64 MiB for a full backlog.
+const UNSTARTED_BYTES: usize = 64 * 1024;
 
 /// Where the router sends a connection's datagrams.
 pub(crate) type Route = Sender;
@@ -532,12 +534,12 @@ mod tests {
             }
         };
         let mut full = 0;
-        for id in 1..=40 {
+        for id in 1..=80 {
             if let Err(TrySendError::Full(_)) = tx.try_send(cut(id, 1200)) {
                 full += 1;
             }
         }
-        assert_eq!(full, 40 - UNSTARTED_DATAGRAMS, "a first flight is held");
+        assert_eq!(full, 80 - UNSTARTED_DATAGRAMS, "a first flight is held");
         {
             let state = rx.queue.lock();
             assert_eq!(state.arenas, 0);
@@ -548,14 +550,20 @@ mod tests {
                     .all(|d| d.arena == 0 && d.data.capacity() == 1200)
             );
         }
+        // Larger datagrams: the bytes bound the queue first.
+        let (bytes_tx, bytes_rx) = channel(&s);
+        let _bytes_rx = bytes_rx.until_started();
+        let held = (1..=80).filter(|&id| bytes_tx.try_send(cut(id, 3000)).is_ok()).count();
+        assert_eq!(held, UNSTARTED_BYTES.max(s.max_recv_udp_payload) / 3000);
         // One datagram of the largest size accepted fits, however large.
         let (big_tx, big_rx) = channel(&s);
         let _big_rx = big_rx.until_started();
         big_tx.try_send(cut(1, s.max_recv_udp_payload)).unwrap();
-        assert!(matches!(big_tx.try_send(cut(2, 1)), Err(TrySendError::Full(_))));
+        let room = UNSTARTED_BYTES.max(s.max_recv_udp_payload) - s.max_recv_udp_payload;
+        assert!(matches!(big_tx.try_send(cut(2, room + 1)), Err(TrySendError::Full(_))));
         // Started: the full bounds, and arenas kept.
         rx.started();
-        for id in 41..=100 {
+        for id in 81..=140 {
             tx.try_send(cut(id, 1200)).unwrap();
         }
         let state = rx.queue.lock();
