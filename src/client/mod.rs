@@ -379,7 +379,12 @@ impl Pool {
     /// a failure marks HTTP/3 broken for the origin and a completed handshake lifts its
     /// backoff (its failures are forgotten once a response comes; a resumed connection
     /// still in 0-RTT data lifts nothing before then).
-    async fn connect(&self, origin: &Origin, port: u16, avoid: Option<&SendRequest>) -> Result<SendRequest, Error> {
+    async fn connect(
+        self: &Arc<Self>,
+        origin: &Origin,
+        port: u16,
+        avoid: Option<&SendRequest>,
+    ) -> Result<SendRequest, Error> {
         // A connection may have come up while this request waited for its turn.
         if let Some(c) = self.pick(origin, false, avoid) {
             return Ok(c);
@@ -392,10 +397,24 @@ impl Pool {
             let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
             match &result {
                 // Its failures are forgotten only once a response comes (`heard_over_h3`).
-                // A resumed connection sending 0-RTT data has yet to complete its
-                // handshake: its first response will tell.
                 Ok(send) if send.status().early_since().is_none() => cache.handshake_worked(origin),
-                Ok(_) => {}
+                // A resumed connection sending 0-RTT data has yet to complete its
+                // handshake: what it does is learnt when it ends, requests or none (an
+                // early request that went over TCP past the handicap left it behind).
+                Ok(send) => {
+                    let (status, origin) = (send.shared_status(), origin.clone());
+                    let pool = Arc::downgrade(self);
+                    tokio::spawn(async move {
+                        let outcome = status.early_handshake_outcome().await;
+                        let Some(pool) = pool.upgrade() else { return };
+                        let mut cache = pool.alt_svc();
+                        match outcome {
+                            Some(true) => cache.handshake_worked(&origin),
+                            Some(false) => cache.mark_broken(&origin, opened, std::time::Instant::now()),
+                            None => {}
+                        }
+                    });
+                }
                 Err(e) if !e.is_invalid_request() => {
                     tracing::debug!(origin = %origin.authority(), error = %e, "HTTP/3 connection failed");
                     cache.mark_broken(origin, opened, std::time::Instant::now());
