@@ -33,7 +33,17 @@
 //!
 //! Messages and frames are held to [`DEFAULT_MAX_MESSAGE`] unless
 //! [`WebSocketUpgrade::max_message_size`] says otherwise: a peer's message is held whole
-//! before the handler sees it.
+//! before the handler sees it. Each WebSocket also holds its read buffer,
+//! [`DEFAULT_READ_BUFFER`] unless [`WebSocketUpgrade::read_buffer_size`] says otherwise; a
+//! client may open many WebSockets, as many as the server's connection and stream limits
+//! let it (`quic::ServerConfigBuilder::max_connections_per_address`,
+//! `quic::TransportConfig::max_concurrent_bidi_streams`, `server::Builder::tcp_max_connections`).
+//!
+//! Over HTTP/3 a WebSocket's bytes travel in the request's body, so middleware that wraps
+//! request bodies applies to them (tower-http's `RequestBodyLimitLayer` would end a
+//! WebSocket after that many bytes, a body timeout an idle one); over HTTP/1.1 and HTTP/2
+//! hyper hands the connection or stream over beside the body. Route WebSockets outside such
+//! layers.
 
 use std::future::Future;
 use std::io;
@@ -55,9 +65,14 @@ pub use tokio_tungstenite::tungstenite::Message;
 use crate::h3::tunnel::{Tunnel, TunnelBody};
 
 /// The largest message (and frame) a WebSocket takes by default: 1 MiB. A message is held
-/// whole before the handler reads it, so this bounds what one client makes the server hold
-/// (tungstenite's own default is 64 MiB).
+/// whole before the handler reads it, so this bounds what one WebSocket makes the server
+/// hold besides its buffers (tungstenite's own default is 64 MiB).
 pub const DEFAULT_MAX_MESSAGE: usize = 1 << 20;
+
+/// The read buffer a WebSocket allocates when it starts, by default: 16 KiB. tungstenite's
+/// own default (and axum's) is 128 KiB, which an idle WebSocket holds as long as it is
+/// open; a larger buffer saves read calls only under heavy inbound traffic.
+pub const DEFAULT_READ_BUFFER: usize = 16 * 1024;
 
 /// A WebSocket: a `Stream` of received [`Message`]s and a `Sink` of messages to send
 /// (tokio-tungstenite's), over whichever protocol carried the handshake.
@@ -154,9 +169,41 @@ impl std::fmt::Debug for WebSocketUpgrade {
 
 impl WebSocketUpgrade {
     /// The largest message and frame taken from the client. Defaults to
-    /// [`DEFAULT_MAX_MESSAGE`].
+    /// [`DEFAULT_MAX_MESSAGE`]; [`max_frame_size`](Self::max_frame_size) after this sets
+    /// frames apart.
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.config = self.config.max_message_size(Some(bytes)).max_frame_size(Some(bytes));
+        self
+    }
+
+    /// The largest frame taken from the client (a message may span several). Defaults to
+    /// the largest message.
+    pub fn max_frame_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.max_frame_size(Some(bytes));
+        self
+    }
+
+    /// The read buffer the WebSocket allocates when it starts and keeps while it is open.
+    /// Defaults to [`DEFAULT_READ_BUFFER`].
+    pub fn read_buffer_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.read_buffer_size(bytes);
+        self
+    }
+
+    /// How much the WebSocket buffers before it writes to the stream (tungstenite's
+    /// `write_buffer_size`, 128 KiB by default; 0 writes each message at once). The buffer
+    /// grows with what is written, not when the WebSocket starts.
+    pub fn write_buffer_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.write_buffer_size(bytes);
+        self
+    }
+
+    /// The most the write buffer may hold (tungstenite's `max_write_buffer_size`,
+    /// unbounded by default: it grows past [`write_buffer_size`](Self::write_buffer_size)
+    /// only while writes to the stream fail). At least the write buffer size and one
+    /// message.
+    pub fn max_write_buffer_size(mut self, bytes: usize) -> Self {
+        self.config = self.config.max_write_buffer_size(bytes);
         self
     }
 
@@ -342,6 +389,7 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
             http1_upgrade(request)?
         };
         let config = WebSocketConfig::default()
+            .read_buffer_size(DEFAULT_READ_BUFFER)
             .max_message_size(Some(DEFAULT_MAX_MESSAGE))
             .max_frame_size(Some(DEFAULT_MAX_MESSAGE));
         Ok(WebSocketUpgrade {

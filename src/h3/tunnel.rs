@@ -78,9 +78,6 @@ pub struct Tunnel {
 pub struct TunnelBody {
     outgoing: DuplexStream,
     reset: Arc<AtomicU64>,
-    /// Where a read lands before it is copied into a frame of its own size: a frame that
-    /// kept a larger buffer would pin it while it waits for the peer's flow control.
-    scratch: Box<[u8]>,
     done: bool,
 }
 
@@ -116,7 +113,6 @@ impl Tunnel {
             TunnelBody {
                 outgoing: reader,
                 reset,
-                scratch: vec![0; FRAME].into_boxed_slice(),
                 done: false,
             },
         )
@@ -254,7 +250,12 @@ impl Body for TunnelBody {
             this.done = true;
             return Poll::Ready(Some(Err(ResetStream(code).into())));
         }
-        let mut buf = ReadBuf::new(&mut this.scratch);
+        // A read lands on the stack, then is copied into a frame of its own size: a frame
+        // that kept a larger buffer would pin it while it waits for the peer's flow
+        // control, and a buffer kept in the body would cost every tunnel (an idle
+        // WebSocket among them) its 16 KiB. Uninitialised: the pipe writes what it fills.
+        let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); FRAME];
+        let mut buf = ReadBuf::uninit(&mut scratch);
         match ready!(Pin::new(&mut this.outgoing).poll_read(cx, &mut buf)) {
             Ok(()) if buf.filled().is_empty() => {
                 // The tunnel's writer shut down (or was dropped): the body ends.
