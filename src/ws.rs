@@ -409,13 +409,7 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
             "a CONNECT for a WebSocket carries :protocol websocket",
         )
     };
-    if let Some(protocol) = request.extensions().get::<crate::h3::fields::Protocol>() {
-        if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
-            return Err(not_websocket());
-        }
-        let (tunnel, body) = Tunnel::new(request.into_body());
-        return Ok(How::Http3(tunnel, body));
-    }
+    // hyper's first: over HTTP/2 the server adds this crate's `Protocol` beside it.
     #[cfg(feature = "tcp")]
     if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
         if !protocol.as_str().eq_ignore_ascii_case("websocket") {
@@ -429,6 +423,13 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
             accept_key: None,
             lease,
         });
+    }
+    if let Some(protocol) = request.extensions().get::<crate::h3::fields::Protocol>() {
+        if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
+            return Err(not_websocket());
+        }
+        let (tunnel, body) = Tunnel::new(request.into_body());
+        return Ok(How::Http3(tunnel, body));
     }
     let _ = request;
     Err(not_websocket())

@@ -26,6 +26,13 @@
 //! What is written waits in a buffer of [`BUFFER`] bytes until the connection sends it, and
 //! the writer waits while it is full; what arrives is read only as fast as the tunnel is
 //! read, so QUIC flow control holds the peer back.
+//!
+//! A tunnel is HTTP/3's: over HTTP/2 (the TCP side of
+//! [`serve_with_tcp`](crate::server::serve_with_tcp)) hyper gives a CONNECT an empty body,
+//! drops a 2xx answer's, and hands the stream over as an upgrade (`hyper::upgrade::on`):
+//! look at the request's version, or use [`ws::WebSocketUpgrade`](crate::ws::WebSocketUpgrade),
+//! which takes either. Over HTTP/3 the tunnel's bytes are the request's body, so middleware
+//! that wraps request bodies (a size limit, a timeout) applies to them.
 
 use std::io;
 use std::pin::Pin;

@@ -108,3 +108,10 @@ pub(crate) use stream_ids::StreamIdMap;
 #[cfg(feature = "client")]
 pub(crate) use streams::new as new_streams;
 pub use streams::{RecvStream, SendStream, StreamConnection};
+
+/// `addr` with an IPv4-mapped IPv6 address (how a dual-stack socket reports an IPv4 peer)
+/// as the IPv4 address it is: one client, one key, whichever socket it came through.
+#[cfg(all(feature = "server", feature = "tcp"))]
+pub(crate) fn canonical_addr(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    udp::Socket::canonical(addr)
+}

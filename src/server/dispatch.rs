@@ -41,10 +41,7 @@ pub(crate) fn respond<S: HttpService<RecvBody>>(
 ) -> impl Future<Output = ()> + Send {
     let head_request = request.method() == Method::HEAD;
     let connect = request.method() == Method::CONNECT;
-    let call = CallWhenReady::Ready {
-        service,
-        request: Some(request),
-    };
+    let call = CallWhenReady::new(service, request);
     call.then(move |called| {
         let body = send_head(called, &stream, head_request, connect);
         async move {
@@ -61,9 +58,19 @@ pin_project_lite::pin_project! {
     /// tower's contract for one request: `poll_ready` until ready, then `call` on the same
     /// service; resolves to the response, or to the failed step and its error.
     #[project = CallProj]
-    enum CallWhenReady<S: Service<Request<RecvBody>>> {
+    pub(crate) enum CallWhenReady<S: Service<Request<RecvBody>>> {
         Ready { service: S, request: Option<Request<RecvBody>> },
         Calling { #[pin] call: S::Future },
+    }
+}
+
+impl<S: Service<Request<RecvBody>>> CallWhenReady<S> {
+    /// `request` for `service`, once it is ready.
+    pub(crate) fn new(service: S, request: Request<RecvBody>) -> Self {
+        CallWhenReady::Ready {
+            service,
+            request: Some(request),
+        }
     }
 }
 

@@ -87,7 +87,8 @@ impl ConnectionInfo {
 }
 
 /// Sends 1xx informational responses (such as 103 Early Hints) before the final response.
-/// Found in every request's extensions.
+/// Found in every HTTP/3 request's extensions (not over TCP, where hyper sends no 1xx of a
+/// service's: take it as `Option<Extension<Informational>>` in a handler for both).
 #[derive(Clone)]
 pub struct Informational {
     stream: Arc<StreamShared>,
@@ -336,7 +337,9 @@ impl Builder {
     }
 
     /// How many bytes of a response body may wait for the stream's capacity before the
-    /// body is polled again. Defaults to 64 KiB.
+    /// body is polled again. Defaults to 64 KiB. Over HTTP/2 (the TCP side) it bounds
+    /// what hyper buffers per stream for the client's window likewise; HTTP/1.1 writes as
+    /// the socket takes it.
     pub fn response_body_buffer(mut self, bytes: usize) -> Self {
         self.response_body_buffer = bytes.max(1);
         self
@@ -346,8 +349,10 @@ impl Builder {
     /// and other protocols tunnelled in a request stream), as SETTINGS_ENABLE_CONNECT_PROTOCOL
     /// tells them; on the TCP side of [`serve_with_tcp`](Self::serve_with_tcp) the same for
     /// HTTP/2 (RFC 8441), where hyper hands such a stream over as an upgrade. Such a request reaches the service like any other, with its
-    /// [`Protocol`] as an extension; [`Tunnel`](crate::tunnel::Tunnel) makes its bodies a
-    /// byte stream. A tunnel may sit idle: the [body stall
+    /// [`Protocol`] as an extension (over HTTP/2, hyper's `hyper::ext::Protocol` too);
+    /// over HTTP/3 [`Tunnel`](crate::tunnel::Tunnel) makes its bodies a byte stream (over
+    /// HTTP/2 hyper's upgrade does: [`ws::WebSocketUpgrade`](crate::ws::WebSocketUpgrade)
+    /// takes either). A tunnel may sit idle: the [body stall
     /// timeout](Self::body_stall_timeout) does not apply to CONNECT streams. Turned off, a
     /// request with `:protocol` is malformed (reset with `H3_MESSAGE_ERROR`). Defaults to
     /// on.
@@ -547,6 +552,7 @@ impl Builder {
             listener.config(),
             &limits,
             self.max_header_list_size,
+            self.response_body_buffer,
             self.connect_protocol,
         )
         .map(|transport| (transport, listener.local_addr().port()));

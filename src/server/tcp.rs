@@ -23,7 +23,6 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -36,6 +35,7 @@ use crate::alt_svc::AltSvcLayer;
 use crate::error::Error;
 use crate::h3::body::RecvBody;
 use crate::quic::ServerConfig;
+use crate::server::dispatch::CallWhenReady;
 
 /// The TCP side's limits, set through [`Builder`](super::Builder) (whose setters document
 /// each default and why).
@@ -100,6 +100,9 @@ pub(crate) struct Transport {
 #[derive(Clone, Copy)]
 struct HttpSettings {
     max_header_list_size: usize,
+    /// Response bytes an HTTP/2 stream may buffer for the client's window: the server's
+    /// `response_body_buffer`, as an HTTP/3 stream's (hyper's default is 400 KiB).
+    send_buffer: usize,
     stream_window: u32,
     connection_window: u32,
     connect_protocol: bool,
@@ -114,7 +117,9 @@ impl HttpSettings {
             .header_read_timeout(limits.header_read_timeout)
             // The head must fit in the read buffer (hyper answers 431 otherwise), so this
             // bounds an HTTP/1.1 head as `max_header_list_size` bounds the others, instead
-            // of hyper's default of about 400 KiB per connection.
+            // of hyper's default of about 400 KiB per connection. (hyper also takes at most
+            // 100 fields in an HTTP/1.1 head; raising that costs every request a heap
+            // array of that many field slots.)
             .max_buf_size(self.max_header_list_size.max(MIN_HTTP1_BUFFER));
         http.http2()
             .timer(TokioTimer::new())
@@ -125,7 +130,8 @@ impl HttpSettings {
             // means the same on both.
             .max_header_list_size(u32::try_from(self.max_header_list_size).unwrap_or(u32::MAX))
             .initial_stream_window_size(self.stream_window)
-            .initial_connection_window_size(self.connection_window);
+            .initial_connection_window_size(self.connection_window)
+            .max_send_buf_size(self.send_buffer);
         if self.connect_protocol {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
@@ -180,6 +186,7 @@ impl Transport {
         config: &ServerConfig,
         limits: &Limits,
         max_header_list_size: usize,
+        response_body_buffer: usize,
         connect_protocol: bool,
     ) -> Result<Self, Error> {
         let transport = &config.config.inner.s;
@@ -194,6 +201,7 @@ impl Transport {
         let stream_window = h2_window(transport.initial_max_stream_data_bidi_remote);
         let http = HttpSettings {
             max_header_list_size,
+            send_buffer: response_body_buffer,
             stream_window,
             connection_window: h2_window(transport.initial_max_data)
                 .min(stream_window.saturating_mul(H2_STREAMS_PER_CONNECTION_WINDOW)),
@@ -656,6 +664,9 @@ pin_project_lite::pin_project! {
         // What is left of a frame being cut to size (copied out 16 KiB at a time: no copy
         // at all for `Bytes`).
         rest: Option<B::Data>,
+        // Sent without its body (a HEAD's response over HTTP/2): it ends at once, and its
+        // size hint still gives the `content-length` a GET would have.
+        bodiless: bool,
     }
 }
 
@@ -707,6 +718,9 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Self::Data>, B::Error>>> {
         let this = self.project();
+        if *this.bodiless {
+            return Poll::Ready(None);
+        }
         this.in_flight.polled();
         if this.rest.is_none() {
             match std::task::ready!(this.body.poll_frame(cx)) {
@@ -733,7 +747,7 @@ where
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_none() && self.body.is_end_stream()
+        self.bodiless || (self.rest.is_none() && self.body.is_end_stream())
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
@@ -855,20 +869,22 @@ impl TcpRequestBody {
     }
 }
 
-impl<S, B> Service<Request<Incoming>> for WithInfo<S>
+/// hyper's service (called as each request head arrives), not tower's through hyper-util's
+/// adapter: the adapter calls `call` only once the inner service is ready, and a request
+/// waiting for a busy service (a concurrency limit, a buffer) was not counted until then,
+/// so an HTTP/1.1 connection's head and idle timers cut it off as a connection with nothing
+/// in flight. The request is counted here at once, and waits for the service in
+/// [`CallWhenReady`], as over HTTP/3.
+impl<S, B> hyper::service::Service<Request<Incoming>> for WithInfo<S>
 where
-    S: Service<Request<RecvBody>, Response = Response<B>>,
+    S: Service<Request<RecvBody>, Response = Response<B>> + Clone,
     B: http_body::Body,
 {
     type Response = Response<Counted<B>>;
     type Error = S::Error;
-    type Future = CountedResponse<S::Future>;
+    type Future = CountedResponse<S>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
         // A request that came without a body (most do) gets an empty one: nothing to time,
         // so no shared clock to allocate.
         let (mut request, moved_ms) = if http_body::Body::is_end_stream(request.body()) {
@@ -888,43 +904,56 @@ where
         }
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
+        // An extended CONNECT over HTTP/2 (RFC 8441) carries its `:protocol` as over
+        // HTTP/3, so a service looks for one extension whichever way it came.
+        if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
+            let protocol = crate::h3::fields::Protocol::new(protocol.as_str());
+            request.extensions_mut().insert(protocol);
+        }
         let (in_flight, last) = self.activity.start(moved_ms);
         CountedResponse {
             in_flight: Some(in_flight),
             connect: request.method() == http::Method::CONNECT,
+            // hyper's HTTP/2 server sends whatever body a HEAD's response has (its HTTP/1.1
+            // server does not): RFC 9110 §9.3.2 allows none.
+            bodiless: request.method() == http::Method::HEAD && request.version() == http::Version::HTTP_2,
             // The connection shuts down after this request: over HTTP/1.x hyper does so
             // by itself after a response that says `connection: close`, where a graceful
             // shutdown from outside may come after the head has gone without it. (HTTP/2
             // gets its GOAWAY from the connection's task.)
             close_after: last && request.version() <= http::Version::HTTP_11,
-            inner: self.inner.call(request),
+            inner: CallWhenReady::new(self.inner.clone(), request),
         }
     }
 }
 
 pin_project_lite::pin_project! {
     /// A response on its way, its request counted in flight; its body takes the count over.
-    pub(crate) struct CountedResponse<F> {
+    pub(crate) struct CountedResponse<S: Service<Request<RecvBody>>> {
         #[pin]
-        inner: F,
+        inner: CallWhenReady<S>,
         in_flight: Option<InFlight>,
         connect: bool,
+        // The response goes without its body (a HEAD's over HTTP/2).
+        bodiless: bool,
         close_after: bool,
     }
 }
 
-impl<F, B, E> Future for CountedResponse<F>
+impl<S, B> Future for CountedResponse<S>
 where
-    F: Future<Output = Result<Response<B>, E>>,
+    S: Service<Request<RecvBody>, Response = Response<B>>,
     B: http_body::Body,
 {
-    type Output = Result<Response<Counted<B>>, E>;
+    type Output = Result<Response<Counted<B>>, S::Error>;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = std::task::ready!(this.inner.poll(cx));
+        // hyper logs the error; which step failed (`poll_ready` or `call`) is not kept.
+        let result = std::task::ready!(this.inner.poll(cx)).map_err(|(_, e)| e);
         let mut in_flight = this.in_flight.take().expect("polled after completion");
         let connect = *this.connect;
+        let bodiless = *this.bodiless;
         let close_after = *this.close_after;
         Poll::Ready(result.map(|mut response| {
             let tunnel = connect && response.status().is_success();
@@ -942,10 +971,21 @@ where
                         .append(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                 }
             }
+            if bodiless
+                && !response.headers().contains_key(http::header::CONTENT_LENGTH)
+                && let Some(length) = http_body::Body::size_hint(response.body()).exact()
+            {
+                // What a GET would have had (hyper's HTTP/2 server takes it from the body's
+                // size only when it sends the body).
+                response
+                    .headers_mut()
+                    .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(length));
+            }
             response.map(|body| Counted {
                 body,
                 in_flight,
                 rest: None,
+                bodiless,
             })
         }))
     }
@@ -970,7 +1010,7 @@ pub(crate) async fn run<S>(
 ) where
     S: HttpService<RecvBody>,
 {
-    let local_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let listener_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let service = alt_svc.layer(service);
     let Transport {
         acceptor,
@@ -1019,9 +1059,11 @@ pub(crate) async fn run<S>(
         };
         let _ = stream.set_nodelay(true);
         let acceptor = Arc::clone(&acceptor);
+        // As over QUIC: the address the client connected to (not a wildcard the listener
+        // is bound to), and IPv4 clients of a dual-stack socket as IPv4 addresses.
         let info = ConnectionInfo {
-            remote_addr,
-            local_addr,
+            remote_addr: crate::quic::canonical_addr(remote_addr),
+            local_addr: crate::quic::canonical_addr(stream.local_addr().unwrap_or(listener_addr)),
             version: http::Version::HTTP_11,
         };
         let slot = Arc::new(slot);
@@ -1059,12 +1101,12 @@ pub(crate) async fn run<S>(
             // The connection's clocks start now: the first request's deadline is counted
             // from the end of the TLS handshake, as `tcp_header_read_timeout` says.
             let activity = Arc::new(Activity::new(&limits));
-            let service = TowerToHyperService::new(WithInfo {
+            let service = WithInfo {
                 inner: service,
                 info,
                 lease,
                 activity: Arc::clone(&activity),
-            });
+            };
             let tls = Metered::new(tls, Arc::clone(&activity));
             let http = http.builder(&limits, ConnExecutor(Arc::clone(&activity)));
             let connection = http.serve_connection_with_upgrades(TokioIo::new(tls), service);
