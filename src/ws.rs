@@ -371,8 +371,14 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
                 "a WebSocket handshake is a GET with Upgrade (HTTP/1.1) or an extended CONNECT (HTTP/2, HTTP/3)",
             ));
         }
+        if connect && !asks_for_websocket(&request) {
+            // Another protocol's tunnel (connect-udp, say): not ours to ask for a version.
+            return Err(WebSocketUpgradeRejection::new(StatusCode::BAD_REQUEST, NOT_WEBSOCKET));
+        }
         let headers = request.headers();
-        if headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|v| v != "13") {
+        let mut versions = headers.get_all(header::SEC_WEBSOCKET_VERSION).iter();
+        // RFC 6455 §11.3.5: once in a request.
+        if versions.next().is_none_or(|v| v != "13") || versions.next().is_some() {
             return Err(WebSocketUpgradeRejection::upgrade_required(
                 "only WebSocket version 13 is spoken here",
                 request.version(),
@@ -402,13 +408,23 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
 }
 
 /// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): CONNECT with `:protocol websocket`.
+/// Why a CONNECT is no WebSocket handshake.
+const NOT_WEBSOCKET: &str = "a CONNECT for a WebSocket carries :protocol websocket";
+
+/// Whether an extended CONNECT asks for `websocket` (over HTTP/2 or HTTP/3).
+fn asks_for_websocket(request: &Request) -> bool {
+    #[cfg(feature = "tcp")]
+    if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
+        return protocol.as_str().eq_ignore_ascii_case("websocket");
+    }
+    request
+        .extensions()
+        .get::<crate::h3::fields::Protocol>()
+        .is_some_and(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
 fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> {
-    let not_websocket = || {
-        WebSocketUpgradeRejection::new(
-            StatusCode::BAD_REQUEST,
-            "a CONNECT for a WebSocket carries :protocol websocket",
-        )
-    };
+    let not_websocket = || WebSocketUpgradeRejection::new(StatusCode::BAD_REQUEST, NOT_WEBSOCKET);
     // hyper's first: over HTTP/2 the server adds this crate's `Protocol` beside it.
     #[cfg(feature = "tcp")]
     if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
@@ -451,9 +467,11 @@ fn http1_upgrade(request: Request) -> Result<How, WebSocketUpgradeRejection> {
             request.version(),
         ));
     }
-    let Some(key) = headers
-        .get(header::SEC_WEBSOCKET_KEY)
-        .filter(|key| is_websocket_key(key.as_bytes()))
+    // RFC 6455 §11.3.1: once in a request.
+    let mut keys = headers.get_all(header::SEC_WEBSOCKET_KEY).iter();
+    let Some(key) = keys
+        .next()
+        .filter(|key| is_websocket_key(key.as_bytes()) && keys.next().is_none())
     else {
         return Err(WebSocketUpgradeRejection::new(
             StatusCode::BAD_REQUEST,

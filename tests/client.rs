@@ -1286,3 +1286,42 @@ async fn a_request_that_times_out_is_cancelled_on_the_server() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
     server.stop().await;
 }
+
+/// After a 2xx answer to CONNECT only DATA may come on its stream (RFC 9114 §4.4): a
+/// HEADERS frame there (trailers) is a connection error, H3_FRAME_UNEXPECTED, as the server
+/// holds clients to; the tunnel's reader sees an error, not a clean end that would pass
+/// for the whole content. (Found by review: the client skipped such trailers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_on_an_open_tunnel_are_a_connection_error() {
+    use tokio::io::AsyncReadExt;
+    init_tracing();
+    let certs = certs();
+    let (addr, _, server) = support::h3::raw_h3_server_on(listener(&certs).await, |_| {
+        RawH3::new(
+            |h3: &mut quiche::h3::Connection, conn: &mut tower_quiche::quic::QuicheConnection, id, event| {
+                if !matches!(event, quiche::h3::Event::Headers { .. }) {
+                    return;
+                }
+                let _ = h3.send_response(conn, id, &[(&b":status"[..], &b"200"[..])], false);
+                let _ = h3.send_body(conn, id, b"tunnelled", false);
+                let trailers = [(&b"x-trailer"[..], &b"no"[..])];
+                let _ = h3.send_additional_headers(conn, id, &trailers, true, true);
+            },
+        )
+        .extended_connect()
+    });
+    let client = client(&certs, |b| b.http3_prior_knowledge());
+    let run = async {
+        let url = format!("https://localhost:{}/tunnel", addr.port());
+        let mut tunnel = client.tunnel(url, "echo").await.unwrap();
+        let mut received = Vec::new();
+        let read = tunnel.read_to_end(&mut received).await;
+        // The client closes the connection (with H3_FRAME_UNEXPECTED): the tunnel's reader
+        // learns that its connection closed.
+        let error = read.expect_err("an error, not a clean end");
+        let error = tower_quiche::Error::from_io(&error).expect("the crate's error");
+        assert!(error.is_closed(), "{error}");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+    server.abort();
+}

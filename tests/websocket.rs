@@ -104,6 +104,28 @@ fn extended_connect(url: &str, version_13: bool) -> Request<()> {
     request.body(()).unwrap()
 }
 
+/// `Client::tunnel(url, "websocket")` opens a WebSocket: it sends the
+/// `sec-websocket-version: 13` RFC 9220 asks for (a server refuses the CONNECT without it).
+/// (Found by review: the docs offered `websocket` and the server answered 426.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_websocket_tunnel_opens_a_websocket() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let server = server().await;
+        let tunnel = server
+            .h3_client()
+            .tunnel(server.url("https"), "websocket")
+            .await
+            .unwrap();
+        echoes(
+            WebSocketStream::from_raw_socket(tunnel, Role::Client, None).await,
+            "HTTP/3 (Client::tunnel)",
+        )
+        .await;
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_websocket_route_serves_http3_http2_and_http11() {
     tokio::time::timeout(TEST_TIMEOUT, async {
@@ -138,9 +160,22 @@ async fn requests_that_are_no_websocket_handshake_are_refused_as_the_rfcs_ask() 
     tokio::time::timeout(TEST_TIMEOUT, async {
         let server = server().await;
         let client = server.h3_client();
-        // Another :protocol: 400.
-        let refused = client.open_tunnel(server.h3_connect("chat", true)).await.unwrap_err();
-        assert!(refused.to_string().contains("400"), "{refused}");
+        // Another :protocol: 400, with a version or without (no 426 naming WebSocket's
+        // version to a client that asked for another protocol).
+        for version_13 in [true, false] {
+            let refused = client
+                .open_tunnel(server.h3_connect("chat", version_13))
+                .await
+                .unwrap_err();
+            assert!(refused.to_string().contains("400"), "{refused}");
+        }
+        // The version twice (RFC 6455 §11.3.5: once in a request): 426.
+        let mut twice = server.h3_connect("websocket", true);
+        twice
+            .headers_mut()
+            .append("sec-websocket-version", http::HeaderValue::from_static("13"));
+        let refused = client.open_tunnel(twice).await.unwrap_err();
+        assert!(refused.to_string().contains("426"), "{refused}");
         // No sec-websocket-version: 426 Upgrade Required, naming the version spoken.
         let refused = client
             .open_tunnel(server.h3_connect("websocket", false))
@@ -208,6 +243,10 @@ async fn an_http11_handshake_with_a_malformed_key_is_refused() {
             let response = http11_handshake(&server, "/ws", key, &[]).await;
             assert_eq!(response.status(), StatusCode::BAD_REQUEST, "key {key:?}");
         }
+        // Two keys (RFC 6455 §11.3.1: once in a request), each well-formed.
+        let key = "dGhlIHNhbXBsZSBub25jZQ==";
+        let twice = http11_handshake(&server, "/ws", key, &[("sec-websocket-key", key)]).await;
+        assert_eq!(twice.status(), StatusCode::BAD_REQUEST, "two keys");
     })
     .await
     .unwrap();

@@ -824,6 +824,8 @@ struct Entry {
     datagrams: Option<Datagrams>,
     /// A CONNECT (plain or extended): the one method whose stream may carry datagrams.
     tunnel: bool,
+    /// A CONNECT answered 2xx: its stream carries only DATA from now on (RFC 9114 §4.4).
+    tunnel_open: bool,
 }
 
 /// A request body's pump; it ends with the stream ID and the error of a body that failed.
@@ -1150,6 +1152,7 @@ impl ClientApp {
                     early_data,
                     datagrams,
                     tunnel,
+                    tunnel_open: false,
                 },
             );
             if self.idle_since.take().is_some() {
@@ -1284,8 +1287,15 @@ impl ClientApp {
             return;
         };
         if entry.reply.is_none() {
-            let shared = Arc::clone(&entry.shared);
-            if let Err(failure) = shared.on_trailers(&list, self.settings.max_response_head as usize) {
+            // A second HEADERS frame: the response's trailers. An open tunnel's stream
+            // carries only DATA (RFC 9114 §4.4: a connection error), as the server holds
+            // its clients to.
+            let read = if entry.tunnel_open {
+                Err(ReadFailure::FrameUnexpected)
+            } else {
+                Arc::clone(&entry.shared).on_trailers(&list, self.settings.max_response_head as usize)
+            };
+            if let Err(failure) = read {
                 self.on_read_failure(conn, id, failure);
             }
             return;
@@ -1340,6 +1350,7 @@ impl ClientApp {
             fields::content_length(response.headers()).ok().flatten()
         };
         entry.shared.expect_content_length(content_length);
+        entry.tunnel_open = entry.tunnel && response.status().is_success();
         if !more_frames && let Err(why) = entry.shared.on_finished() {
             // A head with FIN that promises a body: malformed, not an empty success.
             return self.refuse_response(conn, id, why);

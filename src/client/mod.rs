@@ -776,7 +776,9 @@ impl Client {
     ///
     /// Tunnels go over HTTP/3 only: in the automatic mode to where the origin's `Alt-Svc`
     /// points, or to the origin's own port before it advertised any; a
-    /// [`tcp_only`](Builder::tcp_only) client refuses them.
+    /// [`tcp_only`](Builder::tcp_only) client refuses them. For `websocket` the request
+    /// carries `sec-websocket-version: 13`, which RFC 9220 (by RFC 8441 §5) asks for; other
+    /// headers go through [`open_tunnel`](Self::open_tunnel).
     ///
     /// ```no_run
     /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -796,6 +798,12 @@ impl Client {
         let mut request = Request::new(());
         *request.method_mut() = Method::CONNECT;
         *request.uri_mut() = uri;
+        if protocol.eq_ignore_ascii_case("websocket") {
+            request.headers_mut().insert(
+                http::header::SEC_WEBSOCKET_VERSION,
+                http::HeaderValue::from_static("13"),
+            );
+        }
         request.extensions_mut().insert(Protocol::new(protocol));
         self.open_tunnel(request).await
     }
