@@ -1424,3 +1424,39 @@ async fn tcp_connection_info_names_the_address_connected_to_as_quic_does() {
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
+
+/// A TLS handshake still under way when the server shuts down ends at the shutdown
+/// deadline, however long the handshake timeout: one completed after `serve` had returned
+/// would be served by a server that has stopped. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_a_handshake_under_way_at_shutdown_ends_at_the_deadline() {
+    use tokio::io::AsyncReadExt;
+    let mut server = dual(
+        app(),
+        server::Builder::new()
+            .tcp_tls_handshake_timeout(Duration::from_secs(600))
+            .graceful_shutdown_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let run = async {
+        // A client that begins and sends nothing (its ClientHello "on the way").
+        let mut raw = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+        // Time for the server to accept it: one still in the listen backlog at the
+        // shutdown would be closed with the listener, whatever this test is about.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        server.shutdown.take().unwrap().send(()).unwrap();
+        let mut buf = [0u8; 64];
+        // A liveness bound far below the handshake timeout: the close comes at the
+        // deadline (0.2 s).
+        let read = timeout(Duration::from_secs(10), raw.read(&mut buf))
+            .await
+            .expect("the connection was closed at the shutdown deadline");
+        assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+        timeout(Duration::from_secs(10), &mut server.done)
+            .await
+            .expect("serve returns")
+            .unwrap()
+            .unwrap();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}

@@ -1081,7 +1081,17 @@ pub(crate) async fn run<S>(
         tokio::spawn(async move {
             let _alive = alive;
             let _slot = slot;
-            let tls = match tokio::time::timeout(tls_handshake_timeout, tokio_boring::accept(&acceptor, stream)).await {
+            // A handshake still under way at the shutdown deadline ends there too: it would
+            // otherwise serve requests after `serve` has returned.
+            let handshake_done = tokio::select! {
+                biased;
+                () = deadline_passed(&mut deadline) => {
+                    tracing::debug!(peer = %remote_addr, "TLS handshake still under way at the shutdown deadline; TCP connection closed");
+                    return;
+                }
+                done = tokio::time::timeout(tls_handshake_timeout, tokio_boring::accept(&acceptor, stream)) => done,
+            };
+            let tls = match handshake_done {
                 Ok(Ok(tls)) => {
                     handshake.established();
                     tls
@@ -1127,15 +1137,17 @@ pub(crate) async fn run<S>(
                     }
                 };
                 tokio::select! {
+                    // The deadline first: past it nothing more of the connection runs.
+                    biased;
+                    // Past the shutdown deadline the connection is dropped, whatever it was doing.
+                    () = deadline_passed(&mut deadline) => {
+                        tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline");
+                        break;
+                    }
                     result = connection.as_mut() => {
                         if let Err(e) = result {
                             tracing::debug!(peer = %remote_addr, error = %e, "TCP connection ended with an error");
                         }
-                        break;
-                    }
-                    // Past the shutdown deadline the connection is dropped, whatever it was doing.
-                    () = deadline_passed(&mut deadline) => {
-                        tracing::debug!(peer = %remote_addr, "TCP connection closed at the shutdown deadline");
                         break;
                     }
                     _ = shutdown_begun.wait_for(Option::is_some), if !closing => {
