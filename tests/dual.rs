@@ -1377,11 +1377,7 @@ async fn tcp_connection_info_names_the_address_connected_to_as_quic_does() {
         );
     let bound = async {
         for _ in 0..20 {
-            let config = ServerConfig::builder()
-                .cert_chain_pem(&certs.leaf.cert_pem)
-                .private_key_pem(&certs.leaf.key_pem)
-                .build()
-                .unwrap();
+            let config = support::h3::server_config(&certs);
             let Ok(listener) = tower_quiche::quic::Listener::bind("[::]:0", config).await else {
                 return None;
             };
@@ -1457,6 +1453,53 @@ async fn tcp_a_handshake_under_way_at_shutdown_ends_at_the_deadline() {
             .expect("serve returns")
             .unwrap()
             .unwrap();
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
+/// The TCP side's `Alt-Svc` names the port clients reach HTTP/3 at: the one set with
+/// `alt_svc_port` (a NAT or a container maps the UDP port to another number), and by
+/// default the listener's port on the TCP socket's address, where a listener bound to two
+/// addresses with port 0 has one port for each. (Found by review: the first address's
+/// port was named whatever the TCP socket's.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_alt_svc_names_the_port_clients_reach_http3_at() {
+    let server = dual(app(), server::Builder::new().alt_svc_port(4433)).await;
+    let run = async {
+        let response = server.tcp(Version::HTTP_11, server.get("/version")).await;
+        assert_eq!(response.headers()["alt-svc"], "h3=\":4433\"; ma=86400");
+        // Two addresses, a port for each; TCP beside the second.
+        let certs = certs();
+        let config = support::h3::server_config(&certs);
+        let addrs = ["[::1]:0".parse().unwrap(), "127.0.0.1:0".parse().unwrap()];
+        let Ok(listener) = tower_quiche::quic::Listener::bind_all(&addrs, config).await else {
+            eprintln!("no IPv6 loopback here: the second case is not checked");
+            return;
+        };
+        let v4 = listener.local_addrs()[1];
+        assert!(v4.is_ipv4() && v4.port() != listener.local_addrs()[0].port());
+        let Ok(tcp) = tokio::net::TcpListener::bind(v4).await else {
+            eprintln!("the IPv4 port is taken over TCP: the second case is not checked");
+            return;
+        };
+        let (tx, rx) = oneshot::channel::<()>();
+        let done = tokio::spawn(
+            server::Builder::new()
+                .serve_with_tcp(listener, tcp, app())
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .into_future(),
+        );
+        let second = Dual {
+            addr: v4,
+            ca_pem: certs.ca_pem.clone(),
+            shutdown: Some(tx),
+            done,
+        };
+        let response = second.tcp(Version::HTTP_11, second.get("/version")).await;
+        let expected = format!("h3=\":{}\"; ma=86400", v4.port());
+        assert_eq!(response.headers()["alt-svc"], expected.as_str());
     };
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }

@@ -202,6 +202,9 @@ pub struct Builder {
     /// Limits of the TCP side of [`Builder::serve_with_tcp`].
     #[cfg(feature = "tcp")]
     tcp: tcp::Limits,
+    /// The HTTP/3 port the TCP side's `Alt-Svc` names, when not the listener's.
+    #[cfg(feature = "tcp")]
+    alt_svc_port: Option<u16>,
 }
 
 impl Default for Builder {
@@ -221,6 +224,8 @@ impl Default for Builder {
             datagram_buffer: crate::datagram::DEFAULT_FLOW_BUFFER,
             #[cfg(feature = "tcp")]
             tcp: tcp::Limits::default(),
+            #[cfg(feature = "tcp")]
+            alt_svc_port: None,
         }
     }
 }
@@ -555,7 +560,12 @@ impl Builder {
             self.response_body_buffer,
             self.connect_protocol,
         )
-        .map(|transport| (transport, listener.local_addr().port()));
+        .map(|transport| {
+            (
+                transport,
+                self.alt_svc_port.unwrap_or_else(|| h3_port_for(&listener, &tcp)),
+            )
+        });
         let run: RunFn = Box::new(move |signal| {
             Box::pin(async move {
                 let (transport, port) = prepared?;
@@ -566,6 +576,17 @@ impl Builder {
             })
         });
         Serve { run, signal: None }
+    }
+
+    /// TCP ([`serve_with_tcp`](Builder::serve_with_tcp)): the port the TCP responses'
+    /// `Alt-Svc` names for HTTP/3 (on the same host name). By default the QUIC listener's:
+    /// of its addresses, the one of the TCP socket's IP, else of its family, else the first.
+    /// Set it when clients reach the UDP port under another number (a NAT, a container's
+    /// port mapping) than the one the listener is bound to.
+    #[cfg(feature = "tcp")]
+    pub fn alt_svc_port(mut self, port: u16) -> Self {
+        self.alt_svc_port = Some(port);
+        self
     }
 
     /// TCP ([`serve_with_tcp`](Builder::serve_with_tcp)): how many TCP connections may be
@@ -842,6 +863,23 @@ where
     // Connections close themselves at the deadline; a moment more lets their closes go out.
     let _ = tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), all_closed.recv()).await;
     Ok(())
+}
+
+/// The port of `listener` that `tcp`'s clients reach HTTP/3 at under the same host name:
+/// the listener's address of the TCP socket's IP, else one of its family, else the first
+/// (a listener bound to several addresses may have a port for each, port 0 given).
+#[cfg(feature = "tcp")]
+fn h3_port_for(listener: &Listener, tcp: &tokio::net::TcpListener) -> u16 {
+    let addrs = listener.local_addrs();
+    let Ok(tcp) = tcp.local_addr() else {
+        return listener.local_addr().port();
+    };
+    addrs
+        .iter()
+        .find(|a| a.ip() == tcp.ip())
+        .or_else(|| addrs.iter().find(|a| a.is_ipv4() == tcp.is_ipv4()))
+        .unwrap_or(&addrs[0])
+        .port()
 }
 
 /// Starts serving one connection: its task runs the service for each request until the
