@@ -200,8 +200,8 @@ impl WebSocketUpgrade {
 
     /// The most the write buffer may hold (tungstenite's `max_write_buffer_size`,
     /// unbounded by default: it grows past [`write_buffer_size`](Self::write_buffer_size)
-    /// only while writes to the stream fail). At least the write buffer size and one
-    /// message.
+    /// only while writes to the stream fail). It must exceed the write buffer size (by a
+    /// message, better): a smaller one is raised to just above it.
     pub fn max_write_buffer_size(mut self, bytes: usize) -> Self {
         self.config = self.config.max_write_buffer_size(bytes);
         self
@@ -242,8 +242,15 @@ impl WebSocketUpgrade {
         Fut: Future<Output = ()> + Send + 'static,
     {
         let WebSocketUpgrade {
-            how, config, chosen, ..
+            how,
+            mut config,
+            chosen,
+            ..
         } = self;
+        // tungstenite asserts it (in the WebSocket's task, after the handshake's answer).
+        config.max_write_buffer_size = config
+            .max_write_buffer_size
+            .max(config.write_buffer_size.saturating_add(1));
         let mut response = match how {
             How::Http3(tunnel, body) => {
                 tokio::spawn(async move {
@@ -407,7 +414,6 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
     }
 }
 
-/// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): CONNECT with `:protocol websocket`.
 /// Why a CONNECT is no WebSocket handshake.
 const NOT_WEBSOCKET: &str = "a CONNECT for a WebSocket carries :protocol websocket";
 
@@ -423,6 +429,7 @@ fn asks_for_websocket(request: &Request) -> bool {
         .is_some_and(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
+/// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): CONNECT with `:protocol websocket`.
 fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> {
     let not_websocket = || WebSocketUpgradeRejection::new(StatusCode::BAD_REQUEST, NOT_WEBSOCKET);
     // hyper's first: over HTTP/2 the server adds this crate's `Protocol` beside it.

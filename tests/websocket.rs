@@ -104,23 +104,27 @@ fn extended_connect(url: &str, version_13: bool) -> Request<()> {
     request.body(()).unwrap()
 }
 
+/// A WebSocket through the HTTP/3 client's `tunnel` to `/ws` echoes (see [`echoes`]).
+async fn echoes_through_client_tunnel(server: &Server) {
+    let tunnel = server
+        .h3_client()
+        .tunnel(server.url("https"), "websocket")
+        .await
+        .unwrap();
+    echoes(
+        WebSocketStream::from_raw_socket(tunnel, Role::Client, None).await,
+        "HTTP/3 (Client::tunnel)",
+    )
+    .await;
+}
+
 /// `Client::tunnel(url, "websocket")` opens a WebSocket: it sends the
 /// `sec-websocket-version: 13` RFC 9220 asks for (a server refuses the CONNECT without it).
 /// (Found by review: the docs offered `websocket` and the server answered 426.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_clients_websocket_tunnel_opens_a_websocket() {
     tokio::time::timeout(TEST_TIMEOUT, async {
-        let server = server().await;
-        let tunnel = server
-            .h3_client()
-            .tunnel(server.url("https"), "websocket")
-            .await
-            .unwrap();
-        echoes(
-            WebSocketStream::from_raw_socket(tunnel, Role::Client, None).await,
-            "HTTP/3 (Client::tunnel)",
-        )
-        .await;
+        echoes_through_client_tunnel(&server().await).await;
     })
     .await
     .unwrap();
@@ -457,6 +461,30 @@ async fn a_graceful_shutdown_ends_http11_websockets_by_its_deadline() {
             matches!(next, Ok(None | Some(Err(_)))),
             "the WebSocket is still open after the server stopped: {next:?}"
         );
+    })
+    .await
+    .unwrap();
+}
+
+/// A write-buffer bound below the write buffer's size (which tungstenite asserts, in the
+/// WebSocket's task, after the handshake was answered) is raised to just above it: the
+/// WebSocket works instead of dropping. (Found by review.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_write_buffer_bound_is_raised_not_fatal() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let app = axum::Router::new().route(
+            "/ws",
+            axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move {
+                ws.max_write_buffer_size(1024).on_upgrade(|mut socket| async move {
+                    while let Some(Ok(message)) = socket.next().await {
+                        if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
+                            break;
+                        }
+                    }
+                })
+            }),
+        );
+        echoes_through_client_tunnel(&server_with(app).await).await;
     })
     .await
     .unwrap();

@@ -308,17 +308,23 @@ impl Cache {
     }
 
     /// HTTP/3 worked for `origin` (a response came, on a connection opened at `opened`):
-    /// its failures are forgotten, and so will be those of connections opened before.
+    /// its failures are forgotten, and so will be those of connections opened before. An
+    /// entry left with nothing to say (no advertised port, no failure) goes.
     pub(crate) fn confirm(&mut self, origin: &Origin, opened: Instant) {
         self.clock += 1;
         let clock = self.clock;
-        if let Some(entry) = self.entries.get_mut(origin) {
-            entry.broken_until = None;
-            entry.failures = 0;
-            entry.worked_since = entry.worked_since.max(Some(opened));
-            // In use: the last to be evicted.
-            entry.touched = clock;
+        let Some(entry) = self.entries.get_mut(origin) else {
+            return;
+        };
+        if entry.h3.is_none() {
+            self.entries.remove(origin);
+            return;
         }
+        entry.broken_until = None;
+        entry.failures = 0;
+        entry.worked_since = entry.worked_since.max(Some(opened));
+        // In use: the last to be evicted.
+        entry.touched = clock;
     }
 
     fn touch(&mut self, origin: &Origin) -> &mut Entry {
@@ -569,6 +575,31 @@ mod tests {
             cache.h3_port(&o, t2 + FIRST_BROKEN),
             Some(443),
             "a first backoff, not a doubled one"
+        );
+    }
+
+    /// A response whose `Alt-Svc` takes HTTP/3 away, once it has confirmed HTTP/3
+    /// worked, leaves no entry with nothing to say behind; one that keeps it keeps the
+    /// entry and its record of what worked.
+    #[test]
+    fn a_confirmed_origin_without_http3_leaves_no_entry() {
+        let mut cache = Cache::new(8, FIRST_BROKEN);
+        let o = origin("example.com");
+        let now = Instant::now();
+        cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), now);
+        cache.mark_broken(&o, now, now);
+        cache.update(&o, [HeaderValue::from_static("clear")].iter(), now);
+        assert_eq!(cache.len(), 1, "its failures are kept");
+        cache.confirm(&o, now);
+        assert_eq!(cache.len(), 0);
+        cache.update(&o, [HeaderValue::from_static("h3=\":443\"")].iter(), now);
+        cache.confirm(&o, now);
+        assert_eq!(cache.len(), 1);
+        cache.mark_broken(&o, now - Duration::from_secs(1), now);
+        assert_eq!(
+            cache.h3_port(&o, now),
+            Some(443),
+            "the older connection's failure is stale"
         );
     }
 

@@ -172,9 +172,8 @@ impl Pool {
     /// this path (its failures are forgotten, and so will be those of older connections).
     pub(super) fn heard_over_h3(&self, origin: &Origin, response: &Response<RecvBody>, opened: Instant) {
         let mut cache = self.alt_svc();
-        // Confirmed first: an `Alt-Svc` that then takes HTTP/3 away leaves no entry behind.
-        cache.confirm(origin, opened);
         cache.update(origin, response.headers().get_all(ALT_SVC).iter(), Instant::now());
+        cache.confirm(origin, opened);
     }
 
     pub(super) fn alt_svc(&self) -> std::sync::MutexGuard<'_, super::alt_svc::Cache> {

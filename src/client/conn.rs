@@ -1533,12 +1533,16 @@ impl ClientApp {
             && self.waiting.is_none()
             && self.awaiting_settings.is_empty()
         {
-            if since + timeout <= now {
+            if since + timeout > now {
+                close_at = Some(since + timeout);
+            } else if conn.is_established() {
                 tracing::debug!("pooled connection idle for too long; closing");
                 let _ = conn.close(true, code::H3_NO_ERROR, b"idle");
                 return;
             }
-            close_at = Some(since + timeout);
+            // Else a resumed connection still in its handshake (its early requests gone
+            // over TCP): its connect deadline bounds it, and closing it now would pass for
+            // a handshake that failed (the auto mode watches it). Closed once established.
         }
         if close_at.is_none() && self.streams.is_empty() {
             // Held outside a pool with nothing open: its holder decides how long it lives.

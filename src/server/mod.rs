@@ -563,13 +563,12 @@ impl Builder {
         .map(|transport| {
             (
                 transport,
-                self.alt_svc_port.unwrap_or_else(|| h3_port_for(&listener, &tcp)),
+                tcp::AltSvcPorts::new(listener.local_addrs(), self.alt_svc_port),
             )
         });
         let run: RunFn = Box::new(move |signal| {
             Box::pin(async move {
-                let (transport, port) = prepared?;
-                let alt_svc = crate::alt_svc::AltSvcLayer::new(port);
+                let (transport, alt_svc) = prepared?;
                 let start_tcp: TcpStarter =
                     Box::new(move |stop, alive| Box::pin(tcp::run(tcp, transport, tcp_service, alt_svc, stop, alive)));
                 run(listener, CloneService(service), settings, signal, Some(start_tcp)).await
@@ -580,7 +579,8 @@ impl Builder {
 
     /// TCP ([`serve_with_tcp`](Builder::serve_with_tcp)): the port the TCP responses'
     /// `Alt-Svc` names for HTTP/3 (on the same host name). By default the QUIC listener's:
-    /// of its addresses, the one of the TCP socket's IP, else of its family, else the first.
+    /// of its addresses, the one of the IP the client connected to, else of its family,
+    /// else the first.
     /// Set it when clients reach the UDP port under another number (a NAT, a container's
     /// port mapping) than the one the listener is bound to.
     #[cfg(feature = "tcp")]
@@ -863,23 +863,6 @@ where
     // Connections close themselves at the deadline; a moment more lets their closes go out.
     let _ = tokio::time::timeout_at((deadline + Duration::from_secs(1)).into(), all_closed.recv()).await;
     Ok(())
-}
-
-/// The port of `listener` that `tcp`'s clients reach HTTP/3 at under the same host name:
-/// the listener's address of the TCP socket's IP, else one of its family, else the first
-/// (a listener bound to several addresses may have a port for each, port 0 given).
-#[cfg(feature = "tcp")]
-fn h3_port_for(listener: &Listener, tcp: &tokio::net::TcpListener) -> u16 {
-    let addrs = listener.local_addrs();
-    let Ok(tcp) = tcp.local_addr() else {
-        return listener.local_addr().port();
-    };
-    addrs
-        .iter()
-        .find(|a| a.ip() == tcp.ip())
-        .or_else(|| addrs.iter().find(|a| a.is_ipv4() == tcp.is_ipv4()))
-        .unwrap_or(&addrs[0])
-        .port()
 }
 
 /// Starts serving one connection: its task runs the service for each request until the

@@ -131,7 +131,8 @@ impl HttpSettings {
             .max_header_list_size(u32::try_from(self.max_header_list_size).unwrap_or(u32::MAX))
             .initial_stream_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
-            .max_send_buf_size(self.send_buffer);
+            // hyper takes at most u32::MAX (and asserts it).
+            .max_send_buf_size(self.send_buffer.min(u32::MAX as usize));
         if self.connect_protocol {
             // RFC 8441, as SETTINGS_ENABLE_CONNECT_PROTOCOL does on HTTP/3.
             http.http2().enable_connect_protocol();
@@ -971,10 +972,17 @@ where
                         .append(http::header::CONNECTION, http::HeaderValue::from_static("close"));
                 }
             }
+            let status = response.status();
             if bodiless
+                && !(status.is_informational()
+                    || status == http::StatusCode::NO_CONTENT
+                    || status == http::StatusCode::NOT_MODIFIED)
                 && !response.headers().contains_key(http::header::CONTENT_LENGTH)
-                && let Some(length) = http_body::Body::size_hint(response.body()).exact()
+                && let Some(length) = http_body::Body::size_hint(response.body()).exact().filter(|&n| n > 0)
             {
+                // Not an empty body's 0: a service that knows no length answers a HEAD
+                // with an empty body (axum does), and 0 would be a wrong length (RFC 9110
+                // §8.6); nor on a status without content.
                 // What a GET would have had (hyper's HTTP/2 server takes it from the body's
                 // size only when it sends the body).
                 response
@@ -991,6 +999,40 @@ where
     }
 }
 
+/// The `Alt-Svc` each TCP connection's responses carry: the QUIC listener's port for the
+/// address the client connected to (the same host name reaches both). A listener bound to
+/// several addresses may have a port for each (port 0 given): the one of the connection's
+/// IP, else of its family, else the first. Or one port for all, as configured
+/// (`server::Builder::alt_svc_port`: a NAT or a container maps the UDP port).
+pub(crate) struct AltSvcPorts(Vec<(SocketAddr, AltSvcLayer)>);
+
+impl AltSvcPorts {
+    /// For the QUIC listener's addresses (at least one), or one `port` for all.
+    pub(crate) fn new(listener: &[SocketAddr], port: Option<u16>) -> Self {
+        let layer = |addr: SocketAddr| (addr, AltSvcLayer::new(port.unwrap_or(addr.port())));
+        match port {
+            Some(_) => AltSvcPorts(vec![layer(listener[0])]),
+            None => AltSvcPorts(
+                listener
+                    .iter()
+                    .map(|&a| layer(crate::quic::canonical_addr(a)))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// The layer for a connection to `local` (canonical).
+    fn for_address(&self, local: SocketAddr) -> &AltSvcLayer {
+        let ports = &self.0;
+        let found = ports
+            .iter()
+            .find(|(a, _)| a.ip() == local.ip())
+            .or_else(|| ports.iter().find(|(a, _)| a.is_ipv4() == local.is_ipv4()))
+            .unwrap_or(&ports[0]);
+        &found.1
+    }
+}
+
 /// Accepts TCP connections until `stop` carries a deadline, then lets the open ones finish
 /// (hyper's graceful shutdown) until that deadline. Each connection holds an `alive`
 /// sender, so the server's shutdown waits for them.
@@ -1004,14 +1046,13 @@ pub(crate) async fn run<S>(
     tcp: TcpListener,
     transport: Transport,
     service: S,
-    alt_svc: AltSvcLayer,
+    alt_svc: AltSvcPorts,
     mut stop: watch::Receiver<Option<Instant>>,
     alive: mpsc::Sender<()>,
 ) where
     S: HttpService<RecvBody>,
 {
     let listener_addr = tcp.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-    let service = alt_svc.layer(service);
     let Transport {
         acceptor,
         http,
@@ -1066,13 +1107,13 @@ pub(crate) async fn run<S>(
             local_addr: crate::quic::canonical_addr(stream.local_addr().unwrap_or(listener_addr)),
             version: http::Version::HTTP_11,
         };
+        let service = alt_svc.for_address(info.local_addr).layer(service.clone());
         let slot = Arc::new(slot);
         let lease = UpgradeLease {
             _slot: Arc::clone(&slot),
             _alive: alive.clone(),
             stop: stop.clone(),
         };
-        let service = service.clone();
         let alive = alive.clone();
         let mut deadline = stop.clone();
         let limits = Arc::clone(&limits);
