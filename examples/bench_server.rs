@@ -2,6 +2,8 @@
 //!
 //!     cargo run --release --example bench_server -- --listen 127.0.0.1:4433 --cert cert.pem --key key.pem
 //!
+//! `--congestion-control bbr2` (or `reno`) picks another congestion controller than CUBIC.
+//!
 //! Without `--cert`/`--key` it generates a development certificate. It logs to stderr
 //! (`RUST_LOG=debug` for more) and stops cleanly on SIGINT or SIGTERM.
 
@@ -11,7 +13,7 @@ mod support;
 mod routes;
 
 use clap::Parser;
-use tower_quiche::quic::Listener;
+use tower_quiche::quic::{CongestionControl, Listener, TransportConfig};
 
 /// Every route of the shared route contract over HTTP/3, built to be load-tested.
 ///
@@ -21,6 +23,10 @@ use tower_quiche::quic::Listener;
 struct Args {
     #[command(flatten)]
     server: support::Server,
+    /// Congestion controller: cubic (the default), reno or bbr2 (bbr2 holds about 3 KiB
+    /// less per idle connection: see `quic::CongestionControl::Bbr2`)
+    #[arg(long, value_name = "NAME", default_value = "cubic", value_parser = ["cubic", "reno", "bbr2"])]
+    congestion_control: String,
 }
 
 fn main() {
@@ -35,7 +41,13 @@ fn main() {
         .build()
         .expect("tokio runtime");
     runtime.block_on(async move {
-        let listener = Listener::bind(args.server.listen, args.server.config("h3"))
+        let congestion_control = match args.congestion_control.as_str() {
+            "reno" => CongestionControl::Reno,
+            "bbr2" => CongestionControl::Bbr2,
+            _ => CongestionControl::Cubic,
+        };
+        let transport = TransportConfig::new().congestion_control(congestion_control);
+        let listener = Listener::bind(args.server.listen, args.server.config_with("h3", transport))
             .await
             .unwrap_or_else(|e| support::fail(&e.to_string()));
         eprintln!("bench_server listening on https://{} (HTTP/3)", listener.local_addr());

@@ -7,7 +7,8 @@
 #   scripts/bench-peers.sh                 # REPEAT=3: medians of three interleaved runs
 #   REPEAT=5 scripts/bench-peers.sh
 #   WORKLOADS="hello64 hello32" REPEAT=1 scripts/bench-peers.sh   # a subset, once
-# Every knob of run-bench.sh (DURATION, WORKLOADS, SERVER_CPUS, ...) passes through.
+# Every knob of run-bench.sh (DURATION, WORKLOADS, SERVER_CPUS, ...) passes through;
+# BENCH_SERVER_ARGS adds flags to bench_server's (e.g. "--congestion-control bbr2").
 # Builds examples/bench_server in release, and the peers when they are not built yet
 # (about 20 minutes on 2 cores, once, in target/peers).
 # Loopback only.
@@ -34,7 +35,7 @@ fi
 conf=$(mktemp)
 trap 'rm -f "$conf"' EXIT
 grep -v '^#' "$PEERS/peers.conf" | grep . >"$conf"
-echo "tower-quiche@h3=$ROOT/target/release/examples/bench_server --listen {addr} --cert {cert} --key {key}" >>"$conf"
+echo "tower-quiche@h3=$ROOT/target/release/examples/bench_server --listen {addr} --cert {cert} --key {key} ${BENCH_SERVER_ARGS:-}" >>"$conf"
 
 log=$(mktemp)
 trap 'rm -f "$conf" "$log"' EXIT
