@@ -39,11 +39,10 @@
 //! let it (`quic::ServerConfigBuilder::max_connections_per_address`,
 //! `quic::TransportConfig::max_concurrent_bidi_streams`, `server::Builder::tcp_max_connections`).
 //!
-//! Over HTTP/3 a WebSocket's bytes travel in the request's body, so middleware that wraps
-//! request bodies applies to them (tower-http's `RequestBodyLimitLayer` would end a
-//! WebSocket after that many bytes, a body timeout an idle one); over HTTP/1.1 and HTTP/2
-//! hyper hands the connection or stream over beside the body. Route WebSockets outside such
-//! layers.
+//! A WebSocket reads its stream past middleware that wraps request bodies (tower-http's
+//! `RequestBodyLimitLayer`, a body timeout), on every protocol: over HTTP/3 through
+//! [`Tunnel::from_request`](crate::tunnel::Tunnel::from_request), over HTTP/1.1 and HTTP/2
+//! through hyper's upgrade.
 
 use std::future::Future;
 use std::io;
@@ -451,7 +450,7 @@ fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> 
         if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
             return Err(not_websocket());
         }
-        let (tunnel, body) = Tunnel::new(request.into_body());
+        let (tunnel, body) = Tunnel::from_request(request);
         return Ok(How::Http3(tunnel, body));
     }
     let _ = request;

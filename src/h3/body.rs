@@ -84,6 +84,7 @@ impl RecvBody {
     }
 
     pub(crate) fn new(stream: Arc<StreamShared>) -> Self {
+        stream.add_reader();
         RecvBody {
             source: Source::H3(stream),
         }

@@ -78,7 +78,7 @@ const PEER_UNKNOWN: usize = usize::MAX;
 /// // Echoes every datagram of an extended CONNECT request back to the client.
 /// async fn echo(mut request: Request<RecvBody>) -> Response<TunnelBody> {
 ///     let datagrams = Datagrams::from_request(&mut request);
-///     let (tunnel, body) = Tunnel::new(request.into_body());
+///     let (tunnel, body) = Tunnel::from_request(request);
 ///     tokio::spawn(async move {
 ///         let _tunnel = tunnel; // the stream (and so the flow) lives while it does
 ///         if let Some(mut datagrams) = datagrams {

@@ -224,6 +224,11 @@ struct RecvHalf {
     waker: Option<Waker>,
     /// The reader is gone: whatever arrives is discarded (and counted).
     reader_dropped: bool,
+    /// [`RecvBody`](super::body::RecvBody) handles reading the body: one as a rule; two
+    /// while a tunnel takes a CONNECT's stream past the request's body (which middleware
+    /// may have wrapped) and that body is not dropped yet. The last one gone drops the
+    /// reader.
+    readers: usize,
     /// quiche holds body bytes we have not read (we stopped at the buffer's limit).
     pending: bool,
     /// quiche holds more of the stream behind a frame it has not parsed yet (see
@@ -403,6 +408,7 @@ impl StreamShared {
                     error: None,
                     waker: None,
                     reader_dropped: false,
+                    readers: 0,
                     pending: false,
                     behind_frame: false,
                     received: 0,
@@ -546,11 +552,20 @@ impl StreamShared {
         }
     }
 
-    /// The reader is gone: the connection discards the rest of the body (still counting it
-    /// against its content-length).
+    /// A [`RecvBody`](super::body::RecvBody) reads the body.
+    pub(crate) fn add_reader(&self) {
+        self.lock().recv.readers += 1;
+    }
+
+    /// A reader is gone; once the last is, the connection discards the rest of the body
+    /// (still counting it against its content-length).
     pub(crate) fn drop_reader(&self) {
         self.update(|s| {
             let r = &mut s.recv;
+            r.readers = r.readers.saturating_sub(1);
+            if r.readers > 0 {
+                return ((), false);
+            }
             r.reader_dropped = true;
             r.chunks.clear();
             r.held = 0;

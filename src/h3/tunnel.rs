@@ -13,7 +13,7 @@
 //!
 //! // A handler of extended CONNECT requests that echoes the tunnel's bytes.
 //! async fn echo(request: Request<RecvBody>) -> Response<TunnelBody> {
-//!     let (mut tunnel, body) = Tunnel::new(request.into_body());
+//!     let (mut tunnel, body) = Tunnel::from_request(request);
 //!     tokio::spawn(async move {
 //!         let (mut read, mut write) = tokio::io::split(&mut tunnel);
 //!         let _ = tokio::io::copy(&mut read, &mut write).await;
@@ -31,8 +31,10 @@
 //! [`serve_with_tcp`](crate::server::serve_with_tcp)) hyper gives a CONNECT an empty body,
 //! drops a 2xx answer's, and hands the stream over as an upgrade (`hyper::upgrade::on`):
 //! look at the request's version, or use [`ws::WebSocketUpgrade`](crate::ws::WebSocketUpgrade),
-//! which takes either. Over HTTP/3 the tunnel's bytes are the request's body, so middleware
-//! that wraps request bodies (a size limit, a timeout) applies to them.
+//! which takes either. Over HTTP/3 the tunnel's bytes are the request's body; a server's
+//! [`Tunnel::from_request`] reads the request's stream past middleware that wraps request
+//! bodies (a size limit, a timeout), where [`Tunnel::new`] reads the body as it was
+//! wrapped.
 
 use std::io;
 use std::pin::Pin;
@@ -95,9 +97,36 @@ pub struct PendingTunnel {
     reset: Arc<AtomicU64>,
 }
 
+/// A CONNECT request's HTTP/3 stream, as the server put it in the request's extensions:
+/// what [`Tunnel::from_request`] reads, past whatever middleware made of the request's
+/// body (a size limit, a timeout), as hyper's upgrade does over TCP.
+#[cfg(feature = "server")]
+#[derive(Clone)]
+pub(crate) struct ConnectStream(pub(crate) Arc<crate::h3::stream::StreamShared>);
+
 impl Tunnel {
+    /// The tunnel of an HTTP/3 CONNECT request (on a server), and the body it writes into
+    /// (to answer with, in a 2xx response). It reads the request's stream itself, as the
+    /// server put it in the request's extensions, not the request's body: middleware that
+    /// wraps request bodies (tower-http's `RequestBodyLimitLayer`, a body timeout) would
+    /// otherwise end the tunnel after so many bytes or so long. A request without it (not
+    /// HTTP/3's, or built by hand) is read through its body, as [`new`](Self::new) does.
+    #[cfg(feature = "server")]
+    pub fn from_request<B>(mut request: http::Request<B>) -> (Tunnel, TunnelBody)
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        match request.extensions_mut().remove::<ConnectStream>() {
+            // Its reader counts before the request's body (maybe wrapped) goes.
+            Some(ConnectStream(stream)) => Tunnel::new(super::body::RecvBody::new(stream)),
+            None => Tunnel::new(request.into_body()),
+        }
+    }
+
     /// A tunnel reading `incoming` (the request body, on a server), and the body it writes
-    /// into (to answer with, in a 2xx response).
+    /// into (to answer with, in a 2xx response). [`from_request`](Self::from_request) is
+    /// better on a server: request-body middleware does not reach it.
     pub fn new<B>(incoming: B) -> (Tunnel, TunnelBody)
     where
         B: Body<Data = Bytes> + Send + 'static,

@@ -418,6 +418,12 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         request.extensions_mut().insert(Informational {
             stream: Arc::clone(&shared),
         });
+        if tunnel && more_frames {
+            // What `Tunnel::from_request` reads, past request-body middleware.
+            request
+                .extensions_mut()
+                .insert(crate::h3::tunnel::ConnectStream(Arc::clone(&shared)));
+        }
         if tunnel {
             self.open_datagrams(conn, id, request.extensions_mut());
         }
