@@ -29,7 +29,7 @@ async fn serve(listener: Listener, builder: tower_quiche::server::Builder, seen:
         async move {
             let datagrams = Datagrams::from_request(&mut request);
             let _ = seen.send(datagrams);
-            let (mut tunnel, body) = Tunnel::new(request.into_body());
+            let (mut tunnel, body) = Tunnel::from_request(request);
             tokio::spawn(async move {
                 // Until the client ends its side; then the response ends too.
                 let _ = tokio::io::copy(&mut tunnel, &mut tokio::io::sink()).await;

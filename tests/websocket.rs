@@ -503,3 +503,41 @@ async fn an_http3_websocket_is_not_bounded_by_request_body_middleware() {
     .await
     .unwrap();
 }
+
+/// Middleware that drops a CONNECT's body before the handler (replacing it with an empty
+/// one) leaves the stream's bytes discarded: the WebSocket fails at once rather than wait
+/// for bytes that will never come, or end as if the client had sent nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_whose_body_middleware_dropped_fails() {
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let (tell, outcome) = tokio::sync::oneshot::channel::<bool>();
+        let told = std::sync::Arc::new(std::sync::Mutex::new(Some(tell)));
+        let app = axum::Router::new()
+            .route(
+                "/ws",
+                axum::routing::any(move |ws: tower_quiche::ws::WebSocketUpgrade| {
+                    let told = std::sync::Arc::clone(&told);
+                    async move {
+                        ws.on_upgrade(move |mut socket| async move {
+                            let first = socket.next().await;
+                            if let Some(tell) = told.lock().unwrap().take() {
+                                let _ = tell.send(matches!(first, Some(Err(_))));
+                            }
+                        })
+                    }
+                }),
+            )
+            .layer(axum::middleware::map_request(
+                |request: axum::extract::Request| async move { request.map(|_| axum::body::Body::empty()) },
+            ));
+        let server = server_with(app).await;
+        let _tunnel = server
+            .h3_client()
+            .tunnel(server.url("https"), "websocket")
+            .await
+            .unwrap();
+        assert!(outcome.await.unwrap(), "the WebSocket's first read failed");
+    })
+    .await
+    .unwrap();
+}

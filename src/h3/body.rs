@@ -26,7 +26,8 @@ use crate::error::{BoxError, Error};
 /// the body yields an error whose [`Error::is_reset`] is true; if it stalls past the
 /// server's body timeout, one whose [`Error::is_timeout`] is true.
 ///
-/// Dropping the body tells the connection to discard the rest of it.
+/// Dropping the body tells the connection to discard the rest of it (once no
+/// [`Tunnel::from_request`](crate::tunnel::Tunnel::from_request) reads the same stream).
 ///
 /// With the `tcp` feature, messages that came over HTTP/1.1 or HTTP/2 have a `RecvBody`
 /// too (hyper reads them): the server's requests on the TCP side of `serve_with_tcp`, and
@@ -88,6 +89,22 @@ impl RecvBody {
         RecvBody {
             source: Source::H3(stream),
         }
+    }
+
+    /// Another reader of `stream`'s body, while the body is still there (not once its last
+    /// reader went and its bytes have been discarded since).
+    #[cfg(feature = "server")]
+    pub(crate) fn another_reader(stream: Arc<StreamShared>) -> Option<Self> {
+        let there = stream.add_reader();
+        let mut body = RecvBody {
+            source: Source::H3(stream),
+        };
+        if !there {
+            // Counted all the same: `finish` gives the count back.
+            body.finish();
+            return None;
+        }
+        Some(body)
     }
 
     /// A response body received over TCP by hyper.

@@ -552,27 +552,34 @@ impl StreamShared {
         }
     }
 
-    /// A [`RecvBody`](super::body::RecvBody) reads the body.
-    pub(crate) fn add_reader(&self) {
-        self.lock().recv.readers += 1;
+    /// A [`RecvBody`](super::body::RecvBody) reads the body: whether the body is still
+    /// there to read (false once its last reader went, its bytes since discarded).
+    pub(crate) fn add_reader(&self) -> bool {
+        let mut s = self.lock();
+        s.recv.readers += 1;
+        !s.recv.reader_dropped
     }
 
     /// A reader is gone; once the last is, the connection discards the rest of the body
     /// (still counting it against its content-length).
     pub(crate) fn drop_reader(&self) {
-        self.update(|s| {
+        let other = self.update(|s| {
             let r = &mut s.recv;
             r.readers = r.readers.saturating_sub(1);
             if r.readers > 0 {
-                return ((), false);
+                // The waiting reader may have been the one gone: the other polls again.
+                return (r.waker.take(), false);
             }
             r.reader_dropped = true;
             r.chunks.clear();
             r.held = 0;
             r.waker = None;
             r.trailers = None;
-            ((), r.open())
+            (None, r.open())
         });
+        if let Some(waker) = other {
+            waker.wake();
+        }
     }
 
     // ---- the producer's side ----
@@ -1304,6 +1311,25 @@ pub(crate) trait StreamOwner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream's body counts its readers: the first gone leaves the body to the other (a
+    /// tunnel taking a CONNECT's stream past the request's wrapped body), the last gone
+    /// drops it, and a reader that comes after finds it dropped.
+    #[test]
+    fn the_body_is_dropped_with_its_last_reader() {
+        let limits = Limits {
+            recv_buffer: 1024,
+            send_buffer: 1024,
+        };
+        let shared = StreamShared::new_incoming(0, Arc::default(), limits, None, false);
+        assert!(shared.add_reader());
+        assert!(shared.add_reader());
+        shared.drop_reader();
+        assert!(!shared.lock().recv.reader_dropped, "one reader is left");
+        shared.drop_reader();
+        assert!(shared.lock().recv.reader_dropped);
+        assert!(!shared.add_reader(), "too late: its bytes were discarded");
+    }
 
     /// Turns the rounds ask for are free up to the allowance, then paid for by the bytes
     /// the peer sent: 4,000 bytes buy 1,000 rounds.

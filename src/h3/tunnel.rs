@@ -32,7 +32,7 @@
 //! drops a 2xx answer's, and hands the stream over as an upgrade (`hyper::upgrade::on`):
 //! look at the request's version, or use [`ws::WebSocketUpgrade`](crate::ws::WebSocketUpgrade),
 //! which takes either. Over HTTP/3 the tunnel's bytes are the request's body; a server's
-//! [`Tunnel::from_request`] reads the request's stream past middleware that wraps request
+//! `Tunnel::from_request` reads the request's stream past middleware that wraps request
 //! bodies (a size limit, a timeout), where [`Tunnel::new`] reads the body as it was
 //! wrapped.
 
@@ -109,24 +109,38 @@ impl Tunnel {
     /// (to answer with, in a 2xx response). It reads the request's stream itself, as the
     /// server put it in the request's extensions, not the request's body: middleware that
     /// wraps request bodies (tower-http's `RequestBodyLimitLayer`, a body timeout) would
-    /// otherwise end the tunnel after so many bytes or so long. A request without it (not
-    /// HTTP/3's, or built by hand) is read through its body, as [`new`](Self::new) does.
+    /// otherwise end the tunnel after so many bytes or so long. The request's body must not
+    /// have been read (what was is not read again), nor be kept and read beside the
+    /// tunnel; if middleware dropped it, the tunnel fails at its first read (the stream's
+    /// bytes were discarded since). A request without the stream (built by hand, or over
+    /// HTTP/2, whose CONNECT body is empty: see the module's docs) is read through its
+    /// body, as [`new`](Self::new) does.
     #[cfg(feature = "server")]
     pub fn from_request<B>(mut request: http::Request<B>) -> (Tunnel, TunnelBody)
     where
         B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        match request.extensions_mut().remove::<ConnectStream>() {
-            // Its reader counts before the request's body (maybe wrapped) goes.
-            Some(ConnectStream(stream)) => Tunnel::new(super::body::RecvBody::new(stream)),
-            None => Tunnel::new(request.into_body()),
+        let Some(ConnectStream(stream)) = request.extensions_mut().remove::<ConnectStream>() else {
+            return Tunnel::new(request.into_body());
+        };
+        // Counted as a reader before the request's body (maybe wrapped) goes with `request`.
+        match super::body::RecvBody::another_reader(stream) {
+            Some(body) => Tunnel::new(body),
+            // Middleware dropped the body before: its bytes were discarded since. The tunnel
+            // fails rather than end as if the peer had sent nothing.
+            None => {
+                let gone: BoxError = "the request's body was dropped before the tunnel took its stream".into();
+                Tunnel::new(http_body_util::StreamBody::new(futures_util::stream::once(
+                    std::future::ready(Err::<Frame<Bytes>, BoxError>(gone)),
+                )))
+            }
         }
     }
 
     /// A tunnel reading `incoming` (the request body, on a server), and the body it writes
-    /// into (to answer with, in a 2xx response). [`from_request`](Self::from_request) is
-    /// better on a server: request-body middleware does not reach it.
+    /// into (to answer with, in a 2xx response). On a server `Tunnel::from_request` is
+    /// better: request-body middleware does not reach it.
     pub fn new<B>(incoming: B) -> (Tunnel, TunnelBody)
     where
         B: Body<Data = Bytes> + Send + 'static,

@@ -109,7 +109,7 @@ pub fn test_router(probe: Arc<Probe>) -> Router {
             axum::routing::on(
                 axum::routing::MethodFilter::CONNECT,
                 |request: axum::extract::Request| async move {
-                    let (tunnel, body) = tower_quiche::tunnel::Tunnel::new(request.into_body());
+                    let (tunnel, body) = tower_quiche::tunnel::Tunnel::from_request(request);
                     tokio::spawn(async move {
                         let (mut read, mut write) = tokio::io::split(tunnel);
                         let _ = tokio::io::copy(&mut read, &mut write).await;
