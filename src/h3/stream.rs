@@ -1315,6 +1315,7 @@ mod tests {
     /// A stream's body counts its readers: the first gone leaves the body to the other (a
     /// tunnel taking a CONNECT's stream past the request's wrapped body), the last gone
     /// drops it, and a reader that comes after finds it dropped.
+    #[cfg(feature = "server")]
     #[test]
     fn the_body_is_dropped_with_its_last_reader() {
         let limits = Limits {
