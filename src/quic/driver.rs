@@ -941,6 +941,29 @@ mod tests {
             .expect("the socket woke the task");
     }
 
+    /// A connection's task lifts the first-flight bound its queue had while it waited in
+    /// the listener's backlog (`routes::Receiver::until_started`): from its start, the
+    /// full inbound bounds apply.
+    #[tokio::test]
+    async fn a_started_connection_queues_past_the_first_flight() {
+        let server = testing::server_config("test", |b| b);
+        let client = testing::client_config("test", |b| b);
+        let pipe = Pipe::handshaken(&server, &client);
+        let mut ctx = unrouted_context(client);
+        ctx.inbound = ctx.inbound.until_started();
+        let route = ctx.registration.route().clone();
+        let (_driver, _handle) = Driver::new(pipe.client, ctx, AppSlot::<EchoServer>::Gone);
+        let from: SocketAddr = testing::SERVER_ADDR.parse().unwrap();
+        for i in 0..100 {
+            let datagram = super::super::routes::Datagram {
+                data: bytes::BytesMut::zeroed(100),
+                from,
+                arena: 0,
+            };
+            assert!(route.try_send(datagram).is_ok(), "datagram {i} refused");
+        }
+    }
+
     /// The application hears of a close as soon as the CONNECTION_CLOSE arrives or leaves,
     /// not after the draining or closing period (three probe timeouts) in which the task
     /// lingers, and once: a client pool must stop choosing the connection at once.
