@@ -396,7 +396,7 @@ impl<S: Send + Sync> FromRequest<S> for WebSocketUpgrade {
             .cloned()
             .collect();
         let how = if connect {
-            extended_connect(request)?
+            extended_connect(request)
         } else {
             http1_upgrade(request)?
         };
@@ -428,33 +428,23 @@ fn asks_for_websocket(request: &Request) -> bool {
         .is_some_and(|protocol| protocol.as_bytes().eq_ignore_ascii_case(b"websocket"))
 }
 
-/// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): CONNECT with `:protocol websocket`.
-fn extended_connect(request: Request) -> Result<How, WebSocketUpgradeRejection> {
-    let not_websocket = || WebSocketUpgradeRejection::new(StatusCode::BAD_REQUEST, NOT_WEBSOCKET);
-    // hyper's first: over HTTP/2 the server adds this crate's `Protocol` beside it.
+/// RFC 9220 (HTTP/3) and RFC 8441 (HTTP/2): a CONNECT with `:protocol websocket`
+/// ([`asks_for_websocket`] has checked the protocol): hyper's upgrade over HTTP/2, the
+/// request's stream over HTTP/3.
+fn extended_connect(request: Request) -> How {
     #[cfg(feature = "tcp")]
-    if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
-        if !protocol.as_str().eq_ignore_ascii_case("websocket") {
-            return Err(not_websocket());
-        }
+    if request.extensions().get::<hyper::ext::Protocol>().is_some() {
         let mut request = request;
         let lease = request.extensions().get().cloned();
         let on_upgrade = hyper::upgrade::on(&mut request);
-        return Ok(How::Hyper {
+        return How::Hyper {
             on_upgrade,
             accept_key: None,
             lease,
-        });
+        };
     }
-    if let Some(protocol) = request.extensions().get::<crate::h3::fields::Protocol>() {
-        if !protocol.as_bytes().eq_ignore_ascii_case(b"websocket") {
-            return Err(not_websocket());
-        }
-        let (tunnel, body) = Tunnel::from_request(request);
-        return Ok(How::Http3(tunnel, body));
-    }
-    let _ = request;
-    Err(not_websocket())
+    let (tunnel, body) = Tunnel::from_request(request);
+    How::Http3(tunnel, body)
 }
 
 /// RFC 6455 §4.2.1 item 5: the base64 of 16 bytes, which is 22 base64 characters and `==`.

@@ -475,13 +475,8 @@ async fn a_small_write_buffer_bound_is_raised_not_fatal() {
         let app = axum::Router::new().route(
             "/ws",
             axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move {
-                ws.max_write_buffer_size(1024).on_upgrade(|mut socket| async move {
-                    while let Some(Ok(message)) = socket.next().await {
-                        if (message.is_text() || message.is_binary()) && socket.send(message).await.is_err() {
-                            break;
-                        }
-                    }
-                })
+                ws.max_write_buffer_size(1024)
+                    .on_upgrade(support::h3::routes::echo_messages)
             }),
         );
         echoes_through_client_tunnel(&server_with(app).await).await;

@@ -44,12 +44,13 @@ pub fn websocket_echo() -> axum::routing::MethodRouter {
     axum::routing::any(|ws: tower_quiche::ws::WebSocketUpgrade| async move { ws.on_upgrade(echo_messages) })
 }
 
-async fn echo_messages(mut ws: tower_quiche::ws::WebSocket) {
+/// Echoes a WebSocket's text and binary messages until it ends.
+pub async fn echo_messages(mut ws: tower_quiche::ws::WebSocket) {
     use futures_util::SinkExt;
     use tower_quiche::ws::Message;
     // tungstenite answers pings and the client's close itself, as it reads on: read until
     // the end, so that the answer to a close goes out. Messages are at most 1 MiB (the
-    // extractor's default), which bounds what one client makes the server hold.
+    // extractor's default), which bounds what one WebSocket makes the server hold.
     while let Some(Ok(message)) = ws.next().await {
         if matches!(message, Message::Text(_) | Message::Binary(_)) && ws.send(message).await.is_err() {
             break;

@@ -20,8 +20,8 @@
 //! too, and so do later ones. A QUIC attempt that fails
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
-//! days; a new connection's completed handshake lifts it (a resumed one's first response
-//! does), an HTTP/3 response resets the count, and a failure of a connection older than
+//! days; a new connection's completed handshake lifts it (a resumed one's, once its
+//! handshake completes after its 0-RTT data), an HTTP/3 response resets the count, and a failure of a connection older than
 //! one that has carried a response is not counted — and requests go over TCP meanwhile,
 //! without an error.
 //! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
@@ -394,7 +394,7 @@ impl Pool {
         let result = self.handshake(origin, port).await;
         #[cfg(feature = "tcp")]
         if self.mode == Mode::Auto {
-            let mut cache = self.alt_svc.lock().unwrap_or_else(|p| p.into_inner());
+            let mut cache = self.alt_svc();
             match &result {
                 // Its failures are forgotten only once a response comes (`heard_over_h3`).
                 Ok(send) if send.status().early_since().is_none() => cache.handshake_worked(origin),
@@ -410,7 +410,8 @@ impl Pool {
                         let mut cache = pool.alt_svc();
                         match outcome {
                             Some(true) => cache.handshake_worked(&origin),
-                            Some(false) => cache.mark_broken(&origin, opened, std::time::Instant::now()),
+                            // Its age as `heard_over_h3` knows it.
+                            Some(false) => cache.mark_broken(&origin, status.opened(), std::time::Instant::now()),
                             None => {}
                         }
                     });
@@ -584,7 +585,8 @@ impl Pool {
                 if std::future::poll_fn(|cx| send.status().poll_handshake_done(cx)).await {
                     Ok(send)
                 } else {
-                    Err(Error::new(Kind::Closed).with_message("the new HTTP/3 connection ended in its handshake"))
+                    Err(Error::new(Kind::Closed)
+                        .with_message("the new HTTP/3 connection closed, went away or went silent in its handshake"))
                 }
             };
             return tokio::time::timeout(self.handicap, up).await.unwrap_or_else(|_| {

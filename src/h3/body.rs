@@ -84,8 +84,8 @@ impl RecvBody {
         RecvBody { source: Source::Done }
     }
 
+    /// The body of `stream`: its first reader (uncounted, see `RecvHalf::other_readers`).
     pub(crate) fn new(stream: Arc<StreamShared>) -> Self {
-        stream.add_reader();
         RecvBody {
             source: Source::H3(stream),
         }
@@ -95,16 +95,9 @@ impl RecvBody {
     /// reader went and its bytes have been discarded since).
     #[cfg(feature = "server")]
     pub(crate) fn another_reader(stream: Arc<StreamShared>) -> Option<Self> {
-        let there = stream.add_reader();
-        let mut body = RecvBody {
+        stream.add_other_reader().then(|| RecvBody {
             source: Source::H3(stream),
-        };
-        if !there {
-            // Counted all the same: `finish` gives the count back.
-            body.finish();
-            return None;
-        }
-        Some(body)
+        })
     }
 
     /// A response body received over TCP by hyper.

@@ -224,11 +224,11 @@ struct RecvHalf {
     waker: Option<Waker>,
     /// The reader is gone: whatever arrives is discarded (and counted).
     reader_dropped: bool,
-    /// [`RecvBody`](super::body::RecvBody) handles reading the body: one as a rule; two
-    /// while a tunnel takes a CONNECT's stream past the request's body (which middleware
-    /// may have wrapped) and that body is not dropped yet. The last one gone drops the
-    /// reader.
-    readers: usize,
+    /// [`RecvBody`](super::body::RecvBody) handles reading the body beside the first (made
+    /// with the stream, uncounted): a tunnel taking a CONNECT's stream past the request's
+    /// body (which middleware may have wrapped) while that body is not dropped yet. A
+    /// reader gone while others remain leaves the body to them; the last drops it.
+    other_readers: usize,
     /// quiche holds body bytes we have not read (we stopped at the buffer's limit).
     pending: bool,
     /// quiche holds more of the stream behind a frame it has not parsed yet (see
@@ -408,7 +408,7 @@ impl StreamShared {
                     error: None,
                     waker: None,
                     reader_dropped: false,
-                    readers: 0,
+                    other_readers: 0,
                     pending: false,
                     behind_frame: false,
                     received: 0,
@@ -552,12 +552,16 @@ impl StreamShared {
         }
     }
 
-    /// A [`RecvBody`](super::body::RecvBody) reads the body: whether the body is still
-    /// there to read (false once its last reader went, its bytes since discarded).
-    pub(crate) fn add_reader(&self) -> bool {
+    /// Another [`RecvBody`](super::body::RecvBody) reads the body, if it is still there
+    /// (not once its last reader went and its bytes have been discarded since).
+    #[cfg(feature = "server")]
+    pub(crate) fn add_other_reader(&self) -> bool {
         let mut s = self.lock();
-        s.recv.readers += 1;
-        !s.recv.reader_dropped
+        if s.recv.reader_dropped {
+            return false;
+        }
+        s.recv.other_readers += 1;
+        true
     }
 
     /// A reader is gone; once the last is, the connection discards the rest of the body
@@ -565,8 +569,8 @@ impl StreamShared {
     pub(crate) fn drop_reader(&self) {
         let other = self.update(|s| {
             let r = &mut s.recv;
-            r.readers = r.readers.saturating_sub(1);
-            if r.readers > 0 {
+            if r.other_readers > 0 {
+                r.other_readers -= 1;
                 // The waiting reader may have been the one gone: the other polls again.
                 return (r.waker.take(), false);
             }
@@ -1322,14 +1326,14 @@ mod tests {
             recv_buffer: 1024,
             send_buffer: 1024,
         };
+        // The first reader is the body's own; a tunnel's is another.
         let shared = StreamShared::new_incoming(0, Arc::default(), limits, None, false);
-        assert!(shared.add_reader());
-        assert!(shared.add_reader());
+        assert!(shared.add_other_reader());
         shared.drop_reader();
         assert!(!shared.lock().recv.reader_dropped, "one reader is left");
         shared.drop_reader();
         assert!(shared.lock().recv.reader_dropped);
-        assert!(!shared.add_reader(), "too late: its bytes were discarded");
+        assert!(!shared.add_other_reader(), "too late: its bytes were discarded");
     }
 
     /// Turns the rounds ask for are free up to the allowance, then paid for by the bytes

@@ -905,16 +905,17 @@ where
         }
         request.extensions_mut().insert(info);
         request.extensions_mut().insert(self.lease.clone());
+        let connect = request.method() == http::Method::CONNECT;
         // An extended CONNECT over HTTP/2 (RFC 8441) carries its `:protocol` as over
         // HTTP/3, so a service looks for one extension whichever way it came.
-        if let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
+        if connect && let Some(protocol) = request.extensions().get::<hyper::ext::Protocol>() {
             let protocol = crate::h3::fields::Protocol::new(protocol.as_str());
             request.extensions_mut().insert(protocol);
         }
         let (in_flight, last) = self.activity.start(moved_ms);
         CountedResponse {
             in_flight: Some(in_flight),
-            connect: request.method() == http::Method::CONNECT,
+            connect,
             // hyper's HTTP/2 server sends whatever body a HEAD's response has (its HTTP/1.1
             // server does not): RFC 9110 §9.3.2 allows none.
             bodiless: request.method() == http::Method::HEAD && request.version() == http::Version::HTTP_2,
@@ -1104,7 +1105,12 @@ pub(crate) async fn run<S>(
         // is bound to), and IPv4 clients of a dual-stack socket as IPv4 addresses.
         let info = ConnectionInfo {
             remote_addr: crate::quic::canonical_addr(remote_addr),
-            local_addr: crate::quic::canonical_addr(stream.local_addr().unwrap_or(listener_addr)),
+            // (`getsockname` only for a wildcard: a bound address is the one.)
+            local_addr: crate::quic::canonical_addr(if listener_addr.ip().is_unspecified() {
+                stream.local_addr().unwrap_or(listener_addr)
+            } else {
+                listener_addr
+            }),
             version: http::Version::HTTP_11,
         };
         let service = alt_svc.for_address(info.local_addr).layer(service.clone());
