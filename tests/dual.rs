@@ -46,18 +46,30 @@ async fn dual_with<S: server::HttpService<tower_quiche::RecvBody>>(
         .private_key_pem(&certs.leaf.key_pem);
     let (listener, tcp) = bind_udp_and_tcp(configure(config).build().unwrap()).await;
     let addr = listener.local_addr();
+    serve_dual(builder, listener, tcp, app, addr, certs.ca_pem)
+}
+
+/// Serves `app` on `listener` and `tcp` as `builder` has it, reached at `addr` by clients
+/// trusting `ca_pem`, until the `Dual`'s shutdown.
+fn serve_dual<S: server::HttpService<tower_quiche::RecvBody>>(
+    builder: server::Builder,
+    listener: tower_quiche::quic::Listener,
+    tcp: tokio::net::TcpListener,
+    app: S,
+    addr: std::net::SocketAddr,
+    ca_pem: String,
+) -> Dual {
     let (tx, rx) = oneshot::channel::<()>();
     let serve = builder
         .serve_with_tcp(listener, tcp, app)
         .with_graceful_shutdown(async move {
             let _ = rx.await;
         });
-    let done = tokio::spawn(serve.into_future());
     Dual {
         addr,
-        ca_pem: certs.ca_pem,
+        ca_pem,
         shutdown: Some(tx),
-        done,
+        done: tokio::spawn(serve.into_future()),
     }
 }
 
@@ -1409,21 +1421,8 @@ async fn tcp_connection_info_names_the_address_connected_to_as_quic_does() {
         eprintln!("no dual-stack [::] socket here: nothing to check");
         return;
     };
-    let (tx, rx) = oneshot::channel::<()>();
-    let done = tokio::spawn(
-        server::Builder::new()
-            .serve_with_tcp(listener, tcp, app)
-            .with_graceful_shutdown(async move {
-                let _ = rx.await;
-            })
-            .into_future(),
-    );
-    let server = Dual {
-        addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
-        ca_pem: certs.ca_pem.clone(),
-        shutdown: Some(tx),
-        done,
-    };
+    let to = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let server = serve_dual(server::Builder::new(), listener, tcp, app, to, certs.ca_pem.clone());
     let run = async {
         for version in [Version::HTTP_11, Version::HTTP_2] {
             let response = server.tcp(version, server.get("/addrs")).await;
@@ -1497,21 +1496,7 @@ async fn tcp_alt_svc_names_the_port_clients_reach_http3_at() {
             eprintln!("no dual-stack TCP socket on that port: the second case is not checked");
             return;
         };
-        let (tx, rx) = oneshot::channel::<()>();
-        let done = tokio::spawn(
-            server::Builder::new()
-                .serve_with_tcp(listener, tcp, app())
-                .with_graceful_shutdown(async move {
-                    let _ = rx.await;
-                })
-                .into_future(),
-        );
-        let mut second = Dual {
-            addr: v4,
-            ca_pem: certs.ca_pem.clone(),
-            shutdown: Some(tx),
-            done,
-        };
+        let mut second = serve_dual(server::Builder::new(), listener, tcp, app(), v4, certs.ca_pem.clone());
         for (client_to, h3_port) in [
             (v4, v4.port()),
             (std::net::SocketAddr::new(v6.ip(), v4.port()), v6.port()),
