@@ -1793,19 +1793,26 @@ mod tests {
             (|s| s.goaway = true, None),
         ];
         for (end, outcome) in cases {
-            let status = Arc::new(Status::new());
+            let status = Status::new();
             status.update(|s| {
                 s.established = true;
                 s.early_since = Some(Instant::now());
             });
-            let waiting = tokio::spawn({
-                let status = Arc::clone(&status);
-                async move { status.early_handshake_outcome().await }
-            });
-            tokio::task::yield_now().await;
-            assert!(!waiting.is_finished(), "decided before the handshake ended");
+            let woken = Arc::new(Counter(Default::default()));
+            let waker = Waker::from(Arc::clone(&woken));
+            let mut cx = Context::from_waker(&waker);
+            let mut waiting = std::pin::pin!(status.early_handshake_outcome());
+            assert!(
+                waiting.as_mut().poll(&mut cx).is_pending(),
+                "decided before the handshake ended"
+            );
             status.update(end);
-            assert_eq!(waiting.await.unwrap(), outcome);
+            assert_eq!(
+                woken.0.load(std::sync::atomic::Ordering::SeqCst),
+                1,
+                "the end wakes the waiter"
+            );
+            assert_eq!(waiting.as_mut().poll(&mut cx), Poll::Ready(outcome));
         }
     }
 

@@ -371,24 +371,20 @@ fn dispatch(
         if forward(metrics, routes.map(), arena, datagram, from, dcid) {
             return;
         }
-        let Some(accept) = accept else {
-            // A client's: a stateless reset (RFC 9000 §10.3) looks like a short-header
-            // packet with a random ID; its last 16 bytes are the token of a connection
-            // whose server has lost it (only clients register tokens, see the driver). It
-            // goes to that connection, whose quiche checks the token again and closes.
-            if datagram.len() >= MIN_RESET_LEN
-                && let Some(token) = datagram.last_chunk::<16>()
-                && forward(metrics, routes.map(), arena, datagram, from, &reset_token_key(token))
-            {
-                return;
-            }
-            metrics.datagram_dropped(DropReason::UnknownConnection);
-            return;
-        };
-        if reflecting(from.port()) {
-            metrics.datagram_dropped(DropReason::BlockedSource);
+        // A client's: a stateless reset (RFC 9000 §10.3) looks like a short-header packet
+        // with a random ID; its last 16 bytes are the token of a connection whose server
+        // has lost it (only clients register tokens, see the driver). It goes to that
+        // connection, whose quiche checks the token again and closes.
+        if accept.is_none()
+            && datagram.len() >= MIN_RESET_LEN
+            && let Some(token) = datagram.last_chunk::<16>()
+            && forward(metrics, routes.map(), arena, datagram, from, &reset_token_key(token))
+        {
             return;
         }
+        let Some(accept) = answering(metrics, accept, from) else {
+            return;
+        };
         let source = shared.socket.source_for(shared.socket.local_for(dst));
         send_stateless_reset(shared, routes, accept, out, datagram.len(), dcid, from, source);
         return;
@@ -408,14 +404,9 @@ fn dispatch(
     // Not for a connection we know: whatever answers it leaves from the address it came
     // to. What is only dropped is dropped with the routes still held; they are let go
     // before anything slow (crypto, a send, a new connection).
-    let Some(accept) = accept else {
-        metrics.datagram_dropped(DropReason::UnknownConnection);
+    let Some(accept) = answering(metrics, accept, from) else {
         return;
     };
-    if reflecting(from.port()) {
-        metrics.datagram_dropped(DropReason::BlockedSource);
-        return;
-    }
     let local = shared.socket.local_for(dst);
     let source = shared.socket.source_for(local);
     if hdr.ty == quiche::Type::VersionNegotiation {
@@ -446,6 +437,21 @@ fn dispatch(
     if let Some(incoming) = accept_initial(shared, routes, accept, arena, out, datagram, from, local, &hdr) {
         accepted.push(incoming);
     }
+}
+
+/// What may answer a datagram for no connection we know: the listener's acceptor, unless
+/// this is a client's socket (nothing answers there) or the sender's port is one that
+/// reflects (`reflecting`); either way the datagram is counted as dropped.
+fn answering<'a>(metrics: &dyn Metrics, accept: Option<&'a mut Accept>, from: SocketAddr) -> Option<&'a mut Accept> {
+    let Some(accept) = accept else {
+        metrics.datagram_dropped(DropReason::UnknownConnection);
+        return None;
+    };
+    if reflecting(from.port()) {
+        metrics.datagram_dropped(DropReason::BlockedSource);
+        return None;
+    }
+    Some(accept)
 }
 
 /// The destination connection ID of a short-header packet (RFC 9000 §17.3): the

@@ -31,6 +31,7 @@
 //! client's first flight ([`UNSTARTED_DATAGRAMS`], [`UNSTARTED_BYTES`]), each datagram in
 //! an allocation of its own.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -194,27 +195,19 @@ impl Registration {
     /// §10.3 forbids) has its resets reach the first of them only.
     pub(crate) fn add_reset_token(&mut self, token: u128) {
         let key: Box<[u8]> = reset_token_key(&token.to_be_bytes()).into();
-        let mut table = self.table.lock();
-        if table.contains_key(&key) {
+        let table = Arc::clone(&self.table);
+        let mut map = table.lock();
+        let Entry::Vacant(vacant) = map.entry(key) else {
             return;
-        }
-        table.insert(key.clone(), self.route.clone());
-        drop(table);
-        self.push_id(key);
+        };
+        self.push_id(vacant.key().clone());
+        vacant.insert(self.route.clone());
     }
 
     /// Routes `id` to this connection.
     pub(crate) fn add(&mut self, id: &[u8]) {
-        let key: Box<[u8]> = id.into();
-        self.table.lock().insert(key.clone(), self.route.clone());
-        self.push_id(key);
-    }
-
-    fn push_id(&mut self, key: Box<[u8]>) {
-        if !std::mem::replace(&mut self.counted, true) {
-            self.table.connections.fetch_add(1, Ordering::AcqRel);
-        }
-        self.ids.push(key);
+        let table = Arc::clone(&self.table);
+        self.add_locked(&mut table.lock(), id);
     }
 
     /// Routes `id` to this connection in a table its caller holds locked (the router, which
@@ -223,6 +216,13 @@ impl Registration {
         let key: Box<[u8]> = id.into();
         table.insert(key.clone(), self.route.clone());
         self.push_id(key);
+    }
+
+    fn push_id(&mut self, key: Box<[u8]>) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.table.connections.fetch_add(1, Ordering::AcqRel);
+        }
+        self.ids.push(key);
     }
 
     /// Withdraws the route of `id` (a retired connection ID).
