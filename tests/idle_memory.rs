@@ -202,8 +202,10 @@ fn idle_connection_cost(n: usize) -> (f64, f64) {
 /// about 10 % above what it holds today (42 KiB), so that a change that adds a buffer or a
 /// channel per connection fails here. Where the bytes are (measured with this test's
 /// allocator, quiche 0.30): quiche's `Connection` itself (7.9 KiB, inline in the
-/// connection's task), its stream map (6 KiB: a hash table of ~750-byte streams, eight
-/// buckets for the six HTTP/3 control and QPACK streams), its path (2.7 KiB), its recovery
+/// connection's task), its stream map (6 KiB: a hash table of 16 slots of ~376-byte streams,
+/// grown past 8 because the six HTTP/3 control and QPACK streams, the server's reserved
+/// GREASE stream and the first request were open at once; without GREASE, 3.2 KiB less
+/// in all), its path (2.7 KiB), its recovery
 /// state's packet queues (about 7 KiB, kept at the size the handshake needed), the stream
 /// receive buffers' tree nodes (2 KiB), BoringSSL's `SSL` with its session and keys
 /// (4.2 KiB), and ours: the task around the connection, the inbound queue, the handle's
