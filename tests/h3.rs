@@ -250,6 +250,47 @@ async fn a_handler_that_never_reads_its_body_still_answers() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
+/// A handler that answers without reading its body has the server stop the upload
+/// (STOP_SENDING, RFC 9114 §4.1.2): the stream is done once the client's RESET_STREAM
+/// comes, and its stream credit goes back to the client. Eight such requests, one after
+/// another, on one connection with credit for two streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_upload_gives_its_stream_credit_back() {
+    let certs = test_certs();
+    let two_streams = tower_quiche::quic::ServerConfig::builder()
+        .transport(tower_quiche::quic::TransportConfig::new().max_concurrent_bidi_streams(2));
+    let probe = Arc::new(Probe::default());
+    let server = h3_server_on(
+        &certs,
+        two_streams,
+        server::Builder::new(),
+        test_router(Arc::clone(&probe)),
+        probe,
+    )
+    .await;
+    let client = Client::builder()
+        .http3_prior_knowledge()
+        .max_connections_per_origin(1)
+        .quic_config(trusting(&certs))
+        .build()
+        .unwrap();
+    let run = async {
+        for i in 0..8 {
+            let (body, _) = PatternBody::new(4 * MIB);
+            let response = timeout(
+                Duration::from_secs(10),
+                client.send(Request::post(server.url("/ignore")).body(body).unwrap()),
+            )
+            .await
+            .unwrap_or_else(|_| panic!("request {i} got no stream"))
+            .unwrap();
+            assert_eq!(response.text().await.unwrap(), "ignored");
+        }
+        assert_eq!(client.pooled_connections(), 1, "all on one connection");
+    };
+    timeout(TEST_TIMEOUT, run).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_readers_hold_back_the_sender_on_both_sides() {
     let certs = test_certs();

@@ -914,6 +914,8 @@ pub(crate) struct ClientApp {
     notify: Arc<ConnNotify>,
     settings: Arc<ConnSettings>,
     h3: Option<h3::Connection>,
+    /// Streams whose state quiche's HTTP/3 layer would keep for the connection's life.
+    h3_leftovers: stream::H3Leftovers,
     streams: StreamIdMap<Entry>,
     pumps: FuturesUnordered<PumpFuture>,
     lists: stream::RoundLists,
@@ -953,6 +955,7 @@ impl ClientApp {
             notify,
             settings,
             h3: None,
+            h3_leftovers: stream::H3Leftovers::default(),
             streams: StreamIdMap::default(),
             pumps: FuturesUnordered::new(),
             lists: stream::RoundLists::default(),
@@ -1497,6 +1500,11 @@ impl ClientApp {
         }
         if entry.shared.reader_gone_early() {
             entry.shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
+        }
+        if !entry.shared.finished_through_h3()
+            && let Some(h3) = self.h3.as_mut()
+        {
+            self.h3_leftovers.forget_once_gone(h3, conn, id);
         }
         self.streams.remove(&id);
         if let Some(hub) = self.datagrams.as_mut() {

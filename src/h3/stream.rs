@@ -985,6 +985,15 @@ impl StreamShared {
         true
     }
 
+    /// Whether our message (a response, or a client's request) went out whole, its FIN
+    /// written through quiche's HTTP/3 layer,
+    /// which then forgets the stream by itself (unlike one reset or refused: see
+    /// [`H3Leftovers`]).
+    pub(crate) fn finished_through_h3(&self) -> bool {
+        let s = self.lock();
+        s.send.done && s.send.cancelled.is_none() && s.send.reset.is_none()
+    }
+
     /// Whether the connection needs nothing more from quiche for the incoming body: it is
     /// complete, failed, or nobody will read it.
     pub(crate) fn recv_settled(&self) -> bool {
@@ -1200,10 +1209,77 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
     );
 }
 
+/// Request streams that ended without their FIN written through quiche's HTTP/3 layer,
+/// which that layer keeps until it is made to forget them once the transport has
+/// forgotten them.
+///
+/// That layer (quiche 0.30) forgets a request stream's state when the stream has ended
+/// both ways as far as it saw: its FIN written through it once the peer's side had ended,
+/// or the peer's end seen once its FIN was written. A stream that ends otherwise (the peer
+/// reset it, or it was refused or cancelled, and our side was reset rather than finished)
+/// stays in its table for the connection's life (cloudflare/quiche#2524): about 270
+/// bytes per such request, without bound on a connection that lives long (a client that
+/// cancels requests in a loop). Its send calls forget a stream the transport no longer
+/// has (they fail, finding no capacity, and drop it), and with no transport stream to
+/// write to they send nothing: [`forget`](Self::forget) makes one such call.
+///
+/// A stream the transport still holds (our reset not yet acknowledged, the peer's end yet
+/// to come) is kept here and looked at again when the list has doubled since the last
+/// look: amortised a few lookups per such stream, and at most about twice as many kept as
+/// the transport still holds.
+#[derive(Debug)]
+pub(crate) struct H3Leftovers {
+    ids: Vec<u64>,
+    /// The list is looked at again when it grows past this.
+    prune_at: usize,
+}
+
+/// [`H3Leftovers`] is not looked at again below this length.
+const LEFTOVERS_PRUNE_MIN: usize = 64;
+
+impl Default for H3Leftovers {
+    fn default() -> Self {
+        H3Leftovers {
+            ids: Vec::new(),
+            prune_at: LEFTOVERS_PRUNE_MIN,
+        }
+    }
+}
+
+impl H3Leftovers {
+    /// Sees that quiche's HTTP/3 layer forgets stream `id`, which ended without its FIN
+    /// written through that layer: now if the transport has forgotten it, else later.
+    pub(crate) fn forget_once_gone(&mut self, h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
+        if !stream_alive(conn, id) {
+            Self::forget(h3, conn, id);
+            return;
+        }
+        self.ids.push(id);
+        if self.ids.len() > self.prune_at {
+            self.ids.retain(|&id| {
+                let alive = stream_alive(conn, id);
+                if !alive {
+                    Self::forget(h3, conn, id);
+                }
+                alive
+            });
+            self.prune_at = (self.ids.len() * 2).max(LEFTOVERS_PRUNE_MIN);
+        }
+    }
+
+    /// Makes quiche's HTTP/3 layer forget a stream the transport has forgotten: whether its
+    /// head was sent (`send_body`) or not (`send_response`). A layer that never had the
+    /// stream, or has forgotten it, answers either with `FrameUnexpected` at once.
+    fn forget(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
+        if let Err(h3::Error::FrameUnexpected) = h3.send_body(conn, id, &[], true) {
+            let _ = h3.send_response(conn, id, &[] as &[h3::Header], true);
+        }
+    }
+}
+
 /// Whether quiche still holds a stream: data not yet sent or acknowledged, or a side not
 /// finished. quiche forgets a stream once both directions are complete, and closing the
 /// connection before then would discard what it still had to deliver.
-#[cfg(feature = "server")]
 pub(crate) fn stream_alive(conn: &mut QuicheConnection, id: u64) -> bool {
     !matches!(conn.stream_capacity(id), Err(quiche::Error::InvalidStreamState(_)))
 }

@@ -135,6 +135,8 @@ pub(crate) struct ServerApp<S> {
     lingering: Vec<(u64, Option<Instant>)>,
     /// `lingering` is pruned of delivered streams when it grows past this.
     lingering_prune_at: usize,
+    /// Streams whose state quiche's HTTP/3 layer would keep for the connection's life.
+    h3_leftovers: stream::H3Leftovers,
     /// HTTP datagram flows of CONNECT streams (RFC 9297), when the listener's transport
     /// enables QUIC datagrams.
     datagrams: Option<DatagramHub>,
@@ -179,6 +181,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             closing: false,
             lingering: Vec::new(),
             lingering_prune_at: LINGERING_PRUNE_MIN,
+            h3_leftovers: stream::H3Leftovers::default(),
             datagrams: None,
             _alive: alive,
         }
@@ -275,7 +278,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             h3::Header::new(b"content-length", b"0"),
         ];
         if self.h3().send_response(conn, id, &fields, true).is_err() {
-            Self::refuse(conn, id, code_if_blocked);
+            self.refuse(conn, id, code_if_blocked);
             return;
         }
         if more_frames {
@@ -287,9 +290,17 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
     }
 
     /// Resets both directions of a stream we do not track with an HTTP/3 error code.
-    fn refuse(conn: &mut QuicheConnection, id: u64, code: u64) {
+    fn refuse(&mut self, conn: &mut QuicheConnection, id: u64, code: u64) {
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code);
         let _ = conn.stream_shutdown(id, quiche::Shutdown::Write, code);
+        self.forget_in_h3_once_gone(conn, id);
+    }
+
+    /// See [`stream::H3Leftovers`].
+    fn forget_in_h3_once_gone(&mut self, conn: &mut QuicheConnection, id: u64) {
+        if let Some(h3) = self.h3.as_mut() {
+            self.h3_leftovers.forget_once_gone(h3, conn, id);
+        }
     }
 
     fn on_headers(&mut self, conn: &mut QuicheConnection, id: u64, list: Vec<h3::Header>, more_frames: bool) {
@@ -313,7 +324,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.advance_next_stream(id);
         if self.draining.is_some_and(|(limit, _)| id >= limit) {
             // After our GOAWAY: not processed, safe for the client to retry (RFC 9114 §5.2).
-            Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
+            self.refuse(conn, id, code::H3_REQUEST_REJECTED);
             return;
         }
         // The client may have stopped the response already (STOP_SENDING behind the
@@ -323,7 +334,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         // streams, for a response no one can receive.
         if let Err(quiche::Error::StreamStopped(_) | quiche::Error::InvalidStreamState(_)) = conn.stream_capacity(id) {
             tracing::debug!(stream_id = id, "request stopped by the client before it was served");
-            Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
+            self.refuse(conn, id, code::H3_REQUEST_CANCELLED);
             return;
         }
         if fields::section_size(&list) > self.settings.max_header_list_size {
@@ -340,20 +351,20 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
                     stream_id = id,
                     "extended CONNECT without SETTINGS_ENABLE_CONNECT_PROTOCOL"
                 );
-                Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
+                self.refuse(conn, id, code::H3_MESSAGE_ERROR);
                 return;
             }
             Ok(head) => head,
             Err(why) => {
                 tracing::debug!(stream_id = id, reason = %why, "malformed request");
-                Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
+                self.refuse(conn, id, code::H3_MESSAGE_ERROR);
                 return;
             }
         };
         let tunnel = head.request.method() == http::Method::CONNECT;
         if !more_frames && head.content_length.is_some_and(|len| len > 0) {
             tracing::debug!(stream_id = id, "request ended before its content-length");
-            Self::refuse(conn, id, code::H3_MESSAGE_ERROR);
+            self.refuse(conn, id, code::H3_MESSAGE_ERROR);
             return;
         }
         // A request in 0-RTT data, which an attacker can replay (RFC 8470): served now only
@@ -617,14 +628,14 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             // The client finished a request stream before a complete HEADERS frame
             // (RFC 9114 §4.1: H3_REQUEST_INCOMPLETE).
             tracing::debug!(stream_id = id, "request stream ended without a complete head");
-            Self::refuse(conn, id, code::H3_REQUEST_INCOMPLETE);
+            self.refuse(conn, id, code::H3_REQUEST_INCOMPLETE);
             self.advance_next_stream(id);
         }
     }
 
     fn on_reset(&mut self, conn: &mut QuicheConnection, id: u64, code: u64) {
         if self.heads_pending.remove(&id).is_some() {
-            Self::refuse(conn, id, code::H3_REQUEST_CANCELLED);
+            self.refuse(conn, id, code::H3_REQUEST_CANCELLED);
             self.advance_next_stream(id);
             return;
         }
@@ -714,6 +725,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         if stream::stream_alive(conn, id) {
             self.lingering
                 .push((id, stopped.then(|| Instant::now() + LINGER_UNFINISHED)));
+        }
+        if !entry.shared.finished_through_h3() {
+            self.forget_in_h3_once_gone(conn, id);
         }
         if self.streams.is_empty() {
             // Nothing in flight: the tables go once that lasts (`RELEASE_TABLES_AFTER`).
@@ -813,7 +827,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         for id in late_heads {
             tracing::debug!(stream_id = id, "request head not complete within the head timeout");
             self.heads_pending.remove(&id);
-            Self::refuse(conn, id, code::H3_REQUEST_REJECTED);
+            self.refuse(conn, id, code::H3_REQUEST_REJECTED);
             self.advance_next_stream(id);
         }
         self.heads_pending.retain(|&id, _| stream::stream_alive(conn, id));
