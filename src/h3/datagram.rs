@@ -57,8 +57,12 @@ const MAX_QUARTER_STREAM_ID: u64 = (1 << 60) - 1;
 /// the rest of the connection run (it wakes itself for the others).
 const SENDS_PER_TURN: usize = 256;
 
-/// `max_payload` before the peer's SETTINGS have said whether it takes datagrams.
-const PEER_UNKNOWN: usize = usize::MAX;
+/// Set in `max_payload` while the peer's SETTINGS have not said whether it takes
+/// datagrams; the other bits still bound a payload by what the transport could carry to
+/// it, so that what waits in the queue for the SETTINGS is no larger than could be sent
+/// (a peer that never sends them would otherwise have the queue hold its 256 datagrams
+/// at any size).
+const PEER_UNKNOWN: usize = 1 << (usize::BITS - 1);
 
 /// The sending and receiving halves of one request stream's HTTP datagrams.
 ///
@@ -167,8 +171,8 @@ struct Flow {
     sent: AtomicU64,
     dropped_outgoing: AtomicU64,
     closed: AtomicBool,
-    /// The connection's largest datagram payload (before the quarter stream ID):
-    /// [`PEER_UNKNOWN`] until the peer's SETTINGS arrive, 0 when it takes none.
+    /// The connection's largest datagram payload (before the quarter stream ID), 0 when
+    /// the peer takes none; with [`PEER_UNKNOWN`] set until the peer's SETTINGS arrive.
     max_payload: Arc<AtomicUsize>,
 }
 
@@ -239,10 +243,19 @@ impl Flow {
     /// The largest payload this stream can send, when known (the quarter stream ID takes
     /// its share of the frame).
     fn max_payload(&self) -> Option<usize> {
-        match self.max_payload.load(Ordering::Relaxed) {
-            PEER_UNKNOWN => None,
-            max => Some(max.saturating_sub(varint::len(self.stream_id / 4))),
-        }
+        let max = self.max_payload.load(Ordering::Relaxed);
+        (max & PEER_UNKNOWN == 0).then(|| self.within(max))
+    }
+
+    /// The largest payload the transport could carry for this stream, whatever the peer's
+    /// SETTINGS say.
+    fn transport_max_payload(&self) -> usize {
+        self.within(self.max_payload.load(Ordering::Relaxed) & !PEER_UNKNOWN)
+    }
+
+    /// What of a datagram payload of `max` is left past this stream's quarter ID.
+    fn within(&self, max: usize) -> usize {
+        max.saturating_sub(varint::len(self.stream_id / 4))
     }
 }
 
@@ -352,11 +365,20 @@ impl DatagramSender {
         if self.flow.closed.load(Ordering::Relaxed) {
             return Err(SendDatagramError::Closed);
         }
-        match self.flow.max_payload() {
-            Some(0) => Err(SendDatagramError::NotSupported),
-            Some(max) if payload.len() > max => Err(SendDatagramError::TooLarge { max }),
-            _ => Ok(()),
+        let max = match self.flow.max_payload() {
+            Some(0) => return Err(SendDatagramError::NotSupported),
+            Some(max) => max,
+            // It waits for the SETTINGS, no larger than the transport could carry; a peer
+            // whose transport takes no datagrams will take none.
+            None => match self.flow.transport_max_payload() {
+                0 => return Err(SendDatagramError::NotSupported),
+                max => max,
+            },
+        };
+        if payload.len() > max {
+            return Err(SendDatagramError::TooLarge { max });
         }
+        Ok(())
     }
 
     /// The largest payload the connection can carry in one datagram now (it follows the
@@ -502,7 +524,8 @@ impl DatagramHub {
             flows: StreamIdMap::default(),
             outgoing_tx,
             outgoing_rx,
-            max_payload: Arc::new(AtomicUsize::new(PEER_UNKNOWN)),
+            // Until the first turn looks at the transport: no bound.
+            max_payload: Arc::new(AtomicUsize::new(usize::MAX)),
             flow_buffer,
             frame: Vec::new(),
             dropped_unrouted: 0,
@@ -570,9 +593,10 @@ impl DatagramHub {
         conn: &mut QuicheConnection,
         peer: PeerDatagrams,
     ) -> Result<Vec<u64>, MalformedDatagram> {
+        let transport_max = conn.dgram_max_writable_len().unwrap_or(0);
         let max = match peer {
-            PeerDatagrams::Unknown => PEER_UNKNOWN,
-            PeerDatagrams::Enabled => conn.dgram_max_writable_len().unwrap_or(0),
+            PeerDatagrams::Unknown => PEER_UNKNOWN | transport_max,
+            PeerDatagrams::Enabled => transport_max,
             PeerDatagrams::Disabled => 0,
         };
         self.max_payload.store(max, Ordering::Relaxed);
@@ -763,6 +787,26 @@ mod tests {
         assert!(flow.send(vec![0; 998]).is_ok());
         hub.max_payload.store(0, Ordering::Relaxed);
         assert_eq!(flow.send(&b"x"[..]), Err(SendDatagramError::NotSupported));
+    }
+
+    /// Found by review: before the peer's SETTINGS, sends of any size were queued to wait
+    /// for them, so a peer that never sends SETTINGS had the connection hold its whole
+    /// queue at 64 KiB a datagram (a CONNECT-UDP proxy forwarding large UDP datagrams to
+    /// it). What the transport could carry bounds them meanwhile.
+    #[test]
+    fn sends_waiting_for_the_peers_settings_are_no_larger_than_the_transport_carries() {
+        let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
+        let flow = hub.open(400).unwrap();
+        hub.max_payload.store(PEER_UNKNOWN | 1000, Ordering::Relaxed);
+        assert_eq!(flow.max_payload_len(), None, "still unknown");
+        assert_eq!(flow.send(vec![0; 999]), Err(SendDatagramError::TooLarge { max: 998 }));
+        assert!(flow.send(vec![0; 998]).is_ok(), "it waits for the SETTINGS");
+        hub.max_payload.store(PEER_UNKNOWN, Ordering::Relaxed);
+        assert_eq!(
+            flow.send(&b"x"[..]),
+            Err(SendDatagramError::NotSupported),
+            "the peer's transport takes no datagrams"
+        );
     }
 
     /// Found in review of the `dgram` merge (b11f086): a server's handler gets its
