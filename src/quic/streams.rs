@@ -1285,7 +1285,8 @@ impl AsyncWrite for SendStream {
                 );
             }
             let room = w.limit.saturating_sub(w.buf.len());
-            if room == 0 {
+            // An empty write completes at once, as on a socket, full buffer or not.
+            if room == 0 && !data.is_empty() {
                 w.waker = Some(cx.waker().clone());
                 return (Poll::Pending, false);
             }
