@@ -1501,7 +1501,7 @@ impl ClientApp {
         if entry.shared.reader_gone_early() {
             entry.shared.stop_receiving(conn, id, code::H3_REQUEST_CANCELLED);
         }
-        if !entry.shared.finished_through_h3()
+        if !entry.shared.h3_saw_both_ends()
             && let Some(h3) = self.h3.as_mut()
         {
             self.h3_leftovers.forget_once_gone(h3, conn, id);

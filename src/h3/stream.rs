@@ -985,13 +985,14 @@ impl StreamShared {
         true
     }
 
-    /// Whether our message (a response, or a client's request) went out whole, its FIN
-    /// written through quiche's HTTP/3 layer,
-    /// which then forgets the stream by itself (unlike one reset or refused: see
-    /// [`H3Leftovers`]).
-    pub(crate) fn finished_through_h3(&self) -> bool {
+    /// Whether quiche's HTTP/3 layer saw the stream end both ways, and so forgets it by
+    /// itself (see [`H3Leftovers`]): our message (a response, or a client's request) went
+    /// out whole, its FIN written through it, and the peer's side ended as read through
+    /// it (its FIN, or its reset), not discarded after we stopped reading.
+    pub(crate) fn h3_saw_both_ends(&self) -> bool {
         let s = self.lock();
-        s.send.done && s.send.cancelled.is_none() && s.send.reset.is_none()
+        let sent = s.send.done && s.send.cancelled.is_none() && s.send.reset.is_none();
+        sent && (s.recv.fin || matches!(s.recv.error, Some(RecvError::Reset(_))))
     }
 
     /// Whether the connection needs nothing more from quiche for the incoming body: it is
@@ -1209,24 +1210,30 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
     );
 }
 
-/// Request streams that ended without their FIN written through quiche's HTTP/3 layer,
-/// which that layer keeps until it is made to forget them once the transport has
-/// forgotten them.
+/// Request streams whose state quiche's HTTP/3 layer would keep for the connection's life,
+/// until it is made to forget them once the transport has forgotten them.
 ///
-/// That layer (quiche 0.30) forgets a request stream's state when the stream has ended
-/// both ways as far as it saw: its FIN written through it once the peer's side had ended,
-/// or the peer's end seen once its FIN was written. A stream that ends otherwise (the peer
-/// reset it, or it was refused or cancelled, and our side was reset rather than finished)
-/// stays in its table for the connection's life (cloudflare/quiche#2524): about 270
-/// bytes per such request, without bound on a connection that lives long (a client that
-/// cancels requests in a loop). Its send calls forget a stream the transport no longer
-/// has (they fail, finding no capacity, and drop it), and with no transport stream to
-/// write to they send nothing: [`forget`](Self::forget) makes one such call.
+/// That layer (quiche 0.30) forgets a request stream's state when it has seen the stream
+/// end both ways: our FIN written through it once the peer's end had come, or the peer's
+/// end read through it once our FIN was written. A stream that ends otherwise stays in
+/// its table for the connection's life (cloudflare/quiche#2524), about 270 bytes per
+/// request, without bound on a connection that lives long:
+/// - our side reset rather than finished (a request the peer cancelled, one refused, a
+///   client's request dropped while its body was going);
+/// - the peer's end never read through it because we stopped reading first
+///   (STOP_SENDING): quiche then discards what follows, the peer's reset or FIN included.
+///
+/// Its send calls forget a stream the transport no longer has (they fail, finding no
+/// capacity, and drop it), and with no transport stream to write to they send nothing:
+/// [`forget`](Self::forget) makes one such call. The one ending no such call reaches is a
+/// stream whose trailers went out before we stopped reading it (its send calls refuse
+/// before they look at the transport): such a stream stays.
 ///
 /// A stream the transport still holds (our reset not yet acknowledged, the peer's end yet
-/// to come) is kept here and looked at again when the list has doubled since the last
-/// look: amortised a few lookups per such stream, and at most about twice as many kept as
-/// the transport still holds.
+/// to come) is kept here and looked at again when the list has grown past twice what
+/// was kept at the last look (at least [`LEFTOVERS_PRUNE_MIN`]), and when the connection
+/// has been idle a while ([`prune`](Self::prune)): amortised a few lookups per such
+/// stream.
 #[derive(Debug)]
 pub(crate) struct H3Leftovers {
     ids: Vec<u64>,
@@ -1247,8 +1254,8 @@ impl Default for H3Leftovers {
 }
 
 impl H3Leftovers {
-    /// Sees that quiche's HTTP/3 layer forgets stream `id`, which ended without its FIN
-    /// written through that layer: now if the transport has forgotten it, else later.
+    /// Sees that quiche's HTTP/3 layer forgets stream `id` (see the type's docs): now if
+    /// the transport has forgotten it, else later.
     pub(crate) fn forget_once_gone(&mut self, h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
         if !stream_alive(conn, id) {
             Self::forget(h3, conn, id);
@@ -1256,23 +1263,33 @@ impl H3Leftovers {
         }
         self.ids.push(id);
         if self.ids.len() > self.prune_at {
-            self.ids.retain(|&id| {
-                let alive = stream_alive(conn, id);
-                if !alive {
-                    Self::forget(h3, conn, id);
-                }
-                alive
-            });
-            self.prune_at = (self.ids.len() * 2).max(LEFTOVERS_PRUNE_MIN);
+            self.prune(h3, conn);
+        }
+    }
+
+    /// Forgets, in quiche's HTTP/3 layer too, the streams the transport has let go since.
+    pub(crate) fn prune(&mut self, h3: &mut h3::Connection, conn: &mut QuicheConnection) {
+        self.ids.retain(|&id| {
+            let alive = stream_alive(conn, id);
+            if !alive {
+                Self::forget(h3, conn, id);
+            }
+            alive
+        });
+        self.prune_at = (self.ids.len() * 2).max(LEFTOVERS_PRUNE_MIN);
+        if self.ids.is_empty() {
+            self.ids = Vec::new();
         }
     }
 
     /// Makes quiche's HTTP/3 layer forget a stream the transport has forgotten: whether its
-    /// head was sent (`send_body`) or not (`send_response`). A layer that never had the
-    /// stream, or has forgotten it, answers either with `FrameUnexpected` at once.
+    /// head was sent (`send_body`) or not (`send_response`, with a head that encodes: an
+    /// empty one fails to before the capacity check). A layer that never had the stream,
+    /// or has forgotten it, answers either with `FrameUnexpected` at once.
     fn forget(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: u64) {
         if let Err(h3::Error::FrameUnexpected) = h3.send_body(conn, id, &[], true) {
-            let _ = h3.send_response(conn, id, &[] as &[h3::Header], true);
+            let head = [h3::Header::new(b":status", b"500")];
+            let _ = h3.send_response(conn, id, &head, true);
         }
     }
 }

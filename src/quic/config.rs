@@ -650,12 +650,12 @@ impl TransportConfig {
         self
     }
 
-    /// Whether values of the types reserved for GREASE ("generate random extensions and
-    /// sustain extensibility") are sent: a reserved transport parameter, and over HTTP/3 a
-    /// reserved setting, two reserved frames on the first request or response stream and
-    /// a unidirectional stream of a reserved type (RFC 9000 §18.1, RFC 9114 §6.2.3,
-    /// §7.2.4.1, §7.2.8). Peers must ignore them; sending them keeps peers that do not
-    /// from passing for correct. Defaults to on.
+    /// Whether HTTP/3 connections send values of the types reserved for GREASE ("generate
+    /// random extensions and sustain extensibility"): a reserved setting, two reserved
+    /// frames on the first request or response stream, and a unidirectional stream of a
+    /// reserved type (RFC 9114 §6.2.3, §7.2.4.1, §7.2.8), on servers and clients alike
+    /// (quiche 0.30 sends no reserved transport parameter either way). Peers must ignore
+    /// them; sending them keeps peers that do not from passing for correct. Defaults to on.
     ///
     /// Off, an HTTP/3 server holds about 3 KiB less per idle connection (3.2 KiB of heap
     /// by `tests/idle_memory.rs`'s count, 2.4 KiB of RSS with the load harness's 1,000

@@ -283,6 +283,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         }
         if more_frames {
             let _ = conn.stream_shutdown(id, quiche::Shutdown::Read, code::H3_NO_ERROR);
+            // The HTTP/3 layer does not see the rest of the request now.
+            self.forget_in_h3_once_gone(conn, id);
         }
         // Delivered before a graceful close, as any answer is (`forget_if_done`).
         self.lingering
@@ -726,7 +728,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             self.lingering
                 .push((id, stopped.then(|| Instant::now() + LINGER_UNFINISHED)));
         }
-        if !entry.shared.finished_through_h3() {
+        if !entry.shared.h3_saw_both_ends() {
             self.forget_in_h3_once_gone(conn, id);
         }
         if self.streams.is_empty() {
@@ -741,13 +743,17 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         self.idle_since.filter(|_| held).map(|t| t + self.release_tables_after)
     }
 
-    /// An idle connection keeps no tables; the next request allocates what it needs again.
-    fn release_tables(&mut self) {
+    /// An idle connection keeps no tables (the next request allocates what it needs again),
+    /// nor streams quiche's HTTP/3 layer keeps that the transport has let go.
+    fn release_tables(&mut self, conn: &mut QuicheConnection) {
         if self.streams.is_empty() {
             self.streams = StreamIdMap::default();
         }
         if self.heads_pending.is_empty() {
             self.heads_pending = StreamIdMap::default();
+        }
+        if let Some(h3) = self.h3.as_mut() {
+            self.h3_leftovers.prune(h3, conn);
         }
     }
 
@@ -904,7 +910,7 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             }
         }
         if self.tables_release().is_some_and(|at| at <= now) {
-            self.release_tables();
+            self.release_tables(conn);
         }
         let tables_release = self.tables_release().filter(|&at| at > now);
         // Streams and heads in flight are checked a few times per timeout. With none, a look
