@@ -1132,6 +1132,16 @@ impl RecvStream {
     /// Stops receiving: the peer gets STOP_SENDING with `code` (unless the stream had
     /// ended already), and what arrived but was not read is discarded. Later reads fail.
     /// A code above 2^62 − 1, the largest QUIC carries, is sent as that.
+    ///
+    /// Stopping (or dropping) a stream before its end has come costs, with quiche 0.30,
+    /// what the peer's reset that answers it should free: quiche discards that reset with
+    /// the rest, so it keeps the stream for the connection's life (cloudflare/quiche#1968).
+    /// On a stream the peer opened, that is one of the peer's stream credits for good
+    /// (always on a unidirectional stream; on a bidirectional one, when our side had ended
+    /// and been acknowledged before the reset came); on one we opened, a few hundred
+    /// bytes. A protocol that stops streams often should rather read them to their end,
+    /// dropping what it does not want, or give the peer credit to spare
+    /// ([`max_concurrent_uni_streams`](crate::quic::TransportConfig::max_concurrent_uni_streams)).
     pub fn stop(&mut self, code: u64) {
         self.stream.update(|s| {
             let r = &mut s.recv;
