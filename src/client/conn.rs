@@ -1360,7 +1360,9 @@ impl ClientApp {
         }
         if let Some(datagrams) = entry.datagrams.take() {
             let h3 = self.h3.as_ref().expect("created when established");
-            if PeerDatagrams::of(h3, conn) == PeerDatagrams::Enabled {
+            // Also while the server's SETTINGS have not come (a response may overtake its
+            // control stream): sends wait for them, as on the server.
+            if PeerDatagrams::of(h3, conn) != PeerDatagrams::Disabled {
                 datagrams.into_extensions(response.extensions_mut());
             } else if let Some(hub) = self.datagrams.as_mut() {
                 hub.close(id);

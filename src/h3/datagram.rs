@@ -274,8 +274,9 @@ impl Datagrams {
     }
 
     /// Takes the datagrams of the response's stream: on a client, the response to a
-    /// CONNECT request carries them when the server enabled HTTP datagrams too. `None`
-    /// otherwise, and after the first call.
+    /// CONNECT request carries them when the server enabled HTTP datagrams too (or its
+    /// SETTINGS have not arrived yet: sends wait for them to say). `None` otherwise, and
+    /// after the first call.
     pub fn from_response<B>(response: &mut http::Response<B>) -> Option<Datagrams> {
         Self::from_extensions(response.extensions_mut())
     }
