@@ -1564,6 +1564,11 @@ impl ClientApp {
             let _ = conn.send_ack_eliciting();
             self.pinged_at = Some(now);
             ping_at = now + interval;
+            // Also the time to let go of what quiche's HTTP/3 layer keeps of streams the
+            // transport has forgotten since (a pooled connection may idle for long).
+            if let Some(h3) = self.h3.as_mut() {
+                self.h3_leftovers.prune(h3, conn);
+            }
         }
         let at = close_at.map_or(ping_at, |close_at| close_at.min(ping_at));
         if self.timer_at != Some(at) {
@@ -1646,6 +1651,9 @@ impl ClientApp {
         let h3 = h3::Connection::with_transport(conn, &config)
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
+        if let Some(hub) = &self.datagrams {
+            hub.start(conn);
+        }
         let credit = conn.peer_streams_left_bidi();
         self.credit_told = credit;
         let early = !conn.is_established();

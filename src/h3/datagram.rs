@@ -259,6 +259,17 @@ impl Flow {
     }
 }
 
+/// The largest datagram payload the transport could carry to the peer: 0 once the
+/// handshake has shown it takes none, no bound before the transport knows (a client in
+/// 0-RTT data has no 1-RTT keys to size the frame with yet).
+fn transport_max(conn: &QuicheConnection) -> usize {
+    match conn.dgram_max_writable_len() {
+        Some(max) => max,
+        None if conn.is_established() => 0,
+        None => !PEER_UNKNOWN,
+    }
+}
+
 /// How a request or response carries its stream's [`Datagrams`] until someone takes them
 /// (`http::Extensions` wants `Clone`; the first taker wins).
 #[derive(Clone)]
@@ -525,13 +536,21 @@ impl DatagramHub {
             flows: StreamIdMap::default(),
             outgoing_tx,
             outgoing_rx,
-            // Until the first turn looks at the transport: no bound.
+            // Until HTTP/3 starts (`start`): no bound.
             max_payload: Arc::new(AtomicUsize::new(usize::MAX)),
             flow_buffer,
             frame: Vec::new(),
             dropped_unrouted: 0,
             peer_stream_limit: u64::MAX,
         }
+    }
+
+    /// Bounds what waits for the peer's SETTINGS by what the transport could carry, from
+    /// the start of HTTP/3 on (before the first [`process`](Self::process), which a
+    /// handler's sends in the connection's first turn come before).
+    pub(crate) fn start(&self, conn: &QuicheConnection) {
+        self.max_payload
+            .store(PEER_UNKNOWN | transport_max(conn), Ordering::Relaxed);
     }
 
     /// Gives stream `id` a flow, unless the hub is off.
@@ -594,10 +613,9 @@ impl DatagramHub {
         conn: &mut QuicheConnection,
         peer: PeerDatagrams,
     ) -> Result<Vec<u64>, MalformedDatagram> {
-        let transport_max = conn.dgram_max_writable_len().unwrap_or(0);
         let max = match peer {
-            PeerDatagrams::Unknown => PEER_UNKNOWN | transport_max,
-            PeerDatagrams::Enabled => transport_max,
+            PeerDatagrams::Unknown => PEER_UNKNOWN | transport_max(conn),
+            PeerDatagrams::Enabled => conn.dgram_max_writable_len().unwrap_or(0),
             PeerDatagrams::Disabled => 0,
         };
         self.max_payload.store(max, Ordering::Relaxed);
@@ -788,6 +806,24 @@ mod tests {
         assert!(flow.send(vec![0; 998]).is_ok());
         hub.max_payload.store(0, Ordering::Relaxed);
         assert_eq!(flow.send(&b"x"[..]), Err(SendDatagramError::NotSupported));
+    }
+
+    /// From the start of HTTP/3 (before the connection's first turn has looked at the
+    /// datagrams), what the transport carries bounds what waits for the peer's SETTINGS
+    /// (found by review: a CONNECT handler's sends in that first turn came before it).
+    #[test]
+    fn the_transports_bound_holds_from_the_start_of_http3() {
+        let with_datagrams = |t: crate::quic::TransportConfig| t.datagrams(16);
+        let server = crate::testing::server_config("h3", with_datagrams);
+        let client = crate::testing::client_config("h3", with_datagrams);
+        let pipe = crate::testing::Pipe::handshaken(&server, &client);
+        let mut hub = DatagramHub::new(true, DEFAULT_FLOW_BUFFER);
+        hub.start(&pipe.server);
+        let flow = hub.open(0).unwrap();
+        assert_eq!(flow.max_payload_len(), None, "the peer's SETTINGS are still unknown");
+        let max = pipe.server.dgram_max_writable_len().unwrap() - 1;
+        assert_eq!(flow.send(vec![0; max + 1]), Err(SendDatagramError::TooLarge { max }));
+        assert!(flow.send(vec![0; max]).is_ok());
     }
 
     /// Found by review: before the peer's SETTINGS, sends of any size were queued to wait

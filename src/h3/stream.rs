@@ -1232,8 +1232,8 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
 /// A stream the transport still holds (our reset not yet acknowledged, the peer's end yet
 /// to come) is kept here and looked at again when the list has grown past twice what
 /// was kept at the last look (at least [`LEFTOVERS_PRUNE_MIN`]), and when the connection
-/// has been idle a while ([`prune`](Self::prune)): amortised a few lookups per such
-/// stream.
+/// has been idle a while ([`prune`](Self::prune): a server's when it releases its tables,
+/// a client's at its keep-alive PINGs): amortised a few lookups per such stream.
 #[derive(Debug)]
 pub(crate) struct H3Leftovers {
     ids: Vec<u64>,

@@ -388,9 +388,11 @@ const SENT_CHECK_MIN: usize = 64;
 struct Linger {
     /// When it gives up and closes anyway: an idle timeout after the last progress.
     deadline: Instant,
-    /// What was left to deliver when last looked at: streams quiche holds, bytes and FINs
-    /// not handed to quiche yet.
-    left: (usize, usize),
+    /// What was left to deliver when last looked at (streams quiche holds, bytes and FINs
+    /// not handed to quiche yet), and the bytes the peer had acknowledged: quiche's own
+    /// progress, which may go on for long after everything was handed to it (a finished
+    /// upload of a stream window's worth on a slow path).
+    progress: (usize, usize, u64),
 }
 
 /// The indexes of the peer's streams of one kind seen so far: the lowest index not seen yet,
@@ -640,13 +642,13 @@ impl StreamsApp {
         }
         self.linger = Some(Linger {
             deadline: Instant::now() + self.idle_timeout,
-            left: (usize::MAX, usize::MAX),
+            progress: (usize::MAX, usize::MAX, u64::MAX),
         });
     }
 
     /// While lingering, whether the connection may close now: everything finished was
-    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved for an idle
-    /// timeout (a peer that acknowledges nothing lets the connection time out sooner; one
+    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved (nothing handed
+    /// to quiche, nothing acknowledged) for an idle timeout (a peer that acknowledges nothing lets the connection time out sooner; one
     /// that keeps it alive, ignoring our STOP_SENDING, is given up on here).
     fn lingered(&mut self, conn: &mut QuicheConnection) -> bool {
         self.check_sent(conn);
@@ -667,8 +669,9 @@ impl StreamsApp {
             return true;
         }
         let now = Instant::now();
-        if left != linger.left {
-            linger.left = left;
+        let progress = (left.0, left.1, conn.stats().acked_bytes);
+        if progress != linger.progress {
+            linger.progress = progress;
             linger.deadline = now + self.idle_timeout;
         }
         now >= linger.deadline

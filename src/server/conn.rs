@@ -258,6 +258,9 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
         let h3 = h3::Connection::with_transport(conn, &self.settings.h3_config)
             .map_err(|e| Error::application(code::h3_wire_code(&e), format!("cannot start HTTP/3: {e}")))?;
         self.h3 = Some(h3);
+        if let Some(hub) = &self.datagrams {
+            hub.start(conn);
+        }
         Ok(())
     }
 
