@@ -787,40 +787,6 @@ async fn a_cancelled_request_drops_its_waiting_body_at_once() {
     timeout(TEST_TIMEOUT, run).await.unwrap();
 }
 
-/// A UDP relay in front of `server` that holds every datagram, either way, for `delay`:
-/// a path with a long round trip. Returns the address to reach the server through.
-async fn slow_path(server: std::net::SocketAddr, delay: Duration) -> std::net::SocketAddr {
-    let outside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let inside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    inside.connect(server).await.unwrap();
-    let addr = outside.local_addr().unwrap();
-    let client = Arc::new(std::sync::Mutex::new(None));
-    let (out, ins, peer) = (Arc::clone(&outside), Arc::clone(&inside), Arc::clone(&client));
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok((n, from)) = out.recv_from(&mut buf).await {
-            *peer.lock().unwrap() = Some(from);
-            let (datagram, ins) = (buf[..n].to_vec(), Arc::clone(&ins));
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = ins.send(&datagram).await;
-            });
-        }
-    });
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = inside.recv(&mut buf).await {
-            let Some(to) = *client.lock().unwrap() else { continue };
-            let (datagram, outside) = (buf[..n].to_vec(), Arc::clone(&outside));
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                let _ = outside.send_to(&datagram, to).await;
-            });
-        }
-    });
-    addr
-}
-
 /// A request that stops waiting while its connection's handshake is under way (its
 /// caller's timeout, shorter than the handshake on a slow path) does not abandon that
 /// handshake: the next request finds the connection it made, instead of starting a

@@ -388,11 +388,11 @@ const SENT_CHECK_MIN: usize = 64;
 struct Linger {
     /// When it gives up and closes anyway: an idle timeout after the last progress.
     deadline: Instant,
-    /// What was left to deliver when last looked at (streams quiche holds, bytes and FINs
-    /// not handed to quiche yet), and the bytes the peer had acknowledged: quiche's own
-    /// progress, which may go on for long after everything was handed to it (a finished
-    /// upload of a stream window's worth on a slow path).
-    progress: (usize, usize, u64),
+    /// What was left to deliver when last looked at: streams quiche holds, bytes and FINs
+    /// not handed to quiche yet. quiche takes a stream's bytes only as its congestion
+    /// window has room, so the bytes not handed yet shrink as the peer acknowledges:
+    /// progress on a slow path shows here (`quic_streams::dropping_every_handle_delivers_a_finished_stream_slower_than_the_idle_timeout`).
+    left: (usize, usize),
 }
 
 /// The indexes of the peer's streams of one kind seen so far: the lowest index not seen yet,
@@ -642,13 +642,13 @@ impl StreamsApp {
         }
         self.linger = Some(Linger {
             deadline: Instant::now() + self.idle_timeout,
-            progress: (usize::MAX, usize::MAX, u64::MAX),
+            left: (usize::MAX, usize::MAX),
         });
     }
 
     /// While lingering, whether the connection may close now: everything finished was
-    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved (nothing handed
-    /// to quiche, nothing acknowledged) for an idle timeout (a peer that acknowledges nothing lets the connection time out sooner; one
+    /// delivered (see [`check_sent`](Self::check_sent)), or nothing moved for an idle
+    /// timeout (a peer that acknowledges nothing lets the connection time out sooner; one
     /// that keeps it alive, ignoring our STOP_SENDING, is given up on here).
     fn lingered(&mut self, conn: &mut QuicheConnection) -> bool {
         self.check_sent(conn);
@@ -669,9 +669,8 @@ impl StreamsApp {
             return true;
         }
         let now = Instant::now();
-        let progress = (left.0, left.1, conn.stats().acked_bytes);
-        if progress != linger.progress {
-            linger.progress = progress;
+        if left != linger.left {
+            linger.left = left;
             linger.deadline = now + self.idle_timeout;
         }
         now >= linger.deadline
