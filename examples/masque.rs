@@ -7,8 +7,9 @@
 //! CONNECT (`:protocol = connect-udp`, `capsule-protocol: ?1`), then send UDP payloads as
 //! HTTP datagrams with context ID 0; what the target answers comes back the same way.
 //! Targets must resolve into the allow-list: loopback only, unless `--allow` names the
-//! ranges to allow instead (loopback is then allowed only if named too). A
-//! target outside it gets 403, a path off the template 404, a request that is not
+//! ranges to allow instead (loopback is then allowed only if named too). Never allowed,
+//! whatever the list: the unspecified, multicast and broadcast addresses, and the proxy
+//! host's own addresses outside loopback. A target outside it gets 403, a path off the template 404, a request that is not
 //! CONNECT-UDP 400. Without `--cert`/`--key` it generates a development certificate. It
 //! stops cleanly on SIGINT or SIGTERM.
 //!
@@ -16,7 +17,8 @@
 //! the default (loopback, for trying it on one machine) includes the UDP services of the
 //! proxy's own host (a stub resolver on 127.0.0.53, say). Before exposing it, allow only
 //! what clients should reach (RFC 9298 §7): wide ranges such as `0.0.0.0/0` also open
-//! private networks, link-local and multicast addresses.
+//! private networks and link-local addresses. One client may hold every tunnel slot
+//! (`--max-tunnels`): there is no share per client.
 
 mod support;
 
@@ -63,7 +65,8 @@ async fn main() {
     };
     if !args.allow.is_empty() {
         // Named ranges replace loopback: a proxy opened to 192.0.2.0/24 must not also
-        // reach its own host's UDP services.
+        // reach its own host's UDP services (nor, inside the ranges, its own addresses:
+        // `masque::Settings::permits`).
         settings.allowed = args.allow;
     }
     let transport = TransportConfig::new().datagrams(DATAGRAM_QUEUE);

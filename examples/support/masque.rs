@@ -60,11 +60,7 @@ pub struct Net {
 
 impl Net {
     fn contains(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        match (self.addr, ip) {
+        match (self.addr, canonical(ip)) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
@@ -101,6 +97,19 @@ impl std::str::FromStr for Net {
     }
 }
 
+/// `ip` with an IPv4-mapped IPv6 address as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Whether `ip` is one of this host's own addresses: a UDP socket can bind to it.
+fn own_address(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// The proxy's settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -110,6 +119,23 @@ pub struct Settings {
     pub max_tunnels: usize,
     /// A tunnel with no datagram either way for this long is closed.
     pub idle_timeout: Duration,
+}
+
+impl Settings {
+    /// Whether the proxy sends to `ip`: it is in the allow-list, and it is one remote
+    /// peer's. Never the unspecified address (0.0.0.0 and :: mean this host), a multicast
+    /// or the broadcast address, whatever the list says; nor, outside loopback, one of this
+    /// host's own addresses (`own`): a proxy opened to 203.0.113.0/24 that sits at
+    /// 203.0.113.5 would otherwise reach its own host's UDP services there, and itself.
+    /// Loopback is reached only when the list names it, as the default does.
+    fn permits(&self, ip: IpAddr, own: bool) -> bool {
+        let ip = canonical(ip);
+        let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
+        if ip.is_unspecified() || ip.is_multicast() || broadcast || (own && !ip.is_loopback()) {
+            return false;
+        }
+        self.allowed.iter().any(|net| net.contains(ip))
+    }
 }
 
 impl Default for Settings {
@@ -206,7 +232,7 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
     let Some(target) = addrs
         .iter()
         .copied()
-        .find(|a| settings.allowed.iter().any(|net| net.contains(a.ip())))
+        .find(|a| settings.permits(a.ip(), own_address(a.ip())))
     else {
         tracing::info!(%host, port, "target not allowed: 403");
         return status(StatusCode::FORBIDDEN);
@@ -453,6 +479,46 @@ mod tests {
         let all: Net = "0.0.0.0/0".parse().unwrap();
         assert!(all.contains("192.0.2.1".parse().unwrap()));
         assert!("10.0.0.0/33".parse::<Net>().is_err());
+    }
+
+    /// Found by review: the allow-list alone let a proxy whose own address is inside a
+    /// named range reach its host's services there, and named no exception for addresses
+    /// that are no single peer's.
+    #[test]
+    fn targets_are_single_remote_peers_inside_the_allow_list() {
+        let settings = Settings {
+            allowed: vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()],
+            ..Settings::default()
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(settings.permits(ip("192.0.2.1"), false));
+        assert!(settings.permits(ip("2001:db8::1"), false));
+        for never in [
+            "0.0.0.0",
+            "::",
+            "224.0.0.1",
+            "ff02::1",
+            "255.255.255.255",
+            "::ffff:0.0.0.0",
+        ] {
+            assert!(!settings.permits(ip(never), false), "{never}");
+        }
+        assert!(!settings.permits(ip("203.0.113.5"), true), "the proxy's own address");
+        assert!(!settings.permits(ip("::ffff:203.0.113.5"), true), "the same, mapped");
+        assert!(
+            settings.permits(ip("127.0.0.1"), true),
+            "loopback, when the list names it"
+        );
+        let narrow = Settings {
+            allowed: vec!["192.0.2.0/24".parse().unwrap()],
+            ..Settings::default()
+        };
+        assert!(!narrow.permits(ip("127.0.0.1"), true), "loopback, when it does not");
+        assert!(own_address(ip("127.0.0.1")));
+        assert!(
+            !own_address(ip("192.0.2.1")),
+            "a documentation address is no one's here"
+        );
     }
 
     #[test]
