@@ -256,6 +256,9 @@ enum Ending {
     /// The server answers without reading the body, a part of which has come, and stops
     /// the upload (STOP_SENDING): the client resets it.
     Unread,
+    /// The same with a response that ends in trailers (the server reads the rest of the
+    /// body instead of stopping it), then the client resets the upload.
+    UnreadWithTrailers,
 }
 
 /// Server-side bytes a connection keeps per request that ends early `how`, after `n`
@@ -267,7 +270,19 @@ fn ended_request_cost(n: usize, how: Ending) -> f64 {
             "/sink",
             axum::routing::post(|body: axum::body::Bytes| async move { body.len().to_string() }),
         )
-        .route("/ignore", axum::routing::post(|| async { "ignored" }));
+        .route("/ignore", axum::routing::post(|| async { "ignored" }))
+        .route(
+            "/ignore-with-trailers",
+            axum::routing::post(|| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+                let frames = [
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(bytes::Bytes::from_static(b"ignored"))),
+                    Ok(http_body::Frame::trailers(trailers)),
+                ];
+                axum::body::Body::new(http_body_util::StreamBody::new(futures_util::stream::iter(frames)))
+            }),
+        );
     let certs = certs();
     let (_server_runtime, client_runtime, addr) = counted_server(&certs, app);
     let run = async {
@@ -276,10 +291,10 @@ fn ended_request_cost(n: usize, how: Ending) -> f64 {
         // before its first response head).
         let id = client.request(&scripted::head("GET", "/hello"), true).await;
         assert_eq!(client.response_body(id).await, (200, b"hello".to_vec()));
-        let path = if matches!(how, Ending::Unread) {
-            "/ignore"
-        } else {
-            "/sink"
+        let path = match how {
+            Ending::Unread => "/ignore",
+            Ending::UnreadWithTrailers => "/ignore-with-trailers",
+            _ => "/sink",
         };
         let head = scripted::headers_frame(&scripted::head("POST", path));
         let client = &mut client;
@@ -295,9 +310,18 @@ fn ended_request_cost(n: usize, how: Ending) -> f64 {
                 assert_eq!(e, quiche::Error::StreamLimit, "request {id}");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            if let Ending::Unread = how {
-                assert_eq!(client.response_body(id).await, (200, b"ignored".to_vec()));
-                return;
+            match how {
+                Ending::Unread => {
+                    assert_eq!(client.response_body(id).await, (200, b"ignored".to_vec()));
+                    return;
+                }
+                Ending::UnreadWithTrailers => {
+                    // (The trailers' section is the last head the scripted client saw.)
+                    assert_eq!(client.response_body(id).await.1, b"ignored");
+                    assert_eq!(client.field(id, ":status"), ["200"]);
+                    assert_eq!(client.field(id, "grpc-status"), ["0"]);
+                }
+                _ => {}
             }
             client
                 .run(move |_, conn| {
@@ -323,7 +347,13 @@ fn ended_request_cost(n: usize, how: Ending) -> f64 {
 #[test]
 fn a_connection_keeps_nothing_of_the_requests_that_end_early() {
     let _one_at_a_time = MEASURING.lock().unwrap_or_else(|p| p.into_inner());
-    for how in [Ending::Cancelled, Ending::UploadReset, Ending::MidHead, Ending::Unread] {
+    for how in [
+        Ending::Cancelled,
+        Ending::UploadReset,
+        Ending::MidHead,
+        Ending::Unread,
+        Ending::UnreadWithTrailers,
+    ] {
         let bytes = ended_request_cost(1_000, how);
         println!("server bytes kept per request ending early ({how:?}): {bytes:.0}");
         assert!(bytes < 32.0, "{how:?}: {bytes:.0} bytes kept per request");

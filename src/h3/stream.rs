@@ -302,6 +302,9 @@ struct SendHalf {
     /// It was the peer's STOP_SENDING that ended our sending: its message may still come
     /// whole (RFC 9114 §4.1), so later looks say Stopped, not Aborted.
     stopped_by_peer: bool,
+    /// The trailers went out (through quiche's HTTP/3 layer, with the FIN).
+    #[cfg_attr(not(feature = "server"), allow(dead_code))]
+    trailers_sent: bool,
     waker: Option<Waker>,
 }
 
@@ -430,6 +433,7 @@ impl StreamShared {
                     reset: None,
                     cancelled: None,
                     stopped_by_peer: false,
+                    trailers_sent: false,
                     waker: None,
                 },
                 progress: 0,
@@ -972,6 +976,14 @@ impl StreamShared {
         cancel_state(&mut state, why);
     }
 
+    /// Whether the message went out with trailers: quiche's HTTP/3 layer then keeps the
+    /// stream until it reads the peer's end itself, which a stop would discard (see
+    /// [`H3Leftovers`], which cannot make it forget such a stream).
+    #[cfg(feature = "server")]
+    pub(crate) fn trailers_sent(&self) -> bool {
+        self.lock().send.trailers_sent
+    }
+
     /// Stops receiving (STOP_SENDING with `code`) if the body is still arriving; the reader,
     /// if any, sees the body end with an error. Returns whether it stopped anything.
     pub(crate) fn stop_receiving(&self, conn: &mut QuicheConnection, id: u64, code: u64) -> bool {
@@ -1183,7 +1195,10 @@ fn write_queued(
     }
     if let Some(fields) = &out.trailers {
         return match h3.send_additional_headers(conn, id, fields, true, true) {
-            Ok(()) => Ok(true),
+            Ok(()) => {
+                out.trailers_sent = true;
+                Ok(true)
+            }
             Err(h3::Error::StreamBlocked) => match head_never_fits(conn, id, fields) {
                 Some(len) => Err(WriteError::HeadNeverFits(len)),
                 None => Ok(false),
@@ -1227,7 +1242,8 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
 /// capacity, and drop it), and with no transport stream to write to they send nothing:
 /// [`forget`](Self::forget) makes one such call. The one ending no such call reaches is a
 /// stream whose trailers went out before we stopped reading it (its send calls refuse
-/// before they look at the transport): such a stream stays.
+/// before they look at the transport): a server reads such a request's body to its end
+/// instead of stopping it ([`StreamShared::trailers_sent`]).
 ///
 /// A stream the transport still holds (our reset not yet acknowledged, the peer's end yet
 /// to come) is kept here and looked at again when the list has grown past twice what
