@@ -242,6 +242,13 @@ async fn bytes_kept_per(n: usize, mut once: impl AsyncFnMut()) -> f64 {
     (snapshot().0 - before) as f64 / n as f64
 }
 
+/// Bytes per request a connection may appear to keep of requests that ended early: under
+/// half of the 260–280 bytes each kept before. What is measured is 0–2 bytes, plus the
+/// streams still waiting for their next look when the count is taken (`H3Leftovers`:
+/// up to about twice as many as the transport held at the last look, some 270 bytes each,
+/// spread over the requests; on a busy machine a few dozen bytes per request).
+const KEPT_BOUND: f64 = 128.0;
+
 /// How each request of [`ended_request_cost`] ends early.
 #[derive(Clone, Copy, Debug)]
 enum Ending {
@@ -356,7 +363,7 @@ fn a_connection_keeps_nothing_of_the_requests_that_end_early() {
     ] {
         let bytes = ended_request_cost(1_000, how);
         println!("server bytes kept per request ending early ({how:?}): {bytes:.0}");
-        assert!(bytes < 32.0, "{how:?}: {bytes:.0} bytes kept per request");
+        assert!(bytes < KEPT_BOUND, "{how:?}: {bytes:.0} bytes kept per request");
     }
 }
 
@@ -413,7 +420,7 @@ fn a_client_connection_keeps_nothing_of_the_requests_it_cancels() {
         bytes.unwrap()
     });
     println!("client bytes kept per cancelled request: {bytes:.0}");
-    assert!(bytes < 32.0, "{bytes:.0} bytes kept per cancelled request");
+    assert!(bytes < KEPT_BOUND, "{bytes:.0} bytes kept per cancelled request");
 }
 
 /// The server holds at most this many bytes per idle HTTP/3 connection (after one request):

@@ -302,9 +302,6 @@ struct SendHalf {
     /// It was the peer's STOP_SENDING that ended our sending: its message may still come
     /// whole (RFC 9114 §4.1), so later looks say Stopped, not Aborted.
     stopped_by_peer: bool,
-    /// The trailers went out (through quiche's HTTP/3 layer, with the FIN).
-    #[cfg_attr(not(feature = "server"), allow(dead_code))]
-    trailers_sent: bool,
     waker: Option<Waker>,
 }
 
@@ -433,7 +430,6 @@ impl StreamShared {
                     reset: None,
                     cancelled: None,
                     stopped_by_peer: false,
-                    trailers_sent: false,
                     waker: None,
                 },
                 progress: 0,
@@ -976,14 +972,6 @@ impl StreamShared {
         cancel_state(&mut state, why);
     }
 
-    /// Whether the message went out with trailers: quiche's HTTP/3 layer then keeps the
-    /// stream until it reads the peer's end itself, which a stop would discard (see
-    /// [`H3Leftovers`], which cannot make it forget such a stream).
-    #[cfg(feature = "server")]
-    pub(crate) fn trailers_sent(&self) -> bool {
-        self.lock().send.trailers_sent
-    }
-
     /// Stops receiving (STOP_SENDING with `code`) if the body is still arriving; the reader,
     /// if any, sees the body end with an error. Returns whether it stopped anything.
     pub(crate) fn stop_receiving(&self, conn: &mut QuicheConnection, id: u64, code: u64) -> bool {
@@ -1194,11 +1182,13 @@ fn write_queued(
         }
     }
     if let Some(fields) = &out.trailers {
-        return match h3.send_additional_headers(conn, id, fields, true, true) {
-            Ok(()) => {
-                out.trailers_sent = true;
-                Ok(true)
-            }
+        // A server sends them as a plain HEADERS frame with the FIN, the same bytes, not
+        // as a "trailer section": quiche's HTTP/3 layer would then refuse the stream to
+        // every later send call, and so could not be made to forget it (`H3Leftovers`)
+        // after we stopped reading its body. (A client may send only trailers this way.)
+        let trailer_section = !conn.is_server();
+        return match h3.send_additional_headers(conn, id, fields, trailer_section, true) {
+            Ok(()) => Ok(true),
             Err(h3::Error::StreamBlocked) => match head_never_fits(conn, id, fields) {
                 Some(len) => Err(WriteError::HeadNeverFits(len)),
                 None => Ok(false),
@@ -1241,9 +1231,9 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
 /// Its send calls forget a stream the transport no longer has (they fail, finding no
 /// capacity, and drop it), and with no transport stream to write to they send nothing:
 /// [`forget`](Self::forget) makes one such call. The one ending no such call reaches is a
-/// stream whose trailers went out before we stopped reading it (its send calls refuse
-/// before they look at the transport): a server reads such a request's body to its end
-/// instead of stopping it ([`StreamShared::trailers_sent`]).
+/// stream whose trailers went out as a "trailer section" (its send calls refuse it before
+/// they look at the transport): a server sends its trailers otherwise (`write_queued`); a
+/// client's request sent with trailers whose response it stops reading stays.
 ///
 /// A stream the transport still holds (our reset not yet acknowledged, the peer's end yet
 /// to come) is kept here and looked at again when the list has grown past twice what

@@ -725,11 +725,8 @@ impl<S: HttpService<RecvBody>> ServerApp<S> {
             hub.close(id);
         }
         // The response is complete and nobody reads the rest of the request: ask the client
-        // to stop sending it (RFC 9114 §4.1). Unless the response had trailers: the rest is
-        // then read through quiche's HTTP/3 layer and dropped (`on_data`), for that layer
-        // forgets such a stream only once it has read the client's end
-        // (`stream::H3Leftovers`), which a stop would have it discard.
-        let stopped = !entry.shared.trailers_sent() && entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
+        // to stop sending it (RFC 9114 §4.1).
+        let stopped = entry.shared.stop_receiving(conn, id, code::H3_NO_ERROR);
         if stream::stream_alive(conn, id) {
             self.lingering
                 .push((id, stopped.then(|| Instant::now() + LINGER_UNFINISHED)));
