@@ -755,13 +755,12 @@ impl H3Attack {
     /// An attacker that `listens` has had one answer (and so the server's SETTINGS) before
     /// this returns; one that does not never reads a byte.
     async fn start(certs: &Certs, builder: server::Builder, attacker: ClientConfigBuilder, listens: bool) -> H3Attack {
-        let probe = Arc::new(Probe::default());
         let quic = ServerConfig::builder().transport(
             TransportConfig::new()
                 .initial_max_stream_data(WINDOW as u64)
                 .max_windows(24 * MIB as u64, WINDOW as u64),
         );
-        let server = h3_server_on(certs, quic, builder, test_router(Arc::clone(&probe)), probe).await;
+        let server = h3_test_server_on(certs, quic, builder).await;
         let honest = client(certs);
         let mut attacker = scripted::Client::connect_with(server.addr, attacker, listens).await;
         if listens {

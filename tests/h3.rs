@@ -259,15 +259,7 @@ async fn a_stopped_upload_gives_its_stream_credit_back() {
     let certs = test_certs();
     let two_streams = tower_quiche::quic::ServerConfig::builder()
         .transport(tower_quiche::quic::TransportConfig::new().max_concurrent_bidi_streams(2));
-    let probe = Arc::new(Probe::default());
-    let server = h3_server_on(
-        &certs,
-        two_streams,
-        server::Builder::new(),
-        test_router(Arc::clone(&probe)),
-        probe,
-    )
-    .await;
+    let server = h3_test_server_on(&certs, two_streams, server::Builder::new()).await;
     let client = Client::builder()
         .http3_prior_knowledge()
         .max_connections_per_origin(1)
@@ -507,14 +499,7 @@ async fn a_handshake_completes_without_stream_credit() {
     let certs = test_certs();
     let quic = tower_quiche::quic::ServerConfig::builder()
         .transport(tower_quiche::quic::TransportConfig::default().max_concurrent_bidi_streams(0));
-    let server = h3_server_on(
-        &certs,
-        quic,
-        server::Builder::new(),
-        test_router(Arc::default()),
-        Arc::default(),
-    )
-    .await;
+    let server = h3_test_server_on(&certs, quic, server::Builder::new()).await;
     let endpoint = h3_client_endpoint(&certs);
     let authority = format!("localhost:{}", server.addr.port());
     // A task of its own: nothing but the connection wakes it (a timeout around it here
@@ -1261,16 +1246,8 @@ async fn short_quic_idle(
     use tower_quiche::quic::{ClientConfig, ServerConfig, TransportConfig};
     let certs = test_certs();
     let short_idle = || TransportConfig::new().idle_timeout(Duration::from_millis(600));
-    let probe = Arc::new(Probe::default());
     let quic = ServerConfig::builder().transport(short_idle());
-    let server = h3_server_on(
-        &certs,
-        quic,
-        server::Builder::new(),
-        test_router(Arc::clone(&probe)),
-        probe,
-    )
-    .await;
+    let server = h3_test_server_on(&certs, quic, server::Builder::new()).await;
     let config = ClientConfig::builder()
         .ca_pem(&certs.ca_pem)
         .transport(short_idle())

@@ -60,7 +60,7 @@ pub struct Net {
 
 impl Net {
     fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, canonical(ip)) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
@@ -97,14 +97,6 @@ impl std::str::FromStr for Net {
     }
 }
 
-/// `ip` with an IPv4-mapped IPv6 address as the IPv4 address it is.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
-    }
-}
-
 /// Whether `ip` is one of this host's own addresses: a UDP socket can bind to it.
 fn own_address(ip: IpAddr) -> bool {
     std::net::UdpSocket::bind((ip, 0)).is_ok()
@@ -125,16 +117,17 @@ impl Settings {
     /// Whether the proxy sends to `ip`: it is in the allow-list, and it is one remote
     /// peer's. Never the unspecified address (0.0.0.0 and :: mean this host), a multicast
     /// or the broadcast address, whatever the list says; nor, outside loopback, one of this
-    /// host's own addresses (`own`): a proxy opened to 203.0.113.0/24 that sits at
-    /// 203.0.113.5 would otherwise reach its own host's UDP services there, and itself.
-    /// Loopback is reached only when the list names it, as the default does.
-    fn permits(&self, ip: IpAddr, own: bool) -> bool {
-        let ip = canonical(ip);
+    /// host's own addresses (`own`, asked last: it binds a socket): a proxy opened to
+    /// 203.0.113.0/24 that sits at 203.0.113.5 would otherwise reach its own host's UDP
+    /// services there, and itself. Loopback is reached only when the list names it, as the
+    /// default does.
+    fn permits(&self, ip: IpAddr, own: impl FnOnce(IpAddr) -> bool) -> bool {
+        let ip = ip.to_canonical();
         let broadcast = matches!(ip, IpAddr::V4(v4) if v4.is_broadcast());
-        if ip.is_unspecified() || ip.is_multicast() || broadcast || (own && !ip.is_loopback()) {
+        if ip.is_unspecified() || ip.is_multicast() || broadcast {
             return false;
         }
-        self.allowed.iter().any(|net| net.contains(ip))
+        self.allowed.iter().any(|net| net.contains(ip)) && (ip.is_loopback() || !own(ip))
     }
 }
 
@@ -229,11 +222,7 @@ async fn handle(settings: &Settings, tunnels: Arc<Semaphore>, mut request: Reque
         return status(StatusCode::BAD_GATEWAY);
     };
     let addrs: Vec<SocketAddr> = addrs.collect();
-    let Some(target) = addrs
-        .iter()
-        .copied()
-        .find(|a| settings.permits(a.ip(), own_address(a.ip())))
-    else {
+    let Some(target) = addrs.iter().copied().find(|a| settings.permits(a.ip(), own_address)) else {
         tracing::info!(%host, port, "target not allowed: 403");
         return status(StatusCode::FORBIDDEN);
     };
@@ -491,8 +480,8 @@ mod tests {
             ..Settings::default()
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert!(settings.permits(ip("192.0.2.1"), false));
-        assert!(settings.permits(ip("2001:db8::1"), false));
+        assert!(settings.permits(ip("192.0.2.1"), |_| false));
+        assert!(settings.permits(ip("2001:db8::1"), |_| false));
         for never in [
             "0.0.0.0",
             "::",
@@ -501,19 +490,25 @@ mod tests {
             "255.255.255.255",
             "::ffff:0.0.0.0",
         ] {
-            assert!(!settings.permits(ip(never), false), "{never}");
+            assert!(!settings.permits(ip(never), |_| false), "{never}");
         }
-        assert!(!settings.permits(ip("203.0.113.5"), true), "the proxy's own address");
-        assert!(!settings.permits(ip("::ffff:203.0.113.5"), true), "the same, mapped");
         assert!(
-            settings.permits(ip("127.0.0.1"), true),
+            !settings.permits(ip("203.0.113.5"), |_| true),
+            "the proxy's own address"
+        );
+        assert!(
+            !settings.permits(ip("::ffff:203.0.113.5"), |_| true),
+            "the same, mapped"
+        );
+        assert!(
+            settings.permits(ip("127.0.0.1"), |_| true),
             "loopback, when the list names it"
         );
         let narrow = Settings {
             allowed: vec!["192.0.2.0/24".parse().unwrap()],
             ..Settings::default()
         };
-        assert!(!narrow.permits(ip("127.0.0.1"), true), "loopback, when it does not");
+        assert!(!narrow.permits(ip("127.0.0.1"), |_| true), "loopback, when it does not");
         assert!(own_address(ip("127.0.0.1")));
         assert!(
             !own_address(ip("192.0.2.1")),

@@ -21,9 +21,9 @@
 //! (handshake timeout, refused, TLS), or a connection lost before a response, marks HTTP/3
 //! broken for the origin — 5 minutes, doubling with each failure after a retry, capped at 2
 //! days; a new connection's completed handshake lifts it (a resumed one's, once its
-//! handshake completes after its 0-RTT data), an HTTP/3 response resets the count, and a failure of a connection older than
-//! one that has carried a response is not counted — and requests go over TCP meanwhile,
-//! without an error.
+//! handshake completes after its 0-RTT data), an HTTP/3 response resets the count, and a
+//! failure of a connection older than one that has carried a response is not counted —
+//! and requests go over TCP meanwhile, without an error.
 //! A request already sent over HTTP/3 is resent over TCP only when that is safe: the
 //! server refused it unprocessed, or its connection failed before any of its response and
 //! it is idempotent without a body. [`http::Response::version`] tells which protocol
@@ -396,7 +396,8 @@ impl Pool {
         if self.mode == Mode::Auto {
             let mut cache = self.alt_svc();
             match &result {
-                // Its failures are forgotten only once a response comes (`heard_over_h3`).
+                // The mark is lifted; its failures count on until a response comes
+                // (`heard_over_h3`).
                 Ok(send) if send.status().early_since().is_none() => cache.handshake_worked(origin),
                 // A resumed connection sending 0-RTT data has yet to complete its
                 // handshake: what it does is learnt when it ends, requests or none (an

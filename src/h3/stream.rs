@@ -1185,7 +1185,7 @@ fn write_queued(
         // A server sends them as a plain HEADERS frame with the FIN, the same bytes, not
         // as a "trailer section": quiche's HTTP/3 layer would then refuse the stream to
         // every later send call, and so could not be made to forget it (`H3Leftovers`)
-        // after we stopped reading its body. (A client may send only trailers this way.)
+        // after we stopped reading its body. (A client may send trailers only this way.)
         let trailer_section = !conn.is_server();
         return match h3.send_additional_headers(conn, id, fields, trailer_section, true) {
             Ok(()) => Ok(true),
@@ -1239,7 +1239,8 @@ pub(crate) fn discard(h3: &mut h3::Connection, conn: &mut QuicheConnection, id: 
 /// to come) is kept here and looked at again when the list has grown past twice what
 /// was kept at the last look (at least [`LEFTOVERS_PRUNE_MIN`]), and when the connection
 /// has been idle a while ([`prune`](Self::prune): a server's when it releases its tables,
-/// a client's at its keep-alive PINGs): amortised a few lookups per such stream.
+/// once per idle spell, so one still held then waits for the next; a client's at its
+/// keep-alive PINGs): amortised a few lookups per such stream.
 #[derive(Debug)]
 pub(crate) struct H3Leftovers {
     ids: Vec<u64>,

@@ -206,8 +206,9 @@ impl Registration {
 
     /// Routes `id` to this connection.
     pub(crate) fn add(&mut self, id: &[u8]) {
-        let table = Arc::clone(&self.table);
-        self.add_locked(&mut table.lock(), id);
+        let key: Box<[u8]> = id.into();
+        self.table.lock().insert(key.clone(), self.route.clone());
+        self.push_id(key);
     }
 
     /// Routes `id` to this connection in a table its caller holds locked (the router, which

@@ -261,8 +261,13 @@ impl H3Server {
 }
 
 pub async fn h3_server(certs: &Certs, builder: server::Builder) -> H3Server {
+    h3_test_server_on(certs, ServerConfig::builder(), builder).await
+}
+
+/// The test router ([`test_router`]) served with QUIC settings that start from `quic`.
+pub async fn h3_test_server_on(certs: &Certs, quic: ServerConfigBuilder, builder: server::Builder) -> H3Server {
     let probe = Arc::new(Probe::default());
-    h3_server_with(certs, builder, test_router(Arc::clone(&probe)), probe).await
+    h3_server_on(certs, quic, builder, test_router(Arc::clone(&probe)), probe).await
 }
 
 pub async fn h3_server_with(certs: &Certs, builder: server::Builder, router: Router, probe: Arc<Probe>) -> H3Server {
